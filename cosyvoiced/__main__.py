@@ -1,0 +1,5 @@
+import sys
+
+from cosyvoiced.daemon import main
+
+sys.exit(main())

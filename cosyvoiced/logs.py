@@ -1,0 +1,121 @@
+"""One structlog pipeline: JSON lines to stdout (journald) and to a size-rotated file.
+
+Records from libraries that use stdlib `logging` go through the same renderer. The worker
+process renders its lines itself and ships them to the supervisor, which writes them through
+its own handlers, so there is exactly one writer of the log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from structlog.typing import EventDict, Processor
+
+from cosyvoiced.config import LogConfig
+
+RENDERED_ATTR = "cosyvoiced_rendered"
+
+
+def _stamp_process(role: str) -> Processor:
+    pid = os.getpid()
+
+    def stamp(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+        event_dict.setdefault("proc", role)
+        event_dict.setdefault("pid", pid)
+        return event_dict
+
+    return stamp
+
+
+def _shared_chain(role: str) -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _stamp_process(role),
+    ]
+
+
+class _JsonFormatter(structlog.stdlib.ProcessorFormatter):
+    """Renders records as JSON; passes lines that another process rendered through as is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        rendered = getattr(record, RENDERED_ATTR, None)
+        if rendered is not None:
+            return str(rendered)
+        return super().format(record)
+
+
+def _formatter(role: str) -> logging.Formatter:
+    return _JsonFormatter(
+        foreign_pre_chain=_shared_chain(role),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+    )
+
+
+def _install(role: str, level: str, handlers: list[logging.Handler]) -> None:
+    formatter = _formatter(role)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    structlog.configure(
+        processors=[*_shared_chain(role), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def configure_supervisor(config: LogConfig) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if config.file:
+        os.makedirs(os.path.dirname(config.file), exist_ok=True)
+        handlers.append(logging.handlers.RotatingFileHandler(
+            config.file, maxBytes=config.max_bytes, backupCount=config.backups,
+            encoding="utf-8"))
+    _install("supervisor", config.level, handlers)
+
+
+class _ShipHandler(logging.Handler):
+    def __init__(self, ship: Callable[[int, str], None]) -> None:
+        super().__init__()
+        self._ship = ship
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._ship(record.levelno, self.format(record))
+        except Exception:  # noqa: BLE001 - a broken pipe means the supervisor is gone
+            self.handleError(record)
+
+
+def configure_worker(level: str, ship: Callable[[int, str], None]) -> None:
+    """Worker side: render each record and hand the line to `ship` (the pipe to the parent)."""
+    _install("worker", level, [_ShipHandler(ship)])
+
+
+def forward(levelno: int, line: str) -> None:
+    """Supervisor side: write a line the worker rendered through this process's handlers."""
+    record = logging.makeLogRecord({"name": "cosyvoiced.worker", "levelno": levelno,
+                                    "levelname": logging.getLevelName(levelno),
+                                    RENDERED_ATTR: line})
+    logging.getLogger("cosyvoiced.worker").handle(record)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.stdlib.get_logger(name)

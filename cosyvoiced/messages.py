@@ -1,0 +1,90 @@
+"""Messages on the pipe between the supervisor and its worker process.
+
+Each is a small frozen dataclass, pickled by `multiprocessing.connection`; errors travel as
+`JobError` values, never as live exceptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.job import Job, JobError, JobResult
+
+
+# supervisor -> worker
+@dataclass(frozen=True)
+class RunJob:
+    job: Job
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Finish nothing more; exit cleanly."""
+
+
+# worker -> supervisor
+@dataclass(frozen=True)
+class EngineWarming:
+    """The model is loaded; a short warm-up synthesis is running."""
+
+    load_s: float
+
+
+@dataclass(frozen=True)
+class EngineReady:
+    engine: str
+    voices: list[VoiceInfo]
+    default_voice: str
+    load_s: float
+    warmup_s: float
+
+
+@dataclass(frozen=True)
+class EngineLoadFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    rss_bytes: int
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    job_id: str
+    voice: str
+    sample_rate: int
+    started_at: float
+
+
+@dataclass(frozen=True)
+class AudioChunkReady:
+    job_id: str
+    seq: int
+    audio: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    result: JobResult
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    job_id: str
+    error: JobError
+
+
+@dataclass(frozen=True)
+class LogLine:
+    levelno: int
+    line: str
+
+
+ToWorker = RunJob | Shutdown
+FromWorker = (EngineWarming | EngineReady | EngineLoadFailed | Heartbeat | JobStarted
+              | AudioChunkReady | JobFinished | JobFailed | LogLine)

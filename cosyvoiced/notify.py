@@ -1,0 +1,54 @@
+"""What the daemon tells systemd (sd_notify over $NOTIFY_SOCKET, via sdnotify)."""
+
+from __future__ import annotations
+
+import os
+
+import sdnotify
+
+
+def watchdog_interval_s() -> float | None:
+    """Half of systemd's WatchdogSec for this process, or None when no watchdog is set."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1e6 / 2
+    except ValueError:
+        return None
+
+
+class Notifier:
+    """Sends READY/STATUS/WATCHDOG/STOPPING; a no-op when not run by systemd."""
+
+    def __init__(self) -> None:
+        self._systemd = sdnotify.SystemdNotifier()
+        if self._systemd.socket is not None:
+            # Never stall the supervisor on a busy manager: a message that does not fit is
+            # dropped (sdnotify swallows the error), the next tick sends a fresh one.
+            self._systemd.socket.setblocking(False)
+        self._status = ""
+        self.watchdog_interval_s = watchdog_interval_s()
+        self._last_ping = float("-inf")
+        self.pings = 0
+
+    def ready(self) -> None:
+        self._systemd.notify("READY=1")
+
+    def stopping(self) -> None:
+        self._systemd.notify("STOPPING=1")
+
+    def status(self, line: str) -> None:
+        if line != self._status:
+            self._status = line
+            self._systemd.notify(f"STATUS={line}")
+
+    def watchdog_due(self, now: float) -> bool:
+        interval = self.watchdog_interval_s
+        return interval is not None and now - self._last_ping >= interval
+
+    def watchdog(self, now: float) -> None:
+        self._last_ping = now
+        self.pings += 1
+        self._systemd.notify("WATCHDOG=1")

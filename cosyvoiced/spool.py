@@ -1,0 +1,229 @@
+"""The spool directory, with maildir discipline.
+
+    inbox/   clients drop job files here (write to a dotfile or *.tmp/*.part, then rename)
+    work/    a job is claimed by renaming it here as ``<job id>~<original name>``
+    outbox/  results: ``OUT.<ext>`` and its ``OUT.json`` record, each written to a temp
+             name, fsynced and renamed; the record goes last and marks the job done
+    failed/  inputs that could not be served, each with ``NAME.error.json``
+
+A job in `work/` is finished when its record (which carries the job id) exists in `outbox/`
+or `failed/`; only then is the `work/` entry removed. After a crash, the same check tells a
+finished job from one to run again, so no input ever ends twice or not at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import secrets
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cosyvoiced.job import ErrorCode, JobError, JobFailure
+
+WORK_SEPARATOR = "~"
+IGNORED_SUFFIXES = (".tmp", ".part")
+ERROR_SUFFIX = ".error.json"
+RECORD_SUFFIX = ".json"
+
+
+def is_job_candidate(name: str) -> bool:
+    """Dotfiles and *.tmp/*.part are writers' scratch names, not jobs (yet)."""
+    return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(directory: Path, name: str, data: bytes) -> None:
+    """Write `directory/name` so that a reader sees either nothing or all of it."""
+    temp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.rename(temp, directory / name)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def rename_noreplace(source: Path, target: Path) -> bool:
+    """Rename unless `target` exists (atomically, via renameat2); False if it does."""
+    result = _libc.renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                             _RENAME_NOREPLACE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EEXIST:
+        return False
+    raise OSError(code, os.strerror(code), str(source))
+
+
+def _json_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode()
+
+
+def _record_job_id(path: Path) -> str | None:
+    try:
+        with path.open("rb") as stream:
+            return str(json.load(stream).get("job"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job file owned by the daemon, in `work/`."""
+
+    work_name: str
+    claimed_at: float = field(default_factory=time.time, compare=False)
+
+    @property
+    def job_id(self) -> str:
+        return self.work_name.split(WORK_SEPARATOR, 1)[0]
+
+    @property
+    def original_name(self) -> str:
+        return self.work_name.split(WORK_SEPARATOR, 1)[1]
+
+    @property
+    def stem(self) -> str:
+        name = self.original_name
+        return name.rsplit(".", 1)[0] if "." in name else name
+
+    @property
+    def suffix(self) -> str:
+        name = self.original_name
+        return name.rsplit(".", 1)[1].lower() if "." in name else ""
+
+
+class Spool:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.inbox = self.root / "inbox"
+        self.work = self.root / "work"
+        self.outbox = self.root / "outbox"
+        self.failed = self.root / "failed"
+
+    def ensure(self) -> None:
+        for directory in (self.inbox, self.work, self.outbox, self.failed):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    # intake
+    def inbox_names(self) -> list[str]:
+        return sorted(name for name in os.listdir(self.inbox) if is_job_candidate(name))
+
+    def claim(self, name: str, job_id: str) -> Claimed | None:
+        """Take `inbox/name` for ourselves; None if it is gone (claimed already)."""
+        claimed = Claimed(f"{job_id}{WORK_SEPARATOR}{name}")
+        try:
+            os.rename(self.inbox / name, self.work / claimed.work_name)
+        except FileNotFoundError:
+            return None
+        return claimed
+
+    def claimed(self) -> list[Claimed]:
+        """Jobs left in `work/`, oldest first (job ids sort by creation time)."""
+        return [Claimed(name) for name in sorted(os.listdir(self.work))
+                if WORK_SEPARATOR in name and is_job_candidate(name)]
+
+    def read(self, claimed: Claimed, max_bytes: int) -> bytes:
+        """The claimed file's bytes; refuses links, non-files and oversized files."""
+        path = self.work / claimed.work_name
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            raise JobFailure(ErrorCode.SYMLINK, "the job file is a symbolic link; drop the "
+                             "file itself, links are never followed")
+        if not stat.S_ISREG(info.st_mode):
+            raise JobFailure(ErrorCode.NOT_REGULAR_FILE, "the job is not a regular file")
+        if info.st_size > max_bytes:
+            raise JobFailure(ErrorCode.FILE_TOO_LARGE, f"the job file is {info.st_size} bytes; "
+                             f"the limit is {max_bytes} (spool.max_file_bytes)")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise JobFailure(ErrorCode.SYMLINK, "the job file is a symbolic link") from None
+            raise
+        with os.fdopen(fd, "rb") as stream:
+            data = stream.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise JobFailure(ErrorCode.FILE_TOO_LARGE,
+                             f"the job file is over the limit of {max_bytes} bytes")
+        return data
+
+    # outcomes
+    def _result_names(self, output: str, job_id: str) -> tuple[str, str]:
+        return output, f"{output}-{job_id}"
+
+    def finished_result(self, claimed: Claimed, output: str) -> str | None:
+        """The base name of this job's result in the outbox, if it was published."""
+        for base in self._result_names(output, claimed.job_id):
+            if _record_job_id(self.outbox / (base + RECORD_SUFFIX)) == claimed.job_id:
+                return base
+        return None
+
+    def publish_result(self, claimed: Claimed, output: str, extension: str, audio: bytes,
+                       record: dict[str, Any]) -> str:
+        """Write audio, then its record (the commit point), then release the work file."""
+        base, unique = self._result_names(output, claimed.job_id)
+        if _record_job_id(self.outbox / (base + RECORD_SUFFIX)) not in (None, claimed.job_id):
+            base = unique  # another job's result has that name: never overwrite it
+        atomic_write(self.outbox, f"{base}.{extension}", audio)
+        atomic_write(self.outbox, base + RECORD_SUFFIX,
+                     _json_bytes(record | {"job": claimed.job_id,
+                                           "file": f"{base}.{extension}"}))
+        self.release(claimed)
+        return base
+
+    def _failed_names(self, claimed: Claimed) -> tuple[str, str]:
+        return claimed.original_name, claimed.work_name
+
+    def _move_to_failed(self, claimed: Claimed, name: str) -> str:
+        os.rename(self.work / claimed.work_name, self.failed / name)
+        _fsync_dir(self.failed)
+        return name
+
+    def resume_failure(self, claimed: Claimed) -> str | None:
+        """Finish a failure recorded before a crash: move the input beside its record."""
+        for name in self._failed_names(claimed):
+            if _record_job_id(self.failed / (name + ERROR_SUFFIX)) == claimed.job_id:
+                return self._move_to_failed(claimed, name)
+        return None
+
+    def publish_failure(self, claimed: Claimed, error: JobError) -> str:
+        """Write the error record (the commit point), then move the input beside it."""
+        name, unique = self._failed_names(claimed)
+        if os.path.lexists(self.failed / name) or os.path.lexists(
+                self.failed / (name + ERROR_SUFFIX)):
+            name = unique  # an earlier input of that name failed too: keep both
+        record = {"job": claimed.job_id, "input": claimed.original_name} | error.to_dict()
+        atomic_write(self.failed, name + ERROR_SUFFIX, _json_bytes(record))
+        return self._move_to_failed(claimed, name)
+
+    def release(self, claimed: Claimed) -> None:
+        (self.work / claimed.work_name).unlink(missing_ok=True)
+
+    def hand_back(self, claimed: Claimed) -> bool:
+        """Return an unstarted job to the inbox under its own name (unless that is taken)."""
+        return rename_noreplace(self.work / claimed.work_name,
+                                self.inbox / claimed.original_name)

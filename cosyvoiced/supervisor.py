@@ -1,0 +1,429 @@
+"""The supervisor: the one owner of the queue, the worker and every job's outcome.
+
+Signal handlers only record the signal. One tick acts, always in the same order:
+signals -> claims from the intakes -> worker messages and exits -> dispatch -> inbox rescan
+-> shutdown progress -> STATUS= -> WATCHDOG=1. Because the watchdog ping comes from the tick,
+a supervisor that stops ticking stops pinging, and systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from types import FrameType
+
+import numpy as np
+import numpy.typing as npt
+
+from cosyvoiced import audio, logs
+from cosyvoiced.config import Config
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake.inbox import QUIET_S, InboxIntake
+from cosyvoiced.job import ErrorCode, Job, JobError, JobResult
+from cosyvoiced.jobspec import Limits
+from cosyvoiced.messages import (
+    AudioChunkReady,
+    EngineLoadFailed,
+    EngineReady,
+    EngineWarming,
+    FromWorker,
+    Heartbeat,
+    JobFailed,
+    JobFinished,
+    JobStarted,
+    LogLine,
+    RunJob,
+)
+from cosyvoiced.notify import Notifier
+from cosyvoiced.spool import Claimed, Spool
+from cosyvoiced.workerhandle import WorkerHandle, WorkerState
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_WORKER_START = 3  # the engine failed to load `worker.max_start_failures` times in a row
+
+MAX_ATTEMPTS = 2  # a job that kills two workers is a poison job
+MAX_TICK_S = 1.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+log = logs.get_logger("cosyvoiced.supervisor")
+
+
+@dataclass
+class Running:
+    """The job the worker has in hand."""
+
+    job: Job
+    dispatched_at: float
+    started_at: float = 0.0  # wall clock, from the worker
+    first_chunk_at: float = 0.0
+    chunks: list[npt.NDArray[np.float32]] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.spool = Spool(config.spool.dir)
+        self.notifier = notifier or Notifier()
+        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format)
+        self._wake_receiver, self._wake_sender = socket.socketpair()
+        for end in (self._wake_receiver, self._wake_sender):
+            end.setblocking(False)
+        self._claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
+        self.inbox = InboxIntake(self.spool, self._claims, self.wake)
+        self.queue: deque[Job] = deque()
+        self.running: Running | None = None
+        self.worker: WorkerHandle | None = None
+        self.voices: list[VoiceInfo] = []
+        self.generation = 0
+        self.crashes: dict[str, int] = {}
+        self.start_failures = 0
+        self.last_load_error = ""
+        self.respawn_at = 0.0
+        self.ready = False
+        self.done = 0
+        self.failed = 0
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.next_scan = 0.0
+        self.exit_code: int | None = None
+        self._signals: list[int] = []
+
+    # -- process plumbing ---------------------------------------------------------------
+    def wake(self) -> None:
+        """Make the loop tick now (safe from any thread)."""
+        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
+            self._wake_sender.send(b"\0")
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals.append(signum)  # only record it: the tick acts (no logging here)
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_sender.fileno(), warn_on_full_buffer=False)
+        for signum in (*STOP_SIGNALS, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code."""
+        self._install_signals()
+        self.spool.ensure()
+        log.info("starting", spool=str(self.spool.root), engine=self.config.engine.name)
+        self._recover()
+        now = time.monotonic()
+        self._spawn_worker(now)
+        self.inbox.start()
+        while self.exit_code is None:
+            self.tick(time.monotonic())
+            if self.exit_code is None:
+                self._wait(self._timeout(time.monotonic()))
+        self.inbox.stop()
+        log.info("stopped", exit_code=self.exit_code, done=self.done, failed=self.failed)
+        return self.exit_code
+
+    def _timeout(self, now: float) -> float:
+        deadlines = [self.next_scan, now + MAX_TICK_S]
+        if self.worker is None and not self.stopping:
+            deadlines.append(self.respawn_at)
+        if self.notifier.watchdog_interval_s is not None:
+            deadlines.append(now + self.notifier.watchdog_interval_s)
+        return max(0.0, min(deadlines) - now)
+
+    def _wait(self, timeout: float) -> None:
+        waitables: list[object] = [self._wake_receiver]
+        if self.worker is not None and self.worker.state != WorkerState.DEAD:
+            waitables += [self.worker.conn, self.worker.sentinel]
+        ready = wait(waitables, timeout)  # type: ignore[arg-type]
+        if self._wake_receiver in ready:
+            try:
+                while self._wake_receiver.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    # -- the tick -----------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        self._handle_signals(now)
+        self._admit_claims()
+        self._handle_worker(now)
+        self._dispatch(now)
+        self._rescan(now)
+        self._progress_stop(now)
+        self.notifier.status(self.status_line())
+        if self.notifier.watchdog_due(now) and self._healthy(now):
+            self.notifier.watchdog(now)
+
+    def _handle_signals(self, now: float) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum in STOP_SIGNALS:
+                self._begin_stop(now, signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                log.warning("reload_unsupported",
+                            message="SIGHUP: live reload is not implemented yet; "
+                                    "restart the service to apply config changes")
+
+    def _admit_claims(self) -> None:
+        while True:
+            try:
+                claimed = self._claims.get_nowait()
+            except queue.Empty:
+                return
+            if self.stopping:
+                self._hand_back(claimed)
+            else:
+                self._admit(claimed)
+
+    def _admit(self, claimed: Claimed) -> None:
+        try:
+            job = self.inbox.admit(claimed, self.limits, self.config.spool.max_file_bytes)
+        except OSError as error:
+            log.error("claim_unreadable", work_name=claimed.work_name, error=str(error))
+            return
+        if job is None:
+            return
+        self.queue.append(job)
+        log.debug("job_queued", job=job.id, source=job.source, depth=len(self.queue))
+
+    def _recover(self) -> None:
+        left = self.spool.claimed()
+        if left:
+            log.info("recovering", jobs=len(left))
+        for claimed in left:
+            self._admit(claimed)
+
+    def _rescan(self, now: float) -> None:
+        if self.stopping or (now < self.next_scan and not self.inbox.rescan_requested.is_set()):
+            return
+        deferred = self.inbox.scan()
+        self.next_scan = now + (QUIET_S if deferred else self.config.spool.rescan_interval_s)
+
+    # -- the worker ---------------------------------------------------------------------
+    def _spawn_worker(self, now: float) -> None:
+        self.generation += 1
+        self.worker = WorkerHandle(self.config, self.generation, now)
+
+    def _handle_worker(self, now: float) -> None:
+        worker = self.worker
+        if worker is None:
+            if not self.stopping and now >= self.respawn_at:
+                self._spawn_worker(now)
+            return
+        for message in worker.messages(now):
+            self._on_message(worker, message, now)
+        if not worker.alive():
+            for message in worker.messages(now):  # whatever it sent before it died
+                self._on_message(worker, message, now)
+            self._on_worker_exit(worker, now)
+        elif worker.state in (WorkerState.STARTING, WorkerState.WARMING) and \
+                now - worker.started_at > self.config.worker.start_timeout_s:
+            self.last_load_error = (f"engine did not load within "
+                                    f"{self.config.worker.start_timeout_s:g} s")
+            log.error("worker_start_timeout", generation=worker.generation)
+            worker.kill()
+            self._on_worker_exit(worker, now)
+
+    def _on_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
+        match message:
+            case LogLine(levelno, line):
+                logs.forward(levelno, line)
+            case Heartbeat(rss):
+                worker.rss_bytes = rss
+            case JobStarted() if self.running is not None:
+                self.running.started_at = message.started_at
+            case AudioChunkReady() if self.running is not None:
+                if not self.running.chunks:
+                    self.running.first_chunk_at = now
+                self.running.chunks.append(message.audio)
+            case JobFinished(result):
+                self._finish(worker, result, now)
+            case JobFailed(_job_id, error):
+                self._fail_running(worker, error)
+            case EngineWarming(load_s):
+                worker.set_state(WorkerState.WARMING, load_s=load_s)
+            case EngineReady():
+                self._on_ready(worker, message)
+            case EngineLoadFailed(reason):
+                self.last_load_error = reason
+
+    def _on_ready(self, worker: WorkerHandle, message: EngineReady) -> None:
+        self.start_failures = 0
+        self.voices = message.voices
+        worker.set_state(WorkerState.IDLE, engine=message.engine, load_s=message.load_s,
+                         warmup_s=message.warmup_s, voices=[v.name for v in message.voices])
+        if not self.ready:
+            self.ready = True
+            self.notifier.ready()
+            log.info("ready", engine=message.engine, default_voice=message.default_voice)
+
+    def _on_worker_exit(self, worker: WorkerHandle, now: float) -> None:
+        never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
+        expected = worker.state == WorkerState.DRAINING or self.stopping
+        if worker.state != WorkerState.DEAD:
+            worker.kill()  # reaps it and closes the pipe
+        self.worker = None
+        if not expected:
+            log.error("worker_exited", generation=worker.generation,
+                      exitcode=worker.exitcode(), during="start" if never_ready else "service")
+        if self.running is not None:
+            self._requeue_after_crash(self.running.job)
+            self.running = None
+        if never_ready and not self.stopping:
+            self._count_start_failure(now)
+
+    def _count_start_failure(self, now: float) -> None:
+        self.start_failures += 1
+        limit = self.config.worker.max_start_failures
+        if self.start_failures >= limit:
+            log.critical("worker_start_failed", failures=self.start_failures,
+                         reason=self.last_load_error, exit_code=EXIT_WORKER_START,
+                         message=f"the engine failed to start {self.start_failures} times in a "
+                                 f"row; giving up so that systemd's restart limits apply")
+            self._begin_stop(now, "worker start failures")
+            self.exit_code = EXIT_WORKER_START
+            return
+        self.respawn_at = now + min(2.0 ** self.start_failures, 30.0)
+
+    def _requeue_after_crash(self, job: Job) -> None:
+        crashes = self.crashes.get(job.id, 0) + 1
+        self.crashes[job.id] = crashes
+        if crashes >= MAX_ATTEMPTS:
+            self._record_failure(job, JobError(
+                ErrorCode.WORKER_CRASHED,
+                f"the worker died {crashes} times while synthesizing this job"))
+        else:
+            log.warning("job_retry", job=job.id, crashes=crashes)
+            self.queue.appendleft(job)
+
+    # -- jobs ---------------------------------------------------------------------------
+    def _dispatch(self, now: float) -> None:
+        worker = self.worker
+        if self.stopping or self.running or worker is None or not self.queue or \
+                worker.state != WorkerState.IDLE:
+            return
+        job = self.queue.popleft()
+        if worker.send(RunJob(job)):
+            self.running = Running(job, now)
+            worker.set_state(WorkerState.BUSY, job=job.id)
+        else:
+            self.queue.appendleft(job)  # the worker is gone; its exit is handled next tick
+
+    def _take_running(self, worker: WorkerHandle) -> Running | None:
+        running, self.running = self.running, None
+        worker.jobs_served += 1
+        if worker.state == WorkerState.BUSY:
+            worker.set_state(WorkerState.IDLE)
+        return running
+
+    def _finish(self, worker: WorkerHandle, result: JobResult, now: float) -> None:
+        running = self._take_running(worker)
+        if running is None:
+            return
+        self._dispatch(now)  # hand over the next job before writing this one's file
+        job = running.job
+        timings = {
+            "received_at": round(job.received_at, 6),
+            "started_at": round(running.started_at, 6),
+            "queue_wait_s": round(max(0.0, running.started_at - job.received_at), 4),
+            "first_chunk_s": round(result.first_chunk_s, 4),
+            "synth_s": round(result.synth_s, 4),
+        }
+        try:
+            written = time.monotonic()
+            output = self.inbox.deliver(job, result, audio.join(running.chunks), timings)
+        except OSError as error:
+            self._record_failure(job, JobError(ErrorCode.INTERNAL,
+                                               f"could not write the result: {error}"))
+            return
+        self.done += 1
+        self.crashes.pop(job.id, None)
+        log.info("job", job=job.id, source=job.source, outcome="done", voice=result.voice,
+                 chars=job.chars, audio_s=round(result.audio_s, 3),
+                 synth_s=round(result.synth_s, 3), queue_wait_s=timings["queue_wait_s"],
+                 first_chunk_s=timings["first_chunk_s"],
+                 write_s=round(time.monotonic() - written, 4), output=output)
+
+    def _fail_running(self, worker: WorkerHandle, error: JobError) -> None:
+        running = self._take_running(worker)
+        if running is not None:
+            self._record_failure(running.job, error)
+
+    def _record_failure(self, job: Job, error: JobError) -> None:
+        self.crashes.pop(job.id, None)
+        try:
+            name = self.inbox.fail(Claimed(job.origin), error)
+        except OSError as failure:
+            # Left in work/: the next start tries it again rather than lose it.
+            log.critical("outcome_unwritable", job=job.id, error=str(failure))
+            return
+        self.failed += 1
+        log.info("job", job=job.id, source=job.source, outcome="failed", chars=job.chars,
+                 code=str(error.code), message=error.message, failed=name)
+
+    # -- stopping -----------------------------------------------------------------------
+    def _begin_stop(self, now: float, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = now + self.config.worker.drain_timeout_s
+        self.notifier.stopping()
+        log.info("stopping", reason=reason, queued=len(self.queue),
+                 running=self.running.job.id if self.running else None)
+        self.inbox.stop()
+
+    def _hand_back(self, claimed: Claimed) -> None:
+        if not self.spool.hand_back(claimed):
+            log.warning("hand_back_deferred", work_name=claimed.work_name,
+                        message="the inbox has a new file of that name; the job stays in "
+                                "work/ and runs at the next start")
+
+    def _progress_stop(self, now: float) -> None:
+        if not self.stopping:
+            return
+        while self.queue:
+            self._hand_back(Claimed(self.queue.popleft().origin))
+        if self.running is not None and now < self.stop_deadline:
+            return  # let the job in hand finish
+        worker = self.worker
+        if self.running is not None and worker is not None:
+            log.warning("drain_timeout", job=self.running.job.id)
+            worker.kill()
+            self._hand_back(Claimed(self.running.job.origin))
+            self.running = None
+        if worker is not None and worker.state != WorkerState.DEAD:
+            worker.set_state(WorkerState.DRAINING)
+            worker.stop(timeout_s=5.0)
+        self.worker = None
+        if self.exit_code is None:
+            self.exit_code = EXIT_OK
+
+    # -- reporting ----------------------------------------------------------------------
+    def _healthy(self, now: float) -> bool:
+        """Alive and answering: the condition for WATCHDOG=1."""
+        worker = self.worker
+        if worker is None or worker.state in (WorkerState.STARTING, WorkerState.WARMING):
+            return True  # (re)starting is progress; the start timeout bounds it
+        silence_limit = max(10.0, 5 * self.config.worker.heartbeat_interval_s)
+        return now - worker.last_heard < silence_limit
+
+    def status_line(self) -> str:
+        worker = self.worker
+        if self.stopping:
+            state = "stopping"
+        elif worker is None:
+            state = "restarting worker"
+        elif worker.state == WorkerState.STARTING:
+            state = f"loading {self.config.engine.name}"
+        elif worker.state == WorkerState.WARMING:
+            state = "warming up"
+        elif self.running is not None:
+            state = f"busy {self.running.job.id}"
+        else:
+            state = str(worker.state)
+        return (f"{state}; queue {len(self.queue)}; done {self.done}; failed {self.failed}; "
+                f"worker gen {self.generation}")

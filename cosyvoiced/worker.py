@@ -1,0 +1,159 @@
+"""The model worker: a `spawn`ed process that owns the engine (and any GPU state).
+
+It loads the engine once, warms it up, then serves one job at a time: every chunk the engine
+yields is sent to the supervisor as it is made, then one `JobFinished` or `JobFailed`. A
+heartbeat thread reports liveness and memory independently of the job in hand.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+
+import numpy as np
+import soxr
+
+from cosyvoiced import logs
+from cosyvoiced.config import EngineConfig
+from cosyvoiced.engines import AudioChunk, Engine, SynthesisRequest, load_engine
+from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure, JobResult
+from cosyvoiced.memory import rss_bytes
+from cosyvoiced.messages import (
+    AudioChunkReady,
+    EngineLoadFailed,
+    EngineReady,
+    EngineWarming,
+    FromWorker,
+    Heartbeat,
+    JobFailed,
+    JobFinished,
+    JobStarted,
+    LogLine,
+    RunJob,
+    Shutdown,
+)
+
+WARMUP_TEXT = "Ready."
+_PR_SET_PDEATHSIG = 1
+
+log = logs.get_logger("cosyvoiced.worker")
+
+
+class Channel:
+    """The worker's end of the pipe; sends come from several threads."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: FromWorker) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+    def receive(self) -> RunJob | Shutdown:
+        message: RunJob | Shutdown = self._conn.recv()
+        return message
+
+
+def _die_with_parent() -> None:
+    # If the supervisor is SIGKILLed, take the worker down too instead of orphaning the model.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _heartbeat(channel: Channel, interval_s: float) -> None:
+    while True:
+        channel.send(Heartbeat(rss_bytes()))
+        time.sleep(interval_s)
+
+
+def _resampled(chunks: Iterator[AudioChunk], rate_in: int, rate_out: int) -> Iterator[AudioChunk]:
+    if rate_in == rate_out:
+        yield from chunks
+        return
+    stream = soxr.ResampleStream(rate_in, rate_out, 1, dtype="float32")
+    for chunk in chunks:
+        out = stream.resample_chunk(chunk)
+        if len(out):
+            yield out
+    tail = stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+    if len(tail):
+        yield tail
+
+
+def _serve(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) -> JobResult:
+    voice = job.voice or engine.default_voice()
+    if voice not in rates:
+        raise JobFailure(ErrorCode.UNKNOWN_VOICE, f"voice {voice!r} is not available; choose "
+                         f"one of: {', '.join(sorted(rates))}", "voice")
+    rate = job.sample_rate or rates[voice]
+    channel.send(JobStarted(job.id, voice, rate, time.time()))
+    started = time.monotonic()
+    first_chunk_s = 0.0
+    samples = 0
+    chunks = engine.synthesize(SynthesisRequest(job.text, voice, job.speed))
+    for seq, chunk in enumerate(_resampled(chunks, rates[voice], rate)):
+        if seq == 0:
+            first_chunk_s = time.monotonic() - started
+        samples += len(chunk)
+        channel.send(AudioChunkReady(job.id, seq, np.ascontiguousarray(chunk, np.float32)))
+    return JobResult(job.id, voice, rate, samples, time.monotonic() - started, first_chunk_s)
+
+
+def _run_job(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) -> None:
+    try:
+        result = _serve(engine, rates, job, channel)
+    except JobFailure as failure:
+        channel.send(JobFailed(job.id, failure.error))
+    except Exception as error:  # any engine fault ends this job, not the worker
+        log.exception("engine_error", job=job.id)
+        channel.send(JobFailed(job.id, JobError(ErrorCode.ENGINE_ERROR,
+                                                f"{type(error).__name__}: {error}")))
+    else:
+        channel.send(JobFinished(result))
+
+
+def _load(config: EngineConfig, channel: Channel) -> tuple[Engine, dict[str, int]] | None:
+    started = time.monotonic()
+    try:
+        engine = load_engine(config)
+        voices = engine.voices()
+        loaded = time.monotonic()
+        channel.send(EngineWarming(round(loaded - started, 3)))
+        for _chunk in engine.synthesize(SynthesisRequest(WARMUP_TEXT, engine.default_voice())):
+            pass
+    except Exception as error:  # reported to the supervisor, which decides
+        log.exception("engine_load_failed", engine=config.name)
+        channel.send(EngineLoadFailed(f"{type(error).__name__}: {error}"))
+        return None
+    warmed = time.monotonic()
+    channel.send(EngineReady(engine.name, voices, engine.default_voice(),
+                             round(loaded - started, 3), round(warmed - loaded, 3)))
+    return engine, {voice.name: voice.sample_rate for voice in voices}
+
+
+def main(conn: Connection, config: EngineConfig, log_level: str,
+         heartbeat_interval_s: float) -> None:
+    """Entry point of the worker process (started with the `spawn` method)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    _die_with_parent()
+    channel = Channel(conn)
+    logs.configure_worker(log_level, lambda level, line: channel.send(LogLine(level, line)))
+    threading.Thread(target=_heartbeat, args=(channel, heartbeat_interval_s),
+                     name="heartbeat", daemon=True).start()
+    loaded = _load(config, channel)
+    if loaded is None:
+        return
+    engine, rates = loaded
+    while True:
+        try:
+            message = channel.receive()
+        except EOFError:
+            return
+        if isinstance(message, Shutdown):
+            return
+        _run_job(engine, rates, message.job, channel)

@@ -1,0 +1,264 @@
+"""Run the real daemon as a subprocess on a temp spool and watch it like systemd would."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+
+STARTUP_TIMEOUT_S = 90.0
+JOB_TIMEOUT_S = 60.0
+POLL_S = 0.02
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket, bound where $NOTIFY_SOCKET points, read as systemd does.
+
+    A thread keeps reading, like the service manager, so the daemon is never throttled by
+    a full socket buffer the test forgot to drain.
+    """
+
+    def __init__(self) -> None:
+        # AF_UNIX paths are limited to 108 bytes: keep it short, outside pytest's tmp tree.
+        self._dir = tempfile.mkdtemp(prefix="cvd-")
+        self.path = os.path.join(self._dir, "notify")
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(self.path)
+        self._socket.settimeout(0.1)
+        self._lock = threading.Lock()
+        self._messages: list[tuple[float, str]] = []
+        self._open = True
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while self._open:
+            try:
+                data = self._socket.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            now = time.monotonic()
+            with self._lock:
+                self._messages.extend((now, line) for line in data.decode().splitlines())
+
+    @property
+    def messages(self) -> list[str]:
+        with self._lock:
+            return [line for _, line in self._messages]
+
+    def times(self, line: str) -> list[float]:
+        with self._lock:
+            return [at for at, seen in self._messages if seen == line]
+
+    def seen(self, line: str) -> bool:
+        return line in self.messages
+
+    def wait_for(self, line: str, timeout_s: float) -> None:
+        wait_until(lambda: self.seen(line), timeout_s, f"{line} on NOTIFY_SOCKET")
+
+    def count(self, line: str) -> int:
+        return self.messages.count(line)
+
+    def statuses(self) -> list[str]:
+        return [m.removeprefix("STATUS=") for m in self.messages if m.startswith("STATUS=")]
+
+    def close(self) -> None:
+        self._open = False
+        self._reader.join(timeout=2)
+        self._socket.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    return repr(value)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+class Daemon:
+    """One cosyvoiced process on `root`; may be restarted on the same spool."""
+
+    def __init__(self, root: Path, **sections: dict[str, Any]) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.spool = root / "spool"
+        self.inbox = self.spool / "inbox"
+        self.outbox = self.spool / "outbox"
+        self.failed = self.spool / "failed"
+        self.work = self.spool / "work"
+        self.log_file = root / "log" / "cosyvoiced.log"
+        self.config_path = root / "cosyvoiced.toml"
+        defaults: dict[str, dict[str, Any]] = {
+            "spool": {"dir": str(self.spool)},
+            "log": {"file": str(self.log_file), "level": "debug"},
+        }
+        for section, values in sections.items():
+            defaults.setdefault(section.replace("__", "."), {}).update(values)
+        write_config(self.config_path, defaults)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.notify: NotifySocket | None = None
+        self.runs = 0
+
+    def start(self, extra_env: dict[str, str] | None = None, wait_ready: bool = True) -> None:
+        self.notify = NotifySocket()
+        self.runs += 1
+        env = dict(os.environ, NOTIFY_SOCKET=self.notify.path, **(extra_env or {}))
+        stdout = (self.root / f"stdout.{self.runs}.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cosyvoiced", "--config", str(self.config_path)],
+            env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout.close()
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        assert self.notify is not None
+        assert self.process is not None
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self.notify.seen("READY=1"):
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.process.returncode} before "
+                                     f"READY=1:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no READY=1 within {STARTUP_TIMEOUT_S:g} s")
+            time.sleep(POLL_S)
+
+    def output(self) -> str:
+        return (self.root / f"stdout.{self.runs}.log").read_text(errors="replace")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        if not self.log_file.exists():
+            return []
+        return [json.loads(line) for line in self.log_file.read_text().splitlines() if line]
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout_s)
+
+    def kill_hard(self) -> None:
+        """SIGKILL the supervisor only (its worker dies with it via PDEATHSIG)."""
+        self.signal(signal.SIGKILL)
+        self.wait_exit()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+
+    # -- the drop folder ------------------------------------------------------------------
+    def drop(self, name: str, content: str | bytes, how: str = "rename") -> None:
+        data = content.encode() if isinstance(content, str) else content
+        if how == "rename":
+            temp = self.inbox / f".{name}.tmp"
+            temp.write_bytes(data)
+            os.rename(temp, self.inbox / name)
+        elif how == "inplace":
+            with (self.inbox / name).open("wb") as stream:
+                half = len(data) // 2
+                stream.write(data[:half])
+                stream.flush()
+                time.sleep(0.2)  # a slow writer: the daemon must wait for the close
+                stream.write(data[half:])
+        else:
+            raise ValueError(how)
+
+    def drop_job(self, name: str, **fields: Any) -> None:
+        self.drop(f"{name}.json", json.dumps(fields))
+
+    def outcome(self, input_name: str) -> tuple[str, dict[str, Any]] | None:
+        """("done", record) or ("failed", error record) for an input, once it has one."""
+        error = self.failed / f"{input_name}.error.json"
+        if error.exists():
+            return "failed", json.loads(error.read_text())
+        for record_path in self.outbox.glob("*.json"):
+            record = _read_json(record_path)
+            if record is not None and record.get("input") == input_name:
+                return "done", record
+        return None
+
+    def wait_outcome(self, input_name: str,
+                     timeout_s: float = JOB_TIMEOUT_S) -> tuple[str, dict[str, Any]]:
+        outcome: tuple[str, dict[str, Any]] = wait_until(
+            lambda: self.outcome(input_name), timeout_s, f"an outcome for {input_name}")
+        return outcome
+
+    def wait_done(self, input_name: str, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, Any]:
+        kind, record = self.wait_outcome(input_name, timeout_s)
+        assert kind == "done", f"{input_name} failed: {record}"
+        return record
+
+    def wait_failed(self, input_name: str, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, Any]:
+        kind, record = self.wait_outcome(input_name, timeout_s)
+        assert kind == "failed", f"{input_name} did not fail: {record}"
+        return record
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def assert_speech(path: Path, sample_rate: int, text: str, speed: float = 1.0) -> float:
+    """The file is real speech: right rate, duration in proportion to the text, not silence."""
+    samples, rate = soundfile.read(path, dtype="float32")
+    assert rate == sample_rate, f"{path.name}: {rate} Hz, expected {sample_rate}"
+    assert samples.ndim == 1, f"{path.name}: not mono"
+    duration = float(len(samples) / rate)
+    per_char = duration * speed / max(1, len(text))
+    # English speech runs at roughly 12-18 characters per second.
+    assert 0.03 < per_char < 0.15, f"{path.name}: {duration:.2f} s for {len(text)} chars"
+    rms = float(np.sqrt(np.mean(samples**2)))
+    assert rms > 0.02, f"{path.name}: RMS {rms:.4f} is silence"
+    return duration
