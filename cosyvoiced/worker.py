@@ -88,7 +88,7 @@ def _resampled(chunks: Iterator[AudioChunk], rate_in: int, rate_out: int) -> Ite
 def _serve(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) -> JobResult:
     voice = job.voice or engine.default_voice()
     if voice not in rates:
-        raise JobFailure(ErrorCode.UNKNOWN_VOICE, f"voice {voice!r} is not available; choose "
+        raise JobFailure(ErrorCode.UNKNOWN_VOICE, f"voice: {voice!r} is not available; choose "
                          f"one of: {', '.join(sorted(rates))}", "voice")
     rate = job.sample_rate or rates[voice]
     channel.send(JobStarted(job.id, voice, rate, time.time()))

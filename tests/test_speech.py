@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import soundfile
 
@@ -104,3 +107,17 @@ def test_notifies_systemd_and_logs_json(shared_daemon: Daemon) -> None:
     assert any(e.get("proc") == "worker" for e in events)
     states = [e["state"] for e in events if e["event"] == "worker_state"]
     assert states[:3] == ["starting", "warming", "idle"]
+
+
+def test_cosyvoicectl_drop_and_wait(shared_daemon: Daemon) -> None:
+    ctl = [sys.executable, "-m", "cosyvoiced.ctl", "--spool", str(shared_daemon.spool), "drop"]
+    run = subprocess.run([*ctl, SENTENCE, "--format", "flac", "--name", "ctl-ok", "--wait", "60"],
+                         capture_output=True, text=True, timeout=90, check=False)
+    assert run.returncode == 0, run.stderr
+    result = Path(run.stdout.strip())
+    assert result == shared_daemon.outbox / "ctl-ok.flac"
+    assert_speech(result, 22050, SENTENCE)
+    run = subprocess.run([*ctl, "x" * 500, "--name", "ctl-long", "--wait", "60"],
+                         capture_output=True, text=True, timeout=90, check=False)
+    assert run.returncode == 1
+    assert "job failed: text_too_long: text: 500 characters" in run.stderr

@@ -45,7 +45,7 @@ class PiperEngine:
         voice = self._voices.get(request.voice)
         if voice is None:
             raise JobFailure(ErrorCode.UNKNOWN_VOICE,
-                             f"voice {request.voice!r} is not available; "
+                             f"voice: {request.voice!r} is not available; "
                              f"choose one of: {', '.join(sorted(self._voices))}", "voice")
         settings = SynthesisConfig(length_scale=voice.config.length_scale / request.speed)
         # Piper phonemizes the whole text, then runs the model one sentence at a time.

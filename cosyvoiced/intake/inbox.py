@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -74,8 +75,10 @@ class _InboxWatch:
         self._inbox = inbox
 
     def on_event(self, event: InotifyEvent) -> None:
-        if not event.is_directory:
-            self._inbox.take(os.fsdecode(event.name))
+        name = os.fsdecode(event.name)
+        if event.is_create and self._inbox.is_regular_file(name):
+            return  # a writer is filling it in place: wait for its close
+        self._inbox.take(name)
 
     def on_watch_deleted(self, wd: WatchDescriptor) -> None:
         log.critical("inbox_watch_lost", message="inbox/ was removed; restart the service")
@@ -88,9 +91,11 @@ class _InboxWatch:
 class InboxIntake:
     """Claims finished files from `inbox/` and posts them on `claims` (thread-safe)."""
 
-    # Only renames into the inbox and closes after writing: no IN_CREATE (the writer may
-    # still be busy) and no IN_MOVED_FROM (our own claims), so no event is ever held back.
-    WATCH_MASK = Mask(InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CLOSE_WRITE)
+    # Renames into the inbox, closes after writing, and creations (for links and
+    # directories, which are never closed). No IN_MOVED_FROM (our own claims), so no event
+    # is ever held back waiting for its pair.
+    WATCH_MASK = Mask(InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_CLOSE_WRITE
+                      | InotifyConstants.IN_CREATE)
 
     def __init__(self, spool: Spool, claims: queue.SimpleQueue[Claimed],
                  wake: Callable[[], None]) -> None:
@@ -111,6 +116,12 @@ class InboxIntake:
         inotify.add_callback(os.fsencode(self._spool.inbox), self.WATCH_MASK,
                              _InboxWatch(self), CallbackId(0))
         self._accepting = True
+
+    def is_regular_file(self, name: str) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(self._spool.inbox / name).st_mode)
+        except FileNotFoundError:
+            return False
 
     def request_rescan(self) -> None:
         self.rescan_requested.set()

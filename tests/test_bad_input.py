@@ -1,0 +1,97 @@
+"""Every class of bad input ends in failed/ with its own error code; the daemon keeps going."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import pytest
+
+from tests.daemon import Daemon
+
+Drop = Callable[[Daemon, str], str]  # drops a bad job named after the test; returns the input
+
+
+def _json(fields: object) -> Drop:
+    def drop(daemon: Daemon, name: str) -> str:
+        daemon.drop(f"{name}.json", json.dumps(fields))
+        return f"{name}.json"
+
+    return drop
+
+
+def _raw(suffix: str, data: bytes) -> Drop:
+    def drop(daemon: Daemon, name: str) -> str:
+        daemon.drop(f"{name}{suffix}", data)
+        return f"{name}{suffix}"
+
+    return drop
+
+
+def _symlink(daemon: Daemon, name: str) -> str:
+    target = daemon.root / "secret.txt"
+    target.write_text("This file is outside the spool and must never be read.")
+    os.symlink(target, daemon.inbox / f"{name}.txt")
+    return f"{name}.txt"
+
+
+def _directory(daemon: Daemon, name: str) -> str:
+    staging = daemon.inbox / f".{name}"
+    staging.mkdir()
+    os.rename(staging, daemon.inbox / f"{name}.txt")
+    return f"{name}.txt"
+
+
+CASES: dict[str, tuple[Drop, str, str | None]] = {
+    # case: (how to drop it, expected code, expected field)
+    "invalid_utf8": (_raw(".txt", b"caf\xe9 au lait"), "invalid_utf8", None),
+    "empty_text": (_raw(".txt", b"  \n\t "), "empty_text", "text"),
+    "empty_json_text": (_json({"text": ""}), "empty_text", "text"),
+    "text_too_long": (_raw(".txt", b"word " * 100), "text_too_long", "text"),
+    "bad_json": (_raw(".json", b'{"text": "unterminated'), "bad_json", None),
+    "json_not_object": (_json(["text"]), "bad_json", None),
+    "missing_text": (_json({"voice": "en_US-joe-medium"}), "missing_field", "text"),
+    "unknown_field": (_json({"text": "Hi.", "colour": "blue"}), "unknown_field", "colour"),
+    "wrong_type": (_json({"text": "Hi.", "speed": "fast"}), "invalid_field", "speed"),
+    "speed_out_of_range": (_json({"text": "Hi.", "speed": 50}), "invalid_field", "speed"),
+    "bad_sample_rate": (_json({"text": "Hi.", "sample_rate": 1234}), "invalid_field",
+                        "sample_rate"),
+    "unknown_voice": (_json({"text": "Hi.", "voice": "nobody"}), "unknown_voice", "voice"),
+    "unknown_format": (_json({"text": "Hi.", "format": "mp3"}), "unsupported_format",
+                       "format"),
+    "output_escapes": (_json({"text": "Hi.", "output": "../../escaped"}),
+                       "invalid_output_name", "output"),
+    "output_dotfile": (_json({"text": "Hi.", "output": ".hidden"}), "invalid_output_name",
+                       "output"),
+    "symlink": (_symlink, "symlink", None),
+    "directory": (_directory, "not_regular_file", None),
+    "file_too_large": (_raw(".txt", b"a" * 9000), "file_too_large", None),
+    "unsupported_file_type": (_raw(".mp3", b"ID3"), "unsupported_file_type", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_failed_with_specific_code(shared_daemon: Daemon, case: str) -> None:
+    drop, code, field = CASES[case]
+    name = drop(shared_daemon, f"bad-{case}")
+    record = shared_daemon.wait_failed(name)
+    assert record["code"] == code, record
+    assert record.get("field") == field, record
+    assert record["message"]
+    if field is not None:
+        assert record["message"].startswith(f"{field}:"), record["message"]
+    # The input is kept beside its error record, and nothing reached the outbox.
+    assert os.path.lexists(shared_daemon.failed / name)
+    assert not list(shared_daemon.outbox.glob(f"bad-{case}*"))
+    assert not list(shared_daemon.work.iterdir())
+    # The daemon keeps serving.
+    shared_daemon.drop(f"after-{case}.txt", "Still here.")
+    shared_daemon.wait_done(f"after-{case}.txt")
+
+
+def test_nothing_escapes_the_spool(shared_daemon: Daemon) -> None:
+    shared_daemon.drop_job("escape-check", text="Hi.", output="../../escaped")
+    shared_daemon.wait_failed("escape-check.json")
+    assert not (shared_daemon.spool.parent / "escaped.wav").exists()
+    assert not (shared_daemon.root / "escaped.wav").exists()

@@ -1,0 +1,88 @@
+"""The config schema: defaults, and one clear line naming the key for every mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cosyvoiced import config
+from cosyvoiced.config import ConfigError, parse_size
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def test_empty_file_gives_the_documented_defaults(tmp_path: Path) -> None:
+    settings = _load(tmp_path, "")
+    assert settings.spool.dir == "/var/lib/cosyvoiced/spool"
+    assert settings.engine.name == "piper"
+    assert settings.log.level == "info"
+    assert settings.log.max_bytes == 10 << 20
+
+
+def test_shipped_configs_are_valid_and_the_production_one_lists_the_defaults() -> None:
+    production = config.load(REPO / "etc" / "cosyvoiced.toml")
+    assert production == config.Config()
+    development = config.load(REPO / "etc" / "cosyvoiced.dev.toml")
+    assert development.spool.dir == str(REPO / "var" / "spool")
+
+
+def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
+    settings = _load(tmp_path, '[spool]\ndir = "spool"\n[log]\nfile = ""\n')
+    assert settings.spool.dir == str(tmp_path / "spool")
+    assert settings.log.file == ""
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[spool]\ndirectory = "/x"\n', "spool.directory: unknown key"),
+    ('[spoool]\n', "spoool: unknown key"),
+    ("[spool]\nmax_text_chars = \"many\"\n", "spool.max_text_chars: expected int; got str"),
+    ("[spool]\nmax_text_chars = 0\n", "spool.max_text_chars: must be at least 1"),
+    ("[spool]\nmax_text_chars = true\n", "spool.max_text_chars: expected int; got bool"),
+    ('[log]\nlevel = "loud"\n', "log.level: expected one of debug, info, warning, error"),
+    ('[log]\nmax_bytes = "lots"\n', "log.max_bytes: expected a size"),
+    ('[engine]\nname = "espeak"\n', "engine.name: unknown engine 'espeak'; available: piper"),
+    ('[engine.piper]\nvoices = ["/nowhere/v.onnx"]\n', "engine.piper.voices: '/nowhere/v.onnx"),
+    ('[engine.piper]\nvoices = "v.onnx"\n', "engine.piper.voices: expected a list"),
+    ("spool = 3\n", "spool: expected a table"),
+    ("[spool\n", "not valid TOML"),
+])
+def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, text)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("value", "size"), [
+    (4096, 4096), ("4096", 4096), ("64KiB", 65536), ("10GiB", 10 << 30), ("1.5MB", 1_500_000),
+])
+def test_sizes(value: int | str, size: int) -> None:
+    assert parse_size(value) == size
+
+
+def test_daemon_refuses_a_bad_config_with_exit_code_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[log]\nlevel = "loud"\n')
+    run = subprocess.run([sys.executable, "-m", "cosyvoiced", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2
+    assert run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("cosyvoiced: config error: log.level: expected one of")
+
+
+def test_check_config(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "cosyvoiced", "--check-config", "--config",
+                          str(REPO / "etc" / "cosyvoiced.toml")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith(": OK")

@@ -1,0 +1,194 @@
+"""Start-up recovery, crashes, SIGTERM, worker death and systemd's watchdog."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import DaemonFactory
+from tests.daemon import Daemon, assert_speech, wait_until
+
+LONG_TEXT = " ".join(
+    f"Sentence number {n} of a long job keeps the engine busy for a little while."
+    for n in range(1, 13))
+
+
+def _worker_pids(daemon: Daemon) -> list[int]:
+    return [e["worker_pid"] for e in daemon.log_events()
+            if e["event"] == "worker_state" and e["state"] == "starting"]
+
+
+def _busy(daemon: Daemon) -> bool:
+    return any(e["event"] == "worker_state" and e["state"] == "busy"
+               for e in daemon.log_events())
+
+
+def _outcomes(daemon: Daemon, name: str) -> list[str]:
+    """Every record in the outbox or failed/ that belongs to input `name`."""
+    found = []
+    for path in daemon.outbox.glob("*.json"):
+        if json.loads(path.read_text()).get("input") == name:
+            found.append(f"outbox/{path.name}")
+    for path in daemon.failed.glob("*.error.json"):
+        if json.loads(path.read_text()).get("input") == name:
+            found.append(f"failed/{path.name}")
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_files_present_at_start_and_work_left_by_a_crash(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    for directory in (daemon.inbox, daemon.work, daemon.outbox, daemon.failed):
+        directory.mkdir(parents=True)
+    (daemon.inbox / "early.txt").write_text("I was here before the daemon started.")
+    os.utime(daemon.inbox / "early.txt", (1, 1))  # old enough to be past the quiet period
+    (daemon.work / "1a0000000000aaaaaa~left.txt").write_text("I was claimed, then it crashed.")
+    # Crashed after publishing, before releasing the work file: must not run again.
+    (daemon.work / "1a0000000000bbbbbb~published.txt").write_text("Already done.")
+    (daemon.outbox / "published.wav").write_bytes(b"RIFF")
+    (daemon.outbox / "published.json").write_text(json.dumps(
+        {"job": "1a0000000000bbbbbb", "input": "published.txt", "file": "published.wav"}))
+    # Crashed after writing the error record, before moving the input: finish the move.
+    (daemon.work / "1a0000000000cccccc~half-failed.json").write_text("{not json")
+    (daemon.failed / "half-failed.json.error.json").write_text(json.dumps(
+        {"job": "1a0000000000cccccc", "input": "half-failed.json", "code": "bad_json",
+         "message": "not valid JSON"}))
+    daemon.start()
+    assert_speech(daemon.outbox / daemon.wait_done("early.txt")["file"], 22050,
+                  "I was here before the daemon started.")
+    assert daemon.wait_done("left.txt")["job"] == "1a0000000000aaaaaa"
+    wait_until(lambda: not list(daemon.work.iterdir()), 30, "work/ to empty")
+    assert (daemon.outbox / "published.wav").read_bytes() == b"RIFF"  # not redone
+    assert _outcomes(daemon, "published.txt") == ["outbox/published.json"]
+    assert (daemon.failed / "half-failed.json").exists()
+    assert _outcomes(daemon, "half-failed.json") == ["failed/half-failed.json.error.json"]
+
+
+def test_sigkill_mid_job_then_restart_ends_every_input_once(
+        make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    daemon.start()
+    names = [f"crash-{n}.txt" for n in range(8)]
+    for name in names:
+        daemon.drop(name, LONG_TEXT)
+    daemon.drop("crash-bad.json", "{oops")
+    wait_until(lambda: len(list(daemon.outbox.glob("crash-*.wav"))) >= 2, 60,
+               "two results before the crash")
+    wait_until(lambda: any(daemon.work.iterdir()), 30, "a job in hand")
+    worker_pid = _worker_pids(daemon)[-1]
+    daemon.kill_hard()
+    wait_until(lambda: not _alive(worker_pid), 10, "the orphaned worker to die")
+    left = list(daemon.work.iterdir())
+    assert left, "the crash should have left claimed jobs in work/"
+
+    daemon.start()
+    for name in names:
+        daemon.wait_done(name)
+    daemon.wait_failed("crash-bad.json")
+    wait_until(lambda: not list(daemon.work.iterdir()), 30, "work/ to empty")
+    for name in [*names, "crash-bad.json"]:
+        assert len(_outcomes(daemon, name)) == 1, (name, _outcomes(daemon, name))
+    assert not list(daemon.inbox.iterdir())
+    for name in names:
+        record = daemon.wait_done(name)
+        assert_speech(daemon.outbox / record["file"], 22050, LONG_TEXT)
+
+
+def test_sigterm_while_busy_finishes_or_hands_back(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    daemon.start()
+    names = [f"term-{n}.txt" for n in range(5)]
+    for name in names:
+        daemon.drop(name, LONG_TEXT)
+    wait_until(lambda: _busy(daemon), 30, "the worker to be busy")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert daemon.notify is not None
+    assert daemon.notify.seen("STOPPING=1")
+    assert not list(daemon.work.iterdir()), "nothing may be left claimed"
+    for name in names:
+        finished = daemon.outcome(name) is not None
+        handed_back = (daemon.inbox / name).exists()
+        assert finished != handed_back, (name, finished, handed_back)
+    assert any(daemon.outcome(name) is not None for name in names)  # the one in hand finished
+    # A restart serves the handed-back jobs.
+    daemon.start()
+    for name in names:
+        daemon.wait_done(name)
+
+
+def test_worker_killed_mid_job_is_replaced_and_the_job_retried(
+        make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    daemon.start()
+    daemon.drop("victim.txt", LONG_TEXT)
+    wait_until(lambda: _busy(daemon), 30, "the worker to be busy")
+    os.kill(_worker_pids(daemon)[-1], signal.SIGKILL)
+    record = daemon.wait_done("victim.txt")
+    assert_speech(daemon.outbox / record["file"], 22050, LONG_TEXT)
+    events = daemon.log_events()
+    assert [e for e in events if e["event"] == "job_retry" and e["job"] == record["job"]]
+    assert len(_worker_pids(daemon)) == 2
+    assert daemon.notify is not None
+    assert daemon.notify.count("READY=1") == 1  # a worker restart is not a daemon restart
+
+
+def test_engine_that_cannot_load_exits_with_distinct_code(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(engine={"voice": "no-such-voice"}, worker={"max_start_failures": 2})
+    daemon.start(wait_ready=False)
+    assert daemon.wait_exit(timeout_s=90) == 3
+    assert daemon.notify is not None
+    assert not daemon.notify.seen("READY=1")
+    fatal = [e for e in daemon.log_events() if e["event"] == "worker_start_failed"]
+    assert len(fatal) == 1
+    assert "no-such-voice" in fatal[0]["reason"]
+
+
+def test_watchdog_pings_at_half_the_interval(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    daemon.start(extra_env={"WATCHDOG_USEC": "1000000"})
+    assert daemon.notify is not None
+    notify = daemon.notify
+    wait_until(lambda: notify.count("WATCHDOG=1") >= 5, 10, "five watchdog pings")
+    pings = notify.times("WATCHDOG=1")
+    gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
+    assert max(gaps[1:]) < 0.9, gaps  # WatchdogSec=1 s: pinged about every 0.5 s
+
+
+def test_status_line_tracks_the_queue(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    daemon.start()
+    for n in range(3):
+        daemon.drop(f"status-{n}.txt", LONG_TEXT)
+    for n in range(3):
+        daemon.wait_done(f"status-{n}.txt")
+    assert daemon.notify is not None
+    statuses: list[Any] = daemon.notify.statuses()
+    assert any(s.startswith("busy ") for s in statuses), statuses
+    wait_until(lambda: daemon.notify is not None and daemon.notify.statuses()[-1].startswith(
+        "idle; queue 0; done 3; failed 0"), 10, "the idle status")
+
+
+def test_log_file_rotates_and_stays_json(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(log={"max_bytes": 8192, "backups": 2})
+    daemon.start()
+    for n in range(3):
+        daemon.drop(f"rotate-{n}.txt", LONG_TEXT)
+        daemon.wait_done(f"rotate-{n}.txt")
+    rotated = sorted(daemon.log_file.parent.glob("cosyvoiced.log*"))
+    assert [p.name for p in rotated] == ["cosyvoiced.log", "cosyvoiced.log.1", "cosyvoiced.log.2"]
+    for path in rotated:
+        assert path.stat().st_size <= 8192 + 4096
+        for line in path.read_text().splitlines():
+            assert json.loads(line)["timestamp"]
