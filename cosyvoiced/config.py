@@ -85,6 +85,9 @@ class SpoolConfig:
 class PiperConfig:
     voices: list[str] = _setting([], path=True)  # noqa: RUF009 - returns a field()
     use_cuda: bool = False
+    # Unset: each voice's own. 0 and 0 make synthesis deterministic (same text, same audio).
+    noise_scale: float | None = _setting(None, _at_least(0))
+    noise_w_scale: float | None = _setting(None, _at_least(0))
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,25 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class ZmqConfig:
+    bind: list[str] = _setting(["tcp://127.0.0.1:5555"])  # noqa: RUF009 - returns a field()
+    curve: bool = False
+    server_secret_key: str = _setting("", path=True)
+    authorized_keys_dir: str = _setting("", path=True)
+    allow_insecure: bool = False
+    max_pending: int = _setting(256, _at_least(1))
+    max_pending_per_client: int = _setting(16, _at_least(1))
+    max_header_bytes: int = _setting(64 << 10, _at_least(1024), size=True)
+    max_attachment_bytes: int = _setting(16 << 20, _at_least(1024), size=True)
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    zmq: ZmqConfig = field(default_factory=ZmqConfig)
 
 
 def load(path: str | Path) -> Config:
@@ -134,7 +151,41 @@ def load(path: str | Path) -> Config:
 def from_table(table: dict[str, Any], base_dir: Path) -> Config:
     config: Config = _build(Config, table, "", base_dir)
     _check_engine(config.engine)
+    _check_zmq(config.zmq)
     return config
+
+
+_LOOPBACK_HOSTS = ("localhost", "lo", "::1", "[::1]")
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc:// and inproc:// endpoints and tcp:// binds on a loopback address."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rpartition(":")[0]
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _check_zmq(settings: ZmqConfig) -> None:
+    for endpoint in settings.bind:
+        scheme = endpoint.partition("://")[0]
+        if scheme not in ("tcp", "ipc") or "://" not in endpoint:
+            raise ConfigError(f"zmq.bind: {endpoint!r} is not a tcp:// or ipc:// endpoint")
+        if not (settings.curve or settings.allow_insecure or is_loopback_endpoint(endpoint)):
+            raise ConfigError(
+                f"zmq.bind: {endpoint!r} is reachable from the network but zmq.curve is off; "
+                "turn on zmq.curve (with zmq.server_secret_key and zmq.authorized_keys_dir) "
+                "or, on a trusted network only, set zmq.allow_insecure = true")
+    if settings.curve:
+        if not Path(settings.server_secret_key).is_file():
+            raise ConfigError("zmq.server_secret_key: zmq.curve needs the server's secret "
+                              f"key file; {settings.server_secret_key!r} is not a file "
+                              "(create one with `cosyvoicectl keygen DIR`)")
+        if not Path(settings.authorized_keys_dir).is_dir():
+            raise ConfigError("zmq.authorized_keys_dir: zmq.curve needs a directory of "
+                              "authorized client public keys; "
+                              f"{settings.authorized_keys_dir!r} is not a directory")
 
 
 def _check_engine(engine: EngineConfig) -> None:
@@ -192,7 +243,9 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected a list; got {type(value).__name__}")
         return [_typed(f"{key}[{index}]", entry, item) for index, entry in enumerate(value)]
     if origin in (Union, types.UnionType):
-        raise TypeError(f"{key}: union types are not supported in the schema")
+        # `X | None`: TOML has no null, so a present key is always an X.
+        (present,) = [arg for arg in get_args(hint) if arg is not type(None)]
+        return _typed(key, value, present)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):

@@ -12,7 +12,13 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-AUDIO_FORMATS = ("wav", "flac", "ogg")
+FILE_FORMATS = ("wav", "flac", "ogg")
+PCM_FORMAT = "pcm_s16le"  # raw little-endian 16-bit mono: replies and streams only
+REPLY_FORMATS = (*FILE_FORMATS, PCM_FORMAT)
+
+# Where a job's outcome goes.
+SINK_SPOOL = "spool"  # outbox/ or failed/ (drop folder, ZeroMQ `submit`)
+SINK_REPLY = "reply"  # back to the ZeroMQ client that asked (`synthesize`)
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
 MIN_SPEED = 0.25
@@ -39,6 +45,8 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     INVALID_OUTPUT_NAME = "invalid_output_name"
     # Serving it
+    CANCELLED = "cancelled"
+    SHUTTING_DOWN = "shutting_down"
     ENGINE_ERROR = "engine_error"
     WORKER_CRASHED = "worker_crashed"
     INTERNAL = "internal"
@@ -84,8 +92,9 @@ def new_job_id() -> str:
 class Job:
     """One synthesis request, from whichever intake, as the queue and the worker see it.
 
-    `origin` tells the intake how to deliver the outcome: for the drop folder it is the
-    claimed file's name inside the spool's `work/` directory.
+    `sink` says where the outcome goes and `origin` how to find it there: for the spool,
+    the claimed file's name inside `work/`; for a reply, the request's key in the ZeroMQ
+    intake. `stream` replies send each chunk as it is made.
     """
 
     id: str
@@ -98,6 +107,8 @@ class Job:
     speed: float = 1.0
     output: str = ""
     received_at: float = field(default_factory=time.time)
+    sink: str = SINK_SPOOL
+    stream: bool = False
 
     @property
     def chars(self) -> int:

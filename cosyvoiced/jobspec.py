@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cosyvoiced.job import (
-    AUDIO_FORMATS,
+    FILE_FORMATS,
     MAX_SAMPLE_RATE,
     MAX_SPEED,
     MIN_SAMPLE_RATE,
@@ -68,11 +68,11 @@ def check_output_name(name: str) -> str:
     return name
 
 
-def _format(fields: dict[str, Any], limits: Limits) -> str:
+def _format(fields: dict[str, Any], limits: Limits, formats: tuple[str, ...]) -> str:
     value = _typed(fields, "format", str, "a string") or limits.default_format
-    if value not in AUDIO_FORMATS:
+    if value not in formats:
         raise JobFailure(ErrorCode.UNSUPPORTED_FORMAT, f"format: {value!r} is not supported; "
-                         f"choose one of: {', '.join(AUDIO_FORMATS)}", "format")
+                         f"choose one of: {', '.join(formats)}", "format")
     return str(value)
 
 
@@ -95,12 +95,17 @@ def _speed(fields: dict[str, Any]) -> float:
 
 
 def build_job(fields: dict[str, Any], *, job_id: str, source: str, origin: str,
-              default_output: str, limits: Limits) -> Job:
-    """A `Job` from request fields, or a `JobFailure` naming the first bad field."""
-    unknown = sorted(set(fields) - set(FIELDS))
+              default_output: str, limits: Limits, known: tuple[str, ...] = FIELDS,
+              formats: tuple[str, ...] = FILE_FORMATS, **extra: Any) -> Job:
+    """A `Job` from request fields, or a `JobFailure` naming the first bad field.
+
+    `known` lists the fields this kind of request may carry; `extra` sets `Job` attributes
+    the intake decides (sink, stream).
+    """
+    unknown = sorted(set(fields) - set(known))
     if unknown:
         raise JobFailure(ErrorCode.UNKNOWN_FIELD, f"{unknown[0]}: unknown field; known fields "
-                         f"are: {', '.join(FIELDS)}", unknown[0])
+                         f"are: {', '.join(known)}", unknown[0])
     if "text" not in fields:
         raise JobFailure(ErrorCode.MISSING_FIELD, "text: required field is missing", "text")
     text = _typed(fields, "text", str, "a string")
@@ -113,8 +118,9 @@ def build_job(fields: dict[str, Any], *, job_id: str, source: str, origin: str,
         origin=origin,
         text=check_text(text, limits),
         voice=_typed(fields, "voice", str, "a string"),
-        format=_format(fields, limits),
+        format=_format(fields, limits, formats),
         sample_rate=_sample_rate(fields),
         speed=_speed(fields),
         output=check_output_name(output if output is not None else default_output),
+        **extra,
     )

@@ -22,6 +22,13 @@ class RunJob:
 
 
 @dataclass(frozen=True)
+class CancelJob:
+    """Stop the job in hand at its next chunk."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Finish nothing more; exit cleanly."""
 
@@ -80,11 +87,16 @@ class JobFailed:
 
 
 @dataclass(frozen=True)
+class JobCancelled:
+    job_id: str
+
+
+@dataclass(frozen=True)
 class LogLine:
     levelno: int
     line: str
 
 
-ToWorker = RunJob | Shutdown
+ToWorker = RunJob | CancelJob | Shutdown
 FromWorker = (EngineWarming | EngineReady | EngineLoadFailed | Heartbeat | JobStarted
-              | AudioChunkReady | JobFinished | JobFailed | LogLine)
+              | AudioChunkReady | JobFinished | JobFailed | JobCancelled | LogLine)

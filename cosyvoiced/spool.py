@@ -141,6 +141,12 @@ class Spool:
             return None
         return claimed
 
+    def write_claimed(self, job_id: str, name: str, data: bytes) -> Claimed:
+        """Persist a job that arrived another way (ZeroMQ `submit`) as if claimed."""
+        claimed = Claimed(f"{job_id}{WORK_SEPARATOR}{name}")
+        atomic_write(self.work, claimed.work_name, data)
+        return claimed
+
     def claimed(self) -> list[Claimed]:
         """Jobs left in `work/`, oldest first (job ids sort by creation time)."""
         return [Claimed(name) for name in sorted(os.listdir(self.work))

@@ -1,39 +1,45 @@
 """The supervisor: the one owner of the queue, the worker and every job's outcome.
 
 Signal handlers only record the signal. One tick acts, always in the same order:
-signals -> claims from the intakes -> worker messages and exits -> dispatch -> inbox rescan
--> shutdown progress -> STATUS= -> WATCHDOG=1. Because the watchdog ping comes from the tick,
-a supervisor that stops ticking stops pinging, and systemd restarts it.
+signals -> intake (drop folder claims, ZeroMQ requests) -> worker messages and exits ->
+dispatch -> inbox rescan -> shutdown progress -> STATUS= -> WATCHDOG=1. Because the watchdog
+ping comes from the tick, a supervisor that stops ticking stops pinging, and systemd
+restarts it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import queue
 import signal
 import socket
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from types import FrameType
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from cosyvoiced import audio, logs
+from cosyvoiced import __version__, audio, logs
 from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.inbox import QUIET_S, InboxIntake
-from cosyvoiced.job import ErrorCode, Job, JobError, JobResult
-from cosyvoiced.jobspec import Limits
+from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult
+from cosyvoiced.jobspec import Limits, build_job
+from cosyvoiced.ledger import Ledger, Running
 from cosyvoiced.messages import (
     AudioChunkReady,
+    CancelJob,
     EngineLoadFailed,
     EngineReady,
     EngineWarming,
     FromWorker,
     Heartbeat,
+    JobCancelled,
     JobFailed,
     JobFinished,
     JobStarted,
@@ -41,6 +47,7 @@ from cosyvoiced.messages import (
     RunJob,
 )
 from cosyvoiced.notify import Notifier
+from cosyvoiced.protocol import Request
 from cosyvoiced.spool import Claimed, Spool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
@@ -55,15 +62,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 log = logs.get_logger("cosyvoiced.supervisor")
 
 
-@dataclass
-class Running:
-    """The job the worker has in hand."""
+class Sink(Protocol):
+    """Where a job's outcome goes: the spool (outbox/failed) or a ZeroMQ reply."""
 
-    job: Job
-    dispatched_at: float
-    started_at: float = 0.0  # wall clock, from the worker
-    first_chunk_at: float = 0.0
-    chunks: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    def started(self, job: Job, sample_rate: int) -> None: ...
+
+    def chunk(self, job: Job, seq: int, samples: npt.NDArray[np.float32]) -> None: ...
+
+    def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
+                timings: dict[str, float]) -> str: ...
+
+    def fail_job(self, job: Job, error: JobError) -> str: ...
+
+    def cancelled(self, job: Job) -> None: ...
 
 
 class Supervisor:
@@ -77,21 +88,20 @@ class Supervisor:
             end.setblocking(False)
         self._claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
         self.inbox = InboxIntake(self.spool, self._claims, self.wake)
-        self.queue: deque[Job] = deque()
-        self.running: Running | None = None
+        self.zmq = zmq_intake.ZmqIntake(config.zmq, self.limits, self.wake)
+        self.ledger = Ledger()
         self.worker: WorkerHandle | None = None
         self.voices: list[VoiceInfo] = []
+        self.engine_name = config.engine.name
         self.generation = 0
-        self.crashes: dict[str, int] = {}
         self.start_failures = 0
         self.last_load_error = ""
         self.respawn_at = 0.0
         self.ready = False
-        self.done = 0
-        self.failed = 0
         self.stopping = False
         self.stop_deadline = 0.0
         self.next_scan = 0.0
+        self.started_at = time.monotonic()
         self.exit_code: int | None = None
         self._signals: list[int] = []
 
@@ -113,17 +123,18 @@ class Supervisor:
         """Serve until stopped; returns the process exit code."""
         self._install_signals()
         self.spool.ensure()
-        log.info("starting", spool=str(self.spool.root), engine=self.config.engine.name)
+        log.info("starting", version=__version__, spool=str(self.spool.root),
+                 engine=self.config.engine.name)
         self._recover()
-        now = time.monotonic()
-        self._spawn_worker(now)
+        self._spawn_worker(time.monotonic())
+        self.zmq.start()
         self.inbox.start()
         while self.exit_code is None:
             self.tick(time.monotonic())
             if self.exit_code is None:
                 self._wait(self._timeout(time.monotonic()))
-        self.inbox.stop()
-        log.info("stopped", exit_code=self.exit_code, done=self.done, failed=self.failed)
+        self.zmq.stop()
+        log.info("stopped", exit_code=self.exit_code, **self.ledger.counts)
         return self.exit_code
 
     def _timeout(self, now: float) -> float:
@@ -140,16 +151,15 @@ class Supervisor:
             waitables += [self.worker.conn, self.worker.sentinel]
         ready = wait(waitables, timeout)  # type: ignore[arg-type]
         if self._wake_receiver in ready:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 while self._wake_receiver.recv(4096):
                     pass
-            except BlockingIOError:
-                pass
 
     # -- the tick -----------------------------------------------------------------------
     def tick(self, now: float) -> None:
         self._handle_signals(now)
         self._admit_claims()
+        self._handle_requests()
         self._handle_worker(now)
         self._dispatch(now)
         self._rescan(now)
@@ -185,10 +195,17 @@ class Supervisor:
         except OSError as error:
             log.error("claim_unreadable", work_name=claimed.work_name, error=str(error))
             return
-        if job is None:
-            return
-        self.queue.append(job)
-        log.debug("job_queued", job=job.id, source=job.source, depth=len(self.queue))
+        if job is not None:
+            self.enqueue(job)
+
+    def _handle_requests(self) -> None:
+        for message in self.zmq.inbound():
+            if isinstance(message, Request):
+                self.zmq.handle(message, self)
+            else:
+                for job_id in self.zmq.jobs_of(message.client):
+                    log.info("client_gone", job=job_id)
+                    self.cancel(job_id)
 
     def _recover(self) -> None:
         left = self.spool.claimed()
@@ -202,6 +219,56 @@ class Supervisor:
             return
         deferred = self.inbox.scan()
         self.next_scan = now + (QUIET_S if deferred else self.config.spool.rescan_interval_s)
+
+    # -- what the ZeroMQ ops ask of the supervisor (zmq_intake.Service) -------------------
+    def queue_full(self) -> bool:
+        return len(self.ledger) >= self.config.zmq.max_pending or self.stopping
+
+    def enqueue(self, job: Job) -> None:
+        self.ledger.enqueue(job)
+        log.debug("job_queued", job=job.id, source=job.source, depth=len(self.ledger))
+
+    def submit(self, fields: dict[str, Any], job_id: str) -> Job:
+        """Validate a job for the outbox, persist it in work/ (it survives a crash), queue it."""
+        name = f"{job_id}.json"
+        job = build_job(fields, job_id=job_id, source=zmq_intake.SOURCE,
+                        origin=Claimed(f"{job_id}~{name}").work_name, default_output=job_id,
+                        limits=self.limits)
+        self.spool.write_claimed(job_id, name, json.dumps(fields).encode())
+        self.enqueue(job)
+        return job
+
+    def job_status(self, job_id: str) -> dict[str, Any] | None:
+        return self.ledger.status(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        job = self.ledger.remove_queued(job_id)
+        if job is not None:
+            self._sink(job).cancelled(job)
+            self.ledger.record(job, "cancelled")
+            log.info("job", job=job.id, source=job.source, outcome="cancelled", chars=job.chars)
+            return True
+        running = self.ledger.running
+        if running is None or running.job.id != job_id:
+            return False
+        if not running.cancel_requested and self.worker is not None:
+            running.cancel_requested = True
+            self.worker.send(CancelJob(job_id))
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        worker = self.worker
+        running = self.ledger.running
+        return {
+            "version": __version__, "pid": os.getpid(), "engine": self.engine_name,
+            "ready": self.ready, "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "queue_depth": len(self.ledger), "running": running.job.id if running else None,
+            "jobs": dict(self.ledger.counts),
+            "worker": None if worker is None else {
+                "state": str(worker.state), "generation": worker.generation,
+                "pid": worker.pid, "rss_bytes": worker.rss_bytes,
+                "jobs_served": worker.jobs_served},
+        }
 
     # -- the worker ---------------------------------------------------------------------
     def _spawn_worker(self, now: float) -> None:
@@ -229,21 +296,24 @@ class Supervisor:
             self._on_worker_exit(worker, now)
 
     def _on_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
+        running = self.ledger.running
         match message:
             case LogLine(levelno, line):
                 logs.forward(levelno, line)
             case Heartbeat(rss):
                 worker.rss_bytes = rss
-            case JobStarted() if self.running is not None:
-                self.running.started_at = message.started_at
-            case AudioChunkReady() if self.running is not None:
-                if not self.running.chunks:
-                    self.running.first_chunk_at = now
-                self.running.chunks.append(message.audio)
+            case JobStarted() if running is not None:
+                running.started_at = message.started_at
+                running.voice, running.sample_rate = message.voice, message.sample_rate
+                self._sink(running.job).started(running.job, message.sample_rate)
+            case AudioChunkReady() if running is not None:
+                self._on_chunk(running, message)
             case JobFinished(result):
                 self._finish(worker, result, now)
             case JobFailed(_job_id, error):
-                self._fail_running(worker, error)
+                self._end_running(worker, error)
+            case JobCancelled():
+                self._end_running(worker, None)
             case EngineWarming(load_s):
                 worker.set_state(WorkerState.WARMING, load_s=load_s)
             case EngineReady():
@@ -251,9 +321,17 @@ class Supervisor:
             case EngineLoadFailed(reason):
                 self.last_load_error = reason
 
+    def _on_chunk(self, running: Running, message: AudioChunkReady) -> None:
+        running.chunks_sent += 1
+        if running.job.stream:
+            self._sink(running.job).chunk(running.job, message.seq, message.audio)
+        else:
+            running.chunks.append(message.audio)
+
     def _on_ready(self, worker: WorkerHandle, message: EngineReady) -> None:
         self.start_failures = 0
         self.voices = message.voices
+        self.engine_name = message.engine
         worker.set_state(WorkerState.IDLE, engine=message.engine, load_s=message.load_s,
                          warmup_s=message.warmup_s, voices=[v.name for v in message.voices])
         if not self.ready:
@@ -270,9 +348,9 @@ class Supervisor:
         if not expected:
             log.error("worker_exited", generation=worker.generation,
                       exitcode=worker.exitcode(), during="start" if never_ready else "service")
-        if self.running is not None:
-            self._requeue_after_crash(self.running.job)
-            self.running = None
+        running = self.ledger.take_running()
+        if running is not None:
+            self._after_crash(running)
         if never_ready and not self.stopping:
             self._count_start_failure(now)
 
@@ -287,34 +365,39 @@ class Supervisor:
             self._begin_stop(now, "worker start failures")
             self.exit_code = EXIT_WORKER_START
             return
-        self.respawn_at = now + min(2.0 ** self.start_failures, 30.0)
+        self.respawn_at = now + min(2.0 ** (self.start_failures - 1), 30.0)
 
-    def _requeue_after_crash(self, job: Job) -> None:
-        crashes = self.crashes.get(job.id, 0) + 1
-        self.crashes[job.id] = crashes
-        if crashes >= MAX_ATTEMPTS:
-            self._record_failure(job, JobError(
-                ErrorCode.WORKER_CRASHED,
-                f"the worker died {crashes} times while synthesizing this job"))
+    def _after_crash(self, running: Running) -> None:
+        job = running.job
+        crashes = self.ledger.count_crash(job)
+        if running.cancel_requested:
+            self._end(job, None)
+        elif crashes >= MAX_ATTEMPTS or (job.stream and running.chunks_sent):
+            # A stream already partly sent cannot be replayed without duplicating audio.
+            self._end(job, JobError(ErrorCode.WORKER_CRASHED, f"the worker died {crashes} "
+                                    "time(s) while synthesizing this job"))
         else:
             log.warning("job_retry", job=job.id, crashes=crashes)
-            self.queue.appendleft(job)
+            self.ledger.enqueue(job, front=True)
 
     # -- jobs ---------------------------------------------------------------------------
+    def _sink(self, job: Job) -> Sink:
+        return self.zmq if job.sink == SINK_REPLY else self.inbox
+
     def _dispatch(self, now: float) -> None:
         worker = self.worker
-        if self.stopping or self.running or worker is None or not self.queue or \
+        if self.stopping or self.ledger.running or worker is None or not self.ledger.queue or \
                 worker.state != WorkerState.IDLE:
             return
-        job = self.queue.popleft()
+        job = self.ledger.queue.popleft()
         if worker.send(RunJob(job)):
-            self.running = Running(job, now)
+            self.ledger.start(job, now)
             worker.set_state(WorkerState.BUSY, job=job.id)
         else:
-            self.queue.appendleft(job)  # the worker is gone; its exit is handled next tick
+            self.ledger.enqueue(job, front=True)  # the worker is gone; handled next tick
 
     def _take_running(self, worker: WorkerHandle) -> Running | None:
-        running, self.running = self.running, None
+        running = self.ledger.take_running()
         worker.jobs_served += 1
         if worker.state == WorkerState.BUSY:
             worker.set_state(WorkerState.IDLE)
@@ -324,7 +407,7 @@ class Supervisor:
         running = self._take_running(worker)
         if running is None:
             return
-        self._dispatch(now)  # hand over the next job before writing this one's file
+        self._dispatch(now)  # hand over the next job before writing this one's output
         job = running.job
         timings = {
             "received_at": round(job.received_at, 6),
@@ -333,37 +416,43 @@ class Supervisor:
             "first_chunk_s": round(result.first_chunk_s, 4),
             "synth_s": round(result.synth_s, 4),
         }
+        written = time.monotonic()
         try:
-            written = time.monotonic()
-            output = self.inbox.deliver(job, result, audio.join(running.chunks), timings)
+            output = self._sink(job).deliver(job, result, audio.join(running.chunks), timings)
         except OSError as error:
-            self._record_failure(job, JobError(ErrorCode.INTERNAL,
-                                               f"could not write the result: {error}"))
+            self._end(job, JobError(ErrorCode.INTERNAL, f"could not write the result: {error}"))
             return
-        self.done += 1
-        self.crashes.pop(job.id, None)
+        self.ledger.record(job, "done", output=output)
         log.info("job", job=job.id, source=job.source, outcome="done", voice=result.voice,
                  chars=job.chars, audio_s=round(result.audio_s, 3),
                  synth_s=round(result.synth_s, 3), queue_wait_s=timings["queue_wait_s"],
                  first_chunk_s=timings["first_chunk_s"],
                  write_s=round(time.monotonic() - written, 4), output=output)
 
-    def _fail_running(self, worker: WorkerHandle, error: JobError) -> None:
+    def _end_running(self, worker: WorkerHandle, error: JobError | None) -> None:
         running = self._take_running(worker)
         if running is not None:
-            self._record_failure(running.job, error)
+            self._end(running.job, error)
 
-    def _record_failure(self, job: Job, error: JobError) -> None:
-        self.crashes.pop(job.id, None)
+    def _end(self, job: Job, error: JobError | None) -> None:
+        """Record a job that ends without audio: failed with `error`, or cancelled (None)."""
+        sink = self._sink(job)
         try:
-            name = self.inbox.fail(Claimed(job.origin), error)
+            if error is None:
+                sink.cancelled(job)
+            else:
+                where = sink.fail_job(job, error)
         except OSError as failure:
             # Left in work/: the next start tries it again rather than lose it.
             log.critical("outcome_unwritable", job=job.id, error=str(failure))
             return
-        self.failed += 1
+        if error is None:
+            self.ledger.record(job, "cancelled")
+            log.info("job", job=job.id, source=job.source, outcome="cancelled", chars=job.chars)
+            return
+        self.ledger.record(job, "failed", error=error.to_dict())
         log.info("job", job=job.id, source=job.source, outcome="failed", chars=job.chars,
-                 code=str(error.code), message=error.message, failed=name)
+                 code=str(error.code), message=error.message, failed=where)
 
     # -- stopping -----------------------------------------------------------------------
     def _begin_stop(self, now: float, reason: str) -> None:
@@ -372,8 +461,9 @@ class Supervisor:
         self.stopping = True
         self.stop_deadline = now + self.config.worker.drain_timeout_s
         self.notifier.stopping()
-        log.info("stopping", reason=reason, queued=len(self.queue),
-                 running=self.running.job.id if self.running else None)
+        running = self.ledger.running
+        log.info("stopping", reason=reason, queued=len(self.ledger),
+                 running=running.job.id if running else None)
         self.inbox.stop()
 
     def _hand_back(self, claimed: Claimed) -> None:
@@ -382,19 +472,27 @@ class Supervisor:
                         message="the inbox has a new file of that name; the job stays in "
                                 "work/ and runs at the next start")
 
+    def _release_unstarted(self, job: Job) -> None:
+        if job.sink == SINK_REPLY:
+            self._end(job, JobError(ErrorCode.SHUTTING_DOWN,
+                                    "the daemon is stopping; send the request again"))
+        else:
+            self._hand_back(Claimed(job.origin))
+
     def _progress_stop(self, now: float) -> None:
         if not self.stopping:
             return
-        while self.queue:
-            self._hand_back(Claimed(self.queue.popleft().origin))
-        if self.running is not None and now < self.stop_deadline:
+        for job in self.ledger.drain_queue():
+            self._release_unstarted(job)
+        running = self.ledger.running
+        if running is not None and now < self.stop_deadline:
             return  # let the job in hand finish
         worker = self.worker
-        if self.running is not None and worker is not None:
-            log.warning("drain_timeout", job=self.running.job.id)
+        if running is not None and worker is not None:
+            log.warning("drain_timeout", job=running.job.id)
             worker.kill()
-            self._hand_back(Claimed(self.running.job.origin))
-            self.running = None
+            self.ledger.take_running()
+            self._release_unstarted(running.job)
         if worker is not None and worker.state != WorkerState.DEAD:
             worker.set_state(WorkerState.DRAINING)
             worker.stop(timeout_s=5.0)
@@ -413,6 +511,7 @@ class Supervisor:
 
     def status_line(self) -> str:
         worker = self.worker
+        running = self.ledger.running
         if self.stopping:
             state = "stopping"
         elif worker is None:
@@ -421,9 +520,10 @@ class Supervisor:
             state = f"loading {self.config.engine.name}"
         elif worker.state == WorkerState.WARMING:
             state = "warming up"
-        elif self.running is not None:
-            state = f"busy {self.running.job.id}"
+        elif running is not None:
+            state = f"busy {running.job.id}"
         else:
             state = str(worker.state)
-        return (f"{state}; queue {len(self.queue)}; done {self.done}; failed {self.failed}; "
-                f"worker gen {self.generation}")
+        counts = self.ledger.counts
+        return (f"{state}; queue {len(self.ledger)}; done {counts['done']}; "
+                f"failed {counts['failed']}; worker gen {self.generation}")

@@ -11,7 +11,7 @@ import ctypes
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -24,17 +24,20 @@ from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure, JobResult
 from cosyvoiced.memory import rss_bytes
 from cosyvoiced.messages import (
     AudioChunkReady,
+    CancelJob,
     EngineLoadFailed,
     EngineReady,
     EngineWarming,
     FromWorker,
     Heartbeat,
+    JobCancelled,
     JobFailed,
     JobFinished,
     JobStarted,
     LogLine,
     RunJob,
     Shutdown,
+    ToWorker,
 )
 
 WARMUP_TEXT = "Ready."
@@ -54,9 +57,21 @@ class Channel:
         with self._lock:
             self._conn.send(message)
 
-    def receive(self) -> RunJob | Shutdown:
-        message: RunJob | Shutdown = self._conn.recv()
+    def receive(self) -> ToWorker:
+        message: ToWorker = self._conn.recv()
         return message
+
+    def cancelled(self, job_id: str) -> bool:
+        """Whether the supervisor asked, since the last chunk, to stop this job."""
+        while self._conn.poll():
+            message = self.receive()
+            if isinstance(message, CancelJob) and message.job_id == job_id:
+                return True
+        return False
+
+
+class _Cancelled(Exception):
+    pass
 
 
 def _die_with_parent() -> None:
@@ -71,7 +86,8 @@ def _heartbeat(channel: Channel, interval_s: float) -> None:
         time.sleep(interval_s)
 
 
-def _resampled(chunks: Iterator[AudioChunk], rate_in: int, rate_out: int) -> Iterator[AudioChunk]:
+def _resampled(chunks: Iterator[AudioChunk], rate_in: int,
+               rate_out: int) -> Generator[AudioChunk, None, None]:
     if rate_in == rate_out:
         yield from chunks
         return
@@ -95,18 +111,26 @@ def _serve(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) ->
     started = time.monotonic()
     first_chunk_s = 0.0
     samples = 0
-    chunks = engine.synthesize(SynthesisRequest(job.text, voice, job.speed))
-    for seq, chunk in enumerate(_resampled(chunks, rates[voice], rate)):
-        if seq == 0:
-            first_chunk_s = time.monotonic() - started
-        samples += len(chunk)
-        channel.send(AudioChunkReady(job.id, seq, np.ascontiguousarray(chunk, np.float32)))
+    chunks = _resampled(engine.synthesize(SynthesisRequest(job.text, voice, job.speed)),
+                        rates[voice], rate)
+    try:
+        for seq, chunk in enumerate(chunks):
+            if seq == 0:
+                first_chunk_s = time.monotonic() - started
+            samples += len(chunk)
+            channel.send(AudioChunkReady(job.id, seq, np.ascontiguousarray(chunk, np.float32)))
+            if channel.cancelled(job.id):
+                raise _Cancelled
+    finally:
+        chunks.close()  # an abandoned engine generator cleans up now, not at GC time
     return JobResult(job.id, voice, rate, samples, time.monotonic() - started, first_chunk_s)
 
 
 def _run_job(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) -> None:
     try:
         result = _serve(engine, rates, job, channel)
+    except _Cancelled:
+        channel.send(JobCancelled(job.id))
     except JobFailure as failure:
         channel.send(JobFailed(job.id, failure.error))
     except Exception as error:  # any engine fault ends this job, not the worker
@@ -156,4 +180,6 @@ def main(conn: Connection, config: EngineConfig, log_level: str,
             return
         if isinstance(message, Shutdown):
             return
-        _run_job(engine, rates, message.job, channel)
+        if isinstance(message, RunJob):
+            _run_job(engine, rates, message.job, channel)
+        # A CancelJob that arrives after its job ended has nothing left to stop.

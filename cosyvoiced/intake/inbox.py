@@ -202,5 +202,14 @@ class InboxIntake:
                                           audio.encode(samples, result.sample_rate, job.format),
                                           record)
 
-    def hand_back(self, claimed: Claimed) -> bool:
-        return self._spool.hand_back(claimed)
+    def fail_job(self, job: Job, error: JobError) -> str:
+        return self.fail(Claimed(job.origin), error)
+
+    def cancelled(self, job: Job) -> None:
+        self.fail_job(job, JobError(ErrorCode.CANCELLED, "cancelled by a client"))
+
+    def started(self, job: Job, sample_rate: int) -> None:
+        """Files are written whole, at the end."""
+
+    def chunk(self, job: Job, seq: int, samples: npt.NDArray[np.float32]) -> None:
+        """Files are written whole, at the end."""

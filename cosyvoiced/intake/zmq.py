@@ -1,0 +1,371 @@
+"""The ZeroMQ intake: one ROUTER socket for LAN clients (DEALER for streams, or REQ).
+
+Two threads share the work and never wait on each other or on synthesis:
+- the socket thread owns the ROUTER. It parses each request (malformed ones get their error
+  reply right there) and passes good ones to the supervisor; it sends the replies the
+  supervisor queues for it on an inproc PUSH/PULL pair, in order.
+- the supervisor's thread answers ops and routes each job's events to its requester.
+A reply that cannot be routed (the client went away) is reported back, and that client's
+jobs are cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from cosyvoiced import __version__, audio, logs
+from cosyvoiced.config import ZmqConfig
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.job import (
+    PCM_FORMAT,
+    REPLY_FORMATS,
+    SINK_REPLY,
+    Job,
+    JobError,
+    JobFailure,
+    JobResult,
+    new_job_id,
+)
+from cosyvoiced.jobspec import FIELDS, Limits, build_job
+from cosyvoiced.protocol import Limits as WireLimits
+from cosyvoiced.protocol import (
+    Op,
+    ProtocolError,
+    Request,
+    WireCode,
+    encode_reply,
+    error_reply,
+    parse,
+    split_envelope,
+)
+
+SOURCE = "zmq"
+SYNTHESIZE_FIELDS = (*(name for name in FIELDS if name != "output"), "stream")
+_STOP = b"stop"
+_BATCH = 256  # messages handled per socket per poll round, so neither side starves
+
+log = logs.get_logger("cosyvoiced.intake.zmq")
+
+
+@dataclass(frozen=True)
+class ClientGone:
+    """A reply to this client could not be routed: it disconnected (or stopped reading)."""
+
+    client: bytes
+
+
+class Service(Protocol):
+    """What the ZeroMQ ops need from the supervisor."""
+
+    ready: bool
+    voices: list[VoiceInfo]
+    engine_name: str
+
+    def queue_full(self) -> bool: ...
+
+    def enqueue(self, job: Job) -> None: ...
+
+    def submit(self, fields: dict[str, Any], job_id: str) -> Job: ...
+
+    def job_status(self, job_id: str) -> dict[str, Any] | None: ...
+
+    def cancel(self, job_id: str) -> bool: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class _Route:
+    envelope: tuple[bytes, ...]
+    request_id: str
+
+
+class _SocketThread(threading.Thread):
+    def __init__(self, router: zmq.Socket[bytes], replies: zmq.Socket[bytes],
+                 limits: WireLimits, inbound: queue.SimpleQueue[Request | ClientGone],
+                 wake: Callable[[], None]) -> None:
+        super().__init__(name="zmq-socket", daemon=True)
+        self._router = router
+        self._replies = replies
+        self._limits = limits
+        self._inbound = inbound
+        self._wake = wake
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._replies, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if self._replies in ready and not self._send_replies():
+                    return
+                if self._router in ready:
+                    self._take_requests()
+        finally:
+            self._router.close(linger=1000)  # flush the last replies
+            self._replies.close(linger=0)
+
+    def _take_requests(self) -> None:
+        for _ in range(_BATCH):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            route, body = split_envelope(frames)
+            try:
+                request = parse(route, body, self._limits)
+            except ProtocolError as error:
+                self._send(error_reply(route, error))
+                continue
+            self._inbound.put(request)
+            self._wake()
+
+    def _send_replies(self) -> bool:
+        """Forward queued replies; False once told to stop."""
+        for _ in range(_BATCH):
+            try:
+                frames = self._replies.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            if frames == [_STOP]:
+                return False
+            self._send(frames)
+        return True
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self._router.send_multipart(frames, zmq.NOBLOCK)
+        except (zmq.Again, zmq.error.ZMQError):
+            # ROUTER_MANDATORY: the peer is gone (EHOSTUNREACH) or not reading (EAGAIN).
+            self._inbound.put(ClientGone(frames[0]))
+            self._wake()
+
+
+def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) -> zmq.Socket[bytes]:
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.SNDHWM, 100_000)  # streams are bursty; a full HWM cancels the job
+    # Bigger than the app-level limits so oversized frames get an error reply; far bigger
+    # ones cost the sender its connection rather than our memory.
+    router.setsockopt(zmq.MAXMSGSIZE, 4 * settings.max_attachment_bytes)
+    router.setsockopt(zmq.HEARTBEAT_IVL, 5000)  # notice dead peers on a silent network
+    router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+    if settings.curve:
+        public, secret = zmq.auth.load_certificate(settings.server_secret_key)
+        if secret is None:
+            raise ValueError(f"{settings.server_secret_key} holds no secret key")
+        router.curve_secretkey = secret
+        router.curve_publickey = public
+        router.curve_server = True
+    return router
+
+
+class ZmqIntake:
+    def __init__(self, settings: ZmqConfig, limits: Limits, wake: Callable[[], None]) -> None:
+        self.settings = settings
+        self._limits = limits
+        self._wake = wake
+        self._inbound: queue.SimpleQueue[Request | ClientGone] = queue.SimpleQueue()
+        self._routes: dict[str, _Route] = {}  # job id -> requester, for reply jobs
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._auth: ThreadAuthenticator | None = None
+        self._push: zmq.Socket[bytes] | None = None
+        self._thread: _SocketThread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.bind)
+
+    # -- lifecycle (supervisor thread) ----------------------------------------------------
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._context = context
+        if self.settings.curve:
+            self._auth = ThreadAuthenticator(context)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=self.settings.authorized_keys_dir)
+        router = _new_router(context, self.settings)
+        for endpoint in self.settings.bind:
+            router.bind(endpoint)
+        inproc = f"inproc://cosyvoiced-replies-{os.getpid()}"
+        pull = context.socket(zmq.PULL)
+        pull.bind(inproc)
+        self._push = context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.SNDHWM, 0)  # never drop or block a reply on this side
+        self._push.connect(inproc)
+        limits = WireLimits(self.settings.max_header_bytes, self.settings.max_attachment_bytes)
+        self._thread = _SocketThread(router, pull, limits, self._inbound, self._wake)
+        self._thread.start()
+        log.info("zmq_listening", endpoints=self.settings.bind, curve=self.settings.curve)
+
+    def stop(self) -> None:
+        """Send what is queued, then close (the last replies are flushed, not dropped)."""
+        if self._push is None or self._thread is None or self._context is None:
+            return
+        self._push.send_multipart([_STOP])
+        self._thread.join(timeout=5)
+        self._push.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._context.term()
+        self._push = None
+
+    def reload_keys(self) -> None:
+        if self._auth is not None:
+            self._auth.configure_curve(domain="*", location=self.settings.authorized_keys_dir)
+
+    def inbound(self) -> Iterator[Request | ClientGone]:
+        while True:
+            try:
+                yield self._inbound.get_nowait()
+            except queue.Empty:
+                return
+
+    def _send(self, route: tuple[bytes, ...], request_id: str | None, event: str,
+              payload: bytes | None = None, **fields: Any) -> None:
+        if self._push is not None:
+            self._push.send_multipart(encode_reply(route, request_id, event, payload, **fields))
+
+    def _reply(self, request: Request, event: str, payload: bytes | None = None,
+               **fields: Any) -> None:
+        self._send(request.route, request.id, event, payload, **fields)
+
+    def _error(self, request: Request, error: ProtocolError) -> None:
+        error.request_id = request.id
+        self._send(request.route, request.id, "error", **error.fields())
+
+    # -- ops ------------------------------------------------------------------------------
+    def handle(self, request: Request, service: Service) -> None:
+        try:
+            if request.attachments:
+                raise ProtocolError(WireCode.BAD_REQUEST, f"frame 1: op {request.op!r} takes "
+                                    "no attachment frames", request.id)
+            self._answer(request, service)
+        except ProtocolError as error:
+            self._error(request, error)
+        except JobFailure as failure:
+            self._error(request, ProtocolError.from_job_error(failure.error, request.id))
+
+    def _answer(self, request: Request, service: Service) -> None:
+        match request.op:
+            case Op.PING:
+                self._reply(request, "pong", version=__version__, engine=service.engine_name,
+                            ready=service.ready)
+            case Op.VOICES:
+                self._reply(request, "voices", voices=[
+                    {"name": v.name, "language": v.language, "sample_rate": v.sample_rate,
+                     "engine": v.engine} for v in service.voices])
+            case Op.SYNTHESIZE:
+                self._synthesize(request, service)
+            case Op.SUBMIT:
+                self._check_capacity(request, service)
+                job = service.submit(request.fields(), new_job_id())
+                self._reply(request, "accepted", job=job.id)
+            case Op.STATUS:
+                job_id = _job_field(request)
+                status = service.job_status(job_id)
+                if status is None:
+                    raise ProtocolError(WireCode.NOT_FOUND, f"job: no job {job_id!r} is known",
+                                        request.id, "job")
+                self._reply(request, "status", job=job_id, **status)
+            case Op.CANCEL:
+                job_id = _job_field(request)
+                if not service.cancel(job_id):
+                    raise ProtocolError(WireCode.NOT_FOUND, f"job: {job_id!r} is not queued "
+                                        "or running", request.id, "job")
+                self._reply(request, "cancelled", job=job_id)
+            case Op.STATS:
+                self._reply(request, "stats", **service.stats())
+
+    def _check_capacity(self, request: Request, service: Service) -> None:
+        if service.queue_full():
+            raise ProtocolError(WireCode.BUSY, "the queue is full (zmq.max_pending); retry "
+                                "later", request.id)
+
+    def _synthesize(self, request: Request, service: Service) -> None:
+        fields = request.fields()
+        stream = fields.pop("stream", False)
+        if not isinstance(stream, bool):
+            raise ProtocolError(WireCode.BAD_REQUEST, "stream: expected true or false",
+                                request.id, "stream")
+        if stream and not request.can_stream:
+            raise ProtocolError(WireCode.UNSUPPORTED, "stream: streaming needs a DEALER "
+                                "socket; a REQ socket takes one reply", request.id, "stream")
+        self._check_capacity(request, service)
+        in_flight = sum(1 for route in self._routes.values()
+                        if route.envelope[0] == request.client)
+        if in_flight >= self.settings.max_pending_per_client:
+            raise ProtocolError(WireCode.BUSY, f"{in_flight} requests of this client are in "
+                                "flight (zmq.max_pending_per_client)", request.id)
+        job_id = new_job_id()
+        job = build_job(fields, job_id=job_id, source=SOURCE, origin=job_id,
+                        default_output=job_id, limits=self._limits,
+                        known=tuple(name for name in SYNTHESIZE_FIELDS if name != "stream"),
+                        formats=REPLY_FORMATS, sink=SINK_REPLY, stream=stream)
+        self._routes[job.id] = _Route(request.route, request.id)
+        service.enqueue(job)
+
+    # -- a reply job's events (supervisor thread) -------------------------------------------
+    def jobs_of(self, client: bytes) -> list[str]:
+        return [job_id for job_id, route in self._routes.items() if route.envelope[0] == client]
+
+    def _job_event(self, job: Job, event: str, payload: bytes | None = None,
+                   **fields: Any) -> None:
+        route = self._routes.get(job.id)
+        if route is not None:
+            self._send(route.envelope, route.request_id, event, payload, job=job.id, **fields)
+
+    def started(self, job: Job, sample_rate: int) -> None:
+        if job.stream:
+            self._job_event(job, "start", sample_rate=sample_rate, channels=1,
+                            format=PCM_FORMAT)
+
+    def chunk(self, job: Job, seq: int, samples: npt.NDArray[np.float32]) -> None:
+        self._job_event(job, "chunk", audio.to_pcm16(samples).tobytes(), seq=seq)
+
+    def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
+                timings: dict[str, float]) -> str:
+        if job.stream:
+            self._job_event(job, "end", audio_s=round(result.audio_s, 4),
+                            synth_s=round(result.synth_s, 4),
+                            first_chunk_s=round(result.first_chunk_s, 4))
+        else:
+            self._job_event(job, "result", audio.encode(samples, result.sample_rate, job.format),
+                            format=job.format, sample_rate=result.sample_rate,
+                            audio_s=round(result.audio_s, 4), synth_s=round(result.synth_s, 4),
+                            voice=result.voice)
+        self._routes.pop(job.id, None)
+        return f"reply:{job.id}"
+
+    def fail_job(self, job: Job, error: JobError) -> str:
+        failure = ProtocolError.from_job_error(error, None)
+        self._job_event(job, "error", **failure.fields())
+        self._routes.pop(job.id, None)
+        return f"reply:{job.id}"
+
+    def cancelled(self, job: Job) -> None:
+        self._job_event(job, "cancelled")
+        self._routes.pop(job.id, None)
+
+
+def _job_field(request: Request) -> str:
+    job_id = request.header.get("job")
+    if not isinstance(job_id, str) or not job_id:
+        raise ProtocolError(WireCode.BAD_REQUEST, "job: required job id is missing or not a "
+                            "string", request.id, "job")
+    return job_id

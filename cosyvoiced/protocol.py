@@ -1,0 +1,167 @@
+"""The ZeroMQ wire format (docs/protocol.md is the contract; this is its one implementation).
+
+A request is ``[JSON header, attachment...]`` after the ROUTER's routing envelope; every
+reply is ``[JSON header, optional binary frame]``. Errors are replies too, never silence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from cosyvoiced.job import ErrorCode, JobError
+
+VERSION = 1
+
+
+class Op(StrEnum):
+    PING = "ping"
+    VOICES = "voices"
+    SYNTHESIZE = "synthesize"
+    SUBMIT = "submit"
+    STATUS = "status"
+    CANCEL = "cancel"
+    STATS = "stats"
+
+
+class WireCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    UNKNOWN_VOICE = "unknown_voice"
+    TOO_LONG = "too_long"
+    BUSY = "busy"
+    NOT_FOUND = "not_found"
+    UNSUPPORTED = "unsupported"
+    INTERNAL = "internal"
+
+
+# How each job error reads on the wire; the job's own code travels along as `reason`.
+_WIRE_CODES = {
+    ErrorCode.TEXT_TOO_LONG: WireCode.TOO_LONG,
+    ErrorCode.UNKNOWN_VOICE: WireCode.UNKNOWN_VOICE,
+    ErrorCode.UNSUPPORTED_FORMAT: WireCode.UNSUPPORTED,
+    ErrorCode.EMPTY_TEXT: WireCode.BAD_REQUEST,
+    ErrorCode.MISSING_FIELD: WireCode.BAD_REQUEST,
+    ErrorCode.UNKNOWN_FIELD: WireCode.BAD_REQUEST,
+    ErrorCode.INVALID_FIELD: WireCode.BAD_REQUEST,
+    ErrorCode.INVALID_OUTPUT_NAME: WireCode.BAD_REQUEST,
+    ErrorCode.SHUTTING_DOWN: WireCode.BUSY,
+}
+
+# Header keys every request may carry besides its op's own fields.
+ENVELOPE_KEYS = ("v", "op", "id")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int
+    max_attachment_bytes: int
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served; becomes one `error` reply."""
+
+    def __init__(self, code: WireCode, message: str, request_id: str | None = None,
+                 field: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.field = field
+        self.reason = reason
+
+    @classmethod
+    def from_job_error(cls, error: JobError, request_id: str | None) -> ProtocolError:
+        return cls(_WIRE_CODES.get(error.code, WireCode.INTERNAL), error.message, request_id,
+                   error.field, str(error.code))
+
+    def fields(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {"code": str(self.code), "message": self.message}
+        if self.field is not None:
+            detail["field"] = self.field
+        if self.reason is not None and self.reason != str(self.code):
+            detail["reason"] = self.reason
+        return detail
+
+
+@dataclass(frozen=True)
+class Request:
+    route: tuple[bytes, ...]  # the ROUTER envelope: identity, plus b"" for REQ clients
+    id: str
+    op: Op
+    header: dict[str, Any]
+    attachments: tuple[bytes, ...] = field(default=())
+
+    @property
+    def client(self) -> bytes:
+        return self.route[0]
+
+    @property
+    def can_stream(self) -> bool:
+        """REQ sockets take exactly one reply per request; DEALER sockets take a stream."""
+        return len(self.route) == 1
+
+    def fields(self) -> dict[str, Any]:
+        """The op's own fields: the header without the envelope keys."""
+        return {key: value for key, value in self.header.items() if key not in ENVELOPE_KEYS}
+
+
+def split_envelope(frames: list[bytes]) -> tuple[tuple[bytes, ...], list[bytes]]:
+    """(route, body): REQ clients put an empty delimiter after the identity."""
+    if len(frames) >= 2 and frames[1] == b"":
+        return tuple(frames[:2]), frames[2:]
+    return tuple(frames[:1]), frames[1:]
+
+
+def parse(route: tuple[bytes, ...], body: list[bytes], limits: Limits) -> Request:
+    """A `Request`, or a `ProtocolError` naming what is wrong with the frames."""
+    if not body:
+        raise ProtocolError(WireCode.BAD_REQUEST, "frame 0: missing JSON header")
+    raw = body[0]
+    if len(raw) > limits.max_header_bytes:
+        raise ProtocolError(WireCode.BAD_REQUEST, f"frame 0: header is {len(raw)} bytes; the "
+                            f"limit is {limits.max_header_bytes}")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError(WireCode.BAD_REQUEST,
+                            f"frame 0: not a UTF-8 JSON header ({error})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(WireCode.BAD_REQUEST, "frame 0: header must be a JSON object")
+    request_id = header.get("id")
+    if not isinstance(request_id, str):
+        raise ProtocolError(WireCode.BAD_REQUEST, "id: required string is missing or not a "
+                            "string", field="id")
+    version = header.get("v")
+    if version != VERSION or isinstance(version, bool):
+        raise ProtocolError(WireCode.BAD_REQUEST, f"v: protocol version must be {VERSION}; "
+                            f"got {version!r}", request_id, "v")
+    op = header.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError(WireCode.BAD_REQUEST, "op: required string is missing or not a "
+                            "string", request_id, "op")
+    if op not in Op.__members__.values():
+        raise ProtocolError(WireCode.UNKNOWN_OP, f"op: {op!r} is not an op; known ops are: "
+                            f"{', '.join(Op)}", request_id, "op")
+    attachments = tuple(body[1:])
+    for index, attachment in enumerate(attachments, start=1):
+        if len(attachment) > limits.max_attachment_bytes:
+            raise ProtocolError(WireCode.TOO_LONG, f"frame {index}: attachment is "
+                                f"{len(attachment)} bytes; the limit is "
+                                f"{limits.max_attachment_bytes}", request_id)
+    return Request(route, request_id, Op(op), header, attachments)
+
+
+def encode_reply(route: tuple[bytes, ...], request_id: str | None, event: str,
+                 payload: bytes | None = None, **fields: Any) -> list[bytes]:
+    header = {"id": request_id, "event": event} | fields
+    frames = [*route, json.dumps(header, separators=(",", ":")).encode()]
+    if payload is not None:
+        frames.append(payload)
+    return frames
+
+
+def error_reply(route: tuple[bytes, ...], error: ProtocolError) -> list[bytes]:
+    return encode_reply(route, error.request_id, "error", **error.fields())
