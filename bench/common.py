@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.daemon import Daemon  # noqa: E402 - after the path set-up above
+from tests.daemon import Daemon
 
 SUBJECTS = ["The morning train", "A quiet library", "Our new neighbour", "The old lighthouse",
             "Every spring garden", "The river ferry", "A patient teacher", "The city council"]

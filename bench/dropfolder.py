@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import Daemon, children, idle_cpu_percent, sentences, summary_ms
+# Run from anywhere: the repository, not bench/ (whose zmq.py would shadow pyzmq), on the path.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from cosyvoiced.config import EngineConfig
-from cosyvoiced.engines import Engine, SynthesisRequest, load_engine
+from bench.common import Daemon, children, idle_cpu_percent, sentences, summary_ms  # noqa: E402
+from cosyvoiced.config import EngineConfig  # noqa: E402
+from cosyvoiced.engines import Engine, SynthesisRequest, load_engine  # noqa: E402
 
 
 def direct_round(engine: Engine, texts: list[str]) -> tuple[float, float]:

@@ -1,16 +1,36 @@
-"""`cosyvoicectl`: the operator's client (drop folder commands for now)."""
+"""`cosyvoicectl`: the operator's client, over ZeroMQ (and the drop folder for `drop`).
+
+Exit codes scripts can rely on: 0 done; 1 the daemon answered with an error (printed as
+`cosyvoicectl: CODE: message`); 2 bad usage or config; 3 no answer in time.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import soundfile
+import zmq.auth
 
 from cosyvoiced import config
+from cosyvoiced.client import DEFAULT_ENDPOINT, Client, DaemonError, NoReply, load_keypair
 from cosyvoiced.daemon import DEFAULT_CONFIG
 from cosyvoiced.job import new_job_id
 from cosyvoiced.spool import RECORD_SUFFIX, Spool, atomic_write
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NO_REPLY = 3
+
+
+class UsageError(Exception):
+    pass
 
 
 def _spool(args: argparse.Namespace) -> Spool:
@@ -19,19 +39,53 @@ def _spool(args: argparse.Namespace) -> Spool:
     return Spool(config.load(args.config).spool.dir)
 
 
+def _endpoint(args: argparse.Namespace) -> str:
+    if args.endpoint:
+        return str(args.endpoint)
+    if Path(args.config).is_file():
+        binds = config.load(args.config).zmq.bind
+        if binds:
+            return binds[0].replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:",
+                                                                      "://127.0.0.1:")
+    return DEFAULT_ENDPOINT
+
+
+def _client(args: argparse.Namespace) -> Client:
+    server_key = None
+    keypair = None
+    if args.server_key or args.client_key:
+        if not (args.server_key and args.client_key):
+            raise UsageError("CurveZMQ needs both --server-key and --client-key")
+        server_key = load_keypair(args.server_key)[0]
+        public, secret = load_keypair(args.client_key)
+        if secret is None:
+            raise UsageError(f"{args.client_key} holds no secret key (use NAME.key_secret)")
+        keypair = (public, secret)
+    return Client(_endpoint(args), server_key=server_key, client_keypair=keypair,
+                  timeout_s=args.timeout)
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("voice", "format", "speed", "sample_rate", "output")
+    return {name: getattr(args, name) for name in names
+            if getattr(args, name, None) is not None}
+
+
+# -- drop folder --------------------------------------------------------------------------
 def _drop(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
-    job = {"text": text} | {key: value for key, value in (
-        ("voice", args.voice), ("format", args.format), ("output", args.output),
-        ("speed", args.speed), ("sample_rate", args.sample_rate)) if value is not None}
+    job = {"text": text} | _options(args)
     name = args.name or f"ctl-{new_job_id()}"
-    output = job.get("output", name)
     spool = _spool(args)
     atomic_write(spool.inbox, f"{name}.json", json.dumps(job).encode())
     if not args.wait:
         print(spool.inbox / f"{name}.json")
         return 0
-    return _await(spool, name, str(output), args.wait)
+    return _await(spool, name, str(job.get("output", name)), args.wait)
 
 
 def _await(spool: Spool, name: str, output: str, timeout_s: float) -> int:
@@ -46,28 +100,158 @@ def _await(spool: Spool, name: str, output: str, timeout_s: float) -> int:
             detail = json.loads(error.read_text())
             print(f"cosyvoicectl: job failed: {detail['code']}: {detail['message']}",
                   file=sys.stderr)
-            return 1
+            return EXIT_ERROR
         time.sleep(0.05)
     print(f"cosyvoicectl: no outcome within {timeout_s:g} s", file=sys.stderr)
-    return 3
+    return EXIT_NO_REPLY
+
+
+# -- ZeroMQ -------------------------------------------------------------------------------
+def _ping(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print(client.ping())
+    return 0
+
+
+def _voices(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for voice in client.voices():
+            print(f"{voice['name']}\t{voice['language']}\t{voice['sample_rate']}\t"
+                  f"{voice['engine']}")
+    return 0
+
+
+def _wav_stream_header(sample_rate: int) -> bytes:
+    """A WAV header for a stream of unknown length (players read to the end of the pipe)."""
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", unknown))
+
+
+def _say(args: argparse.Namespace) -> int:
+    if args.output_file is None and sys.stdout.isatty() and not args.play_to_stdout:
+        raise UsageError("say: give -o FILE, or --play-to-stdout and pipe it (| aplay)")
+    options = {k: v for k, v in _options(args).items() if k != "format"}
+    started = time.monotonic()
+    with _client(args) as client, client.stream(args.text, **options) as stream:
+        first: float | None = None
+        if args.output_file is not None:
+            sink = None
+            for pcm in stream:
+                first = first or time.monotonic() - started
+                if sink is None:
+                    sink = soundfile.SoundFile(args.output_file, "w",
+                                               samplerate=stream.start["sample_rate"],
+                                               channels=1, subtype="PCM_16")
+                sink.buffer_write(pcm, dtype="int16")
+            if sink is not None:
+                sink.close()
+        else:
+            out: BinaryIO = sys.stdout.buffer
+            for pcm in stream:
+                if first is None:
+                    first = time.monotonic() - started
+                    if not args.raw:
+                        out.write(_wav_stream_header(stream.start["sample_rate"]))
+                out.write(pcm)
+                out.flush()
+        end = stream.end or {}
+    print(f"cosyvoicectl: job {stream.start.get('job')}: {end.get('audio_s', 0):.2f} s of "
+          f"audio at {stream.start.get('sample_rate')} Hz, first audio after "
+          f"{(first or 0) * 1000:.0f} ms", file=sys.stderr)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(client.submit(args.text, **_options(args)))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print(client.status(args.job))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print(client.cancel(args.job))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print(client.stats())
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), args.name)
+    print(f"public key (share it): {public}\nsecret key (keep it):  {secret}")
+    return 0
+
+
+def _job_options(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
+    parser.add_argument("--voice")
+    if formats:
+        parser.add_argument("--format", choices=formats)
+    parser.add_argument("--speed", type=float)
+    parser.add_argument("--sample-rate", type=int)
+
+
+def _command(commands: Any, name: str, handler: Callable[[argparse.Namespace], int],
+             helptext: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=helptext,
+                                                          description=helptext)
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cosyvoicectl", description=__doc__)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="daemon config (for the spool)")
+    parser = argparse.ArgumentParser(prog="cosyvoicectl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="daemon config, for the spool and the endpoint")
     parser.add_argument("--spool", help="spool directory (overrides --config)")
+    parser.add_argument("--endpoint", help=f"ZeroMQ endpoint (default: the config's first "
+                        f"zmq.bind, else {DEFAULT_ENDPOINT})")
+    parser.add_argument("--server-key", help="the daemon's public key file (CurveZMQ)")
+    parser.add_argument("--client-key", help="our secret key file, NAME.key_secret (CurveZMQ)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per reply")
     commands = parser.add_subparsers(dest="command", required=True)
-    drop = commands.add_parser("drop", help="drop a job into the inbox")
+
+    drop = _command(commands, "drop", _drop, "drop a job into the inbox (no ZeroMQ)")
     drop.add_argument("text", help="text to speak, or - to read it from stdin")
     drop.add_argument("--name", help="job file name without extension (default: generated)")
-    drop.add_argument("--voice")
-    drop.add_argument("--format", choices=("wav", "flac", "ogg"))
     drop.add_argument("--output", help="base name of the result in the outbox")
-    drop.add_argument("--speed", type=float)
-    drop.add_argument("--sample-rate", type=int)
     drop.add_argument("--wait", type=float, metavar="SECONDS",
                       help="wait for the outcome and print the result's path")
-    drop.set_defaults(handler=_drop)
+    _job_options(drop, ("wav", "flac", "ogg"))
+
+    _command(commands, "ping", _ping, "check that the daemon answers")
+    _command(commands, "voices", _voices, "list voices: name, language, rate, engine")
+    say = _command(commands, "say", _say, "speak TEXT now, streaming")
+    say.add_argument("text")
+    say.add_argument("-o", "--output-file", help="write the audio here (.wav, .flac, .ogg)")
+    say.add_argument("--play-to-stdout", action="store_true",
+                     help="write WAV to stdout as it arrives (| aplay)")
+    say.add_argument("--raw", action="store_true", help="with --play-to-stdout: raw s16le PCM")
+    _job_options(say, ())
+    submit = _command(commands, "submit", _submit, "queue a job for the outbox; prints its id")
+    submit.add_argument("text")
+    submit.add_argument("--output", help="base name of the result in the outbox")
+    _job_options(submit, ("wav", "flac", "ogg"))
+    for name, handler, helptext in (("status", _status, "show a job's state"),
+                                    ("cancel", _cancel, "cancel a queued or running job")):
+        _command(commands, name, handler, helptext).add_argument("job")
+    _command(commands, "stats", _stats, "queue, worker and job counters")
+    keygen = _command(commands, "keygen", _keygen, "write a CurveZMQ keypair into DIR")
+    keygen.add_argument("dir")
+    keygen.add_argument("--name", default="client", help="file name stem (default: client)")
     return parser
 
 
@@ -75,12 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except config.ConfigError as error:
-        print(f"cosyvoicectl: config error: {error}", file=sys.stderr)
-        return 2
+    except DaemonError as error:
+        print(f"cosyvoicectl: {error.code}: {error.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except NoReply as error:
+        print(f"cosyvoicectl: {error}", file=sys.stderr)
+        return EXIT_NO_REPLY
+    except (config.ConfigError, UsageError) as error:
+        print(f"cosyvoicectl: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as error:
         print(f"cosyvoicectl: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

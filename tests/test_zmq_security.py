@@ -1,0 +1,105 @@
+"""CurveZMQ, refusal of insecure network binds, and per-client/queue limits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from cosyvoiced.client import Client, DaemonError, NoReply, load_keypair
+from tests.conftest import DaemonFactory
+from tests.daemon import write_config
+
+LONG_TEXT = " ".join(f"Sentence {n} keeps the worker busy for a while." for n in range(30))
+
+
+def _keys(directory: Path, name: str) -> tuple[bytes, bytes]:
+    _public_file, secret_file = zmq.auth.create_certificates(str(directory), name)
+    public, secret = load_keypair(secret_file)
+    assert secret is not None
+    return public, secret
+
+
+def test_curve_admits_only_authorized_keys(make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    server_dir, authorized, elsewhere = (tmp_path / n for n in ("server", "authorized", "other"))
+    for directory in (server_dir, authorized, elsewhere):
+        directory.mkdir()
+    server_public, _ = _keys(server_dir, "server")
+    known = _keys(authorized, "known")  # its public half, known.key, is what authorizes it
+    (authorized / "known.key_secret").unlink()
+    stranger = _keys(elsewhere, "stranger")
+    daemon = make_daemon(zmq={"curve": True,
+                              "server_secret_key": str(server_dir / "server.key_secret"),
+                              "authorized_keys_dir": str(authorized)})
+    daemon.start()
+    with Client(daemon.endpoint, server_key=server_public, client_keypair=known,
+                timeout_s=30) as client:
+        assert client.ping()["ready"] is True
+        assert client.synthesize("Only for friends.", format="pcm_s16le").audio
+    with Client(daemon.endpoint, server_key=server_public, client_keypair=stranger,
+                timeout_s=2, retries=0) as client, pytest.raises(NoReply):
+        client.ping()
+    with Client(daemon.endpoint, timeout_s=2, retries=0) as client, pytest.raises(NoReply):
+        client.ping()
+
+
+@pytest.mark.parametrize(("zmq_settings", "message"), [
+    ({"bind": ["tcp://0.0.0.0:5599"]}, "zmq.bind: 'tcp://0.0.0.0:5599' is reachable from the "
+                                       "network but zmq.curve is off"),
+    ({"bind": ["tcp://*:5599"]}, "zmq.bind: 'tcp://*:5599' is reachable"),
+    ({"bind": ["udp://127.0.0.1:5"]}, "zmq.bind: 'udp://127.0.0.1:5' is not a tcp:// or ipc://"),
+    ({"bind": ["tcp://0.0.0.0:5599"], "curve": True}, "zmq.server_secret_key: zmq.curve needs"),
+])
+def test_insecure_or_incomplete_network_binds_stop_start_up(
+        tmp_path: Path, zmq_settings: dict[str, object], message: str) -> None:
+    path = tmp_path / "c.toml"
+    write_config(path, {"spool": {"dir": str(tmp_path / "spool")}, "zmq": zmq_settings})
+    run = subprocess.run([sys.executable, "-m", "cosyvoiced", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_allow_insecure_permits_a_network_bind(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    write_config(path, {"zmq": {"bind": ["tcp://0.0.0.0:5599"], "allow_insecure": True}})
+    run = subprocess.run([sys.executable, "-m", "cosyvoiced", "--check-config", "--config",
+                          str(path)], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+
+
+def test_busy_when_a_client_or_the_queue_is_over_its_limit(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(zmq={"max_pending": 2, "max_pending_per_client": 1})
+    daemon.start()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    with context.socket(zmq.DEALER) as raw:
+        raw.connect(daemon.endpoint)
+        for n in range(2):
+            raw.send_json({"v": 1, "op": "synthesize", "id": f"s{n}", "text": LONG_TEXT})
+        replies = {}
+        while "s1" not in replies:
+            assert raw.poll(60_000)
+            reply = json.loads(raw.recv_multipart()[0])
+            replies[reply["id"]] = reply
+        assert replies["s1"]["code"] == "busy"
+        assert "max_pending_per_client" in replies["s1"]["message"]
+    with Client(daemon.endpoint, timeout_s=30) as client:
+        accepted: list[str] = []
+        refusal: DaemonError | None = None
+        while refusal is None and len(accepted) < 5:  # one job runs, two may wait: then busy
+            try:
+                accepted.append(client.submit(LONG_TEXT))
+            except DaemonError as error:
+                refusal = error
+        assert refusal is not None
+        assert refusal.code == "busy"
+        assert "zmq.max_pending" in refusal.message
+        assert len(accepted) in (2, 3)  # 2 if the first, abandoned job was still running
+        for job in accepted:
+            client.cancel(job)
