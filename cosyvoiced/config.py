@@ -110,7 +110,18 @@ class WorkerConfig:
     start_timeout_s: float = _setting(300.0, _at_least(1))
     drain_timeout_s: float = _setting(30.0, _at_least(0))
     heartbeat_interval_s: float = _setting(2.0, _at_least(0.1))
+    heartbeat_timeout_s: float = _setting(30.0, _at_least(1))
     max_start_failures: int = _setting(3, _at_least(1))
+    # Recycling: 0 turns a limit off.
+    rss_limit: int = _setting(0, _at_least(0), size=True)
+    gpu_memory_limit: int = _setting(0, _at_least(0), size=True)
+    max_jobs: int = _setting(0, _at_least(0))
+    spare: bool = False
+    # A job with no progress (no chunk) for this long gets its worker killed. 0: scale with
+    # the text, 30 s + 0.2 s per character, at most job_timeout_max_s.
+    job_timeout_s: float = _setting(0.0, _at_least(0))
+    job_timeout_max_s: float = _setting(600.0, _at_least(1))
+    kill_grace_s: float = _setting(5.0, _at_least(0.1))
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,9 @@ def from_table(table: dict[str, Any], base_dir: Path) -> Config:
     config: Config = _build(Config, table, "", base_dir)
     _check_engine(config.engine)
     _check_zmq(config.zmq)
+    if config.worker.heartbeat_timeout_s <= 2 * config.worker.heartbeat_interval_s:
+        raise ConfigError("worker.heartbeat_timeout_s: must be more than twice "
+                          "worker.heartbeat_interval_s")
     return config
 
 
@@ -188,11 +202,16 @@ def _check_zmq(settings: ZmqConfig) -> None:
                               f"{settings.authorized_keys_dir!r} is not a directory")
 
 
+_PLUGIN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
 def _check_engine(engine: EngineConfig) -> None:
     engines = available_engines()
-    if engine.name not in engines:
+    # "package.module:loader" names an engine that is not installed as an entry point; it is
+    # imported in the worker only, never here.
+    if engine.name not in engines and not _PLUGIN.match(engine.name):
         raise ConfigError(f"engine.name: unknown engine {engine.name!r}; "
-                          f"available: {', '.join(engines)}")
+                          f"available: {', '.join(engines)} (or a module:loader reference)")
     for voice in engine.piper.voices:
         if not voice.endswith(".onnx"):
             raise ConfigError(f"engine.piper.voices: {voice!r} is not an .onnx voice file")

@@ -26,6 +26,7 @@ class Running:
     job: Job
     dispatched_at: float
     started_at: float = 0.0  # wall clock, from the worker
+    last_progress: float = 0.0  # monotonic: dispatch, start, or the latest chunk
     voice: str = ""
     sample_rate: int = 0
     chunks_sent: int = 0

@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.job import Job, JobError, JobResult
+from cosyvoiced.memory import Memory
 
 
 # supervisor -> worker
@@ -57,7 +58,9 @@ class EngineLoadFailed:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    rss_bytes: int
+    """Alive, with fresh memory figures (sent on a timer and before every job outcome)."""
+
+    memory: Memory
 
 
 @dataclass(frozen=True)

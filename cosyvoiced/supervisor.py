@@ -16,6 +16,7 @@ import queue
 import signal
 import socket
 import time
+from collections import Counter
 from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any, Protocol
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from cosyvoiced import __version__, audio, logs
+from cosyvoiced import __version__, audio, logs, policy
 from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake import zmq as zmq_intake
@@ -90,7 +91,11 @@ class Supervisor:
         self.inbox = InboxIntake(self.spool, self._claims, self.wake)
         self.zmq = zmq_intake.ZmqIntake(config.zmq, self.limits, self.wake)
         self.ledger = Ledger()
-        self.worker: WorkerHandle | None = None
+        self.worker: WorkerHandle | None = None  # the one that serves jobs
+        self.spare: WorkerHandle | None = None  # loading to take over (worker.spare)
+        self.retiring: list[WorkerHandle] = []  # exiting, escalated at their deadlines
+        self.recycle_pending: str | None = None
+        self.recycles: Counter[str] = Counter()
         self.voices: list[VoiceInfo] = []
         self.engine_name = config.engine.name
         self.generation = 0
@@ -126,7 +131,7 @@ class Supervisor:
         log.info("starting", version=__version__, spool=str(self.spool.root),
                  engine=self.config.engine.name)
         self._recover()
-        self._spawn_worker(time.monotonic())
+        self.worker = self._spawn(time.monotonic())
         self.zmq.start()
         self.inbox.start()
         while self.exit_code is None:
@@ -138,7 +143,7 @@ class Supervisor:
         return self.exit_code
 
     def _timeout(self, now: float) -> float:
-        deadlines = [self.next_scan, now + MAX_TICK_S]
+        deadlines = [self.next_scan, now + MAX_TICK_S, *(h.deadline for h in self.retiring)]
         if self.worker is None and not self.stopping:
             deadlines.append(self.respawn_at)
         if self.notifier.watchdog_interval_s is not None:
@@ -147,8 +152,10 @@ class Supervisor:
 
     def _wait(self, timeout: float) -> None:
         waitables: list[object] = [self._wake_receiver]
-        if self.worker is not None and self.worker.state != WorkerState.DEAD:
-            waitables += [self.worker.conn, self.worker.sentinel]
+        for handle in self._handles():
+            waitables.append(handle.sentinel)
+            if not handle.conn.closed:
+                waitables.append(handle.conn)
         ready = wait(waitables, timeout)  # type: ignore[arg-type]
         if self._wake_receiver in ready:
             with contextlib.suppress(BlockingIOError):
@@ -160,7 +167,7 @@ class Supervisor:
         self._handle_signals(now)
         self._admit_claims()
         self._handle_requests()
-        self._handle_worker(now)
+        self._handle_workers(now)
         self._dispatch(now)
         self._rescan(now)
         self._progress_stop(now)
@@ -266,60 +273,173 @@ class Supervisor:
             "jobs": dict(self.ledger.counts),
             "worker": None if worker is None else {
                 "state": str(worker.state), "generation": worker.generation,
-                "pid": worker.pid, "rss_bytes": worker.rss_bytes,
-                "jobs_served": worker.jobs_served},
+                "pid": worker.pid, "jobs_served": worker.jobs_served,
+                **worker.memory.to_dict()},
+            "recycles": dict(self.recycles),
         }
 
-    # -- the worker ---------------------------------------------------------------------
-    def _spawn_worker(self, now: float) -> None:
-        self.generation += 1
-        self.worker = WorkerHandle(self.config, self.generation, now)
+    # -- the workers --------------------------------------------------------------------
+    def _handles(self) -> list[WorkerHandle]:
+        return [h for h in (self.worker, self.spare, *self.retiring) if h is not None]
 
-    def _handle_worker(self, now: float) -> None:
+    def _spawn(self, now: float, role: str = "active") -> WorkerHandle:
+        self.generation += 1
+        return WorkerHandle(self.config, self.generation, now, role)
+
+    def _handle_workers(self, now: float) -> None:
+        for handle in self._handles():
+            for message in handle.messages(now):
+                self._on_message(handle, message, now)
+        self._reap_retiring(now)
+        self._watch_spare(now)
+        self._watch_active(now)
+        self._promote_spare(now)
+        if self.worker is None and self.spare is None and not self.retiring and \
+                not self.stopping and now >= self.respawn_at:
+            self.worker = self._spawn(now)
+
+    def _reap_retiring(self, now: float) -> None:
+        for handle in list(self.retiring):
+            if not handle.alive():
+                for message in handle.messages(now):
+                    self._on_message(handle, message, now)
+                handle.reap()
+                self.retiring.remove(handle)
+            elif now >= handle.deadline:
+                handle.escalate(now)
+
+    def _watch_active(self, now: float) -> None:
         worker = self.worker
         if worker is None:
-            if not self.stopping and now >= self.respawn_at:
-                self._spawn_worker(now)
             return
-        for message in worker.messages(now):
-            self._on_message(worker, message, now)
+        settings = self.config.worker
+        running = self.ledger.running
         if not worker.alive():
             for message in worker.messages(now):  # whatever it sent before it died
                 self._on_message(worker, message, now)
-            self._on_worker_exit(worker, now)
-        elif worker.state in (WorkerState.STARTING, WorkerState.WARMING) and \
-                now - worker.started_at > self.config.worker.start_timeout_s:
-            self.last_load_error = (f"engine did not load within "
-                                    f"{self.config.worker.start_timeout_s:g} s")
-            log.error("worker_start_timeout", generation=worker.generation)
-            worker.kill()
-            self._on_worker_exit(worker, now)
+            self._lose_active(worker, now, "exited")
+        elif not worker.ready and worker.state != WorkerState.DRAINING and \
+                now - worker.started_at > settings.start_timeout_s:
+            self.last_load_error = f"engine did not load within {settings.start_timeout_s:g} s"
+            self._lose_active(worker, now, "start_timeout")
+        elif running is not None and policy.hung(running.last_progress, now,
+                                                 running.job.chars, settings):
+            self._lose_active(worker, now, "job_timeout")
+        elif worker.ready and policy.silent(worker.last_heard, now, settings):
+            self._lose_active(worker, now, "heartbeat_timeout")
+
+    def _lose_active(self, worker: WorkerHandle, now: float, reason: str) -> None:
+        """The active worker died or must die: kill it, settle its job, plan a new one."""
+        never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
+        self.worker = None
+        if worker.alive():
+            worker.terminate(now, reason=reason)
+        self.retiring.append(worker)
+        if not self.stopping:
+            log.error("worker_lost", reason=reason, generation=worker.generation,
+                      worker_pid=worker.pid, exitcode=worker.exitcode(),
+                      during="start" if never_ready else "service")
+        running = self.ledger.take_running()
+        if running is not None:
+            self._after_crash(running, reason, now)
+        self.respawn_at = now
+        if never_ready and not self.stopping:
+            self._count_start_failure(now)
+
+    def _watch_spare(self, now: float) -> None:
+        spare = self.spare
+        if spare is None:
+            return
+        timed_out = not spare.ready and now - spare.started_at > self.config.worker.start_timeout_s
+        if spare.alive() and not timed_out:
+            return
+        log.error("spare_lost", generation=spare.generation, exitcode=spare.exitcode(),
+                  reason="start_timeout" if timed_out else "exited")
+        self.spare = None
+        self.recycle_pending = None  # decided again at the next check
+        if spare.alive():
+            spare.terminate(now)
+        self.retiring.append(spare)
+        self._count_start_failure(now)
+
+    def _promote_spare(self, now: float) -> None:
+        spare = self.spare
+        if spare is None or not spare.ready:
+            return
+        active = self.worker
+        if active is not None:
+            if active.state == WorkerState.BUSY:
+                return  # the hand-over waits for the job in hand
+            active.drain(now, self.config.worker.kill_grace_s)
+            self.retiring.append(active)
+        self.worker, self.spare, self.recycle_pending = spare, None, None
+        log.info("worker_promoted", generation=spare.generation, worker_pid=spare.pid)
+
+    def _check_recycle(self, now: float) -> None:
+        """After a job, and on idle heartbeats: replace a worker that passed a limit."""
+        worker = self.worker
+        if worker is None or worker.state != WorkerState.IDLE or self.recycle_pending or \
+                self.stopping:
+            return
+        settings = self.config.worker
+        reason = policy.recycle_reason(worker.memory, worker.jobs_served, settings)
+        if reason is None:
+            return
+        self.recycles[reason] += 1
+        log.info("worker_recycle", reason=reason, generation=worker.generation,
+                 jobs_served=worker.jobs_served, **worker.memory.to_dict(),
+                 rss_limit=settings.rss_limit, gpu_memory_limit=settings.gpu_memory_limit,
+                 max_jobs=settings.max_jobs, spare=settings.spare)
+        if settings.spare:
+            self.recycle_pending = reason
+            self.spare = self._spawn(now, role="spare")
+        else:
+            # The old process must be gone before the new one loads: only its exit gives
+            # its GPU memory (the CUDA context) back.
+            self.worker = None
+            worker.drain(now, self.config.worker.kill_grace_s)
+            self.retiring.append(worker)
+            self.respawn_at = now
 
     def _on_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
-        running = self.ledger.running
+        if isinstance(message, LogLine):
+            logs.forward(message.levelno, message.line)
+        elif isinstance(message, Heartbeat):
+            worker.memory = message.memory
+            if worker is self.worker and self.ledger.running is None:
+                self._check_recycle(now)
+        elif isinstance(message, EngineWarming | EngineReady | EngineLoadFailed):
+            self._on_engine(worker, message)
+        elif worker is self.worker:
+            self._on_job_message(worker, message, now)
+
+    def _on_engine(self, worker: WorkerHandle,
+                   message: EngineWarming | EngineReady | EngineLoadFailed) -> None:
         match message:
-            case LogLine(levelno, line):
-                logs.forward(levelno, line)
-            case Heartbeat(rss):
-                worker.rss_bytes = rss
-            case JobStarted() if running is not None:
-                running.started_at = message.started_at
-                running.voice, running.sample_rate = message.voice, message.sample_rate
-                self._sink(running.job).started(running.job, message.sample_rate)
-            case AudioChunkReady() if running is not None:
-                self._on_chunk(running, message)
-            case JobFinished(result):
-                self._finish(worker, result, now)
-            case JobFailed(_job_id, error):
-                self._end_running(worker, error)
-            case JobCancelled():
-                self._end_running(worker, None)
             case EngineWarming(load_s):
                 worker.set_state(WorkerState.WARMING, load_s=load_s)
             case EngineReady():
                 self._on_ready(worker, message)
             case EngineLoadFailed(reason):
                 self.last_load_error = reason
+
+    def _on_job_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
+        running = self.ledger.running
+        match message:
+            case JobStarted() if running is not None:
+                running.started_at = message.started_at
+                running.last_progress = now
+                running.voice, running.sample_rate = message.voice, message.sample_rate
+                self._sink(running.job).started(running.job, message.sample_rate)
+            case AudioChunkReady() if running is not None:
+                running.last_progress = now
+                self._on_chunk(running, message)
+            case JobFinished(result):
+                self._finish(worker, result, now)
+            case JobFailed(_job_id, error):
+                self._end_running(worker, error, now)
+            case JobCancelled():
+                self._end_running(worker, None, now)
 
     def _on_chunk(self, running: Running, message: AudioChunkReady) -> None:
         running.chunks_sent += 1
@@ -339,21 +459,6 @@ class Supervisor:
             self.notifier.ready()
             log.info("ready", engine=message.engine, default_voice=message.default_voice)
 
-    def _on_worker_exit(self, worker: WorkerHandle, now: float) -> None:
-        never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
-        expected = worker.state == WorkerState.DRAINING or self.stopping
-        if worker.state != WorkerState.DEAD:
-            worker.kill()  # reaps it and closes the pipe
-        self.worker = None
-        if not expected:
-            log.error("worker_exited", generation=worker.generation,
-                      exitcode=worker.exitcode(), during="start" if never_ready else "service")
-        running = self.ledger.take_running()
-        if running is not None:
-            self._after_crash(running)
-        if never_ready and not self.stopping:
-            self._count_start_failure(now)
-
     def _count_start_failure(self, now: float) -> None:
         self.start_failures += 1
         limit = self.config.worker.max_start_failures
@@ -365,19 +470,23 @@ class Supervisor:
             self._begin_stop(now, "worker start failures")
             self.exit_code = EXIT_WORKER_START
             return
-        self.respawn_at = now + min(2.0 ** (self.start_failures - 1), 30.0)
+        self.respawn_at = now + policy.respawn_delay_s(self.start_failures)
 
-    def _after_crash(self, running: Running) -> None:
+    def _after_crash(self, running: Running, reason: str, now: float) -> None:
         job = running.job
         crashes = self.ledger.count_crash(job)
+        what = (f"hung (no progress for "
+                f"{policy.job_timeout_s(job.chars, self.config.worker):g} s)"
+                if reason == "job_timeout" else "died")
         if running.cancel_requested:
             self._end(job, None)
         elif crashes >= MAX_ATTEMPTS or (job.stream and running.chunks_sent):
             # A stream already partly sent cannot be replayed without duplicating audio.
-            self._end(job, JobError(ErrorCode.WORKER_CRASHED, f"the worker died {crashes} "
-                                    "time(s) while synthesizing this job"))
+            self._end(job, JobError(ErrorCode.WORKER_CRASHED, f"the worker {what} while "
+                                    f"synthesizing this job ({crashes} time(s)); it is not "
+                                    "retried again"))
         else:
-            log.warning("job_retry", job=job.id, crashes=crashes)
+            log.warning("job_retry", job=job.id, crashes=crashes, reason=reason)
             self.ledger.enqueue(job, front=True)
 
     # -- jobs ---------------------------------------------------------------------------
@@ -391,20 +500,22 @@ class Supervisor:
             return
         job = self.ledger.queue.popleft()
         if worker.send(RunJob(job)):
-            self.ledger.start(job, now)
+            self.ledger.start(job, now).last_progress = now
             worker.set_state(WorkerState.BUSY, job=job.id)
         else:
             self.ledger.enqueue(job, front=True)  # the worker is gone; handled next tick
 
-    def _take_running(self, worker: WorkerHandle) -> Running | None:
+    def _take_running(self, worker: WorkerHandle, now: float) -> Running | None:
         running = self.ledger.take_running()
         worker.jobs_served += 1
         if worker.state == WorkerState.BUSY:
             worker.set_state(WorkerState.IDLE)
+        self._check_recycle(now)
+        self._promote_spare(now)
         return running
 
     def _finish(self, worker: WorkerHandle, result: JobResult, now: float) -> None:
-        running = self._take_running(worker)
+        running = self._take_running(worker, now)
         if running is None:
             return
         self._dispatch(now)  # hand over the next job before writing this one's output
@@ -429,8 +540,8 @@ class Supervisor:
                  first_chunk_s=timings["first_chunk_s"],
                  write_s=round(time.monotonic() - written, 4), output=output)
 
-    def _end_running(self, worker: WorkerHandle, error: JobError | None) -> None:
-        running = self._take_running(worker)
+    def _end_running(self, worker: WorkerHandle, error: JobError | None, now: float) -> None:
+        running = self._take_running(worker, now)
         if running is not None:
             self._end(running.job, error)
 
@@ -487,27 +598,34 @@ class Supervisor:
         running = self.ledger.running
         if running is not None and now < self.stop_deadline:
             return  # let the job in hand finish
-        worker = self.worker
+        worker, spare = self.worker, self.spare
+        self.worker = self.spare = None
         if running is not None and worker is not None:
             log.warning("drain_timeout", job=running.job.id)
-            worker.kill()
             self.ledger.take_running()
             self._release_unstarted(running.job)
-        if worker is not None and worker.state != WorkerState.DEAD:
-            worker.set_state(WorkerState.DRAINING)
-            worker.stop(timeout_s=5.0)
-        self.worker = None
-        if self.exit_code is None:
+            worker.terminate(now, reason="drain timeout")
+            self.retiring.append(worker)
+        elif worker is not None:
+            worker.drain(now, self.config.worker.kill_grace_s)
+            self.retiring.append(worker)
+        if spare is not None:
+            spare.terminate(now, reason="stopping")
+            self.retiring.append(spare)
+        if not self.retiring and self.exit_code is None:
             self.exit_code = EXIT_OK
 
     # -- reporting ----------------------------------------------------------------------
     def _healthy(self, now: float) -> bool:
-        """Alive and answering: the condition for WATCHDOG=1."""
+        """The worker is busy with progress, idle and answering, or (re)starting in time."""
         worker = self.worker
-        if worker is None or worker.state in (WorkerState.STARTING, WorkerState.WARMING):
+        settings = self.config.worker
+        if worker is None or not worker.ready:
             return True  # (re)starting is progress; the start timeout bounds it
-        silence_limit = max(10.0, 5 * self.config.worker.heartbeat_interval_s)
-        return now - worker.last_heard < silence_limit
+        running = self.ledger.running
+        if running is not None:
+            return not policy.hung(running.last_progress, now, running.job.chars, settings)
+        return not policy.silent(worker.last_heard, now, settings)
 
     def status_line(self) -> str:
         worker = self.worker
@@ -525,5 +643,14 @@ class Supervisor:
         else:
             state = str(worker.state)
         counts = self.ledger.counts
-        return (f"{state}; queue {len(self.ledger)}; done {counts['done']}; "
-                f"failed {counts['failed']}; worker gen {self.generation}")
+        line = (f"{state}; queue {len(self.ledger)}; done {counts['done']}; "
+                f"failed {counts['failed']}")
+        if worker is not None:
+            line += (f"; worker gen {worker.generation}, {worker.jobs_served} jobs, "
+                     f"rss {worker.memory.rss_bytes >> 20} MiB")
+            gpu = worker.memory.gpu_peak_bytes
+            if gpu is not None:
+                line += f", gpu {gpu >> 20} MiB"
+        if self.recycles:
+            line += "; recycled " + ", ".join(f"{r} {n}" for r, n in sorted(self.recycles.items()))
+        return line

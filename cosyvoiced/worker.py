@@ -21,7 +21,7 @@ from cosyvoiced import logs
 from cosyvoiced.config import EngineConfig
 from cosyvoiced.engines import AudioChunk, Engine, SynthesisRequest, load_engine
 from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure, JobResult
-from cosyvoiced.memory import rss_bytes
+from cosyvoiced.memory import measure
 from cosyvoiced.messages import (
     AudioChunkReady,
     CancelJob,
@@ -82,7 +82,7 @@ def _die_with_parent() -> None:
 
 def _heartbeat(channel: Channel, interval_s: float) -> None:
     while True:
-        channel.send(Heartbeat(rss_bytes()))
+        channel.send(Heartbeat(measure()))
         time.sleep(interval_s)
 
 
@@ -127,18 +127,20 @@ def _serve(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) ->
 
 
 def _run_job(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) -> None:
+    outcome: FromWorker
     try:
-        result = _serve(engine, rates, job, channel)
+        outcome = JobFinished(_serve(engine, rates, job, channel))
     except _Cancelled:
-        channel.send(JobCancelled(job.id))
+        outcome = JobCancelled(job.id)
     except JobFailure as failure:
-        channel.send(JobFailed(job.id, failure.error))
+        outcome = JobFailed(job.id, failure.error)
     except Exception as error:  # any engine fault ends this job, not the worker
         log.exception("engine_error", job=job.id)
-        channel.send(JobFailed(job.id, JobError(ErrorCode.ENGINE_ERROR,
-                                                f"{type(error).__name__}: {error}")))
-    else:
-        channel.send(JobFinished(result))
+        outcome = JobFailed(job.id, JobError(ErrorCode.ENGINE_ERROR,
+                                             f"{type(error).__name__}: {error}"))
+    # Memory first: the supervisor decides on recycling before it hands over the next job.
+    channel.send(Heartbeat(measure()))
+    channel.send(outcome)
 
 
 def _load(config: EngineConfig, channel: Channel) -> tuple[Engine, dict[str, int]] | None:

@@ -1,20 +1,21 @@
-"""The supervisor's handle on one worker process: spawn, talk, watch, stop, kill.
+"""The supervisor's handle on one worker process: spawn, talk, watch, retire.
 
 It never imports the engine: the worker module is started by name with `spawn`, so the
-supervisor stays free of torch, onnxruntime and any CUDA state.
+supervisor stays free of torch, onnxruntime and any CUDA state. Nothing here blocks: a
+worker being retired is asked to exit, then sent SIGTERM, then SIGKILL, each at a deadline
+the supervisor's tick checks.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import time
+import signal
 from collections.abc import Iterator
 from enum import StrEnum
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 
 from cosyvoiced import logs, worker
 from cosyvoiced.config import Config
+from cosyvoiced.memory import Memory
 from cosyvoiced.messages import FromWorker, Shutdown, ToWorker
 
 log = logs.get_logger("cosyvoiced.supervisor")
@@ -25,33 +26,31 @@ class WorkerState(StrEnum):
     WARMING = "warming"  # engine loaded, warm-up synthesis running
     IDLE = "idle"
     BUSY = "busy"
-    DRAINING = "draining"  # asked to exit after the job in hand
+    DRAINING = "draining"  # told to exit (after the job in hand, if any)
+    KILLING = "killing"  # sent SIGTERM (then SIGKILL): hung, or too slow to drain
     DEAD = "dead"
 
 
-def _spawn_worker(config: Config, conn: Connection) -> BaseProcess:
-    context = multiprocessing.get_context("spawn")
-    process = context.Process(
-        target=worker.main, name="cosyvoiced-worker", daemon=False,
-        args=(conn, config.engine, config.log.level, config.worker.heartbeat_interval_s))
-    process.start()
-    return process
-
-
 class WorkerHandle:
-    def __init__(self, config: Config, generation: int, now: float) -> None:
-        parent, child = multiprocessing.get_context("spawn").Pipe(duplex=True)
+    def __init__(self, config: Config, generation: int, now: float, role: str = "active") -> None:
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe(duplex=True)
         self.generation = generation
         self.state = WorkerState.STARTING
         self.started_at = now
         self.last_heard = now
-        self.rss_bytes = 0
+        self.memory = Memory(0)
         self.jobs_served = 0
         self.conn = parent
-        self.process = _spawn_worker(config, child)
+        self.deadline = float("inf")  # when retiring: when to escalate
+        self._kill_grace_s = config.worker.kill_grace_s
+        self.process = context.Process(
+            target=worker.main, name=f"cosyvoiced-worker-{generation}", daemon=False,
+            args=(child, config.engine, config.log.level, config.worker.heartbeat_interval_s))
+        self.process.start()
         child.close()
         log.info("worker_state", state=str(self.state), generation=generation,
-                 worker_pid=self.process.pid)
+                 worker_pid=self.pid, role=role)
 
     @property
     def pid(self) -> int | None:
@@ -61,6 +60,10 @@ class WorkerHandle:
     def sentinel(self) -> int:
         return self.process.sentinel
 
+    @property
+    def ready(self) -> bool:
+        return self.state in (WorkerState.IDLE, WorkerState.BUSY)
+
     def set_state(self, state: WorkerState, **detail: object) -> None:
         if state != self.state:
             log.info("worker_state", state=str(state), previous=str(self.state),
@@ -69,6 +72,8 @@ class WorkerHandle:
 
     def messages(self, now: float) -> Iterator[FromWorker]:
         """Whatever the worker has sent so far, without blocking."""
+        if self.conn.closed:
+            return
         try:
             while self.conn.poll():
                 message: FromWorker = self.conn.recv()
@@ -87,24 +92,44 @@ class WorkerHandle:
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    def stop(self, timeout_s: float) -> None:
-        """Ask the worker to exit; escalate to SIGTERM, then SIGKILL, if it does not."""
-        self.send(Shutdown())
-        self.process.join(timeout_s)
-        self.kill()
-
-    def kill(self, grace_s: float = 5.0) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(grace_s)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
-        self.set_state(WorkerState.DEAD, exitcode=self.process.exitcode)
-
     def exitcode(self) -> int | None:
         return self.process.exitcode
 
-    def uptime(self) -> float:
-        return time.monotonic() - self.started_at
+    # -- retiring, without blocking the tick ---------------------------------------------------
+    def drain(self, now: float, grace_s: float) -> None:
+        """Ask for a clean exit; escalate if it has not happened within `grace_s`."""
+        self.send(Shutdown())
+        self.deadline = now + grace_s
+        self.set_state(WorkerState.DRAINING)
+
+    def terminate(self, now: float, **detail: object) -> None:
+        """SIGTERM now, SIGKILL at the deadline."""
+        if self.process.is_alive() and self.pid is not None:
+            self.process.terminate()
+        self.deadline = now + self._kill_grace_s
+        self.set_state(WorkerState.KILLING, **detail)
+
+    def escalate(self, now: float) -> None:
+        """Past the deadline: SIGTERM a draining worker, SIGKILL a terminated one."""
+        if self.state == WorkerState.KILLING:
+            if self.process.is_alive() and self.pid is not None:
+                log.warning("worker_sigkill", generation=self.generation, worker_pid=self.pid)
+                self.process.kill()
+            self.deadline = float("inf")
+        else:
+            self.terminate(now, reason="did not exit when asked")
+
+    def reap(self) -> None:
+        """Collect the exited process and close the pipe."""
+        self.process.join(timeout=0)
+        self.conn.close()
+        code = self.process.exitcode
+        signalled = signal.Signals(-code).name if code is not None and code < 0 else None
+        self.set_state(WorkerState.DEAD, exitcode=code, signal=signalled)
+
+    def kill_now(self) -> None:
+        """At shutdown only: SIGKILL and wait (a short, bounded wait)."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.reap()

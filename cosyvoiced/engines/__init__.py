@@ -6,6 +6,7 @@ a `load(config: EngineConfig) -> Engine` function. Only the worker process impor
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -56,6 +57,11 @@ class EngineLoader(Protocol):
 
 
 def load_engine(config: EngineConfig) -> Engine:
-    (entry,) = entry_points(group=ENGINE_ENTRY_POINTS, name=config.name)
-    loader: EngineLoader = entry.load()
+    """The engine `engine.name` names: an entry point, or a `module:loader` reference."""
+    if ":" in config.name:
+        module, _, attribute = config.name.partition(":")
+        loader: EngineLoader = getattr(importlib.import_module(module), attribute)
+    else:
+        (entry,) = entry_points(group=ENGINE_ENTRY_POINTS, name=config.name)
+        loader = entry.load()
     return loader(config)

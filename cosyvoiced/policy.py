@@ -1,0 +1,46 @@
+"""The supervisor's decisions about its worker, as pure functions of figures and time.
+
+Kept free of processes and clocks so they are unit-tested directly.
+"""
+
+from __future__ import annotations
+
+from cosyvoiced.config import WorkerConfig
+from cosyvoiced.memory import Memory
+
+AUTO_TIMEOUT_BASE_S = 30.0
+AUTO_TIMEOUT_PER_CHAR_S = 0.2
+
+
+def recycle_reason(memory: Memory, jobs_served: int, settings: WorkerConfig) -> str | None:
+    """Why the worker should be replaced now, or None. Reasons: max_jobs, gpu_memory, rss."""
+    if settings.max_jobs and jobs_served >= settings.max_jobs:
+        return "max_jobs"
+    gpu = memory.gpu_peak_bytes
+    if settings.gpu_memory_limit and gpu is not None and gpu > settings.gpu_memory_limit:
+        return "gpu_memory"
+    if settings.rss_limit and memory.rss_bytes > settings.rss_limit:
+        return "rss"
+    return None
+
+
+def job_timeout_s(chars: int, settings: WorkerConfig) -> float:
+    """How long a job may go without progress before its worker counts as hung."""
+    if settings.job_timeout_s:
+        return settings.job_timeout_s
+    scaled = AUTO_TIMEOUT_BASE_S + AUTO_TIMEOUT_PER_CHAR_S * chars
+    return min(settings.job_timeout_max_s, scaled)
+
+
+def hung(last_progress: float, now: float, chars: int, settings: WorkerConfig) -> bool:
+    return now - last_progress > job_timeout_s(chars, settings)
+
+
+def silent(last_heard: float, now: float, settings: WorkerConfig) -> bool:
+    """No heartbeat for too long: the worker process is stuck (stopped, or holding the GIL)."""
+    return now - last_heard > settings.heartbeat_timeout_s
+
+
+def respawn_delay_s(start_failures: int) -> float:
+    """Back off after failed starts: 0, 1, 2, 4, ... seconds, at most 30."""
+    return 0.0 if start_failures == 0 else min(2.0 ** (start_failures - 1), 30.0)
