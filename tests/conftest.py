@@ -11,6 +11,23 @@ from tests.daemon import Daemon
 DaemonFactory = Callable[..., Daemon]
 
 
+def _cuda_available() -> bool:
+    try:
+        import torch  # noqa: PLC0415 - optional: only GPU hosts install it
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run only where torch sees a CUDA device (never in CI)."""
+    if any(item.get_closest_marker("gpu") for item in items) and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU with torch (CUDA)")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
 @pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
     """Build (not start) daemons on fresh spools; every one is killed at teardown."""

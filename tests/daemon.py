@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import soundfile
 
+REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90.0
 JOB_TIMEOUT_S = 60.0
 POLL_S = 0.02
@@ -146,11 +147,13 @@ class Daemon:
     def start(self, extra_env: dict[str, str] | None = None, wait_ready: bool = True) -> None:
         self.notify = NotifySocket()
         self.runs += 1
-        env = dict(os.environ, NOTIFY_SOCKET=self.notify.path, **(extra_env or {}))
+        # The repository on the path, for the fault-injecting engines under tests/.
+        env = dict(os.environ, NOTIFY_SOCKET=self.notify.path, PYTHONPATH=str(REPO),
+                   **(extra_env or {}))
         stdout = (self.root / f"stdout.{self.runs}.log").open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cosyvoiced", "--config", str(self.config_path)],
-            env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
         stdout.close()
         if wait_ready:
             self.wait_ready()

@@ -1,0 +1,100 @@
+"""Fault-injecting engines for the supervision tests. They live under tests/ and are never
+shipped: a test config selects one with `engine.name = "tests.engines.faulty:load"`.
+
+The tone engine speaks a sine tone, 50 ms per character, one chunk per sentence. Words in a
+sentence inject faults while that sentence is "synthesized":
+
+    HANG                 sleep forever (the heartbeat thread keeps beating)
+    HANG_ONCE@<path>     hang unless <path> exists (created first), so a retry succeeds
+    ABORT                os.abort(): the worker dies on SIGABRT
+    LEAK                 keep 64 MiB more resident memory, for good
+    SLOW@<seconds>       take that long over the sentence
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cosyvoiced.config import EngineConfig
+from cosyvoiced.engines import AudioChunk, SynthesisRequest, VoiceInfo
+from cosyvoiced.job import ErrorCode, JobFailure
+
+SAMPLE_RATE = 22050
+SECONDS_PER_CHAR = 0.05
+LEAK_BYTES = 64 << 20
+
+
+class ToneEngine:
+    name = "faulty"
+
+    def __init__(self) -> None:
+        self._leaked: list[np.ndarray[tuple[int], np.dtype[np.uint8]]] = []
+
+    def voices(self) -> list[VoiceInfo]:
+        return [VoiceInfo("tone", "en-us", SAMPLE_RATE, self.name)]
+
+    def default_voice(self) -> str:
+        return "tone"
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
+        if request.voice != "tone":
+            raise JobFailure(ErrorCode.UNKNOWN_VOICE, f"voice: {request.voice!r} is not "
+                             "available; choose one of: tone", "voice")
+        for sentence in filter(None, (s.strip() for s in re.split(r"(?<=\.)\s", request.text))):
+            self._inject(sentence)
+            seconds = len(sentence) * SECONDS_PER_CHAR / request.speed
+            t = np.arange(int(seconds * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
+            yield (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
+
+    def _inject(self, sentence: str) -> None:
+        once = re.search(r"HANG_ONCE@(\S+?)\.?$", sentence)
+        slow = re.search(r"SLOW@([\d.]+)", sentence)
+        if once:
+            marker = Path(once.group(1))
+            if not marker.exists():
+                marker.touch()
+                time.sleep(3600)
+        elif "HANG" in sentence:
+            time.sleep(3600)
+        if "ABORT" in sentence:
+            os.abort()
+        if "LEAK" in sentence:
+            self._leaked.append(np.ones(LEAK_BYTES, dtype=np.uint8))  # touched: resident
+        if slow:
+            time.sleep(float(slow.group(1)))
+
+
+def load(config: EngineConfig) -> ToneEngine:
+    return ToneEngine()
+
+
+def broken(config: EngineConfig) -> ToneEngine:
+    raise RuntimeError("this model cannot load (a test double)")
+
+
+class CudaLeakEngine(ToneEngine):
+    """Allocates (and keeps) CUDA memory with torch on every job: the GPU recycle test."""
+
+    name = "cuda-leak"
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torch  # noqa: PLC0415 - GPU test only
+
+        self._torch = torch
+        self._tensors: list[object] = []
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
+        self._tensors.append(self._torch.ones(256 << 20, dtype=self._torch.uint8,
+                                              device="cuda"))
+        yield from super().synthesize(request)
+
+
+def cuda_leak(config: EngineConfig) -> CudaLeakEngine:
+    return CudaLeakEngine()

@@ -1,0 +1,202 @@
+"""The supervisor as a process supervisor: hangs, crashes, memory recycling, spare workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cosyvoiced.client import Client
+from tests.conftest import DaemonFactory
+from tests.daemon import Daemon, assert_speech, wait_until
+
+FAULTY = "tests.engines.faulty:load"
+QUICK = {"job_timeout_s": 2.0, "kill_grace_s": 1.0, "heartbeat_interval_s": 0.5,
+         "heartbeat_timeout_s": 3.0}
+
+
+def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
+    return [e for e in daemon.log_events() if e["event"] == name]
+
+
+def generations(daemon: Daemon) -> list[int]:
+    return [e["generation"] for e in events(daemon, "worker_state") if e["state"] == "starting"]
+
+
+def faulty_daemon(make_daemon: DaemonFactory, **worker: Any) -> Daemon:
+    daemon = make_daemon(engine={"name": FAULTY}, worker=QUICK | worker)
+    daemon.start()
+    return daemon
+
+
+def test_hung_job_is_killed_retried_then_quarantined(make_daemon: DaemonFactory) -> None:
+    daemon = faulty_daemon(make_daemon)
+    daemon.drop("before.txt", "A normal job first.")
+    daemon.drop("hang.txt", "This one will HANG.")
+    daemon.drop("after.txt", "A normal job after the poison one.")
+    record = daemon.wait_failed("hang.txt", timeout_s=60)
+    assert record["code"] == "worker_crashed"
+    assert "hung (no progress for 2 s)" in record["message"]
+    daemon.wait_done("before.txt")
+    daemon.wait_done("after.txt")
+    lost = [e["reason"] for e in events(daemon, "worker_lost")]
+    assert lost == ["job_timeout", "job_timeout"]
+    assert len(events(daemon, "job_retry")) == 1
+    assert len(generations(daemon)) == 3  # the first, the retry's, and the one after
+
+
+def test_job_that_hangs_once_succeeds_on_retry(make_daemon: DaemonFactory,
+                                               tmp_path: Path) -> None:
+    daemon = faulty_daemon(make_daemon)
+    daemon.drop("once.txt", f"Hang the first time. HANG_ONCE@{tmp_path / 'marker'}.")
+    daemon.wait_done("once.txt", timeout_s=60)
+    assert [e["reason"] for e in events(daemon, "job_retry")] == ["job_timeout"]
+
+
+def test_crashing_job_is_retried_once_then_failed(make_daemon: DaemonFactory) -> None:
+    daemon = faulty_daemon(make_daemon)
+    daemon.drop("abort.txt", "This one will ABORT the process.")
+    daemon.drop("fine.txt", "And this one is fine.")
+    record = daemon.wait_failed("abort.txt", timeout_s=60)
+    assert record["code"] == "worker_crashed"
+    assert "died" in record["message"]
+    daemon.wait_done("fine.txt")
+    exits = [e for e in events(daemon, "worker_state") if e["state"] == "dead"]
+    assert [e["signal"] for e in exits[:2]] == ["SIGABRT", "SIGABRT"]
+
+
+def test_leaking_worker_is_recycled_at_the_rss_limit(make_daemon: DaemonFactory) -> None:
+    daemon = faulty_daemon(make_daemon, rss_limit="200MiB")
+    names = [f"leak-{n}.txt" for n in range(6)]
+    for name in names:
+        daemon.drop(name, "This job will LEAK memory.")
+    for name in names:
+        daemon.wait_done(name)
+    recycles = events(daemon, "worker_recycle")
+    assert recycles, "the leak must trip the limit"
+    assert {r["reason"] for r in recycles} == {"rss"}
+    assert all(r["rss_bytes"] > 200 << 20 for r in recycles)
+    # Each recycle replaces the worker once the old one has exited.
+    wait_until(lambda: len(generations(daemon)) == len(events(daemon, "worker_recycle")) + 1,
+               30, "one new worker per recycle")
+    assert daemon.notify is not None
+    notify = daemon.notify
+    wait_until(lambda: "recycled rss" in notify.statuses()[-1], 10, "the recycle in STATUS=")
+
+
+def test_piper_long_paragraph_trips_a_low_rss_limit(make_daemon: DaemonFactory) -> None:
+    """The real engine: onnxruntime keeps the arena a long sentence needed, so RSS creeps."""
+    daemon = make_daemon(worker={"rss_limit": "320MiB"})
+    daemon.start()
+    long_sentence = ("This is a rather long sentence in a long paragraph that goes on and on, "
+                     "with many clauses, commas, and words, to make the phoneme sequence long")
+    paragraph = ", ".join([long_sentence] * 3) + "."
+    daemon.drop("paragraph.txt", paragraph)
+    daemon.wait_done("paragraph.txt")
+    recycle = wait_until(lambda: events(daemon, "worker_recycle"), 30, "the recycle")
+    assert recycle[0]["reason"] == "rss"
+    for n in range(3):
+        daemon.drop(f"next-{n}.txt", "The next jobs are served by the new worker.")
+    for n in range(3):
+        record = daemon.wait_done(f"next-{n}.txt")
+        assert_speech(daemon.outbox / record["file"], 22050, "The next jobs are served by the "
+                      "new worker.")
+    busy = [e for e in events(daemon, "worker_state") if e["state"] == "busy"]
+    assert busy[-1]["generation"] == 2
+
+
+@pytest.mark.parametrize("spare", [False, True])
+def test_max_jobs_recycles_without_losing_queued_jobs(make_daemon: DaemonFactory,
+                                                      spare: bool) -> None:
+    daemon = faulty_daemon(make_daemon, max_jobs=2, spare=spare)
+    names = [f"job-{n}.txt" for n in range(7)]
+    for name in names:
+        daemon.drop(name, "Count me. SLOW@0.2")
+    for name in names:
+        daemon.wait_done(name)
+    recycles = events(daemon, "worker_recycle")
+    assert {r["reason"] for r in recycles} == {"max_jobs"}
+    served = [e for e in events(daemon, "worker_state") if e["state"] == "busy"]
+    per_generation: dict[int, int] = {}
+    for event in served:
+        per_generation[event["generation"]] = per_generation.get(event["generation"], 0) + 1
+    if spare:
+        # The old worker keeps serving while its replacement loads, then hands over.
+        assert len(recycles) >= 2
+        assert len(events(daemon, "worker_promoted")) >= 2
+        assert len(per_generation) >= 3
+    else:
+        assert len(recycles) >= 3
+        assert max(per_generation.values()) <= 2
+        assert not events(daemon, "worker_promoted")
+    with Client(daemon.endpoint) as client:
+        stats = client.stats()
+    assert stats["recycles"]["max_jobs"] == len(recycles)
+    assert stats["worker"]["generation"] > 1
+
+
+def test_stopped_worker_is_killed_and_replaced(make_daemon: DaemonFactory) -> None:
+    daemon = faulty_daemon(make_daemon)
+    worker_pid = [e["worker_pid"] for e in events(daemon, "worker_state")][-1]
+    os.kill(worker_pid, signal.SIGSTOP)  # no heartbeats; SIGTERM stays pending: SIGKILL it is
+    wait_until(lambda: any(e["reason"] == "heartbeat_timeout"
+                           for e in events(daemon, "worker_lost")), 30, "the silent worker")
+    wait_until(lambda: events(daemon, "worker_sigkill"), 30, "the escalation to SIGKILL")
+    daemon.drop("after-stop.txt", "Served by the replacement.")
+    daemon.wait_done("after-stop.txt")
+
+
+def test_engine_that_fails_to_load_exits_with_code_3(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:broken"},
+                         worker={"max_start_failures": 3})
+    daemon.start(wait_ready=False)
+    assert daemon.wait_exit(timeout_s=90) == 3
+    fatal = events(daemon, "worker_start_failed")
+    assert "this model cannot load" in fatal[0]["reason"]
+    assert len(generations(daemon)) == 3
+
+
+def test_watchdog_pings_stop_while_the_supervisor_is_blocked(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(engine={"name": FAULTY})
+    daemon.start(extra_env={"WATCHDOG_USEC": "1000000"})
+    assert daemon.notify is not None
+    assert daemon.process is not None
+    notify = daemon.notify
+    wait_until(lambda: notify.count("WATCHDOG=1") >= 3, 10, "watchdog pings")
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    time.sleep(2.5)  # the stretch under test: no ping may arrive in it
+    os.kill(daemon.process.pid, signal.SIGCONT)
+    resumed_at = time.monotonic()
+    wait_until(lambda: any(t > resumed_at for t in notify.times("WATCHDOG=1")), 10,
+               "pings after SIGCONT")
+    during = [t for t in notify.times("WATCHDOG=1") if stopped_at + 0.2 < t < resumed_at]
+    assert during == []
+
+
+@pytest.mark.gpu
+def test_gpu_memory_limit_recycles_and_nvml_drops(make_daemon: DaemonFactory) -> None:
+    """On an NVIDIA host: a worker that keeps CUDA memory per job is recycled at the limit,
+    and NVML's figure for the new worker is back near its baseline."""
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:cuda_leak"},
+                         worker={"gpu_memory_limit": "1GiB"})
+    daemon.start()
+    for n in range(8):
+        daemon.drop(f"cuda-{n}.txt", "Allocate a quarter gigabyte.")
+    for n in range(8):
+        daemon.wait_done(f"cuda-{n}.txt")
+    recycles = events(daemon, "worker_recycle")
+    assert recycles
+    assert recycles[0]["reason"] == "gpu_memory"
+    assert recycles[0]["gpu_bytes"] > 1 << 30
+    with Client(daemon.endpoint) as client:
+        wait_until(lambda: client.stats()["worker"]["gpu_bytes"] is not None, 30, "NVML figure")
+        after = client.stats()["worker"]
+    assert after["generation"] > recycles[0]["generation"]
+    assert after["gpu_bytes"] < recycles[0]["gpu_bytes"] - (512 << 20)
+    print(json.dumps({"recycle": recycles[0], "after": after}))  # figures for the notes
