@@ -1,0 +1,106 @@
+"""The unit, sysusers and tmpfiles entries, checked with systemd's own offline tools.
+
+No systemd manager is started: `systemd-analyze verify/security --offline`,
+`systemd-sysusers --root` and `systemd-tmpfiles --root` work on files and a throwaway root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS = REPO / "systemd"
+SYSTEM_UNITS = Path("/usr/lib/systemd/system")
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                reason="systemd tools are not installed")
+
+
+def _root_with_unit(root: Path, drop_in: bool = False) -> Path:
+    """A minimal root: the distribution's units, our unit, and its two executables."""
+    shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
+    shutil.copy(UNITS / "cosyvoiced.service", root / "usr/lib/systemd/system")
+    for program in ("cosyvoiced", "kill"):
+        path = root / "usr/bin" / program
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+    if drop_in:
+        target = root / "etc/systemd/system/cosyvoiced.service.d/gpu.conf"
+        target.parent.mkdir(parents=True)
+        shutil.copy(UNITS / "cosyvoiced-gpu.conf", target)
+    return root
+
+
+@pytest.mark.parametrize("drop_in", [False, True])
+def test_verify_prints_nothing(tmp_path: Path, drop_in: bool) -> None:
+    root = _root_with_unit(tmp_path / "root", drop_in)
+    run = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "--man=no",
+                          "cosyvoiced.service"], capture_output=True, text=True, check=False)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+
+
+def test_verify_would_catch_a_broken_drop_in(tmp_path: Path) -> None:
+    root = _root_with_unit(tmp_path / "root", drop_in=True)
+    (root / "etc/systemd/system/cosyvoiced.service.d/gpu.conf").write_text(
+        "[Service]\nDeviceAlow=/dev/nvidiactl rw\n")
+    run = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "--man=no",
+                          "cosyvoiced.service"], capture_output=True, text=True, check=False)
+    assert "DeviceAlow" in run.stderr
+
+
+def test_security_exposure_is_ok() -> None:
+    run = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=25",
+                          str(UNITS / "cosyvoiced.service")],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stdout[-2000:]
+    exposure = re.search(r"Overall exposure level for cosyvoiced.service: ([\d.]+)", run.stdout)
+    assert exposure is not None
+    assert float(exposure.group(1)) <= 2.5
+
+
+def test_unit_contract() -> None:
+    unit = (UNITS / "cosyvoiced.service").read_text()
+    for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30", "Restart=on-failure",
+                 "KillMode=mixed", "User=cosyvoiced", "StateDirectory=cosyvoiced",
+                 "LogsDirectory=cosyvoiced", "RuntimeDirectory=cosyvoiced",
+                 "ConfigurationDirectory=cosyvoiced", "ProtectSystem=strict",
+                 "CapabilityBoundingSet=\n", "SystemCallFilter=@system-service",
+                 "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectHome=yes",
+                 "ExecReload=/usr/bin/kill -HUP $MAINPID", "RestartPreventExitStatus=2"):
+        assert line in unit, line
+    # The stop timeout covers the daemon's own drain: drain_timeout_s + 2 x kill_grace_s.
+    stop = int(re.search(r"TimeoutStopSec=(\d+)", unit).group(1))  # type: ignore[union-attr]
+    assert stop >= 30 + 2 * 5
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_sysusers_and_tmpfiles_build_the_spool(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    subprocess.run(["systemd-sysusers", f"--root={root}",
+                    str(UNITS / "cosyvoiced.sysusers.conf")], check=True)
+    passwd = {line.split(":")[0]: line.split(":") for line in
+              (root / "etc/passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in
+              (root / "etc/group").read_text().splitlines()}
+    uid = int(passwd["cosyvoiced"][2])
+    submit = groups["cosyvoiced-submit"]
+    assert "cosyvoiced" in submit[3].split(",")  # the daemon reads what submitters drop
+    subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create",
+                    str(UNITS / "cosyvoiced.tmpfiles.conf")], check=True)
+    spool = root / "var/lib/cosyvoiced/spool"
+    expected = {"inbox": (0o2770, "cosyvoiced-submit"), "outbox": (0o2750, "cosyvoiced-submit"),
+                "failed": (0o2750, "cosyvoiced-submit"), "work": (0o700, "cosyvoiced")}
+    for name, (mode, group) in expected.items():
+        info = (spool / name).stat()
+        assert stat.S_IMODE(info.st_mode) == mode, name
+        assert info.st_uid == uid, name
+        assert info.st_gid == int(groups[group][2]), name
