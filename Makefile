@@ -4,7 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cosyvoiced.dev.toml
 
-.PHONY: venv run test lint bench clean
+PREFIX ?= /usr/local
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+UNITDIR ?= /lib/systemd/system
+
+.PHONY: venv run test lint bench dist deb install clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +38,18 @@ lint: $(VENV)/.test-installed
 
 bench: venv
 	$(BIN)/python bench/dropfolder.py
+
+dist: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet build
+	$(BIN)/python -m build --outdir dist .
+
+deb:
+	packaging/build-deb.sh dist
+
+# Without the Debian package: a virtualenv in $(PREFIX)/lib/cosyvoiced/venv, the commands in
+# $(PREFIX)/bin, the unit, sysusers and tmpfiles entries, and the config (kept if present).
+install:
+	packaging/install.sh "$(DESTDIR)" "$(PREFIX)" "$(SYSCONFDIR)" "$(UNITDIR)"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info var

@@ -138,12 +138,19 @@ class ZmqConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # "127.0.0.1:9464" turns the Prometheus endpoint on
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     zmq: ZmqConfig = field(default_factory=ZmqConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def load(path: str | Path) -> Config:
@@ -163,6 +170,7 @@ def from_table(table: dict[str, Any], base_dir: Path) -> Config:
     config: Config = _build(Config, table, "", base_dir)
     _check_engine(config.engine)
     _check_zmq(config.zmq)
+    _check_metrics(config.metrics)
     if config.worker.heartbeat_timeout_s <= 2 * config.worker.heartbeat_interval_s:
         raise ConfigError("worker.heartbeat_timeout_s: must be more than twice "
                           "worker.heartbeat_interval_s")
@@ -179,6 +187,19 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return True
     host = rest.rpartition(":")[0]
     return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _check_metrics(settings: MetricsConfig) -> None:
+    if not settings.listen:
+        return
+    host, _, port = settings.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics.listen: expected HOST:PORT such as \"127.0.0.1:9464\"; "
+                          f"got {settings.listen!r}")
+    if not settings.allow_remote and not is_loopback_endpoint(f"tcp://{settings.listen}"):
+        raise ConfigError(f"metrics.listen: {settings.listen!r} is not loopback; metrics are "
+                          "unauthenticated: keep them on 127.0.0.1 or set "
+                          "metrics.allow_remote = true")
 
 
 def _check_zmq(settings: ZmqConfig) -> None:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cosyvoiced: {args.config}: OK")
         return 0
     logs.configure_supervisor(settings.log)
-    return Supervisor(settings).run()
+    return Supervisor(settings, args.config).run()
 
 
 if __name__ == "__main__":

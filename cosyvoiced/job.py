@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     SYMLINK = "symlink"
     FILE_TOO_LARGE = "file_too_large"
     UNSUPPORTED_FILE_TYPE = "unsupported_file_type"
+    UNREADABLE = "unreadable"
     INVALID_UTF8 = "invalid_utf8"
     BAD_JSON = "bad_json"
     # The job's fields

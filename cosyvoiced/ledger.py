@@ -70,11 +70,11 @@ class Ledger:
         while self.queue:
             yield self.queue.popleft()
 
-    def record(self, job: Job, state: str, **detail: Any) -> None:
+    def record(self, job_id: str, source: str, state: str, **detail: Any) -> None:
         """Remember how a job ended (state: done, failed or cancelled)."""
-        self.crashes.pop(job.id, None)
+        self.crashes.pop(job_id, None)
         self.counts[state] += 1
-        self.finished[job.id] = {"state": state, "source": job.source} | detail
+        self.finished[job_id] = {"state": state, "source": source} | detail
         while len(self.finished) > HISTORY:
             self.finished.popitem(last=False)
 

@@ -50,11 +50,35 @@ class _JsonFormatter(structlog.stdlib.ProcessorFormatter):
         rendered = getattr(record, RENDERED_ATTR, None)
         if rendered is not None:
             return str(rendered)
-        return super().format(record)
+        return str(super().format(record))
 
 
-def _formatter(role: str) -> logging.Formatter:
-    return _JsonFormatter(
+# sd-daemon(3) priority prefixes: journald strips them and files the line at that level.
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+               logging.CRITICAL: 2}
+
+
+class _JournalFormatter(_JsonFormatter):
+    """JSON lines with a `<N>` priority prefix, for stdout when it is the journal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = max((lv for lv in _PRIORITIES if lv <= record.levelno), default=logging.DEBUG)
+        return f"<{_PRIORITIES[level]}>{super().format(record)}"
+
+
+def stdout_is_journal() -> bool:
+    """True when systemd connected stdout to journald ($JOURNAL_STREAM is its dev:inode)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"
+
+
+def _formatter(role: str, journal: bool = False) -> logging.Formatter:
+    kind = _JournalFormatter if journal else _JsonFormatter
+    return kind(
         foreign_pre_chain=_shared_chain(role),
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -65,13 +89,13 @@ def _formatter(role: str) -> logging.Formatter:
 
 
 def _install(role: str, level: str, handlers: list[logging.Handler]) -> None:
-    formatter = _formatter(role)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
     for handler in handlers:
-        handler.setFormatter(formatter)
+        if handler.formatter is None:
+            handler.setFormatter(_formatter(role))
         root.addHandler(handler)
     root.setLevel(level.upper())
     structlog.configure(
@@ -83,7 +107,9 @@ def _install(role: str, level: str, handlers: list[logging.Handler]) -> None:
 
 
 def configure_supervisor(config: LogConfig) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(_formatter("supervisor", journal=stdout_is_journal()))
+    handlers: list[logging.Handler] = [stdout]
     if config.file:
         os.makedirs(os.path.dirname(config.file), exist_ok=True)
         handlers.append(logging.handlers.RotatingFileHandler(
@@ -109,8 +135,14 @@ def configure_worker(level: str, ship: Callable[[int, str], None]) -> None:
     _install("worker", level, [_ShipHandler(ship)])
 
 
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+
+
 def forward(levelno: int, line: str) -> None:
     """Supervisor side: write a line the worker rendered through this process's handlers."""
+    if levelno < logging.getLogger().level:
+        return  # the level was raised by a reload since the worker started
     record = logging.makeLogRecord({"name": "cosyvoiced.worker", "levelno": levelno,
                                     "levelname": logging.getLevelName(levelno),
                                     RENDERED_ATTR: line})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import sdnotify
 
@@ -38,6 +39,14 @@ class Notifier:
 
     def stopping(self) -> None:
         self._systemd.notify("STOPPING=1")
+
+    def reloading(self) -> None:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for `seconds` more before the start-up timeout (sent while a model loads)."""
+        self._systemd.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
 
     def status(self, line: str) -> None:
         if line != self._status:

@@ -166,6 +166,9 @@ class Spool:
                              f"the limit is {max_bytes} (spool.max_file_bytes)")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except PermissionError:
+            raise JobFailure(ErrorCode.UNREADABLE, "the daemon may not read the job file; "
+                             "make it readable by the cosyvoiced-submit group") from None
         except OSError as error:
             if error.errno == errno.ELOOP:
                 raise JobFailure(ErrorCode.SYMLINK, "the job file is a symbolic link") from None

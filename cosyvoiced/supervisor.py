@@ -23,13 +23,15 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from zmq import ZMQError
 
-from cosyvoiced import __version__, audio, logs, policy
+from cosyvoiced import __version__, audio, config, logs, policy, reload
 from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.inbox import QUIET_S, InboxIntake
-from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult
+from cosyvoiced.intake.inbox import SOURCE as INBOX_SOURCE
+from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, JobResult
 from cosyvoiced.jobspec import Limits, build_job
 from cosyvoiced.ledger import Ledger, Running
 from cosyvoiced.messages import (
@@ -47,6 +49,7 @@ from cosyvoiced.messages import (
     LogLine,
     RunJob,
 )
+from cosyvoiced.metrics import Metrics
 from cosyvoiced.notify import Notifier
 from cosyvoiced.protocol import Request
 from cosyvoiced.spool import Claimed, Spool
@@ -54,7 +57,9 @@ from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+EXIT_LISTEN = 1  # an address to listen on is taken or not ours
 EXIT_WORKER_START = 3  # the engine failed to load `worker.max_start_failures` times in a row
+EXTEND_TIMEOUT_S = 15.0  # asked for, again and again, while the engine loads before READY
 
 MAX_ATTEMPTS = 2  # a job that kills two workers is a poison job
 MAX_TICK_S = 1.0
@@ -79,8 +84,14 @@ class Sink(Protocol):
 
 
 class Supervisor:
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: Config, config_path: str | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self.reload_error: str | None = None
+        self.recycle_requested: str | None = None  # by a reload that changed the engine
+        self.metrics = Metrics()
+        self.next_extend = 0.0
         self.spool = Spool(config.spool.dir)
         self.notifier = notifier or Notifier()
         self.limits = Limits(config.spool.max_text_chars, config.spool.default_format)
@@ -132,7 +143,15 @@ class Supervisor:
                  engine=self.config.engine.name)
         self._recover()
         self.worker = self._spawn(time.monotonic())
-        self.zmq.start()
+        try:
+            self.zmq.start()
+            if self.config.metrics.listen:
+                self.metrics.serve(self.config.metrics.listen)
+        except (OSError, ZMQError) as error:
+            log.critical("listen_failed", error=str(error),
+                         message="cannot listen on a zmq.bind or metrics.listen address")
+            self.worker.kill_now()
+            return EXIT_LISTEN
         self.inbox.start()
         while self.exit_code is None:
             self.tick(time.monotonic())
@@ -171,19 +190,54 @@ class Supervisor:
         self._dispatch(now)
         self._rescan(now)
         self._progress_stop(now)
+        self._report(now)
+
+    def _report(self, now: float) -> None:
         self.notifier.status(self.status_line())
+        if not self.ready and not self.stopping and now >= self.next_extend:
+            self.notifier.extend_timeout(EXTEND_TIMEOUT_S)
+            self.next_extend = now + EXTEND_TIMEOUT_S / 3
         if self.notifier.watchdog_due(now) and self._healthy(now):
             self.notifier.watchdog(now)
+            self.metrics.watchdog_pings.inc()
+        self.metrics.queue_depth.set(len(self.ledger))
+        if self.worker is not None:
+            self.metrics.worker(self.worker.generation, self.worker.memory)
 
     def _handle_signals(self, now: float) -> None:
         while self._signals:
             signum = self._signals.pop(0)
             if signum in STOP_SIGNALS:
                 self._begin_stop(now, signal.Signals(signum).name)
-            elif signum == signal.SIGHUP:
-                log.warning("reload_unsupported",
-                            message="SIGHUP: live reload is not implemented yet; "
-                                    "restart the service to apply config changes")
+            elif signum == signal.SIGHUP and not self.stopping:
+                self._reload()
+
+    def _reload(self) -> None:
+        """Re-read the config; apply what can change live; keep the old one if it is bad."""
+        self.notifier.reloading()
+        try:
+            if self.config_path is None:
+                raise config.ConfigError("no config file to re-read")
+            loaded = config.load(self.config_path)
+        except config.ConfigError as error:
+            self.reload_error = str(error)
+            log.error("reload_failed", error=str(error), message="keeping the running config")
+            self.notifier.ready()
+            return
+        plan = reload.plan(self.config, loaded)
+        self.config, self.reload_error = plan.config, None
+        self.limits = Limits(plan.config.spool.max_text_chars, plan.config.spool.default_format)
+        self.zmq.settings = plan.config.zmq
+        self.zmq.reload_keys()  # authorized client keys may have changed on disk
+        logs.set_level(plan.config.log.level)
+        if plan.engine_changed:
+            self.recycle_requested = "reload"
+        log.info("reloaded", applied=plan.applied, restart_required=plan.restart_required,
+                 recycle_worker=plan.engine_changed)
+        if plan.restart_required:
+            log.warning("restart_required", keys=plan.restart_required,
+                        message="these keys keep their old values until a restart")
+        self.notifier.ready()
 
     def _admit_claims(self) -> None:
         while True:
@@ -199,11 +253,27 @@ class Supervisor:
     def _admit(self, claimed: Claimed) -> None:
         try:
             job = self.inbox.admit(claimed, self.limits, self.config.spool.max_file_bytes)
+        except JobFailure as failure:
+            self._reject(claimed, failure.error)
+            return
         except OSError as error:
+            # Left in work/ (not lost): it is tried again at the next start.
             log.error("claim_unreadable", work_name=claimed.work_name, error=str(error))
             return
         if job is not None:
             self.enqueue(job)
+
+    def _reject(self, claimed: Claimed, error: JobError) -> None:
+        """A drop-folder file that is not a valid job: failed/ and counted, never dropped."""
+        try:
+            where = self.inbox.fail(claimed, error)
+        except OSError as failure:
+            log.critical("outcome_unwritable", job=claimed.job_id, error=str(failure))
+            return
+        self.ledger.record(claimed.job_id, INBOX_SOURCE, "failed", error=error.to_dict())
+        self.metrics.job_ended(INBOX_SOURCE, "failed")
+        log.info("job", job=claimed.job_id, source=INBOX_SOURCE, outcome="failed",
+                 code=str(error.code), message=error.message, failed=where)
 
     def _handle_requests(self) -> None:
         for message in self.zmq.inbound():
@@ -252,8 +322,7 @@ class Supervisor:
         job = self.ledger.remove_queued(job_id)
         if job is not None:
             self._sink(job).cancelled(job)
-            self.ledger.record(job, "cancelled")
-            log.info("job", job=job.id, source=job.source, outcome="cancelled", chars=job.chars)
+            self._record_cancel(job)
             return True
         running = self.ledger.running
         if running is None or running.job.id != job_id:
@@ -262,6 +331,11 @@ class Supervisor:
             running.cancel_requested = True
             self.worker.send(CancelJob(job_id))
         return True
+
+    def _record_cancel(self, job: Job) -> None:
+        self.ledger.record(job.id, job.source, "cancelled")
+        self.metrics.job_ended(job.source, "cancelled")
+        log.info("job", job=job.id, source=job.source, outcome="cancelled", chars=job.chars)
 
     def stats(self) -> dict[str, Any]:
         worker = self.worker
@@ -335,6 +409,7 @@ class Supervisor:
         if worker.alive():
             worker.terminate(now, reason=reason)
         self.retiring.append(worker)
+        self.metrics.worker_losses.labels(reason).inc()
         if not self.stopping:
             log.error("worker_lost", reason=reason, generation=worker.generation,
                       worker_pid=worker.pid, exitcode=worker.exitcode(),
@@ -382,10 +457,13 @@ class Supervisor:
                 self.stopping:
             return
         settings = self.config.worker
-        reason = policy.recycle_reason(worker.memory, worker.jobs_served, settings)
+        reason = self.recycle_requested or policy.recycle_reason(worker.memory,
+                                                                 worker.jobs_served, settings)
         if reason is None:
             return
+        self.recycle_requested = None
         self.recycles[reason] += 1
+        self.metrics.recycles.labels(reason).inc()
         log.info("worker_recycle", reason=reason, generation=worker.generation,
                  jobs_served=worker.jobs_served, **worker.memory.to_dict(),
                  rss_limit=settings.rss_limit, gpu_memory_limit=settings.gpu_memory_limit,
@@ -456,6 +534,7 @@ class Supervisor:
                          warmup_s=message.warmup_s, voices=[v.name for v in message.voices])
         if not self.ready:
             self.ready = True
+            self.metrics.ready.set(1)
             self.notifier.ready()
             log.info("ready", engine=message.engine, default_voice=message.default_voice)
 
@@ -533,7 +612,9 @@ class Supervisor:
         except OSError as error:
             self._end(job, JobError(ErrorCode.INTERNAL, f"could not write the result: {error}"))
             return
-        self.ledger.record(job, "done", output=output)
+        self.ledger.record(job.id, job.source, "done", output=output)
+        self.metrics.job_ended(job.source, "done", result.synth_s, result.audio_s,
+                               result.first_chunk_s)
         log.info("job", job=job.id, source=job.source, outcome="done", voice=result.voice,
                  chars=job.chars, audio_s=round(result.audio_s, 3),
                  synth_s=round(result.synth_s, 3), queue_wait_s=timings["queue_wait_s"],
@@ -558,10 +639,10 @@ class Supervisor:
             log.critical("outcome_unwritable", job=job.id, error=str(failure))
             return
         if error is None:
-            self.ledger.record(job, "cancelled")
-            log.info("job", job=job.id, source=job.source, outcome="cancelled", chars=job.chars)
+            self._record_cancel(job)
             return
-        self.ledger.record(job, "failed", error=error.to_dict())
+        self.ledger.record(job.id, job.source, "failed", error=error.to_dict())
+        self.metrics.job_ended(job.source, "failed")
         log.info("job", job=job.id, source=job.source, outcome="failed", chars=job.chars,
                  code=str(error.code), message=error.message, failed=where)
 
@@ -653,4 +734,6 @@ class Supervisor:
                 line += f", gpu {gpu >> 20} MiB"
         if self.recycles:
             line += "; recycled " + ", ".join(f"{r} {n}" for r, n in sorted(self.recycles.items()))
+        if self.reload_error:
+            line += f"; config reload failed, running the old one: {self.reload_error}"
         return line

@@ -144,13 +144,19 @@ class Daemon:
         self.notify: NotifySocket | None = None
         self.runs = 0
 
-    def start(self, extra_env: dict[str, str] | None = None, wait_ready: bool = True) -> None:
+    def start(self, extra_env: dict[str, str] | None = None, wait_ready: bool = True,
+              journal: bool = False) -> None:
+        """Start it; `journal` makes stdout look like journald's stream ($JOURNAL_STREAM)."""
         self.notify = NotifySocket()
         self.runs += 1
+        stdout = (self.root / f"stdout.{self.runs}.log").open("wb")
         # The repository on the path, for the fault-injecting engines under tests/.
         env = dict(os.environ, NOTIFY_SOCKET=self.notify.path, PYTHONPATH=str(REPO),
                    **(extra_env or {}))
-        stdout = (self.root / f"stdout.{self.runs}.log").open("wb")
+        env.pop("JOURNAL_STREAM", None)
+        if journal:
+            info = os.fstat(stdout.fileno())
+            env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cosyvoiced", "--config", str(self.config_path)],
             env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)

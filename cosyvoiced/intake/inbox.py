@@ -163,14 +163,13 @@ class InboxIntake:
     # The methods below run on the supervisor's thread, which owns every outcome.
 
     def admit(self, claimed: Claimed, limits: Limits, max_file_bytes: int) -> Job | None:
-        """The job to run for a claimed file; None if it has already ended (now recorded)."""
+        """The job to run for a claimed file; None if it has already ended (now recorded).
+
+        Raises `JobFailure` for a file that is not a valid job (see `fail`).
+        """
         if self._spool.resume_failure(claimed) is not None:
             return None
-        try:
-            job = parse(claimed, self._spool.read(claimed, max_file_bytes), limits)
-        except JobFailure as failure:
-            self.fail(claimed, failure.error)
-            return None
+        job = parse(claimed, self._spool.read(claimed, max_file_bytes), limits)
         job = replace(job, received_at=claimed.claimed_at)
         if self._spool.finished_result(claimed, job.output) is not None:
             self._spool.release(claimed)  # done before a crash; only the cleanup was left

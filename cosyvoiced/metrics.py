@@ -1,0 +1,66 @@
+"""Prometheus metrics over HTTP (`metrics.listen`; off by default, loopback unless allowed).
+
+The supervisor updates them from its tick and at each job's end; prometheus_client's own
+thread serves them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from cosyvoiced.memory import Memory
+
+_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_RTF = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter("cosyvoiced_jobs", "Jobs ended, by intake and outcome",
+                            ["source", "outcome"], registry=r)
+        self.queue_depth = Gauge("cosyvoiced_queue_depth", "Jobs waiting for the worker",
+                                 registry=r)
+        self.synthesis_seconds = Histogram("cosyvoiced_synthesis_seconds",
+                                           "Time the worker spent on a job", buckets=_SECONDS,
+                                           registry=r)
+        self.real_time_factor = Histogram("cosyvoiced_real_time_factor",
+                                          "Synthesis seconds per second of audio",
+                                          buckets=_RTF, registry=r)
+        self.first_chunk_seconds = Histogram("cosyvoiced_first_chunk_seconds",
+                                             "Synthesis start to the first audio chunk",
+                                             buckets=_SECONDS, registry=r)
+        self.recycles = Counter("cosyvoiced_worker_recycles", "Worker recycles by reason",
+                                ["reason"], registry=r)
+        self.worker_losses = Counter("cosyvoiced_worker_losses",
+                                     "Workers that died or were killed, by reason", ["reason"],
+                                     registry=r)
+        self.worker_rss = Gauge("cosyvoiced_worker_rss_bytes", "Worker resident memory",
+                                registry=r)
+        self.worker_gpu = Gauge("cosyvoiced_worker_gpu_bytes",
+                                "Worker GPU memory (NVML or torch reserved; 0 without GPU)",
+                                registry=r)
+        self.worker_generation = Gauge("cosyvoiced_worker_generation",
+                                       "Workers started since the daemon started", registry=r)
+        self.watchdog_pings = Counter("cosyvoiced_watchdog_pings", "WATCHDOG=1 sent to systemd",
+                                      registry=r)
+        self.ready = Gauge("cosyvoiced_ready", "1 once the engine is loaded", registry=r)
+
+    def serve(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+
+    def job_ended(self, source: str, outcome: str, synth_s: float = 0.0, audio_s: float = 0.0,
+                  first_chunk_s: float = 0.0) -> None:
+        self.jobs.labels(source, outcome).inc()
+        if outcome == "done":
+            self.synthesis_seconds.observe(synth_s)
+            self.first_chunk_seconds.observe(first_chunk_s)
+            if audio_s > 0:
+                self.real_time_factor.observe(synth_s / audio_s)
+
+    def worker(self, generation: int, memory: Memory) -> None:
+        self.worker_generation.set(generation)
+        self.worker_rss.set(memory.rss_bytes)
+        self.worker_gpu.set(memory.gpu_peak_bytes or 0)

@@ -1,0 +1,57 @@
+"""What a SIGHUP can change in a running daemon, and what needs a restart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any
+
+from cosyvoiced.config import Config
+
+# Bound at start-up: sockets, files and directories already open or bound.
+RESTART_KEYS = frozenset({
+    "spool.dir", "log.file", "log.max_bytes", "log.backups", "zmq.bind", "zmq.curve",
+    "zmq.server_secret_key", "zmq.max_header_bytes", "zmq.max_attachment_bytes",
+    "metrics.listen", "metrics.allow_remote",
+})
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    config: Config  # the new config, with restart-only keys kept at their running values
+    applied: list[str]
+    restart_required: list[str]
+
+    @property
+    def engine_changed(self) -> bool:
+        """Engine or voice settings changed: the worker must be recycled to load them."""
+        return any(key.startswith("engine.") for key in self.applied)
+
+
+def flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
+    """{"section.key": value} for every leaf of a config dataclass."""
+    flat: dict[str, Any] = {}
+    for spec in fields(settings):
+        value = getattr(settings, spec.name)
+        key = prefix + spec.name
+        if is_dataclass(value):
+            flat |= flatten(value, key + ".")
+        else:
+            flat[key] = value
+    return flat
+
+
+def _with(settings: Any, path: list[str], value: Any) -> Any:
+    head, *rest = path
+    inner = _with(getattr(settings, head), rest, value) if rest else value
+    return replace(settings, **{head: inner})
+
+
+def plan(running: Config, loaded: Config) -> ReloadPlan:
+    before, after = flatten(running), flatten(loaded)
+    changed = sorted(key for key in after if after[key] != before[key])
+    effective = loaded
+    for key in changed:
+        if key in RESTART_KEYS:
+            effective = _with(effective, key.split("."), before[key])
+    return ReloadPlan(effective, [k for k in changed if k not in RESTART_KEYS],
+                      [k for k in changed if k in RESTART_KEYS])
