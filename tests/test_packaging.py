@@ -1,0 +1,115 @@
+"""The Debian package, built with `make deb` and installed into a throwaway bookworm chroot.
+
+Nothing is installed on this machine itself: debootstrap makes a minimal root, apt installs
+the package there (no systemd runs in it, so the maintainer scripts must not start the
+service), and the installed `cosyvoiced` checks its config and serves one job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import assert_speech, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+MIRROR = os.environ.get("COSYVOICED_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+TEXT = "Installed from the Debian package, and speaking."
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="a chroot needs root"),
+    pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs a Debian host"),
+]
+
+
+def _run(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(command), check=True, capture_output=True, text=True,
+                          timeout=1800, env=env)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
+    """`make deb`'s script: dpkg-buildpackage, then lintian --fail-on error."""
+    return _run(str(REPO / "packaging/build-deb.sh"), str(tmp_path_factory.mktemp("deb")))
+
+
+@pytest.fixture(scope="module")
+def deb(build: subprocess.CompletedProcess[str]) -> Path:
+    return Path(build.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def chroot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if shutil.which("debootstrap") is None:
+        _run("apt-get", "install", "-y", "-q", "--no-install-recommends", "debootstrap",
+             env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    root = tmp_path_factory.mktemp("chroot") / "root"
+    _run("debootstrap", "--variant=minbase", "bookworm", str(root), MIRROR)
+    (root / "proc").mkdir(exist_ok=True)
+    _run("mount", "-t", "proc", "proc", str(root / "proc"))
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root / "proc")], check=False)
+
+
+def test_lintian_shows_no_errors(build: subprocess.CompletedProcess[str], deb: Path) -> None:
+    assert deb.name == "cosyvoiced_0.1.0-1_amd64.deb"
+    assert "lintian" in (REPO / "packaging/build-deb.sh").read_text()
+    tags = [line for line in build.stdout.splitlines() if line.startswith(("E:", "W:"))]
+    assert not [tag for tag in tags if tag.startswith("E:")], tags
+
+
+def test_package_installs_into_a_chroot_and_serves_a_job(deb: Path, chroot: Path) -> None:
+    shutil.copy(deb, chroot / "tmp" / deb.name)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    _run("chroot", str(chroot), "apt-get", "install", "-y", "-q", "--no-install-recommends",
+         f"/tmp/{deb.name}", env=env)
+    assert not (chroot / "run/systemd/system").exists()  # no systemd: nothing was started
+    conffiles = _run("chroot", str(chroot), "dpkg-query", "-W", "-f=${Conffiles}", "cosyvoiced")
+    assert "/etc/cosyvoiced/cosyvoiced.toml" in conffiles.stdout
+    assert (chroot / "usr/bin/cosyvoicectl").exists()
+    unit = [p for p in (chroot / "lib/systemd/system/cosyvoiced.service",
+                        chroot / "usr/lib/systemd/system/cosyvoiced.service") if p.exists()]
+    assert unit
+    passwd = (chroot / "etc/passwd").read_text()
+    assert passwd.count("\ncosyvoiced:") == 1
+    spool = chroot / "var/lib/cosyvoiced/spool/inbox"
+    assert spool.is_dir()
+
+    check = _run("chroot", str(chroot), "/usr/bin/cosyvoiced", "--check-config", "--config",
+                 "/etc/cosyvoiced/cosyvoiced.toml")
+    assert check.stdout.strip().endswith(": OK")
+
+    (chroot / "tmp/one-job.toml").write_text(
+        '[spool]\ndir = "/tmp/spool"\n[log]\nfile = ""\n[zmq]\nbind = []\n')
+    daemon = subprocess.Popen(["chroot", str(chroot), "/usr/bin/cosyvoiced", "--config",
+                               "/tmp/one-job.toml"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        inbox = chroot / "tmp/spool/inbox"
+        wait_until(inbox.is_dir, 60, "the spool")
+        (inbox / ".job.tmp").write_text(TEXT)
+        os.rename(inbox / ".job.tmp", inbox / "job.txt")
+        record_path = chroot / "tmp/spool/outbox/job.json"
+        wait_until(record_path.exists, 120, "the installed daemon's result")
+        record = json.loads(record_path.read_text())
+        assert_speech(chroot / "tmp/spool/outbox" / record["file"], 22050, TEXT)
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+    assert daemon.returncode == 0, daemon.stdout.read().decode() if daemon.stdout else ""
+    if daemon.stdout is not None:
+        daemon.stdout.close()
