@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,16 @@ def test_make_install_stages_a_working_tree(tmp_path: Path) -> None:
                             "--config", str(stage / "etc/cosyvoiced/cosyvoiced.toml")],
                            capture_output=True, text=True, timeout=120, check=False)
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.slow
+def test_make_dist_builds_an_sdist_and_a_wheel_without_the_test_doubles(tmp_path: Path) -> None:
+    subprocess.run(["make", "-C", str(REPO), "dist"], check=True, capture_output=True,
+                   timeout=600)
+    dist = REPO / "dist"
+    wheel = dist / "cosyvoiced-0.1.0-py3-none-any.whl"
+    assert (dist / "cosyvoiced-0.1.0.tar.gz").is_file()
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert "cosyvoiced/supervisor.py" in names
+    assert not [name for name in names if name.startswith("tests/")]

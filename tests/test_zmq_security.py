@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import zmq.auth
 
 from cosyvoiced.client import Client, DaemonError, NoReply, load_keypair
 from tests.conftest import DaemonFactory
-from tests.daemon import write_config
+from tests.daemon import wait_until, write_config
 
 LONG_TEXT = " ".join(f"Sentence {n} keeps the worker busy for a while." for n in range(30))
 
@@ -46,6 +47,29 @@ def test_curve_admits_only_authorized_keys(make_daemon: DaemonFactory, tmp_path:
         client.ping()
     with Client(daemon.endpoint, timeout_s=2, retries=0) as client, pytest.raises(NoReply):
         client.ping()
+
+
+def test_sighup_rereads_the_authorized_keys(make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    server_dir, authorized, laptop_dir = (tmp_path / n for n in ("server", "authorized", "laptop"))
+    for directory in (server_dir, authorized, laptop_dir):
+        directory.mkdir()
+    server_public, _ = _keys(server_dir, "server")
+    laptop = _keys(laptop_dir, "laptop")
+    daemon = make_daemon(zmq={"curve": True,
+                              "server_secret_key": str(server_dir / "server.key_secret"),
+                              "authorized_keys_dir": str(authorized)})
+    daemon.start()
+    with Client(daemon.endpoint, server_key=server_public, client_keypair=laptop,
+                timeout_s=2, retries=0) as client, pytest.raises(NoReply):
+        client.ping()
+    (authorized / "laptop.key").write_bytes((laptop_dir / "laptop.key").read_bytes())
+    daemon.signal(signal.SIGHUP)
+    assert daemon.notify is not None
+    notify = daemon.notify
+    wait_until(lambda: notify.count("READY=1") == 2, 30, "the reload")
+    with Client(daemon.endpoint, server_key=server_public, client_keypair=laptop,
+                timeout_s=30) as client:
+        assert client.ping()["ready"] is True
 
 
 @pytest.mark.parametrize(("zmq_settings", "message"), [
