@@ -132,17 +132,21 @@ class Daemon:
         self.config_path = root / "cosyvoiced.toml"
         # ipc:// paths share AF_UNIX's 108-byte limit: a short directory, outside tmp_path.
         self.endpoint = f"ipc://{tempfile.mkdtemp(prefix='cvd-')}/zmq"
-        defaults: dict[str, dict[str, Any]] = {
+        self.configure(**sections)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.notify: NotifySocket | None = None
+        self.runs = 0
+
+    def configure(self, **sections: dict[str, Any]) -> None:
+        """(Re)write the config file: this daemon's paths, plus `sections` (a__b is a.b)."""
+        settings: dict[str, dict[str, Any]] = {
             "spool": {"dir": str(self.spool)},
             "log": {"file": str(self.log_file), "level": "debug"},
             "zmq": {"bind": [self.endpoint]},
         }
         for section, values in sections.items():
-            defaults.setdefault(section.replace("__", "."), {}).update(values)
-        write_config(self.config_path, defaults)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.notify: NotifySocket | None = None
-        self.runs = 0
+            settings.setdefault(section.replace("__", "."), {}).update(values)
+        write_config(self.config_path, settings)
 
     def start(self, extra_env: dict[str, str] | None = None, wait_ready: bool = True,
               journal: bool = False) -> None:

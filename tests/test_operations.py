@@ -10,7 +10,7 @@ import urllib.request
 from typing import Any
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, wait_until, write_config
+from tests.daemon import Daemon, wait_until
 
 TEXT = "Operators read this in the journal."
 
@@ -19,26 +19,14 @@ def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
     return [e for e in daemon.log_events() if e["event"] == name]
 
 
-def rewrite(daemon: Daemon, **sections: dict[str, Any]) -> None:
-    base: dict[str, dict[str, Any]] = {
-        "spool": {"dir": str(daemon.spool)},
-        "log": {"file": str(daemon.log_file), "level": "debug"},
-        "zmq": {"bind": [daemon.endpoint]},
-    }
-    for section, values in sections.items():
-        base.setdefault(section.replace("__", "."), {}).update(values)
-    write_config(daemon.config_path, base)
-
-
 def test_sighup_reloads_what_it_can_and_keeps_a_bad_config_out(
         make_daemon: DaemonFactory) -> None:
     daemon = make_daemon()
     daemon.start()
     notify = daemon.notify
     assert notify is not None
-    rewrite(daemon, spool={"max_text_chars": 20, "dir": str(daemon.spool)},
-            zmq={"bind": [daemon.endpoint], "max_pending": 5},
-            log={"file": str(daemon.log_file), "level": "info", "backups": 9})
+    daemon.configure(spool={"max_text_chars": 20}, zmq={"max_pending": 5},
+                     log={"level": "info", "backups": 9})
     daemon.signal(signal.SIGHUP)
     wait_until(lambda: notify.count("READY=1") == 2, 30, "READY=1 after the reload")
     messages = notify.messages
@@ -64,7 +52,7 @@ def test_sighup_reloads_what_it_can_and_keeps_a_bad_config_out(
 def test_reload_of_engine_settings_recycles_the_worker(make_daemon: DaemonFactory) -> None:
     daemon = make_daemon()
     daemon.start()
-    rewrite(daemon, engine__piper={"noise_scale": 0.0, "noise_w_scale": 0.0})
+    daemon.configure(engine__piper={"noise_scale": 0.0, "noise_w_scale": 0.0})
     daemon.signal(signal.SIGHUP)
     recycle = wait_until(lambda: events(daemon, "worker_recycle"), 30, "the recycle")
     assert recycle[0]["reason"] == "reload"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import zmq.auth
 
 from cosyvoiced.client import Client, DaemonError, NoReply, load_keypair
 from tests.conftest import DaemonFactory
-from tests.daemon import wait_until, write_config
+from tests.daemon import Daemon, wait_until, write_config
 
 LONG_TEXT = " ".join(f"Sentence {n} keeps the worker busy for a while." for n in range(30))
 
@@ -26,18 +27,33 @@ def _keys(directory: Path, name: str) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def test_curve_admits_only_authorized_keys(make_daemon: DaemonFactory, tmp_path: Path) -> None:
-    server_dir, authorized, elsewhere = (tmp_path / n for n in ("server", "authorized", "other"))
-    for directory in (server_dir, authorized, elsewhere):
+def _curve_daemon(make_daemon: DaemonFactory, root: Path,
+                  authorize: tuple[Path, ...] = ()) -> tuple[Daemon, bytes, Path]:
+    """A started daemon with CURVE on, admitting the public key files in `authorize`:
+    (daemon, server public key, authorized keys dir)."""
+    server_dir, authorized = root / "server", root / "authorized"
+    for directory in (server_dir, authorized):
         directory.mkdir()
+    for key in authorize:
+        shutil.copy(key, authorized)
     server_public, _ = _keys(server_dir, "server")
-    known = _keys(authorized, "known")  # its public half, known.key, is what authorizes it
-    (authorized / "known.key_secret").unlink()
-    stranger = _keys(elsewhere, "stranger")
     daemon = make_daemon(zmq={"curve": True,
                               "server_secret_key": str(server_dir / "server.key_secret"),
                               "authorized_keys_dir": str(authorized)})
     daemon.start()
+    return daemon, server_public, authorized
+
+
+def _client_keys(root: Path, name: str) -> tuple[bytes, bytes]:
+    (root / name).mkdir()
+    return _keys(root / name, name)
+
+
+def test_curve_admits_only_authorized_keys(make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    known = _client_keys(tmp_path, "known")  # its public half, known.key, authorizes it
+    daemon, server_public, _ = _curve_daemon(make_daemon, tmp_path,
+                                             authorize=(tmp_path / "known" / "known.key",))
+    stranger = _client_keys(tmp_path, "stranger")
     with Client(daemon.endpoint, server_key=server_public, client_keypair=known,
                 timeout_s=30) as client:
         assert client.ping()["ready"] is True
@@ -50,15 +66,9 @@ def test_curve_admits_only_authorized_keys(make_daemon: DaemonFactory, tmp_path:
 
 
 def test_sighup_rereads_the_authorized_keys(make_daemon: DaemonFactory, tmp_path: Path) -> None:
-    server_dir, authorized, laptop_dir = (tmp_path / n for n in ("server", "authorized", "laptop"))
-    for directory in (server_dir, authorized, laptop_dir):
-        directory.mkdir()
-    server_public, _ = _keys(server_dir, "server")
-    laptop = _keys(laptop_dir, "laptop")
-    daemon = make_daemon(zmq={"curve": True,
-                              "server_secret_key": str(server_dir / "server.key_secret"),
-                              "authorized_keys_dir": str(authorized)})
-    daemon.start()
+    daemon, server_public, authorized = _curve_daemon(make_daemon, tmp_path)
+    laptop = _client_keys(tmp_path, "laptop")
+    laptop_dir = tmp_path / "laptop"
     with Client(daemon.endpoint, server_key=server_public, client_keypair=laptop,
                 timeout_s=2, retries=0) as client, pytest.raises(NoReply):
         client.ping()
