@@ -53,9 +53,16 @@ class Notifier:
             self._status = line
             self._systemd.notify(f"STATUS={line}")
 
+    def next_watchdog_at(self) -> float | None:
+        """When the next WATCHDOG=1 is due (monotonic), or None without a watchdog."""
+        if self.watchdog_interval_s is None:
+            return None
+        return self._last_ping + self.watchdog_interval_s
+
     def watchdog_due(self, now: float) -> bool:
-        interval = self.watchdog_interval_s
-        return interval is not None and now - self._last_ping >= interval
+        due = self.next_watchdog_at()
+        # A wake-up a hair early still counts: waiting a whole interval more would double it.
+        return due is not None and now >= due - 0.005
 
     def watchdog(self, now: float) -> None:
         self._last_ping = now

@@ -16,7 +16,6 @@ import queue
 import signal
 import socket
 import time
-from collections import Counter
 from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any, Protocol
@@ -51,6 +50,7 @@ from cosyvoiced.messages import (
 )
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.notify import Notifier
+from cosyvoiced.pool import WorkerPool
 from cosyvoiced.protocol import Request
 from cosyvoiced.spool import Claimed, Spool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
@@ -89,7 +89,6 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.reload_error: str | None = None
-        self.recycle_requested: str | None = None  # by a reload that changed the engine
         self.metrics = Metrics()
         self.next_extend = 0.0
         self.spool = Spool(config.spool.dir)
@@ -102,17 +101,9 @@ class Supervisor:
         self.inbox = InboxIntake(self.spool, self._claims, self.wake)
         self.zmq = zmq_intake.ZmqIntake(config.zmq, self.limits, self.wake)
         self.ledger = Ledger()
-        self.worker: WorkerHandle | None = None  # the one that serves jobs
-        self.spare: WorkerHandle | None = None  # loading to take over (worker.spare)
-        self.retiring: list[WorkerHandle] = []  # exiting, escalated at their deadlines
-        self.recycle_pending: str | None = None
-        self.recycles: Counter[str] = Counter()
+        self.pool = WorkerPool(lambda: self.config, self.metrics)
         self.voices: list[VoiceInfo] = []
         self.engine_name = config.engine.name
-        self.generation = 0
-        self.start_failures = 0
-        self.last_load_error = ""
-        self.respawn_at = 0.0
         self.ready = False
         self.stopping = False
         self.stop_deadline = 0.0
@@ -142,7 +133,7 @@ class Supervisor:
         log.info("starting", version=__version__, spool=str(self.spool.root),
                  engine=self.config.engine.name)
         self._recover()
-        self.worker = self._spawn(time.monotonic())
+        self.pool.active = self.pool.spawn(time.monotonic())
         try:
             self.zmq.start()
             if self.config.metrics.listen:
@@ -150,7 +141,7 @@ class Supervisor:
         except (OSError, ZMQError) as error:
             log.critical("listen_failed", error=str(error),
                          message="cannot listen on a zmq.bind or metrics.listen address")
-            self.worker.kill_now()
+            self.pool.active.kill_now()
             return EXIT_LISTEN
         self.inbox.start()
         while self.exit_code is None:
@@ -162,16 +153,15 @@ class Supervisor:
         return self.exit_code
 
     def _timeout(self, now: float) -> float:
-        deadlines = [self.next_scan, now + MAX_TICK_S, *(h.deadline for h in self.retiring)]
-        if self.worker is None and not self.stopping:
-            deadlines.append(self.respawn_at)
-        if self.notifier.watchdog_interval_s is not None:
-            deadlines.append(now + self.notifier.watchdog_interval_s)
+        deadlines = [self.next_scan, now + MAX_TICK_S, *self.pool.deadlines(self.stopping)]
+        watchdog = self.notifier.next_watchdog_at()
+        if watchdog is not None:
+            deadlines.append(watchdog)
         return max(0.0, min(deadlines) - now)
 
     def _wait(self, timeout: float) -> None:
         waitables: list[object] = [self._wake_receiver]
-        for handle in self._handles():
+        for handle in self.pool.handles():
             waitables.append(handle.sentinel)
             if not handle.conn.closed:
                 waitables.append(handle.conn)
@@ -201,8 +191,8 @@ class Supervisor:
             self.notifier.watchdog(now)
             self.metrics.watchdog_pings.inc()
         self.metrics.queue_depth.set(len(self.ledger))
-        if self.worker is not None:
-            self.metrics.worker(self.worker.generation, self.worker.memory)
+        if self.pool.active is not None:
+            self.metrics.worker(self.pool.active.generation, self.pool.active.memory)
 
     def _handle_signals(self, now: float) -> None:
         while self._signals:
@@ -231,7 +221,7 @@ class Supervisor:
         self.zmq.reload_keys()  # authorized client keys may have changed on disk
         logs.set_level(plan.config.log.level)
         if plan.engine_changed:
-            self.recycle_requested = "reload"
+            self.pool.recycle_requested = "reload"
         log.info("reloaded", applied=plan.applied, restart_required=plan.restart_required,
                  recycle_worker=plan.engine_changed)
         if plan.restart_required:
@@ -327,9 +317,9 @@ class Supervisor:
         running = self.ledger.running
         if running is None or running.job.id != job_id:
             return False
-        if not running.cancel_requested and self.worker is not None:
+        if not running.cancel_requested and self.pool.active is not None:
             running.cancel_requested = True
-            self.worker.send(CancelJob(job_id))
+            self.pool.active.send(CancelJob(job_id))
         return True
 
     def _record_cancel(self, job: Job) -> None:
@@ -338,7 +328,7 @@ class Supervisor:
         log.info("job", job=job.id, source=job.source, outcome="cancelled", chars=job.chars)
 
     def stats(self) -> dict[str, Any]:
-        worker = self.worker
+        worker = self.pool.active
         running = self.ledger.running
         return {
             "version": __version__, "pid": os.getpid(), "engine": self.engine_name,
@@ -349,41 +339,23 @@ class Supervisor:
                 "state": str(worker.state), "generation": worker.generation,
                 "pid": worker.pid, "jobs_served": worker.jobs_served,
                 **worker.memory.to_dict()},
-            "recycles": dict(self.recycles),
+            "recycles": dict(self.pool.recycles),
         }
 
     # -- the workers --------------------------------------------------------------------
-    def _handles(self) -> list[WorkerHandle]:
-        return [h for h in (self.worker, self.spare, *self.retiring) if h is not None]
-
-    def _spawn(self, now: float, role: str = "active") -> WorkerHandle:
-        self.generation += 1
-        return WorkerHandle(self.config, self.generation, now, role)
-
     def _handle_workers(self, now: float) -> None:
-        for handle in self._handles():
-            for message in handle.messages(now):
-                self._on_message(handle, message, now)
-        self._reap_retiring(now)
-        self._watch_spare(now)
+        for handle, message in self.pool.messages(now):
+            self._on_message(handle, message, now)
+        self.pool.reap(now, lambda handle, message: self._on_message(handle, message, now))
+        if self.pool.spare_failed(now):
+            self._count_start_failure(now)
         self._watch_active(now)
-        self._promote_spare(now)
-        if self.worker is None and self.spare is None and not self.retiring and \
-                not self.stopping and now >= self.respawn_at:
-            self.worker = self._spawn(now)
-
-    def _reap_retiring(self, now: float) -> None:
-        for handle in list(self.retiring):
-            if not handle.alive():
-                for message in handle.messages(now):
-                    self._on_message(handle, message, now)
-                handle.reap()
-                self.retiring.remove(handle)
-            elif now >= handle.deadline:
-                handle.escalate(now)
+        if not self.stopping:
+            self.pool.promote_spare(now)
+            self.pool.spawn_if_due(now)
 
     def _watch_active(self, now: float) -> None:
-        worker = self.worker
+        worker = self.pool.active
         if worker is None:
             return
         settings = self.config.worker
@@ -392,9 +364,9 @@ class Supervisor:
             for message in worker.messages(now):  # whatever it sent before it died
                 self._on_message(worker, message, now)
             self._lose_active(worker, now, "exited")
-        elif not worker.ready and worker.state != WorkerState.DRAINING and \
-                now - worker.started_at > settings.start_timeout_s:
-            self.last_load_error = f"engine did not load within {settings.start_timeout_s:g} s"
+        elif not worker.ready and now - worker.started_at > settings.start_timeout_s:
+            self.pool.last_load_error = (f"engine did not load within "
+                                         f"{settings.start_timeout_s:g} s")
             self._lose_active(worker, now, "start_timeout")
         elif running is not None and policy.hung(running.last_progress, now,
                                                  running.job.chars, settings):
@@ -403,92 +375,33 @@ class Supervisor:
             self._lose_active(worker, now, "heartbeat_timeout")
 
     def _lose_active(self, worker: WorkerHandle, now: float, reason: str) -> None:
-        """The active worker died or must die: kill it, settle its job, plan a new one."""
+        """The active worker died or must die: settle its job, plan a new one."""
         never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
-        self.worker = None
-        if worker.alive():
-            worker.terminate(now, reason=reason)
-        self.retiring.append(worker)
-        self.metrics.worker_losses.labels(reason).inc()
+        self.pool.retire_active(now, reason)
         if not self.stopping:
             log.error("worker_lost", reason=reason, generation=worker.generation,
                       worker_pid=worker.pid, exitcode=worker.exitcode(),
                       during="start" if never_ready else "service")
         running = self.ledger.take_running()
         if running is not None:
-            self._after_crash(running, reason, now)
-        self.respawn_at = now
+            self._after_crash(running, reason)
         if never_ready and not self.stopping:
             self._count_start_failure(now)
 
-    def _watch_spare(self, now: float) -> None:
-        spare = self.spare
-        if spare is None:
-            return
-        timed_out = not spare.ready and now - spare.started_at > self.config.worker.start_timeout_s
-        if spare.alive() and not timed_out:
-            return
-        log.error("spare_lost", generation=spare.generation, exitcode=spare.exitcode(),
-                  reason="start_timeout" if timed_out else "exited")
-        self.spare = None
-        self.recycle_pending = None  # decided again at the next check
-        if spare.alive():
-            spare.terminate(now)
-        self.retiring.append(spare)
-        self._count_start_failure(now)
-
-    def _promote_spare(self, now: float) -> None:
-        spare = self.spare
-        if spare is None or not spare.ready:
-            return
-        active = self.worker
-        if active is not None:
-            if active.state == WorkerState.BUSY:
-                return  # the hand-over waits for the job in hand
-            active.drain(now, self.config.worker.kill_grace_s)
-            self.retiring.append(active)
-        self.worker, self.spare, self.recycle_pending = spare, None, None
-        log.info("worker_promoted", generation=spare.generation, worker_pid=spare.pid)
-
     def _check_recycle(self, now: float) -> None:
-        """After a job, and on idle heartbeats: replace a worker that passed a limit."""
-        worker = self.worker
-        if worker is None or worker.state != WorkerState.IDLE or self.recycle_pending or \
-                self.stopping:
-            return
-        settings = self.config.worker
-        reason = self.recycle_requested or policy.recycle_reason(worker.memory,
-                                                                 worker.jobs_served, settings)
-        if reason is None:
-            return
-        self.recycle_requested = None
-        self.recycles[reason] += 1
-        self.metrics.recycles.labels(reason).inc()
-        log.info("worker_recycle", reason=reason, generation=worker.generation,
-                 jobs_served=worker.jobs_served, **worker.memory.to_dict(),
-                 rss_limit=settings.rss_limit, gpu_memory_limit=settings.gpu_memory_limit,
-                 max_jobs=settings.max_jobs, spare=settings.spare)
-        if settings.spare:
-            self.recycle_pending = reason
-            self.spare = self._spawn(now, role="spare")
-        else:
-            # The old process must be gone before the new one loads: only its exit gives
-            # its GPU memory (the CUDA context) back.
-            self.worker = None
-            worker.drain(now, self.config.worker.kill_grace_s)
-            self.retiring.append(worker)
-            self.respawn_at = now
+        if not self.stopping:
+            self.pool.recycle_if_due(now)
 
     def _on_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
         if isinstance(message, LogLine):
             logs.forward(message.levelno, message.line)
         elif isinstance(message, Heartbeat):
             worker.memory = message.memory
-            if worker is self.worker and self.ledger.running is None:
+            if worker is self.pool.active and self.ledger.running is None:
                 self._check_recycle(now)
         elif isinstance(message, EngineWarming | EngineReady | EngineLoadFailed):
             self._on_engine(worker, message)
-        elif worker is self.worker:
+        elif worker is self.pool.active:
             self._on_job_message(worker, message, now)
 
     def _on_engine(self, worker: WorkerHandle,
@@ -499,7 +412,7 @@ class Supervisor:
             case EngineReady():
                 self._on_ready(worker, message)
             case EngineLoadFailed(reason):
-                self.last_load_error = reason
+                self.pool.last_load_error = reason
 
     def _on_job_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
         running = self.ledger.running
@@ -527,7 +440,7 @@ class Supervisor:
             running.chunks.append(message.audio)
 
     def _on_ready(self, worker: WorkerHandle, message: EngineReady) -> None:
-        self.start_failures = 0
+        self.pool.start_failures = 0
         self.voices = message.voices
         self.engine_name = message.engine
         worker.set_state(WorkerState.IDLE, engine=message.engine, load_s=message.load_s,
@@ -539,19 +452,17 @@ class Supervisor:
             log.info("ready", engine=message.engine, default_voice=message.default_voice)
 
     def _count_start_failure(self, now: float) -> None:
-        self.start_failures += 1
-        limit = self.config.worker.max_start_failures
-        if self.start_failures >= limit:
-            log.critical("worker_start_failed", failures=self.start_failures,
-                         reason=self.last_load_error, exit_code=EXIT_WORKER_START,
-                         message=f"the engine failed to start {self.start_failures} times in a "
-                                 f"row; giving up so that systemd's restart limits apply")
-            self._begin_stop(now, "worker start failures")
-            self.exit_code = EXIT_WORKER_START
+        if not self.pool.start_failed(now):
             return
-        self.respawn_at = now + policy.respawn_delay_s(self.start_failures)
+        failures = self.pool.start_failures
+        log.critical("worker_start_failed", failures=failures, reason=self.pool.last_load_error,
+                     exit_code=EXIT_WORKER_START,
+                     message=f"the engine failed to start {failures} times in a row; giving up "
+                             "so that systemd's restart limits apply")
+        self._begin_stop(now, "worker start failures")
+        self.exit_code = EXIT_WORKER_START
 
-    def _after_crash(self, running: Running, reason: str, now: float) -> None:
+    def _after_crash(self, running: Running, reason: str) -> None:
         job = running.job
         crashes = self.ledger.count_crash(job)
         what = (f"hung (no progress for "
@@ -573,7 +484,7 @@ class Supervisor:
         return self.zmq if job.sink == SINK_REPLY else self.inbox
 
     def _dispatch(self, now: float) -> None:
-        worker = self.worker
+        worker = self.pool.active
         if self.stopping or self.ledger.running or worker is None or not self.ledger.queue or \
                 worker.state != WorkerState.IDLE:
             return
@@ -590,7 +501,8 @@ class Supervisor:
         if worker.state == WorkerState.BUSY:
             worker.set_state(WorkerState.IDLE)
         self._check_recycle(now)
-        self._promote_spare(now)
+        if not self.stopping:
+            self.pool.promote_spare(now)
         return running
 
     def _finish(self, worker: WorkerHandle, result: JobResult, now: float) -> None:
@@ -679,27 +591,18 @@ class Supervisor:
         running = self.ledger.running
         if running is not None and now < self.stop_deadline:
             return  # let the job in hand finish
-        worker, spare = self.worker, self.spare
-        self.worker = self.spare = None
-        if running is not None and worker is not None:
+        if running is not None:
             log.warning("drain_timeout", job=running.job.id)
             self.ledger.take_running()
             self._release_unstarted(running.job)
-            worker.terminate(now, reason="drain timeout")
-            self.retiring.append(worker)
-        elif worker is not None:
-            worker.drain(now, self.config.worker.kill_grace_s)
-            self.retiring.append(worker)
-        if spare is not None:
-            spare.terminate(now, reason="stopping")
-            self.retiring.append(spare)
-        if not self.retiring and self.exit_code is None:
+        self.pool.retire_all(now, job_in_hand=running is not None)
+        if not self.pool.retiring and self.exit_code is None:
             self.exit_code = EXIT_OK
 
     # -- reporting ----------------------------------------------------------------------
     def _healthy(self, now: float) -> bool:
         """The worker is busy with progress, idle and answering, or (re)starting in time."""
-        worker = self.worker
+        worker = self.pool.active
         settings = self.config.worker
         if worker is None or not worker.ready:
             return True  # (re)starting is progress; the start timeout bounds it
@@ -709,7 +612,7 @@ class Supervisor:
         return not policy.silent(worker.last_heard, now, settings)
 
     def status_line(self) -> str:
-        worker = self.worker
+        worker = self.pool.active
         running = self.ledger.running
         if self.stopping:
             state = "stopping"
@@ -732,8 +635,9 @@ class Supervisor:
             gpu = worker.memory.gpu_peak_bytes
             if gpu is not None:
                 line += f", gpu {gpu >> 20} MiB"
-        if self.recycles:
-            line += "; recycled " + ", ".join(f"{r} {n}" for r, n in sorted(self.recycles.items()))
+        if self.pool.recycles:
+            line += "; recycled " + ", ".join(
+                f"{reason} {n}" for reason, n in sorted(self.pool.recycles.items()))
         if self.reload_error:
             line += f"; config reload failed, running the old one: {self.reload_error}"
         return line
