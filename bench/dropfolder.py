@@ -4,10 +4,11 @@
 
 Throughput: the same sentences synthesized (a) by the Piper engine called directly in this
 process and (b) through the daemon (rename into inbox/ -> result in outbox/), alternating
-direct and daemon rounds so that both see the same machine. Pickup latency: one job at a
-time, from the rename into inbox/ to the worker starting synthesis (the `started_at` the
-worker records). Idle CPU: the daemon's processes over 10 s with nothing to do.
-Prints one JSON object.
+direct and daemon every `--block` sentences so that both see the same machine (a shared
+machine's speed drifts over a run). The supervisor's own CPU time per job is reported too.
+Pickup latency: one job at a time, from the rename into inbox/ to the worker starting
+synthesis (the `started_at` the worker records). Idle CPU: the daemon's processes over 10 s
+with nothing to do. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from typing import Any
 # Run from anywhere: the repository, not bench/ (whose zmq.py would shadow pyzmq), on the path.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.common import Daemon, children, idle_cpu_percent, sentences, summary_ms  # noqa: E402
+from bench.common import (  # noqa: E402
+    Daemon,
+    children,
+    cpu_seconds,
+    idle_cpu_percent,
+    sentences,
+    summary_ms,
+)
 from cosyvoiced.config import EngineConfig  # noqa: E402
 from cosyvoiced.engines import Engine, SynthesisRequest, load_engine  # noqa: E402
 
@@ -80,7 +88,7 @@ def pickup_latencies(daemon: Daemon, texts: list[str]) -> list[float]:
     return latencies
 
 
-def run(count: int, rounds: int) -> dict[str, Any]:
+def run(count: int, rounds: int, block: int) -> dict[str, Any]:
     texts = sentences(count)
     engine = load_engine(EngineConfig())
     direct_round(engine, texts[:3])  # warm-up, as the daemon's worker does
@@ -91,9 +99,13 @@ def run(count: int, rounds: int) -> dict[str, Any]:
             assert daemon.process is not None
             direct: list[tuple[float, float]] = []
             through: list[tuple[float, float]] = []
+            supervisor_cpu = cpu_seconds(daemon.process.pid)
             for r in range(rounds):
-                direct.append(direct_round(engine, texts))
-                through.append(daemon_round(daemon, texts, f"round{r}"))
+                for start in range(0, len(texts), block):
+                    part = texts[start:start + block]
+                    direct.append(direct_round(engine, part))
+                    through.append(daemon_round(daemon, part, f"r{r}b{start}"))
+            supervisor_cpu = cpu_seconds(daemon.process.pid) - supervisor_cpu
             pickup = pickup_latencies(daemon, texts)
             time.sleep(1.0)  # let the last writes settle before measuring idle
             pids = [daemon.process.pid, *children(daemon.process.pid)]
@@ -109,12 +121,14 @@ def run(count: int, rounds: int) -> dict[str, Any]:
         "benchmark": "dropfolder",
         "sentences": count,
         "rounds": rounds,
+        "block": block,
         "cpus": os.cpu_count(),
         "direct": {"jobs_per_s": round(jobs / direct_s, 3),
                    "audio_s_per_s": round(audio_direct / direct_s, 3)},
         "daemon": {"jobs_per_s": round(jobs / daemon_s, 3),
                    "audio_s_per_s": round(audio_daemon / daemon_s, 3)},
         "throughput_ratio": round(direct_s / daemon_s, 3),
+        "supervisor_cpu_ms_per_job": round(supervisor_cpu / jobs * 1000, 2),
         "pickup_latency": summary_ms(pickup),
         "idle_cpu_percent_10s": idle,
     }
@@ -125,8 +139,9 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--block", type=int, default=10)
     args = parser.parse_args()
-    print(json.dumps(run(args.sentences, args.rounds), indent=2))
+    print(json.dumps(run(args.sentences, args.rounds, args.block), indent=2))
     return 0
 
 
