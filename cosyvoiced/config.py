@@ -85,6 +85,9 @@ class SpoolConfig:
 class PiperConfig:
     voices: list[str] = _setting([], path=True)  # noqa: RUF009 - returns a field()
     use_cuda: bool = False
+    # onnxruntime's CPU memory arena keeps the peak a long sentence needed; off, RSS stays
+    # near its working size at a small cost in speed.
+    memory_arena: bool = True
     # Unset: each voice's own. 0 and 0 make synthesis deterministic (same text, same audio).
     noise_scale: float | None = _setting(None, _at_least(0))
     noise_w_scale: float | None = _setting(None, _at_least(0))

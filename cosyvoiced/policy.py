@@ -13,9 +13,15 @@ AUTO_TIMEOUT_PER_CHAR_S = 0.2
 
 
 def recycle_reason(memory: Memory, jobs_served: int, settings: WorkerConfig) -> str | None:
-    """Why the worker should be replaced now, or None. Reasons: max_jobs, gpu_memory, rss."""
+    """Why the worker should be replaced now, or None. Reasons: max_jobs, gpu_memory, rss.
+
+    A worker that has served no job is never recycled for memory: over a limit already, its
+    replacement would be too, and the daemon would do nothing but reload the model.
+    """
     if settings.max_jobs and jobs_served >= settings.max_jobs:
         return "max_jobs"
+    if jobs_served == 0:
+        return None
     gpu = memory.gpu_peak_bytes
     if settings.gpu_memory_limit and gpu is not None and gpu > settings.gpu_memory_limit:
         return "gpu_memory"

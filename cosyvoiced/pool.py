@@ -122,6 +122,7 @@ class WorkerPool:
         reason = self.recycle_requested or policy.recycle_reason(worker.memory,
                                                                  worker.jobs_served, settings)
         if reason is None:
+            self._warn_if_limit_below_idle(worker)
             return
         self.recycle_requested = None
         self.recycles[reason] += 1
@@ -140,6 +141,19 @@ class WorkerPool:
             worker.drain(now, settings.kill_grace_s)
             self.retiring.append(worker)
             self.respawn_at = now
+
+    def _warn_if_limit_below_idle(self, worker: WorkerHandle) -> None:
+        """Say once per worker if a fresh, idle worker is already over a memory limit."""
+        settings = self._config().worker
+        if worker.jobs_served or worker.warned_over_limit or \
+                policy.recycle_reason(worker.memory, 1, settings) not in ("rss", "gpu_memory"):
+            return
+        worker.warned_over_limit = True
+        log.warning("memory_limit_below_idle", generation=worker.generation,
+                    **worker.memory.to_dict(), rss_limit=settings.rss_limit,
+                    gpu_memory_limit=settings.gpu_memory_limit,
+                    message="a freshly loaded worker is already over a memory limit; it is "
+                            "not recycled for it (its replacement would be too): raise the limit")
 
     def start_failed(self, now: float) -> bool:
         """Count a failed start; True once `worker.max_start_failures` is reached."""

@@ -41,6 +41,7 @@ class WorkerHandle:
         self.last_heard = now
         self.memory = Memory(0)
         self.jobs_served = 0
+        self.warned_over_limit = False
         self.conn = parent
         self.deadline = float("inf")  # when retiring: when to escalate
         self._kill_grace_s = config.worker.kill_grace_s

@@ -26,6 +26,12 @@ def test_recycle_reason(memory: Memory, jobs: int, reason: str | None) -> None:
     assert recycle_reason(memory, jobs, LIMITS) == reason
 
 
+def test_a_fresh_worker_is_not_recycled_for_memory() -> None:
+    """Over a limit before any job: recycling would only reload the model, forever."""
+    assert recycle_reason(Memory(900 * MiB, gpu_bytes=2000 * MiB), 0, LIMITS) is None
+    assert recycle_reason(Memory(900 * MiB), 1, LIMITS) == "rss"
+
+
 def test_zero_turns_every_limit_off() -> None:
     assert recycle_reason(Memory(1 << 40, 1 << 40, 1 << 40), 10**6, WorkerConfig()) is None
 

