@@ -15,6 +15,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -163,9 +164,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=24)
     args = parser.parse_args()
-    try:
-        import flask  # noqa: F401, PLC0415 - only piper.http_server needs it
-    except ImportError:
+    if importlib.util.find_spec("flask") is None:  # only piper.http_server needs it
         print("bench/peer.py: piper.http_server needs flask: "
               ".venv/bin/pip install -e '.[bench]'", file=sys.stderr)
         return 2
