@@ -7,7 +7,7 @@ the crash counts that tell a poison job from bad luck.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +90,3 @@ class Ledger:
             if job.id == job_id:
                 return {"state": "queued", "source": job.source, "position": position}
         return self.finished.get(job_id)
-
-    def jobs_matching(self, wanted: Callable[[Job], bool]) -> list[Job]:
-        jobs = [job for job in self.queue if wanted(job)]
-        if self.running is not None and wanted(self.running.job):
-            jobs.append(self.running.job)
-        return jobs
