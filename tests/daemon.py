@@ -183,10 +183,12 @@ class Daemon:
     def output(self) -> str:
         return (self.root / f"stdout.{self.runs}.log").read_text(errors="replace")
 
-    def log_events(self) -> list[dict[str, Any]]:
+    def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The JSON lines of the log file; only those of `event`, if given."""
         if not self.log_file.exists():
             return []
-        return [json.loads(line) for line in self.log_file.read_text().splitlines() if line]
+        lines = [json.loads(line) for line in self.log_file.read_text().splitlines() if line]
+        return [e for e in lines if event is None or e["event"] == event]
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

@@ -150,7 +150,7 @@ def test_engine_that_cannot_load_exits_with_distinct_code(make_daemon: DaemonFac
     assert daemon.wait_exit(timeout_s=90) == 3
     assert daemon.notify is not None
     assert not daemon.notify.seen("READY=1")
-    fatal = [e for e in daemon.log_events() if e["event"] == "worker_start_failed"]
+    fatal = daemon.log_events("worker_start_failed")
     assert len(fatal) == 1
     assert "no-such-voice" in fatal[0]["reason"]
 

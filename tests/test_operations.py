@@ -7,16 +7,11 @@ import re
 import signal
 import socket
 import urllib.request
-from typing import Any
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, wait_until
+from tests.daemon import wait_until
 
 TEXT = "Operators read this in the journal."
-
-
-def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
-    return [e for e in daemon.log_events() if e["event"] == name]
 
 
 def test_sighup_reloads_what_it_can_and_keeps_a_bad_config_out(
@@ -33,7 +28,7 @@ def test_sighup_reloads_what_it_can_and_keeps_a_bad_config_out(
     reloading = messages.index("RELOADING=1")
     assert re.fullmatch(r"MONOTONIC_USEC=\d+", messages[reloading + 1])
     assert reloading < len(messages) - 1 - messages[::-1].index("READY=1")
-    reloaded = events(daemon, "reloaded")[-1]
+    reloaded = daemon.log_events("reloaded")[-1]
     assert set(reloaded["applied"]) == {"spool.max_text_chars", "zmq.max_pending", "log.level"}
     assert reloaded["restart_required"] == ["log.backups"]
     assert reloaded["recycle_worker"] is False
@@ -54,9 +49,9 @@ def test_reload_of_engine_settings_recycles_the_worker(make_daemon: DaemonFactor
     daemon.start()
     daemon.configure(engine__piper={"noise_scale": 0.0, "noise_w_scale": 0.0})
     daemon.signal(signal.SIGHUP)
-    recycle = wait_until(lambda: events(daemon, "worker_recycle"), 30, "the recycle")
+    recycle = wait_until(lambda: daemon.log_events("worker_recycle"), 30, "the recycle")
     assert recycle[0]["reason"] == "reload"
-    wait_until(lambda: [e for e in events(daemon, "worker_state")
+    wait_until(lambda: [e for e in daemon.log_events("worker_state")
                         if e["state"] == "idle" and e["generation"] == 2], 60, "worker 2")
     daemon.drop("after-reload.txt", TEXT)
     daemon.wait_done("after-reload.txt")
@@ -142,6 +137,6 @@ def test_a_taken_address_stops_start_up_with_a_clear_line(make_daemon: DaemonFac
         daemon = make_daemon(zmq={"bind": [f"tcp://127.0.0.1:{port}"]})
         daemon.start(wait_ready=False)
         assert daemon.wait_exit(timeout_s=60) == 1
-    failed = events(daemon, "listen_failed")
+    failed = daemon.log_events("listen_failed")
     assert failed
     assert "Address already in use" in failed[0]["error"]

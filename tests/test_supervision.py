@@ -20,12 +20,8 @@ QUICK = {"job_timeout_s": 2.0, "kill_grace_s": 1.0, "heartbeat_interval_s": 0.5,
          "heartbeat_timeout_s": 3.0}
 
 
-def events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
-    return [e for e in daemon.log_events() if e["event"] == name]
-
-
 def generations(daemon: Daemon) -> list[int]:
-    return [e["generation"] for e in events(daemon, "worker_state") if e["state"] == "starting"]
+    return [e["generation"] for e in daemon.log_events("worker_state") if e["state"] == "starting"]
 
 
 def faulty_daemon(make_daemon: DaemonFactory, **worker: Any) -> Daemon:
@@ -44,9 +40,9 @@ def test_hung_job_is_killed_retried_then_quarantined(make_daemon: DaemonFactory)
     assert "hung (no progress for 2 s)" in record["message"]
     daemon.wait_done("before.txt")
     daemon.wait_done("after.txt")
-    lost = [e["reason"] for e in events(daemon, "worker_lost")]
+    lost = [e["reason"] for e in daemon.log_events("worker_lost")]
     assert lost == ["job_timeout", "job_timeout"]
-    assert len(events(daemon, "job_retry")) == 1
+    assert len(daemon.log_events("job_retry")) == 1
     assert len(generations(daemon)) == 3  # the first, the retry's, and the one after
 
 
@@ -55,7 +51,7 @@ def test_job_that_hangs_once_succeeds_on_retry(make_daemon: DaemonFactory,
     daemon = faulty_daemon(make_daemon)
     daemon.drop("once.txt", f"Hang the first time. HANG_ONCE@{tmp_path / 'marker'}.")
     daemon.wait_done("once.txt", timeout_s=60)
-    assert [e["reason"] for e in events(daemon, "job_retry")] == ["job_timeout"]
+    assert [e["reason"] for e in daemon.log_events("job_retry")] == ["job_timeout"]
 
 
 def test_crashing_job_is_retried_once_then_failed(make_daemon: DaemonFactory) -> None:
@@ -66,7 +62,7 @@ def test_crashing_job_is_retried_once_then_failed(make_daemon: DaemonFactory) ->
     assert record["code"] == "worker_crashed"
     assert "died" in record["message"]
     daemon.wait_done("fine.txt")
-    exits = [e for e in events(daemon, "worker_state") if e["state"] == "dead"]
+    exits = [e for e in daemon.log_events("worker_state") if e["state"] == "dead"]
     assert [e["signal"] for e in exits[:2]] == ["SIGABRT", "SIGABRT"]
 
 
@@ -77,12 +73,12 @@ def test_leaking_worker_is_recycled_at_the_rss_limit(make_daemon: DaemonFactory)
         daemon.drop(name, "This job will LEAK memory.")
     for name in names:
         daemon.wait_done(name)
-    recycles = events(daemon, "worker_recycle")
+    recycles = daemon.log_events("worker_recycle")
     assert recycles, "the leak must trip the limit"
     assert {r["reason"] for r in recycles} == {"rss"}
     assert all(r["rss_bytes"] > 200 << 20 for r in recycles)
     # Each recycle replaces the worker once the old one has exited.
-    wait_until(lambda: len(generations(daemon)) == len(events(daemon, "worker_recycle")) + 1,
+    wait_until(lambda: len(generations(daemon)) == len(daemon.log_events("worker_recycle")) + 1,
                30, "one new worker per recycle")
     assert daemon.notify is not None
     notify = daemon.notify
@@ -98,7 +94,7 @@ def test_piper_long_paragraph_trips_a_low_rss_limit(make_daemon: DaemonFactory) 
     paragraph = ", ".join([long_sentence] * 3) + "."
     daemon.drop("paragraph.txt", paragraph)
     daemon.wait_done("paragraph.txt")
-    recycle = wait_until(lambda: events(daemon, "worker_recycle"), 30, "the recycle")
+    recycle = wait_until(lambda: daemon.log_events("worker_recycle"), 30, "the recycle")
     assert recycle[0]["reason"] == "rss"
     for n in range(3):
         daemon.drop(f"next-{n}.txt", "The next jobs are served by the new worker.")
@@ -106,7 +102,7 @@ def test_piper_long_paragraph_trips_a_low_rss_limit(make_daemon: DaemonFactory) 
         record = daemon.wait_done(f"next-{n}.txt")
         assert_speech(daemon.outbox / record["file"], 22050, "The next jobs are served by the "
                       "new worker.")
-    busy = [e for e in events(daemon, "worker_state") if e["state"] == "busy"]
+    busy = [e for e in daemon.log_events("worker_state") if e["state"] == "busy"]
     assert busy[-1]["generation"] == 2
 
 
@@ -119,9 +115,9 @@ def test_max_jobs_recycles_without_losing_queued_jobs(make_daemon: DaemonFactory
         daemon.drop(name, "Count me. SLOW@0.2")
     for name in names:
         daemon.wait_done(name)
-    recycles = events(daemon, "worker_recycle")
+    recycles = daemon.log_events("worker_recycle")
     assert {r["reason"] for r in recycles} == {"max_jobs"}
-    served = [e for e in events(daemon, "worker_state") if e["state"] == "busy"]
+    served = [e for e in daemon.log_events("worker_state") if e["state"] == "busy"]
     per_generation: dict[int, int] = {}
     for event in served:
         per_generation[event["generation"]] = per_generation.get(event["generation"], 0) + 1
@@ -129,12 +125,12 @@ def test_max_jobs_recycles_without_losing_queued_jobs(make_daemon: DaemonFactory
         # The old worker keeps serving while its replacement loads, then hands over (how
         # often depends on how fast the spare loads on this machine).
         assert recycles
-        assert events(daemon, "worker_promoted")
+        assert daemon.log_events("worker_promoted")
         assert len(per_generation) >= 2
     else:
         assert len(recycles) >= 3
         assert max(per_generation.values()) <= 2
-        assert not events(daemon, "worker_promoted")
+        assert not daemon.log_events("worker_promoted")
     with Client(daemon.endpoint) as client:
         stats = client.stats()
     assert stats["recycles"]["max_jobs"] == len(recycles)
@@ -143,11 +139,11 @@ def test_max_jobs_recycles_without_losing_queued_jobs(make_daemon: DaemonFactory
 
 def test_stopped_worker_is_killed_and_replaced(make_daemon: DaemonFactory) -> None:
     daemon = faulty_daemon(make_daemon)
-    worker_pid = [e["worker_pid"] for e in events(daemon, "worker_state")][-1]
+    worker_pid = [e["worker_pid"] for e in daemon.log_events("worker_state")][-1]
     os.kill(worker_pid, signal.SIGSTOP)  # no heartbeats; SIGTERM stays pending: SIGKILL it is
     wait_until(lambda: any(e["reason"] == "heartbeat_timeout"
-                           for e in events(daemon, "worker_lost")), 30, "the silent worker")
-    wait_until(lambda: events(daemon, "worker_sigkill"), 30, "the escalation to SIGKILL")
+                           for e in daemon.log_events("worker_lost")), 30, "the silent worker")
+    wait_until(lambda: daemon.log_events("worker_sigkill"), 30, "the escalation to SIGKILL")
     daemon.drop("after-stop.txt", "Served by the replacement.")
     daemon.wait_done("after-stop.txt")
 
@@ -157,7 +153,7 @@ def test_engine_that_fails_to_load_exits_with_code_3(make_daemon: DaemonFactory)
                          worker={"max_start_failures": 3})
     daemon.start(wait_ready=False)
     assert daemon.wait_exit(timeout_s=90) == 3
-    fatal = events(daemon, "worker_start_failed")
+    fatal = daemon.log_events("worker_start_failed")
     assert "this model cannot load" in fatal[0]["reason"]
     assert len(generations(daemon)) == 3
 
@@ -191,7 +187,7 @@ def test_gpu_memory_limit_recycles_and_nvml_drops(make_daemon: DaemonFactory) ->
         daemon.drop(f"cuda-{n}.txt", "Allocate a quarter gigabyte.")
     for n in range(8):
         daemon.wait_done(f"cuda-{n}.txt")
-    recycles = events(daemon, "worker_recycle")
+    recycles = daemon.log_events("worker_recycle")
     assert recycles
     assert recycles[0]["reason"] == "gpu_memory"
     assert recycles[0]["gpu_bytes"] > 1 << 30
@@ -206,13 +202,13 @@ def test_gpu_memory_limit_recycles_and_nvml_drops(make_daemon: DaemonFactory) ->
 def test_a_limit_below_the_idle_footprint_warns_instead_of_looping(
         make_daemon: DaemonFactory) -> None:
     daemon = faulty_daemon(make_daemon, rss_limit="20MiB")
-    wait_until(lambda: events(daemon, "memory_limit_below_idle"), 30, "the warning")
-    assert not events(daemon, "worker_recycle")  # idle and over: no reload loop
+    wait_until(lambda: daemon.log_events("memory_limit_below_idle"), 30, "the warning")
+    assert not daemon.log_events("worker_recycle")  # idle and over: no reload loop
     daemon.drop("served.txt", "Still served.")
     daemon.wait_done("served.txt")
-    wait_until(lambda: len(events(daemon, "memory_limit_below_idle")) >= 2, 30,
+    wait_until(lambda: len(daemon.log_events("memory_limit_below_idle")) >= 2, 30,
                "the replacement's warning")
-    assert len(events(daemon, "worker_recycle")) == 1  # once per job served, no more
+    assert len(daemon.log_events("worker_recycle")) == 1  # once per job served, no more
 
 
 def test_piper_without_the_memory_arena_stays_small(make_daemon: DaemonFactory) -> None:
