@@ -51,7 +51,8 @@ from cosyvoiced.protocol import (
 )
 
 SOURCE = "zmq"
-SYNTHESIZE_FIELDS = (*(name for name in FIELDS if name != "output"), "stream")
+# `synthesize` also takes `stream`, which is read (and removed) before these are checked.
+SYNTHESIZE_FIELDS = tuple(name for name in FIELDS if name != "output")
 _STOP = b"stop"
 _BATCH = 256  # messages handled per socket per poll round, so neither side starves
 
@@ -307,15 +308,14 @@ class ZmqIntake:
             raise ProtocolError(WireCode.UNSUPPORTED, "stream: streaming needs a DEALER "
                                 "socket; a REQ socket takes one reply", request.id, "stream")
         self._check_capacity(request, service)
-        in_flight = sum(1 for route in self._routes.values()
-                        if route.envelope[0] == request.client)
+        in_flight = len(self.jobs_of(request.client))
         if in_flight >= self.settings.max_pending_per_client:
             raise ProtocolError(WireCode.BUSY, f"{in_flight} requests of this client are in "
                                 "flight (zmq.max_pending_per_client)", request.id)
         job_id = new_job_id()
         job = build_job(fields, job_id=job_id, source=SOURCE, origin=job_id,
                         default_output=job_id, limits=self._limits,
-                        known=tuple(name for name in SYNTHESIZE_FIELDS if name != "stream"),
+                        known=SYNTHESIZE_FIELDS,
                         formats=REPLY_FORMATS, sink=SINK_REPLY, stream=stream)
         self._routes[job.id] = _Route(request.route, request.id)
         service.enqueue(job)
