@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from cosyvoiced.job import JobResult
 from cosyvoiced.memory import Memory
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -51,14 +52,13 @@ class Metrics:
         host, _, port = listen.rpartition(":")
         start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
 
-    def job_ended(self, source: str, outcome: str, synth_s: float = 0.0, audio_s: float = 0.0,
-                  first_chunk_s: float = 0.0) -> None:
+    def job_ended(self, source: str, outcome: str, result: JobResult | None = None) -> None:
         self.jobs.labels(source, outcome).inc()
-        if outcome == "done":
-            self.synthesis_seconds.observe(synth_s)
-            self.first_chunk_seconds.observe(first_chunk_s)
-            if audio_s > 0:
-                self.real_time_factor.observe(synth_s / audio_s)
+        if result is not None:
+            self.synthesis_seconds.observe(result.synth_s)
+            self.first_chunk_seconds.observe(result.first_chunk_s)
+            if result.audio_s > 0:
+                self.real_time_factor.observe(result.synth_s / result.audio_s)
 
     def worker(self, generation: int, memory: Memory) -> None:
         self.worker_generation.set(generation)

@@ -97,6 +97,10 @@ class Claimed:
     work_name: str
     claimed_at: float = field(default_factory=time.time, compare=False)
 
+    @classmethod
+    def named(cls, job_id: str, original_name: str) -> Claimed:
+        return cls(f"{job_id}{WORK_SEPARATOR}{original_name}")
+
     @property
     def job_id(self) -> str:
         return self.work_name.split(WORK_SEPARATOR, 1)[0]
@@ -134,7 +138,7 @@ class Spool:
 
     def claim(self, name: str, job_id: str) -> Claimed | None:
         """Take `inbox/name` for ourselves; None if it is gone (claimed already)."""
-        claimed = Claimed(f"{job_id}{WORK_SEPARATOR}{name}")
+        claimed = Claimed.named(job_id, name)
         try:
             os.rename(self.inbox / name, self.work / claimed.work_name)
         except FileNotFoundError:
@@ -143,7 +147,7 @@ class Spool:
 
     def write_claimed(self, job_id: str, name: str, data: bytes) -> Claimed:
         """Persist a job that arrived another way (ZeroMQ `submit`) as if claimed."""
-        claimed = Claimed(f"{job_id}{WORK_SEPARATOR}{name}")
+        claimed = Claimed.named(job_id, name)
         atomic_write(self.work, claimed.work_name, data)
         return claimed
 

@@ -260,10 +260,8 @@ class Supervisor:
         except OSError as failure:
             log.critical("outcome_unwritable", job=claimed.job_id, error=str(failure))
             return
-        self.ledger.record(claimed.job_id, INBOX_SOURCE, "failed", error=error.to_dict())
-        self.metrics.job_ended(INBOX_SOURCE, "failed")
-        log.info("job", job=claimed.job_id, source=INBOX_SOURCE, outcome="failed",
-                 code=str(error.code), message=error.message, failed=where)
+        self._close(claimed.job_id, INBOX_SOURCE, "failed", status={"error": error.to_dict()},
+                    code=str(error.code), message=error.message, failed=where)
 
     def _handle_requests(self) -> None:
         for message in self.zmq.inbound():
@@ -299,7 +297,7 @@ class Supervisor:
         """Validate a job for the outbox, persist it in work/ (it survives a crash), queue it."""
         name = f"{job_id}.json"
         job = build_job(fields, job_id=job_id, source=zmq_intake.SOURCE,
-                        origin=Claimed(f"{job_id}~{name}").work_name, default_output=job_id,
+                        origin=Claimed.named(job_id, name).work_name, default_output=job_id,
                         limits=self.limits)
         self.spool.write_claimed(job_id, name, json.dumps(fields).encode())
         self.enqueue(job)
@@ -323,9 +321,15 @@ class Supervisor:
         return True
 
     def _record_cancel(self, job: Job) -> None:
-        self.ledger.record(job.id, job.source, "cancelled")
-        self.metrics.job_ended(job.source, "cancelled")
-        log.info("job", job=job.id, source=job.source, outcome="cancelled", chars=job.chars)
+        self._close(job.id, job.source, "cancelled", chars=job.chars)
+
+    def _close(self, job_id: str, source: str, outcome: str, *,
+               status: dict[str, Any] | None = None, result: JobResult | None = None,
+               **summary: Any) -> None:
+        """A job has ended: remember it for `status`, count it, and log its summary line."""
+        self.ledger.record(job_id, source, outcome, **(status or {}))
+        self.metrics.job_ended(source, outcome, result)
+        log.info("job", job=job_id, source=source, outcome=outcome, **summary)
 
     def stats(self) -> dict[str, Any]:
         worker = self.pool.active
@@ -524,14 +528,11 @@ class Supervisor:
         except OSError as error:
             self._end(job, JobError(ErrorCode.INTERNAL, f"could not write the result: {error}"))
             return
-        self.ledger.record(job.id, job.source, "done", output=output)
-        self.metrics.job_ended(job.source, "done", result.synth_s, result.audio_s,
-                               result.first_chunk_s)
-        log.info("job", job=job.id, source=job.source, outcome="done", voice=result.voice,
-                 chars=job.chars, audio_s=round(result.audio_s, 3),
-                 synth_s=round(result.synth_s, 3), queue_wait_s=timings["queue_wait_s"],
-                 first_chunk_s=timings["first_chunk_s"],
-                 write_s=round(time.monotonic() - written, 4), output=output)
+        self._close(job.id, job.source, "done", status={"output": output}, result=result,
+                    voice=result.voice, chars=job.chars, audio_s=round(result.audio_s, 3),
+                    synth_s=round(result.synth_s, 3), queue_wait_s=timings["queue_wait_s"],
+                    first_chunk_s=timings["first_chunk_s"],
+                    write_s=round(time.monotonic() - written, 4), output=output)
 
     def _end_running(self, worker: WorkerHandle, error: JobError | None, now: float) -> None:
         running = self._take_running(worker, now)
@@ -553,10 +554,8 @@ class Supervisor:
         if error is None:
             self._record_cancel(job)
             return
-        self.ledger.record(job.id, job.source, "failed", error=error.to_dict())
-        self.metrics.job_ended(job.source, "failed")
-        log.info("job", job=job.id, source=job.source, outcome="failed", chars=job.chars,
-                 code=str(error.code), message=error.message, failed=where)
+        self._close(job.id, job.source, "failed", status={"error": error.to_dict()},
+                    chars=job.chars, code=str(error.code), message=error.message, failed=where)
 
     # -- stopping -----------------------------------------------------------------------
     def _begin_stop(self, now: float, reason: str) -> None:
