@@ -47,7 +47,8 @@ class Engine(Protocol):
     def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
         """Yield mono float32 chunks in [-1, 1] at the voice's sample rate, as they are made.
 
-        Raises `JobFailure` for a request the engine cannot serve (unknown voice, ...).
+        `request.voice` is always one of `voices()`: the worker refuses other names first.
+        Raises `JobFailure` for a request the engine cannot serve.
         """
         ...
 

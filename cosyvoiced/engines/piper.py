@@ -18,7 +18,6 @@ from piper.config import PiperConfig as VoiceConfig
 from cosyvoiced.config import EngineConfig
 from cosyvoiced.config import PiperConfig as PiperSettings
 from cosyvoiced.engines import AudioChunk, SynthesisRequest, VoiceInfo
-from cosyvoiced.job import ErrorCode, JobFailure
 
 ENGINE_NAME = "piper"
 
@@ -62,11 +61,7 @@ class PiperEngine:
         return self._default
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
-        voice = self._voices.get(request.voice)
-        if voice is None:
-            raise JobFailure(ErrorCode.UNKNOWN_VOICE,
-                             f"voice: {request.voice!r} is not available; "
-                             f"choose one of: {', '.join(sorted(self._voices))}", "voice")
+        voice = self._voices[request.voice]  # the worker passes only voices() names
         settings = SynthesisConfig(length_scale=voice.config.length_scale / request.speed,
                                    noise_scale=self._noise_scale,
                                    noise_w_scale=self._noise_w_scale)
