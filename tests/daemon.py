@@ -155,8 +155,8 @@ class Daemon:
         self.runs += 1
         stdout = (self.root / f"stdout.{self.runs}.log").open("wb")
         # The repository on the path, for the fault-injecting engines under tests/.
-        env = dict(os.environ, NOTIFY_SOCKET=self.notify.path, PYTHONPATH=str(REPO),
-                   **(extra_env or {}))
+        env = dict(os.environ, NOTIFY_SOCKET=self.notify.path, PYTHONPATH=str(REPO))
+        env.update(extra_env or {})
         env.pop("JOURNAL_STREAM", None)
         if journal:
             info = os.fstat(stdout.fileno())

@@ -5,7 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
+import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +195,23 @@ def test_log_file_rotates_and_stays_json(make_daemon: DaemonFactory) -> None:
         assert path.stat().st_size <= 8192 + 4096
         for line in path.read_text().splitlines():
             assert json.loads(line)["timestamp"]
+
+
+def test_a_notify_socket_nobody_reads_never_stalls_the_daemon(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """A busy or stuck manager: its datagram queue fills (10 messages), sends must not block."""
+    directory = Path(tempfile.mkdtemp(prefix="cvd-"))
+    undrained = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        undrained.bind(str(directory / "notify"))
+        daemon = make_daemon()
+        daemon.start(extra_env={"NOTIFY_SOCKET": str(directory / "notify")}, wait_ready=False)
+        wait_until(lambda: daemon.log_events("ready"), 90, "the engine to be ready")
+        names = [f"unread-{n}.txt" for n in range(12)]
+        for name in names:
+            daemon.drop(name, "Every job changes STATUS= twice.")
+        for name in names:
+            daemon.wait_done(name)
+    finally:
+        undrained.close()
+        shutil.rmtree(directory, ignore_errors=True)
