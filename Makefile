@@ -9,7 +9,10 @@ DESTDIR ?=
 SYSCONFDIR ?= /etc
 UNITDIR ?= /lib/systemd/system
 
-.PHONY: venv run test lint bench dist deb install clean
+LANE := .venv-cosyvoice
+LANE_BIN := $(LANE)/bin
+
+.PHONY: venv run test test-cosyvoice lint bench dist deb install clean
 
 venv: $(VENV)/.installed
 
@@ -31,7 +34,25 @@ $(VENV)/.test-installed: $(VENV)/.installed
 
 # Lint first: what is not ruff- and mypy-clean does not pass CI either.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/cosyvoice
+	$(MAKE) test-cosyvoice
+
+# The CosyVoice lane: a virtualenv of its own with torch and the real upstream inference
+# code from PyPI (cosyvoice-package 0.0.3 = upstream v1 at f65eca6, matcha-tts-package), run
+# on a tiny random model built at test time. torch/torchaudio 2.11 are PyPI's CUDA builds,
+# which run on CPU; the three packages installed --no-deps pin stale versions of their needs.
+# COSYVOICE_REPO=/path/to/CosyVoice runs the same tests on an upstream checkout (CosyVoice2).
+$(LANE)/.installed: setup.cfg pyproject.toml
+	@test -x $(LANE_BIN)/python || $(PYTHON) -m venv $(LANE)
+	$(LANE_BIN)/python -m pip install --quiet --upgrade pip
+	$(LANE_BIN)/python -m pip install --quiet torch==2.11.0 torchaudio==2.11.0
+	$(LANE_BIN)/python -m pip install --quiet --no-deps cosyvoice-package==0.0.3 \
+		matcha-tts-package==0.0.3 openai-whisper==20250625
+	$(LANE_BIN)/python -m pip install --quiet -e '.[cosyvoice,test]' tiktoken more-itertools numba
+	@touch $@
+
+test-cosyvoice: $(LANE)/.installed
+	$(LANE_BIN)/python -m pytest tests/cosyvoice
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check cosyvoiced tests bench
@@ -53,4 +74,4 @@ install:
 	packaging/install.sh "$(DESTDIR)" "$(PREFIX)" "$(SYSCONFDIR)" "$(UNITDIR)"
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info var
+	rm -rf $(VENV) $(LANE) build dist *.egg-info var

@@ -40,7 +40,7 @@ from cosyvoiced.engines import Engine, SynthesisRequest, load_engine  # noqa: E4
 def direct_round(engine: Engine, texts: list[str]) -> tuple[float, float]:
     """(seconds, audio seconds) to synthesize every text in this process."""
     voice = engine.default_voice()
-    rate = {v.name: v.sample_rate for v in engine.voices()}[voice]
+    rate = engine.sample_rate(voice)
     samples = 0
     started = time.perf_counter()
     for text in texts:

@@ -163,11 +163,12 @@ class Client:
             if header.get("id") == request_id:
                 return header, frames[1] if len(frames) > 1 else None
 
-    def request(self, op: str, **fields: Any) -> tuple[dict[str, Any], bytes | None]:
+    def request(self, op: str, *, attachments: tuple[bytes, ...] = (),
+                **fields: Any) -> tuple[dict[str, Any], bytes | None]:
         """One op with a single reply; raises `DaemonError` for an `error` event."""
         attempts = 1 + (self.retries if op in _RETRYABLE else 0)
         for attempt in range(attempts):
-            request_id = self.send(op, fields)
+            request_id = self.send(op, fields, attachments)
             try:
                 header, payload = self.receive(request_id)
             except NoReply:
@@ -189,15 +190,30 @@ class Client:
         voices: list[dict[str, Any]] = self.request("voices")[0]["voices"]
         return voices
 
-    def synthesize(self, text: str, **options: Any) -> Result:
-        header, payload = self.request("synthesize", text=text, stream=False, **options)
+    # `prompt_audio`: the bytes of an audio file (any format soundfile reads) to clone the
+    # voice from, sent as attachment frame 1.
+    def synthesize(self, text: str, prompt_audio: bytes | None = None,
+                   **options: Any) -> Result:
+        header, payload = self.request("synthesize", attachments=_audio(prompt_audio), text=text,
+                                       stream=False, **options)
         return Result(header, payload or b"")
 
-    def stream(self, text: str, **options: Any) -> Stream:
-        return Stream(self, self.send("synthesize", {"text": text, "stream": True, **options}))
+    def stream(self, text: str, prompt_audio: bytes | None = None, **options: Any) -> Stream:
+        return Stream(self, self.send("synthesize", {"text": text, "stream": True, **options},
+                                      _audio(prompt_audio)))
 
-    def submit(self, text: str, **options: Any) -> str:
-        return str(self.request("submit", text=text, **options)[0]["job"])
+    def submit(self, text: str, prompt_audio: bytes | None = None, **options: Any) -> str:
+        return str(self.request("submit", attachments=_audio(prompt_audio), text=text,
+                                **options)[0]["job"])
+
+    def register_voice(self, name: str, prompt_audio: bytes, prompt_text: str) -> dict[str, Any]:
+        header = self.request("register_voice", attachments=(prompt_audio,), name=name,
+                              prompt_text=prompt_text)[0]
+        voice: dict[str, Any] = header["voice"]
+        return voice
+
+    def remove_voice(self, name: str) -> dict[str, Any]:
+        return self.request("remove_voice", name=name)[0]
 
     def status(self, job: str) -> dict[str, Any]:
         return self.request("status", job=job)[0]
@@ -207,3 +223,7 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         return self.request("stats")[0]
+
+
+def _audio(prompt_audio: bytes | None) -> tuple[bytes, ...]:
+    return () if prompt_audio is None else (prompt_audio,)

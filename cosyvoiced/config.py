@@ -93,11 +93,29 @@ class PiperConfig:
     noise_w_scale: float | None = _setting(None, _at_least(0))
 
 
+COSYVOICE_MODEL_FILES = ("cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml")
+
+
+@dataclass(frozen=True)
+class CosyVoiceConfig:
+    model_dir: str = _setting("", path=True)
+    # A CosyVoice checkout to import from (with its third_party/Matcha-TTS); "" = the
+    # installed `cosyvoice` package.
+    repo: str = _setting("", path=True)
+    # Registered voices: in the state directory, never in the (read-only) model directory.
+    speakers_file: str = _setting("/var/lib/cosyvoiced/speakers.json", path=True)
+    fp16: bool = False
+    load_jit: bool = False
+    load_trt: bool = False
+    load_vllm: bool = False
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     name: str = "piper"
     voice: str = ""
     piper: PiperConfig = field(default_factory=PiperConfig)
+    cosyvoice: CosyVoiceConfig = field(default_factory=CosyVoiceConfig)
 
 
 @dataclass(frozen=True)
@@ -236,12 +254,29 @@ def _check_engine(engine: EngineConfig) -> None:
     if engine.name not in engines and not _PLUGIN.match(engine.name):
         raise ConfigError(f"engine.name: unknown engine {engine.name!r}; "
                           f"available: {', '.join(engines)} (or a module:loader reference)")
+    if engine.name == "cosyvoice":
+        _check_cosyvoice(engine.cosyvoice)
     for voice in engine.piper.voices:
         if not voice.endswith(".onnx"):
             raise ConfigError(f"engine.piper.voices: {voice!r} is not an .onnx voice file")
         for needed in (Path(voice), Path(voice + ".json")):
             if not needed.is_file():
                 raise ConfigError(f"engine.piper.voices: {str(needed)!r} does not exist")
+
+
+def _check_cosyvoice(settings: CosyVoiceConfig) -> None:
+    # Checked here because upstream would take a missing directory for a model hub name
+    # and try to download it.
+    model_dir = Path(settings.model_dir)
+    if not settings.model_dir or not model_dir.is_dir():
+        raise ConfigError("engine.cosyvoice.model_dir: the cosyvoice engine needs a model "
+                          f"directory; {settings.model_dir!r} is not a directory")
+    if not any((model_dir / name).is_file() for name in COSYVOICE_MODEL_FILES):
+        raise ConfigError(f"engine.cosyvoice.model_dir: {settings.model_dir!r} has none of "
+                          f"{', '.join(COSYVOICE_MODEL_FILES)}: not a CosyVoice model")
+    if settings.repo and not (Path(settings.repo) / "cosyvoice" / "cli").is_dir():
+        raise ConfigError(f"engine.cosyvoice.repo: {settings.repo!r} is not a CosyVoice "
+                          "checkout (no cosyvoice/cli/ in it)")
 
 
 def _build(cls: type, table: Any, prefix: str, base_dir: Path) -> Any:

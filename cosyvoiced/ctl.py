@@ -70,9 +70,14 @@ def _print(data: Any) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("voice", "format", "speed", "sample_rate", "output")
+    names = ("voice", "format", "speed", "sample_rate", "output", "prompt_text", "instruct",
+             "language")
     return {name: getattr(args, name) for name in names
             if getattr(args, name, None) is not None}
+
+
+def _prompt_audio(args: argparse.Namespace) -> bytes | None:
+    return None if args.prompt_audio is None else Path(args.prompt_audio).read_bytes()
 
 
 # -- drop folder --------------------------------------------------------------------------
@@ -81,6 +86,10 @@ def _drop(args: argparse.Namespace) -> int:
     job = {"text": text} | _options(args)
     name = args.name or f"ctl-{new_job_id()}"
     spool = _spool(args)
+    if args.prompt_audio is not None:  # first: the job file names it
+        prompt = Path(args.prompt_audio)
+        job["prompt_audio"] = f"{name}{prompt.suffix.lower() or '.wav'}"
+        atomic_write(spool.inbox, job["prompt_audio"], prompt.read_bytes())
     atomic_write(spool.inbox, f"{name}.json", json.dumps(job).encode())
     if not args.wait:
         print(spool.inbox / f"{name}.json")
@@ -117,7 +126,19 @@ def _voices(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for voice in client.voices():
             print(f"{voice['name']}\t{voice['language']}\t{voice['sample_rate']}\t"
-                  f"{voice['engine']}")
+                  f"{voice['engine']}\t{voice.get('kind', 'builtin')}")
+    return 0
+
+
+def _voice_add(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print(client.register_voice(args.name, Path(args.audio).read_bytes(), args.text))
+    return 0
+
+
+def _voice_rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print(client.remove_voice(args.name))
     return 0
 
 
@@ -134,7 +155,8 @@ def _say(args: argparse.Namespace) -> int:
         raise UsageError("say: give -o FILE, or --play-to-stdout and pipe it (| aplay)")
     options = {k: v for k, v in _options(args).items() if k != "format"}
     started = time.monotonic()
-    with _client(args) as client, client.stream(args.text, **options) as stream:
+    with _client(args) as client, client.stream(args.text, _prompt_audio(args),
+                                                **options) as stream:
         first: float | None = None
         if args.output_file is not None:
             sink = None
@@ -165,7 +187,7 @@ def _say(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        print(client.submit(args.text, **_options(args)))
+        print(client.submit(args.text, _prompt_audio(args), **_options(args)))
     return 0
 
 
@@ -201,6 +223,11 @@ def _job_options(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> N
         parser.add_argument("--format", choices=formats)
     parser.add_argument("--speed", type=float)
     parser.add_argument("--sample-rate", type=int)
+    parser.add_argument("--prompt-audio", metavar="FILE",
+                        help="clone the voice of this recording (cosyvoice engine)")
+    parser.add_argument("--prompt-text", help="the words spoken in --prompt-audio")
+    parser.add_argument("--instruct", help="how to speak, e.g. 'Speak cheerfully.'")
+    parser.add_argument("--language", help="target language tag: zh, en, jp, yue, ko")
 
 
 def _command(commands: Any, name: str, handler: Callable[[argparse.Namespace], int],
@@ -249,6 +276,13 @@ def _parser() -> argparse.ArgumentParser:
                                     ("cancel", _cancel, "cancel a queued or running job")):
         _command(commands, name, handler, helptext).add_argument("job")
     _command(commands, "stats", _stats, "queue, worker and job counters")
+    voice = _command(commands, "voice", lambda _args: 0, "register or remove a cloned voice")
+    voice_commands = voice.add_subparsers(dest="voice_command", required=True)
+    add = _command(voice_commands, "add", _voice_add, "register NAME from a recording")
+    add.add_argument("name")
+    add.add_argument("--audio", required=True, help="the recording (1-30 s, any format)")
+    add.add_argument("--text", required=True, help="the words spoken in it")
+    _command(voice_commands, "rm", _voice_rm, "remove a registered voice").add_argument("name")
     keygen = _command(commands, "keygen", _keygen, "write a CurveZMQ keypair into DIR")
     keygen.add_argument("dir")
     keygen.add_argument("--name", default="client", help="file name stem (default: client)")

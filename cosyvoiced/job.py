@@ -43,8 +43,14 @@ class ErrorCode(StrEnum):
     EMPTY_TEXT = "empty_text"
     TEXT_TOO_LONG = "text_too_long"
     UNKNOWN_VOICE = "unknown_voice"
+    NOT_SUPPORTED = "not_supported"
     UNSUPPORTED_FORMAT = "unsupported_format"
     INVALID_OUTPUT_NAME = "invalid_output_name"
+    # The prompt audio of a voice-cloning job or voice registration
+    PROMPT_AUDIO_NOT_FOUND = "prompt_audio_not_found"
+    PROMPT_AUDIO_UNREADABLE = "prompt_audio_unreadable"
+    PROMPT_AUDIO_TOO_SHORT = "prompt_audio_too_short"
+    PROMPT_AUDIO_TOO_LONG = "prompt_audio_too_long"
     # Serving it
     CANCELLED = "cancelled"
     SHUTTING_DOWN = "shutting_down"
@@ -110,6 +116,12 @@ class Job:
     received_at: float = field(default_factory=time.time)
     sink: str = SINK_SPOOL
     stream: bool = False
+    # Voice cloning and style: `prompt_audio` is the path of the job's own copy of the
+    # prompt in the spool's prompts/ directory (never a client's path).
+    prompt_audio: str | None = None
+    prompt_text: str | None = None
+    instruct: str | None = None
+    language: str | None = None
 
     @property
     def chars(self) -> int:

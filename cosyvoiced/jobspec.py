@@ -19,8 +19,12 @@ from cosyvoiced.job import (
     JobFailure,
 )
 
-FIELDS = ("text", "voice", "format", "sample_rate", "speed", "output")
+FIELDS = ("text", "voice", "format", "sample_rate", "speed", "output", "prompt_audio",
+          "prompt_text", "instruct", "language")
 MAX_OUTPUT_NAME = 200
+MAX_PROMPT_CHARS = 1000
+# CosyVoice's language tags (`<|en|>` ...), for cross-lingual synthesis.
+LANGUAGES = ("zh", "en", "jp", "yue", "ko")
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,8 @@ def check_text(text: str, limits: Limits) -> str:
     return text
 
 
-def check_output_name(name: str) -> str:
-    """A bare base name that stays inside the outbox: no separators, no dotfiles."""
+def check_output_name(name: str, field: str = "output") -> str:
+    """A bare base name that stays inside its directory: no separators, no dotfiles."""
     problem = None
     if not name or name in (".", ".."):
         problem = "must be a non-empty file name"
@@ -63,9 +67,35 @@ def check_output_name(name: str) -> str:
     elif any(ord(char) < 32 for char in name):
         problem = "must not contain control characters"
     if problem:
-        raise JobFailure(ErrorCode.INVALID_OUTPUT_NAME, f"output: {problem}; got {name!r}",
-                         "output")
+        code = ErrorCode.INVALID_OUTPUT_NAME if field == "output" else ErrorCode.INVALID_FIELD
+        raise JobFailure(code, f"{field}: {problem}; got {name!r}", field)
     return name
+
+
+def _short_text(fields: dict[str, Any], name: str) -> str | None:
+    value = _typed(fields, name, str, "a string")
+    if value is None:
+        return None
+    if not value.strip():
+        raise JobFailure(ErrorCode.INVALID_FIELD, f"{name}: is empty; leave it out instead",
+                         name)
+    if len(value) > MAX_PROMPT_CHARS:
+        raise JobFailure(ErrorCode.INVALID_FIELD, f"{name}: {len(value)} characters is over "
+                         f"the limit of {MAX_PROMPT_CHARS}", name)
+    return str(value).strip()
+
+
+def _language(fields: dict[str, Any]) -> str | None:
+    value = _typed(fields, "language", str, "a string")
+    if value is not None and value not in LANGUAGES:
+        raise JobFailure(ErrorCode.INVALID_FIELD, f"language: {value!r} is not one of "
+                         f"{', '.join(LANGUAGES)}", "language")
+    return None if value is None else str(value)
+
+
+def _prompt_audio(fields: dict[str, Any]) -> str | None:
+    value = _typed(fields, "prompt_audio", str, "the file name of audio in the inbox")
+    return None if value is None else check_output_name(value, "prompt_audio")
 
 
 def _format(fields: dict[str, Any], limits: Limits, formats: tuple[str, ...]) -> str:
@@ -112,15 +142,16 @@ def build_job(fields: dict[str, Any], *, job_id: str, source: str, origin: str,
     if text is None:
         raise JobFailure(ErrorCode.INVALID_FIELD, "text: expected a string; got null", "text")
     output = _typed(fields, "output", str, "a string")
-    return Job(
-        id=job_id,
-        source=source,
-        origin=origin,
-        text=check_text(text, limits),
-        voice=_typed(fields, "voice", str, "a string"),
-        format=_format(fields, limits, formats),
-        sample_rate=_sample_rate(fields),
-        speed=_speed(fields),
-        output=check_output_name(output if output is not None else default_output),
-        **extra,
-    )
+    checked: dict[str, Any] = {
+        "text": check_text(text, limits),
+        "voice": _typed(fields, "voice", str, "a string"),
+        "format": _format(fields, limits, formats),
+        "sample_rate": _sample_rate(fields),
+        "speed": _speed(fields),
+        "output": check_output_name(output if output is not None else default_output),
+        "prompt_audio": _prompt_audio(fields),
+        "prompt_text": _short_text(fields, "prompt_text"),
+        "instruct": _short_text(fields, "instruct"),
+        "language": _language(fields),
+    }
+    return Job(id=job_id, source=source, origin=origin, **(checked | extra))

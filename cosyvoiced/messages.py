@@ -46,7 +46,9 @@ class EngineWarming:
 class EngineReady:
     engine: str
     voices: list[VoiceInfo]
-    default_voice: str
+    default_voice: str | None
+    features: frozenset[str]
+    native_rate: int  # of voices taken from prompt audio
     load_s: float
     warmup_s: float
 

@@ -24,6 +24,8 @@ class Op(StrEnum):
     STATUS = "status"
     CANCEL = "cancel"
     STATS = "stats"
+    REGISTER_VOICE = "register_voice"
+    REMOVE_VOICE = "remove_voice"
 
 
 class WireCode(StrEnum):
@@ -48,6 +50,10 @@ _WIRE_CODES = {
     ErrorCode.INVALID_FIELD: WireCode.BAD_REQUEST,
     ErrorCode.INVALID_OUTPUT_NAME: WireCode.BAD_REQUEST,
     ErrorCode.SHUTTING_DOWN: WireCode.BUSY,
+    ErrorCode.NOT_SUPPORTED: WireCode.UNSUPPORTED,
+    ErrorCode.PROMPT_AUDIO_UNREADABLE: WireCode.BAD_REQUEST,
+    ErrorCode.PROMPT_AUDIO_TOO_SHORT: WireCode.BAD_REQUEST,
+    ErrorCode.PROMPT_AUDIO_TOO_LONG: WireCode.BAD_REQUEST,
 }
 
 # Header keys every request may carry besides its op's own fields.

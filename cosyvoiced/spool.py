@@ -5,6 +5,8 @@
     outbox/  results: ``OUT.<ext>`` and its ``OUT.json`` record, each written to a temp
              name, fsynced and renamed; the record goes last and marks the job done
     failed/  inputs that could not be served, each with ``NAME.error.json``
+    prompts/ prompt audio a job claimed (``<job id>~<name>``): deleted when the job is
+             done, moved to failed/ beside its job when it fails, handed back with it
 
 A job in `work/` is finished when its record (which carries the job id) exists in `outbox/`
 or `failed/`; only then is the `work/` entry removed. After a crash, the same check tells a
@@ -28,13 +30,17 @@ from cosyvoiced.job import ErrorCode, JobError, JobFailure
 
 WORK_SEPARATOR = "~"
 IGNORED_SUFFIXES = (".tmp", ".part")
+# Prompt audio waits in the inbox for the job file that names it; never a job itself.
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
 ERROR_SUFFIX = ".error.json"
 RECORD_SUFFIX = ".json"
 
 
 def is_job_candidate(name: str) -> bool:
-    """Dotfiles and *.tmp/*.part are writers' scratch names, not jobs (yet)."""
-    return not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
+    """Dotfiles and *.tmp/*.part are writers' scratch names, not jobs (yet); audio files
+    are prompts that a job file claims."""
+    return not name.startswith(".") and not name.lower().endswith(
+        IGNORED_SUFFIXES + AUDIO_SUFFIXES)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,9 +133,10 @@ class Spool:
         self.work = self.root / "work"
         self.outbox = self.root / "outbox"
         self.failed = self.root / "failed"
+        self.prompts = self.root / "prompts"
 
     def ensure(self) -> None:
-        for directory in (self.inbox, self.work, self.outbox, self.failed):
+        for directory in (self.inbox, self.work, self.outbox, self.failed, self.prompts):
             directory.mkdir(parents=True, exist_ok=True)
 
     # intake
@@ -231,12 +238,75 @@ class Spool:
             name = unique  # an earlier input of that name failed too: keep both
         record = {"job": claimed.job_id, "input": claimed.original_name} | error.to_dict()
         atomic_write(self.failed, name + ERROR_SUFFIX, _json_bytes(record))
+        for prompt in self._prompts_of(claimed.job_id):
+            if not rename_noreplace(prompt.path, self.failed / prompt.claimed.original_name):
+                os.rename(prompt.path, self.failed / prompt.claimed.work_name)
         return self._move_to_failed(claimed, name)
 
     def release(self, claimed: Claimed) -> None:
         (self.work / claimed.work_name).unlink(missing_ok=True)
+        self.discard_prompts(claimed.job_id)
 
     def hand_back(self, claimed: Claimed) -> bool:
-        """Return an unstarted job to the inbox under its own name (unless that is taken)."""
+        """Return an unstarted job to the inbox under its own name (unless that is taken),
+        its prompt audio first, so that the job finds it when it is claimed again."""
+        for prompt in self._prompts_of(claimed.job_id):
+            rename_noreplace(prompt.path, self.inbox / prompt.claimed.original_name)
         return rename_noreplace(self.work / claimed.work_name,
                                 self.inbox / claimed.original_name)
+
+    # prompt audio
+    def claim_prompt(self, job_id: str, name: str) -> Path:
+        """Take `inbox/name` as this job's prompt (or find it, claimed before a restart)."""
+        claimed = _Prompt(self.prompts, Claimed.named(job_id, name))
+        if not claimed.path.exists():
+            try:
+                os.rename(self.inbox / name, claimed.path)
+            except FileNotFoundError:
+                raise JobFailure(ErrorCode.PROMPT_AUDIO_NOT_FOUND, f"prompt_audio: no file "
+                                 f"{name!r} in the inbox; drop the audio before the job "
+                                 "file that names it", "prompt_audio") from None
+        if not stat.S_ISREG(os.lstat(claimed.path).st_mode):
+            raise JobFailure(ErrorCode.PROMPT_AUDIO_UNREADABLE, f"prompt_audio: {name!r} is "
+                             "not a regular file (links are never followed)", "prompt_audio")
+        return claimed.path
+
+    def write_prompt(self, job_id: str, name: str, data: bytes) -> Path:
+        """Keep prompt audio that came with a request, as if claimed from the inbox."""
+        work_name = Claimed.named(job_id, name).work_name
+        atomic_write(self.prompts, work_name, data)
+        return self.prompts / work_name
+
+    def discard_prompts(self, job_id: str) -> None:
+        for prompt in self._prompts_of(job_id):
+            prompt.path.unlink(missing_ok=True)
+
+    def discard_orphan_prompts(self) -> list[str]:
+        """Prompts whose job is no longer in work/ (a crash between the two deletions)."""
+        live = {claimed.job_id for claimed in self.claimed()}
+        orphans = [prompt for prompt in self._prompts_of("")
+                   if prompt.claimed.job_id not in live]
+        for prompt in orphans:
+            prompt.path.unlink(missing_ok=True)
+        return [prompt.claimed.work_name for prompt in orphans]
+
+    def _prompts_of(self, job_id: str) -> list[_Prompt]:
+        prefix = f"{job_id}{WORK_SEPARATOR}" if job_id else ""
+        try:
+            names = os.listdir(self.prompts)
+        except FileNotFoundError:
+            return []
+        return [_Prompt(self.prompts, Claimed(name)) for name in names
+                if name.startswith(prefix) and WORK_SEPARATOR in name]
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """A job's prompt audio in prompts/, named like a claimed job file."""
+
+    directory: Path
+    claimed: Claimed
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.claimed.work_name

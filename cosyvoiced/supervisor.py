@@ -16,6 +16,7 @@ import queue
 import signal
 import socket
 import time
+from dataclasses import replace
 from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any, Protocol
@@ -52,6 +53,7 @@ from cosyvoiced.metrics import Metrics
 from cosyvoiced.notify import Notifier
 from cosyvoiced.pool import WorkerPool
 from cosyvoiced.protocol import Request
+from cosyvoiced.speakers import SpeakerStore
 from cosyvoiced.spool import Claimed, Spool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
@@ -104,6 +106,9 @@ class Supervisor:
         self.pool = WorkerPool(lambda: self.config, self.metrics)
         self.voices: list[VoiceInfo] = []
         self.engine_name = config.engine.name
+        self.engine_features: frozenset[str] = frozenset()
+        self.native_rate = 0
+        self.speakers = SpeakerStore(config.engine.cosyvoice.speakers_file)
         self.ready = False
         self.stopping = False
         self.stop_deadline = 0.0
@@ -276,6 +281,9 @@ class Supervisor:
         left = self.spool.claimed()
         if left:
             log.info("recovering", jobs=len(left))
+        orphans = self.spool.discard_orphan_prompts()
+        if orphans:
+            log.info("orphan_prompts_removed", prompts=orphans)
         for claimed in left:
             self._admit(claimed)
 
@@ -293,15 +301,48 @@ class Supervisor:
         self.ledger.enqueue(job)
         log.debug("job_queued", job=job.id, source=job.source, depth=len(self.ledger))
 
-    def submit(self, fields: dict[str, Any], job_id: str) -> Job:
-        """Validate a job for the outbox, persist it in work/ (it survives a crash), queue it."""
+    def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None) -> Job:
+        """Validate a job for the outbox, persist it in work/ (it survives a crash), queue it.
+
+        Prompt audio is kept in prompts/ first, named in the persisted job as if it had been
+        dropped in the inbox, so a restart finds it.
+        """
         name = f"{job_id}.json"
         job = build_job(fields, job_id=job_id, source=zmq_intake.SOURCE,
                         origin=Claimed.named(job_id, name).work_name, default_output=job_id,
-                        limits=self.limits)
+                        limits=self.limits, known=zmq_intake.SUBMIT_FIELDS)
+        if prompt is not None:
+            prompt_name = f"{job_id}.prompt"
+            path = self.spool.write_prompt(job_id, prompt_name, prompt)
+            fields = fields | {"prompt_audio": prompt_name}
+            job = replace(job, prompt_audio=str(path))
         self.spool.write_claimed(job_id, name, json.dumps(fields).encode())
         self.enqueue(job)
         return job
+
+    def keep_prompt(self, job_id: str, prompt: bytes) -> str:
+        return str(self.spool.write_prompt(job_id, f"{job_id}.prompt", prompt))
+
+    def register_voice(self, name: Any, prompt_text: Any, audio: bytes) -> VoiceInfo:
+        if "prompt_audio" not in self.engine_features:
+            raise JobFailure(ErrorCode.NOT_SUPPORTED, f"the {self.engine_name} engine cannot "
+                             "clone voices (or has not started yet); registering one needs "
+                             "engine.name = \"cosyvoice\"")
+        if any(v.name == name and v.kind == "builtin" for v in self.voices):
+            raise JobFailure(ErrorCode.INVALID_FIELD, f"name: {name!r} is a built-in voice of "
+                             "the model; choose another name", "name")
+        self.speakers.add(name, prompt_text, audio)
+        voice = VoiceInfo(name, "", self.native_rate, self.engine_name, kind="registered")
+        self.voices = [v for v in self.voices if v.name != name] + [voice]
+        log.info("voice_registered", voice=name)
+        return voice
+
+    def remove_voice(self, name: str) -> bool:
+        if not self.speakers.remove(name):
+            return False
+        self.voices = [v for v in self.voices if not (v.name == name and v.kind == "registered")]
+        log.info("voice_removed", voice=name)
+        return True
 
     def job_status(self, job_id: str) -> dict[str, Any] | None:
         return self.ledger.status(job_id)
@@ -328,6 +369,7 @@ class Supervisor:
                **summary: Any) -> None:
         """A job has ended: remember it for `status`, count it, and log its summary line."""
         self.ledger.record(job_id, source, outcome, **(status or {}))
+        self.spool.discard_prompts(job_id)  # a reply job's; a spool job's are settled
         self.metrics.job_ended(source, outcome, result)
         log.info("job", job=job_id, source=source, outcome=outcome, **summary)
 
@@ -447,6 +489,8 @@ class Supervisor:
         self.pool.start_failures = 0
         self.voices = message.voices
         self.engine_name = message.engine
+        self.engine_features = message.features
+        self.native_rate = message.native_rate
         worker.set_state(WorkerState.IDLE, engine=message.engine, load_s=message.load_s,
                          warmup_s=message.warmup_s, voices=[v.name for v in message.voices])
         if not self.ready:

@@ -8,7 +8,9 @@ heartbeat thread reports liveness and memory independently of the job in hand.
 from __future__ import annotations
 
 import ctypes
+import io
 import signal
+import sys
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -19,7 +21,7 @@ import soxr
 
 from cosyvoiced import logs
 from cosyvoiced.config import EngineConfig
-from cosyvoiced.engines import AudioChunk, Engine, SynthesisRequest, load_engine
+from cosyvoiced.engines import FEATURES, AudioChunk, Engine, SynthesisRequest, load_engine
 from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure, JobResult
 from cosyvoiced.memory import measure
 from cosyvoiced.messages import (
@@ -41,6 +43,7 @@ from cosyvoiced.messages import (
 )
 
 WARMUP_TEXT = "Ready."
+PROMPT_VOICE = "(prompt audio)"  # the voice reported for a job cloned from its prompt
 _PR_SET_PDEATHSIG = 1
 
 log = logs.get_logger("cosyvoiced.worker")
@@ -101,18 +104,44 @@ def _resampled(chunks: Iterator[AudioChunk], rate_in: int,
         yield tail
 
 
-def _serve(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) -> JobResult:
+def _check_features(engine: Engine, job: Job) -> None:
+    for name in FEATURES:
+        if getattr(job, name) is not None and name not in engine.features:
+            raise JobFailure(ErrorCode.NOT_SUPPORTED, f"{name}: the {engine.name} engine does "
+                             "not support it", name)
+
+
+def _voice(engine: Engine, job: Job) -> str | None:
+    """The voice to use; None when the prompt audio is the voice."""
+    if job.voice is None and job.prompt_audio is not None:
+        return None
     voice = job.voice or engine.default_voice()
-    if voice not in rates:
+    if voice is None:
+        raise JobFailure(ErrorCode.MISSING_FIELD, "voice: this model has no built-in voice; "
+                         "name a registered voice or send prompt_audio", "voice")
+    names = sorted(v.name for v in engine.voices())
+    if voice not in names:
         raise JobFailure(ErrorCode.UNKNOWN_VOICE, f"voice: {voice!r} is not available; choose "
-                         f"one of: {', '.join(sorted(rates))}", "voice")
-    rate = job.sample_rate or rates[voice]
-    channel.send(JobStarted(job.id, voice, rate, time.time()))
+                         f"one of: {', '.join(names)}", "voice")
+    return voice
+
+
+def _request(job: Job, voice: str | None) -> SynthesisRequest:
+    return SynthesisRequest(job.text, voice, job.speed, job.stream, job.prompt_audio,
+                            job.prompt_text, job.instruct, job.language)
+
+
+def _serve(engine: Engine, job: Job, channel: Channel) -> JobResult:
+    _check_features(engine, job)
+    voice = _voice(engine, job)
+    native_rate = engine.sample_rate(voice)
+    rate = job.sample_rate or native_rate
+    voice_label = voice or PROMPT_VOICE
+    channel.send(JobStarted(job.id, voice_label, rate, time.time()))
     started = time.monotonic()
     first_chunk_s = 0.0
     samples = 0
-    chunks = _resampled(engine.synthesize(SynthesisRequest(job.text, voice, job.speed)),
-                        rates[voice], rate)
+    chunks = _resampled(engine.synthesize(_request(job, voice)), native_rate, rate)
     try:
         for seq, chunk in enumerate(chunks):
             if seq == 0:
@@ -123,13 +152,14 @@ def _serve(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) ->
                 raise _Cancelled
     finally:
         chunks.close()  # an abandoned engine generator cleans up now, not at GC time
-    return JobResult(job.id, voice, rate, samples, time.monotonic() - started, first_chunk_s)
+    return JobResult(job.id, voice_label, rate, samples, time.monotonic() - started,
+                     first_chunk_s)
 
 
-def _run_job(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) -> None:
+def _run_job(engine: Engine, job: Job, channel: Channel) -> None:
     outcome: FromWorker
     try:
-        outcome = JobFinished(_serve(engine, rates, job, channel))
+        outcome = JobFinished(_serve(engine, job, channel))
     except _Cancelled:
         outcome = JobCancelled(job.id)
     except JobFailure as failure:
@@ -143,23 +173,44 @@ def _run_job(engine: Engine, rates: dict[str, int], job: Job, channel: Channel) 
     channel.send(outcome)
 
 
-def _load(config: EngineConfig, channel: Channel) -> tuple[Engine, dict[str, int]] | None:
+def _load(config: EngineConfig, channel: Channel) -> Engine | None:
     started = time.monotonic()
     try:
         engine = load_engine(config)
         voices = engine.voices()
         loaded = time.monotonic()
         channel.send(EngineWarming(round(loaded - started, 3)))
-        for _chunk in engine.synthesize(SynthesisRequest(WARMUP_TEXT, engine.default_voice())):
-            pass
+        default = engine.default_voice()
+        if default is not None:  # a model with no built-in voice has nothing to warm up with
+            for _chunk in engine.synthesize(SynthesisRequest(WARMUP_TEXT, default)):
+                pass
     except Exception as error:  # reported to the supervisor, which decides
         log.exception("engine_load_failed", engine=config.name)
         channel.send(EngineLoadFailed(f"{type(error).__name__}: {error}"))
         return None
     warmed = time.monotonic()
-    channel.send(EngineReady(engine.name, voices, engine.default_voice(),
-                             round(loaded - started, 3), round(warmed - loaded, 3)))
-    return engine, {voice.name: voice.sample_rate for voice in voices}
+    channel.send(EngineReady(engine.name, voices, default, engine.features,
+                             engine.sample_rate(None) if "prompt_audio" in engine.features
+                             else 0, round(loaded - started, 3), round(warmed - loaded, 3)))
+    return engine
+
+
+class _OutputToLog(io.TextIOBase):
+    """Stands in for stdout/stderr: engine libraries print (upstream CosyVoice does), and a
+    stray line on the daemon's stdout would break its JSON log stream."""
+
+    def __init__(self, stream: str) -> None:
+        self._stream = stream
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).replace("\r", "\n").split("\n")
+        for line in filter(str.strip, lines):
+            log.debug("engine_output", stream=self._stream, line=line.rstrip())
+        return len(text)
 
 
 def main(conn: Connection, config: EngineConfig, log_level: str,
@@ -169,12 +220,12 @@ def main(conn: Connection, config: EngineConfig, log_level: str,
     _die_with_parent()
     channel = Channel(conn)
     logs.configure_worker(log_level, lambda level, line: channel.send(LogLine(level, line)))
+    sys.stdout, sys.stderr = _OutputToLog("stdout"), _OutputToLog("stderr")
     threading.Thread(target=_heartbeat, args=(channel, heartbeat_interval_s),
                      name="heartbeat", daemon=True).start()
-    loaded = _load(config, channel)
-    if loaded is None:
+    engine = _load(config, channel)
+    if engine is None:
         return
-    engine, rates = loaded
     while True:
         try:
             message = channel.receive()
@@ -183,5 +234,5 @@ def main(conn: Connection, config: EngineConfig, log_level: str,
         if isinstance(message, Shutdown):
             return
         if isinstance(message, RunJob):
-            _run_job(engine, rates, message.job, channel)
+            _run_job(engine, message.job, channel)
         # A CancelJob that arrives after its job ended has nothing left to stop.

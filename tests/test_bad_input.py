@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
 
+import numpy as np
 import pytest
+import soundfile
 
 from tests.daemon import Daemon
 
@@ -67,7 +70,7 @@ CASES: dict[str, tuple[Drop, str, str | None]] = {
     "symlink": (_symlink, "symlink", None),
     "directory": (_directory, "not_regular_file", None),
     "file_too_large": (_raw(".txt", b"a" * 9000), "file_too_large", None),
-    "unsupported_file_type": (_raw(".mp3", b"ID3"), "unsupported_file_type", None),
+    "unsupported_file_type": (_raw(".pdf", b"%PDF-1.4"), "unsupported_file_type", None),
 }
 
 
@@ -95,3 +98,30 @@ def test_nothing_escapes_the_spool(shared_daemon: Daemon) -> None:
     shared_daemon.wait_failed("escape-check.json")
     assert not (shared_daemon.spool.parent / "escaped.wav").exists()
     assert not (shared_daemon.root / "escaped.wav").exists()
+
+
+def test_piper_refuses_voice_cloning_and_returns_the_prompt(shared_daemon: Daemon) -> None:
+    """Audio in the inbox waits for the job that names it; Piper cannot clone, so the job
+    fails with `not_supported`, and its prompt goes to failed/ with it."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(16000, dtype=np.float32), 16000, format="WAV")
+    shared_daemon.drop("clone-me.wav", buffer.getvalue())
+    shared_daemon.drop_job("clone", text="Hi.", prompt_audio="clone-me.wav",
+                           prompt_text="Hello.")
+    record = shared_daemon.wait_failed("clone.json")
+    assert (record["code"], record["field"]) == ("not_supported", "prompt_audio"), record
+    assert (shared_daemon.failed / "clone-me.wav").exists()
+    assert not (shared_daemon.inbox / "clone-me.wav").exists()
+    assert not list((shared_daemon.spool / "prompts").iterdir())
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"text": "Hi.", "prompt_audio": "../escape.wav"}, "prompt_audio"),
+    ({"text": "Hi.", "language": "klingon"}, "language"),
+    ({"text": "Hi.", "instruct": ""}, "instruct"),
+])
+def test_cloning_fields_are_checked_on_arrival(shared_daemon: Daemon, fields: dict[str, str],
+                                               field: str) -> None:
+    shared_daemon.drop_job(f"field-{field}", **fields)
+    record = shared_daemon.wait_failed(f"field-{field}.json")
+    assert (record["code"], record["field"]) == ("invalid_field", field), record

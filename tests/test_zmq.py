@@ -142,7 +142,7 @@ def test_stats(client: Client) -> None:
 
 
 def test_errors_name_the_field(client: Client) -> None:
-    cases = [
+    cases: list[tuple[dict[str, Any], str, str]] = [
         ({"text": "x" * 2001}, "too_long", "text"),
         ({"text": "Hi.", "voice": "nobody"}, "unknown_voice", "voice"),
         ({"text": "Hi.", "format": "mp3"}, "unsupported", "format"),

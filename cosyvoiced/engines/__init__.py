@@ -20,34 +20,53 @@ from cosyvoiced.config import ENGINE_ENTRY_POINTS, EngineConfig
 AudioChunk = npt.NDArray[np.float32]
 
 
+# The optional request fields an engine may understand (its `features`).
+FEATURES = ("prompt_audio", "prompt_text", "instruct", "language")
+
+
 @dataclass(frozen=True)
 class VoiceInfo:
     name: str
     language: str
     sample_rate: int
     engine: str
+    kind: str = "builtin"  # or "registered": a zero-shot speaker a client added
 
 
 @dataclass(frozen=True)
 class SynthesisRequest:
     text: str
-    voice: str
+    voice: str | None  # None: the voice comes from `prompt_audio`
     speed: float = 1.0
+    stream: bool = False  # the client plays chunks as they come: make them small and early
+    prompt_audio: str | None = None  # path of a file soundfile can read
+    prompt_text: str | None = None
+    instruct: str | None = None
+    language: str | None = None
 
 
 class Engine(Protocol):
     """What the worker needs from a speech engine."""
 
     name: str
+    features: frozenset[str]  # which of FEATURES it serves; the worker refuses the others
 
-    def voices(self) -> list[VoiceInfo]: ...
+    def voices(self) -> list[VoiceInfo]:
+        """The voices as of now (registered ones may come and go while it runs)."""
+        ...
 
-    def default_voice(self) -> str: ...
+    def default_voice(self) -> str | None:
+        """The voice for requests that name none; None if every request must bring one."""
+        ...
+
+    def sample_rate(self, voice: str | None) -> int:
+        """The rate `synthesize` yields for this voice (None: a voice from prompt audio)."""
+        ...
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
-        """Yield mono float32 chunks in [-1, 1] at the voice's sample rate, as they are made.
+        """Yield mono float32 chunks in [-1, 1] at `sample_rate(voice)`, as they are made.
 
-        `request.voice` is always one of `voices()`: the worker refuses other names first.
+        `request.voice` is None or one of `voices()`: the worker refuses other names first.
         Raises `JobFailure` for a request the engine cannot serve.
         """
         ...

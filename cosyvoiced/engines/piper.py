@@ -42,6 +42,7 @@ def _load_voice(model_path: Path, settings: PiperSettings) -> PiperVoice:
 
 class PiperEngine:
     name = ENGINE_NAME
+    features: frozenset[str] = frozenset()  # each voice is its own model: no cloning
 
     def __init__(self, model_paths: list[Path], config: EngineConfig) -> None:
         self._voices = {_voice_name(path): _load_voice(path, config.piper)
@@ -60,8 +61,11 @@ class PiperEngine:
     def default_voice(self) -> str:
         return self._default
 
+    def sample_rate(self, voice: str | None) -> int:
+        return self._voices[voice or self._default].config.sample_rate
+
     def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
-        voice = self._voices[request.voice]  # the worker passes only voices() names
+        voice = self._voices[request.voice or self._default]
         settings = SynthesisConfig(length_scale=voice.config.length_scale / request.speed,
                                    noise_scale=self._noise_scale,
                                    noise_w_scale=self._noise_w_scale)

@@ -174,6 +174,9 @@ class InboxIntake:
         if self._spool.finished_result(claimed, job.output) is not None:
             self._spool.release(claimed)  # done before a crash; only the cleanup was left
             return None
+        if job.prompt_audio is not None:
+            job = replace(job, prompt_audio=str(
+                self._spool.claim_prompt(claimed.job_id, job.prompt_audio)))
         return job
 
     def fail(self, claimed: Claimed, error: JobError) -> str:

@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,8 +51,12 @@ from cosyvoiced.protocol import (
 )
 
 SOURCE = "zmq"
+# Prompt audio comes as attachment frame 1, never as a name: a client has no inbox.
+SUBMIT_FIELDS = tuple(name for name in FIELDS if name != "prompt_audio")
 # `synthesize` also takes `stream`, which is read (and removed) before these are checked.
-SYNTHESIZE_FIELDS = tuple(name for name in FIELDS if name != "output")
+SYNTHESIZE_FIELDS = tuple(name for name in SUBMIT_FIELDS if name != "output")
+# Ops whose attachment frame 1 is audio.
+AUDIO_OPS = (Op.SYNTHESIZE, Op.SUBMIT, Op.REGISTER_VOICE)
 _STOP = b"stop"
 _BATCH = 256  # messages handled per socket per poll round, so neither side starves
 
@@ -77,7 +81,13 @@ class Service(Protocol):
 
     def enqueue(self, job: Job) -> None: ...
 
-    def submit(self, fields: dict[str, Any], job_id: str) -> Job: ...
+    def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None) -> Job: ...
+
+    def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
+
+    def register_voice(self, name: Any, prompt_text: Any, audio: bytes) -> VoiceInfo: ...
+
+    def remove_voice(self, name: str) -> bool: ...
 
     def job_status(self, job_id: str) -> dict[str, Any] | None: ...
 
@@ -253,9 +263,7 @@ class ZmqIntake:
     # -- ops ------------------------------------------------------------------------------
     def handle(self, request: Request, service: Service) -> None:
         try:
-            if request.attachments:
-                raise ProtocolError(WireCode.BAD_REQUEST, f"frame 1: op {request.op!r} takes "
-                                    "no attachment frames", request.id)
+            _check_attachments(request)
             self._answer(request, service)
         except ProtocolError as error:
             self._error(request, error)
@@ -268,14 +276,15 @@ class ZmqIntake:
                 self._reply(request, "pong", version=__version__, engine=service.engine_name,
                             ready=service.ready)
             case Op.VOICES:
-                self._reply(request, "voices", voices=[
-                    {"name": v.name, "language": v.language, "sample_rate": v.sample_rate,
-                     "engine": v.engine} for v in service.voices])
+                self._reply(request, "voices", voices=[_voice(v) for v in service.voices])
+            case Op.REGISTER_VOICE | Op.REMOVE_VOICE:
+                self._voice_op(request, service)
             case Op.SYNTHESIZE:
                 self._synthesize(request, service)
             case Op.SUBMIT:
                 self._check_capacity(request, service)
-                job = service.submit(request.fields(), new_job_id())
+                job = service.submit(request.fields(), new_job_id(),
+                                     request.attachments[0] if request.attachments else None)
                 self._reply(request, "accepted", job=job.id)
             case Op.STATUS:
                 job_id = _job_field(request)
@@ -292,6 +301,22 @@ class ZmqIntake:
                 self._reply(request, "cancelled", job=job_id)
             case Op.STATS:
                 self._reply(request, "stats", **service.stats())
+
+    def _voice_op(self, request: Request, service: Service) -> None:
+        fields = request.fields()
+        if request.op == Op.REMOVE_VOICE:
+            if not service.remove_voice(str(fields.get("name"))):
+                raise ProtocolError(WireCode.NOT_FOUND, f"name: no registered voice "
+                                    f"{fields.get('name')!r}", request.id, "name")
+            self._reply(request, "voice_removed", name=fields.get("name"))
+            return
+        if not request.attachments:
+            raise ProtocolError(WireCode.BAD_REQUEST, "frame 1: register_voice needs the "
+                                "prompt audio as an attachment frame", request.id,
+                                "prompt_audio")
+        voice = service.register_voice(fields.get("name"), fields.get("prompt_text"),
+                                       request.attachments[0])
+        self._reply(request, "voice_registered", voice=_voice(voice))
 
     def _check_capacity(self, request: Request, service: Service) -> None:
         if service.queue_full():
@@ -317,6 +342,8 @@ class ZmqIntake:
                         default_output=job_id, limits=self._limits,
                         known=SYNTHESIZE_FIELDS,
                         formats=REPLY_FORMATS, sink=SINK_REPLY, stream=stream)
+        if request.attachments:
+            job = replace(job, prompt_audio=service.keep_prompt(job_id, request.attachments[0]))
         self._routes[job.id] = _Route(request.route, request.id)
         service.enqueue(job)
 
@@ -361,6 +388,19 @@ class ZmqIntake:
     def cancelled(self, job: Job) -> None:
         self._job_event(job, "cancelled")
         self._routes.pop(job.id, None)
+
+
+def _voice(voice: VoiceInfo) -> dict[str, Any]:
+    return {"name": voice.name, "language": voice.language, "sample_rate": voice.sample_rate,
+            "engine": voice.engine, "kind": voice.kind}
+
+
+def _check_attachments(request: Request) -> None:
+    allowed = 1 if request.op in AUDIO_OPS else 0
+    if len(request.attachments) > allowed:
+        raise ProtocolError(WireCode.BAD_REQUEST, f"frame {allowed + 1}: op {request.op!r} "
+                            f"takes {allowed or 'no'} attachment frame{'s' * (allowed != 1)}",
+                            request.id)
 
 
 def _job_field(request: Request) -> str:

@@ -32,6 +32,7 @@ LEAK_BYTES = 64 << 20
 
 class ToneEngine:
     name = "faulty"
+    features: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         self._leaked: list[np.ndarray[tuple[int], np.dtype[np.uint8]]] = []
@@ -41,6 +42,9 @@ class ToneEngine:
 
     def default_voice(self) -> str:
         return "tone"
+
+    def sample_rate(self, voice: str | None) -> int:
+        return SAMPLE_RATE
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
         if request.voice != "tone":

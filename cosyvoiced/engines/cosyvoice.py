@@ -1,0 +1,382 @@
+"""The CosyVoice engine: CosyVoice-300M (v1), CosyVoice2 and CosyVoice3, driven through the
+upstream inference code (FunAudioLLM/CosyVoice), installed or from a checkout.
+
+Upstream is built for notebooks and demos; this adapter makes it safe to serve from:
+- the version is read from the model directory, and only the options the detected class
+  accepts are passed (CosyVoice3 has no `load_jit`); nothing is ever downloaded;
+- both API generations work: the prompt as a 16 kHz tensor (before Dec 2025, `622a3a1`)
+  or as a file path (after), detected from the signature, not from a version string;
+- prompt audio of any rate and format is checked and converted here (cosyvoiced.prompt);
+- one request at a time, and after each one (finished, failed or abandoned) the per-request
+  state is dropped, the LLM thread is stopped and the CUDA cache emptied: upstream has no
+  try/finally there, so a closed generator used to leave all of that behind;
+- an exception in upstream's LLM thread ends the request with that error instead of
+  leaving a `stream=True` consumer polling forever;
+- the shared `token_hop_len` (grown during each streamed call, never reset: upstream
+  PR #1849) is reset before every request;
+- the RNG reseeding done while loading (yaml `__set_seed*`, `set_all_random_seed(0)`) is
+  undone, and the root-logger set-up done on import is put back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import random
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+
+from cosyvoiced import logs
+from cosyvoiced.config import CosyVoiceConfig, EngineConfig
+from cosyvoiced.engines import FEATURES, AudioChunk, SynthesisRequest, VoiceInfo
+from cosyvoiced.job import ErrorCode, JobFailure
+from cosyvoiced.prompt import Samples, read_prompt
+from cosyvoiced.speakers import STORED_RATE, Speaker, SpeakerStore
+
+ENGINE_NAME = "cosyvoice"
+MODEL_CLASSES = {"cosyvoice.yaml": (1, "CosyVoice"), "cosyvoice2.yaml": (2, "CosyVoice2"),
+                 "cosyvoice3.yaml": (3, "CosyVoice3")}
+LOAD_OPTIONS = ("fp16", "load_jit", "load_trt", "load_vllm")
+# Where an instruction ends: v1 and v2/v3 spell it differently. Since `622a3a1` (the file
+# path API) callers add it themselves; before, upstream appended it.
+END_OF_PROMPT = {1: "<endofprompt>", 2: "<|endofprompt|>", 3: "<|endofprompt|>"}
+# CosyVoice3 asserts that <|endofprompt|> is in the prompt or the text; upstream's examples
+# put this system prompt in front.
+V3_SYSTEM_PROMPT = "You are a helpful assistant.<|endofprompt|>"
+TOKENIZER_RATE = 16000
+LLM_STOP_TIMEOUT_S = 30.0
+
+log = logs.get_logger("cosyvoiced.engines.cosyvoice")
+
+
+def _import_upstream(repo: str) -> ModuleType:
+    if repo:
+        sys.path[:0] = [repo, str(Path(repo) / "third_party" / "Matcha-TTS")]
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        # cosyvoice.utils.file_utils calls logging.basicConfig(level=DEBUG) on import.
+        return importlib.import_module("cosyvoice.cli.cosyvoice")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        root.addFilter(_UpstreamChatter())
+
+
+class _UpstreamChatter(logging.Filter):
+    """Upstream logs two info lines per text segment with `logging.info` (the root logger):
+    debug-level detail for a daemon. Our own loggers propagate past this filter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or logging.getLogger().level <= logging.DEBUG
+
+
+def _detect_version(model_dir: Path) -> tuple[int, str]:
+    for file_name, (version, class_name) in MODEL_CLASSES.items():
+        if (model_dir / file_name).is_file():
+            return version, class_name
+    raise RuntimeError(f"{model_dir} has none of {', '.join(MODEL_CLASSES)}")
+
+
+def _load_options(model_class: type, settings: CosyVoiceConfig) -> dict[str, bool]:
+    accepted = inspect.signature(model_class).parameters
+    options = {name: bool(getattr(settings, name)) for name in LOAD_OPTIONS if name in accepted}
+    ignored = [name for name in LOAD_OPTIONS
+               if name not in accepted and getattr(settings, name)]
+    if ignored:
+        log.warning("cosyvoice_options_ignored", options=ignored, model=model_class.__name__,
+                    message="this model class does not take these options")
+    return options
+
+
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Loading reseeds every global RNG with constants; put Python's and NumPy's back and
+    seed torch's from the OS, so each worker samples differently."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.seed()
+
+
+class _LlmThreadGuard:
+    """Wraps upstream's per-request LLM thread body (`llm_job`): a failure is kept for the
+    consumer and marks the request's LLM as ended, so a streaming loop stops waiting."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self._run_llm = model.llm_job
+        self.failure: BaseException | None = None
+        self.threads: list[threading.Thread] = []
+        model.llm_job = self._guarded
+
+    def _guarded(self, *args: Any, **kwargs: Any) -> None:
+        self.threads.append(threading.current_thread())
+        request = kwargs.get("uuid", args[-1] if args else None)
+        try:
+            self._run_llm(*args, **kwargs)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer thread
+            if request in self._model.llm_end_dict:  # not a request we stopped ourselves
+                self.failure = error
+                self._model.llm_end_dict[request] = True
+
+    def reset(self) -> None:
+        self.failure, self.threads = None, []
+
+    def join(self, timeout_s: float) -> list[threading.Thread]:
+        """Wait for this request's LLM threads; the ones still running are returned."""
+        for thread in self.threads:
+            thread.join(timeout_s)
+        return [thread for thread in self.threads if thread.is_alive()]
+
+
+class CosyVoiceEngine:
+    name = ENGINE_NAME
+    features = frozenset(FEATURES)
+
+    def __init__(self, config: EngineConfig) -> None:
+        settings = config.cosyvoice
+        upstream = _import_upstream(settings.repo)
+        self.version, class_name = _detect_version(Path(settings.model_dir))
+        model_class = getattr(upstream, class_name, None)
+        if model_class is None:
+            raise RuntimeError(f"the cosyvoice code in use ({upstream.__file__}) has no "
+                               f"{class_name} class; point engine.cosyvoice.repo at a newer "
+                               "CosyVoice checkout")
+        with _random_state_kept():
+            self._model = model_class(settings.model_dir, **_load_options(model_class,
+                                                                          settings))
+        self.model_name = Path(settings.model_dir).name
+        self._path_api = "prompt_wav" in inspect.signature(
+            self._model.inference_zero_shot).parameters
+        self._rate = int(getattr(self._model, "sample_rate", 0)
+                         or self._model.model.hift.sampling_rate)
+        self._token_hop_len = getattr(self._model.model, "token_hop_len", None)
+        self._guard = _LlmThreadGuard(self._model.model)
+        self._scratch = tempfile.TemporaryDirectory(prefix="cosyvoiced-prompts-")
+        spk2info = getattr(self._model.frontend, "spk2info", {})
+        self._builtin = list(spk2info)
+        self._speakers = SpeakerStore(settings.speakers_file)
+        self._registered: dict[str, Speaker] = {}
+        self._refresh_speakers()
+        self._default = config.voice or (self._builtin[0] if self._builtin else None)
+        if self._default is not None and self._default not in self._voice_names():
+            raise ValueError(f"engine.voice: {self._default!r} is not a voice of this model "
+                             f"({', '.join(self._voice_names())})")
+        log.info("cosyvoice_loaded", version=self.version, model_class=class_name,
+                 sample_rate=self._rate, prompt_api="path" if self._path_api else "tensor",
+                 builtin_voices=len(self._builtin), registered_voices=len(self._registered),
+                 cuda=torch.cuda.is_available())
+
+    # -- voices -------------------------------------------------------------------------
+    def _voice_names(self) -> list[str]:
+        return self._builtin + sorted(self._registered)
+
+    def voices(self) -> list[VoiceInfo]:
+        self._refresh_speakers()
+        return ([VoiceInfo(name, "", self._rate, self.name) for name in self._builtin]
+                + [VoiceInfo(name, "", self._rate, self.name, "registered")
+                   for name in sorted(self._registered)])
+
+    def default_voice(self) -> str | None:
+        return self._default
+
+    def sample_rate(self, voice: str | None) -> int:
+        return self._rate
+
+    def _refresh_speakers(self) -> None:
+        """Take up voices registered (or removed) since the last look at the file."""
+        if not self._speakers.changed():
+            return
+        speakers = {speaker.name: speaker for speaker in self._speakers.load()
+                    if speaker.name not in self._builtin}
+        if hasattr(self._model, "add_zero_shot_spk"):
+            self._register_upstream(speakers)
+        self._registered = speakers
+
+    def _register_upstream(self, speakers: dict[str, Speaker]) -> None:
+        """Precompute each speaker's prompt features once (upstream `add_zero_shot_spk`)."""
+        spk2info = self._model.frontend.spk2info
+        for name in set(self._registered) - set(speakers):
+            spk2info.pop(name, None)
+        for speaker in speakers.values():
+            with self._prompt(speaker.audio, STORED_RATE) as prompt, torch.inference_mode():
+                self._model.add_zero_shot_spk(self._prompt_text(speaker.prompt_text), prompt,
+                                              speaker.name)
+
+    # -- prompts ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _prompt(self, samples: Samples, rate: int) -> Iterator[Any]:
+        """What upstream takes as a prompt: a 16 kHz tensor, or (since `622a3a1`) a file it
+        reads three times, written here at the model's rate."""
+        if not self._path_api:
+            yield torch.from_numpy(soxr.resample(samples, rate, TOKENIZER_RATE)).unsqueeze(0)
+            return
+        with tempfile.NamedTemporaryFile(suffix=".wav", dir=self._scratch.name) as wav:
+            soundfile.write(wav.name, soxr.resample(samples, rate, self._rate), self._rate,
+                            subtype="FLOAT")
+            yield wav.name
+
+    def _prompt_text(self, text: str) -> str:
+        if self.version == 3 and END_OF_PROMPT[3] not in text:
+            return V3_SYSTEM_PROMPT + text
+        return text
+
+    def _instruction(self, instruct: str) -> str:
+        marker = END_OF_PROMPT[self.version]
+        if not self._path_api or marker in instruct:
+            return instruct
+        if self.version == 3:
+            instruct = f"You are a helpful assistant. {instruct}"
+        return instruct + marker
+
+    # -- synthesis ----------------------------------------------------------------------
+    def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
+        self._refresh_speakers()
+        with contextlib.ExitStack() as scope:
+            start = self._plan(request, scope)
+            yield from self._consume(start)
+
+    def _plan(self, request: SynthesisRequest,
+              scope: contextlib.ExitStack) -> Callable[[], Iterator[dict[str, Any]]]:
+        """How upstream is called for this request; `JobFailure` for what it cannot do."""
+        registered = self._registered.get(request.voice or "")
+        text = request.text if request.language is None \
+            else f"<|{request.language}|>{request.text}"
+        # Upstream ignores speed when streaming: honour it, chunks come per text segment.
+        options = {"stream": request.stream and request.speed == 1.0, "speed": request.speed}
+        prompt: Any = None
+        if request.prompt_audio is not None:
+            prompt = scope.enter_context(self._prompt(
+                read_prompt(request.prompt_audio, TOKENIZER_RATE), TOKENIZER_RATE))
+        elif request.prompt_text is not None and registered is None:
+            raise JobFailure(ErrorCode.INVALID_FIELD, "prompt_text: is the transcript of "
+                             "prompt_audio; send prompt_audio with it", "prompt_text")
+        if request.instruct is not None:
+            return self._plan_instruct(request, text, prompt=prompt, registered=registered,
+                                       scope=scope, options=options)
+        if prompt is not None and request.prompt_text is not None:
+            return lambda: self._model.inference_zero_shot(
+                text, self._prompt_text(request.prompt_text or ""), prompt, **options)
+        if prompt is not None:
+            return self._plan_cross_lingual(text, prompt, options)
+        if registered is not None:
+            return self._plan_registered(text, registered, scope, options)
+        voice = request.voice
+        return lambda: self._model.inference_sft(self._prompt_text(text) if self.version == 3
+                                                 else text, voice, **options)
+
+    def _plan_cross_lingual(self, text: str, prompt: Any,
+                            options: dict[str, Any]) -> Callable[[], Iterator[dict[str, Any]]]:
+        if getattr(self._model.frontend, "instruct", False):
+            raise JobFailure(ErrorCode.NOT_SUPPORTED, f"prompt_text: {self.model_name} is an "
+                             "instruct model, which cannot clone a voice across languages; "
+                             "send prompt_text (the prompt's transcript) too", "prompt_text")
+        return lambda: self._model.inference_cross_lingual(self._prompt_text(text), prompt,
+                                                           **options)
+
+    def _plan_registered(self, text: str, speaker: Speaker, scope: contextlib.ExitStack,
+                         options: dict[str, Any]) -> Callable[[], Iterator[dict[str, Any]]]:
+        if hasattr(self._model, "add_zero_shot_spk"):
+            return lambda: self._model.inference_zero_shot(
+                text, "", "", zero_shot_spk_id=speaker.name, **options)
+        prompt = scope.enter_context(self._prompt(speaker.audio, STORED_RATE))
+        return lambda: self._model.inference_zero_shot(
+            text, self._prompt_text(speaker.prompt_text), prompt, **options)
+
+    def _plan_instruct(self, request: SynthesisRequest, text: str, *, prompt: Any,
+                       registered: Speaker | None, scope: contextlib.ExitStack,
+                       options: dict[str, Any]) -> Callable[[], Iterator[dict[str, Any]]]:
+        instruct = self._instruction(request.instruct or "")
+        if self.version == 1:
+            if prompt is not None or registered is not None:
+                raise JobFailure(ErrorCode.NOT_SUPPORTED, "instruct: CosyVoice-300M-Instruct "
+                                 "follows instructions in its built-in voices only; leave "
+                                 "out prompt_audio or name a built-in voice", "instruct")
+            if not getattr(self._model.frontend, "instruct", True):
+                raise JobFailure(ErrorCode.NOT_SUPPORTED, f"instruct: {self.model_name} takes "
+                                 "no instructions; use a CosyVoice-300M-Instruct model",
+                                 "instruct")
+            return lambda: self._model.inference_instruct(text, request.voice, instruct,
+                                                          **options)
+        if prompt is None and registered is None:
+            raise JobFailure(ErrorCode.MISSING_FIELD, f"prompt_audio: CosyVoice{self.version} "
+                             "speaks instructions in a cloned voice: send prompt_audio or "
+                             "name a registered voice", "prompt_audio")
+        if prompt is None and registered is not None:
+            if hasattr(self._model, "add_zero_shot_spk"):
+                return lambda: self._model.inference_instruct2(
+                    text, instruct, "", zero_shot_spk_id=registered.name, **options)
+            prompt = scope.enter_context(self._prompt(registered.audio, STORED_RATE))
+        return lambda: self._model.inference_instruct2(text, instruct, prompt, **options)
+
+    def _consume(self, start: Callable[[], Iterator[dict[str, Any]]]) -> Iterator[AudioChunk]:
+        """Run one upstream generator to its end (or until closed), then clean up after it."""
+        model = self._model.model
+        if self._token_hop_len is not None:
+            model.token_hop_len = self._token_hop_len
+        self._guard.reset()
+        outputs: Iterator[dict[str, Any]] | None = None
+        try:
+            while True:
+                # Upstream of 2024 updates inference tensors in place between chunks, which
+                # fails outside inference mode on CPU (fixed upstream in dc3f643).
+                with torch.inference_mode():
+                    if outputs is None:
+                        outputs = start()
+                    output = self._next(outputs)
+                if output is None:
+                    return
+                yield output["tts_speech"].squeeze(0).float().cpu().numpy()
+        finally:
+            if outputs is not None and hasattr(outputs, "close"):
+                outputs.close()
+            self._clean_up()
+
+    def _next(self, outputs: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+        try:
+            output = next(outputs, None)
+        except Exception as error:
+            if self._guard.failure is not None:
+                failure = self._guard.failure
+                raise RuntimeError(f"CosyVoice's LLM failed: {type(failure).__name__}: "
+                                   f"{failure}") from error
+            raise
+        if self._guard.failure is not None:
+            failure = self._guard.failure
+            raise RuntimeError(f"CosyVoice's LLM failed: {type(failure).__name__}: {failure}")
+        return output
+
+    def _clean_up(self) -> None:
+        """Drop every per-request entry upstream keeps (which also stops an LLM thread still
+        generating: its next append fails), wait for the thread, give back CUDA cache."""
+        model = self._model.model
+        with getattr(model, "lock", contextlib.nullcontext()):
+            for name, value in vars(model).items():
+                if name.endswith("_dict") and isinstance(value, dict):
+                    value.clear()
+        stuck = self._guard.join(LLM_STOP_TIMEOUT_S)
+        if stuck:
+            log.error("llm_thread_stuck", threads=len(stuck),
+                      message="an LLM thread did not stop; recycle the worker if this repeats")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def load(config: EngineConfig) -> CosyVoiceEngine:
+    return CosyVoiceEngine(config)

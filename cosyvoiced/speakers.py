@@ -1,0 +1,111 @@
+"""Registered voices: zero-shot speakers kept as their source material (prompt text and
+audio), not as one model's features, so they survive a model upgrade.
+
+One JSON file (`engine.cosyvoice.speakers_file`, in the state directory): the supervisor
+writes it when a client registers or removes a voice; each worker reads it when it starts
+and again whenever it changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+
+from cosyvoiced.job import ErrorCode, JobFailure
+from cosyvoiced.prompt import Samples, read_prompt
+from cosyvoiced.spool import atomic_write
+
+# Kept at 24 kHz, the highest rate any CosyVoice model reads a prompt at.
+STORED_RATE = 24000
+_NAME = re.compile(r"^[\w][\w .-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Speaker:
+    name: str
+    prompt_text: str
+    audio: Samples  # mono float32 at STORED_RATE
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or name != name.strip():
+        raise JobFailure(ErrorCode.INVALID_FIELD, "name: a voice name is 1-64 letters, "
+                         f"digits, spaces, '.', '_' or '-'; got {name!r}", "name")
+    return name
+
+
+def _encode(samples: Samples) -> str:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, STORED_RATE, format="FLAC", subtype="PCM_16")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode(text: str) -> Samples:
+    samples, _rate = soundfile.read(io.BytesIO(base64.b64decode(text)), dtype="float32")
+    return np.asarray(samples, dtype=np.float32)
+
+
+class SpeakerStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._seen: tuple[int, int] | None = None
+
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        entries: dict[str, dict[str, Any]] = data["speakers"]
+        return entries
+
+    def names(self) -> list[str]:
+        return sorted(self._entries())
+
+    def load(self) -> list[Speaker]:
+        return [Speaker(name, entry["prompt_text"], _decode(entry["audio_flac"]))
+                for name, entry in sorted(self._entries().items())]
+
+    def changed(self) -> bool:
+        """Whether the file changed since the last call (True the first time)."""
+        try:
+            info = os.stat(self.path)
+            seen: tuple[int, int] | None = (info.st_mtime_ns, info.st_size)
+        except FileNotFoundError:
+            seen = None
+        changed, self._seen = seen != self._seen, seen
+        return changed
+
+    def add(self, name: str, prompt_text: str, audio: bytes) -> Speaker:
+        """Register (or replace) `name`; raises `JobFailure` for a bad name, text or audio."""
+        check_name(name)
+        if not isinstance(prompt_text, str) or not prompt_text.strip():
+            raise JobFailure(ErrorCode.MISSING_FIELD, "prompt_text: the words spoken in the "
+                             "prompt audio are required to register a voice", "prompt_text")
+        speaker = Speaker(name, prompt_text.strip(), read_prompt(audio, STORED_RATE))
+        entries = self._entries()
+        entries[name] = {"prompt_text": speaker.prompt_text, "audio_flac": _encode(speaker.audio),
+                         "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._write(entries)
+        return speaker
+
+    def remove(self, name: str) -> bool:
+        entries = self._entries()
+        if entries.pop(name, None) is None:
+            return False
+        self._write(entries)
+        return True
+
+    def _write(self, entries: dict[str, dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path.parent, self.path.name,
+                     json.dumps({"version": 1, "speakers": entries}, indent=1).encode())

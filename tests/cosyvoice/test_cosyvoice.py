@@ -1,0 +1,244 @@
+"""The cosyvoice engine, end to end: real daemon, real upstream code, tiny random model.
+
+The model's audio is noise, so these tests check what the adapter controls: which upstream
+call a job reaches, rates, chunking, lengths, errors and cleanup.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+
+from cosyvoiced.client import Client, DaemonError
+from tests.cosyvoice.conftest import cosyvoice_daemon
+from tests.daemon import Daemon, wait_until
+
+SHORT = "Hello from a very small model."
+# One text segment (upstream splits at 60-80 tokens) long enough to stream in chunks.
+LONG = ("The tiny model has random weights, so what it says is noise, but the daemon still "
+        "has to stream every chunk of it in order and with the right sample rate. Each "
+        "chunk leaves the worker as soon as upstream yields it, and the client hears it.")
+NATIVE_RATE = {1: 22050, 2: 24000}
+TIMEOUT_S = 120.0
+
+
+def prompt_audio(rate: int = 16000, seconds: float = 2.0, file_format: str = "WAV") -> bytes:
+    """A voiced-sounding test prompt: a tone with a noisy amplitude envelope."""
+    rng = np.random.default_rng(7)
+    t = np.arange(int(rate * seconds)) / rate
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
+    signal = (0.3 * envelope * np.sin(2 * np.pi * 180 * t)
+              + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, signal, rate, format=file_format)
+    return buffer.getvalue()
+
+
+def decoded(audio: bytes) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int]:
+    samples, rate = soundfile.read(io.BytesIO(audio), dtype="float32")
+    return samples, rate
+
+
+def assert_audio(samples: np.ndarray[Any, np.dtype[Any]], rate: int, expected_rate: int) -> None:
+    assert rate == expected_rate
+    assert samples.ndim == 1
+    assert len(samples) / rate > 0.1, "too short to be a synthesis"
+    assert float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) > 1e-4, "silent"
+    assert float(np.max(np.abs(samples))) <= 1.0
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[Client]:
+    with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as connected:
+        yield connected
+
+
+def test_voices_list_the_models_builtin_speakers(client: Client, model_version: int) -> None:
+    voices = client.voices()
+    builtin = [v["name"] for v in voices if v["kind"] == "builtin"]
+    assert builtin == ["English Female", "English Male"]
+    assert {v["sample_rate"] for v in voices} == {NATIVE_RATE[model_version]}
+    assert client.ping()["engine"] == "cosyvoice"
+
+
+def test_sft_voice_from_the_drop_folder(daemon: Daemon, model_version: int) -> None:
+    daemon.drop_job("sft", text=SHORT, voice="English Male")
+    record = daemon.wait_done("sft.json", TIMEOUT_S)
+    assert record["voice"] == "English Male"
+    assert record["sample_rate"] == NATIVE_RATE[model_version]
+    samples, rate = soundfile.read(daemon.outbox / record["file"], dtype="float32")
+    assert_audio(samples, rate, NATIVE_RATE[model_version])
+    assert abs(len(samples) / rate - record["audio_s"]) < 0.01
+
+
+def test_zero_shot_from_the_drop_folder_claims_the_prompt(daemon: Daemon,
+                                                          model_version: int) -> None:
+    daemon.drop("speaker.wav", prompt_audio(24000, 2.5))
+    daemon.drop_job("clone", text=SHORT, prompt_audio="speaker.wav",
+                    prompt_text="This is how I sound.")
+    record = daemon.wait_done("clone.json", TIMEOUT_S)
+    samples, rate = soundfile.read(daemon.outbox / record["file"], dtype="float32")
+    assert_audio(samples, rate, NATIVE_RATE[model_version])
+    assert not (daemon.inbox / "speaker.wav").exists()
+    assert not list((daemon.spool / "prompts").iterdir()), "the prompt outlived its job"
+
+
+def test_missing_and_corrupt_prompts_fail_with_their_own_codes(daemon: Daemon) -> None:
+    daemon.drop_job("orphan", text=SHORT, prompt_audio="nowhere.wav", prompt_text="Hi.")
+    error = daemon.wait_failed("orphan.json", TIMEOUT_S)
+    assert (error["code"], error["field"]) == ("prompt_audio_not_found", "prompt_audio")
+    daemon.drop("broken.wav", b"RIFF\x00\x00\x00\x00WAVEnot really audio at all")
+    daemon.drop_job("corrupt", text=SHORT, prompt_audio="broken.wav", prompt_text="Hi.")
+    error = daemon.wait_failed("corrupt.json", TIMEOUT_S)
+    assert (error["code"], error["field"]) == ("prompt_audio_unreadable", "prompt_audio")
+    assert (daemon.failed / "broken.wav").exists(), "the prompt goes back with its job"
+
+
+def test_zero_shot_with_a_zmq_attachment(client: Client, model_version: int) -> None:
+    result = client.synthesize(SHORT, prompt_audio=prompt_audio(),
+                               prompt_text="This is how I sound.", format="flac")
+    assert result.sample_rate == NATIVE_RATE[model_version]
+    assert result.header["voice"] == "(prompt audio)"
+    assert_audio(*decoded(result.audio), NATIVE_RATE[model_version])
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+def test_prompts_at_any_rate_are_converted(client: Client, model_version: int,
+                                           rate: int) -> None:
+    stereo = np.tile(decoded(prompt_audio(rate))[0][:, None], (1, 2))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, stereo, rate, format="FLAC")
+    result = client.synthesize(SHORT, prompt_audio=buffer.getvalue(), prompt_text="Hello.")
+    assert_audio(*decoded(result.audio), NATIVE_RATE[model_version])
+
+
+@pytest.mark.parametrize(("audio", "code"), [
+    (b"\x00\x01 this is no audio file", "prompt_audio_unreadable"),
+    (prompt_audio(16000, 0.4), "prompt_audio_too_short"),
+    (prompt_audio(16000, 31.0), "prompt_audio_too_long"),
+])
+def test_bad_prompts_are_refused_by_code(client: Client, audio: bytes, code: str) -> None:
+    with pytest.raises(DaemonError) as caught:
+        client.synthesize(SHORT, prompt_audio=audio, prompt_text="Hello.")
+    assert caught.value.header["reason"] == code
+    assert caught.value.field == "prompt_audio"
+    assert client.synthesize(SHORT, voice="English Female").audio, "the model stays usable"
+
+
+def test_cross_lingual_is_a_prompt_without_its_text(client: Client, model_version: int) -> None:
+    result = client.synthesize(SHORT, prompt_audio=prompt_audio(), language="en")
+    assert_audio(*decoded(result.audio), NATIVE_RATE[model_version])
+
+
+def test_streaming_comes_in_chunks_that_add_up(client: Client, model_version: int) -> None:
+    with client.stream(LONG, voice="English Female") as stream:
+        chunks = [np.frombuffer(pcm, dtype="<i2") for pcm in stream]
+    assert stream.start["sample_rate"] == NATIVE_RATE[model_version]
+    assert len(chunks) >= 2, "streamed as one piece"
+    assert all(len(chunk) for chunk in chunks)
+    streamed = sum(len(chunk) for chunk in chunks)
+    whole = decoded(client.synthesize(LONG, voice="English Female").audio)[0]
+    # A random LLM stops within a few tokens of the same length; 441-480 samples a token.
+    assert abs(streamed - len(whole)) < 0.1 * len(whole), (streamed, len(whole))
+
+
+def test_cancelling_mid_stream_leaves_the_model_usable(client: Client, daemon: Daemon) -> None:
+    def cancel_after_the_first_chunk(other: Client) -> None:
+        with client.stream(" ".join([LONG] * 4), voice="English Male") as stream:
+            for _pcm in stream:
+                other.cancel(str(stream.start["job"]))
+
+    with Client(daemon.endpoint) as other, pytest.raises(DaemonError) as caught:
+        cancel_after_the_first_chunk(other)
+    assert caught.value.code == "cancelled"
+    result = client.synthesize(SHORT, voice="English Female")
+    assert decoded(result.audio)[1] == result.sample_rate
+
+
+def test_instruct_needs_an_instruct_model(client: Client, model_version: int) -> None:
+    if model_version != 1:
+        pytest.skip("CosyVoice2/3 take instructions with any model")
+    with pytest.raises(DaemonError) as caught:
+        client.synthesize(SHORT, voice="English Female", instruct="Speak slowly.")
+    assert (caught.value.header["reason"], caught.value.field) == ("not_supported",
+                                                                   "instruct")
+
+
+def test_instruct(tmp_path: Path, instruct_model_dir: Path, model_version: int) -> None:
+    daemon = cosyvoice_daemon(tmp_path / "instruct", instruct_model_dir)
+    daemon.start()
+    try:
+        with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+            options: dict[str, Any] = {"voice": "English Female"} if model_version == 1 else \
+                {"prompt_audio": prompt_audio()}
+            result = client.synthesize(SHORT, instruct="Speak slowly and calmly.", **options)
+            assert_audio(*decoded(result.audio), NATIVE_RATE[model_version])
+    finally:
+        daemon.stop()
+
+
+def test_register_use_and_remove_a_voice(client: Client, daemon: Daemon,
+                                         model_version: int) -> None:
+    voice = client.register_voice("alice", prompt_audio(22050, 3.0), "My name is Alice.")
+    assert voice == {"name": "alice", "language": "", "sample_rate": NATIVE_RATE[model_version],
+                     "engine": "cosyvoice", "kind": "registered"}
+    assert "alice" in [v["name"] for v in client.voices() if v["kind"] == "registered"]
+    stored = json.loads((daemon.root / "state" / "speakers.json").read_text())
+    assert stored["speakers"]["alice"]["prompt_text"] == "My name is Alice."
+    result = client.synthesize(SHORT, voice="alice")
+    assert result.header["voice"] == "alice"
+    assert_audio(*decoded(result.audio), NATIVE_RATE[model_version])
+    with pytest.raises(DaemonError) as caught:
+        client.register_voice("English Male", prompt_audio(), "Taken.")
+    assert caught.value.field == "name"
+    assert client.remove_voice("alice")["event"] == "voice_removed"
+    with pytest.raises(DaemonError) as caught:
+        client.synthesize(SHORT, voice="alice")
+    assert caught.value.code == "unknown_voice"
+
+
+def test_registered_voices_survive_a_restart(tmp_path: Path, model_dir: Path) -> None:
+    daemon = cosyvoice_daemon(tmp_path / "restart", model_dir)
+    daemon.start()
+    try:
+        with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+            client.register_voice("bob", prompt_audio(16000, 2.0), "I am Bob.")
+        daemon.stop()
+        daemon.start()
+        with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+            assert "bob" in [v["name"] for v in client.voices()]
+            assert client.synthesize(SHORT, voice="bob").header["voice"] == "bob"
+    finally:
+        daemon.stop()
+
+
+def test_two_clients_at_once(daemon: Daemon, model_version: int) -> None:
+    results: dict[str, bytes] = {}
+
+    def speak(voice: str) -> None:
+        with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+            results[voice] = client.synthesize(SHORT, voice=voice).audio
+
+    threads = [threading.Thread(target=speak, args=(voice,))
+               for voice in ("English Female", "English Male")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(2 * TIMEOUT_S)
+    assert sorted(results) == ["English Female", "English Male"]
+    for audio in results.values():
+        assert_audio(*decoded(audio), NATIVE_RATE[model_version])
+
+
+def test_upstream_chatter_stays_out_of_stdout(daemon: Daemon) -> None:
+    wait_until(lambda: daemon.log_events("cosyvoice_loaded"), 10, "the load line")
+    for line in daemon.output().splitlines():
+        assert line.startswith("{"), f"not a JSON log line: {line!r}"

@@ -1,0 +1,115 @@
+"""Build a tiny, randomly initialised CosyVoice model directory for tests and benchmarks.
+
+The modules are the real upstream classes built from a shrunk yaml (`tiny_v1.yaml`, or the
+`tiny_v2.yaml` for CosyVoice2 against an upstream checkout); their random `state_dict`s are
+saved, so strict loading matches by construction. The two ONNX front-end models (speaker
+embedding, speech tokenizer) are small random graphs with the upstream input/output shapes.
+The audio such a model makes is noise: tests check shapes, rates, chunking and lengths.
+
+    python -m tests.cosyvoice.tiny_model OUT_DIR [--version 1|2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from onnx import TensorProto, helper, numpy_helper
+
+HERE = Path(__file__).parent
+SEED = 1234
+SPEAKER_DIM = 192
+SFT_SPEAKERS = ("English Female", "English Male")
+# Upstream's stop token can be drawn only after `min_token_text_ratio` x text tokens; a random
+# LLM then almost never stops before `max_token_text_ratio`. A stop logit near log(vocabulary)
+# makes it stop a few tokens after the minimum, yet never so likely that the "ignore stop"
+# resampling loop spins.
+STOP_LOGIT_BIAS = 8.5
+VERSIONS = {1: ("tiny_v1.yaml", "cosyvoice.yaml", "speech_tokenizer_v1.onnx", 4096),
+            2: ("tiny_v2.yaml", "cosyvoice2.yaml", "speech_tokenizer_v2.onnx", 6561)}
+
+
+def _save_onnx(graph: onnx.GraphProto, path: Path) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every onnxruntime of the last years reads
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _campplus(path: Path, rng: np.random.Generator) -> None:
+    """(1, T, 80) fbank -> (1, 192) speaker embedding: mean over time, then a projection."""
+    weight = numpy_helper.from_array(rng.standard_normal((80, SPEAKER_DIM)).astype(np.float32),
+                                     "weight")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["pooled"], axes=[1], keepdims=0),
+         helper.make_node("MatMul", ["pooled", "weight"], ["embedding"])],
+        "campplus",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, "T", 80])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, SPEAKER_DIM])],
+        [weight])
+    _save_onnx(graph, path)
+
+
+def _speech_tokenizer(path: Path, vocabulary: int, rng: np.random.Generator) -> None:
+    """(1, 128, T) log-mel at 100 frames/s + (1,) length -> (1, T/2) tokens at 50/s."""
+    weight = numpy_helper.from_array(
+        rng.standard_normal((128, vocabulary)).astype(np.float32), "weight")
+    starts, ends, axes, steps = (numpy_helper.from_array(np.array([value], dtype=np.int64), name)
+                                 for value, name in ((0, "starts"), (2**62, "ends"),
+                                                     (2, "axes"), (2, "steps")))
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["feats", "starts", "ends", "axes", "steps"], ["halved"]),
+         helper.make_node("Transpose", ["halved"], ["frames"], perm=[0, 2, 1]),
+         helper.make_node("MatMul", ["frames", "weight"], ["scores"]),
+         helper.make_node("ArgMax", ["scores"], ["tokens"], axis=2, keepdims=0),
+         helper.make_node("Identity", ["feats_length"], ["unused_length"])],
+        "speech_tokenizer",
+        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, 128, "T"]),
+         helper.make_tensor_value_info("feats_length", TensorProto.INT32, [1])],
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "N"]),
+         helper.make_tensor_value_info("unused_length", TensorProto.INT32, [1])],
+        [weight, starts, ends, axes, steps])
+    _save_onnx(graph, path)
+
+
+def _bias_stop_token(llm: torch.nn.Module, stop_index: int) -> None:
+    with torch.no_grad():
+        llm.llm_decoder.weight[stop_index].zero_()
+        llm.llm_decoder.bias[stop_index] = STOP_LOGIT_BIAS
+
+
+def build(out_dir: Path, version: int = 1, **yaml_overrides: Any) -> Path:
+    """Write a loadable model directory for CosyVoice `version` into `out_dir`."""
+    yaml_name, model_yaml, tokenizer_name, vocabulary = VERSIONS[version]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    rng = np.random.default_rng(SEED)
+    shutil.copyfile(HERE / yaml_name, out_dir / model_yaml)
+    with open(out_dir / model_yaml, encoding="utf-8") as config:
+        modules = load_hyperpyyaml(config, overrides=yaml_overrides or None)
+    _bias_stop_token(modules["llm"], modules["llm"].speech_token_size)
+    for name in ("llm", "flow", "hift"):
+        torch.save(modules[name].state_dict(), out_dir / f"{name}.pt")
+    speakers = {name: {"embedding": torch.randn(1, SPEAKER_DIM)} for name in SFT_SPEAKERS}
+    torch.save(speakers, out_dir / "spk2info.pt")
+    _campplus(out_dir / "campplus.onnx", rng)
+    _speech_tokenizer(out_dir / tokenizer_name, vocabulary, rng)
+    return out_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--version", type=int, choices=sorted(VERSIONS), default=1)
+    args = parser.parse_args()
+    print(build(args.out_dir, args.version))
+
+
+if __name__ == "__main__":
+    main()
