@@ -50,7 +50,7 @@ def test_ping_and_voices(client: Client) -> None:
     assert pong["engine"] == "piper"
     assert pong["version"]
     assert client.voices() == [{"name": "en_US-joe-medium", "language": "en-us",
-                                "sample_rate": 22050, "engine": "piper"}]
+                                "sample_rate": 22050, "engine": "piper", "kind": "builtin"}]
 
 
 def test_synthesize_returns_a_whole_file(client: Client, tmp_path: Path) -> None:
