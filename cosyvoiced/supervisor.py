@@ -312,16 +312,14 @@ class Supervisor:
                         origin=Claimed.named(job_id, name).work_name, default_output=job_id,
                         limits=self.limits, known=zmq_intake.SUBMIT_FIELDS)
         if prompt is not None:
-            prompt_name = f"{job_id}.prompt"
-            path = self.spool.write_prompt(job_id, prompt_name, prompt)
-            fields = fields | {"prompt_audio": prompt_name}
-            job = replace(job, prompt_audio=str(path))
+            fields = fields | {"prompt_audio": _prompt_name(job_id)}
+            job = replace(job, prompt_audio=self.keep_prompt(job_id, prompt))
         self.spool.write_claimed(job_id, name, json.dumps(fields).encode())
         self.enqueue(job)
         return job
 
     def keep_prompt(self, job_id: str, prompt: bytes) -> str:
-        return str(self.spool.write_prompt(job_id, f"{job_id}.prompt", prompt))
+        return str(self.spool.write_prompt(job_id, _prompt_name(job_id), prompt))
 
     def register_voice(self, name: Any, prompt_text: Any, audio: bytes) -> VoiceInfo:
         if "prompt_audio" not in self.engine_features:
@@ -684,3 +682,8 @@ class Supervisor:
         if self.reload_error:
             line += f"; config reload failed, running the old one: {self.reload_error}"
         return line
+
+
+def _prompt_name(job_id: str) -> str:
+    """What a ZeroMQ job's prompt audio is called, as if it had been dropped in the inbox."""
+    return f"{job_id}.prompt"
