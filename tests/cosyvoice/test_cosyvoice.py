@@ -110,6 +110,17 @@ def test_zero_shot_with_a_zmq_attachment(client: Client, model_version: int) -> 
     assert_audio(*decoded(result.audio), NATIVE_RATE[model_version])
 
 
+def test_submitted_clone_keeps_its_prompt_in_the_spool(client: Client, daemon: Daemon,
+                                                       model_version: int) -> None:
+    job = client.submit(SHORT, prompt_audio=prompt_audio(), prompt_text="Hello.",
+                        output="submitted")
+    record = daemon.wait_done(f"{job}.json", TIMEOUT_S)
+    assert record["voice"] == "(prompt audio)", "the prompt did not reach the engine"
+    samples, rate = soundfile.read(daemon.outbox / record["file"], dtype="float32")
+    assert_audio(samples, rate, NATIVE_RATE[model_version])
+    assert not list((daemon.spool / "prompts").iterdir())
+
+
 @pytest.mark.parametrize("rate", [8000, 48000])
 def test_prompts_at_any_rate_are_converted(client: Client, model_version: int,
                                            rate: int) -> None:
