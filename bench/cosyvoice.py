@@ -10,6 +10,7 @@ model; its absolute speed means nothing, the ratios are the figures. Prints JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -98,7 +99,9 @@ def _report(results: dict[str, list[tuple[float, float, int]]]) -> dict[str, Any
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=12)
-    print(json.dumps(run(parser.parse_args().count), indent=2))
+    with contextlib.redirect_stdout(sys.stderr):  # upstream prints each text it speaks
+        report = run(parser.parse_args().count)
+    print(json.dumps(report, indent=2))
     return 0
 
 
