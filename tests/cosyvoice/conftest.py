@@ -3,14 +3,16 @@ random model generated here, behind the real daemon.
 
 By default the code is the `cosyvoice-package` installed in the lane's virtualenv (upstream
 v1 at f65eca6) and the model is a CosyVoice-300M. With COSYVOICE_REPO set to a checkout of
-FunAudioLLM/CosyVoice, the same tests run on that code; COSYVOICE_VERSION=2 picks a tiny
-CosyVoice2 model (skipped until its builder has a `tiny_v2.yaml`).
+FunAudioLLM/CosyVoice, the same tests run on that code (it is also the code the tiny model
+is built with); COSYVOICE_VERSION=2 or 3 picks a tiny CosyVoice2 or CosyVoice3 model, which only
+a checkout can load.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,19 +23,22 @@ from tests.cosyvoice import tiny_model
 from tests.daemon import Daemon
 
 REPO = os.environ.get("COSYVOICE_REPO", "")
+MODEL_NAMES = {1: "CosyVoice-300M", 2: "CosyVoice2-0.5B", 3: "Fun-CosyVoice3-0.5B"}
+if REPO:
+    sys.path[:0] = [REPO, str(Path(REPO) / "third_party" / "Matcha-TTS")]
 
 
 @pytest.fixture(scope="session")
 def model_version() -> int:
     version = int(os.environ.get("COSYVOICE_VERSION", "1"))
-    if not (Path(tiny_model.__file__).parent / tiny_model.VERSIONS[version][0]).exists():
-        pytest.skip(f"no tiny CosyVoice{version} model definition yet")
+    if version > 1 and not REPO:
+        pytest.skip(f"CosyVoice{version} code is only in an upstream checkout: set COSYVOICE_REPO")
     return version
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, model_version: int) -> Path:
-    name = "CosyVoice-300M" if model_version == 1 else "CosyVoice2-0.5B"
+    name = MODEL_NAMES[model_version]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # upstream's dependencies' deprecations, not ours
         return tiny_model.build(tmp_path_factory.mktemp("models") / name, model_version)
@@ -53,10 +58,11 @@ def instruct_model_dir(model_dir: Path, model_version: int) -> Path:
     return instruct
 
 
-def cosyvoice_daemon(root: Path, model: Path) -> Daemon:
+def cosyvoice_daemon(root: Path, model: Path, **load_options: bool) -> Daemon:
     return Daemon(root, engine={"name": "cosyvoice"},
                   engine__cosyvoice={"model_dir": str(model), "repo": REPO,
-                                     "speakers_file": str(root / "state" / "speakers.json")},
+                                     "speakers_file": str(root / "state" / "speakers.json"),
+                                     **load_options},
                   worker={"start_timeout_s": 120.0})
 
 

@@ -26,7 +26,7 @@ SHORT = "Hello from a very small model."
 LONG = ("The tiny model has random weights, so what it says is noise, but the daemon still "
         "has to stream every chunk of it in order and with the right sample rate. Each "
         "chunk leaves the worker as soon as upstream yields it, and the client hears it.")
-NATIVE_RATE = {1: 22050, 2: 24000}
+NATIVE_RATE = {1: 22050, 2: 24000, 3: 24000}
 TIMEOUT_S = 120.0
 
 
@@ -59,6 +59,34 @@ def assert_audio(samples: np.ndarray[Any, np.dtype[Any]], rate: int, expected_ra
 def client(daemon: Daemon) -> Iterator[Client]:
     with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as connected:
         yield connected
+
+
+MODEL_CLASSES = {1: "CosyVoice", 2: "CosyVoice2", 3: "CosyVoice3"}
+
+
+def test_the_model_version_is_read_from_the_directory(daemon: Daemon,
+                                                      model_version: int) -> None:
+    loaded = wait_until(lambda: daemon.log_events("cosyvoice_loaded"), 10, "the load line")[0]
+    assert (loaded["version"], loaded["model_class"]) == (model_version,
+                                                          MODEL_CLASSES[model_version])
+    assert loaded["prompt_api"] == ("path" if REPO else "tensor")
+    assert loaded["sample_rate"] == NATIVE_RATE[model_version]
+
+
+def test_load_options_the_class_lacks_are_left_out(tmp_path: Path, model_dir: Path,
+                                                   model_version: int) -> None:
+    """fp16 everywhere, and load_jit where CosyVoice3 would raise TypeError on it."""
+    options = {"fp16": True, "load_jit": model_version == 3}
+    daemon = cosyvoice_daemon(tmp_path / "options", model_dir, **options)
+    daemon.start()
+    try:
+        ignored = [event["options"] for event in daemon.log_events("cosyvoice_options_ignored")]
+        expected = {3: [["load_jit"]], 2: [], 1: [] if REPO else [["fp16"]]}
+        assert ignored == expected[model_version]
+        with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+            assert_audio(*decoded(client.synthesize(SHORT).audio), NATIVE_RATE[model_version])
+    finally:
+        daemon.stop()
 
 
 def test_voices_list_the_models_builtin_speakers(client: Client, model_version: int) -> None:
@@ -165,8 +193,9 @@ def test_streaming_comes_in_chunks_that_add_up(client: Client, model_version: in
 def test_cancelling_mid_stream_leaves_the_model_usable(client: Client, daemon: Daemon) -> None:
     def cancel_after_the_first_chunk(other: Client) -> None:
         with client.stream(" ".join([LONG] * 4), voice="English Male") as stream:
-            for _pcm in stream:
-                other.cancel(str(stream.start["job"]))
+            for index, _pcm in enumerate(stream):
+                if index == 0:  # chunks already on the way may follow; cancel only once
+                    other.cancel(str(stream.start["job"]))
 
     with Client(daemon.endpoint) as other, pytest.raises(DaemonError) as caught:
         cancel_after_the_first_chunk(other)

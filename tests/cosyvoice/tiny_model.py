@@ -12,6 +12,7 @@ The audio such a model makes is noise: tests check shapes, rates, chunking and l
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import onnx
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 HERE = Path(__file__).parent
 SEED = 1234
@@ -32,7 +35,16 @@ SFT_SPEAKERS = ("English Female", "English Male")
 # resampling loop spins.
 STOP_LOGIT_BIAS = 8.5
 VERSIONS = {1: ("tiny_v1.yaml", "cosyvoice.yaml", "speech_tokenizer_v1.onnx", 4096),
-            2: ("tiny_v2.yaml", "cosyvoice2.yaml", "speech_tokenizer_v2.onnx", 6561)}
+            2: ("tiny_v2.yaml", "cosyvoice2.yaml", "speech_tokenizer_v2.onnx", 6561),
+            3: ("tiny_v3.yaml", "cosyvoice3.yaml", "speech_tokenizer_v3.onnx", 6561)}
+# CosyVoice2/3 read their text tokenizer and LLM backbone from this Qwen2 directory.
+QWEN_DIR = "CosyVoice-BlankEN"
+# Upstream CosyVoice3 looks for <|endofprompt|> by id (151646): the id it gets when added after
+# Qwen2's 151643 ordinary tokens and its three specials. The tiny vocabulary keeps those ids:
+# the 256 byte-level symbols, then unreachable fillers, then the specials.
+QWEN_ORDINARY_TOKENS = 151643
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN_EMBEDDINGS = 152064  # room for the specials upstream's tokenizers add on load
 
 
 def _save_onnx(graph: onnx.GraphProto, path: Path) -> None:
@@ -78,10 +90,55 @@ def _speech_tokenizer(path: Path, vocabulary: int, rng: np.random.Generator) -> 
     _save_onnx(graph, path)
 
 
-def _bias_stop_token(llm: torch.nn.Module, stop_index: int) -> None:
+def _qwen_backbone(path: Path) -> None:
+    """A byte-level BPE tokenizer and a 2-layer Qwen2, saved as transformers would."""
+    vocabulary = {symbol: index
+                  for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocabulary.update({f"<|filler_{index}|>": index
+                       for index in range(len(vocabulary), QWEN_ORDINARY_TOKENS)})
+    bpe = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tokenizer.add_special_tokens({"eos_token": QWEN_SPECIALS[0], "pad_token": QWEN_SPECIALS[0],
+                                  "additional_special_tokens": list(QWEN_SPECIALS[1:])})
+    tokenizer.save_pretrained(path)
+    config = Qwen2Config(vocab_size=QWEN_EMBEDDINGS, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=4096, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+
+
+def _shape_stop_logits(llm: torch.nn.Module) -> None:
+    """Make the random LLM stop a few tokens after upstream's minimum length, every time.
+
+    The stop id is `speech_token_size`, the one id upstream masks until the minimum length
+    in every version; CosyVoice2/3 have more stop ids, which would end a segment at random
+    and are suppressed.
+    """
+    stop = llm.speech_token_size
+    suppressed = [index for index in getattr(llm, "stop_token_ids", []) if index != stop]
+    decoder = llm.llm_decoder
     with torch.no_grad():
-        llm.llm_decoder.weight[stop_index].zero_()
-        llm.llm_decoder.bias[stop_index] = STOP_LOGIT_BIAS
+        decoder.weight[[stop, *suppressed]] = 0.0
+        if decoder.bias is not None:
+            decoder.bias[stop] = STOP_LOGIT_BIAS
+            decoder.bias[suppressed] = -STOP_LOGIT_BIAS
+        else:  # CosyVoice3's decoder has no bias: make one hidden feature a constant instead
+            decoder.weight[stop, 0] = STOP_LOGIT_BIAS / _constant_feature(llm)
+            decoder.weight[suppressed, 0] = -STOP_LOGIT_BIAS / _constant_feature(llm)
+
+
+def _constant_feature(llm: torch.nn.Module) -> float:
+    """Pin hidden feature 0 of a Qwen2 backbone: every input embedding carries a large value
+    there and no layer writes to it, so after the final RMS norm it is about sqrt(width)."""
+    qwen = llm.llm.model.model
+    for embedding in (qwen.embed_tokens, llm.speech_embedding):
+        embedding.weight[:, 0] = 30.0
+    for layer in qwen.layers:
+        layer.self_attn.o_proj.weight[0] = 0.0
+        layer.mlp.down_proj.weight[0] = 0.0
+    return math.sqrt(qwen.config.hidden_size)
 
 
 def build(out_dir: Path, version: int = 1, **yaml_overrides: Any) -> Path:
@@ -91,9 +148,12 @@ def build(out_dir: Path, version: int = 1, **yaml_overrides: Any) -> Path:
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
     shutil.copyfile(HERE / yaml_name, out_dir / model_yaml)
+    if version >= 2:
+        _qwen_backbone(out_dir / QWEN_DIR)
+        yaml_overrides = {"qwen_pretrain_path": str(out_dir / QWEN_DIR), **yaml_overrides}
     with open(out_dir / model_yaml, encoding="utf-8") as config:
         modules = load_hyperpyyaml(config, overrides=yaml_overrides or None)
-    _bias_stop_token(modules["llm"], modules["llm"].speech_token_size)
+    _shape_stop_logits(modules["llm"])
     for name in ("llm", "flow", "hift"):
         torch.save(modules[name].state_dict(), out_dir / f"{name}.pt")
     speakers = {name: {"embedding": torch.randn(1, SPEAKER_DIM)} for name in SFT_SPEAKERS}
