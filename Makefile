@@ -12,7 +12,7 @@ UNITDIR ?= /lib/systemd/system
 LANE := .venv-cosyvoice
 LANE_BIN := $(LANE)/bin
 
-.PHONY: venv run test test-cosyvoice lint bench dist deb install clean
+.PHONY: venv run test test-cosyvoice test-cosyvoice-checkout lint bench dist deb install clean
 
 venv: $(VENV)/.installed
 
@@ -53,6 +53,25 @@ $(LANE)/.installed: setup.cfg pyproject.toml
 
 test-cosyvoice: $(LANE)/.installed
 	$(LANE_BIN)/python -m pytest tests/cosyvoice
+
+# The same lane on an upstream checkout, once per model generation (tiny CosyVoice-300M,
+# CosyVoice2, CosyVoice3): make test-cosyvoice-checkout COSYVOICE_REPO=/path/to/CosyVoice.
+# Current upstream also imports modelscope and x-transformers at module level, and reads
+# prompts with torchaudio.load, which needs torchcodec (the release paired with torch 2.11)
+# and FFmpeg's libraries. Not part of `make test`: CI has no checkout.
+$(LANE)/.checkout-installed: $(LANE)/.installed
+	$(LANE_BIN)/python -m pip install --quiet modelscope x-transformers 'torchcodec==0.11.*'
+	@touch $@
+
+test-cosyvoice-checkout: $(LANE)/.checkout-installed
+	@test -d "$(COSYVOICE_REPO)/cosyvoice" || \
+		{ echo "COSYVOICE_REPO: set it to a FunAudioLLM/CosyVoice checkout"; exit 1; }
+	@command -v ffmpeg >/dev/null || \
+		{ echo "torchaudio.load needs FFmpeg: apt-get install ffmpeg"; exit 1; }
+	for version in 1 2 3; do \
+		COSYVOICE_REPO=$(abspath $(COSYVOICE_REPO)) COSYVOICE_VERSION=$$version \
+			$(LANE_BIN)/python -m pytest tests/cosyvoice || exit 1; \
+	done
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check cosyvoiced tests bench

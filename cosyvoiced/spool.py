@@ -219,6 +219,10 @@ class Spool:
         return claimed.original_name, claimed.work_name
 
     def _move_to_failed(self, claimed: Claimed, name: str) -> str:
+        """Move the input, and the prompt it claimed, beside its error record."""
+        for prompt in self._prompts_of(claimed.job_id):
+            if not rename_noreplace(prompt.path, self.failed / prompt.claimed.original_name):
+                os.rename(prompt.path, self.failed / prompt.claimed.work_name)
         os.rename(self.work / claimed.work_name, self.failed / name)
         _fsync_dir(self.failed)
         return name
@@ -238,9 +242,6 @@ class Spool:
             name = unique  # an earlier input of that name failed too: keep both
         record = {"job": claimed.job_id, "input": claimed.original_name} | error.to_dict()
         atomic_write(self.failed, name + ERROR_SUFFIX, _json_bytes(record))
-        for prompt in self._prompts_of(claimed.job_id):
-            if not rename_noreplace(prompt.path, self.failed / prompt.claimed.original_name):
-                os.rename(prompt.path, self.failed / prompt.claimed.work_name)
         return self._move_to_failed(claimed, name)
 
     def release(self, claimed: Claimed) -> None:

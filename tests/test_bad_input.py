@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, wait_until
 
 Drop = Callable[[Daemon, str], str]  # drops a bad job named after the test; returns the input
 
@@ -110,7 +110,8 @@ def test_piper_refuses_voice_cloning_and_returns_the_prompt(shared_daemon: Daemo
                            prompt_text="Hello.")
     record = shared_daemon.wait_failed("clone.json")
     assert (record["code"], record["field"]) == ("not_supported", "prompt_audio"), record
-    assert (shared_daemon.failed / "clone-me.wav").exists()
+    wait_until((shared_daemon.failed / "clone-me.wav").exists, 10,
+               "the prompt beside its job")
     assert not (shared_daemon.inbox / "clone-me.wav").exists()
     assert not list((shared_daemon.spool / "prompts").iterdir())
 

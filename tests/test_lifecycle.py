@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -11,6 +12,9 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import soundfile
 
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, assert_speech, wait_until
@@ -52,7 +56,8 @@ def _alive(pid: int) -> bool:
 
 def test_files_present_at_start_and_work_left_by_a_crash(make_daemon: DaemonFactory) -> None:
     daemon = make_daemon()
-    for directory in (daemon.inbox, daemon.work, daemon.outbox, daemon.failed):
+    prompts = daemon.spool / "prompts"
+    for directory in (daemon.inbox, daemon.work, daemon.outbox, daemon.failed, prompts):
         directory.mkdir(parents=True)
     (daemon.inbox / "early.txt").write_text("I was here before the daemon started.")
     os.utime(daemon.inbox / "early.txt", (1, 1))  # old enough to be past the quiet period
@@ -62,11 +67,13 @@ def test_files_present_at_start_and_work_left_by_a_crash(make_daemon: DaemonFact
     (daemon.outbox / "published.wav").write_bytes(b"RIFF")
     (daemon.outbox / "published.json").write_text(json.dumps(
         {"job": "1a0000000000bbbbbb", "input": "published.txt", "file": "published.wav"}))
+    (prompts / "1a0000000000bbbbbb~used.wav").write_bytes(b"RIFF")
     # Crashed after writing the error record, before moving the input: finish the move.
     (daemon.work / "1a0000000000cccccc~half-failed.json").write_text("{not json")
     (daemon.failed / "half-failed.json.error.json").write_text(json.dumps(
         {"job": "1a0000000000cccccc", "input": "half-failed.json", "code": "bad_json",
          "message": "not valid JSON"}))
+    (prompts / "1a0000000000cccccc~voice.wav").write_bytes(b"RIFF")
     daemon.start()
     assert_speech(daemon.outbox / daemon.wait_done("early.txt")["file"], 22050,
                   "I was here before the daemon started.")
@@ -76,6 +83,8 @@ def test_files_present_at_start_and_work_left_by_a_crash(make_daemon: DaemonFact
     assert _outcomes(daemon, "published.txt") == ["outbox/published.json"]
     assert (daemon.failed / "half-failed.json").exists()
     assert _outcomes(daemon, "half-failed.json") == ["failed/half-failed.json.error.json"]
+    assert (daemon.failed / "voice.wav").read_bytes() == b"RIFF", "the prompt follows its job"
+    assert not list(prompts.iterdir()), "a finished job's prompt is not kept"
 
 
 def test_sigkill_mid_job_then_restart_ends_every_input_once(
@@ -215,3 +224,57 @@ def test_a_notify_socket_nobody_reads_never_stalls_the_daemon(
     finally:
         undrained.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wav(seconds: float = 1.0) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(16000 * seconds), dtype=np.float32), 16000,
+                    format="WAV")
+    return buffer.getvalue()
+
+
+def test_sigterm_hands_queued_prompts_back_with_their_jobs(make_daemon: DaemonFactory) -> None:
+    """A queued job goes back to the inbox on stop, and the prompt it claimed goes with it,
+    so that the next start finds both (here Piper then refuses to clone: not_supported)."""
+    daemon = make_daemon()
+    daemon.start()
+    for n in range(3):
+        daemon.drop(f"ahead-{n}.txt", LONG_TEXT)
+    wait_until(lambda: _busy(daemon), 30, "the worker to be busy")
+    daemon.drop("speaker.wav", _wav())
+    daemon.drop_job("clone", text="Hi.", prompt_audio="speaker.wav", prompt_text="Hello.")
+    prompts = daemon.spool / "prompts"
+    wait_until(lambda: list(prompts.glob("*~speaker.wav")), 30, "the prompt to be claimed")
+    assert daemon.outcome("clone.json") is None, "ran before the stop: the test proves nothing"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert (daemon.inbox / "clone.json").exists()
+    assert (daemon.inbox / "speaker.wav").read_bytes() == _wav()
+    assert not list(prompts.iterdir())
+    daemon.start()
+    record = daemon.wait_failed("clone.json")
+    assert (record["code"], record["field"]) == ("not_supported", "prompt_audio")
+    wait_until((daemon.failed / "speaker.wav").exists, 10, "the prompt beside it")
+
+
+def test_start_removes_orphan_prompts_and_keeps_claimed_ones(make_daemon: DaemonFactory) -> None:
+    """A crash can leave a prompt whose job is gone (removed at start) or a claimed job with
+    its prompt (recovered together)."""
+    daemon = make_daemon()
+    prompts = daemon.spool / "prompts"
+    for directory in (prompts, daemon.work):
+        directory.mkdir(parents=True)
+    (prompts / "1a0000000000000aa~lost.wav").write_bytes(_wav())
+    (prompts / "1a0000000000000bb~kept.wav").write_bytes(_wav())
+    (daemon.work / "1a0000000000000bb~kept.json").write_text(json.dumps(
+        {"text": "Hi.", "prompt_audio": "kept.wav", "prompt_text": "Hello."}))
+    daemon.start()
+    removed = wait_until(lambda: daemon.log_events("orphan_prompts_removed"), 10,
+                         "the orphan report")
+    assert removed[0]["prompts"] == ["1a0000000000000aa~lost.wav"]
+    record = daemon.wait_failed("kept.json")
+    assert (record["code"], record["field"]) == ("not_supported", "prompt_audio")
+    # The error record commits the failure; the input and its prompt follow it.
+    wait_until((daemon.failed / "kept.wav").exists, 10,
+               "the recovered job's prompt beside it")
+    assert not list(prompts.iterdir())
