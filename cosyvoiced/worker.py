@@ -213,6 +213,16 @@ class _OutputToLog(io.TextIOBase):
         return len(text)
 
 
+def _log_thread_failure(failure: threading.ExceptHookArgs) -> None:
+    """An engine library's thread died: by default Python prints that to stderr, which the
+    worker logs at debug level with the library's chatter; it is an error."""
+    if failure.exc_type is SystemExit:
+        return
+    log.error("worker_thread_failed",
+              thread=failure.thread.name if failure.thread else None,
+              exc_info=(failure.exc_type, failure.exc_value, failure.exc_traceback))
+
+
 def main(conn: Connection, config: EngineConfig, log_level: str,
          heartbeat_interval_s: float) -> None:
     """Entry point of the worker process (started with the `spawn` method)."""
@@ -221,6 +231,7 @@ def main(conn: Connection, config: EngineConfig, log_level: str,
     channel = Channel(conn)
     logs.configure_worker(log_level, lambda level, line: channel.send(LogLine(level, line)))
     sys.stdout, sys.stderr = _OutputToLog("stdout"), _OutputToLog("stderr")
+    threading.excepthook = _log_thread_failure
     threading.Thread(target=_heartbeat, args=(channel, heartbeat_interval_s),
                      name="heartbeat", daemon=True).start()
     engine = _load(config, channel)

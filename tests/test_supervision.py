@@ -54,6 +54,15 @@ def test_job_that_hangs_once_succeeds_on_retry(make_daemon: DaemonFactory,
     assert [e["reason"] for e in daemon.log_events("job_retry")] == ["job_timeout"]
 
 
+def test_a_failing_engine_thread_is_logged_as_an_error(make_daemon: DaemonFactory) -> None:
+    daemon = faulty_daemon(make_daemon)
+    daemon.drop("thread.txt", "A library THREAD fails in the background.")
+    daemon.wait_done("thread.txt")
+    (failure,) = daemon.log_events("worker_thread_failed")
+    assert (failure["level"], failure["thread"]) == ("error", "library-thread")
+    assert "RuntimeError: a library thread failed" in failure["exception"]
+
+
 def test_crashing_job_is_retried_once_then_failed(make_daemon: DaemonFactory) -> None:
     daemon = faulty_daemon(make_daemon)
     daemon.drop("abort.txt", "This one will ABORT the process.")

@@ -58,12 +58,13 @@ def instruct_model_dir(model_dir: Path, model_version: int) -> Path:
     return instruct
 
 
-def cosyvoice_daemon(root: Path, model: Path, **load_options: bool) -> Daemon:
-    return Daemon(root, engine={"name": "cosyvoice"},
+def cosyvoice_daemon(root: Path, model: Path, engine: str = "cosyvoice",
+                     log_level: str = "debug", **load_options: bool) -> Daemon:
+    return Daemon(root, engine={"name": engine},
                   engine__cosyvoice={"model_dir": str(model), "repo": REPO,
                                      "speakers_file": str(root / "state" / "speakers.json"),
                                      **load_options},
-                  worker={"start_timeout_s": 120.0})
+                  worker={"start_timeout_s": 120.0}, log={"level": log_level})
 
 
 @pytest.fixture(scope="module")

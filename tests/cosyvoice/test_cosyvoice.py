@@ -18,6 +18,7 @@ import pytest
 import soundfile
 
 from cosyvoiced.client import Client, DaemonError
+from tests.cosyvoice import faulty_llm
 from tests.cosyvoice.conftest import REPO, cosyvoice_daemon
 from tests.daemon import Daemon, wait_until
 
@@ -26,6 +27,7 @@ SHORT = "Hello from a very small model."
 LONG = ("The tiny model has random weights, so what it says is noise, but the daemon still "
         "has to stream every chunk of it in order and with the right sample rate. Each "
         "chunk leaves the worker as soon as upstream yields it, and the client hears it.")
+FAULTY_TEXT = f"Hello {faulty_llm.TRIGGER} from a very small model."
 NATIVE_RATE = {1: 22050, 2: 24000, 3: 24000}
 TIMEOUT_S = 120.0
 
@@ -75,9 +77,10 @@ def test_the_model_version_is_read_from_the_directory(daemon: Daemon,
 
 def test_load_options_the_class_lacks_are_left_out(tmp_path: Path, model_dir: Path,
                                                    model_version: int) -> None:
-    """fp16 everywhere, and load_jit where CosyVoice3 would raise TypeError on it."""
-    options = {"fp16": True, "load_jit": model_version == 3}
-    daemon = cosyvoice_daemon(tmp_path / "options", model_dir, **options)
+    """fp16 everywhere, and load_jit where CosyVoice3 would raise TypeError on it. At the
+    info level, upstream's per-segment `logging.info` chatter stays out of the log."""
+    daemon = cosyvoice_daemon(tmp_path / "options", model_dir, log_level="info", fp16=True,
+                              load_jit=model_version == 3)
     daemon.start()
     try:
         ignored = [event["options"] for event in daemon.log_events("cosyvoice_options_ignored")]
@@ -85,6 +88,10 @@ def test_load_options_the_class_lacks_are_left_out(tmp_path: Path, model_dir: Pa
         assert ignored == expected[model_version]
         with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
             assert_audio(*decoded(client.synthesize(SHORT).audio), NATIVE_RATE[model_version])
+        chatter = [event for event in daemon.log_events()
+                   if event.get("logger") == "root" and event["level"] == "info"]
+        assert not chatter, chatter[:2]
+        assert daemon.log_events("job"), "the log file is written at info"
     finally:
         daemon.stop()
 
@@ -204,6 +211,30 @@ def test_cancelling_mid_stream_leaves_the_model_usable(client: Client, daemon: D
     assert decoded(result.audio)[1] == result.sample_rate
 
 
+def test_a_failing_llm_thread_fails_the_job_and_the_model_serves_on(
+        tmp_path: Path, model_dir: Path, model_version: int) -> None:
+    """Upstream runs its LLM in a thread of its own; when that raises, a streaming consumer
+    used to poll forever. The job must fail with the cause, at once, in the same worker."""
+    daemon = cosyvoice_daemon(tmp_path / "faulty", model_dir, "tests.cosyvoice.faulty_llm:load")
+    daemon.start()
+    try:
+        # Well inside the job timeout (30 s + 0.2 s a character): a hang fails here.
+        with Client(daemon.endpoint, timeout_s=20.0) as client:
+            with pytest.raises(DaemonError) as streamed, \
+                    client.stream(FAULTY_TEXT, voice="English Male") as stream:
+                list(stream)
+            with pytest.raises(DaemonError) as whole:
+                client.synthesize(FAULTY_TEXT, voice="English Male")
+            for caught in (streamed, whole):
+                assert caught.value.header["reason"] == "engine_error"
+                assert "LLM failed: AssertionError" in str(caught.value), str(caught.value)
+            assert_audio(*decoded(client.synthesize(SHORT, voice="English Male").audio),
+                         NATIVE_RATE[model_version])
+        assert len([e for e in daemon.log_events("worker_state") if e["state"] == "starting"]) == 1
+    finally:
+        daemon.stop()
+
+
 def test_instruct_needs_an_instruct_model(client: Client, model_version: int) -> None:
     if model_version != 1 or REPO:
         pytest.skip("upstream since 2025 (and CosyVoice2/3) takes instructions with any model")
@@ -247,18 +278,35 @@ def test_register_use_and_remove_a_voice(client: Client, daemon: Daemon,
 
 
 def test_registered_voices_survive_a_restart(tmp_path: Path, model_dir: Path) -> None:
+    """...and a restarted worker samples afresh: loading reseeds every global RNG with
+    constants, which would replay the same "random" speech after every start."""
     daemon = cosyvoice_daemon(tmp_path / "restart", model_dir)
     daemon.start()
     try:
         with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+            before = client.synthesize(SHORT, voice="English Male").audio
             client.register_voice("bob", prompt_audio(16000, 2.0), "I am Bob.")
         daemon.stop()
         daemon.start()
         with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+            after = client.synthesize(SHORT, voice="English Male").audio
             assert "bob" in [v["name"] for v in client.voices()]
             assert client.synthesize(SHORT, voice="bob").header["voice"] == "bob"
+        assert before != after, "the same samples after a restart: the RNG was left seeded"
     finally:
         daemon.stop()
+
+
+def test_every_stream_starts_with_a_small_first_chunk(client: Client) -> None:
+    """Upstream grows the shared token_hop_len during a streamed call and never resets it
+    (PR #1849): unreset, each later stream would start with a longer first chunk."""
+    firsts = []
+    for _ in range(2):
+        with client.stream(LONG, voice="English Female") as stream:
+            firsts.append(len(next(iter(stream))))
+            for _pcm in stream:
+                pass
+    assert firsts[0] == firsts[1], firsts
 
 
 def test_two_clients_at_once(daemon: Daemon, model_version: int) -> None:

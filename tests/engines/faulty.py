@@ -9,12 +9,14 @@ sentence inject faults while that sentence is "synthesized":
     ABORT                os.abort(): the worker dies on SIGABRT
     LEAK                 keep 64 MiB more resident memory, for good
     SLOW@<seconds>       take that long over the sentence
+    THREAD               start a thread that raises (as an engine library's may)
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +74,14 @@ class ToneEngine:
             self._leaked.append(np.ones(LEAK_BYTES, dtype=np.uint8))  # touched: resident
         if slow:
             time.sleep(float(slow.group(1)))
+        if "THREAD" in sentence:
+            failing = threading.Thread(target=_fail, name="library-thread")
+            failing.start()
+            failing.join()
+
+
+def _fail() -> None:
+    raise RuntimeError("a library thread failed (a test double)")
 
 
 def load(config: EngineConfig) -> ToneEngine:
