@@ -5,12 +5,17 @@ Runs in the CosyVoice lane's virtualenv (`make test-cosyvoice` builds it) on the
 model; its absolute speed means nothing, the ratios are the figures. Prints JSON.
 
     .venv-cosyvoice/bin/python bench/cosyvoice.py [--count 12]
+    COSYVOICE_REPO=/path/to/CosyVoice .venv-cosyvoice/bin/python bench/cosyvoice.py --version 2
+
+The direct caller is given the care the daemon takes: `token_hop_len` put back before each
+call (upstream grows it during a stream and keeps it), CosyVoice3's system prompt in front.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import sys
 import tempfile
@@ -26,13 +31,20 @@ import torch  # noqa: E402
 from bench.common import sentences, summary_ms  # noqa: E402
 from cosyvoiced.client import Client  # noqa: E402
 from tests.cosyvoice import tiny_model  # noqa: E402
-from tests.cosyvoice.conftest import cosyvoice_daemon  # noqa: E402
+from tests.cosyvoice.conftest import MODEL_NAMES, cosyvoice_daemon  # noqa: E402
+
+MODEL_CLASSES = {1: "CosyVoice", 2: "CosyVoice2", 3: "CosyVoice3"}
+V3_SYSTEM_PROMPT = "You are a helpful assistant.<|endofprompt|>"
 
 VOICE = "English Female"
 
 
-def direct(model: Any, text: str) -> tuple[float, float, int]:
+def direct(model: Any, text: str, hop: int | None) -> tuple[float, float, int]:
     """(first chunk s, total s, samples) for one streamed call in this process."""
+    if hop is not None:
+        model.model.token_hop_len = hop
+    if type(model).__name__ == MODEL_CLASSES[3]:
+        text = V3_SYSTEM_PROMPT + text
     started = time.perf_counter()
     first, samples = 0.0, 0
     with torch.inference_mode():
@@ -52,34 +64,40 @@ def daemon(client: Client, text: str) -> tuple[float, float, int]:
     return first, time.perf_counter() - started, samples
 
 
-def run(count: int) -> dict[str, Any]:
+def run(count: int, version: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="bench-cosyvoice-"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model_dir = tiny_model.build(root / "CosyVoice-300M")
-        from cosyvoice.cli.cosyvoice import CosyVoice  # noqa: PLC0415 - after the build
+        model_dir = tiny_model.build(root / MODEL_NAMES[version], version)
+        from cosyvoice.cli import cosyvoice  # noqa: PLC0415 - after the build
 
-        model = CosyVoice(str(model_dir), load_jit=False)
+        model_class = getattr(cosyvoice, MODEL_CLASSES[version])
+        # The package's CosyVoice loads TorchScript parts by default; the tiny model has none.
+        no_jit = {"load_jit": False} if "load_jit" in inspect.signature(model_class).parameters \
+            else {}
+        model = model_class(str(model_dir), **no_jit)
+    hop = getattr(model.model, "token_hop_len", None)
+    rate = int(model.sample_rate)
     served = cosyvoice_daemon(root / "daemon", model_dir)
     served.start()
     texts = sentences(count)
     results: dict[str, list[tuple[float, float, int]]] = {"direct": [], "daemon": []}
     try:
         with Client(served.endpoint, timeout_s=120) as client:
-            direct(model, texts[0])  # warm both before measuring
+            direct(model, texts[0], hop)  # warm both before measuring
             daemon(client, texts[0])
             for text in texts:
-                results["direct"].append(direct(model, text))
+                results["direct"].append(direct(model, text, hop))
                 results["daemon"].append(daemon(client, text))
     finally:
         served.stop()
-    return _report(results)
+    return {"model": MODEL_CLASSES[version], "sample_rate": rate} | _report(results, rate)
 
 
-def _report(results: dict[str, list[tuple[float, float, int]]]) -> dict[str, Any]:
+def _report(results: dict[str, list[tuple[float, float, int]]], rate: int) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for name, runs in results.items():
-        audio_s = sum(samples for _, _, samples in runs) / 22050
+        audio_s = sum(samples for _, _, samples in runs) / rate
         wall_s = sum(total for _, total, _ in runs)
         report[name] = {"first_chunk": summary_ms([first for first, _, _ in runs]),
                         "per_job": summary_ms([total for _, total, _ in runs]),
@@ -99,8 +117,11 @@ def _report(results: dict[str, list[tuple[float, float, int]]]) -> dict[str, Any
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=12)
+    parser.add_argument("--version", type=int, choices=sorted(MODEL_CLASSES), default=1,
+                        help="2 and 3 need COSYVOICE_REPO (an upstream checkout)")
+    args = parser.parse_args()
     with contextlib.redirect_stdout(sys.stderr):  # upstream prints each text it speaks
-        report = run(parser.parse_args().count)
+        report = run(args.count, args.version)
     print(json.dumps(report, indent=2))
     return 0
 

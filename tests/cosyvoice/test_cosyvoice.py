@@ -197,6 +197,14 @@ def test_streaming_comes_in_chunks_that_add_up(client: Client, model_version: in
     assert abs(streamed - len(whole)) < 0.1 * len(whole), (streamed, len(whole))
 
 
+def test_speed_is_honoured_when_streaming(client: Client) -> None:
+    """Upstream ignores `speed` with stream=True; the daemon then streams per segment."""
+    normal = len(decoded(client.synthesize(LONG, voice="English Female").audio)[0])
+    with client.stream(LONG, voice="English Female", speed=2.0) as stream:
+        fast = sum(len(np.frombuffer(pcm, dtype="<i2")) for pcm in stream)
+    assert abs(fast - normal / 2) < 0.1 * normal, (fast, normal)
+
+
 def test_cancelling_mid_stream_leaves_the_model_usable(client: Client, daemon: Daemon) -> None:
     def cancel_after_the_first_chunk(other: Client) -> None:
         with client.stream(" ".join([LONG] * 4), voice="English Male") as stream:
