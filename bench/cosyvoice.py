@@ -77,7 +77,8 @@ def run(count: int, version: int) -> dict[str, Any]:
             else {}
         model = model_class(str(model_dir), **no_jit)
     hop = getattr(model.model, "token_hop_len", None)
-    rate = int(model.sample_rate)
+    # The package (upstream of 2024) has no sample_rate attribute yet.
+    rate = int(getattr(model, "sample_rate", 0) or model.model.hift.sampling_rate)
     served = cosyvoice_daemon(root / "daemon", model_dir)
     served.start()
     texts = sentences(count)
