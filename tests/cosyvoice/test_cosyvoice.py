@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -283,6 +285,36 @@ def test_register_use_and_remove_a_voice(client: Client, daemon: Daemon,
     with pytest.raises(DaemonError) as caught:
         client.synthesize(SHORT, voice="alice")
     assert caught.value.code == "unknown_voice"
+
+
+def ctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cosyvoiced.ctl", "--config",
+                           str(daemon.config_path), "--timeout", str(TIMEOUT_S), *args],
+                          capture_output=True, text=True, timeout=2 * TIMEOUT_S, check=False)
+
+
+def test_cosyvoicectl_clones_registers_and_removes(daemon: Daemon, tmp_path: Path,
+                                                  model_version: int) -> None:
+    recording = tmp_path / "carol.flac"
+    recording.write_bytes(prompt_audio(44100, 2.0, "FLAC"))
+    cloned = ctl(daemon, "say", SHORT, "--prompt-audio", str(recording), "--prompt-text",
+                 "This is Carol.", "-o", str(tmp_path / "cloned.wav"))
+    assert cloned.returncode == 0, cloned.stderr
+    assert_audio(*decoded((tmp_path / "cloned.wav").read_bytes()),
+                 NATIVE_RATE[model_version])
+    added = ctl(daemon, "voice", "add", "carol", "--audio", str(recording),
+                "--text", "This is Carol.")
+    assert added.returncode == 0, added.stderr
+    listed = ctl(daemon, "voices").stdout.splitlines()
+    assert f"carol\t\t{NATIVE_RATE[model_version]}\tcosyvoice\tregistered" in listed
+    spoken = ctl(daemon, "say", SHORT, "--voice", "carol", "-o", str(tmp_path / "carol.wav"))
+    assert spoken.returncode == 0, spoken.stderr
+    assert_audio(*decoded((tmp_path / "carol.wav").read_bytes()),
+                 NATIVE_RATE[model_version])
+    assert ctl(daemon, "voice", "rm", "carol").returncode == 0
+    gone = ctl(daemon, "say", SHORT, "--voice", "carol", "-o", str(tmp_path / "gone.wav"))
+    assert gone.returncode != 0
+    assert "unknown_voice" in gone.stderr, gone.stderr
 
 
 def test_registered_voices_survive_a_restart(tmp_path: Path, model_dir: Path) -> None:
