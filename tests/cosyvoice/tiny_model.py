@@ -125,8 +125,9 @@ def _shape_stop_logits(llm: torch.nn.Module) -> None:
             decoder.bias[stop] = STOP_LOGIT_BIAS
             decoder.bias[suppressed] = -STOP_LOGIT_BIAS
         else:  # CosyVoice3's decoder has no bias: make one hidden feature a constant instead
-            decoder.weight[stop, 0] = STOP_LOGIT_BIAS / _constant_feature(llm)
-            decoder.weight[suppressed, 0] = -STOP_LOGIT_BIAS / _constant_feature(llm)
+            feature = _constant_feature(llm)
+            decoder.weight[stop, 0] = STOP_LOGIT_BIAS / feature
+            decoder.weight[suppressed, 0] = -STOP_LOGIT_BIAS / feature
 
 
 def _constant_feature(llm: torch.nn.Module) -> float:
