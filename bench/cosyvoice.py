@@ -30,11 +30,11 @@ import torch  # noqa: E402
 
 from bench.common import sentences, summary_ms  # noqa: E402
 from cosyvoiced.client import Client  # noqa: E402
+from cosyvoiced.engines import cosyvoice as engine  # noqa: E402
 from tests.cosyvoice import tiny_model  # noqa: E402
 from tests.cosyvoice.conftest import MODEL_NAMES, cosyvoice_daemon  # noqa: E402
 
-MODEL_CLASSES = {1: "CosyVoice", 2: "CosyVoice2", 3: "CosyVoice3"}
-V3_SYSTEM_PROMPT = "You are a helpful assistant.<|endofprompt|>"
+MODEL_CLASSES = dict(engine.MODEL_CLASSES.values())  # version -> upstream class name
 
 VOICE = "English Female"
 
@@ -44,7 +44,7 @@ def direct(model: Any, text: str, hop: int | None) -> tuple[float, float, int]:
     if hop is not None:
         model.model.token_hop_len = hop
     if type(model).__name__ == MODEL_CLASSES[3]:
-        text = V3_SYSTEM_PROMPT + text
+        text = engine.V3_SYSTEM_PROMPT + text
     started = time.perf_counter()
     first, samples = 0.0, 0
     with torch.inference_mode():
