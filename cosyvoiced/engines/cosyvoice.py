@@ -54,7 +54,8 @@ LOAD_OPTIONS = ("fp16", "load_jit", "load_trt", "load_vllm")
 END_OF_PROMPT = {1: "<endofprompt>", 2: "<|endofprompt|>", 3: "<|endofprompt|>"}
 # CosyVoice3 asserts that <|endofprompt|> is in the prompt or the text; upstream's examples
 # put this system prompt in front.
-V3_SYSTEM_PROMPT = "You are a helpful assistant.<|endofprompt|>"
+V3_SYSTEM = "You are a helpful assistant."
+V3_SYSTEM_PROMPT = V3_SYSTEM + END_OF_PROMPT[3]
 TOKENIZER_RATE = 16000
 LLM_STOP_TIMEOUT_S = 30.0
 
@@ -210,11 +211,16 @@ class CosyVoiceEngine:
         self._registered = speakers
 
     def _register_upstream(self, speakers: dict[str, Speaker]) -> None:
-        """Precompute each speaker's prompt features once (upstream `add_zero_shot_spk`)."""
+        """Precompute each new or changed speaker's prompt features once (upstream
+        `add_zero_shot_spk`); the ones already registered keep theirs."""
         spk2info = self._model.frontend.spk2info
         for name in set(self._registered) - set(speakers):
             spk2info.pop(name, None)
         for speaker in speakers.values():
+            known = self._registered.get(speaker.name)
+            if known is not None and known.prompt_text == speaker.prompt_text \
+                    and np.array_equal(known.audio, speaker.audio):
+                continue
             with self._prompt(speaker.audio, STORED_RATE) as prompt, torch.inference_mode():
                 self._model.add_zero_shot_spk(self._prompt_text(speaker.prompt_text), prompt,
                                               speaker.name)
@@ -242,7 +248,7 @@ class CosyVoiceEngine:
         if not self._path_api or marker in instruct:
             return instruct
         if self.version == 3:
-            instruct = f"You are a helpful assistant. {instruct}"
+            instruct = f"{V3_SYSTEM} {instruct}"
         return instruct + marker
 
     # -- synthesis ----------------------------------------------------------------------

@@ -278,6 +278,11 @@ def test_register_use_and_remove_a_voice(client: Client, daemon: Daemon,
     result = client.synthesize(SHORT, voice="alice")
     assert result.header["voice"] == "alice"
     assert_audio(*decoded(result.audio), NATIVE_RATE[model_version])
+    # A second registration leaves the first one's precomputed features in place.
+    client.register_voice("dave", prompt_audio(16000, 2.0), "I am Dave.")
+    for name in ("alice", "dave"):
+        assert client.synthesize(SHORT, voice=name).header["voice"] == name
+    assert client.remove_voice("dave")["event"] == "voice_removed"
     with pytest.raises(DaemonError) as caught:
         client.register_voice("English Male", prompt_audio(), "Taken.")
     assert caught.value.field == "name"
