@@ -226,6 +226,12 @@ class CosyVoiceEngine:
                                               speaker.name)
 
     # -- prompts ------------------------------------------------------------------------
+    @property
+    def _prompt_rate(self) -> int:
+        """The rate a job's prompt is read at: the one `_prompt` hands upstream, so that it
+        is resampled once (through 16 kHz, a 24 kHz model would lose the band above 8 kHz)."""
+        return self._rate if self._path_api else TOKENIZER_RATE
+
     @contextlib.contextmanager
     def _prompt(self, samples: Samples, rate: int) -> Iterator[Any]:
         """What upstream takes as a prompt: a 16 kHz tensor, or (since `622a3a1`) a file it
@@ -233,9 +239,10 @@ class CosyVoiceEngine:
         if not self._path_api:
             yield torch.from_numpy(soxr.resample(samples, rate, TOKENIZER_RATE)).unsqueeze(0)
             return
+        if rate != self._rate:
+            samples = soxr.resample(samples, rate, self._rate)
         with tempfile.NamedTemporaryFile(suffix=".wav", dir=self._scratch.name) as wav:
-            soundfile.write(wav.name, soxr.resample(samples, rate, self._rate), self._rate,
-                            subtype="FLOAT")
+            soundfile.write(wav.name, samples, self._rate, subtype="FLOAT")
             yield wav.name
 
     def _prompt_text(self, text: str) -> str:
@@ -269,7 +276,7 @@ class CosyVoiceEngine:
         prompt: Any = None
         if request.prompt_audio is not None:
             prompt = scope.enter_context(self._prompt(
-                read_prompt(request.prompt_audio, TOKENIZER_RATE), TOKENIZER_RATE))
+                read_prompt(request.prompt_audio, self._prompt_rate), self._prompt_rate))
         elif request.prompt_text is not None and registered is None:
             raise JobFailure(ErrorCode.INVALID_FIELD, "prompt_text: is the transcript of "
                              "prompt_audio; send prompt_audio with it", "prompt_text")
