@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_T = TypeVar("_T")
 _nvml: Any = None  # the pynvml module once initialised; False when there is no NVML
 
 
@@ -71,13 +73,41 @@ def nvml_process_bytes(pid: int) -> int | None:
     return used
 
 
+def _imported(name: str) -> Any:
+    """The module `name` once its import has completed; None while absent or half-imported.
+
+    The heartbeat thread runs while the engine imports torch (seconds on a GPU host): the
+    module is in sys.modules from the start of its import, without most of its attributes.
+    """
+    module = sys.modules.get(name)
+    spec = getattr(module, "__spec__", None)
+    if module is None or getattr(spec, "_initializing", False):
+        return None
+    return module
+
+
 def torch_reserved_bytes() -> int | None:
-    torch = sys.modules.get("torch")
+    torch = _imported("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     return int(torch.cuda.memory_reserved())
 
 
-def measure() -> Memory:
-    """This process's figures (called in the worker)."""
-    return Memory(rss_bytes(), nvml_process_bytes(os.getpid()), torch_reserved_bytes())
+ProbeFailed = Callable[[str, Exception], None]
+
+
+def _probe(name: str, probe: Callable[[], _T], on_failure: ProbeFailed) -> _T | None:
+    try:
+        return probe()
+    except Exception as error:  # noqa: BLE001 - a figure missing never ends the heartbeat
+        on_failure(name, error)
+        return None
+
+
+def measure(on_failure: ProbeFailed | None = None) -> Memory:
+    """This process's figures (called in the worker); a probe that fails gives no figure
+    and is reported to `on_failure`."""
+    report = on_failure or (lambda _name, _error: None)
+    pid = os.getpid()
+    return Memory(rss_bytes(), _probe("nvml", lambda: nvml_process_bytes(pid), report),
+                  _probe("torch", torch_reserved_bytes, report))

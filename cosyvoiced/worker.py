@@ -23,7 +23,7 @@ from cosyvoiced import logs
 from cosyvoiced.config import EngineConfig
 from cosyvoiced.engines import FEATURES, AudioChunk, Engine, SynthesisRequest, load_engine
 from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure, JobResult
-from cosyvoiced.memory import measure
+from cosyvoiced.memory import Memory, measure
 from cosyvoiced.messages import (
     AudioChunkReady,
     CancelJob,
@@ -83,9 +83,35 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+class _ProbeFailures:
+    """Logs each memory probe's failure once: the heartbeat goes on without that figure."""
+
+    def __init__(self) -> None:
+        self._logged: set[str] = set()
+
+    def __call__(self, probe: str, error: Exception) -> None:
+        if probe not in self._logged:
+            self._logged.add(probe)
+            log.warning("memory_probe_failed", probe=probe,
+                        error=f"{type(error).__name__}: {error}",
+                        message="the heartbeat goes on without this figure")
+
+
+_probe_failures = _ProbeFailures()
+
+
+def _measure() -> Memory:
+    return measure(_probe_failures)
+
+
 def _heartbeat(channel: Channel, interval_s: float) -> None:
+    """Liveness, independent of the job in hand: only a closed pipe (the supervisor is gone
+    or has let this worker go) ends it."""
     while True:
-        channel.send(Heartbeat(measure()))
+        try:
+            channel.send(Heartbeat(_measure()))
+        except (OSError, EOFError, ValueError):
+            return
         time.sleep(interval_s)
 
 
@@ -169,7 +195,7 @@ def _run_job(engine: Engine, job: Job, channel: Channel) -> None:
         outcome = JobFailed(job.id, JobError(ErrorCode.ENGINE_ERROR,
                                              f"{type(error).__name__}: {error}"))
     # Memory first: the supervisor decides on recycling before it hands over the next job.
-    channel.send(Heartbeat(measure()))
+    channel.send(Heartbeat(_measure()))
     channel.send(outcome)
 
 

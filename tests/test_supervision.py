@@ -63,6 +63,25 @@ def test_a_failing_engine_thread_is_logged_as_an_error(make_daemon: DaemonFactor
     assert "RuntimeError: a library thread failed" in failure["exception"]
 
 
+def test_heartbeat_survives_a_slow_torch_import_and_an_idle_worker_lives(
+        make_daemon: DaemonFactory) -> None:
+    """On a GPU host importing torch takes longer than a heartbeat interval: the heartbeat
+    thread then finds torch half-imported in sys.modules. It must go on beating, or the idle
+    worker counts as silent and is killed and reloaded, again and again."""
+    settings = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.0}
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:slow_torch"}, worker=settings)
+    daemon.start()
+    with Client(daemon.endpoint) as client:
+        ready_at = client.stats()["uptime_s"]
+        # Idle for three heartbeat timeouts, on the daemon's own clock.
+        wait_until(lambda: client.stats()["uptime_s"] > ready_at + 3.0, 30, "an idle spell")
+        figures = [client.stats()["worker"] for _ in range(2)]
+    assert not daemon.log_events("worker_thread_failed")
+    assert not daemon.log_events("memory_probe_failed")  # never touched while half-imported
+    assert not daemon.log_events("worker_lost")
+    assert all(worker["generation"] == 1 and worker["rss_bytes"] > 0 for worker in figures)
+
+
 def test_crashing_job_is_retried_once_then_failed(make_daemon: DaemonFactory) -> None:
     daemon = faulty_daemon(make_daemon)
     daemon.drop("abort.txt", "This one will ABORT the process.")

@@ -14,8 +14,11 @@ sentence inject faults while that sentence is "synthesized":
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -112,3 +115,35 @@ class CudaLeakEngine(ToneEngine):
 
 def cuda_leak(config: EngineConfig) -> CudaLeakEngine:
     return CudaLeakEngine()
+
+
+SLOW_TORCH_IMPORT_S = 1.5
+_SLOW_TORCH = f"""\"\"\"A stand-in for torch whose import takes as long as a cold GPU host's.\"\"\"
+import time
+
+time.sleep({SLOW_TORCH_IMPORT_S})
+
+
+class _Cuda:
+    @staticmethod
+    def is_available() -> bool:
+        return False
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return False
+
+
+cuda = _Cuda()
+"""
+
+
+def slow_torch(config: EngineConfig) -> ToneEngine:
+    """The tone engine, loaded the way a torch engine is: importing a slow `torch` first
+    (the heartbeat thread runs meanwhile and sees it half-imported in sys.modules)."""
+    directory = Path(tempfile.mkdtemp(prefix="slow-torch-"))
+    (directory / "torch").mkdir()
+    (directory / "torch" / "__init__.py").write_text(_SLOW_TORCH)
+    sys.path.insert(0, str(directory))
+    importlib.import_module("torch")
+    return ToneEngine()
