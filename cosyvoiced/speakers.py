@@ -23,7 +23,7 @@ import soundfile
 
 from cosyvoiced.job import ErrorCode, JobFailure
 from cosyvoiced.prompt import Samples, read_prompt
-from cosyvoiced.spool import atomic_write
+from cosyvoiced.spool import atomic_write, remove_temp_files
 
 # Kept at 24 kHz, the highest rate any CosyVoice model reads a prompt at.
 STORED_RATE = 24000
@@ -70,6 +70,10 @@ class SpeakerStore:
 
     def names(self) -> list[str]:
         return sorted(self._entries())
+
+    def remove_temp_files(self) -> list[str]:
+        """Temp copies of the file that a write cut short left beside it."""
+        return remove_temp_files(self.path.parent, self.path.name)
 
     def load(self) -> list[Speaker]:
         return [Speaker(name, entry["prompt_text"], _decode(entry["audio_flac"]))

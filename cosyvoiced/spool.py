@@ -19,6 +19,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -51,9 +52,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_TEMP_TOKEN_BYTES = 4
+
+
+def _temp_pattern(name: str = ".+") -> re.Pattern[str]:
+    """The temp names `atomic_write` gives `name` (any name by default)."""
+    return re.compile(rf"^\.{name}\.[0-9a-f]{{{2 * _TEMP_TOKEN_BYTES}}}\.tmp$")
+
+
 def atomic_write(directory: Path, name: str, data: bytes) -> None:
     """Write `directory/name` so that a reader sees either nothing or all of it."""
-    temp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+    temp = directory / f".{name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         with os.fdopen(fd, "wb") as stream:
@@ -65,6 +74,22 @@ def atomic_write(directory: Path, name: str, data: bytes) -> None:
         temp.unlink(missing_ok=True)
         raise
     _fsync_dir(directory)
+
+
+def remove_temp_files(directory: Path, name: str | None = None) -> list[str]:
+    """Delete what `atomic_write` left in `directory` when the process died mid-write (of
+    `name` only, if given): never a result, since only the rename commits one."""
+    pattern = _temp_pattern(re.escape(name) if name else ".+")
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        if pattern.match(entry.name) and entry.is_file(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(entry.name)
+    return sorted(removed)
 
 
 _RENAME_NOREPLACE = 1
@@ -277,6 +302,13 @@ class Spool:
         work_name = Claimed.named(job_id, name).work_name
         atomic_write(self.prompts, work_name, data)
         return self.prompts / work_name
+
+    def remove_temp_files(self) -> list[str]:
+        """The daemon's own temp files in the directories it writes (not inbox/: the temp
+        names there are clients')."""
+        return [f"{directory.name}/{name}"
+                for directory in (self.work, self.outbox, self.failed, self.prompts)
+                for name in remove_temp_files(directory)]
 
     def discard_prompts(self, job_id: str) -> None:
         for prompt in self._prompts_of(job_id):

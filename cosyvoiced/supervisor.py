@@ -284,6 +284,10 @@ class Supervisor:
         orphans = self.spool.discard_orphan_prompts()
         if orphans:
             log.info("orphan_prompts_removed", prompts=orphans)
+        temp_files = self.spool.remove_temp_files() + self.speakers.remove_temp_files()
+        if temp_files:
+            log.info("temp_files_removed", files=temp_files,
+                     message="left by writes that a crash cut short; never results")
         for claimed in left:
             self._admit(claimed)
 

@@ -87,6 +87,31 @@ def test_files_present_at_start_and_work_left_by_a_crash(make_daemon: DaemonFact
     assert not list(prompts.iterdir()), "a finished job's prompt is not kept"
 
 
+def test_temp_files_of_writes_cut_short_are_removed_at_start(
+        make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(engine__cosyvoice={"speakers_file": "state/speakers.json"})
+    state = daemon.root / "state"
+    for directory in (daemon.inbox, daemon.work, daemon.outbox, daemon.failed, state):
+        directory.mkdir(parents=True)
+    ours = [daemon.outbox / ".job01.wav.c23900e2.tmp", daemon.outbox / ".job01.json.0a1b2c3d.tmp",
+            daemon.failed / ".bad.json.error.json.deadbeef.tmp",
+            daemon.work / ".1a0000000000dddddd~x.json.00ff00ff.tmp",
+            state / ".speakers.json.12345678.tmp"]
+    others = [daemon.inbox / ".client.wav.c23900e2.tmp",  # a client's, still being written
+              daemon.outbox / ".notes.tmp", daemon.outbox / "kept.wav.c23900e2.tmp",
+              state / ".other.json.12345678.tmp"]
+    for path in ours + others:
+        path.write_bytes(b"partial")
+    daemon.start()
+    (event,) = daemon.log_events("temp_files_removed")
+    assert sorted(event["files"]) == sorted(
+        ["outbox/.job01.wav.c23900e2.tmp", "outbox/.job01.json.0a1b2c3d.tmp",
+         "failed/.bad.json.error.json.deadbeef.tmp",
+         "work/.1a0000000000dddddd~x.json.00ff00ff.tmp", ".speakers.json.12345678.tmp"])
+    assert not any(path.exists() for path in ours)
+    assert all(path.exists() for path in others)
+
+
 def test_sigkill_mid_job_then_restart_ends_every_input_once(
         make_daemon: DaemonFactory) -> None:
     daemon = make_daemon()
