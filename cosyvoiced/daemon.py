@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from cosyvoiced import __version__, config, logs
-from cosyvoiced.supervisor import EXIT_CONFIG, Supervisor
+from cosyvoiced.engines import probe
+from cosyvoiced.supervisor import EXIT_CONFIG, EXIT_WORKER_START, Supervisor
 
 DEFAULT_CONFIG = "/etc/cosyvoiced/cosyvoiced.toml"
 
@@ -16,7 +17,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help=f"TOML config file (default: {DEFAULT_CONFIG})")
     parser.add_argument("--check-config", action="store_true",
-                        help="validate the config file, print the outcome and exit")
+                        help="validate the config file (and that the engine's code imports), "
+                             "print the outcome and exit")
     parser.add_argument("--version", action="version", version=f"cosyvoiced {__version__}")
     return parser.parse_args(argv)
 
@@ -29,10 +31,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cosyvoiced: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check_config:
-        print(f"cosyvoiced: {args.config}: OK")
-        return 0
+        return _check(args.config, settings)
     logs.configure_supervisor(settings.log)
     return Supervisor(settings, args.config).run()
+
+
+def _check(path: str, settings: config.Config) -> int:
+    """--check-config: a valid file, and an engine whose code imports in this install (what a
+    worker would fail on first, with the same error and exit code as the service)."""
+    if settings.engine.name == "cosyvoice":
+        problem = probe.check(settings.engine.cosyvoice.repo)
+        if problem is not None:
+            print(f"cosyvoiced: {path}: the cosyvoice engine cannot load: {problem}",
+                  file=sys.stderr)
+            return EXIT_WORKER_START
+    print(f"cosyvoiced: {path}: OK")
+    return 0
 
 
 if __name__ == "__main__":

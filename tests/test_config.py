@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,25 @@ def test_check_config(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().endswith(": OK")
+
+
+def test_check_config_names_a_missing_engine_module_and_its_extra(tmp_path: Path) -> None:
+    """`pip install cosyvoiced` without the cosyvoice extra: torch is missing (a test double
+    hides it, installed or not), and --check-config says so before the service is started."""
+    model = tmp_path / "CosyVoice-300M"
+    model.mkdir()
+    (model / "cosyvoice.yaml").touch()
+    path = tmp_path / "c.toml"
+    path.write_text(f'[engine]\nname = "cosyvoice"\n[engine.cosyvoice]\nmodel_dir = "{model}"\n')
+    env = dict(os.environ, COSYVOICED_TEST_MISSING_MODULES="torch",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "missing_modules"), str(REPO)]))
+    run = subprocess.run([sys.executable, "-m", "cosyvoiced", "--check-config", "--config",
+                          str(path)], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 3, run.stderr
+    assert run.stdout == ""
+    engine = REPO / "cosyvoiced" / "engines" / "cosyvoice.py"
+    assert run.stderr.strip() == (
+        f"cosyvoiced: {path}: the cosyvoice engine cannot load: ModuleNotFoundError: No module "
+        f"named 'torch' (imported by {engine}); install the cosyvoice engine's dependencies: "
+        "pip install 'cosyvoiced[cosyvoice]'")

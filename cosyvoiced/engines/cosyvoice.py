@@ -36,14 +36,19 @@ from typing import Any
 import numpy as np
 import soundfile
 import soxr
-import torch
 
 from cosyvoiced import logs
 from cosyvoiced.config import CosyVoiceConfig, EngineConfig
 from cosyvoiced.engines import FEATURES, AudioChunk, SynthesisRequest, VoiceInfo
+from cosyvoiced.engines.probe import missing_module
 from cosyvoiced.job import ErrorCode, JobFailure
 from cosyvoiced.prompt import Samples, read_prompt
 from cosyvoiced.speakers import STORED_RATE, Speaker, SpeakerStore
+
+try:
+    import torch
+except ModuleNotFoundError as error:  # `pip install cosyvoiced` without the extra
+    raise missing_module(error) from error
 
 ENGINE_NAME = "cosyvoice"
 MODEL_CLASSES = {"cosyvoice.yaml": (1, "CosyVoice"), "cosyvoice2.yaml": (2, "CosyVoice2"),
@@ -62,7 +67,9 @@ LLM_STOP_TIMEOUT_S = 30.0
 log = logs.get_logger("cosyvoiced.engines.cosyvoice")
 
 
-def _import_upstream(repo: str) -> ModuleType:
+def import_upstream(repo: str) -> ModuleType:
+    """Upstream's `cosyvoice.cli.cosyvoice`, from `repo` if given; a module it needs that is
+    not installed is named, with the fix, in the ModuleNotFoundError."""
     if repo:
         sys.path[:0] = [repo, str(Path(repo) / "third_party" / "Matcha-TTS")]
     root = logging.getLogger()
@@ -70,6 +77,8 @@ def _import_upstream(repo: str) -> ModuleType:
     try:
         # cosyvoice.utils.file_utils calls logging.basicConfig(level=DEBUG) on import.
         return importlib.import_module("cosyvoice.cli.cosyvoice")
+    except ModuleNotFoundError as error:
+        raise missing_module(error, repo) from error
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -152,7 +161,7 @@ class CosyVoiceEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         settings = config.cosyvoice
-        upstream = _import_upstream(settings.repo)
+        upstream = import_upstream(settings.repo)
         self.version, class_name = _detect_version(Path(settings.model_dir))
         model_class = getattr(upstream, class_name, None)
         if model_class is None:
