@@ -17,6 +17,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from cosyvoiced.placement import DEVICE
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENGINE_ENTRY_POINTS = "cosyvoiced.engines"
 
@@ -35,6 +37,17 @@ def _one_of(*allowed: str) -> Check:
         return f"expected one of {', '.join(allowed)}; got {value!r}"
 
     return check
+
+
+def _devices(value: Any) -> str | None:
+    if not value:
+        return "needs at least one device, such as \"cpu\" or \"cuda:0\""
+    wrong = [device for device in value if not DEVICE.match(device)]
+    if wrong:
+        return f"expected \"cpu\" or \"cuda:N\" (N a GPU index); got {wrong[0]!r}"
+    if len(set(value)) != len(value):
+        return "a device is listed twice; use worker.per_device for more workers on one"
+    return None
 
 
 def _at_least(minimum: float) -> Check:
@@ -91,6 +104,8 @@ class PiperConfig:
     # Unset: each voice's own. 0 and 0 make synthesis deterministic (same text, same audio).
     noise_scale: float | None = _setting(None, _at_least(0))
     noise_w_scale: float | None = _setting(None, _at_least(0))
+    # onnxruntime's intra-op threads per worker; 0: the cores shared among the CPU workers.
+    threads: int = _setting(0, _at_least(0))
 
 
 COSYVOICE_MODEL_FILES = ("cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml")
@@ -143,6 +158,21 @@ class WorkerConfig:
     job_timeout_s: float = _setting(0.0, _at_least(0))
     job_timeout_max_s: float = _setting(600.0, _at_least(1))
     kill_grace_s: float = _setting(5.0, _at_least(0.1))
+    # Placement: per_device worker processes on each device ("cpu", "cuda:0", ...); each
+    # sees only its own GPU. More workers serve more jobs at once (one segment each).
+    devices: list[str] = _setting(["cpu"], _devices)  # noqa: RUF009 - returns a field()
+    per_device: int = _setting(1, _at_least(1))
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    # A streamed job's first segment ends at the first clause boundary after this many
+    # words, so its first audio comes from a short synthesis; 0 keeps whole sentences.
+    first_segment_words: int = _setting(5, _at_least(0))
+    # A sentence longer than this is cut at clause boundaries.
+    max_segment_chars: int = _setting(300, _at_least(20))
+    # Jobs of one class (interactive, bulk) in progress at once; the rest wait unstarted.
+    max_active_jobs: int = _setting(8, _at_least(1))
 
 
 @dataclass(frozen=True)
@@ -165,13 +195,36 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    listen: str = ""  # "127.0.0.1:8000" turns the OpenAI-compatible speech endpoint on
+    # One bearer token per line ('#' comments); needed for a listen address that is not
+    # loopback, unless allow_insecure.
+    api_keys_file: str = _setting("", path=True)
+    allow_insecure: bool = False
+    max_body_bytes: int = _setting(1 << 20, _at_least(1024), size=True)
+    max_pending_per_client: int = _setting(16, _at_least(1))
+    # OpenAI voice names (alloy, echo, ...) -> ours.
+    voices: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WyomingConfig:
+    listen: str = ""  # "tcp://127.0.0.1:10200" turns the Wyoming server on
+    # Wyoming has no authentication: a non-loopback address needs this.
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     zmq: ZmqConfig = field(default_factory=ZmqConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    wyoming: WyomingConfig = field(default_factory=WyomingConfig)
 
 
 def load(path: str | Path) -> Config:
@@ -192,6 +245,8 @@ def from_table(table: dict[str, Any], base_dir: Path) -> Config:
     _check_engine(config.engine)
     _check_zmq(config.zmq)
     _check_metrics(config.metrics)
+    _check_http(config.http)
+    _check_wyoming(config.wyoming)
     if config.worker.heartbeat_timeout_s <= 2 * config.worker.heartbeat_interval_s:
         raise ConfigError("worker.heartbeat_timeout_s: must be more than twice "
                           "worker.heartbeat_interval_s")
@@ -221,6 +276,53 @@ def _check_metrics(settings: MetricsConfig) -> None:
         raise ConfigError(f"metrics.listen: {settings.listen!r} is not loopback; metrics are "
                           "unauthenticated: keep them on 127.0.0.1 or set "
                           "metrics.allow_remote = true")
+
+
+def read_api_keys(path: str) -> frozenset[str]:
+    """The bearer tokens in an api_keys_file: one per line; blank lines and '#' comments
+    are skipped. Raises OSError if the file cannot be read."""
+    with open(path, encoding="utf-8") as stream:
+        lines = (line.split("#", 1)[0].strip() for line in stream)
+        return frozenset(line for line in lines if line)
+
+
+def _check_http(settings: HttpConfig) -> None:
+    if not settings.listen:
+        return
+    host, _, port = settings.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"http.listen: expected HOST:PORT such as \"127.0.0.1:8000\"; "
+                          f"got {settings.listen!r}")
+    if settings.api_keys_file:
+        try:
+            keys = read_api_keys(settings.api_keys_file)
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"http.api_keys_file: cannot read {settings.api_keys_file!r}: "
+                              f"{getattr(error, 'strerror', None) or error}") from None
+        if not keys:
+            raise ConfigError(f"http.api_keys_file: {settings.api_keys_file!r} holds no key "
+                              "(one per line)")
+    elif not settings.allow_insecure and not is_loopback_endpoint(f"tcp://{settings.listen}"):
+        raise ConfigError(
+            f"http.listen: {settings.listen!r} is reachable from the network but "
+            "http.api_keys_file is not set; give clients bearer tokens in http.api_keys_file "
+            "or, on a trusted network only, set http.allow_insecure = true")
+
+
+def _check_wyoming(settings: WyomingConfig) -> None:
+    if not settings.listen:
+        return
+    scheme, _, rest = settings.listen.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme == "unix" and rest:
+        return
+    if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"wyoming.listen: expected tcp://HOST:PORT such as "
+                          f"\"tcp://127.0.0.1:10200\", or unix://PATH; got {settings.listen!r}")
+    if not settings.allow_remote and not is_loopback_endpoint(settings.listen):
+        raise ConfigError(f"wyoming.listen: {settings.listen!r} is not loopback; the Wyoming "
+                          "protocol has no authentication: set wyoming.allow_remote = true "
+                          "to serve Home Assistant on another host (trusted networks only)")
 
 
 def _check_zmq(settings: ZmqConfig) -> None:
@@ -320,6 +422,12 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list; got {type(value).__name__}")
         return [_typed(f"{key}[{index}]", entry, item) for index, entry in enumerate(value)]
+    if origin is dict:
+        key_type, item = get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table; got {type(value).__name__}")
+        return {_typed(f"{key}.{name}", name, key_type): _typed(f"{key}.{name}", entry, item)
+                for name, entry in value.items()}
     if origin in (Union, types.UnionType):
         # `X | None`: TOML has no null, so a present key is always an X.
         (present,) = [arg for arg in get_args(hint) if arg is not type(None)]

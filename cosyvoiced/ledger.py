@@ -1,74 +1,116 @@
-"""What the supervisor knows about jobs: the queue, the one in hand, and recent outcomes.
+"""What the supervisor knows about jobs: those not ended yet, and recent outcomes.
 
-Owned by the supervisor's thread only. Answers the `status` and `stats` questions and keeps
-the crash counts that tell a poison job from bad luck.
+Owned by the supervisor's thread only. A job is queued until its first segment goes to a
+worker, then in progress until it ends; in between, it waits for its next turn. Answers the
+`status` and `stats` questions and keeps the crash counts that tell a poison job from bad
+luck.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from cosyvoiced import scheduler
 from cosyvoiced.job import Job
+from cosyvoiced.scheduler import Priority, Waiting
+
+if TYPE_CHECKING:
+    from cosyvoiced.workerhandle import WorkerHandle
 
 HISTORY = 10_000  # finished jobs remembered for `status`
+Samples = npt.NDArray[np.float32]
 
 
 @dataclass
 class Running:
-    """The job the worker has in hand."""
+    """A job not ended yet: its segments, the one in hand, and its audio so far."""
 
     job: Job
-    dispatched_at: float
-    started_at: float = 0.0  # wall clock, from the worker
+    segments: list[str]
+    ready_since: float  # monotonic: arrival, or the end of its last segment
+    priority: Priority = Priority.BULK
+    done: int = 0  # segments whose audio is complete
+    holder: WorkerHandle | None = None  # the worker with its current segment in hand
+    last_slot: int | None = None
+    retry: bool = False
+    started_at: float = 0.0  # wall clock, from the worker, at its first segment
     last_progress: float = 0.0  # monotonic: dispatch, start, or the latest chunk
     voice: str = ""
     sample_rate: int = 0
-    chunks_sent: int = 0
+    chunks_sent: int = 0  # streamed chunks sent to the client, all segments
+    segment_chunks: int = 0  # chunks of the segment in hand so far
+    samples: int = 0  # of the complete segments
+    synth_s: float = 0.0
+    first_chunk_s: float = 0.0  # of the first segment: the client's wait for audio
     cancel_requested: bool = False
-    chunks: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    dispatched: bool = False  # a segment of it has gone to a worker: it is in progress
+    chunks: list[Samples] = field(default_factory=list)  # a whole reply's complete segments
+    segment_audio: list[Samples] = field(default_factory=list)  # the segment in hand's
+
+    @property
+    def started(self) -> bool:
+        return self.dispatched
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples / self.sample_rate if self.sample_rate else 0.0
+
+    def progress(self) -> dict[str, Any]:
+        return {"segments_done": self.done, "segments": len(self.segments),
+                "audio_s": round(self.audio_s, 3)}
 
 
 class Ledger:
     def __init__(self) -> None:
-        self.queue: deque[Job] = deque()
-        self.running: Running | None = None
+        self.jobs: OrderedDict[str, Running] = OrderedDict()  # in arrival order
         self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.crashes: dict[str, int] = {}
         self.counts = {"done": 0, "failed": 0, "cancelled": 0}
 
     def __len__(self) -> int:
-        return len(self.queue)
+        """Jobs not ended: queued or in progress."""
+        return len(self.jobs)
 
-    def enqueue(self, job: Job, front: bool = False) -> None:
-        if front:
-            self.queue.appendleft(job)
-        else:
-            self.queue.append(job)
-
-    def start(self, job: Job, now: float) -> Running:
-        self.running = Running(job, now)
-        return self.running
-
-    def take_running(self) -> Running | None:
-        running, self.running = self.running, None
+    def enqueue(self, job: Job, segments: list[str], now: float) -> Running:
+        running = Running(job, segments, now, scheduler.priority_of(job))
+        self.jobs[job.id] = running
         return running
 
-    def remove_queued(self, job_id: str) -> Job | None:
-        for job in self.queue:
-            if job.id == job_id:
-                self.queue.remove(job)
-                return job
-        return None
+    def get(self, job_id: str) -> Running | None:
+        return self.jobs.get(job_id)
 
-    def drain_queue(self) -> Iterator[Job]:
-        while self.queue:
-            yield self.queue.popleft()
+    def pop(self, job_id: str) -> Running | None:
+        return self.jobs.pop(job_id, None)
+
+    def queued(self) -> list[Running]:
+        """Jobs not started, in the order they will start."""
+        order = {w.job_id: n for n, w in enumerate(scheduler.order(self.waiting()))}
+        unstarted = [r for r in self.jobs.values() if not r.started and r.job.id in order]
+        return sorted(unstarted, key=lambda r: order[r.job.id])
+
+    def unstarted(self) -> int:
+        return sum(1 for r in self.jobs.values() if not r.started)
+
+    def in_hand(self) -> list[Running]:
+        return [r for r in self.jobs.values() if r.holder is not None]
+
+    def in_progress(self) -> Counter[Priority]:
+        return Counter(r.priority for r in self.jobs.values() if r.started)
+
+    def waiting(self) -> list[Waiting]:
+        return [Waiting(r.job.id, r.priority, r.ready_since, r.started, r.retry, r.last_slot)
+                for r in self.jobs.values()
+                if r.holder is None and not r.cancel_requested and r.done < len(r.segments)]
+
+    def held_by(self, worker: WorkerHandle) -> Running | None:
+        job_id = worker.job_id
+        running = self.jobs.get(job_id) if job_id is not None else None
+        return running if running is not None and running.holder is worker else None
 
     def record(self, job_id: str, source: str, state: str, **detail: Any) -> None:
         """Remember how a job ended (state: done, failed or cancelled)."""
@@ -83,10 +125,15 @@ class Ledger:
         return self.crashes[job.id]
 
     def status(self, job_id: str) -> dict[str, Any] | None:
-        if self.running is not None and self.running.job.id == job_id:
-            return {"state": "running", "source": self.running.job.source,
-                    "chunks": self.running.chunks_sent}
-        for position, job in enumerate(self.queue):
-            if job.id == job_id:
-                return {"state": "queued", "source": job.source, "position": position}
-        return self.finished.get(job_id)
+        running = self.jobs.get(job_id)
+        if running is None:
+            return self.finished.get(job_id)
+        if running.started:
+            detail = running.progress()
+            if running.holder is not None:
+                detail["worker"] = running.holder.slot
+            return {"state": "running", "source": running.job.source,
+                    "chunks": running.chunks_sent} | detail
+        position = next((n for n, r in enumerate(self.queued()) if r.job.id == job_id), 0)
+        return {"state": "queued", "source": running.job.source, "position": position,
+                "segments": len(running.segments)}

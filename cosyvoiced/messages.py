@@ -12,14 +12,19 @@ import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced.engines import VoiceInfo
-from cosyvoiced.job import Job, JobError, JobResult
+from cosyvoiced.job import Job, JobError
 from cosyvoiced.memory import Memory
 
 
 # supervisor -> worker
 @dataclass(frozen=True)
-class RunJob:
+class RunSegment:
+    """Synthesize one segment of a job's text (`index` of `count`) with the job's settings."""
+
     job: Job
+    index: int
+    count: int
+    text: str
 
 
 @dataclass(frozen=True)
@@ -66,11 +71,12 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
-class JobStarted:
+class SegmentStarted:
     job_id: str
+    index: int
     voice: str
     sample_rate: int
-    started_at: float
+    started_at: float  # wall clock
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,14 @@ class AudioChunkReady:
 
 
 @dataclass(frozen=True)
-class JobFinished:
-    result: JobResult
+class SegmentFinished:
+    """The segment's audio is complete (its chunks were all sent before this)."""
+
+    job_id: str
+    index: int
+    samples: int
+    synth_s: float
+    first_chunk_s: float
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,6 @@ class LogLine:
     line: str
 
 
-ToWorker = RunJob | CancelJob | Shutdown
-FromWorker = (EngineWarming | EngineReady | EngineLoadFailed | Heartbeat | JobStarted
-              | AudioChunkReady | JobFinished | JobFailed | JobCancelled | LogLine)
+ToWorker = RunSegment | CancelJob | Shutdown
+FromWorker = (EngineWarming | EngineReady | EngineLoadFailed | Heartbeat | SegmentStarted
+              | AudioChunkReady | SegmentFinished | JobFailed | JobCancelled | LogLine)

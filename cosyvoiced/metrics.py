@@ -21,7 +21,7 @@ class Metrics:
         r = self.registry
         self.jobs = Counter("cosyvoiced_jobs", "Jobs ended, by intake and outcome",
                             ["source", "outcome"], registry=r)
-        self.queue_depth = Gauge("cosyvoiced_queue_depth", "Jobs waiting for the worker",
+        self.queue_depth = Gauge("cosyvoiced_queue_depth", "Jobs waiting to start",
                                  registry=r)
         self.synthesis_seconds = Histogram("cosyvoiced_synthesis_seconds",
                                            "Time the worker spent on a job", buckets=_SECONDS,
@@ -38,12 +38,21 @@ class Metrics:
                                      "Workers that died or were killed, by reason", ["reason"],
                                      registry=r)
         self.worker_rss = Gauge("cosyvoiced_worker_rss_bytes", "Worker resident memory",
-                                registry=r)
+                                ["slot", "device"], registry=r)
         self.worker_gpu = Gauge("cosyvoiced_worker_gpu_bytes",
                                 "Worker GPU memory (NVML or torch reserved; 0 without GPU)",
-                                registry=r)
+                                ["slot", "device"], registry=r)
+        self.worker_busy = Gauge("cosyvoiced_worker_busy", "1 while the worker has a segment "
+                                 "in hand", ["slot", "device"], registry=r)
         self.worker_generation = Gauge("cosyvoiced_worker_generation",
                                        "Workers started since the daemon started", registry=r)
+        self.workers = Gauge("cosyvoiced_workers", "Worker slots (worker.devices x "
+                             "worker.per_device)", registry=r)
+        self.recycle_thrash = Gauge("cosyvoiced_recycle_thrash",
+                                    "1 while workers are recycled for memory after at most "
+                                    "one job each", registry=r)
+        self.jobs_in_progress = Gauge("cosyvoiced_jobs_in_progress",
+                                      "Jobs started and not yet ended", registry=r)
         self.watchdog_pings = Counter("cosyvoiced_watchdog_pings", "WATCHDOG=1 sent to systemd",
                                       registry=r)
         self.ready = Gauge("cosyvoiced_ready", "1 once the engine is loaded", registry=r)
@@ -60,7 +69,8 @@ class Metrics:
             if result.audio_s > 0:
                 self.real_time_factor.observe(result.synth_s / result.audio_s)
 
-    def worker(self, generation: int, memory: Memory) -> None:
-        self.worker_generation.set(generation)
-        self.worker_rss.set(memory.rss_bytes)
-        self.worker_gpu.set(memory.gpu_peak_bytes or 0)
+    def worker(self, slot: int, device: str, memory: Memory, busy: bool) -> None:
+        labels = (str(slot), device)
+        self.worker_rss.labels(*labels).set(memory.rss_bytes)
+        self.worker_gpu.labels(*labels).set(memory.gpu_peak_bytes or 0)
+        self.worker_busy.labels(*labels).set(int(busy))

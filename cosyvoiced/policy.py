@@ -30,6 +30,16 @@ def recycle_reason(memory: Memory, jobs_served: int, settings: WorkerConfig) -> 
     return None
 
 
+THRASH_RECYCLES = 3  # memory recycles in a row, each after at most one job: thrashing
+
+
+def thrashing(served_before_memory_recycles: list[int]) -> bool:
+    """Workers replaced for memory after at most one job each, several in a row: the limit is
+    below what one job needs, and the daemon spends its time reloading the model."""
+    recent = served_before_memory_recycles[-THRASH_RECYCLES:]
+    return len(recent) == THRASH_RECYCLES and all(served <= 1 for served in recent)
+
+
 def job_timeout_s(chars: int, settings: WorkerConfig) -> float:
     """How long a job may go without progress before its worker counts as hung."""
     if settings.job_timeout_s:

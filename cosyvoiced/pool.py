@@ -1,41 +1,65 @@
-"""The worker processes the supervisor runs: the active one, a spare, and those retiring.
+"""The worker processes the supervisor runs: one per slot, a spare, and those retiring.
 
-It decides when to spawn, hand over, recycle and escalate, from the figures the workers
-report and the deadlines it keeps; the supervisor owns jobs and asks it what to do with the
-processes. Nothing here blocks the supervisor's tick.
+A slot is a place for one worker (`placement.py`: its device and CPU share). The pool keeps
+every slot filled and decides when to spawn, hand over, recycle and escalate, from the
+figures the workers report and the deadlines it keeps; the supervisor owns jobs and asks it
+what to do with the processes. Replacements happen one slot at a time (gunicorn's
+`manage_workers`), so the others serve meanwhile. Nothing here blocks the supervisor's tick.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-from cosyvoiced import logs, policy
+from cosyvoiced import logs, placement, policy
 from cosyvoiced.config import Config
 from cosyvoiced.messages import FromWorker
 from cosyvoiced.metrics import Metrics
+from cosyvoiced.placement import Placement
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
 log = logs.get_logger("cosyvoiced.supervisor")
+MEMORY_REASONS = ("rss", "gpu_memory")
+
+
+@dataclass
+class Slot:
+    placement: Placement
+    worker: WorkerHandle | None = None
+    respawn_at: float = 0.0  # when empty: when to start its next worker
 
 
 class WorkerPool:
     def __init__(self, config: Callable[[], Config], metrics: Metrics) -> None:
         self._config = config  # the running config, which a reload may replace
         self._metrics = metrics
-        self.active: WorkerHandle | None = None  # the one that serves jobs
-        self.spare: WorkerHandle | None = None  # loading to take over (worker.spare)
+        self.slots: list[Slot] = []
+        self.leaving: list[WorkerHandle] = []  # of slots a reload removed: drained when idle
+        self.spare: WorkerHandle | None = None  # loading to take over one slot (worker.spare)
         self.retiring: list[WorkerHandle] = []  # exiting, escalated at their deadlines
         self.generation = 0
         self.recycles: Counter[str] = Counter()
-        self.recycle_pending: str | None = None  # decided; the spare is loading
-        self.recycle_requested: str | None = None  # by a reload that changed the engine
+        self.reload_pending: set[int] = set()  # slots to recycle for a reload
         self.start_failures = 0
         self.last_load_error = ""
-        self.respawn_at = 0.0
+        self.memory_recycles: list[int] = []  # segments served by workers recycled for memory
+        self.thrashing = False
+
+    # -- what there is ----------------------------------------------------------------------
+    def workers(self) -> list[WorkerHandle]:
+        """The workers that serve (or may hold a segment): every slot's, and those leaving."""
+        return [slot.worker for slot in self.slots if slot.worker is not None] + self.leaving
 
     def handles(self) -> list[WorkerHandle]:
-        return [h for h in (self.active, self.spare, *self.retiring) if h is not None]
+        spare = [self.spare] if self.spare is not None else []
+        return self.workers() + spare + self.retiring
+
+    def idle(self) -> dict[int, WorkerHandle]:
+        """Slot -> worker, for the workers ready for a segment now."""
+        return {index: slot.worker for index, slot in enumerate(self.slots)
+                if slot.worker is not None and slot.worker.state == WorkerState.IDLE}
 
     def messages(self, now: float) -> Iterator[tuple[WorkerHandle, FromWorker]]:
         for handle in self.handles():
@@ -44,19 +68,55 @@ class WorkerPool:
 
     def deadlines(self, stopping: bool) -> list[float]:
         deadlines = [h.deadline for h in self.retiring]
-        if self.active is None and not stopping:
-            deadlines.append(self.respawn_at)
+        if not stopping:
+            deadlines += [slot.respawn_at for slot in self.slots if slot.worker is None]
         return deadlines
 
-    def spawn(self, now: float, role: str = "active") -> WorkerHandle:
-        self.generation += 1
-        return WorkerHandle(self._config(), self.generation, now, role)
+    def any_ready(self) -> bool:
+        return any(worker.ready for worker in self.workers())
 
-    def spawn_if_due(self, now: float) -> None:
-        """A new active worker once the old ones are gone (their GPU memory with them)."""
-        if self.active is None and self.spare is None and not self.retiring and \
-                now >= self.respawn_at:
-            self.active = self.spawn(now)
+    # -- filling the slots ------------------------------------------------------------------
+    def resize(self, now: float) -> None:
+        """Match the slots to `worker.devices` x `worker.per_device` (at start and on reload).
+
+        A slot whose device or CPU share changed is recycled; the workers of slots that are
+        gone are drained once idle."""
+        settings = self._config()
+        plans = placement.plan(settings.worker.devices, settings.worker.per_device,
+                               placement.usable_cores(), settings.engine.piper.threads)
+        for index, plan in enumerate(plans):
+            if index == len(self.slots):
+                self.slots.append(Slot(plan, respawn_at=now))
+            elif self.slots[index].placement != plan:
+                self.slots[index].placement = plan
+                self.reload_pending.add(index)
+        for slot in self.slots[len(plans):]:
+            if slot.worker is not None:
+                self.leaving.append(slot.worker)
+        del self.slots[len(plans):]
+        self.reload_pending = {index for index in self.reload_pending if index < len(plans)}
+        if self.spare is not None and self.spare.slot >= len(plans):
+            self._drop_spare(now, "slot removed")
+
+    def spawn(self, now: float, slot: int, role: str = "active") -> WorkerHandle:
+        self.generation += 1
+        return WorkerHandle(self._config(), self.generation, now, self.slots[slot].placement,
+                            role)
+
+    def spawn_due(self, now: float) -> None:
+        """A new worker in each empty slot once its old one is gone (its GPU memory with it)."""
+        exiting = {handle.slot for handle in self.retiring}
+        for index, slot in enumerate(self.slots):
+            if slot.worker is None and index not in exiting and now >= slot.respawn_at and \
+                    not (self.spare is not None and self.spare.slot == index):
+                slot.worker = self.spawn(now, index)
+
+    def drain_leaving(self, now: float) -> None:
+        for worker in list(self.leaving):
+            if worker.state not in (WorkerState.BUSY, WorkerState.DRAINING):
+                self.leaving.remove(worker)
+                worker.drain(now, self._config().worker.kill_grace_s)
+                self.retiring.append(worker)
 
     def reap(self, now: float, deliver: Callable[[WorkerHandle, FromWorker], None]) -> None:
         """Collect retired workers that exited; escalate those past their deadline."""
@@ -69,18 +129,21 @@ class WorkerPool:
             elif now >= handle.deadline:
                 handle.escalate(now)
 
-    def retire_active(self, now: float, reason: str) -> WorkerHandle | None:
-        """Take the active worker out of service: SIGTERM it if it still runs."""
-        worker, self.active = self.active, None
-        if worker is None:
-            return None
+    def lose(self, worker: WorkerHandle, now: float, reason: str) -> None:
+        """Take a serving worker out of service (it died or must die): SIGTERM it if it
+        still runs; its slot gets a new one."""
+        for slot in self.slots:
+            if slot.worker is worker:
+                slot.worker = None
+                slot.respawn_at = now
+        if worker in self.leaving:
+            self.leaving.remove(worker)
         if worker.alive():
             worker.terminate(now, reason=reason)
         self.retiring.append(worker)
         self._metrics.worker_losses.labels(reason).inc()
-        self.respawn_at = now
-        return worker
 
+    # -- the spare -------------------------------------------------------------------------
     def spare_failed(self, now: float) -> bool:
         """True if the spare died or did not load in time (it is then retired)."""
         spare = self.spare
@@ -92,61 +155,99 @@ class WorkerPool:
             return False
         log.error("spare_lost", generation=spare.generation, exitcode=spare.exitcode(),
                   reason="start_timeout" if timed_out else "exited")
-        self.spare = None
-        self.recycle_pending = None  # decided again at the next check
-        if spare.alive():
-            spare.terminate(now)
-        self.retiring.append(spare)
+        self._drop_spare(now, "lost")
         return True
 
+    def _drop_spare(self, now: float, reason: str) -> None:
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        if spare.alive():
+            spare.terminate(now, reason=reason)
+        self.retiring.append(spare)
+
     def promote_spare(self, now: float) -> None:
-        """Hand over to a ready spare once the active worker has no job in hand."""
+        """Hand a slot over to a ready spare once its worker has no segment in hand."""
         spare = self.spare
         if spare is None or not spare.ready:
             return
-        active = self.active
-        if active is not None:
-            if active.state == WorkerState.BUSY:
+        slot = self.slots[spare.slot]
+        old = slot.worker
+        if old is not None:
+            if old.state == WorkerState.BUSY:
                 return
-            active.drain(now, self._config().worker.kill_grace_s)
-            self.retiring.append(active)
-        self.active, self.spare, self.recycle_pending = spare, None, None
-        log.info("worker_promoted", generation=spare.generation, worker_pid=spare.pid)
+            old.drain(now, self._config().worker.kill_grace_s)
+            self.retiring.append(old)
+        slot.worker, self.spare = spare, None
+        log.info("worker_promoted", generation=spare.generation, worker_pid=spare.pid,
+                 slot=spare.slot)
 
-    def recycle_if_due(self, now: float) -> None:
-        """After a job, and on idle heartbeats: replace a worker that passed a limit."""
-        worker = self.active
-        if worker is None or worker.state != WorkerState.IDLE or self.recycle_pending:
+    # -- recycling -------------------------------------------------------------------------
+    def recycle_if_due(self, worker: WorkerHandle, now: float) -> None:
+        """After a segment, and on idle heartbeats: replace a worker that passed a limit."""
+        index = worker.slot
+        if index >= len(self.slots) or self.slots[index].worker is not worker or \
+                worker.state != WorkerState.IDLE or \
+                (self.spare is not None and self.spare.slot == index):
             return
         settings = self._config().worker
-        reason = self.recycle_requested or policy.recycle_reason(worker.memory,
-                                                                 worker.jobs_served, settings)
+        reason = "reload" if index in self.reload_pending else policy.recycle_reason(
+            worker.memory, worker.segments_served, settings)
         if reason is None:
             self._warn_if_limit_below_idle(worker)
             return
-        self.recycle_requested = None
+        if not self._may_replace(index):
+            return  # another slot is being replaced: one at a time
+        self.reload_pending.discard(index)
         self.recycles[reason] += 1
         self._metrics.recycles.labels(reason).inc()
-        log.info("worker_recycle", reason=reason, generation=worker.generation,
-                 jobs_served=worker.jobs_served, **worker.memory.to_dict(),
+        log.info("worker_recycle", reason=reason, generation=worker.generation, slot=index,
+                 segments_served=worker.segments_served, **worker.memory.to_dict(),
                  rss_limit=settings.rss_limit, gpu_memory_limit=settings.gpu_memory_limit,
                  max_jobs=settings.max_jobs, spare=settings.spare)
+        if reason in MEMORY_REASONS:
+            self._watch_thrash(worker, reason)
         if settings.spare:
-            self.recycle_pending = reason
-            self.spare = self.spawn(now, role="spare")
+            self.spare = self.spawn(now, index, role="spare")
         else:
             # The old process must be gone before the new one loads: only its exit gives
             # its GPU memory (the CUDA context) back.
-            self.active = None
+            self.slots[index].worker = None
+            self.slots[index].respawn_at = now
             worker.drain(now, settings.kill_grace_s)
             self.retiring.append(worker)
-            self.respawn_at = now
+
+    def _may_replace(self, index: int) -> bool:
+        """Capacity never drops to zero: with several slots, one is replaced at a time."""
+        if self.spare is not None:
+            return False
+        if len(self.slots) == 1:
+            return True
+        return all(slot.worker is not None and slot.worker.ready
+                   for other, slot in enumerate(self.slots) if other != index)
+
+    def _watch_thrash(self, worker: WorkerHandle, reason: str) -> None:
+        self.memory_recycles = [*self.memory_recycles[-policy.THRASH_RECYCLES:],
+                                worker.segments_served]
+        thrashing = policy.thrashing(self.memory_recycles)
+        if thrashing and not self.thrashing:
+            settings = self._config().worker
+            log.warning("memory_recycle_thrash", reason=reason,
+                        recycles=len(self.memory_recycles),
+                        segments_served=self.memory_recycles, **worker.memory.to_dict(),
+                        rss_limit=settings.rss_limit,
+                        gpu_memory_limit=settings.gpu_memory_limit,
+                        message="workers are replaced for memory after at most one job "
+                                "each: the limit is below what one job needs, and every job "
+                                "pays a model load; raise the limit")
+        self.thrashing = thrashing
+        self._metrics.recycle_thrash.set(int(thrashing))
 
     def _warn_if_limit_below_idle(self, worker: WorkerHandle) -> None:
         """Say once per worker if a fresh, idle worker is already over a memory limit."""
         settings = self._config().worker
-        if worker.jobs_served or worker.warned_over_limit or \
-                policy.recycle_reason(worker.memory, 1, settings) not in ("rss", "gpu_memory"):
+        if worker.segments_served or worker.warned_over_limit or \
+                policy.recycle_reason(worker.memory, 1, settings) not in MEMORY_REASONS:
             return
         worker.warned_over_limit = True
         log.warning("memory_limit_below_idle", generation=worker.generation,
@@ -155,24 +256,28 @@ class WorkerPool:
                     message="a freshly loaded worker is already over a memory limit; it is "
                             "not recycled for it (its replacement would be too): raise the limit")
 
-    def start_failed(self, now: float) -> bool:
-        """Count a failed start; True once `worker.max_start_failures` is reached."""
+    # -- failures and the end --------------------------------------------------------------
+    def start_failed(self, now: float, worker: WorkerHandle | None) -> bool:
+        """Count a failed start (of a slot's worker, or of the spare: None); True once
+        `worker.max_start_failures` is reached. The slot then waits before its next try."""
         self.start_failures += 1
         if self.start_failures >= self._config().worker.max_start_failures:
             return True
-        self.respawn_at = now + policy.respawn_delay_s(self.start_failures)
+        if worker is not None and worker.slot < len(self.slots):
+            self.slots[worker.slot].respawn_at = \
+                now + policy.respawn_delay_s(self.start_failures)
         return False
 
-    def retire_all(self, now: float, job_in_hand: bool) -> None:
-        """At shutdown: drain the active worker (or kill it, if its job is abandoned)."""
-        worker, spare = self.active, self.spare
-        self.active = self.spare = None
-        if worker is not None:
-            if job_in_hand:
+    def retire_all(self, now: float, abandoned: set[int]) -> None:
+        """At shutdown: drain every worker; terminate those holding a job left unfinished
+        (`abandoned`: their generations)."""
+        for worker in self.workers():
+            if worker.generation in abandoned:
                 worker.terminate(now, reason="drain timeout")
             else:
                 worker.drain(now, self._config().worker.kill_grace_s)
             self.retiring.append(worker)
-        if spare is not None:
-            spare.terminate(now, reason="stopping")
-            self.retiring.append(spare)
+        for slot in self.slots:
+            slot.worker = None
+        self.leaving = []
+        self._drop_spare(now, "stopping")

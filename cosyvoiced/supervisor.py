@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import signal
 import socket
@@ -25,7 +24,8 @@ import numpy as np
 import numpy.typing as npt
 from zmq import ZMQError
 
-from cosyvoiced import __version__, audio, config, logs, policy, reload
+from cosyvoiced import __version__, audio, config, logs, policy, reload, report, scheduler
+from cosyvoiced import segments as text_segments
 from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake import zmq as zmq_intake
@@ -44,10 +44,10 @@ from cosyvoiced.messages import (
     Heartbeat,
     JobCancelled,
     JobFailed,
-    JobFinished,
-    JobStarted,
     LogLine,
-    RunJob,
+    RunSegment,
+    SegmentFinished,
+    SegmentStarted,
 )
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.notify import Notifier
@@ -138,7 +138,8 @@ class Supervisor:
         log.info("starting", version=__version__, spool=str(self.spool.root),
                  engine=self.config.engine.name)
         self._recover()
-        self.pool.active = self.pool.spawn(time.monotonic())
+        self.pool.resize(time.monotonic())
+        self.pool.spawn_due(time.monotonic())
         try:
             self.zmq.start()
             if self.config.metrics.listen:
@@ -146,7 +147,8 @@ class Supervisor:
         except (OSError, ZMQError) as error:
             log.critical("listen_failed", error=str(error),
                          message="cannot listen on a zmq.bind or metrics.listen address")
-            self.pool.active.kill_now()
+            for worker in self.pool.handles():
+                worker.kill_now()
             return EXIT_LISTEN
         self.inbox.start()
         while self.exit_code is None:
@@ -195,9 +197,13 @@ class Supervisor:
         if self.notifier.watchdog_due(now) and self._healthy(now):
             self.notifier.watchdog(now)
             self.metrics.watchdog_pings.inc()
-        self.metrics.queue_depth.set(len(self.ledger))
-        if self.pool.active is not None:
-            self.metrics.worker(self.pool.active.generation, self.pool.active.memory)
+        self.metrics.queue_depth.set(len(self.ledger.queued()))
+        self.metrics.jobs_in_progress.set(sum(self.ledger.in_progress().values()))
+        self.metrics.workers.set(len(self.pool.slots))
+        self.metrics.worker_generation.set(self.pool.generation)
+        for worker in self.pool.workers():
+            self.metrics.worker(worker.slot, worker.placement.device, worker.memory,
+                                worker.job_id is not None)
 
     def _handle_signals(self, now: float) -> None:
         while self._signals:
@@ -226,9 +232,10 @@ class Supervisor:
         self.zmq.reload_keys()  # authorized client keys may have changed on disk
         logs.set_level(plan.config.log.level)
         if plan.engine_changed:
-            self.pool.recycle_requested = "reload"
+            self.pool.reload_pending = set(range(len(self.pool.slots)))
+        self.pool.resize(time.monotonic())  # worker.devices, worker.per_device
         log.info("reloaded", applied=plan.applied, restart_required=plan.restart_required,
-                 recycle_worker=plan.engine_changed)
+                 recycle_worker=plan.engine_changed, workers=len(self.pool.slots))
         if plan.restart_required:
             log.warning("restart_required", keys=plan.restart_required,
                         message="these keys keep their old values until a restart")
@@ -299,11 +306,16 @@ class Supervisor:
 
     # -- what the ZeroMQ ops ask of the supervisor (zmq_intake.Service) -------------------
     def queue_full(self) -> bool:
-        return len(self.ledger) >= self.config.zmq.max_pending or self.stopping
+        """Jobs waiting to start are bounded here; those in progress by the scheduler."""
+        return self.ledger.unstarted() >= self.config.zmq.max_pending or self.stopping
 
     def enqueue(self, job: Job) -> None:
-        self.ledger.enqueue(job)
-        log.debug("job_queued", job=job.id, source=job.source, depth=len(self.ledger))
+        settings = self.config.scheduling
+        segments = text_segments.split(job.text, settings.max_segment_chars,
+                                       settings.first_segment_words if job.stream else 0)
+        self.ledger.enqueue(job, segments, time.monotonic())
+        log.debug("job_queued", job=job.id, source=job.source, segments=len(segments),
+                  depth=len(self.ledger))
 
     def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None) -> Job:
         """Validate a job for the outbox, persist it in work/ (it survives a crash), queue it.
@@ -350,17 +362,14 @@ class Supervisor:
         return self.ledger.status(job_id)
 
     def cancel(self, job_id: str) -> bool:
-        job = self.ledger.remove_queued(job_id)
-        if job is not None:
-            self._sink(job).cancelled(job)
-            self._record_cancel(job)
-            return True
-        running = self.ledger.running
-        if running is None or running.job.id != job_id:
+        running = self.ledger.get(job_id)
+        if running is None:
             return False
-        if not running.cancel_requested and self.pool.active is not None:
+        if running.holder is None:  # queued, or between two segments
+            self._end(running, None)
+        elif not running.cancel_requested:
             running.cancel_requested = True
-            self.pool.active.send(CancelJob(job_id))
+            running.holder.send(CancelJob(job_id))
         return True
 
     def _record_cancel(self, job: Job) -> None:
@@ -376,19 +385,7 @@ class Supervisor:
         log.info("job", job=job_id, source=source, outcome=outcome, **summary)
 
     def stats(self) -> dict[str, Any]:
-        worker = self.pool.active
-        running = self.ledger.running
-        return {
-            "version": __version__, "pid": os.getpid(), "engine": self.engine_name,
-            "ready": self.ready, "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "queue_depth": len(self.ledger), "running": running.job.id if running else None,
-            "jobs": dict(self.ledger.counts),
-            "worker": None if worker is None else {
-                "state": str(worker.state), "generation": worker.generation,
-                "pid": worker.pid, "jobs_served": worker.jobs_served,
-                **worker.memory.to_dict()},
-            "recycles": dict(self.pool.recycles),
-        }
+        return report.stats(self, time.monotonic() - self.started_at)
 
     # -- the workers --------------------------------------------------------------------
     def _handle_workers(self, now: float) -> None:
@@ -396,61 +393,60 @@ class Supervisor:
             self._on_message(handle, message, now)
         self.pool.reap(now, lambda handle, message: self._on_message(handle, message, now))
         if self.pool.spare_failed(now):
-            self._count_start_failure(now)
-        self._watch_active(now)
+            self._count_start_failure(now, None)
+        for worker in self.pool.workers():
+            self._watch(worker, now)
         if not self.stopping:
             self.pool.promote_spare(now)
-            self.pool.spawn_if_due(now)
+            self.pool.drain_leaving(now)
+            self.pool.spawn_due(now)
 
-    def _watch_active(self, now: float) -> None:
-        worker = self.pool.active
-        if worker is None:
-            return
+    def _watch(self, worker: WorkerHandle, now: float) -> None:
         settings = self.config.worker
-        running = self.ledger.running
+        running = self.ledger.held_by(worker)
         if not worker.alive():
             for message in worker.messages(now):  # whatever it sent before it died
                 self._on_message(worker, message, now)
-            self._lose_active(worker, now, "exited")
+            self._lose(worker, now, "exited")
         elif not worker.ready and now - worker.started_at > settings.start_timeout_s:
             self.pool.last_load_error = (f"engine did not load within "
                                          f"{settings.start_timeout_s:g} s")
-            self._lose_active(worker, now, "start_timeout")
+            self._lose(worker, now, "start_timeout")
         elif running is not None and policy.hung(running.last_progress, now,
-                                                 running.job.chars, settings):
-            self._lose_active(worker, now, "job_timeout")
+                                                 len(running.segments[running.done]),
+                                                 settings):
+            self._lose(worker, now, "job_timeout")
         elif worker.ready and policy.silent(worker.last_heard, now, settings):
-            self._lose_active(worker, now, "heartbeat_timeout")
+            self._lose(worker, now, "heartbeat_timeout")
 
-    def _lose_active(self, worker: WorkerHandle, now: float, reason: str) -> None:
-        """The active worker died or must die: settle its job, plan a new one."""
+    def _lose(self, worker: WorkerHandle, now: float, reason: str) -> None:
+        """A serving worker died or must die: settle its segment, plan a new worker."""
         never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
-        self.pool.retire_active(now, reason)
+        running = self.ledger.held_by(worker)
+        self.pool.lose(worker, now, reason)
         if not self.stopping:
             log.error("worker_lost", reason=reason, generation=worker.generation,
-                      worker_pid=worker.pid, exitcode=worker.exitcode(),
+                      slot=worker.slot, worker_pid=worker.pid, exitcode=worker.exitcode(),
                       during="start" if never_ready else "service")
-        running = self.ledger.take_running()
         if running is not None:
+            self._release(worker, running, now)
             self._after_crash(running, reason)
         if never_ready and not self.stopping:
-            self._count_start_failure(now)
-
-    def _check_recycle(self, now: float) -> None:
-        if not self.stopping:
-            self.pool.recycle_if_due(now)
+            self._count_start_failure(now, worker)
 
     def _on_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
         if isinstance(message, LogLine):
             logs.forward(message.levelno, message.line)
         elif isinstance(message, Heartbeat):
             worker.memory = message.memory
-            if worker is self.pool.active and self.ledger.running is None:
-                self._check_recycle(now)
+            if worker.job_id is None and not self.stopping:
+                self.pool.recycle_if_due(worker, now)
         elif isinstance(message, EngineWarming | EngineReady | EngineLoadFailed):
             self._on_engine(worker, message)
-        elif worker is self.pool.active:
-            self._on_job_message(worker, message, now)
+        else:
+            running = self.ledger.held_by(worker)
+            if running is not None:  # else a late message of a job that has ended
+                self._on_job_message(worker, running, message, now)
 
     def _on_engine(self, worker: WorkerHandle,
                    message: EngineWarming | EngineReady | EngineLoadFailed) -> None:
@@ -462,30 +458,61 @@ class Supervisor:
             case EngineLoadFailed(reason):
                 self.pool.last_load_error = reason
 
-    def _on_job_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
-        running = self.ledger.running
+    def _on_job_message(self, worker: WorkerHandle, running: Running, message: FromWorker,
+                        now: float) -> None:
+        running.last_progress = now
         match message:
-            case JobStarted() if running is not None:
+            case SegmentStarted() if not running.sample_rate:
                 running.started_at = message.started_at
-                running.last_progress = now
                 running.voice, running.sample_rate = message.voice, message.sample_rate
                 self._sink(running.job).started(running.job, message.sample_rate)
-            case AudioChunkReady() if running is not None:
-                running.last_progress = now
+            case AudioChunkReady():
                 self._on_chunk(running, message)
-            case JobFinished(result):
-                self._finish(worker, result, now)
+            case SegmentFinished():
+                self._on_segment_done(worker, running, message, now)
             case JobFailed(_job_id, error):
-                self._end_running(worker, error, now)
+                self._release(worker, running, now)
+                self._end(running, error)
             case JobCancelled():
-                self._end_running(worker, None, now)
+                self._release(worker, running, now)
+                self._end(running, None)
 
     def _on_chunk(self, running: Running, message: AudioChunkReady) -> None:
-        running.chunks_sent += 1
+        running.segment_chunks += 1
         if running.job.stream:
-            self._sink(running.job).chunk(running.job, message.seq, message.audio)
+            self._sink(running.job).chunk(running.job, running.chunks_sent, message.audio)
+            running.chunks_sent += 1
         else:
-            running.chunks.append(message.audio)
+            running.segment_audio.append(message.audio)
+
+    def _on_segment_done(self, worker: WorkerHandle, running: Running,
+                         message: SegmentFinished, now: float) -> None:
+        running.done += 1
+        running.samples += message.samples
+        running.synth_s += message.synth_s
+        if running.done == 1:
+            running.first_chunk_s = message.first_chunk_s
+        running.chunks.extend(running.segment_audio)
+        running.segment_audio = []
+        self._release(worker, running, now)
+        if running.cancel_requested:  # asked after its last chunk: still cancelled
+            self._end(running, None)
+        elif running.done == len(running.segments):
+            self._dispatch(now)  # hand over the next segment before writing this job's output
+            self._finish(running)
+
+    def _release(self, worker: WorkerHandle, running: Running, now: float) -> None:
+        """The worker no longer has the job's segment in hand (done, failed or lost)."""
+        running.holder = None
+        running.ready_since = now
+        worker.job_id = None
+        if worker.state != WorkerState.BUSY:
+            return
+        worker.segments_served += 1
+        worker.set_state(WorkerState.IDLE)
+        if not self.stopping:
+            self.pool.recycle_if_due(worker, now)
+            self.pool.promote_spare(now)
 
     def _on_ready(self, worker: WorkerHandle, message: EngineReady) -> None:
         self.pool.start_failures = 0
@@ -499,10 +526,11 @@ class Supervisor:
             self.ready = True
             self.metrics.ready.set(1)
             self.notifier.ready()
-            log.info("ready", engine=message.engine, default_voice=message.default_voice)
+            log.info("ready", engine=message.engine, default_voice=message.default_voice,
+                     workers=len(self.pool.slots))
 
-    def _count_start_failure(self, now: float) -> None:
-        if not self.pool.start_failed(now):
+    def _count_start_failure(self, now: float, worker: WorkerHandle | None) -> None:
+        if not self.pool.start_failed(now, worker):
             return
         failures = self.pool.start_failures
         log.critical("worker_start_failed", failures=failures, reason=self.pool.last_load_error,
@@ -515,52 +543,57 @@ class Supervisor:
     def _after_crash(self, running: Running, reason: str) -> None:
         job = running.job
         crashes = self.ledger.count_crash(job)
-        what = (f"hung (no progress for "
-                f"{policy.job_timeout_s(job.chars, self.config.worker):g} s)"
-                if reason == "job_timeout" else "died")
+        timeout_s = policy.job_timeout_s(len(running.segments[running.done]),
+                                         self.config.worker)
+        what = f"hung (no progress for {timeout_s:g} s)" if reason == "job_timeout" else "died"
         if running.cancel_requested:
-            self._end(job, None)
-        elif crashes >= MAX_ATTEMPTS or (job.stream and running.chunks_sent):
-            # A stream already partly sent cannot be replayed without duplicating audio.
-            self._end(job, JobError(ErrorCode.WORKER_CRASHED, f"the worker {what} while "
-                                    f"synthesizing this job ({crashes} time(s)); it is not "
-                                    "retried again"))
+            self._end(running, None)
+        elif crashes >= MAX_ATTEMPTS or (job.stream and running.segment_chunks):
+            # Chunks of the segment already streamed cannot be made again without
+            # duplicating audio; a segment boundary can (the next worker starts there).
+            self._end(running, JobError(ErrorCode.WORKER_CRASHED, f"the worker {what} while "
+                                        f"synthesizing this job ({crashes} time(s)); it is not "
+                                        "retried again"))
         else:
-            log.warning("job_retry", job=job.id, crashes=crashes, reason=reason)
-            self.ledger.enqueue(job, front=True)
+            log.warning("job_retry", job=job.id, crashes=crashes, reason=reason,
+                        segment=running.done)
+            running.retry = True
+            running.segment_audio = []
 
     # -- jobs ---------------------------------------------------------------------------
     def _sink(self, job: Job) -> Sink:
         return self.zmq if job.sink == SINK_REPLY else self.inbox
 
     def _dispatch(self, now: float) -> None:
-        worker = self.pool.active
-        if self.stopping or self.ledger.running or worker is None or not self.ledger.queue or \
-                worker.state != WorkerState.IDLE:
+        """Hand the next segments to the idle workers, in the scheduler's order."""
+        idle = self.pool.idle()
+        if not idle:
             return
-        job = self.ledger.queue.popleft()
-        if worker.send(RunJob(job)):
-            self.ledger.start(job, now).last_progress = now
-            worker.set_state(WorkerState.BUSY, job=job.id)
-        else:
-            self.ledger.enqueue(job, front=True)  # the worker is gone; handled next tick
+        waiting = self.ledger.waiting()
+        if self.stopping:  # finish what is in progress; start nothing new
+            waiting = [w for w in waiting if w.started]
+        for choice in scheduler.assign(waiting, sorted(idle), self.ledger.in_progress(),
+                                       self.config.scheduling.max_active_jobs):
+            running = self.ledger.jobs[choice.job_id]
+            self._hand_segment(running, idle[choice.slot], now)
 
-    def _take_running(self, worker: WorkerHandle, now: float) -> Running | None:
-        running = self.ledger.take_running()
-        worker.jobs_served += 1
-        if worker.state == WorkerState.BUSY:
-            worker.set_state(WorkerState.IDLE)
-        self._check_recycle(now)
-        if not self.stopping:
-            self.pool.promote_spare(now)
-        return running
+    def _hand_segment(self, running: Running, worker: WorkerHandle, now: float) -> None:
+        index = running.done
+        if not worker.send(RunSegment(running.job, index, len(running.segments),
+                                      running.segments[index])):
+            return  # the worker is gone; handled next tick, the job waits
+        running.holder, running.last_slot, running.retry = worker, worker.slot, False
+        running.dispatched = True
+        running.last_progress = now
+        running.segment_chunks = 0
+        worker.job_id = running.job.id
+        worker.set_state(WorkerState.BUSY, job=running.job.id, segment=index)
 
-    def _finish(self, worker: WorkerHandle, result: JobResult, now: float) -> None:
-        running = self._take_running(worker, now)
-        if running is None:
-            return
-        self._dispatch(now)  # hand over the next job before writing this one's output
+    def _finish(self, running: Running) -> None:
+        self.ledger.pop(running.job.id)
         job = running.job
+        result = JobResult(job.id, running.voice, running.sample_rate, running.samples,
+                           running.synth_s, running.first_chunk_s)
         timings = {
             "received_at": round(job.received_at, 6),
             "started_at": round(running.started_at, 6),
@@ -572,21 +605,20 @@ class Supervisor:
         try:
             output = self._sink(job).deliver(job, result, audio.join(running.chunks), timings)
         except OSError as error:
-            self._end(job, JobError(ErrorCode.INTERNAL, f"could not write the result: {error}"))
+            self._end(running, JobError(ErrorCode.INTERNAL,
+                                        f"could not write the result: {error}"))
             return
         self._close(job.id, job.source, "done", status={"output": output}, result=result,
-                    voice=result.voice, chars=job.chars, audio_s=round(result.audio_s, 3),
-                    synth_s=round(result.synth_s, 3), queue_wait_s=timings["queue_wait_s"],
+                    voice=result.voice, chars=job.chars, segments=len(running.segments),
+                    audio_s=round(result.audio_s, 3), synth_s=round(result.synth_s, 3),
+                    queue_wait_s=timings["queue_wait_s"],
                     first_chunk_s=timings["first_chunk_s"],
                     write_s=round(time.monotonic() - written, 4), output=output)
 
-    def _end_running(self, worker: WorkerHandle, error: JobError | None, now: float) -> None:
-        running = self._take_running(worker, now)
-        if running is not None:
-            self._end(running.job, error)
-
-    def _end(self, job: Job, error: JobError | None) -> None:
+    def _end(self, running: Running, error: JobError | None) -> None:
         """Record a job that ends without audio: failed with `error`, or cancelled (None)."""
+        job = running.job
+        self.ledger.pop(job.id)
         sink = self._sink(job)
         try:
             if error is None:
@@ -610,9 +642,8 @@ class Supervisor:
         self.stopping = True
         self.stop_deadline = now + self.config.worker.drain_timeout_s
         self.notifier.stopping()
-        running = self.ledger.running
-        log.info("stopping", reason=reason, queued=len(self.ledger),
-                 running=running.job.id if running else None)
+        log.info("stopping", reason=reason, queued=len(self.ledger.queued()),
+                 running=[r.job.id for r in self.ledger.in_hand()])
         self.inbox.stop()
 
     def _hand_back(self, claimed: Claimed) -> None:
@@ -621,71 +652,52 @@ class Supervisor:
                         message="the inbox has a new file of that name; the job stays in "
                                 "work/ and runs at the next start")
 
-    def _release_unstarted(self, job: Job) -> None:
+    def _release_unstarted(self, running: Running) -> None:
+        job = running.job
         if job.sink == SINK_REPLY:
-            self._end(job, JobError(ErrorCode.SHUTTING_DOWN,
-                                    "the daemon is stopping; send the request again"))
+            self._end(running, JobError(ErrorCode.SHUTTING_DOWN,
+                                        "the daemon is stopping; send the request again"))
         else:
+            self.ledger.pop(job.id)
             self._hand_back(Claimed(job.origin))
 
     def _progress_stop(self, now: float) -> None:
         if not self.stopping:
             return
-        for job in self.ledger.drain_queue():
-            self._release_unstarted(job)
-        running = self.ledger.running
-        if running is not None and now < self.stop_deadline:
-            return  # let the job in hand finish
-        if running is not None:
-            log.warning("drain_timeout", job=running.job.id)
-            self.ledger.take_running()
-            self._release_unstarted(running.job)
-        self.pool.retire_all(now, job_in_hand=running is not None)
+        for running in list(self.ledger.jobs.values()):
+            if not running.started:
+                self._release_unstarted(running)
+        left = list(self.ledger.jobs.values())
+        if left and now < self.stop_deadline:
+            return  # let the jobs in progress finish
+        abandoned = set()
+        for running in left:
+            log.warning("drain_timeout", job=running.job.id, **running.progress())
+            if running.holder is not None:
+                abandoned.add(running.holder.generation)
+            self._release_unstarted(running)
+        self.pool.retire_all(now, abandoned)
         if not self.pool.retiring and self.exit_code is None:
             self.exit_code = EXIT_OK
 
     # -- reporting ----------------------------------------------------------------------
     def _healthy(self, now: float) -> bool:
-        """The worker is busy with progress, idle and answering, or (re)starting in time."""
-        worker = self.pool.active
+        """Every worker is busy with progress, idle and answering, or (re)starting in time."""
         settings = self.config.worker
-        if worker is None or not worker.ready:
-            return True  # (re)starting is progress; the start timeout bounds it
-        running = self.ledger.running
-        if running is not None:
-            return not policy.hung(running.last_progress, now, running.job.chars, settings)
-        return not policy.silent(worker.last_heard, now, settings)
+        for worker in self.pool.workers():
+            if not worker.ready:
+                continue  # (re)starting is progress; the start timeout bounds it
+            running = self.ledger.held_by(worker)
+            if running is not None:
+                if policy.hung(running.last_progress, now,
+                               len(running.segments[running.done]), settings):
+                    return False
+            elif policy.silent(worker.last_heard, now, settings):
+                return False
+        return True
 
     def status_line(self) -> str:
-        worker = self.pool.active
-        running = self.ledger.running
-        if self.stopping:
-            state = "stopping"
-        elif worker is None:
-            state = "restarting worker"
-        elif worker.state == WorkerState.STARTING:
-            state = f"loading {self.config.engine.name}"
-        elif worker.state == WorkerState.WARMING:
-            state = "warming up"
-        elif running is not None:
-            state = f"busy {running.job.id}"
-        else:
-            state = str(worker.state)
-        counts = self.ledger.counts
-        line = (f"{state}; queue {len(self.ledger)}; done {counts['done']}; "
-                f"failed {counts['failed']}")
-        if worker is not None:
-            line += (f"; worker gen {worker.generation}, {worker.jobs_served} jobs, "
-                     f"rss {worker.memory.rss_bytes >> 20} MiB")
-            gpu = worker.memory.gpu_peak_bytes
-            if gpu is not None:
-                line += f", gpu {gpu >> 20} MiB"
-        if self.pool.recycles:
-            line += "; recycled " + ", ".join(
-                f"{reason} {n}" for reason, n in sorted(self.pool.recycles.items()))
-        if self.reload_error:
-            line += f"; config reload failed, running the old one: {self.reload_error}"
-        return line
+        return report.status_line(self)
 
 
 def _prompt_name(job_id: str) -> str:

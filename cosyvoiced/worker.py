@@ -1,7 +1,8 @@
 """The model worker: a `spawn`ed process that owns the engine (and any GPU state).
 
-It loads the engine once, warms it up, then serves one job at a time: every chunk the engine
-yields is sent to the supervisor as it is made, then one `JobFinished` or `JobFailed`. A
+It loads the engine once, warms it up, then serves one segment of a job at a time: every
+chunk the engine yields is sent to the supervisor as it is made, then one `SegmentFinished`
+or `JobFailed`. A
 heartbeat thread reports liveness and memory independently of the job in hand.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import os
 import signal
 import sys
 import threading
@@ -22,7 +24,7 @@ import soxr
 from cosyvoiced import logs
 from cosyvoiced.config import EngineConfig
 from cosyvoiced.engines import FEATURES, AudioChunk, Engine, SynthesisRequest, load_engine
-from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure, JobResult
+from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure
 from cosyvoiced.memory import Memory, measure
 from cosyvoiced.messages import (
     AudioChunkReady,
@@ -34,13 +36,14 @@ from cosyvoiced.messages import (
     Heartbeat,
     JobCancelled,
     JobFailed,
-    JobFinished,
-    JobStarted,
     LogLine,
-    RunJob,
+    RunSegment,
+    SegmentFinished,
+    SegmentStarted,
     Shutdown,
     ToWorker,
 )
+from cosyvoiced.placement import Placement
 
 WARMUP_TEXT = "Ready."
 PROMPT_VOICE = "(prompt audio)"  # the voice reported for a job cloned from its prompt
@@ -152,22 +155,24 @@ def _voice(engine: Engine, job: Job) -> str | None:
     return voice
 
 
-def _request(job: Job, voice: str | None) -> SynthesisRequest:
-    return SynthesisRequest(job.text, voice, job.speed, job.stream, job.prompt_audio,
+def _request(job: Job, text: str, voice: str | None) -> SynthesisRequest:
+    return SynthesisRequest(text, voice, job.speed, job.stream, job.prompt_audio,
                             job.prompt_text, job.instruct, job.language)
 
 
-def _serve(engine: Engine, job: Job, channel: Channel) -> JobResult:
+def _serve(engine: Engine, segment: RunSegment, channel: Channel) -> SegmentFinished:
+    job = segment.job
     _check_features(engine, job)
     voice = _voice(engine, job)
     native_rate = engine.sample_rate(voice)
     rate = job.sample_rate or native_rate
-    voice_label = voice or PROMPT_VOICE
-    channel.send(JobStarted(job.id, voice_label, rate, time.time()))
+    channel.send(SegmentStarted(job.id, segment.index, voice or PROMPT_VOICE, rate,
+                                time.time()))
     started = time.monotonic()
     first_chunk_s = 0.0
     samples = 0
-    chunks = _resampled(engine.synthesize(_request(job, voice)), native_rate, rate)
+    chunks = _resampled(engine.synthesize(_request(job, segment.text.strip(), voice)),
+                        native_rate, rate)
     try:
         for seq, chunk in enumerate(chunks):
             if seq == 0:
@@ -178,20 +183,21 @@ def _serve(engine: Engine, job: Job, channel: Channel) -> JobResult:
                 raise _Cancelled
     finally:
         chunks.close()  # an abandoned engine generator cleans up now, not at GC time
-    return JobResult(job.id, voice_label, rate, samples, time.monotonic() - started,
-                     first_chunk_s)
+    return SegmentFinished(job.id, segment.index, samples, time.monotonic() - started,
+                           first_chunk_s)
 
 
-def _run_job(engine: Engine, job: Job, channel: Channel) -> None:
+def _run_segment(engine: Engine, segment: RunSegment, channel: Channel) -> None:
+    job = segment.job
     outcome: FromWorker
     try:
-        outcome = JobFinished(_serve(engine, job, channel))
+        outcome = _serve(engine, segment, channel)
     except _Cancelled:
         outcome = JobCancelled(job.id)
     except JobFailure as failure:
         outcome = JobFailed(job.id, failure.error)
     except Exception as error:  # any engine fault ends this job, not the worker
-        log.exception("engine_error", job=job.id)
+        log.exception("engine_error", job=job.id, segment=segment.index)
         outcome = JobFailed(job.id, JobError(ErrorCode.ENGINE_ERROR,
                                              f"{type(error).__name__}: {error}"))
     # Memory first: the supervisor decides on recycling before it hands over the next job.
@@ -249,9 +255,19 @@ def _log_thread_failure(failure: threading.ExceptHookArgs) -> None:
               exc_info=(failure.exc_type, failure.exc_value, failure.exc_traceback))
 
 
+def _place(placement: Placement) -> None:
+    """Show this worker its own device only, before anything imports CUDA: torch and
+    onnxruntime then see that GPU as device 0, and a CPU worker sees none."""
+    kind, _, index = placement.device.partition(":")
+    os.environ["CUDA_VISIBLE_DEVICES"] = index if kind == "cuda" else ""
+    if placement.on_cpu:  # OpenMP (torch's CPU kernels) takes its pool size from here
+        os.environ["OMP_NUM_THREADS"] = str(placement.cpu_threads)
+
+
 def main(conn: Connection, config: EngineConfig, log_level: str,
-         heartbeat_interval_s: float) -> None:
+         heartbeat_interval_s: float, placement: Placement) -> None:
     """Entry point of the worker process (started with the `spawn` method)."""
+    _place(placement)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     _die_with_parent()
     channel = Channel(conn)
@@ -270,6 +286,6 @@ def main(conn: Connection, config: EngineConfig, log_level: str,
             return
         if isinstance(message, Shutdown):
             return
-        if isinstance(message, RunJob):
-            _run_job(engine, message.job, channel)
+        if isinstance(message, RunSegment):
+            _run_segment(engine, message, channel)
         # A CancelJob that arrives after its job ended has nothing left to stop.

@@ -11,12 +11,14 @@ from __future__ import annotations
 import multiprocessing
 import signal
 from collections.abc import Iterator
+from dataclasses import replace
 from enum import StrEnum
 
 from cosyvoiced import logs, worker
-from cosyvoiced.config import Config
+from cosyvoiced.config import Config, EngineConfig
 from cosyvoiced.memory import Memory
 from cosyvoiced.messages import FromWorker, Shutdown, ToWorker
+from cosyvoiced.placement import Placement
 
 log = logs.get_logger("cosyvoiced.supervisor")
 
@@ -31,27 +33,48 @@ class WorkerState(StrEnum):
     DEAD = "dead"
 
 
+def _engine_config(config: Config, placement: Placement) -> EngineConfig:
+    """The engine settings as this worker applies them: its share of the CPU threads."""
+    piper = config.engine.piper
+    return replace(config.engine, piper=replace(piper, threads=piper.threads or
+                                                placement.cpu_threads))
+
+
 class WorkerHandle:
-    def __init__(self, config: Config, generation: int, now: float, role: str = "active") -> None:
+    def __init__(self, config: Config, generation: int, now: float, placement: Placement,
+                 role: str = "active") -> None:
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe(duplex=True)
         self.generation = generation
+        self.placement = placement
         self.state = WorkerState.STARTING
         self.started_at = now
         self.last_heard = now
         self.memory = Memory(0)
-        self.jobs_served = 0
+        self.segments_served = 0  # engine calls: a job is one per segment
+        self.job_id: str | None = None  # the job whose segment it has in hand
         self.warned_over_limit = False
         self.conn = parent
         self.deadline = float("inf")  # when retiring: when to escalate
         self._kill_grace_s = config.worker.kill_grace_s
         self.process = context.Process(
             target=worker.main, name=f"cosyvoiced-worker-{generation}", daemon=False,
-            args=(child, config.engine, config.log.level, config.worker.heartbeat_interval_s))
+            args=(child, _engine_config(config, placement), config.log.level,
+                  config.worker.heartbeat_interval_s, placement))
         self.process.start()
         child.close()
         log.info("worker_state", state=str(self.state), generation=generation,
-                 worker_pid=self.pid, role=role)
+                 worker_pid=self.pid, role=role, slot=placement.slot, device=placement.device)
+
+    @property
+    def slot(self) -> int:
+        return self.placement.slot
+
+    def describe(self) -> dict[str, object]:
+        """What `stats` shows of this worker."""
+        return {"slot": self.slot, "device": self.placement.device, "state": str(self.state),
+                "generation": self.generation, "pid": self.pid, "job": self.job_id,
+                "segments_served": self.segments_served, **self.memory.to_dict()}
 
     @property
     def pid(self) -> int | None:
@@ -66,10 +89,14 @@ class WorkerHandle:
         return self.state in (WorkerState.IDLE, WorkerState.BUSY)
 
     def set_state(self, state: WorkerState, **detail: object) -> None:
-        if state != self.state:
-            log.info("worker_state", state=str(state), previous=str(self.state),
-                     generation=self.generation, worker_pid=self.pid, **detail)
-            self.state = state
+        if state == self.state:
+            return
+        # Busy and idle alternate once per segment: debug, or a long job floods the journal.
+        serving = {self.state, state} == {WorkerState.BUSY, WorkerState.IDLE}
+        (log.debug if serving else log.info)(
+            "worker_state", state=str(state), previous=str(self.state),
+            generation=self.generation, worker_pid=self.pid, slot=self.slot, **detail)
+        self.state = state
 
     def messages(self, now: float) -> Iterator[FromWorker]:
         """Whatever the worker has sent so far, without blocking."""

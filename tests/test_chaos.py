@@ -34,10 +34,11 @@ def kill_worker(daemon: Daemon) -> None:
     def current_worker() -> int | None:
         try:
             with Client(daemon.endpoint, timeout_s=5, retries=0) as client:
-                worker = client.stats()["worker"]
+                workers = client.stats()["workers"]
         except NoReply:
             return None
-        return int(worker["pid"]) if worker and worker["state"] in ("idle", "busy") else None
+        live = [w for w in workers if w["state"] in ("idle", "busy")]
+        return int(live[0]["pid"]) if live else None
 
     pid = wait_until(current_worker, 60, "a live worker to kill")
     os.kill(pid, signal.SIGKILL)

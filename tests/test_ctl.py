@@ -41,7 +41,7 @@ def test_ping_voices_stats(daemon: Daemon) -> None:
     voices = ctl(daemon, "voices")
     assert voices.stdout.decode().split("\t")[:3] == ["en_US-joe-medium", "en-us", "22050"]
     stats = json.loads(ctl(daemon, "stats").stdout)
-    assert stats["worker"]["state"] in ("idle", "busy")
+    assert stats["workers"][0]["state"] in ("idle", "busy")
 
 
 def test_say_to_a_file_and_to_stdout(daemon: Daemon, tmp_path: Path) -> None:

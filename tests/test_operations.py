@@ -124,9 +124,13 @@ def test_prometheus_metrics(make_daemon: DaemonFactory) -> None:
     assert "cosyvoiced_real_time_factor_bucket" in text
     assert "cosyvoiced_first_chunk_seconds_count 1.0" in text
     assert "cosyvoiced_ready 1.0" in text
-    rss = re.search(r"^cosyvoiced_worker_rss_bytes (\S+)$", text, re.MULTILINE)
+    rss = re.search(r'^cosyvoiced_worker_rss_bytes\{device="cpu",slot="0"\} (\S+)$', text,
+                    re.MULTILINE)
     assert rss is not None
     assert float(rss.group(1)) > 50e6
+    assert "cosyvoiced_workers 1.0" in text
+    assert 'cosyvoiced_worker_busy{device="cpu",slot="0"} 0.0' in text
+    assert "cosyvoiced_recycle_thrash 0.0" in text
 
 
 def test_a_taken_address_stops_start_up_with_a_clear_line(make_daemon: DaemonFactory) -> None:

@@ -31,6 +31,9 @@ def _load_voice(model_path: Path, settings: PiperSettings) -> PiperVoice:
     no session options)."""
     options = onnxruntime.SessionOptions()
     options.enable_cpu_mem_arena = settings.memory_arena
+    if settings.threads:  # the worker's share of the cores (see placement.py)
+        options.intra_op_num_threads = settings.threads
+        options.inter_op_num_threads = 1
     providers: list[str | tuple[str, dict[str, str]]] = (
         [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})]
         if settings.use_cuda else ["CPUExecutionProvider"])

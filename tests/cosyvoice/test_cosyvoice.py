@@ -155,7 +155,8 @@ def test_submitted_clone_keeps_its_prompt_in_the_spool(client: Client, daemon: D
     assert record["voice"] == "(prompt audio)", "the prompt did not reach the engine"
     samples, rate = soundfile.read(daemon.outbox / record["file"], dtype="float32")
     assert_audio(samples, rate, NATIVE_RATE[model_version])
-    assert not list((daemon.spool / "prompts").iterdir())
+    # The record commits the job; its prompt is deleted just after.
+    wait_until(lambda: not list((daemon.spool / "prompts").iterdir()), 10, "the prompt's removal")
 
 
 @pytest.mark.parametrize("rate", [8000, 48000])
@@ -376,3 +377,35 @@ def test_upstream_chatter_stays_out_of_stdout(daemon: Daemon) -> None:
     wait_until(lambda: daemon.log_events("cosyvoice_loaded"), 10, "the load line")
     for line in daemon.output().splitlines():
         assert line.startswith("{"), f"not a JSON log line: {line!r}"
+
+
+def test_two_workers_stream_two_jobs_at_once(tmp_path: Path, model_dir: Path,
+                                             model_version: int) -> None:
+    """`worker.per_device = 2`: two models, two streams served at the same time."""
+    daemon = cosyvoice_daemon(tmp_path / "pool", model_dir, worker={"per_device": 2})
+    daemon.start()
+    streamed: dict[str, int] = {}
+
+    def speak(voice: str) -> None:
+        with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client, \
+                client.stream(LONG, voice=voice) as stream:
+            streamed[voice] = sum(len(chunk) for chunk in stream) // 2
+
+    try:
+        with Client(daemon.endpoint) as client:
+            wait_until(lambda: [w["state"] for w in client.stats()["workers"]] ==
+                       ["idle", "idle"], TIMEOUT_S, "two loaded workers")
+            threads = [threading.Thread(target=speak, args=(voice,))
+                       for voice in ("English Female", "English Male")]
+            for thread in threads:
+                thread.start()
+            both = wait_until(lambda: (w := client.stats()["workers"]) and
+                              all(x["state"] == "busy" for x in w) and w, TIMEOUT_S,
+                              "both workers busy at once")
+            for thread in threads:
+                thread.join(2 * TIMEOUT_S)
+        assert len({worker["job"] for worker in both}) == 2
+        assert sorted(streamed) == ["English Female", "English Male"]
+        assert all(samples / NATIVE_RATE[model_version] > 1.0 for samples in streamed.values())
+    finally:
+        daemon.stop()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cosyvoiced import logs
 from cosyvoiced.config import EngineConfig
 from cosyvoiced.engines import AudioChunk, SynthesisRequest, VoiceInfo
 from cosyvoiced.job import ErrorCode, JobFailure
@@ -88,6 +89,14 @@ def _fail() -> None:
 
 
 def load(config: EngineConfig) -> ToneEngine:
+    return ToneEngine()
+
+
+def placed(config: EngineConfig) -> ToneEngine:
+    """The tone engine, reporting the devices and threads its worker was given."""
+    logs.get_logger("tests.engines.faulty").info(
+        "placement_seen", cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"), piper_threads=config.piper.threads)
     return ToneEngine()
 
 

@@ -1,0 +1,87 @@
+"""What the daemon says about itself: the `stats` answer and the STATUS= line.
+
+Operators ask first whether a long job is still working or stuck, so both show every
+worker (device, state, memory, generation) and each job in hand's progress: segments done
+out of the total and the audio made so far.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from cosyvoiced import __version__
+from cosyvoiced.workerhandle import WorkerHandle, WorkerState
+
+if TYPE_CHECKING:
+    from cosyvoiced.supervisor import Supervisor
+
+SHOWN_JOBS = 3  # jobs in hand named in STATUS= (the line must stay short)
+
+
+def stats(supervisor: Supervisor, uptime_s: float) -> dict[str, Any]:
+    ledger, pool = supervisor.ledger, supervisor.pool
+    return {
+        "version": __version__, "pid": os.getpid(), "engine": supervisor.engine_name,
+        "ready": supervisor.ready, "uptime_s": round(uptime_s, 1),
+        "queue_depth": len(ledger.queued()),
+        "in_progress": sum(ledger.in_progress().values()),
+        "running": [r.job.id for r in ledger.in_hand()],
+        "progress": {r.job.id: r.progress() for r in ledger.jobs.values() if r.started},
+        "jobs": dict(ledger.counts),
+        "workers": [worker.describe() for worker in pool.workers()],
+        "spare": None if pool.spare is None else pool.spare.describe(),
+        "recycles": dict(pool.recycles),
+        "recycle_thrash": pool.thrashing,
+    }
+
+
+def _state(supervisor: Supervisor) -> str:
+    workers = supervisor.pool.workers()
+    in_hand = supervisor.ledger.in_hand()
+    if supervisor.stopping:
+        return "stopping"
+    if in_hand:
+        shown = ", ".join(f"{r.job.id} {r.done}/{len(r.segments)} segments "
+                          f"{r.audio_s:.1f} s" for r in in_hand[:SHOWN_JOBS])
+        more = f" (+{len(in_hand) - SHOWN_JOBS})" if len(in_hand) > SHOWN_JOBS else ""
+        return f"busy {shown}{more}"
+    if any(worker.ready for worker in workers):
+        return "idle"
+    if not workers:
+        return "restarting worker"
+    if any(worker.state == WorkerState.WARMING for worker in workers):
+        return "warming up"
+    line = f"loading {supervisor.config.engine.name}"
+    if supervisor.pool.last_load_error:
+        line += f" (last load failed: {supervisor.pool.last_load_error})"
+    return line
+
+
+def _worker(worker: WorkerHandle) -> str:
+    line = (f"worker {worker.slot} {worker.placement.device} gen {worker.generation} "
+            f"{worker.state}, {worker.segments_served} segments, "
+            f"rss {worker.memory.rss_bytes >> 20} MiB")
+    gpu = worker.memory.gpu_peak_bytes
+    if gpu is not None:
+        line += f", gpu {gpu >> 20} MiB"
+    return line
+
+
+def status_line(supervisor: Supervisor) -> str:
+    ledger, pool = supervisor.ledger, supervisor.pool
+    counts = ledger.counts
+    line = f"{_state(supervisor)}; queue {len(ledger.queued())}"
+    in_progress = sum(ledger.in_progress().values())
+    if in_progress:
+        line += f"; in progress {in_progress}"
+    line += f"; done {counts['done']}; failed {counts['failed']}"
+    line += "".join(f"; {_worker(worker)}" for worker in pool.workers())
+    if pool.recycles:
+        line += "; recycled " + ", ".join(
+            f"{reason} {n}" for reason, n in sorted(pool.recycles.items()))
+    if pool.thrashing:
+        line += "; recycling for memory after every job: raise the limit"
+    if supervisor.reload_error:
+        line += f"; config reload failed, running the old one: {supervisor.reload_error}"
+    return line
