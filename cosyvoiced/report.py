@@ -48,11 +48,9 @@ def _state(supervisor: Supervisor) -> str:
         return f"busy {shown}{more}"
     if any(worker.ready for worker in workers):
         return "idle"
-    if not workers:
-        return "restarting worker"
     if any(worker.state == WorkerState.WARMING for worker in workers):
         return "warming up"
-    line = f"loading {supervisor.config.engine.name}"
+    line = f"loading {supervisor.config.engine.name}" if workers else "restarting worker"
     if supervisor.pool.last_load_error:
         line += f" (last load failed: {supervisor.pool.last_load_error})"
     return line

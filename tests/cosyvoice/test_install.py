@@ -74,6 +74,11 @@ def test_a_missing_module_is_named_with_its_extra_when_the_engine_loads(
         assert INSTALL in failure["exception"]
     (fatal,) = daemon.log_events("worker_start_failed")
     assert_names_module_and_extra(fatal["reason"])
+    assert daemon.notify is not None
+    retrying = [s for s in daemon.notify.statuses() if "last load failed: " in s]
+    assert retrying, daemon.notify.statuses()
+    assert_names_module_and_extra(retrying[-1].split("last load failed: ", 1)[1]
+                                  .rsplit("); queue ", 1)[0])
 
 
 def test_check_config_names_the_missing_module_before_the_service_starts(
