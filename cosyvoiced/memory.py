@@ -56,6 +56,17 @@ def _nvml_module() -> Any:
     return _nvml
 
 
+def nvml_device_count() -> int:
+    """NVIDIA GPUs on this host, per NVML (0 without NVML or a GPU)."""
+    nvml = _nvml_module()
+    if not nvml:
+        return 0
+    try:
+        return int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError:
+        return 0
+
+
 def nvml_process_bytes(pid: int) -> int | None:
     """GPU memory `pid` uses on all devices, per NVML; None without NVML or a GPU."""
     nvml = _nvml_module()

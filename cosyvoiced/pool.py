@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from cosyvoiced import logs, placement, policy
+from cosyvoiced import logs, memory, placement, policy
 from cosyvoiced.config import Config
 from cosyvoiced.messages import FromWorker
 from cosyvoiced.metrics import Metrics
@@ -97,6 +97,18 @@ class WorkerPool:
         self.reload_pending = {index for index in self.reload_pending if index < len(plans)}
         if self.spare is not None and self.spare.slot >= len(plans):
             self._drop_spare(now, "slot removed")
+
+    def warn_if_gpus_unused(self) -> None:
+        """A torch engine on "cpu" workers while the host has GPUs is almost always a config
+        that predates `worker.devices` (workers used to see every GPU)."""
+        settings = self._config()
+        gpus = memory.nvml_device_count()
+        if gpus and settings.engine.name != "piper" and \
+                not any(device.startswith("cuda") for device in settings.worker.devices):
+            log.warning("gpus_unused", gpus=gpus, devices=settings.worker.devices,
+                        message=f"this host has {gpus} NVIDIA GPU(s) but worker.devices lists "
+                                "none, so the engine runs on the CPU; list them, e.g. "
+                                "devices = [\"cuda:0\"]")
 
     def spawn(self, now: float, slot: int, role: str = "active") -> WorkerHandle:
         self.generation += 1

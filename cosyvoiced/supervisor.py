@@ -139,6 +139,7 @@ class Supervisor:
                  engine=self.config.engine.name)
         self._recover()
         self.pool.resize(time.monotonic())
+        self.pool.warn_if_gpus_unused()
         self.pool.spawn_due(time.monotonic())
         try:
             self.zmq.start()

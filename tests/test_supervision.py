@@ -310,3 +310,11 @@ def test_piper_without_the_memory_arena_stays_small(make_daemon: DaemonFactory) 
     with Client(daemon.endpoint) as client:
         rss = wait_until(lambda: client.stats()["workers"][0]["rss_bytes"], 30, "a memory figure")
     assert rss < 1 << 30, f"{rss >> 20} MiB"
+
+
+@pytest.mark.gpu
+def test_a_gpu_host_with_only_cpu_workers_is_told_so(make_daemon: DaemonFactory) -> None:
+    daemon = faulty_daemon(make_daemon)  # worker.devices left at ["cpu"]
+    (warning,) = daemon.log_events("gpus_unused")
+    assert warning["gpus"] >= 1
+    assert "worker.devices" in warning["message"]
