@@ -6,6 +6,10 @@ v1 at f65eca6) and the model is a CosyVoice-300M. With COSYVOICE_REPO set to a c
 FunAudioLLM/CosyVoice, the same tests run on that code (it is also the code the tiny model
 is built with); COSYVOICE_VERSION=2 or 3 picks a tiny CosyVoice2 or CosyVoice3 model, which only
 a checkout can load.
+
+On a GPU host (`make test-gpu`), COSYVOICE_DEVICE=cuda:0 puts every lane daemon's workers on that
+GPU (workers run on the CPU unless `worker.devices` says otherwise) and COSYVOICE_FP16=1 turns
+`engine.cosyvoice.fp16` on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +29,8 @@ from tests.daemon import Daemon
 
 REPO = os.environ.get("COSYVOICE_REPO", "")
 MODEL_NAMES = {1: "CosyVoice-300M", 2: "CosyVoice2-0.5B", 3: "Fun-CosyVoice3-0.5B"}
+DEVICE = os.environ.get("COSYVOICE_DEVICE", "")
+FP16 = os.environ.get("COSYVOICE_FP16", "") == "1"
 if REPO:
     sys.path[:0] = [REPO, str(Path(REPO) / "third_party" / "Matcha-TTS")]
 
@@ -59,12 +66,17 @@ def instruct_model_dir(model_dir: Path, model_version: int) -> Path:
 
 
 def cosyvoice_daemon(root: Path, model: Path, engine: str = "cosyvoice",
-                     log_level: str = "debug", **load_options: bool) -> Daemon:
+                     log_level: str = "debug", worker: dict[str, Any] | None = None,
+                     **load_options: bool) -> Daemon:
+    # Only set keys are written: the CPU lane's configs stay as they were.
+    devices = {"devices": [DEVICE]} if DEVICE else {}
+    fp16 = {"fp16": True} if FP16 else {}
     return Daemon(root, engine={"name": engine},
                   engine__cosyvoice={"model_dir": str(model), "repo": REPO,
                                      "speakers_file": str(root / "state" / "speakers.json"),
-                                     **load_options},
-                  worker={"start_timeout_s": 120.0}, log={"level": log_level})
+                                     **fp16, **load_options},
+                  worker={"start_timeout_s": 120.0, **devices, **(worker or {})},
+                  log={"level": log_level})
 
 
 @pytest.fixture(scope="module")
