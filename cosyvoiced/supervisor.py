@@ -28,6 +28,7 @@ from cosyvoiced import __version__, audio, config, logs, policy, reload, report,
 from cosyvoiced import segments as text_segments
 from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake import http as http_intake
 from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.inbox import QUIET_S, InboxIntake
 from cosyvoiced.intake.inbox import SOURCE as INBOX_SOURCE
@@ -102,6 +103,7 @@ class Supervisor:
         self._claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
         self.inbox = InboxIntake(self.spool, self._claims, self.wake)
         self.zmq = zmq_intake.ZmqIntake(config.zmq, self.limits, self.wake)
+        self.http = http_intake.HttpIntake(lambda: self.config.http, self.wake)
         self.ledger = Ledger()
         self.pool = WorkerPool(lambda: self.config, self.metrics)
         self.voices: list[VoiceInfo] = []
@@ -143,6 +145,7 @@ class Supervisor:
         self.pool.spawn_due(time.monotonic())
         try:
             self.zmq.start()
+            self.http.start()
             if self.config.metrics.listen:
                 self.metrics.serve(self.config.metrics.listen)
         except (OSError, ZMQError) as error:
@@ -157,6 +160,7 @@ class Supervisor:
             if self.exit_code is None:
                 self._wait(self._timeout(time.monotonic()))
         self.zmq.stop()
+        self.http.stop()
         log.info("stopped", exit_code=self.exit_code, **self.ledger.counts)
         return self.exit_code
 
@@ -277,6 +281,7 @@ class Supervisor:
                     code=str(error.code), message=error.message, failed=where)
 
     def _handle_requests(self) -> None:
+        self.http.handle_inbound(self)
         for message in self.zmq.inbound():
             if isinstance(message, Request):
                 self.zmq.handle(message, self)
@@ -563,7 +568,9 @@ class Supervisor:
 
     # -- jobs ---------------------------------------------------------------------------
     def _sink(self, job: Job) -> Sink:
-        return self.zmq if job.sink == SINK_REPLY else self.inbox
+        if job.sink != SINK_REPLY:
+            return self.inbox
+        return {http_intake.SOURCE: self.http}.get(job.source, self.zmq)
 
     def _dispatch(self, now: float) -> None:
         """Hand the next segments to the idle workers, in the scheduler's order."""
