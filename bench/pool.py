@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -109,9 +109,10 @@ def clients_figures(texts: list[str], per_device: int) -> dict[str, Any]:
             "slowdown_4_clients_p50": round(percentile(four, 0.5) / percentile(alone, 0.5), 2)}
 
 
-def behind_long(rounds: int) -> dict[str, Any]:
+def behind_long(rounds: int, per_device: int) -> dict[str, Any]:
     short = "Is the kitchen light on?"
-    with daemon() as running, Client(running.endpoint, timeout_s=120) as client:
+    with daemon(worker={"per_device": per_device}) as running, \
+            Client(running.endpoint, timeout_s=120) as client:
         alone = [streamed(client, short)[0] for _ in range(rounds)]
         behind = []
         for n in range(rounds):
@@ -191,22 +192,31 @@ def throughput(texts: list[str]) -> dict[str, Any]:
     return figures
 
 
+PARTS: dict[str, Callable[[list[str], int], dict[str, Any]]] = {
+    "clients": lambda texts, _rounds: {
+        "cosyvoiced_1_worker": clients_figures(texts, 1),
+        "cosyvoiced_2_workers": clients_figures(texts, 2),
+        "piper_http_server": run_piper(texts)},
+    "behind_long": lambda _texts, rounds: {
+        "1_worker": behind_long(rounds, 1), "2_workers": behind_long(rounds, 2)},
+    "first_clause": lambda _texts, rounds: first_clause(rounds),
+    "throughput": lambda texts, _rounds: throughput(sentences(4 * len(texts))),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated, of: " + ", ".join(PARTS))
     args = parser.parse_args()
     texts = sentences(args.sentences)
-    report = {
-        "benchmark": "pool", "cpus": os.cpu_count(), "sentences": len(texts),
-        "clients": {"cosyvoiced_1_worker": clients_figures(texts, 1),
-                    "cosyvoiced_2_workers": clients_figures(texts, 2),
-                    "piper_http_server": run_piper(texts)},
-        "behind_long": behind_long(args.rounds),
-        "first_clause": first_clause(args.rounds),
-        "throughput": throughput(sentences(4 * args.sentences)),
-    }
+    report: dict[str, Any] = {"benchmark": "pool", "cpus": os.cpu_count(),
+                              "sentences": len(texts)}
+    for part in args.parts.split(","):
+        report[part] = PARTS[part](texts, args.rounds)
     print(json.dumps(report, indent=2))
     return 0
 
