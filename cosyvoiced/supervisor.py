@@ -29,6 +29,7 @@ from cosyvoiced import segments as text_segments
 from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake import http as http_intake
+from cosyvoiced.intake import wyoming as wyoming_intake
 from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.inbox import QUIET_S, InboxIntake
 from cosyvoiced.intake.inbox import SOURCE as INBOX_SOURCE
@@ -104,6 +105,7 @@ class Supervisor:
         self.inbox = InboxIntake(self.spool, self._claims, self.wake)
         self.zmq = zmq_intake.ZmqIntake(config.zmq, self.limits, self.wake)
         self.http = http_intake.HttpIntake(lambda: self.config.http, self.wake)
+        self.wyoming = wyoming_intake.WyomingIntake(lambda: self.config.wyoming, self.wake)
         self.ledger = Ledger()
         self.pool = WorkerPool(lambda: self.config, self.metrics)
         self.voices: list[VoiceInfo] = []
@@ -146,6 +148,7 @@ class Supervisor:
         try:
             self.zmq.start()
             self.http.start()
+            self.wyoming.start()
             if self.config.metrics.listen:
                 self.metrics.serve(self.config.metrics.listen)
         except (OSError, ZMQError) as error:
@@ -161,6 +164,7 @@ class Supervisor:
                 self._wait(self._timeout(time.monotonic()))
         self.zmq.stop()
         self.http.stop()
+        self.wyoming.stop()
         log.info("stopped", exit_code=self.exit_code, **self.ledger.counts)
         return self.exit_code
 
@@ -282,6 +286,7 @@ class Supervisor:
 
     def _handle_requests(self) -> None:
         self.http.handle_inbound(self)
+        self.wyoming.handle_inbound(self)
         for message in self.zmq.inbound():
             if isinstance(message, Request):
                 self.zmq.handle(message, self)
@@ -570,7 +575,8 @@ class Supervisor:
     def _sink(self, job: Job) -> Sink:
         if job.sink != SINK_REPLY:
             return self.inbox
-        return {http_intake.SOURCE: self.http}.get(job.source, self.zmq)
+        return {http_intake.SOURCE: self.http,
+                wyoming_intake.SOURCE: self.wyoming}.get(job.source, self.zmq)
 
     def _dispatch(self, now: float) -> None:
         """Hand the next segments to the idle workers, in the scheduler's order."""

@@ -1,0 +1,313 @@
+"""The Wyoming intake: Home Assistant's voice pipeline, on the `wyoming` library's server.
+
+One `AsyncEventHandler` per connection, on a loop thread of its own (`reply.LoopThread`):
+- `describe` -> `info`: our voices and their languages;
+- `synthesize` -> one streamed reply job (source "wyoming"): `audio-start` when it starts,
+  `audio-chunk`s as they are made, `audio-stop` at its end;
+- `synthesize-start` / `-chunk` / `-stop` (text streamed from an LLM): each complete
+  sentence becomes a job as soon as its text is in, and the jobs' audio is sent in order,
+  each as start/chunks/stop; `synthesize-stopped` ends the stream. The `synthesize` that
+  Home Assistant also sends inside a stream (for older servers) is ignored.
+A job that fails sends an `error` event with the drop folder's code. A malformed event gets
+an `error` event too, and the connection is closed: it never just looks closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
+from wyoming.ping import Ping, Pong
+from wyoming.server import AsyncEventHandler, AsyncServer
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeStopped,
+    SynthesizeVoice,
+)
+
+from cosyvoiced import __version__, audio, logs
+from cosyvoiced.config import WyomingConfig
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake.reply import (
+    START_TIMEOUT_S,
+    Chunk,
+    Done,
+    Exchange,
+    Failed,
+    ReplyIntake,
+    Started,
+)
+from cosyvoiced.job import ErrorCode
+
+SOURCE = "wyoming"
+SAMPLES_PER_CHUNK = 1024  # as wyoming-piper: small events keep a satellite's buffer short
+MAX_LINE_BYTES = 64 << 10  # an event's JSON header line
+MAX_DATA_BYTES = 64 << 10  # its data block
+MAX_PAYLOAD_BYTES = 1 << 20  # its binary payload (a TTS request has none)
+# A streamed text with no sentence end for this long is spoken up to its last space.
+MAX_SEGMENT_CHARS = 1000
+# Sentence ends (ASCII, CJK full stop, fullwidth ! and ?, ellipsis), then closing quotes.
+_SENTENCE_END = re.compile("[.!?\u3002\uff01\uff1f\u2026]+[\"')\\]\u201d\u2019]*(?=\\s)")
+_ATTRIBUTION = {
+    "piper": Attribution(name="Piper", url="https://github.com/rhasspy/piper"),
+    "cosyvoice": Attribution(name="CosyVoice", url="https://github.com/FunAudioLLM/CosyVoice"),
+}
+STOP_TIMEOUT_S = 3.0
+
+log = logs.get_logger("cosyvoiced.intake.wyoming")
+
+
+class BadEvent(Exception):
+    """A message that is not a Wyoming event (or is over our limits)."""
+
+
+async def read_event(reader: asyncio.StreamReader) -> Event | None:
+    """The next event, or None at the end of the stream. Unlike the library's
+    `async_read_event`, a malformed or oversized event raises `BadEvent`."""
+    try:
+        line = await reader.readline()
+    except ValueError as error:  # asyncio's LimitOverrunError comes out as ValueError
+        raise BadEvent(f"event header: over {MAX_LINE_BYTES} bytes") from error
+    if not line:
+        return None
+    try:
+        header = json.loads(line)
+    except ValueError as error:
+        raise BadEvent(f"event header: not JSON: {error}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise BadEvent("event header: expected a JSON object with a string \"type\"")
+    data = header.get("data") or {}
+    data_length = _length(header, "data_length", MAX_DATA_BYTES)
+    payload_length = _length(header, "payload_length", MAX_PAYLOAD_BYTES)
+    try:
+        if data_length:
+            extra = json.loads(await reader.readexactly(data_length))
+            if not isinstance(extra, dict) or not isinstance(data, dict):
+                raise BadEvent("event data: expected a JSON object")
+            data = data | extra
+        payload = await reader.readexactly(payload_length) if payload_length else None
+    except asyncio.IncompleteReadError:
+        return None  # the peer went away mid-event
+    except ValueError as error:
+        raise BadEvent(f"event data: not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise BadEvent("event data: expected a JSON object")
+    return Event(type=header["type"], data=data, payload=payload)
+
+
+def _length(header: dict[str, Any], key: str, limit: int) -> int:
+    value = header.get(key) or 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadEvent(f"event header: {key} must be a non-negative integer")
+    if value > limit:
+        raise BadEvent(f"event header: {key} {value} is over the limit of {limit} bytes")
+    return value
+
+
+class TextStream:
+    """Text that arrives in pieces, handed out a whole sentence (or more) at a time."""
+
+    def __init__(self, voice: SynthesizeVoice | None) -> None:
+        self.voice = voice
+        self._text = ""
+
+    def add(self, text: str) -> str | None:
+        self._text += text
+        ends = list(_SENTENCE_END.finditer(self._text))
+        cut = ends[-1].end() if ends else 0
+        if not cut and len(self._text) > MAX_SEGMENT_CHARS:
+            cut = self._text.rfind(" ") + 1 or len(self._text)
+        if not cut:
+            return None
+        ready, self._text = self._text[:cut], self._text[cut:]
+        return ready if ready.strip() else None
+
+    def finish(self) -> str | None:
+        rest, self._text = self._text, ""
+        return rest if rest.strip() else None
+
+
+def language_tag(language: str) -> str:
+    """Piper's "en-us" as Home Assistant's voices are tagged: "en_US"."""
+    base, _, region = language.replace("_", "-").partition("-")
+    return f"{base}_{region.upper()}" if region else base
+
+
+def describe(voices: list[VoiceInfo], engine: str) -> Info:
+    attribution = _ATTRIBUTION.get(engine, Attribution(name=engine, url=""))
+    return Info(tts=[TtsProgram(
+        name="cosyvoiced", attribution=attribution, installed=True,
+        description=f"cosyvoiced ({engine})", version=__version__,
+        voices=[TtsVoice(name=voice.name, attribution=attribution, installed=True,
+                         description=f"{voice.name} ({voice.engine}, {voice.sample_rate} Hz)",
+                         version=None,
+                         languages=[language_tag(voice.language)] if voice.language else [])
+                for voice in voices],
+        supports_synthesize_streaming=True)])
+
+
+class _Connection(AsyncEventHandler):
+    def __init__(self, intake: WyomingIntake, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        super().__init__(reader, writer)
+        self._intake = intake
+        self._client = f"wyoming:{id(self)}"
+        self._jobs: set[str] = set()  # in flight: cancelled if the connection drops
+        self._stream: TextStream | None = None
+        self._parts: asyncio.Queue[tuple[str, Exchange] | None] = asyncio.Queue()
+        self._speaker: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """Read events until the client leaves; our bounded reader, not the library's."""
+        try:
+            while True:
+                try:
+                    event = await read_event(self.reader)
+                except BadEvent as bad:
+                    await self._error("bad_request", str(bad))
+                    break
+                if event is None or not await self.handle_event(event):
+                    break
+        except ConnectionError:
+            pass  # the client went away while we wrote to it
+        finally:
+            if self._speaker is not None:
+                self._speaker.cancel()
+            for job_id in self._jobs:
+                self._intake.gone(job_id)
+            self.writer.close()
+
+    async def handle_event(self, event: Event) -> bool:
+        if Describe.is_type(event.type):
+            voices, engine = await self._intake.ask(lambda s: (list(s.voices), s.engine_name))
+            await self.write_event(describe(voices, engine).event())
+        elif Ping.is_type(event.type):
+            await self.write_event(Pong(text=Ping.from_event(event).text).event())
+        elif Synthesize.is_type(event.type):
+            if self._stream is None:  # inside a stream it only repeats the streamed text
+                synthesize = Synthesize.from_event(event)
+                await self._speak(self._submit(synthesize.text, synthesize.voice))
+        elif SynthesizeStart.is_type(event.type):
+            self._stream = TextStream(SynthesizeStart.from_event(event).voice)
+            self._speaker = asyncio.create_task(self._speak_in_order())
+        elif SynthesizeChunk.is_type(event.type) or SynthesizeStop.is_type(event.type):
+            return await self._streamed(event)
+        else:
+            log.debug("wyoming_event_ignored", type=event.type)
+        return True
+
+    async def _streamed(self, event: Event) -> bool:
+        stream = self._stream
+        if stream is None:
+            await self._error("bad_request", f"{event.type}: no synthesize-start before it")
+            return False
+        if SynthesizeChunk.is_type(event.type):
+            text = stream.add(SynthesizeChunk.from_event(event).text)
+            if text is not None:
+                self._parts.put_nowait(self._submit(text, stream.voice))
+            return True
+        rest = stream.finish()
+        if rest is not None:
+            self._parts.put_nowait(self._submit(rest, stream.voice))
+        self._parts.put_nowait(None)
+        if self._speaker is not None:
+            await self._speaker
+        self._stream = self._speaker = None
+        await self.write_event(SynthesizeStopped().event())
+        return True
+
+    def _submit(self, text: str, voice: SynthesizeVoice | None) -> tuple[str, Exchange]:
+        fields: dict[str, Any] = {"text": text}
+        language = None
+        if voice is not None and voice.name:
+            fields["voice"] = voice.name
+        elif voice is not None:
+            language = voice.language
+        exchange = Exchange(asyncio.get_running_loop())
+        job_id = self._intake.submit(exchange, fields, self._client, language)
+        self._jobs.add(job_id)
+        return job_id, exchange
+
+    async def _speak_in_order(self) -> None:
+        while (part := await self._parts.get()) is not None:
+            await self._speak(part)
+
+    async def _speak(self, part: tuple[str, Exchange]) -> None:
+        """One job's events as Wyoming events. If writing fails (the client left), the job
+        stays in `_jobs`, to be cancelled."""
+        job_id, exchange = part
+        rate = 0
+        while True:
+            event = await exchange.next()
+            if isinstance(event, Started):
+                rate = event.sample_rate
+                await self.write_event(AudioStart(rate=rate, width=2, channels=1).event())
+            elif isinstance(event, Chunk):
+                pcm = audio.to_pcm16(event.samples).tobytes()
+                step = 2 * SAMPLES_PER_CHUNK
+                for offset in range(0, len(pcm), step):
+                    await self.write_event(AudioChunk(rate=rate, width=2, channels=1,
+                                                      audio=pcm[offset:offset + step]).event())
+            else:
+                self._jobs.discard(job_id)  # ended: nothing left to cancel
+                if isinstance(event, Done):
+                    await self.write_event(AudioStop().event())
+                else:
+                    failure = event if isinstance(event, Failed) else Failed(
+                        str(ErrorCode.CANCELLED), "the job was cancelled")
+                    await self._error(failure.code, failure.message)
+                return
+
+    async def _error(self, code: str, message: str) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.write_event(Error(text=message, code=code).event())
+
+
+class WyomingIntake(ReplyIntake):
+    source = SOURCE
+
+    def __init__(self, settings: Callable[[], WyomingConfig],
+                 wake: Callable[[], None]) -> None:
+        super().__init__(wake, "wyoming-loop")
+        self._settings = settings
+        self._server: AsyncServer | None = None
+
+    def start(self) -> None:
+        """Listen on wyoming.listen; an OSError (address taken, ...) names the key."""
+        listen = self._settings().listen
+        if not listen:
+            return
+        loop_thread = self.start_loop()
+        server = AsyncServer.from_uri(listen)
+        try:
+            loop_thread.call(server.start(self._connection), START_TIMEOUT_S)
+        except OSError as error:
+            self.stop_loop()
+            raise OSError(error.errno, f"wyoming.listen {listen}: "
+                          f"{error.strerror or error}") from error
+        self._server = server
+        log.info("wyoming_listening", listen=listen)
+
+    def _connection(self, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> AsyncEventHandler:
+        return _Connection(self, reader, writer)
+
+    def stop(self) -> None:
+        if self.loop_thread is not None and self._server is not None:
+            try:
+                self.loop_thread.call(self._server.stop(), STOP_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - the daemon exits anyway
+                log.warning("wyoming_stop_failed", error=repr(error))
+            self._server = None
+        self.stop_loop()

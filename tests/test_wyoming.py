@@ -1,0 +1,227 @@
+"""The Wyoming server, with the `wyoming` library's own client, on the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.info import Describe, Info
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeStopped,
+    SynthesizeVoice,
+)
+
+from cosyvoiced import config
+from cosyvoiced.client import Client
+from tests.daemon import Daemon, assert_speech, wait_until
+
+SENTENCE = "The old lighthouse was painted bright yellow after the storm last winter."
+STREAMED = ("Our new neighbour keeps a careful record of everything that happens. "
+            "The river ferry opens early on weekdays! And every spring garden reminded "
+            "everyone to bring a warm coat")
+LONG_TEXT = " ".join(f"This is sentence number {n} of a long answer, spoken as it is made."
+                     for n in range(1, 41))
+MAX_TEXT_CHARS = 4000
+JOE = "en_US-joe-medium"
+READ_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("wyoming")
+    running = Daemon(root, spool={"max_text_chars": MAX_TEXT_CHARS},
+                     wyoming={"listen": f"tcp://127.0.0.1:{free_port()}"})
+    running.start()
+    yield running
+    running.stop()
+
+
+def _connect(daemon: Daemon) -> AsyncTcpClient:
+    host, port = config.load(daemon.config_path).wyoming.listen.rsplit("/", 1)[1].split(":")
+    return AsyncTcpClient(host, int(port))
+
+
+async def _read(client: AsyncTcpClient) -> Event:
+    event = await asyncio.wait_for(client.read_event(), READ_TIMEOUT_S)
+    assert event is not None, "the server closed the connection"
+    return event
+
+
+async def _until(client: AsyncTcpClient, last: str) -> list[Event]:
+    """Events up to and including the first of type `last` (or an error)."""
+    events = [await _read(client)]
+    while events[-1].type not in (last, "error"):
+        events.append(await _read(client))
+    return events
+
+
+def _speech_file(events: list[Event], path: Path) -> tuple[Path, int]:
+    """The audio of a start/chunks/stop sequence, as a WAV file, and its rate."""
+    start = AudioStart.from_event(next(e for e in events if AudioStart.is_type(e.type)))
+    chunks = [AudioChunk.from_event(e) for e in events if AudioChunk.is_type(e.type)]
+    assert all((c.rate, c.width, c.channels) == (start.rate, 2, 1) for c in chunks)
+    pcm = np.frombuffer(b"".join(c.audio for c in chunks), dtype="<i2")
+    soundfile.write(path, pcm, start.rate, subtype="PCM_16")
+    return path, start.rate
+
+
+def _status(daemon: Daemon, job_id: str) -> str:
+    with Client(daemon.endpoint, timeout_s=10) as zmq_client:
+        return str(zmq_client.status(job_id)["state"])
+
+
+def _wyoming_jobs(daemon: Daemon) -> list[str]:
+    return [e["job"] for e in daemon.log_events("job_queued") if e["source"] == "wyoming"]
+
+
+def test_describe_lists_our_voices_with_their_languages(daemon: Daemon) -> None:
+    async def ask() -> Info:
+        async with _connect(daemon) as client:
+            await client.write_event(Describe().event())
+            return Info.from_event(await _read(client))
+
+    (program,) = asyncio.run(ask()).tts
+    assert program.name == "cosyvoiced"
+    assert program.supports_synthesize_streaming
+    assert [(v.name, v.languages) for v in program.voices] == [(JOE, ["en_US"])]
+
+
+def test_synthesize_gives_start_chunks_stop_that_decode_to_speech(daemon: Daemon,
+                                                                  tmp_path: Path) -> None:
+    async def speak() -> list[Event]:
+        async with _connect(daemon) as client:
+            await client.write_event(Synthesize(SENTENCE, SynthesizeVoice(name=JOE)).event())
+            return await _until(client, "audio-stop")
+
+    events = asyncio.run(speak())
+    assert [e.type for e in events[:2]] == ["audio-start", "audio-chunk"]
+    assert AudioStop.is_type(events[-1].type)
+    assert len(events) > 3, "audio in several chunks"
+    path, rate = _speech_file(events, tmp_path / "one.wav")
+    assert rate == 22050
+    assert_speech(path, 22050, SENTENCE)
+
+
+def test_audio_chunks_come_while_the_job_runs(daemon: Daemon, tmp_path: Path) -> None:
+    before = len(_wyoming_jobs(daemon))
+
+    async def speak() -> tuple[list[Event], str]:
+        async with _connect(daemon) as client:
+            await client.write_event(Synthesize(LONG_TEXT).event())
+            events = await _until(client, "audio-chunk")
+            (job_id,) = _wyoming_jobs(daemon)[before:]
+            state = await asyncio.to_thread(_status, daemon, job_id)
+            return events + await _until(client, "audio-stop"), state
+
+    events, state_at_first_chunk = asyncio.run(speak())
+    assert state_at_first_chunk == "running"
+    assert_speech(_speech_file(events, tmp_path / "long.wav")[0], 22050, LONG_TEXT)
+
+
+def test_streamed_text_is_spoken_sentence_by_sentence_in_order(daemon: Daemon,
+                                                               tmp_path: Path) -> None:
+    async def stream() -> list[Event]:
+        async with _connect(daemon) as client:
+            await client.write_event(SynthesizeStart(SynthesizeVoice(language="en_US")).event())
+            for word in STREAMED.split(" "):  # as an LLM sends it, a few characters at a time
+                await client.write_event(SynthesizeChunk(word + " ").event())
+            # Home Assistant repeats the whole text for older servers: not spoken twice.
+            await client.write_event(Synthesize(STREAMED).event())
+            await client.write_event(SynthesizeStop().event())
+            return await _until(client, "synthesize-stopped")
+
+    events = asyncio.run(stream())
+    assert SynthesizeStopped.is_type(events[-1].type)
+    kinds = [e.type for e in events if e.type != "audio-chunk"]
+    assert kinds == ["audio-start", "audio-stop"] * 3 + ["synthesize-stopped"], kinds
+    assert_speech(_speech_file(events, tmp_path / "streamed.wav")[0], 22050, STREAMED)
+
+
+def test_job_errors_carry_the_drop_folders_codes_and_messages(daemon: Daemon) -> None:
+    too_long = "word " * (MAX_TEXT_CHARS // 5 + 1)
+    daemon.drop_job("nobody", text=SENTENCE, voice="nobody")
+    daemon.drop_job("long", text=too_long)
+
+    async def ask(synthesize: Synthesize) -> Error:
+        async with _connect(daemon) as client:
+            await client.write_event(synthesize.event())
+            return Error.from_event(await _read(client))
+
+    unknown = asyncio.run(ask(Synthesize(SENTENCE, SynthesizeVoice(name="nobody"))))
+    long = asyncio.run(ask(Synthesize(too_long)))
+    assert (unknown.code, unknown.text) == ("unknown_voice",
+                                            daemon.wait_failed("nobody.json")["message"])
+    assert (long.code, long.text) == ("text_too_long", daemon.wait_failed("long.json")["message"])
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (b"not json\n", "event header: not JSON"),
+    (b'["synthesize"]\n', "event header: expected a JSON object"),
+    (b'{"type": "synthesize", "data_length": 99999999}\n',
+     "event header: data_length 99999999 is over the limit of 65536 bytes"),
+    (b'{"type": "synthesize", "payload_length": -1}\n',
+     "event header: payload_length must be a non-negative integer"),
+    (b'{"type": "synthesize-chunk", "data": {"text": "Hi."}}\n',
+     "synthesize-chunk: no synthesize-start before it"),
+    (b"x" * 70000 + b"\n", "event header: over 65536 bytes"),
+])
+def test_a_malformed_event_gets_an_error_then_the_connection_closes(
+        daemon: Daemon, raw: bytes, message: str) -> None:
+    async def send() -> tuple[Event, Event | None]:
+        async with _connect(daemon) as client:
+            assert client._writer is not None  # raw bytes: what the library would not send
+            client._writer.write(raw)
+            await client._writer.drain()
+            error = await _read(client)
+            return error, await asyncio.wait_for(client.read_event(), READ_TIMEOUT_S)
+
+    error, after = asyncio.run(send())
+    assert Error.is_type(error.type)
+    assert Error.from_event(error).code == "bad_request"
+    assert Error.from_event(error).text.startswith(message)
+    assert after is None, "the connection is closed after a malformed event"
+
+
+def test_a_client_that_leaves_mid_synthesis_cancels_its_job(daemon: Daemon) -> None:
+    before = len(_wyoming_jobs(daemon))
+
+    async def leave() -> None:
+        async with _connect(daemon) as client:
+            await client.write_event(Synthesize(LONG_TEXT).event())
+            await _until(client, "audio-chunk")
+
+    asyncio.run(leave())
+    (job_id,) = _wyoming_jobs(daemon)[before:]
+    wait_until(lambda: _status(daemon, job_id) == "cancelled", 30, "the job to be cancelled")
+
+
+def test_a_network_address_needs_allow_remote(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[wyoming]\nlisten = "tcp://0.0.0.0:10200"\n')
+    run = subprocess.run([sys.executable, "-m", "cosyvoiced", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2
+    assert "wyoming.listen: 'tcp://0.0.0.0:10200' is not loopback" in run.stderr
+    path.write_text('[wyoming]\nlisten = "tcp://0.0.0.0:10200"\nallow_remote = true\n')
+    assert config.load(path).wyoming.allow_remote
