@@ -171,6 +171,8 @@ class SchedulingConfig:
     first_segment_words: int = _setting(5, _at_least(0))
     # A sentence longer than this is cut at clause boundaries.
     max_segment_chars: int = _setting(300, _at_least(20))
+    # Consecutive short sentences share one segment up to this length (fewer engine calls).
+    pack_segment_chars: int = _setting(120, _at_least(0))
     # Jobs of one class (interactive, bulk) in progress at once; the rest wait unstarted.
     max_active_jobs: int = _setting(8, _at_least(1))
 

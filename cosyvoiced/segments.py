@@ -82,8 +82,10 @@ def _first_clause(sentence: str, first_words: int) -> list[str]:
     return [sentence]
 
 
-def split(text: str, max_chars: int, first_words: int = 0) -> list[str]:
-    """The segments of `text`; `first_words` > 0 cuts the first one early (streamed jobs).
+def split(text: str, max_chars: int, first_words: int = 0, pack_chars: int = 0) -> list[str]:
+    """The segments of `text`; `first_words` > 0 cuts the first one early (streamed jobs);
+    consecutive short sentences share a segment up to `pack_chars` (each engine call has a
+    cost of its own, and a segment still streams sentence by sentence).
 
     `"".join(split(text, ...)) == text` always holds.
     """
@@ -105,4 +107,5 @@ def split(text: str, max_chars: int, first_words: int = 0) -> list[str]:
             merged[-1] += segment
         else:
             merged.append(segment)
-    return merged
+    keep_first = 1 if first_words > 0 else 0  # the fast first segment stays short
+    return merged[:keep_first] + _packed(merged[keep_first:], pack_chars)

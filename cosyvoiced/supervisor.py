@@ -323,7 +323,8 @@ class Supervisor:
     def enqueue(self, job: Job) -> None:
         settings = self.config.scheduling
         segments = text_segments.split(job.text, settings.max_segment_chars,
-                                       settings.first_segment_words if job.stream else 0)
+                                       settings.first_segment_words if job.stream else 0,
+                                       settings.pack_segment_chars)
         self.ledger.enqueue(job, segments, time.monotonic())
         log.debug("job_queued", job=job.id, source=job.source, segments=len(segments),
                   depth=len(self.ledger))

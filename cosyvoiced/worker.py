@@ -260,7 +260,7 @@ def _place(placement: Placement) -> None:
     onnxruntime then see that GPU as device 0, and a CPU worker sees none."""
     kind, _, index = placement.device.partition(":")
     os.environ["CUDA_VISIBLE_DEVICES"] = index if kind == "cuda" else ""
-    if placement.on_cpu:  # OpenMP (torch's CPU kernels) takes its pool size from here
+    if placement.on_cpu and placement.cpu_threads:  # OpenMP (torch's CPU kernels) reads it
         os.environ["OMP_NUM_THREADS"] = str(placement.cpu_threads)
 
 

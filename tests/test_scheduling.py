@@ -41,6 +41,15 @@ def test_a_streamed_first_segment_ends_at_the_first_clause_after_a_few_words() -
     assert segments.split("Short, but no more. Next.", 300, 4)[0] == "Short, but no more. "
 
 
+def test_short_sentences_share_a_segment_but_a_streamed_first_one_stays_alone() -> None:
+    text = "One. Two words. Three more words. Four."
+    assert segments.split(text, 300, pack_chars=24) == ["One. Two words. ",
+                                                        "Three more words. Four."]
+    assert segments.split(text, 300, first_words=1, pack_chars=24) == [
+        "One. ", "Two words. ", "Three more words. Four."]
+    assert "".join(segments.split(TEXT, 60, 3, pack_chars=100)) == TEXT
+
+
 def test_cjk_text_is_cut_without_spaces_and_markup_is_never_cut() -> None:
     text = "\u4f60\u597d\uff0c\u4e16\u754c\u3002\u4eca\u5929\u5929\u6c14\u5f88\u597d\uff01"
     assert segments.split(text, 300) == [text[:6], text[6:]]
