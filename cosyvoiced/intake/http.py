@@ -307,15 +307,23 @@ class HttpIntake(ReplyIntake):
                        speech: SpeechRequest) -> web.StreamResponse:
         body = _Body(request, job_id, speech)
         encoder: codecs.StreamEncoder | None = None
+        piece = 0
         while True:
             event = await exchange.next()
             if isinstance(event, Started):
                 encoder = codecs.encoder(speech.format, event.sample_rate)
+                # A chunk can be seconds of audio; while the engine makes the next one it
+                # has the CPUs, so a compressed format is encoded and sent a slice at a
+                # time: the first bytes wait for one slice, not for the whole chunk.
+                piece = event.sample_rate // 4 if speech.format in codecs.COMPRESSED else 0
             elif isinstance(event, Chunk):
                 assert encoder is not None, "a job starts before its first chunk"
-                data = await _encode(encoder, speech.format, event.samples)
-                if data:  # an encoder that buffers sends nothing yet: nor do we
-                    await body.send(data)
+                for start in range(0, len(event.samples), piece or len(event.samples)):
+                    data = await _encode(encoder, speech.format,
+                                         event.samples[start:start + piece] if piece else
+                                         event.samples)
+                    if data:  # an encoder that buffers sends nothing yet: nor do we
+                        await body.send(data)
             elif isinstance(event, Done):
                 assert encoder is not None, "a job starts before it ends well"
                 return await body.finish(await _encode(encoder, speech.format, None))
