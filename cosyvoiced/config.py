@@ -217,6 +217,15 @@ class WyomingConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    # Results of repeated requests, by content (text, voice, settings, model): systemd's
+    # CacheDirectory=. Its contents may be deleted at any time; they are made again.
+    dir: str = _setting("/var/cache/cosyvoiced", path=True)
+    # Least recently used entries go first beyond this; 0 turns the cache off.
+    max_bytes: int = _setting(512 << 20, _at_least(0), size=True)
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -227,6 +236,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     wyoming: WyomingConfig = field(default_factory=WyomingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def load(path: str | Path) -> Config:

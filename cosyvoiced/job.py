@@ -122,6 +122,8 @@ class Job:
     prompt_text: str | None = None
     instruct: str | None = None
     language: str | None = None
+    # False: never served from the result cache, and its audio is not stored there.
+    cache: bool = True
 
     @property
     def chars(self) -> int:
@@ -138,6 +140,7 @@ class JobResult:
     samples: int
     synth_s: float
     first_chunk_s: float
+    cached: bool = False  # served from the result cache: no synthesis
 
     @property
     def audio_s(self) -> float:

@@ -20,7 +20,7 @@ from cosyvoiced.job import (
 )
 
 FIELDS = ("text", "voice", "format", "sample_rate", "speed", "output", "prompt_audio",
-          "prompt_text", "instruct", "language")
+          "prompt_text", "instruct", "language", "cache")
 MAX_OUTPUT_NAME = 200
 MAX_PROMPT_CHARS = 1000
 # CosyVoice's language tags (`<|en|>` ...), for cross-lingual synthesis.
@@ -124,6 +124,16 @@ def _speed(fields: dict[str, Any]) -> float:
     return float(value)
 
 
+def _flag(fields: dict[str, Any], name: str, default: bool) -> bool:
+    value = fields.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise JobFailure(ErrorCode.INVALID_FIELD,
+                         f"{name}: expected true or false; got {type(value).__name__}", name)
+    return value
+
+
 def build_job(fields: dict[str, Any], *, job_id: str, source: str, origin: str,
               default_output: str, limits: Limits, known: tuple[str, ...] = FIELDS,
               formats: tuple[str, ...] = FILE_FORMATS, **extra: Any) -> Job:
@@ -153,5 +163,6 @@ def build_job(fields: dict[str, Any], *, job_id: str, source: str, origin: str,
         "prompt_text": _short_text(fields, "prompt_text"),
         "instruct": _short_text(fields, "instruct"),
         "language": _language(fields),
+        "cache": _flag(fields, "cache", True),
     }
     return Job(id=job_id, source=source, origin=origin, **(checked | extra))

@@ -6,13 +6,40 @@ thread serves them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from cosyvoiced.job import JobResult
 from cosyvoiced.memory import Memory
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _RTF = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+_CACHE_COUNTERS = {"hits": "Jobs served from the result cache",
+                   "misses": "Cacheable jobs not in the result cache (synthesized)",
+                   "evictions": "Result cache entries removed to stay under cache.max_bytes",
+                   "corrupt": "Result cache entries found damaged, deleted and made again"}
+_CACHE_GAUGES = {"bytes": "Size of the result cache's entries",
+                 "entries": "Entries in the result cache"}
+
+
+class _CacheCollector(Collector):
+    """Reads the cache's own counters at each scrape, so they are never out of step."""
+
+    def __init__(self, figures: Callable[[], Mapping[str, Any]]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self._figures()
+        for name, text in _CACHE_COUNTERS.items():
+            yield CounterMetricFamily(f"cosyvoiced_cache_{name}", text,
+                                      value=figures.get(name, 0))
+        for name, text in _CACHE_GAUGES.items():
+            yield GaugeMetricFamily(f"cosyvoiced_cache_{name}", text,
+                                    value=figures.get(name, 0))
 
 
 class Metrics:
@@ -57,13 +84,17 @@ class Metrics:
                                       registry=r)
         self.ready = Gauge("cosyvoiced_ready", "1 once the engine is loaded", registry=r)
 
+    def watch_cache(self, figures: Callable[[], Mapping[str, Any]]) -> None:
+        """Export the result cache's counters (`ResultCache.figures`)."""
+        self.registry.register(_CacheCollector(figures))
+
     def serve(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
         start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
 
     def job_ended(self, source: str, outcome: str, result: JobResult | None = None) -> None:
         self.jobs.labels(source, outcome).inc()
-        if result is not None:
+        if result is not None and not result.cached:  # a cache hit synthesized nothing
             self.synthesis_seconds.observe(result.synth_s)
             self.first_chunk_seconds.observe(result.first_chunk_s)
             if result.audio_s > 0:

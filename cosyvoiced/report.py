@@ -33,6 +33,7 @@ def stats(supervisor: Supervisor, uptime_s: float) -> dict[str, Any]:
         "spare": None if pool.spare is None else pool.spare.describe(),
         "recycles": dict(pool.recycles),
         "recycle_thrash": pool.thrashing,
+        "cache": supervisor.cache.figures(),
     }
 
 

@@ -55,6 +55,7 @@ from cosyvoiced.metrics import Metrics
 from cosyvoiced.notify import Notifier
 from cosyvoiced.pool import WorkerPool
 from cosyvoiced.protocol import Request
+from cosyvoiced.resultcache import ResultCache
 from cosyvoiced.speakers import SpeakerStore
 from cosyvoiced.spool import Claimed, Spool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
@@ -113,6 +114,7 @@ class Supervisor:
         self.engine_features: frozenset[str] = frozenset()
         self.native_rate = 0
         self.speakers = SpeakerStore(config.engine.cosyvoice.speakers_file)
+        self.cache = ResultCache(config, self.speakers, self.metrics)
         self.ready = False
         self.stopping = False
         self.stop_deadline = 0.0
@@ -237,6 +239,7 @@ class Supervisor:
         plan = reload.plan(self.config, loaded)
         self.config, self.reload_error = plan.config, None
         self.limits = Limits(plan.config.spool.max_text_chars, plan.config.spool.default_format)
+        self.cache.configure(plan.config)  # a changed engine or model invalidates entries
         self.zmq.settings = plan.config.zmq
         self.zmq.reload_keys()  # authorized client keys may have changed on disk
         logs.set_level(plan.config.log.level)
@@ -321,6 +324,8 @@ class Supervisor:
         return self.ledger.unstarted() >= self.config.zmq.max_pending or self.stopping
 
     def enqueue(self, job: Job) -> None:
+        if self._serve_cached(job):
+            return
         settings = self.config.scheduling
         segments = text_segments.split(job.text, settings.max_segment_chars,
                                        settings.first_segment_words if job.stream else 0,
@@ -328,6 +333,21 @@ class Supervisor:
         self.ledger.enqueue(job, segments, time.monotonic())
         log.debug("job_queued", job=job.id, source=job.source, segments=len(segments),
                   depth=len(self.ledger))
+
+    def _serve_cached(self, job: Job) -> bool:
+        """A repeat is served from the result cache, with no worker (all may be busy or
+        restarting); False on a miss, which is then recorded for the cache."""
+        try:
+            served = self.cache.serve(job, self._sink(job), record=not self.pool.reload_pending)
+        except OSError as error:  # the sink could not write the result, as in _finish
+            self._end(Running(job, [], time.monotonic()),
+                      JobError(ErrorCode.INTERNAL, f"could not write the result: {error}"))
+            return True
+        if served is None:
+            return False
+        self._close(job.id, job.source, "done", status={"output": served.output, "cached": True},
+                    result=served.result, **served.summary)
+        return True
 
     def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None) -> Job:
         """Validate a job for the outbox, persist it in work/ (it survives a crash), queue it.
@@ -358,6 +378,7 @@ class Supervisor:
             raise JobFailure(ErrorCode.INVALID_FIELD, f"name: {name!r} is a built-in voice of "
                              "the model; choose another name", "name")
         self.speakers.add(name, prompt_text, audio)
+        self.cache.voices_changed()  # a replaced voice's entries go
         voice = VoiceInfo(name, "", self.native_rate, self.engine_name, kind="registered")
         self.voices = [v for v in self.voices if v.name != name] + [voice]
         log.info("voice_registered", voice=name)
@@ -366,6 +387,7 @@ class Supervisor:
     def remove_voice(self, name: str) -> bool:
         if not self.speakers.remove(name):
             return False
+        self.cache.voices_changed()  # its entries go
         self.voices = [v for v in self.voices if not (v.name == name and v.kind == "registered")]
         log.info("voice_removed", voice=name)
         return True
@@ -574,6 +596,10 @@ class Supervisor:
 
     # -- jobs ---------------------------------------------------------------------------
     def _sink(self, job: Job) -> Sink:
+        """The job's intake; for a cache miss, with the cache's recorder in front."""
+        return self.cache.sink(job, self._intake_sink(job))
+
+    def _intake_sink(self, job: Job) -> Sink:
         if job.sink != SINK_REPLY:
             return self.inbox
         return {http_intake.SOURCE: self.http,
@@ -594,8 +620,8 @@ class Supervisor:
 
     def _hand_segment(self, running: Running, worker: WorkerHandle, now: float) -> None:
         index = running.done
-        if not worker.send(RunSegment(running.job, index, len(running.segments),
-                                      running.segments[index])):
+        if not worker.send(RunSegment(self.cache.worker_job(running.job), index,
+                                      len(running.segments), running.segments[index])):
             return  # the worker is gone; handled next tick, the job waits
         running.holder, running.last_slot, running.retry = worker, worker.slot, False
         running.dispatched = True

@@ -130,6 +130,7 @@ class Daemon:
         self.work = self.spool / "work"
         self.log_file = root / "log" / "cosyvoiced.log"
         self.config_path = root / "cosyvoiced.toml"
+        self.cache_dir = root / "cache"
         # ipc:// paths share AF_UNIX's 108-byte limit: a short directory, outside tmp_path.
         self.endpoint = f"ipc://{tempfile.mkdtemp(prefix='cvd-')}/zmq"
         self.configure(**sections)
@@ -143,6 +144,9 @@ class Daemon:
             "spool": {"dir": str(self.spool)},
             "log": {"file": str(self.log_file), "level": "debug"},
             "zmq": {"bind": [self.endpoint]},
+            # Off unless a test turns it on: most tests need real synthesis of texts they
+            # repeat. Under the test's root either way, never the system's /var/cache.
+            "cache": {"dir": str(self.cache_dir), "max_bytes": 0},
         }
         for section, values in sections.items():
             settings.setdefault(section.replace("__", "."), {}).update(values)

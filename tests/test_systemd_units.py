@@ -71,6 +71,7 @@ def test_unit_contract() -> None:
     for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30", "Restart=on-failure",
                  "KillMode=mixed", "User=cosyvoiced", "StateDirectory=cosyvoiced",
                  "LogsDirectory=cosyvoiced", "RuntimeDirectory=cosyvoiced",
+                 "CacheDirectory=cosyvoiced",
                  "ConfigurationDirectory=cosyvoiced", "ProtectSystem=strict",
                  "CapabilityBoundingSet=\n", "SystemCallFilter=@system-service",
                  "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectHome=yes",

@@ -198,6 +198,7 @@ class InboxIntake:
             "chars": job.chars,
             "audio_s": round(result.audio_s, 4),
             "synth_s": round(result.synth_s, 4),
+            "cached": result.cached,
             "timings": timings,
         }
         return self._spool.publish_result(Claimed(job.origin), job.output, job.format,

