@@ -70,6 +70,50 @@ test-cosyvoice-checkout: $(LANE)/.installed
 			$(LANE_BIN)/python -m pytest tests/cosyvoice || exit 1; \
 	done
 
+# The GPU check, on an NVIDIA host (not part of `make test`): the gpu-marked tests, the
+# CosyVoice lane with its daemons' workers on $(GPU_DEVICE), fp16 off and on, then the
+# full-size benchmark (daemon vs direct, fp16 off and on); the figures are the JSON the tests
+# and the benchmark print. With COSYVOICE_REPO=/path/to/CosyVoice the lane and the benchmark
+# run CosyVoice2 on upstream's code (needs FFmpeg); the PyPI package (v1) has no fp16 switch.
+# The virtualenv sees the host's packages, so a CUDA torch already there is used. Offline:
+# `make gpu-wheels WHEELS=dir` on a connected machine with the same Python and platform,
+# copy dir over, then `make test-gpu WHEELS=dir` installs from it alone.
+GPU_VENV := .venv-gpu
+GPU_BIN := $(GPU_VENV)/bin
+GPU_DEVICE ?= cuda:0
+GPU_PIP = $(GPU_BIN)/python -m pip install --quiet \
+	$(if $(WHEELS),--no-index --find-links $(abspath $(WHEELS)))
+GPU_UPSTREAM := cosyvoice-package==0.0.3 matcha-tts-package==0.0.3 openai-whisper==20250625
+# torch and torchaudio as the lane pins them (torchaudio 2.11 is the last release, and
+# torchcodec 0.11 is built for torch 2.11); a host's own CUDA build of 2.11.0 satisfies it.
+GPU_NEEDS := torch==2.11.0 torchaudio==2.11.0 tiktoken more-itertools numba pytest-xdist
+GPU_PROJECT := '.[cosyvoice,gpu,test]'
+GPU_CHECKOUT = $(if $(COSYVOICE_REPO),COSYVOICE_REPO=$(abspath $(COSYVOICE_REPO)))
+.PHONY: test-gpu gpu-wheels
+
+$(GPU_VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(GPU_BIN)/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_PIP) --no-deps $(GPU_UPSTREAM)
+	$(GPU_PIP) $(GPU_NEEDS) -e $(GPU_PROJECT)
+	@touch $@
+
+test-gpu: $(GPU_VENV)/.installed
+	@$(GPU_BIN)/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' || \
+		{ echo "test-gpu: torch sees no CUDA device on this host"; exit 1; }
+	$(GPU_BIN)/python -m pytest -m gpu tests -s
+	for fp16 in 0 1; do \
+		$(GPU_CHECKOUT) $(if $(COSYVOICE_REPO),COSYVOICE_VERSION=2) \
+		COSYVOICE_DEVICE=$(GPU_DEVICE) COSYVOICE_FP16=$$fp16 \
+			$(GPU_BIN)/python -m pytest tests/cosyvoice -n 4 || exit 1; \
+	done
+	$(GPU_CHECKOUT) $(GPU_BIN)/python bench/cosyvoice.py --full-size --count 8 \
+		$(if $(COSYVOICE_REPO),--version 2)
+
+gpu-wheels:
+	@test -n "$(WHEELS)" || { echo "gpu-wheels: WHEELS=dir names the directory to fill"; exit 1; }
+	$(PYTHON) -m pip wheel --quiet --wheel-dir $(WHEELS) --no-deps $(GPU_UPSTREAM)
+	$(PYTHON) -m pip wheel --quiet --wheel-dir $(WHEELS) setuptools wheel $(GPU_NEEDS) $(GPU_PROJECT)
+
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check cosyvoiced tests bench
 	$(BIN)/mypy
@@ -90,4 +134,4 @@ install:
 	packaging/install.sh "$(DESTDIR)" "$(PREFIX)" "$(SYSCONFDIR)" "$(UNITDIR)"
 
 clean:
-	rm -rf $(VENV) $(LANE) build dist *.egg-info var
+	rm -rf $(VENV) $(LANE) $(GPU_VENV) build dist *.egg-info var

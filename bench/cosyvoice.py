@@ -1,11 +1,23 @@
 """Daemon overhead on the cosyvoice engine: upstream's generator called directly in this
 process vs the same texts streamed through the daemon over ZeroMQ, alternating, one run.
 
-Runs in the CosyVoice lane's virtualenv (`make test-cosyvoice` builds it) on the tiny random
-model; its absolute speed means nothing, the ratios are the figures. Prints JSON.
+Runs in the CosyVoice lane's virtualenv (`make test-cosyvoice` builds it). On the tiny random
+model (the default) its absolute speed means nothing, the ratios are the figures. With
+--full-size the model has the real dimensions of CosyVoice-300M (--version 1) or
+CosyVoice2-0.5B (--version 2) and every text a fixed number of speech tokens
+(tests/cosyvoice/full_size.py), so on a GPU the real-time factor (`seconds_per_audio_second`)
+and first-chunk latency mean something too. Each fp16 setting asked for (on CUDA: off and
+on) is one daemon-vs-direct run. Prints JSON.
 
     .venv-cosyvoice/bin/python bench/cosyvoice.py [--count 12]
     COSYVOICE_REPO=/path/to/CosyVoice .venv-cosyvoice/bin/python bench/cosyvoice.py --version 2
+    COSYVOICE_REPO=/path/to/CosyVoice python bench/cosyvoice.py --full-size --version 2 \\
+        [--model-dir DIR] [--fp16 off|on|both] [--per-device 1,2,4]
+
+--per-device N[,N...] measures the daemon alone instead: `worker.per_device` N workers on
+the device and N clients streaming at once, each `--count` texts; it reports throughput
+(audio seconds per wall second) and first-chunk latency. --model-dir keeps the built model
+for the next run (a full-size CosyVoice2 takes a while to write).
 
 The direct caller is given the care the daemon takes: `token_hop_len` put back before each
 call (upstream grows it during a stream and keeps it), CosyVoice3's system prompt in front.
@@ -15,10 +27,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import gc
 import inspect
 import json
+import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -30,17 +46,30 @@ import torch  # noqa: E402
 
 from bench.common import sentences, summary_ms  # noqa: E402
 from cosyvoiced.client import Client  # noqa: E402
+from cosyvoiced.config import WorkerConfig  # noqa: E402
 from cosyvoiced.engines import cosyvoice as engine  # noqa: E402
-from tests.cosyvoice import tiny_model  # noqa: E402
+from tests.cosyvoice import full_size, tiny_model  # noqa: E402
 from tests.cosyvoice.conftest import MODEL_NAMES, cosyvoice_daemon  # noqa: E402
+from tests.daemon import Daemon, wait_until  # noqa: E402
 
 MODEL_CLASSES = dict(engine.MODEL_CLASSES.values())  # version -> upstream class name
 
 VOICE = "English Female"
+CUDA = torch.cuda.is_available()
+# The daemon's workers run on the CPU unless `worker.devices` names a GPU; the direct calls
+# use what upstream picks (the GPU, if there is one). Daemons older than the worker pool
+# have no such key, and run where upstream picks too.
+DEVICE = "cuda:0" if CUDA else "cpu"
+PLACEMENT = "devices" in {setting.name for setting in dataclasses.fields(WorkerConfig)}
+# Loading a full-size model on a busy CPU takes minutes.
+LOAD_TIMEOUT_S = 900.0
+JOB_TIMEOUT_S = 600
+
+Run = tuple[float, float, int, int]  # first chunk s, total s, samples, sample rate
 
 
-def direct(model: Any, text: str, hop: int | None) -> tuple[float, float, int]:
-    """(first chunk s, total s, samples) for one streamed call in this process."""
+def direct(model: Any, text: str, hop: int | None, rate: int) -> Run:
+    """One streamed call in this process."""
     if hop is not None:
         model.model.token_hop_len = hop
     if type(model).__name__ == MODEL_CLASSES[3]:
@@ -51,62 +80,170 @@ def direct(model: Any, text: str, hop: int | None) -> tuple[float, float, int]:
         for output in model.inference_sft(text, VOICE, stream=True):
             first = first or time.perf_counter() - started
             samples += output["tts_speech"].shape[1]
-    return first, time.perf_counter() - started, samples
+    return first, time.perf_counter() - started, samples, rate
 
 
-def daemon(client: Client, text: str) -> tuple[float, float, int]:
+def daemon(client: Client, text: str) -> Run:
     started = time.perf_counter()
     first, samples = 0.0, 0
     with client.stream(text, voice=VOICE) as stream:
         for pcm in stream:
             first = first or time.perf_counter() - started
             samples += len(pcm) // 2
-    return first, time.perf_counter() - started, samples
+        rate = int(stream.start["sample_rate"])
+    return first, time.perf_counter() - started, samples, rate
 
 
-def run(count: int, version: int) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="bench-cosyvoice-"))
+def model_directory(version: int, full: bool, model_dir: Path | None, scratch: Path) -> Path:
+    """`model_dir` as it is if it holds a model; else one built there (or in `scratch`)."""
+    target = model_dir or scratch / MODEL_NAMES[version]
+    if (target / tiny_model.VERSIONS[version][1]).is_file():
+        return target
+    partial = target.with_name(target.name + ".part")  # a build cut short is never reused
+    shutil.rmtree(partial, ignore_errors=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model_dir = tiny_model.build(root / MODEL_NAMES[version], version)
-        from cosyvoice.cli import cosyvoice  # noqa: PLC0415 - after the build
+        (full_size.build if full else tiny_model.build)(partial, version)
+    partial.rename(target)
+    return target
 
-        model_class = getattr(cosyvoice, MODEL_CLASSES[version])
-        # The package's CosyVoice loads TorchScript parts by default; the tiny model has none.
-        no_jit = {"load_jit": False} if "load_jit" in inspect.signature(model_class).parameters \
-            else {}
-        model = model_class(str(model_dir), **no_jit)
+
+def load_direct(model_dir: Path, version: int, fp16: bool) -> Any:
+    from cosyvoice.cli import cosyvoice  # noqa: PLC0415 - after the build
+
+    model_class = getattr(cosyvoice, MODEL_CLASSES[version])
+    accepted = inspect.signature(model_class).parameters
+    # The package's CosyVoice loads TorchScript parts by default; these models have none.
+    # It has no fp16 option either (it always halves its LLM), as the daemon then logs.
+    options = {name: value for name, value in (("load_jit", False), ("fp16", fp16))
+               if name in accepted}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model_class(str(model_dir), **options)
+
+
+def start_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int | None = None) -> Daemon:
+    worker: dict[str, Any] = {"start_timeout_s": LOAD_TIMEOUT_S}
+    if PLACEMENT:
+        worker["devices"] = [DEVICE]
+    if per_device is not None:
+        worker["per_device"] = per_device
+    served = cosyvoice_daemon(root, model_dir, log_level="info", worker=worker, fp16=fp16)
+    served.start(wait_ready=False)  # Daemon.wait_ready allows 90 s: a tiny model's load
+    notify, process = served.notify, served.process
+    assert notify is not None
+    assert process is not None
+    try:
+        wait_until(lambda: notify.seen("READY=1") or process.poll() is not None,
+                   LOAD_TIMEOUT_S, "READY=1")
+        if process.poll() is not None:
+            raise RuntimeError(f"the daemon exited with {process.returncode} before READY=1:"
+                               f"\n{served.output()[-4000:]}")
+    except BaseException:
+        served.stop()
+        raise
+    return served
+
+
+def overhead(model_dir: Path, version: int, texts: list[str], fp16: bool,
+             scratch: Path) -> dict[str, Any]:
+    """Daemon against direct calls, one text each in turn, for one fp16 setting."""
+    model = load_direct(model_dir, version, fp16)
     hop = getattr(model.model, "token_hop_len", None)
     # The package (upstream of 2024) has no sample_rate attribute yet.
     rate = int(getattr(model, "sample_rate", 0) or model.model.hift.sampling_rate)
-    served = cosyvoice_daemon(root / "daemon", model_dir)
-    served.start()
-    texts = sentences(count)
-    results: dict[str, list[tuple[float, float, int]]] = {"direct": [], "daemon": []}
+    results: dict[str, list[Run]] = {"direct": [], "daemon": []}
+    served = start_daemon(scratch / f"daemon-fp16-{'on' if fp16 else 'off'}", model_dir, fp16)
     try:
-        with Client(served.endpoint, timeout_s=120) as client:
-            direct(model, texts[0], hop)  # warm both before measuring
+        with Client(served.endpoint, timeout_s=JOB_TIMEOUT_S) as client:
+            direct(model, texts[0], hop, rate)  # warm both before measuring
             daemon(client, texts[0])
             for text in texts:
-                results["direct"].append(direct(model, text, hop))
+                results["direct"].append(direct(model, text, hop, rate))
                 results["daemon"].append(daemon(client, text))
     finally:
         served.stop()
-    return {"model": MODEL_CLASSES[version], "sample_rate": rate} | _report(results, rate)
+        del model
+        _free()
+    return _report(results)
 
 
-def _report(results: dict[str, list[tuple[float, float, int]]], rate: int) -> dict[str, Any]:
+def concurrently(endpoint: str, text_lists: list[list[str]]) -> list[Run]:
+    """Each list streamed by a client of its own, all at once; every run, in no order."""
+    runs: list[Run] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def stream_all(texts: list[str]) -> None:
+        try:
+            with Client(endpoint, timeout_s=JOB_TIMEOUT_S) as client:
+                for text in texts:
+                    run = daemon(client, text)
+                    with lock:
+                        runs.append(run)
+        except BaseException as error:  # noqa: BLE001 - raised in the main thread
+            with lock:
+                failures.append(error)
+
+    threads = [threading.Thread(target=stream_all, args=(texts,)) for texts in text_lists]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return runs
+
+
+def _ready_workers(client: Client) -> int:
+    return sum(worker["state"] in ("idle", "busy") for worker in client.stats()["workers"])
+
+
+def pool(model_dir: Path, texts: list[str], size: int, fp16: bool,
+         scratch: Path) -> dict[str, Any]:
+    """`size` workers on the device, `size` clients streaming every text at once."""
+    served = start_daemon(scratch / f"pool-{size}-fp16-{'on' if fp16 else 'off'}", model_dir,
+                          fp16, per_device=size)
+    try:
+        with Client(served.endpoint, timeout_s=JOB_TIMEOUT_S) as client:
+            wait_until(lambda: _ready_workers(client) >= size, LOAD_TIMEOUT_S,
+                       f"{size} workers ready")
+        concurrently(served.endpoint, [texts[:1]] * size)  # warm: a job per worker
+        # Each client starts at another text, so the segments in flight differ in length.
+        turns = [texts[index % len(texts):] + texts[:index % len(texts)]
+                 for index in range(size)]
+        started = time.perf_counter()
+        runs = concurrently(served.endpoint, turns)
+        wall_s = time.perf_counter() - started
+    finally:
+        served.stop()
+    audio_s = sum(samples / rate for _, _, samples, rate in runs)
+    return {"workers": size, "clients": size, "jobs": len(runs),
+            "audio_s": round(audio_s, 2), "wall_s": round(wall_s, 2),
+            "throughput_audio_s_per_s": round(audio_s / wall_s, 3),
+            "first_chunk": summary_ms([first for first, _, _, _ in runs]),
+            "per_job": summary_ms([total for _, total, _, _ in runs])}
+
+
+def _free() -> None:
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def _report(results: dict[str, list[Run]]) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for name, runs in results.items():
-        audio_s = sum(samples for _, _, samples in runs) / rate
-        wall_s = sum(total for _, total, _ in runs)
-        report[name] = {"first_chunk": summary_ms([first for first, _, _ in runs]),
-                        "per_job": summary_ms([total for _, total, _ in runs]),
+        audio_s = sum(samples / rate for _, _, samples, rate in runs)
+        wall_s = sum(total for _, total, _, _ in runs)
+        report[name] = {"first_chunk": summary_ms([first for first, _, _, _ in runs]),
+                        "per_job": summary_ms([total for _, total, _, _ in runs]),
+                        "audio_s": round(audio_s, 2),
                         "seconds_per_audio_second": round(wall_s / audio_s, 4)}
     report["ratios"] = {
         "first_chunk_p50": round(report["daemon"]["first_chunk"]["p50_ms"]
                                  / report["direct"]["first_chunk"]["p50_ms"], 3),
-        # Per audio second: the random model's lengths differ from call to call.
+        # Per audio second: the tiny model's lengths differ from call to call.
         "seconds_per_audio_second": round(report["daemon"]["seconds_per_audio_second"]
                                           / report["direct"]["seconds_per_audio_second"], 3),
     }
@@ -115,14 +252,57 @@ def _report(results: dict[str, list[tuple[float, float, int]]], rate: int) -> di
     return report
 
 
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    scratch = Path(tempfile.mkdtemp(prefix="bench-cosyvoice-"))
+    try:
+        started = time.perf_counter()
+        model_dir = model_directory(args.version, args.full_size, args.model_dir, scratch)
+        report: dict[str, Any] = {
+            "model": MODEL_CLASSES[args.version], "full_size": args.full_size,
+            "device": torch.cuda.get_device_name(0) if CUDA else "cpu",
+            "texts": args.count, "model_ready_s": round(time.perf_counter() - started, 1)}
+        texts = sentences(args.count)
+        for mode in ("off", "on") if args.fp16 == "both" else (args.fp16,):
+            if args.per_device:
+                report[f"fp16_{mode}"] = {
+                    str(size): pool(model_dir, texts, size, mode == "on", scratch)
+                    for size in args.per_device}
+            else:
+                report[f"fp16_{mode}"] = overhead(model_dir, args.version, texts, mode == "on",
+                                                  scratch)
+        return report
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _sizes(value: str) -> list[int]:
+    sizes = [int(size) for size in value.split(",")]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected worker counts such as 1,2,4; got {value!r}")
+    return sizes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=12)
+    parser.add_argument("--count", type=int, default=12, help="texts (per client)")
     parser.add_argument("--version", type=int, choices=sorted(MODEL_CLASSES), default=1,
                         help="2 and 3 need COSYVOICE_REPO (an upstream checkout)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="CosyVoice-300M / CosyVoice2-0.5B dimensions, random weights")
+    parser.add_argument("--model-dir", type=Path,
+                        help="the model to use; built there first if it holds none")
+    parser.add_argument("--fp16", choices=("off", "on", "both"), default="both" if CUDA else "off",
+                        help="engine.cosyvoice.fp16 (upstream uses it on CUDA only); default: "
+                             "both on CUDA, off on the CPU")
+    parser.add_argument("--per-device", type=_sizes, metavar="N[,N...]",
+                        help="the daemon alone, with N workers and N clients at once")
     args = parser.parse_args()
+    if args.full_size and args.version not in full_size.VERSIONS:
+        parser.error(f"--full-size builds versions {sorted(full_size.VERSIONS)}")
+    if args.per_device and not PLACEMENT:
+        parser.error("--per-device needs a daemon with worker.per_device (the worker pool)")
     with contextlib.redirect_stdout(sys.stderr):  # upstream prints each text it speaks
-        report = run(args.count, args.version)
+        report = run(args)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -10,7 +10,7 @@ from run to run. The ONNX front-end models and the speakers are tiny_model's.
 
     python -m tests.cosyvoice.full_size OUT_DIR [--version 1|2]
 
-v2 needs an upstream checkout (COSYVOICE_REPO); the files take about 1.3 GB (v1) and 4.5 GB
+v2 needs an upstream checkout (COSYVOICE_REPO); the files take about 1.7 GB (v1) and 4.3 GB
 (v2), as float32.
 """
 
