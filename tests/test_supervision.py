@@ -281,7 +281,9 @@ def test_gpu_memory_limit_recycles_and_nvml_drops(make_daemon: DaemonFactory) ->
     with Client(daemon.endpoint) as client:
         after = wait_until(lambda: (w := fresh_worker(client, recycles[-1]["generation"]))
                            and w["gpu_bytes"] and w, 60, "the new worker's NVML figure")
-    assert abs(after["gpu_bytes"] - baseline["gpu_bytes"]) < 128 << 20
+    # The new worker may have served the last jobs already: 256 MiB kept for each.
+    kept = after["segments_served"] * (256 << 20)
+    assert abs(after["gpu_bytes"] - kept - baseline["gpu_bytes"]) < 128 << 20
     print(json.dumps({"baseline": baseline, "limit": limit, "recycles": recycles,
                       "after": after}))  # figures for the notes
 
