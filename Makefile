@@ -86,7 +86,7 @@ GPU_PIP = $(GPU_BIN)/python -m pip install --quiet \
 GPU_UPSTREAM := cosyvoice-package==0.0.3 matcha-tts-package==0.0.3 openai-whisper==20250625
 # torch and torchaudio as the lane pins them (torchaudio 2.11 is the last release, and
 # torchcodec 0.11 is built for torch 2.11); a host's own CUDA build of 2.11.0 satisfies it.
-GPU_NEEDS := torch==2.11.0 torchaudio==2.11.0 tiktoken more-itertools numba pytest-xdist
+GPU_NEEDS := torch==2.11.0 torchaudio==2.11.0 tiktoken more-itertools numba
 GPU_PROJECT := '.[cosyvoice,gpu,test]'
 GPU_CHECKOUT = $(if $(COSYVOICE_REPO),COSYVOICE_REPO=$(abspath $(COSYVOICE_REPO)))
 .PHONY: test-gpu gpu-wheels
@@ -104,7 +104,7 @@ test-gpu: $(GPU_VENV)/.installed
 	for fp16 in 0 1; do \
 		$(GPU_CHECKOUT) $(if $(COSYVOICE_REPO),COSYVOICE_VERSION=2) \
 		COSYVOICE_DEVICE=$(GPU_DEVICE) COSYVOICE_FP16=$$fp16 \
-			$(GPU_BIN)/python -m pytest tests/cosyvoice -n 4 || exit 1; \
+			$(GPU_BIN)/python -m pytest tests/cosyvoice || exit 1; \
 	done
 	$(GPU_CHECKOUT) $(GPU_BIN)/python bench/cosyvoice.py --full-size --count 8 \
 		$(if $(COSYVOICE_REPO),--version 2)
