@@ -18,6 +18,7 @@ from tests.engines.faulty import SAMPLE_RATE, SECONDS_PER_CHAR
 
 FAULTY = "tests.engines.faulty:load"
 QUICK = {"kill_grace_s": 1.0, "heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 3.0}
+UNPACKED = {"pack_segment_chars": 0}
 
 
 def tone_samples(text: str) -> int:
@@ -27,7 +28,9 @@ def tone_samples(text: str) -> int:
 
 
 def pool_daemon(make_daemon: DaemonFactory, engine: str = FAULTY, **worker: Any) -> Daemon:
-    daemon = make_daemon(engine={"name": engine}, worker=QUICK | worker)
+    # One segment per sentence: these tests watch jobs move segment by segment.
+    daemon = make_daemon(engine={"name": engine}, worker=QUICK | worker,
+                         scheduling=UNPACKED)
     daemon.start()
     return daemon
 
@@ -151,7 +154,8 @@ def reload_with(daemon: Daemon, client: Client, per_device: int) -> None:
     assert daemon.notify is not None
     notify = daemon.notify
     reloads = notify.count("READY=1") + 1
-    daemon.configure(engine={"name": FAULTY}, worker=QUICK | {"per_device": per_device})
+    daemon.configure(engine={"name": FAULTY}, worker=QUICK | {"per_device": per_device},
+                     scheduling=UNPACKED)
     daemon.signal(signal.SIGHUP)
     wait_until(lambda: notify.count("READY=1") == reloads, 30, "the reload")
     wait_until(lambda: [w["state"] for w in client.stats()["workers"]] == ["idle"] * per_device,
