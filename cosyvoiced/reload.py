@@ -11,7 +11,8 @@ from cosyvoiced.config import Config
 RESTART_KEYS = frozenset({
     "spool.dir", "log.file", "log.max_bytes", "log.backups", "zmq.bind", "zmq.curve",
     "zmq.server_secret_key", "zmq.max_header_bytes", "zmq.max_attachment_bytes",
-    "metrics.listen", "metrics.allow_remote",
+    "metrics.listen", "metrics.allow_remote", "http.listen", "http.max_body_bytes",
+    "http.allow_insecure", "wyoming.listen", "wyoming.allow_remote",
 })
 
 
