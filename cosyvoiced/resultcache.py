@@ -439,10 +439,11 @@ class ResultCache:
             store.put(recording.name, Entry(recording.native_rate, voice, pcm))
 
     def figures(self) -> dict[str, Any]:
-        """For `stats` and the metrics."""
-        if self._store is None:
+        """For `stats` and the metrics (whose thread may call it during a reload)."""
+        store = self._store
+        if store is None:
             return {"enabled": False}
-        return {"enabled": True, "dir": str(self._store.directory)} | self._store.figures()
+        return {"enabled": True, "dir": str(store.directory)} | store.figures()
 
 
 def _play(job: Job, sink: Sink, entry: Entry, started: float) -> Served:
