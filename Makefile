@@ -12,7 +12,7 @@ UNITDIR ?= /lib/systemd/system
 LANE := .venv-cosyvoice
 LANE_BIN := $(LANE)/bin
 
-.PHONY: venv run test test-cosyvoice test-cosyvoice-checkout lint bench dist deb install clean
+.PHONY: venv run test test-cosyvoice test-cosyvoice-checkout lint redis bench dist deb install clean
 
 venv: $(VENV)/.installed
 
@@ -33,7 +33,7 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	@touch $@
 
 # Lint first: what is not ruff- and mypy-clean does not pass CI either.
-test: lint
+test: lint redis
 	$(BIN)/python -m pytest --ignore=tests/cosyvoice
 	$(MAKE) test-cosyvoice
 
@@ -113,6 +113,28 @@ gpu-wheels:
 	@test -n "$(WHEELS)" || { echo "gpu-wheels: WHEELS=dir names the directory to fill"; exit 1; }
 	$(PYTHON) -m pip wheel --quiet --wheel-dir $(WHEELS) --no-deps $(GPU_UPSTREAM)
 	$(PYTHON) -m pip wheel --quiet --wheel-dir $(WHEELS) setuptools wheel $(GPU_NEEDS) $(GPU_PROJECT)
+
+# The cluster tests run a real redis-server on loopback (tests/redisserver.py); only its
+# binary is needed. As root, Debian's package is installed when it is missing, with a
+# policy-rc.d (if the host has none) so that its postinst starts no service, and on a systemd
+# host the unit it enables is disabled again: nothing keeps running on port 6379, and the
+# tests use free ports of their own. Not root: the cluster tests are skipped.
+redis:
+	@command -v redis-server >/dev/null && exit 0; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "redis-server is not installed (and this is not root to install it): the" \
+			"cluster tests will be skipped; 'apt-get install redis-server' runs them"; \
+		exit 0; \
+	fi; \
+	echo "installing Debian's redis-server for the cluster tests"; \
+	policy=/usr/sbin/policy-rc.d; \
+	if [ ! -e $$policy ]; then \
+		trap 'rm -f '$$policy EXIT; printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; \
+	fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends redis-server >/dev/null || exit 1; \
+	if [ -d /run/systemd/system ]; then systemctl disable --now --quiet redis-server; fi; \
+	redis-server --version
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check cosyvoiced tests bench
