@@ -264,9 +264,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         texts = sentences(args.count)
         for mode in ("off", "on") if args.fp16 == "both" else (args.fp16,):
             if args.per_device:
-                report[f"fp16_{mode}"] = {
-                    str(size): pool(model_dir, texts, size, mode == "on", scratch)
-                    for size in args.per_device}
+                report[f"fp16_{mode}"] = {}
+                for size in args.per_device:
+                    result = pool(model_dir, texts, size, mode == "on", scratch)
+                    report[f"fp16_{mode}"][str(size)] = result
+                    # On stderr as each size ends: a run cut short by a time limit keeps these.
+                    print(json.dumps({"fp16": mode, **result}), file=sys.stderr, flush=True)
             else:
                 report[f"fp16_{mode}"] = overhead(model_dir, args.version, texts, mode == "on",
                                                   scratch)
