@@ -225,6 +225,34 @@ class CacheConfig:
     max_bytes: int = _setting(512 << 20, _at_least(0), size=True)
 
 
+_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _host_name(value: Any) -> str | None:
+    if _HOST_NAME.match(value):
+        return None
+    return f"expected letters, digits, '.', '-' or '_' (at most 64); got {value!r}"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # "redis://HOST:6379/0" (or rediss:// for TLS) shares one queue with every daemon on
+    # that Redis; empty: a standalone daemon, no Redis needed.
+    redis: str = ""
+    # A file holding the Redis password (kept out of the URL and the config).
+    password_file: str = _setting("", path=True)
+    # This daemon's name among the others; unique per daemon. Empty: the host name.
+    name: str = ""
+    # Keys are "<prefix>:..."; a Redis ACL can limit the daemon's user to them.
+    key_prefix: str = _setting("cosyvoiced", _host_name)
+    # A job whose host stops answering for this long is taken over by another host.
+    claim_idle_s: float = _setting(30.0, _at_least(2.0))
+    # Outcomes waiting for a receiving host that is down are kept at most this long ...
+    outcome_ttl_s: float = _setting(7 * 86400.0, _at_least(60.0))
+    # ... and at most this many per receiving host (the oldest go first).
+    max_outcomes: int = _setting(100_000, _at_least(100))
+
+
 @dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -237,6 +265,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     wyoming: WyomingConfig = field(default_factory=WyomingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def load(path: str | Path) -> Config:
@@ -259,6 +288,7 @@ def from_table(table: dict[str, Any], base_dir: Path) -> Config:
     _check_metrics(config.metrics)
     _check_http(config.http)
     _check_wyoming(config.wyoming)
+    _check_cluster(config.cluster)
     if config.worker.heartbeat_timeout_s <= 2 * config.worker.heartbeat_interval_s:
         raise ConfigError("worker.heartbeat_timeout_s: must be more than twice "
                           "worker.heartbeat_interval_s")
@@ -335,6 +365,30 @@ def _check_wyoming(settings: WyomingConfig) -> None:
         raise ConfigError(f"wyoming.listen: {settings.listen!r} is not loopback; the Wyoming "
                           "protocol has no authentication: set wyoming.allow_remote = true "
                           "to serve Home Assistant on another host (trusted networks only)")
+
+
+def _check_cluster(settings: ClusterConfig) -> None:
+    if not settings.redis:
+        return
+    scheme = settings.redis.partition("://")[0]
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"cluster.redis: expected redis://HOST:PORT/DB, rediss://... (TLS) "
+                          f"or unix://PATH; got a {scheme!r} URL")
+    if settings.name and _host_name(settings.name):
+        raise ConfigError(f"cluster.name: {_host_name(settings.name)}")
+    if settings.password_file:
+        try:
+            read_password(settings.password_file)
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cluster.password_file: cannot read "
+                              f"{settings.password_file!r}: "
+                              f"{getattr(error, 'strerror', None) or error}") from None
+
+
+def read_password(path: str) -> str:
+    """The first line of a password file, without its line end."""
+    with open(path, encoding="utf-8") as stream:
+        return stream.readline().rstrip("\r\n")
 
 
 def _check_zmq(settings: ZmqConfig) -> None:

@@ -141,6 +141,7 @@ class JobResult:
     synth_s: float
     first_chunk_s: float
     cached: bool = False  # served from the result cache: no synthesis
+    served_by: str = ""  # in a cluster: the host that made the audio
 
     @property
     def audio_s(self) -> float:

@@ -49,6 +49,8 @@ class Running:
     first_chunk_s: float = 0.0  # of the first segment: the client's wait for audio
     cancel_requested: bool = False
     dispatched: bool = False  # a segment of it has gone to a worker: it is in progress
+    remote: bool = False  # on the cluster's shared stream: its events come from elsewhere
+    served_by: str = ""  # in a cluster, the host that serves it
     chunks: list[Samples] = field(default_factory=list)  # a whole reply's complete segments
     segment_audio: list[Samples] = field(default_factory=list)  # the segment in hand's
 
@@ -100,12 +102,13 @@ class Ledger:
         return [r for r in self.jobs.values() if r.holder is not None]
 
     def in_progress(self) -> Counter[Priority]:
-        return Counter(r.priority for r in self.jobs.values() if r.started)
+        return Counter(r.priority for r in self.jobs.values() if r.started and not r.remote)
 
     def waiting(self) -> list[Waiting]:
         return [Waiting(r.job.id, r.priority, r.ready_since, r.started, r.retry, r.last_slot)
                 for r in self.jobs.values()
-                if r.holder is None and not r.cancel_requested and r.done < len(r.segments)]
+                if r.holder is None and not r.cancel_requested and r.done < len(r.segments)
+                and not r.remote]
 
     def held_by(self, worker: WorkerHandle) -> Running | None:
         job_id = worker.job_id
@@ -128,6 +131,10 @@ class Ledger:
         running = self.jobs.get(job_id)
         if running is None:
             return self.finished.get(job_id)
+        if running.remote:
+            return {"state": "running" if running.started else "queued",
+                    "source": running.job.source, "shared": True,
+                    "served_by": running.served_by or None, "chunks": running.chunks_sent}
         if running.started:
             detail = running.progress()
             if running.holder is not None:

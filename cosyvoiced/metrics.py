@@ -83,6 +83,12 @@ class Metrics:
         self.watchdog_pings = Counter("cosyvoiced_watchdog_pings", "WATCHDOG=1 sent to systemd",
                                       registry=r)
         self.ready = Gauge("cosyvoiced_ready", "1 once the engine is loaded", registry=r)
+        self.cluster_connected = Gauge("cosyvoiced_cluster_connected",
+                                       "1 while the cluster's Redis answers (cluster.redis)",
+                                       registry=r)
+        self.jobs_taken_over = Counter("cosyvoiced_jobs_taken_over",
+                                       "Shared jobs taken from a host that stopped answering",
+                                       registry=r)
 
     def watch_cache(self, figures: Callable[[], Mapping[str, Any]]) -> None:
         """Export the result cache's counters (`ResultCache.figures`)."""

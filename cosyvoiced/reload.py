@@ -13,6 +13,9 @@ RESTART_KEYS = frozenset({
     "zmq.server_secret_key", "zmq.max_header_bytes", "zmq.max_attachment_bytes",
     "metrics.listen", "metrics.allow_remote", "http.listen", "http.max_body_bytes",
     "http.allow_insecure", "wyoming.listen", "wyoming.allow_remote",
+    # The Redis link's threads and keys are set up once.
+    "cluster.redis", "cluster.password_file", "cluster.name", "cluster.key_prefix",
+    "cluster.claim_idle_s", "cluster.outcome_ttl_s", "cluster.max_outcomes",
 })
 
 

@@ -34,6 +34,7 @@ def stats(supervisor: Supervisor, uptime_s: float) -> dict[str, Any]:
         "recycles": dict(pool.recycles),
         "recycle_thrash": pool.thrashing,
         "cache": supervisor.cache.figures(),
+        "cluster": supervisor.sharing.figures(),
     }
 
 
@@ -81,6 +82,7 @@ def status_line(supervisor: Supervisor) -> str:
             f"{reason} {n}" for reason, n in sorted(pool.recycles.items()))
     if pool.thrashing:
         line += "; recycling for memory after every job: raise the limit"
+    line += supervisor.sharing.status()
     if supervisor.reload_error:
         line += f"; config reload failed, running the old one: {supervisor.reload_error}"
     return line

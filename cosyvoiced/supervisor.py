@@ -24,7 +24,17 @@ import numpy as np
 import numpy.typing as npt
 from zmq import ZMQError
 
-from cosyvoiced import __version__, audio, config, logs, policy, reload, report, scheduler
+from cosyvoiced import (
+    __version__,
+    audio,
+    clusterwire,
+    config,
+    logs,
+    policy,
+    reload,
+    report,
+    scheduler,
+)
 from cosyvoiced import segments as text_segments
 from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
@@ -56,6 +66,7 @@ from cosyvoiced.notify import Notifier
 from cosyvoiced.pool import WorkerPool
 from cosyvoiced.protocol import Request
 from cosyvoiced.resultcache import ResultCache
+from cosyvoiced.sharing import Sharing
 from cosyvoiced.speakers import SpeakerStore
 from cosyvoiced.spool import Claimed, Spool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
@@ -115,6 +126,7 @@ class Supervisor:
         self.native_rate = 0
         self.speakers = SpeakerStore(config.engine.cosyvoice.speakers_file)
         self.cache = ResultCache(config, self.speakers, self.metrics)
+        self.sharing = Sharing(config.cluster, self)
         self.ready = False
         self.stopping = False
         self.stop_deadline = 0.0
@@ -143,6 +155,7 @@ class Supervisor:
         self.spool.ensure()
         log.info("starting", version=__version__, spool=str(self.spool.root),
                  engine=self.config.engine.name)
+        self.sharing.connect()  # first: jobs left in work/ may be on the shared stream
         self._recover()
         self.pool.resize(time.monotonic())
         self.pool.warn_if_gpus_unused()
@@ -160,10 +173,12 @@ class Supervisor:
                 worker.kill_now()
             return EXIT_LISTEN
         self.inbox.start()
+        self.sharing.start()
         while self.exit_code is None:
             self.tick(time.monotonic())
             if self.exit_code is None:
                 self._wait(self._timeout(time.monotonic()))
+        self.sharing.stop()  # after the outcomes of the jobs served for others have gone
         self.zmq.stop()
         self.http.stop()
         self.wyoming.stop()
@@ -194,8 +209,10 @@ class Supervisor:
         self._handle_signals(now)
         self._admit_claims()
         self._handle_requests()
+        self.sharing.poll(now)
         self._handle_workers(now)
         self._dispatch(now)
+        self.sharing.offer(len(self.pool.idle()))
         self._rescan(now)
         self._progress_stop(now)
         self._report(now)
@@ -323,16 +340,51 @@ class Supervisor:
         """Jobs waiting to start are bounded here; those in progress by the scheduler."""
         return self.ledger.unstarted() >= self.config.zmq.max_pending or self.stopping
 
-    def enqueue(self, job: Job) -> None:
+    def enqueue(self, job: Job, share: bool = True) -> None:
+        """Queue a job: on the cluster's shared stream if there is one, else here."""
         if self._serve_cached(job):
             return
         settings = self.config.scheduling
         segments = text_segments.split(job.text, settings.max_segment_chars,
                                        settings.first_segment_words if job.stream else 0,
                                        settings.pack_segment_chars)
-        self.ledger.enqueue(job, segments, time.monotonic())
+        running = self.ledger.enqueue(job, segments, time.monotonic())
+        shared = share and self.sharing.share(running)
         log.debug("job_queued", job=job.id, source=job.source, segments=len(segments),
-                  depth=len(self.ledger))
+                  depth=len(self.ledger), shared=shared)
+
+    # -- what the cluster asks of the supervisor (sharing.Sharing) -------------------------
+    def enqueue_here(self, job: Job) -> None:
+        """Another host's job, taken from the shared stream."""
+        self.enqueue(job, share=False)
+
+    def serve_here(self, running: Running) -> None:
+        """A job of this host's that was on the shared stream is served here after all."""
+        running.remote = False
+        if running.served_by:  # started elsewhere, taken back: it starts again here
+            running.served_by, running.dispatched, running.sample_rate = "", False, 0
+        self.wake()
+
+    def poisoned(self, deliveries: int) -> bool:
+        return deliveries > MAX_ATTEMPTS
+
+    def sink_of(self, job: Job) -> Sink:
+        return self._sink(job)
+
+    def end_job(self, running: Running, error: JobError | None) -> None:
+        self._end(running, error)
+
+    def finish_remote(self, running: Running, event: clusterwire.Event) -> None:
+        """The audio of a job received here, made by another host."""
+        detail = event.detail
+        running.voice, running.sample_rate = detail["voice"], detail["sample_rate"]
+        running.samples, running.synth_s = detail["samples"], detail["synth_s"]
+        running.first_chunk_s = detail["first_chunk_s"]
+        running.started_at = detail["timings"].get("started_at", running.started_at)
+        running.served_by = event.sender
+        running.chunks = [] if running.job.stream else [event.samples]
+        running.done = len(running.segments)
+        self._finish(running)
 
     def _serve_cached(self, job: Job) -> bool:
         """A repeat is served from the result cache, with no worker (all may be busy or
@@ -415,6 +467,7 @@ class Supervisor:
         """A job has ended: remember it for `status`, count it, and log its summary line."""
         self.ledger.record(job_id, source, outcome, **(status or {}))
         self.spool.discard_prompts(job_id)  # a reply job's; a spool job's are settled
+        self.sharing.ended(job_id)
         self.metrics.job_ended(source, outcome, result)
         log.info("job", job=job_id, source=source, outcome=outcome, **summary)
 
@@ -600,6 +653,9 @@ class Supervisor:
         return self.cache.sink(job, self._intake_sink(job))
 
     def _intake_sink(self, job: Job) -> Sink:
+        remote = self.sharing.sinks.get(job.id)
+        if remote is not None:
+            return remote
         if job.sink != SINK_REPLY:
             return self.inbox
         return {http_intake.SOURCE: self.http,
@@ -634,7 +690,8 @@ class Supervisor:
         self.ledger.pop(running.job.id)
         job = running.job
         result = JobResult(job.id, running.voice, running.sample_rate, running.samples,
-                           running.synth_s, running.first_chunk_s)
+                           running.synth_s, running.first_chunk_s,
+                           served_by=running.served_by or self.sharing.name)
         timings = {
             "received_at": round(job.received_at, 6),
             "started_at": round(running.started_at, 6),
@@ -649,7 +706,9 @@ class Supervisor:
             self._end(running, JobError(ErrorCode.INTERNAL,
                                         f"could not write the result: {error}"))
             return
-        self._close(job.id, job.source, "done", status={"output": output}, result=result,
+        served = {"served_by": result.served_by} if result.served_by else {}
+        self._close(job.id, job.source, "done", status={"output": output, **served},
+                    result=result, **served,
                     voice=result.voice, chars=job.chars, segments=len(running.segments),
                     audio_s=round(result.audio_s, 3), synth_s=round(result.synth_s, 3),
                     queue_wait_s=timings["queue_wait_s"],
@@ -695,6 +754,8 @@ class Supervisor:
 
     def _release_unstarted(self, running: Running) -> None:
         job = running.job
+        if self.sharing.release(running):
+            return
         if job.sink == SINK_REPLY:
             self._end(running, JobError(ErrorCode.SHUTTING_DOWN,
                                         "the daemon is stopping; send the request again"))
@@ -706,7 +767,7 @@ class Supervisor:
         if not self.stopping:
             return
         for running in list(self.ledger.jobs.values()):
-            if not running.started:
+            if not running.started or running.remote:
                 self._release_unstarted(running)
         left = list(self.ledger.jobs.values())
         if left and now < self.stop_deadline:

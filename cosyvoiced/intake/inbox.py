@@ -201,6 +201,8 @@ class InboxIntake:
             "cached": result.cached,
             "timings": timings,
         }
+        if result.served_by:
+            record["served_by"] = result.served_by
         return self._spool.publish_result(Claimed(job.origin), job.output, job.format,
                                           audio.encode(samples, result.sample_rate, job.format),
                                           record)

@@ -367,15 +367,17 @@ class ZmqIntake:
 
     def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
                 timings: dict[str, float]) -> str:
+        served: dict[str, Any] = {"served_by": result.served_by} if result.served_by else {}
         if job.stream:
             self._job_event(job, "end", audio_s=round(result.audio_s, 4),
                             synth_s=round(result.synth_s, 4),
-                            first_chunk_s=round(result.first_chunk_s, 4), cached=result.cached)
+                            first_chunk_s=round(result.first_chunk_s, 4), cached=result.cached,
+                            **served)
         else:
             self._job_event(job, "result", audio.encode(samples, result.sample_rate, job.format),
                             format=job.format, sample_rate=result.sample_rate,
                             audio_s=round(result.audio_s, 4), synth_s=round(result.synth_s, 4),
-                            voice=result.voice, cached=result.cached)
+                            voice=result.voice, cached=result.cached, **served)
         self._routes.pop(job.id, None)
         return f"reply:{job.id}"
 

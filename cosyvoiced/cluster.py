@@ -1,0 +1,447 @@
+"""A daemon's link to the other daemons: Redis Streams, driven by three threads.
+
+The supervisor's tick never waits on Redis. It queues commands (share a job, send an event,
+settle a job) and reads what the threads hand over in `inbound`, after a `wake()`:
+- the writer runs the commands in order; while Redis is down, a job not yet shared comes
+  back as `ShareFailed` (the tick serves it here instead) and every other command waits;
+- the job reader takes jobs from the shared streams while this host has idle workers
+  (`want`), interactive first, takes over jobs that another host left unacknowledged for
+  `cluster.claim_idle_s`, and keeps the jobs taken here from looking abandoned;
+- the event reader reads this host's event stream: the progress and outcomes of the jobs
+  it received, and cancellations of jobs it serves.
+Each thread has a connection of its own (a blocking read holds one). Any of them may find
+Redis down; they retry until it is back, then `up` is true again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from cosyvoiced import clusterwire as wire
+from cosyvoiced import logs
+from cosyvoiced.config import ClusterConfig, read_password
+from cosyvoiced.job import Job
+from cosyvoiced.scheduler import priority_of
+
+RETRY_S = 0.5  # between tries while Redis is down
+BLOCK_MS = 500  # a blocking read's longest wait: how soon a stop is noticed
+SOCKET_TIMEOUT_S = 5.0  # > BLOCK_MS: a Redis that stops answering is noticed
+EVENT_BATCH = 512
+
+log = logs.get_logger("cosyvoiced.cluster")
+
+
+@dataclass(frozen=True)
+class ShareFailed:
+    """A job could not go onto the shared stream (Redis down): serve it here."""
+
+    job_id: str
+
+
+Inbound = wire.SharedJob | wire.Event | ShareFailed
+Command = Callable[[redis.Redis], None]
+
+
+def safe_url(url: str) -> str:
+    """The Redis URL without its password, for logs and status."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+class ClusterLink:
+    def __init__(self, settings: ClusterConfig, host: str, wake: Callable[[], None]) -> None:
+        self.settings = settings
+        self.host = host
+        self.keys = wire.Keys(settings.key_prefix)
+        self.url = safe_url(settings.redis)
+        self.inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self._wake = wake
+        self._commands: queue.Queue[tuple[Command, str | None]] = queue.Queue()
+        self._password = read_password(settings.password_file) if settings.password_file \
+            else None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._wanted = 0
+        self._capacity = threading.Condition(self._lock)
+        self._held: dict[str, set[str]] = {}  # stream -> entries taken here, not settled
+        self._shared: dict[str, tuple[str, str]] = {}  # writer only: job id -> stream, entry
+        self.up = False
+        self.error = ""  # why Redis is down (no credentials in it)
+        self.events_read = 0
+
+    # -- lifetime ----------------------------------------------------------------------
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis, password=self._password,
+                                    socket_timeout=SOCKET_TIMEOUT_S,
+                                    socket_connect_timeout=SOCKET_TIMEOUT_S,
+                                    client_name=f"cosyvoiced:{self.host}")
+
+    def connect(self) -> bool:
+        """One try, now (at start: jobs left in work/ wait for outcomes only if Redis is
+        there). The threads keep trying after that."""
+        try:
+            self._prepare(self.client())
+        except redis.RedisError as error:
+            self._down(error)
+            return False
+        self._mark_up()
+        return True
+
+    def start(self) -> None:
+        for target in (self._write, self._read_jobs, self._read_events):
+            thread = threading.Thread(target=self._guarded, args=(target,), daemon=True,
+                                      name=f"cluster-{target.__name__.strip('_')}")
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 3.0) -> None:
+        """Stop after the commands already queued (outcomes) have gone, or the timeout."""
+        self._commands.put((lambda _redis: None, "stop"))
+        deadline = time.monotonic() + timeout_s
+        while not self._commands.empty() and self.up and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        with self._capacity:
+            self._capacity.notify_all()
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- what the tick asks (never blocks) -----------------------------------------------
+    def want(self, count: int) -> None:
+        """This host could start `count` more jobs now."""
+        with self._capacity:
+            self._wanted = max(0, count)
+            if self._wanted:
+                self._capacity.notify_all()
+
+    def share(self, job: Job, prompt: bytes | None) -> None:
+        """Put a received job onto the shared stream, unless it is there already (a restart
+        of this host finds its jobs in work/ again)."""
+        stream = self.keys.jobs(priority_of(job))
+        marker = self.keys.marker(self.host, job.id)
+        fields = wire.job_fields(job, self.host, prompt)
+        ttl_s = int(self.settings.outcome_ttl_s)
+
+        def command(client: redis.Redis) -> None:
+            if client.set(marker, b"shared", nx=True, ex=ttl_s):
+                entry: Any = client.xadd(stream, fields)  # type: ignore[arg-type]
+                self._shared[job.id] = (stream, entry.decode())
+
+        self._queue(command, on_down=job.id)
+
+    def withdraw(self, job_id: str) -> None:
+        """A received job ended here (cancelled, or served here while Redis was down):
+        take it off the shared stream if it is still there."""
+        marker = self.keys.marker(self.host, job_id)
+
+        def command(client: redis.Redis) -> None:
+            pipe = client.pipeline()
+            where = self._shared.pop(job_id, None)
+            if where is not None:
+                pipe.xdel(where[0], where[1])
+            pipe.delete(marker)
+            pipe.execute()
+
+        self._queue(command)
+
+    def send(self, host: str, event: wire.Event) -> None:
+        self._queue(lambda client: self._add_event(client.pipeline(), host, event).execute())
+
+    def complete(self, host: str, event: wire.Event, shared: wire.SharedJob) -> None:
+        """The outcome of another host's job, and the job settled, in one transaction: it
+        is never both done and still waiting to be taken over."""
+        self._release(shared)
+
+        def command(client: redis.Redis) -> None:
+            pipe = self._add_event(client.pipeline(), host, event)
+            pipe.xack(shared.stream, wire.GROUP, shared.entry)
+            pipe.xdel(shared.stream, shared.entry)
+            pipe.execute()
+
+        self._queue(command)
+
+    def settle(self, shared: wire.SharedJob) -> None:
+        """A job of this host's own, served here, has its outcome written."""
+        self._release(shared)
+        marker = self.keys.marker(self.host, shared.job.id)
+
+        def command(client: redis.Redis) -> None:
+            pipe = client.pipeline()
+            pipe.xack(shared.stream, wire.GROUP, shared.entry)
+            pipe.xdel(shared.stream, shared.entry)
+            pipe.delete(marker)
+            pipe.execute()
+            self._shared.pop(shared.job.id, None)
+
+        self._queue(command)
+
+    def requeue(self, shared: wire.SharedJob) -> None:
+        """Give back a job taken here but not started (this host stops): the others can
+        take it at once instead of after claim_idle_s."""
+        self._release(shared)
+        fields = wire.job_fields(shared.job, shared.host, shared.prompt)
+
+        def command(client: redis.Redis) -> None:
+            pipe = client.pipeline()
+            pipe.xadd(shared.stream, fields)  # type: ignore[arg-type]
+            pipe.xack(shared.stream, wire.GROUP, shared.entry)
+            pipe.xdel(shared.stream, shared.entry)
+            pipe.execute()
+
+        self._queue(command)
+
+    def forget(self, entries: list[str], finished: list[str]) -> None:
+        """Events read and acted on, and received jobs whose outcome is written here."""
+        events = self.keys.events(self.host)
+        markers = [self.keys.marker(self.host, job_id) for job_id in finished]
+
+        def command(client: redis.Redis) -> None:
+            pipe = client.pipeline()
+            if entries:
+                pipe.xdel(events, *entries)
+            if markers:
+                pipe.delete(*markers)
+            pipe.execute()
+            for job_id in finished:
+                self._shared.pop(job_id, None)
+
+        self._queue(command)
+
+    # -- the writer ------------------------------------------------------------------------
+    def _queue(self, command: Command, on_down: str | None = None) -> None:
+        self._commands.put((command, on_down))
+
+    def _add_event(self, pipe: Any, host: str, event: wire.Event) -> Any:
+        stream = self.keys.events(host)
+        oldest_ms = int((time.time() - self.settings.outcome_ttl_s) * 1000)
+        pipe.xadd(stream, wire.event_fields(event), minid=oldest_ms, approximate=True)
+        pipe.xtrim(stream, maxlen=self.settings.max_outcomes, approximate=True)
+        return pipe
+
+    def _write(self) -> None:
+        client = self.client()
+        pending: tuple[Command, str | None] | None = None
+        while not self._stop.is_set():
+            if pending is None:
+                try:
+                    pending = self._commands.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+            command, share_of = pending
+            if share_of is not None and not self.up:
+                self._hand_back(share_of)
+                pending = None
+                continue
+            try:
+                command(client)
+            except redis.RedisError as error:
+                self._down(error)
+                if share_of is not None:
+                    self._hand_back(share_of)
+                    pending = None
+                self._stop.wait(RETRY_S)
+                continue
+            pending = None
+            self._mark_up()
+
+    def _hand_back(self, job_id: str) -> None:
+        self._post(ShareFailed(job_id))
+
+    # -- the job reader --------------------------------------------------------------------
+    def _read_jobs(self) -> None:
+        client = self.client()
+        next_claim = next_heartbeat = 0.0
+        while not self._stop.is_set():
+            try:
+                if not self.up:
+                    self._prepare(client)
+                    self._mark_up()
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    self._heartbeat(client)
+                    next_heartbeat = now + self.settings.claim_idle_s / 3
+                wanted = self._wait_for_capacity()
+                if not wanted:
+                    continue
+                taken: list[wire.SharedJob] = []
+                if now >= next_claim:
+                    taken = self._take_over(client, wanted)
+                    next_claim = now + self.settings.claim_idle_s / 4
+                taken = taken or self._take(client, wanted)
+            except redis.RedisError as error:
+                self._down(error)
+                self._stop.wait(RETRY_S)
+                continue
+            for shared in taken:
+                self._hold(shared)
+                self._post(shared)
+
+    def _wait_for_capacity(self) -> int:
+        with self._capacity:
+            if not self._wanted and not self._stop.is_set():
+                self._capacity.wait(0.5)
+            return self._wanted
+
+    def _take(self, client: redis.Redis, wanted: int) -> list[wire.SharedJob]:
+        for stream in self.keys.job_streams():  # interactive first
+            taken = self._read_group(client, {stream: ">"}, wanted, None)
+            if taken:
+                return taken
+        return self._read_group(client, dict.fromkeys(self.keys.job_streams(), ">"), 1,
+                                BLOCK_MS)
+
+    def _read_group(self, client: redis.Redis, streams: dict[str, str], count: int,
+                    block: int | None) -> list[wire.SharedJob]:
+        answer: Any = client.xreadgroup(wire.GROUP, self.host, streams,  # type: ignore[arg-type]
+                                        count=count, block=block)
+        taken = []
+        for stream, entries in answer or []:
+            for entry, data in entries:
+                shared = self._decode(stream.decode(), entry.decode(), data, 1)
+                if shared is not None:
+                    taken.append(shared)
+        with self._capacity:
+            self._wanted = max(0, self._wanted - len(taken))
+        return taken
+
+    def _take_over(self, client: redis.Redis, wanted: int) -> list[wire.SharedJob]:
+        """Jobs another host took and then left unacknowledged for claim_idle_s."""
+        idle_ms = int(self.settings.claim_idle_s * 1000)
+        taken: list[wire.SharedJob] = []
+        for stream in self.keys.job_streams():
+            answer: Any = client.xautoclaim(stream, wire.GROUP, self.host, idle_ms,
+                                       count=wanted - len(taken))
+            for entry, data in answer[1]:
+                if data is None:  # deleted meanwhile (settled by its receiving host)
+                    continue
+                deliveries = _deliveries(client, stream, entry)
+                shared = self._decode(stream, entry.decode(), data, deliveries)
+                if shared is not None:
+                    log.warning("job_taken_over", job=shared.job.id, received_by=shared.host,
+                                deliveries=deliveries,
+                                message=f"its host left it for {self.settings.claim_idle_s:g} s")
+                    taken.append(shared)
+            if len(taken) >= wanted:
+                break
+        with self._capacity:
+            self._wanted = max(0, self._wanted - len(taken))
+        return taken
+
+    def _decode(self, stream: str, entry: str, data: wire.Fields,
+                deliveries: int) -> wire.SharedJob | None:
+        try:
+            return wire.read_job(stream, entry, data, deliveries)
+        except wire.WireError as error:
+            log.error("shared_job_unreadable", stream=stream, entry=entry, error=str(error),
+                      message="dropped from the stream")
+            self._queue(lambda client: _drop(client, stream, entry))
+            return None
+
+    def _heartbeat(self, client: redis.Redis) -> None:
+        """Reset the idle time of the jobs taken here, so no other host takes them over
+        while they run (JUSTID: their delivery count stays as it is)."""
+        with self._lock:
+            held = {stream: list(entries) for stream, entries in self._held.items() if entries}
+        for stream, entries in held.items():
+            client.xclaim(stream, wire.GROUP, self.host, 0, entries,  # type: ignore[arg-type]
+                          justid=True)
+
+    def _hold(self, shared: wire.SharedJob) -> None:
+        with self._lock:
+            self._held.setdefault(shared.stream, set()).add(shared.entry)
+
+    def _release(self, shared: wire.SharedJob) -> None:
+        with self._lock:
+            self._held.get(shared.stream, set()).discard(shared.entry)
+
+    # -- the event reader ------------------------------------------------------------------
+    def _read_events(self) -> None:
+        client = self.client()
+        stream = self.keys.events(self.host)
+        last = "0-0"  # what is left of the stream was not acted on: read it all
+        while not self._stop.is_set():
+            try:
+                answer: Any = client.xread({stream: last}, count=EVENT_BATCH, block=BLOCK_MS)
+            except redis.RedisError as error:
+                self._down(error)
+                last = "0-0"  # a Redis that lost its data numbers entries anew
+                self._stop.wait(RETRY_S)
+                continue
+            for _stream, entries in answer or []:
+                for entry, data in entries:
+                    last = entry.decode()
+                    self._post_event(last, data)
+
+    def _post_event(self, entry: str, data: wire.Fields) -> None:
+        try:
+            event = wire.read_event(entry, data)
+        except wire.WireError as error:
+            log.error("event_unreadable", entry=entry, error=str(error))
+            self.forget([entry], [])
+            return
+        self.events_read += 1
+        self._post(event)
+
+    # -- state -----------------------------------------------------------------------------
+    def _prepare(self, client: redis.Redis) -> None:
+        """The job streams and their consumer group exist (Redis may have lost them)."""
+        client.ping()
+        for stream in self.keys.job_streams():
+            try:
+                client.xgroup_create(stream, wire.GROUP, id="0", mkstream=True)
+            except redis.ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+
+    def _post(self, item: Inbound) -> None:
+        self.inbound.put(item)
+        self._wake()
+
+    def _mark_up(self) -> None:
+        if not self.up:
+            self.up, self.error = True, ""
+            self._wake()
+
+    def _down(self, error: redis.RedisError) -> None:
+        self.error = f"{type(error).__name__}: {error}"
+        if self.up:
+            self.up = False
+            self._wake()
+
+    def _guarded(self, target: Callable[[], None]) -> None:
+        """A thread that fails for another reason than Redis is logged, not silent."""
+        while not self._stop.is_set():
+            try:
+                target()
+                return
+            except Exception as error:  # noqa: BLE001 - logged; the thread starts over
+                log.error("cluster_thread_failed", thread=target.__name__, error=repr(error))
+                with contextlib.suppress(Exception):
+                    self._down(redis.ConnectionError(repr(error)))
+                self._stop.wait(RETRY_S)
+
+
+def _deliveries(client: redis.Redis, stream: str, entry: bytes) -> int:
+    pending: Any = client.xpending_range(stream, wire.GROUP, min=entry, max=entry, count=1)
+    return int(pending[0]["times_delivered"]) if pending else 1
+
+
+def _drop(client: redis.Redis, stream: str, entry: str) -> None:
+    pipe = client.pipeline()
+    pipe.xack(stream, wire.GROUP, entry)
+    pipe.xdel(stream, entry)
+    pipe.execute()

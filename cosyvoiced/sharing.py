@@ -1,0 +1,331 @@
+"""The supervisor's side of a cluster: jobs shared through Redis with the other daemons.
+
+A job received here goes onto the shared stream and waits in the ledger as `remote` until
+its events come back (or this host takes it itself). A job taken from the stream runs here
+like any other; if another host received it, a `RemoteSink` sends its audio and outcome
+there. Every job still ends exactly once, where it was received: the events of a job
+that ended already (it ran twice after a host died, or was taken back) are dropped.
+
+While Redis is down, new jobs are served here, and the jobs waiting on the stream are
+taken back: at once if no host has started them, after `claim_idle_s` otherwise.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cosyvoiced import clusterwire as wire
+from cosyvoiced import logs
+from cosyvoiced.cluster import ClusterLink, ShareFailed
+from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult
+from cosyvoiced.ledger import Running
+
+if TYPE_CHECKING:
+    from cosyvoiced.config import ClusterConfig
+    from cosyvoiced.supervisor import Supervisor
+
+PROMPT_NAME = "shared.prompt"
+
+log = logs.get_logger("cosyvoiced.sharing")
+
+
+class RemoteSink:
+    """The outcome of another host's job goes back to that host, as events."""
+
+    def __init__(self, link: ClusterLink, shared: wire.SharedJob) -> None:
+        self.link, self.shared = link, shared
+
+    def _event(self, kind: str, audio: bytes = b"", **detail: Any) -> wire.Event:
+        return wire.Event(kind, self.shared.job.id, self.link.host, detail, audio)
+
+    def started(self, job: Job, sample_rate: int) -> None:
+        self.link.send(self.shared.host, self._event(wire.STARTED, sample_rate=sample_rate))
+
+    def chunk(self, job: Job, seq: int, samples: npt.NDArray[np.float32]) -> None:
+        self.link.send(self.shared.host,
+                       self._event(wire.CHUNK, wire.audio_bytes(samples), seq=seq))
+
+    def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
+                timings: dict[str, float]) -> str:
+        audio = b"" if job.stream else wire.audio_bytes(samples)
+        detail = {"voice": result.voice, "sample_rate": result.sample_rate,
+                  "samples": result.samples, "synth_s": result.synth_s,
+                  "first_chunk_s": result.first_chunk_s, "cached": result.cached,
+                  "timings": timings}
+        self.link.complete(self.shared.host, self._event(wire.DONE, audio, **detail),
+                           self.shared)
+        return f"to {self.shared.host}"
+
+    def fail_job(self, job: Job, error: JobError) -> str:
+        self.link.complete(self.shared.host,
+                           self._event(wire.FAILED, error=error.to_dict()), self.shared)
+        return f"to {self.shared.host}"
+
+    def cancelled(self, job: Job) -> None:
+        self.link.complete(self.shared.host, self._event(wire.CANCELLED), self.shared)
+
+
+class Sharing:
+    def __init__(self, settings: ClusterConfig, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.name = (settings.name or socket.gethostname()) if settings.redis else ""
+        self.claim_idle_s = settings.claim_idle_s
+        self.link = ClusterLink(settings, self.name, supervisor.wake) if settings.redis \
+            else None
+        self.was_up = False
+        self.down_since = 0.0
+        self.own: dict[str, Running] = {}  # received here and shared, not ended
+        self.served: dict[str, wire.SharedJob] = {}  # local id -> its stream entry
+        self.sinks: dict[str, RemoteSink] = {}  # local id -> where its outcome goes
+        self.taken_over = 0
+
+    @property
+    def up(self) -> bool:
+        return self.link is not None and self.link.up
+
+    # -- lifetime ------------------------------------------------------------------------
+    def connect(self) -> None:
+        if self.link is None:
+            return
+        if self.link.connect():
+            log.info("cluster_joined", redis=self.link.url, name=self.name)
+        else:
+            log.warning("cluster_unreachable", redis=self.link.url, error=self.link.error,
+                        message="serving this host's jobs here until Redis is back")
+            self.down_since = time.monotonic()
+        self.was_up = self.link.up
+
+    def start(self) -> None:
+        if self.link is not None:
+            self.link.start()
+
+    def stop(self) -> None:
+        if self.link is not None:
+            self.link.stop()
+
+    # -- receiving -----------------------------------------------------------------------
+    def share(self, running: Running) -> bool:
+        """Put a job received here onto the shared stream; False: serve it here."""
+        if self.link is None or not self.link.up:
+            return False
+        job = running.job
+        prompt = Path(job.prompt_audio).read_bytes() if job.prompt_audio else None
+        running.remote = True
+        self.own[job.id] = running
+        self.link.share(job, prompt)
+        return True
+
+    def ended(self, job_id: str) -> None:
+        """A job ended here: settle what Redis holds of it."""
+        if self.link is None:
+            return
+        shared = self.served.pop(job_id, None)
+        self.sinks.pop(job_id, None)
+        running = self.own.pop(job_id, None)
+        if shared is not None:
+            if shared.host == self.name:
+                self.link.settle(shared)  # (another host's: its RemoteSink settled it)
+        elif running is not None:  # ended here before its outcome came back
+            if running.remote and running.served_by:
+                self.link.send(running.served_by, wire.Event(wire.CANCEL, job_id, self.name))
+            self.link.withdraw(job_id)
+
+    def release(self, running: Running) -> bool:
+        """The daemon stops: a job not started here (or not served here at all) is left
+        to the cluster. False: the supervisor releases it as it would alone."""
+        job_id = running.job.id
+        shared = self.served.get(job_id)
+        own = running.remote or (shared is not None and shared.host == self.name)
+        if self.link is None or (own and running.job.sink == SINK_REPLY):
+            return False  # a reply's client is told: its request ends with this host
+        if not own and shared is None:
+            return False
+        if shared is not None:
+            self.link.requeue(shared)  # another host can take it at once
+            self.served.pop(job_id)
+            self.sinks.pop(job_id, None)
+        if own:
+            # Its outcome waits in Redis until this host is back and finds it in work/.
+            self.own.pop(job_id, None)
+        else:
+            self.supervisor.spool.discard_prompts(job_id)
+        self.supervisor.ledger.pop(job_id)
+        return True
+
+    # -- the tick ------------------------------------------------------------------------
+    def poll(self, now: float) -> None:
+        if self.link is None:
+            return
+        self._watch_link(now)
+        forgotten: list[str] = []
+        finished: list[str] = []
+        while not self.link.inbound.empty():
+            item = self.link.inbound.get_nowait()
+            if isinstance(item, wire.SharedJob):
+                self._take(item)
+            elif isinstance(item, ShareFailed):
+                self._take_back(item.job_id, "redis_unreachable")
+            else:
+                forgotten.append(item.entry)
+                if self._apply(item):
+                    finished.append(item.job_id)
+        if forgotten:
+            self.link.forget(forgotten, finished)
+
+    def offer(self, idle_workers: int) -> None:
+        """Take as many jobs from the stream as this host can start now."""
+        if self.link is None:
+            return
+        supervisor = self.supervisor
+        waiting = sum(1 for r in supervisor.ledger.jobs.values()
+                      if not r.remote and not r.started)
+        ready = supervisor.ready and not supervisor.stopping
+        self.link.want(idle_workers - waiting if ready else 0)
+
+    def _watch_link(self, now: float) -> None:
+        assert self.link is not None
+        up = self.link.up
+        if up != self.was_up:
+            self.was_up = up
+            if up:
+                log.info("cluster_up", redis=self.link.url, down_s=round(now - self.down_since, 1))
+            else:
+                self.down_since = now
+                log.warning("cluster_down", redis=self.link.url, error=self.link.error,
+                            message="serving this host's jobs here until Redis is back")
+            self.supervisor.metrics.cluster_connected.set(int(up))
+        if not up:
+            self._take_back_all(now)
+
+    def _take_back_all(self, now: float) -> None:
+        """Redis is down: the jobs it holds for this host are served here instead."""
+        for running in list(self.supervisor.ledger.jobs.values()):
+            if not running.remote:
+                continue
+            if not running.started:
+                self._take_back(running.job.id, "redis_unreachable")
+            elif now - self.down_since >= self.claim_idle_s:
+                self._take_back(running.job.id, "redis_unreachable_started")
+
+    def _take_back(self, job_id: str, reason: str) -> None:
+        running = self.supervisor.ledger.get(job_id)
+        if running is None or not running.remote:
+            return
+        if running.job.stream and running.chunks_sent:
+            self.supervisor.end_job(running, JobError(
+                ErrorCode.WORKER_CRASHED, f"lost contact with {running.served_by}, which was "
+                "streaming this job; its audio cannot be continued here"))
+            return
+        log.warning("job_taken_back", job=job_id, reason=reason, served_by=running.served_by)
+        self.supervisor.serve_here(running)
+
+    # -- serving -------------------------------------------------------------------------
+    def _take(self, shared: wire.SharedJob) -> None:
+        supervisor = self.supervisor
+        if shared.deliveries > 1:
+            self.taken_over += 1
+            supervisor.metrics.jobs_taken_over.inc()
+        if shared.host == self.name:
+            self._take_own(shared)
+            return
+        local_id = f"{shared.host}-{shared.job.id}"
+        assert self.link is not None
+        if local_id in supervisor.ledger.jobs:
+            self.link.settle(shared)  # a second entry of a job here already
+            return
+        prompt = None
+        if shared.prompt is not None:
+            prompt = str(supervisor.spool.write_prompt(local_id, PROMPT_NAME, shared.prompt))
+        self.served[local_id] = shared
+        self.sinks[local_id] = RemoteSink(self.link, shared)
+        job = wire.served_job(shared, local_id, prompt)
+        if supervisor.poisoned(shared.deliveries):
+            supervisor.sink_of(job).fail_job(job, _poison_error(shared.deliveries))
+            self.served.pop(local_id)
+            self.sinks.pop(local_id)
+            return
+        supervisor.enqueue_here(job)
+
+    def _take_own(self, shared: wire.SharedJob) -> None:
+        assert self.link is not None
+        running = self.supervisor.ledger.get(shared.job.id)
+        if running is None or not running.remote or running.started:
+            self.link.settle(shared)  # ended, or taken back, already
+            return
+        self.served[shared.job.id] = shared
+        if self.supervisor.poisoned(shared.deliveries):
+            self.supervisor.end_job(running, _poison_error(shared.deliveries))
+            return
+        self.supervisor.serve_here(running)
+
+    # -- events --------------------------------------------------------------------------
+    def _apply(self, event: wire.Event) -> bool:
+        """Act on one event; True if it ended a job received here."""
+        supervisor = self.supervisor
+        if event.kind == wire.CANCEL:
+            supervisor.cancel(f"{event.sender}-{event.job_id}")
+            return False
+        running = supervisor.ledger.get(event.job_id)
+        if running is None or not running.remote:
+            return False  # ended already, or served here since
+        if event.kind == wire.STARTED:
+            self._started(running, event)
+        elif event.kind == wire.CHUNK:
+            if event.sender == running.served_by and event.detail["seq"] == running.chunks_sent:
+                supervisor.sink_of(running.job).chunk(running.job, running.chunks_sent,
+                                                      event.samples)
+                running.chunks_sent += 1
+                running.last_progress = time.monotonic()
+        elif event.kind in wire.OUTCOMES:
+            self.own.pop(running.job.id, None)  # settled by forget(): nothing to withdraw
+            if event.kind == wire.DONE:
+                supervisor.finish_remote(running, event)
+            else:
+                error = event.detail.get("error")
+                supervisor.end_job(running, JobError.from_dict(error) if error else None)
+            return True
+        return False
+
+    def _started(self, running: Running, event: wire.Event) -> None:
+        if running.served_by and running.served_by != event.sender and running.chunks_sent:
+            self.supervisor.end_job(running, JobError(
+                ErrorCode.WORKER_CRASHED, f"{running.served_by} stopped while streaming this "
+                f"job and {event.sender} took it over; its audio cannot be continued"))
+            return
+        first = not running.served_by
+        running.served_by = event.sender
+        running.last_progress = time.monotonic()
+        if first:
+            running.dispatched = True
+            running.started_at = time.time()
+            running.sample_rate = int(event.detail["sample_rate"])
+            self.supervisor.sink_of(running.job).started(running.job, running.sample_rate)
+
+    # -- reporting -----------------------------------------------------------------------
+    def figures(self) -> dict[str, Any] | None:
+        if self.link is None:
+            return None
+        ledger = self.supervisor.ledger
+        return {"name": self.name, "redis": self.link.url, "connected": self.link.up,
+                "error": self.link.error or None,
+                "shared": sum(1 for r in ledger.jobs.values() if r.remote),
+                "serving_for_others": len(self.sinks), "taken_over": self.taken_over}
+
+    def status(self) -> str:
+        if self.link is None:
+            return ""
+        if not self.link.up:
+            return f"; cluster: Redis unreachable, serving here ({self.link.error})"
+        shared = sum(1 for r in self.supervisor.ledger.jobs.values() if r.remote)
+        return f"; cluster {self.name}: {shared} shared, {len(self.sinks)} for others"
+
+
+def _poison_error(deliveries: int) -> JobError:
+    return JobError(ErrorCode.WORKER_CRASHED, f"the hosts serving this job stopped "
+                    f"{deliveries - 1} time(s) while it ran; it is not retried again")
