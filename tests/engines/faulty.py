@@ -156,3 +156,10 @@ def slow_torch(config: EngineConfig) -> ToneEngine:
     sys.path.insert(0, str(directory))
     importlib.import_module("torch")
     return ToneEngine()
+
+
+def never_ready(config: EngineConfig) -> ToneEngine:
+    """An engine that never finishes loading: a host that receives jobs and serves none
+    (with a long worker.start_timeout_s)."""
+    time.sleep(3600)
+    return ToneEngine()

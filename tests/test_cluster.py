@@ -1,0 +1,223 @@
+"""Several daemons on one real Redis (issue 13): shared jobs, hosts that die, Redis down.
+
+Every daemon runs the tone engine (tests/engines/faulty.py): 50 ms of tone per character
+of each sentence, so a job's exact length in samples is known and a lost or doubled
+segment shows. `SLOW@s` makes a sentence take that long, so jobs are in flight when a host
+is killed. A "receive-only" host has an engine that never finishes loading: it takes jobs
+in and serves none, so the jobs it receives are served elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+
+from cosyvoiced.client import Client
+from tests.conftest import DaemonFactory
+from tests.daemon import Daemon, wait_until
+from tests.engines.faulty import SAMPLE_RATE, SECONDS_PER_CHAR
+from tests.redisserver import RedisServer, redis_server_fixture  # noqa: F401
+
+TONE = "tests.engines.faulty:load"
+NEVER_READY = "tests.engines.faulty:never_ready"
+CLAIM_IDLE_S = 3.0
+QUICK = {"job_timeout_s": 10.0, "kill_grace_s": 1.0, "heartbeat_interval_s": 0.5,
+         "heartbeat_timeout_s": 3.0}
+
+
+def expected_samples(text: str) -> int:
+    sentences = filter(None, (s.strip() for s in re.split(r"(?<=\.)\s", text)))
+    return sum(int(len(s) * SECONDS_PER_CHAR * SAMPLE_RATE) for s in sentences)
+
+
+def host(make_daemon: DaemonFactory, server: RedisServer, name: str, *,
+         serves: bool = True, **cluster: Any) -> Daemon:
+    engine = TONE if serves else NEVER_READY
+    worker = QUICK if serves else QUICK | {"start_timeout_s": 3600.0}
+    return make_daemon(name, engine={"name": engine}, worker=worker,
+                       cluster={"redis": server.url, "name": name,
+                                "claim_idle_s": CLAIM_IDLE_S} | cluster)
+
+
+def start(daemon: Daemon, serves: bool = True) -> Daemon:
+    daemon.start(wait_ready=serves)
+    if not serves:
+        wait_until(lambda: daemon.log_events("cluster_joined"), 30, f"{daemon.root.name} joins")
+    return daemon
+
+
+def records(daemon: Daemon) -> list[dict[str, Any]]:
+    return [json.loads(path.read_text()) for path in daemon.outbox.glob("*.json")]
+
+
+def assert_exact_audio(path: Path, text: str) -> None:
+    audio, rate = soundfile.read(path, dtype="float32")
+    assert rate == SAMPLE_RATE
+    assert len(audio) == expected_samples(text), f"{path.name}: lost or doubled audio"
+    assert float(np.abs(audio).max()) > 0.1
+
+
+def test_jobs_dropped_on_one_host_are_served_by_all_three(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    a, b, c = (start(host(make_daemon, redis_server, name)) for name in "abc")
+    texts = {f"job{n}": f"Job number {n} SLOW@0.4 now. It has a second sentence."
+             for n in range(12)}
+    for name, text in texts.items():
+        a.drop_job(name, text=text)
+    done = {name: a.wait_done(f"{name}.json") for name in texts}
+    assert {record["served_by"] for record in done.values()} == {"a", "b", "c"}
+    for name in done:
+        assert_exact_audio(a.outbox / f"{name}.wav", texts[name])
+    assert len(records(a)) == len(texts)
+    assert not records(b)
+    assert not records(c)
+    with Client(a.endpoint) as client:
+        cluster = client.stats()["cluster"]
+    assert cluster["connected"]
+    assert cluster["name"] == "a"
+    assert a.notify is not None
+    assert "cluster a:" in a.notify.statuses()[-1]
+
+
+def test_a_stream_is_served_by_another_host_chunk_by_chunk(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    start(host(make_daemon, redis_server, "back"))
+    text = "First sentence SLOW@0.3 now. Second sentence here. And a third one to end."
+    with Client(receiver.endpoint, timeout_s=30) as client:
+        with client.stream(text) as stream:
+            chunks = list(stream)
+        result = client.synthesize("A whole reply, not streamed.")
+        submitted = client.submit("Submitted through the front host.", output="sub")
+        status = wait_until(lambda: (s := client.status(submitted))["state"] == "done" and s,
+                            30, "the submitted job")
+    assert len(chunks) == 3  # one per sentence: streamed as the other host made them
+    assert sum(len(chunk) for chunk in chunks) // 2 == expected_samples(text)
+    assert stream.end is not None
+    assert stream.end["served_by"] == "back"
+    assert result.header["served_by"] == "back"
+    assert status["served_by"] == "back"
+    record = json.loads((receiver.outbox / "sub.json").read_text())
+    assert record["served_by"] == "back"
+
+
+def test_a_serving_host_killed_mid_job_is_taken_over(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    servers = {name: start(host(make_daemon, redis_server, name)) for name in ("b", "c")}
+    text = " ".join(f"Sentence {n} SLOW@0.5 now." for n in range(6))
+    with Client(receiver.endpoint, timeout_s=30) as client:
+        job = client.submit(text, output="long")
+        first = wait_until(lambda: client.status(job).get("served_by"), 30, "a host to start it")
+        servers[first].kill_hard()
+        status = wait_until(lambda: (s := client.status(job))["state"] == "done" and s,
+                            CLAIM_IDLE_S + 30, "another host to finish it")
+    (survivor,) = set(servers) - {first}
+    assert status["served_by"] == survivor
+    assert_exact_audio(receiver.outbox / "long.wav", text)
+    assert len(records(receiver)) == 1
+    assert servers[survivor].log_events("job_taken_over")
+
+
+def test_jobs_of_a_receiving_host_killed_wait_in_redis_until_it_is_back(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    server = start(host(make_daemon, redis_server, "back"))
+    texts = {f"r{n}": f"Received by the front host SLOW@0.8 now. Number {n}." for n in range(3)}
+    for name, text in texts.items():
+        receiver.drop_job(name, text=text)
+    with Client(receiver.endpoint) as client:
+        wait_until(lambda: client.stats()["cluster"]["shared"] == len(texts), 30,
+                   "the front host to share its jobs")
+    receiver.kill_hard()
+    wait_until(lambda: len(server.log_events("job")) == len(texts), 30,
+               "the back host to serve them all with the front host down")
+    assert not records(receiver)
+    start(receiver, serves=False)  # same spool: its jobs are still in work/
+    done = {name: receiver.wait_done(f"{name}.json", timeout_s=30) for name in texts}
+    assert {record["served_by"] for record in done.values()} == {"back"}
+    for name in done:
+        assert_exact_audio(receiver.outbox / f"{name}.wav", texts[name])
+    assert len(server.log_events("job")) == len(texts)  # none served a second time
+    assert not list(receiver.work.iterdir())
+
+
+def test_a_job_that_kills_every_worker_ends_as_worker_crashed(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    start(host(make_daemon, redis_server, "back"))
+    receiver.drop_job("poison", text="This one will ABORT.")
+    receiver.drop_job("fine", text="A normal job.")
+    record = receiver.wait_failed("poison.json", timeout_s=60)
+    assert record["code"] == "worker_crashed"
+    assert receiver.wait_done("fine.json")["served_by"] == "back"
+
+
+def test_with_redis_down_each_host_serves_its_own_jobs_and_rejoins(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    a = start(host(make_daemon, redis_server, "a"))
+    start(host(make_daemon, redis_server, "b"))
+    redis_server.kill()
+    notify = a.notify
+    assert notify is not None
+    wait_until(lambda: "Redis unreachable" in notify.statuses()[-1], 30,
+               "STATUS= to say Redis is unreachable")
+    assert a.log_events("cluster_down")
+    a.drop_job("alone", text="Served while Redis is down.")
+    assert a.wait_done("alone.json")["served_by"] == "a"
+    with Client(a.endpoint) as client:
+        assert client.stats()["cluster"]["connected"] is False
+    redis_server.restart()
+    wait_until(lambda: a.log_events("cluster_up"), 30, "a to rejoin")
+    a.drop_job("back", text="Shared again. SLOW@0.2 now.")
+    assert a.wait_done("back.json")["served_by"] in ("a", "b")
+    assert len(records(a)) == 2
+
+
+def test_redis_restarted_mid_run_loses_no_job(make_daemon: DaemonFactory,
+                                              redis_server: RedisServer) -> None:
+    daemons = [start(host(make_daemon, redis_server, name)) for name in "ab"]
+    texts = {f"m{n}": f"Job {n} around a Redis restart SLOW@0.3 now. Done." for n in range(10)}
+    for name, text in texts.items():
+        daemons[0].drop_job(name, text=text)
+    wait_until(lambda: len(records(daemons[0])) >= 2, 30, "the first jobs to finish")
+    redis_server.kill()
+    redis_server.restart()  # AOF, appendfsync always: the streams survive
+    done = {name: daemons[0].wait_done(f"{name}.json", timeout_s=60) for name in texts}
+    for name in done:
+        assert_exact_audio(daemons[0].outbox / f"{name}.wav", texts[name])
+    inputs = Counter(record["input"] for record in records(daemons[0]))
+    assert set(inputs.values()) == {1}
+    assert len(inputs) == len(texts)
+
+
+@pytest.mark.parametrize("how", ["url", "password_file"])
+def test_credentials_never_reach_the_logs(make_daemon: DaemonFactory, tmp_path: Path,
+                                          how: str) -> None:
+    password = "s3cret-cluster-password"
+    settings: dict[str, Any]
+    with RedisServer(tmp_path / "redis", password=password) as server:
+        if how == "url":
+            settings = {"redis": server.url_with_password}
+        else:
+            (tmp_path / "redis.password").write_text(password + "\n")
+            settings = {"redis": server.url, "password_file": str(tmp_path / "redis.password")}
+        daemon = start(host(make_daemon, server, "a", **settings))
+        daemon.drop_job("secret", text="Nothing secret here.")
+        assert daemon.wait_done("secret.json")["served_by"] == "a"
+        server.kill()
+        assert daemon.notify is not None
+        wait_until(lambda: daemon.log_events("cluster_down"), 30, "the link to go down")
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_exit()
+        seen = daemon.log_file.read_text() + daemon.output() + "".join(daemon.notify.messages)
+    assert daemon.log_events("cluster_joined")
+    assert password not in seen
