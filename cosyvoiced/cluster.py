@@ -47,7 +47,15 @@ class ShareFailed:
     job_id: str
 
 
-Inbound = wire.SharedJob | wire.Event | ShareFailed
+@dataclass(frozen=True)
+class SharedLost:
+    """A job of this host's that Redis no longer holds (it lost its data, or the TTL ran
+    out): serve it here."""
+
+    job_id: str
+
+
+Inbound = wire.SharedJob | wire.Event | ShareFailed | SharedLost
 Command = Callable[[redis.Redis], None]
 
 
@@ -110,7 +118,7 @@ class ClusterLink:
 
     def stop(self, timeout_s: float = 3.0) -> None:
         """Stop after the commands already queued (outcomes) have gone, or the timeout."""
-        self._commands.put((lambda _redis: None, "stop"))
+        self._commands.put((lambda _redis: None, None))
         deadline = time.monotonic() + timeout_s
         while not self._commands.empty() and self.up and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -201,6 +209,21 @@ class ClusterLink:
             pipe.xack(shared.stream, wire.GROUP, shared.entry)
             pipe.xdel(shared.stream, shared.entry)
             pipe.execute()
+
+        self._queue(command)
+
+    def audit(self, job_ids: list[str]) -> None:
+        """Check that the jobs this host waits for are still shared; those that are not come
+        back as `SharedLost`. (Queued after their `share`, so never before it.)"""
+        markers = [self.keys.marker(self.host, job_id) for job_id in job_ids]
+
+        def command(client: redis.Redis) -> None:
+            pipe = client.pipeline(transaction=False)
+            for marker in markers:
+                pipe.exists(marker)
+            for job_id, exists in zip(job_ids, pipe.execute(), strict=True):
+                if not exists:
+                    self._post(SharedLost(job_id))
 
         self._queue(command)
 

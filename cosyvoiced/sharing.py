@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs
-from cosyvoiced.cluster import ClusterLink, ShareFailed
+from cosyvoiced.cluster import ClusterLink, SharedLost, ShareFailed
 from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult
 from cosyvoiced.ledger import Running
 
@@ -84,6 +84,7 @@ class Sharing:
         self.served: dict[str, wire.SharedJob] = {}  # local id -> its stream entry
         self.sinks: dict[str, RemoteSink] = {}  # local id -> where its outcome goes
         self.taken_over = 0
+        self.next_audit = 0.0
 
     @property
     def up(self) -> bool:
@@ -171,12 +172,19 @@ class Sharing:
                 self._take(item)
             elif isinstance(item, ShareFailed):
                 self._take_back(item.job_id, "redis_unreachable")
+            elif isinstance(item, SharedLost):
+                self._take_back(item.job_id, "lost_by_redis")
             else:
                 forgotten.append(item.entry)
                 if self._apply(item):
                     finished.append(item.job_id)
         if forgotten:
             self.link.forget(forgotten, finished)
+        if self.link.up and now >= self.next_audit:
+            self.next_audit = now + self.claim_idle_s
+            waiting = [job_id for job_id, running in self.own.items() if running.remote]
+            if waiting:
+                self.link.audit(waiting)
 
     def offer(self, idle_workers: int) -> None:
         """Take as many jobs from the stream as this host can start now."""

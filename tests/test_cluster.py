@@ -134,9 +134,9 @@ def test_jobs_of_a_receiving_host_killed_wait_in_redis_until_it_is_back(
     texts = {f"r{n}": f"Received by the front host SLOW@0.8 now. Number {n}." for n in range(3)}
     for name, text in texts.items():
         receiver.drop_job(name, text=text)
-    with Client(receiver.endpoint) as client:
-        wait_until(lambda: client.stats()["cluster"]["shared"] == len(texts), 30,
-                   "the front host to share its jobs")
+    redis = redis_server.client()
+    wait_until(lambda: len(redis.keys("cosyvoiced:job:front:*")) == len(texts), 30,
+               "the front host to share its jobs")
     receiver.kill_hard()
     wait_until(lambda: len(server.log_events("job")) == len(texts), 30,
                "the back host to serve them all with the front host down")
@@ -146,7 +146,10 @@ def test_jobs_of_a_receiving_host_killed_wait_in_redis_until_it_is_back(
     assert {record["served_by"] for record in done.values()} == {"back"}
     for name in done:
         assert_exact_audio(receiver.outbox / f"{name}.wav", texts[name])
-    assert len(server.log_events("job")) == len(texts)  # none served a second time
+    # None shared a second time: nothing left to serve or in progress.
+    assert redis.xlen("cosyvoiced:jobs:bulk") == 0
+    assert redis.xpending("cosyvoiced:jobs:bulk", "hosts")["pending"] == 0
+    assert len(server.log_events("job")) == len(texts)
     assert not list(receiver.work.iterdir())
 
 
@@ -221,3 +224,21 @@ def test_credentials_never_reach_the_logs(make_daemon: DaemonFactory, tmp_path: 
         seen = daemon.log_file.read_text() + daemon.output() + "".join(daemon.notify.messages)
     assert daemon.log_events("cluster_joined")
     assert password not in seen
+
+
+def test_jobs_lost_by_a_redis_without_persistence_are_served_anyway(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", aof=False) as server:
+        a, _b = (start(host(make_daemon, server, name)) for name in "ab")
+        texts = {f"l{n}": f"Job {n} SLOW@0.5 now. Then Redis forgets it." for n in range(6)}
+        for name, text in texts.items():
+            a.drop_job(name, text=text)
+        with Client(a.endpoint) as client:
+            wait_until(lambda: client.stats()["cluster"]["shared"] >= 4, 30, "jobs shared")
+        server.restart()  # no AOF: the shared streams and markers are gone
+        done = {name: a.wait_done(f"{name}.json", timeout_s=CLAIM_IDLE_S * 4 + 30)
+                for name in texts}
+    for name in done:
+        assert_exact_audio(a.outbox / f"{name}.wav", texts[name])
+    assert Counter(record["input"] for record in records(a)) == Counter(
+        f"{name}.json" for name in texts)
