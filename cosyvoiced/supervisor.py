@@ -1,8 +1,9 @@
 """The supervisor: the one owner of the queue, the worker and every job's outcome.
 
 Signal handlers only record the signal. One tick acts, always in the same order:
-signals -> intake (drop folder claims, ZeroMQ requests) -> worker messages and exits ->
-dispatch -> inbox rescan -> shutdown progress -> STATUS= -> WATCHDOG=1. Because the watchdog
+signals -> intake (drop folder claims, ZeroMQ, HTTP and Wyoming requests) -> the cluster's
+jobs and events (sharing.py) -> worker messages and exits -> dispatch -> jobs wanted from
+the cluster -> inbox rescan -> shutdown progress -> STATUS= -> WATCHDOG=1. Because the watchdog
 ping comes from the tick, a supervisor that stops ticking stops pinging, and systemd
 restarts it.
 """

@@ -242,3 +242,21 @@ def test_jobs_lost_by_a_redis_without_persistence_are_served_anyway(
         assert_exact_audio(a.outbox / f"{name}.wav", texts[name])
     assert Counter(record["input"] for record in records(a)) == Counter(
         f"{name}.json" for name in texts)
+
+
+def test_a_host_stopped_finishes_its_segment_and_hands_back_the_jobs_it_took(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    stopped = start(host(make_daemon, redis_server, "b"))
+    texts = {f"s{n}": f"Job {n} SLOW@0.6 now. Second sentence." for n in range(4)}
+    for name, text in texts.items():
+        receiver.drop_job(name, text=text)
+    wait_until(lambda: stopped.log_events("job_queued"), 30, "b to take a job")
+    stopped.signal(signal.SIGTERM)
+    assert stopped.wait_exit() == 0
+    start(host(make_daemon, redis_server, "c"))
+    done = {name: receiver.wait_done(f"{name}.json", timeout_s=30) for name in texts}
+    for name in done:
+        assert_exact_audio(receiver.outbox / f"{name}.wav", texts[name])
+    assert "c" in {record["served_by"] for record in done.values()}
+    assert len(records(receiver)) == len(texts)
