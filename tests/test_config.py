@@ -57,6 +57,11 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
      "engine.cosyvoice.model_dir: '/' has none of cosyvoice.yaml"),
     ('[engine.piper]\nvoices = ["/nowhere/v.onnx"]\n', "engine.piper.voices: '/nowhere/v.onnx"),
     ('[engine.piper]\nvoices = "v.onnx"\n', "engine.piper.voices: expected a list"),
+    ('[cluster]\nredis = "http://h:6379"\n', "cluster.redis: expected redis://HOST:PORT/DB"),
+    ('[cluster]\nredis = "redis://h"\nname = "a b"\n', "cluster.name: expected letters"),
+    ('[cluster]\nredis = "redis://h"\npassword_file = "/nowhere/pw"\n',
+     "cluster.password_file: cannot read '/nowhere/pw'"),
+    ("[cluster]\nclaim_idle_s = 0.5\n", "cluster.claim_idle_s: must be at least 2.0"),
     ("spool = 3\n", "spool: expected a table"),
     ("[spool\n", "not valid TOML"),
 ])
