@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 import soundfile
 
+from cosyvoiced import config
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 from tests.engines.faulty import SAMPLE_RATE, SECONDS_PER_CHAR
-from tests.redisserver import RedisServer, redis_server_fixture  # noqa: F401
+from tests.redisserver import RedisServer, free_port, redis_server_fixture  # noqa: F401
 
 TONE = "tests.engines.faulty:load"
 NEVER_READY = "tests.engines.faulty:never_ready"
@@ -260,3 +262,30 @@ def test_a_host_stopped_finishes_its_segment_and_hands_back_the_jobs_it_took(
         assert_exact_audio(receiver.outbox / f"{name}.wav", texts[name])
     assert "c" in {record["served_by"] for record in done.values()}
     assert len(records(receiver)) == len(texts)
+
+
+def test_http_speech_through_another_host_and_a_hang_up_cancels_it_there(
+        make_daemon: DaemonFactory, redis_server: RedisServer, tmp_path: Path) -> None:
+    front = host(make_daemon, redis_server, "front", serves=False)
+    front.configure(engine={"name": NEVER_READY}, worker=QUICK | {"start_timeout_s": 3600.0},
+                    cluster={"redis": redis_server.url, "name": "front",
+                             "claim_idle_s": CLAIM_IDLE_S},
+                    http={"listen": f"127.0.0.1:{free_port()}"})
+    start(front, serves=False)
+    back = start(host(make_daemon, redis_server, "back"))
+    listen = config.load(front.config_path).http.listen
+    text = "Spoken over HTTP SLOW@0.2 now. By the host behind."
+    with openai.OpenAI(base_url=f"http://{listen}/v1", api_key="unused", max_retries=0,
+                       timeout=30) as client:
+        reply = client.audio.speech.create(model="tts-1", voice="tone", input=text,
+                                           response_format="wav")
+        (tmp_path / "speech.wav").write_bytes(reply.content)
+        long_text = " ".join(f"Sentence {n} SLOW@0.5 now." for n in range(20))
+        with client.audio.speech.with_streaming_response.create(
+                model="tts-1", voice="tone", input=long_text, response_format="wav") as stream:
+            next(chunk for chunk in stream.iter_bytes() if chunk)
+    audio, rate = soundfile.read(tmp_path / "speech.wav", dtype="float32")
+    assert rate == SAMPLE_RATE
+    assert len(audio) == expected_samples(text)
+    wait_until(lambda: [e for e in back.log_events("job") if e["outcome"] == "cancelled"],
+               30, "the hang-up to cancel the job on the serving host")
