@@ -207,7 +207,7 @@ class Sharing:
                 self.down_since = now
                 log.warning("cluster_down", redis=self.link.url, error=self.link.error,
                             message="serving this host's jobs here until Redis is back")
-            self.supervisor.metrics.cluster_connected.set(int(up))
+        self.supervisor.metrics.cluster_connected.set(int(up))
         if not up:
             self._take_back_all(now)
 

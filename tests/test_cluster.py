@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ def start(daemon: Daemon, serves: bool = True) -> Daemon:
 
 def records(daemon: Daemon) -> list[dict[str, Any]]:
     return [json.loads(path.read_text()) for path in daemon.outbox.glob("*.json")]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
 
 
 def assert_exact_audio(path: Path, text: str) -> None:
@@ -168,14 +174,20 @@ def test_a_job_that_kills_every_worker_ends_as_worker_crashed(
 
 def test_with_redis_down_each_host_serves_its_own_jobs_and_rejoins(
         make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
-    a = start(host(make_daemon, redis_server, "a"))
+    a = host(make_daemon, redis_server, "a")
+    port = free_port()
+    a.configure(engine={"name": TONE}, worker=QUICK, metrics={"listen": f"127.0.0.1:{port}"},
+                cluster={"redis": redis_server.url, "name": "a", "claim_idle_s": CLAIM_IDLE_S})
+    start(a)
     start(host(make_daemon, redis_server, "b"))
+    assert "cosyvoiced_cluster_connected 1.0" in scrape(port)
     redis_server.kill()
     notify = a.notify
     assert notify is not None
     wait_until(lambda: "Redis unreachable" in notify.statuses()[-1], 30,
                "STATUS= to say Redis is unreachable")
     assert a.log_events("cluster_down")
+    assert "cosyvoiced_cluster_connected 0.0" in scrape(port)
     a.drop_job("alone", text="Served while Redis is down.")
     assert a.wait_done("alone.json")["served_by"] == "a"
     with Client(a.endpoint) as client:
