@@ -36,6 +36,11 @@ RETRY_S = 0.5  # between tries while Redis is down
 BLOCK_MS = 500  # a blocking read's longest wait: how soon a stop is noticed
 SOCKET_TIMEOUT_S = 5.0  # > BLOCK_MS: a Redis that stops answering is noticed
 EVENT_BATCH = 512
+# A host with no idle worker but room for one more job in its turns takes a job that no
+# idle host took within this long (idle hosts wait in a blocking read: they take a new job
+# at once), checking this often.
+UNTAKEN_MS = 50
+BUSY_POLL_S = 0.1
 
 log = logs.get_logger("cosyvoiced.cluster")
 
@@ -84,6 +89,7 @@ class ClusterLink:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._wanted = 0
+        self._room = 0
         self._capacity = threading.Condition(self._lock)
         self._held: dict[str, set[str]] = {}  # stream -> entries taken here, not settled
         self._shared: dict[str, tuple[str, str]] = {}  # writer only: job id -> stream, entry
@@ -129,10 +135,11 @@ class ClusterLink:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- what the tick asks (never blocks) -----------------------------------------------
-    def want(self, count: int) -> None:
-        """This host could start `count` more jobs now."""
+    def want(self, count: int, room: int = 0) -> None:
+        """This host could start `count` more jobs now, and take `room` more into its
+        workers' turns (segment by segment) when no other host takes them."""
         with self._capacity:
-            self._wanted = max(0, count)
+            self._wanted, self._room = max(0, count), max(0, room)
             if self._wanted:
                 self._capacity.notify_all()
 
@@ -297,10 +304,14 @@ class ClusterLink:
                 if now >= next_heartbeat:
                     self._heartbeat(client)
                     next_heartbeat = now + self.settings.claim_idle_s / 3
-                wanted = self._wait_for_capacity()
+                wanted, room = self._wait_for_capacity()
                 if not wanted:
+                    taken = self._take_untaken(client) if room else []
+                    for shared in taken:
+                        self._hold(shared)
+                        self._post(shared)
                     continue
-                taken: list[wire.SharedJob] = []
+                taken = []
                 if now >= next_claim:
                     taken = self._take_over(client, wanted)
                     next_claim = now + self.settings.claim_idle_s / 4
@@ -313,11 +324,26 @@ class ClusterLink:
                 self._hold(shared)
                 self._post(shared)
 
-    def _wait_for_capacity(self) -> int:
+    def _wait_for_capacity(self) -> tuple[int, int]:
         with self._capacity:
             if not self._wanted and not self._stop.is_set():
-                self._capacity.wait(0.5)
-            return self._wanted
+                self._capacity.wait(BUSY_POLL_S if self._room else 0.5)
+            return self._wanted, self._room
+
+    def _take_untaken(self, client: redis.Redis) -> list[wire.SharedJob]:
+        """One job that has waited UNTAKEN_MS on a stream (every host is busy): taken into
+        this host's turns, its first audio comes after one segment, not after whole jobs."""
+        oldest_ms = time.time() * 1000 - UNTAKEN_MS
+        for stream in self.keys.job_streams():
+            groups: Any = client.xinfo_groups(stream)
+            last = next((_text(g["last-delivered-id"]) for g in groups
+                         if _text(g["name"]) == wire.GROUP), None)
+            if last is None:
+                continue
+            waiting: Any = client.xrange(stream, min=f"({last}", count=1)
+            if waiting and int(_text(waiting[0][0]).split("-")[0]) <= oldest_ms:
+                return self._read_group(client, {stream: ">"}, 1, None)
+        return []
 
     def _take(self, client: redis.Redis, wanted: int) -> list[wire.SharedJob]:
         for stream in self.keys.job_streams():  # interactive first
@@ -468,3 +494,7 @@ def _drop(client: redis.Redis, stream: str, entry: str) -> None:
     pipe.xack(stream, wire.GROUP, entry)
     pipe.xdel(stream, entry)
     pipe.execute()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -191,10 +191,13 @@ class Sharing:
         if self.link is None:
             return
         supervisor = self.supervisor
-        waiting = sum(1 for r in supervisor.ledger.jobs.values()
-                      if not r.remote and not r.started)
-        ready = supervisor.ready and not supervisor.stopping
-        self.link.want(idle_workers - waiting if ready else 0)
+        here = [r for r in supervisor.ledger.jobs.values() if not r.remote]
+        waiting = sum(1 for r in here if not r.started)
+        room = supervisor.config.scheduling.max_active_jobs - len(here)
+        if supervisor.ready and not supervisor.stopping:
+            self.link.want(idle_workers - waiting, room if not waiting else 0)
+        else:
+            self.link.want(0)
 
     def _watch_link(self, now: float) -> None:
         assert self.link is not None

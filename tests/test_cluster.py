@@ -301,3 +301,17 @@ def test_http_speech_through_another_host_and_a_hang_up_cancels_it_there(
     assert len(audio) == expected_samples(text)
     wait_until(lambda: [e for e in back.log_events("job") if e["outcome"] == "cancelled"],
                30, "the hang-up to cancel the job on the serving host")
+
+
+def test_on_a_busy_cluster_a_short_request_waits_one_segment_not_a_whole_job(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    only = start(host(make_daemon, redis_server, "only"))
+    only.drop_job("long", text=" ".join(f"Sentence {n} SLOW@0.4 now." for n in range(10)))
+    with Client(only.endpoint, timeout_s=30) as client:
+        wait_until(lambda: only.log_events("job_queued"), 30, "the long job to be taken")
+        with client.stream("A short request.") as stream:
+            next(iter(stream))
+            long_done_first = only.outcome("long.json") is not None
+            list(stream)
+    assert not long_done_first, "the short request waited for the whole long job"
+    assert only.wait_done("long.json")["served_by"] == "only"
