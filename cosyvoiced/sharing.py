@@ -112,8 +112,9 @@ class Sharing:
 
     # -- receiving -----------------------------------------------------------------------
     def share(self, running: Running) -> bool:
-        """Put a job received here onto the shared stream; False: serve it here."""
-        if self.link is None or not self.link.up:
+        """Put a job received here onto the shared stream; False: serve it here, as this
+        host has a worker free for it (no Redis round trip) or Redis is down."""
+        if self.link is None or not self.link.up or self._free_here():
             return False
         job = running.job
         prompt = Path(job.prompt_audio).read_bytes() if job.prompt_audio else None
@@ -121,6 +122,13 @@ class Sharing:
         self.own[job.id] = running
         self.link.share(job, prompt)
         return True
+
+    def _free_here(self) -> bool:
+        """An idle worker for every job waiting here to start (the new one included)."""
+        supervisor = self.supervisor
+        waiting = sum(1 for r in supervisor.ledger.jobs.values()
+                      if not r.remote and not r.started)
+        return supervisor.ready and len(supervisor.pool.idle()) >= waiting
 
     def ended(self, job_id: str) -> None:
         """A job ended here: settle what Redis holds of it."""
