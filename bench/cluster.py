@@ -7,11 +7,16 @@ job is taken over, in one run.
 Needs redis-server on PATH (`make test` installs Debian's as root). Each daemon and each
 redis-server runs on a temp directory of its own and a free loopback port.
 
-1. overhead: a standalone daemon and a cluster daemon with the same config (one worker,
-   the result cache off) on this machine; the cluster daemon alone on its own redis-server
-   with AOF on and, by default, `appendfsync always` (every write on disk before Redis
-   answers: the slowest durable setting; Debian's default is `everysec`), so every job goes
-   onto the shared stream, is taken back from it by the same host, and is settled there.
+1. overhead: a standalone daemon against the cluster, with the same config (one worker,
+   the result cache off) on this machine, the cluster on a redis-server of its own with AOF
+   on and, by default, `appendfsync always` (every write on disk before Redis answers: the
+   slowest durable setting; Debian's default is `everysec`). Two cluster sides:
+   - `overhead`, `overhead_tone`: one cluster host alone. A job that host can start at once
+     is served there without a Redis round trip, so this is what cluster mode costs a host
+     that is not overloaded (the link's threads, the bookkeeping);
+   - `overhead_shared`, `overhead_shared_tone`: a receive-only host (an engine that never
+     loads) and a serving host, so every job goes onto the shared stream, is taken by the
+     other daemon, and its audio and outcome come back as events: the cost of moving work.
    For each sentence, alternating which daemon goes first, one request at a time over
    ZeroMQ: `synthesize` (request sent -> whole reply) and a streamed `synthesize` (-> first
    PCM frame, and -> end). Reported: p50/p95 of each, the difference of the p50s, and the
@@ -106,21 +111,37 @@ def _compare(name: str, cluster: list[float], alone: list[float]) -> dict[str, A
             "within_target": percentile(paired, 0.5) <= TARGET_MS}
 
 
-def overhead(root: Path, count: int, engine: str | None, appendfsync: str) -> dict[str, Any]:
+def _cluster_side(root: Path, label: str, server: RedisServer, sections: dict[str, Any],
+                  stack: ExitStack, *, shared: bool) -> Daemon:
+    """The daemon the client talks to: one host alone, or a receive-only host whose jobs
+    all go through Redis to a serving host (both on this machine)."""
+    if not shared:
+        return Daemon(root / f"cluster-{label}", **sections, cluster=_cluster(server, "solo"))
+    back = Daemon(root / f"back-{label}", **sections, cluster=_cluster(server, "back"))
+    back.start()
+    stack.callback(back.stop)
+    return Daemon(root / f"front-{label}", **(sections | {
+        "engine": {"name": NEVER_READY}, "worker": {"start_timeout_s": 3600.0}}),
+        cluster=_cluster(server, "front"))
+
+
+def overhead(root: Path, count: int, engine: str | None, appendfsync: str, *,
+             shared: bool) -> dict[str, Any]:
     texts = sentences(count)
     sections: dict[str, dict[str, Any]] = {"log": {"level": "info"}}
     if engine is not None:
         sections["engine"] = {"name": engine}
-    label = engine or "piper"
+    label = (engine or "piper") + ("-shared" if shared else "")
     with ExitStack() as stack:
         server = stack.enter_context(RedisServer(root / f"redis-{label}"))
         admin = server.client()
         admin.config_set("appendfsync", appendfsync)
         alone = Daemon(root / f"standalone-{label}", **sections)
-        joined = Daemon(root / f"cluster-{label}", **sections, cluster=_cluster(server, "solo"))
-        for daemon in (alone, joined):
-            daemon.start()
-            stack.callback(daemon.stop)
+        joined = _cluster_side(root, label, server, sections, stack, shared=shared)
+        alone.start()
+        stack.callback(alone.stop)
+        joined.start(wait_ready=not shared)
+        stack.callback(joined.stop)
         _wait_joined(joined)
         clients = {"standalone": stack.enter_context(Client(alone.endpoint, timeout_s=120)),
                    "cluster": stack.enter_context(Client(joined.endpoint, timeout_s=120))}
@@ -132,18 +153,24 @@ def overhead(root: Path, count: int, engine: str | None, appendfsync: str) -> di
             for name in names[n % 2:] + names[:n % 2]:
                 timed[name].append(_timed(clients[name], text))
         aof = admin.config_get("append*")
-        # Every job went through Redis: entries ever added to the interactive stream.
-        shared = admin.xinfo_stream("cosyvoiced:jobs:interactive")["entries-added"]
-    if shared < 2 * (count + 1):
-        raise RuntimeError(f"{shared} jobs went through Redis, not all {2 * (count + 1)}")
+        # Entries ever added to the interactive stream: every job when shared, none when
+        # the one host had a worker free for each.
+        through_redis = 0
+        if admin.exists("cosyvoiced:jobs:interactive"):
+            through_redis = admin.xinfo_stream("cosyvoiced:jobs:interactive")["entries-added"]
+    if shared and through_redis < 2 * (count + 1):
+        raise RuntimeError(f"{through_redis} jobs went through Redis, not all "
+                           f"{2 * (count + 1)}")
 
     def column(name: str, index: int) -> list[float]:
         return [t[index] for t in timed[name]]
 
     return {
         "engine": label, "jobs_per_daemon": 2 * count,
+        "cluster_side": "a receive-only host, served by another host through Redis" if shared
+        else "one host: a job it can start at once is served there, not shared",
         "redis_appendonly": aof["appendonly"], "redis_appendfsync": aof["appendfsync"],
-        "jobs_through_redis": shared,
+        "jobs_through_redis": through_redis,
         "synthesize_whole": _compare("synthesize, request -> whole reply",
                                      column("cluster", 0), column("standalone", 0)),
         "stream_first_audio": _compare("streamed, request -> first PCM frame",
@@ -232,8 +259,10 @@ def run(count: int, rounds: int, claim_idle_s: float, appendfsync: str) -> dict[
     with tempfile.TemporaryDirectory(prefix="cvd-bench-") as root:
         return {"benchmark": "cluster", "sentences": count, "cpus": os.cpu_count(),
                 "target_ms": TARGET_MS,
-                "overhead": overhead(Path(root), count, None, appendfsync),
-                "overhead_tone": overhead(Path(root), count, TONE, appendfsync),
+                "overhead": overhead(Path(root), count, None, appendfsync, shared=False),
+                "overhead_tone": overhead(Path(root), count, TONE, appendfsync, shared=False),
+                "overhead_shared": overhead(Path(root), count, None, appendfsync, shared=True),
+                "overhead_shared_tone": overhead(Path(root), count, TONE, appendfsync, shared=True),
                 "takeover": takeover(Path(root), rounds, claim_idle_s)}
 
 
