@@ -90,6 +90,7 @@ class ClusterLink:
         self._lock = threading.Lock()
         self._wanted = 0
         self._room = 0
+        self._blocked_reader: int | None = None  # the job reader's client, in a blocking read
         self._capacity = threading.Condition(self._lock)
         self._held: dict[str, set[str]] = {}  # stream -> entries taken here, not settled
         self._shared: dict[str, tuple[str, str]] = {}  # writer only: job id -> stream, entry
@@ -139,9 +140,15 @@ class ClusterLink:
         """This host could start `count` more jobs now, and take `room` more into its
         workers' turns (segment by segment) when no other host takes them."""
         with self._capacity:
+            wanted_before = self._wanted
             self._wanted, self._room = max(0, count), max(0, room)
             if self._wanted:
                 self._capacity.notify_all()
+            reader = self._blocked_reader if wanted_before and not self._wanted else None
+        if reader is not None:
+            # A read still waiting for a job would take the next one shared, which this
+            # host can no longer start at once (it served one itself): end that wait.
+            self._queue(lambda client: _unblock(client, reader))
 
     def share(self, job: Job, prompt: bytes | None) -> None:
         """Put a received job onto the shared stream, unless it is there already (a restart
@@ -152,9 +159,14 @@ class ClusterLink:
         ttl_s = int(self.settings.outcome_ttl_s)
 
         def command(client: redis.Redis) -> None:
-            if client.set(marker, b"shared", nx=True, ex=ttl_s):
-                entry: Any = client.xadd(stream, fields)  # type: ignore[arg-type]
-                self._shared[job.id] = (stream, entry.decode())
+            # Only this host writes its markers, and only this thread: no WATCH needed.
+            if client.exists(marker):
+                return
+            pipe = client.pipeline()  # both or neither, whenever this host is killed
+            pipe.set(marker, b"shared", ex=ttl_s)
+            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            entry: Any = pipe.execute()[1]
+            self._shared[job.id] = (stream, entry.decode())
 
         self._queue(command, on_down=job.id)
 
@@ -201,6 +213,14 @@ class ClusterLink:
             pipe.delete(marker)
             pipe.execute()
             self._shared.pop(shared.job.id, None)
+
+        self._queue(command)
+
+    def count_start(self, shared: wire.SharedJob) -> None:
+        """A job taken here has started: its delivery now counts (see `_uncounted`)."""
+        def command(client: redis.Redis) -> None:
+            client.xclaim(shared.stream, wire.GROUP, self.host, 0, [shared.entry],
+                          retrycount=shared.deliveries, justid=True)
 
         self._queue(command)
 
@@ -306,23 +326,33 @@ class ClusterLink:
                     next_heartbeat = now + self.settings.claim_idle_s / 3
                 wanted, room = self._wait_for_capacity()
                 if not wanted:
-                    taken = self._take_untaken(client) if room else []
-                    for shared in taken:
-                        self._hold(shared)
-                        self._post(shared)
+                    self._post_taken(client, self._take_untaken(client) if room else [])
                     continue
                 taken = []
                 if now >= next_claim:
                     taken = self._take_over(client, wanted)
                     next_claim = now + self.settings.claim_idle_s / 4
-                taken = taken or self._take(client, wanted)
+                self._post_taken(client, taken or self._take(client, wanted))
             except redis.RedisError as error:
                 self._down(error)
                 self._stop.wait(RETRY_S)
-                continue
-            for shared in taken:
-                self._hold(shared)
-                self._post(shared)
+
+    def _post_taken(self, client: redis.Redis, taken: list[wire.SharedJob]) -> None:
+        for shared in taken:
+            self._hold(shared)
+            self._post(shared)
+        if taken:
+            self._uncounted(client, taken)  # (if Redis fails here, the jobs are ours still)
+
+    def _uncounted(self, client: redis.Redis, taken: list[wire.SharedJob]) -> None:
+        """Taking a job does not count as a delivery until it starts here (`count_start`):
+        a host killed while a job only waited in its turns did not fail that job, and the
+        delivery count tells a poison job by the hosts that died running it."""
+        pipe = client.pipeline(transaction=False)
+        for shared in taken:
+            pipe.xclaim(shared.stream, wire.GROUP, self.host, 0,
+                        [shared.entry], retrycount=shared.deliveries - 1, justid=True)
+        pipe.execute()
 
     def _wait_for_capacity(self) -> tuple[int, int]:
         with self._capacity:
@@ -350,8 +380,17 @@ class ClusterLink:
             taken = self._read_group(client, {stream: ">"}, wanted, None)
             if taken:
                 return taken
-        return self._read_group(client, dict.fromkeys(self.keys.job_streams(), ">"), 1,
-                                BLOCK_MS)
+        reader: Any = client.client_id()
+        with self._capacity:
+            if not self._wanted:  # the tick took it back meanwhile
+                return []
+            self._blocked_reader = int(reader)
+        try:
+            return self._read_group(client, dict.fromkeys(self.keys.job_streams(), ">"), 1,
+                                    BLOCK_MS)
+        finally:
+            with self._capacity:
+                self._blocked_reader = None
 
     def _read_group(self, client: redis.Redis, streams: dict[str, str], count: int,
                     block: int | None) -> list[wire.SharedJob]:
@@ -498,3 +537,7 @@ def _drop(client: redis.Redis, stream: str, entry: str) -> None:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _unblock(client: redis.Redis, reader: int) -> None:
+    client.client_unblock(reader)

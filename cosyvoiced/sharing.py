@@ -120,6 +120,7 @@ class Sharing:
         prompt = Path(job.prompt_audio).read_bytes() if job.prompt_audio else None
         running.remote = True
         self.own[job.id] = running
+        self.link.want(0)  # first: a read still out for jobs must not take this one back
         self.link.share(job, prompt)
         return True
 
@@ -274,14 +275,16 @@ class Sharing:
     def _take_own(self, shared: wire.SharedJob) -> None:
         assert self.link is not None
         running = self.supervisor.ledger.get(shared.job.id)
-        if running is None or not running.remote or running.started:
+        if running is None or not running.remote:
             self.link.settle(shared)  # ended, or taken back, already
             return
         self.served[shared.job.id] = shared
         if self.supervisor.poisoned(shared.deliveries):
             self.supervisor.end_job(running, _poison_error(shared.deliveries))
-            return
-        self.supervisor.serve_here(running)
+        elif running.job.stream and running.chunks_sent:  # taken over from a dead host
+            self.supervisor.end_job(running, _stream_lost(running.served_by, self.name))
+        else:
+            self.supervisor.serve_here(running)
 
     # -- events --------------------------------------------------------------------------
     def _apply(self, event: wire.Event) -> bool:
@@ -311,11 +314,16 @@ class Sharing:
             return True
         return False
 
+    def started_here(self, job_id: str) -> None:
+        """A job taken from the stream has started here: from now on, this host's death
+        counts against it."""
+        shared = self.served.get(job_id)
+        if shared is not None and self.link is not None:
+            self.link.count_start(shared)
+
     def _started(self, running: Running, event: wire.Event) -> None:
         if running.served_by and running.served_by != event.sender and running.chunks_sent:
-            self.supervisor.end_job(running, JobError(
-                ErrorCode.WORKER_CRASHED, f"{running.served_by} stopped while streaming this "
-                f"job and {event.sender} took it over; its audio cannot be continued"))
+            self.supervisor.end_job(running, _stream_lost(running.served_by, event.sender))
             return
         first = not running.served_by
         running.served_by = event.sender
@@ -348,3 +356,8 @@ class Sharing:
 def _poison_error(deliveries: int) -> JobError:
     return JobError(ErrorCode.WORKER_CRASHED, f"the hosts serving this job stopped "
                     f"{deliveries - 1} time(s) while it ran; it is not retried again")
+
+
+def _stream_lost(first: str, second: str) -> JobError:
+    return JobError(ErrorCode.WORKER_CRASHED, f"{first} stopped while streaming this job and "
+                    f"{second} took it over; its audio cannot be continued")

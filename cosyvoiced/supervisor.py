@@ -551,6 +551,7 @@ class Supervisor:
         running.last_progress = now
         match message:
             case SegmentStarted() if not running.sample_rate:
+                self.sharing.started_here(running.job.id)
                 running.started_at = message.started_at
                 running.voice, running.sample_rate = message.voice, message.sample_rate
                 self._sink(running.job).started(running.job, message.sample_rate)

@@ -31,6 +31,7 @@ from tests.redisserver import RedisServer, free_port, redis_server_fixture  # no
 
 TONE = "tests.engines.faulty:load"
 NEVER_READY = "tests.engines.faulty:never_ready"
+JOB_STREAMS = ("cosyvoiced:jobs:interactive", "cosyvoiced:jobs:bulk")
 CLAIM_IDLE_S = 3.0
 QUICK = {"job_timeout_s": 10.0, "kill_grace_s": 1.0, "heartbeat_interval_s": 0.5,
          "heartbeat_timeout_s": 3.0}
@@ -315,3 +316,73 @@ def test_on_a_busy_cluster_a_short_request_waits_one_segment_not_a_whole_job(
             list(stream)
     assert not long_done_first, "the short request waited for the whole long job"
     assert only.wait_done("long.json")["served_by"] == "only"
+
+
+# Found by the chaos test (tests/test_cluster_chaos.py), each a reproduction.
+def test_own_job_started_elsewhere_is_served_after_a_takeover(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    a = start(host(make_daemon, redis_server, "a"))
+    b = start(host(make_daemon, redis_server, "b"))
+    redis = redis_server.client()
+
+    def a_reads_jobs() -> bool:  # a's job reader in a blocking XREADGROUP (repro 3)
+        return any(c["name"] == "cosyvoiced:a" and c["cmd"] == "xreadgroup"
+                   and "b" in c["flags"] for c in redis.client_list())
+
+    with Client(a.endpoint, timeout_s=30) as client:
+        blocker = client.submit("Blocker SLOW@5 now.", output="blocker")  # served on a
+        wait_until(lambda: client.status(blocker)["state"] == "running", 30, "a to start it")
+        wait_until(lambda: not a_reads_jobs(), 30, "a to stop asking for jobs")
+        victim = client.submit("Victim SLOW@3 now.", output="victim")  # a is busy: shared
+        wait_until(lambda: client.status(victim).get("served_by") == "b", 30, "b to start it")
+        b.kill_hard()
+        status = wait_until(lambda: (s := client.status(victim))["state"] == "done" and s,
+                            CLAIM_IDLE_S + 30, "a to take it over and finish it")
+    assert status["served_by"] == "a"
+    assert [e["job"] for e in a.log_events("job_taken_over")] == [victim]  # deliveries 2
+    assert not a.log_events("job_taken_back"), "a settled it; the audit found it gone"
+
+
+def test_a_job_that_ran_once_under_a_dying_host_is_not_poisoned(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    front = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    b = start(host(make_daemon, redis_server, "b"))
+    redis = redis_server.client()
+
+    def pending_on_b() -> int:
+        rows: list[Any] = []
+        for stream in JOB_STREAMS:
+            if redis.exists(stream):
+                rows += redis.xpending_range(stream, "hosts", "-", "+", 10, consumername="b")
+        return len(rows)
+
+    with Client(front.endpoint, timeout_s=30) as client:
+        blocker = client.submit("Blocker SLOW@2 now.", output="blocker")
+        wait_until(lambda: client.status(blocker).get("served_by") == "b", 30, "b to start it")
+        victim = client.submit("Victim SLOW@4 now.", output="victim")
+        wait_until(lambda: pending_on_b() == 2, 30, "b to take the victim into its turns")
+        assert client.status(victim).get("served_by") is None  # waiting there, not started
+        b.kill_hard()  # delivery 1 ends: the victim never ran on b
+        c = start(host(make_daemon, redis_server, "c"))
+        wait_until(lambda: client.status(victim).get("served_by") == "c", CLAIM_IDLE_S + 30,
+                   "c to take the victim over and start it")
+        c.kill_hard()  # delivery 2 ends: the first death while it ran
+        if b.notify is not None:
+            b.notify.close()
+        start(b)  # takes it over: delivery 3
+        status = wait_until(lambda: (s := client.status(victim))["state"] in
+                            ("done", "failed") and s, CLAIM_IDLE_S + 30, "an outcome")
+    assert status["state"] == "done", status
+
+
+def test_two_jobs_on_two_idle_hosts_run_at_once(make_daemon: DaemonFactory,
+                                                redis_server: RedisServer) -> None:
+    a = start(host(make_daemon, redis_server, "a"))
+    start(host(make_daemon, redis_server, "b"))
+    a.drop_job("first", text="First SLOW@2 now.")
+    a.drop_job("second", text="Second SLOW@2 now.")
+    done = {name: a.wait_done(f"{name}.json") for name in ("first", "second")}
+    served = sorted(record["served_by"] for record in done.values())
+    waits = {name: json.loads((a.outbox / f"{name}.json").read_text())["timings"]
+             for name in done}
+    assert served == ["a", "b"], (served, waits)
