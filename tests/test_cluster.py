@@ -118,6 +118,29 @@ def test_a_stream_is_served_by_another_host_chunk_by_chunk(
     assert record["served_by"] == "back"
 
 
+def test_a_voice_cloning_job_travels_with_its_prompt_audio(
+        make_daemon: DaemonFactory, redis_server: RedisServer, tmp_path: Path) -> None:
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    back = host(make_daemon, redis_server, "back")
+    back.configure(engine={"name": "tests.engines.faulty:cloning"}, worker=QUICK,
+                   cluster={"redis": redis_server.url, "name": "back",
+                            "claim_idle_s": CLAIM_IDLE_S})
+    start(back)
+    prompt_rate, prompt_s = 16000, 1.5
+    soundfile.write(tmp_path / "prompt.wav", 0.2 * np.ones(int(prompt_rate * prompt_s)),
+                    prompt_rate)
+    text = "Say this in the prompt's voice."
+    with Client(receiver.endpoint, timeout_s=30) as client:
+        result = client.synthesize(text, (tmp_path / "prompt.wav").read_bytes())
+    assert result.header["served_by"] == "back"
+    (tmp_path / "cloned.wav").write_bytes(result.audio)
+    audio, rate = soundfile.read(tmp_path / "cloned.wav")
+    assert rate == SAMPLE_RATE
+    assert len(audio) == expected_samples(text) + round(prompt_s * SAMPLE_RATE)
+    assert not list((receiver.spool / "prompts").iterdir())
+    assert not list((back.spool / "prompts").iterdir())
+
+
 def test_a_serving_host_killed_mid_job_is_taken_over(
         make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
     receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)

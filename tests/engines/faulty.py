@@ -14,6 +14,7 @@ sentence inject faults while that sentence is "synthesized":
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import soundfile
 
 from cosyvoiced import logs
 from cosyvoiced.config import EngineConfig
@@ -163,3 +165,24 @@ def never_ready(config: EngineConfig) -> ToneEngine:
     (with a long worker.start_timeout_s)."""
     time.sleep(3600)
     return ToneEngine()
+
+
+class CloningToneEngine(ToneEngine):
+    """The tone engine as a voice-cloning one: a job's prompt audio (read from the path the
+    worker gives it) adds its own length in tone, so a test sees that it arrived whole."""
+
+    features = frozenset({"prompt_audio"})
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
+        if request.prompt_audio is None:
+            yield from super().synthesize(request)
+            return
+        yield from super().synthesize(dataclasses.replace(request, voice="tone"))
+        prompt = soundfile.info(request.prompt_audio)
+        samples = round(prompt.frames * SAMPLE_RATE / prompt.samplerate)
+        yield (0.3 * np.sin(2 * np.pi * 330.0 * np.arange(samples) / SAMPLE_RATE)).astype(
+            np.float32)
+
+
+def cloning(config: EngineConfig) -> CloningToneEngine:
+    return CloningToneEngine()
