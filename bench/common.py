@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
 
 from cosyvoiced.client import Client
-from tests.daemon import Daemon
+from tests.daemon import Daemon, free_port
 
 SUBJECTS = ["The morning train", "A quiet library", "Our new neighbour", "The old lighthouse",
             "Every spring garden", "The river ferry", "A patient teacher", "The city council"]
@@ -28,13 +27,6 @@ def sentences(count: int = 40) -> list[str]:
         predicate = PREDICATES[(n // len(SUBJECTS) + n) % len(PREDICATES)]
         made.append(f"{subject} {predicate}." + (f" It was number {n}." if n % 3 else ""))
     return made
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def streamed_timing(client: Client, text: str) -> tuple[float, float]:

@@ -26,6 +26,13 @@ JOB_TIMEOUT_S = 60.0
 POLL_S = 0.02
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
     """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s

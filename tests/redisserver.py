@@ -21,7 +21,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.daemon import wait_until
+from tests.daemon import free_port, wait_until
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0
@@ -52,13 +51,6 @@ def redis_server_path() -> str | None:
 NOT_INSTALLED = ("redis-server is not installed (as root, `make test` installs Debian's; "
                  "otherwise apt-get install redis-server)")
 needs_redis = pytest.mark.skipif(redis_server_path() is None, reason=NOT_INSTALLED)
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on now."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ import io
 import json
 import shutil
 import signal
-import socket
 import tomllib
 import urllib.request
 from collections.abc import Iterator
@@ -24,17 +23,11 @@ import soundfile
 
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, assert_speech, wait_until
+from tests.daemon import Daemon, assert_speech, free_port, wait_until
 
 FAULTY = "tests.engines.faulty:load"
 CACHE = {"max_bytes": "64MiB"}
 SECOND_VOICE = "en_US-second-medium"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +41,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     shutil.copyfile(model, second)
     shutil.copyfile(f"{model}.json", f"{second}.json")
     running = Daemon(root, cache=CACHE, engine__piper={"voices": [str(second)]},
-                     metrics={"listen": f"127.0.0.1:{_free_port()}"},
-                     http={"listen": f"127.0.0.1:{_free_port()}"})
+                     metrics={"listen": f"127.0.0.1:{free_port()}"},
+                     http={"listen": f"127.0.0.1:{free_port()}"})
     running.start()
     yield running
     running.stop()

@@ -25,9 +25,9 @@ import soundfile
 from cosyvoiced import config
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, free_port, wait_until
 from tests.engines.faulty import SAMPLE_RATE, SECONDS_PER_CHAR
-from tests.redisserver import RedisServer, free_port, redis_server_fixture  # noqa: F401
+from tests.redisserver import RedisServer, redis_server_fixture  # noqa: F401
 
 TONE = "tests.engines.faulty:load"
 NEVER_READY = "tests.engines.faulty:never_ready"

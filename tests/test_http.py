@@ -23,7 +23,7 @@ import soundfile
 from cosyvoiced import config
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, assert_speech, wait_until
+from tests.daemon import Daemon, assert_speech, free_port, wait_until
 
 SENTENCE = "The morning train arrived a little later than the timetable promised."
 LONG_TEXT = " ".join(f"This is sentence number {n} of a long answer, spoken as it is made."
@@ -32,12 +32,6 @@ MAX_TEXT_CHARS = 4000
 KEY = "sk-test-0123456789abcdef"
 JOE = "en_US-joe-medium"
 RATES = {"mp3": 22050, "opus": 24000, "flac": 22050, "wav": 22050, "pcm": 24000}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import socket
 import urllib.request
 
 from tests.conftest import DaemonFactory
-from tests.daemon import wait_until
+from tests.daemon import free_port, wait_until
 
 TEXT = "Operators read this in the journal."
 
@@ -96,14 +96,8 @@ def test_start_up_timeout_is_extended_while_the_engine_loads(
     assert int(extend[0].split("=")[1]) >= 10_000_000
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_prometheus_metrics(make_daemon: DaemonFactory) -> None:
-    port = _free_port()
+    port = free_port()
     daemon = make_daemon(metrics={"listen": f"127.0.0.1:{port}"})
     daemon.start(extra_env={"WATCHDOG_USEC": "1000000"})
     daemon.drop("metered.txt", TEXT)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from wyoming.tts import (
 
 from cosyvoiced import config
 from cosyvoiced.client import Client
-from tests.daemon import Daemon, assert_speech, wait_until
+from tests.daemon import Daemon, assert_speech, free_port, wait_until
 
 SENTENCE = "The old lighthouse was painted bright yellow after the storm last winter."
 STREAMED = ("Our new neighbour keeps a careful record of everything that happens. "
@@ -39,12 +38,6 @@ LONG_TEXT = " ".join(f"This is sentence number {n} of a long answer, spoken as i
 MAX_TEXT_CHARS = 4000
 JOE = "en_US-joe-medium"
 READ_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
