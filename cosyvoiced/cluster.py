@@ -338,6 +338,8 @@ class ClusterLink:
                 self._stop.wait(RETRY_S)
 
     def _post_taken(self, client: redis.Redis, taken: list[wire.SharedJob]) -> None:
+        with self._capacity:
+            self._wanted = max(0, self._wanted - len(taken))
         for shared in taken:
             self._hold(shared)
             self._post(shared)
@@ -402,8 +404,6 @@ class ClusterLink:
                 shared = self._decode(stream.decode(), entry.decode(), data, 1)
                 if shared is not None:
                     taken.append(shared)
-        with self._capacity:
-            self._wanted = max(0, self._wanted - len(taken))
         return taken
 
     def _take_over(self, client: redis.Redis, wanted: int) -> list[wire.SharedJob]:
@@ -425,8 +425,6 @@ class ClusterLink:
                     taken.append(shared)
             if len(taken) >= wanted:
                 break
-        with self._capacity:
-            self._wanted = max(0, self._wanted - len(taken))
         return taken
 
     def _decode(self, stream: str, entry: str, data: wire.Fields,

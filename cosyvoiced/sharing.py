@@ -126,10 +126,19 @@ class Sharing:
 
     def _free_here(self) -> bool:
         """An idle worker for every job waiting here to start (the new one included)."""
+        return self.supervisor.ready and self._capacity()[0] >= 0
+
+    def _capacity(self) -> tuple[int, int]:
+        """(idle workers less the jobs here waiting to start, jobs more that this host's
+        turns have room for)."""
         supervisor = self.supervisor
-        waiting = sum(1 for r in supervisor.ledger.jobs.values()
-                      if not r.remote and not r.started)
-        return supervisor.ready and len(supervisor.pool.idle()) >= waiting
+        here = [r for r in supervisor.ledger.jobs.values() if not r.remote]
+        waiting = sum(1 for r in here if not r.started)
+        return (len(supervisor.pool.idle()) - waiting,
+                supervisor.config.scheduling.max_active_jobs - len(here) if not waiting else 0)
+
+    def _shared_count(self) -> int:
+        return sum(1 for r in self.supervisor.ledger.jobs.values() if r.remote)
 
     def ended(self, job_id: str) -> None:
         """A job ended here: settle what Redis holds of it."""
@@ -195,16 +204,12 @@ class Sharing:
             if waiting:
                 self.link.audit(waiting)
 
-    def offer(self, idle_workers: int) -> None:
+    def offer(self) -> None:
         """Take as many jobs from the stream as this host can start now."""
         if self.link is None:
             return
-        supervisor = self.supervisor
-        here = [r for r in supervisor.ledger.jobs.values() if not r.remote]
-        waiting = sum(1 for r in here if not r.started)
-        room = supervisor.config.scheduling.max_active_jobs - len(here)
-        if supervisor.ready and not supervisor.stopping:
-            self.link.want(idle_workers - waiting, room if not waiting else 0)
+        if self.supervisor.ready and not self.supervisor.stopping:
+            self.link.want(*self._capacity())
         else:
             self.link.want(0)
 
@@ -338,10 +343,8 @@ class Sharing:
     def figures(self) -> dict[str, Any] | None:
         if self.link is None:
             return None
-        ledger = self.supervisor.ledger
         return {"name": self.name, "redis": self.link.url, "connected": self.link.up,
-                "error": self.link.error or None,
-                "shared": sum(1 for r in ledger.jobs.values() if r.remote),
+                "error": self.link.error or None, "shared": self._shared_count(),
                 "serving_for_others": len(self.sinks), "taken_over": self.taken_over}
 
     def status(self) -> str:
@@ -349,8 +352,8 @@ class Sharing:
             return ""
         if not self.link.up:
             return f"; cluster: Redis unreachable, serving here ({self.link.error})"
-        shared = sum(1 for r in self.supervisor.ledger.jobs.values() if r.remote)
-        return f"; cluster {self.name}: {shared} shared, {len(self.sinks)} for others"
+        return (f"; cluster {self.name}: {self._shared_count()} shared, "
+                f"{len(self.sinks)} for others")
 
 
 def _poison_error(deliveries: int) -> JobError:

@@ -213,7 +213,7 @@ class Supervisor:
         self.sharing.poll(now)
         self._handle_workers(now)
         self._dispatch(now)
-        self.sharing.offer(len(self.pool.idle()))
+        self.sharing.offer()
         self._rescan(now)
         self._progress_stop(now)
         self._report(now)
