@@ -412,3 +412,14 @@ def test_two_jobs_on_two_idle_hosts_run_at_once(make_daemon: DaemonFactory,
     waits = {name: json.loads((a.outbox / f"{name}.json").read_text())["timings"]
              for name in done}
     assert served == ["a", "b"], (served, waits)
+
+
+def test_a_host_with_a_worker_free_serves_its_job_without_redis(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    only = start(host(make_daemon, redis_server, "only"))
+    only.drop_job("direct", text="Served where it arrived.")
+    assert only.wait_done("direct.json")["served_by"] == "only"
+    redis = redis_server.client()
+    # The streams exist (each daemon makes them and its consumer group) and never held it.
+    assert [redis.xinfo_stream(stream)["entries-added"] for stream in JOB_STREAMS] == [0, 0]
+    assert not redis.keys("cosyvoiced:job:*")
