@@ -56,6 +56,10 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     ENGINE_ERROR = "engine_error"
     WORKER_CRASHED = "worker_crashed"
+    # The result could not be encoded: the encoder process died on it twice
+    ENCODE_FAILED = "encode_failed"
+    # The daemon itself died twice while this job was in hand: it is not run a third time
+    DAEMON_CRASHED = "daemon_crashed"
     INTERNAL = "internal"
 
 
@@ -124,6 +128,10 @@ class Job:
     language: str | None = None
     # False: never served from the result cache, and its audio is not stored there.
     cache: bool = True
+    # Who asked (service.Identity.owner): only they, or an admin, may see or cancel it.
+    # Fair turns are taken between `share`s (one per key; anonymous clients share one).
+    owner: str = ""
+    share: str = ""
 
     @property
     def chars(self) -> int:

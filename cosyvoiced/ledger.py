@@ -104,8 +104,13 @@ class Ledger:
     def in_progress(self) -> Counter[Priority]:
         return Counter(r.priority for r in self.jobs.values() if r.started and not r.remote)
 
+    def shares_in_progress(self) -> Counter[tuple[Priority, str]]:
+        return Counter((r.priority, r.job.share) for r in self.jobs.values()
+                       if r.started and not r.remote)
+
     def waiting(self) -> list[Waiting]:
-        return [Waiting(r.job.id, r.priority, r.ready_since, r.started, r.retry, r.last_slot)
+        return [Waiting(r.job.id, r.priority, r.ready_since, r.started, r.retry, r.last_slot,
+                        r.job.share)
                 for r in self.jobs.values()
                 if r.holder is None and not r.cancel_requested and r.done < len(r.segments)
                 and not r.remote]

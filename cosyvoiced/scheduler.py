@@ -10,10 +10,18 @@ hand at once (its audio is made in order).
 
 Only `max_active` jobs of a class are in progress at once; the others wait unstarted. A
 job in progress holds its audio so far in the supervisor's memory, so this bounds it.
+
+Above the jobs, clients take turns too: every job carries a `share` (an API key, a CURVE
+key, the drop folder; anonymous clients all share one), and within a class a share's n-th
+waiting job goes after every other share's (n-1)-th, so a client with 200 queued jobs holds
+up a newcomer's first job by one turn, not 200. While several shares want to start jobs, a
+share may hold at most its fair part of the class's `max_active` places (Postfix's
+per-destination concurrency), so one client cannot take every place with long jobs.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -40,6 +48,7 @@ class Waiting:
     started: bool = False  # it has had a segment already (it is in progress)
     retry: bool = False  # its last segment's worker died before finishing it
     last_worker: int | None = None  # the slot that served its last segment
+    share: str = ""  # whose turn it is: the client's fair-share identity
 
 
 @dataclass(frozen=True)
@@ -49,27 +58,57 @@ class Assignment:
 
 
 def order(waiting: Sequence[Waiting]) -> list[Waiting]:
-    """The order in which waiting jobs are served."""
-    return sorted(waiting, key=lambda w: (w.priority, not w.retry, w.ready_since))
+    """The order in which waiting jobs are served: by class, retries first, then by the
+    job's rank among its share's waiting jobs (turns between clients), then by age."""
+    oldest_first = sorted(waiting, key=lambda w: (w.priority, not w.retry, w.ready_since))
+    seen: Counter[tuple[Priority, str]] = Counter()
+    ranked = []
+    for job in oldest_first:
+        rank = seen[job.priority, job.share]
+        seen[job.priority, job.share] += 1
+        ranked.append(((job.priority, not job.retry, rank, job.ready_since), job))
+    return [job for _key, job in sorted(ranked, key=lambda pair: pair[0])]
+
+
+def fair_places(waiting: Sequence[Waiting], shares_active: Mapping[tuple[Priority, str], int],
+                max_active: int) -> dict[Priority, int]:
+    """How many of a class's `max_active` places one share may hold: all of them while it
+    is alone, an equal part (at least one) while other shares want places too."""
+    wanting: dict[Priority, set[str]] = {}
+    for (priority, share), active in shares_active.items():
+        if active:
+            wanting.setdefault(priority, set()).add(share)
+    for job in waiting:
+        if not job.started:
+            wanting.setdefault(job.priority, set()).add(job.share)
+    return {priority: max(1, max_active // len(shares)) for priority, shares in wanting.items()}
 
 
 def assign(waiting: Sequence[Waiting], idle_slots: Sequence[int],
-           in_progress: Mapping[Priority, int], max_active: int) -> list[Assignment]:
+           in_progress: Mapping[Priority, int], max_active: int,
+           shares_active: Mapping[tuple[Priority, str], int] | None = None,
+           ) -> list[Assignment]:
     """The next segments to hand out, one per idle worker slot at most.
 
-    `in_progress` counts the jobs of each class started and not yet ended. A job's next
-    segment goes back to the slot that served its last one when that slot is idle.
+    `in_progress` counts the jobs of each class started and not yet ended, and
+    `shares_active` the same per (class, share). A job's next segment goes back to the slot
+    that served its last one when that slot is idle.
     """
     idle = list(idle_slots)
     active = dict(in_progress)
+    per_share: Counter[tuple[Priority, str]] = Counter(shares_active or {})
+    places = fair_places(waiting, per_share, max_active)
     assignments = []
     for job in order(waiting):
         if not idle:
             break
         if not job.started:
-            if active.get(job.priority, 0) >= max_active:
+            share = (job.priority, job.share)
+            if active.get(job.priority, 0) >= max_active or \
+                    per_share[share] >= places[job.priority]:
                 continue
             active[job.priority] = active.get(job.priority, 0) + 1
+            per_share[share] += 1
         slot = job.last_worker if job.last_worker is not None and job.last_worker in idle \
             else idle[0]
         idle.remove(slot)

@@ -7,6 +7,9 @@
     failed/  inputs that could not be served, each with ``NAME.error.json``
     prompts/ prompt audio a job claimed (``<job id>~<name>``): deleted when the job is
              done, moved to failed/ beside its job when it fails, handed back with it
+    attempts/ ``<job id>``: in how many lives of the daemon the job was started, written
+             before its first segment is handed out; a job left in work/ by two crashes
+             in a row is not run a third time (the worker's poison rule, for the daemon)
 
 A job in `work/` is finished when its record (which carries the job id) exists in `outbox/`
 or `failed/`; only then is the `work/` entry removed. After a crash, the same check tells a
@@ -159,9 +162,11 @@ class Spool:
         self.outbox = self.root / "outbox"
         self.failed = self.root / "failed"
         self.prompts = self.root / "prompts"
+        self.attempts = self.root / "attempts"
 
     def ensure(self) -> None:
-        for directory in (self.inbox, self.work, self.outbox, self.failed, self.prompts):
+        for directory in (self.inbox, self.work, self.outbox, self.failed, self.prompts,
+                          self.attempts):
             directory.mkdir(parents=True, exist_ok=True)
 
     # intake
@@ -250,6 +255,7 @@ class Spool:
                 os.rename(prompt.path, self.failed / prompt.claimed.work_name)
         os.rename(self.work / claimed.work_name, self.failed / name)
         _fsync_dir(self.failed)
+        self.clear_attempts(claimed.job_id)
         return name
 
     def resume_failure(self, claimed: Claimed) -> str | None:
@@ -271,11 +277,30 @@ class Spool:
 
     def release(self, claimed: Claimed) -> None:
         (self.work / claimed.work_name).unlink(missing_ok=True)
+        self.clear_attempts(claimed.job_id)
         self.discard_prompts(claimed.job_id)
+
+    # crash-safe recovery
+    def attempts_of(self, job_id: str) -> int:
+        """In how many lives of the daemon this job was started (0: never, or unreadable)."""
+        try:
+            return int((self.attempts / job_id).read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def count_attempt(self, job_id: str) -> int:
+        """One more life in which the job starts; durable before it is handed out."""
+        attempts = self.attempts_of(job_id) + 1
+        atomic_write(self.attempts, job_id, str(attempts).encode())
+        return attempts
+
+    def clear_attempts(self, job_id: str) -> None:
+        (self.attempts / job_id).unlink(missing_ok=True)
 
     def hand_back(self, claimed: Claimed) -> bool:
         """Return an unstarted job to the inbox under its own name (unless that is taken),
         its prompt audio first, so that the job finds it when it is claimed again."""
+        self.clear_attempts(claimed.job_id)
         for prompt in self._prompts_of(claimed.job_id):
             rename_noreplace(prompt.path, self.inbox / prompt.claimed.original_name)
         return rename_noreplace(self.work / claimed.work_name,
@@ -307,12 +332,20 @@ class Spool:
         """The daemon's own temp files in the directories it writes (not inbox/: the temp
         names there are clients')."""
         return [f"{directory.name}/{name}"
-                for directory in (self.work, self.outbox, self.failed, self.prompts)
+                for directory in (self.work, self.outbox, self.failed, self.prompts,
+                                  self.attempts)
                 for name in remove_temp_files(directory)]
 
     def discard_prompts(self, job_id: str) -> None:
         for prompt in self._prompts_of(job_id):
             prompt.path.unlink(missing_ok=True)
+
+    def discard_orphan_attempts(self) -> None:
+        """Attempt counts whose job is no longer in work/ (a crash after its outcome)."""
+        live = {claimed.job_id for claimed in self.claimed()}
+        for name in os.listdir(self.attempts):
+            if name not in live:
+                self.clear_attempts(name)
 
     def discard_orphan_prompts(self) -> list[str]:
         """Prompts whose job is no longer in work/ (a crash between the two deletions)."""

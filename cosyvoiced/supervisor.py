@@ -11,6 +11,7 @@ restarts it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import queue
 import signal
@@ -78,7 +79,12 @@ EXIT_LISTEN = 1  # an address to listen on is taken or not ours
 EXIT_WORKER_START = 3  # the engine failed to load `worker.max_start_failures` times in a row
 EXTEND_TIMEOUT_S = 15.0  # asked for, again and again, while the engine loads before READY
 
-MAX_ATTEMPTS = 2  # a job that kills two workers is a poison job
+MAX_ATTEMPTS = 2  # a job that kills two workers (or the daemon twice) is a poison job
+CLAIM_RETRY_S = 1.0  # a claim that failed for want of descriptors or memory is retried
+CLAIM_RETRIES = 60  # ...this many times before it fails as unreadable
+# Errors of this process's state (descriptors, memory), not of the file: they pass.
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+                              errno.EINTR, errno.ENOBUFS})
 MAX_TICK_S = 1.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -115,6 +121,7 @@ class Supervisor:
         for end in (self._wake_receiver, self._wake_sender):
             end.setblocking(False)
         self._claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
+        self._claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
         self.inbox = InboxIntake(self.spool, self._claims, self.wake)
         self.zmq = zmq_intake.ZmqIntake(config.zmq, self.limits, self.wake)
         self.http = http_intake.HttpIntake(lambda: self.config.http, self.wake)
@@ -187,7 +194,8 @@ class Supervisor:
         return self.exit_code
 
     def _timeout(self, now: float) -> float:
-        deadlines = [self.next_scan, now + MAX_TICK_S, *self.pool.deadlines(self.stopping)]
+        deadlines = [self.next_scan, now + MAX_TICK_S, *self.pool.deadlines(self.stopping),
+                     *(due for due, _tries, _claimed in self._claim_retries)]
         watchdog = self.notifier.next_watchdog_at()
         if watchdog is not None:
             deadlines.append(watchdog)
@@ -208,7 +216,7 @@ class Supervisor:
     # -- the tick -----------------------------------------------------------------------
     def tick(self, now: float) -> None:
         self._handle_signals(now)
-        self._admit_claims()
+        self._admit_claims(now)
         self._handle_requests()
         self.sharing.poll(now)
         self._handle_workers(now)
@@ -271,29 +279,54 @@ class Supervisor:
                         message="these keys keep their old values until a restart")
         self.notifier.ready()
 
-    def _admit_claims(self) -> None:
+    def _admit_claims(self, now: float) -> None:
+        retries, self._claim_retries = self._claim_retries, []
+        for due, tries, claimed in retries:
+            if due > now:
+                self._claim_retries.append((due, tries, claimed))
+            else:
+                self._claim(claimed, now, tries)
         while True:
             try:
                 claimed = self._claims.get_nowait()
             except queue.Empty:
                 return
-            if self.stopping:
-                self._hand_back(claimed)
+            self._claim(claimed, now)
+
+    def _claim(self, claimed: Claimed, now: float, tries: int = 0) -> None:
+        if self.stopping:
+            self._hand_back(claimed)
+            return
+        try:
+            self._admit(claimed)
+        except OSError as error:
+            if error.errno in TRANSIENT_ERRNOS and tries < CLAIM_RETRIES:
+                log.warning("claim_retry", work_name=claimed.work_name, error=str(error),
+                            tries=tries + 1)
+                self._claim_retries.append((now + CLAIM_RETRY_S, tries + 1, claimed))
             else:
-                self._admit(claimed)
+                log.error("claim_unreadable", work_name=claimed.work_name, error=str(error))
+                self._reject(claimed, JobError(ErrorCode.UNREADABLE,
+                                               f"the job file could not be read: {error}"))
 
     def _admit(self, claimed: Claimed) -> None:
+        """Parse and queue a claimed job; OSError if it cannot be read now."""
         try:
             job = self.inbox.admit(claimed, self.limits, self.config.spool.max_file_bytes)
         except JobFailure as failure:
             self._reject(claimed, failure.error)
             return
-        except OSError as error:
-            # Left in work/ (not lost): it is tried again at the next start.
-            log.error("claim_unreadable", work_name=claimed.work_name, error=str(error))
+        if job is None:
             return
-        if job is not None:
-            self.enqueue(job)
+        attempts = self.spool.attempts_of(job.id)
+        if attempts >= MAX_ATTEMPTS:
+            log.critical("daemon_crashed_on_job", job=job.id, attempts=attempts,
+                         message="the daemon died each time this job was in hand")
+            self._reject(claimed, JobError(
+                ErrorCode.DAEMON_CRASHED, f"the daemon died {attempts} times while this job "
+                "was in hand; it is not run again (send it again to retry)"))
+            return
+        self.enqueue(job)
 
     def _reject(self, claimed: Claimed, error: JobError) -> None:
         """A drop-folder file that is not a valid job: failed/ and counted, never dropped."""
@@ -327,8 +360,10 @@ class Supervisor:
         if temp_files:
             log.info("temp_files_removed", files=temp_files,
                      message="left by writes that a crash cut short; never results")
+        self.spool.discard_orphan_attempts()
+        now = time.monotonic()
         for claimed in left:
-            self._admit(claimed)
+            self._claim(claimed, now)
 
     def _rescan(self, now: float) -> None:
         if self.stopping or (now < self.next_scan and not self.inbox.rescan_requested.is_set()):
@@ -672,12 +707,15 @@ class Supervisor:
         if self.stopping:  # finish what is in progress; start nothing new
             waiting = [w for w in waiting if w.started]
         for choice in scheduler.assign(waiting, sorted(idle), self.ledger.in_progress(),
-                                       self.config.scheduling.max_active_jobs):
+                                       self.config.scheduling.max_active_jobs,
+                                       self.ledger.shares_in_progress()):
             running = self.ledger.jobs[choice.job_id]
             self._hand_segment(running, idle[choice.slot], now)
 
     def _hand_segment(self, running: Running, worker: WorkerHandle, now: float) -> None:
         index = running.done
+        if not running.dispatched and self._persisted(running.job):
+            self.spool.count_attempt(running.job.id)  # durable before the job is in hand
         if not worker.send(RunSegment(self.cache.worker_job(running.job), index,
                                       len(running.segments), running.segments[index])):
             return  # the worker is gone; handled next tick, the job waits
@@ -687,6 +725,10 @@ class Supervisor:
         running.segment_chunks = 0
         worker.job_id = running.job.id
         worker.set_state(WorkerState.BUSY, job=running.job.id, segment=index)
+
+    def _persisted(self, job: Job) -> bool:
+        """The job lives in this host's work/ (and is run again after a crash)."""
+        return job.sink != SINK_REPLY and job.id not in self.sharing.sinks
 
     def _finish(self, running: Running) -> None:
         self.ledger.pop(running.job.id)

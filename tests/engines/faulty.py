@@ -10,6 +10,8 @@ sentence inject faults while that sentence is "synthesized":
     LEAK                 keep 64 MiB more resident memory, for good
     SLOW@<seconds>       take that long over the sentence
     THREAD               start a thread that raises (as an engine library's may)
+    KILL_DAEMON          SIGKILL the supervisor (this worker's parent), as a native crash
+                         in the daemon would end it
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 import importlib
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -76,6 +79,9 @@ class ToneEngine:
             time.sleep(3600)
         if "ABORT" in sentence:
             os.abort()
+        if "KILL_DAEMON" in sentence:
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(3600)  # PDEATHSIG ends this worker with its parent
         if "LEAK" in sentence:
             self._leaked.append(np.ones(LEAK_BYTES, dtype=np.uint8))  # touched: resident
         if slow:
