@@ -21,16 +21,12 @@ Upstream is built for notebooks and demos; this adapter makes it safe to serve f
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
-import logging
 import random
-import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -40,7 +36,7 @@ import soxr
 from cosyvoiced import logs
 from cosyvoiced.config import CosyVoiceConfig, EngineConfig
 from cosyvoiced.engines import FEATURES, AudioChunk, SynthesisRequest, VoiceInfo
-from cosyvoiced.engines.probe import missing_module
+from cosyvoiced.engines.upstream import import_upstream, missing_module
 from cosyvoiced.job import ErrorCode, JobFailure
 from cosyvoiced.prompt import Samples, read_prompt
 from cosyvoiced.speakers import STORED_RATE, Speaker, SpeakerStore
@@ -65,32 +61,6 @@ TOKENIZER_RATE = 16000
 LLM_STOP_TIMEOUT_S = 30.0
 
 log = logs.get_logger("cosyvoiced.engines.cosyvoice")
-
-
-def import_upstream(repo: str) -> ModuleType:
-    """Upstream's `cosyvoice.cli.cosyvoice`, from `repo` if given; a module it needs that is
-    not installed is named, with the fix, in the ModuleNotFoundError."""
-    if repo:
-        sys.path[:0] = [repo, str(Path(repo) / "third_party" / "Matcha-TTS")]
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        # cosyvoice.utils.file_utils calls logging.basicConfig(level=DEBUG) on import.
-        return importlib.import_module("cosyvoice.cli.cosyvoice")
-    except ModuleNotFoundError as error:
-        raise missing_module(error, repo) from error
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        root.addFilter(_UpstreamChatter())
-
-
-class _UpstreamChatter(logging.Filter):
-    """Upstream logs two info lines per text segment with `logging.info` (the root logger):
-    debug-level detail for a daemon. Our own loggers propagate past this filter."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or logging.getLogger().level <= logging.DEBUG
 
 
 def _detect_version(model_dir: Path) -> tuple[int, str]:

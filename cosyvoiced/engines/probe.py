@@ -1,11 +1,11 @@
 """Whether the CosyVoice engine's upstream code imports here, and what to do when it does not.
 
 Upstream imports download helpers, modelscope and more at module level, so an install that
-lacks one of them fails before any model is read. `missing_module` turns that failure into
-one line naming the module, the file that imports it and the fix; the engine raises it, so it
-reaches `engine_load_failed`, STATUS= and the exit. `cosyvoiced --check-config` runs this
-module as a subprocess (the daemon never imports torch or an engine) to say the same before
-the service is started.
+lacks one of them fails before any model is read. `upstream.missing_module` turns that
+failure into one line naming the module, the file that imports it and the fix; the engine
+raises it, so it reaches `engine_load_failed`, STATUS= and the exit. `cosyvoiced
+--check-config` runs this module as a subprocess (the daemon never imports torch or an
+engine) to say the same before the service is started.
 """
 
 from __future__ import annotations
@@ -14,38 +14,10 @@ import argparse
 import contextlib
 import subprocess
 import sys
-import traceback
 
-INSTALL = "pip install 'cosyvoiced[cosyvoice]'"
-UPSTREAM_PACKAGES = ("cosyvoice", "matcha")
 # Importing torch and upstream from a cold disk takes tens of seconds; a hung import is a
 # finding too.
 PROBE_TIMEOUT_S = 300.0
-
-
-def missing_module(error: ModuleNotFoundError, repo: str = "") -> ModuleNotFoundError:
-    """`error` restated: the module, the file that imports it, and how to install it."""
-    name = error.name or str(error)
-    importer = _importer(error)
-    where = f" (imported by {importer})" if importer else ""
-    package = name.partition(".")[0]
-    if package == "matcha" and repo:
-        fix = (f"{repo}/third_party/Matcha-TTS is empty: run `git submodule update --init` "
-               "in the checkout")
-    elif package in UPSTREAM_PACKAGES:
-        fix = ("the upstream code is missing or incomplete: point engine.cosyvoice.repo at a "
-               "FunAudioLLM/CosyVoice checkout with its third_party/Matcha-TTS")
-    else:
-        fix = f"install the cosyvoice engine's dependencies: {INSTALL}"
-    return ModuleNotFoundError(f"No module named {name!r}{where}; {fix}", name=name)
-
-
-def _importer(error: BaseException) -> str | None:
-    """The file whose import statement failed: the innermost frame outside importlib."""
-    files = [frame.filename for frame in traceback.extract_tb(error.__traceback__)
-             if not frame.filename.startswith("<frozen importlib")
-             and not frame.filename.endswith("importlib/__init__.py")]
-    return files[-1] if files else None
 
 
 def check(repo: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
@@ -73,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     # Upstream prints while importing; stdout carries only the verdict, its last line.
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            from cosyvoiced.engines import cosyvoice  # noqa: PLC0415 - what is being probed
+            from cosyvoiced.engines import upstream  # noqa: PLC0415 - what is being probed
 
-            cosyvoice.import_upstream(args.repo)
+            upstream.import_upstream(args.repo)
         except Exception as error:  # noqa: BLE001 - any of them stops the engine loading
             verdict = f"{type(error).__name__}: {error}".replace("\n", " ")
         else:
