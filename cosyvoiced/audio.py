@@ -10,6 +10,8 @@ import soundfile
 
 from cosyvoiced.job import PCM_FORMAT
 
+# Frames per libsndfile write call: 256 KiB of float32, far below any thread's stack.
+BLOCK_FRAMES = 1 << 16
 # format name -> (soundfile container, subtype)
 _CONTAINERS = {
     "wav": ("WAV", "PCM_16"),
@@ -28,12 +30,46 @@ def to_pcm16(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.int16]:
     return pcm
 
 
+class FileWriter:
+    """One file of format `fmt` (a FILE_FORMATS name or PCM_FORMAT), written block by block.
+
+    libsndfile 1.2.2's Vorbis encoder keeps all the frames of one `write` call on the stack:
+    one call of about 2**21 frames (95 s at 22050 Hz, an 8 MiB stack) segfaults. So every
+    write is cut into blocks of BLOCK_FRAMES, whatever the caller hands in.
+    """
+
+    def __init__(self, sample_rate: int, fmt: str) -> None:
+        self._pcm: list[bytes] | None = None
+        self._buffer = io.BytesIO()
+        self._file: soundfile.SoundFile | None = None
+        self._pcm16 = True
+        if fmt == PCM_FORMAT:
+            self._pcm = []
+            return
+        container, subtype = _CONTAINERS[fmt]
+        self._pcm16 = subtype == "PCM_16"
+        self._file = soundfile.SoundFile(self._buffer, "w", samplerate=sample_rate, channels=1,
+                                         subtype=subtype, format=container)
+
+    def write(self, samples: npt.NDArray[np.float32]) -> None:
+        for start in range(0, len(samples), BLOCK_FRAMES):
+            block = samples[start:start + BLOCK_FRAMES]
+            if self._pcm is not None:
+                self._pcm.append(to_pcm16(block).tobytes())
+            elif self._file is not None:
+                self._file.write(to_pcm16(block) if self._pcm16 else np.clip(block, -1.0, 1.0))
+
+    def finish(self) -> bytes:
+        """The complete file; the writer is spent."""
+        if self._pcm is not None:
+            return b"".join(self._pcm)
+        assert self._file is not None, "a container format opens its file"
+        self._file.close()  # writes the headers that need the length (WAV sizes, STREAMINFO)
+        return self._buffer.getvalue()
+
+
 def encode(samples: npt.NDArray[np.float32], sample_rate: int, fmt: str) -> bytes:
     """Mono float32 samples in [-1, 1] as a complete file of format `fmt`."""
-    if fmt == PCM_FORMAT:
-        return to_pcm16(samples).tobytes()
-    container, subtype = _CONTAINERS[fmt]
-    data = to_pcm16(samples) if subtype == "PCM_16" else np.clip(samples, -1.0, 1.0)
-    buffer = io.BytesIO()
-    soundfile.write(buffer, data, sample_rate, subtype=subtype, format=container)
-    return buffer.getvalue()
+    writer = FileWriter(sample_rate, fmt)
+    writer.write(samples)
+    return writer.finish()

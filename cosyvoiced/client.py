@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,19 +117,26 @@ def load_keypair(path: str | Path) -> tuple[bytes, bytes | None]:
 class Client:
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, server_key: bytes | None = None,
                  client_keypair: tuple[bytes, bytes] | None = None, timeout_s: float = 10.0,
-                 retries: int = 2) -> None:
-        """`server_key` (the daemon's public key) and `client_keypair` turn on CurveZMQ."""
+                 retries: int = 2, admin_token: str | None = None) -> None:
+        """`server_key` (the daemon's public key) and `client_keypair` turn on CurveZMQ.
+        `admin_token` (the daemon's `admin.token` file, readable on its host only) lets
+        this client see and cancel every job, as `cosyvoicectl` does."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.retries = retries
         self._server_key = server_key
         self._client_keypair = client_keypair
+        self._admin = {"admin": admin_token} if admin_token else {}
+        # One identity for this client's life, kept across reconnects (its jobs stay its
+        # own); random, so that no other client can claim it.
+        self._identity = b"c" + secrets.token_bytes(15)
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket = self._connect()
 
     def _connect(self) -> zmq.Socket[bytes]:
         socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTING_ID, self._identity)
         if self._server_key is not None:
             if self._client_keypair is None:
                 raise ValueError("CurveZMQ needs the client's own keypair as well")
@@ -149,7 +157,7 @@ class Client:
     # -- the wire ---------------------------------------------------------------------------
     def send(self, op: str, fields: dict[str, Any], attachments: tuple[bytes, ...] = ()) -> str:
         request_id = uuid.uuid4().hex
-        header = {"v": 1, "op": op, "id": request_id} | fields
+        header = {"v": 1, "op": op, "id": request_id} | self._admin | fields
         self._socket.send_multipart([json.dumps(header).encode(), *attachments])
         return request_id
 

@@ -8,15 +8,17 @@ the same whatever the current directory is.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from cosyvoiced import memory
 from cosyvoiced.placement import DEVICE
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -58,8 +60,9 @@ def _at_least(minimum: float) -> Check:
 
 
 def _setting(default: Any, check: Check | None = None, *, size: bool = False,
-             path: bool = False) -> Any:
-    metadata = {"check": check, "size": size, "path": path}
+             path: bool = False, auto: Any = None) -> Any:
+    """`auto`: what the string "auto" stands for, for a key that may be resolved later."""
+    metadata = {"check": check, "size": size, "path": path, "auto": auto}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -141,6 +144,9 @@ class LogConfig:
     level: str = _setting("info", _one_of(*LOG_LEVELS))
 
 
+RSS_LIMIT_AUTO = -1  # worker.rss_limit = "auto", until the Config resolves it
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     start_timeout_s: float = _setting(300.0, _at_least(1))
@@ -148,8 +154,12 @@ class WorkerConfig:
     heartbeat_interval_s: float = _setting(2.0, _at_least(0.1))
     heartbeat_timeout_s: float = _setting(30.0, _at_least(1))
     max_start_failures: int = _setting(3, _at_least(1))
-    # Recycling: 0 turns a limit off.
-    rss_limit: int = _setting(0, _at_least(0), size=True)
+    # Recycling: 0 turns a limit off. rss_limit "auto" (the default, RSS_LIMIT_AUTO here) is
+    # resolved when the Config is made (`resolve_rss_limit`): half the machine's memory (or
+    # its cgroup's limit) split among the workers (devices x per_device, plus the spare),
+    # never under what the engine needs (memory.ENGINE_RSS_FLOOR: Piper 2 GiB, CosyVoice
+    # 8 GiB). A plain WorkerConfig() leaves it unresolved, which the policy takes as off.
+    rss_limit: int = _setting(RSS_LIMIT_AUTO, _at_least(0), size=True, auto=RSS_LIMIT_AUTO)
     gpu_memory_limit: int = _setting(0, _at_least(0), size=True)
     max_jobs: int = _setting(0, _at_least(0))
     spare: bool = False
@@ -162,6 +172,20 @@ class WorkerConfig:
     # sees only its own GPU. More workers serve more jobs at once (one segment each).
     devices: list[str] = _setting(["cpu"], _devices)  # noqa: RUF009 - returns a field()
     per_device: int = _setting(1, _at_least(1))
+
+    @property
+    def worker_count(self) -> int:
+        """Worker processes that may hold a model at once: the slots, and the spare."""
+        return len(self.devices) * self.per_device + (1 if self.spare else 0)
+
+
+def resolve_rss_limit(worker: WorkerConfig, engine: str,
+                      machine_bytes: Callable[[], int] = memory.machine_bytes) -> WorkerConfig:
+    """`worker` with rss_limit "auto" replaced by its figure for this machine and engine."""
+    if worker.rss_limit != RSS_LIMIT_AUTO:
+        return worker
+    limit = memory.auto_rss_limit(machine_bytes(), worker.worker_count, engine)
+    return replace(worker, rss_limit=limit)
 
 
 @dataclass(frozen=True)
@@ -188,12 +212,32 @@ class ZmqConfig:
     max_pending_per_client: int = _setting(16, _at_least(1))
     max_header_bytes: int = _setting(64 << 10, _at_least(1024), size=True)
     max_attachment_bytes: int = _setting(16 << 20, _at_least(1024), size=True)
+    # A peer that connects and has not finished the ZMTP/CURVE handshake after this long is
+    # dropped (set on the socket at start-up).
+    handshake_timeout_s: float = _setting(10.0, _at_least(0.1))
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""  # "127.0.0.1:9464" turns the Prometheus endpoint on
     allow_remote: bool = False
+    # A scraper's request must be whole this long after its first byte.
+    header_timeout_s: float = _setting(10.0, _at_least(0.1))
+    # A connection with no request in hand (fresh or kept alive) is closed after this.
+    idle_timeout_s: float = _setting(30.0, _at_least(0.1))
+    # Connections over this get 503 and are closed.
+    max_connections: int = _setting(16, _at_least(1))
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    """One API key's rights and limits: [http.keys.NAME], NAME as in http.api_keys_file
+    ("NAME TOKEN" lines). Limits left out are http.rate_limit and http.chars_per_minute."""
+
+    # An admin key sees and cancels every client's jobs (as a local cosyvoicectl does).
+    admin: bool = False
+    rate_limit: float | None = _setting(None, _at_least(0))
+    chars_per_minute: float | None = _setting(None, _at_least(0))
 
 
 @dataclass(frozen=True)
@@ -205,8 +249,26 @@ class HttpConfig:
     allow_insecure: bool = False
     max_body_bytes: int = _setting(1 << 20, _at_least(1024), size=True)
     max_pending_per_client: int = _setting(16, _at_least(1))
+    # nginx's client limits. A request's line and headers must be whole this long after
+    # its first byte (slowloris), and its body must be read within body_timeout_s (408).
+    header_timeout_s: float = _setting(10.0, _at_least(0.1))
+    body_timeout_s: float = _setting(30.0, _at_least(0.1))
+    # A connection with no request in hand (fresh or kept alive) is closed after this.
+    idle_timeout_s: float = _setting(30.0, _at_least(0.1))
+    # A response write the client does not take within this closes the connection and
+    # cancels its job.
+    send_timeout_s: float = _setting(30.0, _at_least(0.1))
+    # Connections over this get 503 at once and are closed; keep it well under the
+    # process's file limit (the unit's LimitNOFILE=).
+    max_connections: int = _setting(512, _at_least(1))
     # OpenAI voice names (alloy, echo, ...) -> ours.
     voices: dict[str, str] = field(default_factory=dict)
+    # Per client (an API key; the client's address when there are no keys), 0 for none:
+    # requests, and characters of input, per minute. Over it: 429 rate_limit_exceeded
+    # with Retry-After. [http.keys.NAME] tables set them per key, and make a key an admin.
+    rate_limit: float = _setting(0.0, _at_least(0))
+    chars_per_minute: float = _setting(0.0, _at_least(0))
+    keys: dict[str, KeyConfig] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -214,6 +276,14 @@ class WyomingConfig:
     listen: str = ""  # "tcp://127.0.0.1:10200" turns the Wyoming server on
     # Wyoming has no authentication: a non-loopback address needs this.
     allow_remote: bool = False
+    # A connection with no event for this long is closed (a satellite reconnects).
+    idle_timeout_s: float = _setting(60.0, _at_least(1))
+    # Once an event has begun, its header line, data and payload must all be in within this.
+    read_timeout_s: float = _setting(10.0, _at_least(0.1))
+    # Connections open at once; one more is refused (an `error`, then closed).
+    max_connections: int = _setting(256, _at_least(1))
+    # Requests one connection may have in flight (sentences of a streamed text count each).
+    max_pending_per_client: int = _setting(16, _at_least(1))
 
 
 @dataclass(frozen=True)
@@ -266,6 +336,11 @@ class Config:
     wyoming: WyomingConfig = field(default_factory=WyomingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        # Resolved here, where the engine and the worker count are known, so that every
+        # Config (loaded, reloaded or a default) holds bytes; frozen, hence object.__setattr__.
+        object.__setattr__(self, "worker", resolve_rss_limit(self.worker, self.engine.name))
 
 
 def load(path: str | Path) -> Config:
@@ -320,12 +395,20 @@ def _check_metrics(settings: MetricsConfig) -> None:
                           "metrics.allow_remote = true")
 
 
-def read_api_keys(path: str) -> frozenset[str]:
-    """The bearer tokens in an api_keys_file: one per line; blank lines and '#' comments
-    are skipped. Raises OSError if the file cannot be read."""
+def read_api_keys(path: str) -> dict[str, str]:
+    """The bearer tokens in an api_keys_file, each with its name: one key per line, "NAME
+    TOKEN" or a bare TOKEN (named key-<digest>, never by the secret); blank lines and '#'
+    comments are skipped. Raises OSError if the file cannot be read."""
+    keys: dict[str, str] = {}
     with open(path, encoding="utf-8") as stream:
-        lines = (line.split("#", 1)[0].strip() for line in stream)
-        return frozenset(line for line in lines if line)
+        for line in stream:
+            fields = line.split("#", 1)[0].split()
+            if len(fields) == 1:
+                token = fields[0]
+                keys[token] = "key-" + hashlib.sha256(token.encode()).hexdigest()[:8]
+            elif len(fields) == 2:
+                keys[fields[1]] = fields[0]
+    return keys
 
 
 def _check_http(settings: HttpConfig) -> None:
@@ -335,6 +418,9 @@ def _check_http(settings: HttpConfig) -> None:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"http.listen: expected HOST:PORT such as \"127.0.0.1:8000\"; "
                           f"got {settings.listen!r}")
+    if settings.keys and not settings.api_keys_file:
+        raise ConfigError(f"http.keys.{sorted(settings.keys)[0]}: keys are named in "
+                          "http.api_keys_file, which is not set")
     if settings.api_keys_file:
         try:
             keys = read_api_keys(settings.api_keys_file)
@@ -344,6 +430,10 @@ def _check_http(settings: HttpConfig) -> None:
         if not keys:
             raise ConfigError(f"http.api_keys_file: {settings.api_keys_file!r} holds no key "
                               "(one per line)")
+        unknown = sorted(set(settings.keys) - set(keys.values()))
+        if unknown:
+            raise ConfigError(f"http.keys.{unknown[0]}: no key of that name in "
+                              f"http.api_keys_file (lines \"NAME TOKEN\")")
     elif not settings.allow_insecure and not is_loopback_endpoint(f"tcp://{settings.listen}"):
         raise ConfigError(
             f"http.listen: {settings.listen!r} is reachable from the network but "
@@ -466,11 +556,14 @@ def _build(cls: type, table: Any, prefix: str, base_dir: Path) -> Any:
 
 
 def _value(key: str, value: Any, hint: Any, meta: Any, base_dir: Path) -> Any:
+    if value == "auto" and meta.get("auto") is not None:
+        return meta["auto"]
     if meta.get("size"):
         try:
             value = parse_size(value)
         except ValueError as error:
-            raise ConfigError(f"{key}: {error}") from None
+            also = ' or "auto"' if meta.get("auto") is not None else ""
+            raise ConfigError(f"{key}: {error}{also}") from None
     value = _typed(key, value, hint)
     if meta.get("path"):
         value = _resolve(value, base_dir)
@@ -494,6 +587,8 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected a table; got {type(value).__name__}")
         return {_typed(f"{key}.{name}", name, key_type): _typed(f"{key}.{name}", entry, item)
                 for name, entry in value.items()}
+    if isinstance(hint, type) and is_dataclass(hint):  # a table of tables: [a.b.NAME]
+        return _build(hint, value, key + ".", Path("."))
     if origin in (Union, types.UnionType):
         # `X | None`: TOML has no null, so a present key is always an X.
         (present,) = [arg for arg in get_args(hint) if arg is not type(None)]

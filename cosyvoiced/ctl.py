@@ -62,7 +62,19 @@ def _client(args: argparse.Namespace) -> Client:
             raise UsageError(f"{args.client_key} holds no secret key (use NAME.key_secret)")
         keypair = (public, secret)
     return Client(_endpoint(args), server_key=server_key, client_keypair=keypair,
-                  timeout_s=args.timeout)
+                  timeout_s=args.timeout, admin_token=_admin_token(args))
+
+
+def _admin_token(args: argparse.Namespace) -> str | None:
+    """The daemon's admin token, where this user may read it (root, or the daemon's own
+    user on its host): then every job may be seen and cancelled, as an operator expects."""
+    if not Path(args.config).is_file():
+        return None
+    try:
+        spool = Spool(config.load(args.config).spool.dir)
+        return spool.admin_token_path.read_text().strip() or None
+    except (OSError, config.ConfigError):
+        return None
 
 
 def _print(data: Any) -> None:

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+Samples = npt.NDArray[np.float32]
 
 FILE_FORMATS = ("wav", "flac", "ogg")
 PCM_FORMAT = "pcm_s16le"  # raw little-endian 16-bit mono: replies and streams only
@@ -51,6 +57,8 @@ class ErrorCode(StrEnum):
     PROMPT_AUDIO_UNREADABLE = "prompt_audio_unreadable"
     PROMPT_AUDIO_TOO_SHORT = "prompt_audio_too_short"
     PROMPT_AUDIO_TOO_LONG = "prompt_audio_too_long"
+    # Refused before it was queued: the queue, or this client's share of it, is full
+    BUSY = "busy"
     # Serving it
     CANCELLED = "cancelled"
     SHUTTING_DOWN = "shutting_down"
@@ -157,3 +165,32 @@ class JobResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"audio_s": round(self.audio_s, 4)}
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A sink's answer to `deliver` when the result must be encoded first: the samples go
+    to the encoder process (encoding.py: native codecs never run in the supervisor), and
+    `publish` writes the encoded bytes where they belong, returning the output's name."""
+
+    samples: Samples
+    sample_rate: int
+    format: str
+    publish: Callable[[bytes], str]
+
+
+class Sink(Protocol):
+    """Where a job's audio and outcome go: the spool (outbox/failed), a ZeroMQ, HTTP or
+    Wyoming reply, another host (cluster), with the result cache's recorder in front. A
+    job's sink is bound when it is admitted."""
+
+    def started(self, job: Job, sample_rate: int) -> None: ...
+
+    def chunk(self, job: Job, seq: int, samples: Samples) -> None: ...
+
+    def deliver(self, job: Job, result: JobResult, samples: Samples,
+                timings: dict[str, float]) -> str | Deferred: ...
+
+    def fail_job(self, job: Job, error: JobError) -> str: ...
+
+    def cancelled(self, job: Job) -> None: ...

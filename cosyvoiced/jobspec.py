@@ -5,6 +5,7 @@ Every problem becomes a `JobFailure` whose message names the field and says what
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,14 @@ MAX_PROMPT_CHARS = 1000
 LANGUAGES = ("zh", "en", "jp", "yue", "ko")
 
 
+# What no engine can take: C0 and C1 control characters but tab, line feed and carriage
+# return (NUL ends a C string in an engine library), and lone surrogates (half a UTF-16
+# pair: JSON can carry "\\ud800", UTF-8 cannot encode it).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_UNSPEAKABLE = re.compile(f"{_CONTROL.pattern}|{_SURROGATE.pattern}")
+
+
 @dataclass(frozen=True)
 class Limits:
     max_text_chars: int
@@ -41,10 +50,27 @@ def _typed(fields: dict[str, Any], name: str, kind: type | tuple[type, ...],
     if isinstance(value, bool) or not isinstance(value, kind):
         raise JobFailure(ErrorCode.INVALID_FIELD,
                          f"{name}: expected {described}; got {type(value).__name__}", name)
+    if isinstance(value, str):
+        _refuse(_SURROGATE, value, name)
     return value
 
 
+def _refuse(forbidden: re.Pattern[str], value: str, name: str) -> None:
+    """A `JobFailure` naming the first character of `value` that `forbidden` matches."""
+    found = forbidden.search(value)
+    if found is None:
+        return
+    char = found.group()
+    what = "a lone surrogate (half of a UTF-16 pair)" if _SURROGATE.match(char) else \
+        "a control character; of those only tab, line feed and carriage return may be sent"
+    raise JobFailure(ErrorCode.INVALID_FIELD, f"{name}: character {found.start()} (counting "
+                     f"from 0) is U+{ord(char):04X}, {what}", name)
+
+
 def check_text(text: str, limits: Limits) -> str:
+    """`text` if an engine can speak it: not empty, not too long, no control character
+    but tab and line breaks, no lone surrogate."""
+    _refuse(_UNSPEAKABLE, text, "text")
     if not text.strip():
         raise JobFailure(ErrorCode.EMPTY_TEXT, "text: is empty or only whitespace", "text")
     if len(text) > limits.max_text_chars:
@@ -79,6 +105,7 @@ def _short_text(fields: dict[str, Any], name: str) -> str | None:
     if not value.strip():
         raise JobFailure(ErrorCode.INVALID_FIELD, f"{name}: is empty; leave it out instead",
                          name)
+    _refuse(_UNSPEAKABLE, value, name)  # the engine reads it too
     if len(value) > MAX_PROMPT_CHARS:
         raise JobFailure(ErrorCode.INVALID_FIELD, f"{name}: {len(value)} characters is over "
                          f"the limit of {MAX_PROMPT_CHARS}", name)

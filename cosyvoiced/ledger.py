@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from cosyvoiced.workerhandle import WorkerHandle
 
 HISTORY = 10_000  # finished jobs remembered for `status`
+TURNS_KEPT = 10_000  # shares whose last turn is remembered (fair turns between clients)
 Samples = npt.NDArray[np.float32]
 
 
@@ -71,6 +72,9 @@ class Ledger:
     def __init__(self) -> None:
         self.jobs: OrderedDict[str, Running] = OrderedDict()  # in arrival order
         self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.finished_owners: dict[str, str] = {}  # job id -> owner, as long as remembered
+        self.last_turn: OrderedDict[str, float] = OrderedDict()  # share -> its last turn
+        self.written: dict[str, Job] = {}  # done, its file being encoded and written
         self.crashes: dict[str, int] = {}
         self.counts = {"done": 0, "failed": 0, "cancelled": 0}
 
@@ -91,7 +95,8 @@ class Ledger:
 
     def queued(self) -> list[Running]:
         """Jobs not started, in the order they will start."""
-        order = {w.job_id: n for n, w in enumerate(scheduler.order(self.waiting()))}
+        order = {w.job_id: n for n, w in
+                 enumerate(scheduler.order(self.waiting(), self.last_turn))}
         unstarted = [r for r in self.jobs.values() if not r.started and r.job.id in order]
         return sorted(unstarted, key=lambda r: order[r.job.id])
 
@@ -103,6 +108,13 @@ class Ledger:
 
     def in_progress(self) -> Counter[Priority]:
         return Counter(r.priority for r in self.jobs.values() if r.started and not r.remote)
+
+    def turn_taken(self, share: str, now: float) -> None:
+        """A segment of `share`'s went to a worker: the other shares go first next."""
+        self.last_turn.pop(share, None)
+        self.last_turn[share] = now
+        while len(self.last_turn) > TURNS_KEPT:
+            self.last_turn.popitem(last=False)
 
     def shares_in_progress(self) -> Counter[tuple[Priority, str]]:
         return Counter((r.priority, r.job.share) for r in self.jobs.values()
@@ -120,13 +132,33 @@ class Ledger:
         running = self.jobs.get(job_id) if job_id is not None else None
         return running if running is not None and running.holder is worker else None
 
-    def record(self, job_id: str, source: str, state: str, **detail: Any) -> None:
-        """Remember how a job ended (state: done, failed or cancelled)."""
+    def record(self, job_id: str, source: str, state: str, owner: str = "",
+               **detail: Any) -> None:
+        """Remember how a job ended (state: done, failed or cancelled), and whose it was."""
         self.crashes.pop(job_id, None)
+        self.written.pop(job_id, None)
         self.counts[state] += 1
         self.finished[job_id] = {"state": state, "source": source} | detail
+        self.finished_owners[job_id] = owner
         while len(self.finished) > HISTORY:
-            self.finished.popitem(last=False)
+            forgotten, _ = self.finished.popitem(last=False)
+            self.finished_owners.pop(forgotten, None)
+
+    def writing(self, job: Job) -> None:
+        """The job's audio is complete; its file is being encoded and written."""
+        self.written[job.id] = job
+
+    def owner_of(self, job_id: str) -> str | None:
+        """Whose job it is ("" for nobody's: an admin's alone); None for an unknown job."""
+        running = self.jobs.get(job_id)
+        if running is not None:
+            return running.job.owner
+        if job_id in self.written:
+            return self.written[job_id].owner
+        return self.finished_owners.get(job_id)
+
+    def unstarted_of(self, share: str) -> int:
+        return sum(1 for r in self.jobs.values() if not r.started and r.job.share == share)
 
     def count_crash(self, job: Job) -> int:
         self.crashes[job.id] = self.crashes.get(job.id, 0) + 1
@@ -134,6 +166,9 @@ class Ledger:
 
     def status(self, job_id: str) -> dict[str, Any] | None:
         running = self.jobs.get(job_id)
+        if running is None and job_id in self.written:
+            return {"state": "running", "source": self.written[job_id].source,
+                    "writing": True}
         if running is None:
             return self.finished.get(job_id)
         if running.remote:

@@ -1,7 +1,8 @@
-"""Memory figures of the worker process: RSS from the OS, GPU from NVML and torch.
+"""Memory figures of the worker process: RSS from the OS, GPU from NVML and torch; and the
+machine's memory, from which the default `worker.rss_limit` ("auto") is derived.
 
-The GPU probes import nothing at module level: the supervisor uses `rss_bytes` only and must
-never pull in torch or CUDA state.
+The GPU probes import nothing at module level: the supervisor uses `rss_bytes` and the
+machine figures only and must never pull in torch or CUDA state.
 """
 
 from __future__ import annotations
@@ -122,3 +123,71 @@ def measure(on_failure: ProbeFailed | None = None) -> Memory:
     pid = os.getpid()
     return Memory(rss_bytes(), _probe("nvml", lambda: nvml_process_bytes(pid), report),
                   _probe("torch", torch_reserved_bytes, report))
+
+
+# -- the default worker.rss_limit ("auto") --------------------------------------------------
+# Resident memory an engine's worker needs to serve, with room for a long segment: Piper
+# sits near 0.6 GiB; a CosyVoice model with torch several GiB. A limit under this would
+# recycle a healthy worker after every job.
+ENGINE_RSS_FLOOR = {"piper": 2 << 30, "cosyvoice": 8 << 30}
+OTHER_ENGINE_RSS_FLOOR = 2 << 30
+# The workers together may use half of the machine: the rest is the supervisor's, the page
+# cache's, and everything else the host runs.
+AUTO_RSS_SHARE = 0.5
+_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def auto_rss_limit(machine_bytes: int, workers: int, engine: str) -> int:
+    """worker.rss_limit = "auto": the machine's share for workers split among `workers`,
+    never under what `engine` needs (its floor, also the figure when memory is unknown)."""
+    floor = ENGINE_RSS_FLOOR.get(engine, OTHER_ENGINE_RSS_FLOOR)
+    share = int(machine_bytes * AUTO_RSS_SHARE) // max(1, workers)
+    return max(floor, share)
+
+
+def parse_meminfo_total(meminfo: str) -> int:
+    """MemTotal in bytes from /proc/meminfo's text; 0 if absent."""
+    for line in meminfo.splitlines():
+        name, _, value = line.partition(":")
+        if name == "MemTotal" and value.split():
+            return int(value.split()[0]) * 1024  # always in kB
+    return 0
+
+
+def parse_cgroup_limit(text: str) -> int:
+    """A cgroup memory limit file (v2 memory.max, v1 memory.limit_in_bytes); 0 for none."""
+    value = text.strip()
+    if not value.isdigit() or int(value) >= _UNLIMITED:
+        return 0  # "max", or v1's huge number
+    return int(value)
+
+
+def _cgroup_limit_files(proc_cgroup: str) -> list[str]:
+    """This process's cgroup memory limit files, and the namespace root's (a container)."""
+    files = [f"{_CGROUP_ROOT}/memory.max", f"{_CGROUP_ROOT}/memory/memory.limit_in_bytes"]
+    for line in proc_cgroup.splitlines():
+        _hierarchy, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":
+            files.append(f"{_CGROUP_ROOT}{path.rstrip('/')}/memory.max")
+        elif "memory" in controllers.split(","):
+            files.append(f"{_CGROUP_ROOT}/memory{path.rstrip('/')}/memory.limit_in_bytes")
+    return files
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as stream:
+            return stream.read()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def machine_bytes() -> int:
+    """Memory this daemon may use: MemTotal, or its cgroup's limit (systemd's MemoryMax=, a
+    container's) where that is lower; 0 if unknown."""
+    figures = [parse_meminfo_total(_read("/proc/meminfo")),
+               *(parse_cgroup_limit(_read(path))
+                 for path in _cgroup_limit_files(_read("/proc/self/cgroup")))]
+    known = [figure for figure in figures if figure > 0]
+    return min(known) if known else 0

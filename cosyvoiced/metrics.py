@@ -1,7 +1,9 @@
 """Prometheus metrics over HTTP (`metrics.listen`; off by default, loopback unless allowed).
 
-The supervisor updates them from its tick and at each job's end; prometheus_client's own
-thread serves them.
+The supervisor updates them from its tick and at each job's end. A small aiohttp app on a
+loop thread of its own serves them at `/metrics` only, with the HTTP intake's connection
+limits (header and idle timeouts, a cap on connections): prometheus_client's own server
+starts a thread per connection, holds idle ones for ever and answers on every path.
 """
 
 from __future__ import annotations
@@ -9,10 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cosyvoiced.config import MetricsConfig
+from cosyvoiced.intake.limits import ConnectionLimits, listen
+from cosyvoiced.intake.reply import START_TIMEOUT_S, LoopThread
 from cosyvoiced.job import JobResult
 from cosyvoiced.memory import Memory
 
@@ -44,6 +57,7 @@ class _CacheCollector(Collector):
 
 class Metrics:
     def __init__(self) -> None:
+        self._loop_thread: LoopThread | None = None
         self.registry = CollectorRegistry()
         r = self.registry
         self.jobs = Counter("cosyvoiced_jobs", "Jobs ended, by intake and outcome",
@@ -83,6 +97,12 @@ class Metrics:
         self.watchdog_pings = Counter("cosyvoiced_watchdog_pings", "WATCHDOG=1 sent to systemd",
                                       registry=r)
         self.ready = Gauge("cosyvoiced_ready", "1 once the engine is loaded", registry=r)
+        # Usage per client: an API key's name (key:NAME), a CURVE key, the drop folder, or
+        # "anonymous" for every client that did not say who it is (bounded labels).
+        self.client_chars = Counter("cosyvoiced_client_characters", "Characters of text "
+                                    "served, by client", ["client"], registry=r)
+        self.client_audio = Counter("cosyvoiced_client_audio_seconds", "Seconds of audio "
+                                    "served, by client", ["client"], registry=r)
         self.cluster_connected = Gauge("cosyvoiced_cluster_connected",
                                        "1 while the cluster's Redis answers (cluster.redis)",
                                        registry=r)
@@ -94,12 +114,44 @@ class Metrics:
         """Export the result cache's counters (`ResultCache.figures`)."""
         self.registry.register(_CacheCollector(figures))
 
-    def serve(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+    def serve(self, settings: MetricsConfig) -> None:
+        """Serve /metrics on metrics.listen; an OSError (address taken, ...) is raised."""
+        host, _, port = settings.listen.rpartition(":")
+        limits = ConnectionLimits(settings.header_timeout_s, settings.idle_timeout_s,
+                                  settings.max_connections)
+        loop_thread = LoopThread("metrics-loop")
+        loop_thread.start()
+        try:
+            loop_thread.call(self._serve(host.strip("[]"), int(port), limits), START_TIMEOUT_S)
+        except BaseException:
+            loop_thread.stop()
+            raise
+        # Never stopped: a daemon thread, it ends with the process, as the scrapes may
+        # go on while the daemon drains.
+        self._loop_thread = loop_thread
 
-    def job_ended(self, source: str, outcome: str, result: JobResult | None = None) -> None:
+    async def _serve(self, host: str, port: int, limits: ConnectionLimits) -> None:
+        app = web.Application()
+        app.add_routes([web.get("/metrics", self._scrape)])
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        try:
+            await listen(runner, host, port, limits, "metrics")
+        except BaseException:
+            await runner.cleanup()
+            raise
+
+    async def _scrape(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def job_ended(self, source: str, outcome: str, result: JobResult | None = None,
+                  client: str = "", chars: int = 0) -> None:
         self.jobs.labels(source, outcome).inc()
+        if result is not None:
+            label = client or "unknown"
+            self.client_chars.labels(label).inc(chars)
+            self.client_audio.labels(label).inc(result.audio_s)
         if result is not None and not result.cached:  # a cache hit synthesized nothing
             self.synthesis_seconds.observe(result.synth_s)
             self.first_chunk_seconds.observe(result.first_chunk_s)

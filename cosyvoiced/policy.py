@@ -25,7 +25,8 @@ def recycle_reason(memory: Memory, jobs_served: int, settings: WorkerConfig) -> 
     gpu = memory.gpu_peak_bytes
     if settings.gpu_memory_limit and gpu is not None and gpu > settings.gpu_memory_limit:
         return "gpu_memory"
-    if settings.rss_limit and memory.rss_bytes > settings.rss_limit:
+    # > 0: an unresolved "auto" (RSS_LIMIT_AUTO, only in a WorkerConfig made alone) is off.
+    if settings.rss_limit > 0 and memory.rss_bytes > settings.rss_limit:
         return "rss"
     return None
 

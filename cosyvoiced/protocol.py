@@ -50,14 +50,18 @@ _WIRE_CODES = {
     ErrorCode.INVALID_FIELD: WireCode.BAD_REQUEST,
     ErrorCode.INVALID_OUTPUT_NAME: WireCode.BAD_REQUEST,
     ErrorCode.SHUTTING_DOWN: WireCode.BUSY,
+    ErrorCode.BUSY: WireCode.BUSY,
     ErrorCode.NOT_SUPPORTED: WireCode.UNSUPPORTED,
     ErrorCode.PROMPT_AUDIO_UNREADABLE: WireCode.BAD_REQUEST,
     ErrorCode.PROMPT_AUDIO_TOO_SHORT: WireCode.BAD_REQUEST,
     ErrorCode.PROMPT_AUDIO_TOO_LONG: WireCode.BAD_REQUEST,
 }
 
+# Arrays and objects in a header nest at most this deep (no op needs more than 2).
+MAX_HEADER_DEPTH = 32
 # Header keys every request may carry besides its op's own fields.
-ENVELOPE_KEYS = ("v", "op", "id")
+# `admin`: the daemon's admin token (a local cosyvoicectl's), for any op.
+ENVELOPE_KEYS = ("v", "op", "id", "admin")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Request:
     op: Op
     header: dict[str, Any]
     attachments: tuple[bytes, ...] = field(default=())
+    user: str | None = None  # the CURVE public key ZAP authenticated it with (Z85)
 
     @property
     def client(self) -> bytes:
@@ -129,11 +134,7 @@ def parse(route: tuple[bytes, ...], body: list[bytes], limits: Limits) -> Reques
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError(WireCode.BAD_REQUEST, f"frame 0: header is {len(raw)} bytes; the "
                             f"limit is {limits.max_header_bytes}")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ProtocolError(WireCode.BAD_REQUEST,
-                            f"frame 0: not a UTF-8 JSON header ({error})") from None
+    header = _load_header(raw)
     if not isinstance(header, dict):
         raise ProtocolError(WireCode.BAD_REQUEST, "frame 0: header must be a JSON object")
     request_id = header.get("id")
@@ -158,6 +159,45 @@ def parse(route: tuple[bytes, ...], body: list[bytes], limits: Limits) -> Reques
                                 f"{len(attachment)} bytes; the limit is "
                                 f"{limits.max_attachment_bytes}", request_id)
     return Request(route, request_id, Op(op), header, attachments)
+
+
+def _load_header(raw: bytes) -> Any:
+    """The JSON value of frame 0; any failure is the sender's: a `ProtocolError`.
+
+    Untrusted bytes can make `json` fail in ways other than JSONDecodeError: nesting too
+    deep for the parser (RecursionError), an integer of more than 4300 digits (ValueError),
+    bytes that are not a bytes-like frame at all (TypeError). None of them may escape.
+    """
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except Exception as error:  # noqa: BLE001 - see above: every failure is the sender's
+        raise ProtocolError(WireCode.BAD_REQUEST, "frame 0: not a UTF-8 JSON header "
+                            f"({type(error).__name__}: {_shortened(error)})") from None
+    if _nested_deeper_than(header, MAX_HEADER_DEPTH):
+        raise ProtocolError(WireCode.BAD_REQUEST, f"frame 0: the header is nested more than "
+                            f"{MAX_HEADER_DEPTH} levels deep")
+    return header
+
+
+def _shortened(error: BaseException, limit: int = 200) -> str:
+    text = str(error)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit`, found without recursion (the
+    point is to refuse what later recursive code, such as `json.dumps`, could choke on)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else \
+            item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                pending.append((child, depth + 1))
+    return False
 
 
 def encode_reply(route: tuple[bytes, ...], request_id: str | None, event: str,

@@ -11,8 +11,10 @@ from cosyvoiced.config import Config
 RESTART_KEYS = frozenset({
     "spool.dir", "log.file", "log.max_bytes", "log.backups", "zmq.bind", "zmq.curve",
     "zmq.server_secret_key", "zmq.max_header_bytes", "zmq.max_attachment_bytes",
-    "metrics.listen", "metrics.allow_remote", "http.listen", "http.max_body_bytes",
-    "http.allow_insecure", "wyoming.listen", "wyoming.allow_remote",
+    "zmq.handshake_timeout_s", "metrics.listen", "metrics.allow_remote",
+    "metrics.header_timeout_s", "metrics.idle_timeout_s", "metrics.max_connections",
+    "http.listen", "http.max_body_bytes", "http.allow_insecure", "http.header_timeout_s",
+    "http.idle_timeout_s", "http.max_connections", "wyoming.listen", "wyoming.allow_remote",
     # The Redis link's threads and keys are set up once.
     "cluster.redis", "cluster.password_file", "cluster.name", "cluster.key_prefix",
     "cluster.claim_idle_s", "cluster.outcome_ttl_s", "cluster.max_outcomes",

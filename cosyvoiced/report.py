@@ -8,6 +8,7 @@ out of the total and the audio made so far.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cosyvoiced import __version__
@@ -19,17 +20,25 @@ if TYPE_CHECKING:
 SHOWN_JOBS = 3  # jobs in hand named in STATUS= (the line must stay short)
 
 
-def stats(supervisor: Supervisor, uptime_s: float) -> dict[str, Any]:
+def stats(supervisor: Supervisor, uptime_s: float,
+          visible: Callable[[str], bool] = lambda _job_id: True) -> dict[str, Any]:
+    """The daemon's figures; job ids only where `visible(job_id)` (the asker's own jobs,
+    or every job for an admin)."""
     ledger, pool = supervisor.ledger, supervisor.pool
+    workers = [worker.describe() for worker in pool.workers()]
+    for worker in workers:
+        if worker.get("job") is not None and not visible(str(worker["job"])):
+            worker["job"] = "(another client's)"
     return {
         "version": __version__, "pid": os.getpid(), "engine": supervisor.engine_name,
         "ready": supervisor.ready, "uptime_s": round(uptime_s, 1),
         "queue_depth": len(ledger.queued()),
         "in_progress": sum(ledger.in_progress().values()),
-        "running": [r.job.id for r in ledger.in_hand()],
-        "progress": {r.job.id: r.progress() for r in ledger.jobs.values() if r.started},
+        "running": [r.job.id for r in ledger.in_hand() if visible(r.job.id)],
+        "progress": {r.job.id: r.progress() for r in ledger.jobs.values()
+                     if r.started and visible(r.job.id)},
         "jobs": dict(ledger.counts),
-        "workers": [worker.describe() for worker in pool.workers()],
+        "workers": workers,
         "spare": None if pool.spare is None else pool.spare.describe(),
         "recycles": dict(pool.recycles),
         "recycle_thrash": pool.thrashing,
@@ -41,6 +50,8 @@ def stats(supervisor: Supervisor, uptime_s: float) -> dict[str, Any]:
 def _state(supervisor: Supervisor) -> str:
     workers = supervisor.pool.workers()
     in_hand = supervisor.ledger.in_hand()
+    if supervisor.intake_failure is not None:
+        return f"stopping: {supervisor.intake_failure}"
     if supervisor.stopping:
         return "stopping"
     if in_hand:

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +37,7 @@ import soxr
 from cosyvoiced import __version__, audio, logs
 from cosyvoiced.cache import Entry, Pcm, Store
 from cosyvoiced.config import Config, EngineConfig
-from cosyvoiced.job import Job, JobError, JobResult
+from cosyvoiced.job import Deferred, Job, JobError, JobResult, Sink
 
 if TYPE_CHECKING:
     from cosyvoiced.metrics import Metrics
@@ -58,27 +58,12 @@ _DERIVED_SUFFIXES = (".plan",)
 log = logs.get_logger("cosyvoiced.cache")
 
 
-class Sink(Protocol):
-    """The supervisor's Sink: where a job's audio and outcome go."""
-
-    def started(self, job: Job, sample_rate: int) -> None: ...
-
-    def chunk(self, job: Job, seq: int, samples: Samples) -> None: ...
-
-    def deliver(self, job: Job, result: JobResult, samples: Samples,
-                timings: dict[str, float]) -> str: ...
-
-    def fail_job(self, job: Job, error: JobError) -> str: ...
-
-    def cancelled(self, job: Job) -> None: ...
-
-
 @dataclass(frozen=True)
 class Served:
     """A job served from the cache: what the supervisor records and logs."""
 
     result: JobResult
-    output: str
+    output: str | Deferred
     summary: dict[str, Any]
 
 
@@ -276,7 +261,7 @@ class _RecordingSink:
             self._recording.sent += len(samples)
 
     def deliver(self, job: Job, result: JobResult, samples: Samples,
-                timings: dict[str, float]) -> str:
+                timings: dict[str, float]) -> str | Deferred:
         recording = self._cache.end_recording(job)
         native = samples
         if job.stream:

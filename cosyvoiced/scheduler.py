@@ -13,14 +13,17 @@ job in progress holds its audio so far in the supervisor's memory, so this bound
 
 Above the jobs, clients take turns too: every job carries a `share` (an API key, a CURVE
 key, the drop folder; anonymous clients all share one), and within a class a share's n-th
-waiting job goes after every other share's (n-1)-th, so a client with 200 queued jobs holds
-up a newcomer's first job by one turn, not 200. While several shares want to start jobs, a
-share may hold at most its fair part of the class's `max_active` places (Postfix's
-per-destination concurrency), so one client cannot take every place with long jobs.
+waiting job goes after every other share's (n-1)-th; among shares with jobs of the same
+rank, the one whose turn was longest ago goes first (`last_turn`). So a client with 200
+queued jobs holds up a newcomer's first job by one turn, not 200. While several shares
+want to start jobs, a share may hold at most its fair part of the class's `max_active`
+places (Postfix's per-destination concurrency), so one client cannot take every place with
+long jobs.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,16 +60,21 @@ class Assignment:
     slot: int
 
 
-def order(waiting: Sequence[Waiting]) -> list[Waiting]:
+def order(waiting: Sequence[Waiting],
+          last_turn: Mapping[str, float] | None = None) -> list[Waiting]:
     """The order in which waiting jobs are served: by class, retries first, then by the
-    job's rank among its share's waiting jobs (turns between clients), then by age."""
+    job's rank among its share's waiting jobs, then the share whose last turn (a segment
+    handed out, `last_turn`) was longest ago, then by age."""
+    turns = last_turn or {}
     oldest_first = sorted(waiting, key=lambda w: (w.priority, not w.retry, w.ready_since))
     seen: Counter[tuple[Priority, str]] = Counter()
     ranked = []
     for job in oldest_first:
         rank = seen[job.priority, job.share]
         seen[job.priority, job.share] += 1
-        ranked.append(((job.priority, not job.retry, rank, job.ready_since), job))
+        key = (job.priority, not job.retry, rank, turns.get(job.share, -math.inf),
+               job.ready_since)
+        ranked.append((key, job))
     return [job for _key, job in sorted(ranked, key=lambda pair: pair[0])]
 
 
@@ -84,10 +92,10 @@ def fair_places(waiting: Sequence[Waiting], shares_active: Mapping[tuple[Priorit
     return {priority: max(1, max_active // len(shares)) for priority, shares in wanting.items()}
 
 
-def assign(waiting: Sequence[Waiting], idle_slots: Sequence[int],
+def assign(waiting: Sequence[Waiting], idle_slots: Sequence[int],  # noqa: PLR0917
            in_progress: Mapping[Priority, int], max_active: int,
            shares_active: Mapping[tuple[Priority, str], int] | None = None,
-           ) -> list[Assignment]:
+           last_turn: Mapping[str, float] | None = None) -> list[Assignment]:
     """The next segments to hand out, one per idle worker slot at most.
 
     `in_progress` counts the jobs of each class started and not yet ended, and
@@ -99,7 +107,7 @@ def assign(waiting: Sequence[Waiting], idle_slots: Sequence[int],
     per_share: Counter[tuple[Priority, str]] = Counter(shares_active or {})
     places = fair_places(waiting, per_share, max_active)
     assignments = []
-    for job in order(waiting):
+    for job in order(waiting, last_turn):
         if not idle:
             break
         if not job.started:

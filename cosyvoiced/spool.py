@@ -37,6 +37,7 @@ IGNORED_SUFFIXES = (".tmp", ".part")
 # Prompt audio waits in the inbox for the job file that names it; never a job itself.
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
 ERROR_SUFFIX = ".error.json"
+ADMIN_TOKEN_NAME = "admin.token"  # noqa: S105 - the file's name, not a secret
 RECORD_SUFFIX = ".json"
 
 
@@ -63,10 +64,10 @@ def _temp_pattern(name: str = ".+") -> re.Pattern[str]:
     return re.compile(rf"^\.{name}\.[0-9a-f]{{{2 * _TEMP_TOKEN_BYTES}}}\.tmp$")
 
 
-def atomic_write(directory: Path, name: str, data: bytes) -> None:
+def atomic_write(directory: Path, name: str, data: bytes, mode: int = 0o644) -> None:
     """Write `directory/name` so that a reader sees either nothing or all of it."""
     temp = directory / f".{name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as stream:
             stream.write(data)
@@ -279,6 +280,17 @@ class Spool:
         (self.work / claimed.work_name).unlink(missing_ok=True)
         self.clear_attempts(claimed.job_id)
         self.discard_prompts(claimed.job_id)
+
+    # the admin token: whoever can read it (root, the daemon's user) is a local admin
+    @property
+    def admin_token_path(self) -> Path:
+        return self.root / ADMIN_TOKEN_NAME
+
+    def new_admin_token(self) -> str:
+        """A fresh token for this life of the daemon, readable by its user alone."""
+        token = secrets.token_urlsafe(32)
+        atomic_write(self.root, ADMIN_TOKEN_NAME, token.encode(), mode=0o600)
+        return token
 
     # crash-safe recovery
     def attempts_of(self, job_id: str) -> int:

@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hmac
 import json
 import queue
 import signal
 import socket
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from zmq import ZMQError
 
 from cosyvoiced import (
     __version__,
     audio,
+    clients,
     clusterwire,
     config,
     logs,
@@ -38,14 +38,25 @@ from cosyvoiced import (
     scheduler,
 )
 from cosyvoiced import segments as text_segments
+from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
+from cosyvoiced.encoding import Encoder
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake import http as http_intake
 from cosyvoiced.intake import wyoming as wyoming_intake
 from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.inbox import QUIET_S, InboxIntake
 from cosyvoiced.intake.inbox import SOURCE as INBOX_SOURCE
-from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, JobResult
+from cosyvoiced.job import (
+    SINK_REPLY,
+    Deferred,
+    ErrorCode,
+    Job,
+    JobError,
+    JobFailure,
+    JobResult,
+    Sink,
+)
 from cosyvoiced.jobspec import Limits, build_job
 from cosyvoiced.ledger import Ledger, Running
 from cosyvoiced.messages import (
@@ -77,6 +88,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_LISTEN = 1  # an address to listen on is taken or not ours
 EXIT_WORKER_START = 3  # the engine failed to load `worker.max_start_failures` times in a row
+EXIT_INTAKE_DIED = 4  # an intake's thread died: systemd restarts the whole service
 EXTEND_TIMEOUT_S = 15.0  # asked for, again and again, while the engine loads before READY
 
 MAX_ATTEMPTS = 2  # a job that kills two workers (or the daemon twice) is a poison job
@@ -86,24 +98,22 @@ CLAIM_RETRIES = 60  # ...this many times before it fails as unreadable
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
                               errno.EINTR, errno.ENOBUFS})
 MAX_TICK_S = 1.0
+ENCODER_STOP_S = 5.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 log = logs.get_logger("cosyvoiced.supervisor")
 
 
-class Sink(Protocol):
-    """Where a job's outcome goes: the spool (outbox/failed) or a ZeroMQ reply."""
+@dataclass
+class _Encoding:
+    """A finished job whose file the encoder is making."""
 
-    def started(self, job: Job, sample_rate: int) -> None: ...
-
-    def chunk(self, job: Job, seq: int, samples: npt.NDArray[np.float32]) -> None: ...
-
-    def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
-                timings: dict[str, float]) -> str: ...
-
-    def fail_job(self, job: Job, error: JobError) -> str: ...
-
-    def cancelled(self, job: Job) -> None: ...
+    job: Job
+    deferred: Deferred
+    result: JobResult
+    status: dict[str, Any]
+    summary: dict[str, Any]
+    since: float
 
 
 class Supervisor:
@@ -123,8 +133,9 @@ class Supervisor:
         self._claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
         self._claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
         self.inbox = InboxIntake(self.spool, self._claims, self.wake)
-        self.zmq = zmq_intake.ZmqIntake(config.zmq, self.limits, self.wake)
-        self.http = http_intake.HttpIntake(lambda: self.config.http, self.wake)
+        self.zmq = zmq_intake.ZmqIntake(config.zmq, lambda: self.limits, self.wake)
+        self.encoder = Encoder(self.wake)  # native codecs, in a process of their own
+        self.http = http_intake.HttpIntake(lambda: self.config.http, self.wake, self.encoder)
         self.wyoming = wyoming_intake.WyomingIntake(lambda: self.config.wyoming, self.wake)
         self.ledger = Ledger()
         self.pool = WorkerPool(lambda: self.config, self.metrics)
@@ -135,12 +146,15 @@ class Supervisor:
         self.speakers = SpeakerStore(config.engine.cosyvoice.speakers_file)
         self.cache = ResultCache(config, self.speakers, self.metrics)
         self.sharing = Sharing(config.cluster, self)
+        self._encoding: dict[str, _Encoding] = {}
         self.ready = False
         self.stopping = False
         self.stop_deadline = 0.0
         self.next_scan = 0.0
         self.started_at = time.monotonic()
         self.exit_code: int | None = None
+        self.intake_failure: str | None = None  # an intake thread that died, and why
+        self.admin_token = ""  # written to the spool at start: a local cosyvoicectl's
         self._signals: list[int] = []
 
     # -- process plumbing ---------------------------------------------------------------
@@ -161,8 +175,10 @@ class Supervisor:
         """Serve until stopped; returns the process exit code."""
         self._install_signals()
         self.spool.ensure()
+        self.admin_token = self.spool.new_admin_token()
+        self.encoder.start()
         log.info("starting", version=__version__, spool=str(self.spool.root),
-                 engine=self.config.engine.name)
+                 engine=self.config.engine.name, rss_limit=self.config.worker.rss_limit)
         self.sharing.connect()  # first: jobs left in work/ may be on the shared stream
         self._recover()
         self.pool.resize(time.monotonic())
@@ -173,7 +189,7 @@ class Supervisor:
             self.http.start()
             self.wyoming.start()
             if self.config.metrics.listen:
-                self.metrics.serve(self.config.metrics.listen)
+                self.metrics.serve(self.config.metrics)
         except (OSError, ZMQError) as error:
             log.critical("listen_failed", error=str(error),
                          message="cannot listen on a zmq.bind or metrics.listen address")
@@ -187,6 +203,7 @@ class Supervisor:
             if self.exit_code is None:
                 self._wait(self._timeout(time.monotonic()))
         self.sharing.stop()  # after the outcomes of the jobs served for others have gone
+        self.encoder.stop(ENCODER_STOP_S)
         self.zmq.stop()
         self.http.stop()
         self.wyoming.stop()
@@ -218,7 +235,9 @@ class Supervisor:
         self._handle_signals(now)
         self._admit_claims(now)
         self._handle_requests()
+        self._watch_intakes(now)
         self.sharing.poll(now)
+        self._drain_encoded(now)
         self._handle_workers(now)
         self._dispatch(now)
         self.sharing.offer()
@@ -326,6 +345,8 @@ class Supervisor:
                 ErrorCode.DAEMON_CRASHED, f"the daemon died {attempts} times while this job "
                 "was in hand; it is not run again (send it again to retry)"))
             return
+        if not job.owner:  # a dropped file (or a `submit` recovered from work/)
+            job = replace(job, owner=clients.INBOX, share=clients.INBOX)
         self.enqueue(job)
 
     def _reject(self, claimed: Claimed, error: JobError) -> None:
@@ -335,7 +356,8 @@ class Supervisor:
         except OSError as failure:
             log.critical("outcome_unwritable", job=claimed.job_id, error=str(failure))
             return
-        self._close(claimed.job_id, INBOX_SOURCE, "failed", status={"error": error.to_dict()},
+        self._close(claimed.job_id, INBOX_SOURCE, "failed", owner=clients.INBOX,
+                    status={"error": error.to_dict()},
                     code=str(error.code), message=error.message, failed=where)
 
     def _handle_requests(self) -> None:
@@ -348,6 +370,25 @@ class Supervisor:
                 for job_id in self.zmq.jobs_of(message.client):
                     log.info("client_gone", job=job_id)
                     self.cancel(job_id)
+
+    def _watch_intakes(self, now: float) -> None:
+        """A dead intake thread is never silent: the daemon says so (STATUS=, /readyz, the
+        ready metric) and stops with its own exit code, so that systemd restarts it."""
+        if self.intake_failure is not None:
+            return
+        for intake in (self.inbox, self.zmq, self.http, self.wyoming, self):
+            failure = intake.failure()
+            if failure is not None:
+                self.intake_failure = failure
+                self.metrics.ready.set(0)
+                log.critical("intake_died", reason=failure, exit_code=EXIT_INTAKE_DIED,
+                             message="stopping so that the service manager restarts it")
+                self._begin_stop(now, failure)  # jobs in progress still finish
+                return
+
+    def failure(self) -> str | None:
+        """The encoder's threads (the one part of the data path on threads of its own)."""
+        return None if self.encoder.alive() else "the encoder's threads stopped"
 
     def _recover(self) -> None:
         left = self.spool.claimed()
@@ -375,6 +416,23 @@ class Supervisor:
     def queue_full(self) -> bool:
         """Jobs waiting to start are bounded here; those in progress by the scheduler."""
         return self.ledger.unstarted() >= self.config.zmq.max_pending or self.stopping
+
+    def refusal(self, identity: Identity) -> JobError | None:
+        """The one admission rule of every intake, before a job is queued: not while
+        stopping, not when the queue is full, and anonymous clients all together in at
+        most their part of it (so that clients with keys always find room)."""
+        if self.stopping:
+            return JobError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping; send the "
+                            "request again")
+        max_pending = self.config.zmq.max_pending
+        if self.ledger.unstarted() >= max_pending:
+            return JobError(ErrorCode.BUSY, "the queue is full (zmq.max_pending); retry later")
+        room = clients.anonymous_room(max_pending)
+        if identity.anonymous and self.ledger.unstarted_of(clients.ANONYMOUS) >= room:
+            return JobError(ErrorCode.BUSY, f"the {room} places of anonymous clients in the "
+                            "queue are taken (half of zmq.max_pending); retry later, or use "
+                            "an API key or a CURVE key")
+        return None
 
     def enqueue(self, job: Job, share: bool = True) -> None:
         """Queue a job: on the cluster's shared stream if there is one, else here."""
@@ -433,11 +491,12 @@ class Supervisor:
             return True
         if served is None:
             return False
-        self._close(job.id, job.source, "done", status={"output": served.output, "cached": True},
-                    result=served.result, **served.summary)
+        summary = {k: v for k, v in served.summary.items() if k != "output"}
+        self._delivered(job, served.output, served.result, {"cached": True}, summary)
         return True
 
-    def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None) -> Job:
+    def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None,
+               identity: Identity = LOCAL_ADMIN) -> Job:
         """Validate a job for the outbox, persist it in work/ (it survives a crash), queue it.
 
         Prompt audio is kept in prompts/ first, named in the persisted job as if it had been
@@ -451,6 +510,7 @@ class Supervisor:
             fields = fields | {"prompt_audio": _prompt_name(job_id)}
             job = replace(job, prompt_audio=self.keep_prompt(job_id, prompt))
         self.spool.write_claimed(job_id, name, json.dumps(fields).encode())
+        job = replace(job, owner=identity.owner, share=identity.share)
         self.enqueue(job)
         return job
 
@@ -480,12 +540,22 @@ class Supervisor:
         log.info("voice_removed", voice=name)
         return True
 
-    def job_status(self, job_id: str) -> dict[str, Any] | None:
-        return self.ledger.status(job_id)
+    def is_admin_token(self, token: Any) -> bool:
+        return isinstance(token, str) and bool(self.admin_token) and \
+            hmac.compare_digest(token.encode(), self.admin_token.encode())
 
-    def cancel(self, job_id: str) -> bool:
+    def visible(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
+        """May `identity` see this job? Another client's job is as if unknown."""
+        owner = self.ledger.owner_of(job_id)
+        return owner is not None and identity.may_see(owner)
+
+    def job_status(self, job_id: str,
+                   identity: Identity = LOCAL_ADMIN) -> dict[str, Any] | None:
+        return self.ledger.status(job_id) if self.visible(job_id, identity) else None
+
+    def cancel(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
         running = self.ledger.get(job_id)
-        if running is None:
+        if running is None or not identity.may_see(running.job.owner):
             return False
         if running.holder is None:  # queued, or between two segments
             self._end(running, None)
@@ -495,20 +565,21 @@ class Supervisor:
         return True
 
     def _record_cancel(self, job: Job) -> None:
-        self._close(job.id, job.source, "cancelled", chars=job.chars)
+        self._close(job.id, job.source, "cancelled", owner=job.owner, chars=job.chars)
 
-    def _close(self, job_id: str, source: str, outcome: str, *,
-               status: dict[str, Any] | None = None, result: JobResult | None = None,
-               **summary: Any) -> None:
+    def _close(self, job_id: str, source: str, outcome: str, *, owner: str = "",
+               share: str = "", status: dict[str, Any] | None = None,
+               result: JobResult | None = None, **summary: Any) -> None:
         """A job has ended: remember it for `status`, count it, and log its summary line."""
-        self.ledger.record(job_id, source, outcome, **(status or {}))
+        self.ledger.record(job_id, source, outcome, owner, **(status or {}))
         self.spool.discard_prompts(job_id)  # a reply job's; a spool job's are settled
         self.sharing.ended(job_id)
-        self.metrics.job_ended(source, outcome, result)
+        self.metrics.job_ended(source, outcome, result, share, summary.get("chars", 0))
         log.info("job", job=job_id, source=source, outcome=outcome, **summary)
 
-    def stats(self) -> dict[str, Any]:
-        return report.stats(self, time.monotonic() - self.started_at)
+    def stats(self, identity: Identity = LOCAL_ADMIN) -> dict[str, Any]:
+        return report.stats(self, time.monotonic() - self.started_at,
+                            lambda job_id: self.visible(job_id, identity))
 
     # -- the workers --------------------------------------------------------------------
     def _handle_workers(self, now: float) -> None:
@@ -708,7 +779,8 @@ class Supervisor:
             waiting = [w for w in waiting if w.started]
         for choice in scheduler.assign(waiting, sorted(idle), self.ledger.in_progress(),
                                        self.config.scheduling.max_active_jobs,
-                                       self.ledger.shares_in_progress()):
+                                       self.ledger.shares_in_progress(),
+                                       self.ledger.last_turn):
             running = self.ledger.jobs[choice.job_id]
             self._hand_segment(running, idle[choice.slot], now)
 
@@ -720,6 +792,7 @@ class Supervisor:
                                       len(running.segments), running.segments[index])):
             return  # the worker is gone; handled next tick, the job waits
         running.holder, running.last_slot, running.retry = worker, worker.slot, False
+        self.ledger.turn_taken(running.job.share, now)
         running.dispatched = True
         running.last_progress = now
         running.segment_chunks = 0
@@ -751,13 +824,46 @@ class Supervisor:
                                         f"could not write the result: {error}"))
             return
         served = {"served_by": result.served_by} if result.served_by else {}
-        self._close(job.id, job.source, "done", status={"output": output, **served},
-                    result=result, **served,
-                    voice=result.voice, chars=job.chars, segments=len(running.segments),
-                    audio_s=round(result.audio_s, 3), synth_s=round(result.synth_s, 3),
-                    queue_wait_s=timings["queue_wait_s"],
-                    first_chunk_s=timings["first_chunk_s"],
-                    write_s=round(time.monotonic() - written, 4), output=output)
+        self._delivered(job, output, result, served, served | {
+            "voice": result.voice, "chars": job.chars, "segments": len(running.segments),
+            "audio_s": round(result.audio_s, 3), "synth_s": round(result.synth_s, 3),
+            "queue_wait_s": timings["queue_wait_s"], "first_chunk_s": timings["first_chunk_s"],
+            "write_s": round(time.monotonic() - written, 4)})
+
+    def _delivered(self, job: Job, output: str | Deferred, result: JobResult,
+                   status: dict[str, Any], summary: dict[str, Any]) -> None:
+        """A job's audio went to its sink: it is done, or its file is being encoded (in
+        the encoder process; `_drain_encoded` finishes it)."""
+        if isinstance(output, Deferred):
+            self.encoder.submit(job.id, output.samples, output.sample_rate, output.format)
+            self._encoding[job.id] = _Encoding(job, output, result, status, summary,
+                                               time.monotonic())
+            self.ledger.writing(job)
+            return
+        self._close(job.id, job.source, "done", owner=job.owner, share=job.share,
+                    status=status | {"output": output}, result=result,
+                    **(summary | {"output": output}))
+
+    def _drain_encoded(self, now: float) -> None:
+        """Publish the files the encoder finished; a file it could not make fails its job
+        (encode_failed), and the daemon goes on."""
+        for encoded in self.encoder.completed():
+            pending = self._encoding.pop(encoded.key, None)
+            if pending is None:
+                continue
+            job = pending.job
+            if encoded.error is not None or encoded.data is None:
+                self._end(Running(job, [], now), encoded.error or JobError(
+                    ErrorCode.ENCODE_FAILED, "the encoder returned nothing"))
+                continue
+            try:
+                output = pending.deferred.publish(encoded.data)
+            except OSError as error:
+                self._end(Running(job, [], now), JobError(
+                    ErrorCode.INTERNAL, f"could not write the result: {error}"))
+                continue
+            summary = pending.summary | {"encode_s": round(now - pending.since, 4)}
+            self._delivered(job, output, pending.result, pending.status, summary)
 
     def _end(self, running: Running, error: JobError | None) -> None:
         """Record a job that ends without audio: failed with `error`, or cancelled (None)."""
@@ -776,7 +882,8 @@ class Supervisor:
         if error is None:
             self._record_cancel(job)
             return
-        self._close(job.id, job.source, "failed", status={"error": error.to_dict()},
+        self._close(job.id, job.source, "failed", owner=job.owner,
+                    status={"error": error.to_dict()},
                     chars=job.chars, code=str(error.code), message=error.message, failed=where)
 
     # -- stopping -----------------------------------------------------------------------
@@ -814,7 +921,7 @@ class Supervisor:
             if not running.started or running.remote:
                 self._release_unstarted(running)
         left = list(self.ledger.jobs.values())
-        if left and now < self.stop_deadline:
+        if (left or self._encoding) and now < self.stop_deadline:
             return  # let the jobs in progress finish
         abandoned = set()
         for running in left:
@@ -824,7 +931,7 @@ class Supervisor:
             self._release_unstarted(running)
         self.pool.retire_all(now, abandoned)
         if not self.pool.retiring and self.exit_code is None:
-            self.exit_code = EXIT_OK
+            self.exit_code = EXIT_OK if self.intake_failure is None else EXIT_INTAKE_DIED
 
     # -- reporting ----------------------------------------------------------------------
     def _healthy(self, now: float) -> bool:

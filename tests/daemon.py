@@ -191,6 +191,10 @@ class Daemon:
                 raise AssertionError(f"no READY=1 within {STARTUP_TIMEOUT_S:g} s")
             time.sleep(POLL_S)
 
+    def admin_token(self) -> str:
+        """What a local `cosyvoicectl` reads: a client with it may act on every job."""
+        return (self.spool / "admin.token").read_text().strip()
+
     def output(self) -> str:
         return (self.root / f"stdout.{self.runs}.log").read_text(errors="replace")
 

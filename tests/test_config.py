@@ -113,7 +113,7 @@ def test_check_config_names_a_missing_engine_module_and_its_extra(tmp_path: Path
                          timeout=60, check=False)
     assert run.returncode == 3, run.stderr
     assert run.stdout == ""
-    engine = REPO / "cosyvoiced" / "engines" / "cosyvoice.py"
+    engine = REPO / "cosyvoiced" / "engines" / "upstream.py"
     assert run.stderr.strip() == (
         f"cosyvoiced: {path}: the cosyvoice engine cannot load: ModuleNotFoundError: No module "
         f"named 'torch' (imported by {engine}); install the cosyvoice engine's dependencies: "

@@ -51,3 +51,14 @@ def test_jobs_in_progress_keep_their_turns_whatever_the_places() -> None:
                Waiting("a-1", INTERACTIVE, 2.0, started=True, share="a")]
     choices = assign(waiting, [0, 1], {INTERACTIVE: 2}, 2, {(INTERACTIVE, "a"): 2})
     assert [c.job_id for c in choices] == ["a-0", "a-1"]
+
+
+def test_a_share_served_last_waits_for_the_others_turn() -> None:
+    """Turns, not just ranks: once an anonymous job has run, the newcomer's goes next,
+    though the next anonymous job is older."""
+    waiting = [*_flood("anonymous", 30), Waiting("newcomer", INTERACTIVE, 100.0, share="b")]
+    assert order(waiting, {"anonymous": 5.0})[0].job_id == "newcomer"
+    assert assign(waiting, [0], {}, 8, {}, {"anonymous": 5.0}) == [Assignment("newcomer", 0)]
+    # And the share that has waited longest since its turn goes first among equals.
+    two = [*_flood("a", 2), *_flood("b", 2)]
+    assert [w.job_id for w in order(two, {"a": 2.0, "b": 1.0})] == ["b-0", "a-0", "b-1", "a-1"]

@@ -88,7 +88,8 @@ def _authorized(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _status(daemon: Daemon, job_id: str) -> str:
-    with Client(daemon.endpoint, timeout_s=10) as zmq_client:
+    # An HTTP client's job: only an admin (the local admin token) may look at it over ZeroMQ.
+    with Client(daemon.endpoint, timeout_s=10, admin_token=daemon.admin_token()) as zmq_client:
         return str(zmq_client.status(job_id)["state"])
 
 

@@ -41,7 +41,8 @@ def busy_events(daemon: Daemon) -> list[dict[str, Any]]:
 
 def test_two_workers_serve_two_jobs_at_once(make_daemon: DaemonFactory) -> None:
     daemon = pool_daemon(make_daemon, per_device=2)
-    with Client(daemon.endpoint) as client:
+    # The operator's view (the admin token): workers' job ids are shown to admins only.
+    with Client(daemon.endpoint, admin_token=daemon.admin_token()) as client:
         wait_until(lambda: [w["state"] for w in client.stats()["workers"]] == ["idle", "idle"],
                    60, "two idle workers")
         for name in ("one", "two"):

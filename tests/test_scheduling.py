@@ -50,11 +50,11 @@ def test_short_sentences_share_a_segment_but_a_streamed_first_one_stays_alone() 
     assert "".join(segments.split(TEXT, 60, 3, pack_chars=100)) == TEXT
 
 
-def test_cjk_text_is_cut_without_spaces_and_markup_is_never_cut() -> None:
+def test_cjk_text_is_cut_without_spaces_and_markup_carries_its_language_tag() -> None:
     text = "\u4f60\u597d\uff0c\u4e16\u754c\u3002\u4eca\u5929\u5929\u6c14\u5f88\u597d\uff01"
     assert segments.split(text, 300) == [text[:6], text[6:]]
-    tagged = "<|en|>Hello there. And more."
-    assert segments.split(tagged, 10, 1) == [tagged]
+    tagged = "<|en|>Hello there. And more."  # more in tests/test_segments_markup.py
+    assert segments.split(tagged, 20, 1) == ["<|en|>Hello there. ", "<|en|>And more."]
 
 
 def _wait(job: str, priority: Priority, since: float, **state: object) -> Waiting:

@@ -98,8 +98,10 @@ def test_notifies_systemd_and_logs_json(shared_daemon: Daemon) -> None:
     assert shared_daemon.notify.count("READY=1") == 1
     statuses = shared_daemon.notify.statuses()
     assert any(status.startswith("idle; queue 0; done") for status in statuses), statuses
+    # The record is the commit point; the summary line follows it.
+    summary = wait_until(lambda: [e for e in shared_daemon.log_events("job")
+                                  if e["job"] == record["job"]], 10, "the job's summary line")
     events = shared_daemon.log_events()
-    summary = [e for e in events if e["event"] == "job" and e["job"] == record["job"]]
     assert len(summary) == 1
     assert summary[0]["outcome"] == "done"
     assert {"source", "voice", "chars", "audio_s", "synth_s", "queue_wait_s"} <= set(summary[0])

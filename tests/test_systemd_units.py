@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cosyvoiced.config import HttpConfig, MetricsConfig, WyomingConfig
+
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")
@@ -80,6 +82,17 @@ def test_unit_contract() -> None:
     # The stop timeout covers the daemon's own drain: drain_timeout_s + 2 x kill_grace_s.
     stop = int(re.search(r"TimeoutStopSec=(\d+)", unit).group(1))  # type: ignore[union-attr]
     assert stop >= 30 + 2 * 5
+
+
+def test_file_limit_has_room_above_the_connection_caps() -> None:
+    # Connections over a cap are refused with a 503; the file table must never run out
+    # first (accept() would fail with EMFILE, and so would every file the daemon opens).
+    unit = (UNITS / "cosyvoiced.service").read_text()
+    found = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    assert found is not None, "the unit sets no LimitNOFILE="
+    caps = HttpConfig().max_connections + MetricsConfig().max_connections + \
+        WyomingConfig().max_connections
+    assert int(found.group(1)) >= 8 * caps
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")

@@ -80,7 +80,8 @@ def _speech_file(events: list[Event], path: Path) -> tuple[Path, int]:
 
 
 def _status(daemon: Daemon, job_id: str) -> str:
-    with Client(daemon.endpoint, timeout_s=10) as zmq_client:
+    # A Wyoming client's job: only an admin (the local admin token) sees it over ZeroMQ.
+    with Client(daemon.endpoint, timeout_s=10, admin_token=daemon.admin_token()) as zmq_client:
         return str(zmq_client.status(job_id)["state"])
 
 

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from cosyvoiced.engines import upstream  # noqa: PLC0415 - what is being probed
 
+            upstream.import_torch()  # the engine's own first import
             upstream.import_upstream(args.repo)
         except Exception as error:  # noqa: BLE001 - any of them stops the engine loading
             verdict = f"{type(error).__name__}: {error}".replace("\n", " ")

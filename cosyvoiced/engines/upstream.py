@@ -45,6 +45,14 @@ def _importer(error: BaseException) -> str | None:
     return files[-1] if files else None
 
 
+def import_torch() -> ModuleType:
+    """torch, or a ModuleNotFoundError that says which extra installs it."""
+    try:
+        return importlib.import_module("torch")
+    except ModuleNotFoundError as error:
+        raise missing_module(error) from error
+
+
 def import_upstream(repo: str) -> ModuleType:
     """Upstream's `cosyvoice.cli.cosyvoice`, from `repo` if given; a module it needs that is
     not installed is named, with the fix, in the ModuleNotFoundError."""

@@ -129,7 +129,9 @@ class _Libsndfile:
                                          format=container, subtype=subtype, **options)
 
     def encode(self, samples: npt.NDArray[np.float32]) -> bytes:
-        self._file.write(np.clip(samples, -1.0, 1.0))
+        # In blocks: libsndfile's encoders may keep one call's frames on the stack (audio.py).
+        for start in range(0, len(samples), audio.BLOCK_FRAMES):
+            self._file.write(np.clip(samples[start:start + audio.BLOCK_FRAMES], -1.0, 1.0))
         return self._pipe.take()
 
     def finish(self) -> bytes:
@@ -138,17 +140,17 @@ class _Libsndfile:
 
 
 class _Whole:
+    """Encodes as the chunks come, but sends the file only at the end (FLAC: see above)."""
+
     def __init__(self, sample_rate: int, fmt: str) -> None:
-        self._rate = sample_rate
-        self._format = fmt
-        self._chunks: list[npt.NDArray[np.float32]] = []
+        self._writer = audio.FileWriter(sample_rate, fmt)
 
     def encode(self, samples: npt.NDArray[np.float32]) -> bytes:
-        self._chunks.append(samples)
+        self._writer.write(samples)
         return b""
 
     def finish(self) -> bytes:
-        return audio.encode(audio.join(self._chunks), self._rate, self._format)
+        return self._writer.finish()
 
 
 def encoder(fmt: str, sample_rate: int) -> StreamEncoder:

@@ -16,18 +16,20 @@ import base64
 import hmac
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
-from cosyvoiced import logs
+from cosyvoiced import clients, logs
+from cosyvoiced.clients import Identity
 from cosyvoiced.config import HttpConfig, read_api_keys
+from cosyvoiced.encoding import EncodeFailed, Encoder, EncoderStream
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake import codecs
+from cosyvoiced.intake.limits import REFUSAL_CODE, ConnectionLimits, listen
 from cosyvoiced.intake.reply import (
     BUSY,
     START_TIMEOUT_S,
@@ -53,17 +55,25 @@ MODELS = ("cosyvoiced", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 OPENAI_NAMES = {"text": "input", "instruct": "instructions", "format": "response_format"}
 SHUTDOWN_TIMEOUT_S = 2.0  # for the last bytes of responses in flight when the daemon stops
 HEALTH_TIMEOUT_S = 2.0
+RETRY_AFTER_S = 2  # told to a client that is refused for being busy (429)
+REQUEST_TIMEOUT = "request_timeout"
 
+RATE_LIMITED = "rate_limit_exceeded"  # OpenAI's code for it
 _STATUS = {
     "invalid_api_key": 401,
     "not_found": 404,
     "method_not_allowed": 405,
+    REQUEST_TIMEOUT: 408,
     "request_too_large": 413,
+    "expectation_failed": 417,
     BUSY: 429,
+    RATE_LIMITED: 429,
+    REFUSAL_CODE: 503,
     str(ErrorCode.SHUTTING_DOWN): 503,
     str(ErrorCode.CANCELLED): 503,
     str(ErrorCode.ENGINE_ERROR): 500,
     str(ErrorCode.WORKER_CRASHED): 500,
+    str(ErrorCode.ENCODE_FAILED): 500,
     str(ErrorCode.INTERNAL): 500,
 }
 _TYPES = {401: "authentication_error", 429: "rate_limit_error"}
@@ -95,7 +105,13 @@ def error_body(code: str, message: str, field: str | None = None) -> tuple[int, 
 def error_response(code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
     status, body = error_body(code, message, field)
+    if status == 429:  # when to come back: a busy queue moves on within seconds
+        headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
     return web.json_response(body, status=status, headers=headers)
+
+
+def _shown(value: Any) -> str:
+    return repr(value)[:80]
 
 
 def _voice(value: Any, aliases: dict[str, str]) -> str:
@@ -121,36 +137,57 @@ def parse_speech(body: Any, aliases: dict[str, str]) -> SpeechRequest:
     if not isinstance(body["model"], str) or not body["model"]:
         raise JobFailure(ErrorCode.INVALID_FIELD, "model: expected a model name such as "
                          "\"tts-1\"", "model")
-    fmt = body.get("response_format") or DEFAULT_FORMAT
-    if fmt not in codecs.FORMATS:
-        raise JobFailure(ErrorCode.UNSUPPORTED_FORMAT, f"response_format: {fmt!r} is not "
-                         f"supported; choose one of: {', '.join(codecs.FORMATS)}",
+    # Only a missing field or null means the default: {} or "" is a mistake to report.
+    fmt = _given(body, "response_format", DEFAULT_FORMAT)
+    if not isinstance(fmt, str) or fmt not in codecs.FORMATS:
+        raise JobFailure(ErrorCode.UNSUPPORTED_FORMAT, f"response_format: {_shown(fmt)} is "
+                         f"not supported; choose one of: {', '.join(codecs.FORMATS)}",
                          "response_format")
-    stream_format = body.get("stream_format") or "audio"
-    if stream_format not in STREAM_FORMATS:
-        raise JobFailure(ErrorCode.INVALID_FIELD, f"stream_format: {stream_format!r} is not "
-                         f"one of: {', '.join(STREAM_FORMATS)}", "stream_format")
+    stream_format = _given(body, "stream_format", "audio")
+    if not isinstance(stream_format, str) or stream_format not in STREAM_FORMATS:
+        raise JobFailure(ErrorCode.INVALID_FIELD, f"stream_format: {_shown(stream_format)} "
+                         f"is not one of: {', '.join(STREAM_FORMATS)}", "stream_format")
     fields: dict[str, Any] = {"voice": _voice(body["voice"], aliases)}
     if "input" in body:
         fields["text"] = body["input"]
-    if body.get("speed") is not None:
+    if body.get("speed") is not None:  # the job's own checks refuse a non-number
         fields["speed"] = body["speed"]
-    if body.get("instructions"):  # "" is what clients send for "none"
+    if _given(body, "instructions", "") != "":  # "" is what clients send for "none"
         fields["instruct"] = body["instructions"]
     if fmt in codecs.FIXED_RATES:
         fields["sample_rate"] = codecs.FIXED_RATES[fmt]
     return SpeechRequest(fields, fmt, stream_format == "sse")
 
 
+def _given(body: dict[str, Any], name: str, default: Any) -> Any:
+    value = body.get(name)
+    return default if value is None else value
+
+
 class _HttpError(Exception):
-    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    """An HTTP-level refusal; `close`: the connection ends after it (the body was not read)."""
+
+    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None,
+                 close: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.headers = headers
+        self.close = close
 
     def response(self) -> web.Response:
-        return error_response(self.code, self.message, headers=self.headers)
+        response = error_response(self.code, self.message, headers=self.headers)
+        if self.close:
+            response.force_close()
+        return response
+
+
+class _SendTimedOut(Exception):
+    """The client took no bytes for http.send_timeout_s; its connection is aborted."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("send timeout")
+        self.response = response
 
 
 class _Keys:
@@ -158,9 +195,9 @@ class _Keys:
 
     def __init__(self) -> None:
         self._seen: tuple[str, int] | None = None
-        self._keys: frozenset[str] = frozenset()
+        self._keys: dict[str, str] = {}  # token -> its name
 
-    def current(self, path: str) -> frozenset[str]:
+    def current(self, path: str) -> dict[str, str]:
         try:
             seen = (path, os.stat(path).st_mtime_ns)
             if seen != self._seen:
@@ -186,11 +223,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class HttpIntake(ReplyIntake):
     source = SOURCE
 
-    def __init__(self, settings: Callable[[], HttpConfig], wake: Callable[[], None]) -> None:
+    def __init__(self, settings: Callable[[], HttpConfig], wake: Callable[[], None],
+                 encoder: Encoder) -> None:
         super().__init__(wake, "http-loop")
         self._settings = settings
         self._keys = _Keys()
+        self._encoder = encoder
+        self._limiter = clients.RateLimiter()  # on the loop thread only
+        self._next_forget = 0.0
         self._runner: web.AppRunner | None = None
+        self._listening: asyncio.AbstractServer | None = None
 
     def max_pending_per_client(self) -> int:
         return self._settings().max_pending_per_client
@@ -204,9 +246,8 @@ class HttpIntake(ReplyIntake):
         host, _, port = settings.listen.rpartition(":")
         loop_thread = self.start_loop()
         try:
-            self._runner = loop_thread.call(
-                self._serve(host.strip("[]"), int(port), settings.max_body_bytes),
-                START_TIMEOUT_S)
+            self._runner = loop_thread.call(self._serve(host.strip("[]"), int(port), settings),
+                                            START_TIMEOUT_S)
         except OSError as error:
             self.stop_loop()
             raise OSError(error.errno, f"http.listen {settings.listen}: "
@@ -214,10 +255,11 @@ class HttpIntake(ReplyIntake):
         log.info("http_listening", listen=settings.listen,
                  auth=bool(settings.api_keys_file))
 
-    async def _serve(self, host: str, port: int, max_body_bytes: int) -> web.AppRunner:
-        app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+    async def _serve(self, host: str, port: int, settings: HttpConfig) -> web.AppRunner:
+        app = web.Application(client_max_size=settings.max_body_bytes,
+                              middlewares=[self._errors])
         app.add_routes([
-            web.post("/v1/audio/speech", self._speech),
+            web.post("/v1/audio/speech", self._speech, expect_handler=self._expect),
             web.get("/v1/audio/voices", self._voices),
             web.get("/v1/models", self._models),
             web.get("/healthz", self._healthz),
@@ -228,8 +270,10 @@ class HttpIntake(ReplyIntake):
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
+        limits = ConnectionLimits(settings.header_timeout_s, settings.idle_timeout_s,
+                                  settings.max_connections)
         try:
-            await web.TCPSite(runner, host, port).start()
+            self._listening = await listen(runner, host, port, limits, "http")
         except BaseException:
             await runner.cleanup()
             raise
@@ -239,11 +283,17 @@ class HttpIntake(ReplyIntake):
         """Stop listening; let responses in flight write their last bytes (briefly)."""
         if self.loop_thread is not None and self._runner is not None:
             try:
-                self.loop_thread.call(self._runner.cleanup(), SHUTDOWN_TIMEOUT_S + 3)
+                self.loop_thread.call(self._close(self._runner), SHUTDOWN_TIMEOUT_S + 3)
             except Exception as error:  # noqa: BLE001 - the daemon exits anyway
                 log.warning("http_stop_failed", error=repr(error))
             self._runner = None
         self.stop_loop()
+
+    async def _close(self, runner: web.AppRunner) -> None:
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
+        await runner.cleanup()
 
     # -- requests (loop thread) -------------------------------------------------------------
     @web.middleware
@@ -265,10 +315,60 @@ class HttpIntake(ReplyIntake):
             return error_response("method_not_allowed", f"{request.method} {request.path}: "
                                   f"allowed: {', '.join(sorted(error.allowed_methods))}")
 
-    def _client(self, request: web.Request) -> str:
-        """Who is asking: their key when keys are on (one key, one client), else the peer."""
-        token = self._authorize(request)
-        return f"key:{hash(token)}" if token else f"peer:{request.remote}"
+    def _identity(self, request: web.Request) -> Identity:
+        """Who is asking: their key's name when keys are on (one key, one client, on every
+        connection), else an anonymous client owning its connection, counted by address."""
+        name = self._authorize(request)
+        if name:
+            settings = self._settings().keys.get(name)
+            return clients.keyed("key", name, admin=settings is not None and settings.admin)
+        return clients.anonymous(f"http:{id(request.transport):x}",
+                                 client=f"peer:{request.remote}")
+
+    def _rate_limit(self, identity: Identity) -> clients.RateLimit:
+        settings = self._settings()
+        key = settings.keys.get(identity.name) if not identity.anonymous else None
+        requests = key.rate_limit if key is not None and key.rate_limit is not None \
+            else settings.rate_limit
+        chars = key.chars_per_minute if key is not None and key.chars_per_minute is not None \
+            else settings.chars_per_minute
+        return clients.RateLimit(requests, chars)
+
+    def _check_rate(self, identity: Identity, chars: int) -> None:
+        """429 rate_limit_exceeded, with Retry-After, for a client over its limits."""
+        limit = self._rate_limit(identity)
+        if not limit.limited:
+            return
+        now = time.monotonic()
+        wait_s = self._limiter.take(identity.client, limit, chars, now)
+        if now >= self._next_forget:
+            self._limiter.forget_idle(now)
+            self._next_forget = now + 60.0
+        if wait_s > 0:
+            retry = clients.retry_after_s(wait_s)
+            log.info("rate_limited", client=identity.name, retry_after_s=retry)
+            raise _HttpError(RATE_LIMITED, f"this client is over its rate limit "
+                             f"({limit.requests_per_minute:g} requests and "
+                             f"{limit.chars_per_minute:g} characters per minute; 0 is no "
+                             f"limit): retry in {retry} s", {"Retry-After": str(retry)})
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue` is answered only for a good key: a client that would be
+        refused hears so before it sends its body, and we read none of it."""
+        try:
+            self._authorize(request)
+        except _HttpError as error:
+            error.close = True
+            return error.response()
+        expect = request.headers.get("Expect", "")
+        if request.version != HttpVersion11:
+            return None  # HTTP/1.0 knows no 100 Continue; the body just comes
+        if expect.lower() != "100-continue":
+            return _HttpError("expectation_failed", f"Expect: {_shown(expect)} is not "
+                              "supported; only 100-continue is", close=True).response()
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not begun (as aiohttp's)
+        return None
 
     def _authorize(self, request: web.Request) -> str | None:
         path = self._settings().api_keys_file
@@ -280,57 +380,76 @@ class HttpIntake(ReplyIntake):
             raise _HttpError("invalid_api_key", "Authorization: a bearer token is required "
                              "(Authorization: Bearer KEY)", {"WWW-Authenticate": "Bearer"})
         # Every key is compared, in constant time, so timing tells nothing about a match.
-        matches = [hmac.compare_digest(token.encode(), key.encode())
-                   for key in self._keys.current(path)]
-        if not any(matches):
+        matches = [name for key, name in self._keys.current(path).items()
+                   if hmac.compare_digest(token.encode(), key.encode())]
+        if not matches:
             raise _HttpError("invalid_api_key", "Authorization: the bearer token is not one "
                              "of http.api_keys_file", {"WWW-Authenticate": "Bearer"})
-        return token
+        return matches[0]
 
     async def _speech(self, request: web.Request) -> web.StreamResponse:
-        client = self._client(request)
-        body = await request.read()
-        try:
-            data = json.loads(body)
-        except ValueError as error:  # UnicodeDecodeError included
-            raise JobFailure(ErrorCode.BAD_JSON, f"body: not a JSON object: {error}") from None
+        identity = self._identity(request)
+        data = _json(await self._body(request))
         speech = parse_speech(data, self._settings().voices)
+        text = speech.fields.get("text")
+        self._check_rate(identity, len(text) if isinstance(text, str) else 0)
         exchange = Exchange(asyncio.get_running_loop())
-        job_id = self.submit(exchange, speech.fields, client)
+        job_id = self.submit(exchange, speech.fields, identity)
+        gone = True  # unless the whole reply was sent: then the job is only released
         try:
-            return await self._respond(request, job_id, exchange, speech)
-        except (asyncio.CancelledError, ConnectionError):
-            self.gone(job_id)  # the client hung up: its job is cancelled, queued or running
-            raise
+            response = await self._respond(request, job_id, exchange, speech)
+            gone = False
+            return response
+        except _SendTimedOut as timed_out:
+            log.info("send_timeout", job=job_id, source=self.source,
+                     send_timeout_s=self._settings().send_timeout_s)
+            return timed_out.response  # aborted: aiohttp drops it without a word
+        finally:  # whatever happened, the request stops counting as in flight
+            (self.gone if gone else self.finished)(job_id)
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The whole body, within http.body_timeout_s (a short or endless body: 408)."""
+        timeout_s = self._settings().body_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await request.read()
+        except TimeoutError:
+            raise _HttpError(REQUEST_TIMEOUT, f"body: not received in {timeout_s:g} s "
+                             "(http.body_timeout_s)", close=True) from None
 
     async def _respond(self, request: web.Request, job_id: str, exchange: Exchange,
                        speech: SpeechRequest) -> web.StreamResponse:
-        body = _Body(request, job_id, speech)
-        encoder: codecs.StreamEncoder | None = None
-        piece = 0
-        while True:
-            event = await exchange.next()
-            if isinstance(event, Started):
-                encoder = codecs.encoder(speech.format, event.sample_rate)
-                # A chunk can be seconds of audio; while the engine makes the next one it
-                # has the CPUs, so a compressed format is encoded and sent a slice at a
-                # time: the first bytes wait for one slice, not for the whole chunk.
-                piece = event.sample_rate // 4 if speech.format in codecs.COMPRESSED else 0
-            elif isinstance(event, Chunk):
-                assert encoder is not None, "a job starts before its first chunk"
-                for start in range(0, len(event.samples), piece or len(event.samples)):
-                    data = await _encode(encoder, speech.format,
-                                         event.samples[start:start + piece] if piece else
-                                         event.samples)
-                    if data:  # an encoder that buffers sends nothing yet: nor do we
-                        await body.send(data)
-            elif isinstance(event, Done):
-                assert encoder is not None, "a job starts before it ends well"
-                return await body.finish(await _encode(encoder, speech.format, None))
-            else:
-                failure = event if isinstance(event, Failed) else \
-                    Failed(str(ErrorCode.CANCELLED), "the job was cancelled")
-                return await body.fail(failure)
+        body = _Body(request, job_id, speech, self._settings().send_timeout_s)
+        stream: EncoderStream | None = None
+        try:
+            while True:
+                event = await exchange.next()
+                if isinstance(event, Started):
+                    # In the encoder process: native codecs never run in the supervisor.
+                    stream = self._encoder.open_stream(speech.format, event.sample_rate)
+                    piece = _piece(speech.format, event.sample_rate)
+                elif isinstance(event, Chunk):
+                    assert stream is not None, "a job starts before its first chunk"
+                    for start in range(0, len(event.samples), piece or len(event.samples)):
+                        data = await stream.encode(event.samples[start:start + piece]
+                                                   if piece else event.samples)
+                        if data:  # an encoder that buffers sends nothing yet: nor do we
+                            await body.send(data)
+                elif isinstance(event, Done):
+                    assert stream is not None, "a job starts before it ends well"
+                    return await body.finish(await stream.finish())
+                else:
+                    failure = event if isinstance(event, Failed) else \
+                        Failed(str(ErrorCode.CANCELLED), "the job was cancelled")
+                    return await body.fail(failure)
+        except EncodeFailed as failed:
+            log.error("encode_failed", job=job_id, source=self.source,
+                      message=failed.error.message)
+            self.gone(job_id)  # the rest of its audio could not be encoded either
+            return await body.fail(Failed.of(failed.error))
+        finally:
+            if stream is not None:
+                stream.close()
 
     async def _voices(self, request: web.Request) -> web.StreamResponse:
         self._authorize(request)
@@ -362,28 +481,45 @@ class HttpIntake(ReplyIntake):
         return web.json_response({"status": status}, status=200 if status == "ready" else 503)
 
 
-async def _encode(encoder: codecs.StreamEncoder, fmt: str,
-                  samples: npt.NDArray[np.float32] | None) -> bytes:
-    """The bytes for `samples`, or the file's last bytes (None)."""
-    def run() -> bytes:
-        return encoder.finish() if samples is None else encoder.encode(samples)
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError included; too deep
+        raise JobFailure(ErrorCode.BAD_JSON, "body: not a JSON object: "
+                         f"{str(error) or type(error).__name__}"[:200]) from None
 
-    if fmt in codecs.COMPRESSED:  # milliseconds of CPU: keep the loop free meanwhile
-        return await asyncio.get_running_loop().run_in_executor(None, run)
-    return run()
+
+def _piece(fmt: str, sample_rate: int) -> int:
+    """How many samples to encode and send at a time (0: a whole chunk). A chunk can be
+    seconds of audio; while the engine makes the next one it has the CPUs, so a compressed
+    format is encoded and sent a slice at a time: the first bytes wait for one slice, not
+    for the whole chunk."""
+    return sample_rate // 4 if fmt in codecs.COMPRESSED else 0
 
 
 class _Body:
     """A streamed response, begun at its first bytes: an error before them still gets its
-    own status; one after them can only be told in-band."""
+    own status; one after them can only be told in-band. Each write must be taken by the
+    client within `send_timeout_s` (nginx's send_timeout), or the connection is aborted."""
 
-    def __init__(self, request: web.Request, job_id: str, speech: SpeechRequest) -> None:
+    def __init__(self, request: web.Request, job_id: str, speech: SpeechRequest,
+                 send_timeout_s: float) -> None:
         self._request = request
         self._job_id = job_id
         self._sse = speech.sse
+        self._send_timeout_s = send_timeout_s
         self._content_type = "text/event-stream" if speech.sse else \
             codecs.CONTENT_TYPES[speech.format]
         self._response: web.StreamResponse | None = None
+
+    async def _sent(self, response: web.StreamResponse, write: Awaitable[Any]) -> None:
+        try:
+            async with asyncio.timeout(self._send_timeout_s):
+                await write
+        except TimeoutError:
+            if self._request.transport is not None:
+                self._request.transport.abort()  # what it has not taken is dropped
+            raise _SendTimedOut(response) from None
 
     async def _begun(self) -> web.StreamResponse:
         if self._response is None:
@@ -391,23 +527,24 @@ class _Body:
                 "Content-Type": self._content_type, "Cache-Control": "no-cache",
                 "X-Cosyvoiced-Job": self._job_id})
             self._response.enable_chunked_encoding()
-            await self._response.prepare(self._request)
+            await self._sent(self._response, self._response.prepare(self._request))
         return self._response
 
     async def send(self, data: bytes) -> None:
         response = await self._begun()
         if self._sse:
             data = _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        await response.write(data)
+        await self._sent(response, response.write(data))
 
     async def finish(self, data: bytes) -> web.StreamResponse:
         if data:
             await self.send(data)
         response = await self._begun()
         if self._sse:
-            await response.write(_sse({"type": "speech.audio.done", "usage": {
-                "input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}))
-        await response.write_eof()
+            await self._sent(response, response.write(_sse({
+                "type": "speech.audio.done",
+                "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})))
+        await self._sent(response, response.write_eof())
         return response
 
     async def fail(self, failure: Failed) -> web.StreamResponse:
@@ -415,8 +552,9 @@ class _Body:
             return error_response(failure.code, failure.message, failure.field)
         if self._sse:
             _status, body = error_body(failure.code, failure.message, failure.field)
-            await self._response.write(_sse({"type": "error", **body}))
-            await self._response.write_eof()
+            await self._sent(self._response, self._response.write(_sse({"type": "error",
+                                                                        **body})))
+            await self._sent(self._response, self._response.write_eof())
         elif self._request.transport is not None:
             # A body without its last chunk: every HTTP client reports it as an error,
             # where a clean end would pass a truncated file off as whole.

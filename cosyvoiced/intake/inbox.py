@@ -28,8 +28,16 @@ from watchdog.observers.inotify_c import (
     WatchDescriptor,
 )
 
-from cosyvoiced import audio, logs
-from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure, JobResult, new_job_id
+from cosyvoiced import logs
+from cosyvoiced.job import (
+    Deferred,
+    ErrorCode,
+    Job,
+    JobError,
+    JobFailure,
+    JobResult,
+    new_job_id,
+)
 from cosyvoiced.jobspec import Limits, build_job, check_output_name, check_text
 from cosyvoiced.spool import Claimed, Spool, is_job_candidate
 
@@ -103,6 +111,7 @@ class InboxIntake:
         self._claims = claims
         self._wake = wake
         self._accepting = False
+        self._inotify: InotifyFD | None = None
         self._lock = threading.Lock()
         self.rescan_requested = threading.Event()
 
@@ -113,9 +122,16 @@ class InboxIntake:
         inotify = InotifyFD()
         inotify.daemon = True  # lives as long as the process
         inotify.start()
+        self._inotify = inotify
         inotify.add_callback(os.fsencode(self._spool.inbox), self.WATCH_MASK,
                              _InboxWatch(self), CallbackId(0))
         self._accepting = True
+
+    def failure(self) -> str | None:
+        """Why the inotify thread is gone, if it is (files would then wait for rescans)."""
+        if self._accepting and self._inotify is not None and not self._inotify.is_alive():
+            return "the drop folder's inotify thread stopped"
+        return None
 
     def is_regular_file(self, name: str) -> bool:
         try:
@@ -187,8 +203,9 @@ class InboxIntake:
         return name
 
     def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
-                timings: dict[str, float]) -> str:
-        """Publish the result in the outbox; returns the base name it was given."""
+                timings: dict[str, float]) -> Deferred:
+        """The result, to be encoded (never here: native codecs run in the encoder process),
+        then published in the outbox under the base name `publish` returns."""
         record = {
             "input": Claimed(job.origin).original_name,
             "voice": result.voice,
@@ -203,9 +220,12 @@ class InboxIntake:
         }
         if result.served_by:
             record["served_by"] = result.served_by
-        return self._spool.publish_result(Claimed(job.origin), job.output, job.format,
-                                          audio.encode(samples, result.sample_rate, job.format),
-                                          record)
+
+        def publish(data: bytes) -> str:
+            return self._spool.publish_result(Claimed(job.origin), job.output, job.format,
+                                              data, record)
+
+        return Deferred(samples, result.sample_rate, job.format, publish)
 
     def fail_job(self, job: Job, error: JobError) -> str:
         return self.fail(Claimed(job.origin), error)

@@ -14,14 +14,16 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced import logs
+from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake.limits import Throttled
 from cosyvoiced.job import (
     REPLY_FORMATS,
     SINK_REPLY,
@@ -41,6 +43,7 @@ JOB_FIELDS = ("text", "voice", "speed", "sample_rate", "instruct")
 BUSY = "busy"  # not a job error: the request was never queued
 START_TIMEOUT_S = 10.0
 QUERY_TIMEOUT_S = 5.0
+MAX_BUFFERED_BYTES = 64 << 20  # per client: about 12 minutes of 22 kHz float32 audio
 
 log = logs.get_logger("cosyvoiced.intake.reply")
 
@@ -56,9 +59,11 @@ class Service(Protocol):
 
     def queue_full(self) -> bool: ...
 
+    def refusal(self, identity: Identity) -> JobError | None: ...
+
     def enqueue(self, job: Job) -> None: ...
 
-    def cancel(self, job_id: str) -> bool: ...
+    def cancel(self, job_id: str, identity: Identity = ...) -> bool: ...
 
 
 # -- what a job's handler hears, in order: Started, Chunk..., then one ending event --------
@@ -99,35 +104,52 @@ Event = Started | Chunk | Done | Failed | Cancelled
 
 
 class Exchange:
-    """One job's events, posted from the supervisor's thread, read on the loop."""
+    """One job's events, posted from the supervisor's thread, read on the loop. It counts
+    the audio bytes posted and not yet taken: what a slow reader leaves in our memory."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._lock = threading.Lock()
+        self._pending_bytes = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def _count(self, event: Event, sign: int) -> None:
+        if isinstance(event, Chunk):
+            with self._lock:
+                self._pending_bytes += sign * event.samples.nbytes
 
     def post(self, event: Event) -> None:
+        self._count(event, +1)
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     async def next(self) -> Event:
-        return await self._events.get()
+        event = await self._events.get()
+        self._count(event, -1)
+        return event
 
 
 @dataclass(frozen=True)
 class Submission:
     job_id: str
     fields: dict[str, Any]
-    client: str  # whose in-flight requests count against max_pending_per_client
+    identity: Identity  # who asks: owns the job, and its requests in flight are counted
     exchange: Exchange
     # Wyoming may ask for a voice by language only: the first voice that speaks it.
     voice_language: str | None = None
 
 
 @dataclass(frozen=True)
-class Gone:
-    """The client of this job went away: cancel it."""
+class Released:
+    """The handler of this job is done with it: the reply was sent whole (`gone` False),
+    or the client went away first (`gone` True: the job is cancelled if not ended)."""
 
     job_id: str
+    gone: bool
 
 
 @dataclass
@@ -147,7 +169,13 @@ class Query:
             self.loop.call_soon_threadsafe(resolve)
 
 
-Inbound = Submission | Gone | Query
+Inbound = Submission | Released | Query
+
+
+# What asyncio says when accept() fails for want of file descriptors or memory (EMFILE,
+# ENFILE, ENOBUFS, ENOMEM). It retries a second later, up to its backlog times per retry:
+# without a filter, hundreds of identical lines a second while the shortage lasts.
+ACCEPT_FAILED = "socket.accept() out of system resource"
 
 
 class LoopThread:
@@ -156,6 +184,14 @@ class LoopThread:
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._accept_failures = Throttled(self.loop, "accept_failed", thread=name)
+        self.loop.set_exception_handler(self._on_loop_error)
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == ACCEPT_FAILED:
+            self._accept_failures.count(error=str(context.get("exception")))
+        else:
+            loop.default_exception_handler(context)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -163,6 +199,9 @@ class LoopThread:
 
     def start(self) -> None:
         self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
@@ -206,7 +245,8 @@ def voice_for_language(language: str, voices: list[VoiceInfo]) -> str | None:
 @dataclass
 class _Route:
     exchange: Exchange
-    client: str
+    identity: Identity
+    ended: bool = False  # its last event is posted; the handler may still be sending it
 
 
 class ReplyIntake:
@@ -219,21 +259,32 @@ class ReplyIntake:
         self._thread_name = thread_name
         self._inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}  # job id -> its handler (supervisor thread)
+        self._overflowed: list[str] = []  # jobs whose client left too much audio unread
         self.loop_thread: LoopThread | None = None
 
     def max_pending_per_client(self) -> int:
         return 16
 
+    def max_buffered_bytes(self) -> int:
+        """Audio made for one client and not yet sent to it, at most."""
+        return MAX_BUFFERED_BYTES
+
     # -- the loop's side --------------------------------------------------------------------
-    def submit(self, exchange: Exchange, fields: dict[str, Any], client: str,
+    def submit(self, exchange: Exchange, fields: dict[str, Any], identity: Identity,
                voice_language: str | None = None) -> str:
-        """Hand a job to the supervisor; returns its id. Events come on `exchange`."""
+        """Hand a job to the supervisor; returns its id. Events come on `exchange`; the
+        handler calls `finished` or `gone` when it is done with them, whatever happens."""
         job_id = new_job_id()
-        self._put(Submission(job_id, fields, client, exchange, voice_language))
+        self._put(Submission(job_id, fields, identity, exchange, voice_language))
         return job_id
 
     def gone(self, job_id: str) -> None:
-        self._put(Gone(job_id))
+        """The client went away: its job is cancelled, queued or running."""
+        self._put(Released(job_id, gone=True))
+
+    def finished(self, job_id: str) -> None:
+        """The reply was sent whole: the request no longer counts as in flight."""
+        self._put(Released(job_id, gone=False))
 
     async def ask(self, question: Callable[[Service], T],
                   timeout_s: float = QUERY_TIMEOUT_S) -> T:
@@ -254,6 +305,12 @@ class ReplyIntake:
         self.loop_thread.start()
         return self.loop_thread
 
+    def failure(self) -> str | None:
+        """Why this intake's loop thread is gone, if it died while serving."""
+        if self.loop_thread is not None and not self.loop_thread.alive():
+            return f"the {self.source} intake's loop thread stopped"
+        return None
+
     def stop_loop(self) -> None:
         if self.loop_thread is not None:
             self.loop_thread.stop()
@@ -270,12 +327,18 @@ class ReplyIntake:
         for message in self.inbound():
             if isinstance(message, Submission):
                 self._admit(message, service)
-            elif isinstance(message, Gone):
-                if message.job_id in self._routes:
+            elif isinstance(message, Released):
+                route = self._routes.pop(message.job_id, None)
+                if message.gone and route is not None and not route.ended:
                     log.info("client_gone", job=message.job_id, source=self.source)
                     service.cancel(message.job_id)
             else:
                 message.answer(message.ask(service))
+        for job_id in self._overflowed:
+            log.warning("client_too_slow", job=job_id, source=self.source,
+                        max_buffered_bytes=self.max_buffered_bytes())
+            service.cancel(job_id)
+        self._overflowed.clear()
 
     def _admit(self, submission: Submission, service: Service) -> None:
         refusal = self._refusal(submission, service)
@@ -302,27 +365,46 @@ class ReplyIntake:
                      message=failure.error.message)
             submission.exchange.post(Failed.of(failure.error))
             return
-        self._routes[job.id] = _Route(submission.exchange, submission.client)
-        service.enqueue(job)
+        identity = submission.identity
+        self._routes[job.id] = _Route(submission.exchange, identity)
+        service.enqueue(replace(job, owner=identity.owner, share=identity.share))
 
     def _refusal(self, submission: Submission, service: Service) -> Failed | None:
-        if service.stopping:
-            return Failed(str(ErrorCode.SHUTTING_DOWN), "the daemon is stopping; send the "
-                          "request again")
-        if service.queue_full():
-            return Failed(BUSY, "the queue is full (zmq.max_pending); retry later")
+        error = service.refusal(submission.identity)
+        if error is not None:
+            return Failed.of(error) if error.code == ErrorCode.SHUTTING_DOWN else \
+                Failed(BUSY, error.message)
+        client = submission.identity.client
+        routes = [route for route in self._routes.values() if route.identity.client == client]
         limit = self.max_pending_per_client()
-        in_flight = sum(1 for route in self._routes.values()
-                        if route.client == submission.client)
-        if in_flight >= limit:
-            return Failed(BUSY, f"{in_flight} requests of this client are in flight "
+        if len(routes) >= limit:
+            return Failed(BUSY, f"{len(routes)} requests of this client are in flight "
                           f"(max_pending_per_client = {limit}); retry later")
+        buffered = sum(route.exchange.pending_bytes for route in routes)
+        if buffered >= self.max_buffered_bytes():
+            return Failed(BUSY, f"{buffered >> 20} MiB of audio made for this client is not "
+                          "read yet; read it, then retry")
         return None
 
+    def _buffered(self, client: str) -> int:
+        return sum(route.exchange.pending_bytes for route in self._routes.values()
+                   if route.identity.client == client)
+
     def _post(self, job: Job, event: Event, last: bool = False) -> None:
-        route = self._routes.pop(job.id, None) if last else self._routes.get(job.id)
-        if route is not None:
-            route.exchange.post(event)
+        route = self._routes.get(job.id)
+        if route is None or route.ended:
+            return
+        if isinstance(event, Chunk) and \
+                self._buffered(route.identity.client) + event.samples.nbytes > \
+                self.max_buffered_bytes():
+            # The client does not read: its audio would pile up here. End the job.
+            route.ended = True
+            self._overflowed.append(job.id)
+            route.exchange.post(Failed(BUSY, "the client did not read its audio fast "
+                                       "enough; the job was cancelled"))
+            return
+        route.ended = last
+        route.exchange.post(event)
 
     # -- Sink: a reply job's events (supervisor thread) --------------------------------------
     def started(self, job: Job, sample_rate: int) -> None:

@@ -10,6 +10,12 @@ One `AsyncEventHandler` per connection, on a loop thread of its own (`reply.Loop
   Home Assistant also sends inside a stream (for older servers) is ignored.
 A job that fails sends an `error` event with the drop folder's code. A malformed event gets
 an `error` event too, and the connection is closed: it never just looks closed.
+
+Limits, as nginx's for HTTP (each read from `wyoming.*` when it applies, so a reload counts):
+`idle_timeout_s` closes a connection that sends no event, or takes none of our bytes, for
+that long; `read_timeout_s` bounds one event once its first byte is in; `max_connections`
+refuses one more connection with an `error` (busy); `max_pending_per_client` bounds the
+requests one connection has in flight.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -36,7 +42,7 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from cosyvoiced import __version__, audio, logs
+from cosyvoiced import __version__, audio, clients, logs
 from cosyvoiced.config import WyomingConfig
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.reply import (
@@ -64,6 +70,7 @@ _ATTRIBUTION = {
     "cosyvoice": Attribution(name="CosyVoice", url="https://github.com/FunAudioLLM/CosyVoice"),
 }
 STOP_TIMEOUT_S = 3.0
+Message = TypeVar("Message")
 
 log = logs.get_logger("cosyvoiced.intake.wyoming")
 
@@ -72,19 +79,41 @@ class BadEvent(Exception):
     """A message that is not a Wyoming event (or is over our limits)."""
 
 
-async def read_event(reader: asyncio.StreamReader) -> Event | None:
+class IdleTimeout(Exception):
+    """No event began within wyoming.idle_timeout_s."""
+
+
+async def read_event(reader: asyncio.StreamReader, idle_timeout_s: float | None = None,
+                     read_timeout_s: float | None = None) -> Event | None:
     """The next event, or None at the end of the stream. Unlike the library's
-    `async_read_event`, a malformed or oversized event raises `BadEvent`."""
+    `async_read_event`, a malformed or oversized event raises `BadEvent`, as does one that
+    is not whole within `read_timeout_s` of its first byte; `IdleTimeout` if no event
+    begins within `idle_timeout_s`."""
     try:
-        line = await reader.readline()
-    except ValueError as error:  # asyncio's LimitOverrunError comes out as ValueError
-        raise BadEvent(f"event header: over {MAX_LINE_BYTES} bytes") from error
-    if not line:
+        first = await asyncio.wait_for(reader.read(1), idle_timeout_s)
+    except TimeoutError:
+        raise IdleTimeout(f"no event for {idle_timeout_s:g} s") from None
+    if not first:
         return None
     try:
+        async with asyncio.timeout(read_timeout_s):
+            return await _read_rest(reader, first)
+    except TimeoutError:
+        raise BadEvent(f"event: not whole within wyoming.read_timeout_s ({read_timeout_s:g} "
+                       "s) of its first byte") from None
+
+
+async def _read_rest(reader: asyncio.StreamReader, first: bytes) -> Event | None:
+    try:
+        line = first + await reader.readline()
+    except ValueError as error:  # asyncio's LimitOverrunError comes out as ValueError
+        raise BadEvent(f"event header: over {MAX_LINE_BYTES} bytes") from error
+    try:
         header = json.loads(line)
-    except ValueError as error:
+    except ValueError as error:  # JSONDecodeError, or an integer of over 4300 digits
         raise BadEvent(f"event header: not JSON: {error}") from None
+    except RecursionError:
+        raise BadEvent("event header: nested too deep") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise BadEvent("event header: expected a JSON object with a string \"type\"")
     data = header.get("data") or {}
@@ -99,11 +128,29 @@ async def read_event(reader: asyncio.StreamReader) -> Event | None:
         payload = await reader.readexactly(payload_length) if payload_length else None
     except asyncio.IncompleteReadError:
         return None  # the peer went away mid-event
-    except ValueError as error:
+    except ValueError as error:  # JSONDecodeError, or an integer of over 4300 digits
         raise BadEvent(f"event data: not JSON: {error}") from None
+    except RecursionError:
+        raise BadEvent("event data: nested too deep") from None
     if not isinstance(data, dict):
         raise BadEvent("event data: expected a JSON object")
     return Event(type=header["type"], data=data, payload=payload)
+
+
+def decoded(kind: Callable[[Event], Message], event: Event) -> Message:
+    """`kind(event)` (a message's `from_event`), a failure being the sender's: `BadEvent`.
+    The library trusts the event's data: a missing key or a wrong type raises anything."""
+    text = event.data.get("text")
+    if text is not None and not isinstance(text, str):
+        raise BadEvent(f"{event.type}: text: expected a string")
+    voice = event.data.get("voice")
+    if voice is not None and not isinstance(voice, dict):
+        raise BadEvent(f"{event.type}: voice: expected an object such as {{\"name\": ...}}")
+    try:
+        return kind(event)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        what = f"{error.args[0]}: missing" if isinstance(error, KeyError) else str(error)
+        raise BadEvent(f"{event.type}: {what}") from None
 
 
 def _length(header: dict[str, Any], key: str, limit: int) -> int:
@@ -162,44 +209,119 @@ class _Connection(AsyncEventHandler):
                  writer: asyncio.StreamWriter) -> None:
         super().__init__(reader, writer)
         self._intake = intake
-        self._client = f"wyoming:{id(self)}"
+        # Wyoming has no authentication: each connection is an anonymous client of its own.
+        self._client = clients.anonymous(f"wyoming:{id(self):x}")
         self._jobs: set[str] = set()  # in flight: cancelled if the connection drops
         self._stream: TextStream | None = None
         self._parts: asyncio.Queue[tuple[str, Exchange] | None] = asyncio.Queue()
         self._speaker: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None  # the one running `run`
 
     async def run(self) -> None:
         """Read events until the client leaves; our bounded reader, not the library's."""
+        self._task = asyncio.current_task()
+        if not self._intake.connection_opened():
+            await self._refuse()
+            return
         try:
-            while True:
-                try:
-                    event = await read_event(self.reader)
-                except BadEvent as bad:
-                    await self._error("bad_request", str(bad))
-                    break
-                if event is None or not await self.handle_event(event):
-                    break
+            await self._serve()
         except ConnectionError:
-            pass  # the client went away while we wrote to it
+            pass  # the client went away while we wrote to it (or stopped reading)
         finally:
-            if self._speaker is not None:
-                self._speaker.cancel()
-            for job_id in self._jobs:
-                self._intake.gone(job_id)
-            self.writer.close()
+            await self._release()
+
+    async def _serve(self) -> None:
+        while True:
+            settings = self._intake.settings()
+            try:
+                event = await read_event(self.reader, settings.idle_timeout_s,
+                                         settings.read_timeout_s)
+            except IdleTimeout as idle:
+                log.info("wyoming_idle_closed", reason=str(idle))
+                return
+            except BadEvent as bad:
+                await self._error("bad_request", str(bad))
+                return
+            if event is None or not await self._handled(event):
+                return
+
+    async def _handled(self, event: Event) -> bool:
+        """`handle_event`, whose failures end the connection with an `error` event."""
+        try:
+            return await self.handle_event(event)
+        except BadEvent as bad:
+            await self._error("bad_request", str(bad))
+        except ConnectionError:
+            raise
+        except Exception:
+            log.error("wyoming_event_failed", type=event.type, exc_info=True)
+            await self._error("internal", f"{event.type}: the event could not be handled (an "
+                              "internal error; it is logged)")
+        return False
+
+    async def _refuse(self) -> None:
+        limit = self._intake.settings().max_connections
+        log.warning("wyoming_connection_refused", max_connections=limit)
+        await self._error("busy", f"{limit} connections are open (wyoming.max_connections); "
+                          "retry later")
+        self.writer.close()
+
+    async def _release(self) -> None:
+        """Let go of everything this connection held, at once, not at the next full GC.
+
+        A client that leaves mid-reply makes our write raise the ConnectionResetError that
+        the StreamReader keeps; its traceback holds this coroutine's frames, and so this
+        handler, its reader (which holds the error: a cycle), the exchanges and the audio
+        chunks in them. Dropping the traceback and our own references breaks that cycle.
+        """
+        speaker, self._speaker = self._speaker, None
+        if speaker is not None:
+            speaker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await speaker
+        while not self._parts.empty():
+            self._parts.get_nowait()
+        self._stream = None
+        for job_id in self._jobs:
+            self._intake.gone(job_id)
+        self._jobs.clear()
+        self._intake.connection_closed()
+        error = self.reader.exception()
+        if error is not None:
+            error.__traceback__ = None
+        self.writer.close()
+
+    async def stop(self) -> None:
+        """The server stops: end this connection now, even mid-reply; its jobs go."""
+        await super().stop()
+        task = self._task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_TIMEOUT_S / 2)
+
+    async def write_event(self, event: Event) -> None:
+        """As the library's, but a client that takes none of our bytes for
+        wyoming.idle_timeout_s is gone (nginx's send_timeout)."""
+        timeout_s = self._intake.settings().idle_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await super().write_event(event)
+        except TimeoutError:
+            raise ConnectionAbortedError(f"the client read nothing for {timeout_s:g} s") \
+                from None
 
     async def handle_event(self, event: Event) -> bool:
         if Describe.is_type(event.type):
             voices, engine = await self._intake.ask(lambda s: (list(s.voices), s.engine_name))
             await self.write_event(describe(voices, engine).event())
         elif Ping.is_type(event.type):
-            await self.write_event(Pong(text=Ping.from_event(event).text).event())
+            await self.write_event(Pong(text=decoded(Ping.from_event, event).text).event())
         elif Synthesize.is_type(event.type):
             if self._stream is None:  # inside a stream it only repeats the streamed text
-                synthesize = Synthesize.from_event(event)
+                synthesize = decoded(Synthesize.from_event, event)
                 await self._speak(self._submit(synthesize.text, synthesize.voice))
         elif SynthesizeStart.is_type(event.type):
-            self._stream = TextStream(SynthesizeStart.from_event(event).voice)
+            self._stream = TextStream(decoded(SynthesizeStart.from_event, event).voice)
             self._speaker = asyncio.create_task(self._speak_in_order())
         elif SynthesizeChunk.is_type(event.type) or SynthesizeStop.is_type(event.type):
             return await self._streamed(event)
@@ -213,7 +335,7 @@ class _Connection(AsyncEventHandler):
             await self._error("bad_request", f"{event.type}: no synthesize-start before it")
             return False
         if SynthesizeChunk.is_type(event.type):
-            text = stream.add(SynthesizeChunk.from_event(event).text)
+            text = stream.add(decoded(SynthesizeChunk.from_event, event).text)
             if text is not None:
                 self._parts.put_nowait(self._submit(text, stream.voice))
             return True
@@ -261,6 +383,7 @@ class _Connection(AsyncEventHandler):
                                                       audio=pcm[offset:offset + step]).event())
             else:
                 self._jobs.discard(job_id)  # ended: nothing left to cancel
+                self._intake.finished(job_id)  # no longer in flight for this client
                 if isinstance(event, Done):
                     await self.write_event(AudioStop().event())
                 else:
@@ -282,6 +405,24 @@ class WyomingIntake(ReplyIntake):
         super().__init__(wake, "wyoming-loop")
         self._settings = settings
         self._server: AsyncServer | None = None
+        self._connections = 0  # open now; read and changed on the loop thread only
+
+    def settings(self) -> WyomingConfig:
+        """The running `[wyoming]` settings (a reload replaces them)."""
+        return self._settings()
+
+    def max_pending_per_client(self) -> int:
+        return self._settings().max_pending_per_client
+
+    def connection_opened(self) -> bool:
+        """Count a new connection in; False (not counted) when max_connections are open."""
+        if self._connections >= self._settings().max_connections:
+            return False
+        self._connections += 1
+        return True
+
+    def connection_closed(self) -> None:
+        self._connections -= 1
 
     def start(self) -> None:
         """Listen on wyoming.listen; an OSError (address taken, ...) names the key."""

@@ -7,10 +7,16 @@ Two threads share the work and never wait on each other or on synthesis:
 - the supervisor's thread answers ops and routes each job's events to its requester.
 A reply that cannot be routed (the client went away) is reported back, and that client's
 jobs are cancelled.
+
+The socket thread reads bytes from anyone who can connect: whatever one message does to it,
+that message gets an error reply and the thread goes on. Should the thread die anyway,
+`failure()` says why, and every call from the supervisor's thread still returns: replies
+and the stop are sent without blocking, and each wait has a timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -24,13 +30,16 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from cosyvoiced import __version__, audio, logs
+from cosyvoiced import __version__, audio, clients, logs
+from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
 from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake.reply import unknown_voice, voice_names
 from cosyvoiced.job import (
     PCM_FORMAT,
     REPLY_FORMATS,
     SINK_REPLY,
+    Deferred,
     Job,
     JobError,
     JobFailure,
@@ -59,6 +68,8 @@ SYNTHESIZE_FIELDS = tuple(name for name in SUBMIT_FIELDS if name != "output")
 AUDIO_OPS = (Op.SYNTHESIZE, Op.SUBMIT, Op.REGISTER_VOICE)
 _STOP = b"stop"
 _BATCH = 256  # messages handled per socket per poll round, so neither side starves
+STOP_TIMEOUT_S = 5.0  # for the socket thread to flush the last replies and end
+_ROUTER_FLUSH_MS = 1000  # how long closing the ROUTER may spend sending the last replies
 
 log = logs.get_logger("cosyvoiced.intake.zmq")
 
@@ -77,11 +88,14 @@ class Service(Protocol):
     voices: list[VoiceInfo]
     engine_name: str
 
-    def queue_full(self) -> bool: ...
+    def refusal(self, identity: Identity) -> JobError | None: ...
+
+    def is_admin_token(self, token: Any) -> bool: ...
 
     def enqueue(self, job: Job) -> None: ...
 
-    def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None) -> Job: ...
+    def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None,
+               identity: Identity = ...) -> Job: ...
 
     def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
 
@@ -89,11 +103,11 @@ class Service(Protocol):
 
     def remove_voice(self, name: str) -> bool: ...
 
-    def job_status(self, job_id: str) -> dict[str, Any] | None: ...
+    def job_status(self, job_id: str, identity: Identity = ...) -> dict[str, Any] | None: ...
 
-    def cancel(self, job_id: str) -> bool: ...
+    def cancel(self, job_id: str, identity: Identity = ...) -> bool: ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self, identity: Identity = ...) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -104,7 +118,8 @@ class _Route:
 
 class _SocketThread(threading.Thread):
     def __init__(self, router: zmq.Socket[bytes], replies: zmq.Socket[bytes],
-                 limits: WireLimits, inbound: queue.SimpleQueue[Request | ClientGone],
+                 limits: Callable[[], WireLimits],
+                 inbound: queue.SimpleQueue[Request | ClientGone],
                  wake: Callable[[], None]) -> None:
         super().__init__(name="zmq-socket", daemon=True)
         self._router = router
@@ -112,36 +127,55 @@ class _SocketThread(threading.Thread):
         self._limits = limits
         self._inbound = inbound
         self._wake = wake
+        self.failure: str | None = None  # why the thread died, if it did
 
     def run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as error:  # a dead intake must never be silent
+            self.failure = f"the zmq socket thread died: {type(error).__name__}: {error}"
+            log.critical("intake_thread_died", intake="zmq", reason=self.failure,
+                         exc_info=True)
+            self._wake()  # the supervisor's tick notices at once
+        finally:
+            self._router.close(linger=_ROUTER_FLUSH_MS)  # flush the last replies
+            self._replies.close(linger=0)
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
-        try:
-            while True:
-                ready = dict(poller.poll())
-                if self._replies in ready and not self._send_replies():
-                    return
-                if self._router in ready:
-                    self._take_requests()
-        finally:
-            self._router.close(linger=1000)  # flush the last replies
-            self._replies.close(linger=0)
+        while True:
+            ready = dict(poller.poll())
+            if self._replies in ready and not self._send_replies():
+                return
+            if self._router in ready:
+                self._take_requests()
 
     def _take_requests(self) -> None:
         for _ in range(_BATCH):
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
+                message = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            route, body = split_envelope(frames)
+            frames = [frame.bytes for frame in message]
             try:
-                request = parse(route, body, self._limits)
-            except ProtocolError as error:
-                self._send(error_reply(route, error))
-                continue
-            self._inbound.put(request)
-            self._wake()
+                self._take(frames, _user_id(message[-1]))
+            except Exception:  # one message must not end the thread
+                log.error("zmq_message_failed", frames=len(frames), exc_info=True)
+                self._send(error_reply(split_envelope(frames)[0], ProtocolError(
+                    WireCode.INTERNAL, "the request could not be handled (an internal error; "
+                    "it is logged)")))
+
+    def _take(self, frames: list[bytes], user: str | None) -> None:
+        route, body = split_envelope(frames)
+        try:
+            request = parse(route, body, self._limits())
+        except ProtocolError as error:
+            self._send(error_reply(route, error))
+            return
+        self._inbound.put(replace(request, user=user))
+        self._wake()
 
     def _send_replies(self) -> bool:
         """Forward queued replies; False once told to stop."""
@@ -160,20 +194,28 @@ class _SocketThread(threading.Thread):
             self._router.send_multipart(frames, zmq.NOBLOCK)
         except (zmq.Again, zmq.error.ZMQError):
             # ROUTER_MANDATORY: the peer is gone (EHOSTUNREACH) or not reading (EAGAIN).
-            self._inbound.put(ClientGone(frames[0]))
-            self._wake()
+            if frames:
+                self._inbound.put(ClientGone(frames[0]))
+                self._wake()
 
 
 def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) -> zmq.Socket[bytes]:
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # A client that reconnects under its own (random, never shown) routing id takes its
+    # route over at once: its jobs stay its own across a reconnect.
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.SNDHWM, 100_000)  # streams are bursty; a full HWM cancels the job
-    # Bigger than the app-level limits so oversized frames get an error reply; far bigger
-    # ones cost the sender its connection rather than our memory.
-    router.setsockopt(zmq.MAXMSGSIZE, 4 * settings.max_attachment_bytes)
+    # Bigger than the app-level limits (the header's too: it may be the larger) so oversized
+    # frames get an error reply; far bigger ones cost the sender its connection rather than
+    # our memory.
+    router.setsockopt(zmq.MAXMSGSIZE,
+                      4 * max(settings.max_attachment_bytes, settings.max_header_bytes))
     router.setsockopt(zmq.HEARTBEAT_IVL, 5000)  # notice dead peers on a silent network
     router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+    # A peer that connects and never completes the ZMTP (or CURVE) handshake is dropped.
+    router.setsockopt(zmq.HANDSHAKE_IVL, int(settings.handshake_timeout_s * 1000))
     if settings.curve:
         public, secret = zmq.auth.load_certificate(settings.server_secret_key)
         if secret is None:
@@ -185,7 +227,10 @@ def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) ->
 
 
 class ZmqIntake:
-    def __init__(self, settings: ZmqConfig, limits: Limits, wake: Callable[[], None]) -> None:
+    def __init__(self, settings: ZmqConfig, limits: Callable[[], Limits],
+                 wake: Callable[[], None]) -> None:
+        """`settings` may be replaced on reload; `limits` is read for every job, so both
+        follow a SIGHUP."""
         self.settings = settings
         self._limits = limits
         self._wake = wake
@@ -199,6 +244,15 @@ class ZmqIntake:
     @property
     def enabled(self) -> bool:
         return bool(self.settings.bind)
+
+    def failure(self) -> str | None:
+        """Why the socket thread died; None while it runs, before start and after stop."""
+        return self._thread.failure if self._thread is not None else None
+
+    def _wire_limits(self) -> WireLimits:
+        """Read by the socket thread for each message: the running settings' limits."""
+        settings = self.settings
+        return WireLimits(settings.max_header_bytes, settings.max_attachment_bytes)
 
     # -- lifecycle (supervisor thread) ----------------------------------------------------
     def start(self) -> None:
@@ -219,22 +273,35 @@ class ZmqIntake:
         self._push = context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 0)  # never drop or block a reply on this side
         self._push.connect(inproc)
-        limits = WireLimits(self.settings.max_header_bytes, self.settings.max_attachment_bytes)
-        self._thread = _SocketThread(router, pull, limits, self._inbound, self._wake)
+        self._thread = _SocketThread(router, pull, self._wire_limits, self._inbound,
+                                     self._wake)
         self._thread.start()
         log.info("zmq_listening", endpoints=self.settings.bind, curve=self.settings.curve)
 
     def stop(self) -> None:
-        """Send what is queued, then close (the last replies are flushed, not dropped)."""
-        if self._push is None or self._thread is None or self._context is None:
+        """Send what is queued, then close (the last replies are flushed, not dropped).
+
+        Bounded whatever state the socket thread is in: the stop message is sent without
+        blocking (a dead thread's PULL end is gone), the join has a timeout, and a thread
+        that did not end leaves its sockets to `destroy`, which closes them with linger 0
+        rather than waiting on them as `term` would.
+        """
+        push, thread, context = self._push, self._thread, self._context
+        if push is None or thread is None or context is None:
             return
-        self._push.send_multipart([_STOP])
-        self._thread.join(timeout=5)
-        self._push.close(linger=0)
+        self._push = None
+        with contextlib.suppress(zmq.ZMQError):  # zmq.Again: nobody is reading the replies
+            push.send_multipart([_STOP], zmq.NOBLOCK)
+        thread.join(timeout=STOP_TIMEOUT_S)
+        push.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
-        self._context.term()
-        self._push = None
+        if thread.is_alive():
+            log.error("zmq_stop_timeout", timeout_s=STOP_TIMEOUT_S,
+                      message="the socket thread did not end; closing its sockets")
+            context.destroy(linger=0)
+        else:
+            context.term()  # every socket is closed: returns at once
 
     def reload_keys(self) -> None:
         if self._auth is not None:
@@ -249,8 +316,16 @@ class ZmqIntake:
 
     def _send(self, route: tuple[bytes, ...], request_id: str | None, event: str,
               payload: bytes | None = None, **fields: Any) -> None:
-        if self._push is not None:
-            self._push.send_multipart(encode_reply(route, request_id, event, payload, **fields))
+        """Queue a reply for the socket thread. The PUSH socket's HWM is off, so this only
+        fails when no socket thread reads: then the reply is dropped, never waited on."""
+        if self._push is None:
+            return
+        try:
+            self._push.send_multipart(encode_reply(route, request_id, event, payload,
+                                                   **fields), zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            log.warning("zmq_reply_dropped", reply=event, request=request_id,
+                        error=str(error), failure=self.failure())
 
     def _reply(self, request: Request, event: str, payload: bytes | None = None,
                **fields: Any) -> None:
@@ -262,6 +337,7 @@ class ZmqIntake:
 
     # -- ops ------------------------------------------------------------------------------
     def handle(self, request: Request, service: Service) -> None:
+        """Answer one request: its reply, or one `error` reply, whatever goes wrong."""
         try:
             _check_attachments(request)
             self._answer(request, service)
@@ -269,6 +345,11 @@ class ZmqIntake:
             self._error(request, error)
         except JobFailure as failure:
             self._error(request, ProtocolError.from_job_error(failure.error, request.id))
+        except Exception:  # a request from the network must not end the tick
+            log.error("zmq_request_failed", op=str(request.op), request=request.id,
+                      exc_info=True)
+            self._error(request, ProtocolError(WireCode.INTERNAL, "the request could not be "
+                                               "handled (an internal error; it is logged)"))
 
     def _answer(self, request: Request, service: Service) -> None:
         match request.op:
@@ -282,25 +363,26 @@ class ZmqIntake:
             case Op.SYNTHESIZE:
                 self._synthesize(request, service)
             case Op.SUBMIT:
-                self._check_capacity(request, service)
+                identity = self._admit(request, service)
                 job = service.submit(request.fields(), new_job_id(),
-                                     request.attachments[0] if request.attachments else None)
+                                     request.attachments[0] if request.attachments else None,
+                                     identity)
                 self._reply(request, "accepted", job=job.id)
             case Op.STATUS:
                 job_id = _job_field(request)
-                status = service.job_status(job_id)
+                status = service.job_status(job_id, self._identity(request, service))
                 if status is None:
                     raise ProtocolError(WireCode.NOT_FOUND, f"job: no job {job_id!r} is known",
                                         request.id, "job")
                 self._reply(request, "status", job=job_id, **status)
             case Op.CANCEL:
                 job_id = _job_field(request)
-                if not service.cancel(job_id):
+                if not service.cancel(job_id, self._identity(request, service)):
                     raise ProtocolError(WireCode.NOT_FOUND, f"job: {job_id!r} is not queued "
                                         "or running", request.id, "job")
                 self._reply(request, "cancelled", job=job_id)
             case Op.STATS:
-                self._reply(request, "stats", **service.stats())
+                self._reply(request, "stats", **service.stats(self._identity(request, service)))
 
     def _voice_op(self, request: Request, service: Service) -> None:
         fields = request.fields()
@@ -318,10 +400,24 @@ class ZmqIntake:
                                        request.attachments[0])
         self._reply(request, "voice_registered", voice=_voice(voice))
 
-    def _check_capacity(self, request: Request, service: Service) -> None:
-        if service.queue_full():
-            raise ProtocolError(WireCode.BUSY, "the queue is full (zmq.max_pending); retry "
-                                "later", request.id)
+    def _identity(self, request: Request, service: Service) -> Identity:
+        """A CURVE key is one client on every connection; without CURVE, each connection
+        (its routing id) is an anonymous client. The admin token makes either an admin."""
+        if request.user:
+            identity = clients.keyed("curve", request.user)
+        else:
+            identity = clients.anonymous(f"zmq:{request.client.hex()}")
+        if service.is_admin_token(request.header.get("admin")):
+            identity = replace(identity, admin=True)
+        return identity
+
+    def _admit(self, request: Request, service: Service) -> Identity:
+        """The same admission as every intake's."""
+        identity = self._identity(request, service)
+        refusal = service.refusal(identity)
+        if refusal is not None:
+            raise ProtocolError.from_job_error(refusal, request.id)
+        return identity
 
     def _synthesize(self, request: Request, service: Service) -> None:
         fields = request.fields()
@@ -332,16 +428,23 @@ class ZmqIntake:
         if stream and not request.can_stream:
             raise ProtocolError(WireCode.UNSUPPORTED, "stream: streaming needs a DEALER "
                                 "socket; a REQ socket takes one reply", request.id, "stream")
-        self._check_capacity(request, service)
         in_flight = len(self.jobs_of(request.client))
         if in_flight >= self.settings.max_pending_per_client:
             raise ProtocolError(WireCode.BUSY, f"{in_flight} requests of this client are in "
                                 "flight (zmq.max_pending_per_client)", request.id)
+        identity = self._admit(request, service)
+        voice = fields.get("voice")
+        if isinstance(voice, str) and service.voices and \
+                voice not in voice_names(service.voices):
+            # As HTTP and Wyoming answer a reply's unknown voice: up front. (A `submit` is a
+            # spool job: like a dropped file, it ends in failed/ with the same code.)
+            raise unknown_voice(voice, service.voices)
         job_id = new_job_id()
         job = build_job(fields, job_id=job_id, source=SOURCE, origin=job_id,
-                        default_output=job_id, limits=self._limits,
+                        default_output=job_id, limits=self._limits(),
                         known=SYNTHESIZE_FIELDS,
                         formats=REPLY_FORMATS, sink=SINK_REPLY, stream=stream)
+        job = replace(job, owner=identity.owner, share=identity.share)
         if request.attachments:
             job = replace(job, prompt_audio=service.keep_prompt(job_id, request.attachments[0]))
         self._routes[job.id] = _Route(request.route, request.id)
@@ -366,20 +469,27 @@ class ZmqIntake:
         self._job_event(job, "chunk", audio.to_pcm16(samples).tobytes(), seq=seq)
 
     def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
-                timings: dict[str, float]) -> str:
+                timings: dict[str, float]) -> str | Deferred:
         served: dict[str, Any] = {"served_by": result.served_by} if result.served_by else {}
         if job.stream:
             self._job_event(job, "end", audio_s=round(result.audio_s, 4),
                             synth_s=round(result.synth_s, 4),
                             first_chunk_s=round(result.first_chunk_s, 4), cached=result.cached,
                             **served)
-        else:
-            self._job_event(job, "result", audio.encode(samples, result.sample_rate, job.format),
-                            format=job.format, sample_rate=result.sample_rate,
-                            audio_s=round(result.audio_s, 4), synth_s=round(result.synth_s, 4),
-                            voice=result.voice, cached=result.cached, **served)
-        self._routes.pop(job.id, None)
-        return f"reply:{job.id}"
+            self._routes.pop(job.id, None)
+            return f"reply:{job.id}"
+
+        def publish(data: bytes) -> str:  # once the encoder process has made the file
+            self._job_event(job, "result", data, format=job.format,
+                            sample_rate=result.sample_rate, audio_s=round(result.audio_s, 4),
+                            synth_s=round(result.synth_s, 4), voice=result.voice,
+                            cached=result.cached, **served)
+            self._routes.pop(job.id, None)
+            return f"reply:{job.id}"
+
+        if job.format == PCM_FORMAT:  # numpy only: nothing native to keep apart
+            return publish(audio.to_pcm16(samples).tobytes())
+        return Deferred(samples, result.sample_rate, job.format, publish)
 
     def fail_job(self, job: Job, error: JobError) -> str:
         failure = ProtocolError.from_job_error(error, None)
@@ -390,6 +500,15 @@ class ZmqIntake:
     def cancelled(self, job: Job) -> None:
         self._job_event(job, "cancelled")
         self._routes.pop(job.id, None)
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The CURVE public key (Z85) that ZAP authenticated this message's sender with."""
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:  # no metadata: not a CURVE connection
+        return None
+    return user if isinstance(user, str) and user else None
 
 
 def _voice(voice: VoiceInfo) -> dict[str, Any]:

@@ -1,0 +1,135 @@
+"""Who is asking: one identity per client, whichever intake it came by, and the limits that
+keep clients apart. Pure: no sockets, no processes, the clock passed in.
+
+- `owner`: who may see (`status`) and cancel a job. An API key, a CURVE public key, or,
+  for anonymous clients, the connection. Another owner's job answers `not_found`; an
+  admin (an admin API key, or a local `cosyvoicectl` holding the daemon's admin token)
+  may act on every job.
+- `client`: whose requests in flight count against the intake's max_pending_per_client.
+- `share`: whose turn it is in the scheduler (scheduler.py). Every anonymous client is in
+  one share, `anonymous`, whose queued jobs are bounded as a class (`anonymous_room`): a
+  flood of unauthenticated connections cannot fill the queue for those with keys.
+- `name`: how it is named in logs and metrics (a key's name; never a secret).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ANONYMOUS = "anonymous"
+INBOX = "inbox"  # the drop folder: whoever can write to it is trusted like a local admin
+ANONYMOUS_QUEUE_PART = 2  # anonymous clients may fill 1/2 of the queue's places
+
+
+@dataclass(frozen=True)
+class Identity:
+    owner: str
+    client: str
+    share: str = ANONYMOUS
+    admin: bool = False
+    name: str = ANONYMOUS
+
+    @property
+    def anonymous(self) -> bool:
+        return self.share == ANONYMOUS
+
+    def may_see(self, owner: str) -> bool:
+        """May this client see or cancel a job of `owner`?"""
+        return self.admin or (bool(owner) and owner == self.owner)
+
+
+def keyed(kind: str, name: str, *, admin: bool = False) -> Identity:
+    """A client that proved who it is (an API key's name, a CURVE key): one identity, on
+    every connection."""
+    who = f"{kind}:{name}"
+    return Identity(owner=who, client=who, share=who, admin=admin, name=name)
+
+
+def anonymous(connection: str, client: str | None = None) -> Identity:
+    """A client that did not say who it is: it owns what it asked on `connection`, and its
+    in-flight requests count under `client` (e.g. its address) when given."""
+    return Identity(owner=connection, client=client or connection)
+
+
+def drop_folder() -> Identity:
+    return Identity(owner=INBOX, client=INBOX, share=INBOX, admin=True, name=INBOX)
+
+
+LOCAL_ADMIN = Identity(owner="admin", client="admin", share="admin", admin=True, name="admin")
+
+
+def anonymous_room(max_pending: int) -> int:
+    """How many unstarted jobs anonymous clients may hold together."""
+    return max(1, max_pending // ANONYMOUS_QUEUE_PART)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Requests and characters per minute (0: no limit)."""
+
+    requests_per_minute: float = 0.0
+    chars_per_minute: float = 0.0
+
+    @property
+    def limited(self) -> bool:
+        return self.requests_per_minute > 0 or self.chars_per_minute > 0
+
+
+@dataclass
+class _Bucket:
+    """A token bucket, full at the start: `capacity` tokens, refilled at capacity/60 s."""
+
+    capacity: float
+    tokens: float
+    at: float
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.capacity / 60)
+        self.at = now
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until `amount` tokens are there (0: now). More than a minute's worth
+        is never there: it may go once the bucket is full."""
+        missing = min(amount, self.capacity) - self.tokens
+        return 0.0 if missing <= 0 else missing * 60 / self.capacity
+
+
+@dataclass
+class RateLimiter:
+    """Token buckets per client; `take` says how long to wait, or takes and says 0."""
+
+    buckets: dict[tuple[str, str], _Bucket] = field(default_factory=dict)
+
+    def _bucket(self, client: str, kind: str, capacity: float, now: float) -> _Bucket:
+        bucket = self.buckets.get((client, kind))
+        if bucket is None or bucket.capacity != capacity:  # new, or the limit changed
+            bucket = _Bucket(capacity, capacity, now)
+            self.buckets[client, kind] = bucket
+        bucket.refill(now)
+        return bucket
+
+    def take(self, client: str, limit: RateLimit, chars: int, now: float) -> float:
+        """0.0 and the request is counted; else the seconds after which it would pass."""
+        wanted = [(self._bucket(client, kind, capacity, now), amount)
+                  for kind, capacity, amount in (("requests", limit.requests_per_minute, 1),
+                                                 ("chars", limit.chars_per_minute, chars))
+                  if capacity > 0]
+        wait = max((bucket.wait_for(amount) for bucket, amount in wanted), default=0.0)
+        if wait > 0:
+            return wait
+        for bucket, amount in wanted:
+            bucket.tokens -= min(amount, bucket.capacity)
+        return 0.0
+
+    def forget_idle(self, now: float) -> None:
+        """Full buckets hold nothing worth keeping: bounded by active clients."""
+        for key, bucket in list(self.buckets.items()):
+            bucket.refill(now)
+            if bucket.tokens >= bucket.capacity:
+                del self.buckets[key]
+
+
+def retry_after_s(wait_s: float) -> int:
+    """Retry-After is whole seconds, at least 1."""
+    return max(1, math.ceil(wait_s))

@@ -1,0 +1,184 @@
+"""Connection limits for the aiohttp listeners (the HTTP intake, the metrics endpoint):
+nginx's `client_header_timeout`, `keepalive_timeout` and `limit_conn`.
+
+aiohttp bounds a request's size and closes a connection that idles between requests (its
+`keepalive_timeout`; only its newest releases also close a fresh connection that never
+sends). It does not bound how long a request's line and headers may take to arrive, nor how
+many connections are open. These live here, in the protocol each connection gets
+(`_GuardedHandler`, aiohttp's `RequestHandler` with three checks added); `listen` accepts
+connections with it, in place of aiohttp's own `TCPSite`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from cosyvoiced import logs
+
+THROTTLE_INTERVAL_S = 10.0  # a repeated warning is logged at most this often, with a count
+# aiohttp reads a body nobody asked for this long after the response, so the client sees
+# the response before its unread bytes make our close a reset; then the connection closes.
+LINGER_S = 2.0
+REFUSAL_CODE = "too_many_connections"
+RETRY_AFTER_S = 1
+
+log = logs.get_logger("cosyvoiced.intake.limits")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    header_timeout_s: float  # from a request's first byte to its last header
+    idle_timeout_s: float  # with no request in hand: fresh, or kept alive after a response
+    max_connections: int  # open at once; one more is answered 503 and closed
+
+
+class Throttled:
+    """One warning that may repeat very often (an attack, a full file table): logged at most
+    once per interval, with how many times it happened since the last line. Used on the
+    loop's thread only."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, event: str,
+                 interval_s: float = THROTTLE_INTERVAL_S, **fields: Any) -> None:
+        self._loop = loop
+        self._event = event
+        self._interval_s = interval_s
+        self._fields = fields
+        self._count = 0
+        self._latest: dict[str, Any] = {}
+        self._next_at = 0.0
+        self._pending: asyncio.TimerHandle | None = None
+
+    def count(self, **latest: Any) -> None:
+        """One more; `latest` (e.g. the error) goes into the next line."""
+        self._count += 1
+        self._latest = latest
+        if self._pending is None:
+            delay = max(0.0, self._next_at - self._loop.time())
+            self._pending = self._loop.call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        self._pending = None
+        log.warning(self._event, count=self._count, **self._fields, **self._latest)
+        self._count = 0
+        self._next_at = self._loop.time() + self._interval_s
+
+
+def _refusal(name: str, limit: int) -> bytes:
+    """The whole 503 response for a connection over the cap, written without reading."""
+    body = json.dumps({"error": {
+        "message": f"{limit} connections are open ({name} max_connections); retry later",
+        "type": "server_error", "param": None, "code": REFUSAL_CODE}}).encode()
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Retry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+class _Listener:
+    """What the connections of one listening socket share: how many are open, and the
+    counted log lines of those refused or cut off."""
+
+    def __init__(self, name: str, limits: ConnectionLimits,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.limits = limits
+        self.open = 0
+        self.refusal = _refusal(name, limits.max_connections)
+        self.refused = Throttled(loop, "connections_refused", listener=name,
+                                 max_connections=limits.max_connections)
+        self.too_slow = Throttled(loop, "header_timeout", listener=name,
+                                  header_timeout_s=limits.header_timeout_s)
+
+
+class _GuardedHandler(web.RequestHandler):
+    """aiohttp's connection protocol, with a cap on open connections, a deadline for the
+    first byte of a fresh connection, and one for each request's line and headers
+    (slowloris), counted from its first byte.
+
+    It reads one piece of aiohttp's state: `_waiter` is pending while the connection waits
+    for a request to be parsed (aiohttp's own keep-alive check reads it the same way)."""
+
+    def __init__(self, manager: web.Server, listener: _Listener, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._listener = listener
+        self._refused = False
+        self._first_byte_deadline: asyncio.TimerHandle | None = None
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        listener = self._listener
+        if listener.open >= listener.limits.max_connections:
+            self._refused = True
+            listener.refused.count()
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(listener.refusal)
+            transport.close()  # after the refusal is written
+            return
+        listener.open += 1
+        super().connection_made(transport)
+        self._first_byte_deadline = self._loop.call_later(listener.limits.idle_timeout_s,
+                                                          self._silent_too_long)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused:
+            return
+        self._listener.open -= 1
+        self._stop_first_byte_clock()
+        self._stop_header_clock()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._stop_first_byte_clock()
+        super().data_received(data)
+        if not self._awaiting_request():
+            self._stop_header_clock()  # a whole request came, or this was its body
+        elif data and self._header_deadline is None:
+            self._header_deadline = self._loop.call_later(
+                self._listener.limits.header_timeout_s, self._headers_too_slow)
+
+    def _awaiting_request(self) -> bool:
+        return self._waiter is not None and not self._waiter.done()
+
+    def _stop_first_byte_clock(self) -> None:
+        if self._first_byte_deadline is not None:
+            self._first_byte_deadline.cancel()
+            self._first_byte_deadline = None
+
+    def _silent_too_long(self) -> None:
+        self._first_byte_deadline = None
+        if self.transport is not None:
+            self.force_close()
+
+    def _stop_header_clock(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self._awaiting_request() and self.transport is not None:
+            self._listener.too_slow.count()
+            self.force_close()
+
+
+async def listen(runner: web.AppRunner, host: str, port: int, limits: ConnectionLimits,
+                 name: str) -> asyncio.AbstractServer:
+    """Accept connections for `runner` (set up) on host:port, each held to `limits`. Close
+    the returned server before `runner.cleanup()`, which ends the connections."""
+    server = runner.server
+    assert server is not None, "the runner is set up first"
+    loop = asyncio.get_running_loop()
+    listener = _Listener(name, limits, loop)
+
+    def connection() -> web.RequestHandler:
+        return _GuardedHandler(server, listener, loop=loop, access_log=None,
+                               keepalive_timeout=limits.idle_timeout_s,
+                               lingering_time=LINGER_S)
+
+    return await loop.create_server(connection, host, port, reuse_address=True)

@@ -1,0 +1,205 @@
+"""Clients kept apart: jobs belong to who made them, every client gets its turn, anonymous
+clients share one bounded class, and API keys have rate limits and usage figures. Real
+daemon, real clients (`openai`, `wyoming`, the ZeroMQ Client)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from wyoming.client import AsyncTcpClient
+from wyoming.tts import SynthesizeChunk, SynthesizeStart
+
+from cosyvoiced import config
+from cosyvoiced.client import Client, DaemonError
+from tests.conftest import DaemonFactory
+from tests.daemon import Daemon, free_port, wait_until
+
+FAULTY = "tests.engines.faulty:load"
+ALICE, BOB, CAROL, ROOT = "sk-alice-0001", "sk-bob-0002", "sk-carol-0003", "sk-root-0004"
+
+
+def _keyed_daemon(make_daemon: DaemonFactory, tmp_path: Path, max_pending_per_client: int = 64,
+                  **sections: dict[str, Any]) -> Daemon:
+    keys = tmp_path / "api_keys"
+    keys.write_text(f"alice {ALICE}\nbob {BOB}\ncarol {CAROL}\nroot {ROOT}\n")
+    daemon = make_daemon(engine={"name": FAULTY},
+                         http={"listen": f"127.0.0.1:{free_port()}", "api_keys_file": str(keys),
+                               "rate_limit": 2,
+                               "max_pending_per_client": max_pending_per_client},
+                         http__keys__bob={"rate_limit": 0},
+                         http__keys__carol={"rate_limit": 0, "chars_per_minute": 30},
+                         http__keys__root={"admin": True, "rate_limit": 0},
+                         metrics={"listen": f"127.0.0.1:{free_port()}"}, **sections)
+    daemon.start()
+    return daemon
+
+
+def _openai(daemon: Daemon, key: str) -> openai.OpenAI:
+    listen = config.load(daemon.config_path).http.listen
+    return openai.OpenAI(base_url=f"http://{listen}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _speak(client: openai.OpenAI, text: str) -> bytes:
+    return client.audio.speech.create(model="tts-1", voice="tone", input=text,
+                                      response_format="pcm").content
+
+
+def _metric(daemon: Daemon, line_start: str) -> float:
+    listen = config.load(daemon.config_path).metrics.listen
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(line_start)]
+    return sum(values)
+
+
+def test_a_key_over_its_rate_gets_429_rate_limit_exceeded_with_retry_after(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    daemon = _keyed_daemon(make_daemon, tmp_path)
+    with _openai(daemon, ALICE) as alice, _openai(daemon, BOB) as bob, \
+            _openai(daemon, CAROL) as carol:
+        assert _speak(alice, "One.")
+        assert _speak(alice, "Two.")
+        with pytest.raises(openai.RateLimitError) as refused:
+            _speak(alice, "Three.")
+        assert refused.value.code == "rate_limit_exceeded"
+        retry_after = int(refused.value.response.headers["Retry-After"])
+        assert 1 <= retry_after <= 30  # 2 a minute: the next one in about 30 s
+        for n in range(4):  # bob's own table: no limit, whatever alice did
+            assert _speak(bob, f"Bob speaks {n}.")
+        assert _speak(carol, "Twenty characters ok.")  # 21 of her 30 a minute
+        with pytest.raises(openai.RateLimitError) as too_much:
+            _speak(carol, "Another twenty chars.")
+        assert "30 characters per minute" in str(too_much.value)
+    # Usage per key: characters served, and seconds of audio (50 ms per character).
+    assert _metric(daemon, 'cosyvoiced_client_characters_total{client="key:bob"}') == \
+        sum(len(f"Bob speaks {n}.") for n in range(4))
+    assert _metric(daemon, 'cosyvoiced_client_audio_seconds_total{client="key:alice"}') == \
+        pytest.approx(0.05 * len("One.Two."), rel=0.05)
+    assert [e["client"] for e in daemon.log_events("rate_limited")] == ["alice", "carol"]
+
+
+def test_jobs_belong_to_who_made_them(make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """Another client's job is as if unknown: `status` and `cancel` answer not_found, and
+    `stats` names none of its ids; an admin (the local admin token) may act on all."""
+    daemon = _keyed_daemon(make_daemon, tmp_path)
+    with Client(daemon.endpoint, timeout_s=30) as owner, \
+            Client(daemon.endpoint, timeout_s=30) as stranger, \
+            Client(daemon.endpoint, timeout_s=30, admin_token=daemon.admin_token()) as admin:
+        job = owner.submit("SLOW@3 A long job of mine.")
+        wait_until(lambda: owner.status(job)["state"] == "running", 30, "the job to start")
+        for ask in (stranger.status, stranger.cancel):
+            with pytest.raises(DaemonError) as refused:
+                ask(job)
+            assert refused.value.code == "not_found"
+        assert job not in str(stranger.stats())
+        assert job in admin.stats()["running"]
+        assert admin.status(job)["state"] == "running"
+        assert job in owner.stats()["running"]
+        assert admin.cancel(job)["event"] == "cancelled"
+        # An HTTP download is safe from ZeroMQ clients that see the running ids.
+        text = "SLOW@2 An HTTP download that nobody else may cut short."
+        heard: list[bytes] = []
+        speaking = threading.Thread(target=lambda: heard.append(
+            _speak(_openai(daemon, BOB), text)))
+        speaking.start()
+        http_job = wait_until(lambda: admin.stats()["running"], 30, "the HTTP job to start")[0]
+        with pytest.raises(DaemonError) as refused:
+            stranger.cancel(http_job)
+        assert refused.value.code == "not_found"
+        speaking.join(60)
+        expected_s = 0.05 * len(text)  # the tone engine: 50 ms a character, whole
+        assert len(heard[0]) / 2 / 24000 == pytest.approx(expected_s, rel=0.01)
+
+
+async def _flood(daemon: Daemon, connections: int, jobs_each: int) -> list[AsyncTcpClient]:
+    """Anonymous Wyoming clients that stream in `jobs_each` slow sentences each (every
+    sentence becomes a job at once), and never read their audio."""
+    host, port = config.load(daemon.config_path).wyoming.listen.rsplit("/", 1)[1].split(":")
+    clients = [AsyncTcpClient(host, int(port)) for _ in range(connections)]
+    for client in clients:
+        await client.connect()
+        await client.write_event(SynthesizeStart().event())
+        for n in range(jobs_each):
+            await client.write_event(SynthesizeChunk(text=f"SLOW@0.2 anonymous {n}. ").event())
+    return clients
+
+
+def test_a_key_is_served_promptly_while_anonymous_clients_flood_the_queue(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    daemon = _keyed_daemon(make_daemon, tmp_path,
+                           wyoming={"listen": f"tcp://127.0.0.1:{free_port()}"},
+                           zmq={"max_pending": 64})
+    loop = asyncio.new_event_loop()
+    clients = loop.run_until_complete(_flood(daemon, connections=6, jobs_each=16))  # 96 jobs
+    try:
+        wait_until(lambda: len(daemon.log_events("request_refused")) >= 96 - 32 - 8, 30,
+                   "anonymous requests refused once their half of the queue is taken")
+        refused = daemon.log_events("request_refused")
+        assert all("anonymous clients" in e["message"] for e in refused), refused[0]
+        before = len(daemon.log_events("job"))
+        assert _speak(_openai(daemon, BOB), "A client with a key.")
+        ended = [e["source"] for e in daemon.log_events("job")[before:]]
+        # Served after at most the anonymous jobs in hand or next in turn, not after the
+        # 30 or so that were queued before it.
+        anonymous_first = ended.index("http")
+        assert anonymous_first <= 3, f"{anonymous_first} anonymous jobs went first"
+        assert len(daemon.log_events("job")) < 20, "the flood was still queued"
+    finally:
+        for client in clients:
+            loop.run_until_complete(client.disconnect())
+        loop.close()
+
+
+def _request_and_never_read(listen: str, key: str, text: str) -> socket.socket:
+    host, port = listen.rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    body = json.dumps({"model": "tts-1", "voice": "tone", "input": text,
+                       "response_format": "pcm"}).encode()
+    sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nAuthorization: Bearer " + key.encode() +
+                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def test_cache_hits_a_client_does_not_read_still_count_as_in_flight(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """A cached result is made at once, but it is in flight (and in our memory) until the
+    client has read it: a client that never reads cannot pile up whole results."""
+    daemon = _keyed_daemon(make_daemon, tmp_path, max_pending_per_client=3,
+                           cache={"max_bytes": "256MiB"}, spool={"max_text_chars": 4000})
+    listen = config.load(daemon.config_path).http.listen
+    text = " ".join(["A cached answer that takes a while to play."] * 60)  # ~130 s of audio
+    with _openai(daemon, BOB) as bob:
+        assert _speak(bob, text)  # now in the cache
+        held = [_request_and_never_read(listen, BOB, text) for _ in range(3)]
+        try:
+            wait_until(lambda: len([e for e in daemon.log_events("job")
+                                    if e.get("cached")]) >= 3, 30, "three cache hits")
+            with pytest.raises(openai.RateLimitError) as refused:
+                _speak(bob, "One more.")
+            assert refused.value.code == "busy"
+            assert "in flight" in str(refused.value)
+            assert refused.value.response.headers["Retry-After"]
+        finally:
+            for sock in held:
+                sock.close()
+        # Once they are gone, the key may ask again.
+        wait_until(lambda: _try_speak(bob, "One more."), 60, "the key's places back")
+
+
+def _try_speak(client: openai.OpenAI, text: str) -> bool:
+    try:
+        return bool(_speak(client, text))
+    except openai.RateLimitError:
+        return False

@@ -1,0 +1,111 @@
+"""Native codecs never run in the supervisor: a result that used to crash libsndfile in the
+daemon's own process (one long Ogg Vorbis write) is made in the encoder process, in
+blocks, and an encoder that dies costs one job at most, never the service."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+
+import httpx2  # the `openai` client's HTTP library
+import openai
+import pytest
+import soundfile
+
+from cosyvoiced import config
+from cosyvoiced.client import Client
+from tests.conftest import DaemonFactory
+from tests.daemon import Daemon, free_port, wait_until
+
+FAULTY = "tests.engines.faulty:load"
+SECONDS_PER_CHAR = 0.05  # the tone engine's
+LONG = " ".join(["A long paragraph that goes on and on for the Ogg encoder."] * 44)  # 2.5 k
+
+
+def _tone_daemon(make_daemon: DaemonFactory) -> Daemon:
+    daemon = make_daemon(engine={"name": FAULTY}, spool={"max_text_chars": 20_000})
+    daemon.start()
+    return daemon
+
+
+def test_a_long_ogg_result_is_written_and_the_daemon_lives(
+        make_daemon: DaemonFactory) -> None:
+    """2,500 characters as Ogg: the drop folder and a ZeroMQ reply (this killed the
+    supervisor with SIGSEGV, and again at every restart, when it encoded in-process)."""
+    daemon = _tone_daemon(make_daemon)
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    daemon.drop_job("long", text=LONG, format="ogg")
+    record = daemon.wait_done("long.json", timeout_s=120)
+    samples, rate = soundfile.read(daemon.outbox / record["file"], dtype="float32")
+    assert rate == 22050
+    spoken = len(LONG.replace(". ", "."))  # the tone engine drops the space between
+    assert abs(len(samples) / rate - SECONDS_PER_CHAR * spoken) < 0.1
+    assert samples.std() > 0.1
+    with Client(daemon.endpoint, timeout_s=120) as client:
+        result = client.synthesize(LONG, format="ogg")
+    assert result.header["format"] == "ogg"
+    assert result.audio[:4] == b"OggS"
+    assert daemon.process.poll() is None
+    assert daemon.process.pid == pid
+
+
+def test_an_encoder_that_dies_twice_on_a_file_fails_its_job_and_nothing_else(
+        make_daemon: DaemonFactory) -> None:
+    daemon = _tone_daemon(make_daemon)
+    killed: set[int] = set()
+
+    def kill_each_new_encoder() -> bool:
+        """Kill every encoder process as it starts; done once the job has an outcome."""
+        for event in daemon.log_events("encoder_started"):
+            if event["pid"] not in killed and len(killed) < 10:
+                killed.add(event["pid"])
+                os.kill(event["pid"], signal.SIGKILL)
+        return daemon.outcome("doomed.json") is not None
+
+    daemon.drop_job("doomed", text=LONG, format="flac")
+    wait_until(kill_each_new_encoder, 120, "the doomed job to end")
+    record = daemon.wait_failed("doomed.json")
+    assert record["code"] == "encode_failed"
+    assert "died 2 times" in record["message"]
+    lost = [e for e in daemon.log_events("encoder_lost") if e.get("key")]
+    assert len(lost) == 2
+    # The daemon lives, and the next job (the encoder is back) is served.
+    assert daemon.process is not None
+    assert daemon.process.poll() is None
+    daemon.drop_job("after", text="A short one after.", format="ogg")
+    daemon.wait_done("after.json")
+
+
+def test_an_http_stream_whose_encoder_dies_ends_as_an_error_and_the_next_one_plays(
+        make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(engine={"name": FAULTY}, spool={"max_text_chars": 20_000},
+                         http={"listen": f"127.0.0.1:{free_port()}"})
+    daemon.start()
+    listen = config.load(daemon.config_path).http.listen
+    text = " ".join(f"SLOW@0.3 Sentence {n} of a streamed answer." for n in range(20))
+    with openai.OpenAI(base_url=f"http://{listen}/v1", api_key="none", max_retries=0,
+                       timeout=60) as client:
+        # A body cut short, without its last chunk: the client reports it as an error.
+        with pytest.raises(httpx2.RemoteProtocolError, match="incomplete chunked read"):
+            _kill_the_encoder_while_streaming(daemon, client, text)
+        failed = wait_until(lambda: daemon.log_events("encode_failed"), 30, "encode_failed")
+        assert failed[0]["source"] == "http"
+        wait_until(lambda: [e for e in daemon.log_events("job") if e["outcome"] == "cancelled"],
+                   30, "the job to be cancelled: its audio can no longer be sent")
+        wait_until(lambda: len(daemon.log_events("encoder_started")) == 2, 30, "a new encoder")
+        played = client.audio.speech.create(model="tts-1", voice="tone", input="Again.",
+                                            response_format="mp3")
+    samples, rate = soundfile.read(io.BytesIO(played.content), dtype="float32")
+    assert abs(len(samples) / rate - SECONDS_PER_CHAR * len("Again.")) < 0.15
+    assert daemon.process is not None
+    assert daemon.process.poll() is None
+
+
+def _kill_the_encoder_while_streaming(daemon: Daemon, client: openai.OpenAI, text: str) -> None:
+    with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="tone", input=text, response_format="mp3") as reply:
+        for _bytes in reply.iter_bytes(1024):
+            pid = daemon.log_events("encoder_started")[-1]["pid"]
+            os.kill(pid, signal.SIGKILL)  # while the stream is open in it

@@ -1,0 +1,352 @@
+"""The Wyoming intake against hostile or careless clients: silent and slow connections,
+too many of them, too many requests at once, events the handler cannot use, and clients
+that never read what they asked for (their audio must not stay in the daemon's memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event, async_read_event
+from wyoming.ping import Ping
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
+
+from cosyvoiced import config
+from cosyvoiced.config import WyomingConfig
+from cosyvoiced.intake import wyoming as wyoming_intake
+from cosyvoiced.intake.reply import Released, Submission
+from tests.daemon import Daemon, free_port, wait_until
+
+TONE = {"name": "tests.engines.faulty:load"}
+IDLE_TIMEOUT_S = 4.0
+READ_TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 3
+MAX_PENDING_PER_CLIENT = 2
+WAIT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    running = Daemon(tmp_path_factory.mktemp("hostile-wyoming"), engine=TONE,
+                     wyoming={"listen": f"tcp://127.0.0.1:{free_port()}",
+                              "idle_timeout_s": IDLE_TIMEOUT_S,
+                              "read_timeout_s": READ_TIMEOUT_S,
+                              "max_connections": MAX_CONNECTIONS,
+                              "max_pending_per_client": MAX_PENDING_PER_CLIENT})
+    running.start()
+    yield running
+    running.stop()
+
+
+def _address(daemon: Daemon) -> tuple[str, int]:
+    host, port = config.load(daemon.config_path).wyoming.listen.rsplit("/", 1)[1].split(":")
+    return host, int(port)
+
+
+async def _read(client: AsyncTcpClient, timeout_s: float = WAIT_S) -> Event | None:
+    return await asyncio.wait_for(client.read_event(), timeout_s)
+
+
+async def _error_then_closed(client: AsyncTcpClient) -> Error:
+    event = await _read(client)
+    assert event is not None, "expected an error; the connection was closed"
+    assert Error.is_type(event.type), f"expected an error: {event}"
+    assert await _read(client) is None, "the connection is closed after the error"
+    return Error.from_event(event)
+
+
+async def _send_raw(client: AsyncTcpClient, raw: bytes) -> None:
+    assert client._writer is not None  # bytes the library would never send
+    client._writer.write(raw)
+    await client._writer.drain()
+
+
+async def _closed_after(client: AsyncTcpClient) -> float:
+    """Seconds until the server closes the connection (events before that are skipped)."""
+    began = time.monotonic()
+    while await _read(client) is not None:
+        pass
+    return time.monotonic() - began
+
+
+# -- slow and silent clients ----------------------------------------------------------------
+def test_a_silent_connection_is_closed_after_the_idle_timeout(daemon: Daemon) -> None:
+    async def wait() -> float:
+        async with AsyncTcpClient(*_address(daemon)) as client:
+            return await _closed_after(client)
+
+    assert IDLE_TIMEOUT_S - 0.5 < asyncio.run(wait()) < IDLE_TIMEOUT_S + 3
+
+
+def test_a_client_that_keeps_talking_is_not_idle(daemon: Daemon) -> None:
+    async def talk() -> None:
+        async with AsyncTcpClient(*_address(daemon)) as client:
+            for _ in range(int(IDLE_TIMEOUT_S * 1.5)):
+                await client.write_event(Ping().event())
+                event = await _read(client)
+                assert event is not None
+                assert event.type == "pong"
+                await asyncio.sleep(1.0)
+
+    asyncio.run(talk())
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"type": "pi',  # a header line begun and never ended
+    b'{"type": "synthesize", "data_length": 40}\n{"text": ',  # data that stops coming
+], ids=["header", "data"])
+def test_an_event_that_stops_midway_is_closed_after_the_read_timeout(daemon: Daemon,
+                                                                     raw: bytes) -> None:
+    async def stall() -> tuple[float, Error]:
+        async with AsyncTcpClient(*_address(daemon)) as client:
+            await _send_raw(client, raw)
+            began = time.monotonic()
+            error = await _error_then_closed(client)
+            return time.monotonic() - began, error
+
+    elapsed, error = asyncio.run(stall())
+    assert elapsed < IDLE_TIMEOUT_S - 1, "closed by the read timeout, not the idle one"
+    assert error.code == "bad_request"
+    assert "wyoming.read_timeout_s" in error.text
+
+
+def test_a_client_that_stops_reading_is_closed_after_the_idle_timeout(daemon: Daemon) -> None:
+    async def stall() -> list[str]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # our audio backs up soon
+        sock.connect(_address(daemon))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(_event_bytes(Synthesize(LONG_TEXT).event()))
+        await writer.drain()
+        await asyncio.sleep(IDLE_TIMEOUT_S + 3)  # reading nothing
+        types = []
+        async with asyncio.timeout(WAIT_S):  # then what was sent before the server gave up
+            while (event := await async_read_event(reader)) is not None:
+                types.append(event.type)
+        writer.close()
+        return types
+
+    types = asyncio.run(stall())
+    assert types[0] == "audio-start"
+    assert "audio-stop" not in types, "the server waited for the client to read again"
+
+
+# -- how many, how much -----------------------------------------------------------------------
+def test_connections_over_max_connections_are_refused_at_once(daemon: Daemon) -> None:
+    async def crowd() -> None:
+        clients = [AsyncTcpClient(*_address(daemon)) for _ in range(MAX_CONNECTIONS)]
+        for client in clients:
+            await client.connect()
+            await client.write_event(Ping().event())
+            assert await _read(client) is not None  # served: it counts
+        async with AsyncTcpClient(*_address(daemon)) as extra:
+            assert (await _error_then_closed(extra)).code == "busy"
+        await clients.pop().disconnect()
+
+        async def served() -> bool:
+            async with AsyncTcpClient(*_address(daemon)) as late:
+                await late.write_event(Ping().event())
+                event = await _read(late)
+                return event is not None and event.type == "pong"
+
+        deadline = time.monotonic() + WAIT_S
+        while not await served():
+            assert time.monotonic() < deadline, "a slot was not freed"
+            await asyncio.sleep(0.1)
+        for client in clients:
+            await client.disconnect()
+
+    asyncio.run(crowd())
+
+
+def test_max_pending_per_client_is_the_setting(daemon: Daemon) -> None:
+    sentences = ["The first one is slow SLOW@2. ", "Second. ", "Third. ", "Fourth. "]
+
+    async def flood() -> list[Event]:
+        async with AsyncTcpClient(*_address(daemon)) as client:
+            await client.write_event(SynthesizeStart().event())
+            for sentence in sentences:
+                await client.write_event(SynthesizeChunk(sentence).event())
+            await client.write_event(SynthesizeStop().event())
+            events: list[Event] = []
+            while not events or events[-1].type != "synthesize-stopped":
+                event = await _read(client)
+                assert event is not None
+                events.append(event)
+            return events
+
+    events = asyncio.run(flood())
+    errors = [Error.from_event(e).code for e in events if Error.is_type(e.type)]
+    assert errors == ["busy"] * (len(sentences) - MAX_PENDING_PER_CLIENT)
+    assert [e.type for e in events].count("audio-stop") == MAX_PENDING_PER_CLIENT
+
+
+# -- events the handler cannot use ----------------------------------------------------------
+@pytest.mark.parametrize("raw", [
+    b'{"type": "synthesize", "data": {}}\n',
+    b'{"type": "synthesize", "data": {"text": "Hi.", "voice": "tone"}}\n',
+    b'{"type": "synthesize-start", "data": {"voice": 7}}\n',
+], ids=["no-text", "voice-not-an-object", "start-voice-not-an-object"])
+def test_a_synthesize_the_handler_cannot_use_gets_bad_request(daemon: Daemon,
+                                                              raw: bytes) -> None:
+    async def send() -> Error:
+        async with AsyncTcpClient(*_address(daemon)) as client:
+            await _send_raw(client, raw)
+            return await _error_then_closed(client)
+
+    assert asyncio.run(send()).code == "bad_request"
+
+
+@pytest.fixture
+def in_process() -> Iterator[tuple[wyoming_intake.WyomingIntake, tuple[str, int]]]:
+    """An intake with no supervisor behind it: submissions stay in its inbound queue."""
+    port = free_port()
+    intake = wyoming_intake.WyomingIntake(
+        lambda: WyomingConfig(listen=f"tcp://127.0.0.1:{port}"), lambda: None)
+    intake.start()
+    yield intake, ("127.0.0.1", port)
+    _bounded(intake.stop, 10.0)
+
+
+def _bounded(action: Callable[[], object], timeout_s: float) -> float:
+    began = time.monotonic()
+    worker = threading.Thread(target=action, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    assert not worker.is_alive(), f"still blocked after {timeout_s:g} s"
+    return time.monotonic() - began
+
+
+def test_an_error_while_handling_an_event_gets_internal(
+        in_process: tuple[wyoming_intake.WyomingIntake, tuple[str, int]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("a handler bug (a test double)")
+
+    monkeypatch.setattr(wyoming_intake, "Pong", broken)
+
+    async def ping() -> Error:
+        async with AsyncTcpClient(*in_process[1]) as client:
+            await client.write_event(Ping().event())
+            return await _error_then_closed(client)
+
+    assert asyncio.run(ping()).code == "internal"
+
+
+def test_stop_ends_a_connection_waiting_on_its_job_and_lets_the_job_go(
+        in_process: tuple[wyoming_intake.WyomingIntake, tuple[str, int]]) -> None:
+    intake, address = in_process
+    connected = threading.Event()
+    leave = threading.Event()
+
+    def client() -> None:
+        async def wait() -> None:
+            async with AsyncTcpClient(*address) as speaking:
+                await speaking.write_event(Synthesize("Never answered.").event())
+                connected.set()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(speaking.read_event(), WAIT_S)
+                leave.set()
+
+        asyncio.run(wait())
+
+    threading.Thread(target=client, daemon=True).start()
+    assert connected.wait(WAIT_S)
+    (submission,) = wait_until(lambda: list(intake.inbound()), WAIT_S, "the submission")
+    assert isinstance(submission, Submission)
+    assert _bounded(intake.stop, 10.0) < 5.0
+    assert leave.wait(WAIT_S), "the client saw its connection end"
+    released = [m for m in intake.inbound() if isinstance(m, Released)]
+    assert released == [Released(submission.job_id, gone=True)]
+
+
+# -- memory -----------------------------------------------------------------------------------
+LONG_TEXT = " ".join(f"Sentence {n} is long enough to give a few seconds of tone, and more, "
+                     "and more still." for n in range(70))  # about 290 s of tone
+NON_READERS = 20
+RSS_TOLERANCE = 64 << 20
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _settled_rss(pid: int) -> int:
+    """RSS once it stops changing (by 1 MiB in half a second)."""
+    readings = [_rss(pid)]
+
+    def settled() -> bool:
+        time.sleep(0.5)
+        readings.append(_rss(pid))
+        return abs(readings[-1] - readings[-2]) < 1 << 20
+
+    wait_until(settled, 30, "RSS to settle")
+    return readings[-1]
+
+
+def _done_jobs(daemon: Daemon) -> int:
+    return sum(1 for e in daemon.log_events("job") if e.get("source") == "wyoming")
+
+
+@pytest.mark.slow
+def test_clients_that_never_read_leave_no_memory_behind(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "d", engine=TONE, spool={"max_text_chars": 8000},
+                    wyoming={"listen": f"tcp://127.0.0.1:{free_port()}"})
+    try:
+        # A fixed mmap threshold (glibc's otherwise rises after the first big free) gives
+        # every audio buffer its own mapping, returned when freed: RSS then shows what is
+        # still referenced, not how the heap happens to be fragmented.
+        daemon.start(extra_env={"MALLOC_MMAP_THRESHOLD_": str(128 << 10)})
+        assert daemon.process is not None
+        pid = daemon.process.pid
+        asyncio.run(_non_readers(daemon, 2))  # warm up: allocator arenas, imports
+        wait_until(lambda: _done_jobs(daemon) >= 2, 60, "the warm-up jobs")
+        baseline = _settled_rss(pid)
+        asyncio.run(_non_readers(daemon, NON_READERS))
+        wait_until(lambda: _done_jobs(daemon) >= 2 + NON_READERS, 120, "the jobs to end")
+        wait_until(lambda: _rss(pid) < baseline + RSS_TOLERANCE, 20,
+                   f"RSS back near {baseline >> 20} MiB (it is {_rss(pid) >> 20} MiB)")
+    finally:
+        daemon.stop()
+
+
+async def _non_readers(daemon: Daemon, count: int) -> None:
+    """`count` clients ask for a long text, never read, wait for the job, then leave."""
+    writers: list[asyncio.StreamWriter] = []
+    before = _done_jobs(daemon)
+    for _ in range(count):
+        _reader, writer = await asyncio.open_connection(*_address(daemon))
+        writer.write(_event_bytes(Synthesize(LONG_TEXT).event()))
+        await writer.drain()
+        writers.append(writer)
+    deadline = time.monotonic() + 120
+    while _done_jobs(daemon) < before + count and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    for writer in writers:
+        writer.transport.abort()  # gone, without reading a byte of its audio
+
+
+def _event_bytes(event: Event) -> bytes:
+    """The event as the wire has it (the library's writer needs a connected client)."""
+    data = json.dumps(event.data).encode()
+    return json.dumps({"type": event.type, "data_length": len(data)}).encode() + b"\n" + data
+
+
+def test_the_example_config_documents_the_new_keys() -> None:
+    example = (Path(__file__).resolve().parent.parent / "etc" / "cosyvoiced.toml").read_text()
+    section = example.split("[wyoming]", 1)[1].split("\n[", 1)[0]
+    for line in ("idle_timeout_s = 60.0", "read_timeout_s = 10.0", "max_connections = 256",
+                 "max_pending_per_client = 16"):
+        assert f"\n{line}\n" in section

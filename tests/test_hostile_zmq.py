@@ -1,0 +1,225 @@
+"""The ZeroMQ intake against hostile peers: frames that once killed its socket thread, a
+thread that dies anyway (seen, and stopped without hanging), live limits, and peers that
+never finish their handshake."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import zmq
+
+from cosyvoiced import protocol
+from cosyvoiced.client import Client, DaemonError
+from cosyvoiced.config import ZmqConfig
+from cosyvoiced.intake import zmq as zmq_intake
+from cosyvoiced.jobspec import Limits
+from cosyvoiced.protocol import Op, Request
+from tests.conftest import DaemonFactory
+from tests.daemon import Daemon, wait_until
+
+TONE = {"name": "tests.engines.faulty:load"}
+DEEP_HEADER = b"[" * 30000 + b"]" * 30000
+# Python refuses to turn more than 4300 digits into an int: a ValueError, not a JSON error.
+HUGE_NUMBER = b'{"v": 1, "op": "ping", "id": "n", "n": ' + b"7" * 5000 + b"}"
+STOP_BOUND_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    running = Daemon(tmp_path_factory.mktemp("hostile-zmq"), engine=TONE)
+    running.start()
+    yield running
+    running.stop()
+
+
+def _raw_request(endpoint: str, frames: list[bytes], timeout_s: float = 10) -> dict[str, Any]:
+    """Send `frames` as they are from a DEALER; the header of the one reply."""
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(endpoint)
+        dealer.send_multipart(frames)
+        assert dealer.poll(int(timeout_s * 1000)), "no reply"
+        reply: dict[str, Any] = json.loads(dealer.recv_multipart()[0])
+        return reply
+    finally:
+        dealer.close(linger=0)
+
+
+@pytest.mark.parametrize("header", [DEEP_HEADER, HUGE_NUMBER], ids=["deep", "huge-number"])
+def test_a_header_json_cannot_parse_gets_bad_request_and_zmq_keeps_serving(
+        daemon: Daemon, header: bytes) -> None:
+    reply = _raw_request(daemon.endpoint, [header])
+    assert (reply["event"], reply["code"]) == ("error", "bad_request")
+    with Client(daemon.endpoint, timeout_s=10, retries=0) as client:
+        assert client.ping()["event"] == "pong"
+        assert client.synthesize("Still here.", format="pcm_s16le").audio
+
+
+def test_a_header_nested_too_deep_to_use_is_refused(daemon: Daemon) -> None:
+    """Deep enough to parse, too deep for later code to walk safely."""
+    header = b'{"v": 1, "op": "synthesize", "id": "d", "text": ' + b"[" * 500 + b"]" * 500 + b"}"
+    reply = _raw_request(daemon.endpoint, [header])
+    assert (reply["event"], reply["code"], reply["id"]) == ("error", "bad_request", None)
+    assert "nested" in reply["message"]
+
+
+# -- in-process: the intake object, its thread and its stop ---------------------------------
+@pytest.fixture
+def endpoint() -> Iterator[str]:
+    directory = tempfile.mkdtemp(prefix="cvd-")  # ipc:// paths are limited to 108 bytes
+    yield f"ipc://{directory}/zmq"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def intake(endpoint: str) -> Iterator[zmq_intake.ZmqIntake]:
+    started = zmq_intake.ZmqIntake(ZmqConfig(bind=[endpoint]), lambda: Limits(100, "wav"),
+                                   lambda: None)
+    started.start()
+    yield started
+    _bounded(started.stop, STOP_BOUND_S)
+
+
+def _bounded(action: Callable[[], object], timeout_s: float) -> float:
+    """Run `action` on a thread; fail (rather than hang the test) if it takes longer."""
+    began = time.monotonic()
+    worker = threading.Thread(target=action, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    assert not worker.is_alive(), f"still blocked after {timeout_s:g} s"
+    return time.monotonic() - began
+
+
+def _kill_socket_thread(intake: zmq_intake.ZmqIntake, endpoint: str,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the socket thread's next receive raise outside any one message's handling
+    (a test-only way in: nothing a peer sends may do this), then send it a message."""
+    thread = intake._thread
+    assert thread is not None
+
+    def broken() -> None:
+        raise RuntimeError("the socket thread broke (a test double)")
+
+    monkeypatch.setattr(thread, "_take_requests", broken)
+    with Client(endpoint, timeout_s=0.2, retries=0) as client:
+        client.send("ping", {})
+        wait_until(lambda: not thread.is_alive(), 10, "the socket thread to die")
+
+
+def test_failure_says_why_the_socket_thread_died(intake: zmq_intake.ZmqIntake, endpoint: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    assert intake.failure() is None
+    with structlog.testing.capture_logs() as logged:
+        _kill_socket_thread(intake, endpoint, monkeypatch)
+    failure = intake.failure()
+    assert failure is not None
+    assert "the socket thread broke" in failure
+    died = [entry for entry in logged if entry["event"] == "intake_thread_died"]
+    assert [(e["log_level"], e["intake"]) for e in died] == [("critical", "zmq")]
+
+
+def test_failure_is_none_before_start_and_after_a_clean_stop(endpoint: str) -> None:
+    intake = zmq_intake.ZmqIntake(ZmqConfig(bind=[endpoint]), lambda: Limits(100, "wav"),
+                                  lambda: None)
+    assert intake.failure() is None
+    intake.start()
+    assert intake.failure() is None
+    _bounded(intake.stop, STOP_BOUND_S)
+    assert intake.failure() is None
+
+
+class _Service:
+    ready = True
+    engine_name = "tone"
+
+
+def test_replies_and_stop_do_not_block_once_the_socket_thread_died(
+        intake: zmq_intake.ZmqIntake, endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _kill_socket_thread(intake, endpoint, monkeypatch)
+    ping = Request((b"peer",), "p", Op.PING, {"v": 1, "op": "ping", "id": "p"})
+    _bounded(lambda: intake.handle(ping, _Service()), 2.0)  # type: ignore[arg-type]
+    assert _bounded(intake.stop, STOP_BOUND_S) < 3.0
+
+
+def test_one_message_that_breaks_the_thread_gets_internal_and_the_thread_lives(
+        intake: zmq_intake.ZmqIntake, endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real_parse = protocol.parse
+
+    def parse_once_broken(*args: Any) -> Request:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a parser bug (a test double)")
+        return real_parse(*args)
+
+    monkeypatch.setattr(zmq_intake, "parse", parse_once_broken)
+    with structlog.testing.capture_logs() as logged:
+        reply = _raw_request(endpoint, [b'{"v": 1, "op": "ping", "id": "x"}'])
+    assert (reply["event"], reply["code"]) == ("error", "internal")
+    failed = [entry for entry in logged if entry["event"] == "zmq_message_failed"]
+    assert [entry["log_level"] for entry in failed] == ["error"]
+    assert intake._thread is not None
+    assert intake._thread.is_alive()
+    # The next request reaches the supervisor's side (nobody answers it in this test).
+    with Client(endpoint, timeout_s=0.2, retries=0) as client:
+        client.send("ping", {})
+        wait_until(lambda: list(intake.inbound()), 10, "the ping to be passed on")
+
+
+# -- limits follow a reload -----------------------------------------------------------------
+def test_text_limits_follow_a_reload(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(engine=TONE, spool={"max_text_chars": 100})
+    daemon.start()
+    text = "a" * 79 + "."
+    with Client(daemon.endpoint, timeout_s=30, retries=0) as client:
+        assert client.synthesize(text, format="pcm_s16le").audio
+        daemon.configure(engine=TONE, spool={"max_text_chars": 50})
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: daemon.log_events("reloaded"), 30, "the reload")
+        for op in (client.synthesize, client.submit):
+            with pytest.raises(DaemonError) as refused:
+                op(text)
+            assert refused.value.header["code"] == "too_long"
+    daemon.drop_job("dropped", text=text)
+    assert daemon.wait_failed("dropped.json")["code"] == "text_too_long"
+
+
+# -- handshakes -----------------------------------------------------------------------------
+def test_a_peer_that_never_finishes_its_handshake_is_dropped(
+        make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(engine=TONE, zmq={"handshake_timeout_s": 2.0})
+    daemon.start()
+    path = daemon.endpoint.removeprefix("ipc://")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+        peer.connect(path)  # and then says nothing
+        peer.settimeout(1.0)
+        began = time.monotonic()
+
+        def closed() -> bool:
+            try:
+                return peer.recv(4096) == b""  # the server's greeting first, then EOF
+            except TimeoutError:
+                return False
+
+        wait_until(closed, 8.0, "the server to drop the silent peer")
+        assert time.monotonic() - began < 8.0
+    with Client(daemon.endpoint, timeout_s=10, retries=0) as client:
+        assert client.ping()["event"] == "pong"
+
+
+def test_the_example_config_documents_the_new_keys() -> None:
+    example = (Path(__file__).resolve().parent.parent / "etc" / "cosyvoiced.toml").read_text()
+    zmq_section = example.split("[zmq]", 1)[1].split("\n[", 1)[0]
+    assert "handshake_timeout_s = 10.0" in zmq_section

@@ -1,0 +1,24 @@
+"""Test double: a ZeroMQ socket thread that dies, for every Python process started with this
+directory first on PYTHONPATH and $COSYVOICED_TEST_THREAD_FAULT=zmq.
+
+A request whose header holds KILL_THIS_THREAD raises, in the socket thread, an exception that
+no handler of one message catches (as a bug in a library's thread would), so the thread
+ends: the daemon must see it, say so and stop, never go on half deaf.
+"""
+
+import os
+
+if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "zmq":
+    from cosyvoiced.intake import zmq as _zmq_intake
+
+    class ThreadKilled(BaseException):
+        """Not an Exception: it passes every `except Exception` on its way out."""
+
+    _take = _zmq_intake._SocketThread._take
+
+    def _take_or_die(self, frames, user):  # type: ignore[no-untyped-def]
+        if frames and b"KILL_THIS_THREAD" in frames[-1]:
+            raise ThreadKilled("a test double killed the zmq socket thread")
+        return _take(self, frames, user)
+
+    _zmq_intake._SocketThread._take = _take_or_die  # type: ignore[method-assign]
