@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cosyvoiced import __version__, config, logs
+from cosyvoiced import __version__, config, logs, memory
 from cosyvoiced.engines import probe
 from cosyvoiced.supervisor import EXIT_CONFIG, EXIT_WORKER_START, Supervisor
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         return _check(args.config, settings)
     logs.configure_supervisor(settings.log)
+    memory.return_big_buffers_to_the_system()  # the supervisor holds audio in flight
     return Supervisor(settings, args.config).run()
 
 

@@ -7,6 +7,7 @@ machine figures only and must never pull in torch or CUDA state.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import Callable
@@ -191,3 +192,19 @@ def machine_bytes() -> int:
                  for path in _cgroup_limit_files(_read("/proc/self/cgroup")))]
     known = [figure for figure in figures if figure > 0]
     return min(known) if known else 0
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 128 << 10
+
+
+def return_big_buffers_to_the_system() -> bool:
+    """Give every buffer over 128 KiB (audio, results) a mapping of its own, unmapped when it
+    is freed. glibc otherwise raises this threshold after the first big free and serves
+    later buffers from the heap, whose top cannot shrink past a live small object: a
+    daemon that runs for months would keep its peak forever. True if applied (glibc)."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        return False

@@ -215,7 +215,9 @@ def test_cancelling_mid_stream_leaves_the_model_usable(client: Client, daemon: D
                 if index == 0:  # chunks already on the way may follow; cancel only once
                     other.cancel(str(stream.start["job"]))
 
-    with Client(daemon.endpoint) as other, pytest.raises(DaemonError) as caught:
+    # Another connection cancels it: the operator's (a job is its own client's, or an admin's).
+    with Client(daemon.endpoint, admin_token=daemon.admin_token()) as other, \
+            pytest.raises(DaemonError) as caught:
         cancel_after_the_first_chunk(other)
     assert caught.value.code == "cancelled"
     result = client.synthesize(SHORT, voice="English Female")
@@ -392,7 +394,8 @@ def test_two_workers_stream_two_jobs_at_once(tmp_path: Path, model_dir: Path,
             streamed[voice] = sum(len(chunk) for chunk in stream) // 2
 
     try:
-        with Client(daemon.endpoint) as client:
+        # The operator's view (the admin token): workers' job ids are shown to admins only.
+        with Client(daemon.endpoint, admin_token=daemon.admin_token()) as client:
             wait_until(lambda: [w["state"] for w in client.stats()["workers"]] ==
                        ["idle", "idle"], TIMEOUT_S, "two loaded workers")
             threads = [threading.Thread(target=speak, args=(voice,))
