@@ -112,7 +112,8 @@ def clients_figures(texts: list[str], per_device: int) -> dict[str, Any]:
 def behind_long(rounds: int, per_device: int) -> dict[str, Any]:
     short = "Is the kitchen light on?"
     with daemon(worker={"per_device": per_device}) as running, \
-            Client(running.endpoint, timeout_s=120) as client:
+            Client(running.endpoint, timeout_s=120,
+                   admin_token=running.admin_token()) as client:  # sees the dropped job
         alone = [streamed(client, short)[0] for _ in range(rounds)]
         behind = []
         for n in range(rounds):
