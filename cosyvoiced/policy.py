@@ -61,3 +61,12 @@ def silent(last_heard: float, now: float, settings: WorkerConfig) -> bool:
 def respawn_delay_s(start_failures: int) -> float:
     """Back off after failed starts: 0, 1, 2, 4, ... seconds, at most 30."""
     return 0.0 if start_failures == 0 else min(2.0 ** (start_failures - 1), 30.0)
+
+
+MAX_ATTEMPTS = 2  # a job that kills two workers (or the daemon, or two hosts) is poison
+
+
+def poisoned(deliveries: int) -> bool:
+    """A cluster job delivered more than MAX_ATTEMPTS times (each delivery started on a
+    host that then died) is not run again."""
+    return deliveries > MAX_ATTEMPTS

@@ -9,18 +9,35 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from cosyvoiced import __version__
+from cosyvoiced.ledger import Ledger
+from cosyvoiced.pool import WorkerPool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
-if TYPE_CHECKING:
-    from cosyvoiced.supervisor import Supervisor
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the daemon says about itself is read from this, not from the supervisor."""
+
+    ledger: Ledger
+    pool: WorkerPool
+    engine_name: str  # the loaded engine's own name
+    configured_engine: str  # engine.name, for "loading ..."
+    ready: bool
+    stopping: bool
+    intake_failure: str | None
+    reload_error: str | None
+    cache: dict[str, Any] | None
+    cluster: dict[str, Any] | None
+    cluster_status: str  # "; cluster ..." or ""
 
 SHOWN_JOBS = 3  # jobs in hand named in STATUS= (the line must stay short)
 
 
-def stats(supervisor: Supervisor, uptime_s: float,
+def stats(supervisor: Snapshot, uptime_s: float,
           visible: Callable[[str], bool] = lambda _job_id: True) -> dict[str, Any]:
     """The daemon's figures; job ids only where `visible(job_id)` (the asker's own jobs,
     or every job for an admin)."""
@@ -42,12 +59,12 @@ def stats(supervisor: Supervisor, uptime_s: float,
         "spare": None if pool.spare is None else pool.spare.describe(),
         "recycles": dict(pool.recycles),
         "recycle_thrash": pool.thrashing,
-        "cache": supervisor.cache.figures(),
-        "cluster": supervisor.sharing.figures(),
+        "cache": supervisor.cache,
+        "cluster": supervisor.cluster,
     }
 
 
-def _state(supervisor: Supervisor) -> str:
+def _state(supervisor: Snapshot) -> str:
     workers = supervisor.pool.workers()
     in_hand = supervisor.ledger.in_hand()
     if supervisor.intake_failure is not None:
@@ -63,7 +80,7 @@ def _state(supervisor: Supervisor) -> str:
         return "idle"
     if any(worker.state == WorkerState.WARMING for worker in workers):
         return "warming up"
-    line = f"loading {supervisor.config.engine.name}" if workers else "restarting worker"
+    line = f"loading {supervisor.configured_engine}" if workers else "restarting worker"
     if supervisor.pool.last_load_error:
         line += f" (last load failed: {supervisor.pool.last_load_error})"
     return line
@@ -79,7 +96,7 @@ def _worker(worker: WorkerHandle) -> str:
     return line
 
 
-def status_line(supervisor: Supervisor) -> str:
+def status_line(supervisor: Snapshot) -> str:
     ledger, pool = supervisor.ledger, supervisor.pool
     counts = ledger.counts
     line = f"{_state(supervisor)}; queue {len(ledger.queued())}"
@@ -93,7 +110,7 @@ def status_line(supervisor: Supervisor) -> str:
             f"{reason} {n}" for reason, n in sorted(pool.recycles.items()))
     if pool.thrashing:
         line += "; recycling for memory after every job: raise the limit"
-    line += supervisor.sharing.status()
+    line += supervisor.cluster_status
     if supervisor.reload_error:
         line += f"; config reload failed, running the old one: {supervisor.reload_error}"
     return line

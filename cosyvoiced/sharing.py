@@ -15,20 +15,19 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced import clusterwire as wire
-from cosyvoiced import logs
+from cosyvoiced import logs, policy
 from cosyvoiced.cluster import ClusterLink, SharedLost, ShareFailed
-from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult
-from cosyvoiced.ledger import Running
-
-if TYPE_CHECKING:
-    from cosyvoiced.config import ClusterConfig
-    from cosyvoiced.supervisor import Supervisor
+from cosyvoiced.config import ClusterConfig, Config
+from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult, Sink
+from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.metrics import Metrics
+from cosyvoiced.spool import Spool
 
 PROMPT_NAME = "shared.prompt"
 
@@ -71,8 +70,35 @@ class RemoteSink:
         self.link.complete(self.shared.host, self._event(wire.CANCELLED), self.shared)
 
 
+class Host(Protocol):
+    """What sharing needs of the daemon it runs in (the supervisor), and nothing more."""
+
+    config: Config
+    ready: bool
+    stopping: bool
+    ledger: Ledger
+    metrics: Metrics
+    spool: Spool
+
+    def wake(self) -> None: ...
+
+    def idle_workers(self) -> int: ...
+
+    def enqueue_here(self, job: Job) -> None: ...
+
+    def serve_here(self, running: Running) -> None: ...
+
+    def sink_of(self, job: Job) -> Sink: ...
+
+    def end_job(self, running: Running, error: JobError | None) -> None: ...
+
+    def finish_remote(self, running: Running, event: wire.Event) -> None: ...
+
+    def cancel(self, job_id: str) -> bool: ...
+
+
 class Sharing:
-    def __init__(self, settings: ClusterConfig, supervisor: Supervisor) -> None:
+    def __init__(self, settings: ClusterConfig, supervisor: Host) -> None:
         self.supervisor = supervisor
         self.name = (settings.name or socket.gethostname()) if settings.redis else ""
         self.claim_idle_s = settings.claim_idle_s
@@ -134,7 +160,7 @@ class Sharing:
         supervisor = self.supervisor
         here = [r for r in supervisor.ledger.jobs.values() if not r.remote]
         waiting = sum(1 for r in here if not r.started)
-        return (len(supervisor.pool.idle()) - waiting,
+        return (supervisor.idle_workers() - waiting,
                 supervisor.config.scheduling.max_active_jobs - len(here) if not waiting else 0)
 
     def _shared_count(self) -> int:
@@ -270,7 +296,7 @@ class Sharing:
         self.served[local_id] = shared
         self.sinks[local_id] = RemoteSink(self.link, shared)
         job = wire.served_job(shared, local_id, prompt)
-        if supervisor.poisoned(shared.deliveries):
+        if policy.poisoned(shared.deliveries):
             supervisor.sink_of(job).fail_job(job, _poison_error(shared.deliveries))
             self.served.pop(local_id)
             self.sinks.pop(local_id)
@@ -284,7 +310,7 @@ class Sharing:
             self.link.settle(shared)  # ended, or taken back, already
             return
         self.served[shared.job.id] = shared
-        if self.supervisor.poisoned(shared.deliveries):
+        if policy.poisoned(shared.deliveries):
             self.supervisor.end_job(running, _poison_error(shared.deliveries))
         elif running.job.stream and running.chunks_sent:  # taken over from a dead host
             self.supervisor.end_job(running, _stream_lost(running.served_by, self.name))

@@ -91,7 +91,7 @@ EXIT_WORKER_START = 3  # the engine failed to load `worker.max_start_failures` t
 EXIT_INTAKE_DIED = 4  # an intake's thread died: systemd restarts the whole service
 EXTEND_TIMEOUT_S = 15.0  # asked for, again and again, while the engine loads before READY
 
-MAX_ATTEMPTS = 2  # a job that kills two workers (or the daemon twice) is a poison job
+MAX_ATTEMPTS = policy.MAX_ATTEMPTS  # a job that kills two workers (or the daemon twice)
 CLAIM_RETRY_S = 1.0  # a claim that failed for want of descriptors or memory is retried
 CLAIM_RETRIES = 60  # ...this many times before it fails as unreadable
 # Errors of this process's state (descriptors, memory), not of the file: they pass.
@@ -459,8 +459,8 @@ class Supervisor:
             running.served_by, running.dispatched, running.sample_rate = "", False, 0
         self.wake()
 
-    def poisoned(self, deliveries: int) -> bool:
-        return deliveries > MAX_ATTEMPTS
+    def idle_workers(self) -> int:
+        return len(self.pool.idle())
 
     def sink_of(self, job: Job) -> Sink:
         return self._sink(job)
@@ -578,8 +578,14 @@ class Supervisor:
         log.info("job", job=job_id, source=source, outcome=outcome, **summary)
 
     def stats(self, identity: Identity = LOCAL_ADMIN) -> dict[str, Any]:
-        return report.stats(self, time.monotonic() - self.started_at,
+        return report.stats(self._snapshot(), time.monotonic() - self.started_at,
                             lambda job_id: self.visible(job_id, identity))
+
+    def _snapshot(self) -> report.Snapshot:
+        return report.Snapshot(
+            self.ledger, self.pool, self.engine_name, self.config.engine.name, self.ready,
+            self.stopping, self.intake_failure, self.reload_error, self.cache.figures(),
+            self.sharing.figures(), self.sharing.status())
 
     # -- the workers --------------------------------------------------------------------
     def _handle_workers(self, now: float) -> None:
@@ -950,7 +956,7 @@ class Supervisor:
         return True
 
     def status_line(self) -> str:
-        return report.status_line(self)
+        return report.status_line(self._snapshot())
 
 
 def _prompt_name(job_id: str) -> str:
