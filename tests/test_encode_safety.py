@@ -5,6 +5,7 @@ blocks, and an encoder that dies costs one job at most, never the service."""
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import signal
 
@@ -109,3 +110,23 @@ def _kill_the_encoder_while_streaming(daemon: Daemon, client: openai.OpenAI, tex
         for _bytes in reply.iter_bytes(1024):
             pid = daemon.log_events("encoder_started")[-1]["pid"]
             os.kill(pid, signal.SIGKILL)  # while the stream is open in it
+
+
+def test_the_watchdog_is_pinged_on_time_while_a_long_file_is_encoded(
+        make_daemon: DaemonFactory) -> None:
+    """Encoding is off the tick: while the encoder makes a long Ogg file (seconds of CPU),
+    WATCHDOG=1 keeps coming every WatchdogSec/2, as it would from an idle daemon."""
+    daemon = make_daemon(engine={"name": FAULTY}, spool={"max_text_chars": 20_000})
+    daemon.start(extra_env={"WATCHDOG_USEC": "1000000"})
+    notify = daemon.notify
+    assert notify is not None
+    text = " ".join(["A very long text for a very long file, made of tone."] * 370)  # 975 s
+    daemon.drop_job("long-file", text=text, format="ogg")
+    record = daemon.wait_done("long-file.json", timeout_s=180)
+    summary = wait_until(lambda: daemon.log_events("job"), 10, "the job's summary line")[-1]
+    assert summary["encode_s"] > 1.0, "the file took long enough to make to matter"
+    ready_at = notify.times("READY=1")[0]
+    pings = [at for at in notify.times("WATCHDOG=1") if at > ready_at]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
+    assert max(gaps) < 0.5 + 0.35, f"the longest gap between pings was {max(gaps):.2f} s"
+    assert record["format"] == "ogg"
