@@ -74,81 +74,21 @@ def safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + host))
 
 
-class ClusterLink:
-    def __init__(self, settings: ClusterConfig, host: str, wake: Callable[[], None]) -> None:
-        self.settings = settings
-        self.host = host
-        self.keys = wire.Keys(settings.key_prefix)
-        self.url = safe_url(settings.redis)
-        self.inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
-        self._wake = wake
-        self._commands: queue.Queue[tuple[Command, str | None]] = queue.Queue()
-        self._password = read_password(settings.password_file) if settings.password_file \
-            else None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._wanted = 0
-        self._room = 0
-        self._blocked_reader: int | None = None  # the job reader's client, in a blocking read
-        self._capacity = threading.Condition(self._lock)
-        self._held: dict[str, set[str]] = {}  # stream -> entries taken here, not settled
-        self._shared: dict[str, tuple[str, str]] = {}  # writer only: job id -> stream, entry
-        self.up = False
-        self.error = ""  # why Redis is down (no credentials in it)
-        self.events_read = 0
+class _Commands:
+    """What the tick asks of Redis, as commands the writer thread runs in order (so a
+    job's `share` always goes before its `withdraw` or `audit`). Never blocks."""
 
-    # -- lifetime ----------------------------------------------------------------------
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis, password=self._password,
-                                    socket_timeout=SOCKET_TIMEOUT_S,
-                                    socket_connect_timeout=SOCKET_TIMEOUT_S,
-                                    client_name=f"cosyvoiced:{self.host}")
+    settings: ClusterConfig
+    host: str
+    keys: wire.Keys
+    _commands: queue.Queue[tuple[Command, str | None]]
+    _shared: dict[str, tuple[str, str]]  # writer only: job id -> stream, entry
 
-    def connect(self) -> bool:
-        """One try, now (at start: jobs left in work/ wait for outcomes only if Redis is
-        there). The threads keep trying after that."""
-        try:
-            self._prepare(self.client())
-        except redis.RedisError as error:
-            self._down(error)
-            return False
-        self._mark_up()
-        return True
+    def _release(self, shared: wire.SharedJob) -> None:
+        raise NotImplementedError
 
-    def start(self) -> None:
-        for target in (self._write, self._read_jobs, self._read_events):
-            thread = threading.Thread(target=self._guarded, args=(target,), daemon=True,
-                                      name=f"cluster-{target.__name__.strip('_')}")
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout_s: float = 3.0) -> None:
-        """Stop after the commands already queued (outcomes) have gone, or the timeout."""
-        self._commands.put((lambda _redis: None, None))
-        deadline = time.monotonic() + timeout_s
-        while not self._commands.empty() and self.up and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self._stop.set()
-        with self._capacity:
-            self._capacity.notify_all()
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    # -- what the tick asks (never blocks) -----------------------------------------------
-    def want(self, count: int, room: int = 0) -> None:
-        """This host could start `count` more jobs now, and take `room` more into its
-        workers' turns (segment by segment) when no other host takes them."""
-        with self._capacity:
-            wanted_before = self._wanted
-            self._wanted, self._room = max(0, count), max(0, room)
-            if self._wanted:
-                self._capacity.notify_all()
-            reader = self._blocked_reader if wanted_before and not self._wanted else None
-        if reader is not None:
-            # A read still waiting for a job would take the next one shared, which this
-            # host can no longer start at once (it served one itself): end that wait.
-            self._queue(lambda client: _unblock(client, reader))
+    def _post(self, item: Inbound) -> None:
+        raise NotImplementedError
 
     def share(self, job: Job, prompt: bytes | None) -> None:
         """Put a received job onto the shared stream, unless it is there already (a restart
@@ -271,7 +211,6 @@ class ClusterLink:
 
         self._queue(command)
 
-    # -- the writer ------------------------------------------------------------------------
     def _queue(self, command: Command, on_down: str | None = None) -> None:
         self._commands.put((command, on_down))
 
@@ -282,6 +221,84 @@ class ClusterLink:
         pipe.xtrim(stream, maxlen=self.settings.max_outcomes, approximate=True)
         return pipe
 
+
+class ClusterLink(_Commands):
+    def __init__(self, settings: ClusterConfig, host: str, wake: Callable[[], None]) -> None:
+        self.settings = settings
+        self.host = host
+        self.keys = wire.Keys(settings.key_prefix)
+        self.url = safe_url(settings.redis)
+        self.inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self._wake = wake
+        self._commands: queue.Queue[tuple[Command, str | None]] = queue.Queue()
+        self._password = read_password(settings.password_file) if settings.password_file \
+            else None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._wanted = 0
+        self._room = 0
+        self._blocked_reader: int | None = None  # the job reader's client, in a blocking read
+        self._capacity = threading.Condition(self._lock)
+        self._held: dict[str, set[str]] = {}  # stream -> entries taken here, not settled
+        self._shared: dict[str, tuple[str, str]] = {}  # writer only: job id -> stream, entry
+        self.up = False
+        self.error = ""  # why Redis is down (no credentials in it)
+        self.events_read = 0
+
+    # -- lifetime ----------------------------------------------------------------------
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis, password=self._password,
+                                    socket_timeout=SOCKET_TIMEOUT_S,
+                                    socket_connect_timeout=SOCKET_TIMEOUT_S,
+                                    client_name=f"cosyvoiced:{self.host}")
+
+    def connect(self) -> bool:
+        """One try, now (at start: jobs left in work/ wait for outcomes only if Redis is
+        there). The threads keep trying after that."""
+        try:
+            self._prepare(self.client())
+        except redis.RedisError as error:
+            self._down(error)
+            return False
+        self._mark_up()
+        return True
+
+    def start(self) -> None:
+        for target in (self._write, self._read_jobs, self._read_events):
+            thread = threading.Thread(target=self._guarded, args=(target,), daemon=True,
+                                      name=f"cluster-{target.__name__.strip('_')}")
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 3.0) -> None:
+        """Stop after the commands already queued (outcomes) have gone, or the timeout."""
+        self._commands.put((lambda _redis: None, None))
+        deadline = time.monotonic() + timeout_s
+        while not self._commands.empty() and self.up and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        with self._capacity:
+            self._capacity.notify_all()
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- what the tick asks (never blocks) -----------------------------------------------
+    def want(self, count: int, room: int = 0) -> None:
+        """This host could start `count` more jobs now, and take `room` more into its
+        workers' turns (segment by segment) when no other host takes them."""
+        with self._capacity:
+            wanted_before = self._wanted
+            self._wanted, self._room = max(0, count), max(0, room)
+            if self._wanted:
+                self._capacity.notify_all()
+            reader = self._blocked_reader if wanted_before and not self._wanted else None
+        if reader is not None:
+            # A read still waiting for a job would take the next one shared, which this
+            # host can no longer start at once (it served one itself): end that wait.
+            self._queue(lambda client: _unblock(client, reader))
+
+    # -- the writer ------------------------------------------------------------------------
     def _write(self) -> None:
         client = self.client()
         pending: tuple[Command, str | None] | None = None

@@ -495,6 +495,10 @@ class Encoder:
             return bool(self._threads) and not self._stopping and \
                 all(thread.is_alive() for thread in self._threads)
 
+    def failure(self) -> str | None:
+        """Why the encoder stopped serving, if its threads died (the supervisor stops)."""
+        return None if self.alive() else "the encoder's threads stopped"
+
     def busy_key(self) -> str | None:
         """The key of the file the child has taken in hand, if it is encoding one now."""
         with self._lock:

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced import scheduler
-from cosyvoiced.job import Job
+from cosyvoiced.job import Job, Sink
 from cosyvoiced.scheduler import Priority, Waiting
 
 if TYPE_CHECKING:
@@ -54,6 +54,13 @@ class Running:
     served_by: str = ""  # in a cluster, the host that serves it
     chunks: list[Samples] = field(default_factory=list)  # a whole reply's complete segments
     segment_audio: list[Samples] = field(default_factory=list)  # the segment in hand's
+    sink: Sink | None = None  # where its outcome goes: bound once, when it is admitted
+    persisted: bool = False  # in this host's work/: run again after a crash
+
+    @property
+    def bound_sink(self) -> Sink:
+        assert self.sink is not None, "a job is admitted with its sink"
+        return self.sink
 
     @property
     def started(self) -> bool:

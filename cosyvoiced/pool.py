@@ -15,10 +15,20 @@ from dataclasses import dataclass
 
 from cosyvoiced import logs, memory, placement, policy
 from cosyvoiced.config import Config
-from cosyvoiced.messages import FromWorker
+from cosyvoiced.messages import (
+    EngineLoadFailed,
+    EngineReady,
+    EngineWarming,
+    FromWorker,
+    Heartbeat,
+    LogLine,
+)
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.placement import Placement
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
+
+# A worker's segment in hand: (its last progress, monotonic; its length in characters).
+Progress = Callable[[WorkerHandle], "tuple[float, int] | None"]
 
 log = logs.get_logger("cosyvoiced.supervisor")
 MEMORY_REASONS = ("rss", "gpu_memory")
@@ -130,20 +140,102 @@ class WorkerPool:
                 worker.drain(now, self._config().worker.kill_grace_s)
                 self.retiring.append(worker)
 
-    def reap(self, now: float, deliver: Callable[[WorkerHandle, FromWorker], None]) -> None:
-        """Collect retired workers that exited; escalate those past their deadline."""
+    def waitables(self) -> list[object]:
+        """What the supervisor's loop wakes on: every worker's sentinel, and its pipe while
+        it is open."""
+        return [waitable for handle in self.handles() for waitable in
+                (handle.sentinel, *([] if handle.conn.closed else [handle.conn]))]
+
+    def reap(self, now: float) -> list[tuple[WorkerHandle, FromWorker]]:
+        """Collect retired workers that exited, and the last messages they sent; escalate
+        those past their deadline."""
+        messages: list[tuple[WorkerHandle, FromWorker]] = []
         for handle in list(self.retiring):
             if not handle.alive():
-                for message in handle.messages(now):
-                    deliver(handle, message)
+                messages.extend((handle, message) for message in handle.messages(now))
                 handle.reap()
                 self.retiring.remove(handle)
             elif now >= handle.deadline:
                 handle.escalate(now)
+        return messages
 
-    def lose(self, worker: WorkerHandle, now: float, reason: str) -> None:
+    def take(self, worker: WorkerHandle, message: FromWorker, now: float,
+             stopping: bool) -> FromWorker | None:
+        """Act on a worker's message about itself (its log lines, heartbeats, loading);
+        the others (the engine ready, its jobs) are returned for the supervisor to route."""
+        match message:
+            case LogLine(levelno, line):
+                logs.forward(levelno, line)
+            case Heartbeat(memory_now):
+                worker.memory = memory_now
+                if worker.job_id is None and not stopping:
+                    self.recycle_if_due(worker, now)
+            case EngineWarming(load_s):
+                worker.set_state(WorkerState.WARMING, load_s=load_s)
+            case EngineLoadFailed(reason):
+                self.last_load_error = reason
+            case EngineReady():
+                self.start_failures = 0
+                worker.set_state(WorkerState.IDLE, engine=message.engine,
+                                 load_s=message.load_s, warmup_s=message.warmup_s,
+                                 voices=[v.name for v in message.voices])
+                return message  # its catalog is the service's
+            case _:
+                return message
+        return None
+
+    def recycle_all_due(self, workers: list[WorkerHandle], now: float) -> None:
+        """Workers that just gave a segment back: recycled if a limit is passed, before
+        the next segment goes out; a ready spare takes over."""
+        for worker in workers:
+            self.recycle_if_due(worker, now)
+        self.promote_spare(now)
+
+    def check(self, now: float, progress: Progress) -> list[tuple[WorkerHandle, str]]:
+        """The workers to give up on, and why (gunicorn's murder_workers): exited, not
+        loaded within worker.start_timeout_s, a segment with no progress for its job
+        timeout, or an idle worker whose heartbeat went quiet. `progress(worker)` is the
+        segment it holds: (its last progress, its length in characters), or None."""
+        settings = self._config().worker
+        lost = []
+        for worker in self.workers():
+            held = progress(worker)
+            if not worker.alive():
+                lost.append((worker, "exited"))
+            elif not worker.ready and now - worker.started_at > settings.start_timeout_s:
+                self.last_load_error = (f"engine did not load within "
+                                        f"{settings.start_timeout_s:g} s")
+                lost.append((worker, "start_timeout"))
+            elif held is not None and policy.hung(held[0], now, held[1], settings):
+                lost.append((worker, "job_timeout"))
+            elif worker.ready and policy.silent(worker.last_heard, now, settings):
+                lost.append((worker, "heartbeat_timeout"))
+        return lost
+
+    def healthy(self, now: float, progress: Progress) -> bool:
+        """Every worker is busy with progress, idle and answering, or (re)starting in time:
+        what the watchdog ping stands for."""
+        settings = self._config().worker
+        for worker in self.workers():
+            if not worker.ready:
+                continue  # (re)starting is progress; the start timeout bounds it
+            held = progress(worker)
+            if held is not None:
+                if policy.hung(held[0], now, held[1], settings):
+                    return False
+            elif policy.silent(worker.last_heard, now, settings):
+                return False
+        return True
+
+    def lose(self, worker: WorkerHandle, now: float, reason: str, quiet: bool = False) -> None:
         """Take a serving worker out of service (it died or must die): SIGTERM it if it
-        still runs; its slot gets a new one."""
+        still runs; its slot gets a new one. Logged as `worker_lost` unless `quiet` (the
+        daemon is stopping)."""
+        if not quiet:
+            never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
+            log.error("worker_lost", reason=reason, generation=worker.generation,
+                      slot=worker.slot, worker_pid=worker.pid, exitcode=worker.exitcode(),
+                      during="start" if never_ready else "service")
         for slot in self.slots:
             if slot.worker is worker:
                 slot.worker = None

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
-from cosyvoiced.config import Config
+from cosyvoiced import logs
+from cosyvoiced.config import Config, ConfigError, load
+
+log = logs.get_logger("cosyvoiced.supervisor")
 
 # Bound at start-up: sockets, files and directories already open or bound.
 RESTART_KEYS = frozenset({
@@ -61,3 +64,19 @@ def plan(running: Config, loaded: Config) -> ReloadPlan:
             effective = _with(effective, key.split("."), before[key])
     return ReloadPlan(effective, [k for k in changed if k not in RESTART_KEYS],
                       [k for k in changed if k in RESTART_KEYS])
+
+
+def read(running: Config, path: str | None) -> ReloadPlan:
+    """The plan for the config at `path`; ConfigError (the running config is kept) if it
+    cannot be read or is not valid."""
+    if path is None:
+        raise ConfigError("no config file to re-read")
+    return plan(running, load(path))
+
+
+def report(applied: ReloadPlan, workers: int) -> None:
+    log.info("reloaded", applied=applied.applied, restart_required=applied.restart_required,
+             recycle_worker=applied.engine_changed, workers=workers)
+    if applied.restart_required:
+        log.warning("restart_required", keys=applied.restart_required,
+                    message="these keys keep their old values until a restart")

@@ -14,6 +14,7 @@ from typing import Any
 
 from cosyvoiced import __version__
 from cosyvoiced.ledger import Ledger
+from cosyvoiced.metrics import Metrics
 from cosyvoiced.pool import WorkerPool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
@@ -114,3 +115,14 @@ def status_line(supervisor: Snapshot) -> str:
     if supervisor.reload_error:
         line += f"; config reload failed, running the old one: {supervisor.reload_error}"
     return line
+
+
+def publish(metrics: Metrics, ledger: Ledger, pool: WorkerPool) -> None:
+    """The gauges of the queue and the workers, as of this tick."""
+    metrics.queue_depth.set(len(ledger.queued()))
+    metrics.jobs_in_progress.set(sum(ledger.in_progress().values()))
+    metrics.workers.set(len(pool.slots))
+    metrics.worker_generation.set(pool.generation)
+    for worker in pool.workers():
+        metrics.worker(worker.slot, worker.placement.device, worker.memory,
+                       worker.job_id is not None)

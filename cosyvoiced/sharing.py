@@ -73,12 +73,16 @@ class RemoteSink:
 class Host(Protocol):
     """What sharing needs of the daemon it runs in (the supervisor), and nothing more."""
 
-    config: Config
     ready: bool
     stopping: bool
-    ledger: Ledger
     metrics: Metrics
     spool: Spool
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
 
     def wake(self) -> None: ...
 

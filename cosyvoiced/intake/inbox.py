@@ -114,6 +114,7 @@ class InboxIntake:
         self._inotify: InotifyFD | None = None
         self._lock = threading.Lock()
         self.rescan_requested = threading.Event()
+        self.next_scan = 0.0  # monotonic
 
     def start(self) -> None:
         # watchdog's low-level inotify reader, not its Observer: the Observer holds every
@@ -159,6 +160,13 @@ class InboxIntake:
         if claimed is not None:
             self._claims.put(claimed)
             self._wake()
+
+    def rescan_if_due(self, now: float, interval_s: float) -> None:
+        """A scan every `interval_s` (or sooner when asked, or when a scan found files too
+        fresh to take): files renamed in while the watch was not looking are taken too."""
+        if now < self.next_scan and not self.rescan_requested.is_set():
+            return
+        self.next_scan = now + (QUIET_S if self.scan() else interval_s)
 
     def scan(self) -> bool:
         """Claim files that arrived without an event; True if some were too fresh to take."""

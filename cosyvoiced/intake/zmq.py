@@ -314,6 +314,17 @@ class ZmqIntake:
             except queue.Empty:
                 return
 
+    def handle_inbound(self, service: Service) -> None:
+        """The requests the socket thread took, and the clients it found gone (their jobs
+        are cancelled), on the supervisor's thread, as every intake does."""
+        for message in self.inbound():
+            if isinstance(message, Request):
+                self.handle(message, service)
+            else:
+                for job_id in self.jobs_of(message.client):
+                    log.info("client_gone", job=job_id)
+                    service.cancel(job_id)
+
     def _send(self, route: tuple[bytes, ...], request_id: str | None, event: str,
               payload: bytes | None = None, **fields: Any) -> None:
         """Queue a reply for the socket thread. The PUSH socket's HWM is off, so this only

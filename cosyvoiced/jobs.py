@@ -1,0 +1,344 @@
+"""The job book (Postfix's qmgr): every job not ended, its segments, its progress and its one
+outcome. It hands segments to idle workers in the scheduler's order, takes the workers'
+messages about them, retries a segment whose worker died, and ends each job exactly once
+through the sink bound to it when it was admitted.
+
+It is owned by the supervisor's thread and never calls back into the supervisor or the
+cluster: what happened is recorded (`closed`, `started_here`, `freed`) and the tick drains
+it, in its fixed order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cosyvoiced import audio, clusterwire, logs, policy, scheduler
+from cosyvoiced.clients import LOCAL_ADMIN, Identity
+from cosyvoiced.config import Config
+from cosyvoiced.encoding import Encoder
+from cosyvoiced.job import Deferred, ErrorCode, Job, JobError, JobResult, Sink
+from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.messages import (
+    AudioChunkReady,
+    CancelJob,
+    FromWorker,
+    JobCancelled,
+    JobFailed,
+    RunSegment,
+    SegmentFinished,
+    SegmentStarted,
+)
+from cosyvoiced.spool import Spool
+from cosyvoiced.workerhandle import WorkerHandle, WorkerState
+
+log = logs.get_logger("cosyvoiced.supervisor")
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A job that ended: what the tick tells the metrics, the spool and the cluster."""
+
+    job_id: str
+    source: str
+    outcome: str  # done, failed or cancelled
+    result: JobResult | None
+    share: str
+    chars: int
+
+
+@dataclass
+class _Encoding:
+    """A finished job whose file the encoder is making."""
+
+    job: Job
+    sink: Sink
+    deferred: Deferred
+    result: JobResult
+    status: dict[str, Any]
+    summary: dict[str, Any]
+    since: float
+
+
+class JobBook:
+    def __init__(self, ledger: Ledger, spool: Spool, encoder: Encoder,
+                 prepare: Callable[[Job], Job], settings: Callable[[], Config]) -> None:
+        self.ledger = ledger
+        self._spool = spool
+        self._encoder = encoder
+        self._prepare = prepare  # Job -> the job as a worker should see it (the cache's)
+        self._settings = settings  # () -> Config
+        self.host = ""  # this host's name in a cluster: a result's served_by
+        self.closed: list[Closed] = []
+        self.started_here: list[str] = []
+        self.freed: list[WorkerHandle] = []
+        self._encoding: dict[str, _Encoding] = {}
+
+    @property
+    def config(self) -> Config:
+        return self._settings()
+
+    @property
+    def writing(self) -> int:
+        """Results being encoded: the daemon waits for them before it exits."""
+        return len(self._encoding)
+
+    # -- admitting --------------------------------------------------------------------------
+    def admit(self, job: Job, sink: Sink, segments: list[str], persisted: bool) -> Running:
+        """Queue `job`, its outcome bound to `sink` once and for all."""
+        running = self.ledger.enqueue(job, segments, time.monotonic())
+        running.sink, running.persisted = sink, persisted
+        return running
+
+    # -- dispatching ------------------------------------------------------------------------
+    def dispatch(self, idle: dict[int, WorkerHandle], now: float, stopping: bool) -> None:
+        """Hand the next segments to the idle workers, in the scheduler's order."""
+        if not idle:
+            return
+        waiting = self.ledger.waiting()
+        if stopping:  # finish what is in progress; start nothing new
+            waiting = [w for w in waiting if w.started]
+        for choice in scheduler.assign(waiting, sorted(idle), self.ledger.in_progress(),
+                                       self.config.scheduling.max_active_jobs,
+                                       self.ledger.shares_in_progress(),
+                                       self.ledger.last_turn):
+            self._hand_segment(self.ledger.jobs[choice.job_id], idle[choice.slot], now)
+
+    def _hand_segment(self, running: Running, worker: WorkerHandle, now: float) -> None:
+        index = running.done
+        if not running.dispatched and running.persisted:
+            self._spool.count_attempt(running.job.id)  # durable before the job is in hand
+        if not worker.send(RunSegment(self._prepare(running.job), index,
+                                      len(running.segments), running.segments[index])):
+            return  # the worker is gone; handled next tick, the job waits
+        running.holder, running.last_slot, running.retry = worker, worker.slot, False
+        self.ledger.turn_taken(running.job.share, now)
+        running.dispatched = True
+        running.last_progress = now
+        running.segment_chunks = 0
+        worker.job_id = running.job.id
+        worker.set_state(WorkerState.BUSY, job=running.job.id, segment=index)
+
+    def progress(self, worker: WorkerHandle) -> tuple[float, int] | None:
+        """The segment `worker` holds: its last progress and its length in characters (for
+        the pool's job timeout), or None."""
+        running = self.ledger.held_by(worker)
+        if running is None:
+            return None
+        return running.last_progress, len(running.segments[running.done])
+
+    # -- the workers' messages --------------------------------------------------------------
+    def on_worker_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
+        running = self.ledger.held_by(worker)
+        if running is None:
+            return  # a late message of a job that has ended
+        running.last_progress = now
+        match message:
+            case SegmentStarted() if not running.sample_rate:
+                self.started_here.append(running.job.id)
+                running.started_at = message.started_at
+                running.voice, running.sample_rate = message.voice, message.sample_rate
+                running.bound_sink.started(running.job, message.sample_rate)
+            case AudioChunkReady():
+                self._on_chunk(running, message)
+            case SegmentFinished():
+                self._on_segment_done(worker, running, message, now)
+            case JobFailed(_job_id, error):
+                self._release(worker, running, now)
+                self.end(running, error)
+            case JobCancelled():
+                self._release(worker, running, now)
+                self.end(running, None)
+
+    def _on_chunk(self, running: Running, message: AudioChunkReady) -> None:
+        running.segment_chunks += 1
+        if running.job.stream:
+            running.bound_sink.chunk(running.job, running.chunks_sent, message.audio)
+            running.chunks_sent += 1
+        else:
+            running.segment_audio.append(message.audio)
+
+    def _on_segment_done(self, worker: WorkerHandle, running: Running,
+                         message: SegmentFinished, now: float) -> None:
+        running.done += 1
+        running.samples += message.samples
+        running.synth_s += message.synth_s
+        if running.done == 1:
+            running.first_chunk_s = message.first_chunk_s
+        running.chunks.extend(running.segment_audio)
+        running.segment_audio = []
+        self._release(worker, running, now)
+        if running.cancel_requested:  # asked after its last chunk: still cancelled
+            self.end(running, None)
+        elif running.done == len(running.segments):
+            self.finish(running)
+
+    def _release(self, worker: WorkerHandle, running: Running, now: float) -> None:
+        """The worker no longer has the job's segment in hand (done, failed or lost)."""
+        running.holder = None
+        running.ready_since = now
+        worker.job_id = None
+        if worker.state != WorkerState.BUSY:
+            return
+        worker.segments_served += 1
+        worker.set_state(WorkerState.IDLE)
+        self.freed.append(worker)  # the tick lets the pool recycle it if due
+
+    def lost(self, worker: WorkerHandle, reason: str, now: float) -> None:
+        """The worker holding a segment died or was killed: retry it, or end the job."""
+        running = self.ledger.held_by(worker)
+        if running is None:
+            return
+        self._release(worker, running, now)
+        job = running.job
+        crashes = self.ledger.count_crash(job)
+        timeout_s = policy.job_timeout_s(len(running.segments[running.done]),
+                                         self.config.worker)
+        what = f"hung (no progress for {timeout_s:g} s)" if reason == "job_timeout" else "died"
+        if running.cancel_requested:
+            self.end(running, None)
+        elif crashes >= policy.MAX_ATTEMPTS or (job.stream and running.segment_chunks):
+            # Chunks of the segment already streamed cannot be made again without
+            # duplicating audio; a segment boundary can (the next worker starts there).
+            self.end(running, JobError(ErrorCode.WORKER_CRASHED, f"the worker {what} while "
+                                       f"synthesizing this job ({crashes} time(s)); it is not "
+                                       "retried again"))
+        else:
+            log.warning("job_retry", job=job.id, crashes=crashes, reason=reason,
+                        segment=running.done)
+            running.retry = True
+            running.segment_audio = []
+
+    # -- asking and telling -----------------------------------------------------------------
+    def cancel(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
+        running = self.ledger.get(job_id)
+        if running is None or not identity.may_see(running.job.owner):
+            return False
+        if running.holder is None:  # queued, or between two segments
+            self.end(running, None)
+        elif not running.cancel_requested:
+            running.cancel_requested = True
+            running.holder.send(CancelJob(job_id))
+        return True
+
+    def serve_here(self, running: Running) -> None:
+        """A job of this host's that was on the cluster's stream is served here after all."""
+        running.remote = False
+        if running.served_by:  # started elsewhere, taken back: it starts again here
+            running.served_by, running.dispatched, running.sample_rate = "", False, 0
+
+    def finish_remote(self, running: Running, event: clusterwire.Event) -> None:
+        """The audio of a job received here, made by another host."""
+        detail = event.detail
+        running.voice, running.sample_rate = detail["voice"], detail["sample_rate"]
+        running.samples, running.synth_s = detail["samples"], detail["synth_s"]
+        running.first_chunk_s = detail["first_chunk_s"]
+        running.started_at = detail["timings"].get("started_at", running.started_at)
+        running.served_by = event.sender
+        running.chunks = [] if running.job.stream else [event.samples]
+        running.done = len(running.segments)
+        self.finish(running)
+
+    # -- ending -----------------------------------------------------------------------------
+    def finish(self, running: Running) -> None:
+        """The job's audio is complete: deliver it through its sink."""
+        self.ledger.pop(running.job.id)
+        job = running.job
+        result = JobResult(job.id, running.voice, running.sample_rate, running.samples,
+                           running.synth_s, running.first_chunk_s,
+                           served_by=running.served_by or self.host)
+        timings = {
+            "received_at": round(job.received_at, 6),
+            "started_at": round(running.started_at, 6),
+            "queue_wait_s": round(max(0.0, running.started_at - job.received_at), 4),
+            "first_chunk_s": round(result.first_chunk_s, 4),
+            "synth_s": round(result.synth_s, 4),
+        }
+        written = time.monotonic()
+        sink = running.bound_sink
+        try:
+            output = sink.deliver(job, result, audio.join(running.chunks), timings)
+        except OSError as error:
+            self.end(running, JobError(ErrorCode.INTERNAL,
+                                       f"could not write the result: {error}"))
+            return
+        served = {"served_by": result.served_by} if result.served_by else {}
+        self.delivered(job, sink, output, result, status=served, summary=served | {
+            "voice": result.voice, "chars": job.chars, "segments": len(running.segments),
+            "audio_s": round(result.audio_s, 3), "synth_s": round(result.synth_s, 3),
+            "queue_wait_s": timings["queue_wait_s"], "first_chunk_s": timings["first_chunk_s"],
+            "write_s": round(time.monotonic() - written, 4)})
+
+    def delivered(self, job: Job, sink: Sink, output: str | Deferred, result: JobResult, *,
+                  status: dict[str, Any], summary: dict[str, Any]) -> None:
+        """A job's audio went to its sink: it is done, or its file is being encoded (in
+        the encoder process; `drain_encoded` finishes it)."""
+        if isinstance(output, Deferred):
+            self._encoder.submit(job.id, output.samples, output.sample_rate, output.format)
+            self._encoding[job.id] = _Encoding(job, sink, output, result, status, summary,
+                                               time.monotonic())
+            self.ledger.writing(job)
+            return
+        self.close(job, "done", result=result, status=status | {"output": output},
+                   **(summary | {"output": output}))
+
+    def drain_encoded(self, now: float) -> None:
+        """Publish the files the encoder finished; a file it could not make fails its job
+        (encode_failed), and the daemon goes on."""
+        for encoded in self._encoder.completed():
+            pending = self._encoding.pop(encoded.key, None)
+            if pending is None:
+                continue
+            job = pending.job
+            ended = Running(job, [], now, sink=pending.sink)
+            if encoded.error is not None or encoded.data is None:
+                self.end(ended, encoded.error or JobError(
+                    ErrorCode.ENCODE_FAILED, "the encoder returned nothing"))
+                continue
+            try:
+                output = pending.deferred.publish(encoded.data)
+            except OSError as error:
+                self.end(ended, JobError(ErrorCode.INTERNAL,
+                                         f"could not write the result: {error}"))
+                continue
+            summary = pending.summary | {"encode_s": round(now - pending.since, 4)}
+            self.delivered(job, pending.sink, output, pending.result, status=pending.status,
+                           summary=summary)
+
+    def end(self, running: Running, error: JobError | None) -> None:
+        """Record a job that ends without audio: failed with `error`, or cancelled (None)."""
+        job = running.job
+        self.ledger.pop(job.id)
+        sink = running.bound_sink
+        try:
+            if error is None:
+                sink.cancelled(job)
+            else:
+                where = sink.fail_job(job, error)
+        except OSError as failure:
+            # Left in work/: the next start tries it again rather than lose it.
+            log.critical("outcome_unwritable", job=job.id, error=str(failure))
+            return
+        if error is None:
+            self.close(job, "cancelled", chars=job.chars)
+            return
+        self.close(job, "failed", status={"error": error.to_dict()}, chars=job.chars,
+                   code=str(error.code), message=error.message, failed=where)
+
+    def rejected(self, job_id: str, source: str, owner: str, error: JobError,
+                 where: str) -> None:
+        """A job refused before it was queued (a dropped file that is not a valid job)."""
+        self.ledger.record(job_id, source, "failed", owner, error=error.to_dict())
+        self.closed.append(Closed(job_id, source, "failed", None, owner, 0))
+        log.info("job", job=job_id, source=source, outcome="failed", code=str(error.code),
+                 message=error.message, failed=where)
+
+    def close(self, job: Job, outcome: str, *, status: dict[str, Any] | None = None,
+              result: JobResult | None = None, **summary: Any) -> None:
+        """A job has ended: remember it for `status`, and log its one summary line."""
+        self.ledger.record(job.id, job.source, outcome, job.owner, **(status or {}))
+        self.closed.append(Closed(job.id, job.source, outcome, result, job.share,
+                                  int(summary.get("chars", job.chars))))
+        log.info("job", job=job.id, source=job.source, outcome=outcome, **summary)

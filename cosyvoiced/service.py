@@ -1,0 +1,415 @@
+"""The one service every intake sees: the same admission, limits, answers and catalog,
+whether a job came by drop folder, ZeroMQ, HTTP, Wyoming or another host.
+
+It holds the engine's catalog (voices, features, native rate), decides admission (stopping,
+a full queue, the anonymous clients' part of it), puts each job in front of the result
+cache and into the job book with its sink bound, shares it with the cluster, and answers
+`status`, `cancel` and `stats` for the jobs a client may see. The drop folder's claims come
+in here too. It is also what the cluster's sharing needs of this host (`sharing.Host`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import json
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from cosyvoiced import clients, clusterwire, logs
+from cosyvoiced import segments as text_segments
+from cosyvoiced.clients import LOCAL_ADMIN, Identity
+from cosyvoiced.config import Config
+from cosyvoiced.encoding import Encoder
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake import http as http_intake
+from cosyvoiced.intake import wyoming as wyoming_intake
+from cosyvoiced.intake import zmq as zmq_intake
+from cosyvoiced.intake.inbox import SOURCE as INBOX_SOURCE
+from cosyvoiced.intake.inbox import InboxIntake
+from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, Sink
+from cosyvoiced.jobs import JobBook
+from cosyvoiced.jobspec import Limits, build_job
+from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.messages import EngineReady
+from cosyvoiced.metrics import Metrics
+from cosyvoiced.policy import MAX_ATTEMPTS
+from cosyvoiced.resultcache import ResultCache
+from cosyvoiced.sharing import Sharing
+from cosyvoiced.speakers import SpeakerStore
+from cosyvoiced.spool import Claimed, Spool
+
+CLAIM_RETRY_S = 1.0  # a claim that failed for want of descriptors or memory is retried
+CLAIM_RETRIES = 60  # ...this many times before it fails as unreadable
+# Errors of this process's state (descriptors, memory), not of the file: they pass.
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+                              errno.EINTR, errno.ENOBUFS})
+
+log = logs.get_logger("cosyvoiced.supervisor")
+
+
+class Intakes:
+    """The four intakes, for the sinks of their jobs."""
+
+    def __init__(self, inbox: InboxIntake, zmq: zmq_intake.ZmqIntake,
+                 http: http_intake.HttpIntake, wyoming: wyoming_intake.WyomingIntake) -> None:
+        self.inbox, self.zmq, self.http, self.wyoming = inbox, zmq, http, wyoming
+
+    @classmethod
+    def build(cls, settings: Callable[[], Config], spool: Spool,  # noqa: PLR0917
+              claims: queue.SimpleQueue[Claimed], wake: Callable[[], None], encoder: Encoder,
+              limits: Callable[[], Limits]) -> Intakes:
+        """The four intakes of a daemon, reading their settings live (SIGHUP)."""
+        return cls(InboxIntake(spool, claims, wake),
+                   zmq_intake.ZmqIntake(settings().zmq, limits, wake),
+                   http_intake.HttpIntake(lambda: settings().http, wake, encoder),
+                   wyoming_intake.WyomingIntake(lambda: settings().wyoming, wake))
+
+    def all(self) -> tuple[InboxIntake, zmq_intake.ZmqIntake, http_intake.HttpIntake,
+                           wyoming_intake.WyomingIntake]:
+        return self.inbox, self.zmq, self.http, self.wyoming
+
+    def sink_of(self, job: Job) -> Sink:
+        if job.sink != SINK_REPLY:
+            return self.inbox
+        return {http_intake.SOURCE: self.http,
+                wyoming_intake.SOURCE: self.wyoming}.get(job.source, self.zmq)
+
+
+class Service:
+    def __init__(self, settings: Callable[[], Config], *, spool: Spool, book: JobBook,
+                 cache: ResultCache, speakers: SpeakerStore, metrics: Metrics,
+                 intakes: Intakes, claims: queue.SimpleQueue[Claimed],
+                 wake: Callable[[], None]) -> None:
+        self._settings = settings
+        self.spool, self.book, self.cache, self.speakers = spool, book, cache, speakers
+        self.metrics, self.intakes, self.wake = metrics, intakes, wake
+        config = settings()
+        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format)
+        self.sharing: Sharing | None = None  # set once built: it is given this service
+        self.idle: Callable[[], int] = lambda: 0  # idle workers (the pool's)
+        self.record_misses: Callable[[], bool] = lambda: True  # no engine reload pending
+        self.ready = False
+        self.stopping = False
+        self.voices: list[VoiceInfo] = []
+        self.engine_name = config.engine.name
+        self.engine_features: frozenset[str] = frozenset()
+        self.native_rate = 0
+        self.admin_token = ""
+        # The daemon's figures, with the job ids `identity` may see (set by the supervisor).
+        self.report: Callable[[Identity], dict[str, Any]] = lambda _identity: {}
+        self.claims = claims  # the drop folder's, posted by its inotify thread
+        self.claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
+
+    @property
+    def config(self) -> Config:
+        return self._settings()
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.book.ledger
+
+    @property
+    def cluster(self) -> Sharing:
+        assert self.sharing is not None, "the service is built with its sharing"
+        return self.sharing
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (SIGHUP): every intake's limits, the cache, ZeroMQ's keys."""
+        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format)
+        self.cache.configure(config)  # a changed engine or model invalidates entries
+        self.intakes.zmq.settings = config.zmq
+        self.intakes.zmq.reload_keys()  # authorized client keys may have changed on disk
+
+    def settle(self) -> None:
+        """What the job book recorded, to the parts that act on it: a closed job's prompts,
+        its cluster entries and its metrics; a started one's delivery count."""
+        closed, self.book.closed = self.book.closed, []
+        for job in closed:
+            self.spool.discard_prompts(job.job_id)  # a reply job's; a spool job's settled
+            self.cluster.ended(job.job_id)
+            self.metrics.job_ended(job.source, job.outcome, job.result, job.share, job.chars)
+        started, self.book.started_here = self.book.started_here, []
+        for job_id in started:
+            self.cluster.started_here(job_id)
+
+    # -- admission --------------------------------------------------------------------------
+    def queue_full(self) -> bool:
+        """Jobs waiting to start are bounded here; those in progress by the scheduler."""
+        return self.ledger.unstarted() >= self.config.zmq.max_pending or self.stopping
+
+    def refusal(self, identity: Identity) -> JobError | None:
+        """The one admission rule of every intake, before a job is queued: not while
+        stopping, not when the queue is full, and anonymous clients all together in at
+        most their part of it (so that clients with keys always find room)."""
+        if self.stopping:
+            return JobError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping; send the "
+                            "request again")
+        max_pending = self.config.zmq.max_pending
+        if self.ledger.unstarted() >= max_pending:
+            return JobError(ErrorCode.BUSY, "the queue is full (zmq.max_pending); retry later")
+        room = clients.anonymous_room(max_pending)
+        if identity.anonymous and self.ledger.unstarted_of(clients.ANONYMOUS) >= room:
+            return JobError(ErrorCode.BUSY, f"the {room} places of anonymous clients in the "
+                            "queue are taken (half of zmq.max_pending); retry later, or use "
+                            "an API key or a CURVE key")
+        return None
+
+    def sink_of(self, job: Job) -> Sink:
+        """The job's intake (or the host that sent it); for a cache miss, with the cache's
+        recorder in front."""
+        remote = self.cluster.sinks.get(job.id)
+        return self.cache.sink(job, remote if remote is not None else self.intakes.sink_of(job))
+
+    def enqueue(self, job: Job, share: bool = True) -> None:
+        """Queue a job: from the cache if it is a repeat, on the cluster's shared stream if
+        there is one and no worker here is free, else here."""
+        if self._serve_cached(job):
+            return
+        settings = self.config.scheduling
+        segments = text_segments.split(job.text, settings.max_segment_chars,
+                                       settings.first_segment_words if job.stream else 0,
+                                       settings.pack_segment_chars)
+        persisted = job.sink != SINK_REPLY and job.id not in self.cluster.sinks
+        running = self.book.admit(job, self.sink_of(job), segments, persisted)
+        shared = share and self.cluster.share(running)
+        log.debug("job_queued", job=job.id, source=job.source, segments=len(segments),
+                  depth=len(self.ledger), shared=shared)
+
+    def _serve_cached(self, job: Job) -> bool:
+        """A repeat is served from the result cache, with no worker (all may be busy or
+        restarting); False on a miss, which is then recorded for the cache."""
+        sink = self.sink_of(job)
+        try:
+            served = self.cache.serve(job, sink, record=self.record_misses())
+        except OSError as error:  # the sink could not write the result
+            self.book.end(Running(job, [], time.monotonic(), sink=sink),
+                          JobError(ErrorCode.INTERNAL, f"could not write the result: {error}"))
+            return True
+        if served is None:
+            return False
+        summary = {k: v for k, v in served.summary.items() if k != "output"}
+        self.book.delivered(job, sink, served.output, served.result, status={"cached": True},
+                            summary=summary)
+        return True
+
+    def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None,
+               identity: Identity = LOCAL_ADMIN) -> Job:
+        """Validate a job for the outbox, persist it in work/ (it survives a crash), queue it.
+
+        Prompt audio is kept in prompts/ first, named in the persisted job as if it had been
+        dropped in the inbox, so a restart finds it.
+        """
+        name = f"{job_id}.json"
+        job = build_job(fields, job_id=job_id, source=zmq_intake.SOURCE,
+                        origin=Claimed.named(job_id, name).work_name, default_output=job_id,
+                        limits=self.limits, known=zmq_intake.SUBMIT_FIELDS)
+        if prompt is not None:
+            fields = fields | {"prompt_audio": _prompt_name(job_id)}
+            job = replace(job, prompt_audio=self.keep_prompt(job_id, prompt))
+        self.spool.write_claimed(job_id, name, json.dumps(fields).encode())
+        job = replace(job, owner=identity.owner, share=identity.share)
+        self.enqueue(job)
+        return job
+
+    def keep_prompt(self, job_id: str, prompt: bytes) -> str:
+        return str(self.spool.write_prompt(job_id, _prompt_name(job_id), prompt))
+
+    # -- the drop folder's claims -----------------------------------------------------------
+    def admit_claims(self, now: float) -> None:
+        retries, self.claim_retries = self.claim_retries, []
+        for due, tries, claimed in retries:
+            if due > now:
+                self.claim_retries.append((due, tries, claimed))
+            else:
+                self.claim(claimed, now, tries)
+        while True:
+            try:
+                claimed = self.claims.get_nowait()
+            except queue.Empty:
+                return
+            self.claim(claimed, now)
+
+    def deadlines(self) -> list[float]:
+        """When claims that failed for want of descriptors are due again."""
+        return [due for due, _tries, _claimed in self.claim_retries]
+
+    def claim(self, claimed: Claimed, now: float, tries: int = 0) -> None:
+        if self.stopping:
+            self.hand_back(claimed)
+            return
+        try:
+            self._admit(claimed)
+        except OSError as error:
+            if error.errno in TRANSIENT_ERRNOS and tries < CLAIM_RETRIES:
+                log.warning("claim_retry", work_name=claimed.work_name, error=str(error),
+                            tries=tries + 1)
+                self.claim_retries.append((now + CLAIM_RETRY_S, tries + 1, claimed))
+            else:
+                log.error("claim_unreadable", work_name=claimed.work_name, error=str(error))
+                self._reject(claimed, JobError(ErrorCode.UNREADABLE,
+                                               f"the job file could not be read: {error}"))
+
+    def _admit(self, claimed: Claimed) -> None:
+        """Parse and queue a claimed job; OSError if it cannot be read now."""
+        try:
+            job = self.intakes.inbox.admit(claimed, self.limits,
+                                           self.config.spool.max_file_bytes)
+        except JobFailure as failure:
+            self._reject(claimed, failure.error)
+            return
+        if job is None:
+            return
+        attempts = self.spool.attempts_of(job.id)
+        if attempts >= MAX_ATTEMPTS:
+            log.critical("daemon_crashed_on_job", job=job.id, attempts=attempts,
+                         message="the daemon died each time this job was in hand")
+            self._reject(claimed, JobError(
+                ErrorCode.DAEMON_CRASHED, f"the daemon died {attempts} times while this job "
+                "was in hand; it is not run again (send it again to retry)"))
+            return
+        if not job.owner:  # a dropped file (or a `submit` recovered from work/)
+            job = replace(job, owner=clients.INBOX, share=clients.INBOX)
+        self.enqueue(job)
+
+    def _reject(self, claimed: Claimed, error: JobError) -> None:
+        """A drop-folder file that is not a valid job: failed/ and counted, never dropped."""
+        try:
+            where = self.intakes.inbox.fail(claimed, error)
+        except OSError as failure:
+            log.critical("outcome_unwritable", job=claimed.job_id, error=str(failure))
+            return
+        self.book.rejected(claimed.job_id, INBOX_SOURCE, clients.INBOX, error, where)
+
+    def hand_back(self, claimed: Claimed) -> None:
+        if not self.spool.hand_back(claimed):
+            log.warning("hand_back_deferred", work_name=claimed.work_name,
+                        message="the inbox has a new file of that name; the job stays in "
+                                "work/ and runs at the next start")
+
+    def recover(self) -> None:
+        """At start: the jobs a crash left in work/ are claimed again, and what the crash
+        left half done (prompts, temp files, attempt counts of ended jobs) is cleaned up."""
+        left = self.spool.claimed()
+        if left:
+            log.info("recovering", jobs=len(left))
+        orphans = self.spool.discard_orphan_prompts()
+        if orphans:
+            log.info("orphan_prompts_removed", prompts=orphans)
+        temp_files = self.spool.remove_temp_files() + self.speakers.remove_temp_files()
+        if temp_files:
+            log.info("temp_files_removed", files=temp_files,
+                     message="left by writes that a crash cut short; never results")
+        self.spool.discard_orphan_attempts()
+        for claimed in left:
+            self.claim(claimed, time.monotonic())
+
+    def release(self, running: Running) -> None:
+        """The daemon stops before this job ran here: the cluster takes it, a client is
+        told to ask again, a spool job goes back to the inbox."""
+        job = running.job
+        if self.cluster.release(running):
+            return
+        if job.sink == SINK_REPLY:
+            self.book.end(running, JobError(ErrorCode.SHUTTING_DOWN,
+                                            "the daemon is stopping; send the request again"))
+        else:
+            self.ledger.pop(job.id)
+            self.hand_back(Claimed(job.origin))
+
+    def drain(self, deadline_passed: bool) -> set[int] | None:
+        """Stopping: jobs not started here are released at once; None while the jobs in
+        progress (and the files being written) may still finish; else the generations of
+        the workers whose jobs were abandoned at the deadline."""
+        for running in list(self.ledger.jobs.values()):
+            if not running.started or running.remote:
+                self.release(running)
+        left = list(self.ledger.jobs.values())
+        if (left or self.book.writing) and not deadline_passed:
+            return None
+        abandoned = set()
+        for running in left:
+            log.warning("drain_timeout", job=running.job.id, **running.progress())
+            if running.holder is not None:
+                abandoned.add(running.holder.generation)
+            self.release(running)
+        return abandoned
+
+    # -- the catalog ------------------------------------------------------------------------
+    def engine_ready(self, message: EngineReady) -> bool:
+        """A worker has loaded the engine: its catalog is ours. True for the first one."""
+        self.voices, self.engine_name = message.voices, message.engine
+        self.engine_features, self.native_rate = message.features, message.native_rate
+        first, self.ready = not self.ready, True
+        if first:
+            self.metrics.ready.set(1)
+        return first
+
+    def register_voice(self, name: Any, prompt_text: Any, audio: bytes) -> VoiceInfo:
+        if "prompt_audio" not in self.engine_features:
+            raise JobFailure(ErrorCode.NOT_SUPPORTED, f"the {self.engine_name} engine cannot "
+                             "clone voices (or has not started yet); registering one needs "
+                             "engine.name = \"cosyvoice\"")
+        if any(v.name == name and v.kind == "builtin" for v in self.voices):
+            raise JobFailure(ErrorCode.INVALID_FIELD, f"name: {name!r} is a built-in voice of "
+                             "the model; choose another name", "name")
+        self.speakers.add(name, prompt_text, audio)
+        self.cache.voices_changed()  # a replaced voice's entries go
+        voice = VoiceInfo(name, "", self.native_rate, self.engine_name, kind="registered")
+        self.voices = [v for v in self.voices if v.name != name] + [voice]
+        log.info("voice_registered", voice=name)
+        return voice
+
+    def remove_voice(self, name: str) -> bool:
+        if not self.speakers.remove(name):
+            return False
+        self.cache.voices_changed()  # its entries go
+        self.voices = [v for v in self.voices if not (v.name == name and v.kind == "registered")]
+        log.info("voice_removed", voice=name)
+        return True
+
+    # -- what a client may see and do -------------------------------------------------------
+    def is_admin_token(self, token: Any) -> bool:
+        return isinstance(token, str) and bool(self.admin_token) and \
+            hmac.compare_digest(token.encode(), self.admin_token.encode())
+
+    def visible(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
+        """May `identity` see this job? Another client's job is as if unknown."""
+        owner = self.ledger.owner_of(job_id)
+        return owner is not None and identity.may_see(owner)
+
+    def job_status(self, job_id: str,
+                   identity: Identity = LOCAL_ADMIN) -> dict[str, Any] | None:
+        return self.ledger.status(job_id) if self.visible(job_id, identity) else None
+
+    def cancel(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
+        return self.book.cancel(job_id, identity)
+
+    def stats(self, identity: Identity = LOCAL_ADMIN) -> dict[str, Any]:
+        return self.report(identity)
+
+    # -- what the cluster asks of this host (sharing.Host) ---------------------------------
+    def idle_workers(self) -> int:
+        return self.idle()
+
+    def enqueue_here(self, job: Job) -> None:
+        """Another host's job, taken from the shared stream."""
+        self.enqueue(job, share=False)
+
+    def serve_here(self, running: Running) -> None:
+        self.book.serve_here(running)
+        self.wake()
+
+    def end_job(self, running: Running, error: JobError | None) -> None:
+        self.book.end(running, error)
+
+    def finish_remote(self, running: Running, event: clusterwire.Event) -> None:
+        self.book.finish_remote(running, event)
+
+
+def _prompt_name(job_id: str) -> str:
+    """What a ZeroMQ job's prompt audio is called, as if it had been dropped in the inbox."""
+    return f"{job_id}.prompt"

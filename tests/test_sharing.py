@@ -1,0 +1,199 @@
+"""The cluster's side of the supervisor without Redis: sharing.py with a fake link (what
+the writer thread would send) and a host built on a real job book with fake sinks."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from cosyvoiced import clusterwire as wire
+from cosyvoiced.clients import LOCAL_ADMIN
+from cosyvoiced.cluster import ClusterLink, SharedLost
+from cosyvoiced.config import ClusterConfig, Config
+from cosyvoiced.encoding import Encoder
+from cosyvoiced.job import SINK_REPLY, Job, JobError, Sink
+from cosyvoiced.jobs import JobBook
+from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.metrics import Metrics
+from cosyvoiced.sharing import RemoteSink, Sharing
+from cosyvoiced.spool import Spool
+from tests.test_jobbook import FakeEncoder, FakeSink
+
+
+class FakeLink:
+    """What sharing asks of Redis, recorded; `up` and `inbound` as the threads set them."""
+
+    def __init__(self) -> None:
+        self.host, self.url, self.error = "a", "redis://fake", ""
+        self.up = True
+        self.inbound: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.calls: list[tuple[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **_kwargs: Any) -> None:
+            self.calls.append((name, args))
+        return record
+
+    def named(self, name: str) -> list[Any]:
+        return [args for called, args in self.calls if called == name]
+
+
+class Host:
+    """The supervisor's part that sharing sees (sharing.Host), on a real job book."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._config = Config()
+        self.ready, self.stopping = True, False
+        self.metrics = Metrics()
+        self.spool = Spool(tmp_path)
+        self.spool.ensure()
+        self.book = JobBook(Ledger(), self.spool, cast(Encoder, FakeEncoder()),
+                            lambda job: job, lambda: self._config)
+        self.sinks: dict[str, Sink] = {}
+        self.served_here: list[str] = []
+        self.sharing: Sharing | None = None
+
+    def settle(self) -> None:
+        """What the tick does with the jobs the book closed (service.settle)."""
+        closed, self.book.closed = self.book.closed, []
+        assert self.sharing is not None
+        for job in closed:
+            self.sharing.ended(job.job_id)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.book.ledger
+
+    def wake(self) -> None:
+        pass
+
+    def idle_workers(self) -> int:
+        return 0
+
+    def enqueue_here(self, job: Job) -> None:
+        self.book.admit(job, self.sink_of(job), ["x"], persisted=False)
+
+    def serve_here(self, running: Running) -> None:
+        self.served_here.append(running.job.id)
+        self.book.serve_here(running)
+
+    def sink_of(self, job: Job) -> Sink:
+        remote = self.sharing.sinks.get(job.id) if self.sharing is not None else None
+        return remote if remote is not None else self.sinks.setdefault(job.id, FakeSink())
+
+    def end_job(self, running: Running, error: JobError | None) -> None:
+        self.book.end(running, error)
+
+    def finish_remote(self, running: Running, event: wire.Event) -> None:
+        self.book.finish_remote(running, event)
+
+    def cancel(self, job_id: str) -> bool:
+        return self.book.cancel(job_id, LOCAL_ADMIN)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path)
+
+
+@pytest.fixture
+def link() -> FakeLink:
+    return FakeLink()
+
+
+@pytest.fixture
+def sharing(host: Host, link: FakeLink) -> Sharing:
+    shared = Sharing(ClusterConfig(redis="redis://fake", name="a"), host)
+    shared.link = cast(ClusterLink, link)
+    host.sharing = shared
+    return shared
+
+
+def _job(job_id: str, stream: bool = False) -> Job:
+    return Job(id=job_id, source="zmq", origin=job_id, text="x", sink=SINK_REPLY,
+               stream=stream)
+
+
+def _shared_own(host: Host, sharing: Sharing, job_id: str, stream: bool = False) -> Running:
+    """A job received here and put on the shared stream."""
+    job = _job(job_id, stream)
+    running = host.book.admit(job, host.sink_of(job), ["x"], persisted=False)
+    assert sharing.share(running)
+    return running
+
+
+def test_a_job_delivered_too_often_ends_as_poison_on_its_receiving_host(
+        host: Host, sharing: Sharing, link: FakeLink) -> None:
+    taken = wire.SharedJob(_job("j1"), "b", None, "s", "1-0", deliveries=3)
+    link.inbound.put(taken)
+    sharing.poll(0.0)
+    (event, _sent_to), = [(args[1], args[0]) for args in link.named("complete")]
+    assert event.kind == wire.FAILED
+    assert event.detail["error"]["code"] == "worker_crashed"
+    assert "b-j1" not in host.ledger.jobs  # never queued here
+
+
+def test_redis_down_takes_back_the_jobs_no_host_started(host: Host, sharing: Sharing,
+                                                        link: FakeLink) -> None:
+    running = _shared_own(host, sharing, "own")
+    assert running.remote
+    link.up = False
+    sharing.poll(10.0)
+    assert host.served_here == ["own"]
+    assert not running.remote
+
+
+def test_a_stream_another_host_was_serving_cannot_be_continued_here(
+        host: Host, sharing: Sharing, link: FakeLink) -> None:
+    running = _shared_own(host, sharing, "streamed", stream=True)
+    link.inbound.put(wire.Event(wire.STARTED, "streamed", "b", {"sample_rate": 100},
+                                entry="1-0"))
+    link.inbound.put(wire.Event(wire.CHUNK, "streamed", "b", {"seq": 0},
+                                wire.audio_bytes([0.0] * 4), entry="1-1"))  # type: ignore[arg-type]
+    sharing.poll(0.0)
+    assert running.chunks_sent == 1
+    link.up = False
+    sharing.poll(1.0)
+    sharing.poll(1.0 + sharing.claim_idle_s)  # b has been silent that long
+    sink = cast(FakeSink, host.sinks["streamed"])
+    assert sink.events[-1] == ("failed", "worker_crashed")
+    assert host.served_here == []
+
+
+def test_an_outcome_for_a_job_that_ended_already_is_dropped(host: Host, sharing: Sharing,
+                                                            link: FakeLink) -> None:
+    running = _shared_own(host, sharing, "twice")
+    host.cancel("twice")  # it ended here first
+    host.settle()
+    assert host.ledger.get("twice") is None
+    assert link.named("withdraw") == [("twice",)]
+    link.inbound.put(wire.Event(wire.FAILED, "twice", "b", {"error": {
+        "code": "engine_error", "message": "late"}}, entry="2-0"))
+    sharing.poll(0.0)
+    sink = cast(FakeSink, host.sinks["twice"])
+    assert sink.events == [("cancelled", None)]  # one outcome, not two
+    assert link.named("forget") == [(["2-0"], [])]  # read, forgotten, not finished here
+    assert running.job.id not in sharing.own
+
+
+def test_a_job_redis_lost_is_served_here(host: Host, sharing: Sharing,
+                                         link: FakeLink) -> None:
+    _shared_own(host, sharing, "lost")
+    link.inbound.put(SharedLost("lost"))
+    sharing.poll(0.0)
+    assert host.served_here == ["lost"]
+
+
+def test_a_remote_sink_sends_its_outcome_to_the_receiving_host(link: FakeLink) -> None:
+    shared = wire.SharedJob(_job("j"), "b", None, "s", "1-0")
+    RemoteSink(cast(ClusterLink, link), shared).cancelled(shared.job)
+    (args,) = link.named("complete")
+    assert args[0] == "b"
+    assert args[1].kind == wire.CANCELLED
