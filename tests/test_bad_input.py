@@ -84,8 +84,9 @@ def test_bad_input_is_failed_with_specific_code(shared_daemon: Daemon, case: str
     assert record["message"]
     if field is not None:
         assert record["message"].startswith(f"{field}:"), record["message"]
-    # The input is kept beside its error record, and nothing reached the outbox.
-    assert os.path.lexists(shared_daemon.failed / name)
+    # The input is kept beside its error record (moved just after the record, which is
+    # the commit point), and nothing reached the outbox.
+    wait_until(lambda: os.path.lexists(shared_daemon.failed / name), 10, "the input moved")
     assert not list(shared_daemon.outbox.glob(f"bad-{case}*"))
     assert not list(shared_daemon.work.iterdir())
     # The daemon keeps serving.
