@@ -215,6 +215,9 @@ class ZmqConfig:
     # A peer that connects and has not finished the ZMTP/CURVE handshake after this long is
     # dropped (set on the socket at start-up).
     handshake_timeout_s: float = _setting(10.0, _at_least(0.1))
+    # Peers connected at once; over it, a new peer's handshake is refused (ZAP) and libzmq
+    # closes its connection. Keep it well under the unit's LimitNOFILE=.
+    max_connections: int = _setting(1024, _at_least(1))
 
 
 @dataclass(frozen=True)

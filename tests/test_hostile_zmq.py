@@ -223,3 +223,40 @@ def test_the_example_config_documents_the_new_keys() -> None:
     example = (Path(__file__).resolve().parent.parent / "etc" / "cosyvoiced.toml").read_text()
     zmq_section = example.split("[zmq]", 1)[1].split("\n[", 1)[0]
     assert "handshake_timeout_s = 10.0" in zmq_section
+
+
+def test_connections_over_max_connections_are_refused_until_some_leave(
+        make_daemon: DaemonFactory) -> None:
+    """zmq.max_connections: a peer over it is refused at its handshake (ZAP) and libzmq
+    closes its connection, so a flood of ZeroMQ connections cannot take every descriptor;
+    once others leave, it gets in when it connects again (libzmq does not retry a refused
+    handshake by itself; cosyvoiced.client reconnects after its timeout)."""
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
+                         zmq={"max_connections": 3})
+    daemon.start()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    first = [context.socket(zmq.DEALER) for _ in range(3)]
+    late = context.socket(zmq.DEALER)
+    try:
+        for sock in first:
+            sock.connect(daemon.endpoint)
+            sock.send_json({"v": 1, "op": "ping", "id": "in"})
+            assert sock.poll(10_000), "a peer under the cap is served"
+            sock.recv()
+        late.connect(daemon.endpoint)
+        late.send_json({"v": 1, "op": "ping", "id": "late"})
+        assert not late.poll(2_000), "the fourth peer got in"
+        refused = wait_until(lambda: daemon.log_events("zmq_connections_refused"), 10,
+                             "the refusal in the log")
+        assert refused[0]["max_connections"] == 3
+        for sock in first[:2]:
+            sock.close(linger=0)
+        late.close(linger=0)
+        late = context.socket(zmq.DEALER)
+        late.connect(daemon.endpoint)
+        late.send_json({"v": 1, "op": "ping", "id": "again"})
+        assert late.poll(20_000), "the peer got in once others had left"
+        assert json.loads(late.recv())["event"] == "pong"
+    finally:
+        for sock in [*first, late]:
+            sock.close(linger=0)

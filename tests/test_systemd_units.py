@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cosyvoiced.config import HttpConfig, MetricsConfig, WyomingConfig
+from cosyvoiced.config import HttpConfig, MetricsConfig, WyomingConfig, ZmqConfig
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
@@ -91,7 +91,7 @@ def test_file_limit_has_room_above_the_connection_caps() -> None:
     found = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
     assert found is not None, "the unit sets no LimitNOFILE="
     caps = HttpConfig().max_connections + MetricsConfig().max_connections + \
-        WyomingConfig().max_connections
+        WyomingConfig().max_connections + ZmqConfig().max_connections
     assert int(found.group(1)) >= 8 * caps
 
 

@@ -20,6 +20,7 @@ import contextlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ import numpy.typing as npt
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from cosyvoiced import __version__, audio, clients, logs
 from cosyvoiced.clients import Identity
@@ -67,6 +69,8 @@ SYNTHESIZE_FIELDS = tuple(name for name in SUBMIT_FIELDS if name != "output")
 # Ops whose attachment frame 1 is audio.
 AUDIO_OPS = (Op.SYNTHESIZE, Op.SUBMIT, Op.REGISTER_VOICE)
 _STOP = b"stop"
+REFUSED_LOG_INTERVAL_S = 10.0
+ZAP_DOMAIN = "cosyvoiced"  # every connection is authenticated (ZAP) in this domain
 _BATCH = 256  # messages handled per socket per poll round, so neither side starves
 STOP_TIMEOUT_S = 5.0  # for the socket thread to flush the last replies and end
 _ROUTER_FLUSH_MS = 1000  # how long closing the ROUTER may spend sending the last replies
@@ -110,6 +114,54 @@ class Service(Protocol):
     def stats(self, identity: Identity = ...) -> dict[str, Any]: ...
 
 
+class _Gate(ThreadAuthenticator):
+    """ZAP for every connection (NULL and CURVE alike): over zmq.max_connections, a new
+    connection's handshake is refused and libzmq closes it, which frees its descriptor.
+    Under it, pyzmq's own rules apply (CURVE keys, or NULL allowed)."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], over_cap: Callable[[], bool],
+                 on_refused: Callable[[], None]) -> None:
+        super().__init__(context)
+        self._over_cap, self._on_refused = over_cap, on_refused
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 2 and self._over_cap():
+            self._on_refused()
+            self._send_zap_reply(msg[1], b"400", b"too many connections")
+            return
+        await super().handle_zap_message(msg)
+
+
+class _Connections:
+    """How many peers are connected to the ROUTER, from its monitor's events (the socket
+    thread counts; the ZAP thread reads)."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.count = 0
+        self._limit = limit
+        self._refused = 0  # since the last log line (the ZAP thread's)
+        self._next_log = 0.0
+
+    def over_cap(self) -> bool:
+        # The connection asking is counted already (it was accepted before its handshake).
+        return self.count > self._limit()
+
+    def refused_one(self) -> None:
+        """Logged at most once per interval, with a count: a flood must not flood the log."""
+        self._refused += 1
+        now = time.monotonic()
+        if now >= self._next_log:
+            log.warning("zmq_connections_refused", count=self._refused,
+                        max_connections=self._limit(), connected=self.count)
+            self._refused, self._next_log = 0, now + REFUSED_LOG_INTERVAL_S
+
+    def seen(self, event: int) -> None:
+        if event == zmq.EVENT_ACCEPTED:
+            self.count += 1
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.count = max(0, self.count - 1)
+
+
 @dataclass(frozen=True)
 class _Route:
     envelope: tuple[bytes, ...]
@@ -117,11 +169,15 @@ class _Route:
 
 
 class _SocketThread(threading.Thread):
-    def __init__(self, router: zmq.Socket[bytes], replies: zmq.Socket[bytes],
+    def __init__(self, router: zmq.Socket[bytes], replies: zmq.Socket[bytes],  # noqa: PLR0917
                  limits: Callable[[], WireLimits],
                  inbound: queue.SimpleQueue[Request | ClientGone],
-                 wake: Callable[[], None]) -> None:
+                 wake: Callable[[], None], connections: _Connections,
+                 curve: bool) -> None:
         super().__init__(name="zmq-socket", daemon=True)
+        self._curve = curve
+        self._connections = connections
+        self._monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._router = router
         self._replies = replies
         self._limits = limits
@@ -138,6 +194,9 @@ class _SocketThread(threading.Thread):
                          exc_info=True)
             self._wake()  # the supervisor's tick notices at once
         finally:
+            with contextlib.suppress(zmq.ZMQError):
+                self._router.disable_monitor()
+            self._monitor.close(linger=0)
             self._router.close(linger=_ROUTER_FLUSH_MS)  # flush the last replies
             self._replies.close(linger=0)
 
@@ -145,12 +204,23 @@ class _SocketThread(threading.Thread):
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
             ready = dict(poller.poll())
+            if self._monitor in ready:
+                self._count_connections()
             if self._replies in ready and not self._send_replies():
                 return
             if self._router in ready:
                 self._take_requests()
+
+    def _count_connections(self) -> None:
+        for _ in range(_BATCH):
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._connections.seen(int(event["event"]))
 
     def _take_requests(self) -> None:
         for _ in range(_BATCH):
@@ -160,7 +230,8 @@ class _SocketThread(threading.Thread):
                 return
             frames = [frame.bytes for frame in message]
             try:
-                self._take(frames, _user_id(message[-1]))
+                # A user id is a CURVE key only with CURVE on (ZAP names NULL peers too).
+                self._take(frames, _user_id(message[-1]) if self._curve else None)
             except Exception:  # one message must not end the thread
                 log.error("zmq_message_failed", frames=len(frames), exc_info=True)
                 self._send(error_reply(split_envelope(frames)[0], ProtocolError(
@@ -237,7 +308,8 @@ class ZmqIntake:
         self._inbound: queue.SimpleQueue[Request | ClientGone] = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}  # job id -> requester, for reply jobs
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._auth: ThreadAuthenticator | None = None
+        self._auth: _Gate | None = None
+        self.connections = _Connections(lambda: self.settings.max_connections)
         self._push: zmq.Socket[bytes] | None = None
         self._thread: _SocketThread | None = None
 
@@ -260,11 +332,13 @@ class ZmqIntake:
             return
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._context = context
+        self._auth = _Gate(context, self.connections.over_cap, self.connections.refused_one)
+        self._auth.start()
         if self.settings.curve:
-            self._auth = ThreadAuthenticator(context)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=self.settings.authorized_keys_dir)
+            self._auth.configure_curve(domain=ZAP_DOMAIN,
+                                       location=self.settings.authorized_keys_dir)
         router = _new_router(context, self.settings)
+        router.zap_domain = ZAP_DOMAIN.encode()  # ZAP for NULL connections too: the cap
         for endpoint in self.settings.bind:
             router.bind(endpoint)
         inproc = f"inproc://cosyvoiced-replies-{os.getpid()}"
@@ -274,7 +348,7 @@ class ZmqIntake:
         self._push.setsockopt(zmq.SNDHWM, 0)  # never drop or block a reply on this side
         self._push.connect(inproc)
         self._thread = _SocketThread(router, pull, self._wire_limits, self._inbound,
-                                     self._wake)
+                                     self._wake, self.connections, self.settings.curve)
         self._thread.start()
         log.info("zmq_listening", endpoints=self.settings.bind, curve=self.settings.curve)
 
@@ -304,8 +378,9 @@ class ZmqIntake:
             context.term()  # every socket is closed: returns at once
 
     def reload_keys(self) -> None:
-        if self._auth is not None:
-            self._auth.configure_curve(domain="*", location=self.settings.authorized_keys_dir)
+        if self._auth is not None and self.settings.curve:
+            self._auth.configure_curve(domain=ZAP_DOMAIN,
+                                       location=self.settings.authorized_keys_dir)
 
     def inbound(self) -> Iterator[Request | ClientGone]:
         while True:
