@@ -13,6 +13,7 @@ from cosyvoiced.config import RSS_LIMIT_AUTO, WorkerConfig, resolve_rss_limit
 from cosyvoiced.memory import auto_rss_limit, parse_cgroup_limit, parse_meminfo_total
 from cosyvoiced.policy import recycle_reason
 from tests.conftest import DaemonFactory
+from tests.daemon import wait_until
 from tests.test_segments_markup import unpunctuated
 
 GiB = 1 << 30
@@ -104,7 +105,9 @@ def test_a_tagged_unpunctuated_text_is_cut_and_the_worker_stays_small(
         daemon.drop("tagged.txt", "[x] " + body)
         tagged = daemon.wait_done("tagged.txt", timeout_s=90)
         after = _worker(client)
-    (job,) = [event for event in daemon.log_events("job") if event["job"] == tagged["job"]]
+    # The record is the commit point; the job's summary line follows it.
+    (job,) = wait_until(lambda: [event for event in daemon.log_events("job")
+                                 if event["job"] == tagged["job"]], 10, "the summary line")
     assert job["segments"] >= 6, job
     assert after["generation"] == warm["generation"]  # the same worker, not a fresh one
     grown = int(str(after["rss_bytes"])) - int(str(warm["rss_bytes"]))
