@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,42 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def bounded(action: Callable[[], object], timeout_s: float) -> float:
+    """Run `action` on a thread; fail (rather than hang the test) if it takes longer.
+    Returns how long it took."""
+    began = time.monotonic()
+    worker = threading.Thread(target=action, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    assert not worker.is_alive(), f"still blocked after {timeout_s:g} s"
+    return time.monotonic() - began
+
+
+@contextlib.contextmanager
+def out_of_descriptors(daemon: Daemon, port: int, spare: int = 8,
+                       connections: int = 40) -> Iterator[None]:
+    """Lower the running daemon's descriptor limit to what it uses plus `spare`, then open
+    more loopback connections to `port` than that leaves: accept() fails with EMFILE.
+    The connections are closed on leaving."""
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + spare, hard))
+    held: list[socket.socket] = []
+    try:
+        for _ in range(connections):
+            sock = socket.socket()
+            sock.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                sock.connect(("127.0.0.1", port))
+            held.append(sock)
+        yield
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:

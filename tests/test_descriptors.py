@@ -3,13 +3,8 @@ can be read, never left in work/ without an outcome."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import resource
-import socket
-
 from tests.conftest import DaemonFactory
-from tests.daemon import free_port, wait_until
+from tests.daemon import free_port, out_of_descriptors, wait_until
 
 
 def test_a_claim_that_fails_with_emfile_is_retried_and_served(
@@ -19,26 +14,11 @@ def test_a_claim_that_fails_with_emfile_is_retried_and_served(
                          http={"listen": f"127.0.0.1:{port}", "max_connections": 5000,
                                "idle_timeout_s": 1.0})
     daemon.start()
-    assert daemon.process is not None
-    pid = daemon.process.pid
-    in_use = len(os.listdir(f"/proc/{pid}/fd"))
-    _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 8, hard))
-    held: list[socket.socket] = []
-    try:
-        for _ in range(40):  # more than the daemon may open: it is out of descriptors
-            sock = socket.socket()
-            sock.settimeout(0.5)
-            with contextlib.suppress(OSError):
-                sock.connect(("127.0.0.1", port))
-            held.append(sock)
+    with out_of_descriptors(daemon, port):
         wait_until(lambda: daemon.log_events("accept_failed"), 15, "the daemon at its limit")
         daemon.drop("while-full.txt", "Dropped while the daemon had no descriptor left.")
         retry = wait_until(lambda: daemon.log_events("claim_retry"), 30, "a claim retry")
         assert "Too many open files" in retry[0]["error"]
-    finally:
-        for sock in held:
-            sock.close()
     # The connections go (closed by their clients, or idle for 1 s): the claim succeeds.
     record = daemon.wait_done("while-full.txt")
     assert record["input"] == "while-full.txt"

@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from cosyvoiced import config
 from cosyvoiced.config import WyomingConfig
 from cosyvoiced.intake import wyoming as wyoming_intake
 from cosyvoiced.intake.reply import Released, Submission
-from tests.daemon import Daemon, free_port, wait_until
+from tests.daemon import Daemon, bounded, free_port, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
 IDLE_TIMEOUT_S = 4.0
@@ -214,16 +214,8 @@ def in_process() -> Iterator[tuple[wyoming_intake.WyomingIntake, tuple[str, int]
         lambda: WyomingConfig(listen=f"tcp://127.0.0.1:{port}"), lambda: None)
     intake.start()
     yield intake, ("127.0.0.1", port)
-    _bounded(intake.stop, 10.0)
+    bounded(intake.stop, 10.0)
 
-
-def _bounded(action: Callable[[], object], timeout_s: float) -> float:
-    began = time.monotonic()
-    worker = threading.Thread(target=action, daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    assert not worker.is_alive(), f"still blocked after {timeout_s:g} s"
-    return time.monotonic() - began
 
 
 def test_an_error_while_handling_an_event_gets_internal(
@@ -263,7 +255,7 @@ def test_stop_ends_a_connection_waiting_on_its_job_and_lets_the_job_go(
     assert connected.wait(WAIT_S)
     (submission,) = wait_until(lambda: list(intake.inbound()), WAIT_S, "the submission")
     assert isinstance(submission, Submission)
-    assert _bounded(intake.stop, 10.0) < 5.0
+    assert bounded(intake.stop, 10.0) < 5.0
     assert leave.wait(WAIT_S), "the client saw its connection end"
     released = [m for m in intake.inbound() if isinstance(m, Released)]
     assert released == [Released(submission.job_id, gone=True)]

@@ -9,9 +9,8 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.jobspec import Limits
 from cosyvoiced.protocol import Op, Request
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, bounded, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
 DEEP_HEADER = b"[" * 30000 + b"]" * 30000
@@ -89,17 +88,8 @@ def intake(endpoint: str) -> Iterator[zmq_intake.ZmqIntake]:
                                    lambda: None)
     started.start()
     yield started
-    _bounded(started.stop, STOP_BOUND_S)
+    bounded(started.stop, STOP_BOUND_S)
 
-
-def _bounded(action: Callable[[], object], timeout_s: float) -> float:
-    """Run `action` on a thread; fail (rather than hang the test) if it takes longer."""
-    began = time.monotonic()
-    worker = threading.Thread(target=action, daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    assert not worker.is_alive(), f"still blocked after {timeout_s:g} s"
-    return time.monotonic() - began
 
 
 def _kill_socket_thread(intake: zmq_intake.ZmqIntake, endpoint: str,
@@ -136,7 +126,7 @@ def test_failure_is_none_before_start_and_after_a_clean_stop(endpoint: str) -> N
     assert intake.failure() is None
     intake.start()
     assert intake.failure() is None
-    _bounded(intake.stop, STOP_BOUND_S)
+    bounded(intake.stop, STOP_BOUND_S)
     assert intake.failure() is None
 
 
@@ -149,8 +139,8 @@ def test_replies_and_stop_do_not_block_once_the_socket_thread_died(
         intake: zmq_intake.ZmqIntake, endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _kill_socket_thread(intake, endpoint, monkeypatch)
     ping = Request((b"peer",), "p", Op.PING, {"v": 1, "op": "ping", "id": "p"})
-    _bounded(lambda: intake.handle(ping, _Service()), 2.0)  # type: ignore[arg-type]
-    assert _bounded(intake.stop, STOP_BOUND_S) < 3.0
+    bounded(lambda: intake.handle(ping, _Service()), 2.0)  # type: ignore[arg-type]
+    assert bounded(intake.stop, STOP_BOUND_S) < 3.0
 
 
 def test_one_message_that_breaks_the_thread_gets_internal_and_the_thread_lives(

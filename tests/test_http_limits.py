@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
-import resource
 import select
 import socket
 import time
@@ -23,7 +21,7 @@ import openai
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, free_port, wait_until
+from tests.daemon import Daemon, free_port, out_of_descriptors, wait_until
 
 KEY = "sk-limits-0123456789"
 HEADER_TIMEOUT_S = 1.0
@@ -258,25 +256,10 @@ def test_accept_errors_are_logged_once_per_interval(make_daemon: DaemonFactory) 
     daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
                          http={"listen": f"127.0.0.1:{port}", "max_connections": 5000})
     daemon.start()
-    assert daemon.process is not None
-    pid = daemon.process.pid
-    in_use = len(os.listdir(f"/proc/{pid}/fd"))
-    _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 8, hard))
-    held: list[socket.socket] = []
-    try:
-        for _ in range(40):  # more than the daemon may open: accept() fails with EMFILE
-            sock = socket.socket()
-            sock.settimeout(0.5)
-            with contextlib.suppress(OSError):
-                sock.connect(("127.0.0.1", port))
-            held.append(sock)
+    with out_of_descriptors(daemon, port):  # accept() fails with EMFILE
         wait_until(lambda: _accept_lines(daemon), 15, "an accept error in the log")
         time.sleep(3.0)  # asyncio retries each second, up to its backlog times per retry
         lines = _accept_lines(daemon)
-    finally:
-        for sock in held:
-            sock.close()
     throttled = [e for e in lines if e["event"] == "accept_failed"]
     assert throttled, lines[:3]
     assert len(lines) <= 3, f"{len(lines)} lines for accept errors"

@@ -380,7 +380,7 @@ class ReplyIntake:
         if len(routes) >= limit:
             return Failed(BUSY, f"{len(routes)} requests of this client are in flight "
                           f"(max_pending_per_client = {limit}); retry later")
-        buffered = sum(route.exchange.pending_bytes for route in routes)
+        buffered = self._buffered(client)
         if buffered >= self.max_buffered_bytes():
             return Failed(BUSY, f"{buffered >> 20} MiB of audio made for this client is not "
                           "read yet; read it, then retry")
