@@ -53,6 +53,8 @@ CASES: dict[str, tuple[Drop, str, str | None]] = {
     "empty_json_text": (_json({"text": ""}), "empty_text", "text"),
     "text_too_long": (_raw(".txt", b"word " * 100), "text_too_long", "text"),
     "bad_json": (_raw(".json", b'{"text": "unterminated'), "bad_json", None),
+    # It raised RecursionError out of the parser: the supervisor's tick died on it.
+    "deep_json": (_raw(".json", b"[" * 4000 + b"]" * 4000), "bad_json", None),
     "json_not_object": (_json(["text"]), "bad_json", None),
     "missing_text": (_json({"voice": "en_US-joe-medium"}), "missing_field", "text"),
     "unknown_field": (_json({"text": "Hi.", "colour": "blue"}), "unknown_field", "colour"),

@@ -69,6 +69,9 @@ def parse(claimed: Claimed, data: bytes, limits: Limits) -> Job:
     except json.JSONDecodeError as error:
         raise JobFailure(ErrorCode.BAD_JSON, f"not valid JSON: {error.msg} at line "
                          f"{error.lineno} column {error.colno}") from None
+    except (ValueError, RecursionError) as error:  # nested too deep; an over-long integer
+        raise JobFailure(ErrorCode.BAD_JSON, "not usable JSON: "
+                         f"{str(error) or type(error).__name__}"[:200]) from None
     if not isinstance(fields, dict):
         raise JobFailure(ErrorCode.BAD_JSON, "the JSON must be an object such as "
                          '{"text": "..."}; got ' + type(fields).__name__)
