@@ -72,6 +72,7 @@ _STOP = b"stop"
 REFUSED_LOG_INTERVAL_S = 10.0
 ZAP_DOMAIN = "cosyvoiced"  # every connection is authenticated (ZAP) in this domain
 _BATCH = 256  # messages handled per socket per poll round, so neither side starves
+_MONITOR_DRAIN_MS = 1000  # the socket thread reads connection events at least this often
 STOP_TIMEOUT_S = 5.0  # for the socket thread to flush the last replies and end
 _ROUTER_FLUSH_MS = 1000  # how long closing the ROUTER may spend sending the last replies
 
@@ -133,16 +134,45 @@ class _Gate(ThreadAuthenticator):
 
 
 class _Connections:
-    """How many peers are connected to the ROUTER, from its monitor's events (the socket
-    thread counts; the ZAP thread reads)."""
+    """How many peers are connected to the ROUTER, from its monitor's events.
+
+    The ZAP thread reads the monitor itself before it decides: the socket thread may not
+    have seen a new peer's ACCEPTED event yet when that peer's handshake reaches ZAP (a
+    race CI caught). The socket thread drains it too, so events never pile up to the
+    monitor's HWM and get dropped. The lock serialises the two threads' use of the one
+    monitor socket (libzmq allows a socket to move between threads behind a barrier)."""
 
     def __init__(self, limit: Callable[[], int]) -> None:
         self.count = 0
         self._limit = limit
+        self._lock = threading.Lock()
+        self._monitor: zmq.Socket[bytes] | None = None
         self._refused = 0  # since the last log line (the ZAP thread's)
         self._next_log = 0.0
 
+    def watch(self, router: zmq.Socket[bytes]) -> None:
+        self._monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+
+    def unwatch(self, router: zmq.Socket[bytes]) -> None:
+        with self._lock:
+            if self._monitor is None:
+                return
+            with contextlib.suppress(zmq.ZMQError):
+                router.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def drain(self) -> None:
+        with self._lock:
+            while self._monitor is not None:
+                try:
+                    event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                self._seen(int(event["event"]))
+
     def over_cap(self) -> bool:
+        self.drain()
         # The connection asking is counted already (it was accepted before its handshake).
         return self.count > self._limit()
 
@@ -155,7 +185,7 @@ class _Connections:
                         max_connections=self._limit(), connected=self.count)
             self._refused, self._next_log = 0, now + REFUSED_LOG_INTERVAL_S
 
-    def seen(self, event: int) -> None:
+    def _seen(self, event: int) -> None:
         if event == zmq.EVENT_ACCEPTED:
             self.count += 1
         elif event == zmq.EVENT_DISCONNECTED:
@@ -177,7 +207,7 @@ class _SocketThread(threading.Thread):
         super().__init__(name="zmq-socket", daemon=True)
         self._curve = curve
         self._connections = connections
-        self._monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        connections.watch(router)
         self._router = router
         self._replies = replies
         self._limits = limits
@@ -194,9 +224,7 @@ class _SocketThread(threading.Thread):
                          exc_info=True)
             self._wake()  # the supervisor's tick notices at once
         finally:
-            with contextlib.suppress(zmq.ZMQError):
-                self._router.disable_monitor()
-            self._monitor.close(linger=0)
+            self._connections.unwatch(self._router)
             self._router.close(linger=_ROUTER_FLUSH_MS)  # flush the last replies
             self._replies.close(linger=0)
 
@@ -204,23 +232,13 @@ class _SocketThread(threading.Thread):
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
         while True:
-            ready = dict(poller.poll())
-            if self._monitor in ready:
-                self._count_connections()
+            ready = dict(poller.poll(_MONITOR_DRAIN_MS))
+            self._connections.drain()
             if self._replies in ready and not self._send_replies():
                 return
             if self._router in ready:
                 self._take_requests()
-
-    def _count_connections(self) -> None:
-        for _ in range(_BATCH):
-            try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._connections.seen(int(event["event"]))
 
     def _take_requests(self) -> None:
         for _ in range(_BATCH):
