@@ -32,9 +32,15 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	@touch $@
 
-# Lint first: what is not ruff- and mypy-clean does not pass CI either.
+# Lint first: what is not ruff- and mypy-clean does not pass CI either. Every test starts
+# its own daemons on its own spool and ports, so the suite runs in TEST_JOBS processes
+# (pytest-xdist; a file's tests stay in one process, for the daemons they share); the few
+# that hold a tight bound on wall time (`serial`) then run alone.
+TEST_JOBS ?= auto
+PYTEST_PARALLEL = -n $(TEST_JOBS) --dist loadfile
 test: lint redis
-	$(BIN)/python -m pytest --ignore=tests/cosyvoice
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m 'not serial' --ignore=tests/cosyvoice
+	$(BIN)/python -m pytest -m serial --ignore=tests/cosyvoice
 	$(MAKE) test-cosyvoice
 
 # The CosyVoice lane: a virtualenv of its own with torch and the real upstream inference
@@ -42,6 +48,8 @@ test: lint redis
 # on a tiny random model built at test time. torch/torchaudio 2.11 are PyPI's CUDA builds,
 # which run on CPU; the three packages installed --no-deps pin stale versions of their needs.
 # COSYVOICE_REPO=/path/to/CosyVoice runs the same tests on an upstream checkout (CosyVoice2).
+# Its tests run in parallel too (each process builds its own tiny model), so none may
+# depend on another's having run first.
 $(LANE)/.installed: setup.cfg pyproject.toml
 	@test -x $(LANE_BIN)/python || $(PYTHON) -m venv $(LANE)
 	$(LANE_BIN)/python -m pip install --quiet --upgrade pip
@@ -52,7 +60,7 @@ $(LANE)/.installed: setup.cfg pyproject.toml
 	@touch $@
 
 test-cosyvoice: $(LANE)/.installed
-	$(LANE_BIN)/python -m pytest tests/cosyvoice
+	$(LANE_BIN)/python -m pytest $(PYTEST_PARALLEL) tests/cosyvoice
 
 # The same lane on an upstream checkout, once per model generation (tiny CosyVoice-300M,
 # CosyVoice2, CosyVoice3): make test-cosyvoice-checkout COSYVOICE_REPO=/path/to/CosyVoice.

@@ -330,6 +330,7 @@ def test_http_speech_through_another_host_and_a_hang_up_cancels_it_there(
                30, "the hang-up to cancel the job on the serving host")
 
 
+@pytest.mark.serial
 def test_on_a_busy_cluster_a_short_request_waits_one_segment_not_a_whole_job(
         make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
     only = start(host(make_daemon, redis_server, "only"))

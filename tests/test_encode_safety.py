@@ -112,6 +112,7 @@ def _kill_the_encoder_while_streaming(daemon: Daemon, client: openai.OpenAI, tex
             os.kill(pid, signal.SIGKILL)  # while the stream is open in it
 
 
+@pytest.mark.serial
 def test_the_watchdog_is_pinged_on_time_while_a_long_file_is_encoded(
         make_daemon: DaemonFactory) -> None:
     """Encoding is off the tick: while the encoder makes a long Ogg file (seconds of CPU),

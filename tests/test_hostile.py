@@ -30,6 +30,9 @@ from cosyvoiced import config
 from cosyvoiced.client import Client, DaemonError
 from tests.daemon import Daemon, free_port, wait_until
 
+# It times a normal client idle and under attack: alone, not beside another test's daemons.
+pytestmark = pytest.mark.serial
+
 KEY = "sk-hostile-test-key"
 NORMAL = "The morning train arrived a little later than the timetable promised."
 RSS_SLACK = 100 << 20

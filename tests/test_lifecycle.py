@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import soundfile
 
 from tests.conftest import DaemonFactory
@@ -192,6 +193,7 @@ def test_engine_that_cannot_load_exits_with_distinct_code(make_daemon: DaemonFac
     assert "no-such-voice" in fatal[0]["reason"]
 
 
+@pytest.mark.serial
 def test_watchdog_pings_at_half_the_interval(make_daemon: DaemonFactory) -> None:
     daemon = make_daemon()
     daemon.start(extra_env={"WATCHDOG_USEC": "1000000"})

@@ -191,6 +191,7 @@ def test_engine_that_fails_to_load_exits_with_code_3(make_daemon: DaemonFactory)
     assert len(generations(daemon)) == 3
 
 
+@pytest.mark.serial
 def test_watchdog_pings_stop_while_the_supervisor_is_blocked(make_daemon: DaemonFactory) -> None:
     daemon = make_daemon(engine={"name": FAULTY})
     daemon.start(extra_env={"WATCHDOG_USEC": "1000000"})
