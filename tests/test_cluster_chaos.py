@@ -187,12 +187,18 @@ def test_no_job_is_lost_or_doubled_while_hosts_are_killed(
         job = (event["received_by"], event["job"])
         deliveries[job] = max(deliveries[job], int(event["deliveries"]))
     for (receiver, name), record in failed.items():
-        print(f"worker_crashed: {receiver}/{name}: {record['message']}; started by "
-              f"{host_runs(logs, receiver, record['job'])}")
+        runs = host_runs(logs, receiver, record["job"])
+        print(f"{record['code']}: {receiver}/{name}: {record['message']}; started by {runs}")
+        # Poisoned only after its hosts died twice under it: taken over at its 3rd delivery
+        # (worker_crashed), or its own host found it in hand after two of its deaths in a
+        # row (daemon_crashed, the crash-safe recovery), which is the same rule seen locally.
+        if record["code"] == "daemon_crashed":
+            assert len([run for run in runs if run.startswith(f"{receiver}/")]) >= 2, \
+                f"{name}: {record} ({replay})"
+            continue
         assert record["code"] == "worker_crashed", f"{receiver}/{name}: {record} ({replay})"
-        # Poisoned only after its hosts died twice under it: taken over at its 3rd delivery.
         assert deliveries[receiver, record["job"]] > 2, f"{name}: {record} ({replay})"
-    assert len(failed) <= MAX_CRASHED, f"too many worker_crashed ({replay})"
+    assert len(failed) <= MAX_CRASHED, f"too many poisoned ({replay})"
 
     served_by = Counter(record["served_by"] for record in done.values())
     assert set(served_by) == set(HOSTS), f"{served_by} ({replay})"
