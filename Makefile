@@ -12,7 +12,7 @@ UNITDIR ?= /lib/systemd/system
 LANE := .venv-cosyvoice
 LANE_BIN := $(LANE)/bin
 
-.PHONY: venv run test test-cosyvoice test-cosyvoice-checkout lint redis bench dist deb install clean
+.PHONY: venv run test test-cosyvoice test-cosyvoice-checkout lint redis browser bench dist deb install clean
 
 venv: $(VENV)/.installed
 
@@ -38,9 +38,13 @@ $(VENV)/.test-installed: $(VENV)/.installed
 # that hold a tight bound on wall time (`serial`) then run alone.
 TEST_JOBS ?= auto
 PYTEST_PARALLEL = -n $(TEST_JOBS) --dist loadfile
-test: lint redis
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m 'not serial' --ignore=tests/cosyvoice
-	$(BIN)/python -m pytest -m serial --ignore=tests/cosyvoice
+# The console's browser tests write a screenshot of each view here (kept out of git).
+SCREENSHOTS := screenshots
+TEST_ENV = COSYVOICED_SCREENSHOTS=$(abspath $(SCREENSHOTS))
+
+test: lint redis browser
+	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m 'not serial' --ignore=tests/cosyvoice
+	$(TEST_ENV) $(BIN)/python -m pytest -m serial --ignore=tests/cosyvoice
 	$(MAKE) test-cosyvoice
 
 # The CosyVoice lane: a virtualenv of its own with torch and the real upstream inference
@@ -144,6 +148,21 @@ redis:
 	if [ -d /run/systemd/system ]; then systemctl disable --now --quiet redis-server; fi; \
 	redis-server --version
 
+# The web console's browser tests (tests/test_console.py) drive Debian's chromium through
+# Playwright pointed at it: Playwright's own browser downloads are never used. As root it is
+# installed when missing, as redis-server is above; not root: those tests are skipped.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null && exit 0; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "chromium is not installed (and this is not root to install it): the" \
+			"console's browser tests will be skipped; 'apt-get install chromium' runs them"; \
+		exit 0; \
+	fi; \
+	echo "installing Debian's chromium for the console's browser tests"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends chromium >/dev/null || exit 1; \
+	chromium --version
+
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check cosyvoiced tests bench
 	$(BIN)/mypy
@@ -164,4 +183,4 @@ install:
 	packaging/install.sh "$(DESTDIR)" "$(PREFIX)" "$(SYSCONFDIR)" "$(UNITDIR)"
 
 clean:
-	rm -rf $(VENV) $(LANE) $(GPU_VENV) build dist *.egg-info var
+	rm -rf $(VENV) $(LANE) $(GPU_VENV) build dist *.egg-info var $(SCREENSHOTS)

@@ -19,8 +19,15 @@ the device and N clients streaming at once, each `--count` texts; it reports thr
 (audio seconds per wall second) and first-chunk latency. --model-dir keeps the built model
 for the next run (a full-size CosyVoice2 takes a while to write).
 
-The direct caller is given the care the daemon takes: `token_hop_len` put back before each
-call (upstream grows it during a stream and keeps it), CosyVoice3's system prompt in front.
+The direct side (bench/cosyvoice_direct.py) runs in a process of its own prepared as a
+daemon worker is: the daemon's own config file, the worker's own `place`, engine load and
+`warm_up`, so the same environment, CPU threads and fp16 setting. It is given the care
+the daemon takes: `token_hop_len` put back before each call (upstream grows it during a
+stream and keeps it), CosyVoice3's system prompt in front. Both sides get one warm-up run,
+then take turns on `--count` (at least 5) texts; the report gives each side's median per
+figure, stage by stage (stages.py: the daemon's from its `job` log lines, the direct
+side's from the same clock), and the ratios daemon / direct. `--max-chars` cuts each text
+(at a word) to keep the full-size model's token count short on a CPU.
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
-import inspect
 import json
+import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -45,12 +53,13 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # bench/zmq.py would 
 import torch  # noqa: E402
 
 from bench.common import sentences, summary_ms  # noqa: E402
+from cosyvoiced import stages  # noqa: E402
 from cosyvoiced.client import Client  # noqa: E402
 from cosyvoiced.config import WorkerConfig  # noqa: E402
 from cosyvoiced.engines import cosyvoice as engine  # noqa: E402
 from tests.cosyvoice import full_size, tiny_model  # noqa: E402
 from tests.cosyvoice.conftest import MODEL_NAMES, cosyvoice_daemon  # noqa: E402
-from tests.daemon import Daemon, wait_until  # noqa: E402
+from tests.daemon import REPO, Daemon, wait_until  # noqa: E402
 
 MODEL_CLASSES = dict(engine.MODEL_CLASSES.values())  # version -> upstream class name
 
@@ -65,22 +74,67 @@ PLACEMENT = "devices" in {setting.name for setting in dataclasses.fields(WorkerC
 LOAD_TIMEOUT_S = 900.0
 JOB_TIMEOUT_S = 600
 
+MIN_RUNS = 5
+# The stage figures of a run, as stages.job_timings names them.
+STAGE_KEYS = tuple(stages.job_timings([stages.SegmentStages(0.0, 1, 0.0)]))
+LOG_LINE_TIMEOUT_S = 30.0
+
 Run = tuple[float, float, int, int]  # first chunk s, total s, samples, sample rate
+StagedRun = dict[str, Any]  # first_s, total_s, samples, sample_rate, stages
 
 
-def direct(model: Any, text: str, hop: int | None, rate: int) -> Run:
-    """One streamed call in this process."""
-    if hop is not None:
-        model.model.token_hop_len = hop
-    if type(model).__name__ == MODEL_CLASSES[3]:
-        text = engine.V3_SYSTEM_PROMPT + text
+class DirectCaller:
+    """bench/cosyvoice_direct.py in a process of its own, prepared as a worker is."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self._log_path = log_path
+        with log_path.open("wb") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "bench.cosyvoice_direct", str(config_path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        self.ready = self._answer()
+
+    def _answer(self) -> dict[str, Any]:
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the direct caller exited ({self._process.wait()}):\n"
+                               f"{self._log_path.read_text(errors='replace')[-4000:]}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def run(self, text: str) -> StagedRun:
+        assert self._process.stdin is not None
+        self._process.stdin.write(json.dumps({"text": text, "voice": VOICE}) + "\n")
+        self._process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def staged_daemon(client: Client, served: Daemon, text: str) -> StagedRun:
+    """One streamed job, timed by the client; its stages from the job's `job` log line."""
     started = time.perf_counter()
     first, samples = 0.0, 0
-    with torch.inference_mode():
-        for output in model.inference_sft(text, VOICE, stream=True):
+    with client.stream(text, voice=VOICE) as stream:
+        for pcm in stream:
             first = first or time.perf_counter() - started
-            samples += output["tts_speech"].shape[1]
-    return first, time.perf_counter() - started, samples, rate
+            samples += len(pcm) // 2
+        rate, job = int(stream.start["sample_rate"]), str(stream.start["job"])
+    total = time.perf_counter() - started
+    line = wait_until(lambda: [event for event in served.log_events("job")
+                               if event.get("job") == job], LOG_LINE_TIMEOUT_S,
+                      "the job's log line")[0]
+    return {"first_s": first, "total_s": total, "samples": samples, "sample_rate": rate,
+            "stages": {key: line[key] for key in STAGE_KEYS if key in line}}
 
 
 def daemon(client: Client, text: str) -> Run:
@@ -108,27 +162,22 @@ def model_directory(version: int, full: bool, model_dir: Path | None, scratch: P
     return target
 
 
-def load_direct(model_dir: Path, version: int, fp16: bool) -> Any:
-    from cosyvoice.cli import cosyvoice  # noqa: PLC0415 - after the build
-
-    model_class = getattr(cosyvoice, MODEL_CLASSES[version])
-    accepted = inspect.signature(model_class).parameters
-    # The package's CosyVoice loads TorchScript parts by default; these models have none.
-    # It has no fp16 option either (it always halves its LLM), as the daemon then logs.
-    options = {name: value for name, value in (("load_jit", False), ("fp16", fp16))
-               if name in accepted}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return model_class(str(model_dir), **options)
-
-
-def start_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int | None = None) -> Daemon:
+def configured_daemon(root: Path, model_dir: Path, fp16: bool,
+                      per_device: int | None = None) -> Daemon:
+    """A daemon for `model_dir`, its config file written, not started."""
     worker: dict[str, Any] = {"start_timeout_s": LOAD_TIMEOUT_S}
     if PLACEMENT:
         worker["devices"] = [DEVICE]
     if per_device is not None:
         worker["per_device"] = per_device
-    served = cosyvoice_daemon(root, model_dir, log_level="info", worker=worker, fp16=fp16)
+    # The package's CosyVoice loads TorchScript parts by default; these models have none.
+    return cosyvoice_daemon(root, model_dir, log_level="info", worker=worker, fp16=fp16,
+                            load_jit=False)
+
+
+def start_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int | None = None,
+                 served: Daemon | None = None) -> Daemon:
+    served = served or configured_daemon(root, model_dir, fp16, per_device)
     served.start(wait_ready=False)  # Daemon.wait_ready allows 90 s: a tiny model's load
     notify, process = served.notify, served.process
     assert notify is not None
@@ -145,27 +194,27 @@ def start_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int | None
     return served
 
 
-def overhead(model_dir: Path, version: int, texts: list[str], fp16: bool,
-             scratch: Path) -> dict[str, Any]:
+def overhead(model_dir: Path, texts: list[str], fp16: bool, scratch: Path) -> dict[str, Any]:
     """Daemon against direct calls, one text each in turn, for one fp16 setting."""
-    model = load_direct(model_dir, version, fp16)
-    hop = getattr(model.model, "token_hop_len", None)
-    # The package (upstream of 2024) has no sample_rate attribute yet.
-    rate = int(getattr(model, "sample_rate", 0) or model.model.hift.sampling_rate)
-    results: dict[str, list[Run]] = {"direct": [], "daemon": []}
-    served = start_daemon(scratch / f"daemon-fp16-{'on' if fp16 else 'off'}", model_dir, fp16)
+    root = scratch / f"daemon-fp16-{'on' if fp16 else 'off'}"
+    served = configured_daemon(root, model_dir, fp16)
+    # One at a time: two full-size models loading at once would share the cores.
+    caller = DirectCaller(served.config_path, root.with_name(root.name + "-direct.log"))
+    results: dict[str, list[StagedRun]] = {"direct": [], "daemon": []}
     try:
-        with Client(served.endpoint, timeout_s=JOB_TIMEOUT_S) as client:
-            direct(model, texts[0], hop, rate)  # warm both before measuring
-            daemon(client, texts[0])
-            for text in texts:
-                results["direct"].append(direct(model, text, hop, rate))
-                results["daemon"].append(daemon(client, text))
+        start_daemon(root, model_dir, fp16, served=served)
+        try:
+            with Client(served.endpoint, timeout_s=JOB_TIMEOUT_S) as client:
+                caller.run(texts[0])  # a warm-up run each, after the worker's own warm-up
+                staged_daemon(client, served, texts[0])
+                for text in texts:
+                    results["direct"].append(caller.run(text))
+                    results["daemon"].append(staged_daemon(client, served, text))
+        finally:
+            served.stop()
     finally:
-        served.stop()
-        del model
-        _free()
-    return _report(results)
+        caller.close()
+    return _report(results) | {"direct_load": caller.ready}
 
 
 def concurrently(endpoint: str, text_lists: list[list[str]]) -> list[Run]:
@@ -225,30 +274,33 @@ def pool(model_dir: Path, texts: list[str], size: int, fp16: bool,
             "per_job": summary_ms([total for _, total, _, _ in runs])}
 
 
-def _free() -> None:
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
-
-
-def _report(results: dict[str, list[Run]]) -> dict[str, Any]:
-    report: dict[str, Any] = {}
-    for name, runs in results.items():
-        audio_s = sum(samples / rate for _, _, samples, rate in runs)
-        wall_s = sum(total for _, total, _, _ in runs)
-        report[name] = {"first_chunk": summary_ms([first for first, _, _, _ in runs]),
-                        "per_job": summary_ms([total for _, total, _, _ in runs]),
-                        "audio_s": round(audio_s, 2),
-                        "seconds_per_audio_second": round(wall_s / audio_s, 4)}
-    report["ratios"] = {
-        "first_chunk_p50": round(report["daemon"]["first_chunk"]["p50_ms"]
-                                 / report["direct"]["first_chunk"]["p50_ms"], 3),
+def _medians(runs: list[StagedRun]) -> dict[str, float]:
+    """Each figure's median over the runs: times, then every stage the runs report."""
+    figures: dict[str, list[float]] = {
+        "first_chunk_ms": [run["first_s"] * 1000 for run in runs],
+        "per_job_ms": [run["total_s"] * 1000 for run in runs],
         # Per audio second: the tiny model's lengths differ from call to call.
-        "seconds_per_audio_second": round(report["daemon"]["seconds_per_audio_second"]
-                                          / report["direct"]["seconds_per_audio_second"], 3),
+        "seconds_per_audio_second": [run["total_s"] * run["sample_rate"] / run["samples"]
+                                     for run in runs],
     }
-    report["overhead_per_job_ms_mean"] = round(report["daemon"]["per_job"]["mean_ms"]
-                                               - report["direct"]["per_job"]["mean_ms"], 1)
+    for key in STAGE_KEYS:
+        values = [run["stages"][key] for run in runs if key in run["stages"]]
+        if len(values) == len(runs):
+            figures[key] = values
+    return {name: round(statistics.median(values), 4) for name, values in figures.items()}
+
+
+def _report(results: dict[str, list[StagedRun]]) -> dict[str, Any]:
+    report: dict[str, Any] = {"runs": len(results["direct"])}
+    for name, runs in results.items():
+        report[name] = {"median": _medians(runs),
+                        "first_chunk": summary_ms([run["first_s"] for run in runs]),
+                        "audio_s": round(sum(run["samples"] / run["sample_rate"]
+                                             for run in runs), 2)}
+    daemon_side, direct_side = report["daemon"]["median"], report["direct"]["median"]
+    report["ratios"] = {name: round(daemon_side[name] / value, 3)
+                        for name, value in direct_side.items()
+                        if value and name in daemon_side}
     return report
 
 
@@ -261,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model": MODEL_CLASSES[args.version], "full_size": args.full_size,
             "device": torch.cuda.get_device_name(0) if CUDA else "cpu",
             "texts": args.count, "model_ready_s": round(time.perf_counter() - started, 1)}
-        texts = sentences(args.count)
+        texts = [_shortened(text, args.max_chars) for text in sentences(args.count)]
         for mode in ("off", "on") if args.fp16 == "both" else (args.fp16,):
             if args.per_device:
                 report[f"fp16_{mode}"] = {}
@@ -271,11 +323,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     # On stderr as each size ends: a run cut short by a time limit keeps these.
                     print(json.dumps({"fp16": mode, **result}), file=sys.stderr, flush=True)
             else:
-                report[f"fp16_{mode}"] = overhead(model_dir, args.version, texts, mode == "on",
-                                                  scratch)
+                report[f"fp16_{mode}"] = overhead(model_dir, texts, mode == "on", scratch)
         return report
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _shortened(text: str, max_chars: int | None) -> str:
+    """`text` cut at the last word that ends within `max_chars`, with a full stop."""
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    return text[:max_chars + 1].rsplit(" ", 1)[0].rstrip(".,") + "."
 
 
 def _sizes(value: str) -> list[int]:
@@ -288,6 +346,9 @@ def _sizes(value: str) -> list[int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=12, help="texts (per client)")
+    parser.add_argument("--max-chars", type=int, metavar="N",
+                        help="cut each text to at most N characters (at a word): the "
+                             "full-size model draws 5/3 speech tokens per character")
     parser.add_argument("--version", type=int, choices=sorted(MODEL_CLASSES), default=1,
                         help="2 and 3 need COSYVOICE_REPO (an upstream checkout)")
     parser.add_argument("--full-size", action="store_true",
@@ -302,6 +363,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.full_size and args.version not in full_size.VERSIONS:
         parser.error(f"--full-size builds versions {sorted(full_size.VERSIONS)}")
+    if not args.per_device and args.count < MIN_RUNS:
+        parser.error(f"--count: a median needs at least {MIN_RUNS} runs")
     if args.per_device and not PLACEMENT:
         parser.error("--per-device needs a daemon with worker.per_device (the worker pool)")
     with contextlib.redirect_stdout(sys.stderr):  # upstream prints each text it speaks

@@ -10,7 +10,8 @@ stream, so its first audio is its whole reply) and to the last, one client at a 
 with 4 clients at once; the 4-client slowdown (p50 with 4 / p50 alone) and its
 spread (p95 / p50: how fairly clients are served); then resident memory of all its
 processes after a few long, unpunctuated texts (which make onnxruntime's arena grow).
-cosyvoiced runs with `worker.rss_limit = "400MiB"`, as an operator would set it.
+cosyvoiced runs with its default worker count (`worker.per_device`) and
+`worker.rss_limit = "400MiB"`, as an operator would set it.
 Prints one JSON object.
 """
 
@@ -161,7 +162,9 @@ def run_cosyvoiced(texts: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(ZeroMQ results with the daemon's memory, HTTP results), from one daemon."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="cvd-bench-") as root:
-        daemon = Daemon(Path(root), log={"level": "info"}, worker={"rss_limit": "400MiB"},
+        # per_device None: the daemon's default (the test harness would pin one worker).
+        daemon = Daemon(Path(root), log={"level": "info"},
+                        worker={"rss_limit": "400MiB", "per_device": None},
                         http={"listen": f"127.0.0.1:{port}"}, **no_result_cache())
         daemon.start()
         try:
@@ -184,6 +187,7 @@ def run_cosyvoiced(texts: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
                 time.sleep(3)  # the recycle the last long text triggers, if any
                 result["rss_mb_after_long_texts"] = tree_rss_mb(daemon.process.pid)
                 result["worker_recycles"] = client.stats()["recycles"]
+                result["workers"] = len(client.stats()["workers"])
             return result, over_http
         finally:
             daemon.stop()

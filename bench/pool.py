@@ -4,9 +4,10 @@
     .venv/bin/python bench/pool.py [--sentences 16] [--rounds 3]
 
 - clients: first audio of streamed requests, one client and 4 at once, for cosyvoiced with
-  1 worker and with `worker.per_device = 2`, next to Piper's own HTTP server;
+  1 worker, with `worker.per_device = 2` and with the default ("auto": one Piper worker per
+  core), next to Piper's own HTTP server;
 - behind_long: a short streamed request sent while a ~200-word drop-folder job runs, against
-  the same request alone;
+  the same request alone (1 worker, 2, and the default);
 - first_clause: first audio of a streamed long sentence with the first-segment cut
   (`scheduling.first_segment_words = 5`) and without it (0), and the word error rate of both
   by ASR (pocketsphinx's bundled English model), so the cut is seen not to hurt the words;
@@ -100,7 +101,8 @@ def first_audio(endpoint: str, texts: list[str], clients: int) -> list[float]:
     return firsts
 
 
-def clients_figures(texts: list[str], per_device: int) -> dict[str, Any]:
+def clients_figures(texts: list[str], per_device: int | None) -> dict[str, Any]:
+    """per_device None: the daemon's default."""
     with daemon(worker={"per_device": per_device}) as running:
         first_audio(running.endpoint, texts[:2], 1)  # warm every path once
         alone = first_audio(running.endpoint, texts, 1)
@@ -109,11 +111,12 @@ def clients_figures(texts: list[str], per_device: int) -> dict[str, Any]:
             "slowdown_4_clients_p50": round(percentile(four, 0.5) / percentile(alone, 0.5), 2)}
 
 
-def behind_long(rounds: int, per_device: int) -> dict[str, Any]:
+def behind_long(rounds: int, per_device: int | None) -> dict[str, Any]:
     short = "Is the kitchen light on?"
     with daemon(worker={"per_device": per_device}) as running, \
             Client(running.endpoint, timeout_s=120,
                    admin_token=running.admin_token()) as client:  # sees the dropped job
+        workers = len(client.stats()["workers"])
         alone = [streamed(client, short)[0] for _ in range(rounds)]
         behind = []
         for n in range(rounds):
@@ -122,7 +125,8 @@ def behind_long(rounds: int, per_device: int) -> dict[str, Any]:
                 time.sleep(0.01)
             behind.append(streamed(client, short)[0])
             wait_record(running, f"long-{n}.txt")
-    return {"alone": summary_ms(alone), "behind_long_job": summary_ms(behind),
+    return {"workers": workers, "alone": summary_ms(alone),
+            "behind_long_job": summary_ms(behind),
             "ratio_p50": round(percentile(behind, 0.5) / percentile(alone, 0.5), 2)}
 
 
@@ -197,9 +201,11 @@ PARTS: dict[str, Callable[[list[str], int], dict[str, Any]]] = {
     "clients": lambda texts, _rounds: {
         "cosyvoiced_1_worker": clients_figures(texts, 1),
         "cosyvoiced_2_workers": clients_figures(texts, 2),
+        "cosyvoiced_default": clients_figures(texts, None),
         "piper_http_server": run_piper(texts)},
     "behind_long": lambda _texts, rounds: {
-        "1_worker": behind_long(rounds, 1), "2_workers": behind_long(rounds, 2)},
+        "1_worker": behind_long(rounds, 1), "2_workers": behind_long(rounds, 2),
+        "default": behind_long(rounds, None)},
     "first_clause": lambda _texts, rounds: first_clause(rounds),
     "throughput": lambda texts, _rounds: throughput(sentences(4 * len(texts))),
 }

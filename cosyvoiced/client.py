@@ -57,6 +57,7 @@ class Result:
 
     header: dict[str, Any]
     audio: bytes
+    timing: dict[str, Any] | None = None  # the `timing` event, when `timestamps` was asked
 
     @property
     def job(self) -> str:
@@ -80,6 +81,7 @@ class Stream:
     _request_id: str
     start: dict[str, Any] = field(default_factory=dict)
     end: dict[str, Any] | None = None
+    timing: dict[str, Any] | None = None  # the `timing` event, when `timestamps` was asked
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
@@ -89,6 +91,8 @@ class Stream:
                 self.start = header
             elif event == "chunk":
                 yield payload or b""
+            elif event == "timing":  # just before `end`
+                self.timing = header
             elif event == "end":
                 self.end = header
                 return
@@ -204,7 +208,13 @@ class Client:
                    **options: Any) -> Result:
         header, payload = self.request("synthesize", attachments=_audio(prompt_audio), text=text,
                                        stream=False, **options)
-        return Result(header, payload or b"")
+        timing = None
+        if header["event"] == "timing":  # captions come just before the audio
+            timing = header
+            header, payload = self.receive(str(header["id"]))
+            if header["event"] == "error":
+                raise DaemonError(header)
+        return Result(header, payload or b"", timing)
 
     def stream(self, text: str, prompt_audio: bytes | None = None, **options: Any) -> Stream:
         return Stream(self, self.send("synthesize", {"text": text, "stream": True, **options},

@@ -18,8 +18,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from cosyvoiced import memory
-from cosyvoiced.placement import DEVICE
+from cosyvoiced import memory, placement
+from cosyvoiced.placement import DEVICE, PER_DEVICE_AUTO
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENGINE_ENTRY_POINTS = "cosyvoiced.engines"
@@ -95,14 +95,17 @@ class SpoolConfig:
     max_file_bytes: int = _setting(1 << 20, _at_least(1), size=True)
     default_format: str = _setting("wav", _one_of("wav", "flac", "ogg"))
     rescan_interval_s: float = _setting(60.0, _at_least(1))
+    # .txt files cleaned up before synthesis (markdown, emoji, URLs: cleanup.py); a JSON
+    # job, like every other request, says so itself ("normalize": false).
+    normalize: bool = True
 
 
 @dataclass(frozen=True)
 class PiperConfig:
     voices: list[str] = _setting([], path=True)  # noqa: RUF009 - returns a field()
     use_cuda: bool = False
-    # onnxruntime's CPU memory arena keeps the peak a long sentence needed; off, RSS stays
-    # near its working size at a small cost in speed.
+    # onnxruntime's CPU memory arena, shrunk after every run (engines/piper.py) so RSS stays
+    # flat; off, every tensor comes from malloc: flatter still, about 15-20% slower.
     memory_arena: bool = True
     # Unset: each voice's own. 0 and 0 make synthesis deterministic (same text, same audio).
     noise_scale: float | None = _setting(None, _at_least(0))
@@ -170,13 +173,25 @@ class WorkerConfig:
     kill_grace_s: float = _setting(5.0, _at_least(0.1))
     # Placement: per_device worker processes on each device ("cpu", "cuda:0", ...); each
     # sees only its own GPU. More workers serve more jobs at once (one segment each).
+    # "auto" (the default, PER_DEVICE_AUTO here) is resolved when the Config is made
+    # (`resolve_per_device`): Piper on a CPU-only host, one worker per core; else one.
     devices: list[str] = _setting(["cpu"], _devices)  # noqa: RUF009 - returns a field()
-    per_device: int = _setting(1, _at_least(1))
+    per_device: int = _setting(PER_DEVICE_AUTO, _at_least(1), auto=PER_DEVICE_AUTO)
 
     @property
     def worker_count(self) -> int:
         """Worker processes that may hold a model at once: the slots, and the spare."""
         return len(self.devices) * self.per_device + (1 if self.spare else 0)
+
+
+def resolve_per_device(worker: WorkerConfig, engine: str,
+                       cores: Callable[[], int] = placement.usable_cores,
+                       machine_bytes: Callable[[], int] = memory.machine_bytes) -> WorkerConfig:
+    """`worker` with per_device "auto" replaced by its figure for this machine and engine."""
+    if worker.per_device != PER_DEVICE_AUTO:
+        return worker
+    count = placement.auto_per_device(worker.devices, engine, cores(), machine_bytes())
+    return replace(worker, per_device=count)
 
 
 def resolve_rss_limit(worker: WorkerConfig, engine: str,
@@ -251,6 +266,9 @@ class HttpConfig:
     api_keys_file: str = _setting("", path=True)
     allow_insecure: bool = False
     max_body_bytes: int = _setting(1 << 20, _at_least(1024), size=True)
+    # A body that carries voice audio (a voice to register, a speech request's one-off
+    # clone): 30 s of 48 kHz stereo WAV is 11 MiB.
+    max_upload_bytes: int = _setting(16 << 20, _at_least(1024), size=True)
     max_pending_per_client: int = _setting(16, _at_least(1))
     # nginx's client limits. A request's line and headers must be whole this long after
     # its first byte (slowloris), and its body must be read within body_timeout_s (408).
@@ -272,6 +290,8 @@ class HttpConfig:
     rate_limit: float = _setting(0.0, _at_least(0))
     chars_per_minute: float = _setting(0.0, _at_least(0))
     keys: dict[str, KeyConfig] = field(default_factory=dict)
+    # The web console at / (README: The web console), with the same keys as the API.
+    console: bool = True
 
 
 @dataclass(frozen=True)
@@ -343,7 +363,9 @@ class Config:
     def __post_init__(self) -> None:
         # Resolved here, where the engine and the worker count are known, so that every
         # Config (loaded, reloaded or a default) holds bytes; frozen, hence object.__setattr__.
-        object.__setattr__(self, "worker", resolve_rss_limit(self.worker, self.engine.name))
+        # per_device first: the auto rss_limit is split among the workers.
+        worker = resolve_per_device(self.worker, self.engine.name)
+        object.__setattr__(self, "worker", resolve_rss_limit(worker, self.engine.name))
 
 
 def load(path: str | Path) -> Config:

@@ -13,6 +13,9 @@ codecs, nothing else), and hands it work one step at a time:
 - streams (HTTP): `open_stream()`; their encoder state lives in the child, so a child that
   dies breaks every open stream (EncodeFailed): the bytes already sent cannot be re-made.
   PCM and WAV streams are numpy only and are encoded in the calling thread.
+- uploaded voice audio (a voice to register): `read_prompt()` decodes and checks it here,
+  the one untrusted file the daemon itself decodes. A child that dies on it fails that
+  upload (prompt_audio_unreadable), and only it.
 
 Memory: the parent holds each queued file's samples until its last block is answered (a
 retry needs them): 4 bytes a sample, 141 MB for 1,600 s at 22050 Hz. One message crosses a
@@ -41,9 +44,9 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from cosyvoiced import audio, logs
+from cosyvoiced import audio, logs, speakers
 from cosyvoiced.intake import codecs
-from cosyvoiced.job import REPLY_FORMATS, ErrorCode, JobError
+from cosyvoiced.job import REPLY_FORMATS, ErrorCode, JobError, JobFailure
 
 log = logs.get_logger("cosyvoiced.encoding")
 
@@ -85,7 +88,13 @@ class _StreamClose:
     stream: int
 
 
-_Request = _FileBlock | _StreamBlock | _StreamClose
+@dataclass(frozen=True)
+class _PromptRead:
+    step: int
+    audio: bytes
+
+
+_Request = _FileBlock | _StreamBlock | _StreamClose | _PromptRead
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ class _Reply:
     step: int
     data: bytes
     error: str | None = None  # a Python exception: deterministic, so never retried
+    failure: JobError | None = None  # what is wrong with the input (a prompt's audio)
 
 
 # -- the child ---------------------------------------------------------------------------------
@@ -116,6 +126,8 @@ def _child_main(requests: Connection, replies: Connection) -> None:
             replies.send(_Ack(request.step))
             try:
                 reply = _Reply(request.step, _serve(request, files, streams))
+            except JobFailure as failure:
+                reply = _Reply(request.step, b"", failure=failure.error)
             except Exception as error:  # noqa: BLE001 - the parent fails that one request
                 _forget(request, files, streams)
                 reply = _Reply(request.step, b"", f"{type(error).__name__}: {error}")
@@ -126,6 +138,8 @@ def _child_main(requests: Connection, replies: Connection) -> None:
 
 def _serve(request: _Request, files: dict[int, audio.FileWriter],
            streams: dict[int, codecs.StreamEncoder]) -> bytes:
+    if isinstance(request, _PromptRead):
+        return speakers.prepare(request.audio)
     if isinstance(request, _FileBlock):
         if request.first:
             files.clear()  # one file at a time: one begun earlier was abandoned
@@ -148,7 +162,7 @@ def _forget(request: _Request, files: dict[int, audio.FileWriter],
             streams: dict[int, codecs.StreamEncoder]) -> None:
     if isinstance(request, _FileBlock):
         files.pop(request.file, None)
-    else:
+    elif not isinstance(request, _PromptRead):
         streams.pop(request.stream, None)
 
 
@@ -196,6 +210,14 @@ class _Stream:
 
 
 @dataclass(eq=False)
+class _Read:
+    """An uploaded voice's audio, to be decoded and checked in the child."""
+
+    audio: bytes
+    future: Future[bytes]
+
+
+@dataclass(eq=False)
 class _Call:
     stream: _Stream
     samples: npt.NDArray[np.float32] | None  # None: finish
@@ -205,7 +227,7 @@ class _Call:
 @dataclass(eq=False)
 class _InFlight:
     step: int
-    owner: _File | _Stream
+    owner: _File | _Stream | _Read
     future: Future[bytes] | None
     sent_at: float
     last: bool = False  # a file's last block, a stream's finish: the child lets it go
@@ -246,12 +268,13 @@ class _Book:
         self.ids = itertools.count(1)
         self.files: deque[_File] = deque()  # the first one is the one the child may hold
         self.calls: deque[_Call] = deque()
+        self.reads: deque[_Read] = deque()
         self.streams: dict[int, _Stream] = {}  # those whose state the child holds
         self.in_flight: _InFlight | None = None
         self.completed: list[Encoded] = []
 
     def has_work(self) -> bool:
-        return bool(self.files or self.calls)
+        return bool(self.files or self.calls or self.reads)
 
     def busy_key(self) -> str | None:
         flight = self.in_flight
@@ -266,6 +289,10 @@ class _Book:
             request = self._stream_request(self.calls.popleft(), generation, settle)
             if request is not None:
                 return request
+        if self.reads:  # a client waits for each, as for a stream
+            read, step = self.reads.popleft(), next(self.ids)
+            self.in_flight = _InFlight(step, read, read.future, time.monotonic())
+            return _PromptRead(step, read.audio)
         if not self.files:
             return None
         file = self.files[0]
@@ -310,6 +337,9 @@ class _Book:
         self.in_flight = None
         if isinstance(flight.owner, _File):
             self._file_answered(flight.owner, flight.last, message, settle)
+        elif isinstance(flight.owner, _Read):
+            settle.append(functools.partial(_resolve, flight.future, message.data,
+                                            _read_failure(message)))
         else:
             self._stream_answered(flight, flight.owner, message, settle)
         return True
@@ -350,7 +380,7 @@ class _Book:
         settle.append(self._wake)
 
     # -- a child that died -------------------------------------------------------------------
-    def in_hand(self) -> _File | _Stream | None:
+    def in_hand(self) -> _File | _Stream | _Read | None:
         """What the child was working on: the step in flight's owner, else a file it has begun
         (between two of its blocks)."""
         if self.in_flight is not None:
@@ -379,6 +409,11 @@ class _Book:
             flight.owner.failure = broken
             settle.append(functools.partial(_resolve, flight.future,
                                             error=EncodeFailed(broken)))
+        if flight is not None and isinstance(flight.owner, _Read):
+            # Never tried again: the audio that killed one child would kill the next.
+            settle.append(functools.partial(_resolve, flight.future, error=JobFailure(
+                ErrorCode.PROMPT_AUDIO_UNREADABLE, f"prompt_audio: decoding it ended the "
+                f"decoder process ({how})", "prompt_audio")))
         self._fail_calls_of_broken_streams(settle)
 
     def fail_everything(self, error: JobError, settle: list[Callable[[], None]]) -> None:
@@ -390,6 +425,12 @@ class _Book:
         flight, self.in_flight = self.in_flight, None
         if flight is not None and isinstance(flight.owner, _Stream):
             settle.append(functools.partial(_resolve, flight.future, error=EncodeFailed(error)))
+        reads = [*self.reads, *([flight.owner] if flight is not None and
+                                isinstance(flight.owner, _Read) else [])]
+        self.reads.clear()
+        for read in reads:
+            settle.append(functools.partial(_resolve, read.future, error=JobFailure(
+                error.code, error.message)))
         self._fail_calls_of_broken_streams(settle)
 
     def _fail_calls_of_broken_streams(self, settle: list[Callable[[], None]]) -> None:
@@ -404,7 +445,16 @@ class _Book:
         self.calls = keep
 
 
-def _describe(owner: _File | _Stream | None) -> dict[str, object]:
+def _read_failure(reply: _Reply) -> JobFailure | None:
+    if reply.failure is not None:
+        return JobFailure(reply.failure.code, reply.failure.message, reply.failure.field)
+    if reply.error is not None:
+        return JobFailure(ErrorCode.PROMPT_AUDIO_UNREADABLE, f"prompt_audio: not an audio "
+                          f"file soundfile can read ({reply.error})", "prompt_audio")
+    return None
+
+
+def _describe(owner: _File | _Stream | _Read | None) -> dict[str, object]:
     """What the child had in hand, as log fields."""
     if isinstance(owner, _File):
         return {"encoding": "file", "key": owner.key, "format": owner.fmt,
@@ -412,6 +462,8 @@ def _describe(owner: _File | _Stream | None) -> dict[str, object]:
                 "attempt": owner.attempts + 1}
     if isinstance(owner, _Stream):
         return {"encoding": "stream", "stream": owner.id, "format": owner.fmt}
+    if isinstance(owner, _Read):
+        return {"encoding": "prompt_audio", "bytes": len(owner.audio)}
     return {"encoding": None}
 
 
@@ -536,6 +588,21 @@ class Encoder:
         if fmt in IN_PROCESS_STREAMS:
             return EncoderStream(self, None, codecs.encoder(fmt, sample_rate))
         return EncoderStream(self, _Stream(next(self._book.ids), fmt, sample_rate), None)
+
+    # -- uploaded voice audio ----------------------------------------------------------------
+    def read_prompt(self, audio_file: bytes) -> Future[bytes]:
+        """Decode and check a voice's audio file in the child: the future gives its stored
+        form (`speakers.prepare`), or raises `JobFailure` with the drop folder's
+        prompt_audio codes (shutting_down while stopping)."""
+        future: Future[bytes] = Future()
+        with self._lock:
+            if self._stopping:
+                future.set_exception(JobFailure(ErrorCode.SHUTTING_DOWN,
+                                                "the daemon is stopping"))
+                return future
+            self._book.reads.append(_Read(audio_file, future))
+            self._lock.notify_all()
+        return future
 
     def _call(self, stream: _Stream, samples: npt.NDArray[np.float32] | None) -> Future[bytes]:
         future: Future[bytes] = Future()

@@ -9,12 +9,15 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from cosyvoiced.cues import Captions
+from cosyvoiced.stages import SegmentStages
 
 Samples = npt.NDArray[np.float32]
 
@@ -140,6 +143,10 @@ class Job:
     # Fair turns are taken between `share`s (one per key; anonymous clients share one).
     owner: str = ""
     share: str = ""
+    # Captions (captions.py): "sentence" or "word" timings with the reply (HTTP, ZeroMQ);
+    # a drop-folder job's caption file beside its audio, "vtt", "srt" or "json".
+    timestamps: str | None = None
+    captions: str | None = None
 
     @property
     def chars(self) -> int:
@@ -158,13 +165,15 @@ class JobResult:
     first_chunk_s: float
     cached: bool = False  # served from the result cache: no synthesis
     served_by: str = ""  # in a cluster: the host that made the audio
+    stages: tuple[SegmentStages, ...] = ()  # per segment, from an engine that has stages
+    captions: Captions | None = None  # for a job that asked for them
 
     @property
     def audio_s(self) -> float:
         return self.samples / self.sample_rate
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"audio_s": round(self.audio_s, 4)}
+        return asdict(replace(self, captions=None)) | {"audio_s": round(self.audio_s, 4)}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cosyvoiced import audio, clusterwire, logs, policy, scheduler
+from cosyvoiced import audio, captions, clusterwire, logs, policy, scheduler, stages
 from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
@@ -60,6 +60,24 @@ class _Encoding:
     status: dict[str, Any]
     summary: dict[str, Any]
     since: float
+
+
+def _stage_summary(result: JobResult) -> dict[str, Any]:
+    """The `job` line's stage figures: the job's totals, then each segment's."""
+    if not result.stages:
+        return {}
+    return stages.job_timings(result.stages) | {
+        "stages": [segment.summary() for segment in result.stages]}
+
+
+def _captions(running: Running) -> captions.Captions | None:
+    """The job's captions, if it asked for them and its segments were all made here (a job
+    served by another host in a cluster has none)."""
+    job = running.job
+    if (job.timestamps is None and job.captions is None) or \
+            len(running.made) != len(running.segments):
+        return None
+    return captions.build(running.made, running.sample_rate)
 
 
 class JobBook:
@@ -167,6 +185,10 @@ class JobBook:
         running.synth_s += message.synth_s
         if running.done == 1:
             running.first_chunk_s = message.first_chunk_s
+        if message.stages is not None:
+            running.stages.append(message.stages)
+        running.made.append(captions.SegmentAudio(running.segments[message.index],
+                                                  message.samples, message.words))
         running.chunks.extend(running.segment_audio)
         running.segment_audio = []
         self._release(worker, running, now)
@@ -248,14 +270,15 @@ class JobBook:
         job = running.job
         result = JobResult(job.id, running.voice, running.sample_rate, running.samples,
                            running.synth_s, running.first_chunk_s,
-                           served_by=running.served_by or self.host)
+                           served_by=running.served_by or self.host,
+                           stages=tuple(running.stages), captions=_captions(running))
         timings = {
             "received_at": round(job.received_at, 6),
             "started_at": round(running.started_at, 6),
             "queue_wait_s": round(max(0.0, running.started_at - job.received_at), 4),
             "first_chunk_s": round(result.first_chunk_s, 4),
             "synth_s": round(result.synth_s, 4),
-        }
+        } | stages.job_timings(result.stages)
         written = time.monotonic()
         sink = running.bound_sink
         try:
@@ -269,7 +292,7 @@ class JobBook:
             "voice": result.voice, "chars": job.chars, "segments": len(running.segments),
             "audio_s": round(result.audio_s, 3), "synth_s": round(result.synth_s, 3),
             "queue_wait_s": timings["queue_wait_s"], "first_chunk_s": timings["first_chunk_s"],
-            "write_s": round(time.monotonic() - written, 4)})
+            "write_s": round(time.monotonic() - written, 4)} | _stage_summary(result))
 
     def delivered(self, job: Job, sink: Sink, output: str | Deferred, result: JobResult, *,
                   status: dict[str, Any], summary: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from cosyvoiced import captions, cleanup, pauses
 from cosyvoiced.job import (
     FILE_FORMATS,
     MAX_SAMPLE_RATE,
@@ -21,7 +22,9 @@ from cosyvoiced.job import (
 )
 
 FIELDS = ("text", "voice", "format", "sample_rate", "speed", "output", "prompt_audio",
-          "prompt_text", "instruct", "language", "cache")
+          "prompt_text", "instruct", "language", "cache", "normalize", "captions")
+# A reply's captions come with it (HTTP, ZeroMQ `synthesize`); a spool job's are a file.
+REPLY_ONLY = ("timestamps",)
 MAX_OUTPUT_NAME = 200
 MAX_PROMPT_CHARS = 1000
 # CosyVoice's language tags (`<|en|>` ...), for cross-lingual synthesis.
@@ -40,6 +43,7 @@ _UNSPEAKABLE = re.compile(f"{_CONTROL.pattern}|{_SURROGATE.pattern}")
 class Limits:
     max_text_chars: int
     default_format: str
+    normalize_txt: bool = True  # spool.normalize: the drop folder's .txt files cleaned up
 
 
 def _typed(fields: dict[str, Any], name: str, kind: type | tuple[type, ...],
@@ -67,15 +71,25 @@ def _refuse(forbidden: re.Pattern[str], value: str, name: str) -> None:
                      f"from 0) is U+{ord(char):04X}, {what}", name)
 
 
-def check_text(text: str, limits: Limits) -> str:
+def check_text(text: str, limits: Limits, normalize: bool = True) -> str:
     """`text` if an engine can speak it: not empty, not too long, no control character
-    but tab and line breaks, no lone surrogate."""
+    but tab and line breaks, no lone surrogate, its pauses valid. `normalize`: cleaned up
+    first (cleanup.py: markdown read as prose, emoji dropped, URLs as their host); the
+    length is checked before, which bounds the clean-up's work."""
     _refuse(_UNSPEAKABLE, text, "text")
     if not text.strip():
         raise JobFailure(ErrorCode.EMPTY_TEXT, "text: is empty or only whitespace", "text")
     if len(text) > limits.max_text_chars:
         raise JobFailure(ErrorCode.TEXT_TOO_LONG, f"text: {len(text)} characters is over the "
                          f"limit of {limits.max_text_chars}", "text")
+    if normalize:
+        text = cleanup.clean(text)
+        if not text.strip():
+            raise JobFailure(ErrorCode.EMPTY_TEXT, "text: nothing is left to say once "
+                             "markdown, emoji and URLs are cleaned up; to have it read as "
+                             "written, send normalize: false (spool.normalize = false for "
+                             "the drop folder's .txt files)", "text")
+    pauses.check(text)
     return text
 
 
@@ -151,6 +165,14 @@ def _speed(fields: dict[str, Any]) -> float:
     return float(value)
 
 
+def _choice(fields: dict[str, Any], name: str, allowed: tuple[str, ...]) -> str | None:
+    value = _typed(fields, name, str, "a string")
+    if value is not None and value not in allowed:
+        raise JobFailure(ErrorCode.INVALID_FIELD, f"{name}: {value[:40]!r} is not one of "
+                         f"{', '.join(allowed)}", name)
+    return None if value is None else str(value)
+
+
 def _flag(fields: dict[str, Any], name: str, default: bool) -> bool:
     value = fields.get(name)
     if value is None:
@@ -180,7 +202,7 @@ def build_job(fields: dict[str, Any], *, job_id: str, source: str, origin: str,
         raise JobFailure(ErrorCode.INVALID_FIELD, "text: expected a string; got null", "text")
     output = _typed(fields, "output", str, "a string")
     checked: dict[str, Any] = {
-        "text": check_text(text, limits),
+        "text": check_text(text, limits, _flag(fields, "normalize", True)),
         "voice": _typed(fields, "voice", str, "a string"),
         "format": _format(fields, limits, formats),
         "sample_rate": _sample_rate(fields),
@@ -190,6 +212,10 @@ def build_job(fields: dict[str, Any], *, job_id: str, source: str, origin: str,
         "prompt_text": _short_text(fields, "prompt_text"),
         "instruct": _short_text(fields, "instruct"),
         "language": _language(fields),
-        "cache": _flag(fields, "cache", True),
+        "timestamps": _choice(fields, "timestamps", captions.LEVELS),
+        "captions": _choice(fields, "captions", captions.FILE_KINDS),
     }
+    # A cached result has no timings: a job that wants them is always made.
+    checked["cache"] = _flag(fields, "cache", True) and checked["timestamps"] is None \
+        and checked["captions"] is None
     return Job(id=job_id, source=source, origin=origin, **(checked | extra))

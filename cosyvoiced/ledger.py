@@ -16,8 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced import scheduler
+from cosyvoiced.captions import SegmentAudio
 from cosyvoiced.job import Job, Sink
 from cosyvoiced.scheduler import Priority, Waiting
+from cosyvoiced.stages import SegmentStages
 
 if TYPE_CHECKING:
     from cosyvoiced.workerhandle import WorkerHandle
@@ -48,6 +50,8 @@ class Running:
     samples: int = 0  # of the complete segments
     synth_s: float = 0.0
     first_chunk_s: float = 0.0  # of the first segment: the client's wait for audio
+    stages: list[SegmentStages] = field(default_factory=list)  # of the complete segments
+    made: list[SegmentAudio] = field(default_factory=list)  # of the complete segments
     cancel_requested: bool = False
     dispatched: bool = False  # a segment of it has gone to a worker: it is in progress
     remote: bool = False  # on the cluster's shared stream: its events come from elsewhere

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from structlog.typing import EventDict, Processor
 
+from cosyvoiced import logring
 from cosyvoiced.config import LogConfig
 
 RENDERED_ATTR = "cosyvoiced_rendered"
@@ -109,7 +110,7 @@ def _install(role: str, level: str, handlers: list[logging.Handler]) -> None:
 def configure_supervisor(config: LogConfig) -> None:
     stdout = logging.StreamHandler(sys.stdout)
     stdout.setFormatter(_formatter("supervisor", journal=stdout_is_journal()))
-    handlers: list[logging.Handler] = [stdout]
+    handlers: list[logging.Handler] = [stdout, logring.RING]  # RING: the console's tail
     if config.file:
         os.makedirs(os.path.dirname(config.file), exist_ok=True)
         handlers.append(logging.handlers.RotatingFileHandler(

@@ -198,6 +198,17 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 128 << 10
 
 
+def give_free_heap_back() -> bool:
+    """Hand the allocator's free pages back to the system (glibc's malloc_trim, which also
+    releases whole free pages between live objects). A Piper worker without onnxruntime's
+    arena calls it after each segment: a long segment's tensors, freed, would otherwise
+    stay resident in the heaps of the threads that made them. True if glibc released any."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        return False
+
+
 def return_big_buffers_to_the_system() -> bool:
     """Give every buffer over 128 KiB (audio, results) a mapping of its own, unmapped when it
     is freed. glibc otherwise raises this threshold after the first big free and serves

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from cosyvoiced.cues import WordSpan
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.job import Job, JobError
 from cosyvoiced.memory import Memory
+from cosyvoiced.stages import SegmentStages
 
 
 # supervisor -> worker
@@ -95,6 +97,10 @@ class SegmentFinished:
     samples: int
     synth_s: float
     first_chunk_s: float
+    stages: SegmentStages | None = None  # an engine without stages (Piper) has none
+    # [start, end) samples of each of its text's words (captions.py), at the job's rate,
+    # from an engine that aligns its audio (Piper); None from the others and for a pause.
+    words: tuple[WordSpan, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,11 @@ from cosyvoiced.intake.limits import ConnectionLimits, listen
 from cosyvoiced.intake.reply import START_TIMEOUT_S, LoopThread
 from cosyvoiced.job import JobResult
 from cosyvoiced.memory import Memory
+from cosyvoiced.stages import SegmentStages
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Stages (stages.py): a GPU's decoding step or vocoder call takes milliseconds.
+_STAGE_SECONDS = (0.001, 0.0025, 0.005, *_SECONDS)
 _RTF = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 _CACHE_COUNTERS = {"hits": "Jobs served from the result cache",
                    "misses": "Cacheable jobs not in the result cache (synthesized)",
@@ -55,6 +58,37 @@ class _CacheCollector(Collector):
                                     value=figures.get(name, 0))
 
 
+class _StageMetrics:
+    """Each segment's stage timings (stages.py), from engines that have stages."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.prefill = Histogram("cosyvoiced_llm_prefill_seconds", "LLM call to its first "
+                                 "token, per segment", buckets=_STAGE_SECONDS, registry=r)
+        self.token = Histogram("cosyvoiced_llm_token_seconds", "Mean time of one LLM "
+                               "decoding step, per segment", buckets=_STAGE_SECONDS, registry=r)
+        self.tokens = Counter("cosyvoiced_llm_tokens", "Speech tokens the LLM drew",
+                              registry=r)
+        self.flow = Histogram("cosyvoiced_flow_chunk_seconds", "Flow model (tokens to mel), "
+                              "per chunk", buckets=_STAGE_SECONDS, registry=r)
+        self.hift = Histogram("cosyvoiced_hift_chunk_seconds", "HiFT vocoder (mel to "
+                              "samples), per chunk", buckets=_STAGE_SECONDS, registry=r)
+        self.first_chunk = Histogram("cosyvoiced_segment_first_chunk_seconds", "Segment "
+                                     "start to its first audio chunk",
+                                     buckets=_STAGE_SECONDS, registry=r)
+
+    def observe(self, stages: tuple[SegmentStages, ...]) -> None:
+        for segment in stages:
+            self.prefill.observe(segment.prefill_ms / 1000)
+            if segment.tokens > 1:
+                self.token.observe(segment.ms_per_token / 1000)
+            self.tokens.inc(segment.tokens)
+            for flow_ms in segment.flow_ms:
+                self.flow.observe(flow_ms / 1000)
+            for hift_ms in segment.hift_ms:
+                self.hift.observe(hift_ms / 1000)
+            self.first_chunk.observe(segment.first_chunk_ms / 1000)
+
+
 class Metrics:
     def __init__(self) -> None:
         self._loop_thread: LoopThread | None = None
@@ -73,6 +107,7 @@ class Metrics:
         self.first_chunk_seconds = Histogram("cosyvoiced_first_chunk_seconds",
                                              "Synthesis start to the first audio chunk",
                                              buckets=_SECONDS, registry=r)
+        self._stages = _StageMetrics(r)
         self.recycles = Counter("cosyvoiced_worker_recycles", "Worker recycles by reason",
                                 ["reason"], registry=r)
         self.worker_losses = Counter("cosyvoiced_worker_losses",
@@ -157,6 +192,7 @@ class Metrics:
             self.first_chunk_seconds.observe(result.first_chunk_s)
             if result.audio_s > 0:
                 self.real_time_factor.observe(result.synth_s / result.audio_s)
+            self._stages.observe(result.stages)
 
     def worker(self, slot: int, device: str, memory: Memory, busy: bool) -> None:
         labels = (str(slot), device)

@@ -9,6 +9,7 @@ what to do with the processes. Replacements happen one slot at a time (gunicorn'
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class WorkerPool:
         self.generation = 0
         self.recycles: Counter[str] = Counter()
         self.reload_pending: set[int] = set()  # slots to recycle for a reload
+        self.recycle_requests: dict[int, str] = {}  # slot -> why (an operator asked)
+        self.last_recycle: dict[int, tuple[float, str]] = {}  # slot -> (wall clock, why)
         self.start_failures = 0
         self.last_load_error = ""
         self.memory_recycles: list[int] = []  # segments served by workers recycled for memory
@@ -231,6 +234,7 @@ class WorkerPool:
         """Take a serving worker out of service (it died or must die): SIGTERM it if it
         still runs; its slot gets a new one. Logged as `worker_lost` unless `quiet` (the
         daemon is stopping)."""
+        self.last_recycle[worker.slot] = (time.time(), reason)
         if not quiet:
             never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
             log.error("worker_lost", reason=reason, generation=worker.generation,
@@ -295,14 +299,17 @@ class WorkerPool:
                 (self.spare is not None and self.spare.slot == index):
             return
         settings = self._config().worker
-        reason = "reload" if index in self.reload_pending else policy.recycle_reason(
-            worker.memory, worker.segments_served, settings)
+        reason = self.recycle_requests.get(index) or (
+            "reload" if index in self.reload_pending else policy.recycle_reason(
+                worker.memory, worker.segments_served, settings))
         if reason is None:
             self._warn_if_limit_below_idle(worker)
             return
         if not self._may_replace(index):
             return  # another slot is being replaced: one at a time
         self.reload_pending.discard(index)
+        self.recycle_requests.pop(index, None)
+        self.last_recycle[index] = (time.time(), reason)
         self.recycles[reason] += 1
         self._metrics.recycles.labels(reason).inc()
         log.info("worker_recycle", reason=reason, generation=worker.generation, slot=index,
@@ -320,6 +327,17 @@ class WorkerPool:
             self.slots[index].respawn_at = now
             worker.drain(now, settings.kill_grace_s)
             self.retiring.append(worker)
+
+    def request_recycle(self, slot: int, reason: str, now: float) -> bool:
+        """Recycle a slot's worker as a memory recycle would (an operator asked): now if
+        it is idle, else once its segment is in (its job goes on with the next worker).
+        False if the slot has no worker."""
+        worker = self.slots[slot].worker if 0 <= slot < len(self.slots) else None
+        if worker is None:
+            return False
+        self.recycle_requests[slot] = reason
+        self.recycle_if_due(worker, now)
+        return True
 
     def _may_replace(self, index: int) -> bool:
         """Capacity never drops to zero: with several slots, one is replaced at a time."""

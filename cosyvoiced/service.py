@@ -37,9 +37,10 @@ from cosyvoiced.ledger import Ledger, Running
 from cosyvoiced.messages import EngineReady
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.policy import MAX_ATTEMPTS
+from cosyvoiced.pool import WorkerPool
 from cosyvoiced.resultcache import ResultCache
 from cosyvoiced.sharing import Sharing
-from cosyvoiced.speakers import SpeakerStore
+from cosyvoiced.speakers import SpeakerStore, check_language, check_name, check_prompt_text
 from cosyvoiced.spool import Claimed, Spool
 
 CLAIM_RETRY_S = 1.0  # a claim that failed for want of descriptors or memory is retried
@@ -64,7 +65,7 @@ class Intakes:
               limits: Callable[[], Limits]) -> Intakes:
         """The four intakes of a daemon, reading their settings live (SIGHUP)."""
         return cls(InboxIntake(spool, claims, wake),
-                   zmq_intake.ZmqIntake(settings().zmq, limits, wake),
+                   zmq_intake.ZmqIntake(settings().zmq, limits, wake, encoder.read_prompt),
                    http_intake.HttpIntake(lambda: settings().http, wake, encoder),
                    wyoming_intake.WyomingIntake(lambda: settings().wyoming, wake))
 
@@ -88,10 +89,10 @@ class Service:
         self.spool, self.book, self.cache, self.speakers = spool, book, cache, speakers
         self.metrics, self.intakes, self.wake = metrics, intakes, wake
         config = settings()
-        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format)
+        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format,
+                             config.spool.normalize)
         self.sharing: Sharing | None = None  # set once built: it is given this service
-        self.idle: Callable[[], int] = lambda: 0  # idle workers (the pool's)
-        self.record_misses: Callable[[], bool] = lambda: True  # no engine reload pending
+        self.pool: WorkerPool | None = None  # the workers (set by the supervisor), read here
         self.ready = False
         self.stopping = False
         self.voices: list[VoiceInfo] = []
@@ -103,6 +104,14 @@ class Service:
         self.report: Callable[[Identity], dict[str, Any]] = lambda _identity: {}
         self.claims = claims  # the drop folder's, posted by its inotify thread
         self.claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
+
+    def idle(self) -> int:
+        """Workers idle now."""
+        return 0 if self.pool is None else len(self.pool.idle())
+
+    def record_misses(self) -> bool:
+        """Cache misses are recorded unless an engine reload is pending."""
+        return self.pool is None or not self.pool.reload_pending
 
     @property
     def config(self) -> Config:
@@ -119,7 +128,8 @@ class Service:
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config (SIGHUP): every intake's limits, the cache, ZeroMQ's keys."""
-        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format)
+        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format,
+                             config.spool.normalize)
         self.cache.configure(config)  # a changed engine or model invalidates entries
         self.intakes.zmq.settings = config.zmq
         self.intakes.zmq.reload_keys()  # authorized client keys may have changed on disk
@@ -348,17 +358,39 @@ class Service:
             self.metrics.ready.set(1)
         return first
 
-    def register_voice(self, name: Any, prompt_text: Any, audio: bytes) -> VoiceInfo:
-        if "prompt_audio" not in self.engine_features:
-            raise JobFailure(ErrorCode.NOT_SUPPORTED, f"the {self.engine_name} engine cannot "
-                             "clone voices (or has not started yet); registering one needs "
-                             "engine.name = \"cosyvoice\"")
-        if any(v.name == name and v.kind == "builtin" for v in self.voices):
-            raise JobFailure(ErrorCode.INVALID_FIELD, f"name: {name!r} is a built-in voice of "
-                             "the model; choose another name", "name")
-        self.speakers.add(name, prompt_text, audio)
+    def registration_refusal(self, name: Any, prompt_text: Any,
+                             language: Any = "") -> JobError | None:
+        """Why a voice cannot be registered so (None: it can), before its audio is decoded
+        (in the encoder process: `Encoder.read_prompt`)."""
+        try:
+            if "prompt_audio" not in self.engine_features:
+                raise JobFailure(ErrorCode.NOT_SUPPORTED, f"the {self.engine_name} engine "
+                                 "cannot clone voices (or has not started yet); registering "
+                                 "one needs engine.name = \"cosyvoice\"")
+            check_name(name)
+            check_prompt_text(prompt_text)
+            check_language(language)
+            if any(v.name == name and v.kind == "builtin" for v in self.voices):
+                raise JobFailure(ErrorCode.INVALID_FIELD, f"name: {name!r} is a built-in voice "
+                                 "of the model; choose another name", "name")
+        except JobFailure as failure:
+            return failure.error
+        return None
+
+    def store_voice(self, name: Any, prompt_text: Any, audio_flac: bytes,
+                    language: Any = "") -> VoiceInfo | JobError:
+        """Register (or replace) a voice whose audio was `speakers.prepare`d; every intake
+        and every worker sees it from the one speakers file."""
+        refusal = self.registration_refusal(name, prompt_text, language)
+        if refusal is not None:
+            return refusal
+        try:
+            self.speakers.store(name, prompt_text, audio_flac, language)
+        except OSError as error:
+            log.error("voice_store_failed", voice=name, error=str(error))
+            return JobError(ErrorCode.INTERNAL, f"the voice could not be stored: {error}")
         self.cache.voices_changed()  # a replaced voice's entries go
-        voice = VoiceInfo(name, "", self.native_rate, self.engine_name, kind="registered")
+        voice = VoiceInfo(name, language, self.native_rate, self.engine_name, kind="registered")
         self.voices = [v for v in self.voices if v.name != name] + [voice]
         log.info("voice_registered", voice=name)
         return voice

@@ -28,6 +28,7 @@ from cosyvoiced.spool import atomic_write, remove_temp_files
 # Kept at 24 kHz, the highest rate any CosyVoice model reads a prompt at.
 STORED_RATE = 24000
 _NAME = re.compile(r"^[\w][\w .-]{0,63}$")
+_LANGUAGE = re.compile(r"^([A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8})*)?$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Speaker:
     name: str
     prompt_text: str
     audio: Samples  # mono float32 at STORED_RATE
+    language: str = ""  # what the registering client said it speaks, if anything
 
 
 def check_name(name: Any) -> str:
@@ -44,10 +46,28 @@ def check_name(name: Any) -> str:
     return name
 
 
-def _encode(samples: Samples) -> str:
+def check_prompt_text(prompt_text: Any) -> str:
+    if not isinstance(prompt_text, str) or not prompt_text.strip():
+        raise JobFailure(ErrorCode.MISSING_FIELD, "prompt_text: the words spoken in the "
+                         "prompt audio are required to register a voice", "prompt_text")
+    return prompt_text.strip()
+
+
+def check_language(language: Any) -> str:
+    if not isinstance(language, str) or not _LANGUAGE.match(language):
+        raise JobFailure(ErrorCode.INVALID_FIELD, "language: expected a language tag such "
+                         f"as \"en\" or \"zh-CN\"; got {language!r}"[:200], "language")
+    return language
+
+
+def prepare(audio: bytes) -> bytes:
+    """The stored form of prompt audio: FLAC, mono at STORED_RATE. `JobFailure` (the drop
+    folder's prompt_audio codes) for what is not 1-30 s of audio soundfile reads. Native
+    codecs: the daemon runs it in the encoder process (`Encoder.read_prompt`)."""
     buffer = io.BytesIO()
-    soundfile.write(buffer, samples, STORED_RATE, format="FLAC", subtype="PCM_16")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    soundfile.write(buffer, read_prompt(audio, STORED_RATE), STORED_RATE, format="FLAC",
+                    subtype="PCM_16")
+    return buffer.getvalue()
 
 
 def _decode(text: str) -> Samples:
@@ -76,8 +96,13 @@ class SpeakerStore:
         return remove_temp_files(self.path.parent, self.path.name)
 
     def load(self) -> list[Speaker]:
-        return [Speaker(name, entry["prompt_text"], _decode(entry["audio_flac"]))
+        return [Speaker(name, entry["prompt_text"], _decode(entry["audio_flac"]),
+                        entry.get("language", ""))
                 for name, entry in sorted(self._entries().items())]
+
+    def languages(self) -> dict[str, str]:
+        """Each registered voice's language ("" when none was given), without its audio."""
+        return {name: entry.get("language", "") for name, entry in self._entries().items()}
 
     def changed(self) -> bool:
         """Whether the file changed since the last call (True the first time)."""
@@ -89,18 +114,25 @@ class SpeakerStore:
         changed, self._seen = seen != self._seen, seen
         return changed
 
-    def add(self, name: str, prompt_text: str, audio: bytes) -> Speaker:
-        """Register (or replace) `name`; raises `JobFailure` for a bad name, text or audio."""
+    def add(self, name: str, prompt_text: str, audio: bytes) -> None:
+        """Register (or replace) `name` from an audio file, decoded here; raises
+        `JobFailure` for a bad name, text or audio."""
         check_name(name)
-        if not isinstance(prompt_text, str) or not prompt_text.strip():
-            raise JobFailure(ErrorCode.MISSING_FIELD, "prompt_text: the words spoken in the "
-                             "prompt audio are required to register a voice", "prompt_text")
-        speaker = Speaker(name, prompt_text.strip(), read_prompt(audio, STORED_RATE))
+        check_prompt_text(prompt_text)
+        self.store(name, prompt_text, prepare(audio))
+
+    def store(self, name: str, prompt_text: str, audio_flac: bytes, language: str = "") -> None:
+        """Register (or replace) `name` from audio already `prepare`d; raises `JobFailure`
+        for a bad name, text or language."""
+        check_name(name)
+        entry = {"prompt_text": check_prompt_text(prompt_text),
+                 "audio_flac": base64.b64encode(audio_flac).decode("ascii"),
+                 "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if check_language(language):
+            entry["language"] = language
         entries = self._entries()
-        entries[name] = {"prompt_text": speaker.prompt_text, "audio_flac": _encode(speaker.audio),
-                         "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entries[name] = entry
         self._write(entries)
-        return speaker
 
     def remove(self, name: str) -> bool:
         entries = self._entries()

@@ -234,12 +234,16 @@ class Spool:
         return None
 
     def publish_result(self, claimed: Claimed, output: str, extension: str, audio: bytes,
-                       record: dict[str, Any]) -> str:
-        """Write audio, then its record (the commit point), then release the work file."""
+                       record: dict[str, Any], *, beside: dict[str, bytes] | None = None
+                       ) -> str:
+        """Write audio and the files `beside` it (extension -> bytes: captions), then its
+        record (the commit point), then release the work file."""
         base, unique = self._result_names(output, claimed.job_id)
         if _record_job_id(self.outbox / (base + RECORD_SUFFIX)) not in (None, claimed.job_id):
             base = unique  # another job's result has that name: never overwrite it
         atomic_write(self.outbox, f"{base}.{extension}", audio)
+        for kind, data in (beside or {}).items():
+            atomic_write(self.outbox, f"{base}.{kind}", data)
         atomic_write(self.outbox, base + RECORD_SUFFIX,
                      _json_bytes(record | {"job": claimed.job_id,
                                            "file": f"{base}.{extension}"}))

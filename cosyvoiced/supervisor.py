@@ -81,8 +81,7 @@ class Supervisor:
         self.service = Service(lambda: self.config, spool=self.spool, book=self.book,
                                cache=self.cache, speakers=speakers, metrics=self.metrics,
                                intakes=intakes, claims=claims, wake=self.wake)
-        self.service.idle = lambda: len(self.pool.idle())
-        self.service.record_misses = lambda: not self.pool.reload_pending
+        self.service.pool = self.pool
         self.service.report = lambda identity: report.stats(
             self._snapshot(), time.monotonic() - self.started_at,
             lambda job_id: self.service.visible(job_id, identity))
@@ -104,7 +103,8 @@ class Supervisor:
         self.service.admin_token = self.spool.new_admin_token()
         self.encoder.start()
         log.info("starting", version=__version__, spool=str(self.spool.root),
-                 engine=self.config.engine.name, rss_limit=self.config.worker.rss_limit)
+                 engine=self.config.engine.name, rss_limit=self.config.worker.rss_limit,
+                 per_device=self.config.worker.per_device)  # "auto" resolved: the count
         self.sharing.connect()  # first: jobs left in work/ may be on the shared stream
         self.service.recover()
         self.pool.resize(time.monotonic())

@@ -16,14 +16,23 @@ import sys
 import threading
 import time
 from collections.abc import Generator, Iterator
+from dataclasses import replace
 from multiprocessing.connection import Connection
 
 import numpy as np
 import soxr
 
-from cosyvoiced import logs
+from cosyvoiced import logs, pauses
 from cosyvoiced.config import EngineConfig
-from cosyvoiced.engines import FEATURES, AudioChunk, Engine, SynthesisRequest, load_engine
+from cosyvoiced.engines import (
+    FEATURES,
+    AlignedEngine,
+    AudioChunk,
+    Engine,
+    StagedEngine,
+    SynthesisRequest,
+    load_engine,
+)
 from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure
 from cosyvoiced.memory import Memory, measure
 from cosyvoiced.messages import (
@@ -44,6 +53,7 @@ from cosyvoiced.messages import (
     ToWorker,
 )
 from cosyvoiced.placement import Placement
+from cosyvoiced.stages import SegmentStages
 
 WARMUP_TEXT = "Ready."
 PROMPT_VOICE = "(prompt audio)"  # the voice reported for a job cloned from its prompt
@@ -155,9 +165,9 @@ def _voice(engine: Engine, job: Job) -> str | None:
     return voice
 
 
-def _request(job: Job, text: str, voice: str | None) -> SynthesisRequest:
+def _request(job: Job, text: str, voice: str | None, index: int) -> SynthesisRequest:
     return SynthesisRequest(text, voice, job.speed, job.stream, job.prompt_audio,
-                            job.prompt_text, job.instruct, job.language)
+                            job.prompt_text, job.instruct, job.language, continues=index > 0)
 
 
 def _serve(engine: Engine, segment: RunSegment, channel: Channel) -> SegmentFinished:
@@ -171,8 +181,10 @@ def _serve(engine: Engine, segment: RunSegment, channel: Channel) -> SegmentFini
     started = time.monotonic()
     first_chunk_s = 0.0
     samples = 0
-    chunks = _resampled(engine.synthesize(_request(job, segment.text.strip(), voice)),
-                        native_rate, rate)
+    pause_s = pauses.of_segment(segment.text)  # a pause's silence is made here, not by it
+    chunks = _silence(pause_s, rate) if pause_s is not None else \
+        _resampled(engine.synthesize(_request(job, segment.text.strip(), voice, segment.index)),
+                   native_rate, rate)
     try:
         for seq, chunk in enumerate(chunks):
             if seq == 0:
@@ -184,7 +196,29 @@ def _serve(engine: Engine, segment: RunSegment, channel: Channel) -> SegmentFini
     finally:
         chunks.close()  # an abandoned engine generator cleans up now, not at GC time
     return SegmentFinished(job.id, segment.index, samples, time.monotonic() - started,
-                           first_chunk_s)
+                           first_chunk_s,
+                           _stages(engine, first_chunk_s) if pause_s is None else None,
+                           _words(engine, rate / native_rate) if pause_s is None
+                           and (job.timestamps or job.captions) else None)
+
+
+def _words(engine: Engine, scale: float) -> tuple[tuple[int, int], ...] | None:
+    """The segment's word spans at the job's rate (it may be resampled), for captions."""
+    spans = engine.segment_words() if isinstance(engine, AlignedEngine) else None
+    if spans is None:
+        return None
+    return tuple((round(start * scale), round(end * scale)) for start, end in spans)
+
+
+def _silence(seconds: float, rate: int) -> Generator[AudioChunk, None, None]:
+    silence = pauses.silence(seconds, rate)
+    if len(silence):
+        yield silence
+
+
+def _stages(engine: Engine, first_chunk_s: float) -> SegmentStages | None:
+    measured = engine.segment_stages() if isinstance(engine, StagedEngine) else None
+    return None if measured is None else replace(measured, first_chunk_ms=first_chunk_s * 1000)
 
 
 def _run_segment(engine: Engine, segment: RunSegment, channel: Channel) -> None:
@@ -205,6 +239,15 @@ def _run_segment(engine: Engine, segment: RunSegment, channel: Channel) -> None:
     channel.send(outcome)
 
 
+def warm_up(engine: Engine) -> None:
+    """One short synthesis before the first job, so that it does not pay for first calls
+    (lazy initialisation, allocator growth). Shared with bench/cosyvoice.py."""
+    default = engine.default_voice()
+    if default is not None:  # a model with no built-in voice has nothing to warm up with
+        for _chunk in engine.synthesize(SynthesisRequest(WARMUP_TEXT, default)):
+            pass
+
+
 def _load(config: EngineConfig, channel: Channel) -> Engine | None:
     started = time.monotonic()
     try:
@@ -213,9 +256,7 @@ def _load(config: EngineConfig, channel: Channel) -> Engine | None:
         loaded = time.monotonic()
         channel.send(EngineWarming(round(loaded - started, 3)))
         default = engine.default_voice()
-        if default is not None:  # a model with no built-in voice has nothing to warm up with
-            for _chunk in engine.synthesize(SynthesisRequest(WARMUP_TEXT, default)):
-                pass
+        warm_up(engine)
     except Exception as error:  # reported to the supervisor, which decides
         log.exception("engine_load_failed", engine=config.name)
         channel.send(EngineLoadFailed(f"{type(error).__name__}: {error}"))
@@ -255,9 +296,10 @@ def _log_thread_failure(failure: threading.ExceptHookArgs) -> None:
               exc_info=(failure.exc_type, failure.exc_value, failure.exc_traceback))
 
 
-def _place(placement: Placement) -> None:
+def place(placement: Placement) -> None:
     """Show this worker its own device only, before anything imports CUDA: torch and
-    onnxruntime then see that GPU as device 0, and a CPU worker sees none."""
+    onnxruntime then see that GPU as device 0, and a CPU worker sees none. Shared with
+    bench/cosyvoice.py, whose direct caller is prepared as a worker is."""
     kind, _, index = placement.device.partition(":")
     os.environ["CUDA_VISIBLE_DEVICES"] = index if kind == "cuda" else ""
     if placement.on_cpu and placement.cpu_threads:  # OpenMP (torch's CPU kernels) reads it
@@ -267,7 +309,7 @@ def _place(placement: Placement) -> None:
 def main(conn: Connection, config: EngineConfig, log_level: str,
          heartbeat_interval_s: float, placement: Placement) -> None:
     """Entry point of the worker process (started with the `spawn` method)."""
-    _place(placement)
+    place(placement)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     _die_with_parent()
     channel = Channel(conn)

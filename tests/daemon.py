@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile
+
+from tests.audiofile import read_audio
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90.0
@@ -183,7 +184,8 @@ class Daemon:
         self.runs = 0
 
     def configure(self, **sections: dict[str, Any]) -> None:
-        """(Re)write the config file: this daemon's paths, plus `sections` (a__b is a.b)."""
+        """(Re)write the config file: this daemon's paths, plus `sections` (a__b is a.b); a
+        key given as None is left out, so the daemon's own default applies."""
         settings: dict[str, dict[str, Any]] = {
             "spool": {"dir": str(self.spool)},
             "log": {"file": str(self.log_file), "level": "debug"},
@@ -191,9 +193,15 @@ class Daemon:
             # Off unless a test turns it on: most tests need real synthesis of texts they
             # repeat. Under the test's root either way, never the system's /var/cache.
             "cache": {"dir": str(self.cache_dir), "max_bytes": 0},
+            # One worker unless a test asks for more (the default, "auto", is one per core
+            # for Piper): most tests follow the worker, its generations and its memory.
+            "worker": {"per_device": 1},
         }
         for section, values in sections.items():
             settings.setdefault(section.replace("__", "."), {}).update(values)
+        for values in settings.values():
+            for key in [key for key, value in values.items() if value is None]:
+                del values[key]
         write_config(self.config_path, settings)
 
     def start(self, extra_env: dict[str, str] | None = None, wait_ready: bool = True,
@@ -322,7 +330,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def assert_speech(path: Path, sample_rate: int, text: str, speed: float = 1.0) -> float:
     """The file is real speech: right rate, duration in proportion to the text, not silence."""
-    samples, rate = soundfile.read(path, dtype="float32")
+    samples, rate = read_audio(path)  # a streamed FLAC or AAC too (PyAV)
     assert rate == sample_rate, f"{path.name}: {rate} Hz, expected {sample_rate}"
     assert samples.ndim == 1, f"{path.name}: not mono"
     duration = float(len(samples) / rate)

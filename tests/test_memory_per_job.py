@@ -69,8 +69,9 @@ def test_config_resolves_auto_and_keeps_0_and_sizes(tmp_path: Path) -> None:
                  ).worker.rss_limit == expected
     assert _load(tmp_path, "[worker]\nrss_limit = 0\n").worker.rss_limit == 0
     assert _load(tmp_path, '[worker]\nrss_limit = "3GiB"\n').worker.rss_limit == 3 * GiB
-    assert config.Config().worker.rss_limit == auto_rss_limit(memory.machine_bytes(), 1,
-                                                              "piper")
+    default = config.Config().worker  # per_device "auto" too: split among those workers
+    assert default.rss_limit == auto_rss_limit(memory.machine_bytes(), default.worker_count,
+                                               "piper")
     with pytest.raises(config.ConfigError, match=r'worker\.rss_limit: expected a size.* or "auto"'):
         _load(tmp_path, '[worker]\nrss_limit = "lots"\n')
 

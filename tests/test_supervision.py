@@ -114,8 +114,15 @@ def test_leaking_worker_is_recycled_at_the_rss_limit(make_daemon: DaemonFactory)
 
 
 def test_piper_long_paragraph_trips_a_low_rss_limit(make_daemon: DaemonFactory) -> None:
-    """The real engine: onnxruntime keeps the arena a long sentence needed, so RSS creeps."""
-    daemon = make_daemon(worker={"rss_limit": "320MiB"})
+    """The real engine: its arena is given back after each call, but a long paragraph still
+    leaves the worker some tens of MiB larger than a fresh one (so the limit here sits just
+    above a fresh worker's footprint, measured)."""
+    probe = make_daemon("probe")
+    probe.start()
+    with Client(probe.endpoint) as client:
+        fresh = wait_until(lambda: fresh_worker(client), 30, "a fresh worker's figures")
+    probe.stop()
+    daemon = make_daemon(worker={"rss_limit": int(fresh["rss_bytes"]) + (24 << 20)})
     daemon.start()
     long_sentence = ("This is a rather long sentence in a long paragraph that goes on and on, "
                      "with many clauses, commas, and words, to make the phoneme sequence long")
@@ -133,9 +140,10 @@ def test_piper_long_paragraph_trips_a_low_rss_limit(make_daemon: DaemonFactory) 
     busy = [e for e in daemon.log_events("worker_state") if e["state"] == "busy"]
     recycles = daemon.log_events("worker_recycle")
     # The paragraph's segments may each have tripped the limit; the next jobs then ran on
-    # the worker that replaced the last one recycled.
+    # the workers that replaced them (a limit this close to a fresh worker's footprint may
+    # also recycle the last of them once its job is in).
     assert {r["reason"] for r in recycles} == {"rss"}
-    assert busy[-1]["generation"] == len(recycles) + 1
+    assert busy[-1]["generation"] >= len(recycles) > 0
 
 
 @pytest.mark.parametrize("spare", [False, True])

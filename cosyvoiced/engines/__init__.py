@@ -10,12 +10,13 @@ import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced.config import ENGINE_ENTRY_POINTS, EngineConfig
+from cosyvoiced.stages import SegmentStages
 
 AudioChunk = npt.NDArray[np.float32]
 
@@ -43,6 +44,9 @@ class SynthesisRequest:
     prompt_text: str | None = None
     instruct: str | None = None
     language: str | None = None
+    # A later segment of the same job: its audio follows audio already made, so an engine
+    # may carry on from the previous segment's state (CosyVoice's grown stream hop).
+    continues: bool = False
 
 
 class Engine(Protocol):
@@ -69,6 +73,25 @@ class Engine(Protocol):
         `request.voice` is None or one of `voices()`: the worker refuses other names first.
         Raises `JobFailure` for a request the engine cannot serve.
         """
+        ...
+
+
+@runtime_checkable
+class StagedEngine(Protocol):
+    """An engine that can say where a synthesis spent its time (stages.py)."""
+
+    def segment_stages(self) -> SegmentStages | None:
+        """The stages of the last `synthesize` that ran to its end; None if unmeasured."""
+        ...
+
+
+@runtime_checkable
+class AlignedEngine(Protocol):
+    """An engine that can say where each word of a synthesis is heard (captions.py)."""
+
+    def segment_words(self) -> tuple[tuple[int, int], ...] | None:
+        """[start, end) samples of each whitespace-separated word of the last `synthesize`'s
+        text, at its native rate; None if it has no alignment for it."""
         ...
 
 

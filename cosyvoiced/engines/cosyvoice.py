@@ -13,7 +13,9 @@ Upstream is built for notebooks and demos; this adapter makes it safe to serve f
 - an exception in upstream's LLM thread ends the request with that error instead of
   leaving a `stream=True` consumer polling forever;
 - the shared `token_hop_len` (grown during each streamed call, never reset: upstream
-  PR #1849) is reset before every request;
+  PR #1849) is reset before every job's first segment, and its later segments carry on
+  with the hop it reached, as upstream's own calls of several text segments do;
+- the LLM's, the flow's and HiFT's calls are timed (stageclock.py) for the stage timings;
 - the RNG reseeding done while loading (yaml `__set_seed*`, `set_all_random_seed(0)`) is
   undone, and the root-logger set-up done on import is put back.
 """
@@ -36,10 +38,12 @@ import soxr
 from cosyvoiced import logs
 from cosyvoiced.config import CosyVoiceConfig, EngineConfig
 from cosyvoiced.engines import FEATURES, AudioChunk, SynthesisRequest, VoiceInfo
+from cosyvoiced.engines.stageclock import StageClock
 from cosyvoiced.engines.upstream import import_upstream, missing_module
 from cosyvoiced.job import ErrorCode, JobFailure
 from cosyvoiced.prompt import Samples, read_prompt
 from cosyvoiced.speakers import STORED_RATE, Speaker, SpeakerStore
+from cosyvoiced.stages import SegmentStages
 
 try:
     import torch
@@ -148,6 +152,7 @@ class CosyVoiceEngine:
                          or self._model.model.hift.sampling_rate)
         self._token_hop_len = getattr(self._model.model, "token_hop_len", None)
         self._guard = _LlmThreadGuard(self._model.model)
+        self.clock = StageClock(self._model.model)
         self._scratch = tempfile.TemporaryDirectory(prefix="cosyvoiced-prompts-")
         spk2info = getattr(self._model.frontend, "spk2info", {})
         self._builtin = list(spk2info)
@@ -170,8 +175,8 @@ class CosyVoiceEngine:
     def voices(self) -> list[VoiceInfo]:
         self._refresh_speakers()
         return ([VoiceInfo(name, "", self._rate, self.name) for name in self._builtin]
-                + [VoiceInfo(name, "", self._rate, self.name, "registered")
-                   for name in sorted(self._registered)])
+                + [VoiceInfo(name, speaker.language, self._rate, self.name, "registered")
+                   for name, speaker in sorted(self._registered.items())])
 
     def default_voice(self) -> str | None:
         return self._default
@@ -237,12 +242,22 @@ class CosyVoiceEngine:
             instruct = f"{V3_SYSTEM} {instruct}"
         return instruct + marker
 
+    @property
+    def upstream(self) -> Any:
+        """The loaded upstream model (a CosyVoice, CosyVoice2 or CosyVoice3), for callers
+        that measure upstream alone (bench/cosyvoice.py); `clock` times its calls too."""
+        return self._model
+
     # -- synthesis ----------------------------------------------------------------------
+    def segment_stages(self) -> SegmentStages | None:
+        """The stage timings of the last `synthesize` (StageClock)."""
+        return self.clock.read()
+
     def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
         self._refresh_speakers()
         with contextlib.ExitStack() as scope:
             start = self._plan(request, scope)
-            yield from self._consume(start)
+            yield from self._consume(start, request.continues)
 
     def _plan(self, request: SynthesisRequest,
               scope: contextlib.ExitStack) -> Callable[[], Iterator[dict[str, Any]]]:
@@ -317,12 +332,18 @@ class CosyVoiceEngine:
             prompt = scope.enter_context(self._prompt(registered.audio, STORED_RATE))
         return lambda: self._model.inference_instruct2(text, instruct, prompt, **options)
 
-    def _consume(self, start: Callable[[], Iterator[dict[str, Any]]]) -> Iterator[AudioChunk]:
+    def _consume(self, start: Callable[[], Iterator[dict[str, Any]]],
+                 continues: bool = False) -> Iterator[AudioChunk]:
         """Run one upstream generator to its end (or until closed), then clean up after it."""
         model = self._model.model
-        if self._token_hop_len is not None:
+        # A first segment starts with the small hop, for an early first chunk; a later one
+        # plays after audio already sent, so the bigger hop (fewer, cheaper flow passes:
+        # each recomputes the prefix) costs no wait. Another job's segment in between may
+        # leave it either way; both are correct audio.
+        if self._token_hop_len is not None and not continues:
             model.token_hop_len = self._token_hop_len
         self._guard.reset()
+        self.clock.reset()
         outputs: Iterator[dict[str, Any]] | None = None
         try:
             while True:

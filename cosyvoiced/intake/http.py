@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import HttpVersion11, web
@@ -27,8 +27,7 @@ from cosyvoiced import clients, logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import HttpConfig, read_api_keys
 from cosyvoiced.encoding import EncodeFailed, Encoder, EncoderStream
-from cosyvoiced.engines import VoiceInfo
-from cosyvoiced.intake import codecs
+from cosyvoiced.intake import codecs, console, elevenlabs, voices
 from cosyvoiced.intake.limits import REFUSAL_CODE, ConnectionLimits, listen
 from cosyvoiced.intake.reply import (
     BUSY,
@@ -41,18 +40,20 @@ from cosyvoiced.intake.reply import (
     Service,
     Started,
 )
-from cosyvoiced.job import ErrorCode, JobFailure
+from cosyvoiced.job import ErrorCode, JobFailure, JobResult
 
 SOURCE = "http"
 SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions",
-                 "stream_format")
+                 "stream_format", "normalize", "clone",
+                 "timestamps")  # ours: normalize, clone, timestamps (README)
 DEFAULT_FORMAT = "mp3"  # as OpenAI's
 STREAM_FORMATS = ("audio", "sse")
 # What /v1/models lists. Any model name is accepted: the engine is the daemon's, not the
 # request's, and clients hard-code OpenAI's names.
 MODELS = ("cosyvoiced", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # A job field -> the OpenAI request's name for it, in messages and `param`.
-OPENAI_NAMES = {"text": "input", "instruct": "instructions", "format": "response_format"}
+OPENAI_NAMES = {"text": "input", "instruct": "instructions", "format": "response_format",
+                "prompt_audio": "clone", "prompt_text": "clone"}
 SHUTDOWN_TIMEOUT_S = 2.0  # for the last bytes of responses in flight when the daemon stops
 HEALTH_TIMEOUT_S = 2.0
 RETRY_AFTER_S = 2  # told to a client that is refused for being busy (429)
@@ -86,6 +87,8 @@ class SpeechRequest:
     fields: dict[str, Any]  # job fields
     format: str
     sse: bool
+    voice_optional: bool = False  # an OpenAI voice name of none of ours: the default voice
+    prompt: bytes | None = None  # a one-off clone's audio file
 
 
 def _openai_name(field: str | None) -> str | None:
@@ -131,9 +134,9 @@ def parse_speech(body: Any, aliases: dict[str, str]) -> SpeechRequest:
     if unknown:
         raise JobFailure(ErrorCode.UNKNOWN_FIELD, f"{unknown[0]}: unknown field; known fields "
                          f"are: {', '.join(SPEECH_FIELDS)}", unknown[0])
-    for name in ("model", "voice"):
-        if name not in body:
-            raise JobFailure(ErrorCode.MISSING_FIELD, f"{name}: required field is missing", name)
+    if "model" not in body:
+        raise JobFailure(ErrorCode.MISSING_FIELD, "model: required field is missing", "model")
+    fields, voice_optional, prompt = _speech_voice(body, aliases)
     if not isinstance(body["model"], str) or not body["model"]:
         raise JobFailure(ErrorCode.INVALID_FIELD, "model: expected a model name such as "
                          "\"tts-1\"", "model")
@@ -147,7 +150,6 @@ def parse_speech(body: Any, aliases: dict[str, str]) -> SpeechRequest:
     if not isinstance(stream_format, str) or stream_format not in STREAM_FORMATS:
         raise JobFailure(ErrorCode.INVALID_FIELD, f"stream_format: {_shown(stream_format)} "
                          f"is not one of: {', '.join(STREAM_FORMATS)}", "stream_format")
-    fields: dict[str, Any] = {"voice": _voice(body["voice"], aliases)}
     if "input" in body:
         fields["text"] = body["input"]
     if body.get("speed") is not None:  # the job's own checks refuse a non-number
@@ -156,7 +158,34 @@ def parse_speech(body: Any, aliases: dict[str, str]) -> SpeechRequest:
         fields["instruct"] = body["instructions"]
     if fmt in codecs.FIXED_RATES:
         fields["sample_rate"] = codecs.FIXED_RATES[fmt]
-    return SpeechRequest(fields, fmt, stream_format == "sse")
+    if "normalize" in body:  # our extension: false reads the text as written (no clean-up)
+        fields["normalize"] = body["normalize"]
+    fields |= _timestamps(body, stream_format)
+    return SpeechRequest(fields, fmt, stream_format == "sse", voice_optional, prompt)
+
+
+def _timestamps(body: dict[str, Any], stream_format: str) -> dict[str, Any]:
+    """Our extension: `timestamps` makes the reply one JSON object, audio and captions."""
+    if _given(body, "timestamps", None) is None:
+        return {}
+    if stream_format == "sse":
+        raise JobFailure(ErrorCode.INVALID_FIELD, "timestamps: the reply is one JSON object; "
+                         "it cannot be combined with stream_format \"sse\"", "timestamps")
+    return {"timestamps": body["timestamps"]}
+
+
+def _speech_voice(body: dict[str, Any],
+                  aliases: dict[str, str]) -> tuple[dict[str, Any], bool, bytes | None]:
+    """(the voice's job fields, whether the voice may fall back to the default, a one-off
+    clone's audio): a `clone` is the voice; OpenAI's own names not mapped in [http.voices]
+    (nor one of ours) speak with the default voice."""
+    if body.get("clone") is not None:
+        audio, prompt_text = voices.parse_clone(body["clone"])
+        return ({} if prompt_text is None else {"prompt_text": prompt_text}), False, audio
+    if "voice" not in body:
+        raise JobFailure(ErrorCode.MISSING_FIELD, "voice: required field is missing", "voice")
+    voice = _voice(body["voice"], aliases)
+    return {"voice": voice}, voice in voices.OPENAI_VOICES, None
 
 
 def _given(body: dict[str, Any], name: str, default: Any) -> Any:
@@ -212,11 +241,6 @@ def _sse(event: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
 
-def _voice_entry(voice: VoiceInfo) -> dict[str, Any]:
-    return {"id": voice.name, "name": voice.name, "language": voice.language,
-            "sample_rate": voice.sample_rate, "engine": voice.engine, "kind": voice.kind}
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -230,6 +254,7 @@ class HttpIntake(ReplyIntake):
         self._keys = _Keys()
         self._encoder = encoder
         self._limiter = clients.RateLimiter()  # on the loop thread only
+        self._uploads = voices.UploadSlots()  # bodies over max_body_bytes (loop thread only)
         self._next_forget = 0.0
         self._runner: web.AppRunner | None = None
         self._listening: asyncio.AbstractServer | None = None
@@ -260,11 +285,17 @@ class HttpIntake(ReplyIntake):
                               middlewares=[self._errors])
         app.add_routes([
             web.post("/v1/audio/speech", self._speech, expect_handler=self._expect),
-            web.get("/v1/audio/voices", self._voices),
             web.get("/v1/models", self._models),
             web.get("/healthz", self._healthz),
             web.get("/readyz", self._readyz),
         ])
+        voices.VoiceRoutes(self, self._identity, self._check_rate, settings=self._settings,
+                           encoder=self._encoder, uploads=self._uploads).add_routes(app)
+        sockets = elevenlabs.ElevenLabsSockets(self, self._encoder)  # ElevenLabs' WebSockets
+        app.add_routes(sockets.routes())
+        app.on_shutdown.append(sockets.close_all)
+        if settings.console:  # the web console at / (console.py)
+            console.Console(self, self._identity, self._settings).add_routes(app)
         # handler_cancellation: a client that hangs up cancels its handler, which cancels
         # its job.
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -318,7 +349,10 @@ class HttpIntake(ReplyIntake):
     def _identity(self, request: web.Request) -> Identity:
         """Who is asking: their key's name when keys are on (one key, one client, on every
         connection), else an anonymous client owning its connection, counted by address."""
-        name = self._authorize(request)
+        return self.identity_of(request, self._authorize(request))
+
+    def identity_of(self, request: web.Request, name: str | None) -> Identity:
+        """The client of `request`, who proved to hold the key `name` (None: no keys)."""
         if name:
             settings = self._settings().keys.get(name)
             return clients.keyed("key", name, admin=settings is not None and settings.admin)
@@ -379,22 +413,48 @@ class HttpIntake(ReplyIntake):
         if scheme.lower() != "bearer" or not token:
             raise _HttpError("invalid_api_key", "Authorization: a bearer token is required "
                              "(Authorization: Bearer KEY)", {"WWW-Authenticate": "Bearer"})
-        # Every key is compared, in constant time, so timing tells nothing about a match.
-        matches = [name for key, name in self._keys.current(path).items()
-                   if hmac.compare_digest(token.encode(), key.encode())]
-        if not matches:
+        name = self.key_name(token)
+        if name is None:
             raise _HttpError("invalid_api_key", "Authorization: the bearer token is not one "
                              "of http.api_keys_file", {"WWW-Authenticate": "Bearer"})
-        return matches[0]
+        return name
+
+    # -- for the other protocols on this listener (elevenlabs.py) ---------------------------
+    def keys_required(self) -> bool:
+        return bool(self._settings().api_keys_file)
+
+    def key_name(self, token: str) -> str | None:
+        """The name of the API key `token`, or None if it is none of http.api_keys_file."""
+        # Every key is compared, in constant time, so timing tells nothing about a match.
+        matches = [name for key, name in self._keys.current(self._settings().api_keys_file)
+                   .items() if hmac.compare_digest(token.encode(), key.encode())]
+        return matches[0] if matches else None
+
+    def rate_refusal(self, identity: Identity, chars: int) -> str | None:
+        """Why a request of `chars` characters is over the client's rate limit; None if it
+        is not (then it is counted)."""
+        try:
+            self._check_rate(identity, chars)
+        except _HttpError as error:
+            return error.message
+        return None
+
+    def voice_aliases(self) -> dict[str, str]:
+        return self._settings().voices
+
+    def send_timeout_s(self) -> float:
+        return self._settings().send_timeout_s
 
     async def _speech(self, request: web.Request) -> web.StreamResponse:
         identity = self._identity(request)
-        data = _json(await self._body(request))
-        speech = parse_speech(data, self._settings().voices)
+        settings = self._settings()
+        speech = await self._speech_request(request, settings)
         text = speech.fields.get("text")
         self._check_rate(identity, len(text) if isinstance(text, str) else 0)
         exchange = Exchange(asyncio.get_running_loop())
-        job_id = self.submit(exchange, speech.fields, identity)
+        job_id = self.submit(exchange, speech.fields, identity,
+                             voice_optional=speech.voice_optional, prompt=speech.prompt)
+        speech = replace(speech, prompt=None)  # the supervisor keeps it now, not this reply
         gone = True  # unless the whole reply was sent: then the job is only released
         try:
             response = await self._respond(request, job_id, exchange, speech)
@@ -407,12 +467,41 @@ class HttpIntake(ReplyIntake):
         finally:  # whatever happened, the request stops counting as in flight
             (self.gone if gone else self.finished)(job_id)
 
-    async def _body(self, request: web.Request) -> bytes:
-        """The whole body, within http.body_timeout_s (a short or endless body: 408)."""
+    async def _speech_request(self, request: web.Request,
+                              settings: HttpConfig) -> SpeechRequest:
+        """The request; its body may be over http.max_body_bytes only with a `clone`, and
+        only while an upload slot is free."""
+        large = max(settings.max_body_bytes, settings.max_upload_bytes)
+        held = [False]
+
+        def take_slot() -> None:
+            if not self._uploads.take():
+                raise _HttpError(BUSY, voices.BUSY_UPLOADING, close=True)
+            held[0] = True
+
+        try:
+            body = await self._body(request, large, (settings.max_body_bytes, take_slot))
+            data = _json(body)
+            if len(body) > settings.max_body_bytes and \
+                    not (isinstance(data, dict) and data.get("clone") is not None):
+                raise _HttpError("request_too_large", f"body: over the limit of "
+                                 f"{settings.max_body_bytes} bytes (http.max_body_bytes; with "
+                                 "a clone, http.max_upload_bytes)")
+            return parse_speech(data, settings.voices)
+        finally:
+            if held[0]:
+                self._uploads.give()
+
+    async def _body(self, request: web.Request, limit: int | None = None,
+                    past: tuple[int, Callable[[], None]] | None = None) -> bytes:
+        """The whole body, within http.body_timeout_s (a short or endless body: 408), and
+        within `limit` bytes (None: http.max_body_bytes, aiohttp's client_max_size); `past`:
+        (a size, what to call once the body is over it)."""
         timeout_s = self._settings().body_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                return await request.read()
+                return await (request.read() if limit is None else
+                              _read_within(request, limit, past))
         except TimeoutError:
             raise _HttpError(REQUEST_TIMEOUT, f"body: not received in {timeout_s:g} s "
                              "(http.body_timeout_s)", close=True) from None
@@ -421,6 +510,7 @@ class HttpIntake(ReplyIntake):
                        speech: SpeechRequest) -> web.StreamResponse:
         body = _Body(request, job_id, speech, self._settings().send_timeout_s)
         stream: EncoderStream | None = None
+        captioned: list[bytes] | None = [] if "timestamps" in speech.fields else None
         try:
             while True:
                 event = await exchange.next()
@@ -433,10 +523,15 @@ class HttpIntake(ReplyIntake):
                     for start in range(0, len(event.samples), piece or len(event.samples)):
                         data = await stream.encode(event.samples[start:start + piece]
                                                    if piece else event.samples)
-                        if data:  # an encoder that buffers sends nothing yet: nor do we
+                        if data and captioned is not None:  # sent whole, in the JSON
+                            captioned.append(data)
+                        elif data:  # an encoder that buffers sends nothing yet: nor do we
                             await body.send(data)
                 elif isinstance(event, Done):
                     assert stream is not None, "a job starts before it ends well"
+                    if captioned is not None:
+                        return _captioned(b"".join(captioned) + await stream.finish(),
+                                          speech.format, event.result)
                     return await body.finish(await stream.finish())
                 else:
                     failure = event if isinstance(event, Failed) else \
@@ -450,12 +545,6 @@ class HttpIntake(ReplyIntake):
         finally:
             if stream is not None:
                 stream.close()
-
-    async def _voices(self, request: web.Request) -> web.StreamResponse:
-        self._authorize(request)
-        voices = await self.ask(lambda service: list(service.voices))
-        return web.json_response({"voices": [_voice_entry(v) for v in voices],
-                                  "aliases": self._settings().voices})
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         self._authorize(request)
@@ -479,6 +568,24 @@ class HttpIntake(ReplyIntake):
         except TimeoutError:
             status = "unresponsive"
         return web.json_response({"status": status}, status=200 if status == "ready" else 503)
+
+
+async def _read_within(request: web.Request, limit: int,
+                       past: tuple[int, Callable[[], None]] | None) -> bytes:
+    """The body, refused (413, the rest unread) as soon as it is over `limit` bytes; once
+    it is over `past[0]`, `past[1]()` is called (it may refuse it too)."""
+    too_large = _HttpError("request_too_large", f"body: over the limit of {limit} bytes "
+                           "(http.max_upload_bytes)", close=True)
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(64 << 10):
+        if past is not None and len(data) <= past[0] < len(data) + len(chunk):
+            past[1]()
+        data += chunk
+        if len(data) > limit:
+            raise too_large
+    return bytes(data)
 
 
 def _json(body: bytes) -> Any:
@@ -560,6 +667,16 @@ class _Body:
             # where a clean end would pass a truncated file off as whole.
             self._request.transport.close()
         return self._response
+
+
+def _captioned(data: bytes, fmt: str, result: JobResult) -> web.Response:
+    """A `timestamps` reply: the audio in base64 with its captions (README: Captions)."""
+    timed = result.captions.to_dict() if result.captions is not None else \
+        {"sentences": [], "words": None}
+    return web.json_response({
+        "audio": base64.b64encode(data).decode(), "audio_format": fmt,
+        "sample_rate": result.sample_rate, "duration": round(result.audio_s, 4),
+        "timestamps": timed["words"] or [], **timed})
 
 
 def _readiness(service: Service) -> str:

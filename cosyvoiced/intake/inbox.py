@@ -28,7 +28,7 @@ from watchdog.observers.inotify_c import (
     WatchDescriptor,
 )
 
-from cosyvoiced import logs
+from cosyvoiced import captions, logs
 from cosyvoiced.job import (
     Deferred,
     ErrorCode,
@@ -62,7 +62,8 @@ def parse(claimed: Claimed, data: bytes, limits: Limits) -> Job:
                          f"{error.start}: {data[error.start:error.start + 1]!r})") from None
     if claimed.suffix == "txt":
         return Job(id=claimed.job_id, source=SOURCE, origin=claimed.work_name,
-                   text=check_text(text.removeprefix("\ufeff"), limits),
+                   text=check_text(text.removeprefix("\ufeff"), limits,
+                                   limits.normalize_txt),
                    format=limits.default_format, output=check_output_name(claimed.stem))
     try:
         fields = json.loads(text)
@@ -232,9 +233,13 @@ class InboxIntake:
         if result.served_by:
             record["served_by"] = result.served_by
 
+        beside = {captions.FILE_EXTENSIONS[job.captions]:
+                  captions.render(result.captions, job.captions)} \
+            if job.captions is not None and result.captions is not None else {}
+
         def publish(data: bytes) -> str:
             return self._spool.publish_result(Claimed(job.origin), job.output, job.format,
-                                              data, record)
+                                              data, record, beside=beside)
 
         return Deferred(samples, result.sample_rate, job.format, publish)
 

@@ -39,7 +39,8 @@ from cosyvoiced.jobspec import Limits, build_job
 T = TypeVar("T")
 # The job fields a reply intake may set (the format is the intake's own business: it
 # encodes the chunks itself).
-JOB_FIELDS = ("text", "voice", "speed", "sample_rate", "instruct")
+JOB_FIELDS = ("text", "voice", "speed", "sample_rate", "instruct", "prompt_text",
+              "normalize", "timestamps")
 BUSY = "busy"  # not a job error: the request was never queued
 START_TIMEOUT_S = 10.0
 QUERY_TIMEOUT_S = 5.0
@@ -55,9 +56,20 @@ class Service(Protocol):
     stopping: bool
     voices: list[VoiceInfo]
     engine_name: str
+    engine_features: frozenset[str]
     limits: Limits
 
     def queue_full(self) -> bool: ...
+
+    def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
+
+    def registration_refusal(self, name: Any, prompt_text: Any,
+                             language: Any = ...) -> JobError | None: ...
+
+    def store_voice(self, name: Any, prompt_text: Any, audio_flac: bytes,
+                    language: Any = ...) -> VoiceInfo | JobError: ...
+
+    def remove_voice(self, name: str) -> bool: ...
 
     def refusal(self, identity: Identity) -> JobError | None: ...
 
@@ -141,6 +153,10 @@ class Submission:
     exchange: Exchange
     # Wyoming may ask for a voice by language only: the first voice that speaks it.
     voice_language: str | None = None
+    # A voice name the client cannot know we lack (OpenAI's own): the default voice then.
+    voice_optional: bool = False
+    # A one-off clone's audio file (HTTP): kept in prompts/ for the worker to read.
+    prompt: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +258,18 @@ def voice_for_language(language: str, voices: list[VoiceInfo]) -> str | None:
     return None
 
 
+def _voice_fields(submission: Submission, voices: list[VoiceInfo]) -> dict[str, Any]:
+    """The job's fields with its voice resolved: by language (Wyoming), or left to the
+    default (an OpenAI name that is none of ours)."""
+    fields, voice = submission.fields, submission.fields.get("voice")
+    if voice is None and submission.voice_language:
+        found = voice_for_language(submission.voice_language, voices)
+        return fields | ({"voice": found} if found else {})
+    if submission.voice_optional and voice not in voice_names(voices):
+        return {name: value for name, value in fields.items() if name != "voice"}
+    return fields
+
+
 @dataclass
 class _Route:
     exchange: Exchange
@@ -271,11 +299,13 @@ class ReplyIntake:
 
     # -- the loop's side --------------------------------------------------------------------
     def submit(self, exchange: Exchange, fields: dict[str, Any], identity: Identity,
-               voice_language: str | None = None) -> str:
+               voice_language: str | None = None, *, voice_optional: bool = False,
+               prompt: bytes | None = None) -> str:
         """Hand a job to the supervisor; returns its id. Events come on `exchange`; the
         handler calls `finished` or `gone` when it is done with them, whatever happens."""
         job_id = new_job_id()
-        self._put(Submission(job_id, fields, identity, exchange, voice_language))
+        self._put(Submission(job_id, fields, identity, exchange, voice_language,
+                             voice_optional, prompt))
         return job_id
 
     def gone(self, job_id: str) -> None:
@@ -347,23 +377,31 @@ class ReplyIntake:
                      message=refusal.message)
             submission.exchange.post(refusal)
             return
-        fields = submission.fields
-        if fields.get("voice") is None and submission.voice_language:
-            voice = voice_for_language(submission.voice_language, service.voices)
-            fields = fields | ({"voice": voice} if voice else {})
+        fields = _voice_fields(submission, service.voices)
         try:
             voice = fields.get("voice")
             if isinstance(voice, str) and service.voices and \
                     voice not in voice_names(service.voices):
                 raise unknown_voice(voice, service.voices)
+            if submission.prompt is not None and "prompt_audio" not in service.engine_features:
+                raise JobFailure(ErrorCode.NOT_SUPPORTED, f"prompt_audio: the "
+                                 f"{service.engine_name} engine cannot clone voices",
+                                 "prompt_audio")
             job = build_job(fields, job_id=submission.job_id, source=self.source,
                             origin=submission.job_id, default_output=submission.job_id,
                             limits=service.limits, known=JOB_FIELDS, formats=REPLY_FORMATS,
                             sink=SINK_REPLY, stream=True)
+            if submission.prompt is not None:  # removed when the job closes (settle)
+                job = replace(job, prompt_audio=service.keep_prompt(job.id, submission.prompt))
         except JobFailure as failure:
             log.info("request_refused", source=self.source, code=str(failure.error.code),
                      message=failure.error.message)
             submission.exchange.post(Failed.of(failure.error))
+            return
+        except OSError as error:  # the prompt could not be kept (disk full, ...)
+            log.error("prompt_not_kept", source=self.source, error=str(error))
+            submission.exchange.post(Failed(str(ErrorCode.INTERNAL), "the prompt audio could "
+                                            f"not be kept: {error}"))
             return
         identity = submission.identity
         self._routes[job.id] = _Route(submission.exchange, identity)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,7 +41,7 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from cosyvoiced import __version__, audio, clients, logs
+from cosyvoiced import __version__, audio, cleanup, clients, logs
 from cosyvoiced.config import WyomingConfig
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.reply import (
@@ -55,6 +54,7 @@ from cosyvoiced.intake.reply import (
     Started,
 )
 from cosyvoiced.job import ErrorCode
+from cosyvoiced.sentences import SentenceSplitter
 
 SOURCE = "wyoming"
 SAMPLES_PER_CHUNK = 1024  # as wyoming-piper: small events keep a satellite's buffer short
@@ -63,8 +63,6 @@ MAX_DATA_BYTES = 64 << 10  # its data block
 MAX_PAYLOAD_BYTES = 1 << 20  # its binary payload (a TTS request has none)
 # A streamed text with no sentence end for this long is spoken up to its last space.
 MAX_SEGMENT_CHARS = 1000
-# Sentence ends (ASCII, CJK full stop, fullwidth ! and ?, ellipsis), then closing quotes.
-_SENTENCE_END = re.compile("[.!?\u3002\uff01\uff1f\u2026]+[\"')\\]\u201d\u2019]*(?=\\s)")
 _ATTRIBUTION = {
     "piper": Attribution(name="Piper", url="https://github.com/rhasspy/piper"),
     "cosyvoice": Attribution(name="CosyVoice", url="https://github.com/FunAudioLLM/CosyVoice"),
@@ -163,26 +161,24 @@ def _length(header: dict[str, Any], key: str, limit: int) -> int:
 
 
 class TextStream:
-    """Text that arrives in pieces, handed out a whole sentence (or more) at a time."""
+    """Text that arrives in pieces, handed out a whole sentence (or more) at a time: the
+    sentences `sentences.SentenceSplitter` finds complete, joined. A piece with nothing
+    to say once cleaned up (an emoji, a code fence's line) is left out rather than failed:
+    the client sent its stream in good faith."""
 
     def __init__(self, voice: SynthesizeVoice | None) -> None:
         self.voice = voice
-        self._text = ""
+        self._splitter = SentenceSplitter(MAX_SEGMENT_CHARS)
 
     def add(self, text: str) -> str | None:
-        self._text += text
-        ends = list(_SENTENCE_END.finditer(self._text))
-        cut = ends[-1].end() if ends else 0
-        if not cut and len(self._text) > MAX_SEGMENT_CHARS:
-            cut = self._text.rfind(" ") + 1 or len(self._text)
-        if not cut:
-            return None
-        ready, self._text = self._text[:cut], self._text[cut:]
-        return ready if ready.strip() else None
+        return _speakable("".join(self._splitter.feed(text)))
 
     def finish(self) -> str | None:
-        rest, self._text = self._text, ""
-        return rest if rest.strip() else None
+        return _speakable("".join(self._splitter.flush()))
+
+
+def _speakable(text: str) -> str | None:
+    return text if cleanup.says_something(text) else None
 
 
 def language_tag(language: str) -> str:

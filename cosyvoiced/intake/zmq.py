@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -48,7 +49,7 @@ from cosyvoiced.job import (
     JobResult,
     new_job_id,
 )
-from cosyvoiced.jobspec import FIELDS, Limits, build_job
+from cosyvoiced.jobspec import FIELDS, REPLY_ONLY, Limits, build_job
 from cosyvoiced.protocol import Limits as WireLimits
 from cosyvoiced.protocol import (
     Op,
@@ -65,7 +66,8 @@ SOURCE = "zmq"
 # Prompt audio comes as attachment frame 1, never as a name: a client has no inbox.
 SUBMIT_FIELDS = tuple(name for name in FIELDS if name != "prompt_audio")
 # `synthesize` also takes `stream`, which is read (and removed) before these are checked.
-SYNTHESIZE_FIELDS = tuple(name for name in SUBMIT_FIELDS if name != "output")
+SYNTHESIZE_FIELDS = (*(name for name in SUBMIT_FIELDS if name not in ("output", "captions")),
+                     *REPLY_ONLY)
 # Ops whose attachment frame 1 is audio.
 AUDIO_OPS = (Op.SYNTHESIZE, Op.SUBMIT, Op.REGISTER_VOICE)
 _STOP = b"stop"
@@ -86,6 +88,18 @@ class ClientGone:
     client: bytes
 
 
+@dataclass(frozen=True)
+class PromptRead:
+    """A voice to register, whose audio the encoder process has decoded (or refused)."""
+
+    request: Request
+    prepared: Future[bytes]
+
+
+# Decodes and checks a voice's audio file away from the supervisor (Encoder.read_prompt).
+PromptReader = Callable[[bytes], "Future[bytes]"]
+
+
 class Service(Protocol):
     """What the ZeroMQ ops need from the supervisor."""
 
@@ -104,7 +118,11 @@ class Service(Protocol):
 
     def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
 
-    def register_voice(self, name: Any, prompt_text: Any, audio: bytes) -> VoiceInfo: ...
+    def registration_refusal(self, name: Any, prompt_text: Any,
+                             language: Any = ...) -> JobError | None: ...
+
+    def store_voice(self, name: Any, prompt_text: Any, audio_flac: bytes,
+                    language: Any = ...) -> VoiceInfo | JobError: ...
 
     def remove_voice(self, name: str) -> bool: ...
 
@@ -201,7 +219,7 @@ class _Route:
 class _SocketThread(threading.Thread):
     def __init__(self, router: zmq.Socket[bytes], replies: zmq.Socket[bytes],  # noqa: PLR0917
                  limits: Callable[[], WireLimits],
-                 inbound: queue.SimpleQueue[Request | ClientGone],
+                 inbound: queue.SimpleQueue[Request | ClientGone | PromptRead],
                  wake: Callable[[], None], connections: _Connections,
                  curve: bool) -> None:
         super().__init__(name="zmq-socket", daemon=True)
@@ -317,13 +335,15 @@ def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) ->
 
 class ZmqIntake:
     def __init__(self, settings: ZmqConfig, limits: Callable[[], Limits],
-                 wake: Callable[[], None]) -> None:
+                 wake: Callable[[], None], read_prompt: PromptReader | None = None) -> None:
         """`settings` may be replaced on reload; `limits` is read for every job, so both
-        follow a SIGHUP."""
+        follow a SIGHUP. `read_prompt` decodes a voice to register (None: none can be)."""
         self.settings = settings
         self._limits = limits
         self._wake = wake
-        self._inbound: queue.SimpleQueue[Request | ClientGone] = queue.SimpleQueue()
+        self._read_prompt = read_prompt
+        self._inbound: queue.SimpleQueue[Request | ClientGone | PromptRead] = \
+            queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}  # job id -> requester, for reply jobs
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._auth: _Gate | None = None
@@ -400,7 +420,7 @@ class ZmqIntake:
             self._auth.configure_curve(domain=ZAP_DOMAIN,
                                        location=self.settings.authorized_keys_dir)
 
-    def inbound(self) -> Iterator[Request | ClientGone]:
+    def inbound(self) -> Iterator[Request | ClientGone | PromptRead]:
         while True:
             try:
                 yield self._inbound.get_nowait()
@@ -413,6 +433,8 @@ class ZmqIntake:
         for message in self.inbound():
             if isinstance(message, Request):
                 self.handle(message, service)
+            elif isinstance(message, PromptRead):
+                self.handle(message.request, service, message.prepared)
             else:
                 for job_id in self.jobs_of(message.client):
                     log.info("client_gone", job=job_id)
@@ -440,9 +462,14 @@ class ZmqIntake:
         self._send(request.route, request.id, "error", **error.fields())
 
     # -- ops ------------------------------------------------------------------------------
-    def handle(self, request: Request, service: Service) -> None:
-        """Answer one request: its reply, or one `error` reply, whatever goes wrong."""
+    def handle(self, request: Request, service: Service,
+               prepared: Future[bytes] | None = None) -> None:
+        """Answer one request: its reply, or one `error` reply, whatever goes wrong.
+        `prepared`: a voice to register, back from the encoder process."""
         try:
+            if prepared is not None:
+                self._store_voice(request, service, prepared)
+                return
             _check_attachments(request)
             self._answer(request, service)
         except ProtocolError as error:
@@ -500,9 +527,28 @@ class ZmqIntake:
             raise ProtocolError(WireCode.BAD_REQUEST, "frame 1: register_voice needs the "
                                 "prompt audio as an attachment frame", request.id,
                                 "prompt_audio")
-        voice = service.register_voice(fields.get("name"), fields.get("prompt_text"),
-                                       request.attachments[0])
-        self._reply(request, "voice_registered", voice=_voice(voice))
+        refusal = service.registration_refusal(fields.get("name"), fields.get("prompt_text"),
+                                               fields.get("language", ""))
+        if refusal is not None:
+            raise ProtocolError.from_job_error(refusal, request.id)
+        if self._read_prompt is None:
+            raise ProtocolError(WireCode.INTERNAL, "voices cannot be registered here (no "
+                                "encoder process)", request.id)
+        # Decoded in the encoder process, never here; answered when it is done.
+        prepared = self._read_prompt(request.attachments[0])
+        prepared.add_done_callback(lambda done: self._put_back(PromptRead(request, done)))
+
+    def _put_back(self, message: PromptRead) -> None:
+        self._inbound.put(message)
+        self._wake()
+
+    def _store_voice(self, request: Request, service: Service, prepared: Future[bytes]) -> None:
+        fields = request.fields()
+        stored = service.store_voice(fields.get("name"), fields.get("prompt_text"),
+                                     prepared.result(), fields.get("language", ""))
+        if isinstance(stored, JobError):
+            raise ProtocolError.from_job_error(stored, request.id)
+        self._reply(request, "voice_registered", voice=_voice(stored))
 
     def _identity(self, request: Request, service: Service) -> Identity:
         """A CURVE key is one client on every connection; without CURVE, each connection
@@ -532,6 +578,10 @@ class ZmqIntake:
         if stream and not request.can_stream:
             raise ProtocolError(WireCode.UNSUPPORTED, "stream: streaming needs a DEALER "
                                 "socket; a REQ socket takes one reply", request.id, "stream")
+        if fields.get("timestamps") is not None and not request.can_stream:
+            raise ProtocolError(WireCode.UNSUPPORTED, "timestamps: the `timing` event is a "
+                                "reply of its own, which needs a DEALER socket; a REQ socket "
+                                "takes one reply", request.id, "timestamps")
         in_flight = len(self.jobs_of(request.client))
         if in_flight >= self.settings.max_pending_per_client:
             raise ProtocolError(WireCode.BUSY, f"{in_flight} requests of this client are in "
@@ -575,6 +625,8 @@ class ZmqIntake:
     def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
                 timings: dict[str, float]) -> str | Deferred:
         served: dict[str, Any] = {"served_by": result.served_by} if result.served_by else {}
+        if job.timestamps is not None:  # before the audio's last event, which ends the route
+            self._job_event(job, "timing", **_timing(result))
         if job.stream:
             self._job_event(job, "end", audio_s=round(result.audio_s, 4),
                             synth_s=round(result.synth_s, 4),
@@ -604,6 +656,14 @@ class ZmqIntake:
     def cancelled(self, job: Job) -> None:
         self._job_event(job, "cancelled")
         self._routes.pop(job.id, None)
+
+
+def _timing(result: JobResult) -> dict[str, Any]:
+    """A `timing` event's fields (captions.py); `words` is null where the engine has no
+    alignment."""
+    if result.captions is None:
+        return {"sentences": [], "words": None}
+    return result.captions.to_dict()
 
 
 def _user_id(frame: zmq.Frame) -> str | None:

@@ -67,7 +67,9 @@ def instruct_model_dir(model_dir: Path, model_version: int) -> Path:
 
 def cosyvoice_daemon(root: Path, model: Path, engine: str = "cosyvoice",
                      log_level: str = "debug", worker: dict[str, Any] | None = None,
+                     *, sections: dict[str, dict[str, Any]] | None = None,
                      **load_options: bool) -> Daemon:
+    """A daemon serving `model` (not started); `sections` adds config sections."""
     # Only set keys are written: the CPU lane's configs stay as they were.
     devices = {"devices": [DEVICE]} if DEVICE else {}
     fp16 = {"fp16": True} if FP16 else {}
@@ -76,7 +78,7 @@ def cosyvoice_daemon(root: Path, model: Path, engine: str = "cosyvoice",
                                      "speakers_file": str(root / "state" / "speakers.json"),
                                      **fp16, **load_options},
                   worker={"start_timeout_s": 120.0, **devices, **(worker or {})},
-                  log={"level": log_level})
+                  log={"level": log_level}, **(sections or {}))
 
 
 @pytest.fixture(scope="module")

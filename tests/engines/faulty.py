@@ -35,6 +35,8 @@ from cosyvoiced import logs
 from cosyvoiced.config import EngineConfig
 from cosyvoiced.engines import AudioChunk, SynthesisRequest, VoiceInfo
 from cosyvoiced.job import ErrorCode, JobFailure
+from cosyvoiced.prompt import read_prompt
+from cosyvoiced.speakers import STORED_RATE, SpeakerStore
 
 SAMPLE_RATE = 22050
 SECONDS_PER_CHAR = 0.05
@@ -175,20 +177,41 @@ def never_ready(config: EngineConfig) -> ToneEngine:
 
 class CloningToneEngine(ToneEngine):
     """The tone engine as a voice-cloning one: a job's prompt audio (read from the path the
-    worker gives it) adds its own length in tone, so a test sees that it arrived whole."""
+    worker gives it), or a registered voice's stored audio, adds its own length in tone, so
+    a test sees that it arrived whole. Registered voices are read from the speakers file, as
+    the cosyvoice engine reads them: whoever registered them (any intake)."""
 
-    features = frozenset({"prompt_audio"})
+    features = frozenset({"prompt_audio", "prompt_text"})
+
+    def __init__(self, speakers_file: str) -> None:
+        super().__init__()
+        self._speakers = SpeakerStore(speakers_file)
+
+    def voices(self) -> list[VoiceInfo]:
+        return super().voices() + [
+            VoiceInfo(speaker.name, speaker.language, SAMPLE_RATE, self.name, "registered")
+            for speaker in self._speakers.load()]
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
+        registered = {speaker.name: speaker for speaker in self._speakers.load()}
+        if request.voice in registered:
+            yield from super().synthesize(dataclasses.replace(request, voice="tone"))
+            yield _prompt_tone(len(registered[request.voice].audio), STORED_RATE)
+            return
         if request.prompt_audio is None:
             yield from super().synthesize(request)
             return
+        read_prompt(request.prompt_audio, SAMPLE_RATE)  # the cosyvoice engine's checks
         yield from super().synthesize(dataclasses.replace(request, voice="tone"))
         prompt = soundfile.info(request.prompt_audio)
-        samples = round(prompt.frames * SAMPLE_RATE / prompt.samplerate)
-        yield (0.3 * np.sin(2 * np.pi * 330.0 * np.arange(samples) / SAMPLE_RATE)).astype(
-            np.float32)
+        yield _prompt_tone(prompt.frames, prompt.samplerate)
+
+
+def _prompt_tone(frames: int, rate: int) -> AudioChunk:
+    samples = round(frames * SAMPLE_RATE / rate)
+    return (0.3 * np.sin(2 * np.pi * 330.0 * np.arange(samples) / SAMPLE_RATE)).astype(
+        np.float32)
 
 
 def cloning(config: EngineConfig) -> CloningToneEngine:
-    return CloningToneEngine()
+    return CloningToneEngine(config.cosyvoice.speakers_file)

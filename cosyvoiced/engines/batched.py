@@ -1,0 +1,470 @@
+"""Many CosyVoice2/3 segments on one loaded model: continuous batching of the language model
+and batched flow matching, driven one step at a time by the worker's loop.
+
+`BatchedDecoder(model, max_streams, kv_cache_bytes)` wraps the `model` attribute of a loaded
+upstream `CosyVoice2`/`CosyVoice3` (its `CosyVoice2Model`/`CosyVoice3Model`) and calls its
+submodules; upstream's code is neither copied nor changed. A stream is the `model_input`
+dict upstream's front end makes for one segment (`frontend_sft`, `frontend_zero_shot`, ...).
+
+Each `step()`:
+1. drops the streams cancelled since the last step, freeing their KV blocks;
+2. admits waiting streams while a row and KV blocks for their worst case are free, and runs
+   each one's prefill alone (its own prompt, its own KV blocks);
+3. decodes one token for every stream whose language model is still running, as one batch
+   over the paged KV pool, and samples all of them (with the new streams' first token) by
+   upstream's RAS rules in one pass: one device-to-host copy per step;
+4. runs token-to-wave for every stream with a chunk due (one estimator batch for all);
+5. returns the events: audio chunks, ends, errors.
+
+A stream's KV blocks are freed when its language model ends (it may still have audio to
+make). An error in one stream's prefill or token-to-wave ends that stream only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from cosyvoiced.engines import ras, token2wav
+from cosyvoiced.engines.kvpool import KVBudgetError, KVPool, KVShape, Reservation
+
+# Upstream's CosyVoice3LM asserts this id (<|endofprompt|>) is in the text or prompt text.
+END_OF_PROMPT_ID = 151646
+# Upstream's llm_job keeps at most this many consecutive silent tokens (CosyVoice3).
+MAX_SILENT_RUN = 5
+DEFAULT_TOKENS_PER_STREAM = 2048
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """One segment: upstream's front-end output, and how to speak it."""
+
+    model_input: Mapping[str, Any]
+    stream: bool = True
+    speed: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """What a step produced for one stream: an audio chunk (1, samples) on the CPU, the
+    end of the stream (with the speech tokens it spoke), or its error. `mel` is the
+    chunk's mel, for inspection."""
+
+    stream_id: int
+    audio: torch.Tensor | None = None
+    mel: torch.Tensor | None = None
+    done: bool = False
+    speech_tokens: tuple[int, ...] = ()
+    error: BaseException | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class _Stream:
+    stream_id: int
+    request: StreamRequest
+    plan: token2wav.ChunkPlan
+    vocoder: token2wav.Vocoder
+    lm_input: torch.Tensor | None = None
+    min_len: int = 0
+    max_len: int = 0
+    reservation: Reservation | None = None
+    length: int = 0  # tokens whose keys and values are in the pool
+    drawn: int = 0  # tokens the language model has produced
+    llm_done: bool = False
+    speech_tokens: list[int] = field(default_factory=list)
+    silent_run: int = 0
+
+    def input(self, key: str, default: torch.Tensor) -> torch.Tensor:
+        value = self.request.model_input.get(key)
+        return default if value is None else value
+
+
+def _ratio_defaults(llm: Any) -> tuple[float, float]:
+    """Upstream's default min and max speech tokens per text token, from its signature."""
+    parameters = inspect.signature(type(llm).inference).parameters
+    return (float(parameters["min_token_text_ratio"].default),
+            float(parameters["max_token_text_ratio"].default))
+
+
+def _kv_shape(qwen: Any, dtype: torch.dtype) -> KVShape:
+    config = qwen.config
+    head_dim = getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+    return KVShape(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
+                   head_dim=head_dim, dtype=dtype)
+
+
+class BatchedDecoder:
+    """Up to `max_streams` CosyVoice2/3 segments at once on one upstream model object."""
+
+    def __init__(self, model: Any, max_streams: int = 4, kv_cache_bytes: int | None = None,
+                 min_token_text_ratio: float | None = None,
+                 max_token_text_ratio: float | None = None) -> None:
+        if not hasattr(model.llm, "stop_token_ids") or hasattr(model.llm, "vllm"):
+            raise ValueError("batched decoding needs a CosyVoice2/3 language model "
+                             "running in PyTorch (not v1, not vLLM)")
+        self.model = model
+        self.llm = model.llm
+        self.device = torch.device(model.device)
+        self.fp16 = bool(getattr(model, "fp16", False)) and self.device.type == "cuda"
+        self.rules = ras.SamplingRules.of(self.llm.sampling)
+        defaults = _ratio_defaults(self.llm)
+        self.min_ratio = defaults[0] if min_token_text_ratio is None else min_token_text_ratio
+        self.max_ratio = defaults[1] if max_token_text_ratio is None else max_token_text_ratio
+        self.qwen = self.llm.llm.model.model  # the Qwen2 body, without its text LM head
+        dtype = torch.float16 if self.fp16 else next(self.qwen.parameters()).dtype
+        shape = _kv_shape(self.qwen, dtype)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else \
+            max_streams * DEFAULT_TOKENS_PER_STREAM * shape.bytes_per_token
+        self.pool = KVPool(shape, budget, max_streams, self.device)
+        self.max_streams = max_streams
+        self._stop_ids = frozenset(int(token) for token in self.llm.stop_token_ids)
+        self._silent = frozenset(getattr(model, "silent_tokens", []))
+        estimator = model.flow.decoder.estimator
+        self._first_hop = estimator.static_chunk_size // model.flow.token_mel_ratio
+        self._estimator_batch = None if isinstance(estimator, torch.nn.Module) else 1
+        self._ids = itertools.count(1)
+        self._waiting: list[_Stream] = []
+        self._active: dict[int, _Stream] = {}
+        self._cancelled: set[int] = set()
+        rows = max_streams
+        self._history = torch.full((rows, self.rules.win_size), -1, dtype=torch.long,
+                                   device=self.device)
+        self._last_token = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._seeds = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._drawn = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._min_len = torch.zeros(rows, dtype=torch.long, device=self.device)
+
+    # -- the API a worker loop drives --------------------------------------------------
+
+    def add(self, request: StreamRequest) -> int:
+        """Queue a segment; it joins the batch at a step where the budget allows."""
+        stream_id = next(self._ids)
+        prompt_tokens = request.model_input.get("flow_prompt_speech_token")
+        plan = token2wav.ChunkPlan.start(
+            first_hop=self._first_hop, scale=int(getattr(self.model, "stream_scale_factor", 2)),
+            lookahead=self.model.flow.pre_lookahead_len,
+            prompt_tokens=0 if prompt_tokens is None else int(prompt_tokens.shape[1]),
+            stream=request.stream)
+        self._waiting.append(_Stream(stream_id, request, plan,
+                                     token2wav.Vocoder(seed=request.seed)))
+        return stream_id
+
+    def cancel(self, stream_id: int) -> None:
+        """Drop a stream at the next step (a no-op for one that has ended)."""
+        self._cancelled.add(stream_id)
+
+    def step(self) -> list[StreamEvent]:
+        """One decoding step for every stream; the events it produced."""
+        events: list[StreamEvent] = []
+        self._drop_cancelled(events)
+        with torch.inference_mode():
+            with self._autocast():
+                joined = self._admit(events)
+                self._decode_and_sample(joined)
+            events.extend(self._vocode())
+        return events
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting_streams(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self._active and not self._waiting
+
+    @property
+    def kv_bytes_in_use(self) -> int:
+        return self.pool.in_use_bytes
+
+    @property
+    def kv_bytes_reserved(self) -> int:
+        return self.pool.reserved_bytes
+
+    # -- admission and prefill ---------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.fp16:
+            autocast: contextlib.AbstractContextManager[Any] = torch.autocast(
+                "cuda", dtype=torch.float16)
+            return autocast
+        return contextlib.nullcontext()
+
+    def _drop_cancelled(self, events: list[StreamEvent]) -> None:
+        for stream_id in sorted(self._cancelled):
+            stream = self._active.pop(stream_id, None)
+            if stream is None:
+                waiting = [item for item in self._waiting if item.stream_id == stream_id]
+                stream = waiting[0] if waiting else None
+                self._waiting = [item for item in self._waiting if item.stream_id != stream_id]
+            if stream is not None:
+                self._release(stream)
+                events.append(StreamEvent(stream_id, cancelled=True))
+        self._cancelled.clear()
+
+    def _release(self, stream: _Stream) -> None:
+        if stream.reservation is not None:
+            self.pool.release(stream.reservation)
+            stream.reservation = None
+        stream.lm_input = None
+
+    def _admit(self, events: list[StreamEvent]) -> list[tuple[_Stream, torch.Tensor]]:
+        """Prefill waiting streams, in order, while rows and blocks allow: (stream, hidden)."""
+        joined = []
+        while self._waiting and len(self._active) < self.max_streams:
+            stream = self._waiting[0]
+            try:
+                if stream.lm_input is None:
+                    self._prepare(stream)
+                if stream.max_len == 0:  # upstream draws nothing for an empty text
+                    self._waiting.pop(0)
+                    self._active[stream.stream_id] = stream
+                    self._end_llm(stream)
+                    continue
+                reservation = self.pool.reserve(stream.length + stream.max_len)
+                if reservation is None:
+                    break  # admitted when a stream leaves
+                self._waiting.pop(0)
+                stream.reservation = reservation
+                self._active[stream.stream_id] = stream
+                joined.append((stream, self._prefill(stream)))
+            except Exception as error:  # noqa: BLE001 - a stream's bad input fails it alone
+                self._fail(stream, error, events)
+        return joined
+
+    def _prepare(self, stream: _Stream) -> None:
+        """Upstream's `Qwen2LM.inference` input: sos, text, task id, prompt speech."""
+        llm, get = self.llm, stream.input
+        empty = torch.zeros(1, 0, dtype=torch.int32)
+        text, prompt_text = get("text", empty), get("prompt_text", empty)
+        all_text = torch.concat([prompt_text, text], dim=1).to(self.device)
+        if not hasattr(llm, "llm_embedding") and END_OF_PROMPT_ID not in all_text:
+            raise ValueError("<|endofprompt|> is in neither the text nor the prompt text "
+                             "(CosyVoice3 needs it)")
+        table = llm.llm_embedding if hasattr(llm, "llm_embedding") else llm.speech_embedding
+        sos = table.weight[llm.sos].reshape(1, 1, -1)
+        task_id = table.weight[llm.task_id].reshape(1, 1, -1)
+        prompt_speech = get("llm_prompt_speech_token", empty).to(self.device)
+        text_emb = self.qwen.embed_tokens(all_text)
+        parts = [sos, text_emb, task_id]
+        if prompt_speech.shape[1]:
+            parts.append(llm.speech_embedding(prompt_speech))
+        stream.lm_input = torch.concat(parts, dim=1)
+        stream.length = int(stream.lm_input.shape[1])
+        # upstream: int((text_len - prompt_text_len) * ratio), in int32 x float32 arithmetic
+        text_len = torch.tensor(text.shape[1], dtype=torch.int32)
+        stream.min_len = int(text_len * self.min_ratio)
+        stream.max_len = int(text_len * self.max_ratio)
+        self.pool.check_fits(stream.length + stream.max_len)
+
+    def _prefill(self, stream: _Stream) -> torch.Tensor:
+        assert stream.lm_input is not None
+        assert stream.reservation is not None
+        row = stream.reservation.row
+        cache = DynamicCache()
+        length = stream.length
+        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        output = self.qwen(inputs_embeds=stream.lm_input, attention_mask=mask,
+                           past_key_values=cache, use_cache=True)
+        slots = self.pool.prefix_slots(torch.tensor([row], device=self.device), length)[0]
+        for layer, (keys, values) in enumerate(_layers(cache)):
+            self.pool.write(layer, slots, keys[0].transpose(0, 1), values[0].transpose(0, 1))
+        stream.lm_input = None
+        self._history[row] = -1
+        self._seeds[row] = stream.request.seed
+        self._drawn[row] = 0
+        self._min_len[row] = stream.min_len
+        hidden: torch.Tensor = output.last_hidden_state[:, -1]
+        return hidden
+
+    # -- one decoding step ----------------------------------------------------------------
+
+    def _decoding(self) -> list[_Stream]:
+        return [stream for stream in self._active.values()
+                if not stream.llm_done and stream.drawn > 0]
+
+    def _decode_and_sample(self, joined: list[tuple[_Stream, torch.Tensor]]) -> None:
+        running = self._decoding()
+        hidden = [state for _, state in joined]
+        if running:
+            hidden.append(self._decode(running))
+        streams = [stream for stream, _ in joined] + running
+        if not streams:
+            return
+        rows = torch.tensor([_row(stream) for stream in streams], device=self.device)
+        logp = self.llm.llm_decoder(torch.concat(hidden)).log_softmax(dim=-1)
+        drawn = self._drawn[rows]
+        uniforms = ras.counter_uniforms(self._seeds[rows], drawn, ras.DRAWS_PER_TOKEN)
+        tokens = ras.sample(logp, history=self._history[rows],
+                            ban_stop=drawn < self._min_len[rows],
+                            stop_id=self.llm.speech_token_size, rules=self.rules,
+                            uniforms=uniforms)
+        self._history[rows] = torch.concat([self._history[rows][:, 1:], tokens[:, None]], dim=1)
+        self._last_token[rows] = tokens
+        self._drawn[rows] = drawn + 1
+        for stream, token in zip(streams, tokens.tolist(), strict=True):  # the one copy
+            self._take(stream, token)
+
+    def _decode(self, streams: list[_Stream]) -> torch.Tensor:
+        """Feed each stream its last token, all at once; (streams, hidden) states."""
+        rows = torch.tensor([_row(stream) for stream in streams], device=self.device)
+        lengths = torch.tensor([stream.length for stream in streams], device=self.device)
+        longest = max(stream.length for stream in streams)
+        past = self.pool.prefix_slots(rows, longest)
+        cache = DynamicCache()
+        for layer in range(self.pool.shape.layers):
+            keys, values = self.pool.gather(layer, past)
+            cache.update(keys, values, layer)
+        positions = torch.arange(longest + 1, device=self.device)
+        mask = ((positions[None, :] < lengths[:, None]) | (positions[None, :] == longest)).long()
+        embeds = self.llm.speech_embedding.weight[self._last_token[rows]][:, None, :]
+        output = self.qwen(inputs_embeds=embeds, attention_mask=mask,
+                           position_ids=lengths[:, None], past_key_values=cache, use_cache=True)
+        slots = self.pool.slots(rows, lengths[:, None])[:, 0]
+        for layer, (keys, values) in enumerate(_layers(cache)):
+            self.pool.write(layer, slots, keys[:, :, -1], values[:, :, -1])
+        for stream in streams:
+            stream.length += 1
+        hidden: torch.Tensor = output.last_hidden_state[:, -1]
+        return hidden
+
+    def _take(self, stream: _Stream, token: int) -> None:
+        """Upstream's stop rules and llm_job's silent-token filter for one drawn token."""
+        if token in self._stop_ids:
+            self._end_llm(stream)
+            return
+        stream.drawn += 1
+        if token in self._silent:
+            stream.silent_run += 1
+        else:
+            stream.silent_run = 0
+        if stream.silent_run <= MAX_SILENT_RUN:
+            stream.speech_tokens.append(token)
+        if stream.drawn >= stream.max_len:
+            self._end_llm(stream)
+
+    def _end_llm(self, stream: _Stream) -> None:
+        stream.llm_done = True
+        self._release(stream)
+
+    # -- token to wave -------------------------------------------------------------------
+
+    def _vocode(self) -> list[StreamEvent]:
+        due = []
+        for stream in list(self._active.values()):
+            chunk = stream.plan.due(len(stream.speech_tokens), stream.llm_done)
+            if chunk is not None:
+                due.append((stream, chunk))
+        events: list[StreamEvent] = []
+        prepared = []
+        with self._autocast():  # upstream runs the flow under autocast when fp16 is on
+            for stream, chunk in due:
+                try:
+                    prepared.append((stream, chunk, self._flow_input(stream, chunk)))
+                except Exception as error:  # noqa: BLE001 - fails this stream alone
+                    self._fail(stream, error, events)
+            mels = self._solve_grouped(prepared, events)
+        for (stream, chunk, _), mel in zip(prepared, mels, strict=True):
+            if mel is not None:
+                events.extend(self._speak(stream, chunk, mel))
+        return events
+
+    def _flow_input(self, stream: _Stream, chunk: token2wav.Chunk) -> token2wav.FlowInput:
+        get, device = stream.input, self.device
+        tokens = torch.tensor([stream.speech_tokens[:chunk.end]], dtype=torch.int32,
+                              device=device)
+        return token2wav.flow_input(
+            self.model.flow, tokens=tokens,
+            prompt_token=get("flow_prompt_speech_token",
+                             torch.zeros(1, 0, dtype=torch.int32)).to(device),
+            prompt_feat=get("prompt_speech_feat", torch.zeros(1, 0, 80)).to(device),
+            embedding=get("flow_embedding", torch.zeros(0, 192)).to(device),
+            finalize=chunk.finalize, streaming=not chunk.finalize)
+
+    def _solve_grouped(self, prepared: list[tuple[_Stream, token2wav.Chunk,
+                                                  token2wav.FlowInput]],
+                       events: list[StreamEvent]) -> list[torch.Tensor | None]:
+        """Mels in `prepared` order: one batch per estimator mode; a batch that fails is
+        retried stream by stream, so only the stream at fault fails."""
+        mels: list[torch.Tensor | None] = [None] * len(prepared)
+        for streaming in (True, False):
+            group = [index for index, (_, _, item) in enumerate(prepared)
+                     if item.streaming is streaming]
+            size = self._estimator_batch or len(group) or 1
+            for start in range(0, len(group), size):
+                batch = group[start:start + size]
+                try:
+                    solved = token2wav.solve(self.model.flow.decoder,
+                                             [prepared[index][2] for index in batch])
+                except Exception:  # noqa: BLE001 - retried alone, to find the stream at fault
+                    solved = [self._solve_alone(prepared[index], events) for index in batch]
+                for index, mel in zip(batch, solved, strict=True):
+                    mels[index] = mel
+        return mels
+
+    def _solve_alone(self, item: tuple[_Stream, token2wav.Chunk, token2wav.FlowInput],
+                     events: list[StreamEvent]) -> torch.Tensor | None:
+        try:
+            return token2wav.solve(self.model.flow.decoder, [item[2]])[0]
+        except Exception as error:  # noqa: BLE001 - fails this stream alone
+            self._fail(item[0], error, events)
+            return None
+
+    def _speak(self, stream: _Stream, chunk: token2wav.Chunk,
+               mel: torch.Tensor) -> Iterator[StreamEvent]:
+        mel = mel[:, :, stream.plan.offset * self.model.flow.token_mel_ratio:]
+        try:
+            # upstream runs CosyVoice3's HiFT under autocast too, CosyVoice2's not
+            with contextlib.nullcontext() if hasattr(self.model, "speech_window") else \
+                    self._autocast():
+                audio = stream.vocoder.speech(self.model, mel, chunk.finalize,
+                                              stream.request.speed)
+        except Exception as error:  # noqa: BLE001 - fails this stream alone
+            failed: list[StreamEvent] = []
+            self._fail(stream, error, failed)
+            yield from failed
+            return
+        stream.plan.consumed(chunk)
+        yield StreamEvent(stream.stream_id, audio=audio.float().cpu(), mel=mel)
+        if chunk.finalize:
+            self._active.pop(stream.stream_id, None)
+            self._release(stream)
+            yield StreamEvent(stream.stream_id, done=True,
+                              speech_tokens=tuple(stream.speech_tokens))
+
+    def _fail(self, stream: _Stream, error: BaseException, events: list[StreamEvent]) -> None:
+        self._active.pop(stream.stream_id, None)
+        self._waiting = [item for item in self._waiting if item is not stream]
+        self._release(stream)
+        stream.llm_done = True
+        events.append(StreamEvent(stream.stream_id, error=error))
+
+
+def _row(stream: _Stream) -> int:
+    assert stream.reservation is not None
+    return stream.reservation.row
+
+
+def _layers(cache: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values) of a transformers DynamicCache, old API or new."""
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            yield layer.keys, layer.values
+    else:
+        yield from zip(cache.key_cache, cache.value_cache, strict=True)
+
+
+__all__ = ["BatchedDecoder", "KVBudgetError", "StreamEvent", "StreamRequest"]

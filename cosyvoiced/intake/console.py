@@ -1,0 +1,241 @@
+"""The web console on the HTTP listener: the page at `/`, its static files, a pushed stream
+of the board and the log tail (Server-Sent Events), and the operator's actions.
+
+It runs on the HTTP intake's loop thread and owns no state of the daemon: every read and
+every action is a question put to the supervisor's tick (`ask`), answered by `board.py`
+against the service. The page itself (cosyvoiced/console/) is plain HTML, CSS and JS
+modules, with relative URLs, so it works offline and behind a reverse proxy's sub-path.
+Keys are the API's: with http.api_keys_file set, the stream and the actions need one
+(`board.rights` says which).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, Protocol, TypeVar
+
+from aiohttp import web
+
+from cosyvoiced import board, logs
+from cosyvoiced.clients import Identity
+from cosyvoiced.config import HttpConfig
+from cosyvoiced.logring import RING
+
+T = TypeVar("T")
+PAGE = "index.html"
+STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
+                ".svg": "image/svg+xml"}
+KEEPALIVE_S = 15.0  # a comment line, so proxies do not close a quiet stream
+REFRESH_S = 1.0  # the board is looked at this often at least (progress moves)
+SETTLE_S = 0.15  # after a wake, so a burst of log lines is one update
+# The page loads nothing from elsewhere; audio is played from blobs it makes.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; "
+                               "img-src 'self' data: blob:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache"}
+
+log = logs.get_logger("cosyvoiced.console")
+
+
+class Host(Protocol):
+    """The HTTP intake, as the console uses it."""
+
+    async def ask(self, question: Callable[[Any], T], timeout_s: float = ...) -> T: ...
+
+
+def _refused(status: int, code: str, message: str) -> web.Response:
+    """An OpenAI-shaped error, as the API's."""
+    return web.json_response({"error": {"message": message, "type": "invalid_request_error"
+                                         if status < 500 else "server_error",
+                                         "param": None, "code": code}}, status=status)
+
+
+class Console:
+    def __init__(self, host: Host, identify: Callable[[web.Request], Identity],
+                 settings: Callable[[], HttpConfig]) -> None:
+        self._host = host
+        self._identify = identify  # raises the API's 401 for a missing or wrong key
+        self._settings = settings
+
+    def add_routes(self, app: web.Application) -> None:
+        app.add_routes([
+            web.get("/", self._page),
+            web.get("/console/static/{name}", self._static),
+            web.get("/console/session", self._session),
+            web.get("/console/events", self._events),
+            web.post("/console/recycle", self._recycle),
+            web.post("/console/reload", self._reload),
+            web.post("/console/cancel", self._cancel),
+        ])
+
+    # -- who is asking ----------------------------------------------------------------------
+    def _keys_on(self) -> bool:
+        return bool(self._settings().api_keys_file)
+
+    def _who(self, request: web.Request) -> tuple[Identity, board.Rights]:
+        """The asker and its rights; a missing or wrong key is the API's 401."""
+        if not self._keys_on():
+            return board.OPERATOR, board.rights(None, keys_on=False)
+        identity = self._identify(request)
+        return identity, board.rights(identity, keys_on=True)
+
+    # -- the page ---------------------------------------------------------------------------
+    async def _page(self, _request: web.Request) -> web.StreamResponse:
+        return _file(PAGE)
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name == PAGE or "/" in name or name.startswith("."):
+            raise web.HTTPNotFound()
+        return _file(name)
+
+    async def _session(self, request: web.Request) -> web.StreamResponse:
+        """Whether the page must ask for a key, and what this one may do. Without a key
+        where keys are on: 401, which the page answers with its key form."""
+        identity, rights = self._who(request)
+        return web.json_response({"keys": self._keys_on(), "name": identity.name,
+                                  "view": rights.view, "logs": rights.logs,
+                                  "act": rights.act})
+
+    # -- the stream -------------------------------------------------------------------------
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        identity, rights = self._who(request)
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no"})  # nginx: pass each event on at once
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:  # any thread: a log line came in
+            loop.call_soon_threadsafe(woken.set)
+
+        if rights.logs:
+            RING.listen(wake)
+        try:
+            await self._stream(response, identity, rights, woken)
+        except (ConnectionResetError, TimeoutError):
+            pass  # the page went away, or stopped reading: its stream ends here
+        finally:
+            RING.unlisten(wake)
+        return response
+
+    async def _stream(self, response: web.StreamResponse, identity: Identity,
+                      rights: board.Rights, woken: asyncio.Event) -> None:
+        send = _Sender(response, self._settings().send_timeout_s)
+        seen_line, shown = 0, ""
+        while True:
+            woken.clear()
+            if rights.logs:
+                lines, seen_line = RING.since(seen_line)
+                if lines:
+                    await send.event("log", {"lines": lines})
+            try:
+                state = await self._host.ask(lambda daemon: board.snapshot(daemon, identity))
+            except TimeoutError:
+                state = None  # the tick is busy or stuck: the next round tells
+            text = json.dumps(state) if state is not None else shown
+            if text != shown:
+                shown = text
+                await send.event("board", text)
+            if asyncio.get_running_loop().time() - send.last >= KEEPALIVE_S:
+                await send.comment("keepalive")
+            try:
+                async with asyncio.timeout(REFRESH_S):
+                    await woken.wait()
+                await asyncio.sleep(SETTLE_S)
+            except TimeoutError:
+                pass
+
+    # -- the actions ------------------------------------------------------------------------
+    async def _acting(self, request: web.Request, on_daemon: bool = True) -> \
+            tuple[Identity, dict[str, Any]] | web.Response:
+        """The asker and the request's JSON body, or the refusal. `on_daemon`: an action on
+        the daemon itself (recycle, reload), which needs the right to act; a cancel is
+        checked against the job's owner instead."""
+        identity, rights = self._who(request)
+        if on_daemon and not rights.act:
+            log.info("console_action_refused", path=request.path, key=identity.name)
+            return _refused(403, "forbidden", "this key may not act on the daemon: it needs "
+                            "[http.keys.NAME] admin = true")
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            return _refused(400, "bad_json", "body: expected a JSON object")
+        return identity, body
+
+    async def _recycle(self, request: web.Request) -> web.StreamResponse:
+        acting = await self._acting(request)
+        if isinstance(acting, web.Response):
+            return acting
+        identity, body = acting
+        slot = body.get("slot")
+        if not isinstance(slot, int) or isinstance(slot, bool):
+            return _refused(400, "invalid_field", "slot: expected a worker's slot number")
+        done = await self._host.ask(lambda daemon: board.recycle(daemon, slot, identity.name))
+        if not done:
+            return _refused(404, "not_found", f"slot: no worker in slot {slot}")
+        return web.json_response({"recycling": slot})
+
+    async def _reload(self, request: web.Request) -> web.StreamResponse:
+        acting = await self._acting(request)
+        if isinstance(acting, web.Response):
+            return acting
+        identity, _body = acting
+        board.reload(identity.name)
+        return web.json_response({"reloading": True})
+
+    async def _cancel(self, request: web.Request) -> web.StreamResponse:
+        acting = await self._acting(request, on_daemon=False)
+        if isinstance(acting, web.Response):
+            return acting
+        identity, body = acting
+        job_id = body.get("job")
+        if not isinstance(job_id, str) or not job_id:
+            return _refused(400, "invalid_field", "job: expected a job id")
+        if not await self._host.ask(lambda daemon: board.cancel(daemon, job_id, identity)):
+            return _refused(404, "not_found", f"job: no job {job_id!r} in progress that this "
+                            "key may cancel")
+        return web.json_response({"cancelled": job_id})
+
+
+class _Sender:
+    """Server-Sent Events on a response; a client that takes nothing for `timeout_s` ends
+    its stream (its writes would pile up here)."""
+
+    def __init__(self, response: web.StreamResponse, timeout_s: float) -> None:
+        self._response = response
+        self._timeout_s = timeout_s
+        self.last = 0.0
+
+    async def _write(self, data: str) -> None:
+        async with asyncio.timeout(self._timeout_s):
+            await self._response.write(data.encode())
+        self.last = asyncio.get_running_loop().time()
+
+    async def event(self, name: str, data: dict[str, Any] | str) -> None:
+        text = data if isinstance(data, str) else json.dumps(data)
+        await self._write(f"event: {name}\ndata: {text}\n\n")
+
+    async def comment(self, text: str) -> None:
+        await self._write(f": {text}\n\n")
+
+
+def _file(name: str) -> web.StreamResponse:
+    """One of the page's files, shipped as package data."""
+    suffix = name[name.rfind("."):] if "." in name else ""
+    if suffix not in STATIC_TYPES:
+        raise web.HTTPNotFound()
+    try:
+        data = resources.files("cosyvoiced").joinpath("console", name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise web.HTTPNotFound() from None
+    return web.Response(body=data, content_type=STATIC_TYPES[suffix],
+                        charset="utf-8", headers=SECURITY_HEADERS)
+

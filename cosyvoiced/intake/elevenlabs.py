@@ -1,0 +1,579 @@
+"""ElevenLabs' text-to-speech WebSockets, on the HTTP listener: text comes in as an LLM
+writes it, and each sentence's audio goes out as soon as it is made.
+
+- `/v1/text-to-speech/{voice_id}/stream-input`: one stream per socket. The first message
+  opens it (`text: " "`, with `voice_settings`, `generation_config`, `xi_api_key`); text
+  chunks follow; `flush: true` speaks what is buffered now; `text: ""` ends the input: the
+  last audio goes out, then `isFinal`, then the socket closes.
+- `/v1/text-to-speech/{voice_id}/multi-stream-input`: up to MAX_CONTEXTS streams at once
+  (`context_id`) on one socket, as LiveKit's and Pipecat's ElevenLabs plugins use it.
+  There `text: ""` (and `keep_alive`) only keeps the context alive; `close_context` ends a
+  stream: what it was sent is still spoken, then `isFinal` comes with its `contextId`;
+  `close_socket` ends them all so.
+
+Replies are JSON text messages, `{"audio": BASE64, "isFinal": false, "normalizedAlignment":
+null, "alignment": null}` (cosyvoiced has no character timings: the clients read null as
+none), with `contextId` on the multi-context socket. `output_format` (query) is
+`pcm_RATE` or `mp3_RATE_KBPS` (ElevenLabs' names; the bitrate is the encoder's own).
+`auto_mode=true` (query) says each message is a whole sentence or phrase, as Pipecat's
+plugin sends them: it is spoken at once, as if flushed. Otherwise the daemon's splitter
+finds the sentence ends, and a sentence is spoken once the text after it has begun.
+
+Each complete sentence is a reply job of the HTTP intake (an interactive stream, as HTTP's
+and Wyoming's are), submitted as soon as its text is in. A stream keeps LOOKAHEAD_JOBS of
+its sentences in flight, so the next one is made while one is sent, and sends their audio
+in order through one encoder stream: the worker resamples to the format's rate (the job's
+`sample_rate`), and MP3 is encoded in the encoder process, never here. A hang-up cancels
+every job in flight.
+
+Bounds (a hostile client gets an error message, `{"message", "error", "code": 1008}` as
+ElevenLabs sends them, then a close): a message is at most MAX_MESSAGE_BYTES; a socket
+that sends nothing for `inactivity_timeout` (query; ElevenLabs' default 20 s, at most
+180 s) while it has nothing left to be spoken is closed; text received and not yet
+spoken is at most MAX_BUFFERED_CHARS a socket; at most MAX_CONTEXTS streams are open on one
+socket. Other message fields than those above are let be, as a newer client may send them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import re
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from cosyvoiced import cleanup, logs
+from cosyvoiced.clients import Identity
+from cosyvoiced.encoding import EncodeFailed, Encoder, EncoderStream
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake.reply import Chunk, Done, Exchange, Failed, Service, Started
+from cosyvoiced.job import ErrorCode
+from cosyvoiced.sentences import SentenceSplitter
+
+SINGLE_PATH = "/v1/text-to-speech/{voice_id}/stream-input"
+MULTI_PATH = "/v1/text-to-speech/{voice_id}/multi-stream-input"
+DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"  # as ElevenLabs'
+PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+MP3_RATES = (22050, 24000, 44100)
+DEFAULT_INACTIVITY_S = 20.0  # ElevenLabs' default and ceiling for `inactivity_timeout`
+MAX_INACTIVITY_S = 180.0
+MAX_MESSAGE_BYTES = 64 << 10
+MAX_BUFFERED_CHARS = 20_000  # received, not yet spoken, per socket
+MAX_CONTEXTS = 5  # ElevenLabs' limit for one multi-context socket
+LOOKAHEAD_JOBS = 2  # sentences of one stream in flight: one is sent while the next is made
+SEND_PIECE_S = 0.25  # audio per message: a long chunk goes out in pieces
+POLICY = int(WSCloseCode.POLICY_VIOLATION)  # 1008, ElevenLabs' code for a refusal
+DEFAULT_CONTEXT = ""  # the stream-input socket's one stream, and a message with no id
+_CONTEXT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+T = TypeVar("T")
+
+log = logs.get_logger("cosyvoiced.intake.elevenlabs")
+
+
+class ProtocolError(Exception):
+    """A request or message the protocol refuses: `code` names it for the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- pure decisions ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputFormat:
+    name: str
+    codec: str  # one of codecs.FORMATS: "pcm" or "mp3"
+    sample_rate: int
+
+
+def output_format(value: str | None) -> OutputFormat:
+    """ElevenLabs' `output_format` name as our codec and rate."""
+    name = value or DEFAULT_OUTPUT_FORMAT
+    parts = name.split("_")
+    rate = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    if parts[0] == "pcm" and len(parts) == 2 and rate in PCM_RATES:
+        return OutputFormat(name, "pcm", rate)
+    if parts[0] == "mp3" and len(parts) == 3 and parts[2].isdigit() and rate in MP3_RATES:
+        return OutputFormat(name, "mp3", rate)
+    supported = [f"pcm_{r}" for r in PCM_RATES] + [f"mp3_{r}_KBPS" for r in MP3_RATES]
+    raise ProtocolError("unsupported_format", f"output_format: {name[:40]!r} is not "
+                        f"supported; choose one of: {', '.join(supported)}")
+
+
+def inactivity_timeout(value: str | None) -> float:
+    """The query's `inactivity_timeout` (seconds), within ElevenLabs' ceiling."""
+    if value is None:
+        return DEFAULT_INACTIVITY_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_INACTIVITY_S:
+        raise ProtocolError("invalid_inactivity_timeout", f"inactivity_timeout: {value[:20]!r}"
+                            f" is not a number of seconds in 1..{MAX_INACTIVITY_S:g}")
+    return seconds
+
+
+def query_flag(name: str, value: str | None) -> bool:
+    """A true/false query parameter (`auto_mode`)."""
+    if value is None or value.lower() == "false":
+        return False
+    if value.lower() == "true":
+        return True
+    raise ProtocolError("invalid_query", f"{name}: expected true or false, got "
+                        f"{value[:20]!r}")
+
+
+def handshake_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The API key a handshake carries: ElevenLabs' `xi-api-key` (header or query), the
+    `authorization` query, or the HTTP API's bearer token."""
+    for value in (headers.get("xi-api-key"), query.get("xi-api-key"),
+                  query.get("authorization"), headers.get("Authorization")):
+        if value:
+            scheme, _, rest = value.strip().partition(" ")
+            return rest.strip() if scheme.lower() == "bearer" and rest.strip() else \
+                value.strip()
+    return None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One client message, checked."""
+
+    context: str = DEFAULT_CONTEXT
+    text: str = ""
+    flush: bool = False
+    close_context: bool = False
+    close_socket: bool = False
+    token: str | None = None  # xi_api_key / authorization, on a first message
+    speed: float | None = None  # voice_settings.speed
+
+
+def parse_message(data: str, multi: bool) -> Message:
+    """A text frame as a `Message`; ProtocolError for what is not one."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ProtocolError("invalid_message", "message: not JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("invalid_message", "message: expected a JSON object")
+    # Other fields (generation_config, try_trigger_generation, keep_alive, pronunciation
+    # dictionaries, ones a newer client adds) change nothing here: they are let be.
+    text = body.get("text", "")
+    if not isinstance(text, str):
+        raise ProtocolError("invalid_message", "text: expected a string")
+    context = body.get("context_id", DEFAULT_CONTEXT) if multi else DEFAULT_CONTEXT
+    if not isinstance(context, str) or (context and not _CONTEXT_ID.match(context)):
+        raise ProtocolError("invalid_message", "context_id: expected 1 to 128 letters, "
+                            "digits or _.:-")
+    token = body.get("xi_api_key") or body.get("authorization")
+    return Message(context=context, text=text, flush=_flag(body, "flush"),
+                   close_context=_flag(body, "close_context"),
+                   close_socket=_flag(body, "close_socket"),
+                   token=token if isinstance(token, str) else None,
+                   speed=_speed(body.get("voice_settings")))
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ProtocolError("invalid_message", f"{name}: expected true or false")
+    return value
+
+
+def _speed(settings: Any) -> float | None:
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise ProtocolError("invalid_message", "voice_settings: expected an object")
+    speed = settings.get("speed")
+    if speed is None:
+        return None
+    if isinstance(speed, bool) or not isinstance(speed, int | float):
+        raise ProtocolError("invalid_message", "voice_settings.speed: expected a number")
+    return float(speed)
+
+
+def resolve_voice(voice_id: str, aliases: Mapping[str, str],
+                  voices: list[VoiceInfo]) -> str:
+    """Our voice for an ElevenLabs voice id: by http.voices, else by name."""
+    voice = aliases.get(voice_id, voice_id)
+    names = sorted(v.name for v in voices)
+    if voices and voice not in names:
+        raise ProtocolError("voice_not_found", f"voice_id: {voice_id[:64]!r} is not a voice "
+                            f"here; use one of: {', '.join(names)}, or map it in "
+                            "[http.voices]")
+    return voice
+
+
+# -- what the socket needs of the HTTP intake --------------------------------------------------
+class Host(Protocol):
+    def submit(self, exchange: Exchange, fields: dict[str, Any], identity: Identity,
+               voice_language: str | None = None) -> str: ...
+
+    def gone(self, job_id: str) -> None: ...
+
+    def finished(self, job_id: str) -> None: ...
+
+    async def ask(self, question: Callable[[Service], T], timeout_s: float = ...) -> T: ...
+
+    def keys_required(self) -> bool: ...
+
+    def key_name(self, token: str) -> str | None: ...
+
+    def identity_of(self, request: web.Request, key_name: str | None) -> Identity: ...
+
+    def rate_refusal(self, identity: Identity, chars: int) -> str | None: ...
+
+    def voice_aliases(self) -> dict[str, str]: ...
+
+    def send_timeout_s(self) -> float: ...
+
+
+def error_reply(status: int, code: str, message: str) -> web.Response:
+    """A refused handshake, in ElevenLabs' HTTP error shape."""
+    return web.json_response({"detail": {"status": code, "message": message}}, status=status)
+
+
+# -- one socket --------------------------------------------------------------------------------
+class SocketClosed(Exception):
+    """The socket is gone, or is being closed: nothing more is sent on it."""
+
+
+@dataclass
+class _Stream:
+    """One context: its text, its sentences waiting for a job, its jobs in order."""
+
+    context: str
+    encoder: EncoderStream
+    speed: float | None = None
+    sentences: SentenceSplitter = field(default_factory=SentenceSplitter)
+    waiting: deque[str] = field(default_factory=deque)
+    jobs: deque[tuple[str, Exchange]] = field(default_factory=deque)
+    ended: bool = False  # no more text will come (closing text, close_context)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    def buffered(self) -> int:
+        return len(self.sentences.pending) + sum(len(text) for text in self.waiting)
+
+
+class _Socket:
+    def __init__(self, host: Host, encoder: Encoder, ws: web.WebSocketResponse,
+                 request: web.Request, *, fmt: OutputFormat, voice: str, multi: bool,
+                 auto_mode: bool) -> None:
+        self._host, self._encoder, self._ws = host, encoder, ws
+        self._request, self._fmt, self._voice, self._multi = request, fmt, voice, multi
+        self._auto_mode = auto_mode
+        self._identity: Identity | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._send_lock = asyncio.Lock()
+        self._closing = False
+
+    async def run(self, identity: Identity | None, idle_s: float) -> None:
+        self._identity = identity
+        try:
+            await self._read(idle_s)
+            await self._finish_streams()
+        except SocketClosed:
+            pass
+        except ProtocolError as refused:
+            await self._refuse(refused)
+        finally:
+            await self._release()
+
+    async def _read(self, idle_s: float) -> None:
+        while not self._closing:
+            try:
+                frame = await self._ws.receive(timeout=idle_s)
+            except TimeoutError:
+                if any(stream.jobs or stream.waiting for stream in self._streams.values()):
+                    continue  # still speaking what it was sent: its client listens
+                raise ProtocolError("input_timeout_exceeded", f"no message for {idle_s:g} s "
+                                    "(inactivity_timeout)") from None
+            if frame.type == WSMsgType.TEXT:
+                self._take(parse_message(frame.data, self._multi))
+            elif frame.type == WSMsgType.BINARY:
+                raise ProtocolError("invalid_message", "message: expected JSON text, got a "
+                                    "binary frame")
+            elif frame.type == WSMsgType.ERROR:
+                # aiohttp has closed it: 1009 for a message over MAX_MESSAGE_BYTES.
+                log.info("elevenlabs_bad_frame", error=str(frame.data)[:200],
+                         close_code=self._ws.close_code)
+                raise SocketClosed()
+            else:  # CLOSE, CLOSING, CLOSED: the client hung up
+                raise SocketClosed()
+
+    def _take(self, message: Message) -> None:
+        if self._identity is None:
+            self._identity = self._authorized(message.token)
+        if message.close_socket:
+            self._closing = True
+            for stream in self._streams.values():
+                self._end(stream)
+            return
+        found = self._streams.get(message.context)
+        if found is not None and found.ended:
+            return  # its input is closed: it is finishing what it was sent
+        if found is None and not message.text and (message.close_context or self._multi):
+            return  # a keep-alive or close for a context that is not open (any more)
+        stream = found if found is not None else self._open(message)
+        if message.text:
+            self._check_room(len(message.text))
+            stream.waiting.extend(stream.sentences.feed(message.text))
+        if message.flush or (self._auto_mode and message.text.strip()):
+            stream.waiting.extend(stream.sentences.flush())
+        if message.close_context or (not self._multi and message.text == "" and
+                                     not message.flush):
+            self._end(stream)
+            self._closing = not self._multi
+        self._top_up(stream)
+
+    def _authorized(self, token: str | None) -> Identity:
+        """Who sends: the first message may carry the key (stream-input's xi_api_key)."""
+        name = self._host.key_name(token) if token else None
+        if name is None:
+            raise ProtocolError("invalid_api_key", "an API key is required: the xi-api-key "
+                                "header, or xi_api_key in the first message" if not token
+                                else "the API key is not one of http.api_keys_file")
+        identity = self._host.identity_of(self._request, name)
+        refusal = self._host.rate_refusal(identity, 0)
+        if refusal is not None:
+            raise ProtocolError("rate_limit_exceeded", refusal)
+        return identity
+
+    def _open(self, message: Message) -> _Stream:
+        if len(self._streams) >= MAX_CONTEXTS:
+            raise ProtocolError("max_active_conversations", f"{MAX_CONTEXTS} contexts are "
+                                "open on this socket; close one (close_context) first")
+        encoder = self._encoder.open_stream(self._fmt.codec, self._fmt.sample_rate)
+        stream = _Stream(message.context, encoder, speed=message.speed)
+        stream.task = asyncio.create_task(self._speak(stream))
+        self._streams[message.context] = stream
+        return stream
+
+    def _check_room(self, more: int) -> None:
+        held = sum(stream.buffered() for stream in self._streams.values())
+        if held + more > MAX_BUFFERED_CHARS:
+            raise ProtocolError("buffer_full", f"{held + more} characters are not spoken yet,"
+                                f" over the limit of {MAX_BUFFERED_CHARS}: send text at the "
+                                "pace it is spoken")
+
+    def _end(self, stream: _Stream) -> None:
+        stream.waiting.extend(stream.sentences.flush())
+        stream.ended = True
+        self._top_up(stream)
+
+    def _top_up(self, stream: _Stream) -> None:
+        """Submit waiting sentences, up to LOOKAHEAD_JOBS in flight for this stream."""
+        while stream.waiting and len(stream.jobs) < LOOKAHEAD_JOBS:
+            text = stream.waiting.popleft()
+            if not cleanup.says_something(text):
+                continue  # an emoji, a code fence: nothing to say, and no error either
+            stream.jobs.append(self._submit(stream, text))
+        stream.wake.set()
+
+    def _submit(self, stream: _Stream, text: str) -> tuple[str, Exchange]:
+        assert self._identity is not None, "a stream opens only once the client is known"
+        fields: dict[str, Any] = {"text": text, "voice": self._voice,
+                                  "sample_rate": self._fmt.sample_rate}
+        if stream.speed is not None:
+            fields["speed"] = stream.speed
+        refusal = self._host.rate_refusal(self._identity, len(text))
+        if refusal is not None:
+            raise ProtocolError("rate_limit_exceeded", refusal)
+        exchange = Exchange(asyncio.get_running_loop())
+        return self._host.submit(exchange, fields, self._identity), exchange
+
+    # -- sending (one task per stream) --------------------------------------------------------
+    async def _speak(self, stream: _Stream) -> None:
+        try:
+            while True:
+                if stream.jobs:
+                    await self._play(stream, stream.jobs[0])
+                    stream.jobs.popleft()
+                    self._top_up(stream)
+                elif stream.ended:
+                    await self._send_audio(stream, await self._encoded(stream, None))
+                    await self._send(stream, {"isFinal": True})
+                    break
+                else:
+                    stream.wake.clear()
+                    await stream.wake.wait()
+        except ProtocolError as refused:  # this stream's job failed: the others go on
+            await self._send(stream, {"message": refused.message, "error": refused.code,
+                                      "code": POLICY})
+            if not self._multi:
+                await self._close(POLICY, refused.message)
+        except (SocketClosed, ConnectionError):
+            pass
+        finally:
+            self._forget(stream)
+
+    async def _play(self, stream: _Stream, job: tuple[str, Exchange]) -> None:
+        job_id, exchange = job
+        piece = max(1, int(self._fmt.sample_rate * SEND_PIECE_S))
+        while True:
+            event = await exchange.next()
+            if isinstance(event, Chunk):
+                for start in range(0, len(event.samples), piece):
+                    data = await self._encoded(stream, event.samples[start:start + piece])
+                    await self._send_audio(stream, data)
+            elif isinstance(event, Done):
+                self._host.finished(job_id)
+                return
+            elif not isinstance(event, Started):
+                self._host.finished(job_id)
+                failure = event if isinstance(event, Failed) else \
+                    Failed(str(ErrorCode.CANCELLED), "the job was cancelled")
+                raise ProtocolError(failure.code, failure.message)
+
+    async def _encoded(self, stream: _Stream,
+                       samples: npt.NDArray[np.float32] | None) -> bytes:
+        """The bytes for `samples`; None: the last bytes of the stream."""
+        try:
+            if samples is None:
+                return await stream.encoder.finish()
+            return await stream.encoder.encode(samples)
+        except EncodeFailed as failed:
+            raise ProtocolError(str(failed.error.code), failed.error.message) from None
+
+    async def _send_audio(self, stream: _Stream, data: bytes) -> None:
+        if data:
+            await self._send(stream, {"audio": base64.b64encode(data).decode(),
+                                      "isFinal": False, "normalizedAlignment": None,
+                                      "alignment": None})
+
+    async def _send(self, stream: _Stream | None, reply: dict[str, Any]) -> None:
+        if self._multi and stream is not None:
+            reply = reply | {"contextId": stream.context}
+        if self._ws.closed:
+            raise SocketClosed()
+        timeout_s = self._host.send_timeout_s()
+        async with self._send_lock:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._ws.send_str(json.dumps(reply))
+            except TimeoutError:  # the client takes none of our bytes (nginx's send_timeout)
+                if self._request.transport is not None:
+                    self._request.transport.abort()
+                raise SocketClosed() from None
+
+    # -- the end ------------------------------------------------------------------------------
+    async def _finish_streams(self) -> None:
+        """The input ended well (closing text, close_socket): let the streams send all."""
+        tasks = [s.task for s in self._streams.values() if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+        if not self._ws.closed:
+            await self._ws.close()
+
+    async def _refuse(self, refused: ProtocolError) -> None:
+        log.info("elevenlabs_refused", code=refused.code, message=refused.message)
+        with contextlib.suppress(SocketClosed, ConnectionError):
+            await self._send(None, {"message": refused.message, "error": refused.code,
+                                    "code": POLICY})
+        await self._close(POLICY, refused.message)
+
+    async def _close(self, code: int, message: str) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            # A close frame's reason is at most 123 bytes.
+            await self._ws.close(code=code, message=message.encode()[:123])
+
+    def _forget(self, stream: _Stream) -> None:
+        """The stream is done with: its jobs not yet sent whole are cancelled."""
+        for job_id, _exchange in stream.jobs:
+            self._host.gone(job_id)
+        stream.jobs.clear()
+        stream.waiting.clear()
+        stream.encoder.close()
+        if self._streams.get(stream.context) is stream:
+            del self._streams[stream.context]
+
+    async def _release(self) -> None:
+        """Whatever ended the socket (a hang-up included), every stream's jobs go."""
+        streams = list(self._streams.values())
+        for stream in streams:
+            if stream.task is not None:
+                stream.task.cancel()
+        await asyncio.gather(*(s.task for s in streams if s.task is not None),
+                             return_exceptions=True)
+        for stream in streams:
+            self._forget(stream)
+
+
+class ElevenLabsSockets:
+    """The two WebSocket routes, for the HTTP intake's application."""
+
+    def __init__(self, host: Host, encoder: Encoder) -> None:
+        self._host = host
+        self._encoder = encoder
+        self._open: set[web.WebSocketResponse] = set()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get(SINGLE_PATH, self._single), web.get(MULTI_PATH, self._multi)]
+
+    async def close_all(self, _app: web.Application) -> None:
+        """The daemon stops: every socket is closed (its jobs are cancelled)."""
+        for ws in list(self._open):
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the daemon is stopping")
+
+    async def _single(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, multi=False)
+
+    async def _multi(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, multi=True)
+
+    async def _serve(self, request: web.Request, multi: bool) -> web.StreamResponse:
+        try:
+            fmt = output_format(request.query.get("output_format"))
+            idle_s = inactivity_timeout(request.query.get("inactivity_timeout"))
+            auto_mode = query_flag("auto_mode", request.query.get("auto_mode"))
+            identity = self._identity(request, multi)
+            voices = await self._host.ask(lambda service: list(service.voices))
+            voice = resolve_voice(request.match_info["voice_id"], self._host.voice_aliases(),
+                                  voices)
+        except ProtocolError as refused:
+            status = 401 if refused.code == "invalid_api_key" else \
+                429 if refused.code == "rate_limit_exceeded" else 400
+            return error_reply(status, refused.code, refused.message)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, autoping=True)
+        await ws.prepare(request)
+        self._open.add(ws)
+        log.info("elevenlabs_socket", multi=multi, voice=voice, output_format=fmt.name,
+                 client=identity.name if identity is not None else None)
+        try:
+            await _Socket(self._host, self._encoder, ws, request, fmt=fmt, voice=voice,
+                          multi=multi, auto_mode=auto_mode).run(identity, idle_s)
+        finally:
+            self._open.discard(ws)
+        return ws
+
+    def _identity(self, request: web.Request, multi: bool) -> Identity | None:
+        """Who connects; None when the key may still come in the first message."""
+        token = handshake_token(request.headers, request.query)
+        if not self._host.keys_required():
+            identity = self._host.identity_of(request, None)
+        elif token is None and not multi:
+            return None  # stream-input may carry xi_api_key in its first message
+        else:
+            name = self._host.key_name(token) if token else None
+            if name is None:
+                raise ProtocolError("invalid_api_key", "the API key is not one of "
+                                    "http.api_keys_file" if token else "an API key is "
+                                    "required: the xi-api-key header or query parameter")
+            identity = self._host.identity_of(request, name)
+        refusal = self._host.rate_refusal(identity, 0)
+        if refusal is not None:
+            raise ProtocolError("rate_limit_exceeded", refusal)
+        return identity

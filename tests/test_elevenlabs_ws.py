@@ -1,0 +1,449 @@
+"""ElevenLabs' text-to-speech WebSockets (stream-input, multi-stream-input), with the real
+client libraries pointed at the real daemon: LiveKit's ElevenLabs plugin (multi-stream-input)
+and the `elevenlabs` SDK (stream-input). Bounds and refusals use aiohttp's WebSocket client,
+to send what no library would."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import soundfile
+from elevenlabs.client import ElevenLabs
+from livekit.agents import APIStatusError
+from livekit.plugins import elevenlabs as livekit_elevenlabs
+
+from cosyvoiced import config
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake import elevenlabs
+from cosyvoiced.intake.elevenlabs import Message, ProtocolError
+from tests.daemon import Daemon, assert_speech, free_port, wait_until
+
+KEY = "sk-test-0123456789abcdef"
+JOE = "en_US-joe-medium"
+STREAMED = ("The ferry leaves the harbour at seven every morning. It crosses the bay in "
+            "about forty minutes, and the gulls follow it all the way. On calm days you can "
+            "see the lighthouse from the upper deck.")
+LONG_TEXT = " ".join(f"This is sentence number {n} of a long answer, spoken as it is made."
+                     for n in range(1, 31))
+TOKENS_PER_S = 20.0  # an LLM's pace
+TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("elevenlabs")
+    keys = root / "api_keys"
+    keys.write_text(f"{KEY}\n")
+    running = Daemon(root, spool={"max_text_chars": 4000},
+                     http={"listen": f"127.0.0.1:{free_port()}", "api_keys_file": str(keys)},
+                     http__voices={"rachel": JOE})
+    running.start()
+    yield running
+    running.stop()
+
+
+def _listen(daemon: Daemon) -> str:
+    return config.load(daemon.config_path).http.listen
+
+
+def _tokens(text: str) -> list[str]:
+    """The text as an LLM streams it: a word (with its space) at a time."""
+    words = text.split(" ")
+    return [word + " " for word in words[:-1]] + [words[-1]]
+
+
+def _wav(pcm: bytes, rate: int, path: Path) -> Path:
+    soundfile.write(path, np.frombuffer(pcm, dtype="<i2"), rate, subtype="PCM_16")
+    return path
+
+
+# -- LiveKit's plugin: multi-stream-input --------------------------------------------------------
+async def _livekit_speak(daemon: Daemon, text: str, encoding: str,
+                         key: str = KEY) -> tuple[bytes, int, float, float]:
+    """(PCM, rate, when the first audio came, when the last token was sent), the times from
+    the first token, with text sent at TOKENS_PER_S."""
+    async with aiohttp.ClientSession() as session:
+        tts = livekit_elevenlabs.TTS(voice_id="rachel", api_key=key, encoding=encoding,  # type: ignore[arg-type]
+                                     base_url=f"http://{_listen(daemon)}/v1",
+                                     http_session=session)
+        stream = tts.stream()
+        began = time.monotonic()
+        sent_at = [0.0]
+
+        async def write() -> None:
+            for token in _tokens(text):
+                stream.push_text(token)
+                await asyncio.sleep(1 / TOKENS_PER_S)
+            sent_at[0] = time.monotonic() - began
+            stream.end_input()
+
+        writer = asyncio.create_task(write())
+        pcm, rate, first_at = bytearray(), 0, 0.0
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                async for audio in stream:
+                    if not first_at:
+                        first_at = time.monotonic() - began
+                    pcm += audio.frame.data.tobytes()
+                    rate = audio.frame.sample_rate
+            await writer
+        finally:
+            writer.cancel()
+            await stream.aclose()
+            await tts.aclose()
+        return bytes(pcm), rate, first_at, sent_at[0]
+
+
+@pytest.mark.parametrize(("encoding", "rate"), [("pcm_24000", 24000),
+                                                ("mp3_44100_128", 44100)])
+def test_livekit_hears_the_first_sentence_while_the_text_is_still_written(
+        daemon: Daemon, tmp_path: Path, encoding: str, rate: int) -> None:
+    pcm, heard_rate, first_at, sent_at = asyncio.run(_livekit_speak(daemon, STREAMED,
+                                                                    encoding))
+    assert heard_rate == rate
+    assert 0 < first_at < sent_at, (f"the first audio came {first_at:.2f} s after the text "
+                                    f"began; the text was all sent at {sent_at:.2f} s")
+    assert_speech(_wav(pcm, rate, tmp_path / "livekit.wav"), rate, STREAMED)
+
+
+def test_livekit_with_a_wrong_key_is_refused(daemon: Daemon) -> None:
+    with pytest.raises(APIStatusError) as refused:
+        asyncio.run(_livekit_speak(daemon, "Hello there.", "pcm_16000", key="sk-wrong"))
+    assert refused.value.status_code == 401
+
+
+def test_a_hang_up_cancels_the_jobs_in_flight(daemon: Daemon) -> None:
+    async def leave() -> None:
+        async with aiohttp.ClientSession() as session:
+            tts = livekit_elevenlabs.TTS(voice_id=JOE, api_key=KEY, encoding="pcm_22050",
+                                         base_url=f"http://{_listen(daemon)}/v1",
+                                         http_session=session)
+            stream = tts.stream()
+            stream.push_text(LONG_TEXT)
+            stream.end_input()
+            async with asyncio.timeout(TIMEOUT_S):
+                await anext(aiter(stream))  # its first audio: then the app goes away
+            await stream.aclose()
+            await tts.aclose()  # the socket closes
+
+    before = len(_http_jobs(daemon))
+    asyncio.run(leave())
+
+    def cancelled() -> list[dict[str, Any]]:
+        ours = set(_http_jobs(daemon)[before:])
+        return [e for e in daemon.log_events("job")
+                if e["job"] in ours and e["outcome"] == "cancelled"]
+
+    wait_until(cancelled, 30, "a job of the socket to end cancelled")
+
+
+def _http_jobs(daemon: Daemon) -> list[str]:
+    return [e["job"] for e in daemon.log_events("job_queued") if e["source"] == "http"]
+
+
+# -- Pipecat's service: multi-stream-input, auto_mode ------------------------------------------
+def test_pipecat_speaks_each_sentence_of_an_llm_reply(daemon: Daemon, tmp_path: Path) -> None:
+    # Not in the test extra: pipecat-ai pins soundfile ~= 0.13.1 and soxr ~= 1.0.0, older
+    # than the daemon's own. Run where it is installed.
+    frames = pytest.importorskip("pipecat.frames.frames")
+    service = pytest.importorskip("pipecat.services.elevenlabs.tts")
+    utils = pytest.importorskip("pipecat.tests.utils")
+
+    async def speak() -> list[Any]:
+        tts = service.ElevenLabsTTSService(
+            api_key=KEY, url=f"ws://{_listen(daemon)}", sample_rate=16000,
+            settings=service.ElevenLabsTTSService.Settings(voice=JOE))
+        reply = [frames.LLMFullResponseStartFrame()] + [
+            frames.LLMTextFrame(token) for token in _tokens(STREAMED)] + [
+            frames.LLMFullResponseEndFrame(), utils.SleepFrame(sleep=8)]
+        down, _up = await utils.run_test(tts, frames_to_send=reply)
+        return list(down)
+
+    down = asyncio.run(speak())
+    audio = [frame for frame in down if isinstance(frame, frames.TTSAudioRawFrame)]
+    assert {frame.sample_rate for frame in audio} == {16000}
+    assert any(isinstance(frame, frames.TTSStoppedFrame) for frame in down)  # its isFinal
+    pcm = b"".join(frame.audio for frame in audio)
+    assert_speech(_wav(pcm, 16000, tmp_path / "pipecat.wav"), 16000, STREAMED)
+
+
+# -- the elevenlabs SDK: stream-input ------------------------------------------------------------
+# The SDK reads ConnectionClosed.code, deprecated in `websockets`, when the server closes
+# the socket after the last audio (as ElevenLabs' does).
+sdk_warning = pytest.mark.filterwarnings(
+    "ignore:ConnectionClosed.code is deprecated:DeprecationWarning")
+
+
+def _sdk_speak(daemon: Daemon, text: str, output_format: str) -> bytes:
+    client = ElevenLabs(api_key=KEY, base_url=f"http://{_listen(daemon)}")
+    # The SDK makes its WebSocket URL wss:// whatever base_url says; cosyvoiced serves
+    # plain ws:// (put TLS in front of it): this points the socket where base_url points.
+    client.text_to_speech._ws_base_url = f"ws://{_listen(daemon)}"
+    return b"".join(client.text_to_speech.convert_realtime(
+        voice_id=JOE, text=iter(_tokens(text)), output_format=output_format))
+
+
+@sdk_warning
+@pytest.mark.parametrize(("output_format", "rate"), [("pcm_16000", 16000),
+                                                     ("pcm_22050", 22050),
+                                                     ("pcm_24000", 24000)])
+def test_the_sdk_streams_text_in_as_raw_pcm(daemon: Daemon, tmp_path: Path,
+                                            output_format: str, rate: int) -> None:
+    pcm = _sdk_speak(daemon, STREAMED, output_format)
+    assert_speech(_wav(pcm, rate, tmp_path / f"{output_format}.wav"), rate, STREAMED)
+
+
+@sdk_warning
+def test_the_sdk_gets_mp3(daemon: Daemon, tmp_path: Path) -> None:
+    data = _sdk_speak(daemon, STREAMED, "mp3_44100_128")
+    path = tmp_path / "speech.mp3"
+    path.write_bytes(data)
+    assert soundfile.info(io.BytesIO(data)).format == "MP3"
+    assert_speech(path, 44100, STREAMED)
+
+
+# -- the protocol's edges, with aiohttp's client ------------------------------------------------
+async def _socket(daemon: Daemon, session: aiohttp.ClientSession, path: str = "stream-input",
+                  query: str = "output_format=pcm_16000", *, key: str | None = KEY,
+                  voice: str = JOE) -> aiohttp.ClientWebSocketResponse:
+    headers = {"xi-api-key": key} if key else {}
+    return await session.ws_connect(
+        f"ws://{_listen(daemon)}/v1/text-to-speech/{voice}/{path}?{query}", headers=headers)
+
+
+async def _replies(ws: aiohttp.ClientWebSocketResponse) -> AsyncIterator[dict[str, Any]]:
+    async with asyncio.timeout(TIMEOUT_S):
+        async for frame in ws:
+            assert frame.type == aiohttp.WSMsgType.TEXT
+            yield json.loads(frame.data)
+
+
+def test_the_key_may_come_in_the_first_message(daemon: Daemon, tmp_path: Path) -> None:
+    async def speak() -> bytes:
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session, key=None)
+            await ws.send_json({"text": " ", "xi_api_key": KEY})
+            await ws.send_json({"text": STREAMED})
+            await ws.send_json({"text": ""})
+            chunks = [base64.b64decode(r["audio"]) async for r in _replies(ws)
+                      if r.get("audio")]
+            return b"".join(chunks)
+
+    assert_speech(_wav(asyncio.run(speak()), 16000, tmp_path / "key.wav"), 16000, STREAMED)
+
+
+def test_without_a_key_the_socket_is_refused(daemon: Daemon) -> None:
+    async def refused() -> tuple[int, list[dict[str, Any]], int | None]:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as multi:
+                await _socket(daemon, session, "multi-stream-input", key=None)
+            ws = await _socket(daemon, session, key=None)
+            await ws.send_json({"text": " "})
+            return multi.value.status, [r async for r in _replies(ws)], ws.close_code
+
+    status, replies, close_code = asyncio.run(refused())
+    assert status == 401
+    assert replies == [{"message": "an API key is required: the xi-api-key header, or "
+                        "xi_api_key in the first message", "error": "invalid_api_key",
+                        "code": 1008}]
+    assert close_code == 1008
+
+
+@pytest.mark.parametrize(("voice", "query", "code"), [
+    (JOE, "output_format=ogg_44100", "unsupported_format"),
+    ("nobody-we-know", "output_format=pcm_16000", "voice_not_found"),
+    (JOE, "inactivity_timeout=999", "invalid_inactivity_timeout"),
+])
+def test_a_bad_handshake_is_refused_with_its_reason(daemon: Daemon, voice: str, query: str,
+                                                    code: str) -> None:
+    async def connect() -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://{_listen(daemon)}/v1/text-to-speech/{voice}/stream-input?{query}"
+            async with session.get(url, headers={"xi-api-key": KEY, "Connection": "Upgrade",
+                                                 "Upgrade": "websocket",
+                                                 "Sec-WebSocket-Version": "13",
+                                                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="
+                                                 }) as reply:
+                return reply.status, await reply.json()
+
+    status, body = asyncio.run(connect())
+    assert status == 400
+    assert body["detail"]["status"] == code
+
+
+@pytest.mark.parametrize("query", ["auto_mode=true", "auto_mode=false"])
+def test_in_auto_mode_each_message_is_spoken_at_once(daemon: Daemon, query: str) -> None:
+    async def first_reply() -> dict[str, Any] | None:
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session, "multi-stream-input",
+                               f"output_format=pcm_16000&{query}&inactivity_timeout=5")
+            await ws.send_json({"text": " ", "context_id": "a"})
+            # A whole sentence, and nothing after it that would show that it has ended.
+            await ws.send_json({"text": "The kettle is on.", "context_id": "a"})
+            async for reply in _replies(ws):
+                return reply
+            return None
+
+    reply = asyncio.run(first_reply())
+    assert reply is not None
+    if query == "auto_mode=true":
+        assert reply.get("audio"), reply
+    else:  # the end of the sentence is not known: nothing is said until the socket idles
+        assert reply["error"] == "input_timeout_exceeded"
+
+
+def test_contexts_are_separate_and_each_ends_with_its_final(daemon: Daemon,
+                                                            tmp_path: Path) -> None:
+    async def two() -> dict[str, list[dict[str, Any]]]:
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session, "multi-stream-input")
+            for context, text in (("a", "The first voice speaks here."),
+                                  ("b", "And the second one answers it.")):
+                await ws.send_json({"text": " ", "context_id": context})
+                await ws.send_json({"text": text, "context_id": context, "flush": True})
+                await ws.send_json({"text": "", "context_id": context})  # a keep-alive
+                await ws.send_json({"context_id": context, "close_context": True})
+            heard: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+            async for reply in _replies(ws):
+                heard[reply["contextId"]].append(reply)
+                if all(r and r[-1].get("isFinal") for r in heard.values()):
+                    await ws.send_json({"close_socket": True})
+            return heard
+
+    for context, replies in asyncio.run(two()).items():
+        assert replies[-1] == {"isFinal": True, "contextId": context}
+        pcm = b"".join(base64.b64decode(r["audio"]) for r in replies[:-1])
+        samples = np.frombuffer(pcm, dtype="<i2")
+        assert len(samples) / 16000 > 1.0, f"context {context}: {len(samples)} samples"
+
+
+async def _refusal(daemon: Daemon, messages: Sequence[dict[str, Any] | str],
+                   query: str = "output_format=pcm_16000",
+                   path: str = "multi-stream-input") -> tuple[list[dict[str, Any]], int | None]:
+    """The error replies to `messages`, and the close code that follows."""
+    async with aiohttp.ClientSession() as session:
+        ws = await _socket(daemon, session, path, query)
+        for message in messages:
+            await (ws.send_str(message) if isinstance(message, str) else ws.send_json(message))
+        errors = [r async for r in _replies(ws) if "error" in r]
+        return errors, ws.close_code
+
+
+def test_a_sixth_context_is_refused(daemon: Daemon) -> None:
+    opens = [{"text": " ", "context_id": f"c{n}"} for n in range(elevenlabs.MAX_CONTEXTS + 1)]
+    errors, close_code = asyncio.run(_refusal(daemon, opens))
+    assert [e["error"] for e in errors] == ["max_active_conversations"]
+    assert close_code == 1008
+
+
+def test_a_socket_that_says_nothing_is_closed(daemon: Daemon) -> None:
+    began = time.monotonic()
+    errors, close_code = asyncio.run(_refusal(daemon, [{"text": " ", "context_id": "a"}],
+                                              query="inactivity_timeout=1"))
+    assert [e["error"] for e in errors] == ["input_timeout_exceeded"]
+    assert close_code == 1008
+    assert time.monotonic() - began < 10
+
+
+def test_a_long_answer_outlasts_the_inactivity_timeout(daemon: Daemon, tmp_path: Path) -> None:
+    async def speak() -> tuple[bytes, list[str]]:
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session, "multi-stream-input",
+                               "output_format=pcm_16000&inactivity_timeout=1")
+            await ws.send_json({"text": " ", "context_id": "a"})
+            await ws.send_json({"text": LONG_TEXT, "context_id": "a", "flush": True})
+            replies = [r async for r in _replies(ws)]  # then silence: closed when all is said
+            pcm = b"".join(base64.b64decode(r["audio"]) for r in replies if r.get("audio"))
+            return pcm, [r["error"] for r in replies if "error" in r]
+
+    pcm, errors = asyncio.run(speak())
+    assert errors == ["input_timeout_exceeded"]
+    assert_speech(_wav(pcm, 16000, tmp_path / "long.wav"), 16000, LONG_TEXT)
+
+
+def test_malformed_and_oversized_messages_close_the_socket(daemon: Daemon) -> None:
+    errors, close_code = asyncio.run(_refusal(daemon, ["{not json"]))
+    assert [e["error"] for e in errors] == ["invalid_message"]
+    assert close_code == 1008
+    huge = json.dumps({"text": "word " * (elevenlabs.MAX_MESSAGE_BYTES // 5 + 1)})
+    errors, close_code = asyncio.run(_refusal(daemon, [huge]))
+    assert close_code == 1009  # Message Too Big
+
+
+def test_text_sent_far_faster_than_it_is_spoken_is_bounded(daemon: Daemon) -> None:
+    paragraph = "word " * 199 + "end. "
+    flood = [{"text": " ", "context_id": "a"}] + [
+        {"text": paragraph, "context_id": "a"}
+        for _ in range(elevenlabs.MAX_BUFFERED_CHARS // len(paragraph) + 4)]
+    errors, close_code = asyncio.run(_refusal(daemon, flood))
+    assert [e["error"] for e in errors] == ["buffer_full"]
+    assert close_code == 1008
+
+
+# -- the pure parts ---------------------------------------------------------------------------
+def test_output_formats_name_a_codec_and_a_rate() -> None:
+    assert elevenlabs.output_format("pcm_16000") == elevenlabs.OutputFormat(
+        "pcm_16000", "pcm", 16000)
+    assert elevenlabs.output_format("mp3_22050_32").codec == "mp3"
+    assert elevenlabs.output_format(None).name == "mp3_44100_128"
+    for bad in ("pcm_12345", "ulaw_8000", "mp3_44100", "pcm", "opus_48000_64"):
+        with pytest.raises(ProtocolError, match="output_format"):
+            elevenlabs.output_format(bad)
+
+
+def test_the_inactivity_timeout_is_bounded() -> None:
+    assert elevenlabs.inactivity_timeout(None) == 20.0
+    assert elevenlabs.inactivity_timeout("180") == 180.0
+    for bad in ("0", "181", "soon", "nan"):
+        with pytest.raises(ProtocolError):
+            elevenlabs.inactivity_timeout(bad)
+
+
+def test_query_flags_are_true_or_false() -> None:
+    assert elevenlabs.query_flag("auto_mode", "true")
+    assert not elevenlabs.query_flag("auto_mode", None)
+    assert not elevenlabs.query_flag("auto_mode", "False")
+    with pytest.raises(ProtocolError, match="auto_mode"):
+        elevenlabs.query_flag("auto_mode", "yes")
+
+
+def test_the_key_is_read_where_clients_put_it() -> None:
+    token = elevenlabs.handshake_token
+    assert token({"xi-api-key": "k1"}, {}) == "k1"
+    assert token({}, {"xi-api-key": "k2"}) == "k2"
+    assert token({}, {"authorization": "Bearer k3"}) == "k3"
+    assert token({"Authorization": "Bearer k4"}, {}) == "k4"
+    assert token({}, {}) is None
+
+
+def test_messages_are_checked() -> None:
+    parse = elevenlabs.parse_message
+    assert parse('{"text": " ", "voice_settings": {"speed": 1.1}, "xi_api_key": "k", '
+                 '"generation_config": {"chunk_length_schedule": [50]}}', multi=False) == \
+        Message(text=" ", token="k", speed=1.1)
+    assert parse('{"context_id": "c1", "close_context": true}', multi=True) == \
+        Message(context="c1", close_context=True)
+    assert parse('{"context_id": "c1", "text": "hi"}', multi=False).context == ""
+    assert parse('{"text": "hi", "a_field_of_a_newer_client": 1}', multi=True).text == "hi"
+    for bad in ('[]', '{"text": 3}', '{"flush": "yes"}',
+                '{"context_id": "a b"}', '{"voice_settings": {"speed": "fast"}}'):
+        with pytest.raises(ProtocolError):
+            parse(bad, multi=True)
+
+
+def test_voice_ids_map_through_http_voices() -> None:
+    voices = [VoiceInfo(JOE, "en-us", 22050, "piper")]
+    assert elevenlabs.resolve_voice("rachel", {"rachel": JOE}, voices) == JOE
+    assert elevenlabs.resolve_voice(JOE, {}, voices) == JOE
+    with pytest.raises(ProtocolError, match=r"\[http\.voices\]"):
+        elevenlabs.resolve_voice("21m00Tcm4TlvDq8ikWT", {}, voices)
