@@ -109,9 +109,11 @@ def test_prometheus_metrics(make_daemon: DaemonFactory) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = str(reply.read().decode())
         pinged = re.search(r"^cosyvoiced_watchdog_pings_total [1-9]", text, re.MULTILINE)
-        return text if pinged else None
+        # a job is counted at the tick that settles it, just after its record is written
+        counted = 'cosyvoiced_jobs_total{outcome="failed",source="inbox"}' in text
+        return text if pinged and counted else None
 
-    text = wait_until(scrape, 30, "metrics with a watchdog ping")
+    text = wait_until(scrape, 30, "metrics with a watchdog ping and both jobs counted")
     assert 'cosyvoiced_jobs_total{outcome="done",source="inbox"} 1.0' in text
     assert 'cosyvoiced_jobs_total{outcome="failed",source="inbox"} 1.0' in text
     assert "cosyvoiced_synthesis_seconds_count 1.0" in text
