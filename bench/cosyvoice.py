@@ -14,6 +14,11 @@ on) is one daemon-vs-direct run. Prints JSON.
     COSYVOICE_REPO=/path/to/CosyVoice python bench/cosyvoice.py --full-size --version 2 \\
         [--model-dir DIR] [--fp16 off|on|both] [--per-device 1,2,4]
 
+--streams N[,N...] (versions 2 and 3) serves N clients at once three ways in one run: one
+batched worker making N streams (`engine.cosyvoice.max_streams` N), N workers making one
+each, and one worker; it reports throughput, first chunk p50/p95, speech tokens per second
+and the workers' memory of each, and each one's ratios to the one worker.
+
 --per-device N[,N...] measures the daemon alone instead: `worker.per_device` N workers on
 the device and N clients streaming at once, each `--count` texts; it reports throughput
 (audio seconds per wall second) and first-chunk latency. --model-dir keeps the built model
@@ -162,22 +167,23 @@ def model_directory(version: int, full: bool, model_dir: Path | None, scratch: P
     return target
 
 
-def configured_daemon(root: Path, model_dir: Path, fp16: bool,
-                      per_device: int | None = None) -> Daemon:
+def configured_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int | None = None,
+                      max_streams: int | None = None) -> Daemon:
     """A daemon for `model_dir`, its config file written, not started."""
     worker: dict[str, Any] = {"start_timeout_s": LOAD_TIMEOUT_S}
     if PLACEMENT:
         worker["devices"] = [DEVICE]
     if per_device is not None:
         worker["per_device"] = per_device
+    batching: dict[str, int] = {} if max_streams is None else {"max_streams": max_streams}
     # The package's CosyVoice loads TorchScript parts by default; these models have none.
     return cosyvoice_daemon(root, model_dir, log_level="info", worker=worker, fp16=fp16,
-                            load_jit=False)
+                            load_jit=False, **batching)
 
 
 def start_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int | None = None,
-                 served: Daemon | None = None) -> Daemon:
-    served = served or configured_daemon(root, model_dir, fp16, per_device)
+                 served: Daemon | None = None, *, max_streams: int | None = None) -> Daemon:
+    served = served or configured_daemon(root, model_dir, fp16, per_device, max_streams)
     served.start(wait_ready=False)  # Daemon.wait_ready allows 90 s: a tiny model's load
     notify, process = served.notify, served.process
     assert notify is not None
@@ -249,29 +255,69 @@ def _ready_workers(client: Client) -> int:
 
 
 def pool(model_dir: Path, texts: list[str], size: int, fp16: bool,
-         scratch: Path) -> dict[str, Any]:
-    """`size` workers on the device, `size` clients streaming every text at once."""
-    served = start_daemon(scratch / f"pool-{size}-fp16-{'on' if fp16 else 'off'}", model_dir,
-                          fp16, per_device=size)
+         scratch: Path, *, clients: int | None = None,
+         max_streams: int | None = None) -> dict[str, Any]:
+    """`size` workers on the device (each making `max_streams` segments at once), `clients`
+    (default: `size`) streaming every text at once."""
+    clients = clients or size
+    name = f"pool-{size}x{max_streams or 0}-{clients}-fp16-{'on' if fp16 else 'off'}"
+    served = start_daemon(scratch / name, model_dir, fp16, per_device=size,
+                          max_streams=max_streams)
     try:
         with Client(served.endpoint, timeout_s=JOB_TIMEOUT_S) as client:
             wait_until(lambda: _ready_workers(client) >= size, LOAD_TIMEOUT_S,
                        f"{size} workers ready")
-        concurrently(served.endpoint, [texts[:1]] * size)  # warm: a job per worker
-        # Each client starts at another text, so the segments in flight differ in length.
-        turns = [texts[index % len(texts):] + texts[:index % len(texts)]
-                 for index in range(size)]
-        started = time.perf_counter()
-        runs = concurrently(served.endpoint, turns)
-        wall_s = time.perf_counter() - started
+            concurrently(served.endpoint, [texts[:1]] * clients)  # warm: every stream
+            # Each client starts at another text, so the segments in flight differ in length.
+            turns = [texts[index % len(texts):] + texts[:index % len(texts)]
+                     for index in range(clients)]
+            tokens_before = _tokens(served)
+            started = time.perf_counter()
+            runs = concurrently(served.endpoint, turns)
+            wall_s = time.perf_counter() - started
+            tokens = _tokens(served) - tokens_before
+            memory = _memory(client)
     finally:
         served.stop()
     audio_s = sum(samples / rate for _, _, samples, rate in runs)
-    return {"workers": size, "clients": size, "jobs": len(runs),
-            "audio_s": round(audio_s, 2), "wall_s": round(wall_s, 2),
+    return {"workers": size, "max_streams": max_streams or 1, "clients": clients,
+            "jobs": len(runs), "audio_s": round(audio_s, 2), "wall_s": round(wall_s, 2),
             "throughput_audio_s_per_s": round(audio_s / wall_s, 3),
+            "tokens_per_s": round(tokens / wall_s, 1),
             "first_chunk": summary_ms([first for first, _, _, _ in runs]),
-            "per_job": summary_ms([total for _, total, _, _ in runs])}
+            "per_job": summary_ms([total for _, total, _, _ in runs]), **memory}
+
+
+def _tokens(served: Daemon) -> float:
+    """Speech tokens made so far, from the jobs' `job` log lines."""
+    return float(sum(event.get("llm_tokens", 0) for event in served.log_events("job")))
+
+
+def _memory(client: Client) -> dict[str, int]:
+    """The workers' resident and GPU memory together, in MiB, as the pool last measured."""
+    workers = client.stats()["workers"]
+    return {"rss_mib": sum(w.get("rss_bytes") or 0 for w in workers) >> 20,
+            "gpu_mib": sum(w.get("gpu_bytes") or 0 for w in workers) >> 20}
+
+
+def streams(model_dir: Path, texts: list[str], count: int, fp16: bool,
+            scratch: Path) -> dict[str, Any]:
+    """`count` clients at once, served three ways in one run: one batched worker making
+    `count` streams, `count` workers making one each (a model copy per stream), and one
+    worker making one (the clients queue)."""
+    layouts = {"batched": (1, count), "workers": (count, 1), "one_worker": (1, 1)}
+    if count == 1:
+        layouts = {"one_worker": (1, 1)}
+    result = {name: pool(model_dir, texts, size, fp16, scratch, clients=count,
+                         max_streams=max_streams)
+              for name, (size, max_streams) in layouts.items()}
+    single = result["one_worker"]
+    for figures in result.values():
+        figures["throughput_vs_one_worker"] = round(
+            figures["throughput_audio_s_per_s"] / single["throughput_audio_s_per_s"], 3)
+        figures["first_chunk_p50_vs_one_worker"] = round(
+            figures["first_chunk"]["p50_ms"] / single["first_chunk"]["p50_ms"], 3)
+    return result
 
 
 def _medians(runs: list[StagedRun]) -> dict[str, float]:
@@ -315,7 +361,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "texts": args.count, "model_ready_s": round(time.perf_counter() - started, 1)}
         texts = [_shortened(text, args.max_chars) for text in sentences(args.count)]
         for mode in ("off", "on") if args.fp16 == "both" else (args.fp16,):
-            if args.per_device:
+            if args.streams:
+                report[f"fp16_{mode}"] = {}
+                for count in args.streams:
+                    result = streams(model_dir, texts, count, mode == "on", scratch)
+                    report[f"fp16_{mode}"][str(count)] = result
+                    print(json.dumps({"fp16": mode, "streams": count, **result}),
+                          file=sys.stderr, flush=True)
+            elif args.per_device:
                 report[f"fp16_{mode}"] = {}
                 for size in args.per_device:
                     result = pool(model_dir, texts, size, mode == "on", scratch)
@@ -360,10 +413,13 @@ def main() -> int:
                              "both on CUDA, off on the CPU")
     parser.add_argument("--per-device", type=_sizes, metavar="N[,N...]",
                         help="the daemon alone, with N workers and N clients at once")
+    parser.add_argument("--streams", type=_sizes, metavar="N[,N...]",
+                        help="N clients at once: one batched worker making N streams, N "
+                             "workers, and one worker, side by side (versions 2 and 3)")
     args = parser.parse_args()
     if args.full_size and args.version not in full_size.VERSIONS:
         parser.error(f"--full-size builds versions {sorted(full_size.VERSIONS)}")
-    if not args.per_device and args.count < MIN_RUNS:
+    if not (args.per_device or args.streams) and args.count < MIN_RUNS:
         parser.error(f"--count: a median needs at least {MIN_RUNS} runs")
     if args.per_device and not PLACEMENT:
         parser.error("--per-device needs a daemon with worker.per_device (the worker pool)")

@@ -111,18 +111,27 @@ class JobBook:
         return running
 
     # -- dispatching ------------------------------------------------------------------------
-    def dispatch(self, idle: dict[int, WorkerHandle], now: float, stopping: bool) -> None:
-        """Hand the next segments to the idle workers, in the scheduler's order."""
+    def dispatch(self, idle: dict[int, WorkerHandle], now: float, stopping: bool,
+                 streams: int = 1) -> None:
+        """Hand the next segments to the workers with room, in the scheduler's order.
+        `streams`: the segments all ready workers make at once."""
         if not idle:
             return
         waiting = self.ledger.waiting()
         if stopping:  # finish what is in progress; start nothing new
             waiting = [w for w in waiting if w.started]
-        for choice in scheduler.assign(waiting, sorted(idle), self.ledger.in_progress(),
-                                       self.config.scheduling.max_active_jobs,
+        places = scheduler.places({slot: w.free_streams for slot, w in idle.items()},
+                                  {slot: len(w.jobs) for slot, w in idle.items()})
+        for choice in scheduler.assign(waiting, places, self.ledger.in_progress(),
+                                       self._max_active(streams),
                                        self.ledger.shares_in_progress(),
                                        self.ledger.last_turn):
             self._hand_segment(self.ledger.jobs[choice.job_id], idle[choice.slot], now)
+
+    def _max_active(self, streams: int) -> int:
+        """Jobs of a class in progress at once: the configured bound, or more where the
+        workers make more segments at once (batched streams), so that none stays empty."""
+        return max(self.config.scheduling.max_active_jobs, streams)
 
     def _hand_segment(self, running: Running, worker: WorkerHandle, now: float) -> None:
         index = running.done
@@ -136,21 +145,23 @@ class JobBook:
         running.dispatched = True
         running.last_progress = now
         running.segment_chunks = 0
-        worker.job_id = running.job.id
+        worker.jobs.append(running.job.id)
         worker.set_state(WorkerState.BUSY, job=running.job.id, segment=index)
 
     def progress(self, worker: WorkerHandle) -> tuple[float, int] | None:
-        """The segment `worker` holds: its last progress and its length in characters (for
-        the pool's job timeout), or None."""
-        running = self.ledger.held_by(worker)
-        if running is None:
+        """The segments `worker` holds: the last progress of any and the longest one's
+        length in characters (for the pool's job timeout), or None. A batched worker makes
+        all of them in one loop, so any progress shows it is not hung."""
+        held = self.ledger.held_by(worker)
+        if not held:
             return None
-        return running.last_progress, len(running.segments[running.done])
+        return (max(r.last_progress for r in held),
+                max(len(r.segments[r.done]) for r in held))
 
     # -- the workers' messages --------------------------------------------------------------
     def on_worker_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
-        running = self.ledger.held_by(worker)
-        if running is None:
+        running = self.ledger.get(getattr(message, "job_id", ""))
+        if running is None or running.holder is not worker:
             return  # a late message of a job that has ended
         running.last_progress = now
         match message:
@@ -201,18 +212,21 @@ class JobBook:
         """The worker no longer has the job's segment in hand (done, failed or lost)."""
         running.holder = None
         running.ready_since = now
-        worker.job_id = None
-        if worker.state != WorkerState.BUSY:
+        if running.job.id not in worker.jobs:
             return
+        worker.jobs.remove(running.job.id)
         worker.segments_served += 1
-        worker.set_state(WorkerState.IDLE)
-        self.freed.append(worker)  # the tick lets the pool recycle it if due
+        if worker.state == WorkerState.BUSY and not worker.jobs:
+            worker.set_state(WorkerState.IDLE)
+            self.freed.append(worker)  # the tick lets the pool recycle it if due
 
     def lost(self, worker: WorkerHandle, reason: str, now: float) -> None:
-        """The worker holding a segment died or was killed: retry it, or end the job."""
-        running = self.ledger.held_by(worker)
-        if running is None:
-            return
+        """The worker holding segments died or was killed: retry each, or end its job."""
+        for running in self.ledger.held_by(worker):
+            self._lost_segment(worker, running, reason, now)
+
+    def _lost_segment(self, worker: WorkerHandle, running: Running, reason: str,
+                      now: float) -> None:
         self._release(worker, running, now)
         job = running.job
         crashes = self.ledger.count_crash(job)

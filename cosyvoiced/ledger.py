@@ -138,10 +138,11 @@ class Ledger:
                 if r.holder is None and not r.cancel_requested and r.done < len(r.segments)
                 and not r.remote]
 
-    def held_by(self, worker: WorkerHandle) -> Running | None:
-        job_id = worker.job_id
-        running = self.jobs.get(job_id) if job_id is not None else None
-        return running if running is not None and running.holder is worker else None
+    def held_by(self, worker: WorkerHandle) -> list[Running]:
+        """The jobs whose segments `worker` has in hand."""
+        held = (self.jobs.get(job_id) for job_id in worker.jobs)
+        return [running for running in held
+                if running is not None and running.holder is worker]
 
     def record(self, job_id: str, source: str, state: str, owner: str = "",
                **detail: Any) -> None:

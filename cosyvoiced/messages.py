@@ -58,6 +58,7 @@ class EngineReady:
     native_rate: int  # of voices taken from prompt audio
     load_s: float
     warmup_s: float
+    streams: int = 1  # segments it makes at once (a batched engine's max_streams)
 
 
 @dataclass(frozen=True)

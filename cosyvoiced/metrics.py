@@ -120,6 +120,12 @@ class Metrics:
                                 ["slot", "device"], registry=r)
         self.worker_busy = Gauge("cosyvoiced_worker_busy", "1 while the worker has a segment "
                                  "in hand", ["slot", "device"], registry=r)
+        self.worker_streams = Gauge("cosyvoiced_worker_streams", "Segments the worker has "
+                                    "in hand (a batched worker makes several at once)",
+                                    ["slot", "device"], registry=r)
+        self.worker_max_streams = Gauge("cosyvoiced_worker_max_streams", "Segments the "
+                                        "worker makes at once at most", ["slot", "device"],
+                                        registry=r)
         self.worker_generation = Gauge("cosyvoiced_worker_generation",
                                        "Workers started since the daemon started", registry=r)
         self.workers = Gauge("cosyvoiced_workers", "Worker slots (worker.devices x "
@@ -194,8 +200,11 @@ class Metrics:
                 self.real_time_factor.observe(result.synth_s / result.audio_s)
             self._stages.observe(result.stages)
 
-    def worker(self, slot: int, device: str, memory: Memory, busy: bool) -> None:
+    def worker(self, slot: int, device: str, memory: Memory,
+               streams: int, max_streams: int) -> None:
         labels = (str(slot), device)
         self.worker_rss.labels(*labels).set(memory.rss_bytes)
         self.worker_gpu.labels(*labels).set(memory.gpu_peak_bytes or 0)
-        self.worker_busy.labels(*labels).set(int(busy))
+        self.worker_busy.labels(*labels).set(int(streams > 0))
+        self.worker_streams.labels(*labels).set(streams)
+        self.worker_max_streams.labels(*labels).set(max_streams)

@@ -70,9 +70,19 @@ class WorkerPool:
         return self.workers() + spare + self.retiring
 
     def idle(self) -> dict[int, WorkerHandle]:
-        """Slot -> worker, for the workers ready for a segment now."""
+        """Slot -> worker, for the workers with room for a segment now. A batched worker
+        due for a recycle takes no more: it finishes its segments, then is replaced."""
         return {index: slot.worker for index, slot in enumerate(self.slots)
-                if slot.worker is not None and slot.worker.state == WorkerState.IDLE}
+                if slot.worker is not None and slot.worker.free_streams and
+                not (slot.worker.jobs and self._recycle_reason(slot.worker) is not None)}
+
+    def stream_places(self) -> int:
+        """Segments the ready workers make at once, busy or not."""
+        return sum(worker.streams for worker in self.workers() if worker.ready)
+
+    def free_places(self) -> int:
+        """Segments the workers could take now: what the cluster is offered."""
+        return sum(worker.free_streams for worker in self.idle().values())
 
     def messages(self, now: float) -> Iterator[tuple[WorkerHandle, FromWorker]]:
         for handle in self.handles():
@@ -171,7 +181,7 @@ class WorkerPool:
                 logs.forward(levelno, line)
             case Heartbeat(memory_now):
                 worker.memory = memory_now
-                if worker.job_id is None and not stopping:
+                if not worker.jobs and not stopping:
                     self.recycle_if_due(worker, now)
             case EngineWarming(load_s):
                 worker.set_state(WorkerState.WARMING, load_s=load_s)
@@ -179,6 +189,7 @@ class WorkerPool:
                 self.last_load_error = reason
             case EngineReady():
                 self.start_failures = 0
+                worker.streams = max(1, message.streams)
                 worker.set_state(WorkerState.IDLE, engine=message.engine,
                                  load_s=message.load_s, warmup_s=message.warmup_s,
                                  voices=[v.name for v in message.voices])
@@ -299,9 +310,7 @@ class WorkerPool:
                 (self.spare is not None and self.spare.slot == index):
             return
         settings = self._config().worker
-        reason = self.recycle_requests.get(index) or (
-            "reload" if index in self.reload_pending else policy.recycle_reason(
-                worker.memory, worker.segments_served, settings))
+        reason = self._recycle_reason(worker)
         if reason is None:
             self._warn_if_limit_below_idle(worker)
             return
@@ -327,6 +336,13 @@ class WorkerPool:
             self.slots[index].respawn_at = now
             worker.drain(now, settings.kill_grace_s)
             self.retiring.append(worker)
+
+    def _recycle_reason(self, worker: WorkerHandle) -> str | None:
+        """Why `worker` is due to be replaced (asked, a reload, a limit), or None."""
+        index = worker.slot
+        return self.recycle_requests.get(index) or (
+            "reload" if index in self.reload_pending else policy.recycle_reason(
+                worker.memory, worker.segments_served, self._config().worker))
 
     def request_recycle(self, slot: int, reason: str, now: float) -> bool:
         """Recycle a slot's worker as a memory recycle would (an operator asked): now if

@@ -43,10 +43,9 @@ def stats(supervisor: Snapshot, uptime_s: float,
     """The daemon's figures; job ids only where `visible(job_id)` (the asker's own jobs,
     or every job for an admin)."""
     ledger, pool = supervisor.ledger, supervisor.pool
-    workers = [worker.describe() for worker in pool.workers()]
-    for worker in workers:
-        if worker.get("job") is not None and not visible(str(worker["job"])):
-            worker["job"] = "(another client's)"
+    workers = [worker.describe() | {"jobs": [job if visible(job) else "(another client's)"
+                                             for job in worker.jobs]}
+               for worker in pool.workers()]
     return {
         "version": __version__, "pid": os.getpid(), "engine": supervisor.engine_name,
         "ready": supervisor.ready, "uptime_s": round(uptime_s, 1),
@@ -90,11 +89,17 @@ def _state(supervisor: Snapshot) -> str:
 def _worker(worker: WorkerHandle) -> str:
     line = (f"worker {worker.slot} {worker.placement.device} gen {worker.generation} "
             f"{worker.state}, {worker.segments_served} segments, "
+            f"{_streams(worker)}"
             f"rss {worker.memory.rss_bytes >> 20} MiB")
     gpu = worker.memory.gpu_peak_bytes
     if gpu is not None:
         line += f", gpu {gpu >> 20} MiB"
     return line
+
+
+def _streams(worker: WorkerHandle) -> str:
+    """A batched worker's segments in hand out of those it makes at once."""
+    return f"{len(worker.jobs)}/{worker.streams} streams, " if worker.streams > 1 else ""
 
 
 def status_line(supervisor: Snapshot) -> str:
@@ -125,4 +130,4 @@ def publish(metrics: Metrics, ledger: Ledger, pool: WorkerPool) -> None:
     metrics.worker_generation.set(pool.generation)
     for worker in pool.workers():
         metrics.worker(worker.slot, worker.placement.device, worker.memory,
-                       worker.job_id is not None)
+                       len(worker.jobs), worker.streams)

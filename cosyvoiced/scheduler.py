@@ -92,11 +92,22 @@ def fair_places(waiting: Sequence[Waiting], shares_active: Mapping[tuple[Priorit
     return {priority: max(1, max_active // len(shares)) for priority, shares in wanting.items()}
 
 
+def places(free: Mapping[int, int], held: Mapping[int, int]) -> list[int]:
+    """The worker slots with room, once per segment each can take more (a batched worker
+    makes several at once), least loaded first: new segments spread over the workers
+    before any one is filled. `free` and `held` count, per slot, the segments it can still
+    take and those it has in hand."""
+    ranked = [(held.get(slot, 0) + n, slot) for slot, room in free.items()
+              for n in range(room)]
+    return [slot for _load, slot in sorted(ranked)]
+
+
 def assign(waiting: Sequence[Waiting], idle_slots: Sequence[int],  # noqa: PLR0917
            in_progress: Mapping[Priority, int], max_active: int,
            shares_active: Mapping[tuple[Priority, str], int] | None = None,
            last_turn: Mapping[str, float] | None = None) -> list[Assignment]:
-    """The next segments to hand out, one per idle worker slot at most.
+    """The next segments to hand out, one per place in `idle_slots` at most (a slot is
+    listed once per segment its worker can take: `places`).
 
     `in_progress` counts the jobs of each class started and not yet ended, and
     `shares_active` the same per (class, share). A job's next segment goes back to the slot

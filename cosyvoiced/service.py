@@ -106,8 +106,8 @@ class Service:
         self.claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
 
     def idle(self) -> int:
-        """Workers idle now."""
-        return 0 if self.pool is None else len(self.pool.idle())
+        """Segments the workers could start now (a batched worker has several places)."""
+        return 0 if self.pool is None else self.pool.free_places()
 
     def record_misses(self) -> bool:
         """Cache misses are recorded unless an engine reload is pending."""

@@ -153,7 +153,7 @@ class Supervisor:
         self.sharing.poll(now)
         self.book.drain_encoded(now)
         self._handle_workers(now)
-        self.book.dispatch(self.pool.idle(), now, self.service.stopping)
+        self.book.dispatch(self.pool.idle(), now, self.service.stopping, self.pool.stream_places())
         self.service.settle()
         self.sharing.offer()
         if not self.service.stopping:

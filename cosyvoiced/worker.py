@@ -18,22 +18,23 @@ import time
 from collections.abc import Generator, Iterator
 from dataclasses import replace
 from multiprocessing.connection import Connection
+from typing import cast
 
 import numpy as np
 import soxr
 
-from cosyvoiced import logs, pauses
+from cosyvoiced import logs, pauses, workerstreams
 from cosyvoiced.config import EngineConfig
 from cosyvoiced.engines import (
-    FEATURES,
     AlignedEngine,
     AudioChunk,
     Engine,
+    MultiStreamEngine,
     StagedEngine,
     SynthesisRequest,
     load_engine,
 )
-from cosyvoiced.job import ErrorCode, Job, JobError, JobFailure
+from cosyvoiced.job import ErrorCode, JobError, JobFailure
 from cosyvoiced.memory import Memory, measure
 from cosyvoiced.messages import (
     AudioChunkReady,
@@ -53,10 +54,10 @@ from cosyvoiced.messages import (
     ToWorker,
 )
 from cosyvoiced.placement import Placement
+from cosyvoiced.segmentprep import PROMPT_VOICE, check_features, request_for, voice_for
 from cosyvoiced.stages import SegmentStages
 
 WARMUP_TEXT = "Ready."
-PROMPT_VOICE = "(prompt audio)"  # the voice reported for a job cloned from its prompt
 _PR_SET_PDEATHSIG = 1
 
 log = logs.get_logger("cosyvoiced.worker")
@@ -72,6 +73,9 @@ class Channel:
     def send(self, message: FromWorker) -> None:
         with self._lock:
             self._conn.send(message)
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self._conn.poll(timeout)
 
     def receive(self) -> ToWorker:
         message: ToWorker = self._conn.recv()
@@ -143,37 +147,10 @@ def _resampled(chunks: Iterator[AudioChunk], rate_in: int,
         yield tail
 
 
-def _check_features(engine: Engine, job: Job) -> None:
-    for name in FEATURES:
-        if getattr(job, name) is not None and name not in engine.features:
-            raise JobFailure(ErrorCode.NOT_SUPPORTED, f"{name}: the {engine.name} engine does "
-                             "not support it", name)
-
-
-def _voice(engine: Engine, job: Job) -> str | None:
-    """The voice to use; None when the prompt audio is the voice."""
-    if job.voice is None and job.prompt_audio is not None:
-        return None
-    voice = job.voice or engine.default_voice()
-    if voice is None:
-        raise JobFailure(ErrorCode.MISSING_FIELD, "voice: this model has no built-in voice; "
-                         "name a registered voice or send prompt_audio", "voice")
-    names = sorted(v.name for v in engine.voices())
-    if voice not in names:
-        raise JobFailure(ErrorCode.UNKNOWN_VOICE, f"voice: {voice!r} is not available; choose "
-                         f"one of: {', '.join(names)}", "voice")
-    return voice
-
-
-def _request(job: Job, text: str, voice: str | None, index: int) -> SynthesisRequest:
-    return SynthesisRequest(text, voice, job.speed, job.stream, job.prompt_audio,
-                            job.prompt_text, job.instruct, job.language, continues=index > 0)
-
-
 def _serve(engine: Engine, segment: RunSegment, channel: Channel) -> SegmentFinished:
     job = segment.job
-    _check_features(engine, job)
-    voice = _voice(engine, job)
+    check_features(engine, job)
+    voice = voice_for(engine, job)
     native_rate = engine.sample_rate(voice)
     rate = job.sample_rate or native_rate
     channel.send(SegmentStarted(job.id, segment.index, voice or PROMPT_VOICE, rate,
@@ -183,7 +160,8 @@ def _serve(engine: Engine, segment: RunSegment, channel: Channel) -> SegmentFini
     samples = 0
     pause_s = pauses.of_segment(segment.text)  # a pause's silence is made here, not by it
     chunks = _silence(pause_s, rate) if pause_s is not None else \
-        _resampled(engine.synthesize(_request(job, segment.text.strip(), voice, segment.index)),
+        _resampled(engine.synthesize(request_for(job, segment.text.strip(), voice,
+                                                 segment.index)),
                    native_rate, rate)
     try:
         for seq, chunk in enumerate(chunks):
@@ -248,6 +226,11 @@ def warm_up(engine: Engine) -> None:
             pass
 
 
+def _streams(engine: Engine) -> int:
+    """Segments the engine makes at once: a batched one's streams, else one."""
+    return max(1, engine.max_streams) if isinstance(engine, MultiStreamEngine) else 1
+
+
 def _load(config: EngineConfig, channel: Channel) -> Engine | None:
     started = time.monotonic()
     try:
@@ -264,7 +247,8 @@ def _load(config: EngineConfig, channel: Channel) -> Engine | None:
     warmed = time.monotonic()
     channel.send(EngineReady(engine.name, voices, default, engine.features,
                              engine.sample_rate(None) if "prompt_audio" in engine.features
-                             else 0, round(loaded - started, 3), round(warmed - loaded, 3)))
+                             else 0, round(loaded - started, 3), round(warmed - loaded, 3),
+                             _streams(engine)))
     return engine
 
 
@@ -320,6 +304,9 @@ def main(conn: Connection, config: EngineConfig, log_level: str,
                      name="heartbeat", daemon=True).start()
     engine = _load(config, channel)
     if engine is None:
+        return
+    if _streams(engine) > 1:
+        workerstreams.serve(cast(workerstreams.BatchedEngine, engine), channel, _measure)
         return
     while True:
         try:

@@ -52,7 +52,8 @@ class WorkerHandle:
         self.last_heard = now
         self.memory = Memory(0)
         self.segments_served = 0  # engine calls: a job is one per segment
-        self.job_id: str | None = None  # the job whose segment it has in hand
+        self.jobs: list[str] = []  # the jobs whose segments it has in hand
+        self.streams = 1  # segments it makes at once (its engine's, once ready)
         self.warned_over_limit = False
         self.conn = parent
         self.deadline = float("inf")  # when retiring: when to escalate
@@ -73,7 +74,8 @@ class WorkerHandle:
     def describe(self) -> dict[str, object]:
         """What `stats` shows of this worker."""
         return {"slot": self.slot, "device": self.placement.device, "state": str(self.state),
-                "generation": self.generation, "pid": self.pid, "job": self.job_id,
+                "generation": self.generation, "pid": self.pid, "jobs": list(self.jobs),
+                "streams": len(self.jobs), "max_streams": self.streams,
                 "segments_served": self.segments_served, **self.memory.to_dict()}
 
     @property
@@ -87,6 +89,11 @@ class WorkerHandle:
     @property
     def ready(self) -> bool:
         return self.state in (WorkerState.IDLE, WorkerState.BUSY)
+
+    @property
+    def free_streams(self) -> int:
+        """How many more segments it takes now: none unless it serves."""
+        return max(0, self.streams - len(self.jobs)) if self.ready else 0
 
     def set_state(self, state: WorkerState, **detail: object) -> None:
         if state == self.state:

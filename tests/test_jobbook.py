@@ -29,12 +29,17 @@ RATE = 100
 
 
 class FakeWorker:
-    def __init__(self, slot: int) -> None:
+    def __init__(self, slot: int, streams: int = 1) -> None:
         self.slot, self.generation = slot, 1
-        self.job_id: str | None = None
+        self.jobs: list[str] = []
+        self.streams = streams
         self.state = WorkerState.IDLE
         self.segments_served = 0
         self.sent: list[Any] = []
+
+    @property
+    def free_streams(self) -> int:
+        return self.streams - len(self.jobs)
 
     def send(self, message: Any) -> bool:
         self.sent.append(message)
@@ -253,3 +258,49 @@ def test_while_stopping_only_jobs_in_progress_get_segments(book: JobBook) -> Non
     running = book.ledger.get("new")
     assert isinstance(running, Running)
     assert not running.started
+
+
+def test_a_batched_worker_holds_several_segments_and_is_idle_after_the_last(
+        book: JobBook) -> None:
+    """A worker making two streams at once gets two jobs in one dispatch; their messages
+    interleave and go to their own jobs; it is freed (for a recycle) only once empty."""
+    sinks = {name: FakeSink() for name in ("a", "b", "c")}
+    for name, sink in sinks.items():
+        book.admit(_job(name), sink, ["one."], persisted=False)
+    worker = cast(WorkerHandle, FakeWorker(0, streams=2))
+    book.dispatch({0: worker}, 0.0, stopping=False, streams=2)
+    assert worker.jobs == ["a", "b"]
+    assert worker.state == WorkerState.BUSY
+    book.on_worker_message(worker, SegmentStarted("b", 0, "v", RATE, 1.0), 0.0)
+    book.on_worker_message(worker, SegmentStarted("a", 0, "v", RATE, 1.0), 0.0)
+    book.on_worker_message(worker, SegmentFinished("b", 0, 0, 0.1, 0.05), 0.0)
+    assert worker.jobs == ["a"]
+    assert worker.state == WorkerState.BUSY
+    assert not book.freed
+    book.on_worker_message(worker, SegmentFinished("a", 0, 0, 0.1, 0.05), 0.0)
+    assert worker.state is WorkerState.IDLE  # type: ignore[comparison-overlap]
+    assert book.freed == [worker]
+    assert [c.job_id for c in book.closed] == ["b", "a"]
+
+
+def test_a_lost_batched_worker_retries_every_segment_it_held(book: JobBook) -> None:
+    for name in ("a", "b"):
+        book.admit(_job(name), FakeSink(), ["one."], persisted=False)
+    worker = cast(WorkerHandle, FakeWorker(0, streams=2))
+    book.dispatch({0: worker}, 0.0, stopping=False, streams=2)
+    book.lost(worker, "exited", 0.0)
+    for name in ("a", "b"):
+        running = book.ledger.get(name)
+        assert running is not None
+        assert running.retry
+        assert running.holder is None
+    assert worker.jobs == []
+
+
+def test_batched_streams_raise_the_bound_on_jobs_in_progress(book: JobBook) -> None:
+    """`scheduling.max_active_jobs` (8) would leave half of a 16-stream worker empty."""
+    for n in range(12):
+        book.admit(_job(f"j{n}"), FakeSink(), ["one."], persisted=False)
+    worker = cast(WorkerHandle, FakeWorker(0, streams=16))
+    book.dispatch({0: worker}, 0.0, stopping=False, streams=16)
+    assert len(worker.jobs) == 12

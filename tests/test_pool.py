@@ -49,7 +49,7 @@ def test_two_workers_serve_two_jobs_at_once(make_daemon: DaemonFactory) -> None:
             daemon.drop(f"{name}.txt", "Take a while. SLOW@2.")
         both = wait_until(lambda: (w := client.stats()["workers"]) and
                           all(x["state"] == "busy" for x in w) and w, 30, "both busy at once")
-    assert len({worker["job"] for worker in both}) == 2
+    assert len({job for worker in both for job in worker["jobs"]}) == 2
     assert {worker["slot"] for worker in both} == {0, 1}
     for name in ("one", "two"):
         record = daemon.wait_done(f"{name}.txt")
@@ -71,7 +71,7 @@ def test_a_worker_killed_inside_a_job_retries_that_segment_only(
 
         def on_second_segment() -> int | None:
             for worker in client.stats()["workers"]:
-                if worker["job"] == job and client.status(job).get("segments_done") == 1:
+                if job in worker["jobs"] and client.status(job).get("segments_done") == 1:
                     return int(worker["pid"])
             return None
 

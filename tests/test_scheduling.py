@@ -6,7 +6,7 @@ import pytest
 
 from cosyvoiced import segments
 from cosyvoiced.placement import plan
-from cosyvoiced.scheduler import Assignment, Priority, Waiting, assign
+from cosyvoiced.scheduler import Assignment, Priority, Waiting, assign, places
 
 BULK, INTERACTIVE = Priority.BULK, Priority.INTERACTIVE
 TEXT = ("Hello there, my friend, how are you today? \"I am fine.\" Mr. Smith said so. "
@@ -95,6 +95,17 @@ def test_only_max_active_jobs_of_a_class_are_in_progress() -> None:
                _wait("chat", INTERACTIVE, 6.0)]
     assert assign(waiting, [0, 1, 2], {BULK: 2, INTERACTIVE: 0}, 2) == [
         Assignment("chat", 0), Assignment("going", 1)]
+
+
+def test_a_batched_worker_is_listed_once_per_free_stream_least_loaded_first() -> None:
+    """Slot 0 makes 4 streams and has 1 in hand, slot 1 has 4 free: new segments spread
+    over both before either fills, and the scheduler hands each place out once."""
+    order = places({0: 3, 1: 4}, {0: 1, 1: 0})
+    assert order == [1, 0, 1, 0, 1, 0, 1]
+    waiting = [_wait(f"j{n}", INTERACTIVE, float(n)) for n in range(9)]
+    chosen = assign(waiting, order, {}, 16)
+    assert [a.slot for a in chosen] == order
+    assert len({a.job_id for a in chosen}) == 7
 
 
 def test_workers_are_placed_interleaved_with_a_share_of_the_cores() -> None:

@@ -150,7 +150,9 @@ function workerCard(worker, canAct) {
   title.textContent = `Worker ${worker.slot}${worker.role === "spare" ? " (spare)" : ""} · ${worker.device}`;
   const facts = document.createElement("p");
   facts.textContent = `${worker.state}, pid ${worker.pid}, generation ${worker.generation}, ` +
-    `${worker.segments_served} segments served` + (worker.job ? `, job ${worker.job}` : "");
+    `${worker.segments_served} segments served` +
+    (worker.max_streams > 1 ? `, ${worker.streams}/${worker.max_streams} streams` : "") +
+    (worker.jobs && worker.jobs.length ? `, ${worker.jobs.length > 1 ? "jobs" : "job"} ${worker.jobs.join(", ")}` : "");
   card.append(title, facts);
   meterLine(card, "RSS", worker.rss_bytes, worker.rss_limit);
   if (worker.gpu_peak_bytes !== null && worker.gpu_peak_bytes !== undefined) {

@@ -95,6 +95,41 @@ class AlignedEngine(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class StreamOutput:
+    """What one step made for one open stream: an audio chunk at the stream's native rate,
+    its end (with its stages, if measured), or its failure (`JobFailure` for the request,
+    any other exception for an engine fault). A stream ends with exactly one `done` or
+    `error` output, unless it was closed first."""
+
+    stream_id: int
+    audio: AudioChunk | None = None
+    done: bool = False
+    error: Exception | None = None
+    stages: SegmentStages | None = None
+
+
+@runtime_checkable
+class MultiStreamEngine(Protocol):
+    """An engine that makes several segments at once on one loaded model (CosyVoice2/3's
+    batched decoder): the worker opens a stream per segment and steps them all together.
+    One with `max_streams` 1 is served one `synthesize` at a time, as any engine."""
+
+    max_streams: int
+
+    def open(self, request: SynthesisRequest) -> int:
+        """Start a segment; its id. Raises `JobFailure` for a request it cannot serve."""
+        ...
+
+    def close(self, stream_id: int) -> None:
+        """Drop a stream (cancelled): it is freed at the next step and says nothing more."""
+        ...
+
+    def step(self) -> list[StreamOutput]:
+        """Advance every open stream by one step (one token each, and any chunk due)."""
+        ...
+
+
 class EngineLoader(Protocol):
     def __call__(self, config: EngineConfig) -> Engine: ...
 

@@ -68,7 +68,7 @@ def instruct_model_dir(model_dir: Path, model_version: int) -> Path:
 def cosyvoice_daemon(root: Path, model: Path, engine: str = "cosyvoice",
                      log_level: str = "debug", worker: dict[str, Any] | None = None,
                      *, sections: dict[str, dict[str, Any]] | None = None,
-                     **load_options: bool) -> Daemon:
+                     **load_options: bool | int) -> Daemon:
     """A daemon serving `model` (not started); `sections` adds config sections."""
     # Only set keys are written: the CPU lane's configs stay as they were.
     devices = {"devices": [DEVICE]} if DEVICE else {}

@@ -12,12 +12,18 @@ sentence inject faults while that sentence is "synthesized":
     THREAD               start a thread that raises (as an engine library's may)
     KILL_DAEMON          SIGKILL the supervisor (this worker's parent), as a native crash
                          in the daemon would end it
+    FAIL_STREAM          raise: the segment fails (alone, in the batched tone engine)
+
+The batched tone engine (`load_batched`) makes up to 4 segments at once, as CosyVoice2/3's
+batched decoder does: each step makes the next sentence of every open stream, so a fault
+in one sentence holds every stream, as a batched step would.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import os
 import re
 import signal
@@ -33,7 +39,7 @@ import soundfile
 
 from cosyvoiced import logs
 from cosyvoiced.config import EngineConfig
-from cosyvoiced.engines import AudioChunk, SynthesisRequest, VoiceInfo
+from cosyvoiced.engines import AudioChunk, StreamOutput, SynthesisRequest, VoiceInfo
 from cosyvoiced.job import ErrorCode, JobFailure
 from cosyvoiced.prompt import read_prompt
 from cosyvoiced.speakers import STORED_RATE, SpeakerStore
@@ -88,6 +94,8 @@ class ToneEngine:
             self._leaked.append(np.ones(LEAK_BYTES, dtype=np.uint8))  # touched: resident
         if slow:
             time.sleep(float(slow.group(1)))
+        if "FAIL_STREAM" in sentence:
+            raise RuntimeError("this stream failed (a test double)")
         if "THREAD" in sentence:
             failing = threading.Thread(target=_fail, name="library-thread")
             failing.start()
@@ -100,6 +108,43 @@ def _fail() -> None:
 
 def load(config: EngineConfig) -> ToneEngine:
     return ToneEngine()
+
+
+class BatchedToneEngine(ToneEngine):
+    max_streams = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._streams: dict[int, Iterator[AudioChunk]] = {}
+        self._ids = itertools.count(1)
+
+    def open(self, request: SynthesisRequest) -> int:
+        if request.voice != "tone":
+            raise JobFailure(ErrorCode.UNKNOWN_VOICE, f"voice: {request.voice!r} is not "
+                             "available; choose one of: tone", "voice")
+        stream_id = next(self._ids)
+        self._streams[stream_id] = self.synthesize(request)
+        return stream_id
+
+    def close(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    def step(self) -> list[StreamOutput]:
+        outputs = []
+        for stream_id, chunks in list(self._streams.items()):
+            try:
+                outputs.append(StreamOutput(stream_id, audio=next(chunks)))
+            except StopIteration:
+                del self._streams[stream_id]
+                outputs.append(StreamOutput(stream_id, done=True))
+            except RuntimeError as error:
+                del self._streams[stream_id]
+                outputs.append(StreamOutput(stream_id, error=error))
+        return outputs
+
+
+def load_batched(config: EngineConfig) -> BatchedToneEngine:
+    return BatchedToneEngine()
 
 
 def placed(config: EngineConfig) -> ToneEngine:
