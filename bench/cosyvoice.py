@@ -175,10 +175,11 @@ def configured_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int |
         worker["devices"] = [DEVICE]
     if per_device is not None:
         worker["per_device"] = per_device
-    batching: dict[str, int] = {} if max_streams is None else {"max_streams": max_streams}
     # The package's CosyVoice loads TorchScript parts by default; these models have none.
-    return cosyvoice_daemon(root, model_dir, log_level="info", worker=worker, fp16=fp16,
-                            load_jit=False, **batching)
+    options: dict[str, Any] = {"fp16": fp16, "load_jit": False}
+    if max_streams is not None:
+        options["max_streams"] = max_streams
+    return cosyvoice_daemon(root, model_dir, log_level="info", worker=worker, **options)
 
 
 def start_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int | None = None,
