@@ -24,6 +24,7 @@ from cosyvoiced import logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.limits import Throttled
+from cosyvoiced.intake.service import IntakeService
 from cosyvoiced.job import (
     REPLY_FORMATS,
     SINK_REPLY,
@@ -49,33 +50,14 @@ MAX_BUFFERED_BYTES = 64 << 20  # per client: about 12 minutes of 22 kHz float32 
 log = logs.get_logger("cosyvoiced.intake.reply")
 
 
-class Service(Protocol):
+class Service(IntakeService, Protocol):
     """What a reply intake needs from the supervisor (read on the supervisor's thread)."""
 
-    ready: bool
     stopping: bool
-    voices: list[VoiceInfo]
-    engine_name: str
     engine_features: frozenset[str]
     limits: Limits
 
     def queue_full(self) -> bool: ...
-
-    def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
-
-    def registration_refusal(self, name: Any, prompt_text: Any,
-                             language: Any = ...) -> JobError | None: ...
-
-    def store_voice(self, name: Any, prompt_text: Any, audio_flac: bytes,
-                    language: Any = ...) -> VoiceInfo | JobError: ...
-
-    def remove_voice(self, name: str) -> bool: ...
-
-    def refusal(self, identity: Identity) -> JobError | None: ...
-
-    def enqueue(self, job: Job) -> None: ...
-
-    def cancel(self, job_id: str, identity: Identity = ...) -> bool: ...
 
 
 # -- what a job's handler hears, in order: Started, Chunk..., then one ending event --------

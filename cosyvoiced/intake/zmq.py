@@ -38,6 +38,7 @@ from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.reply import unknown_voice, voice_names
+from cosyvoiced.intake.service import IntakeService
 from cosyvoiced.job import (
     PCM_FORMAT,
     REPLY_FORMATS,
@@ -100,35 +101,15 @@ class PromptRead:
 PromptReader = Callable[[bytes], "Future[bytes]"]
 
 
-class Service(Protocol):
+class Service(IntakeService, Protocol):
     """What the ZeroMQ ops need from the supervisor."""
 
-    ready: bool
-    voices: list[VoiceInfo]
-    engine_name: str
-
-    def refusal(self, identity: Identity) -> JobError | None: ...
-
     def is_admin_token(self, token: Any) -> bool: ...
-
-    def enqueue(self, job: Job) -> None: ...
 
     def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None,
                identity: Identity = ...) -> Job: ...
 
-    def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
-
-    def registration_refusal(self, name: Any, prompt_text: Any,
-                             language: Any = ...) -> JobError | None: ...
-
-    def store_voice(self, name: Any, prompt_text: Any, audio_flac: bytes,
-                    language: Any = ...) -> VoiceInfo | JobError: ...
-
-    def remove_voice(self, name: str) -> bool: ...
-
     def job_status(self, job_id: str, identity: Identity = ...) -> dict[str, Any] | None: ...
-
-    def cancel(self, job_id: str, identity: Identity = ...) -> bool: ...
 
     def stats(self, identity: Identity = ...) -> dict[str, Any]: ...
 

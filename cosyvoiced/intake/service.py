@@ -1,0 +1,33 @@
+"""The part of the daemon's one service that every network intake calls: admission, the
+queue, cancelling, and the voice store. Each intake's own `Service` protocol adds what it
+alone needs; `cosyvoiced.service.Service` implements them all."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from cosyvoiced.clients import Identity
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.job import Job, JobError
+
+
+class IntakeService(Protocol):
+    ready: bool
+    voices: list[VoiceInfo]
+    engine_name: str
+
+    def refusal(self, identity: Identity) -> JobError | None: ...
+
+    def enqueue(self, job: Job) -> None: ...
+
+    def cancel(self, job_id: str, identity: Identity = ...) -> bool: ...
+
+    def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
+
+    def registration_refusal(self, name: Any, prompt_text: Any,
+                             language: Any = ...) -> JobError | None: ...
+
+    def store_voice(self, name: Any, prompt_text: Any, audio_flac: bytes,
+                    language: Any = ...) -> VoiceInfo | JobError: ...
+
+    def remove_voice(self, name: str) -> bool: ...
