@@ -1,6 +1,6 @@
 """First audio over HTTP streaming and over Wyoming, against ZeroMQ, in one run.
 
-    .venv/bin/python bench/intakes.py [--sentences 40]
+    .venv/bin/python bench/intakes.py [--sentences 40] [--streamed-only]
 
 One daemon listens on all three. For each sentence, in an order that rotates so none
 always goes first: ZeroMQ `synthesize` streamed (request sent -> first PCM frame), HTTP
@@ -16,9 +16,9 @@ TOKENS_PER_S. First audio is timed from the text's first token. Its target: at m
 moment the first sentence's last token was sent, plus that sentence's synthesis (ZeroMQ's
 first audio for it alone, asked in the same rotation), plus WS_TARGET_MS. Twice: with
 `flush: true` on the token that ends the sentence (as LiveKit's plugin sends each sentence
-its tokenizer found), and without (the daemon's splitter finds the end; it knows a sentence
-has ended only once the next token begins: one token's interval more). Prints one JSON
-object.
+its tokenizer found), and without (the daemon's splitter finds the end: a "." after a plain
+word, "!" or "?" it knows at once to be one, as these texts' sentences end).
+`--streamed-only` runs this part alone (with its ZeroMQ baseline). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def no_result_cache() -> dict[str, dict[str, Any]]:
     return {"cache": {"max_bytes": 0}} if "cache" in {f.name for f in fields(Config)} else {}
 
 
-def run(count: int) -> dict[str, Any]:
+def run(count: int, streamed_only: bool = False) -> dict[str, Any]:
     texts = sentences(count)
     http_port, wyoming_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="cvd-bench-") as root:
@@ -216,6 +216,8 @@ def run(count: int) -> dict[str, Any]:
                     "http_mp3": lambda text: speech(text, "mp3"),
                     "wyoming": wyoming,
                 }
+                if streamed_only:
+                    asks = {}
                 # The streamed texts' first sentences; those asks get the streamed text.
                 streamed_asks: dict[str, Callable[[str], tuple[float, float]]] = {
                     "zmq_first_sentence": lambda text: streamed_timing(
@@ -227,22 +229,25 @@ def run(count: int) -> dict[str, Any]:
                     ask(texts[0])
                 for streamed_ask in streamed_asks.values():
                     streamed_ask(streamed[0])
-                timed = _rotated(asks, texts)
+                timed = _rotated(asks, texts) if asks else {}
                 timed.update(_rotated(streamed_asks, streamed))
                 speech.close()
                 wyoming.close()
                 socket.close()
         finally:
             daemon.stop()
-    zmq = timed["zmq"]
-    return {
-        "benchmark": "intakes", "sentences": count, "cpus": os.cpu_count(),
-        "target_ms": TARGET_MS,
-        "zmq": {"first_audio": summary_ms([t[0] for t in zmq]),
-                "end": summary_ms([t[1] for t in zmq])},
-        "http_wav": _report("http (wav)", timed["http_wav"], zmq),
-        "http_mp3": _report("http (mp3)", timed["http_mp3"], zmq),
-        "wyoming": _report("wyoming", timed["wyoming"], zmq),
+    report: dict[str, Any] = {"benchmark": "intakes", "sentences": count,
+                              "cpus": os.cpu_count()}
+    if not streamed_only:
+        zmq = timed["zmq"]
+        report |= {
+            "target_ms": TARGET_MS,
+            "zmq": {"first_audio": summary_ms([t[0] for t in zmq]),
+                    "end": summary_ms([t[1] for t in zmq])},
+            "http_wav": _report("http (wav)", timed["http_wav"], zmq),
+            "http_mp3": _report("http (mp3)", timed["http_mp3"], zmq),
+            "wyoming": _report("wyoming", timed["wyoming"], zmq)}
+    return report | {
         "streamed_text": {
             "tokens_per_s": TOKENS_PER_S, "target_ms": WS_TARGET_MS,
             "synthesis": summary_ms([t[0] for t in timed["zmq_first_sentence"]]),
@@ -268,8 +273,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=40)
+    parser.add_argument("--streamed-only", action="store_true",
+                        help="only text streamed in over the WebSocket, against ZeroMQ")
     args = parser.parse_args()
-    print(json.dumps(run(args.sentences), indent=2))
+    print(json.dumps(run(args.sentences, args.streamed_only), indent=2))
     return 0
 
 

@@ -3,7 +3,8 @@
 The console's handlers run on the HTTP loop thread and never touch the job book or the
 pool: they ask the tick (`ReplyIntake.ask`) to run the functions here against the service,
 which is what every intake sees. `snapshot` is the board: the jobs in hand from every
-intake, the last ended ones, the workers against their limits, the cache and the cluster.
+intake, the last ended ones, the workers against their limits, the cache, the cluster
+and its hosts (roster.py).
 The actions go down the daemon's own paths: a recycle is the pool's (as for memory: its
 segment finishes first, the job goes on with the next worker), a reload is SIGHUP.
 Who may do what is `rights`, a pure decision.
@@ -41,6 +42,10 @@ class _Figures(Protocol):
     def figures(self) -> dict[str, Any] | None: ...
 
 
+class _Hosts(Protocol):
+    def hosts(self, now: float) -> list[dict[str, Any]]: ...
+
+
 class Daemon(Protocol):
     """What the board reads of the service (service.Service)."""
 
@@ -55,6 +60,9 @@ class Daemon(Protocol):
 
     @property
     def sharing(self) -> _Figures | None: ...
+
+    @property
+    def roster(self) -> _Hosts | None: ...
 
     @property
     def engine_name(self) -> str: ...
@@ -112,6 +120,7 @@ def snapshot(daemon: Daemon, identity: Identity) -> dict[str, Any]:
         "workers": [] if pool is None else workers(pool, daemon.config),
         "cache": daemon.cache.figures(),
         "cluster": None if daemon.sharing is None else daemon.sharing.figures(),
+        "hosts": None if daemon.roster is None else daemon.roster.hosts(time.monotonic()),
     }
 
 

@@ -59,6 +59,10 @@ class Keys:
         instead of sharing it a second time."""
         return f"{self.prefix}:job:{host}:{job_id}"
 
+    def hosts(self) -> str:
+        """The roster: every host's figures, a stream entry every few seconds (roster.py)."""
+        return f"{self.prefix}:hosts"
+
 
 @dataclass(frozen=True)
 class SharedJob:

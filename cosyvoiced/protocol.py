@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from cosyvoiced.job import ErrorCode, JobError
+from cosyvoiced.untrusted import NotJSON, json_value
 
 VERSION = 1
 
@@ -162,15 +163,10 @@ def parse(route: tuple[bytes, ...], body: list[bytes], limits: Limits) -> Reques
 
 
 def _load_header(raw: bytes) -> Any:
-    """The JSON value of frame 0; any failure is the sender's: a `ProtocolError`.
-
-    Untrusted bytes can make `json` fail in ways other than JSONDecodeError: nesting too
-    deep for the parser (RecursionError), an integer of more than 4300 digits (ValueError),
-    bytes that are not a bytes-like frame at all (TypeError). None of them may escape.
-    """
+    """The JSON value of frame 0; any failure is the sender's: a `ProtocolError`."""
     try:
-        header = json.loads(bytes(raw).decode("utf-8"))
-    except Exception as error:  # noqa: BLE001 - see above: every failure is the sender's
+        header = json_value(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, TypeError, NotJSON) as error:
         raise ProtocolError(WireCode.BAD_REQUEST, "frame 0: not a UTF-8 JSON header "
                             f"({type(error).__name__}: {_shortened(error)})") from None
     if _nested_deeper_than(header, MAX_HEADER_DEPTH):

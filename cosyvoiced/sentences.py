@@ -4,9 +4,12 @@
 
 A sentence ends after . ! ? ... with any closing quotes or brackets, where whitespace
 follows; after a CJK full stop, exclamation or question mark, with nothing needed after it;
-and at a blank line. It does not end after an abbreviation ("Dr.", "U.S.", "e.g."), before
-a lowercase word ("3 p.m. yesterday"), after a list number at a line's start ("1. First"),
-or where the cut would part an engine tag from its word (`CutRules`).
+and at a blank line. It does not end after an abbreviation ("Dr.", "U.S.", "e.g."), after a
+list number at a line's start ("1. First"), or where the cut would part an engine tag from
+its word (`CutRules`). Nor before a lowercase word ("3 p.m. yesterday", "approx. five",
+"'Run!' he said"), unless the stop is one that the text before it already shows to be an end
+(`certain_stop`): ! ? or a CJK stop with no closing quote after it, or a "." after a plain
+word. Those a stream hands out at once, without waiting for the next character.
 
 Why not `sentence-stream` (wyoming-piper's splitter): it hands back edited text (stripped,
 asterisks removed), not places in the text, and `segments` needs places: its segments tile
@@ -40,6 +43,20 @@ _ABBREVIATION = re.compile(rf"(?<![^\s(\[\"'\u201c\u2018\]>{_CJK_STOPS}{_CJK_CLO
                            r"(?:(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs|etc|No)\.|(?:[A-Za-z]\.){2,})$",
                            re.IGNORECASE)
 _ABBREVIATION_REACH = 40  # characters before a full stop that _ABBREVIATION looks at
+_WORD_START = rf"\s(\[\"'\u201c\u2018\]>{_CJK_STOPS}{_CJK_CLOSERS}"  # what a word follows
+_WORD_BEFORE = re.compile(rf"[^{_WORD_START}]{{0,{_ABBREVIATION_REACH}}}$")
+# A plain word: two letters or more, apostrophes and hyphens only inside. After one, a "." is
+# an end: it is not a number ("3.14"), an initialism ("U.S."), a URL or an abbreviation...
+_PLAIN_WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
+# ...unless it is one of these shortened words, which may go on in lowercase ("approx. five").
+_SHORTENED = frozenset({
+    "mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "no", "approx", "incl",
+    "excl", "esp", "cf", "viz", "ca", "al", "resp", "fig", "figs", "vol", "vols", "eq", "eqs",
+    "pp", "ch", "ed", "eds", "inc", "ltd", "co", "corp", "dept", "est", "min", "max", "sec",
+    "hr", "hrs", "km", "cm", "mm", "kg", "lb", "lbs", "oz", "ft", "mt", "ave", "rd", "gen",
+    "col", "lt", "sgt", "rev", "gov", "sen", "rep", "hon", "jan", "feb", "mar", "apr", "jun",
+    "jul", "aug", "sep", "sept", "oct", "nov", "dec"})
+_STOPS_AT_ONCE = "!?" + _CJK_STOPS
 _LIST_NUMBER = re.compile(r"(?:^|\n)[ \t]*\d{1,3}\.$")  # "1." that starts a line
 _LIST_NUMBER_REACH = 8
 MAX_STREAMED_CHARS = 1000  # streamed text with no sentence end for this long is cut anyway
@@ -95,7 +112,25 @@ class CutRules:
         number = _LIST_NUMBER.search(self.text, max(0, stop - _LIST_NUMBER_REACH), stop)
         if number and (number.group().startswith("\n") or self.line_start):
             return False
+        no_closer = not match.group()[:1].strip()  # a closing quote may go on: "'Run!' he"
+        if no_closer and certain_stop(self.text, stop - 1):
+            return True
         return not self.text[match.end():match.end() + 1].islower()
+
+
+def certain_stop(text: str, stop: int) -> bool:
+    """Whether the stop at `text[stop]` ends its sentence whatever comes after it (but a
+    closing quote): ! ? a CJK stop, or a "." after a plain word that is not a shortened one.
+    "3.", "U.", "p.m.", "Dr." and "approx." wait for the next character."""
+    mark = text[stop]
+    if mark in _STOPS_AT_ONCE:
+        return True
+    if mark != ".":
+        return False
+    word = _WORD_BEFORE.search(text, max(0, stop - _ABBREVIATION_REACH), stop)
+    found = word.group() if word else ""
+    return len(found) >= 2 and bool(_PLAIN_WORD.fullmatch(found)) \
+        and found.lower() not in _SHORTENED
 
 
 def end_of_word_before(text: str, position: int) -> int:
@@ -139,12 +174,17 @@ class SentenceSplitter:
     each is known to be complete: `feed` returns the sentences its text completed,
     `flush` the rest at the end of the stream. Joined, they are the text fed in.
 
-    A sentence end is known once the first character after it has come: that tells a
-    new sentence from "3 p.m. yesterday", and a CJK full stop from one with a closing
-    quote still to come. An engine tag or pause that begins there is waited for whole.
-    Text with no sentence end for `max_chars` is cut at its last space, clause or not.
-    For texts under `max_chars` a sentence at a time, the sentences are the same as
-    `sentence_spans` finds in the whole text, however the text was cut into pieces.
+    A sentence that ends the text fed so far with a `certain_stop` ("Hello there!",
+    "你好。", "It is late.") comes out of that very `feed`, unless a quote, bracket or tag
+    it opened is still open (its closing mark may come next). Any other end is known once
+    the first character after it has come: that tells a new sentence from "3 p.m.
+    yesterday" or "3.14", and an end from "Dr. Smith". An engine tag or pause that begins
+    there is waited for whole. Text with no sentence end for `max_chars` is cut at its last
+    space, clause or not. For texts under `max_chars` a sentence at a time, the sentences
+    are those `sentence_spans` finds in the whole text, however the text was cut into
+    pieces, but for where the whitespace between two goes (a sentence handed out at once
+    leaves it to the next), and but for a text that goes on right after a certain stop
+    with no space ("site.com" fed as "site." "com") or with a closing mark it never opened.
     """
 
     def __init__(self, max_chars: int = MAX_STREAMED_CHARS) -> None:
@@ -192,11 +232,16 @@ class SentenceSplitter:
         cuts: list[int] = []
         for match in SENTENCE_END.finditer(text):
             end = match.end()
-            if end >= len(text) or _tag_incomplete(text, end):
+            if end >= len(text):
                 break  # what follows decides; it has not come yet
+            if _tag_incomplete(text, end):
+                return cuts  # the tag decides; it has not come whole
             rules = rules or CutRules(text, line_start=self._line_start)
-            if end > (cuts[-1] if cuts else 0) and rules.ends_sentence(match):
-                cuts.append(end)
+            start = cuts[-1] if cuts else 0
+            if end > start and not text[start:end].isspace() and rules.ends_sentence(match):
+                cuts.append(end)  # (whitespace left by a sentence handed out at once waits)
+        if len(text) == len(self._text) and _ends_now(text, cuts[-1] if cuts else 0):
+            cuts.append(len(text))
         return cuts
 
     def _forced_cut(self) -> int:
@@ -210,6 +255,30 @@ class SentenceSplitter:
                 return at
         return next((at for at in range(self.max_chars, len(window)) if rules.may_force(at)),
                     len(window))
+
+
+def _ends_now(text: str, start: int) -> bool:
+    """Whether the sentence from `start` ends where `text` does (but for whitespace), with a
+    `certain_stop` and nothing opened in it that a closing mark still to come would end."""
+    body = text.rstrip()
+    return len(body) > start and certain_stop(body, len(body) - 1) \
+        and not _left_open(body[start:]) and CutRules(text[start:]).may_cut(len(text) - start)
+
+
+_PAIRS = ("()", "[]", "\u201c\u201d", "\u300c\u300d", "\u300e\u300f", "\uff08\uff09",
+          "\u300a\u300b", "\u3010\u3011")
+_SINGLE_OPENING = re.compile(r"(?:^|(?<=[\s(\[\"\u201c]))'(?=\S)|\u2018")
+_SINGLE_CLOSING = re.compile(r"(?<=\S)['\u2019](?![^\W_])")  # not an apostrophe: "don't"
+_OPENING_TAG = re.compile(r"<[a-z][a-z0-9_]{0,15}>")
+_CLOSING_TAG = re.compile(r"</[a-z][a-z0-9_]{0,15}>")
+
+
+def _left_open(sentence: str) -> bool:
+    """Whether a quote, bracket or tag opened in `sentence` is not closed in it."""
+    return sentence.count('"') % 2 == 1 \
+        or any(sentence.count(pair[0]) > sentence.count(pair[1]) for pair in _PAIRS) \
+        or len(_SINGLE_OPENING.findall(sentence)) > len(_SINGLE_CLOSING.findall(sentence)) \
+        or len(_OPENING_TAG.findall(sentence)) > len(_CLOSING_TAG.findall(sentence))
 
 
 def _tag_incomplete(text: str, position: int) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from cosyvoiced import clients, clusterwire, logs
+from cosyvoiced import clients, clusterwire, logs, roster
 from cosyvoiced import segments as text_segments
 from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
@@ -39,6 +39,7 @@ from cosyvoiced.metrics import Metrics
 from cosyvoiced.policy import MAX_ATTEMPTS
 from cosyvoiced.pool import WorkerPool
 from cosyvoiced.resultcache import ResultCache
+from cosyvoiced.roster import Roster
 from cosyvoiced.sharing import Sharing
 from cosyvoiced.speakers import SpeakerStore, check_language, check_name, check_prompt_text
 from cosyvoiced.spool import Claimed, Spool
@@ -92,6 +93,7 @@ class Service:
         self.limits = Limits(config.spool.max_text_chars, config.spool.default_format,
                              config.spool.normalize)
         self.sharing: Sharing | None = None  # set once built: it is given this service
+        self.roster: Roster | None = None  # the cluster's hosts (start_cluster)
         self.pool: WorkerPool | None = None  # the workers (set by the supervisor), read here
         self.ready = False
         self.stopping = False
@@ -133,6 +135,31 @@ class Service:
         self.cache.configure(config)  # a changed engine or model invalidates entries
         self.intakes.zmq.settings = config.zmq
         self.intakes.zmq.reload_keys()  # authorized client keys may have changed on disk
+
+    # -- the cluster: its job threads (sharing.py) and its roster of hosts (roster.py) -----
+    def start_cluster(self) -> None:
+        self.cluster.start()
+        self.roster = roster.of_cluster(self.cluster)
+        if self.roster is not None:
+            self.roster.start()
+
+    def stop_cluster(self) -> None:
+        """After the outcomes of the jobs served for others have gone: this host says it
+        stopped last."""
+        self.cluster.stop()
+        if self.roster is not None:
+            self.roster.stop(self._host_figures())
+
+    def roster_note(self, now: float) -> None:
+        """This host's state and figures, for the other hosts' consoles (each tick)."""
+        if self.roster is not None:
+            state = "stopping" if self.stopping else "ready" if self.ready else "starting"
+            self.roster.note(now, state, self._host_figures)
+
+    def _host_figures(self) -> dict[str, Any]:
+        workers = 0 if self.pool is None else len(self.pool.workers())
+        return roster.host_figures(self.ledger, engine=self.engine_name, workers=workers,
+                                   idle=self.idle(), for_others=len(self.cluster.sinks))
 
     def settle(self) -> None:
         """What the job book recorded, to the parts that act on it: a closed job's prompts,

@@ -14,7 +14,7 @@ Signal handlers only record the signal. One tick acts, always in this order:
 8. what the job book recorded, drained: closed jobs to the metrics, spool and cluster,
    started ones to the cluster, freed workers to the pool;
 9. jobs wanted from the cluster (sharing.offer);
-10. inbox rescan, stop progress, STATUS= and WATCHDOG=1.
+10. inbox rescan, stop progress, STATUS=, WATCHDOG=1, the cluster's roster (roster.py).
 Because the watchdog ping comes from the tick, a supervisor that stops ticking stops
 pinging, and systemd restarts it.
 """
@@ -122,13 +122,13 @@ class Supervisor:
                 worker.kill_now()
             return EXIT_LISTEN
         self.inbox.start()
-        self.sharing.start()
+        self.service.start_cluster()
         while self.exit_code is None:
             self.tick(time.monotonic())
             if self.exit_code is None:
                 self._wait(self._timeout(time.monotonic()))
         self.service.settle()
-        self.sharing.stop()  # after the outcomes of the jobs served for others have gone
+        self.service.stop_cluster()  # after the outcomes of the jobs served for others
         self.encoder.stop(ENCODER_STOP_S)
         for intake in (self.zmq, self.http, self.wyoming):
             intake.stop()
@@ -287,6 +287,7 @@ class Supervisor:
             self.notifier.watchdog(now)
             self.metrics.watchdog_pings.inc()
         report.publish(self.metrics, self.book.ledger, self.pool)
+        self.service.roster_note(now)
 
     def _snapshot(self) -> report.Snapshot:
         return report.Snapshot(

@@ -3,12 +3,18 @@ test_console.py)."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
-from cosyvoiced import board, clients
+from cosyvoiced import board, clients, roster
 from cosyvoiced.logring import LogRing
+from tests.daemon import wait_until
+from tests.redisserver import RedisServer, needs_redis
 
 
 def test_without_keys_the_loopback_operator_may_do_everything() -> None:
@@ -57,3 +63,64 @@ def test_the_log_ring_keeps_the_last_lines_and_tells_its_listeners() -> None:
     told.clear()
     _record(ring, "line 6")
     assert not told.is_set()
+
+
+# -- the cluster's hosts (roster.py) ---------------------------------------------------------
+def _entry(at_ms: int, host: str, **figures: Any) -> tuple[str, dict[bytes, bytes]]:
+    return f"{at_ms}-0", {key.encode(): value
+                          for key, value in roster.entry_fields(host, figures).items()}
+
+
+def test_the_roster_keeps_each_host_s_latest_figures_and_skips_what_is_not_ours() -> None:
+    known = roster.fold({}, [_entry(1000, "b", state="starting"),
+                             _entry(1500, "c", state="ready", idle=2),
+                             ("1600-0", {b"host": b"x"}),  # no figures: another version's
+                             ("1700-0", {b"host": b"y", b"figures": b"not json"}),
+                             ("1800-0", {b"host": b"z", b"figures": b"[1]"})])
+    known = roster.fold(known, [_entry(2000, "b", state="ready", idle=1)])
+    assert known == {"b": roster.Seen(2000, {"state": "ready", "idle": 1}),
+                     "c": roster.Seen(1500, {"state": "ready", "idle": 2})}
+
+
+def test_the_hosts_are_this_one_first_then_the_others_alive_lost_or_stopped() -> None:
+    now_ms = 1_000_000.0
+    lost_ms = now_ms - (roster.LOST_AFTER_S + 1) * 1000
+    known = {"a": roster.Seen(int(now_ms - 60_000), {"state": "starting"}),  # this host's, old
+             "d": roster.Seen(int(now_ms - 1500), {"state": "ready", "idle": 0}),
+             "c": roster.Seen(int(lost_ms), {"state": "ready"}),
+             "b": roster.Seen(int(now_ms - 2000), {"state": roster.STOPPED}),
+             "old": roster.Seen(int(now_ms - (roster.FORGET_S + 1) * 1000), {"state": "ready"})}
+    rows = roster.rows(known, "a", {"state": "ready", "idle": 1}, now_ms)
+    assert [(row["name"], row["me"], row["alive"], row["seen_s_ago"]) for row in rows] == [
+        ("a", True, True, 0), ("b", False, False, 2),
+        ("c", False, False, round(roster.LOST_AFTER_S + 1)), ("d", False, True, 2)]
+    assert rows[0]["state"] == "ready"  # this host as its tick has it now
+    assert rows[0]["idle"] == 1
+    # Before the first read, this host alone.
+    assert [row["name"] for row in roster.rows({}, "a", {}, 0)] == ["a"]
+
+
+@needs_redis
+def test_rosters_on_one_redis_see_each_other_and_a_stop(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", aof=False) as server:
+        rosters = {name: roster.Roster(name, "cosyvoiced:hosts",
+                                       lambda: server.client(decode_responses=False))
+                   for name in "ab"}
+        for name, member in rosters.items():
+            member.start()
+            member.note(0.0, "ready", functools.partial(dict, engine=name))
+        rounds = itertools.count(1)
+
+        def seen_by_a() -> list[tuple[str, bool, str]]:
+            """a's view after one more of its rounds (one every PUBLISH_S)."""
+            rosters["a"].note(next(rounds) * roster.PUBLISH_S, "ready", dict)
+            return [(row["name"], row["alive"], row["state"])
+                    for row in rosters["a"].hosts(time.monotonic())]
+
+        wait_until(lambda: seen_by_a() == [("a", True, "ready"), ("b", True, "ready")], 10,
+                   "a to see b")
+        assert rosters["a"].hosts(time.monotonic())[1]["engine"] == "b"
+        rosters["b"].stop({"engine": "b"})
+        wait_until(lambda: seen_by_a() == [("a", True, "ready"), ("b", False, roster.STOPPED)],
+                   10, "a to see b stopped")
+        rosters["a"].stop({})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from playwright.sync_api import Browser, Locator, Page, sync_playwright
 
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, wait_until
+from tests.redisserver import RedisServer, redis_server_fixture  # noqa: F401
 
 CHROMIUM = ("chromium", "chromium-browser")  # Debian's, then Ubuntu's name
 SCREENSHOTS_ENV = "COSYVOICED_SCREENSHOTS"
@@ -255,6 +257,7 @@ def test_the_recycle_button_replaces_the_worker_and_loses_no_job(
     page.wait_for_function("document.querySelector(\"#worker-list article[data-slot='0']\")"
                            "?.dataset.state === 'idle'", timeout=WAIT_MS)
     before = card.get_attribute("data-pid")
+    assert not page.locator("#hosts").is_visible()  # no cluster: no hosts
     _shot(page, shots, "workers")
     text = " ".join(f"Part {n} SLOW@0.4 now." for n in range(5))
     daemon.drop("busy.txt", text)
@@ -338,6 +341,42 @@ def test_the_page_fits_a_phone_and_works_behind_a_proxy_sub_path(
     sources = page.evaluate("[...document.querySelectorAll('script[src], link[href]')]"
                             ".map(e => e.getAttribute('src') || e.getAttribute('href'))")
     assert all(not s.startswith(("/", "http")) for s in sources), sources
+
+
+def test_the_workers_view_lists_the_cluster_s_hosts(
+        make_daemon: DaemonFactory, browser: Browser, shots: Path,
+        redis_server: RedisServer) -> None:
+    cluster = {"redis": redis_server.url, "claim_idle_s": 3.0}
+    a = _daemon(make_daemon, "a", cluster=cluster | {"name": "a"})
+    b = _daemon(make_daemon, "b", cluster=cluster | {"name": "b"})
+    page = _open(browser, a)
+    _live(page)
+    _tab(page, "Workers")
+    hosts = page.get_by_role("table", name="Hosts in the cluster, this one first")
+    for name in ("a", "b"):  # b's entry says ready within a few seconds of b's start
+        hosts.locator(f"tbody tr[data-id='{name}'][data-alive='true']",
+                      has_text="ready").wait_for(timeout=WAIT_MS)
+    rows = hosts.locator("tbody tr")
+    assert rows.count() == 2
+    # This host first, and marked; each row headed by its host's name, with its figures.
+    assert rows.nth(0).get_attribute("data-me") == "true"
+    assert rows.nth(0).get_by_role("rowheader").text_content() == "a"
+    assert rows.nth(0).locator("td").nth(0).text_content() == "ready (this host)"
+    other = rows.nth(1).locator("td")
+    assert rows.nth(1).get_by_role("rowheader").text_content() == "b"
+    assert (other.nth(0).text_content() or "").startswith("ready, seen ")
+    assert other.nth(1).text_content() == "faulty"  # the engine, as the daemon names it
+    assert other.nth(2).text_content() == "1 (1 free)"
+    _shot(page, shots, "workers-cluster")
+    page.set_viewport_size({"width": 360, "height": 900})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    _shot(page, shots, "narrow-workers-cluster")
+    # A host that stops says so, and the console of the other shows it.
+    b.signal(signal.SIGTERM)
+    assert b.wait_exit() == 0
+    stopped = hosts.locator("tbody tr[data-id='b'][data-alive='false']")
+    stopped.wait_for(timeout=WAIT_MS)
+    assert (stopped.locator("td").nth(0).text_content() or "").startswith("stopped, ")
 
 
 def _get(daemon: Daemon, path: str) -> int:

@@ -281,22 +281,28 @@ def test_a_bad_handshake_is_refused_with_its_reason(daemon: Daemon, voice: str, 
     assert body["detail"]["status"] == code
 
 
-@pytest.mark.parametrize("query", ["auto_mode=true", "auto_mode=false"])
-def test_in_auto_mode_each_message_is_spoken_at_once(daemon: Daemon, query: str) -> None:
+@pytest.mark.parametrize(("query", "text", "at_once"), [
+    ("auto_mode=true", "The kettle boils at 100.", True),
+    # Without auto_mode, a sentence whose end is certain is spoken at once too...
+    ("auto_mode=false", "The kettle is on.", True),
+    # ...but not one whose "." the next character may undo ("100.5"): it waits for more.
+    ("auto_mode=false", "The kettle boils at 100.", False)])
+def test_in_auto_mode_each_message_is_spoken_at_once(daemon: Daemon, query: str, text: str,
+                                                     at_once: bool) -> None:
     async def first_reply() -> dict[str, Any] | None:
         async with aiohttp.ClientSession() as session:
             ws = await _socket(daemon, session, "multi-stream-input",
                                f"output_format=pcm_16000&{query}&inactivity_timeout=5")
             await ws.send_json({"text": " ", "context_id": "a"})
-            # A whole sentence, and nothing after it that would show that it has ended.
-            await ws.send_json({"text": "The kettle is on.", "context_id": "a"})
+            # A whole sentence, and nothing after it.
+            await ws.send_json({"text": text, "context_id": "a"})
             async for reply in _replies(ws):
                 return reply
             return None
 
     reply = asyncio.run(first_reply())
     assert reply is not None
-    if query == "auto_mode=true":
+    if at_once:
         assert reply.get("audio"), reply
     else:  # the end of the sentence is not known: nothing is said until the socket idles
         assert reply["error"] == "input_timeout_exceeded"

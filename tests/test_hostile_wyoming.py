@@ -169,7 +169,8 @@ def test_connections_over_max_connections_are_refused_at_once(daemon: Daemon) ->
 
 
 def test_max_pending_per_client_is_the_setting(daemon: Daemon) -> None:
-    sentences = ["The first one is slow SLOW@2. ", "Second. ", "Third. ", "Fourth. "]
+    # Each ends unambiguously, so each is a job of its own as it arrives.
+    sentences = ["The first one is slow SLOW@2 here. ", "Second. ", "Third. ", "Fourth. "]
 
     async def flood() -> list[Event]:
         async with AsyncTcpClient(*_address(daemon)) as client:

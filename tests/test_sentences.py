@@ -37,6 +37,12 @@ def streamed(text: str, pieces: list[int]) -> list[str]:
     return said + splitter.flush()
 
 
+def trimmed(said: list[str]) -> list[str]:
+    """Sentences without the whitespace between them, which a sentence handed out as soon
+    as its stop came leaves to the next one."""
+    return [sentence.strip() for sentence in said if sentence.strip()]
+
+
 def token_by_token(text: str) -> list[tuple[int, list[str]]]:
     """What each one-character feed gave back (an LLM's tokens at their smallest)."""
     splitter = SentenceSplitter()
@@ -89,31 +95,76 @@ def test_whole_text_sentences(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_streamed_text_is_cut_where_the_whole_text_is(name: str) -> None:
     text, expected = CASES[name]
-    assert streamed(text, [1] * len(text)) == expected  # a character at a time
-    assert streamed(text, [3, 5, 7] * len(text)) == expected
+    for pieces in ([1] * len(text), [3, 5, 7] * len(text)):  # a character at a time, and so
+        said = streamed(text, pieces)
+        assert "".join(said) == text
+        assert trimmed(said) == trimmed(expected)
     assert streamed(text, []) == expected  # all at once
 
 
-def test_a_streamed_chinese_sentence_is_handed_out_as_soon_as_the_next_one_begins() -> None:
+def test_a_certain_sentence_end_comes_out_of_the_feed_that_brings_it() -> None:
+    """Issue 23: "!" and "?", a CJK stop, and a "." after a plain word end the sentence
+    whatever follows: it is spoken at once, not a token later when the next word begins."""
+    for sentence in ("Hello there!", "Is it?", "It is late.", "It's well-known.", "No way!",
+                     "\u4f60\u597d\u3002", "\u5143\u6c17\u3067\u3059\u304b\uff1f",
+                     "Say <strong>this</strong> now!", 'She said "yes" and left.'):
+        splitter = SentenceSplitter()
+        assert splitter.feed(sentence) == [sentence], sentence
+        assert splitter.pending == ""
+    splitter = SentenceSplitter()
+    assert splitter.feed("Hello there! ") == ["Hello there! "]  # as ElevenLabs' clients send
+    assert splitter.feed("How are") == []
+    assert splitter.feed(" you?") == ["How are you?"]
+
+
+def test_an_end_that_the_next_character_may_undo_waits_for_it() -> None:
+    """An abbreviation, an initialism, a number, a shortened word, an ellipsis, a closing
+    quote or bracket or tag that may still come: the next character decides, as before."""
+    for text in ("Dr.", "Ask Dr.", "The U.", "The U.S.", "At 3 p.", "At 3 p.m.", "Pi is 3.",
+                 "Version 1.2.", "It is approx.", "I.", "Well...", "Wait\u2026",
+                 'He said "Run!', "He said 'go.", "(See above.", "\u300c\u306f\u3044\u3002",
+                 "\u4ed6\u8bf4\uff1a\u201c\u597d\u3002", "Say <strong>this!", 'He said "Run!"',
+                 "Steps:\n1.", "Visit www.example."):
+        splitter = SentenceSplitter()
+        assert splitter.feed(text) == [], text
+        assert splitter.pending == text
+    splitter = SentenceSplitter()
+    assert splitter.feed("Pi is 3.") == []
+    assert splitter.feed("14 or so.") == ["Pi is 3.14 or so."]
+    splitter = SentenceSplitter()
+    assert splitter.feed("At 3 p.m.") == []
+    assert splitter.feed(" yesterday") == []  # still the same sentence
+    assert splitter.feed(".") == ["At 3 p.m. yesterday."]
+
+
+def test_a_certain_stop_ends_a_whole_text_before_a_lowercase_word_too() -> None:
+    """What a stream hands out at once, the whole text cuts too, whatever comes next; an
+    end that waited for the next character is still not one before a lowercase word."""
+    assert sentences("Wow! that was quick. it went") == ["Wow! ", "that was quick. ", "it went"]
+    assert sentences("It is approx. five. 'Run!' he said.") == [
+        "It is approx. five. ", "'Run!' he said."]
+
+
+def test_a_streamed_chinese_sentence_is_handed_out_as_soon_as_it_ends() -> None:
     """The bug of issue 23: "Hello. The weather is nice today!" in Chinese, streamed, was
     never cut: the old splitter wanted a space after the ideographic full stop."""
     text = "\u4f60\u597d\u3002\u4eca\u5929\u5929\u6c14\u5f88\u597d\uff01"
-    assert token_by_token(text) == [(4, ["\u4f60\u597d\u3002"])]
+    assert token_by_token(text) == [(3, ["\u4f60\u597d\u3002"]),
+                                    (10, ["\u4eca\u5929\u5929\u6c14\u5f88\u597d\uff01"])]
     splitter = SentenceSplitter()
-    assert splitter.feed("\u4f60\u597d\u3002") == []  # a closing quote may still come
-    assert splitter.feed("\u4eca\u5929") == ["\u4f60\u597d\u3002"]
-    assert splitter.feed("\u5929\u6c14\u5f88\u597d\uff01") == []
-    assert splitter.flush() == ["\u4eca\u5929\u5929\u6c14\u5f88\u597d\uff01"]
+    assert splitter.feed("\u4ed6\u8bf4\uff1a\u201c\u597d\u3002") == []  # the quote closes yet
+    assert splitter.feed("\u201d\u7136\u540e") == ["\u4ed6\u8bf4\uff1a\u201c\u597d\u3002\u201d"]
+    assert splitter.flush() == ["\u7136\u540e"]
 
 
 def test_an_abbreviation_is_not_an_end_even_when_streamed() -> None:
     text = "Ask Dr. Smith. Then the U.S. Army. At 3 p.m. yesterday. Done."
     cuts = token_by_token(text)
-    assert [got for _, got in cuts] == [["Ask Dr. Smith. "], ["Then the U.S. Army. "],
-                                        ["At 3 p.m. yesterday. "]]
-    # Each is handed out when the first letter of the next sentence arrives.
-    assert [end for end, _ in cuts] == [text.index(word) + 1
-                                        for word in ("Then", "At", "Done")]
+    assert [got for _, got in cuts] == [["Ask Dr. Smith."], [" Then the U.S. Army."],
+                                        [" At 3 p.m. yesterday."], [" Done."]]
+    # Each is handed out with its full stop, after a plain word.
+    assert [end for end, _ in cuts] == [text.index(word) + len(word)
+                                        for word in ("Smith.", "Army.", "yesterday.", "Done.")]
 
 
 def test_a_tag_after_a_sentence_end_is_waited_for_whole() -> None:
@@ -123,8 +174,8 @@ def test_a_tag_after_a_sentence_end_is_waited_for_whole() -> None:
     assert splitter.feed("ong> now. And") == ["Say <strong>this</strong>. </strong> now. "]
     splitter = SentenceSplitter()
     assert splitter.feed("One. [lau") == []
-    assert splitter.feed("ghter] two.") == ["One. "]
-    assert splitter.flush() == ["[laughter] two."]
+    assert splitter.feed("ghter] two.") == ["One. ", "[laughter] two."]
+    assert splitter.flush() == []
 
 
 def test_streamed_text_without_a_sentence_end_is_cut_at_max_chars() -> None:
@@ -145,7 +196,7 @@ def test_feeding_a_long_text_at_once_or_a_character_at_a_time_takes_linear_time(
     text = "This is one sentence of many, with a clause. " * 400  # 18,000 characters
     started = time.monotonic()
     assert len(streamed(text, [])) == 400
-    assert len(streamed(text, [1] * len(text))) == 400
+    assert len(trimmed(streamed(text, [1] * len(text)))) == 400
     assert time.monotonic() - started < 5.0
 
 
@@ -172,13 +223,34 @@ ALPHABET = st.sampled_from(["Hello", "world", "Dr.", "U.S.", "p.m.", "3.50", "1.
 def test_any_text_streamed_in_any_pieces_is_cut_as_the_whole_text(
         words: list[str], cuts: list[int]) -> None:
     text = "".join(words)
-    assert streamed(text, cuts) == sentences(text) if text else streamed(text, cuts) == []
+    said = streamed(text, as_an_llm_cuts(text, cuts))
+    assert "".join(said) == text
+    assert trimmed(said) == trimmed(sentences(text))
+
+
+def as_an_llm_cuts(text: str, lengths: list[int]) -> list[int]:
+    """`lengths`, but never a piece that ends in ! ? . or a CJK stop when the text goes on
+    with no space or with a closing mark ("a." "m", "go!" "\u201d"): an end handed out at
+    once cannot take back what comes after it. An LLM's next token begins with a space."""
+    ends, at = [], 0
+    for length in lengths:
+        at += length
+        if 0 < at < len(text) and not _goes_on_after_a_stop(text, at):
+            ends.append(at)
+    return [end - start for start, end in zip([0, *ends], ends, strict=False)]
+
+
+def _goes_on_after_a_stop(text: str, at: int) -> bool:
+    closing = "\"'\u201d\u2019)]\u300d\u300f\uff09\u300b\u3011<"  # "<": a closing tag
+    if text[at - 1] in ".!?":
+        return not text[at].isspace()
+    return text[at - 1] in "\u3002\uff01\uff1f" and text[at] in closing
 
 
 # -- Wyoming, on the real daemon with the `wyoming` library's client ------------------------
 def test_wyoming_streamed_chinese_is_spoken_before_synthesize_stop(
         make_daemon: DaemonFactory) -> None:
-    """Each sentence is a job once the next begins: the first audio comes while the client
+    """Each sentence is a job once it has ended: the first audio comes while the client
     still holds the stream open (the old splitter waited for synthesize-stop)."""
     daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
                          wyoming={"listen": f"tcp://127.0.0.1:{free_port()}"})

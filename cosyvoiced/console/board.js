@@ -1,4 +1,5 @@
-// The board: jobs in hand and ended, workers, cache, cluster, as the daemon pushes them.
+// The board: jobs in hand and ended, workers, cache, cluster and its hosts, as the daemon
+// pushes them.
 // Rows are kept by id and updated in place, so a button keeps its focus across updates.
 
 import { call } from "./api.js";
@@ -191,6 +192,36 @@ function figures(list, data, empty) {
   }));
 }
 
+function hostState(host) {
+  if (host.me) return `${host.state} (this host)`;
+  if (host.state === "stopped") return `stopped, ${host.seen_s_ago} s ago`;
+  if (!host.alive) return `lost: not seen for ${host.seen_s_ago} s`;
+  return `${host.state}, seen ${host.seen_s_ago} s ago`;
+}
+
+function hostRow(row, host) {
+  row.dataset.alive = String(host.alive);
+  row.dataset.me = String(host.me);
+  if (!row.cells.length) {  // the host's name heads its row
+    const name = document.createElement("th");
+    name.scope = "row";
+    row.append(name);
+  }
+  if (row.cells[0].textContent !== host.name) row.cells[0].textContent = host.name;
+  setText(row, 1, hostState(host));
+  cell(row, 1).className = host.alive || host.state === "stopped" ? "" : "error";
+  setText(row, 2, host.engine ?? "");
+  setText(row, 3, host.workers === undefined ? "" : `${host.workers} (${host.idle} free)`);
+  setText(row, 4, String(host.queued ?? ""));
+  setText(row, 5, String(host.running ?? ""));
+  setText(row, 6, String(host.for_others ?? ""));
+}
+
+function showHosts(hosts) {
+  $("hosts").hidden = !hosts;
+  sync($("hosts-table").tBodies[0], (hosts || []).map((host) => ({ ...host, id: host.name })), hostRow);
+}
+
 let lastWorkers = "";
 
 export function showBoard(board, canAct) {
@@ -208,5 +239,6 @@ export function showBoard(board, canAct) {
   }
   figures("cache-figures", board.cache, "off");
   figures("cluster-figures", board.cluster, "no cluster: this host serves alone");
+  showHosts(board.hosts);
   $("reload-config").disabled = !canAct;
 }

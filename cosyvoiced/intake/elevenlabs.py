@@ -17,7 +17,8 @@ none), with `contextId` on the multi-context socket. `output_format` (query) is
 `pcm_RATE` or `mp3_RATE_KBPS` (ElevenLabs' names; the bitrate is the encoder's own).
 `auto_mode=true` (query) says each message is a whole sentence or phrase, as Pipecat's
 plugin sends them: it is spoken at once, as if flushed. Otherwise the daemon's splitter
-finds the sentence ends, and a sentence is spoken once the text after it has begun.
+finds the sentence ends: a sentence is spoken as soon as its end is certain ("!", "?",
+"。", a "." after a plain word), else once the text after it has begun ("3.", "Dr.").
 
 Each complete sentence is a reply job of the HTTP intake (an interactive stream, as HTTP's
 and Wyoming's are), submitted as soon as its text is in. A stream keeps LOOKAHEAD_JOBS of
@@ -57,6 +58,7 @@ from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.reply import Chunk, Done, Exchange, Failed, Service, Started
 from cosyvoiced.job import ErrorCode
 from cosyvoiced.sentences import SentenceSplitter
+from cosyvoiced.untrusted import NotJSON, json_value
 
 SINGLE_PATH = "/v1/text-to-speech/{voice_id}/stream-input"
 MULTI_PATH = "/v1/text-to-speech/{voice_id}/multi-stream-input"
@@ -161,9 +163,9 @@ class Message:
 def parse_message(data: str, multi: bool) -> Message:
     """A text frame as a `Message`; ProtocolError for what is not one."""
     try:
-        body = json.loads(data)
-    except (ValueError, RecursionError):
-        raise ProtocolError("invalid_message", "message: not JSON") from None
+        body = json_value(data)
+    except NotJSON as error:
+        raise ProtocolError("invalid_message", f"message: not JSON: {error}") from None
     if not isinstance(body, dict):
         raise ProtocolError("invalid_message", "message: expected a JSON object")
     # Other fields (generation_config, try_trigger_generation, keep_alive, pronunciation

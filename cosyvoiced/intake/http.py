@@ -41,6 +41,7 @@ from cosyvoiced.intake.reply import (
     Started,
 )
 from cosyvoiced.job import ErrorCode, JobFailure, JobResult
+from cosyvoiced.untrusted import NotJSON, json_value
 
 SOURCE = "http"
 SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions",
@@ -590,10 +591,9 @@ async def _read_within(request: web.Request, limit: int,
 
 def _json(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError included; too deep
-        raise JobFailure(ErrorCode.BAD_JSON, "body: not a JSON object: "
-                         f"{str(error) or type(error).__name__}"[:200]) from None
+        return json_value(body)
+    except NotJSON as error:
+        raise JobFailure(ErrorCode.BAD_JSON, f"body: not a JSON object: {error}") from None
 
 
 def _piece(fmt: str, sample_rate: int) -> int:

@@ -8,7 +8,6 @@ them and owns every outcome.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import stat
@@ -40,6 +39,7 @@ from cosyvoiced.job import (
 )
 from cosyvoiced.jobspec import Limits, build_job, check_output_name, check_text
 from cosyvoiced.spool import Claimed, Spool, is_job_candidate
+from cosyvoiced.untrusted import NotJSON, json_value
 
 SOURCE = "inbox"
 JOB_SUFFIXES = ("txt", "json")
@@ -66,13 +66,9 @@ def parse(claimed: Claimed, data: bytes, limits: Limits) -> Job:
                                    limits.normalize_txt),
                    format=limits.default_format, output=check_output_name(claimed.stem))
     try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise JobFailure(ErrorCode.BAD_JSON, f"not valid JSON: {error.msg} at line "
-                         f"{error.lineno} column {error.colno}") from None
-    except (ValueError, RecursionError) as error:  # nested too deep; an over-long integer
-        raise JobFailure(ErrorCode.BAD_JSON, "not usable JSON: "
-                         f"{str(error) or type(error).__name__}"[:200]) from None
+        fields = json_value(text)
+    except NotJSON as error:
+        raise JobFailure(ErrorCode.BAD_JSON, f"not valid JSON: {error}") from None
     if not isinstance(fields, dict):
         raise JobFailure(ErrorCode.BAD_JSON, "the JSON must be an object such as "
                          '{"text": "..."}; got ' + type(fields).__name__)

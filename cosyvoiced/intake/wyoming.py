@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -55,6 +54,7 @@ from cosyvoiced.intake.reply import (
 )
 from cosyvoiced.job import ErrorCode
 from cosyvoiced.sentences import SentenceSplitter
+from cosyvoiced.untrusted import NotJSON, json_value
 
 SOURCE = "wyoming"
 SAMPLES_PER_CHUNK = 1024  # as wyoming-piper: small events keep a satellite's buffer short
@@ -107,11 +107,9 @@ async def _read_rest(reader: asyncio.StreamReader, first: bytes) -> Event | None
     except ValueError as error:  # asyncio's LimitOverrunError comes out as ValueError
         raise BadEvent(f"event header: over {MAX_LINE_BYTES} bytes") from error
     try:
-        header = json.loads(line)
-    except ValueError as error:  # JSONDecodeError, or an integer of over 4300 digits
+        header = json_value(line)
+    except NotJSON as error:
         raise BadEvent(f"event header: not JSON: {error}") from None
-    except RecursionError:
-        raise BadEvent("event header: nested too deep") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise BadEvent("event header: expected a JSON object with a string \"type\"")
     data = header.get("data") or {}
@@ -119,17 +117,15 @@ async def _read_rest(reader: asyncio.StreamReader, first: bytes) -> Event | None
     payload_length = _length(header, "payload_length", MAX_PAYLOAD_BYTES)
     try:
         if data_length:
-            extra = json.loads(await reader.readexactly(data_length))
+            extra = json_value(await reader.readexactly(data_length))
             if not isinstance(extra, dict) or not isinstance(data, dict):
                 raise BadEvent("event data: expected a JSON object")
             data = data | extra
         payload = await reader.readexactly(payload_length) if payload_length else None
     except asyncio.IncompleteReadError:
         return None  # the peer went away mid-event
-    except ValueError as error:  # JSONDecodeError, or an integer of over 4300 digits
+    except NotJSON as error:
         raise BadEvent(f"event data: not JSON: {error}") from None
-    except RecursionError:
-        raise BadEvent("event data: nested too deep") from None
     if not isinstance(data, dict):
         raise BadEvent("event data: expected a JSON object")
     return Event(type=header["type"], data=data, payload=payload)

@@ -1,0 +1,210 @@
+"""Who is in the cluster: each host's figures, seen through Redis (the console shows them).
+
+Every PUBLISH_S, and when its state changes, each host adds one entry to a stream of its
+own prefix (`<prefix>:hosts`) with what its tick noted: its state, engine, workers, idle
+places, the jobs queued and running here, the jobs it shared and those it serves for
+others. Each host then reads the entries added since its last read and keeps every host's
+latest. An entry's id is Redis's clock, so "last seen" needs no agreement between the
+hosts' clocks. The tick hands the figures over (`note`), so a host whose supervisor stops
+ticking stops being seen, as its jobs are taken over; a host that stops cleanly says so
+(`stopped`). Entries older than FORGET_S are trimmed, and a host not seen for that long is
+no longer listed.
+
+Only XADD and XRANGE, on a key under the prefix: the README's ACL for the daemons covers
+them. A thread with a connection of its own: the tick never waits on Redis, and the job
+path's threads (cluster.py) never wait on this.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from cosyvoiced import clusterwire as wire
+from cosyvoiced import logs
+from cosyvoiced.ledger import Ledger
+from cosyvoiced.sharing import Sharing
+
+PUBLISH_S = 2.0
+# Not seen for longer: shown as lost. A host adds an entry every PUBLISH_S to PUBLISH_S + a
+# tick, and reads the others' as often: what it knows can be twice that old.
+LOST_AFTER_S = 5 * PUBLISH_S
+FORGET_S = 600.0  # not seen for longer: no longer listed, and its entries are trimmed
+READ_BATCH = 500
+STOP_S = 2.0  # the longest a stopping daemon waits to say so
+STOPPED = "stopped"
+
+Figures = dict[str, Any]
+
+log = logs.get_logger("cosyvoiced.roster")
+
+
+@dataclass(frozen=True)
+class Seen:
+    at_ms: int  # Redis's clock: the id of the host's latest entry
+    figures: Figures
+
+
+def host_figures(ledger: Ledger, *, engine: str, workers: int, idle: int,
+                 for_others: int) -> Figures:
+    """This host's figures, from the tick's state. `idle`: the segments its workers could
+    start now; `for_others`: jobs it serves for other hosts (counted in queued/running)."""
+    here = [running for running in ledger.jobs.values() if not running.remote]
+    return {"engine": engine, "workers": workers, "idle": idle,
+            "queued": sum(1 for running in here if not running.started),
+            "running": sum(1 for running in here if running.started),
+            "shared": len(ledger.jobs) - len(here), "for_others": for_others}
+
+
+def of_cluster(sharing: Sharing) -> Roster | None:
+    """The roster of `sharing`'s cluster; None for a host that serves alone."""
+    link = sharing.link
+    return None if link is None else Roster(sharing.name, link.keys.hosts(), link.client)
+
+
+def entry_fields(name: str, figures: Figures) -> dict[str, bytes]:
+    return {"host": name.encode(), "figures": json.dumps(figures).encode()}
+
+
+def entry_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+def fold(known: dict[str, Seen], entries: Iterable[tuple[str, wire.Fields]]) -> \
+        dict[str, Seen]:
+    """Every host's latest figures, after `entries` (oldest first). An entry that is not a
+    daemon's (another version, or not ours) is skipped."""
+    latest = dict(known)
+    for entry_id, fields in entries:
+        try:
+            name = fields[b"host"].decode()
+            figures = json.loads(fields[b"figures"])
+            at_ms = entry_ms(entry_id)
+        except (KeyError, ValueError):  # UnicodeDecodeError and JSON errors included
+            continue
+        if isinstance(figures, dict):
+            latest[name] = Seen(at_ms, figures)
+    return latest
+
+
+def rows(known: dict[str, Seen], me: str, mine: Figures, now_ms: float) -> list[Figures]:
+    """The hosts as the console lists them: this one first (its figures as the tick has
+    them now), then the others by name, each alive or not and seen how long ago. `now_ms`
+    is Redis's clock now, as near as this host can tell."""
+    listed = []
+    for name, seen in known.items():
+        ago_s = max(0.0, (now_ms - seen.at_ms) / 1000)
+        if name != me and ago_s <= FORGET_S:
+            alive = ago_s <= LOST_AFTER_S and seen.figures.get("state") != STOPPED
+            listed.append(seen.figures | {"name": name, "me": False, "alive": alive,
+                                          "seen_s_ago": round(ago_s)})
+    listed.sort(key=lambda row: row["name"])
+    return [mine | {"name": me, "me": True, "alive": True, "seen_s_ago": 0}, *listed]
+
+
+class Roster:
+    """This host's entries in the roster, and what it read of the others'."""
+
+    def __init__(self, name: str, key: str, connect: Callable[[], redis.Redis]) -> None:
+        self.name, self.key = name, key
+        self._connect = connect
+        self._lock = threading.Lock()
+        self._noted = threading.Event()
+        self._stop = False
+        self._pending: Figures | None = None  # noted by the tick, not yet added
+        self._mine: Figures = {}
+        self._known: dict[str, Seen] = {}
+        self._redis_ms = 0  # Redis's clock at the last exchange ...
+        self._read_at = 0.0  # ... and this host's monotonic clock then
+        self._last_entry = ""  # the newest entry read
+        self._next_note = 0.0
+        self._state = ""
+        self._thread: threading.Thread | None = None
+        self.error = ""
+
+    # -- the tick's side (never blocks) ---------------------------------------------------
+    def note(self, now: float, state: str, figures: Callable[[], Figures]) -> None:
+        """Every PUBLISH_S, and at once when `state` changes: this host's state and
+        figures, to add to the roster."""
+        if now < self._next_note and state == self._state:
+            return
+        self._next_note, self._state = now + PUBLISH_S, state
+        self._hand(figures() | {"state": state})
+
+    def hosts(self, now: float) -> list[Figures]:
+        """The hosts, this one first (`now`: monotonic)."""
+        with self._lock:
+            known = self._known if self._redis_ms else {}
+            mine, now_ms = self._mine, self._redis_ms + (now - self._read_at) * 1000
+        return rows(known, self.name, mine, now_ms)
+
+    def _hand(self, figures: Figures, stop: bool = False) -> None:
+        with self._lock:
+            self._pending, self._mine = figures, figures
+            self._stop = self._stop or stop
+        self._noted.set()
+
+    # -- lifetime -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cluster-roster", daemon=True)
+        self._thread.start()
+
+    def stop(self, figures: Figures) -> None:
+        """Say this host stopped (`figures`), waiting STOP_S at most."""
+        self._hand(figures | {"state": STOPPED}, stop=True)
+        if self._thread is not None:
+            self._thread.join(0 if self.error else STOP_S)  # Redis down: no wait
+
+    # -- the thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        client = self._connect()
+        while True:
+            self._noted.wait(PUBLISH_S)
+            with self._lock:
+                figures, self._pending = self._pending, None
+                self._noted.clear()
+                stopping = self._stop
+            if figures is not None:
+                try:
+                    self._exchange(client, figures)
+                except redis.RedisError as error:  # the cluster link logs Redis down
+                    self.error = f"{type(error).__name__}: {error}"
+                except Exception as error:  # noqa: BLE001 - logged; the next round tries again
+                    log.error("roster_failed", error=repr(error))
+            if stopping:
+                return
+
+    def _exchange(self, client: redis.Redis, figures: Figures) -> None:
+        """Add this host's entry, then read the entries added since the last read."""
+        trim: dict[str, Any] = {}
+        if self._redis_ms:
+            trim = {"minid": int(self._redis_ms - FORGET_S * 1000), "approximate": True}
+        entry = _text(client.xadd(self.key, entry_fields(self.name, figures),  # type: ignore[arg-type]
+                                  **trim))
+        added_at, now_ms = time.monotonic(), entry_ms(entry)
+        known = self._known
+        if self._last_entry and entry_ms(self._last_entry) <= now_ms:
+            start = f"({self._last_entry}"
+        else:  # the first read, or another Redis (with a clock behind): read it all
+            start, known = str(int(now_ms - FORGET_S * 1000)), {}
+        while True:
+            batch: Any = client.xrange(self.key, min=start, max=entry, count=READ_BATCH)
+            entries = [(_text(entry_id), fields) for entry_id, fields in batch]
+            known = fold(known, entries)
+            if len(entries) < READ_BATCH:
+                break
+            start = f"({entries[-1][0]}"
+        with self._lock:
+            self._known, self._redis_ms, self._read_at = known, now_ms, added_at
+            self._last_entry = entry
+        self.error = ""
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
