@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from typing import NoReturn
 
 from cosyvoiced import __version__, config, logs, memory
 from cosyvoiced.engines import probe
 from cosyvoiced.supervisor import EXIT_CONFIG, EXIT_WORKER_START, Supervisor
 
 DEFAULT_CONFIG = "/etc/cosyvoiced/cosyvoiced.toml"
+EXIT_CRASHED = 5  # the supervisor's own code raised: exit now, systemd restarts the service
+
+log = logs.get_logger("cosyvoiced.supervisor")
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +40,24 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args.config, settings)
     logs.configure_supervisor(settings.log)
     memory.return_big_buffers_to_the_system()  # the supervisor holds audio in flight
-    return Supervisor(settings, args.config).run()
+    try:
+        return Supervisor(settings, args.config).run()
+    except Exception:  # noqa: BLE001 - a bug of ours: say so, and end the process now
+        _crashed()
+
+
+def _crashed() -> NoReturn:
+    """The tick raised. A normal exit would wait for the intakes' threads and the worker
+    processes, which go on without a supervisor, and the signal handlers only record: the
+    process would hang half alive, deaf to SIGTERM. So it ends at once; the workers and the
+    encoder die with it (PDEATHSIG), and the jobs in hand are recovered from the spool at the
+    next start, as after any crash."""
+    log.critical("supervisor_crashed", exit_code=EXIT_CRASHED, exc_info=True,
+                 message="a bug in the daemon: exiting at once so that the service manager "
+                         "restarts it; jobs in progress are recovered at the next start")
+    logging.shutdown()  # flush the log before the hard exit
+    sys.stdout.flush()
+    os._exit(EXIT_CRASHED)
 
 
 def _check(path: str, settings: config.Config) -> int:

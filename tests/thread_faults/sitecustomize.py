@@ -22,3 +22,18 @@ if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "zmq":
         return _take(self, frames, user)
 
     _zmq_intake._SocketThread._take = _take_or_die  # type: ignore[method-assign]
+
+if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "tick":
+    # The supervisor's tick raises once the file $COSYVOICED_TEST_TICK_CRASH exists (a bug
+    # in the tick): the daemon must exit at once, never hang half alive ignoring SIGTERM.
+    from cosyvoiced import supervisor as _supervisor
+
+    _tick = _supervisor.Supervisor.tick
+    _marker = os.environ["COSYVOICED_TEST_TICK_CRASH"]
+
+    def _tick_or_crash(self, now):  # type: ignore[no-untyped-def]
+        if os.path.exists(_marker):
+            raise RuntimeError("a test double crashed the tick")
+        return _tick(self, now)
+
+    _supervisor.Supervisor.tick = _tick_or_crash  # type: ignore[method-assign]
