@@ -50,6 +50,13 @@ def _streams_in_flight(client: Client, count: int) -> dict[str, Any]:
     return found
 
 
+def _drop_when_ready(daemon: Daemon, client: Client, texts: dict[str, str]) -> None:
+    """Each text dropped as NAME.txt once the worker is ready."""
+    wait_until(lambda: _worker(client)["state"] == "idle", 60, "a ready worker")
+    for name, text in texts.items():
+        daemon.drop(f"{name}.txt", text)
+
+
 def _check_audio(daemon: Daemon, name: str, text: str) -> None:
     record = daemon.wait_done(f"{name}.txt")
     samples, _rate = soundfile.read(daemon.outbox / record["file"])
@@ -61,10 +68,8 @@ def test_one_worker_serves_several_jobs_at_once_and_says_so(
     daemon, port = _batched_daemon(make_daemon)
     texts = {f"job{n}": f"Job {n} takes its time SLOW@1. Then it ends." for n in range(3)}
     with Client(daemon.endpoint, admin_token=daemon.admin_token()) as client:
-        wait_until(lambda: _worker(client)["state"] == "idle", 60, "a ready worker")
+        _drop_when_ready(daemon, client, texts)
         assert _worker(client)["max_streams"] == 4
-        for name, text in texts.items():
-            daemon.drop(f"{name}.txt", text)
         worker = _streams_in_flight(client, 3)
         assert len(worker["jobs"]) == 3
         assert worker["state"] == "busy"
@@ -115,9 +120,7 @@ def test_a_dead_batched_worker_has_every_segment_it_held_made_again(
     daemon, _port = _batched_daemon(make_daemon)
     texts = {f"job{n}": f"Job {n} is slow SLOW@1. And has a second part." for n in range(3)}
     with Client(daemon.endpoint, admin_token=daemon.admin_token()) as client:
-        wait_until(lambda: _worker(client)["state"] == "idle", 60, "a ready worker")
-        for name, text in texts.items():
-            daemon.drop(f"{name}.txt", text)
+        _drop_when_ready(daemon, client, texts)
         worker = _streams_in_flight(client, 3)
         os.kill(int(worker["pid"]), signal.SIGKILL)
     for name, text in texts.items():
