@@ -129,6 +129,17 @@ class CosyVoiceConfig:
     load_jit: bool = False
     load_trt: bool = False
     load_vllm: bool = False
+    # Where load_trt's plans and load_vllm's LLM export are written (engines/exports.py),
+    # never the read-only model directory: the unit's CacheDirectory=.
+    export_dir: str = _setting("/var/cache/cosyvoiced/exports", path=True)
+    # Segments one CosyVoice2/3 worker makes at once on its one model (batched decoding).
+    # 0: the default for the worker's device (engines/cosyvoice.py `stream_count`: 16 on
+    # CUDA, 4 on a CPU); CosyVoice-300M and vLLM always serve one.
+    max_streams: int = _setting(0, _at_least(0))
+    # The batched decoder's KV cache, reserved at load; 0: 2048 tokens per stream.
+    kv_cache_bytes: int = _setting(0, _at_least(0), size=True)
+    # Capture the decoding step in CUDA graphs (CUDA only; see the README for its state).
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)

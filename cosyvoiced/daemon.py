@@ -9,7 +9,7 @@ import sys
 from typing import NoReturn
 
 from cosyvoiced import __version__, config, logs, memory
-from cosyvoiced.engines import probe
+from cosyvoiced.engines import exports, probe
 from cosyvoiced.supervisor import EXIT_CONFIG, EXIT_WORKER_START, Supervisor
 
 DEFAULT_CONFIG = "/etc/cosyvoiced/cosyvoiced.toml"
@@ -64,6 +64,13 @@ def _check(path: str, settings: config.Config) -> int:
     """--check-config: a valid file, and an engine whose code imports in this install (what a
     worker would fail on first, with the same error and exit code as the service)."""
     if settings.engine.name == "cosyvoice":
+        # Before the probe: these need no import, and say more than a failed one would.
+        unmet = exports.machine_problems(settings.engine.cosyvoice, settings.worker.devices)
+        for need in unmet:
+            print(f"cosyvoiced: {path}: the cosyvoice engine cannot load: {need}",
+                  file=sys.stderr)
+        if unmet:
+            return EXIT_WORKER_START
         problem = probe.check(settings.engine.cosyvoice.repo)
         if problem is not None:
             print(f"cosyvoiced: {path}: the cosyvoice engine cannot load: {problem}",

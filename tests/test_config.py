@@ -55,6 +55,14 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
     ('[engine]\nname = "cosyvoice"\n', "engine.cosyvoice.model_dir: the cosyvoice engine needs"),
     ('[engine]\nname = "cosyvoice"\n[engine.cosyvoice]\nmodel_dir = "/"\n',
      "engine.cosyvoice.model_dir: '/' has none of cosyvoice.yaml"),
+    ("[engine.cosyvoice]\nmax_streams = -1\n",
+     "engine.cosyvoice.max_streams: must be at least 0; got -1"),
+    ('[engine.cosyvoice]\nmax_streams = "many"\n', "engine.cosyvoice.max_streams: expected int"),
+    ("[engine.cosyvoice]\nkv_cache_bytes = -1\n",
+     "engine.cosyvoice.kv_cache_bytes: must be at least 0; got -1"),
+    ('[engine.cosyvoice]\nkv_cache_bytes = "lots"\n',
+     "engine.cosyvoice.kv_cache_bytes: expected a size"),
+    ('[engine.cosyvoice]\ncuda_graphs = "yes"\n', "engine.cosyvoice.cuda_graphs: expected bool"),
     ('[engine.piper]\nvoices = ["/nowhere/v.onnx"]\n', "engine.piper.voices: '/nowhere/v.onnx"),
     ('[engine.piper]\nvoices = "v.onnx"\n', "engine.piper.voices: expected a list"),
     ('[cluster]\nredis = "http://h:6379"\n', "cluster.redis: expected redis://HOST:PORT/DB"),
@@ -69,6 +77,15 @@ def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, text)
     assert message in str(caught.value)
+
+
+def test_batched_cosyvoice_keys_default_to_the_device_and_take_sizes(tmp_path: Path) -> None:
+    assert (config.CosyVoiceConfig().max_streams, config.CosyVoiceConfig().kv_cache_bytes,
+            config.CosyVoiceConfig().cuda_graphs) == (0, 0, True)
+    settings = _load(tmp_path, '[engine.cosyvoice]\nmax_streams = 8\nkv_cache_bytes = "512MiB"\n'
+                               "cuda_graphs = false\n")
+    assert (settings.engine.cosyvoice.max_streams, settings.engine.cosyvoice.kv_cache_bytes,
+            settings.engine.cosyvoice.cuda_graphs) == (8, 512 << 20, False)
 
 
 @pytest.mark.parametrize(("value", "size"), [

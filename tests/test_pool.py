@@ -104,6 +104,7 @@ def test_cpu_workers_share_the_cores_and_see_no_gpu(make_daemon: DaemonFactory) 
                       "two workers placed")
     share = str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert [(e["cuda_visible_devices"], e["omp_num_threads"]) for e in seen] == [("", share)] * 2
+    assert {e["omp_wait_policy"] for e in seen} == {"PASSIVE"}  # no spinning next to others
     assert {e["piper_threads"] for e in seen} == {int(share)}
 
 

@@ -18,6 +18,10 @@ Upstream is built for notebooks and demos; this adapter makes it safe to serve f
 - the LLM's, the flow's and HiFT's calls are timed (stageclock.py) for the stage timings;
 - the RNG reseeding done while loading (yaml `__set_seed*`, `set_all_random_seed(0)`) is
   undone, and the root-logger set-up done on import is put back.
+
+CosyVoice2/3 also serve several segments at once (`open`, `step`, `close`: the worker's
+MultiStreamEngine protocol) through the batched decoder (cosyvoice_streams.py, batched.py),
+with the same `_plan` of upstream's front end as `synthesize`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ import soxr
 
 from cosyvoiced import logs
 from cosyvoiced.config import CosyVoiceConfig, EngineConfig
-from cosyvoiced.engines import FEATURES, AudioChunk, SynthesisRequest, VoiceInfo
+from cosyvoiced.engines import FEATURES, AudioChunk, StreamOutput, SynthesisRequest, VoiceInfo
+from cosyvoiced.engines.exports import worker_load_dir
 from cosyvoiced.engines.stageclock import StageClock
 from cosyvoiced.engines.upstream import import_upstream, missing_module
 from cosyvoiced.job import ErrorCode, JobFailure
@@ -49,6 +54,9 @@ try:
     import torch
 except ModuleNotFoundError as error:  # `pip install cosyvoiced` without the extra
     raise missing_module(error) from error
+
+# After torch: its absence is reported above, by name.
+from cosyvoiced.engines.cosyvoice_streams import StreamSet, batched_decoder
 
 ENGINE_NAME = "cosyvoice"
 MODEL_CLASSES = {"cosyvoice.yaml": (1, "CosyVoice"), "cosyvoice2.yaml": (2, "CosyVoice2"),
@@ -63,7 +71,6 @@ V3_SYSTEM = "You are a helpful assistant."
 V3_SYSTEM_PROMPT = V3_SYSTEM + END_OF_PROMPT[3]
 TOKENIZER_RATE = 16000
 LLM_STOP_TIMEOUT_S = 30.0
-
 log = logs.get_logger("cosyvoiced.engines.cosyvoice")
 
 
@@ -142,9 +149,9 @@ class CosyVoiceEngine:
             raise RuntimeError(f"the cosyvoice code in use ({upstream.__file__}) has no "
                                f"{class_name} class; point engine.cosyvoice.repo at a newer "
                                "CosyVoice checkout")
-        with _random_state_kept():
-            self._model = model_class(settings.model_dir, **_load_options(model_class,
-                                                                          settings))
+        # With load_trt/load_vllm, from an overlay whose exports go to the cache (exports.py).
+        with _random_state_kept(), worker_load_dir(settings, self.version) as load_from:
+            self._model = model_class(load_from, **_load_options(model_class, settings))
         self.model_name = Path(settings.model_dir).name
         self._path_api = "prompt_wav" in inspect.signature(
             self._model.inference_zero_shot).parameters
@@ -154,6 +161,12 @@ class CosyVoiceEngine:
         self._guard = _LlmThreadGuard(self._model.model)
         self.clock = StageClock(self._model.model)
         self._scratch = tempfile.TemporaryDirectory(prefix="cosyvoiced-prompts-")
+        decoder = batched_decoder(self._model.model, self.version, settings)
+        self.max_streams = 1 if decoder is None else decoder.max_streams
+        # The decoder's HiFT calls go through the clock too: reset before each step, its
+        # record does not grow.
+        self._streams = None if decoder is None else \
+            StreamSet(self._model.model, decoder, self.clock.reset)
         spk2info = getattr(self._model.frontend, "spk2info", {})
         self._builtin = list(spk2info)
         self._speakers = SpeakerStore(settings.speakers_file)
@@ -166,7 +179,8 @@ class CosyVoiceEngine:
         log.info("cosyvoice_loaded", version=self.version, model_class=class_name,
                  sample_rate=self._rate, prompt_api="path" if self._path_api else "tensor",
                  builtin_voices=len(self._builtin), registered_voices=len(self._registered),
-                 cuda=torch.cuda.is_available())
+                 cuda=torch.cuda.is_available(), max_streams=self.max_streams,
+                 kv_cache_bytes=0 if decoder is None else decoder.kv_bytes_reserved)
 
     # -- voices -------------------------------------------------------------------------
     def _voice_names(self) -> list[str]:
@@ -374,6 +388,37 @@ class CosyVoiceEngine:
             failure = self._guard.failure
             raise RuntimeError(f"CosyVoice's LLM failed: {type(failure).__name__}: {failure}")
         return output
+
+    # -- several streams at once (MultiStreamEngine: cosyvoice_streams.py) ------------------
+    def open(self, request: SynthesisRequest) -> int:
+        """Start a segment on the batched decoder; `JobFailure` for a request it cannot
+        serve."""
+        if self._streams is None:
+            raise RuntimeError("this CosyVoice engine serves one segment at a time "
+                               "(max_streams 1): use synthesize")
+        self._refresh_speakers()
+        if request.voice is not None and request.voice not in self._voice_names():
+            raise JobFailure(ErrorCode.UNKNOWN_VOICE, f"voice: {request.voice!r} is not a "
+                             f"voice of {self.model_name}", "voice")
+        scope = contextlib.ExitStack()
+        try:
+            start = self._plan(request, scope)
+        except BaseException:
+            scope.close()
+            raise
+        return self._streams.open(request, start, scope)
+
+    @property
+    def open_streams(self) -> int:
+        """Streams opened and not yet ended nor closed."""
+        return 0 if self._streams is None else self._streams.open_count
+
+    def close(self, stream_id: int) -> None:
+        if self._streams is not None:
+            self._streams.close(stream_id)
+
+    def step(self) -> list[StreamOutput]:
+        return [] if self._streams is None else self._streams.step()
 
     def _clean_up(self) -> None:
         """Drop every per-request entry upstream keeps (which also stops an LLM thread still

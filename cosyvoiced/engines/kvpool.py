@@ -1,7 +1,8 @@
 """A paged key/value cache for the Qwen2 language model of CosyVoice2/3, shared by streams.
 
-The pool is allocated once, with a budget in bytes: per layer, one tensor of
-(tokens, kv_heads, head_dim) keys and one of values, cut into blocks of `BLOCK_TOKENS`.
+The pool is allocated once, with a budget in bytes: one tensor of
+(layers, tokens, kv_heads, head_dim) keys and one of values, cut into blocks of
+`BLOCK_TOKENS` tokens.
 A stream is admitted only when blocks for its worst case (prompt plus maximum speech
 tokens) are free, so it can never run out mid-way; its blocks go back to the pool when it
 leaves. Each stream also holds one row of the small per-stream tables (block table,
@@ -63,11 +64,11 @@ class KVPool:
         self.shape = shape
         self.device = device
         self.total_blocks = blocks
-        size = (blocks * BLOCK_TOKENS, shape.kv_heads, shape.head_dim)
-        self.keys = [torch.zeros(size, dtype=shape.dtype, device=device)
-                     for _ in range(shape.layers)]
-        self.values = [torch.zeros(size, dtype=shape.dtype, device=device)
-                       for _ in range(shape.layers)]
+        # one tensor for all layers, so that a decoding step gathers and writes every
+        # layer's keys (and values) with one indexing operation, not one per layer
+        size = (shape.layers, blocks * BLOCK_TOKENS, shape.kv_heads, shape.head_dim)
+        self.keys = torch.zeros(size, dtype=shape.dtype, device=device)
+        self.values = torch.zeros(size, dtype=shape.dtype, device=device)
         self.block_table = torch.zeros((max_streams, blocks), dtype=torch.long, device=device)
         self._free_blocks = list(range(blocks))
         self._free_rows = list(range(max_streams))
@@ -114,14 +115,17 @@ class KVPool:
         positions = torch.arange(length, device=self.device).expand(rows.shape[0], length)
         return self.slots(rows, positions)
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at `slots` (streams, length), as (streams, heads, length, dim)."""
-        keys = self.keys[layer][slots].transpose(1, 2)
-        values = self.values[layer][slots].transpose(1, 2)
-        return keys, values
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's keys and values at `slots` (streams, length), as
+        (layers, streams, heads, length, dim) views of one copy each."""
+        layers, streams, length = self.shape.layers, slots.shape[0], slots.shape[1]
+        flat = slots.reshape(-1)
+        keys = self.keys.index_select(1, flat).view(layers, streams, length,
+                                                    self.shape.kv_heads, self.shape.head_dim)
+        values = self.values.index_select(1, flat).view(keys.shape)
+        return keys.transpose(2, 3), values.transpose(2, 3)
 
-    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor,
-              values: torch.Tensor) -> None:
-        """Store (n, heads, dim) keys and values at flat `slots` (n,)."""
-        self.keys[layer][slots] = keys.to(self.shape.dtype)
-        self.values[layer][slots] = values.to(self.shape.dtype)
+    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store every layer's (layers, n, heads, dim) keys and values at flat `slots` (n,)."""
+        self.keys[:, slots] = keys.to(self.shape.dtype)
+        self.values[:, slots] = values.to(self.shape.dtype)

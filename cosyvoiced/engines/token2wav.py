@@ -53,9 +53,13 @@ class ChunkPlan:
 
     @classmethod
     def start(cls, first_hop: int, scale: int, lookahead: int, prompt_tokens: int,
-              stream: bool) -> ChunkPlan:
-        pad = math.ceil(prompt_tokens / first_hop) * first_hop - prompt_tokens
-        return cls(hop=first_hop, max_hop=4 * first_hop, scale=scale, lookahead=lookahead,
+              stream: bool, *, hop: int = 0) -> ChunkPlan:
+        """`hop`: the hop to start with, if not `first_hop`: a later text segment carries on
+        with the hop an earlier one reached (upstream's `token_hop_len` is not reset between
+        them), and the prompt is aligned to it, as upstream does."""
+        hop = hop or first_hop
+        pad = math.ceil(prompt_tokens / hop) * hop - prompt_tokens
+        return cls(hop=hop, max_hop=4 * first_hop, scale=scale, lookahead=lookahead,
                    prompt_pad=pad, stream=stream)
 
     def due(self, tokens: int, llm_done: bool) -> Chunk | None:

@@ -20,10 +20,13 @@ def fixed_length(llm: Any, speech_tokens_per_text_token: float) -> Any:
     The ratios a caller passes are replaced: upstream of 2024 (the PyPI package) passes its
     own, 3 and 30."""
     inference = llm.inference
+    ratio = speech_tokens_per_text_token
 
-    def fixed(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        kwargs.update(min_token_text_ratio=speech_tokens_per_text_token,
-                      max_token_text_ratio=speech_tokens_per_text_token)
+    # The defaults are the fixed ratio too: the batched decoder reads them from this
+    # signature, as it reads upstream's.
+    def fixed(*args: Any, min_token_text_ratio: float = ratio,
+              max_token_text_ratio: float = ratio, **kwargs: Any) -> Iterator[Any]:
+        kwargs.update(min_token_text_ratio=ratio, max_token_text_ratio=ratio)
         return inference(*args, **kwargs)  # type: ignore[no-any-return]
 
     llm.inference = fixed

@@ -196,11 +196,15 @@ def _same_mel(batched: torch.Tensor, upstream: torch.Tensor) -> None:
 
 
 @pytest.mark.usefixtures("greedy")
-def test_greedy_streams_equal_upstream(cosyvoice: Any, model_version: int) -> None:
+@pytest.mark.parametrize("join_steps", [JOIN_STEPS, (0, 0, 0, 0)], ids=["apart", "together"])
+def test_greedy_streams_equal_upstream(cosyvoice: Any, model_version: int,
+                                       join_steps: tuple[int, ...]) -> None:
+    """Streams joining at different steps, and all at once (their prompts then go through
+    the language model as one padded batch)."""
     requests = _requests(cosyvoice, model_version)
     expected = [_run_upstream(cosyvoice, request) for request in requests]
     decoder = BatchedDecoder(cosyvoice.model, max_streams=4)
-    outcomes = _run_batched(decoder, requests)
+    outcomes = _run_batched(decoder, requests, join_steps)
     for got, want in zip(outcomes, expected, strict=True):
         assert got.error is None
         assert got.done
@@ -281,6 +285,46 @@ def test_error_in_token2wav_fails_one_stream(cosyvoice: Any, model_version: int)
         assert torch.equal(outcomes[index].speech, alone[index].speech)
 
 
+@pytest.mark.usefixtures("greedy")
+def test_error_in_a_joint_prefill_fails_one_stream(cosyvoice: Any, model_version: int) -> None:
+    """Streams admitted at one step share one prefill; when it fails, each is prefilled
+    again alone, so only the stream at fault fails."""
+    requests = _requests(cosyvoice, model_version)
+    together = (0, 0, 0, 0)
+    alone = _run_batched(BatchedDecoder(cosyvoice.model, max_streams=4), requests, together)
+    qwen = cosyvoice.model.llm.llm.model.model
+    forward, faulty_length = qwen.forward, _prompt_tokens(requests[1])
+
+    def faulty(*args: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+               **kwargs: Any) -> Any:
+        prefill = inputs_embeds.shape[1] > 1
+        if prefill and bool((attention_mask.sum(dim=1) == faulty_length).any()):
+            raise RuntimeError("a fault injected by the test into request 1's prefill")
+        return forward(*args, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       **kwargs)
+
+    qwen.forward = faulty  # a test double plants its fault in the model's forward
+    try:
+        outcomes = _run_batched(BatchedDecoder(cosyvoice.model, max_streams=4), requests,
+                                together)
+    finally:
+        del qwen.forward
+    assert isinstance(outcomes[1].error, RuntimeError)
+    for index in (0, 2, 3):
+        assert outcomes[index].error is None
+        assert outcomes[index].done
+        assert outcomes[index].tokens == alone[index].tokens
+
+
+def _prompt_tokens(request: StreamRequest) -> int:
+    """The positions a stream's prefill takes: sos, texts, task id, prompt speech."""
+    inputs = request.model_input
+    prompt_text = inputs.get("prompt_text", torch.zeros(1, 0))
+    prompt_speech = inputs.get("llm_prompt_speech_token", torch.zeros(1, 0))
+    return 2 + int(inputs["text"].shape[1]) + int(prompt_text.shape[1]) \
+        + int(prompt_speech.shape[1])
+
+
 def test_kv_memory_is_admitted_within_budget_and_freed(cosyvoice: Any,
                                                        model_version: int) -> None:
     requests = _requests(cosyvoice, model_version)
@@ -310,12 +354,8 @@ def test_kv_memory_is_admitted_within_budget_and_freed(cosyvoice: Any,
 
 def _worst_case_tokens(decoder: BatchedDecoder, request: StreamRequest) -> int:
     """Prompt length plus maximum speech tokens: what a stream reserves."""
-    inputs = request.model_input
-    prompt_text = inputs.get("prompt_text", torch.zeros(1, 0))
-    prompt_speech = inputs.get("llm_prompt_speech_token", torch.zeros(1, 0))
-    text = int(inputs["text"].shape[1])
-    prompts = int(prompt_text.shape[1]) + int(prompt_speech.shape[1])
-    return 2 + text + prompts + int(text * decoder.max_ratio)
+    text = int(request.model_input["text"].shape[1])
+    return _prompt_tokens(request) + int(text * decoder.max_ratio)
 
 
 # -- the sampler and the chunk plan, against upstream's own functions ----------------------

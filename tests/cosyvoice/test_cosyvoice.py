@@ -409,7 +409,7 @@ def test_two_workers_stream_two_jobs_at_once(tmp_path: Path, model_dir: Path,
                               "both workers busy at once")
             for thread in threads:
                 thread.join(2 * TIMEOUT_S)
-        assert len({worker["job"] for worker in both}) == 2
+        assert len({job for worker in both for job in worker["jobs"]}) == 2
         assert sorted(streamed) == ["English Female", "English Male"]
         assert all(samples / NATIVE_RATE[model_version] > 1.0 for samples in streamed.values())
     finally:

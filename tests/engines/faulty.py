@@ -151,7 +151,8 @@ def placed(config: EngineConfig) -> ToneEngine:
     """The tone engine, reporting the devices and threads its worker was given."""
     logs.get_logger("tests.engines.faulty").info(
         "placement_seen", cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-        omp_num_threads=os.environ.get("OMP_NUM_THREADS"), piper_threads=config.piper.threads)
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), piper_threads=config.piper.threads)
     return ToneEngine()
 
 
