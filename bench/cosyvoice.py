@@ -276,7 +276,7 @@ def pool(model_dir: Path, texts: list[str], size: int, fp16: bool,
             started = time.perf_counter()
             runs = concurrently(served.endpoint, turns)
             wall_s = time.perf_counter() - started
-            tokens = _tokens(served) - tokens_before
+            tokens_after = _tokens(served)
             memory = _memory(client)
     finally:
         served.stop()
@@ -284,14 +284,17 @@ def pool(model_dir: Path, texts: list[str], size: int, fp16: bool,
     return {"workers": size, "max_streams": max_streams or 1, "clients": clients,
             "jobs": len(runs), "audio_s": round(audio_s, 2), "wall_s": round(wall_s, 2),
             "throughput_audio_s_per_s": round(audio_s / wall_s, 3),
-            "tokens_per_s": round(tokens / wall_s, 1),
+            # A batched segment has no stage timings yet (its prefill and decode are shared).
+            "tokens_per_s": None if tokens_after is None or tokens_before is None
+            else round((tokens_after - tokens_before) / wall_s, 1),
             "first_chunk": summary_ms([first for first, _, _, _ in runs]),
             "per_job": summary_ms([total for _, total, _, _ in runs]), **memory}
 
 
-def _tokens(served: Daemon) -> float:
-    """Speech tokens made so far, from the jobs' `job` log lines."""
-    return float(sum(event.get("llm_tokens", 0) for event in served.log_events("job")))
+def _tokens(served: Daemon) -> float | None:
+    """Speech tokens made so far, from the jobs' `job` log lines; None if they give none."""
+    counts = [event["llm_tokens"] for event in served.log_events("job") if "llm_tokens" in event]
+    return float(sum(counts)) if counts else None
 
 
 def _memory(client: Client) -> dict[str, int]:
