@@ -147,6 +147,16 @@ def test_speak_plays_the_audio_the_daemon_made(make_daemon: DaemonFactory, brows
     _shot(page, shots, "speak")
 
 
+def _register(page: Page, name: str, prompt: Path, transcript: str) -> None:
+    """Fill in and send the Clone view's form, once the page is live."""
+    _live(page)
+    _tab(page, "Clone")
+    page.get_by_label("Voice name").fill(name)
+    page.get_by_label("Audio, 3 to 30 s of one speaker").set_input_files(str(prompt))
+    page.get_by_label("What is said in the audio").fill(transcript)
+    page.get_by_role("button", name="Register the voice").click()
+
+
 def test_clone_by_upload_registers_a_voice_that_then_speaks(
         make_daemon: DaemonFactory, browser: Browser, shots: Path, tmp_path: Path) -> None:
     daemon = _daemon(make_daemon, engine={"name": CLONING},
@@ -156,12 +166,7 @@ def test_clone_by_upload_registers_a_voice_that_then_speaks(
     t = np.arange(int(prompt_s * 16000), dtype=np.float32) / 16000
     soundfile.write(prompt, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
     page = _open(browser, daemon)
-    _live(page)
-    _tab(page, "Clone")
-    page.get_by_label("Voice name").fill("alice")
-    page.get_by_label("Audio, 3 to 30 s of one speaker").set_input_files(str(prompt))
-    page.get_by_label("What is said in the audio").fill("A steady hum, for three seconds.")
-    page.get_by_role("button", name="Register the voice").click()
+    _register(page, "alice", prompt, "A steady hum, for three seconds.")
     page.locator("#clone-result.ok").wait_for(timeout=WAIT_MS)
     page.locator("#clone-voices li", has_text="alice").wait_for(timeout=WAIT_MS)
     _shot(page, shots, "clone")
@@ -185,12 +190,7 @@ def test_an_engine_that_cannot_clone_says_so_in_the_page(
     prompt = tmp_path / "bob.wav"
     soundfile.write(prompt, np.zeros(3 * 16000, dtype=np.float32), 16000)
     page = _open(browser, daemon)
-    _live(page)
-    _tab(page, "Clone")
-    page.get_by_label("Voice name").fill("bob")
-    page.get_by_label("Audio, 3 to 30 s of one speaker").set_input_files(str(prompt))
-    page.get_by_label("What is said in the audio").fill("Nothing at all.")
-    page.get_by_role("button", name="Register the voice").click()
+    _register(page, "bob", prompt, "Nothing at all.")
     error = page.locator("#clone-result.error")
     error.wait_for(timeout=WAIT_MS)
     assert (error.text_content() or "").startswith("not_supported: ")
