@@ -34,7 +34,6 @@ from cosyvoiced.engines import (
     SynthesisRequest,
     load_engine,
 )
-from cosyvoiced.job import ErrorCode, JobError, JobFailure
 from cosyvoiced.memory import Memory, measure
 from cosyvoiced.messages import (
     AudioChunkReady,
@@ -45,7 +44,6 @@ from cosyvoiced.messages import (
     FromWorker,
     Heartbeat,
     JobCancelled,
-    JobFailed,
     LogLine,
     RunSegment,
     SegmentFinished,
@@ -54,7 +52,13 @@ from cosyvoiced.messages import (
     ToWorker,
 )
 from cosyvoiced.placement import Placement
-from cosyvoiced.segmentprep import PROMPT_VOICE, check_features, request_for, voice_for
+from cosyvoiced.segmentprep import (
+    PROMPT_VOICE,
+    check_features,
+    failed,
+    request_for,
+    voice_for,
+)
 from cosyvoiced.stages import SegmentStages
 
 WARMUP_TEXT = "Ready."
@@ -206,12 +210,8 @@ def _run_segment(engine: Engine, segment: RunSegment, channel: Channel) -> None:
         outcome = _serve(engine, segment, channel)
     except _Cancelled:
         outcome = JobCancelled(job.id)
-    except JobFailure as failure:
-        outcome = JobFailed(job.id, failure.error)
-    except Exception as error:  # any engine fault ends this job, not the worker
-        log.exception("engine_error", job=job.id, segment=segment.index)
-        outcome = JobFailed(job.id, JobError(ErrorCode.ENGINE_ERROR,
-                                             f"{type(error).__name__}: {error}"))
+    except Exception as error:  # noqa: BLE001 - any engine fault ends this job, not the worker
+        outcome = failed(job.id, error, segment.index)
     # Memory first: the supervisor decides on recycling before it hands over the next job.
     channel.send(Heartbeat(_measure()))
     channel.send(outcome)

@@ -21,7 +21,6 @@ import soxr
 
 from cosyvoiced import logs, pauses
 from cosyvoiced.engines import AudioChunk, Engine, MultiStreamEngine, StreamOutput
-from cosyvoiced.job import ErrorCode, JobError, JobFailure
 from cosyvoiced.memory import Memory
 from cosyvoiced.messages import (
     AudioChunkReady,
@@ -29,14 +28,13 @@ from cosyvoiced.messages import (
     FromWorker,
     Heartbeat,
     JobCancelled,
-    JobFailed,
     RunSegment,
     SegmentFinished,
     SegmentStarted,
     Shutdown,
     ToWorker,
 )
-from cosyvoiced.segmentprep import PROMPT_VOICE, check_features, request_for, voice_for
+from cosyvoiced.segmentprep import PROMPT_VOICE, check_features, failed, request_for, voice_for
 
 log = logs.get_logger("cosyvoiced.worker")
 
@@ -121,7 +119,7 @@ class StreamLoop:
             stream_id = self._engine.open(request_for(job, segment.text.strip(), voice,
                                                       segment.index))
         except Exception as error:  # noqa: BLE001 - any fault ends this segment only
-            self._end(job.id, _failed(job.id, error, segment.index))
+            self._end(job.id, failed(job.id, error, segment.index))
             return
         resampler = None if rate == native_rate else \
             soxr.ResampleStream(native_rate, rate, 1, dtype="float32")
@@ -149,7 +147,7 @@ class StreamLoop:
             for stream_id, held in list(self._open.items()):
                 self._engine.close(stream_id)
                 del self._open[stream_id]
-                self._end(held.job_id, _failed(held.job_id, error, held.segment.index))
+                self._end(held.job_id, failed(held.job_id, error, held.segment.index))
             return
         for output in outputs:
             in_hand = self._open.get(output.stream_id)
@@ -161,7 +159,7 @@ class StreamLoop:
             self._chunk(held, output.audio, last=False)
         if output.error is not None:
             del self._open[output.stream_id]
-            self._end(held.job_id, _failed(held.job_id, output.error, held.segment.index))
+            self._end(held.job_id, failed(held.job_id, output.error, held.segment.index))
         elif output.done:
             if held.resampler is not None:
                 self._chunk(held, np.zeros(0, dtype=np.float32), last=True)
@@ -190,14 +188,6 @@ class StreamLoop:
         """Memory first: the supervisor decides on recycling as segments come back."""
         self._channel.send(Heartbeat(self._measure()))
         self._channel.send(outcome)
-
-
-def _failed(job_id: str, error: Exception, index: int) -> JobFailed:
-    if isinstance(error, JobFailure):
-        return JobFailed(job_id, error.error)
-    log.error("engine_error", job=job_id, segment=index,
-              exc_info=(type(error), error, error.__traceback__))
-    return JobFailed(job_id, JobError(ErrorCode.ENGINE_ERROR, f"{type(error).__name__}: {error}"))
 
 
 def serve(engine: BatchedEngine, channel: StreamChannel, measure: Callable[[], Memory]) -> None:
