@@ -30,6 +30,7 @@ from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs
 from cosyvoiced.ledger import Ledger
 from cosyvoiced.sharing import Sharing
+from cosyvoiced.untrusted import json_value
 
 PUBLISH_S = 2.0
 # Not seen for longer: shown as lost. A host adds an entry every PUBLISH_S to PUBLISH_S + a
@@ -84,9 +85,9 @@ def fold(known: dict[str, Seen], entries: Iterable[tuple[str, wire.Fields]]) -> 
     for entry_id, fields in entries:
         try:
             name = fields[b"host"].decode()
-            figures = json.loads(fields[b"figures"])
+            figures = json_value(fields[b"figures"])
             at_ms = entry_ms(entry_id)
-        except (KeyError, ValueError):  # UnicodeDecodeError and JSON errors included
+        except (KeyError, ValueError):  # UnicodeDecodeError and NotJSON included
             continue
         if isinstance(figures, dict):
             latest[name] = Seen(at_ms, figures)

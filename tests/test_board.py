@@ -76,7 +76,10 @@ def test_the_roster_keeps_each_host_s_latest_figures_and_skips_what_is_not_ours(
                              _entry(1500, "c", state="ready", idle=2),
                              ("1600-0", {b"host": b"x"}),  # no figures: another version's
                              ("1700-0", {b"host": b"y", b"figures": b"not json"}),
-                             ("1800-0", {b"host": b"z", b"figures": b"[1]"})])
+                             ("1800-0", {b"host": b"z", b"figures": b"[1]"}),
+                             # nested too deep for json: skipped, not the roster's end
+                             ("1900-0", {b"host": b"w",
+                                         b"figures": b"[" * 100_000 + b"]" * 100_000})])
     known = roster.fold(known, [_entry(2000, "b", state="ready", idle=1)])
     assert known == {"b": roster.Seen(2000, {"state": "ready", "idle": 1}),
                      "c": roster.Seen(1500, {"state": "ready", "idle": 2})}
