@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from cosyvoiced.job import Job
 from cosyvoiced.scheduler import Priority
+from cosyvoiced.untrusted import json_value
 
 GROUP = "hosts"  # the one consumer group on each job stream: every daemon is a consumer
 
@@ -86,7 +87,7 @@ def job_fields(job: Job, host: str, prompt: bytes | None) -> dict[str, bytes]:
 
 def read_job(stream: str, entry: str, data: Fields, deliveries: int = 1) -> SharedJob:
     try:
-        job_data = json.loads(data[b"job"])
+        job_data = json_value(data[b"job"])
         unknown = set(job_data) - _JOB_FIELDS
         if unknown:
             raise WireError(f"unknown job fields {sorted(unknown)} (a newer daemon's?)")
@@ -125,7 +126,7 @@ def event_fields(event: Event) -> dict[str, bytes]:
 def read_event(entry: str, data: Fields) -> Event:
     try:
         return Event(data[b"kind"].decode(), data[b"job"].decode(), data[b"from"].decode(),
-                     json.loads(data[b"detail"]), data.get(b"audio", b""), entry)
+                     json_value(data[b"detail"]), data.get(b"audio", b""), entry)
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as error:
         raise WireError(f"not an event entry: {error}") from error
 

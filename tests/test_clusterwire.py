@@ -34,6 +34,12 @@ def test_an_entry_that_is_not_a_job_is_refused_with_the_reason() -> None:
         wire.read_job("s", "1-0", {b"job": b'{"id": "x", "from_the_future": 1}', b"host": b"h"})
     with pytest.raises(wire.WireError, match="not a job entry"):
         wire.read_job("s", "1-0", {b"something": b"else"})
+    deep = b"[" * 100_000 + b"]" * 100_000  # nested too deep for json: still a WireError
+    with pytest.raises(wire.WireError, match="not a job entry: nested too deep"):
+        wire.read_job("s", "1-0", {b"job": deep, b"host": b"h"})
+    with pytest.raises(wire.WireError, match="not an event entry: nested too deep"):
+        wire.read_event("1-0", {b"kind": b"chunk", b"job": b"j", b"from": b"h",
+                                b"detail": deep})
 
 
 def test_an_event_carries_float32_audio_exactly() -> None:
