@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from transformers import DynamicCache
 
 from cosyvoiced.engines import ras, token2wav
 from cosyvoiced.engines.kvpool import KVBudgetError, KVPool, KVShape, Reservation
+from cosyvoiced.engines.stageclock import Span, StageTally
 
 # Upstream's CosyVoice3LM asserts this id (<|endofprompt|>) is in the text or prompt text.
 END_OF_PROMPT_ID = 151646
@@ -53,6 +55,9 @@ class StreamRequest:
     speed: float = 1.0
     seed: int = 0
     hop: int = 0  # the first chunk's hop in tokens; 0: upstream's first (ChunkPlan.start)
+    # Where this stream's stage timings go (one tally for all the pieces of a segment); in
+    # a batch, a stream's time in a call is the whole batched call's.
+    stages: StageTally | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ class _Stream:
     llm_done: bool = False
     speech_tokens: list[int] = field(default_factory=list)
     silent_run: int = 0
+    llm_started: float = 0.0  # when its prefill began
+    last_token_at: float | None = None  # when its last speech token was drawn
 
     def input(self, key: str, default: torch.Tensor) -> torch.Tensor:
         value = self.request.model_input.get(key)
@@ -257,6 +264,9 @@ class BatchedDecoder:
                         events: list[StreamEvent]) -> list[tuple[_Stream, torch.Tensor]]:
         """The streams admitted at this step, prefilled as one batch; if that fails, one
         by one, so that only the stream at fault fails."""
+        started = time.perf_counter()
+        for stream in streams:
+            stream.llm_started = started
         if len(streams) > 1:
             with contextlib.suppress(Exception):
                 return list(zip(streams, self._prefill(streams).split(1), strict=True))
@@ -354,8 +364,10 @@ class BatchedDecoder:
         self._history[rows] = torch.concat([self._history[rows][:, 1:], tokens[:, None]], dim=1)
         self._last_token[rows] = tokens
         self._drawn[rows] = drawn + 1
-        for stream, token in zip(streams, tokens.tolist(), strict=True):  # the one copy
-            self._take(stream, token)
+        drawn_tokens = tokens.tolist()  # the one copy
+        now = time.perf_counter()
+        for stream, token in zip(streams, drawn_tokens, strict=True):
+            self._take(stream, token, now)
 
     def _decode(self, streams: list[_Stream]) -> torch.Tensor:
         """Feed each stream its last token, all at once; (streams, hidden) states."""
@@ -380,11 +392,14 @@ class BatchedDecoder:
         hidden: torch.Tensor = output.last_hidden_state[:, -1]
         return hidden
 
-    def _take(self, stream: _Stream, token: int) -> None:
+    def _take(self, stream: _Stream, token: int, now: float) -> None:
         """Upstream's stop rules and llm_job's silent-token filter for one drawn token."""
         if token in self._stop_ids:
             self._end_llm(stream)
             return
+        if stream.request.stages is not None:
+            stream.request.stages.token(stream.llm_started, stream.last_token_at, now)
+        stream.last_token_at = now
         stream.drawn += 1
         if token in self._silent:
             stream.silent_run += 1
@@ -446,8 +461,7 @@ class BatchedDecoder:
             for start in range(0, len(group), size):
                 batch = group[start:start + size]
                 try:
-                    solved = token2wav.solve(self.model.flow.decoder,
-                                             [prepared[index][2] for index in batch])
+                    solved = self._solve([prepared[index] for index in batch])
                 except Exception:  # noqa: BLE001 - retried alone, to find the stream at fault
                     solved = [self._solve_alone(prepared[index], events) for index in batch]
                 for index, mel in zip(batch, solved, strict=True):
@@ -457,10 +471,22 @@ class BatchedDecoder:
     def _solve_alone(self, item: tuple[_Stream, token2wav.Chunk, token2wav.FlowInput],
                      events: list[StreamEvent]) -> torch.Tensor | None:
         try:
-            return token2wav.solve(self.model.flow.decoder, [item[2]])[0]
+            return self._solve([item])[0]
         except Exception as error:  # noqa: BLE001 - fails this stream alone
             self._fail(item[0], error, events)
             return None
+
+    def _solve(self, items: list[tuple[_Stream, token2wav.Chunk, token2wav.FlowInput]]
+               ) -> list[torch.Tensor]:
+        """The flow's mels for `items` as one batch, timed into each stream's stages."""
+        span = Span(self.device.type == "cuda")
+        span.start()
+        mels = token2wav.solve(self.model.flow.decoder, [item for _, _, item in items])
+        span.end()
+        for stream, _, _ in items:
+            if stream.request.stages is not None:
+                stream.request.stages.flow.append(span)
+        return mels
 
     def _speak(self, stream: _Stream, chunk: token2wav.Chunk,
                mel: torch.Tensor) -> Iterator[StreamEvent]:
@@ -469,14 +495,19 @@ class BatchedDecoder:
             # upstream runs CosyVoice3's HiFT under autocast too, CosyVoice2's not
             with contextlib.nullcontext() if hasattr(self.model, "speech_window") else \
                     self._autocast():
+                span = Span(self.device.type == "cuda")
+                span.start()
                 audio = stream.vocoder.speech(self.model, mel, chunk.finalize,
                                               stream.request.speed)
+                span.end()
         except Exception as error:  # noqa: BLE001 - fails this stream alone
             failed: list[StreamEvent] = []
             self._fail(stream, error, failed)
             yield from failed
             return
         stream.plan.consumed(chunk)
+        if stream.request.stages is not None:
+            stream.request.stages.hift.append(span)
         yield StreamEvent(stream.stream_id, audio=audio.float().cpu(), mel=mel)
         if chunk.finalize:
             self._active.pop(stream.stream_id, None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from cosyvoiced.engines.batched import (
     StreamEvent,
     StreamRequest,
 )
+from cosyvoiced.engines.stageclock import StageTally
 from cosyvoiced.job import ErrorCode, JobFailure
 
 log = logs.get_logger("cosyvoiced.engines.cosyvoice")
@@ -91,6 +92,7 @@ class _Segment:
     scope: contextlib.ExitStack
     stream: bool
     speed: float
+    stages: StageTally = field(default_factory=StageTally)  # all its pieces'
 
 
 class StreamSet:
@@ -183,8 +185,9 @@ class StreamSet:
             self._end(stream_id)
             return [StreamOutput(stream_id, error=error)]
         if piece is None:
+            stages = self._segments[stream_id].stages.read()
             self._end(stream_id)
-            return [StreamOutput(stream_id, done=True)]
+            return [StreamOutput(stream_id, done=True, stages=stages)]
         self._add_piece(stream_id, piece, hop)
         return []
 
@@ -193,7 +196,8 @@ class StreamSet:
         # Each piece draws from its own random seed (ras.counter_uniforms, HiFT's noise).
         seed = int(torch.randint(0, 1 << 62, ()).item())
         piece = self._decoder.add(StreamRequest(model_input, stream=segment.stream,
-                                                speed=segment.speed, seed=seed, hop=hop))
+                                                speed=segment.speed, seed=seed, hop=hop,
+                                                stages=segment.stages))
         self._segment_of[piece] = stream_id
 
     def _end(self, stream_id: int) -> None:

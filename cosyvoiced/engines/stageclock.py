@@ -27,7 +27,7 @@ from cosyvoiced.stages import SegmentStages
 _MS = 1000.0
 
 
-class _Span:
+class Span:
     """One call's duration: wall clock on the CPU, a pair of CUDA events on a GPU."""
 
     def __init__(self, cuda: bool) -> None:
@@ -53,14 +53,33 @@ class _Span:
 
 
 @dataclass
-class _Request:
-    """What one request's calls have measured so far (the LLM thread writes its part)."""
+class StageTally:
+    """What one segment's calls have measured so far (the LLM thread writes its part). A
+    segment whose text upstream cuts into pieces makes one LLM call per piece: each adds its
+    own prefill and its own first-to-last-token time."""
 
     prefill_ms: float = 0.0
     tokens: int = 0
     decode_ms: float = 0.0
-    flow: list[_Span] = field(default_factory=list)
-    hift: list[_Span] = field(default_factory=list)
+    flow: list[Span] = field(default_factory=list)
+    hift: list[Span] = field(default_factory=list)
+
+    def token(self, started: float, previous: float | None, now: float) -> None:
+        """A token of an LLM call that started at `started`, drawn at `now`; `previous`:
+        when the call's token before it came (None for its first)."""
+        if previous is None:
+            self.prefill_ms += (now - started) * _MS
+        else:
+            self.decode_ms += (now - previous) * _MS
+        self.tokens += 1
+
+    def read(self) -> SegmentStages | None:
+        """The segment's stages; None if its LLM drew no token (it failed or was cut)."""
+        if self.tokens == 0:
+            return None
+        return SegmentStages(self.prefill_ms, self.tokens, self.decode_ms,
+                             tuple(span.ms() for span in self.flow),
+                             tuple(span.ms() for span in self.hift))
 
 
 class StageClock:
@@ -68,23 +87,18 @@ class StageClock:
 
     def __init__(self, model: Any) -> None:
         self._cuda = torch.cuda.is_available()
-        self._request = _Request()
+        self._request = StageTally()
         model.llm.inference = self._timed_tokens(model.llm.inference)
         model.flow.inference = self._timed_call(model.flow.inference, "flow")
         model.hift.inference = self._timed_call(model.hift.inference, "hift")
 
     def reset(self) -> None:
         """A new request starts: what follows is measured apart from what came before."""
-        self._request = _Request()
+        self._request = StageTally()
 
     def read(self) -> SegmentStages | None:
         """The request's stages; None if its LLM drew no token (it failed or was cut)."""
-        request = self._request
-        if request.tokens == 0:
-            return None
-        return SegmentStages(request.prefill_ms, request.tokens, request.decode_ms,
-                             tuple(span.ms() for span in request.flow),
-                             tuple(span.ms() for span in request.hift))
+        return self._request.read()
 
     def _timed_tokens(self, inference: Callable[..., Iterator[Any]]
                       ) -> Callable[..., Iterator[Any]]:
@@ -94,24 +108,21 @@ class StageClock:
         return timed
 
     @staticmethod
-    def _count(request: _Request, tokens: Iterator[Any]) -> Iterator[Any]:
+    def _count(request: StageTally, tokens: Iterator[Any]) -> Iterator[Any]:
         """`tokens` as they come, timed into `request` (kept as it was at the call: an LLM
         thread that outlives its request writes nothing into the next one's)."""
         started = time.perf_counter()
-        first = 0.0
+        previous: float | None = None
         for token in tokens:
             now = time.perf_counter()
-            if request.tokens == 0:
-                first = now
-                request.prefill_ms = (now - started) * _MS
-            request.tokens += 1
-            request.decode_ms = (now - first) * _MS
+            request.token(started, previous, now)
+            previous = now
             yield token
 
     def _timed_call(self, call: Callable[..., Any], stage: str) -> Callable[..., Any]:
         @functools.wraps(call)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            span = _Span(self._cuda)
+            span = Span(self._cuda)
             getattr(self._request, stage).append(span)
             span.start()
             try:
