@@ -427,7 +427,8 @@ class BatchedDecoder:
         with self._autocast():  # upstream runs the flow under autocast when fp16 is on
             for stream, chunk in due:
                 try:
-                    prepared.append((stream, chunk, self._flow_input(stream, chunk)))
+                    prepared.append((stream, chunk, _flow_input(self.model, self.device,
+                                                                 stream, chunk)))
                 except Exception as error:  # noqa: BLE001 - fails this stream alone
                     self._fail(stream, error, events)
             mels = self._solve_grouped(prepared, events)
@@ -435,18 +436,6 @@ class BatchedDecoder:
             if mel is not None:
                 events.extend(self._speak(stream, chunk, mel))
         return events
-
-    def _flow_input(self, stream: _Stream, chunk: token2wav.Chunk) -> token2wav.FlowInput:
-        get, device = stream.input, self.device
-        tokens = torch.tensor([stream.speech_tokens[:chunk.end]], dtype=torch.int32,
-                              device=device)
-        return token2wav.flow_input(
-            self.model.flow, tokens=tokens,
-            prompt_token=get("flow_prompt_speech_token",
-                             torch.zeros(1, 0, dtype=torch.int32)).to(device),
-            prompt_feat=get("prompt_speech_feat", torch.zeros(1, 0, 80)).to(device),
-            embedding=get("flow_embedding", torch.zeros(0, 192)).to(device),
-            finalize=chunk.finalize, streaming=not chunk.finalize)
 
     def _solve_grouped(self, prepared: list[tuple[_Stream, token2wav.Chunk,
                                                   token2wav.FlowInput]],
@@ -521,6 +510,21 @@ class BatchedDecoder:
         self._release(stream)
         stream.llm_done = True
         events.append(StreamEvent(stream.stream_id, error=error))
+
+
+def _flow_input(model: Any, device: torch.device, stream: _Stream,
+                chunk: token2wav.Chunk) -> token2wav.FlowInput:
+    """The flow's input for a stream's chunk: its speech tokens so far, and its prompt."""
+    get = stream.input
+    tokens = torch.tensor([stream.speech_tokens[:chunk.end]], dtype=torch.int32,
+                          device=device)
+    return token2wav.flow_input(
+        model.flow, tokens=tokens,
+        prompt_token=get("flow_prompt_speech_token",
+                         torch.zeros(1, 0, dtype=torch.int32)).to(device),
+        prompt_feat=get("prompt_speech_feat", torch.zeros(1, 0, 80)).to(device),
+        embedding=get("flow_embedding", torch.zeros(0, 192)).to(device),
+        finalize=chunk.finalize, streaming=not chunk.finalize)
 
 
 def _store_transposed(module: torch.nn.Module) -> None:

@@ -229,8 +229,11 @@ def test_cancelling_mid_stream_leaves_the_model_usable(client: Client, daemon: D
 def test_a_failing_llm_thread_fails_the_job_and_the_model_serves_on(
         tmp_path: Path, model_dir: Path, model_version: int) -> None:
     """Upstream runs its LLM in a thread of its own; when that raises, a streaming consumer
-    used to poll forever. The job must fail with the cause, at once, in the same worker."""
-    daemon = cosyvoice_daemon(tmp_path / "faulty", model_dir, "tests.cosyvoice.faulty_llm:load")
+    used to poll forever. The job must fail with the cause, at once, in the same worker.
+    One stream: the batched decoder (CosyVoice2/3's default) runs no upstream LLM thread;
+    its faults are test_engine_streams.py's."""
+    daemon = cosyvoice_daemon(tmp_path / "faulty", model_dir, "tests.cosyvoice.faulty_llm:load",
+                              max_streams=1)
     daemon.start()
     try:
         # Well inside the job timeout (30 s + 0.2 s a character): a hang fails here.
