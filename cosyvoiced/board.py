@@ -24,7 +24,7 @@ from cosyvoiced import logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
-from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.ledger import LedgerView, Running
 from cosyvoiced.pool import WorkerPool
 from cosyvoiced.workerhandle import WorkerHandle
 
@@ -50,7 +50,7 @@ class Daemon(Protocol):
     """What the board reads of the service (service.Service)."""
 
     @property
-    def ledger(self) -> Ledger: ...
+    def ledger(self) -> LedgerView: ...
 
     @property
     def pool(self) -> WorkerPool | None: ...

@@ -38,9 +38,11 @@ _DIGEST_BYTES = 32
 _PREFIX_BYTES = len(MAGIC) + _DIGEST_BYTES + 4
 # One entry may take at most this share of the cache (and never more than ENTRY_CAP), so a
 # single long text cannot flush everything else, and a long streamed job is not held in
-# memory to be cached.
+# memory to be cached. A hit is played at once, as float32 at the job's rate: at 48 kHz an
+# entry of 22.05 kHz 16-bit audio grows 4.4x, and must still fit under the 64 MiB a client
+# may leave unread (intake/reply.py), or a client that reads would be cut off.
 ENTRY_SHARE = 2
-ENTRY_CAP = 64 << 20  # about 25 minutes of 22.05 kHz audio
+ENTRY_CAP = 12 << 20  # about 4.75 minutes of 22.05 kHz audio
 
 log = logs.get_logger("cosyvoiced.cache")
 

@@ -244,6 +244,14 @@ class ZmqConfig:
     # Peers connected at once; over it, a new peer's handshake is refused (ZAP) and libzmq
     # closes its connection. Keep it well under the unit's LimitNOFILE=.
     max_connections: int = _setting(1024, _at_least(1))
+    # Reply bytes made for one peer that it has not taken yet, at most (libzmq holds them in
+    # the supervisor until the peer's socket takes them). Over it, a reply is dropped for a
+    # `client_too_slow` error and its job cancelled, and `synthesize` gets `busy`. A single
+    # reply bigger than this still goes when nothing else waits for that peer.
+    max_buffered_bytes: int = _setting(64 << 20, _at_least(1 << 20), size=True)
+    # A peer that sends nothing for this long and has no job in flight is disconnected
+    # (0: never). libzmq clients reconnect by themselves; the new connection counts afresh.
+    idle_timeout_s: float = _setting(300.0, _at_least(0))
 
 
 @dataclass(frozen=True)

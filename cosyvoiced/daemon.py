@@ -8,7 +8,7 @@ import os
 import sys
 from typing import NoReturn
 
-from cosyvoiced import __version__, config, logs, memory
+from cosyvoiced import __version__, config, fdlimit, logs, memory
 from cosyvoiced.engines import exports, probe
 from cosyvoiced.supervisor import EXIT_CONFIG, EXIT_WORKER_START, Supervisor
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         return _check(args.config, settings)
     logs.configure_supervisor(settings.log)
+    fdlimit.raise_soft_limit(settings)  # before any listener or worker: they inherit it
     memory.return_big_buffers_to_the_system()  # the supervisor holds audio in flight
     try:
         return Supervisor(settings, args.config).run()

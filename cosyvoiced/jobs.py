@@ -20,7 +20,7 @@ from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
 from cosyvoiced.job import Deferred, ErrorCode, Job, JobError, JobResult, Sink
-from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.ledger import Ledger, LedgerView, Running, Samples
 from cosyvoiced.messages import (
     AudioChunkReady,
     CancelJob,
@@ -81,9 +81,9 @@ def _captions(running: Running) -> captions.Captions | None:
 
 
 class JobBook:
-    def __init__(self, ledger: Ledger, spool: Spool, encoder: Encoder,
-                 prepare: Callable[[Job], Job], settings: Callable[[], Config]) -> None:
-        self.ledger = ledger
+    def __init__(self, spool: Spool, encoder: Encoder, prepare: Callable[[Job], Job],
+                 settings: Callable[[], Config]) -> None:
+        self._ledger = Ledger()  # written here only; read through `records`
         self._spool = spool
         self._encoder = encoder
         self._prepare = prepare  # Job -> the job as a worker should see it (the cache's)
@@ -99,6 +99,11 @@ class JobBook:
         return self._settings()
 
     @property
+    def records(self) -> LedgerView:
+        """The jobs not ended and the recent outcomes, to read (status, stats, console)."""
+        return self._ledger
+
+    @property
     def writing(self) -> int:
         """Results being encoded: the daemon waits for them before it exits."""
         return len(self._encoding)
@@ -106,7 +111,7 @@ class JobBook:
     # -- admitting --------------------------------------------------------------------------
     def admit(self, job: Job, sink: Sink, segments: list[str], persisted: bool) -> Running:
         """Queue `job`, its outcome bound to `sink` once and for all."""
-        running = self.ledger.enqueue(job, segments, time.monotonic())
+        running = self._ledger.enqueue(job, segments, time.monotonic())
         running.sink, running.persisted = sink, persisted
         return running
 
@@ -117,16 +122,16 @@ class JobBook:
         `streams`: the segments all ready workers make at once."""
         if not idle:
             return
-        waiting = self.ledger.waiting()
+        waiting = self._ledger.waiting()
         if stopping:  # finish what is in progress; start nothing new
             waiting = [w for w in waiting if w.started]
         places = scheduler.places({slot: w.free_streams for slot, w in idle.items()},
                                   {slot: len(w.jobs) for slot, w in idle.items()})
-        for choice in scheduler.assign(waiting, places, self.ledger.in_progress(),
+        for choice in scheduler.assign(waiting, places, self._ledger.in_progress(),
                                        self._max_active(streams),
-                                       self.ledger.shares_in_progress(),
-                                       self.ledger.last_turn):
-            self._hand_segment(self.ledger.jobs[choice.job_id], idle[choice.slot], now)
+                                       self._ledger.shares_in_progress(),
+                                       self._ledger.last_turn):
+            self._hand_segment(self._ledger.jobs[choice.job_id], idle[choice.slot], now)
 
     def _max_active(self, streams: int) -> int:
         """Jobs of a class in progress at once: the configured bound, or more where the
@@ -141,7 +146,7 @@ class JobBook:
                                       len(running.segments), running.segments[index])):
             return  # the worker is gone; handled next tick, the job waits
         running.holder, running.last_slot, running.retry = worker, worker.slot, False
-        self.ledger.turn_taken(running.job.share, now)
+        self._ledger.turn_taken(running.job.share, now)
         running.dispatched = True
         running.last_progress = now
         running.segment_chunks = 0
@@ -152,7 +157,7 @@ class JobBook:
         """The segments `worker` holds: the last progress of any and the longest one's
         length in characters (for the pool's job timeout), or None. A batched worker makes
         all of them in one loop, so any progress shows it is not hung."""
-        held = self.ledger.held_by(worker)
+        held = self._ledger.held_by(worker)
         if not held:
             return None
         return (max(r.last_progress for r in held),
@@ -160,7 +165,7 @@ class JobBook:
 
     # -- the workers' messages --------------------------------------------------------------
     def on_worker_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
-        running = self.ledger.get(getattr(message, "job_id", ""))
+        running = self._ledger.get(getattr(message, "job_id", ""))
         if running is None or running.holder is not worker:
             return  # a late message of a job that has ended
         running.last_progress = now
@@ -175,10 +180,10 @@ class JobBook:
             case SegmentFinished():
                 self._on_segment_done(worker, running, message, now)
             case JobFailed(_job_id, error):
-                self._release(worker, running, now)
+                self._free_worker(worker, running, now)
                 self.end(running, error)
             case JobCancelled():
-                self._release(worker, running, now)
+                self._free_worker(worker, running, now)
                 self.end(running, None)
 
     def _on_chunk(self, running: Running, message: AudioChunkReady) -> None:
@@ -202,13 +207,13 @@ class JobBook:
                                                   message.samples, message.words))
         running.chunks.extend(running.segment_audio)
         running.segment_audio = []
-        self._release(worker, running, now)
+        self._free_worker(worker, running, now)
         if running.cancel_requested:  # asked after its last chunk: still cancelled
             self.end(running, None)
         elif running.done == len(running.segments):
             self.finish(running)
 
-    def _release(self, worker: WorkerHandle, running: Running, now: float) -> None:
+    def _free_worker(self, worker: WorkerHandle, running: Running, now: float) -> None:
         """The worker no longer has the job's segment in hand (done, failed or lost)."""
         running.holder = None
         running.ready_since = now
@@ -222,14 +227,14 @@ class JobBook:
 
     def lost(self, worker: WorkerHandle, reason: str, now: float) -> None:
         """The worker holding segments died or was killed: retry each, or end its job."""
-        for running in self.ledger.held_by(worker):
+        for running in self._ledger.held_by(worker):
             self._lost_segment(worker, running, reason, now)
 
     def _lost_segment(self, worker: WorkerHandle, running: Running, reason: str,
                       now: float) -> None:
-        self._release(worker, running, now)
+        self._free_worker(worker, running, now)
         job = running.job
-        crashes = self.ledger.count_crash(job)
+        crashes = self._ledger.count_crash(job)
         timeout_s = policy.job_timeout_s(len(running.segments[running.done]),
                                          self.config.worker)
         what = f"hung (no progress for {timeout_s:g} s)" if reason == "job_timeout" else "died"
@@ -249,7 +254,7 @@ class JobBook:
 
     # -- asking and telling -----------------------------------------------------------------
     def cancel(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
-        running = self.ledger.get(job_id)
+        running = self._ledger.get(job_id)
         if running is None or not identity.may_see(running.job.owner):
             return False
         if running.holder is None:  # queued, or between two segments
@@ -258,6 +263,48 @@ class JobBook:
             running.cancel_requested = True
             running.holder.send(CancelJob(job_id))
         return True
+
+    # -- the cluster's side (sharing.py): what it reads and changes of the jobs -------------
+    def get(self, job_id: str) -> Running | None:
+        """A job not ended, to read."""
+        return self._ledger.get(job_id)
+
+    def shared(self) -> list[Running]:
+        """The jobs received here that wait on the cluster's stream (`remote`)."""
+        return [running for running in self._ledger.jobs.values() if running.remote]
+
+    def room(self, idle: int) -> tuple[int, int]:
+        """What this host can take from the cluster: (`idle` places less the jobs here
+        waiting to start, jobs more that this host's turns have room for)."""
+        here = [running for running in self._ledger.jobs.values() if not running.remote]
+        waiting = sum(1 for running in here if not running.started)
+        return (idle - waiting,
+                self.config.scheduling.max_active_jobs - len(here) if not waiting else 0)
+
+    def mark_remote(self, running: Running) -> None:
+        """The job went onto the cluster's stream: its events come from another host."""
+        running.remote = True
+
+    def remote_started(self, running: Running, host: str, sample_rate: int) -> None:
+        """`host` started a job of this host's (or, having taken it over, goes on with it)."""
+        first = not running.served_by
+        running.served_by = host
+        running.last_progress = time.monotonic()
+        if first:
+            running.dispatched, running.started_at = True, time.time()
+            running.sample_rate = sample_rate
+            running.bound_sink.started(running.job, sample_rate)
+
+    def remote_chunk(self, running: Running, samples: Samples) -> None:
+        """The next streamed chunk of a job of this host's that another host serves."""
+        running.bound_sink.chunk(running.job, running.chunks_sent, samples)
+        running.chunks_sent += 1
+        running.last_progress = time.monotonic()
+
+    def release(self, running: Running) -> None:
+        """The daemon stops: the job leaves this host's book with no outcome here (the
+        cluster, or the inbox, has it now)."""
+        self._ledger.pop(running.job.id)
 
     def serve_here(self, running: Running) -> None:
         """A job of this host's that was on the cluster's stream is served here after all."""
@@ -280,7 +327,7 @@ class JobBook:
     # -- ending -----------------------------------------------------------------------------
     def finish(self, running: Running) -> None:
         """The job's audio is complete: deliver it through its sink."""
-        self.ledger.pop(running.job.id)
+        self._ledger.pop(running.job.id)
         job = running.job
         result = JobResult(job.id, running.voice, running.sample_rate, running.samples,
                            running.synth_s, running.first_chunk_s,
@@ -316,7 +363,7 @@ class JobBook:
             self._encoder.submit(job.id, output.samples, output.sample_rate, output.format)
             self._encoding[job.id] = _Encoding(job, sink, output, result, status, summary,
                                                time.monotonic())
-            self.ledger.writing(job)
+            self._ledger.writing(job)
             return
         self.close(job, "done", result=result, status=status | {"output": output},
                    **(summary | {"output": output}))
@@ -347,7 +394,7 @@ class JobBook:
     def end(self, running: Running, error: JobError | None) -> None:
         """Record a job that ends without audio: failed with `error`, or cancelled (None)."""
         job = running.job
-        self.ledger.pop(job.id)
+        self._ledger.pop(job.id)
         sink = running.bound_sink
         try:
             if error is None:
@@ -367,7 +414,7 @@ class JobBook:
     def rejected(self, job_id: str, source: str, owner: str, error: JobError,
                  where: str) -> None:
         """A job refused before it was queued (a dropped file that is not a valid job)."""
-        self.ledger.record(job_id, source, "failed", owner, error=error.to_dict())
+        self._ledger.record(job_id, source, "failed", owner, error=error.to_dict())
         self.closed.append(Closed(job_id, source, "failed", None, owner, 0))
         log.info("job", job=job_id, source=source, outcome="failed", code=str(error.code),
                  message=error.message, failed=where)
@@ -375,7 +422,7 @@ class JobBook:
     def close(self, job: Job, outcome: str, *, status: dict[str, Any] | None = None,
               result: JobResult | None = None, **summary: Any) -> None:
         """A job has ended: remember it for `status`, and log its one summary line."""
-        self.ledger.record(job.id, job.source, outcome, job.owner, **(status or {}))
+        self._ledger.record(job.id, job.source, outcome, job.owner, **(status or {}))
         self.closed.append(Closed(job.id, job.source, outcome, result, job.share,
                                   int(summary.get("chars", job.chars))))
         log.info("job", job=job.id, source=job.source, outcome=outcome, **summary)

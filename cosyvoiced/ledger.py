@@ -1,16 +1,17 @@
 """What the supervisor knows about jobs: those not ended yet, and recent outcomes.
 
-Owned by the supervisor's thread only. A job is queued until its first segment goes to a
-worker, then in progress until it ends; in between, it waits for its next turn. Answers the
-`status` and `stats` questions and keeps the crash counts that tell a poison job from bad
-luck.
+Written by the job book (jobs.py) only, on the supervisor's thread; the others read it
+through `LedgerView`. A job is queued until its first segment goes to a worker, then in
+progress until it ends; in between, it waits for its next turn. Answers the `status` and
+`stats` questions and keeps the crash counts that tell a poison job from bad luck.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -77,6 +78,39 @@ class Running:
     def progress(self) -> dict[str, Any]:
         return {"segments_done": self.done, "segments": len(self.segments),
                 "audio_s": round(self.audio_s, 3)}
+
+
+class LedgerView(Protocol):
+    """The ledger, to read (status, stats, the console, the roster): only the job book
+    (jobs.py) writes it."""
+
+    @property
+    def jobs(self) -> Mapping[str, Running]: ...
+
+    @property
+    def finished(self) -> OrderedDict[str, dict[str, Any]]: ...
+
+    @property
+    def written(self) -> Mapping[str, Job]: ...
+
+    @property
+    def counts(self) -> Mapping[str, int]: ...
+
+    def __len__(self) -> int: ...
+
+    def queued(self) -> list[Running]: ...
+
+    def unstarted(self) -> int: ...
+
+    def unstarted_of(self, share: str) -> int: ...
+
+    def in_hand(self) -> list[Running]: ...
+
+    def in_progress(self) -> Counter[Priority]: ...
+
+    def owner_of(self, job_id: str) -> str | None: ...
+
+    def status(self, job_id: str) -> dict[str, Any] | None: ...
 
 
 class Ledger:

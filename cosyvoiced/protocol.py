@@ -38,6 +38,8 @@ class WireCode(StrEnum):
     NOT_FOUND = "not_found"
     UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
+    # A reply was dropped: the client left zmq.max_buffered_bytes of replies unread.
+    CLIENT_TOO_SLOW = "client_too_slow"
 
 
 # How each job error reads on the wire; the job's own code travels along as `reason`.

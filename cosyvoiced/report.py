@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cosyvoiced import __version__
-from cosyvoiced.ledger import Ledger
+from cosyvoiced.ledger import LedgerView
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.pool import WorkerPool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
@@ -23,7 +23,7 @@ from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 class Snapshot:
     """What the daemon says about itself is read from this, not from the supervisor."""
 
-    ledger: Ledger
+    ledger: LedgerView
     pool: WorkerPool
     engine_name: str  # the loaded engine's own name
     configured_engine: str  # engine.name, for "loading ..."
@@ -122,7 +122,7 @@ def status_line(supervisor: Snapshot) -> str:
     return line
 
 
-def publish(metrics: Metrics, ledger: Ledger, pool: WorkerPool) -> None:
+def publish(metrics: Metrics, ledger: LedgerView, pool: WorkerPool) -> None:
     """The gauges of the queue and the workers, as of this tick."""
     metrics.queue_depth.set(len(ledger.queued()))
     metrics.jobs_in_progress.set(sum(ledger.in_progress().values()))

@@ -28,7 +28,7 @@ import redis
 
 from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs
-from cosyvoiced.ledger import Ledger
+from cosyvoiced.ledger import LedgerView
 from cosyvoiced.sharing import Sharing
 from cosyvoiced.untrusted import json_value
 
@@ -52,7 +52,7 @@ class Seen:
     figures: Figures
 
 
-def host_figures(ledger: Ledger, *, engine: str, workers: int, idle: int,
+def host_figures(ledger: LedgerView, *, engine: str, workers: int, idle: int,
                  for_others: int) -> Figures:
     """This host's figures, from the tick's state. `idle`: the segments its workers could
     start now; `for_others`: jobs it serves for other hosts (counted in queued/running)."""

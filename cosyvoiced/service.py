@@ -1,8 +1,9 @@
 """The one service every intake sees: the same admission, limits, answers and catalog,
 whether a job came by drop folder, ZeroMQ, HTTP, Wyoming or another host.
 
-It holds the engine's catalog (voices, features, native rate), decides admission (stopping,
-a full queue, the anonymous clients' part of it), puts each job in front of the result
+It holds the engine's catalog (voices, features, native rate), decides admission
+(admission.py: stopping, a full queue, the anonymous clients' part of it, each client's
+requests in flight, an unknown voice), puts each job in front of the result
 cache and into the job book with its sink bound, shares it with the cluster, and answers
 `status`, `cancel` and `stats` for the jobs a client may see. The drop folder's claims come
 in here too. It is also what the cluster's sharing needs of this host (`sharing.Host`).
@@ -19,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from cosyvoiced import clients, clusterwire, logs, roster
+from cosyvoiced import admission, clients, logs, roster
 from cosyvoiced import segments as text_segments
+from cosyvoiced.admission import InFlight, PerClient
 from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
@@ -33,7 +35,7 @@ from cosyvoiced.intake.inbox import InboxIntake
 from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, Sink
 from cosyvoiced.jobs import JobBook
 from cosyvoiced.jobspec import Limits, build_job
-from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.ledger import LedgerView, Running
 from cosyvoiced.messages import EngineReady
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.policy import MAX_ATTEMPTS
@@ -57,18 +59,23 @@ class Intakes:
     """The four intakes, for the sinks of their jobs."""
 
     def __init__(self, inbox: InboxIntake, zmq: zmq_intake.ZmqIntake,
-                 http: http_intake.HttpIntake, wyoming: wyoming_intake.WyomingIntake) -> None:
+                 http: http_intake.HttpIntake, wyoming: wyoming_intake.WyomingIntake,
+                 in_flight: InFlight) -> None:
         self.inbox, self.zmq, self.http, self.wyoming = inbox, zmq, http, wyoming
+        self.in_flight = in_flight  # each client's requests in flight, whichever intake's
 
     @classmethod
     def build(cls, settings: Callable[[], Config], spool: Spool,  # noqa: PLR0917
               claims: queue.SimpleQueue[Claimed], wake: Callable[[], None], encoder: Encoder,
               limits: Callable[[], Limits]) -> Intakes:
-        """The four intakes of a daemon, reading their settings live (SIGHUP)."""
+        """The four intakes of a daemon, reading their settings live (SIGHUP), with the
+        one count of requests in flight (the ZeroMQ intake ends its requests itself)."""
+        in_flight = InFlight()
         return cls(InboxIntake(spool, claims, wake),
-                   zmq_intake.ZmqIntake(settings().zmq, limits, wake, encoder.read_prompt),
+                   zmq_intake.ZmqIntake(settings().zmq, limits, wake, encoder.read_prompt,
+                                        in_flight),
                    http_intake.HttpIntake(lambda: settings().http, wake, encoder),
-                   wyoming_intake.WyomingIntake(lambda: settings().wyoming, wake))
+                   wyoming_intake.WyomingIntake(lambda: settings().wyoming, wake), in_flight)
 
     def all(self) -> tuple[InboxIntake, zmq_intake.ZmqIntake, http_intake.HttpIntake,
                            wyoming_intake.WyomingIntake]:
@@ -89,6 +96,7 @@ class Service:
         self._settings = settings
         self.spool, self.book, self.cache, self.speakers = spool, book, cache, speakers
         self.metrics, self.intakes, self.wake = metrics, intakes, wake
+        self.in_flight = intakes.in_flight  # each client's requests, counted for admission
         config = settings()
         self.limits = Limits(config.spool.max_text_chars, config.spool.default_format,
                              config.spool.normalize)
@@ -120,8 +128,9 @@ class Service:
         return self._settings()
 
     @property
-    def ledger(self) -> Ledger:
-        return self.book.ledger
+    def ledger(self) -> LedgerView:
+        """The job book's records, to read (only the book writes them)."""
+        return self.book.records
 
     @property
     def cluster(self) -> Sharing:
@@ -175,25 +184,23 @@ class Service:
 
     # -- admission --------------------------------------------------------------------------
     def queue_full(self) -> bool:
-        """Jobs waiting to start are bounded here; those in progress by the scheduler."""
-        return self.ledger.unstarted() >= self.config.zmq.max_pending or self.stopping
+        """Stopping, or the queue is full: not even a client with a key is admitted. Jobs
+        waiting to start are bounded here; those in progress by the scheduler."""
+        return self.refusal(LOCAL_ADMIN) is not None
 
-    def refusal(self, identity: Identity) -> JobError | None:
-        """The one admission rule of every intake, before a job is queued: not while
-        stopping, not when the queue is full, and anonymous clients all together in at
-        most their part of it (so that clients with keys always find room)."""
-        if self.stopping:
-            return JobError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping; send the "
-                            "request again")
-        max_pending = self.config.zmq.max_pending
-        if self.ledger.unstarted() >= max_pending:
-            return JobError(ErrorCode.BUSY, "the queue is full (zmq.max_pending); retry later")
-        room = clients.anonymous_room(max_pending)
-        if identity.anonymous and self.ledger.unstarted_of(clients.ANONYMOUS) >= room:
-            return JobError(ErrorCode.BUSY, f"the {room} places of anonymous clients in the "
-                            "queue are taken (half of zmq.max_pending); retry later, or use "
-                            "an API key or a CURVE key")
-        return None
+    def refusal(self, identity: Identity,
+                per_client: PerClient | None = None) -> JobError | None:
+        """The one admission rule of every intake, before a job is queued (admission.py);
+        `per_client`: the intake's bound on this client's requests in flight."""
+        return admission.refusal(identity, self.ledger, stopping=self.stopping,
+                                 max_pending=self.config.zmq.max_pending,
+                                 in_flight=self.in_flight, per_client=per_client)
+
+    def check_voice(self, voice: Any) -> None:
+        """A voice the engine does not have is refused up front, by every intake alike."""
+        error = admission.unknown_voice(voice, self.voices)
+        if error is not None:
+            raise JobFailure(error.code, error.message, error.field)
 
     def sink_of(self, job: Job) -> Sink:
         """The job's intake (or the host that sent it); for a cache miss, with the cache's
@@ -354,7 +361,7 @@ class Service:
             self.book.end(running, JobError(ErrorCode.SHUTTING_DOWN,
                                             "the daemon is stopping; send the request again"))
         else:
-            self.ledger.pop(job.id)
+            self.book.release(running)
             self.hand_back(Claimed(job.origin))
 
     def drain(self, deadline_passed: bool) -> set[int] | None:
@@ -457,16 +464,6 @@ class Service:
     def enqueue_here(self, job: Job) -> None:
         """Another host's job, taken from the shared stream."""
         self.enqueue(job, share=False)
-
-    def serve_here(self, running: Running) -> None:
-        self.book.serve_here(running)
-        self.wake()
-
-    def end_job(self, running: Running, error: JobError | None) -> None:
-        self.book.end(running, error)
-
-    def finish_remote(self, running: Running, event: clusterwire.Event) -> None:
-        self.book.finish_remote(running, event)
 
 
 def _prompt_name(job_id: str) -> str:

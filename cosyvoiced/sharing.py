@@ -1,6 +1,6 @@
-"""The supervisor's side of a cluster: jobs shared through Redis with the other daemons.
+"""This host's side of a cluster: jobs shared through Redis with the other daemons.
 
-A job received here goes onto the shared stream and waits in the ledger as `remote` until
+A job received here goes onto the shared stream and waits in the job book as `remote` until
 its events come back (or this host takes it itself). A job taken from the stream runs here
 like any other; if another host received it, a `RemoteSink` sends its audio and outcome
 there. Every job still ends exactly once, where it was received: the events of a job
@@ -23,11 +23,10 @@ import numpy.typing as npt
 from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs, policy
 from cosyvoiced.cluster import ClusterLink, SharedLost, ShareFailed
-from cosyvoiced.config import ClusterConfig, Config
-from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult, Sink
-from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.config import ClusterConfig
+from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult
+from cosyvoiced.ledger import Running, Samples
 from cosyvoiced.metrics import Metrics
-from cosyvoiced.spool import Spool
 
 PROMPT_NAME = "shared.prompt"
 
@@ -71,18 +70,13 @@ class RemoteSink:
 
 
 class Host(Protocol):
-    """What sharing needs of the daemon it runs in (the supervisor), and nothing more."""
-
-    ready: bool
-    stopping: bool
-    metrics: Metrics
-    spool: Spool
+    """What sharing needs of the daemon it runs in (service.Service), and nothing more."""
 
     @property
-    def config(self) -> Config: ...
+    def ready(self) -> bool: ...
 
     @property
-    def ledger(self) -> Ledger: ...
+    def stopping(self) -> bool: ...
 
     def wake(self) -> None: ...
 
@@ -90,24 +84,49 @@ class Host(Protocol):
 
     def enqueue_here(self, job: Job) -> None: ...
 
-    def serve_here(self, running: Running) -> None: ...
 
-    def sink_of(self, job: Job) -> Sink: ...
+class Book(Protocol):
+    """What sharing reads and changes of the job book (jobs.JobBook): the jobs' records
+    are the book's to write."""
 
-    def end_job(self, running: Running, error: JobError | None) -> None: ...
+    def get(self, job_id: str) -> Running | None: ...
+
+    def shared(self) -> list[Running]: ...
+
+    def room(self, idle: int) -> tuple[int, int]: ...
+
+    def mark_remote(self, running: Running) -> None: ...
+
+    def remote_started(self, running: Running, host: str, sample_rate: int) -> None: ...
+
+    def remote_chunk(self, running: Running, samples: Samples) -> None: ...
 
     def finish_remote(self, running: Running, event: wire.Event) -> None: ...
 
+    def serve_here(self, running: Running) -> None: ...
+
+    def end(self, running: Running, error: JobError | None) -> None: ...
+
     def cancel(self, job_id: str) -> bool: ...
+
+    def release(self, running: Running) -> None: ...
+
+
+class Prompts(Protocol):
+    """Where the prompt audio of the jobs taken from the stream is kept (spool.Spool)."""
+
+    def write_prompt(self, job_id: str, name: str, data: bytes) -> Path: ...
+
+    def discard_prompts(self, job_id: str) -> None: ...
 
 
 class Sharing:
-    def __init__(self, settings: ClusterConfig, supervisor: Host) -> None:
-        self.supervisor = supervisor
+    def __init__(self, settings: ClusterConfig, host: Host, *, book: Book, prompts: Prompts,
+                 metrics: Metrics) -> None:
+        self.host, self.book, self.prompts, self.metrics = host, book, prompts, metrics
         self.name = (settings.name or socket.gethostname()) if settings.redis else ""
         self.claim_idle_s = settings.claim_idle_s
-        self.link = ClusterLink(settings, self.name, supervisor.wake) if settings.redis \
-            else None
+        self.link = ClusterLink(settings, self.name, host.wake) if settings.redis else None
         self.was_up = False
         self.down_since = 0.0
         self.own: dict[str, Running] = {}  # received here and shared, not ended
@@ -148,7 +167,7 @@ class Sharing:
             return False
         job = running.job
         prompt = Path(job.prompt_audio).read_bytes() if job.prompt_audio else None
-        running.remote = True
+        self.book.mark_remote(running)
         self.own[job.id] = running
         self.link.want(0)  # first: a read still out for jobs must not take this one back
         self.link.share(job, prompt)
@@ -156,19 +175,15 @@ class Sharing:
 
     def _free_here(self) -> bool:
         """An idle worker for every job waiting here to start (the new one included)."""
-        return self.supervisor.ready and self._capacity()[0] >= 0
+        return self.host.ready and self._capacity()[0] >= 0
 
     def _capacity(self) -> tuple[int, int]:
         """(idle workers less the jobs here waiting to start, jobs more that this host's
         turns have room for)."""
-        supervisor = self.supervisor
-        here = [r for r in supervisor.ledger.jobs.values() if not r.remote]
-        waiting = sum(1 for r in here if not r.started)
-        return (supervisor.idle_workers() - waiting,
-                supervisor.config.scheduling.max_active_jobs - len(here) if not waiting else 0)
+        return self.book.room(self.host.idle_workers())
 
     def _shared_count(self) -> int:
-        return sum(1 for r in self.supervisor.ledger.jobs.values() if r.remote)
+        return len(self.book.shared())
 
     def ended(self, job_id: str) -> None:
         """A job ended here: settle what Redis holds of it."""
@@ -187,7 +202,7 @@ class Sharing:
 
     def release(self, running: Running) -> bool:
         """The daemon stops: a job not started here (or not served here at all) is left
-        to the cluster. False: the supervisor releases it as it would alone."""
+        to the cluster. False: the service releases it as it would alone."""
         job_id = running.job.id
         shared = self.served.get(job_id)
         own = running.remote or (shared is not None and shared.host == self.name)
@@ -203,8 +218,8 @@ class Sharing:
             # Its outcome waits in Redis until this host is back and finds it in work/.
             self.own.pop(job_id, None)
         else:
-            self.supervisor.spool.discard_prompts(job_id)
-        self.supervisor.ledger.pop(job_id)
+            self.prompts.discard_prompts(job_id)
+        self.book.release(running)
         return True
 
     # -- the tick ------------------------------------------------------------------------
@@ -238,7 +253,7 @@ class Sharing:
         """Take as many jobs from the stream as this host can start now."""
         if self.link is None:
             return
-        if self.supervisor.ready and not self.supervisor.stopping:
+        if self.host.ready and not self.host.stopping:
             self.link.want(*self._capacity())
         else:
             self.link.want(0)
@@ -254,98 +269,94 @@ class Sharing:
                 self.down_since = now
                 log.warning("cluster_down", redis=self.link.url, error=self.link.error,
                             message="serving this host's jobs here until Redis is back")
-        self.supervisor.metrics.cluster_connected.set(int(up))
+        self.metrics.cluster_connected.set(int(up))
         if not up:
             self._take_back_all(now)
 
     def _take_back_all(self, now: float) -> None:
         """Redis is down: the jobs it holds for this host are served here instead."""
-        for running in list(self.supervisor.ledger.jobs.values()):
-            if not running.remote:
-                continue
+        for running in self.book.shared():
             if not running.started:
                 self._take_back(running.job.id, "redis_unreachable")
             elif now - self.down_since >= self.claim_idle_s:
                 self._take_back(running.job.id, "redis_unreachable_started")
 
     def _take_back(self, job_id: str, reason: str) -> None:
-        running = self.supervisor.ledger.get(job_id)
+        running = self.book.get(job_id)
         if running is None or not running.remote:
             return
         if running.job.stream and running.chunks_sent:
-            self.supervisor.end_job(running, JobError(
+            self.book.end(running, JobError(
                 ErrorCode.WORKER_CRASHED, f"lost contact with {running.served_by}, which was "
                 "streaming this job; its audio cannot be continued here"))
             return
         log.warning("job_taken_back", job=job_id, reason=reason, served_by=running.served_by)
-        self.supervisor.serve_here(running)
+        self._serve_here(running)
+
+    def _serve_here(self, running: Running) -> None:
+        self.book.serve_here(running)
+        self.host.wake()  # the tick dispatches it
 
     # -- serving -------------------------------------------------------------------------
     def _take(self, shared: wire.SharedJob) -> None:
-        supervisor = self.supervisor
         if shared.deliveries > 1:
             self.taken_over += 1
-            supervisor.metrics.jobs_taken_over.inc()
+            self.metrics.jobs_taken_over.inc()
         if shared.host == self.name:
             self._take_own(shared)
             return
         local_id = f"{shared.host}-{shared.job.id}"
         assert self.link is not None
-        if local_id in supervisor.ledger.jobs:
+        if self.book.get(local_id) is not None:
             self.link.settle(shared)  # a second entry of a job here already
+            return
+        sink = RemoteSink(self.link, shared)
+        if policy.poisoned(shared.deliveries):  # never queued here: no prompt kept
+            sink.fail_job(wire.served_job(shared, local_id, None),
+                          _poison_error(shared.deliveries))
             return
         prompt = None
         if shared.prompt is not None:
-            prompt = str(supervisor.spool.write_prompt(local_id, PROMPT_NAME, shared.prompt))
+            prompt = str(self.prompts.write_prompt(local_id, PROMPT_NAME, shared.prompt))
         self.served[local_id] = shared
-        self.sinks[local_id] = RemoteSink(self.link, shared)
-        job = wire.served_job(shared, local_id, prompt)
-        if policy.poisoned(shared.deliveries):
-            supervisor.sink_of(job).fail_job(job, _poison_error(shared.deliveries))
-            self.served.pop(local_id)
-            self.sinks.pop(local_id)
-            return
-        supervisor.enqueue_here(job)
+        self.sinks[local_id] = sink
+        self.host.enqueue_here(wire.served_job(shared, local_id, prompt))
 
     def _take_own(self, shared: wire.SharedJob) -> None:
         assert self.link is not None
-        running = self.supervisor.ledger.get(shared.job.id)
+        running = self.book.get(shared.job.id)
         if running is None or not running.remote:
             self.link.settle(shared)  # ended, or taken back, already
             return
         self.served[shared.job.id] = shared
         if policy.poisoned(shared.deliveries):
-            self.supervisor.end_job(running, _poison_error(shared.deliveries))
+            self.book.end(running, _poison_error(shared.deliveries))
         elif running.job.stream and running.chunks_sent:  # taken over from a dead host
-            self.supervisor.end_job(running, _stream_lost(running.served_by, self.name))
+            self.book.end(running, _stream_lost(running.served_by, self.name))
         else:
-            self.supervisor.serve_here(running)
+            self._serve_here(running)
 
     # -- events --------------------------------------------------------------------------
     def _apply(self, event: wire.Event) -> bool:
         """Act on one event; True if it ended a job received here."""
-        supervisor = self.supervisor
         if event.kind == wire.CANCEL:
-            supervisor.cancel(f"{event.sender}-{event.job_id}")
+            self.book.cancel(f"{event.sender}-{event.job_id}")
             return False
-        running = supervisor.ledger.get(event.job_id)
+        running = self.book.get(event.job_id)
         if running is None or not running.remote:
             return False  # ended already, or served here since
         if event.kind == wire.STARTED:
             self._started(running, event)
         elif event.kind == wire.CHUNK:
             if event.sender == running.served_by and event.detail["seq"] == running.chunks_sent:
-                supervisor.sink_of(running.job).chunk(running.job, running.chunks_sent,
-                                                      event.samples)
-                running.chunks_sent += 1
-                running.last_progress = time.monotonic()
+                self.book.remote_chunk(running, event.samples)
         elif event.kind in wire.OUTCOMES:
             self.own.pop(running.job.id, None)  # settled by forget(): nothing to withdraw
             if event.kind == wire.DONE:
-                supervisor.finish_remote(running, event)
+                self.book.finish_remote(running, event)
             else:
                 error = event.detail.get("error")
-                supervisor.end_job(running, JobError.from_dict(error) if error else None)
+                self.book.end(running, JobError.from_dict(error) if error else None)
             return True
         return False
 
@@ -358,16 +369,9 @@ class Sharing:
 
     def _started(self, running: Running, event: wire.Event) -> None:
         if running.served_by and running.served_by != event.sender and running.chunks_sent:
-            self.supervisor.end_job(running, _stream_lost(running.served_by, event.sender))
+            self.book.end(running, _stream_lost(running.served_by, event.sender))
             return
-        first = not running.served_by
-        running.served_by = event.sender
-        running.last_progress = time.monotonic()
-        if first:
-            running.dispatched = True
-            running.started_at = time.time()
-            running.sample_rate = int(event.detail["sample_rate"])
-            self.supervisor.sink_of(running.job).started(running.job, running.sample_rate)
+        self.book.remote_started(running, event.sender, int(event.detail["sample_rate"]))
 
     # -- reporting -----------------------------------------------------------------------
     def figures(self) -> dict[str, Any] | None:

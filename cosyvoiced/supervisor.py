@@ -9,10 +9,11 @@ Signal handlers only record the signal. One tick acts, always in this order:
 3. the cluster's jobs and events (sharing.poll);
 4. encoded results published (the encoder process's);
 5. the workers' messages, to the catalog or the job book;
-6. the workers checked (dead, hung, silent) and managed (recycle, spare, spawn);
+6. the workers checked (dead, hung, silent) and managed (the job book's freed workers
+   recycled if due, spare, spawn);
 7. dispatch: the next segments to the idle workers;
 8. what the job book recorded, drained: closed jobs to the metrics, spool and cluster,
-   started ones to the cluster, freed workers to the pool;
+   started ones to the cluster;
 9. jobs wanted from the cluster (sharing.offer);
 10. inbox rescan, stop progress, STATUS=, WATCHDOG=1, the cluster's roster (roster.py).
 Because the watchdog ping comes from the tick, a supervisor that stops ticking stops
@@ -32,7 +33,6 @@ from cosyvoiced import __version__, config, logs, reload, report
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
 from cosyvoiced.jobs import JobBook
-from cosyvoiced.ledger import Ledger
 from cosyvoiced.messages import EngineReady, FromWorker
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.notify import Notifier
@@ -72,8 +72,7 @@ class Supervisor:
         self.pool = WorkerPool(lambda: self.config, self.metrics)
         speakers = SpeakerStore(config.engine.cosyvoice.speakers_file)
         self.cache = ResultCache(config, speakers, self.metrics)
-        self.book = JobBook(Ledger(), self.spool, self.encoder, self.cache.worker_job,
-                            lambda: self.config)
+        self.book = JobBook(self.spool, self.encoder, self.cache.worker_job, lambda: self.config)
         claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
         intakes = Intakes.build(lambda: self.config, self.spool, claims, self.wake,
                                 self.encoder, lambda: self.service.limits)
@@ -85,7 +84,8 @@ class Supervisor:
         self.service.report = lambda identity: report.stats(
             self._snapshot(), time.monotonic() - self.started_at,
             lambda job_id: self.service.visible(job_id, identity))
-        self.sharing = Sharing(config.cluster, self.service)
+        self.sharing = Sharing(config.cluster, self.service, book=self.book, prompts=self.spool,
+                               metrics=self.metrics)
         self.service.sharing = self.sharing
         self.book.host = self.sharing.name
         self.stop_deadline = self.next_extend = 0.0
@@ -132,7 +132,7 @@ class Supervisor:
         self.encoder.stop(ENCODER_STOP_S)
         for intake in (self.zmq, self.http, self.wyoming):
             intake.stop()
-        log.info("stopped", exit_code=self.exit_code, **self.book.ledger.counts)
+        log.info("stopped", exit_code=self.exit_code, **self.book.records.counts)
         return self.exit_code
 
     def _timeout(self, now: float) -> float:
@@ -263,8 +263,8 @@ class Supervisor:
         self.service.stopping = True
         self.stop_deadline = now + self.config.worker.drain_timeout_s
         self.notifier.stopping()
-        log.info("stopping", reason=reason, queued=len(self.book.ledger.queued()),
-                 running=[r.job.id for r in self.book.ledger.in_hand()])
+        log.info("stopping", reason=reason, queued=len(self.book.records.queued()),
+                 running=[r.job.id for r in self.book.records.in_hand()])
         self.inbox.stop()
 
     def _progress_stop(self, now: float) -> None:
@@ -286,12 +286,12 @@ class Supervisor:
         if self.notifier.watchdog_due(now) and self.pool.healthy(now, self.book.progress):
             self.notifier.watchdog(now)
             self.metrics.watchdog_pings.inc()
-        report.publish(self.metrics, self.book.ledger, self.pool)
+        report.publish(self.metrics, self.book.records, self.pool)
         self.service.roster_note(now)
 
     def _snapshot(self) -> report.Snapshot:
         return report.Snapshot(
-            self.book.ledger, self.pool, self.service.engine_name, self.config.engine.name,
+            self.book.records, self.pool, self.service.engine_name, self.config.engine.name,
             self.service.ready, self.service.stopping, self.intake_failure, self.reload_error,
             self.cache.figures(), self.sharing.figures(), self.sharing.status())
 

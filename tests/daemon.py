@@ -205,8 +205,9 @@ class Daemon:
         write_config(self.config_path, settings)
 
     def start(self, extra_env: dict[str, str] | None = None, wait_ready: bool = True,
-              journal: bool = False) -> None:
-        """Start it; `journal` makes stdout look like journald's stream ($JOURNAL_STREAM)."""
+              journal: bool = False, nofile: tuple[int, int] | None = None) -> None:
+        """Start it; `journal` makes stdout look like journald's stream ($JOURNAL_STREAM);
+        `nofile`: the (soft, hard) file limit it starts with, as a unit's LimitNOFILE=."""
         self.notify = NotifySocket()
         self.runs += 1
         stdout = (self.root / f"stdout.{self.runs}.log").open("wb")
@@ -217,8 +218,10 @@ class Daemon:
         if journal:
             info = os.fstat(stdout.fileno())
             env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
+        # util-linux's prlimit sets the limits, then execs the daemon: the same pid.
+        limits = ["prlimit", f"--nofile={nofile[0]}:{nofile[1]}", "--"] if nofile else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cosyvoiced", "--config", str(self.config_path)],
+            [*limits, sys.executable, "-m", "cosyvoiced", "--config", str(self.config_path)],
             env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
         stdout.close()
         if wait_ready:
@@ -247,7 +250,9 @@ class Daemon:
         """The JSON lines of the log file; only those of `event`, if given."""
         if not self.log_file.exists():
             return []
-        lines = [json.loads(line) for line in self.log_file.read_text().splitlines() if line]
+        # Up to the last newline: a line the daemon is writing now is read next time.
+        text = self.log_file.read_text().rpartition("\n")[0]
+        lines = [json.loads(line) for line in text.splitlines() if line]
         return [e for e in lines if event is None or e["event"] == event]
 
     def signal(self, signum: int) -> None:

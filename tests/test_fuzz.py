@@ -4,8 +4,12 @@ the answer is a result or the error its callers expect, never another exception.
 - `protocol.parse` on any frames: a `Request`, or a `ProtocolError` whose reply encodes;
 - `jobspec.build_job` on any JSON-like fields: a `Job`, or a `JobFailure`;
 - `http.parse_speech` on any JSON value: a `SpeechRequest`, or a `JobFailure`;
+- a raw HTTP body's bytes through `untrusted.json_value` and `parse_speech`: a request, or
+  an error whose HTTP status is 4xx;
 - the live daemon's ZeroMQ socket on random frame lists: each gets a reply, nothing fails
-  inside, and the socket thread still answers `ping` afterwards.
+  inside, and the socket thread still answers `ping` afterwards;
+- the live daemon's `POST /v1/audio/speech` on random bodies (httpx): speech, or a 4xx
+  JSON error with its code, never a 5xx; the same daemon is ready afterwards.
 """
 
 from __future__ import annotations
@@ -14,18 +18,20 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import zmq
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from cosyvoiced import protocol
+from cosyvoiced import config, protocol
 from cosyvoiced.client import Client
-from cosyvoiced.intake.http import SPEECH_FIELDS, SpeechRequest, parse_speech
+from cosyvoiced.intake.http import SPEECH_FIELDS, SpeechRequest, error_body, parse_speech
 from cosyvoiced.job import FILE_FORMATS, Job, JobFailure
 from cosyvoiced.jobspec import FIELDS, Limits, build_job
 from cosyvoiced.protocol import Op, ProtocolError, Request
-from tests.daemon import Daemon
+from cosyvoiced.untrusted import NotJSON, json_value
+from tests.daemon import Daemon, free_port
 
 # No example database: nothing is written into the repository.
 FUZZ = settings(deadline=None, database=None, max_examples=300,
@@ -122,12 +128,66 @@ def test_parse_speech_returns_a_request_or_raises_job_failure(body: Any) -> None
     assert isinstance(parsed, SpeechRequest)
 
 
+# Raw bodies: bytes, JSON of any shape, speech requests with odd values, each perhaps cut
+# short or with a byte changed, deep nesting, numbers too long, UTF-8 that is not.
+lower_text = st.text(st.characters(codec="utf-8", exclude_categories=("Lu", "Lt")),
+                     max_size=30)
+speech_bodies = (st.fixed_dictionaries(
+    {"input": lower_text},
+    optional={name: field_values for name in SPEECH_FIELDS if name != "input"})
+                 # and requests that make sense, so that the fuzz reaches the job too
+                 | st.fixed_dictionaries(
+    {"model": st.just("tts-1"), "voice": st.sampled_from(["tone", "alloy"]),
+     "input": lower_text | st.sampled_from(["hello there.", "one. two. three."])},
+    optional={"response_format": st.sampled_from(["mp3", "opus", "aac", "flac", "wav", "pcm"]),
+              "speed": st.floats(min_value=0.25, max_value=4.0),
+              "stream_format": st.sampled_from(["audio", "sse"]),
+              "instructions": lower_text}))
+
+
+def _damaged(body: bytes, cut: int, at: int, byte: int) -> bytes:
+    body = body[:cut] if cut < len(body) else body
+    return body[:at] + bytes([byte]) + body[at + 1:] if at < len(body) else body
+
+
+raw_bodies = (st.binary(max_size=300)
+              | json_values.map(lambda value: json.dumps(value).encode())
+              | speech_bodies.map(lambda body: json.dumps(body).encode())
+              | st.builds(_damaged, speech_bodies.map(lambda body: json.dumps(body).encode()),
+                          st.integers(0, 200), st.integers(0, 200), st.integers(0, 255))
+              | deep_json | huge_numbers
+              | st.binary(min_size=1, max_size=8).map(
+                  lambda junk: b'{"model": "tts-1", "input": "' + junk + b'"}'))
+# The tone engine's fault words (HANG, ABORT, ...) are capitals: never in a live body.
+FAULT_WORDS = (b"HANG", b"ABORT", b"LEAK", b"SLOW", b"THREAD", b"KILL", b"FAIL")
+live_bodies = raw_bodies.filter(lambda body: not any(word in body for word in FAULT_WORDS))
+
+
+@BIG_EXAMPLES_OK
+@FUZZ
+@given(body=raw_bodies)
+def test_a_raw_http_body_is_a_request_or_a_4xx_error(body: bytes) -> None:
+    refused: JobFailure | None = None
+    try:
+        parsed = parse_speech(json_value(body), {"alloy": "tone"})
+    except NotJSON:
+        return  # the intake answers 400 bad_json
+    except JobFailure as failure:
+        refused = failure
+    if refused is None:
+        assert isinstance(parsed, SpeechRequest)
+        return
+    error = refused.error
+    assert 400 <= error_body(str(error.code), error.message, error.field)[0] < 500, error
+
+
 # -- the live daemon ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     running = Daemon(tmp_path_factory.mktemp("fuzz"), engine={"name": "tests.engines.faulty:load"},
                      spool={"max_text_chars": 40},  # short jobs: a second of tone at most
-                     zmq={"max_attachment_bytes": 1024, "max_header_bytes": 8192})
+                     zmq={"max_attachment_bytes": 1024, "max_header_bytes": 8192},
+                     http={"listen": f"127.0.0.1:{free_port()}"})
     running.start()
     yield running
     running.stop()
@@ -169,6 +229,49 @@ def test_the_zmq_socket_answers_random_frames(daemon: Daemon, frames: list[bytes
         assert header.get("code") != "internal", header
     finally:
         dealer.close(linger=0)
+
+
+@pytest.fixture(scope="module")
+def http_client(daemon: Daemon) -> Iterator[httpx.Client]:
+    address = f"http://{config.load(daemon.config_path).http.listen}"
+    with httpx.Client(base_url=address, timeout=30) as client:
+        yield client
+
+
+@BIG_EXAMPLES_OK
+@settings(deadline=None, database=None, max_examples=200, phases=[Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(body=live_bodies, content_type=st.sampled_from(["application/json", "text/plain", ""]))
+def test_the_http_speech_endpoint_answers_random_bodies(daemon: Daemon,
+                                                        http_client: httpx.Client,
+                                                        body: bytes, content_type: str) -> None:
+    try:
+        reply = http_client.post("/v1/audio/speech", content=body,
+                                 headers={"Content-Type": content_type} if content_type else {})
+    except httpx.RemoteProtocolError:  # closed by the daemon: clean, if it still answers
+        event("closed")
+        assert http_client.get("/healthz").status_code == 200
+        return
+    event(f"HTTP {reply.status_code}")  # --hypothesis-show-statistics counts them
+    if reply.status_code == 200:  # a request that makes sense: speech
+        assert reply.headers["content-type"].startswith(("audio/", "text/event-stream",
+                                                         "application/json"))
+        assert reply.content
+        return
+    assert 400 <= reply.status_code < 500, (reply.status_code, reply.text[:300], body[:200])
+    assert reply.headers["content-type"].startswith("application/json")
+    error = reply.json()["error"]
+    assert isinstance(error["code"], str)
+    assert error["code"]
+
+
+def test_after_the_fuzz_the_daemon_is_the_same_and_ready(daemon: Daemon,
+                                                         http_client: httpx.Client) -> None:
+    """Runs after the fuzz above (pytest keeps the file's order)."""
+    assert daemon.process is not None
+    assert daemon.process.poll() is None, "the daemon that was fuzzed is still running"
+    assert daemon.runs == 1
+    assert http_client.get("/readyz").json() == {"status": "ready"}
 
 
 def test_after_the_fuzz_the_socket_thread_still_answers(daemon: Daemon) -> None:

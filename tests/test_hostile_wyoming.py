@@ -120,24 +120,40 @@ def test_an_event_that_stops_midway_is_closed_after_the_read_timeout(daemon: Dae
 
 
 def test_a_client_that_stops_reading_is_closed_after_the_idle_timeout(daemon: Daemon) -> None:
-    async def stall() -> list[str]:
+    # Minutes of tone come at once (more than the sockets on the way hold), then the job
+    # slows down: it is still running when the writes stall.
+    text = f"{LONG_TEXT} " + " ".join(["SLOW@1."] * 30)
+    queued = len(_wyoming_jobs(daemon))
+
+    async def stall() -> tuple[list[str], float]:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # our audio backs up soon
         sock.connect(_address(daemon))
         reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(_event_bytes(Synthesize(LONG_TEXT).event()))
+        writer.write(_event_bytes(Synthesize(text).event()))
         await writer.drain()
-        await asyncio.sleep(IDLE_TIMEOUT_S + 3)  # reading nothing
+        began = time.monotonic()
+        (job,) = wait_until(lambda: _wyoming_jobs(daemon)[queued:], WAIT_S, "the job")
+        ended = wait_until(lambda: [e for e in daemon.log_events("job") if e["job"] == job],
+                           IDLE_TIMEOUT_S + WAIT_S, "the stalled job to end")  # unread
+        assert ended[0]["outcome"] == "cancelled", ended
+        stalled_s = time.monotonic() - began
         types = []
         async with asyncio.timeout(WAIT_S):  # then what was sent before the server gave up
             while (event := await async_read_event(reader)) is not None:
                 types.append(event.type)
         writer.close()
-        return types
+        return types, stalled_s
 
-    types = asyncio.run(stall())
+    types, stalled_s = asyncio.run(stall())
     assert types[0] == "audio-start"
     assert "audio-stop" not in types, "the server waited for the client to read again"
+    assert IDLE_TIMEOUT_S - 0.5 < stalled_s < IDLE_TIMEOUT_S + 10, \
+        "cancelled by the idle timeout, while the job still had sentences to make"
+
+
+def _wyoming_jobs(daemon: Daemon) -> list[str]:
+    return [e["job"] for e in daemon.log_events("job_queued") if e["source"] == "wyoming"]
 
 
 # -- how many, how much -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoded, Encoder
 from cosyvoiced.job import SINK_REPLY, Deferred, ErrorCode, Job, JobError, JobResult
 from cosyvoiced.jobs import JobBook
-from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.ledger import Running
 from cosyvoiced.messages import (
     AudioChunkReady,
     CancelJob,
@@ -104,7 +104,7 @@ def book(tmp_path: Path, encoder: FakeEncoder) -> JobBook:
     spool = Spool(tmp_path)
     spool.ensure()
     config = Config()
-    return JobBook(Ledger(), spool, cast(Encoder, encoder), lambda job: job, lambda: config)
+    return JobBook(spool, cast(Encoder, encoder), lambda job: job, lambda: config)
 
 
 def _job(job_id: str, stream: bool = False) -> Job:
@@ -138,7 +138,7 @@ def test_segments_go_in_order_and_a_whole_reply_is_delivered_once(book: JobBook)
         _run_segment(book, workers[0], "a", index)
     assert sink.events == [("started", RATE), ("deliver", 60)]
     assert [c.outcome for c in book.closed] == ["done"]
-    assert book.ledger.get("a") is None
+    assert book.get("a") is None
 
 
 def test_a_stream_sends_every_chunk_as_it_comes(book: JobBook) -> None:
@@ -159,14 +159,14 @@ def test_a_crash_retries_the_segment_then_the_poison_limit_ends_the_job(book: Jo
     workers = _workers(1)
     book.dispatch(workers, 0.0, stopping=False)
     book.lost(workers[0], "exited", 0.0)
-    running = book.ledger.get("p")
+    running = book.get("p")
     assert running is not None
     assert running.retry
     assert book.freed == [workers[0]]
     book.dispatch(workers, 1.0, stopping=False)
     book.lost(workers[0], "job_timeout", 1.0)
     assert sink.events == [("failed", "worker_crashed")]
-    assert book.ledger.get("p") is None
+    assert book.get("p") is None
 
 
 def test_a_streamed_segment_that_sent_audio_is_not_replayed(book: JobBook) -> None:
@@ -194,12 +194,14 @@ def test_cancel_while_queued_held_and_after_the_last_chunk(book: JobBook) -> Non
     book.on_worker_message(workers[0], JobCancelled("h"), 0.0)
     assert held.events == [("cancelled", None)]
 
-    book.admit(_job("l"), late, ["one."], persisted=False)
+    book.admit(_job("l", stream=True), late, ["one."], persisted=False)
     book.dispatch(workers, 0.0, stopping=False)
     book.on_worker_message(workers[0], SegmentStarted("l", 0, "v", RATE, 1.0), 0.0)
+    book.on_worker_message(workers[0], AudioChunkReady("l", 0, np.zeros(10, np.float32)), 0.0)
     assert book.cancel("l")  # asked after its last chunk, before it finished
-    book.on_worker_message(workers[0], SegmentFinished("l", 0, 0, 0.1, 0.05), 0.0)
-    assert late.events[-1] == ("cancelled", None)
+    assert isinstance(cast(FakeWorker, workers[0]).sent[-1], CancelJob)
+    book.on_worker_message(workers[0], SegmentFinished("l", 0, 10, 0.1, 0.05), 0.0)
+    assert late.events == [("started", RATE), ("chunk", (0, 10)), ("cancelled", None)]
     assert [c.outcome for c in book.closed] == ["cancelled"] * 3
 
 
@@ -208,7 +210,7 @@ def test_another_clients_job_cannot_be_cancelled(book: JobBook) -> None:
 
     book.admit(_job("mine"), FakeSink(), ["one."], persisted=False)
     assert not book.cancel("mine", anonymous("someone-else"))
-    assert book.ledger.get("mine") is not None
+    assert book.get("mine") is not None
 
 
 def test_a_failed_write_fails_the_job_with_internal(book: JobBook) -> None:
@@ -231,7 +233,7 @@ def test_a_deferred_result_ends_when_the_encoder_answers(book: JobBook,
         _run_segment(book, workers[0], job_id, 0)
     assert encoder.submitted == ["ok", "doomed"]
     assert book.writing == 2
-    assert book.ledger.status("ok") == {"state": "running", "source": "zmq", "writing": True}
+    assert book.records.status("ok") == {"state": "running", "source": "zmq", "writing": True}
     assert not book.closed
     encoder.done = [Encoded("ok", b"OggS", None),
                     Encoded("doomed", None, JobError(ErrorCode.ENCODE_FAILED, "died twice"))]
@@ -255,7 +257,7 @@ def test_while_stopping_only_jobs_in_progress_get_segments(book: JobBook) -> Non
     workers = _workers(1)
     book.dispatch(workers, 0.0, stopping=True)
     assert cast(FakeWorker, workers[0]).sent == []
-    running = book.ledger.get("new")
+    running = book.get("new")
     assert isinstance(running, Running)
     assert not running.started
 
@@ -290,7 +292,7 @@ def test_a_lost_batched_worker_retries_every_segment_it_held(book: JobBook) -> N
     book.dispatch({0: worker}, 0.0, stopping=False, streams=2)
     book.lost(worker, "exited", 0.0)
     for name in ("a", "b"):
-        running = book.ledger.get(name)
+        running = book.get(name)
         assert running is not None
         assert running.retry
         assert running.holder is None

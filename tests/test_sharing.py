@@ -10,13 +10,12 @@ from typing import Any, cast
 import pytest
 
 from cosyvoiced import clusterwire as wire
-from cosyvoiced.clients import LOCAL_ADMIN
 from cosyvoiced.cluster import ClusterLink, SharedLost
 from cosyvoiced.config import ClusterConfig, Config
 from cosyvoiced.encoding import Encoder
-from cosyvoiced.job import SINK_REPLY, Job, JobError, Sink
+from cosyvoiced.job import SINK_REPLY, Job, Sink
 from cosyvoiced.jobs import JobBook
-from cosyvoiced.ledger import Ledger, Running
+from cosyvoiced.ledger import Running
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.sharing import RemoteSink, Sharing
 from cosyvoiced.spool import Spool
@@ -42,18 +41,18 @@ class FakeLink:
 
 
 class Host:
-    """The supervisor's part that sharing sees (sharing.Host), on a real job book."""
+    """The service's part that sharing sees (sharing.Host), with a real job book."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self._config = Config()
+        config = Config()
         self.ready, self.stopping = True, False
         self.metrics = Metrics()
         self.spool = Spool(tmp_path)
         self.spool.ensure()
-        self.book = JobBook(Ledger(), self.spool, cast(Encoder, FakeEncoder()),
-                            lambda job: job, lambda: self._config)
+        self.book = JobBook(self.spool, cast(Encoder, FakeEncoder()), lambda job: job,
+                            lambda: config)
         self.sinks: dict[str, Sink] = {}
-        self.served_here: list[str] = []
+        self.wakes = 0
         self.sharing: Sharing | None = None
 
     def settle(self) -> None:
@@ -63,16 +62,8 @@ class Host:
         for job in closed:
             self.sharing.ended(job.job_id)
 
-    @property
-    def config(self) -> Config:
-        return self._config
-
-    @property
-    def ledger(self) -> Ledger:
-        return self.book.ledger
-
     def wake(self) -> None:
-        pass
+        self.wakes += 1
 
     def idle_workers(self) -> int:
         return 0
@@ -80,22 +71,10 @@ class Host:
     def enqueue_here(self, job: Job) -> None:
         self.book.admit(job, self.sink_of(job), ["x"], persisted=False)
 
-    def serve_here(self, running: Running) -> None:
-        self.served_here.append(running.job.id)
-        self.book.serve_here(running)
-
     def sink_of(self, job: Job) -> Sink:
+        """As service.sink_of: another host's job's outcome goes back to it."""
         remote = self.sharing.sinks.get(job.id) if self.sharing is not None else None
         return remote if remote is not None else self.sinks.setdefault(job.id, FakeSink())
-
-    def end_job(self, running: Running, error: JobError | None) -> None:
-        self.book.end(running, error)
-
-    def finish_remote(self, running: Running, event: wire.Event) -> None:
-        self.book.finish_remote(running, event)
-
-    def cancel(self, job_id: str) -> bool:
-        return self.book.cancel(job_id, LOCAL_ADMIN)
 
 
 @pytest.fixture
@@ -110,7 +89,8 @@ def link() -> FakeLink:
 
 @pytest.fixture
 def sharing(host: Host, link: FakeLink) -> Sharing:
-    shared = Sharing(ClusterConfig(redis="redis://fake", name="a"), host)
+    shared = Sharing(ClusterConfig(redis="redis://fake", name="a"), host, book=host.book,
+                     prompts=host.spool, metrics=host.metrics)
     shared.link = cast(ClusterLink, link)
     host.sharing = shared
     return shared
@@ -131,13 +111,52 @@ def _shared_own(host: Host, sharing: Sharing, job_id: str, stream: bool = False)
 
 def test_a_job_delivered_too_often_ends_as_poison_on_its_receiving_host(
         host: Host, sharing: Sharing, link: FakeLink) -> None:
-    taken = wire.SharedJob(_job("j1"), "b", None, "s", "1-0", deliveries=3)
+    taken = wire.SharedJob(_job("j1"), "b", b"prompt", "s", "1-0", deliveries=3)
     link.inbound.put(taken)
     sharing.poll(0.0)
     (event, _sent_to), = [(args[1], args[0]) for args in link.named("complete")]
     assert event.kind == wire.FAILED
     assert event.detail["error"]["code"] == "worker_crashed"
-    assert "b-j1" not in host.ledger.jobs  # never queued here
+    assert host.book.get("b-j1") is None  # never queued here
+    assert not list(host.spool.prompts.iterdir())  # nor its prompt kept
+
+
+def test_an_own_job_delivered_too_often_ends_as_poison_here(host: Host, sharing: Sharing,
+                                                           link: FakeLink) -> None:
+    """This host received it; the hosts that took it from the stream died with it."""
+    running = _shared_own(host, sharing, "mine")
+    taken = wire.SharedJob(running.job, "a", None, "s", "1-0", deliveries=3)
+    link.inbound.put(taken)
+    sharing.poll(0.0)
+    assert cast(FakeSink, host.sinks["mine"]).events == [("failed", "worker_crashed")]
+    assert host.book.get("mine") is None
+    assert sharing.taken_over == 1
+    host.settle()
+    assert link.named("settle") == [(taken,)]  # its entry leaves the stream
+    assert link.named("withdraw") == []
+
+
+def test_an_own_job_redelivered_within_the_limit_is_served_here(
+        host: Host, sharing: Sharing, link: FakeLink) -> None:
+    running = _shared_own(host, sharing, "again")
+    link.inbound.put(wire.SharedJob(running.job, "a", None, "s", "1-0", deliveries=2))
+    sharing.poll(0.0)
+    assert not running.remote
+    assert host.book.get("again") is running
+    assert cast(FakeSink, host.sinks["again"]).events == []
+
+
+def test_an_own_stream_taken_over_from_a_dead_host_ends_here(
+        host: Host, sharing: Sharing, link: FakeLink) -> None:
+    running = _shared_own(host, sharing, "cut", stream=True)
+    link.inbound.put(wire.Event(wire.STARTED, "cut", "b", {"sample_rate": 100}, entry="1-0"))
+    link.inbound.put(wire.Event(wire.CHUNK, "cut", "b", {"seq": 0},
+                                wire.audio_bytes([0.0] * 4), entry="1-1"))  # type: ignore[arg-type]
+    link.inbound.put(wire.SharedJob(running.job, "a", None, "s", "1-2", deliveries=2))
+    sharing.poll(0.0)
+    assert cast(FakeSink, host.sinks["cut"]).events == [
+        ("started", 100), ("chunk", (0, 4)), ("failed", "worker_crashed")]
+    assert host.book.get("cut") is None
 
 
 def test_redis_down_takes_back_the_jobs_no_host_started(host: Host, sharing: Sharing,
@@ -146,8 +165,9 @@ def test_redis_down_takes_back_the_jobs_no_host_started(host: Host, sharing: Sha
     assert running.remote
     link.up = False
     sharing.poll(10.0)
-    assert host.served_here == ["own"]
+    assert host.book.get("own") is running
     assert not running.remote
+    assert host.wakes  # the tick dispatches it
 
 
 def test_a_stream_another_host_was_serving_cannot_be_continued_here(
@@ -163,16 +183,16 @@ def test_a_stream_another_host_was_serving_cannot_be_continued_here(
     sharing.poll(1.0)
     sharing.poll(1.0 + sharing.claim_idle_s)  # b has been silent that long
     sink = cast(FakeSink, host.sinks["streamed"])
-    assert sink.events[-1] == ("failed", "worker_crashed")
-    assert host.served_here == []
+    assert sink.events == [("started", 100), ("chunk", (0, 4)), ("failed", "worker_crashed")]
+    assert host.book.get("streamed") is None  # ended, not served here
 
 
 def test_an_outcome_for_a_job_that_ended_already_is_dropped(host: Host, sharing: Sharing,
                                                             link: FakeLink) -> None:
     running = _shared_own(host, sharing, "twice")
-    host.cancel("twice")  # it ended here first
+    host.book.cancel("twice")  # it ended here first
     host.settle()
-    assert host.ledger.get("twice") is None
+    assert host.book.get("twice") is None
     assert link.named("withdraw") == [("twice",)]
     link.inbound.put(wire.Event(wire.FAILED, "twice", "b", {"error": {
         "code": "engine_error", "message": "late"}}, entry="2-0"))
@@ -186,9 +206,11 @@ def test_an_outcome_for_a_job_that_ended_already_is_dropped(host: Host, sharing:
 def test_a_job_redis_lost_is_served_here(host: Host, sharing: Sharing,
                                          link: FakeLink) -> None:
     _shared_own(host, sharing, "lost")
+    running = host.book.get("lost")
     link.inbound.put(SharedLost("lost"))
     sharing.poll(0.0)
-    assert host.served_here == ["lost"]
+    assert running is not None
+    assert not running.remote
 
 
 def test_a_remote_sink_sends_its_outcome_to_the_receiving_host(link: FakeLink) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -27,10 +28,10 @@ def _keys(directory: Path, name: str) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def _curve_daemon(make_daemon: DaemonFactory, root: Path,
-                  authorize: tuple[Path, ...] = ()) -> tuple[Daemon, bytes, Path]:
-    """A started daemon with CURVE on, admitting the public key files in `authorize`:
-    (daemon, server public key, authorized keys dir)."""
+def _curve_daemon(make_daemon: DaemonFactory, root: Path, authorize: tuple[Path, ...] = (),
+                  **sections: dict[str, Any]) -> tuple[Daemon, bytes, Path]:
+    """A started daemon with CURVE on, admitting the public key files in `authorize`, and
+    `sections` of config besides: (daemon, server public key, authorized keys dir)."""
     server_dir, authorized = root / "server", root / "authorized"
     for directory in (server_dir, authorized):
         directory.mkdir()
@@ -39,7 +40,8 @@ def _curve_daemon(make_daemon: DaemonFactory, root: Path,
     server_public, _ = _keys(server_dir, "server")
     daemon = make_daemon(zmq={"curve": True,
                               "server_secret_key": str(server_dir / "server.key_secret"),
-                              "authorized_keys_dir": str(authorized)})
+                              "authorized_keys_dir": str(authorized)} | sections.pop("zmq", {}),
+                         **sections)
     daemon.start()
     return daemon, server_public, authorized
 
@@ -63,6 +65,30 @@ def test_curve_admits_only_authorized_keys(make_daemon: DaemonFactory, tmp_path:
         client.ping()
     with Client(daemon.endpoint, timeout_s=2, retries=0) as client, pytest.raises(NoReply):
         client.ping()
+
+
+def test_a_curve_key_is_one_client_on_every_connection_for_its_limit(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    # Requests in flight are counted per client, as an HTTP API key's are: a key that opens
+    # more connections gets no more places in zmq.max_pending_per_client.
+    public, secret = _client_keys(tmp_path, "app")
+    daemon, server_public, _ = _curve_daemon(
+        make_daemon, tmp_path, authorize=(tmp_path / "app" / "app.key",),
+        engine={"name": "tests.engines.faulty:load"}, zmq={"max_pending_per_client": 1})
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    with context.socket(zmq.DEALER) as first, context.socket(zmq.DEALER) as second:
+        for raw in (first, second):
+            raw.curve_serverkey, raw.curve_publickey, raw.curve_secretkey = \
+                server_public, public, secret
+            raw.connect(daemon.endpoint)
+        first.send_json({"v": 1, "op": "synthesize", "id": "held", "text": "SLOW@10 Held."})
+        wait_until(lambda: daemon.log_events("job_queued"), 30, "the first request to queue")
+        second.send_json({"v": 1, "op": "synthesize", "id": "more", "text": "Hello."})
+        assert second.poll(30_000)
+        reply = json.loads(second.recv_multipart()[0])
+    assert (reply["id"], reply["event"], reply.get("code")) == ("more", "error", "busy")
+    assert "1 requests of this client are in flight (zmq.max_pending_per_client = 1)" in \
+        reply["message"]
 
 
 def test_sighup_rereads_the_authorized_keys(make_daemon: DaemonFactory, tmp_path: Path) -> None:

@@ -250,7 +250,7 @@ class HttpIntake(ReplyIntake):
 
     def __init__(self, settings: Callable[[], HttpConfig], wake: Callable[[], None],
                  encoder: Encoder) -> None:
-        super().__init__(wake, "http-loop")
+        super().__init__(wake, "http-loop", lambda: settings().max_pending_per_client)
         self._settings = settings
         self._keys = _Keys()
         self._encoder = encoder
@@ -259,9 +259,6 @@ class HttpIntake(ReplyIntake):
         self._next_forget = 0.0
         self._runner: web.AppRunner | None = None
         self._listening: asyncio.AbstractServer | None = None
-
-    def max_pending_per_client(self) -> int:
-        return self._settings().max_pending_per_client
 
     # -- lifecycle (supervisor thread) ------------------------------------------------------
     def start(self) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced import logs
+from cosyvoiced.admission import PerClient
 from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.limits import Throttled
@@ -219,12 +220,6 @@ def voice_names(voices: list[VoiceInfo]) -> list[str]:
     return sorted(v.name for v in voices)
 
 
-def unknown_voice(voice: str, voices: list[VoiceInfo]) -> JobFailure:
-    """The worker's own error for a voice it does not have, raised before queueing."""
-    return JobFailure(ErrorCode.UNKNOWN_VOICE, f"voice: {voice!r} is not available; choose "
-                      f"one of: {', '.join(voice_names(voices))}", "voice")
-
-
 def _language_key(tag: str) -> str:
     return tag.replace("_", "-").lower()
 
@@ -264,16 +259,17 @@ class ReplyIntake:
 
     source = "reply"
 
-    def __init__(self, wake: Callable[[], None], thread_name: str) -> None:
+    def __init__(self, wake: Callable[[], None], thread_name: str,
+                 max_pending_per_client: Callable[[], int]) -> None:
+        """`max_pending_per_client`: the intake's own setting of that name, read live."""
         self._wake = wake
         self._thread_name = thread_name
+        self._max_pending_per_client = max_pending_per_client
         self._inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}  # job id -> its handler (supervisor thread)
         self._overflowed: list[str] = []  # jobs whose client left too much audio unread
+        self._slow: set[str] = set()  # clients cut for that, until they read what is left
         self.loop_thread: LoopThread | None = None
-
-    def max_pending_per_client(self) -> int:
-        return 16
 
     def max_buffered_bytes(self) -> int:
         """Audio made for one client and not yet sent to it, at most."""
@@ -341,6 +337,7 @@ class ReplyIntake:
                 self._admit(message, service)
             elif isinstance(message, Released):
                 route = self._routes.pop(message.job_id, None)
+                service.in_flight.done(message.job_id)
                 if message.gone and route is not None and not route.ended:
                     log.info("client_gone", job=message.job_id, source=self.source)
                     service.cancel(message.job_id)
@@ -361,10 +358,7 @@ class ReplyIntake:
             return
         fields = _voice_fields(submission, service.voices)
         try:
-            voice = fields.get("voice")
-            if isinstance(voice, str) and service.voices and \
-                    voice not in voice_names(service.voices):
-                raise unknown_voice(voice, service.voices)
+            service.check_voice(fields.get("voice"))
             if submission.prompt is not None and "prompt_audio" not in service.engine_features:
                 raise JobFailure(ErrorCode.NOT_SUPPORTED, f"prompt_audio: the "
                                  f"{service.engine_name} engine cannot clone voices",
@@ -387,21 +381,20 @@ class ReplyIntake:
             return
         identity = submission.identity
         self._routes[job.id] = _Route(submission.exchange, identity)
+        service.in_flight.add(job.id, identity)
         service.enqueue(replace(job, owner=identity.owner, share=identity.share))
 
     def _refusal(self, submission: Submission, service: Service) -> Failed | None:
-        error = service.refusal(submission.identity)
-        if error is not None:
-            return Failed.of(error) if error.code == ErrorCode.SHUTTING_DOWN else \
-                Failed(BUSY, error.message)
+        per_client = PerClient(f"{self.source}.max_pending_per_client",
+                               self._max_pending_per_client())
+        error = service.refusal(submission.identity, per_client)
+        if error is not None:  # shutting_down, or busy
+            return Failed.of(error)
         client = submission.identity.client
-        routes = [route for route in self._routes.values() if route.identity.client == client]
-        limit = self.max_pending_per_client()
-        if len(routes) >= limit:
-            return Failed(BUSY, f"{len(routes)} requests of this client are in flight "
-                          f"(max_pending_per_client = {limit}); retry later")
         buffered = self._buffered(client)
-        if buffered >= self.max_buffered_bytes():
+        if not buffered:
+            self._slow.discard(client)
+        if buffered >= self.max_buffered_bytes() or client in self._slow:
             return Failed(BUSY, f"{buffered >> 20} MiB of audio made for this client is not "
                           "read yet; read it, then retry")
         return None
@@ -410,16 +403,19 @@ class ReplyIntake:
         return sum(route.exchange.pending_bytes for route in self._routes.values()
                    if route.identity.client == client)
 
+    def _overflows(self, route: _Route, nbytes: int) -> bool:
+        """Whether a chunk would take its client's unread audio past the bound."""
+        return self._buffered(route.identity.client) + nbytes > self.max_buffered_bytes()
+
     def _post(self, job: Job, event: Event, last: bool = False) -> None:
         route = self._routes.get(job.id)
         if route is None or route.ended:
             return
-        if isinstance(event, Chunk) and \
-                self._buffered(route.identity.client) + event.samples.nbytes > \
-                self.max_buffered_bytes():
+        if isinstance(event, Chunk) and self._overflows(route, event.samples.nbytes):
             # The client does not read: its audio would pile up here. End the job.
             route.ended = True
             self._overflowed.append(job.id)
+            self._slow.add(route.identity.client)
             route.exchange.post(Failed(BUSY, "the client did not read its audio fast "
                                        "enough; the job was cancelled"))
             return

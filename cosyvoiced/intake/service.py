@@ -1,11 +1,13 @@
-"""The part of the daemon's one service that every network intake calls: admission, the
-queue, cancelling, and the voice store. Each intake's own `Service` protocol adds what it
-alone needs; `cosyvoiced.service.Service` implements them all."""
+"""The part of the daemon's one service that every network intake calls: admission (with
+the one count of each client's requests in flight, and the unknown-voice check), the queue,
+cancelling, and the voice store. Each intake's own `Service` protocol adds what it alone
+needs; `cosyvoiced.service.Service` implements them all."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
+from cosyvoiced.admission import InFlight, PerClient
 from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.job import Job, JobError
@@ -15,8 +17,13 @@ class IntakeService(Protocol):
     ready: bool
     voices: list[VoiceInfo]
     engine_name: str
+    # An intake adds a request as it queues it, and says when it is done with it.
+    in_flight: InFlight
 
-    def refusal(self, identity: Identity) -> JobError | None: ...
+    def refusal(self, identity: Identity,
+                per_client: PerClient | None = ...) -> JobError | None: ...
+
+    def check_voice(self, voice: Any) -> None: ...
 
     def enqueue(self, job: Job) -> None: ...
 

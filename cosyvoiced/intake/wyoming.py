@@ -394,7 +394,7 @@ class WyomingIntake(ReplyIntake):
 
     def __init__(self, settings: Callable[[], WyomingConfig],
                  wake: Callable[[], None]) -> None:
-        super().__init__(wake, "wyoming-loop")
+        super().__init__(wake, "wyoming-loop", lambda: settings().max_pending_per_client)
         self._settings = settings
         self._server: AsyncServer | None = None
         self._connections = 0  # open now; read and changed on the loop thread only
@@ -402,9 +402,6 @@ class WyomingIntake(ReplyIntake):
     def settings(self) -> WyomingConfig:
         """The running `[wyoming]` settings (a reload replaces them)."""
         return self._settings()
-
-    def max_pending_per_client(self) -> int:
-        return self._settings().max_pending_per_client
 
     def connection_opened(self) -> bool:
         """Count a new connection in; False (not counted) when max_connections are open."""

@@ -6,7 +6,9 @@ Two threads share the work and never wait on each other or on synthesis:
   supervisor queues for it on an inproc PUSH/PULL pair, in order.
 - the supervisor's thread answers ops and routes each job's events to its requester.
 A reply that cannot be routed (the client went away) is reported back, and that client's
-jobs are cancelled.
+jobs are cancelled. What one peer can make the supervisor hold is bounded (zmq_peers.py):
+the reply bytes it has not taken (zmq.max_buffered_bytes), and its connection once it is
+idle (zmq.idle_timeout_s).
 
 The socket thread reads bytes from anyone who can connect: whatever one message does to it,
 that message gets an error reply and the thread goes on. Should the thread die anyway,
@@ -17,6 +19,7 @@ and the stop are sent without blocking, and each wait has a timeout.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import threading
@@ -34,11 +37,12 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from cosyvoiced import __version__, audio, clients, logs
+from cosyvoiced.admission import InFlight, PerClient
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
 from cosyvoiced.engines import VoiceInfo
-from cosyvoiced.intake.reply import unknown_voice, voice_names
 from cosyvoiced.intake.service import IntakeService
+from cosyvoiced.intake.zmq_peers import NON_FINAL_EVENTS, Outbox, Peers, reply_fits, shut_down
 from cosyvoiced.job import (
     PCM_FORMAT,
     REPLY_FORMATS,
@@ -72,12 +76,21 @@ SYNTHESIZE_FIELDS = (*(name for name in SUBMIT_FIELDS if name not in ("output", 
 # Ops whose attachment frame 1 is audio.
 AUDIO_OPS = (Op.SYNTHESIZE, Op.SUBMIT, Op.REGISTER_VOICE)
 _STOP = b"stop"
+# [b"", _DROP, routing id]: that idle peer has no job, drop it (no routing id is empty).
+_DROP = b"drop"
 REFUSED_LOG_INTERVAL_S = 10.0
 ZAP_DOMAIN = "cosyvoiced"  # every connection is authenticated (ZAP) in this domain
 _BATCH = 256  # messages handled per socket per poll round, so neither side starves
 _MONITOR_DRAIN_MS = 1000  # the socket thread reads connection events at least this often
 STOP_TIMEOUT_S = 5.0  # for the socket thread to flush the last replies and end
 _ROUTER_FLUSH_MS = 1000  # how long closing the ROUTER may spend sending the last replies
+# Messages queued per peer. Streams are bursty (a cached 20-minute text is 2,400 chunks);
+# their bytes are bounded by zmq.max_buffered_bytes, and a full HWM cancels the job.
+SNDHWM = 10_000
+# libzmq PINGs every peer this often, and drops one that sends nothing back for this long.
+HEARTBEAT_IVL_S = 5.0
+HEARTBEAT_TIMEOUT_S = 15.0
+_IDLE_CHECK_S = 1.0  # how often peers are checked for zmq.idle_timeout_s
 
 log = logs.get_logger("cosyvoiced.intake.zmq")
 
@@ -90,11 +103,30 @@ class ClientGone:
 
 
 @dataclass(frozen=True)
+class ClientTooSlow:
+    """A reply of this client's job was dropped: it left zmq.max_buffered_bytes unread."""
+
+    client: bytes
+    job: str
+
+
+@dataclass(frozen=True)
+class IdlePeer:
+    """This client sent nothing for zmq.idle_timeout_s: it is dropped unless it has jobs."""
+
+    client: bytes
+
+
+@dataclass(frozen=True)
 class PromptRead:
     """A voice to register, whose audio the encoder process has decoded (or refused)."""
 
     request: Request
     prepared: Future[bytes]
+
+
+# What the supervisor's thread is handed (by the socket thread; PromptRead by the encoder).
+Inbound = Request | ClientGone | ClientTooSlow | IdlePeer | PromptRead
 
 
 # Decodes and checks a voice's audio file away from the supervisor (Encoder.read_prompt).
@@ -139,12 +171,15 @@ class _Connections:
     have seen a new peer's ACCEPTED event yet when that peer's handshake reaches ZAP (a
     race CI caught). The socket thread drains it too, so events never pile up to the
     monitor's HWM and get dropped. The lock serialises the two threads' use of the one
-    monitor socket (libzmq allows a socket to move between threads behind a barrier)."""
+    monitor socket (libzmq allows a socket to move between threads behind a barrier), and
+    their use of the peers (each connection by descriptor, for zmq.idle_timeout_s)."""
 
     def __init__(self, limit: Callable[[], int]) -> None:
         self.count = 0
         self._limit = limit
         self._lock = threading.Lock()
+        self._peers = Peers()
+        self._left: list[bytes] = []  # routing ids whose connection ended, not yet taken
         self._monitor: zmq.Socket[bytes] | None = None
         self._refused = 0  # since the last log line (the ZAP thread's)
         self._next_log = 0.0
@@ -168,7 +203,18 @@ class _Connections:
                     event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
                 except zmq.Again:
                     return
-                self._seen(int(event["event"]))
+                self._seen(int(event["event"]), int(event["value"]))
+
+    @contextlib.contextmanager
+    def peers(self) -> Iterator[Peers]:
+        with self._lock:
+            yield self._peers
+
+    def take_left(self) -> list[bytes]:
+        """The routing ids whose connection ended since the last call."""
+        with self._lock:
+            left, self._left = self._left, []
+        return left
 
     def over_cap(self) -> bool:
         self.drain()
@@ -184,11 +230,16 @@ class _Connections:
                         max_connections=self._limit(), connected=self.count)
             self._refused, self._next_log = 0, now + REFUSED_LOG_INTERVAL_S
 
-    def _seen(self, event: int) -> None:
+    def _seen(self, event: int, fd: int) -> None:
+        """`fd`: the connection's descriptor (the value of both events)."""
         if event == zmq.EVENT_ACCEPTED:
             self.count += 1
+            self._peers.accepted(fd, time.monotonic())
         elif event == zmq.EVENT_DISCONNECTED:
             self.count = max(0, self.count - 1)
+            client = self._peers.disconnected(fd)
+            if client is not None:
+                self._left.append(client)
 
 
 @dataclass(frozen=True)
@@ -199,12 +250,14 @@ class _Route:
 
 class _SocketThread(threading.Thread):
     def __init__(self, router: zmq.Socket[bytes], replies: zmq.Socket[bytes],  # noqa: PLR0917
-                 limits: Callable[[], WireLimits],
-                 inbound: queue.SimpleQueue[Request | ClientGone | PromptRead],
+                 limits: Callable[[], WireLimits], inbound: queue.SimpleQueue[Inbound],
                  wake: Callable[[], None], connections: _Connections,
-                 curve: bool) -> None:
+                 curve: bool, *, settings: Callable[[], ZmqConfig]) -> None:
         super().__init__(name="zmq-socket", daemon=True)
         self._curve = curve
+        self._settings = settings  # read live: max_buffered_bytes, idle_timeout_s
+        self._outbox = Outbox()
+        self._next_idle_check = 0.0
         self._connections = connections
         connections.watch(router)
         self._router = router
@@ -234,6 +287,9 @@ class _SocketThread(threading.Thread):
         while True:
             ready = dict(poller.poll(_MONITOR_DRAIN_MS))
             self._connections.drain()
+            for client in self._connections.take_left():
+                self._outbox.forget(client)
+            self._check_idle()
             if self._replies in ready and not self._send_replies():
                 return
             if self._router in ready:
@@ -247,6 +303,8 @@ class _SocketThread(threading.Thread):
                 return
             frames = [frame.bytes for frame in message]
             try:
+                with self._connections.peers() as peers:
+                    peers.heard(_source_fd(message[0]), frames[0], time.monotonic())
                 # A user id is a CURVE key only with CURVE on (ZAP names NULL peers too).
                 self._take(frames, _user_id(message[-1]) if self._curve else None)
             except Exception:  # one message must not end the thread
@@ -262,8 +320,23 @@ class _SocketThread(threading.Thread):
         except ProtocolError as error:
             self._send(error_reply(route, error))
             return
+        if self._refused_unread(request):
+            return
         self._inbound.put(replace(request, user=user))
         self._wake()
+
+    def _refused_unread(self, request: Request) -> bool:
+        """A `synthesize` from a peer that has not taken its replies gets `busy`, as over
+        HTTP: its audio would only pile up here."""
+        buffered = self._outbox.buffered(request.client)
+        limit = self._settings().max_buffered_bytes
+        if request.op != Op.SYNTHESIZE or buffered < limit:
+            return False
+        log.debug("request_refused", source=SOURCE, code="busy", buffered_bytes=buffered)
+        self._send(error_reply(request.route, ProtocolError(
+            WireCode.BUSY, f"{_mib(buffered)} of replies to this client are not read yet "
+            f"(zmq.max_buffered_bytes = {_mib(limit)}); read them, then retry", request.id)))
+        return True
 
     def _send_replies(self) -> bool:
         """Forward queued replies; False once told to stop."""
@@ -274,17 +347,96 @@ class _SocketThread(threading.Thread):
                 return True
             if frames == [_STOP]:
                 return False
-            self._send(frames)
+            if frames[:2] == [b"", _DROP]:
+                self._drop_idle(frames[2])
+            else:
+                self._send(frames)
         return True
 
     def _send(self, frames: list[bytes]) -> None:
+        """A reply, if it fits the peer's zmq.max_buffered_bytes; else it is dropped for a
+        `client_too_slow` error, and so are the rest of its request's replies. Errors always
+        go: they are small, and SNDHWM bounds how many wait."""
+        client = frames[0]
+        route, body = split_envelope(frames)
+        header = _reply_header(body)
+        request_id, event = header.get("id"), header.get("event")
+        final = event not in NON_FINAL_EVENTS
+        if self._outbox.swallowed(client, request_id, final):
+            return
+        size = sum(len(frame) for frame in body)
+        buffered = self._outbox.buffered(client)
+        if event == "error" or reply_fits(buffered, size, self._settings().max_buffered_bytes):
+            self._hand_over(frames, size)
+            return
+        if not final:
+            self._outbox.fail(client, request_id)
+        self._too_slow(route, header, buffered)
+
+    def _too_slow(self, route: tuple[bytes, ...], header: dict[str, Any],
+                  buffered: int) -> None:
+        job = header.get("job")
+        limit = self._settings().max_buffered_bytes
+        error = ProtocolError(WireCode.CLIENT_TOO_SLOW, f"{_mib(buffered)} of replies to this "
+                              f"client are not read yet (zmq.max_buffered_bytes = "
+                              f"{_mib(limit)}): this reply was dropped"
+                              + (" and its job cancelled" if job else ""), header.get("id"))
+        self._hand_over(encode_reply(route, error.request_id, "error",
+                                     **({"job": job} if job else {}), **error.fields()), 0)
+        if isinstance(job, str):
+            self._inbound.put(ClientTooSlow(route[0], job))
+            self._wake()
+
+    def _hand_over(self, frames: list[bytes], size: int) -> None:
+        """Queue it on the ROUTER; its last frame zero-copy with a tracker, so the outbox
+        counts its bytes until libzmq lets go of them."""
+        *head, last = frames
         try:
-            self._router.send_multipart(frames, zmq.NOBLOCK)
+            tracker = self._router.send_multipart(
+                [*head, zmq.Frame(last, track=True, copy=False)], zmq.NOBLOCK, track=True)
         except (zmq.Again, zmq.error.ZMQError):
             # ROUTER_MANDATORY: the peer is gone (EHOSTUNREACH) or not reading (EAGAIN).
-            if frames:
-                self._inbound.put(ClientGone(frames[0]))
-                self._wake()
+            self._inbound.put(ClientGone(frames[0]))
+            self._wake()
+            return
+        if tracker is not None:
+            self._outbox.hold(frames[0], tracker, size)
+        with self._connections.peers() as peers:
+            peers.replied(frames[0], time.monotonic())
+
+    def _check_idle(self) -> None:
+        """Peers silent for zmq.idle_timeout_s: one that never sent a message is dropped at
+        once (no job can be its); for the others the supervisor is asked (`IdlePeer`)."""
+        now = time.monotonic()
+        if now < self._next_idle_check:
+            return
+        self._next_idle_check = now + _IDLE_CHECK_S
+        self._outbox.sweep()
+        timeout_s = self._settings().idle_timeout_s
+        dropped = 0
+        with self._connections.peers() as peers:
+            for fd, peer in peers.idle(now, timeout_s):
+                if peer.client is not None:
+                    peer.asked = now
+                    self._inbound.put(IdlePeer(peer.client))
+                elif peers.placed:  # else a silent connection may be a known client's
+                    dropped += shut_down(fd, peer.inode)
+                    peer.asked = now  # its DISCONNECTED removes it; until then, once
+        if dropped:
+            log.info("zmq_idle_peers_dropped", count=dropped, idle_timeout_s=timeout_s)
+        if not self._inbound.empty():
+            self._wake()
+
+    def _drop_idle(self, client: bytes) -> None:
+        """The supervisor found no job of this idle peer: drop it, unless it was heard from
+        (or replied to) since it was asked about."""
+        with self._connections.peers() as peers:
+            fd, peer = peers.fd_of(client), peers.peer_of(client)
+            dropped = fd is not None and peer is not None and peer.asked is not None \
+                and shut_down(fd, peer.inode)
+        if dropped:
+            log.info("zmq_idle_peers_dropped", count=1,
+                     idle_timeout_s=self._settings().idle_timeout_s)
 
 
 def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) -> zmq.Socket[bytes]:
@@ -294,14 +446,15 @@ def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) ->
     # route over at once: its jobs stay its own across a reconnect.
     router.setsockopt(zmq.ROUTER_HANDOVER, 1)
     router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.SNDHWM, 100_000)  # streams are bursty; a full HWM cancels the job
+    router.setsockopt(zmq.SNDHWM, SNDHWM)
     # Bigger than the app-level limits (the header's too: it may be the larger) so oversized
     # frames get an error reply; far bigger ones cost the sender its connection rather than
     # our memory.
     router.setsockopt(zmq.MAXMSGSIZE,
                       4 * max(settings.max_attachment_bytes, settings.max_header_bytes))
-    router.setsockopt(zmq.HEARTBEAT_IVL, 5000)  # notice dead peers on a silent network
-    router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+    # Notice dead peers on a silent network: the read bound of a connection with no request.
+    router.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
+    router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_S * 1000))
     # A peer that connects and never completes the ZMTP (or CURVE) handshake is dropped.
     router.setsockopt(zmq.HANDSHAKE_IVL, int(settings.handshake_timeout_s * 1000))
     if settings.curve:
@@ -316,15 +469,18 @@ def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) ->
 
 class ZmqIntake:
     def __init__(self, settings: ZmqConfig, limits: Callable[[], Limits],
-                 wake: Callable[[], None], read_prompt: PromptReader | None = None) -> None:
+                 wake: Callable[[], None], read_prompt: PromptReader | None = None,
+                 in_flight: InFlight | None = None) -> None:
         """`settings` may be replaced on reload; `limits` is read for every job, so both
-        follow a SIGHUP. `read_prompt` decodes a voice to register (None: none can be)."""
+        follow a SIGHUP. `read_prompt` decodes a voice to register (None: none can be).
+        `in_flight`: the service's count of each client's requests, which this intake ends
+        as it sends a request's last reply."""
         self.settings = settings
+        self._in_flight = in_flight if in_flight is not None else InFlight()
         self._limits = limits
         self._wake = wake
         self._read_prompt = read_prompt
-        self._inbound: queue.SimpleQueue[Request | ClientGone | PromptRead] = \
-            queue.SimpleQueue()
+        self._inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}  # job id -> requester, for reply jobs
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._auth: _Gate | None = None
@@ -367,7 +523,8 @@ class ZmqIntake:
         self._push.setsockopt(zmq.SNDHWM, 0)  # never drop or block a reply on this side
         self._push.connect(inproc)
         self._thread = _SocketThread(router, pull, self._wire_limits, self._inbound,
-                                     self._wake, self.connections, self.settings.curve)
+                                     self._wake, self.connections, self.settings.curve,
+                                     settings=lambda: self.settings)
         self._thread.start()
         log.info("zmq_listening", endpoints=self.settings.bind, curve=self.settings.curve)
 
@@ -401,7 +558,7 @@ class ZmqIntake:
             self._auth.configure_curve(domain=ZAP_DOMAIN,
                                        location=self.settings.authorized_keys_dir)
 
-    def inbound(self) -> Iterator[Request | ClientGone | PromptRead]:
+    def inbound(self) -> Iterator[Inbound]:
         while True:
             try:
                 yield self._inbound.get_nowait()
@@ -416,10 +573,24 @@ class ZmqIntake:
                 self.handle(message, service)
             elif isinstance(message, PromptRead):
                 self.handle(message.request, service, message.prepared)
+            elif isinstance(message, ClientTooSlow):
+                log.warning("client_too_slow", job=message.job, source=SOURCE,
+                            max_buffered_bytes=self.settings.max_buffered_bytes)
+                if message.job in self.jobs_of(message.client):
+                    service.cancel(message.job)
+            elif isinstance(message, IdlePeer):
+                self._drop_if_idle(message.client)
             else:
                 for job_id in self.jobs_of(message.client):
                     log.info("client_gone", job=job_id)
                     service.cancel(job_id)
+
+    def _drop_if_idle(self, client: bytes) -> None:
+        """An idle peer with no job in flight is dropped (by the socket thread)."""
+        if self._push is None or self.jobs_of(client):
+            return
+        with contextlib.suppress(zmq.ZMQError):  # no socket thread reads: nothing to drop
+            self._push.send_multipart([b"", _DROP, client], zmq.NOBLOCK)
 
     def _send(self, route: tuple[bytes, ...], request_id: str | None, event: str,
               payload: bytes | None = None, **fields: Any) -> None:
@@ -542,10 +713,11 @@ class ZmqIntake:
             identity = replace(identity, admin=True)
         return identity
 
-    def _admit(self, request: Request, service: Service) -> Identity:
+    def _admit(self, request: Request, service: Service,
+               per_client: PerClient | None = None) -> Identity:
         """The same admission as every intake's."""
         identity = self._identity(request, service)
-        refusal = service.refusal(identity)
+        refusal = service.refusal(identity, per_client)
         if refusal is not None:
             raise ProtocolError.from_job_error(refusal, request.id)
         return identity
@@ -563,17 +735,11 @@ class ZmqIntake:
             raise ProtocolError(WireCode.UNSUPPORTED, "timestamps: the `timing` event is a "
                                 "reply of its own, which needs a DEALER socket; a REQ socket "
                                 "takes one reply", request.id, "timestamps")
-        in_flight = len(self.jobs_of(request.client))
-        if in_flight >= self.settings.max_pending_per_client:
-            raise ProtocolError(WireCode.BUSY, f"{in_flight} requests of this client are in "
-                                "flight (zmq.max_pending_per_client)", request.id)
-        identity = self._admit(request, service)
-        voice = fields.get("voice")
-        if isinstance(voice, str) and service.voices and \
-                voice not in voice_names(service.voices):
-            # As HTTP and Wyoming answer a reply's unknown voice: up front. (A `submit` is a
-            # spool job: like a dropped file, it ends in failed/ with the same code.)
-            raise unknown_voice(voice, service.voices)
+        identity = self._admit(request, service, PerClient(
+            "zmq.max_pending_per_client", self.settings.max_pending_per_client))
+        # As HTTP and Wyoming answer a reply's unknown voice: up front. (A `submit` is a
+        # spool job: like a dropped file, it ends in failed/ with the same code.)
+        service.check_voice(fields.get("voice"))
         job_id = new_job_id()
         job = build_job(fields, job_id=job_id, source=SOURCE, origin=job_id,
                         default_output=job_id, limits=self._limits(),
@@ -583,11 +749,18 @@ class ZmqIntake:
         if request.attachments:
             job = replace(job, prompt_audio=service.keep_prompt(job_id, request.attachments[0]))
         self._routes[job.id] = _Route(request.route, request.id)
+        self._in_flight.add(job.id, identity)
         service.enqueue(job)
 
     # -- a reply job's events (supervisor thread) -------------------------------------------
     def jobs_of(self, client: bytes) -> list[str]:
+        """The reply jobs of one connection (cancelled when it is gone)."""
         return [job_id for job_id, route in self._routes.items() if route.envelope[0] == client]
+
+    def _end_route(self, job_id: str) -> None:
+        """The request's last reply is sent: it is no longer in flight."""
+        self._routes.pop(job_id, None)
+        self._in_flight.done(job_id)
 
     def _job_event(self, job: Job, event: str, payload: bytes | None = None,
                    **fields: Any) -> None:
@@ -613,7 +786,7 @@ class ZmqIntake:
                             synth_s=round(result.synth_s, 4),
                             first_chunk_s=round(result.first_chunk_s, 4), cached=result.cached,
                             **served)
-            self._routes.pop(job.id, None)
+            self._end_route(job.id)
             return f"reply:{job.id}"
 
         def publish(data: bytes) -> str:  # once the encoder process has made the file
@@ -621,7 +794,7 @@ class ZmqIntake:
                             sample_rate=result.sample_rate, audio_s=round(result.audio_s, 4),
                             synth_s=round(result.synth_s, 4), voice=result.voice,
                             cached=result.cached, **served)
-            self._routes.pop(job.id, None)
+            self._end_route(job.id)
             return f"reply:{job.id}"
 
         if job.format == PCM_FORMAT:  # numpy only: nothing native to keep apart
@@ -631,12 +804,12 @@ class ZmqIntake:
     def fail_job(self, job: Job, error: JobError) -> str:
         failure = ProtocolError.from_job_error(error, None)
         self._job_event(job, "error", **failure.fields())
-        self._routes.pop(job.id, None)
+        self._end_route(job.id)
         return f"reply:{job.id}"
 
     def cancelled(self, job: Job) -> None:
         self._job_event(job, "cancelled")
-        self._routes.pop(job.id, None)
+        self._end_route(job.id)
 
 
 def _timing(result: JobResult) -> dict[str, Any]:
@@ -645,6 +818,28 @@ def _timing(result: JobResult) -> dict[str, Any]:
     if result.captions is None:
         return {"sentences": [], "words": None}
     return result.captions.to_dict()
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    """The descriptor of the connection a message came in on (ZMQ_SRCFD)."""
+    try:
+        fd = frame.get(zmq.SRCFD)
+    except zmq.ZMQError:
+        return None
+    return fd if isinstance(fd, int) else None
+
+
+def _reply_header(body: list[bytes]) -> dict[str, Any]:
+    """A reply's own header (made here by `encode_reply`, never a peer's bytes)."""
+    try:
+        header = json.loads(body[0]) if body else {}
+    except ValueError:
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 def _user_id(frame: zmq.Frame) -> str | None:

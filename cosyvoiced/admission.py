@@ -1,0 +1,90 @@
+"""Admission: the one rule every intake applies before it queues a job, the one count of
+each client's requests in flight it reads, and the one unknown-voice check. Pure: the
+service (service.py) passes in what it knows; nothing here holds a socket or a clock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cosyvoiced import clients
+from cosyvoiced.clients import Identity
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.job import ErrorCode, JobError
+
+
+class Queue(Protocol):
+    """What admission reads of the ledger."""
+
+    def unstarted(self) -> int: ...
+
+    def unstarted_of(self, share: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class PerClient:
+    """An intake's bound on one client's requests in flight, and the setting it comes from
+    (named in the refusal)."""
+
+    setting: str
+    limit: int
+
+
+class InFlight:
+    """Each client's requests in flight, one count for every intake, keyed by
+    `Identity.client`: from admission until the intake has answered the request whole or
+    found its client gone (the intake says when: `done`)."""
+
+    def __init__(self) -> None:
+        self._client_of: dict[str, str] = {}  # request (its job id) -> its client
+        self._counts: Counter[str] = Counter()
+
+    def count(self, client: str) -> int:
+        return self._counts[client]
+
+    def add(self, job_id: str, identity: Identity) -> None:
+        self.done(job_id)  # counted once, whatever happens
+        self._client_of[job_id] = identity.client
+        self._counts[identity.client] += 1
+
+    def done(self, job_id: str) -> None:
+        client = self._client_of.pop(job_id, None)
+        if client is not None:
+            self._counts[client] -= 1
+            if not self._counts[client]:
+                del self._counts[client]  # bounded by the clients with requests in flight
+
+
+def refusal(identity: Identity, queue: Queue, *, stopping: bool, max_pending: int,
+            in_flight: InFlight, per_client: PerClient | None = None) -> JobError | None:
+    """Why a job of `identity` is not queued now (None: it is), in this order, for every
+    intake alike: not while stopping; not when zmq.max_pending jobs wait to start;
+    anonymous clients all together in at most their part of that (so that clients with
+    keys always find room); and no client over its intake's bound of requests in flight."""
+    if stopping:
+        return JobError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping; send the "
+                        "request again")
+    if queue.unstarted() >= max_pending:
+        return JobError(ErrorCode.BUSY, "the queue is full (zmq.max_pending); retry later")
+    room = clients.anonymous_room(max_pending)
+    if identity.anonymous and queue.unstarted_of(clients.ANONYMOUS) >= room:
+        return JobError(ErrorCode.BUSY, f"the {room} places of anonymous clients in the "
+                        "queue are taken (half of zmq.max_pending); retry later, or use "
+                        "an API key or a CURVE key")
+    held = in_flight.count(identity.client)
+    if per_client is not None and held >= per_client.limit:
+        return JobError(ErrorCode.BUSY, f"{held} requests of this client are in flight "
+                        f"({per_client.setting} = {per_client.limit}); retry later")
+    return None
+
+
+def unknown_voice(voice: Any, voices: list[VoiceInfo]) -> JobError | None:
+    """A voice the engine does not have, refused before queueing with the worker's own
+    error. Before the engine is ready (no voices known yet), the worker decides."""
+    names = sorted(v.name for v in voices)
+    if not isinstance(voice, str) or not names or voice in names:
+        return None
+    return JobError(ErrorCode.UNKNOWN_VOICE, f"voice: {voice!r} is not available; choose "
+                    f"one of: {', '.join(names)}", "voice")

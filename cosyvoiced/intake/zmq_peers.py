@@ -1,0 +1,182 @@
+"""What the ZeroMQ socket thread knows of each peer: the reply bytes libzmq still holds for it
+(`Outbox`), and its connection, when it was last heard from and how to drop it (`Peers`).
+
+libzmq says neither when a peer took a message nor which connection is whose, and a ROUTER
+cannot close one peer. So:
+- every reply's last frame is sent zero-copy with a tracker, which libzmq lets go of once the
+  message is written to the connection's kernel buffer (or dropped with the connection);
+  the bytes of a peer's untaken replies are the sum over its trackers not yet done;
+- the monitor names each connection's descriptor (ACCEPTED, DISCONNECTED) and every message
+  carries its connection's (ZMQ_SRCFD), which ties a routing id to a descriptor;
+- a peer is dropped by shutting down its socket through a duplicate of that descriptor:
+  libzmq sees the connection end, closes its own descriptor and frees the peer's pipe. The
+  descriptor is never closed here, and the socket's inode is checked first, so a number
+  that was reused meanwhile is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+# A request's replies before its last one: a stream's `start` and `chunk`s, and the `timing`
+# event before the audio. Every other event ends its request.
+NON_FINAL_EVENTS = frozenset({"start", "chunk", "timing"})
+
+
+def reply_fits(buffered: int, size: int, limit: int) -> bool:
+    """Whether a reply of `size` bytes may join the `buffered` bytes a peer has not taken:
+    within `limit`, or alone (one reply bigger than the limit goes when nothing waits)."""
+    return buffered == 0 or buffered + size <= limit
+
+
+def is_idle(active: float, now: float, timeout_s: float) -> bool:
+    """Whether a peer last heard from (or replied to) at `active` is idle at `now`; a
+    timeout of 0 turns idleness off."""
+    return timeout_s > 0 and now - active >= timeout_s
+
+
+class Outbox:
+    """Per peer (routing id): the reply bytes libzmq holds, and the requests whose replies
+    were dropped (their later replies are dropped too, up to the last)."""
+
+    def __init__(self) -> None:
+        self._held: dict[bytes, deque[tuple[zmq.MessageTracker, int]]] = {}
+        self._bytes: dict[bytes, int] = {}
+        self._failed: dict[bytes, set[str | None]] = {}
+
+    def buffered(self, client: bytes) -> int:
+        """Bytes of replies to `client` that libzmq has not let go of yet. A connection
+        writes in order, so done trackers are let go of from the front."""
+        held = self._held.get(client)
+        if held is None:
+            return 0
+        while held and held[0][0].done:
+            self._bytes[client] -= held.popleft()[1]
+        if not held:
+            del self._held[client], self._bytes[client]
+            return 0
+        return self._bytes[client]
+
+    def hold(self, client: bytes, tracker: zmq.MessageTracker, size: int) -> None:
+        self._held.setdefault(client, deque()).append((tracker, size))
+        self._bytes[client] = self._bytes.get(client, 0) + size
+
+    def fail(self, client: bytes, request_id: str | None) -> None:
+        """A reply to `request_id` was dropped: so are the rest of its replies."""
+        self._failed.setdefault(client, set()).add(request_id)
+
+    def swallowed(self, client: bytes, request_id: str | None, final: bool) -> bool:
+        """Whether this reply belongs to a failed request (and is dropped); its last reply
+        ends the request's entry."""
+        failed = self._failed.get(client)
+        if failed is None or request_id not in failed:
+            return False
+        if final:
+            failed.discard(request_id)
+            if not failed:
+                del self._failed[client]
+        return True
+
+    def sweep(self) -> None:
+        """Forget the trackers libzmq is done with, for peers no longer replied to."""
+        for client in list(self._held):
+            self.buffered(client)
+
+    def forget(self, client: bytes) -> None:
+        """The peer's connection ended: libzmq dropped what it held for it."""
+        self._held.pop(client, None)
+        self._bytes.pop(client, None)
+        self._failed.pop(client, None)
+
+
+@dataclass
+class Peer:
+    """One connection to the ROUTER."""
+
+    inode: int  # its socket's: a descriptor number is reused, an open socket's inode is not
+    active: float  # monotonic time of its last request or reply
+    client: bytes | None = None  # its routing id, once it sent a message
+    asked: float | None = None  # when the supervisor was asked whether it has jobs
+
+
+class Peers:
+    """The ROUTER's connections by descriptor, and which routing id is on which."""
+
+    def __init__(self) -> None:
+        self.by_fd: dict[int, Peer] = {}
+        self._fd_of: dict[bytes, int] = {}
+        self.placed = True  # every message so far named its descriptor (ZMQ_SRCFD)
+
+    def accepted(self, fd: int, now: float) -> None:
+        self.by_fd[fd] = Peer(_inode(fd), now)
+
+    def disconnected(self, fd: int) -> bytes | None:
+        """The routing id that was on `fd`, if any (and no newer connection took it)."""
+        peer = self.by_fd.pop(fd, None)
+        if peer is None or peer.client is None or self._fd_of.get(peer.client) != fd:
+            return None
+        del self._fd_of[peer.client]
+        return peer.client
+
+    def heard(self, fd: int | None, client: bytes, now: float) -> None:
+        """A message from `client` came in on `fd`."""
+        if fd is None or fd < 0:
+            self.placed = False  # then a silent connection may be this client's: keep it
+            return
+        peer = self.by_fd.get(fd)
+        if peer is not None:
+            peer.client, peer.active, peer.asked = client, now, None
+            self._fd_of[client] = fd
+
+    def replied(self, client: bytes, now: float) -> None:
+        peer = self.peer_of(client)
+        if peer is not None:
+            peer.active, peer.asked = now, None
+
+    def peer_of(self, client: bytes) -> Peer | None:
+        fd = self._fd_of.get(client)
+        return None if fd is None else self.by_fd.get(fd)
+
+    def fd_of(self, client: bytes) -> int | None:
+        return self._fd_of.get(client)
+
+    def idle(self, now: float, timeout_s: float) -> list[tuple[int, Peer]]:
+        """Idle connections not yet asked about (or asked a timeout ago, unanswered)."""
+        return [(fd, peer) for fd, peer in self.by_fd.items()
+                if is_idle(peer.active, now, timeout_s)
+                and (peer.asked is None or is_idle(peer.asked, now, timeout_s))]
+
+
+def shut_down(fd: int, inode: int) -> bool:
+    """End the connection on libzmq's descriptor `fd` if it is still the socket `inode`:
+    shut down through a duplicate (closing only the duplicate), so that libzmq sees the
+    peer leave and cleans up after it as it would after any disconnect."""
+    try:
+        duplicate = os.dup(fd)
+    except OSError:  # closed meanwhile
+        return False
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:  # reused by something that is not a socket
+        os.close(duplicate)
+        return False
+    with sock:
+        if _inode(sock.fileno()) != inode:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+    return True
+
+
+def _inode(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return -1

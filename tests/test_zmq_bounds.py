@@ -1,0 +1,297 @@
+"""The ZeroMQ intake's bounds on what one peer can make the supervisor hold: reply bytes a
+client does not read (zmq.max_buffered_bytes), and connections that say nothing
+(zmq.idle_timeout_s). Real daemons, real pyzmq clients."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from cosyvoiced.client import Client
+from cosyvoiced.intake.zmq_peers import is_idle, reply_fits
+from tests.conftest import DaemonFactory
+from tests.daemon import Daemon, wait_until
+
+TONE = {"name": "tests.engines.faulty:load"}
+TONE_RATE = 22050
+# 2,000 characters: about 100 s of tone, a 4.3 MB pcm_s16le reply.
+LONG_TEXT = ("Memory held for a client stays bounded. " * 50)[:2000].strip()
+LONG_REPLY_BYTES = 4 << 20  # at least
+BUFFERED_LIMIT = 8 << 20
+WAVES, WAVE = 16, 8  # requests the never-reading client sends, in waves of at most its 16
+SLACK_BYTES = 48 << 20  # the Python heap's own growth over 128 jobs, and the allocator's
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class _LogCounter:
+    """The daemon's log events by (event, source), read as the file grows."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._offset = 0
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def count(self, event: str, source: str) -> int:
+        if self._path.exists():
+            with self._path.open("rb") as log:
+                log.seek(self._offset)
+                data = log.read()
+            whole = data[:data.rfind(b"\n") + 1]
+            self._offset += len(whole)
+            for line in whole.splitlines():
+                entry = json.loads(line)
+                self._counts[entry["event"], str(entry.get("source"))] += 1
+        return self._counts[event, source]
+
+    def answered(self, requests: int) -> bool:
+        """Whether the ZeroMQ requests so far each made a job or were refused."""
+        return self.count("job", "zmq") + self.count("request_refused", "zmq") >= requests
+
+
+def _never_reading_dealer(endpoint: str) -> zmq.Socket[bytes]:
+    """A DEALER whose libzmq takes one message off the connection and then no more, as a
+    client that stopped reading would."""
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVHWM, 1)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    return dealer
+
+
+def _synthesize(request_id: str, text: str) -> bytes:
+    return json.dumps({"v": 1, "op": "synthesize", "id": request_id, "text": text,
+                       "format": "pcm_s16le"}).encode()
+
+
+def _read_all(dealer: zmq.Socket[bytes], expected: int) -> list[tuple[dict[str, Any], int]]:
+    """Every reply the dealer has coming (each request ends in one): (header, payload size)."""
+    replies: list[tuple[dict[str, Any], int]] = []
+    while len(replies) < expected and dealer.poll(30_000):
+        frames = dealer.recv_multipart()
+        replies.append((json.loads(frames[0]), len(frames[1]) if len(frames) > 1 else 0))
+    return replies
+
+
+@pytest.fixture
+def cached_daemon(make_daemon: DaemonFactory) -> tuple[Daemon, int]:
+    """A daemon with LONG_TEXT in its result cache, and the size of its reply."""
+    daemon = make_daemon(engine=TONE, cache={"max_bytes": "256MiB"},
+                         zmq={"max_buffered_bytes": BUFFERED_LIMIT})
+    daemon.start()
+    with Client(daemon.endpoint, timeout_s=60, retries=0) as client:
+        for cached in (False, True):  # the second one comes from the result cache
+            result = client.synthesize(LONG_TEXT, format="pcm_s16le")
+            assert result.header["cached"] is cached
+            assert len(result.audio) > LONG_REPLY_BYTES
+    return daemon, len(result.audio)
+
+
+def test_a_client_that_never_reads_cached_long_results_holds_a_bounded_amount(
+        cached_daemon: tuple[Daemon, int]) -> None:
+    """Finding 5 on ZeroMQ: cache hits finish at once, so they stop counting against
+    max_pending_per_client; their 4.4 MB replies used to wait in libzmq's queue for the
+    peer (SNDHWM was 100,000 messages), 128 of them 565 MB. Now at most
+    zmq.max_buffered_bytes waits, the rest is dropped for `client_too_slow`, and further
+    `synthesize` requests get `busy` until the client reads."""
+    daemon, reply_bytes = cached_daemon
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    baseline = _rss_bytes(pid)
+    log = _LogCounter(daemon.log_file)
+    dealer = _never_reading_dealer(daemon.endpoint)
+    try:
+        sent = 0
+        for _ in range(WAVES):
+            for _ in range(WAVE):
+                dealer.send(_synthesize(f"r{sent}", LONG_TEXT))
+                sent += 1
+            wait_until(partial(log.answered, sent), 60, "the daemon to answer the wave")
+        grown = _rss_bytes(pid) - baseline
+        print(f"supervisor RSS {baseline >> 20} MiB -> {(baseline + grown) >> 20} MiB "
+              f"after {sent} unread requests for a {reply_bytes / 1e6:.1f} MB reply")
+        assert grown < BUFFERED_LIMIT + reply_bytes + SLACK_BYTES, \
+            f"the supervisor grew {grown >> 20} MiB for a client that does not read"
+        # Another client is served meanwhile, at once.
+        with Client(daemon.endpoint, timeout_s=30, retries=0) as other:
+            short = other.synthesize("Another client is still served.", format="pcm_s16le")
+            samples = np.frombuffer(short.audio, dtype="<i2")
+            assert len(samples) / TONE_RATE > 1.0
+            assert np.abs(samples).max() > 1000
+        # When the client reads at last: whole replies, then the errors that replaced the
+        # rest; every request has its one answer.
+        replies = _read_all(dealer, sent)
+        assert len(replies) == sent
+        events = Counter(header.get("code", header["event"]) for header, _size in replies)
+        assert events["client_too_slow"] > 0
+        assert events["result"] + events["client_too_slow"] + events["busy"] == sent
+        assert {size for header, size in replies if header["event"] == "result"} == \
+            {reply_bytes}
+        slow = next(header for header, _size in replies if header.get("code") ==
+                    "client_too_slow")
+        assert "zmq.max_buffered_bytes" in slow["message"]
+        assert slow["job"]
+    finally:
+        dealer.close(linger=0)
+
+
+def test_a_stream_cut_for_an_unread_client_ends_in_one_error(
+        cached_daemon: tuple[Daemon, int]) -> None:
+    """Four cached streams of 4.3 MB at once for a client that does not read (8 MiB limit):
+    the chunks over the limit are dropped; each stream then ends in one `client_too_slow`
+    error with nothing after it, or whole (`end`), or is refused `busy` up front."""
+    daemon, reply_bytes = cached_daemon
+    log = _LogCounter(daemon.log_file)
+    dealer = _never_reading_dealer(daemon.endpoint)
+    try:
+        for n in range(4):
+            dealer.send(json.dumps({"v": 1, "op": "synthesize", "id": f"s{n}", "stream": True,
+                                    "text": LONG_TEXT}).encode())
+        wait_until(partial(log.answered, 4), 60, "the daemon to answer the streams")
+        events: dict[str, list[tuple[str, int]]] = {f"s{n}": [] for n in range(4)}
+        while dealer.poll(5_000):
+            frames = dealer.recv_multipart()
+            header = json.loads(frames[0])
+            size = len(frames[1]) if len(frames) > 1 else 0
+            events[header["id"]].append((header.get("code", header["event"]), size))
+        endings = Counter(stream[-1][0] for stream in events.values())
+        assert endings["client_too_slow"] > 0, events
+        assert endings["client_too_slow"] + endings["end"] + endings["busy"] == 4
+        for stream in events.values():
+            assert [event for event, _size in stream[:-1]
+                    if event not in ("start", "chunk")] == [], "a reply after the last"
+            if stream[-1][0] == "end":
+                assert sum(size for _event, size in stream) == reply_bytes
+    finally:
+        dealer.close(linger=0)
+
+
+def test_the_limit_is_a_pure_rule() -> None:
+    limit = 8 << 20
+    assert reply_fits(0, 70 << 20, limit)  # one reply bigger than the limit, alone
+    assert reply_fits(1 << 20, 7 << 20, limit)
+    assert not reply_fits(1 << 20, 7 << 20 + 1, limit)
+    assert not reply_fits(1, 70 << 20, limit)
+
+
+def test_idleness_is_a_pure_rule() -> None:
+    assert is_idle(100.0, 400.0, 300.0)
+    assert not is_idle(100.0, 399.0, 300.0)
+    assert not is_idle(0.0, 1e9, 0.0)  # 0: off
+
+
+# -- zmq.idle_timeout_s ---------------------------------------------------------------------
+IDLE_S = 2.0
+
+
+def _watched_dealer(endpoint: str, reconnect: bool = True) -> tuple[zmq.Socket[bytes],
+                                                                    zmq.Socket[bytes]]:
+    """A DEALER and its own monitor, to see the daemon end its connection."""
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    if not reconnect:  # a peer that is gone for good once dropped
+        dealer.setsockopt(zmq.RECONNECT_IVL, -1)
+    monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    dealer.connect(endpoint)
+    return dealer, monitor
+
+
+def _next_event(monitor: zmq.Socket[bytes], timeout_s: float) -> int | None:
+    if not monitor.poll(int(timeout_s * 1000)):
+        return None
+    return int(recv_monitor_message(monitor)["event"])
+
+
+def _dropped_within(monitor: zmq.Socket[bytes], timeout_s: float) -> float | None:
+    """Seconds until the daemon ended the connection (None: it did not, in time)."""
+    began = time.monotonic()
+    while (left := timeout_s - (time.monotonic() - began)) > 0:
+        if _next_event(monitor, left) == zmq.EVENT_DISCONNECTED:
+            return time.monotonic() - began
+    return None
+
+
+@pytest.fixture
+def idle_daemon(make_daemon: DaemonFactory) -> Daemon:
+    daemon = make_daemon(engine=TONE, zmq={"idle_timeout_s": IDLE_S, "max_connections": 3})
+    daemon.start()
+    return daemon
+
+
+def test_idle_peers_are_dropped_and_busy_ones_kept(idle_daemon: Daemon) -> None:
+    """A peer that never sends, and one that sent a ping and then nothing, are disconnected
+    after zmq.idle_timeout_s; one whose job runs longer than that keeps its connection and
+    gets its result."""
+    silent, silent_monitor = _watched_dealer(idle_daemon.endpoint)
+    pinged, pinged_monitor = _watched_dealer(idle_daemon.endpoint)
+    busy, busy_monitor = _watched_dealer(idle_daemon.endpoint)
+    try:
+        for monitor in (silent_monitor, pinged_monitor, busy_monitor):
+            assert _next_event(monitor, 10) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        pinged.send_json({"v": 1, "op": "ping", "id": "p"})
+        assert pinged.poll(10_000)
+        assert json.loads(pinged.recv())["event"] == "pong"
+        # One sentence the tone engine takes 3 x the idle timeout over.
+        busy.send_json({"v": 1, "op": "synthesize", "id": "b", "format": "pcm_s16le",
+                        "text": f"SLOW@{3 * IDLE_S:g} waits."})
+        for monitor in (silent_monitor, pinged_monitor):
+            assert _dropped_within(monitor, 4 * IDLE_S + 2) is not None, "an idle peer was kept"
+        assert busy.poll(int(6 * IDLE_S * 1000))
+        result = busy.recv_multipart()
+        assert json.loads(result[0])["event"] == "result"
+        assert len(result[1]) > 0
+        assert _next_event(busy_monitor, 0.1) is None, "the busy peer was dropped"
+        assert idle_daemon.log_events("zmq_idle_peers_dropped")
+    finally:
+        for sock in (silent, pinged, busy, silent_monitor, pinged_monitor, busy_monitor):
+            sock.close(linger=0)
+
+
+def test_idle_peers_at_max_connections_make_room(idle_daemon: Daemon) -> None:
+    """Three peers that connect and say nothing fill zmq.max_connections (3): a new client
+    is refused, until the idle timeout drops them; then it gets in."""
+    idle = [_watched_dealer(idle_daemon.endpoint, reconnect=False) for _ in range(3)]
+    late: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    late.setsockopt(zmq.LINGER, 0)
+    try:
+        for _dealer, monitor in idle:
+            assert _next_event(monitor, 10) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        late.connect(idle_daemon.endpoint)
+        late.send_json({"v": 1, "op": "ping", "id": "late"})
+        assert not late.poll(int(IDLE_S * 500)), "a fourth peer got in at max_connections"
+        for _dealer, monitor in idle:
+            assert _dropped_within(monitor, 4 * IDLE_S + 2) is not None
+        # libzmq does not retry a refused handshake: the late client connects again.
+        late.close(linger=0)
+        late = zmq.Context.instance().socket(zmq.DEALER)
+        late.setsockopt(zmq.LINGER, 0)
+        late.connect(idle_daemon.endpoint)
+        late.send_json({"v": 1, "op": "ping", "id": "again"})
+        assert late.poll(10_000), "no room was made"
+        assert json.loads(late.recv())["event"] == "pong"
+    finally:
+        late.close(linger=0)
+        for dealer, monitor in idle:
+            dealer.close(linger=0)
+            monitor.close(linger=0)
+
+
+def test_the_example_config_documents_the_bounds() -> None:
+    example = (Path(__file__).resolve().parent.parent / "etc" / "cosyvoiced.toml").read_text()
+    zmq_section = example.split("[zmq]", 1)[1].split("\n[", 1)[0]
+    assert 'max_buffered_bytes = "64MiB"' in zmq_section
+    assert "idle_timeout_s = 300.0" in zmq_section
