@@ -272,11 +272,11 @@ def pool(model_dir: Path, texts: list[str], size: int, fp16: bool,
             # Each client starts at another text, so the segments in flight differ in length.
             turns = [texts[index % len(texts):] + texts[:index % len(texts)]
                      for index in range(clients)]
-            tokens_before = _tokens(served)
+            tokens_before = _tokens(served, clients)
             started = time.perf_counter()
             runs = concurrently(served.endpoint, turns)
             wall_s = time.perf_counter() - started
-            tokens_after = _tokens(served)
+            tokens_after = _tokens(served, clients + len(runs))
             memory = _memory(client)
     finally:
         served.stop()
@@ -284,16 +284,18 @@ def pool(model_dir: Path, texts: list[str], size: int, fp16: bool,
     return {"workers": size, "max_streams": max_streams or 1, "clients": clients,
             "jobs": len(runs), "audio_s": round(audio_s, 2), "wall_s": round(wall_s, 2),
             "throughput_audio_s_per_s": round(audio_s / wall_s, 3),
-            # A batched segment has no stage timings yet (its prefill and decode are shared).
             "tokens_per_s": None if tokens_after is None or tokens_before is None
             else round((tokens_after - tokens_before) / wall_s, 1),
             "first_chunk": summary_ms([first for first, _, _, _ in runs]),
             "per_job": summary_ms([total for _, total, _, _ in runs]), **memory}
 
 
-def _tokens(served: Daemon) -> float | None:
-    """Speech tokens made so far, from the jobs' `job` log lines; None if they give none."""
-    counts = [event["llm_tokens"] for event in served.log_events("job") if "llm_tokens" in event]
+def _tokens(served: Daemon, jobs: int) -> float | None:
+    """Speech tokens made by the first `jobs` jobs, from their `job` log lines (each logged
+    just after its reply: waited for); None if they give none."""
+    lines = wait_until(lambda: len(found := served.log_events("job")) >= jobs and found,
+                       JOB_TIMEOUT_S, f"{jobs} jobs' log lines")[:jobs]
+    counts = [event["llm_tokens"] for event in lines if "llm_tokens" in event]
     return float(sum(counts)) if counts else None
 
 

@@ -194,7 +194,19 @@ def report(side: Side, rss: list[float], elapsed_s: float) -> dict[str, Any]:
                 if not (what.startswith("429") and what.endswith(refused_well))),
             "rss_mb": {"start": rss[0], "peak": max(rss), "end": rss[-1],
                        "end_minus_start": round(rss[-1] - rss[0], 1),
+                       "second_half_growth": second_half_growth(rss),
                        "every_s": rss}}
+
+
+# Memory is flat when the second half of the run adds at most this: the first half fills
+# the worker's buffers and the allocators' pools; what grows after that is held for good.
+FLAT_GROWTH_MB = 32.0
+
+
+def second_half_growth(rss: list[float]) -> float:
+    """How much the peak of the run's second half is above its midpoint's RSS."""
+    middle = len(rss) // 2
+    return round(max(rss[middle:]) - rss[middle], 1)
 
 
 def ms(seconds: float) -> float:
@@ -281,7 +293,8 @@ def main() -> int:
               "target": {
                   "no_error_but_429_with_retry_after":
                       ours["errors_but_429_with_retry_after"] == 0,
-                  "p95_below_piper": (ratio(ours, theirs, "p95") or 2.0) < 1.0}}
+                  "p95_below_piper": (ratio(ours, theirs, "p95") or 2.0) < 1.0,
+                  "rss_flat": ours["rss_mb"]["second_half_growth"] <= FLAT_GROWTH_MB}}
     print(json.dumps(result, indent=2))
     return 0
 
