@@ -380,13 +380,10 @@ class ResultCache:
             "language": job.language}, sort_keys=True)
         return f"{self._identity[:16]}_{owner}_{_digest(material)}"
 
-    def serve(self, job: Job, sink: Sink, *, record: bool = True) -> Served | None:
-        """Serve `job` from the cache through `sink`; None on a miss, which is then recorded
-        (unless `record` is False) so that its audio is cached when the job is done.
-
-        Only the sink's errors (OSError) come out of here.
-        """
-        started = time.monotonic()
+    def find(self, job: Job, *, record: bool = True) -> Entry | None:
+        """`job`'s cached audio; None on a miss, which is then recorded (unless `record` is
+        False) so that its audio is cached when the job is done. Played later (`play`):
+        the caller is often the intake whose sink would hear it."""
         store = self._store
         if store is None or not job.cache:
             return None
@@ -394,11 +391,15 @@ class ResultCache:
         if name is None:
             return None
         entry = store.get(name)
-        if entry is not None:
-            return _play(job, sink, entry, started)
-        if record:
+        if entry is None and record:
             self._recordings[job.id] = _Recording(name, self._identity, store.max_entry_bytes)
-        return None
+        return entry
+
+    @staticmethod
+    def play(job: Job, sink: Sink, entry: Entry, found: float) -> Served:
+        """Serve `job` from its entry through `sink`, as the workers' audio would go;
+        `found`: when it was found (monotonic). Only the sink's errors (OSError) come out."""
+        return _play(job, sink, entry, found)
 
     def worker_job(self, job: Job) -> Job:
         """The job as a worker should see it: at the engine's own rate while it is recorded

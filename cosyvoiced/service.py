@@ -23,6 +23,7 @@ from typing import Any
 from cosyvoiced import admission, clients, logs, roster
 from cosyvoiced import segments as text_segments
 from cosyvoiced.admission import InFlight, PerClient
+from cosyvoiced.cache import Entry
 from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
@@ -97,6 +98,7 @@ class Service:
         self.spool, self.book, self.cache, self.speakers = spool, book, cache, speakers
         self.metrics, self.intakes, self.wake = metrics, intakes, wake
         self.in_flight = intakes.in_flight  # each client's requests, counted for admission
+        self._hits: list[tuple[Job, Entry, float]] = []  # repeats to play at `settle`
         config = settings()
         self.limits = Limits(config.spool.max_text_chars, config.spool.default_format,
                              config.spool.normalize)
@@ -172,7 +174,9 @@ class Service:
 
     def settle(self) -> None:
         """What the job book recorded, to the parts that act on it: a closed job's prompts,
-        its cluster entries and its metrics; a started one's delivery count."""
+        its cluster entries and its metrics; a started one's delivery count. The cache's hits
+        are played first: their jobs close here too."""
+        self._play_hits()
         closed, self.book.closed = self.book.closed, []
         for job in closed:
             self.spool.discard_prompts(job.job_id)  # a reply job's; a spool job's settled
@@ -209,9 +213,12 @@ class Service:
         return self.cache.sink(job, remote if remote is not None else self.intakes.sink_of(job))
 
     def enqueue(self, job: Job, share: bool = True) -> None:
-        """Queue a job: from the cache if it is a repeat, on the cluster's shared stream if
-        there is one and no worker here is free, else here."""
-        if self._serve_cached(job):
+        """Queue a job: from the cache if it is a repeat (played at `settle`, never back into
+        the intake that is queueing it), on the cluster's shared stream if there is one and
+        no worker here is free, else here."""
+        entry = self.cache.find(job, record=self.record_misses())
+        if entry is not None:
+            self._hits.append((job, entry, time.monotonic()))
             return
         settings = self.config.scheduling
         segments = text_segments.split(job.text, settings.max_segment_chars,
@@ -223,22 +230,20 @@ class Service:
         log.debug("job_queued", job=job.id, source=job.source, segments=len(segments),
                   depth=len(self.ledger), shared=shared)
 
-    def _serve_cached(self, job: Job) -> bool:
-        """A repeat is served from the result cache, with no worker (all may be busy or
-        restarting); False on a miss, which is then recorded for the cache."""
-        sink = self.sink_of(job)
-        try:
-            served = self.cache.serve(job, sink, record=self.record_misses())
-        except OSError as error:  # the sink could not write the result
-            self.book.end(Running(job, [], time.monotonic(), sink=sink),
-                          JobError(ErrorCode.INTERNAL, f"could not write the result: {error}"))
-            return True
-        if served is None:
-            return False
-        summary = {k: v for k, v in served.summary.items() if k != "output"}
-        self.book.delivered(job, sink, served.output, served.result, status={"cached": True},
-                            summary=summary)
-        return True
+    def _play_hits(self) -> None:
+        """The repeats queued since the last tick, served from the result cache, no worker."""
+        hits, self._hits = self._hits, []
+        for job, entry, found in hits:
+            sink = self.sink_of(job)
+            try:
+                served = self.cache.play(job, sink, entry, found)
+            except OSError as error:  # the sink could not write the result
+                self.book.end(Running(job, [], time.monotonic(), sink=sink), JobError(
+                    ErrorCode.INTERNAL, f"could not write the result: {error}"))
+                continue
+            summary = {k: v for k, v in served.summary.items() if k != "output"}
+            self.book.delivered(job, sink, served.output, served.result,
+                                status={"cached": True}, summary=summary)
 
     def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None,
                identity: Identity = LOCAL_ADMIN) -> Job:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,20 @@ import soundfile
 from cosyvoiced import audio
 from cosyvoiced.cache import ENTRY_CAP, SUFFIX, CorruptEntry, Entry, Store, decode, encode
 from cosyvoiced.config import CacheConfig, Config, EngineConfig, PiperConfig
-from cosyvoiced.job import ErrorCode, Job, JobError, JobResult
+from cosyvoiced.job import ErrorCode, Job, JobError, JobResult, Sink
 from cosyvoiced.metrics import Metrics
-from cosyvoiced.resultcache import ResultCache, engine_identity, normalise_text
+from cosyvoiced.resultcache import ResultCache, Served, engine_identity, normalise_text
 from cosyvoiced.speakers import SpeakerStore
 
 RATE = 22050
 Samples = npt.NDArray[np.float32]
 
+
+
+def _serve(cache: ResultCache, made: Job, sink: Sink, *, record: bool = True) -> Served | None:
+    """What the service does with a job: find its entry (recording a miss), then play it."""
+    entry = cache.find(made, record=record)
+    return None if entry is None else cache.play(made, sink, entry, time.monotonic())
 
 def tone(seconds: float, rate: int = RATE, pitch: float = 220.0) -> Samples:
     t = np.arange(int(seconds * rate), dtype=np.float32) / rate
@@ -223,7 +230,7 @@ def synthesize(cache: ResultCache, made: Job, samples: Samples, rate: int = RATE
                chunk_s: float = 0.3) -> KeptSink:
     """What the supervisor does with a miss: the worker's audio through the sink."""
     sink = KeptSink()
-    assert cache.serve(made, sink) is None
+    assert _serve(cache, made, sink) is None
     worker_job = cache.worker_job(made)
     assert worker_job.sample_rate is None  # the worker makes the engine's own audio
     recorded = cache.sink(made, sink)
@@ -246,7 +253,7 @@ def test_a_repeat_is_a_hit_in_pieces_and_other_settings_miss(tmp_path: Path) -> 
     speech = tone(1.6)
     synthesize(cache, job(), speech)
     sink = KeptSink()
-    served = cache.serve(job("  Hello \n there. ", id="j2", stream=True), sink)
+    served = _serve(cache, job("  Hello \n there. ", id="j2", stream=True), sink)
     assert served is not None
     assert served.result.cached
     assert served.summary["cached"] is True
@@ -255,7 +262,7 @@ def test_a_repeat_is_a_hit_in_pieces_and_other_settings_miss(tmp_path: Path) -> 
     assert np.array_equal(audio.to_pcm16(np.concatenate(sink.chunks)), audio.to_pcm16(speech))
     for other in (job(speed=1.5), job(voice="en_US-joe-medium"), job(instruct="Slowly."),
                   job(language="en"), job("Hello there!"), job(cache=False)):
-        assert cache.serve(other, KeptSink(), record=False) is None, other
+        assert _serve(cache, other, KeptSink(), record=False) is None, other
     figures = cache.figures()
     assert (figures["hits"], figures["misses"]) == (1, 6)  # cache=False is not a lookup
 
@@ -264,7 +271,7 @@ def test_a_hit_is_resampled_for_the_rate_asked(tmp_path: Path) -> None:
     cache, _speakers = make_cache(tmp_path)
     synthesize(cache, job(), tone(1.0))
     sink = KeptSink()
-    served = cache.serve(job(id="j2", sample_rate=16000), sink)
+    served = _serve(cache, job(id="j2", sample_rate=16000), sink)
     assert served is not None
     result, samples = sink.delivered[0]
     assert (sink.rate, result.sample_rate) == (16000, 16000)
@@ -282,7 +289,7 @@ def test_a_miss_at_another_rate_is_cached_at_the_engine_rate(tmp_path: Path,
     assert abs(len(made) - 8000) < 10
     assert result.samples == len(made)
     again = KeptSink()
-    assert cache.serve(job(id="j2"), again) is not None
+    assert _serve(cache, job(id="j2"), again) is not None
     assert again.rate == RATE  # the entry holds the engine's 22.05 kHz audio
     assert abs(len(again.delivered[0][1]) - RATE) < 2
 
@@ -290,13 +297,13 @@ def test_a_miss_at_another_rate_is_cached_at_the_engine_rate(tmp_path: Path,
 def test_a_failed_or_too_long_miss_is_not_cached(tmp_path: Path) -> None:
     cache, _speakers = make_cache(tmp_path)
     made = job()
-    assert cache.serve(made, KeptSink()) is None
+    assert _serve(cache, made, KeptSink()) is None
     cache.sink(made, KeptSink()).fail_job(made, JobError(ErrorCode.ENGINE_ERROR, "no"))
-    assert cache.serve(made, KeptSink(), record=False) is None
+    assert _serve(cache, made, KeptSink(), record=False) is None
     settings = Config(cache=CacheConfig(dir=str(tmp_path / "small"), max_bytes=100_000))
     small = ResultCache(settings, SpeakerStore(tmp_path / "none.json"), Metrics())
     synthesize(small, job(stream=True), tone(3.0))  # 130 kB: over half the cache
-    assert small.serve(job(id="j2"), KeptSink(), record=False) is None
+    assert _serve(small, job(id="j2"), KeptSink(), record=False) is None
     assert small.figures()["stores"] == 0
 
 
@@ -324,15 +331,15 @@ def test_a_removed_or_changed_registered_voice_deletes_its_entries(tmp_path: Pat
     synthesize(cache, job(voice="bob"), tone(0.5))
     synthesize(cache, job(), tone(0.5))
     assert cache.figures()["entries"] == 3
-    assert cache.serve(job(voice="alice", id="j2"), KeptSink(), record=False) is not None
+    assert _serve(cache, job(voice="alice", id="j2"), KeptSink(), record=False) is not None
     speakers.add("alice", "What alice says now.", _wav(2.0, 250.0))  # changed
     cache.voices_changed()
     assert cache.figures()["entries"] == 2
-    assert cache.serve(job(voice="alice", id="j3"), KeptSink(), record=False) is None
+    assert _serve(cache, job(voice="alice", id="j3"), KeptSink(), record=False) is None
     speakers.remove("bob")
     cache.voices_changed()
     assert cache.figures()["entries"] == 1  # the default voice's
-    assert cache.serve(job(id="j4"), KeptSink(), record=False) is not None
+    assert _serve(cache, job(id="j4"), KeptSink(), record=False) is not None
 
 
 def test_an_unusable_directory_runs_without_a_cache(tmp_path: Path) -> None:
@@ -341,4 +348,4 @@ def test_an_unusable_directory_runs_without_a_cache(tmp_path: Path) -> None:
     cache = ResultCache(settings, SpeakerStore(tmp_path / "none.json"), Metrics())
     assert not cache.enabled
     assert cache.figures() == {"enabled": False}
-    assert cache.serve(job(), KeptSink()) is None
+    assert _serve(cache, job(), KeptSink()) is None
