@@ -338,6 +338,8 @@ class ReplyIntake:
             elif isinstance(message, Released):
                 route = self._routes.pop(message.job_id, None)
                 service.in_flight.done(message.job_id)
+                if route is not None and not self._buffered(route.identity.client):
+                    self._slow.discard(route.identity.client)  # nothing of it is held now
                 if message.gone and route is not None and not route.ended:
                     log.info("client_gone", job=message.job_id, source=self.source)
                     service.cancel(message.job_id)
