@@ -14,7 +14,8 @@ Each `step()`:
 3. decodes one token for every stream whose language model is still running, as one batch
    over the paged KV pool, and samples all of them (with the new streams' first token) by
    upstream's RAS rules in one pass: one device-to-host copy per step;
-4. runs token-to-wave for every stream with a chunk due (one estimator batch for all);
+4. runs token-to-wave for every stream with a chunk due (one estimator batch for all),
+   a job's first audio first: others' later chunks give way to it for a while (`firstaudio`);
 5. returns the events: audio chunks, ends, errors.
 
 A stream's KV blocks are freed when its language model ends (it may still have audio to
@@ -35,7 +36,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
-from cosyvoiced.engines import ras, token2wav
+from cosyvoiced.engines import firstaudio, ras, token2wav
 from cosyvoiced.engines.kvpool import KVBudgetError, KVPool, KVShape, Reservation
 from cosyvoiced.engines.stageclock import Span, StageTally
 
@@ -93,6 +94,12 @@ class _Stream:
     silent_run: int = 0
     llm_started: float = 0.0  # when its prefill began
     last_token_at: float | None = None  # when its last speech token was drawn
+    waited: int = 0  # steps its due chunk has given way to others' first audio
+
+    @property
+    def opening(self) -> bool:
+        """Before its job's first audio: a streamed job's first segment, no chunk made."""
+        return self.request.stream and self.request.hop == 0 and self.plan.offset == 0
 
     def input(self, key: str, default: torch.Tensor) -> torch.Tensor:
         value = self.request.model_input.get(key)
@@ -417,11 +424,7 @@ class BatchedDecoder:
     # -- token to wave -------------------------------------------------------------------
 
     def _vocode(self) -> list[StreamEvent]:
-        due = []
-        for stream in list(self._active.values()):
-            chunk = stream.plan.due(len(stream.speech_tokens), stream.llm_done)
-            if chunk is not None:
-                due.append((stream, chunk))
+        due = _due_now(list(self._active.values()), patience=self._first_hop)
         events: list[StreamEvent] = []
         prepared = []
         with self._autocast():  # upstream runs the flow under autocast when fp16 is on
@@ -510,6 +513,25 @@ class BatchedDecoder:
         self._release(stream)
         stream.llm_done = True
         events.append(StreamEvent(stream.stream_id, error=error))
+
+
+def _due_now(streams: list[_Stream], patience: int) -> list[tuple[_Stream, token2wav.Chunk]]:
+    """The chunks due that are made at this step: a job's first audio before the later
+    chunks of others (`firstaudio`), which give way for at most `patience` steps."""
+    someone_opening = any(stream.opening for stream in streams)
+    due = []
+    for stream in streams:
+        chunk = stream.plan.due(len(stream.speech_tokens), stream.llm_done)
+        if chunk is None:
+            continue
+        waiting = firstaudio.DueChunk(opening=stream.opening, streamed=stream.request.stream,
+                                      waited=stream.waited)
+        if firstaudio.makes_now(waiting, someone_opening, patience):
+            stream.waited = 0
+            due.append((stream, chunk))
+        else:
+            stream.waited += 1
+    return due
 
 
 def _flow_input(model: Any, device: torch.device, stream: _Stream,

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import torch
 
-from cosyvoiced.engines import ras
+from cosyvoiced.engines import batched, ras
 from cosyvoiced.engines.batched import BatchedDecoder, StreamRequest
 from cosyvoiced.engines.kvpool import KVBudgetError
 from cosyvoiced.engines.token2wav import ChunkPlan, Vocoder
@@ -426,3 +426,45 @@ def test_chunk_plan_follows_upstream_schedule() -> None:
     whole = ChunkPlan.start(first_hop=25, scale=2, lookahead=3, prompt_tokens=0, stream=False)
     assert whole.due(80, llm_done=False) is None
     assert whole.due(80, llm_done=True) == whole.due(80, llm_done=True)
+
+
+def _segment(stream_id: int, tokens: int, *, streamed: bool = True, hop: int = 0,
+             chunks_made: int = 0) -> Any:
+    """A stream as the decoder holds it, `tokens` drawn, `chunks_made` chunks made."""
+    plan = ChunkPlan.start(first_hop=25, scale=2, lookahead=3, prompt_tokens=0,
+                           stream=streamed, hop=hop)
+    for _ in range(chunks_made):
+        chunk = plan.due(10_000, llm_done=False)
+        assert chunk is not None
+        plan.consumed(chunk)
+    stream = batched._Stream(stream_id, StreamRequest({}, stream=streamed, hop=hop), plan,
+                             Vocoder(seed=0))
+    stream.speech_tokens = [0] * tokens
+    return stream
+
+
+def _made(streams: list[Any], steps: int = 1) -> list[list[int]]:
+    """The stream ids whose chunk `_due_now` makes, step after step."""
+    return [[stream.stream_id for stream, _ in batched._due_now(streams, patience=25)]
+            for _ in range(steps)]
+
+
+def test_a_jobs_first_audio_goes_before_the_later_chunks_of_others() -> None:
+    newcomer = _segment(1, tokens=28)  # its first chunk (25 + 3 look-ahead) is due
+    playing = _segment(2, tokens=25 + 50 + 3, chunks_made=1)  # its second chunk is due
+    assert _made([newcomer, playing]) == [[1]]
+    assert playing.waited == 1
+
+
+def test_a_later_chunk_gives_way_for_a_first_hop_of_steps_at_most() -> None:
+    newcomer = _segment(1, tokens=3)  # far from its first chunk
+    playing = _segment(2, tokens=25 + 50 + 3, chunks_made=1)
+    assert _made([newcomer, playing], steps=26) == [[]] * 25 + [[2]]
+    assert playing.waited == 0
+
+
+def test_later_chunks_go_at_once_when_no_job_waits_for_its_first_audio() -> None:
+    later_segment = _segment(1, tokens=3, hop=50)  # a job's next segment: it has spoken
+    whole_file = _segment(2, tokens=3, streamed=False)
+    playing = _segment(3, tokens=25 + 50 + 3, chunks_made=1)
+    assert _made([later_segment, whole_file, playing]) == [[3]]
