@@ -8,7 +8,12 @@ wall second, first-chunk latency (p50, p95: from `add` to the stream's first aud
 and the ratios against N = 1. One warm-up run comes first. Prints JSON.
 
     COSYVOICE_REPO=/path/to/CosyVoice .venv-cosyvoice/bin/python bench/batched.py \\
-        --model-dir /some/dir/CosyVoice2-0.5B [--streams 1,4] [--chars 30]
+        --model-dir /some/dir/CosyVoice2-0.5B [--streams 1,4] [--chars 30] [--rounds 3]
+
+--rounds R has each client speak R texts back to back (of 1, 1.5 and 2 times --chars, so
+the clients fall out of step and streams join while others are playing); each N is then
+also measured with a job's first audio not going first (`first_audio_patience` 0), side by
+side, with the ratios of the default to that.
 
 --model-dir keeps the built model (about 4.3 GB) for the next run.
 """
@@ -75,29 +80,47 @@ def _time_stages(decoder: BatchedDecoder) -> dict[str, float]:
     return spent
 
 
-def measure(model: Any, inputs: list[dict[str, Any]], streams: int,
-            sample_rate: int) -> dict[str, Any]:
-    """N streams added at once; their tokens, audio and first-chunk latencies."""
+def measure(model: Any, inputs: list[dict[str, Any]], streams: int, sample_rate: int,
+            *, rounds: int = 1, patience: int | None = None) -> dict[str, Any]:
+    """N clients at once, each speaking `rounds` texts back to back (its next stream added
+    when its last one ends); their tokens, audio and first-chunk latencies (from each
+    stream's `add` to its first audio chunk). `patience`: the decoder's
+    `first_audio_patience` (0: a job's first audio does not go first)."""
     decoder = BatchedDecoder(model, max_streams=streams,
                              min_token_text_ratio=TOKENS_PER_TEXT_TOKEN,
-                             max_token_text_ratio=TOKENS_PER_TEXT_TOKEN)
+                             max_token_text_ratio=TOKENS_PER_TEXT_TOKEN,
+                             first_audio_patience=patience)
     spent = _time_stages(decoder)
     started = time.perf_counter()
-    ids = [decoder.add(StreamRequest(inputs[index % len(inputs)], seed=index))
-           for index in range(streams)]
-    first: dict[int, float] = {}
+    added: dict[int, tuple[int, float]] = {}  # stream id: its client, when it was added
+    spoken = [0] * streams
+
+    def add(client: int) -> None:
+        text = inputs[(client + spoken[client]) % len(inputs)]
+        added[decoder.add(StreamRequest(text, seed=client))] = (client, time.perf_counter())
+
+    for client in range(streams):
+        add(client)
+    latencies: list[float] = []
+    heard: set[int] = set()
     tokens = samples = 0
     while not decoder.idle:
         for event in decoder.step():
             if event.error is not None:
                 raise event.error
+            client, since = added[event.stream_id]
             if event.audio is not None:
-                first.setdefault(event.stream_id, time.perf_counter() - started)
+                if event.stream_id not in heard:
+                    heard.add(event.stream_id)
+                    latencies.append((time.perf_counter() - since) * 1000)
                 samples += event.audio.shape[1]
             tokens += len(event.speech_tokens)
+            if event.done:
+                spoken[client] += 1
+                if spoken[client] < rounds:
+                    add(client)
     wall = time.perf_counter() - started
-    latencies = [first[stream_id] * 1000 for stream_id in ids]
-    return {"streams": streams, "wall_s": round(wall, 3), "tokens": tokens,
+    return {"streams": streams, "rounds": rounds, "wall_s": round(wall, 3), "tokens": tokens,
             "tokens_per_s": round(tokens / wall, 2),
             "audio_s_per_wall_s": round(samples / sample_rate / wall, 4),
             "first_chunk_ms_p50": round(statistics.median(latencies), 1),
@@ -113,15 +136,22 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4")
     parser.add_argument("--chars", type=int, default=30,
                         help="characters (= text tokens) per text: 30 make 50 speech tokens")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="texts each client speaks back to back; above 1, each N is "
+                        "measured with and without a job's first audio going first")
     args = parser.parse_args()
     if not REPO:
         parser.error("CosyVoice2 code is only in an upstream checkout: set COSYVOICE_REPO")
     cosyvoice = _load(args.model_dir)
-    inputs = [cosyvoice.frontend.frontend_sft(_text(args.chars, index), VOICE)
-              for index in range(8)]
+    # Back to back, texts of 1, 1.5 and 2 times --chars keep the clients out of step.
+    lengths = [args.chars * (2 + index % 3) // 2 if args.rounds > 1 else args.chars
+               for index in range(8)]
+    inputs = [cosyvoice.frontend.frontend_sft(_text(length, index), VOICE)
+              for index, length in enumerate(lengths)]
     counts = [int(count) for count in args.streams.split(",")]
-    measure(cosyvoice.model, inputs, 1, cosyvoice.sample_rate)  # warm-up
-    results = [measure(cosyvoice.model, inputs, count, cosyvoice.sample_rate)
+    rate = cosyvoice.sample_rate
+    measure(cosyvoice.model, inputs, 1, rate)  # warm-up
+    results = [measure(cosyvoice.model, inputs, count, rate, rounds=args.rounds)
                for count in counts]
     base = results[0]
     for result in results:
@@ -130,9 +160,23 @@ def main() -> None:
                                          / base["audio_s_per_wall_s"], 2)
         result["first_chunk_p50_vs_first"] = round(result["first_chunk_ms_p50"]
                                                    / base["first_chunk_ms_p50"], 2)
+        if args.rounds > 1:
+            result["first_audio_not_first"] = _against(
+                result, measure(cosyvoice.model, inputs, result["streams"], rate,
+                                rounds=args.rounds, patience=0))
     print(json.dumps({"device": str(cosyvoice.model.device),
                       "threads": torch.get_num_threads(), "chars": args.chars,
                       "results": results}, indent=2))
+
+
+def _against(chosen: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """`other`'s figures, and the chosen way's ratios to them."""
+    return {**other, "first_chunk_p50_ratio": round(
+                chosen["first_chunk_ms_p50"] / other["first_chunk_ms_p50"], 2),
+            "first_chunk_p95_ratio": round(
+                chosen["first_chunk_ms_p95"] / other["first_chunk_ms_p95"], 2),
+            "audio_ratio": round(chosen["audio_s_per_wall_s"]
+                                 / other["audio_s_per_wall_s"], 2)}
 
 
 if __name__ == "__main__":

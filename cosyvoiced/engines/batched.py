@@ -126,8 +126,11 @@ class BatchedDecoder:
     """Up to `max_streams` CosyVoice2/3 segments at once on one upstream model object."""
 
     def __init__(self, model: Any, max_streams: int = 4, kv_cache_bytes: int | None = None,
-                 min_token_text_ratio: float | None = None,
-                 max_token_text_ratio: float | None = None) -> None:
+                 *, min_token_text_ratio: float | None = None,
+                 max_token_text_ratio: float | None = None,
+                 first_audio_patience: int | None = None) -> None:
+        """`first_audio_patience`: steps a later chunk may give way to another job's first
+        audio (`firstaudio`); None: a first hop of tokens, 0: never."""
         if not hasattr(model.llm, "stop_token_ids") or hasattr(model.llm, "vllm"):
             raise ValueError("batched decoding needs a CosyVoice2/3 language model "
                              "running in PyTorch (not v1, not vLLM)")
@@ -153,6 +156,8 @@ class BatchedDecoder:
         self._silent = frozenset(getattr(model, "silent_tokens", []))
         estimator = model.flow.decoder.estimator
         self._first_hop = estimator.static_chunk_size // model.flow.token_mel_ratio
+        self._patience = self._first_hop if first_audio_patience is None \
+            else first_audio_patience
         self._estimator_batch = None if isinstance(estimator, torch.nn.Module) else 1
         self._ids = itertools.count(1)
         self._waiting: list[_Stream] = []
@@ -424,7 +429,7 @@ class BatchedDecoder:
     # -- token to wave -------------------------------------------------------------------
 
     def _vocode(self) -> list[StreamEvent]:
-        due = _due_now(list(self._active.values()), patience=self._first_hop)
+        due = _due_now(list(self._active.values()), patience=self._patience)
         events: list[StreamEvent] = []
         prepared = []
         with self._autocast():  # upstream runs the flow under autocast when fp16 is on
