@@ -3,9 +3,10 @@ copy against one stream, in one process, on a full-size CosyVoice2-0.5B with ran
 
 Every text gets the same fixed number of speech tokens (tests/cosyvoice/full_size.py; the
 decoder is given the same ratio), so runs compare. For each N, the N streams start at the
-same step; the report gives speech tokens per second over all streams, audio seconds per
-wall second, first-chunk latency (p50, p95: from `add` to the stream's first audio chunk)
-and the ratios against N = 1. One warm-up run comes first. Prints JSON.
+same step; the report gives speech tokens per second over all streams (per wall second,
+per second of the language model with its prefill, and per second of its decoding steps
+alone), audio seconds per wall second, first-chunk latency (p50, p95: from `add` to the
+stream's first audio chunk) and the ratios against N = 1. One warm-up run comes first. Prints JSON.
 
     COSYVOICE_REPO=/path/to/CosyVoice .venv-cosyvoice/bin/python bench/batched.py \\
         --model-dir /some/dir/CosyVoice2-0.5B [--streams 1,4] [--chars 30] [--rounds 3]
@@ -62,21 +63,21 @@ def _text(chars: int, index: int) -> str:
 
 
 def _time_stages(decoder: BatchedDecoder) -> dict[str, float]:
-    """Seconds spent in the language model (prefill, decode, sampling) and in token to
-    wave, by timing the decoder's own stage methods on this instance."""
-    spent = {"llm": 0.0, "token2wav": 0.0}
-    for stage, names in (("llm", ("_admit", "_decode_and_sample")), ("token2wav", ("_vocode",))):
-        for name in names:
-            method = getattr(decoder, name)
+    """Seconds spent in the language model's prefill, its decoding steps (with sampling)
+    and token to wave, by timing the decoder's own stage methods on this instance."""
+    spent = {"prefill": 0.0, "decode": 0.0, "token2wav": 0.0}
+    for stage, name in (("prefill", "_admit"), ("decode", "_decode_and_sample"),
+                        ("token2wav", "_vocode")):
+        method = getattr(decoder, name)
 
-            def timed(*args: Any, _method: Any = method, _stage: str = stage) -> Any:
-                began = time.perf_counter()
-                try:
-                    return _method(*args)
-                finally:
-                    spent[_stage] += time.perf_counter() - began
+        def timed(*args: Any, _method: Any = method, _stage: str = stage) -> Any:
+            began = time.perf_counter()
+            try:
+                return _method(*args)
+            finally:
+                spent[_stage] += time.perf_counter() - began
 
-            setattr(decoder, name, timed)
+        setattr(decoder, name, timed)
     return spent
 
 
@@ -125,8 +126,10 @@ def measure(model: Any, inputs: list[dict[str, Any]], streams: int, sample_rate:
             "audio_s_per_wall_s": round(samples / sample_rate / wall, 4),
             "first_chunk_ms_p50": round(statistics.median(latencies), 1),
             "first_chunk_ms_p95": round(percentile(latencies, 0.95), 1),
-            "llm_s": round(spent["llm"], 3), "token2wav_s": round(spent["token2wav"], 3),
-            "llm_tokens_per_s": round(tokens / spent["llm"], 2),
+            "prefill_s": round(spent["prefill"], 3), "decode_s": round(spent["decode"], 3),
+            "token2wav_s": round(spent["token2wav"], 3),
+            "llm_tokens_per_s": round(tokens / (spent["prefill"] + spent["decode"]), 2),
+            "decode_tokens_per_s": round(tokens / spent["decode"], 2),
             "kv_bytes_reserved": decoder.kv_bytes_reserved}
 
 
@@ -155,7 +158,8 @@ def main() -> None:
                for count in counts]
     base = results[0]
     for result in results:
-        result["tokens_per_s_vs_first"] = round(result["tokens_per_s"] / base["tokens_per_s"], 2)
+        for figure in ("tokens_per_s", "llm_tokens_per_s", "decode_tokens_per_s"):
+            result[f"{figure}_vs_first"] = round(result[figure] / base[figure], 2)
         result["audio_vs_first"] = round(result["audio_s_per_wall_s"]
                                          / base["audio_s_per_wall_s"], 2)
         result["first_chunk_p50_vs_first"] = round(result["first_chunk_ms_p50"]
