@@ -15,9 +15,11 @@ on) is one daemon-vs-direct run. Prints JSON.
         [--model-dir DIR] [--fp16 off|on|both] [--per-device 1,2,4]
 
 --streams N[,N...] (versions 2 and 3) serves N clients at once three ways in one run: one
-batched worker making N streams (`engine.cosyvoice.max_streams` N), N workers making one
-each, and one worker; it reports throughput, first chunk p50/p95, speech tokens per second
-and the workers' memory of each, and each one's ratios to the one worker.
+worker, one batched worker making N streams (`engine.cosyvoice.max_streams` N), and N
+workers making one each (skipped, saying why, where N copies of the one worker's memory
+would not fit in what the machine has available); it reports throughput, first chunk
+p50/p95, speech tokens per second and the workers' memory of each, and each one's ratios
+to the one worker.
 
 --per-device N[,N...] measures the daemon alone instead: `worker.per_device` N workers on
 the device and N clients streaming at once, each `--count` texts; it reports throughput
@@ -308,22 +310,53 @@ def _memory(client: Client) -> dict[str, int]:
 
 def streams(model_dir: Path, texts: list[str], count: int, fp16: bool,
             scratch: Path) -> dict[str, Any]:
-    """`count` clients at once, served three ways in one run: one batched worker making
-    `count` streams, `count` workers making one each (a model copy per stream), and one
-    worker making one (the clients queue)."""
-    layouts = {"batched": (1, count), "workers": (count, 1), "one_worker": (1, 1)}
-    if count == 1:
-        layouts = {"one_worker": (1, 1)}
-    result = {name: pool(model_dir, texts, size, fp16, scratch, clients=count,
-                         max_streams=max_streams)
-              for name, (size, max_streams) in layouts.items()}
-    single = result["one_worker"]
+    """`count` clients at once, served three ways in one run: one worker making one (the
+    clients queue), one batched worker making `count` streams, and `count` workers making
+    one each (a model copy per stream), unless that many copies would not fit in memory."""
+    def served(size: int, max_streams: int) -> dict[str, Any]:
+        return pool(model_dir, texts, size, fp16, scratch, clients=count,
+                    max_streams=max_streams)
+
+    single = served(1, 1)
+    result = {"one_worker": single}
+    if count > 1:
+        result["batched"] = served(1, count)
+        short = _memory_short(single, count)
+        result["workers"] = {"skipped": short} if short else served(count, 1)
     for figures in result.values():
+        if "skipped" in figures:
+            continue
         figures["throughput_vs_one_worker"] = round(
             figures["throughput_audio_s_per_s"] / single["throughput_audio_s_per_s"], 3)
         figures["first_chunk_p50_vs_one_worker"] = round(
             figures["first_chunk"]["p50_ms"] / single["first_chunk"]["p50_ms"], 3)
     return result
+
+
+def _memory_short(single: dict[str, Any], copies: int) -> str | None:
+    """Why `copies` workers like `single` would not fit in this machine's memory, if so."""
+    needed = {"rss": copies * single["rss_mib"], "gpu": copies * single["gpu_mib"]}
+    free = {"rss": _available_mib(), "gpu": _gpu_free_mib()}
+    for kind, mib in needed.items():
+        if free[kind] is not None and mib > free[kind]:
+            return (f"{copies} workers need about {mib:,} MiB of {kind} memory "
+                    f"({copies} x {mib // copies:,}); {free[kind]:,} MiB is available")
+    return None
+
+
+def _available_mib() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) >> 10
+    return None
+
+
+def _gpu_free_mib() -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return int(free) >> 20
 
 
 def _medians(runs: list[StagedRun]) -> dict[str, float]:
