@@ -105,11 +105,15 @@ def test_an_http_stream_whose_encoder_dies_ends_as_an_error_and_the_next_one_pla
 
 
 def _kill_the_encoder_while_streaming(daemon: Daemon, client: openai.OpenAI, text: str) -> None:
+    """Kills the encoder once, at the stream's first bytes (the bytes already on their way
+    are read after that: killing at each would kill the encoder started in its place)."""
+    encoder: int | None = daemon.log_events("encoder_started")[-1]["pid"]
     with client.audio.speech.with_streaming_response.create(
             model="tts-1", voice="tone", input=text, response_format="mp3") as reply:
         for _bytes in reply.iter_bytes(1024):
-            pid = daemon.log_events("encoder_started")[-1]["pid"]
-            os.kill(pid, signal.SIGKILL)  # while the stream is open in it
+            if encoder is not None:
+                os.kill(encoder, signal.SIGKILL)  # while the stream is open in it
+                encoder = None
 
 
 # How late a WATCHDOG=1 may come past WatchdogSec/2 on this shared 2-core machine: the

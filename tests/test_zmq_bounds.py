@@ -63,11 +63,13 @@ class _LogCounter:
         return self.count("job", "zmq") + self.count("request_refused", "zmq") >= requests
 
 
-def _never_reading_dealer(endpoint: str) -> zmq.Socket[bytes]:
+def _never_reading_dealer(endpoint: str, kernel_buffer: int = -1) -> zmq.Socket[bytes]:
     """A DEALER whose libzmq takes one message off the connection and then no more, as a
-    client that stopped reading would."""
+    client that stopped reading would. `kernel_buffer`: its socket's receive buffer in
+    bytes (-1: the kernel's, which on loopback autotunes up to tcp_rmem's maximum)."""
     dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.RCVHWM, 1)
+    dealer.setsockopt(zmq.RCVBUF, kernel_buffer)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(endpoint)
     return dealer
@@ -156,7 +158,9 @@ def test_a_stream_cut_for_an_unread_client_ends_in_one_error(
     error with nothing after it, or whole (`end`), or is refused `busy` up front."""
     daemon, reply_bytes = cached_daemon
     log = _LogCounter(daemon.log_file)
-    dealer = _never_reading_dealer(daemon.endpoint)
+    # A small fixed kernel buffer: an autotuned one on loopback (up to 32 MiB here) could
+    # take in all four replies, so that none is over the limit.
+    dealer = _never_reading_dealer(daemon.endpoint, kernel_buffer=64 << 10)
     try:
         for n in range(4):
             dealer.send(json.dumps({"v": 1, "op": "synthesize", "id": f"s{n}", "stream": True,
