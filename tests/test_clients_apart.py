@@ -147,10 +147,16 @@ def test_a_key_is_served_promptly_while_anonymous_clients_flood_the_queue(
         assert all("anonymous clients" in e["message"] for e in refused), refused[0]
         before = len(daemon.log_events("job"))
         assert _speak(_openai(daemon, BOB), "A client with a key.")
-        ended = [e["source"] for e in daemon.log_events("job")[before:]]
+        def ended() -> list[str] | None:
+            """Sources of the jobs ended since, once the keyed one's line is written (a
+            job's line comes just after its reply)."""
+            sources = [e["source"] for e in daemon.log_events("job")[before:]]
+            return sources if "http" in sources else None
+
+        sources = wait_until(ended, 10, "the keyed request's job line")
         # Served after at most the anonymous jobs in hand or next in turn, not after the
         # 30 or so that were queued before it.
-        anonymous_first = ended.index("http")
+        anonymous_first = sources.index("http")
         assert anonymous_first <= 3, f"{anonymous_first} anonymous jobs went first"
         assert len(daemon.log_events("job")) < 20, "the flood was still queued"
     finally:
