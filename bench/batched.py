@@ -9,7 +9,8 @@ alone), audio seconds per wall second, first-chunk latency (p50, p95: from `add`
 stream's first audio chunk) and the ratios against N = 1. One warm-up run comes first. Prints JSON.
 
     COSYVOICE_REPO=/path/to/CosyVoice .venv-cosyvoice/bin/python bench/batched.py \\
-        --model-dir /some/dir/CosyVoice2-0.5B [--streams 1,4] [--chars 30] [--rounds 3]
+        --model-dir /some/dir/CosyVoice2-0.5B [--streams 1,4] [--chars 30] [--rounds 3] \\
+        [--bf16]
 
 --rounds R has each client speak R texts back to back (of 1, 1.5 and 2 times --chars, so
 the clients fall out of step and streams join while others are playing); each N is then
@@ -82,7 +83,8 @@ def _time_stages(decoder: BatchedDecoder) -> dict[str, float]:
 
 
 def measure(model: Any, inputs: list[dict[str, Any]], streams: int, sample_rate: int,
-            *, rounds: int = 1, patience: int | None = None) -> dict[str, Any]:
+            *, rounds: int = 1, patience: int | None = None,
+            cpu_bf16: bool = False) -> dict[str, Any]:
     """N clients at once, each speaking `rounds` texts back to back (its next stream added
     when its last one ends); their tokens, audio and first-chunk latencies (from each
     stream's `add` to its first audio chunk). `patience`: the decoder's
@@ -90,7 +92,7 @@ def measure(model: Any, inputs: list[dict[str, Any]], streams: int, sample_rate:
     decoder = BatchedDecoder(model, max_streams=streams,
                              min_token_text_ratio=TOKENS_PER_TEXT_TOKEN,
                              max_token_text_ratio=TOKENS_PER_TEXT_TOKEN,
-                             first_audio_patience=patience)
+                             first_audio_patience=patience, cpu_bf16=cpu_bf16)
     spent = _time_stages(decoder)
     started = time.perf_counter()
     added: dict[int, tuple[int, float]] = {}  # stream id: its client, when it was added
@@ -142,6 +144,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="texts each client speaks back to back; above 1, each N is "
                         "measured with and without a job's first audio going first")
+    parser.add_argument("--bf16", action="store_true",
+                        help="then every N again with engine.cosyvoice.cpu_bf16, and the "
+                        "ratios to float32 (and to float32's first N)")
     args = parser.parse_args()
     if not REPO:
         parser.error("CosyVoice2 code is only in an upstream checkout: set COSYVOICE_REPO")
@@ -168,9 +173,25 @@ def main() -> None:
             result["first_audio_not_first"] = _against(
                 result, measure(cosyvoice.model, inputs, result["streams"], rate,
                                 rounds=args.rounds, patience=0))
-    print(json.dumps({"device": str(cosyvoice.model.device),
-                      "threads": torch.get_num_threads(), "chars": args.chars,
-                      "results": results}, indent=2))
+    report: dict[str, Any] = {"device": str(cosyvoice.model.device),
+                              "threads": torch.get_num_threads(), "chars": args.chars,
+                              "results": results}
+    if args.bf16:  # after float32: the conversion is in place, for good
+        report["cpu_bf16"] = [_bf16_against(
+            measure(cosyvoice.model, inputs, result["streams"], rate, rounds=args.rounds,
+                    cpu_bf16=True), result, base) for result in results]
+    print(json.dumps(report, indent=2))
+
+
+def _bf16_against(chosen: dict[str, Any], fp32: dict[str, Any],
+                  fp32_base: dict[str, Any]) -> dict[str, Any]:
+    """A cpu_bf16 result, with its ratios to float32 at the same N and at the first N."""
+    ratios = {}
+    for figure in ("tokens_per_s", "decode_tokens_per_s", "audio_s_per_wall_s",
+                   "first_chunk_ms_p50"):
+        ratios[f"{figure}_vs_fp32"] = round(chosen[figure] / fp32[figure], 2)
+        ratios[f"{figure}_vs_fp32_first"] = round(chosen[figure] / fp32_base[figure], 2)
+    return {**chosen, **ratios}
 
 
 def _against(chosen: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:

@@ -140,6 +140,9 @@ class CosyVoiceConfig:
     kv_cache_bytes: int = _setting(0, _at_least(0), size=True)
     # Capture the decoding step in CUDA graphs (CUDA only; see the README for its state).
     cuda_graphs: bool = True
+    # On a CPU worker with max_streams > 1: the language model and the flow estimator in
+    # bfloat16 (engines/bf16.py); only where the CPU has AMX-BF16 or AVX512-BF16 (cpuflags.py).
+    cpu_bf16: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import NoReturn
 
-from cosyvoiced import __version__, config, fdlimit, logs, memory
+from cosyvoiced import __version__, config, cpuflags, fdlimit, logs, memory
 from cosyvoiced.engines import exports, probe
 from cosyvoiced.supervisor import EXIT_CONFIG, EXIT_WORKER_START, Supervisor
 
@@ -67,6 +67,8 @@ def _check(path: str, settings: config.Config) -> int:
     if settings.engine.name == "cosyvoice":
         # Before the probe: these need no import, and say more than a failed one would.
         unmet = exports.machine_problems(settings.engine.cosyvoice, settings.worker.devices)
+        if settings.engine.cosyvoice.cpu_bf16 and "cpu" in settings.worker.devices:
+            unmet += [problem for problem in (cpuflags.bf16_problem(),) if problem]
         for need in unmet:
             print(f"cosyvoiced: {path}: the cosyvoice engine cannot load: {need}",
                   file=sys.stderr)

@@ -219,11 +219,28 @@ def _run_segment(engine: Engine, segment: RunSegment, channel: Channel) -> None:
 
 def warm_up(engine: Engine) -> None:
     """One short synthesis before the first job, so that it does not pay for first calls
-    (lazy initialisation, allocator growth). Shared with bench/cosyvoice.py."""
+    (lazy initialisation, allocator growth), on the path its jobs take: a batched engine's
+    streams, else `synthesize`. Shared with bench/cosyvoice.py."""
     default = engine.default_voice()
-    if default is not None:  # a model with no built-in voice has nothing to warm up with
-        for _chunk in engine.synthesize(SynthesisRequest(WARMUP_TEXT, default)):
-            pass
+    if default is None:  # a model with no built-in voice has nothing to warm up with
+        return
+    request = SynthesisRequest(WARMUP_TEXT, default)
+    if _streams(engine) > 1:
+        _warm_up_stream(cast(MultiStreamEngine, engine), request)
+        return
+    for _chunk in engine.synthesize(request):
+        pass
+
+
+def _warm_up_stream(engine: MultiStreamEngine, request: SynthesisRequest) -> None:
+    """One stream, stepped to its end (no other is open yet)."""
+    stream_id = engine.open(request)
+    while True:
+        for output in engine.step():
+            if output.stream_id == stream_id and output.error is not None:
+                raise output.error
+            if output.stream_id == stream_id and output.done:
+                return
 
 
 def _streams(engine: Engine) -> int:

@@ -63,6 +63,7 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
     ('[engine.cosyvoice]\nkv_cache_bytes = "lots"\n',
      "engine.cosyvoice.kv_cache_bytes: expected a size"),
     ('[engine.cosyvoice]\ncuda_graphs = "yes"\n', "engine.cosyvoice.cuda_graphs: expected bool"),
+    ('[engine.cosyvoice]\ncpu_bf16 = "auto"\n', "engine.cosyvoice.cpu_bf16: expected bool"),
     ('[engine.piper]\nvoices = ["/nowhere/v.onnx"]\n', "engine.piper.voices: '/nowhere/v.onnx"),
     ('[engine.piper]\nvoices = "v.onnx"\n', "engine.piper.voices: expected a list"),
     ('[cluster]\nredis = "http://h:6379"\n', "cluster.redis: expected redis://HOST:PORT/DB"),
@@ -80,12 +81,14 @@ def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:
 
 
 def test_batched_cosyvoice_keys_default_to_the_device_and_take_sizes(tmp_path: Path) -> None:
-    assert (config.CosyVoiceConfig().max_streams, config.CosyVoiceConfig().kv_cache_bytes,
-            config.CosyVoiceConfig().cuda_graphs) == (0, 0, True)
+    default = config.CosyVoiceConfig()
+    assert (default.max_streams, default.kv_cache_bytes, default.cuda_graphs,
+            default.cpu_bf16) == (0, 0, True, False)
     settings = _load(tmp_path, '[engine.cosyvoice]\nmax_streams = 8\nkv_cache_bytes = "512MiB"\n'
-                               "cuda_graphs = false\n")
+                               "cuda_graphs = false\ncpu_bf16 = true\n")
     assert (settings.engine.cosyvoice.max_streams, settings.engine.cosyvoice.kv_cache_bytes,
-            settings.engine.cosyvoice.cuda_graphs) == (8, 512 << 20, False)
+            settings.engine.cosyvoice.cuda_graphs,
+            settings.engine.cosyvoice.cpu_bf16) == (8, 512 << 20, False, True)
 
 
 @pytest.mark.parametrize(("value", "size"), [

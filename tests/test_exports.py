@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from cosyvoiced import cpuflags
 from cosyvoiced.config import CosyVoiceConfig
 from cosyvoiced.engines import exports
 from tests.daemon import REPO, write_config
@@ -223,3 +224,17 @@ def test_check_config_without_them_goes_on_to_the_import_probe(tmp_path: Path) -
     assert "engine.cosyvoice.load_" not in run.stderr
     if run.returncode != 0:  # this venv may lack torch: the probe's own finding, not ours
         assert "ModuleNotFoundError" in run.stderr, run.stderr
+
+
+def test_check_config_refuses_cpu_bf16_where_the_cpu_would_emulate_it(tmp_path: Path) -> None:
+    """engine.cosyvoice.cpu_bf16 on CPU workers: refused exactly where this machine's CPU
+    lacks AMX-BF16 and AVX512-BF16; on GPU workers only, it is not the CPU's business."""
+    path, run = _check_config(tmp_path, cpu_bf16=True)
+    expected = cpuflags.bf16_problem()
+    if expected is None:
+        assert "cpu_bf16" not in run.stderr
+    else:
+        assert run.returncode == EXIT_ENGINE, run.stderr
+        assert _refusals(path, run) == [expected]
+    _, run = _check_config(tmp_path, cpu_bf16=True, devices=["cuda:0"])
+    assert "cpu_bf16" not in run.stderr

@@ -36,7 +36,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
-from cosyvoiced.engines import firstaudio, ras, token2wav
+from cosyvoiced.engines import bf16, firstaudio, ras, token2wav
 from cosyvoiced.engines.kvpool import KVBudgetError, KVPool, KVShape, Reservation
 from cosyvoiced.engines.stageclock import Span, StageTally
 
@@ -128,9 +128,10 @@ class BatchedDecoder:
     def __init__(self, model: Any, max_streams: int = 4, kv_cache_bytes: int | None = None,
                  *, min_token_text_ratio: float | None = None,
                  max_token_text_ratio: float | None = None,
-                 first_audio_patience: int | None = None) -> None:
+                 first_audio_patience: int | None = None, cpu_bf16: bool = False) -> None:
         """`first_audio_patience`: steps a later chunk may give way to another job's first
-        audio (`firstaudio`); None: a first hop of tokens, 0: never."""
+        audio (`firstaudio`); None: a first hop of tokens, 0: never. `cpu_bf16`: on a CPU,
+        the language model and the flow estimator in bfloat16 (`bf16`)."""
         if not hasattr(model.llm, "stop_token_ids") or hasattr(model.llm, "vllm"):
             raise ValueError("batched decoding needs a CosyVoice2/3 language model "
                              "running in PyTorch (not v1, not vLLM)")
@@ -138,12 +139,15 @@ class BatchedDecoder:
         self.llm = model.llm
         self.device = torch.device(model.device)
         self.fp16 = bool(getattr(model, "fp16", False)) and self.device.type == "cuda"
+        self.bf16 = cpu_bf16 and self.device.type == "cpu"
         self.rules = ras.SamplingRules.of(self.llm.sampling)
         defaults = _ratio_defaults(self.llm)
         self.min_ratio = defaults[0] if min_token_text_ratio is None else min_token_text_ratio
         self.max_ratio = defaults[1] if max_token_text_ratio is None else max_token_text_ratio
         self.qwen = self.llm.llm.model.model  # the Qwen2 body, without its text LM head
-        if self.device.type == "cpu":
+        if self.bf16:
+            bf16.convert(model)  # bfloat16 products prefer the weights as they are
+        elif self.device.type == "cpu":
             _store_transposed(self.qwen.layers)
             _store_transposed(self.llm.llm_decoder)
         dtype = torch.float16 if self.fp16 else next(self.qwen.parameters()).dtype
@@ -195,7 +199,7 @@ class BatchedDecoder:
         events: list[StreamEvent] = []
         self._drop_cancelled(events)
         with torch.inference_mode():
-            with self._autocast():
+            with _autocast(fp16=self.fp16, cpu_bf16=self.bf16):
                 joined = self._admit(events)
                 self._decode_and_sample(joined)
             events.extend(self._vocode())
@@ -222,13 +226,6 @@ class BatchedDecoder:
         return self.pool.reserved_bytes
 
     # -- admission and prefill ---------------------------------------------------------
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.fp16:
-            autocast: contextlib.AbstractContextManager[Any] = torch.autocast(
-                "cuda", dtype=torch.float16)
-            return autocast
-        return contextlib.nullcontext()
 
     def _drop_cancelled(self, events: list[StreamEvent]) -> None:
         for stream_id in sorted(self._cancelled):
@@ -366,7 +363,7 @@ class BatchedDecoder:
         if not streams:
             return
         rows = torch.tensor([_row(stream) for stream in streams], device=self.device)
-        logp = self.llm.llm_decoder(torch.concat(hidden)).log_softmax(dim=-1)
+        logp = self.llm.llm_decoder(torch.concat(hidden)).float().log_softmax(dim=-1)
         drawn = self._drawn[rows]
         uniforms = ras.counter_uniforms(self._seeds[rows], drawn, ras.DRAWS_PER_TOKEN)
         tokens = ras.sample(logp, history=self._history[rows],
@@ -432,7 +429,7 @@ class BatchedDecoder:
         due = _due_now(list(self._active.values()), patience=self._patience)
         events: list[StreamEvent] = []
         prepared = []
-        with self._autocast():  # upstream runs the flow under autocast when fp16 is on
+        with _autocast(fp16=self.fp16):  # upstream runs the flow under autocast when fp16 is on
             for stream, chunk in due:
                 try:
                     prepared.append((stream, chunk, _flow_input(self.model, self.device,
@@ -491,7 +488,7 @@ class BatchedDecoder:
         try:
             # upstream runs CosyVoice3's HiFT under autocast too, CosyVoice2's not
             with contextlib.nullcontext() if hasattr(self.model, "speech_window") else \
-                    self._autocast():
+                    _autocast(fp16=self.fp16):
                 span = Span(self.device.type == "cuda")
                 span.start()
                 audio = stream.vocoder.speech(self.model, mel, chunk.finalize,
@@ -552,6 +549,18 @@ def _flow_input(model: Any, device: torch.device, stream: _Stream,
         prompt_feat=get("prompt_speech_feat", torch.zeros(1, 0, 80)).to(device),
         embedding=get("flow_embedding", torch.zeros(0, 192)).to(device),
         finalize=chunk.finalize, streaming=not chunk.finalize)
+
+
+def _autocast(*, fp16: bool, cpu_bf16: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """What a stage runs under: CUDA's float16 autocast as upstream's `fp16` has it, or the
+    CPU's bfloat16 one for the language model (`bf16`)."""
+    if cpu_bf16:
+        return bf16.autocast()
+    if fp16:
+        autocast: contextlib.AbstractContextManager[Any] = torch.autocast(
+            "cuda", dtype=torch.float16)
+        return autocast
+    return contextlib.nullcontext()
 
 
 def _store_transposed(module: torch.nn.Module) -> None:

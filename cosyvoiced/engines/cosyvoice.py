@@ -163,6 +163,7 @@ class CosyVoiceEngine:
         self._scratch = tempfile.TemporaryDirectory(prefix="cosyvoiced-prompts-")
         decoder = batched_decoder(self._model.model, self.version, settings)
         self.max_streams = 1 if decoder is None else decoder.max_streams
+        self._bf16 = decoder is not None and decoder.bf16
         # The decoder's HiFT calls go through the clock too: reset before each step, its
         # record does not grow.
         self._streams = None if decoder is None else \
@@ -180,7 +181,8 @@ class CosyVoiceEngine:
                  sample_rate=self._rate, prompt_api="path" if self._path_api else "tensor",
                  builtin_voices=len(self._builtin), registered_voices=len(self._registered),
                  cuda=torch.cuda.is_available(), max_streams=self.max_streams,
-                 kv_cache_bytes=0 if decoder is None else decoder.kv_bytes_reserved)
+                 kv_cache_bytes=0 if decoder is None else decoder.kv_bytes_reserved,
+                 cpu_bf16=self._bf16)
 
     # -- voices -------------------------------------------------------------------------
     def _voice_names(self) -> list[str]:
@@ -268,6 +270,10 @@ class CosyVoiceEngine:
         return self.clock.read()
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[AudioChunk]:
+        if self._bf16:
+            raise RuntimeError("this CosyVoice engine's model runs in bfloat16 for its batched "
+                               "decoder (engine.cosyvoice.cpu_bf16), which upstream's own "
+                               "calls cannot take: use open and step")
         self._refresh_speakers()
         with contextlib.ExitStack() as scope:
             start = self._plan(request, scope)

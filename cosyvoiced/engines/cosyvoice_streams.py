@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cosyvoiced import logs
+from cosyvoiced import cpuflags, logs
 from cosyvoiced.config import CosyVoiceConfig
 from cosyvoiced.engines import StreamOutput, SynthesisRequest
 from cosyvoiced.engines.batched import (
@@ -68,6 +68,11 @@ def batched_decoder(model: Any, version: int,
                     message="CosyVoice-300M and an LLM in vLLM serve one segment at a "
                             "time per worker; add workers (worker.per_device) instead")
     if streams == 1:
+        if settings.cpu_bf16:
+            log.warning("cosyvoice_bf16_unused", max_streams=streams,
+                        message="engine.cosyvoice.cpu_bf16 is for the batched decoder "
+                                "(max_streams > 1); one segment at a time runs upstream's "
+                                "own float32 code")
         return None
     if settings.cuda_graphs and device == "cuda":
         log.warning("cuda_graphs_unavailable", message="the batched decoding step runs "
@@ -76,11 +81,28 @@ def batched_decoder(model: Any, version: int,
                     "cannot replay without fixed-size buffers per batch size, not built "
                     "yet; set engine.cosyvoice.cuda_graphs = false to silence this")
     try:
-        return BatchedDecoder(model, streams, settings.kv_cache_bytes or None)
+        return BatchedDecoder(model, streams, settings.kv_cache_bytes or None,
+                              cpu_bf16=_use_bf16(settings, device))
     except ValueError as error:  # a sampler other than upstream's RAS, for one
         log.warning("cosyvoice_batching_unavailable", reason=str(error),
                     message="serving one segment at a time")
         return None
+
+
+def _use_bf16(settings: CosyVoiceConfig, device: str) -> bool:
+    """engine.cosyvoice.cpu_bf16 for this worker's batched decoder: refused (the worker does
+    not load) on a CPU that would emulate bfloat16, unused on CUDA (fp16 is the switch there)."""
+    if not settings.cpu_bf16:
+        return False
+    if device != "cpu":
+        log.warning("cosyvoice_bf16_unused", device=device,
+                    message="engine.cosyvoice.cpu_bf16 is for CPU workers; on CUDA, "
+                            "engine.cosyvoice.fp16 is upstream's half precision")
+        return False
+    problem = cpuflags.bf16_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
+    return True
 
 
 @dataclass

@@ -32,8 +32,11 @@ from typing import Any
 import pytest
 import torch
 
+from cosyvoiced import cpuflags
+from cosyvoiced.config import CosyVoiceConfig
 from cosyvoiced.engines import batched, ras
 from cosyvoiced.engines.batched import BatchedDecoder, StreamRequest
+from cosyvoiced.engines.cosyvoice_streams import batched_decoder
 from cosyvoiced.engines.kvpool import KVBudgetError
 from cosyvoiced.engines.token2wav import ChunkPlan, Vocoder
 
@@ -468,3 +471,106 @@ def test_later_chunks_go_at_once_when_no_job_waits_for_its_first_audio() -> None
     whole_file = _segment(2, tokens=3, streamed=False)
     playing = _segment(3, tokens=25 + 50 + 3, chunks_made=1)
     assert _made([later_segment, whole_file, playing]) == [[3]]
+
+
+# -- engine.cosyvoice.cpu_bf16 -----------------------------------------------------------------
+@pytest.fixture
+def own_cosyvoice(model_version: int, model_dir: Path) -> Any:
+    """A model of this test's own: cpu_bf16 converts its weights in place."""
+    if model_version == 1:
+        pytest.skip("batched decoding serves the Qwen2 language model of CosyVoice2/3 only")
+    from cosyvoice.cli.cosyvoice import CosyVoice2, CosyVoice3  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return (CosyVoice2 if model_version == 2 else CosyVoice3)(str(model_dir))
+
+
+def _first_head_input(decoder: BatchedDecoder, requests: Sequence[StreamRequest]
+                      ) -> torch.Tensor:
+    """The hidden states the speech-token head gets at the first step (every stream's
+    prefill, all joining at once), as float32."""
+    recorded: list[torch.Tensor] = []
+    head = decoder.llm.llm_decoder
+    hook = head.register_forward_hook(lambda _, inputs, __: recorded.append(inputs[0].float()))
+    try:
+        for request in requests:
+            decoder.add(request)
+        decoder.step()
+    finally:
+        hook.remove()
+    return recorded[0]
+
+
+def _cosine(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1)).min())
+
+
+def test_cpu_bf16_runs_the_language_model_and_flow_in_bfloat16(
+        own_cosyvoice: Any, cosyvoice: Any, model_version: int) -> None:
+    """The language model body, its head, the KV pool and the flow estimator in bfloat16,
+    HiFT in float32; what each gives is float32's to bfloat16 precision (same weights, same
+    inputs). With its own sampling draws the streams keep upstream's length rules and make
+    audio (a tiny random model's tokens are a coin toss: they differ from float32's)."""
+    model = own_cosyvoice.model
+    decoder = BatchedDecoder(model, max_streams=4, cpu_bf16=True)
+    float_decoder = BatchedDecoder(cosyvoice.model, max_streams=4)
+    assert {parameter.dtype for parameter in model.llm.llm.model.model.parameters()} == \
+        {torch.bfloat16}
+    assert model.llm.llm_decoder.weight.dtype == torch.bfloat16
+    assert {parameter.dtype for parameter in model.flow.decoder.estimator.parameters()} == \
+        {torch.bfloat16}
+    assert {parameter.dtype for parameter in model.hift.parameters()} == {torch.float32}
+    assert decoder.pool.keys.dtype == torch.bfloat16
+    assert decoder.kv_bytes_reserved * 2 == float_decoder.kv_bytes_reserved
+
+    requests = _requests(own_cosyvoice, model_version)
+    hidden = _first_head_input(decoder, requests)
+    float_hidden = _first_head_input(float_decoder, _requests(cosyvoice, model_version))
+    assert _cosine(hidden, float_hidden) > 0.999
+    generator = torch.Generator().manual_seed(3)
+    frames = 2 * 40
+    flow_inputs = [torch.randn(2, 80, frames, generator=generator), torch.ones(2, 1, frames),
+                   torch.randn(2, 80, frames, generator=generator),
+                   torch.rand(2, generator=generator), torch.randn(2, 80, generator=generator),
+                   torch.randn(2, 80, frames, generator=generator)]
+    with torch.inference_mode():
+        velocity = model.flow.decoder.estimator(*flow_inputs, streaming=True)
+        float_velocity = cosyvoice.model.flow.decoder.estimator(*flow_inputs, streaming=True)
+    assert velocity.dtype == torch.float32
+    # measured 0.99994 (v2) and 0.99998 (v3); 0.85 with the time t in bfloat16
+    assert _cosine(velocity, float_velocity) > 0.999
+
+    decoder = BatchedDecoder(model, max_streams=4, cpu_bf16=True)  # a fresh one
+    outcomes = _run_batched(decoder, requests)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        text_tokens = request.model_input["text"].shape[1]
+        assert outcome.error is None
+        assert outcome.done
+        assert int(text_tokens * decoder.min_ratio) <= len(outcome.tokens) \
+            <= int(text_tokens * decoder.max_ratio)
+        assert outcome.speech.shape[1] == len(outcome.tokens) * 2 * 480
+        assert outcome.speech.dtype == torch.float32
+        assert torch.isfinite(outcome.speech).all()
+        assert outcome.speech.abs().max() > 0.01
+
+
+def test_the_worker_decodes_in_bfloat16_only_when_configured_and_the_cpu_has_it(
+        own_cosyvoice: Any, model_version: int) -> None:
+    """What a worker builds from engine.cosyvoice: float32 by default; with cpu_bf16,
+    bfloat16 where the CPU multiplies it in hardware, and no load where it would not."""
+    model = own_cosyvoice.model
+    default = batched_decoder(model, model_version, CosyVoiceConfig(max_streams=2))
+    assert default is not None
+    assert not default.bf16
+    assert default.pool.keys.dtype == torch.float32
+    configured = CosyVoiceConfig(max_streams=2, cpu_bf16=True)
+    problem = cpuflags.bf16_problem()
+    if problem is not None:
+        with pytest.raises(RuntimeError, match="cpu_bf16"):
+            batched_decoder(model, model_version, configured)
+        return
+    decoder = batched_decoder(model, model_version, configured)
+    assert decoder is not None
+    assert decoder.bf16
+    assert decoder.pool.keys.dtype == torch.bfloat16

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import soundfile
 
+from cosyvoiced import cpuflags
 from cosyvoiced.client import Client, DaemonError
 from tests.cosyvoice import faulty_llm
-from tests.cosyvoice.conftest import REPO, cosyvoice_daemon
+from tests.cosyvoice.conftest import DEVICE, REPO, cosyvoice_daemon
 from tests.daemon import Daemon, wait_until
 
 SHORT = "Hello from a very small model."
@@ -75,6 +76,27 @@ def test_the_model_version_is_read_from_the_directory(daemon: Daemon,
                                                           MODEL_CLASSES[model_version])
     assert loaded["prompt_api"] == ("path" if REPO else "tensor")
     assert loaded["sample_rate"] == NATIVE_RATE[model_version]
+
+
+def test_cpu_bf16_serves_from_bfloat16_where_the_batched_decoder_runs(
+        tmp_path: Path, model_dir: Path, model_version: int) -> None:
+    """engine.cosyvoice.cpu_bf16 on a CPU worker: its load line says whether the batched
+    decoder runs in bfloat16 (CosyVoice2/3), or warns that it is unused (v1: one segment at
+    a time); either way the daemon serves audio."""
+    if cpuflags.bf16_problem() is not None:
+        pytest.skip("this CPU would emulate bfloat16: cpu_bf16 is refused (test_cpuflags)")
+    daemon = cosyvoice_daemon(tmp_path / "bf16", model_dir, log_level="info", cpu_bf16=True,
+                              max_streams=2)
+    daemon.start()
+    try:
+        loaded = wait_until(lambda: daemon.log_events("cosyvoice_loaded"), 10, "the load line")
+        in_bf16 = model_version != 1 and not DEVICE.startswith("cuda")  # fp16's, on CUDA
+        assert loaded[0]["cpu_bf16"] is in_bf16
+        assert bool(daemon.log_events("cosyvoice_bf16_unused")) is not in_bf16
+        with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+            assert_audio(*decoded(client.synthesize(SHORT).audio), NATIVE_RATE[model_version])
+    finally:
+        daemon.stop()
 
 
 def test_load_options_the_class_lacks_are_left_out(tmp_path: Path, model_dir: Path,
