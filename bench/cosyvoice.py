@@ -19,7 +19,7 @@ worker, one batched worker making N streams (`engine.cosyvoice.max_streams` N), 
 workers making one each (skipped, saying why, where N copies of the one worker's memory
 would not fit in what the machine has available); it reports throughput, first chunk
 p50/p95, speech tokens per second and the workers' memory of each, and each one's ratios
-to the one worker.
+to the one worker. --cpu-bf16 adds the batched worker in bfloat16 (`engine.cosyvoice.cpu_bf16`).
 
 --per-device N[,N...] measures the daemon alone instead: `worker.per_device` N workers on
 the device and N clients streaming at once, each `--count` texts; it reports throughput
@@ -170,7 +170,7 @@ def model_directory(version: int, full: bool, model_dir: Path | None, scratch: P
 
 
 def configured_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int | None = None,
-                      max_streams: int | None = None) -> Daemon:
+                      max_streams: int | None = None, *, cpu_bf16: bool = False) -> Daemon:
     """A daemon for `model_dir`, its config file written, not started."""
     worker: dict[str, Any] = {"start_timeout_s": LOAD_TIMEOUT_S}
     if PLACEMENT:
@@ -181,12 +181,16 @@ def configured_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int |
     options: dict[str, Any] = {"fp16": fp16, "load_jit": False}
     if max_streams is not None:
         options["max_streams"] = max_streams
+    if cpu_bf16:
+        options["cpu_bf16"] = True
     return cosyvoice_daemon(root, model_dir, log_level="info", worker=worker, **options)
 
 
 def start_daemon(root: Path, model_dir: Path, fp16: bool, per_device: int | None = None,
-                 served: Daemon | None = None, *, max_streams: int | None = None) -> Daemon:
-    served = served or configured_daemon(root, model_dir, fp16, per_device, max_streams)
+                 served: Daemon | None = None, *, max_streams: int | None = None,
+                 cpu_bf16: bool = False) -> Daemon:
+    served = served or configured_daemon(root, model_dir, fp16, per_device, max_streams,
+                                         cpu_bf16=cpu_bf16)
     served.start(wait_ready=False)  # Daemon.wait_ready allows 90 s: a tiny model's load
     notify, process = served.notify, served.process
     assert notify is not None
@@ -259,13 +263,14 @@ def _ready_workers(client: Client) -> int:
 
 def pool(model_dir: Path, texts: list[str], size: int, fp16: bool,
          scratch: Path, *, clients: int | None = None,
-         max_streams: int | None = None) -> dict[str, Any]:
-    """`size` workers on the device (each making `max_streams` segments at once), `clients`
-    (default: `size`) streaming every text at once."""
+         max_streams: int | None = None, cpu_bf16: bool = False) -> dict[str, Any]:
+    """`size` workers on the device (each making `max_streams` segments at once, in
+    bfloat16 with `cpu_bf16`), `clients` (default: `size`) streaming every text at once."""
     clients = clients or size
-    name = f"pool-{size}x{max_streams or 0}-{clients}-fp16-{'on' if fp16 else 'off'}"
+    name = (f"pool-{size}x{max_streams or 0}-{clients}-fp16-{'on' if fp16 else 'off'}"
+            f"{'-bf16' if cpu_bf16 else ''}")
     served = start_daemon(scratch / name, model_dir, fp16, per_device=size,
-                          max_streams=max_streams)
+                          max_streams=max_streams, cpu_bf16=cpu_bf16)
     try:
         with Client(served.endpoint, timeout_s=JOB_TIMEOUT_S) as client:
             wait_until(lambda: _ready_workers(client) >= size, LOAD_TIMEOUT_S,
@@ -308,19 +313,22 @@ def _memory(client: Client) -> dict[str, int]:
             "gpu_mib": sum(w.get("gpu_bytes") or 0 for w in workers) >> 20}
 
 
-def streams(model_dir: Path, texts: list[str], count: int, fp16: bool,
-            scratch: Path) -> dict[str, Any]:
+def streams(model_dir: Path, texts: list[str], count: int, fp16: bool,  # noqa: PLR0917
+            scratch: Path, cpu_bf16: bool = False) -> dict[str, Any]:
     """`count` clients at once, served three ways in one run: one worker making one (the
-    clients queue), one batched worker making `count` streams, and `count` workers making
-    one each (a model copy per stream), unless that many copies would not fit in memory."""
-    def served(size: int, max_streams: int) -> dict[str, Any]:
+    clients queue), one batched worker making `count` streams (and, with `cpu_bf16`, the
+    same in bfloat16), and `count` workers making one each (a model copy per stream),
+    unless that many copies would not fit in memory."""
+    def served(size: int, max_streams: int, bf16: bool = False) -> dict[str, Any]:
         return pool(model_dir, texts, size, fp16, scratch, clients=count,
-                    max_streams=max_streams)
+                    max_streams=max_streams, cpu_bf16=bf16)
 
     single = served(1, 1)
     result = {"one_worker": single}
     if count > 1:
         result["batched"] = served(1, count)
+        if cpu_bf16:
+            result["batched_cpu_bf16"] = served(1, count, bf16=True)
         short = _memory_short(single, count)
         result["workers"] = {"skipped": short} if short else served(count, 1)
     for figures in result.values():
@@ -403,7 +411,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.streams:
                 report[f"fp16_{mode}"] = {}
                 for count in args.streams:
-                    result = streams(model_dir, texts, count, mode == "on", scratch)
+                    result = streams(model_dir, texts, count, mode == "on", scratch,
+                                     args.cpu_bf16)
                     report[f"fp16_{mode}"][str(count)] = result
                     print(json.dumps({"fp16": mode, "streams": count, **result}),
                           file=sys.stderr, flush=True)
@@ -455,6 +464,9 @@ def main() -> int:
     parser.add_argument("--streams", type=_sizes, metavar="N[,N...]",
                         help="N clients at once: one batched worker making N streams, N "
                              "workers, and one worker, side by side (versions 2 and 3)")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="with --streams: the batched worker also with "
+                             "engine.cosyvoice.cpu_bf16 (a CPU with AMX-BF16 or AVX512-BF16)")
     args = parser.parse_args()
     if args.full_size and args.version not in full_size.VERSIONS:
         parser.error(f"--full-size builds versions {sorted(full_size.VERSIONS)}")
