@@ -68,7 +68,9 @@ def _check(path: str, settings: config.Config) -> int:
         # Before the probe: these need no import, and say more than a failed one would.
         unmet = exports.machine_problems(settings.engine.cosyvoice, settings.worker.devices)
         if settings.engine.cosyvoice.cpu_bf16 and "cpu" in settings.worker.devices:
-            unmet += [problem for problem in (cpuflags.bf16_problem(),) if problem]
+            bf16_problem = cpuflags.bf16_problem()
+            if bf16_problem is not None:
+                unmet.append(bf16_problem)
         for need in unmet:
             print(f"cosyvoiced: {path}: the cosyvoice engine cannot load: {need}",
                   file=sys.stderr)
