@@ -12,8 +12,9 @@ Each `step()`:
    prefills the streams admitted at this step as one right-padded batch (each stream's
    keys and values go to its own KV blocks);
 3. decodes one token for every stream whose language model is still running, as one batch
-   over the paged KV pool, and samples all of them (with the new streams' first token) by
-   upstream's RAS rules in one pass: one device-to-host copy per step;
+   over the paged KV pool (`decodestep`; on CUDA replayed from graphs, `cudagraphs`), and
+   samples all of them (with the new streams' first token) by upstream's RAS rules in one
+   pass: one device-to-host copy per step;
 4. runs token-to-wave for every stream with a chunk due (one estimator batch for all),
    a job's first audio first: others' later chunks give way to it for a while (`firstaudio`);
 5. returns the events: audio chunks, ends, errors.
@@ -37,6 +38,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from cosyvoiced.engines import bf16, firstaudio, ras, token2wav
+from cosyvoiced.engines.cudagraphs import GraphedStep
+from cosyvoiced.engines.decodestep import DecodeStep
 from cosyvoiced.engines.kvpool import KVBudgetError, KVPool, KVShape, Reservation
 from cosyvoiced.engines.stageclock import Span, StageTally
 
@@ -128,10 +131,12 @@ class BatchedDecoder:
     def __init__(self, model: Any, max_streams: int = 4, kv_cache_bytes: int | None = None,
                  *, min_token_text_ratio: float | None = None,
                  max_token_text_ratio: float | None = None,
-                 first_audio_patience: int | None = None, cpu_bf16: bool = False) -> None:
+                 first_audio_patience: int | None = None, cpu_bf16: bool = False,
+                 cuda_graphs: bool = True) -> None:
         """`first_audio_patience`: steps a later chunk may give way to another job's first
         audio (`firstaudio`); None: a first hop of tokens, 0: never. `cpu_bf16`: on a CPU,
-        the language model and the flow estimator in bfloat16 (`bf16`)."""
+        the language model and the flow estimator in bfloat16 (`bf16`). `cuda_graphs`: on
+        CUDA, the decoding step replayed from graphs (`cudagraphs`)."""
         if not hasattr(model.llm, "stop_token_ids") or hasattr(model.llm, "vllm"):
             raise ValueError("batched decoding needs a CosyVoice2/3 language model "
                              "running in PyTorch (not v1, not vLLM)")
@@ -155,6 +160,9 @@ class BatchedDecoder:
         budget = kv_cache_bytes if kv_cache_bytes is not None else \
             max_streams * DEFAULT_TOKENS_PER_STREAM * shape.bytes_per_token
         self.pool = KVPool(shape, budget, max_streams, self.device)
+        step = DecodeStep(self.qwen, self.llm.speech_embedding.weight, self.pool)
+        self._step: DecodeStep | GraphedStep = \
+            GraphedStep(step) if cuda_graphs and self.device.type == "cuda" else step
         self.max_streams = max_streams
         self._stop_ids = frozenset(int(token) for token in self.llm.stop_token_ids)
         self._silent = frozenset(getattr(model, "silent_tokens", []))
@@ -382,23 +390,10 @@ class BatchedDecoder:
         """Feed each stream its last token, all at once; (streams, hidden) states."""
         rows = torch.tensor([_row(stream) for stream in streams], device=self.device)
         lengths = torch.tensor([stream.length for stream in streams], device=self.device)
-        longest = max(stream.length for stream in streams)
-        past_keys, past_values = self.pool.gather(self.pool.prefix_slots(rows, longest))
-        cache = DynamicCache()
-        for layer in range(self.pool.shape.layers):
-            cache.update(past_keys[layer], past_values[layer], layer)
-        positions = torch.arange(longest + 1, device=self.device)
-        mask = ((positions[None, :] < lengths[:, None]) | (positions[None, :] == longest)).long()
-        embeds = self.llm.speech_embedding.weight[self._last_token[rows]][:, None, :]
-        output = self.qwen(inputs_embeds=embeds, attention_mask=mask,
-                           position_ids=lengths[:, None], past_key_values=cache, use_cache=True)
-        cached = list(_layers(cache))
-        self.pool.write(self.pool.slots(rows, lengths[:, None])[:, 0],
-                        torch.stack([keys[:, :, -1] for keys, _ in cached]),
-                        torch.stack([values[:, :, -1] for _, values in cached]))
+        span = max(stream.length for stream in streams) + 1
+        hidden = self._step(self._last_token[rows], lengths, self.pool.prefix_slots(rows, span))
         for stream in streams:
             stream.length += 1
-        hidden: torch.Tensor = output.last_hidden_state[:, -1]
         return hidden
 
     def _take(self, stream: _Stream, token: int, now: float) -> None:

@@ -74,15 +74,10 @@ def batched_decoder(model: Any, version: int,
                                 "(max_streams > 1); one segment at a time runs upstream's "
                                 "own float32 code")
         return None
-    if settings.cuda_graphs and device == "cuda":
-        log.warning("cuda_graphs_unavailable", message="the batched decoding step runs "
-                    "eagerly: its shapes change at every step (a KV prefix one token "
-                    "longer, streams joining and leaving), which a captured CUDA graph "
-                    "cannot replay without fixed-size buffers per batch size, not built "
-                    "yet; set engine.cosyvoice.cuda_graphs = false to silence this")
     try:
         return BatchedDecoder(model, streams, settings.kv_cache_bytes or None,
-                              cpu_bf16=_use_bf16(settings, device))
+                              cpu_bf16=_use_bf16(settings, device),
+                              cuda_graphs=settings.cuda_graphs)
     except ValueError as error:  # a sampler other than upstream's RAS, for one
         log.warning("cosyvoice_batching_unavailable", reason=str(error),
                     message="serving one segment at a time")

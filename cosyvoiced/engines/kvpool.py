@@ -65,8 +65,10 @@ class KVPool:
         self.device = device
         self.total_blocks = blocks
         # one tensor for all layers, so that a decoding step gathers and writes every
-        # layer's keys (and values) with one indexing operation, not one per layer
-        size = (shape.layers, blocks * BLOCK_TOKENS, shape.kv_heads, shape.head_dim)
+        # layer's keys (and values) with one indexing operation, not one per layer; and one
+        # block more, never handed out, whose first slot a padded step's rows read and write
+        size = (shape.layers, (blocks + 1) * BLOCK_TOKENS, shape.kv_heads, shape.head_dim)
+        self.scratch_slot = blocks * BLOCK_TOKENS
         self.keys = torch.zeros(size, dtype=shape.dtype, device=device)
         self.values = torch.zeros(size, dtype=shape.dtype, device=device)
         self.block_table = torch.zeros((max_streams, blocks), dtype=torch.long, device=device)

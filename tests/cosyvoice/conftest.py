@@ -14,6 +14,7 @@ GPU (workers run on the CPU unless `worker.devices` says otherwise) and COSYVOIC
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -88,3 +89,33 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
     yield running
     running.stop()
     shutil.rmtree(running.root / "state", ignore_errors=True)
+
+
+# Greedy sampling for exact comparisons: upstream's RAS with top_k 1 and a repetition
+# threshold it never reaches (tests/cosyvoice/test_batched.py says why).
+GREEDY = {"top_p": 0.8, "top_k": 1, "win_size": 10, "tau_r": 1.1}
+
+
+@pytest.fixture(scope="module")
+def cosyvoice(model_version: int, model_dir: Path) -> Any:
+    """The tiny CosyVoice2/3 loaded by upstream's own class, one per test module, with
+    greedy sampling at hand (`greedy`)."""
+    if model_version == 1:
+        pytest.skip("batched decoding serves the Qwen2 language model of CosyVoice2/3 only")
+    # upstream is importable once conftest has put the checkout on the path
+    from cosyvoice.cli.cosyvoice import CosyVoice2, CosyVoice3  # noqa: PLC0415
+    from cosyvoice.utils.common import ras_sampling  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # upstream's dependencies' deprecations
+        loaded = (CosyVoice2 if model_version == 2 else CosyVoice3)(str(model_dir))
+    loaded.default_sampling = loaded.model.llm.sampling
+    loaded.greedy_sampling = functools.partial(ras_sampling, **GREEDY)
+    return loaded
+
+
+@pytest.fixture
+def greedy(cosyvoice: Any) -> Iterator[None]:
+    cosyvoice.model.llm.sampling = cosyvoice.greedy_sampling
+    yield
+    cosyvoice.model.llm.sampling = cosyvoice.default_sampling

@@ -22,7 +22,6 @@ own `hift.inference`), so the audio is compared too.
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -49,31 +48,7 @@ TEXTS = ("Hello there, this is the first test sentence.",
          "Not streamed.")
 JOIN_STEPS = (0, 2, 5, 9)
 PROMPT_TOKENS = 13
-GREEDY = {"top_p": 0.8, "top_k": 1, "win_size": 10, "tau_r": 1.1}
 MEL_TOLERANCE = 1e-3
-
-
-@pytest.fixture(scope="module")
-def cosyvoice(model_version: int, model_dir: Path) -> Any:
-    if model_version == 1:
-        pytest.skip("batched decoding serves the Qwen2 language model of CosyVoice2/3 only")
-    # upstream is importable once conftest has put the checkout on the path
-    from cosyvoice.cli.cosyvoice import CosyVoice2, CosyVoice3  # noqa: PLC0415
-    from cosyvoice.utils.common import ras_sampling  # noqa: PLC0415
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # upstream's dependencies' deprecations
-        loaded = (CosyVoice2 if model_version == 2 else CosyVoice3)(str(model_dir))
-    loaded.default_sampling = loaded.model.llm.sampling
-    loaded.greedy_sampling = functools.partial(ras_sampling, **GREEDY)
-    return loaded
-
-
-@pytest.fixture
-def greedy(cosyvoice: Any) -> Iterator[None]:
-    cosyvoice.model.llm.sampling = cosyvoice.greedy_sampling
-    yield
-    cosyvoice.model.llm.sampling = cosyvoice.default_sampling
 
 
 def _requests(cosyvoice: Any, model_version: int) -> list[StreamRequest]:
