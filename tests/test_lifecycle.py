@@ -121,7 +121,7 @@ def test_sigkill_mid_job_then_restart_ends_every_input_once(
     for name in names:
         daemon.drop(name, LONG_TEXT)
     daemon.drop("crash-bad.json", "{oops")
-    wait_until(lambda: len(list(daemon.outbox.glob("crash-*.wav"))) >= 2, 60,
+    wait_until(lambda: len(list(daemon.outbox.glob("crash-*.wav"))) >= 2, 120,
                "two results before the crash")
     wait_until(lambda: any(daemon.work.iterdir()), 30, "a job in hand")
     worker_pid = _worker_pids(daemon)[-1]
