@@ -221,10 +221,9 @@ def test_language_model_states_equal_upstream(cosyvoice: Any, model_version: int
     assert nearest.max().item() < 0.02
 
 
-def test_default_sampling_follows_the_length_rules(cosyvoice: Any, model_version: int) -> None:
-    requests = _requests(cosyvoice, model_version)
-    decoder = BatchedDecoder(cosyvoice.model, max_streams=4)
-    outcomes = _run_batched(decoder, requests)
+def assert_length_rules(decoder: BatchedDecoder, requests: Sequence[StreamRequest],
+                        outcomes: Sequence[Outcome]) -> None:
+    """Every stream ended with upstream's token counts for its text, and audio to match."""
     for request, outcome in zip(requests, outcomes, strict=True):
         text_tokens = request.model_input["text"].shape[1]
         assert outcome.done
@@ -233,6 +232,12 @@ def test_default_sampling_follows_the_length_rules(cosyvoice: Any, model_version
         samples = outcome.speech.shape[1]
         assert samples == len(outcome.tokens) * 2 * 480  # 2 mel frames a token, 480 samples
         assert outcome.speech.abs().max() > 0.01
+
+
+def test_default_sampling_follows_the_length_rules(cosyvoice: Any, model_version: int) -> None:
+    requests = _requests(cosyvoice, model_version)
+    decoder = BatchedDecoder(cosyvoice.model, max_streams=4)
+    assert_length_rules(decoder, requests, _run_batched(decoder, requests))
 
 
 def test_cancel_leaves_the_others_bit_identical(cosyvoice: Any, model_version: int) -> None:
