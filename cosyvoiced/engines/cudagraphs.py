@@ -94,11 +94,11 @@ class GraphedStep:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor,
                  slots: torch.Tensor) -> torch.Tensor:
+        if self.failure is not None:
+            return self.step(tokens, positions, slots)
         streams, span = bucket(tokens.shape[0]), bucket(slots.shape[1], MIN_SPAN)
-        graph = self._graphs.get((streams, span)) if self.failure is None else None
-        if graph is None and self.failure is None:
-            graph = self._captured(streams, span)
-        if graph is None:
+        graph = self._graphs.get((streams, span)) or self._captured(streams, span)
+        if graph is None:  # its capture failed just now
             return self.step(tokens, positions, slots)
         padded = pad_rows(self.step.pool, tokens, positions, slots, streams=streams, span=span)
         for target, source in zip((graph.tokens, graph.positions, graph.slots), padded,

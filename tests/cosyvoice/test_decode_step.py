@@ -21,10 +21,11 @@ import structlog
 import torch
 from transformers import DynamicCache
 
+from cosyvoiced.engines import batched
 from cosyvoiced.engines.batched import BatchedDecoder
 from cosyvoiced.engines.cudagraphs import MIN_SPAN, GraphedStep, bucket
 from cosyvoiced.engines.decodestep import DecodeStep, pad_rows
-from cosyvoiced.engines.kvpool import KVPool, KVShape
+from cosyvoiced.engines.kvpool import KVPool
 from tests.cosyvoice.test_batched import JOIN_STEPS, _requests, _run_batched, assert_length_rules
 
 LENGTHS = (5, 17, 30)  # three streams' positions: the tokens each has in the pool
@@ -48,18 +49,11 @@ def _qwen(cosyvoice: Any) -> Any:
     return cosyvoice.model.llm.llm.model.model
 
 
-def _shape(cosyvoice: Any) -> KVShape:
-    qwen = _qwen(cosyvoice)
-    config = qwen.config
-    return KVShape(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
-                   head_dim=config.hidden_size // config.num_attention_heads,
-                   dtype=next(qwen.parameters()).dtype)
-
-
 def _filled_pool(cosyvoice: Any) -> tuple[KVPool, list[int]]:
     """A pool of random keys and values, with a row reserved for each of `LENGTHS`."""
     device = torch.device(cosyvoice.model.device)
-    shape = _shape(cosyvoice)
+    qwen = _qwen(cosyvoice)
+    shape = batched._kv_shape(qwen, next(qwen.parameters()).dtype)
     pool = KVPool(shape, 4 * 128 * shape.bytes_per_token, max_streams=4, device=device)
     generator = torch.Generator(device=device).manual_seed(11)
     pool.keys.copy_(torch.randn(pool.keys.shape, generator=generator, device=device))
@@ -94,12 +88,9 @@ def _transformers_forward(cosyvoice: Any, pool: KVPool, row: int, length: int,
     embedding = cosyvoice.model.llm.speech_embedding.weight[token].reshape(1, 1, -1)
     output = qwen(inputs_embeds=embedding, position_ids=torch.tensor([[length]], device=device),
                   past_key_values=cache, use_cache=True)
-    layers = cache.layers if hasattr(cache, "layers") else None
-    new_keys = torch.stack([layer.keys[0, :, -1] for layer in layers] if layers else
-                           [keys[0, :, -1] for keys in cache.key_cache])
-    new_values = torch.stack([layer.values[0, :, -1] for layer in layers] if layers else
-                             [values[0, :, -1] for values in cache.value_cache])
-    return output.last_hidden_state[0, -1], new_keys, new_values
+    cached = list(batched._layers(cache))
+    return (output.last_hidden_state[0, -1], torch.stack([keys[0, :, -1] for keys, _ in cached]),
+            torch.stack([values[0, :, -1] for _, values in cached]))
 
 
 def _eager_then_graphed(step: DecodeStep, graphed: GraphedStep,
