@@ -22,6 +22,11 @@ from cosyvoiced.config import LogConfig
 
 RENDERED_ATTR = "cosyvoiced_rendered"
 
+# Libraries whose debug lines trace their own internals, not the daemon's work: markdown-it-py
+# (4.3 on) logs every block rule it tries, about 120 lines for one sentence, which at
+# `level = "debug"` buried the log and slowed each intake that cleans text.
+_INTERNALS_AT_DEBUG = ("markdown_it",)
+
 
 def _stamp_process(role: str) -> Processor:
     pid = os.getpid()
@@ -99,6 +104,8 @@ def _install(role: str, level: str, handlers: list[logging.Handler]) -> None:
             handler.setFormatter(_formatter(role))
         root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in _INTERNALS_AT_DEBUG:
+        logging.getLogger(name).setLevel(logging.INFO)
     structlog.configure(
         processors=[*_shared_chain(role), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -111,6 +111,19 @@ def test_notifies_systemd_and_logs_json(shared_daemon: Daemon) -> None:
     assert states[:3] == ["starting", "warming", "idle"]
 
 
+def test_a_debug_log_holds_the_daemons_work_not_a_parsers_internals(
+        shared_daemon: Daemon) -> None:
+    """markdown-it-py traces every block rule it tries at debug level (about 120 lines a
+    sentence), which buried the log and slowed every intake that cleans text."""
+    shared_daemon.drop("markdown.txt", "# A heading\n\nSome **bold** words and a [link](x).")
+    record = shared_daemon.wait_done("markdown.txt")
+    wait_until(lambda: [e for e in shared_daemon.log_events("job")
+                        if e["job"] == record["job"]], 10, "the job's summary line")
+    debug = [e for e in shared_daemon.log_events() if e["level"] == "debug"]
+    assert debug, "the test daemon should log at debug level"
+    assert not [e for e in debug if str(e.get("logger", "")).startswith("markdown_it")]
+
+
 def test_cosyvoicectl_drop_and_wait(shared_daemon: Daemon) -> None:
     ctl = [sys.executable, "-m", "cosyvoiced.ctl", "--spool", str(shared_daemon.spool), "drop"]
     run = subprocess.run([*ctl, SENTENCE, "--format", "flac", "--name", "ctl-ok", "--wait", "60"],
