@@ -140,9 +140,7 @@ def end_of_word_before(text: str, position: int) -> int:
 
 
 def start_of_word_after(text: str, position: int) -> int:
-    while position < len(text) and text[position].isspace():
-        position += 1
-    return position
+    return pauses.past_whitespace(text, position)
 
 
 def pieces(text: str, span: Span, boundary: re.Pattern[str],

@@ -10,6 +10,12 @@ from tests.daemon import Daemon
 
 DaemonFactory = Callable[..., Daemon]
 
+# The files that take minutes (the Debian package's build and chroot, daemon restarts, 200
+# jobs through chaos), longest first. `make test` hands whole files to its processes in the
+# order collected: these start first, so the run does not end on one of them alone.
+LONGEST_FILES = ("test_packaging.py", "test_lifecycle.py", "test_cluster.py", "test_chaos.py",
+                 "test_supervision.py", "test_encoding.py", "test_cpu_default.py")
+
 
 def _cuda_available() -> bool:
     try:
@@ -20,7 +26,13 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests run only where torch sees a CUDA device (never in CI)."""
+    """The longest files first; `gpu` tests run only where torch sees a CUDA device (never
+    in CI)."""
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
     if any(item.get_closest_marker("gpu") for item in items) and not _cuda_available():
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU with torch (CUDA)")
         for item in items:
