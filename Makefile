@@ -38,12 +38,15 @@ $(VENV)/.test-installed: $(VENV)/.installed
 # that hold a tight bound on wall time (`serial`) then run alone.
 TEST_JOBS ?= auto
 PYTEST_PARALLEL = -n $(TEST_JOBS) --dist loadfile
+# The slowest tests, printed at the end of each run: where CI's minutes go.
+PYTEST_TIMES = --durations=15
 # The console's browser tests write a screenshot of each view here (kept out of git).
 SCREENSHOTS := screenshots
 TEST_ENV = COSYVOICED_SCREENSHOTS=$(abspath $(SCREENSHOTS))
 
 test: lint redis browser
-	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -m 'not serial' --ignore=tests/cosyvoice
+	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_TIMES) -m 'not serial' \
+		--ignore=tests/cosyvoice
 	$(TEST_ENV) $(BIN)/python -m pytest -m serial --ignore=tests/cosyvoice
 	$(MAKE) test-cosyvoice
 
@@ -64,7 +67,7 @@ $(LANE)/.installed: setup.cfg pyproject.toml
 	@touch $@
 
 test-cosyvoice: $(LANE)/.installed
-	$(LANE_BIN)/python -m pytest $(PYTEST_PARALLEL) tests/cosyvoice
+	$(LANE_BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_TIMES) tests/cosyvoice
 
 # The same lane on an upstream checkout, once per model generation (tiny CosyVoice-300M,
 # CosyVoice2, CosyVoice3): make test-cosyvoice-checkout COSYVOICE_REPO=/path/to/CosyVoice.

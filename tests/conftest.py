@@ -10,11 +10,15 @@ from tests.daemon import Daemon
 
 DaemonFactory = Callable[..., Daemon]
 
-# The files that take minutes (the Debian package's build and chroot, daemon restarts, 200
-# jobs through chaos), longest first. `make test` hands whole files to its processes in the
-# order collected: these start first, so the run does not end on one of them alone.
+# The files that take longest (the Debian package's build and chroot, daemon restarts, 200
+# jobs through chaos), longest first, as measured in one run. `make test` hands whole files
+# to its processes in the order collected: these start first, so the run ends on short ones
+# (it ended with one process alone on test_cluster_chaos for its last minute).
 LONGEST_FILES = ("test_packaging.py", "test_lifecycle.py", "test_cluster.py", "test_chaos.py",
-                 "test_supervision.py", "test_encoding.py", "test_cpu_default.py")
+                 "test_supervision.py", "test_encoding.py", "test_cpu_default.py",
+                 "test_elevenlabs_ws.py", "test_console.py", "test_cluster_chaos.py",
+                 "test_memory_per_job.py", "test_http.py", "test_install.py",
+                 "test_hostile_wyoming.py", "test_pool.py", "test_operations.py")
 
 
 def _cuda_available() -> bool:
