@@ -262,6 +262,10 @@ def _load(config: EngineConfig, channel: Channel) -> Engine | None:
         channel.send(EngineLoadFailed(f"{type(error).__name__}: {error}"))
         return None
     warmed = time.monotonic()
+    # The loaded, warmed engine's footprint, before the supervisor reports this worker idle
+    # and judges its limits by it: the last heartbeat may be from before the model loaded
+    # (a start quicker than one interval showed a fresh Piper worker at 45 MiB).
+    channel.send(Heartbeat(_measure()))
     channel.send(EngineReady(engine.name, voices, default, engine.features,
                              engine.sample_rate(None) if "prompt_audio" in engine.features
                              else 0, round(loaded - started, 3), round(warmed - loaded, 3),

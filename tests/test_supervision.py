@@ -180,6 +180,18 @@ def busy_generations(daemon: Daemon) -> list[int]:
     return [e["generation"] for e in daemon.log_events("worker_state") if e["state"] == "busy"]
 
 
+def test_a_ready_worker_reports_the_memory_of_its_loaded_model(
+        make_daemon: DaemonFactory) -> None:
+    """Heartbeats 30 s apart: the only one before READY=1 is sent as the worker starts, before
+    the voice loads. A ready worker used to show that figure (45 MiB, against 240 with its
+    60 MB model), and its limits were judged by it."""
+    daemon = make_daemon(worker={"heartbeat_interval_s": 30.0, "heartbeat_timeout_s": 90.0})
+    daemon.start()
+    with Client(daemon.endpoint) as client:
+        worker = wait_until(lambda: fresh_worker(client), 30, "the ready worker")
+    assert int(worker["rss_bytes"]) > 150 << 20, f"{int(worker['rss_bytes']) >> 20} MiB"
+
+
 def test_stopped_worker_is_killed_and_replaced(make_daemon: DaemonFactory) -> None:
     daemon = faulty_daemon(make_daemon)
     worker_pid = [e["worker_pid"] for e in daemon.log_events("worker_state")][-1]
