@@ -34,10 +34,12 @@ $(VENV)/.test-installed: $(VENV)/.installed
 
 # Lint first: what is not ruff- and mypy-clean does not pass CI either. Every test starts
 # its own daemons on its own spool and ports, so the suite runs in TEST_JOBS processes
-# (pytest-xdist; a file's tests stay in one process, for the daemons they share); the few
-# that hold a tight bound on wall time (`serial`) then run alone.
+# (pytest-xdist; a file's tests stay in one process, for the daemons they share), handed out
+# in the order collected: tests/conftest.py puts the longest files first, which xdist's
+# default (most tests first) would start last. The few that hold a tight bound on wall time
+# (`serial`) then run alone.
 TEST_JOBS ?= auto
-PYTEST_PARALLEL = -n $(TEST_JOBS) --dist loadfile
+PYTEST_PARALLEL = -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 # The slowest tests, printed at the end of each run: where CI's minutes go.
 PYTEST_TIMES = --durations=15
 # The console's browser tests write a screenshot of each view here (kept out of git).

@@ -10,10 +10,11 @@ from tests.daemon import Daemon
 
 DaemonFactory = Callable[..., Daemon]
 
-# The files that take longest (the Debian package's build and chroot, daemon restarts, 200
+# The files that take longest (the Debian package's build and chroot, daemon restarts, 120
 # jobs through chaos), longest first, as measured in one run. `make test` hands whole files
-# to its processes in the order collected: these start first, so the run ends on short ones
-# (it ended with one process alone on test_cluster_chaos for its last minute).
+# to its processes in the order collected (with --no-loadscope-reorder: xdist's default hands
+# out the files with most tests first, and so started these last): these start first, so
+# the run ends on short ones.
 LONGEST_FILES = ("test_packaging.py", "test_lifecycle.py", "test_cluster.py", "test_chaos.py",
                  "test_supervision.py", "test_encoding.py", "test_cpu_default.py",
                  "test_elevenlabs_ws.py", "test_console.py", "test_cluster_chaos.py",

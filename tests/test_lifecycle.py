@@ -23,6 +23,11 @@ from tests.daemon import Daemon, assert_speech, wait_until
 LONG_TEXT = " ".join(
     f"Sentence number {n} of a long job keeps the engine busy for a little while."
     for n in range(1, 13))
+# A job some seconds long, for tests that only need one in hand while others wait: each
+# LONG_TEXT job costs some 10 s of the suite on 2 shared cores.
+MEDIUM_TEXT = " ".join(
+    f"Sentence number {n} of a shorter job keeps the engine busy for a little while."
+    for n in range(1, 5))
 
 
 def _worker_pids(daemon: Daemon) -> list[int]:
@@ -120,7 +125,7 @@ def test_sigkill_mid_job_then_restart_ends_every_input_once(
     # Two before the crash, one in hand when it comes, two still queued.
     names = [f"crash-{n}.txt" for n in range(5)]
     for name in names:
-        daemon.drop(name, LONG_TEXT)
+        daemon.drop(name, MEDIUM_TEXT)
     daemon.drop("crash-bad.json", "{oops")
     wait_until(lambda: len(list(daemon.outbox.glob("crash-*.wav"))) >= 2, 120,
                "two results before the crash")
@@ -143,7 +148,7 @@ def test_sigkill_mid_job_then_restart_ends_every_input_once(
     assert not list(daemon.inbox.iterdir())
     for name in names:
         record = daemon.wait_done(name)
-        assert_speech(daemon.outbox / record["file"], 22050, LONG_TEXT)
+        assert_speech(daemon.outbox / record["file"], 22050, MEDIUM_TEXT)
 
 
 def test_sigterm_while_busy_finishes_or_hands_back(make_daemon: DaemonFactory) -> None:
@@ -151,7 +156,7 @@ def test_sigterm_while_busy_finishes_or_hands_back(make_daemon: DaemonFactory) -
     daemon.start()
     names = [f"term-{n}.txt" for n in range(3)]  # one in hand, two queued
     for name in names:
-        daemon.drop(name, LONG_TEXT)
+        daemon.drop(name, MEDIUM_TEXT)
     wait_until(lambda: _busy(daemon), 30, "the worker to be busy")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
@@ -173,11 +178,11 @@ def test_worker_killed_mid_job_is_replaced_and_the_job_retried(
         make_daemon: DaemonFactory) -> None:
     daemon = make_daemon()
     daemon.start()
-    daemon.drop("victim.txt", LONG_TEXT)
+    daemon.drop("victim.txt", MEDIUM_TEXT)
     wait_until(lambda: _busy(daemon), 30, "the worker to be busy")
     os.kill(_worker_pids(daemon)[-1], signal.SIGKILL)
     record = daemon.wait_done("victim.txt")
-    assert_speech(daemon.outbox / record["file"], 22050, LONG_TEXT)
+    assert_speech(daemon.outbox / record["file"], 22050, MEDIUM_TEXT)
     events = daemon.log_events()
     assert [e for e in events if e["event"] == "job_retry" and e["job"] == record["job"]]
     assert len(_worker_pids(daemon)) == 2
@@ -212,7 +217,7 @@ def test_status_line_tracks_the_queue(make_daemon: DaemonFactory) -> None:
     daemon = make_daemon()
     daemon.start()
     for n in range(3):
-        daemon.drop(f"status-{n}.txt", LONG_TEXT)
+        daemon.drop(f"status-{n}.txt", MEDIUM_TEXT)
     for n in range(3):
         daemon.wait_done(f"status-{n}.txt")
     assert daemon.notify is not None

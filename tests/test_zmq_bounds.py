@@ -41,29 +41,10 @@ def _rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-class _LogCounter:
-    """The daemon's log events by (event, source), read as the file grows."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._offset = 0
-        self._counts: Counter[tuple[str, str]] = Counter()
-
-    def count(self, event: str, source: str) -> int:
-        if self._path.exists():
-            with self._path.open("rb") as log:
-                log.seek(self._offset)
-                data = log.read()
-            whole = data[:data.rfind(b"\n") + 1]
-            self._offset += len(whole)
-            for line in whole.splitlines():
-                entry = json.loads(line)
-                self._counts[entry["event"], str(entry.get("source"))] += 1
-        return self._counts[event, source]
-
-    def answered(self, requests: int) -> bool:
-        """Whether the ZeroMQ requests so far each made a job or were refused."""
-        return self.count("job", "zmq") + self.count("request_refused", "zmq") >= requests
+def _answered(daemon: Daemon, requests: int) -> bool:
+    """Whether the ZeroMQ requests so far each made a job or were refused."""
+    ends = daemon.log_events("job") + daemon.log_events("request_refused")
+    return sum(1 for end in ends if end.get("source") == "zmq") >= requests
 
 
 def _never_reading_dealer(endpoint: str) -> zmq.Socket[bytes]:
@@ -116,7 +97,6 @@ def test_a_client_that_never_reads_cached_long_results_holds_a_bounded_amount(
     assert daemon.process is not None
     pid = daemon.process.pid
     baseline = _rss_bytes(pid)
-    log = _LogCounter(daemon.log_file)
     dealer = _never_reading_dealer(daemon.endpoint)
     try:
         sent = 0
@@ -124,7 +104,7 @@ def test_a_client_that_never_reads_cached_long_results_holds_a_bounded_amount(
             for _ in range(WAVE):
                 dealer.send(_synthesize(f"r{sent}", LONG_TEXT))
                 sent += 1
-            wait_until(partial(log.answered, sent), 60, "the daemon to answer the wave")
+            wait_until(partial(_answered, daemon, sent), 60, "the daemon to answer the wave")
         grown = _rss_bytes(pid) - baseline
         print(f"supervisor RSS {baseline >> 20} MiB -> {(baseline + grown) >> 20} MiB "
               f"after {sent} unread requests for a {reply_bytes / 1e6:.1f} MB reply")
@@ -159,13 +139,12 @@ def test_a_stream_cut_for_an_unread_client_ends_in_one_error(
     the chunks over the limit are dropped; each stream then ends in one `client_too_slow`
     error with nothing after it, or whole (`end`), or is refused `busy` up front."""
     daemon, reply_bytes = cached_daemon
-    log = _LogCounter(daemon.log_file)
     dealer = _never_reading_dealer(daemon.endpoint)
     try:
         for n in range(4):
             dealer.send(json.dumps({"v": 1, "op": "synthesize", "id": f"s{n}", "stream": True,
                                     "text": LONG_TEXT}).encode())
-        wait_until(partial(log.answered, 4), 60, "the daemon to answer the streams")
+        wait_until(partial(_answered, daemon, 4), 60, "the daemon to answer the streams")
         # The supervisor queues all of a hit's replies for the socket thread before it logs
         # the job, and that queue is first in, first out: once another client's ping is
         # answered, every chunk was handed to libzmq or dropped. Reading earlier would drain
