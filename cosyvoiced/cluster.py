@@ -20,7 +20,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,6 +27,7 @@ import redis
 
 from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs
+from cosyvoiced.clusterwire import Inbound, SharedLost, ShareFailed
 from cosyvoiced.config import ClusterConfig, read_password
 from cosyvoiced.job import Job
 from cosyvoiced.scheduler import priority_of
@@ -45,22 +45,6 @@ BUSY_POLL_S = 0.1
 log = logs.get_logger("cosyvoiced.cluster")
 
 
-@dataclass(frozen=True)
-class ShareFailed:
-    """A job could not go onto the shared stream (Redis down): serve it here."""
-
-    job_id: str
-
-
-@dataclass(frozen=True)
-class SharedLost:
-    """A job of this host's that Redis no longer holds (it lost its data, or the TTL ran
-    out): serve it here."""
-
-    job_id: str
-
-
-Inbound = wire.SharedJob | wire.Event | ShareFailed | SharedLost
 Command = Callable[[redis.Redis], None]
 
 

@@ -135,3 +135,22 @@ def served_job(shared: SharedJob, local_id: str, prompt_path: str | None) -> Job
     """The job as this host runs it: under an id of its own (ids are unique per host
     only), with its prompt audio stored here."""
     return replace(shared.job, id=local_id, prompt_audio=prompt_path)
+
+
+# -- what the cluster link's threads hand the tick (cluster.py) --------------------
+@dataclass(frozen=True)
+class ShareFailed:
+    """A job could not go onto the shared stream (Redis down): serve it here."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class SharedLost:
+    """A job of this host's that Redis no longer holds (it lost its data, or the TTL ran
+    out): serve it here."""
+
+    job_id: str
+
+
+Inbound = SharedJob | Event | ShareFailed | SharedLost

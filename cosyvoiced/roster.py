@@ -22,15 +22,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs
 from cosyvoiced.ledger import LedgerView
 from cosyvoiced.sharing import Sharing
 from cosyvoiced.untrusted import json_value
+
+if TYPE_CHECKING:  # imported by the thread: a host alone never imports redis
+    import redis
 
 PUBLISH_S = 2.0
 # Not seen for longer: shown as lost. A host adds an entry every PUBLISH_S to PUBLISH_S + a
@@ -164,6 +165,8 @@ class Roster:
 
     # -- the thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        import redis  # noqa: PLC0415 - see TYPE_CHECKING above
+
         client = self._connect()
         while True:
             self._noted.wait(PUBLISH_S)

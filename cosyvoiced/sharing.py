@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs, policy
-from cosyvoiced.cluster import ClusterLink, SharedLost, ShareFailed
+from cosyvoiced.clusterwire import SharedLost, ShareFailed
 from cosyvoiced.config import ClusterConfig
 from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult
 from cosyvoiced.ledger import Running, Samples
 from cosyvoiced.metrics import Metrics
+
+if TYPE_CHECKING:  # redis, which the link imports, costs every start 0.15 s
+    from cosyvoiced.cluster import ClusterLink
 
 PROMPT_NAME = "shared.prompt"
 
@@ -120,13 +124,21 @@ class Prompts(Protocol):
     def discard_prompts(self, job_id: str) -> None: ...
 
 
+def _link(settings: ClusterConfig, name: str, wake: Callable[[], None]) -> ClusterLink:
+    """The link to the cluster's Redis: imported here, so that only a host with a cluster
+    imports redis (0.15 s of CPU at every start)."""
+    from cosyvoiced.cluster import ClusterLink  # noqa: PLC0415
+
+    return ClusterLink(settings, name, wake)
+
+
 class Sharing:
     def __init__(self, settings: ClusterConfig, host: Host, *, book: Book, prompts: Prompts,
                  metrics: Metrics) -> None:
         self.host, self.book, self.prompts, self.metrics = host, book, prompts, metrics
         self.name = (settings.name or socket.gethostname()) if settings.redis else ""
         self.claim_idle_s = settings.claim_idle_s
-        self.link = ClusterLink(settings, self.name, host.wake) if settings.redis else None
+        self.link = _link(settings, self.name, host.wake) if settings.redis else None
         self.was_up = False
         self.down_since = 0.0
         self.own: dict[str, Running] = {}  # received here and shared, not ended

@@ -4,13 +4,16 @@ the writer thread would send) and a host built on a real job book with fake sink
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from cosyvoiced import clusterwire as wire
-from cosyvoiced.cluster import ClusterLink, SharedLost
+from cosyvoiced.cluster import ClusterLink
+from cosyvoiced.clusterwire import SharedLost
 from cosyvoiced.config import ClusterConfig, Config
 from cosyvoiced.encoding import Encoder
 from cosyvoiced.job import SINK_REPLY, Job, Sink
@@ -219,3 +222,14 @@ def test_a_remote_sink_sends_its_outcome_to_the_receiving_host(link: FakeLink) -
     (args,) = link.named("complete")
     assert args[0] == "b"
     assert args[1].kind == wire.CANCELLED
+
+
+def test_a_host_alone_never_imports_redis() -> None:
+    """redis (0.17 s of CPU) comes with the cluster link, for a host that has one: a fresh
+    interpreter, as the daemon starts, imports the whole supervisor without it (the cluster
+    tests start hosts that have one)."""
+    probe = ("import sys, cosyvoiced.daemon; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'redis'))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert run.stdout.strip() == "[]", run.stdout
