@@ -15,6 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 INSTALL = "pip install 'cosyvoiced[cosyvoice]'"
 UPSTREAM_PACKAGES = ("cosyvoice", "matcha")
@@ -58,6 +59,7 @@ def import_upstream(repo: str) -> ModuleType:
     not installed is named, with the fix, in the ModuleNotFoundError."""
     if repo:
         sys.path[:0] = [repo, str(Path(repo) / "third_party" / "Matcha-TTS")]
+    _import_inflect_unchecked()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
@@ -69,6 +71,34 @@ def import_upstream(repo: str) -> ModuleType:
         root.handlers[:] = handlers
         root.setLevel(level)
         root.addFilter(_UpstreamChatter())
+
+
+def _import_inflect_unchecked() -> None:
+    """inflect (upstream's English number spelling) wraps its methods in typeguard's
+    @typechecked, which re-parses and recompiles each one as inflect is imported: 2.9 s of
+    CPU at every worker start on the 2-core machine (-O would skip it, and every assert with
+    it). Its checks only guard the types of inflect's own arguments, which upstream passes
+    as str and int: imported first with @typechecked as the identity, inflect stays in
+    sys.modules for upstream's import."""
+    try:
+        typeguard = importlib.import_module("typeguard")  # inflect's dependency, not ours
+    except ImportError:
+        return  # an inflect without typeguard: nothing to skip
+    checked = getattr(typeguard, "typechecked", None)
+    if checked is None:
+        return
+    setattr(typeguard, "typechecked", _unchecked)  # noqa: B010 - an untyped module
+    try:
+        importlib.import_module("inflect")
+    except ImportError:
+        pass  # upstream's own import then names what is missing
+    finally:
+        setattr(typeguard, "typechecked", checked)  # noqa: B010
+
+
+def _unchecked(target: Any = None, **_options: Any) -> Any:
+    """typeguard.typechecked's signature, checking nothing."""
+    return target if target is not None else _unchecked
 
 
 class _UpstreamChatter(logging.Filter):
