@@ -36,7 +36,7 @@ def test_every_text_gets_its_fixed_number_of_speech_tokens(model_dir: Path,
     llm = fixed_length(_tiny_llm(model_dir, model_version), RATIO)
     stops = sorted({llm.speech_token_size, *getattr(llm, "stop_token_ids", [])})
     with torch.no_grad():  # a model that leans towards stopping, as the tiny one does
-        llm.llm_decoder.bias[stops] = tiny_model.STOP_LOGIT_BIAS
+        llm.llm_decoder.bias[stops] = tiny_model.STOP_LOGIT_BIAS[model_version]
     full_size.never_stop(llm)
     empty = torch.zeros(1, 0, dtype=torch.int32)
     counts = []
