@@ -60,7 +60,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # bench/zmq.py would 
 import torch  # noqa: E402
 
 from bench.common import sentences, summary_ms  # noqa: E402
-from cosyvoiced import stages  # noqa: E402
+from cosyvoiced import memory, stages  # noqa: E402
 from cosyvoiced.client import Client  # noqa: E402
 from cosyvoiced.config import WorkerConfig  # noqa: E402
 from cosyvoiced.engines import cosyvoice as engine  # noqa: E402
@@ -354,9 +354,7 @@ def _memory_short(single: dict[str, Any], copies: int) -> str | None:
 
 def _available_mib() -> int | None:
     with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) >> 10
+        return memory.parse_meminfo(Path("/proc/meminfo").read_text(), "MemAvailable") >> 20
     return None
 
 

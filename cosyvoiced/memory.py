@@ -149,9 +149,14 @@ def auto_rss_limit(machine_bytes: int, workers: int, engine: str) -> int:
 
 def parse_meminfo_total(meminfo: str) -> int:
     """MemTotal in bytes from /proc/meminfo's text; 0 if absent."""
+    return parse_meminfo(meminfo, "MemTotal")
+
+
+def parse_meminfo(meminfo: str, field: str) -> int:
+    """One field of /proc/meminfo's text (MemTotal, MemAvailable...) in bytes; 0 if absent."""
     for line in meminfo.splitlines():
         name, _, value = line.partition(":")
-        if name == "MemTotal" and value.split():
+        if name == field and value.split():
             return int(value.split()[0]) * 1024  # always in kB
     return 0
 

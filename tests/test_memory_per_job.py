@@ -50,6 +50,7 @@ def test_machine_memory_is_read_from_meminfo_and_the_cgroup_limit() -> None:
     assert parse_meminfo_total("MemTotal:       24683652 kB\nMemFree: 1 kB\n") == \
         24683652 * 1024
     assert parse_meminfo_total("") == 0
+    assert memory.parse_meminfo("MemTotal: 2 kB\nMemAvailable:  3 kB\n", "MemAvailable") == 3072
     assert parse_cgroup_limit("4294967296\n") == 4 * GiB
     assert parse_cgroup_limit("max\n") == 0  # cgroup v2: no limit
     assert parse_cgroup_limit("9223372036854771712\n") == 0  # cgroup v1: no limit
