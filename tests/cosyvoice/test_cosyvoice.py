@@ -381,7 +381,9 @@ def test_every_stream_starts_with_a_small_first_chunk(client: Client) -> None:
             firsts.append(len(next(iter(stream))))
             for _pcm in stream:
                 pass
-    assert firsts[0] == firsts[1], firsts
+    # Each first chunk ends where its segment's random stop falls (a token or two apart, the
+    # tiny v1's stop being likely but not certain); a hop left grown makes it about twice as long.
+    assert max(firsts) < 1.5 * min(firsts), firsts
 
 
 def test_two_clients_at_once(daemon: Daemon, model_version: int) -> None:
