@@ -29,7 +29,7 @@ from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult
 from cosyvoiced.ledger import Running, Samples
 from cosyvoiced.metrics import Metrics
 
-if TYPE_CHECKING:  # redis, which the link imports, costs every start 0.15 s
+if TYPE_CHECKING:  # redis, which the link imports, costs every start 0.17 s
     from cosyvoiced.cluster import ClusterLink
 
 PROMPT_NAME = "shared.prompt"
@@ -126,7 +126,7 @@ class Prompts(Protocol):
 
 def _link(settings: ClusterConfig, name: str, wake: Callable[[], None]) -> ClusterLink:
     """The link to the cluster's Redis: imported here, so that only a host with a cluster
-    imports redis (0.15 s of CPU at every start)."""
+    imports redis (0.17 s of CPU at every start)."""
     from cosyvoiced.cluster import ClusterLink  # noqa: PLC0415
 
     return ClusterLink(settings, name, wake)

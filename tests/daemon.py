@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -337,17 +338,26 @@ class Daemon:
         if error.exists():
             return "failed", json.loads(error.read_text())
         for record_path in self.outbox.glob("*.json"):
-            # Tests poll this many times a second: a record read once is known by its input.
-            if record_path not in self._record_inputs:
-                record = _read_json(record_path)
-                if record is None or not isinstance(record.get("input"), str):
-                    continue
-                self._record_inputs[record_path] = record["input"]
-            if self._record_inputs[record_path] == input_name:
+            if self._input_of(record_path) == input_name:
                 current = _read_json(record_path)
                 if current is not None:
                     return "done", current
         return None
+
+    def outcome_counts(self) -> Counter[str]:
+        """How many outcome records each input has, across outbox/ and failed/."""
+        paths = [*self.outbox.glob("*.json"), *self.failed.glob("*.error.json")]
+        return Counter(name for name in map(self._input_of, paths) if name is not None)
+
+    def _input_of(self, record_path: Path) -> str | None:
+        """The input a record belongs to; None while it is being written. Tests poll this
+        many times a second, and a record is written once (by rename): each is read once."""
+        if record_path not in self._record_inputs:
+            record = _read_json(record_path)
+            if record is None or not isinstance(record.get("input"), str):
+                return None
+            self._record_inputs[record_path] = record["input"]
+        return self._record_inputs[record_path]
 
     def wait_outcome(self, input_name: str,
                      timeout_s: float = JOB_TIMEOUT_S) -> tuple[str, dict[str, Any]]:

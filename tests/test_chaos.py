@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -19,29 +16,6 @@ from tests.daemon import Daemon, wait_until
 JOBS = 120
 WORKER_KILLS = 20
 DAEMON_KILLS = 5
-
-
-class Outcomes:
-    """How many outcome records each input has, across outbox/ and failed/. A record is
-    written once (by rename) and never changes, so each is read once: the test polls this
-    many times a second over every record."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-        self._inputs: dict[Path, str] = {}
-
-    def counts(self) -> Counter[str]:
-        paths = [*self._daemon.outbox.glob("*.json"), *self._daemon.failed.glob("*.error.json")]
-        for path in paths:
-            if path not in self._inputs:
-                try:
-                    self._inputs[path] = json.loads(path.read_text())["input"]
-                except (OSError, ValueError, KeyError):
-                    continue  # being written right now: read again on the next call
-        return Counter(self._inputs[path] for path in paths if path in self._inputs)
-
-    def total(self) -> int:
-        return sum(self.counts().values())
 
 
 def kill_worker(daemon: Daemon) -> None:
@@ -71,15 +45,14 @@ def test_every_input_ends_exactly_once_through_chaos(make_daemon: DaemonFactory)
         else:
             names.append(f"chaos-{n:03d}.txt")
             daemon.drop(names[-1], f"Chaos job number {n} says hello.")
-    outcomes = Outcomes(daemon)
     plan = ["worker"] * WORKER_KILLS + ["daemon"] * DAEMON_KILLS
     rng.shuffle(plan)
     for step in plan:
-        done_before = outcomes.total()
+        done_before = sum(daemon.outcome_counts().values())
         target = min(JOBS, done_before + rng.randint(2, 6))
 
         def progressed(target: int = target) -> bool:
-            return outcomes.total() >= target
+            return sum(daemon.outcome_counts().values()) >= target
 
         wait_until(progressed, 120, "progress between kills")
         if step == "worker":
@@ -87,9 +60,9 @@ def test_every_input_ends_exactly_once_through_chaos(make_daemon: DaemonFactory)
         else:
             daemon.kill_hard()
             daemon.start()
-    wait_until(lambda: set(outcomes.counts()) >= set(names), 300, "every outcome")
+    wait_until(lambda: set(daemon.outcome_counts()) >= set(names), 300, "every outcome")
     wait_until(lambda: not list(daemon.work.iterdir()), 60, "work/ to empty")
-    counts = outcomes.counts()
+    counts = daemon.outcome_counts()
     assert {name: n for name, n in counts.items() if n != 1} == {}, "an input ended twice"
     assert set(counts) == set(names)
     assert not [p for p in daemon.inbox.iterdir()]
