@@ -444,8 +444,9 @@ class Service:
 
     # -- what a client may see and do -------------------------------------------------------
     def is_admin_token(self, token: Any) -> bool:
+        # A client's token may hold what UTF-8 cannot encode (a lone surrogate): not ours.
         return isinstance(token, str) and bool(self.admin_token) and \
-            hmac.compare_digest(token.encode(), self.admin_token.encode())
+            hmac.compare_digest(token.encode(errors="replace"), self.admin_token.encode())
 
     def visible(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
         """May `identity` see this job? Another client's job is as if unknown."""

@@ -139,9 +139,12 @@ def test_a_client_that_stops_reading_is_closed_after_the_idle_timeout(daemon: Da
         assert ended[0]["outcome"] == "cancelled", ended
         stalled_s = time.monotonic() - began
         types = []
-        async with asyncio.timeout(WAIT_S):  # then what was sent before the server gave up
-            while (event := await async_read_event(reader)) is not None:
-                types.append(event.type)
+        # Then what was sent before the server gave up: it drops what it still held, so
+        # the last event may be cut short.
+        async with asyncio.timeout(WAIT_S):
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while (event := await async_read_event(reader)) is not None:
+                    types.append(event.type)
         writer.close()
         return types, stalled_s
 
@@ -184,11 +187,15 @@ def test_connections_over_max_connections_are_refused_at_once(daemon: Daemon) ->
     asyncio.run(crowd())
 
 
-def test_max_pending_per_client_is_the_setting(daemon: Daemon) -> None:
-    # Each ends unambiguously, so each is a job of its own as it arrives.
-    sentences = ["The first one is slow SLOW@2 here. ", "Second. ", "Third. ", "Fourth. "]
+def test_a_stream_keeps_max_pending_per_client_jobs_in_hand_and_speaks_them_all(
+        daemon: Daemon) -> None:
+    # An LLM writes faster than we speak: each ends unambiguously, so each is a job of its
+    # own once its turn comes, and none is refused (busy) for coming early.
+    sentences = ["The first one is slow SLOW@2 here. ",
+                 *(f"Sentence {n} comes at once. " for n in range(2, 9))]
+    queued = len(_wyoming_jobs(daemon))
 
-    async def flood() -> list[Event]:
+    async def stream() -> list[Event]:
         async with AsyncTcpClient(*_address(daemon)) as client:
             await client.write_event(SynthesizeStart().event())
             for sentence in sentences:
@@ -201,10 +208,51 @@ def test_max_pending_per_client_is_the_setting(daemon: Daemon) -> None:
                 events.append(event)
             return events
 
-    events = asyncio.run(flood())
-    errors = [Error.from_event(e).code for e in events if Error.is_type(e.type)]
-    assert errors == ["busy"] * (len(sentences) - MAX_PENDING_PER_CLIENT)
-    assert [e.type for e in events].count("audio-stop") == MAX_PENDING_PER_CLIENT
+    events = asyncio.run(stream())
+    assert not [Error.from_event(e) for e in events if Error.is_type(e.type)]
+    assert [e.type for e in events].count("audio-stop") == len(sentences)
+    jobs = _wyoming_jobs(daemon)[queued:]
+    assert len(jobs) == len(sentences)
+    # In the log's order: a job is queued only once fewer than the setting are in hand.
+    in_hand, most = set(), 0
+    for event in daemon.log_events():
+        if event.get("event") == "job_queued" and event.get("job") in jobs:
+            in_hand.add(event["job"])
+            most = max(most, len(in_hand))
+        elif event.get("event") == "job" and event.get("job") in jobs:
+            in_hand.discard(event["job"])
+    assert most == MAX_PENDING_PER_CLIENT
+
+
+def test_a_stream_its_client_never_reads_is_closed_and_its_text_left_unread(
+        daemon: Daemon) -> None:
+    # Each sentence is 10 s of tone: a few fill the socket buffers between us.
+    sentence = _event_bytes(SynthesizeChunk("A sentence of tone that takes a while to say, "
+                                            "two hundred characters of it, made and sent "
+                                            "whole to a client that will never read a byte of "
+                                            "it, however long it waits for us. ").event())
+    queued = len(_wyoming_jobs(daemon)) + len(daemon.log_events("request_refused"))
+    sent, ended = [0], []
+
+    def flood(sock: socket.socket) -> None:
+        try:
+            while True:
+                sock.sendall(sentence)  # whole events: blocks once the server reads no more
+                sent[0] += 1
+        except ConnectionError as error:  # the server closed it, its text unread: reset
+            ended.append(error)
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(_address(daemon))
+        sock.sendall(_event_bytes(SynthesizeStart().event()))
+        bounded(lambda: flood(sock), IDLE_TIMEOUT_S + WAIT_S)
+    assert ended
+    asked = len(_wyoming_jobs(daemon)) + len(daemon.log_events("request_refused")) - queued
+    assert asked <= 20, f"{asked} jobs for a client that read nothing ({sent[0]} sentences sent)"
+    wait_until(lambda: len([e for e in daemon.log_events("job") if e["job"] in
+                            _wyoming_jobs(daemon)[queued:]]) == asked, WAIT_S,
+               "its jobs to end")
 
 
 # -- events the handler cannot use ----------------------------------------------------------
@@ -212,7 +260,11 @@ def test_max_pending_per_client_is_the_setting(daemon: Daemon) -> None:
     b'{"type": "synthesize", "data": {}}\n',
     b'{"type": "synthesize", "data": {"text": "Hi.", "voice": "tone"}}\n',
     b'{"type": "synthesize-start", "data": {"voice": 7}}\n',
-], ids=["no-text", "voice-not-an-object", "start-voice-not-an-object"])
+    b'{"type": "synthesize", "data": {"text": "Hi.", "voice": {"language": 123}}}\n',
+    b'{"type": "synthesize", "data": {"text": "Hi.", "voice": {"name": ["tone"]}}}\n',
+    b'{"type": "synthesize-start", "data": {}}\n{"type": "synthesize-start", "data": {}}\n',
+], ids=["no-text", "voice-not-an-object", "start-voice-not-an-object", "language-not-text",
+        "name-not-text", "second-start"])
 def test_a_synthesize_the_handler_cannot_use_gets_bad_request(daemon: Daemon,
                                                               raw: bytes) -> None:
     async def send() -> Error:
@@ -221,6 +273,8 @@ def test_a_synthesize_the_handler_cannot_use_gets_bad_request(daemon: Daemon,
             return await _error_then_closed(client)
 
     assert asyncio.run(send()).code == "bad_request"
+    assert daemon.process is not None
+    assert daemon.process.poll() is None, "the daemon must outlive a client's event"
 
 
 @pytest.fixture

@@ -333,23 +333,34 @@ class ReplyIntake:
 
     def handle_inbound(self, service: Service) -> None:
         for message in self.inbound():
-            if isinstance(message, Submission):
-                self._admit(message, service)
-            elif isinstance(message, Released):
-                route = self._routes.pop(message.job_id, None)
-                service.in_flight.done(message.job_id)
-                if route is not None and not self._buffered(route.identity.client):
-                    self._slow.discard(route.identity.client)  # nothing of it is held now
-                if message.gone and route is not None and not route.ended:
-                    log.info("client_gone", job=message.job_id, source=self.source)
-                    service.cancel(message.job_id)
-            else:
-                message.answer(message.ask(service))
+            try:
+                self._handle(message, service)
+            except Exception:  # one client's message must not end the supervisor's tick
+                log.error("intake_message_failed", source=self.source,
+                          message=type(message).__name__, exc_info=True)
+                if isinstance(message, Submission):
+                    message.exchange.post(Failed(str(ErrorCode.INTERNAL), "the request could "
+                                                 "not be handled (an internal error; it is "
+                                                 "logged)"))
         for job_id in self._overflowed:
             log.warning("client_too_slow", job=job_id, source=self.source,
                         max_buffered_bytes=self.max_buffered_bytes())
             service.cancel(job_id)
         self._overflowed.clear()
+
+    def _handle(self, message: Inbound, service: Service) -> None:
+        if isinstance(message, Submission):
+            self._admit(message, service)
+        elif isinstance(message, Released):
+            route = self._routes.pop(message.job_id, None)
+            service.in_flight.done(message.job_id)
+            if route is not None and not self._buffered(route.identity.client):
+                self._slow.discard(route.identity.client)  # nothing of it is held now
+            if message.gone and route is not None and not route.ended:
+                log.info("client_gone", job=message.job_id, source=self.source)
+                service.cancel(message.job_id)
+        else:
+            message.answer(message.ask(service))
 
     def _admit(self, submission: Submission, service: Service) -> None:
         refusal = self._refusal(submission, service)
@@ -358,8 +369,8 @@ class ReplyIntake:
                      message=refusal.message)
             submission.exchange.post(refusal)
             return
-        fields = _voice_fields(submission, service.voices)
         try:
+            fields = _voice_fields(submission, service.voices)
             service.check_voice(fields.get("voice"))
             if submission.prompt is not None and "prompt_audio" not in service.engine_features:
                 raise JobFailure(ErrorCode.NOT_SUPPORTED, f"prompt_audio: the "

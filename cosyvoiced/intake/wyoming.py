@@ -63,6 +63,11 @@ MAX_DATA_BYTES = 64 << 10  # its data block
 MAX_PAYLOAD_BYTES = 1 << 20  # its binary payload (a TTS request has none)
 # A streamed text with no sentence end for this long is spoken up to its last space.
 MAX_SEGMENT_CHARS = 1000
+VOICE_KEYS = ("name", "language", "speaker")
+# A stream's jobs in hand at once (queued, being made or being sent), at most: the next
+# sentence is ready when one ends, and an LLM that writes faster than we speak waits,
+# its events unread (TCP holds them back), rather than piling up jobs here.
+STREAM_LOOKAHEAD = 4
 _ATTRIBUTION = {
     "piper": Attribution(name="Piper", url="https://github.com/rhasspy/piper"),
     "cosyvoice": Attribution(name="CosyVoice", url="https://github.com/FunAudioLLM/CosyVoice"),
@@ -140,6 +145,9 @@ def decoded(kind: Callable[[Event], Message], event: Event) -> Message:
     voice = event.data.get("voice")
     if voice is not None and not isinstance(voice, dict):
         raise BadEvent(f"{event.type}: voice: expected an object such as {{\"name\": ...}}")
+    for key in VOICE_KEYS:  # the library passes them on as they are, whatever their type
+        if voice and voice.get(key) is not None and not isinstance(voice[key], str):
+            raise BadEvent(f"{event.type}: voice.{key}: expected a string")
     try:
         return kind(event)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -158,23 +166,30 @@ def _length(header: dict[str, Any], key: str, limit: int) -> int:
 
 class TextStream:
     """Text that arrives in pieces, handed out a whole sentence (or more) at a time: the
-    sentences `sentences.SentenceSplitter` finds complete, joined. A piece with nothing
-    to say once cleaned up (an emoji, a code fence's line) is left out rather than failed:
-    the client sent its stream in good faith."""
+    sentences `sentences.SentenceSplitter` finds complete, joined up to MAX_SEGMENT_CHARS
+    (one job each). A piece with nothing to say once cleaned up (an emoji, a code fence's
+    line) is left out rather than failed: the client sent its stream in good faith."""
 
     def __init__(self, voice: SynthesizeVoice | None) -> None:
         self.voice = voice
         self._splitter = SentenceSplitter(MAX_SEGMENT_CHARS)
 
-    def add(self, text: str) -> str | None:
-        return _speakable("".join(self._splitter.feed(text)))
+    def add(self, text: str) -> list[str]:
+        return _speakable(self._splitter.feed(text))
 
-    def finish(self) -> str | None:
-        return _speakable("".join(self._splitter.flush()))
+    def finish(self) -> list[str]:
+        return _speakable(self._splitter.flush())
 
 
-def _speakable(text: str) -> str | None:
-    return text if cleanup.says_something(text) else None
+def _speakable(sentences: list[str]) -> list[str]:
+    """`sentences` (each at most MAX_SEGMENT_CHARS) joined into as few texts as keep to
+    that bound, those that say something."""
+    texts = [""]
+    for sentence in sentences:
+        if texts[-1] and len(texts[-1]) + len(sentence) > MAX_SEGMENT_CHARS:
+            texts.append("")
+        texts[-1] += sentence
+    return [text for text in texts if cleanup.says_something(text)]
 
 
 def language_tag(language: str) -> str:
@@ -206,6 +221,7 @@ class _Connection(AsyncEventHandler):
         self._jobs: set[str] = set()  # in flight: cancelled if the connection drops
         self._stream: TextStream | None = None
         self._parts: asyncio.Queue[tuple[str, Exchange] | None] = asyncio.Queue()
+        self._room: asyncio.Semaphore | None = None  # the open stream's lookahead
         self._speaker: asyncio.Task[None] | None = None
         self._task: asyncio.Task[Any] | None = None  # the one running `run`
 
@@ -218,7 +234,10 @@ class _Connection(AsyncEventHandler):
         try:
             await self._serve()
         except ConnectionError:
-            pass  # the client went away while we wrote to it (or stopped reading)
+            # The client went away while we wrote to it, or took none of our bytes for
+            # idle_timeout_s: what is left for it is dropped, not flushed (close() would
+            # wait for a reader that never comes, and the connection would stay open).
+            self.writer.transport.abort()
         finally:
             await self._release()
 
@@ -313,7 +332,12 @@ class _Connection(AsyncEventHandler):
                 synthesize = decoded(Synthesize.from_event, event)
                 await self._speak(self._submit(synthesize.text, synthesize.voice))
         elif SynthesizeStart.is_type(event.type):
+            if self._stream is not None:
+                raise BadEvent("synthesize-start: a stream is open already; end it with "
+                               "synthesize-stop first")
             self._stream = TextStream(decoded(SynthesizeStart.from_event, event).voice)
+            self._room = asyncio.Semaphore(min(STREAM_LOOKAHEAD,
+                                               self._intake.settings().max_pending_per_client))
             self._speaker = asyncio.create_task(self._speak_in_order())
         elif SynthesizeChunk.is_type(event.type) or SynthesizeStop.is_type(event.type):
             return await self._streamed(event)
@@ -327,19 +351,31 @@ class _Connection(AsyncEventHandler):
             await self._error("bad_request", f"{event.type}: no synthesize-start before it")
             return False
         if SynthesizeChunk.is_type(event.type):
-            text = stream.add(decoded(SynthesizeChunk.from_event, event).text)
-            if text is not None:
-                self._parts.put_nowait(self._submit(text, stream.voice))
+            for text in stream.add(decoded(SynthesizeChunk.from_event, event).text):
+                await self._queue(text, stream.voice)
             return True
-        rest = stream.finish()
-        if rest is not None:
-            self._parts.put_nowait(self._submit(rest, stream.voice))
+        for text in stream.finish():
+            await self._queue(text, stream.voice)
         self._parts.put_nowait(None)
         if self._speaker is not None:
             await self._speaker
-        self._stream = self._speaker = None
+        self._stream = self._speaker = self._room = None
         await self.write_event(SynthesizeStopped().event())
         return True
+
+    async def _queue(self, text: str, voice: SynthesizeVoice | None) -> None:
+        """Submit one text of the open stream once fewer than its lookahead are in hand.
+        A speaker that ended meanwhile (its client took none of our bytes for
+        idle_timeout_s) ends the connection with its error."""
+        assert self._room is not None
+        assert self._speaker is not None
+        room = asyncio.ensure_future(self._room.acquire())
+        await asyncio.wait({room, self._speaker}, return_when=asyncio.FIRST_COMPLETED)
+        if not room.done():
+            room.cancel()
+            self._speaker.result()  # raises what ended it
+            raise ConnectionAbortedError("the stream ended before its synthesize-stop")
+        self._parts.put_nowait(self._submit(text, voice))
 
     def _submit(self, text: str, voice: SynthesizeVoice | None) -> tuple[str, Exchange]:
         fields: dict[str, Any] = {"text": text}
@@ -354,8 +390,11 @@ class _Connection(AsyncEventHandler):
         return job_id, exchange
 
     async def _speak_in_order(self) -> None:
+        room = self._room
+        assert room is not None
         while (part := await self._parts.get()) is not None:
             await self._speak(part)
+            room.release()
 
     async def _speak(self, part: tuple[str, Exchange]) -> None:
         """One job's events as Wyoming events. If writing fails (the client left), the job
