@@ -43,6 +43,8 @@ class FileWriter:
         self._buffer = io.BytesIO()
         self._file: soundfile.SoundFile | None = None
         self._pcm16 = True
+        self._frames = 0
+        self._flac = fmt == "flac"
         if fmt == PCM_FORMAT:
             self._pcm = []
             return
@@ -52,6 +54,7 @@ class FileWriter:
                                          subtype=subtype, format=container)
 
     def write(self, samples: npt.NDArray[np.float32]) -> None:
+        self._frames += len(samples)
         for start in range(0, len(samples), BLOCK_FRAMES):
             block = samples[start:start + BLOCK_FRAMES]
             if self._pcm is not None:
@@ -64,6 +67,10 @@ class FileWriter:
         if self._pcm is not None:
             return b"".join(self._pcm)
         assert self._file is not None, "a container format opens its file"
+        if self._flac and not self._frames:
+            # libsndfile writes no FLAC at all for no frames (0 bytes, "not a FLAC file"):
+            # one silent frame (45 us at 22.05 kHz) makes it a file every player opens.
+            self.write(np.zeros(1, dtype=np.float32))
         self._file.close()  # writes the headers that need the length (WAV sizes, STREAMINFO)
         return self._buffer.getvalue()
 

@@ -25,7 +25,10 @@ FIELDS = ("text", "voice", "format", "sample_rate", "speed", "output", "prompt_a
           "prompt_text", "instruct", "language", "cache", "normalize", "captions")
 # A reply's captions come with it (HTTP, ZeroMQ `synthesize`); a spool job's are a file.
 REPLY_ONLY = ("timestamps",)
-MAX_OUTPUT_NAME = 200
+MAX_OUTPUT_NAME = 200  # bytes: with "-JOBID.captions.json" and a temp name's ends, < 255
+# Captions are written as OUT.captions.json beside OUT.json: an output named "x.captions"
+# would have its record where output "x"'s captions go.
+CAPTIONS_STEM = ".captions"
 MAX_PROMPT_CHARS = 1000
 # CosyVoice's language tags (`<|en|>` ...), for cross-lingual synthesis.
 LANGUAGES = ("zh", "en", "jp", "yue", "ko")
@@ -93,6 +96,14 @@ def check_text(text: str, limits: Limits, normalize: bool = True) -> str:
     return text
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_output_name(name: str, field: str = "output") -> str:
     """A bare base name that stays inside its directory: no separators, no dotfiles."""
     problem = None
@@ -102,10 +113,14 @@ def check_output_name(name: str, field: str = "output") -> str:
         problem = "must be a bare file name, without directories"
     elif name.startswith("."):
         problem = "must not start with a dot"
-    elif len(name) > MAX_OUTPUT_NAME:
-        problem = f"must be at most {MAX_OUTPUT_NAME} characters"
+    elif not _is_utf8(name):  # a file name of bytes that are not UTF-8 (surrogateescape)
+        problem = "must be UTF-8 text"
+    elif len(name.encode()) > MAX_OUTPUT_NAME:
+        problem = f"must be at most {MAX_OUTPUT_NAME} bytes (in UTF-8)"
     elif any(ord(char) < 32 for char in name):
         problem = "must not contain control characters"
+    elif field == "output" and name.endswith(CAPTIONS_STEM):
+        problem = f"must not end in {CAPTIONS_STEM!r}: the name of another job's captions"
     if problem:
         code = ErrorCode.INVALID_OUTPUT_NAME if field == "output" else ErrorCode.INVALID_FIELD
         raise JobFailure(code, f"{field}: {problem}; got {name!r}", field)

@@ -17,6 +17,9 @@ import numpy as np
 from cosyvoiced.job import ErrorCode, JobFailure, Samples
 
 MAX_PAUSE_S = 10.0
+# All of one text's pauses, at most: silence costs no characters, and a job's audio is held
+# whole until it is written ("[pause:10]" 2,000 times would be 5.5 hours at 48 kHz, 3.7 GiB).
+MAX_PAUSES_TOTAL_S = 300.0
 # What looks like a pause tag (found case-insensitively, bounded: no backtracking blow-up).
 PAUSE = re.compile(r"\[pause:[^\]\n]{0,32}\]|<break\b[^<>\n]{0,64}>", re.IGNORECASE)
 # How a valid one says its length.
@@ -47,7 +50,9 @@ def found(text: str) -> Iterator[re.Match[str]]:
 
 
 def check(text: str, field: str = "text") -> None:
-    """A `JobFailure` (invalid_field) for the first pause tag that is malformed or too long."""
+    """A `JobFailure` (invalid_field) for the first pause tag that is malformed or too long,
+    or for pauses that add up to more than MAX_PAUSES_TOTAL_S."""
+    total_s = 0.0
     for tag in found(text):
         seconds = length_s(tag.group())
         where = f"{field}: the pause {tag.group()!r} at character {tag.start()}"
@@ -57,6 +62,11 @@ def check(text: str, field: str = "text") -> None:
         if seconds > MAX_PAUSE_S:
             raise JobFailure(ErrorCode.INVALID_FIELD, f"{where} is {seconds:g} s; a pause "
                              f"may be at most {MAX_PAUSE_S:g} s", field)
+        total_s += seconds
+        if total_s > MAX_PAUSES_TOTAL_S:
+            raise JobFailure(ErrorCode.INVALID_FIELD, f"{where} makes the pauses add up to "
+                             f"{total_s:g} s; one text's may add up to at most "
+                             f"{MAX_PAUSES_TOTAL_S:g} s", field)
 
 
 def of_segment(segment: str) -> float | None:

@@ -65,6 +65,14 @@ MAX_HEADER_DEPTH = 32
 # Header keys every request may carry besides its op's own fields.
 # `admin`: the daemon's admin token (a local cosyvoicectl's), for any op.
 ENVELOPE_KEYS = ("v", "op", "id", "admin")
+# Every reply echoes its request's id, and error replies go even to a peer over
+# zmq.max_buffered_bytes (errors are never silence): so the id, and what an error message
+# quotes of a request, are bounded by the bytes a reply's JSON takes for them (\u escapes
+# included). Each error reply stays under 1 KiB.
+MAX_REQUEST_ID_BYTES = 256
+MAX_ERROR_MESSAGE_BYTES = 512
+MAX_ERROR_FIELD_BYTES = 64
+MAX_QUOTED_BYTES = 64  # a value of the request that a message quotes
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,12 @@ class ProtocolError(Exception):
                    error.field, str(error.code))
 
     def fields(self) -> dict[str, Any]:
-        detail: dict[str, Any] = {"code": str(self.code), "message": self.message}
+        """The error's reply fields. A message or field name may quote the request (a job
+        error's does): both are clipped, so that every error reply is small."""
+        detail: dict[str, Any] = {"code": str(self.code),
+                                  "message": clipped(self.message, MAX_ERROR_MESSAGE_BYTES)}
         if self.field is not None:
-            detail["field"] = self.field
+            detail["field"] = clipped(self.field, MAX_ERROR_FIELD_BYTES)
         if self.reason is not None and self.reason != str(self.code):
             detail["reason"] = self.reason
         return detail
@@ -140,21 +151,18 @@ def parse(route: tuple[bytes, ...], body: list[bytes], limits: Limits) -> Reques
     header = _load_header(raw)
     if not isinstance(header, dict):
         raise ProtocolError(WireCode.BAD_REQUEST, "frame 0: header must be a JSON object")
-    request_id = header.get("id")
-    if not isinstance(request_id, str):
-        raise ProtocolError(WireCode.BAD_REQUEST, "id: required string is missing or not a "
-                            "string", field="id")
+    request_id = _request_id(header)
     version = header.get("v")
     if version != VERSION or isinstance(version, bool):
         raise ProtocolError(WireCode.BAD_REQUEST, f"v: protocol version must be {VERSION}; "
-                            f"got {version!r}", request_id, "v")
+                            f"got {quoted(version)}", request_id, "v")
     op = header.get("op")
     if not isinstance(op, str):
         raise ProtocolError(WireCode.BAD_REQUEST, "op: required string is missing or not a "
                             "string", request_id, "op")
     if op not in Op.__members__.values():
-        raise ProtocolError(WireCode.UNKNOWN_OP, f"op: {op!r} is not an op; known ops are: "
-                            f"{', '.join(Op)}", request_id, "op")
+        raise ProtocolError(WireCode.UNKNOWN_OP, f"op: {quoted(op)} is not an op; known ops "
+                            f"are: {', '.join(Op)}", request_id, "op")
     attachments = tuple(body[1:])
     for index, attachment in enumerate(attachments, start=1):
         if len(attachment) > limits.max_attachment_bytes:
@@ -162,6 +170,42 @@ def parse(route: tuple[bytes, ...], body: list[bytes], limits: Limits) -> Reques
                                 f"{len(attachment)} bytes; the limit is "
                                 f"{limits.max_attachment_bytes}", request_id)
     return Request(route, request_id, Op(op), header, attachments)
+
+
+def _request_id(header: dict[str, Any]) -> str:
+    """The request's id; one too long to echo is refused, and not echoed."""
+    request_id = header.get("id")
+    if not isinstance(request_id, str):
+        raise ProtocolError(WireCode.BAD_REQUEST, "id: required string is missing or not a "
+                            "string", field="id")
+    size = json_bytes(request_id)
+    if size > MAX_REQUEST_ID_BYTES:
+        raise ProtocolError(WireCode.BAD_REQUEST, f"id: at most {MAX_REQUEST_ID_BYTES} bytes "
+                            f"as JSON writes it (ASCII, \\u escapes); got {size}", field="id")
+    return request_id
+
+
+def json_bytes(text: str) -> int:
+    """The bytes a reply's JSON takes for `text`, quotes left out."""
+    return len(json.dumps(text)) - 2
+
+
+def clipped(text: str, limit: int) -> str:
+    """`text`, cut (ending in "...") so that a reply's JSON takes at most `limit` bytes."""
+    if json_bytes(text) <= limit:
+        return text
+    size, end = len("..."), 0
+    for char in text:
+        size += json_bytes(char)
+        if size > limit:
+            break
+        end += 1
+    return text[:end] + "..."
+
+
+def quoted(value: Any, limit: int = MAX_QUOTED_BYTES) -> str:
+    """A request's value, as an error message quotes it: its repr, clipped."""
+    return clipped(repr(value), limit)
 
 
 def _load_header(raw: bytes) -> Any:

@@ -49,6 +49,9 @@ from cosyvoiced.spool import Claimed, Spool
 
 CLAIM_RETRY_S = 1.0  # a claim that failed for want of descriptors or memory is retried
 CLAIM_RETRIES = 60  # ...this many times before it fails as unreadable
+# Drop-folder files read, parsed and queued in one tick, at most: a folder of 1,500 long
+# texts, admitted at once, held the tick for 83 s (past WatchdogSec, every client waiting).
+CLAIMS_PER_TICK = 16
 # Errors of this process's state (descriptors, memory), not of the file: they pass.
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
                               errno.EINTR, errno.ENOBUFS})
@@ -275,7 +278,7 @@ class Service:
                 self.claim_retries.append((due, tries, claimed))
             else:
                 self.claim(claimed, now, tries)
-        while True:
+        for _ in range(CLAIMS_PER_TICK):
             try:
                 claimed = self.claims.get_nowait()
             except queue.Empty:
@@ -283,8 +286,10 @@ class Service:
             self.claim(claimed, now)
 
     def deadlines(self) -> list[float]:
-        """When claims that failed for want of descriptors are due again."""
-        return [due for due, _tries, _claimed in self.claim_retries]
+        """When claims that failed for want of descriptors are due again; at once, while
+        claims are left for the next tick."""
+        return [due for due, _tries, _claimed in self.claim_retries] + \
+            ([0.0] if not self.claims.empty() else [])
 
     def claim(self, claimed: Claimed, now: float, tries: int = 0) -> None:
         if self.stopping:

@@ -39,6 +39,27 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
 ERROR_SUFFIX = ".error.json"
 ADMIN_TOKEN_NAME = "admin.token"  # noqa: S105 - the file's name, not a secret
 RECORD_SUFFIX = ".json"
+POSING_SUFFIX = ".input"  # after an input named as an error record (see _failed_names)
+# A job file's name is cut to this many bytes when it is claimed: the names made from it
+# (work/'s "JOBID~NAME", failed/'s ".JOBID~NAME.error.json.XXXXXXXX.tmp") stay under
+# NAME_MAX, 255 bytes; a longer one could be neither claimed nor failed.
+MAX_INPUT_NAME_BYTES = 200
+_MAX_SUFFIX_CHARS = 16  # a longer "suffix" is part of the name, not its type
+
+
+def short_name(name: str) -> str:
+    """`name` if it fits MAX_INPUT_NAME_BYTES; else its start, cut on a character, and its
+    suffix (the job's type)."""
+    if len(os.fsencode(name)) <= MAX_INPUT_NAME_BYTES:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or len(suffix) > _MAX_SUFFIX_CHARS:
+        stem, dot, suffix = name, "", ""
+    room = MAX_INPUT_NAME_BYTES - len(os.fsencode(dot + suffix))
+    stem = stem[:room]  # a character is one byte or more
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return stem + dot + suffix
 
 
 def is_job_candidate(name: str) -> bool:
@@ -114,7 +135,10 @@ def rename_noreplace(source: Path, target: Path) -> bool:
 
 
 def _json_bytes(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode()
+    # A file name that is not UTF-8 reaches us with surrogates (surrogateescape), which
+    # UTF-8 cannot encode: written as JSON's own \\udcXX escapes instead.
+    return (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode(
+        errors="backslashreplace")
 
 
 def _record_job_id(path: Path) -> str | None:
@@ -175,8 +199,9 @@ class Spool:
         return sorted(name for name in os.listdir(self.inbox) if is_job_candidate(name))
 
     def claim(self, name: str, job_id: str) -> Claimed | None:
-        """Take `inbox/name` for ourselves; None if it is gone (claimed already)."""
-        claimed = Claimed.named(job_id, name)
+        """Take `inbox/name` for ourselves (under `short_name`); None if it is gone
+        (claimed already)."""
+        claimed = Claimed.named(job_id, short_name(name))
         try:
             os.rename(self.inbox / name, self.work / claimed.work_name)
         except FileNotFoundError:
@@ -251,6 +276,12 @@ class Spool:
         return base
 
     def _failed_names(self, claimed: Claimed) -> tuple[str, str]:
+        """The input's name in failed/ (its record's, less ERROR_SUFFIX), and the one it
+        takes if that is taken."""
+        if claimed.original_name.endswith(ERROR_SUFFIX):
+            # Moved there as it is, it would pose as another input's error record.
+            posing = f"{claimed.work_name}{POSING_SUFFIX}"
+            return posing, posing
         return claimed.original_name, claimed.work_name
 
     def _move_to_failed(self, claimed: Claimed, name: str) -> str:

@@ -121,8 +121,9 @@ def test_jobs_belong_to_who_made_them(make_daemon: DaemonFactory, tmp_path: Path
 
 
 async def _flood(daemon: Daemon, connections: int, jobs_each: int) -> list[AsyncTcpClient]:
-    """Anonymous Wyoming clients that stream in `jobs_each` slow sentences each (every
-    sentence becomes a job at once), and never read their audio."""
+    """Anonymous Wyoming clients that stream in `jobs_each` slow sentences each, and never
+    read their audio. A stream keeps 4 of its sentences in hand as jobs at a time (one
+    refused is no longer in hand: the next comes at once)."""
     host, port = config.load(daemon.config_path).wyoming.listen.rsplit("/", 1)[1].split(":")
     clients = [AsyncTcpClient(host, int(port)) for _ in range(connections)]
     for client in clients:
@@ -139,9 +140,10 @@ def test_a_key_is_served_promptly_while_anonymous_clients_flood_the_queue(
                            wyoming={"listen": f"tcp://127.0.0.1:{free_port()}"},
                            zmq={"max_pending": 64})
     loop = asyncio.new_event_loop()
-    clients = loop.run_until_complete(_flood(daemon, connections=6, jobs_each=16))  # 96 jobs
+    # 144 sentences, up to 72 in hand at once: more than the anonymous half (32) of the queue.
+    clients = loop.run_until_complete(_flood(daemon, connections=18, jobs_each=8))
     try:
-        wait_until(lambda: len(daemon.log_events("request_refused")) >= 96 - 32 - 8, 30,
+        wait_until(lambda: len(daemon.log_events("request_refused")) >= 32, 30,
                    "anonymous requests refused once their half of the queue is taken")
         refused = daemon.log_events("request_refused")
         assert all("anonymous clients" in e["message"] for e in refused), refused[0]

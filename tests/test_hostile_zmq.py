@@ -42,18 +42,23 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     running.stop()
 
 
-def _raw_request(endpoint: str, frames: list[bytes], timeout_s: float = 10) -> dict[str, Any]:
-    """Send `frames` as they are from a DEALER; the header of the one reply."""
+def _raw_reply(endpoint: str, frames: list[bytes], timeout_s: float = 10) -> list[bytes]:
+    """Send `frames` as they are from a DEALER; the frames of the one reply."""
     dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     try:
         dealer.connect(endpoint)
         dealer.send_multipart(frames)
         assert dealer.poll(int(timeout_s * 1000)), "no reply"
-        reply: dict[str, Any] = json.loads(dealer.recv_multipart()[0])
-        return reply
+        return dealer.recv_multipart()
     finally:
         dealer.close(linger=0)
+
+
+def _raw_request(endpoint: str, frames: list[bytes], timeout_s: float = 10) -> dict[str, Any]:
+    """Send `frames` as they are from a DEALER; the header of the one reply."""
+    reply: dict[str, Any] = json.loads(_raw_reply(endpoint, frames, timeout_s)[0])
+    return reply
 
 
 @pytest.mark.parametrize("header", [DEEP_HEADER, HUGE_NUMBER], ids=["deep", "huge-number"])
@@ -72,6 +77,59 @@ def test_a_header_nested_too_deep_to_use_is_refused(daemon: Daemon) -> None:
     reply = _raw_request(daemon.endpoint, [header])
     assert (reply["event"], reply["code"], reply["id"]) == ("error", "bad_request", None)
     assert "nested" in reply["message"]
+
+
+# -- what a reply echoes of a request ------------------------------------------------------
+# Error replies are sent even to a peer over zmq.max_buffered_bytes (errors are never
+# silence), so they must be small whatever the request held: 3,000 errors echoing a 60 KB id
+# to a peer that never read grew the daemon by 200 MiB.
+ERROR_REPLY_BYTES = 1024
+LONG = "x" * 60_000  # a header of about 60 KB fits zmq.max_header_bytes (64 KiB)
+
+
+def _header(fields: dict[str, Any]) -> bytes:
+    """A request header as a client may write it (UTF-8, not \\u escapes)."""
+    return json.dumps({"v": 1} | fields, ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize(("fields", "reply_id", "code"), [
+    ({"op": "ping", "id": LONG}, None, "bad_request"),
+    ({"op": "ping", "id": "\u00e9" * 100}, None, "bad_request"),  # 600 bytes as \u00e9
+    ({"op": LONG, "id": "op"}, "op", "unknown_op"),
+    ({"v": LONG, "op": "ping", "id": "v"}, "v", "bad_request"),
+    ({"op": "status", "id": "status", "job": LONG}, "status", "not_found"),
+    ({"op": "cancel", "id": "cancel", "job": LONG}, "cancel", "not_found"),
+    ({"op": "remove_voice", "id": "name", "name": LONG}, "name", "not_found"),
+    ({"op": "synthesize", "id": "voice", "text": "Hi.", "voice": LONG}, "voice",
+     "unknown_voice"),
+    ({"op": "synthesize", "id": "field", "text": "Hi.", LONG: 1}, "field", "bad_request"),
+], ids=["id", "id-escaped", "op", "v", "status-job", "cancel-job", "voice-name", "voice",
+        "field-name"])
+def test_an_error_reply_is_small_whatever_the_request_quotes(
+        daemon: Daemon, fields: dict[str, Any], reply_id: str | None, code: str) -> None:
+    frames = _raw_reply(daemon.endpoint, [_header(fields)])
+    reply = json.loads(frames[0])
+    assert (reply["event"], reply["code"], reply["id"]) == ("error", code, reply_id)
+    assert sum(len(frame) for frame in frames) < ERROR_REPLY_BYTES
+
+
+def test_a_request_id_of_up_to_256_bytes_is_echoed_and_a_longer_one_refused(
+        daemon: Daemon) -> None:
+    at_limit = "i" * 256
+    assert _raw_request(daemon.endpoint, [_header({"op": "ping", "id": at_limit})])["id"] \
+        == at_limit
+    over = _raw_request(daemon.endpoint, [_header({"op": "ping", "id": at_limit + "i"})])
+    assert (over["event"], over["code"], over["field"], over["id"]) == \
+        ("error", "bad_request", "id", None)
+    assert "256" in over["message"]
+
+
+def test_an_admin_token_utf8_cannot_encode_is_just_not_the_token(daemon: Daemon) -> None:
+    """A lone surrogate once made is_admin_token raise: `internal`, and a traceback."""
+    reply = _raw_request(daemon.endpoint,
+                         [b'{"v": 1, "op": "stats", "id": "a", "admin": "\\ud800"}'])
+    assert (reply["event"], reply["id"]) == ("stats", "a")
+    assert not daemon.log_events("zmq_request_failed")
 
 
 # -- in-process: the intake object, its thread and its stop ---------------------------------

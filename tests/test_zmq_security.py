@@ -164,3 +164,47 @@ def test_busy_when_a_client_or_the_queue_is_over_its_limit(make_daemon: DaemonFa
         assert len(accepted) in (2, 3)  # 2 if the first, abandoned job was still running
         for job in accepted:
             client.cancel(job)
+
+
+def _curve_dealer(endpoint: str, server_public: bytes, keys: tuple[bytes, bytes],
+                  routing_id: bytes) -> zmq.Socket[bytes]:
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.ROUTING_ID, routing_id)
+    dealer.curve_serverkey = server_public
+    dealer.curve_publickey, dealer.curve_secretkey = keys
+    dealer.connect(endpoint)
+    return dealer
+
+
+def _stream_events(dealer: zmq.Socket[bytes]) -> list[str]:
+    """The events of one stream, up to its last."""
+    events: list[str] = []
+    while not events or events[-1] in ("start", "chunk"):
+        assert dealer.poll(30_000), f"the stream stopped after {events}"
+        events.append(json.loads(dealer.recv_multipart()[0])["event"])
+    return events
+
+
+def test_another_curve_key_cannot_take_over_a_clients_routing_id(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """Routes are keyed by routing id, which a client may choose (many set a fixed one):
+    with CURVE, a second key that connects with it gets nothing of the first's, and its
+    leaving does not cancel the first's job."""
+    alice, bob = _client_keys(tmp_path, "alice"), _client_keys(tmp_path, "bob")
+    daemon, server_public, _ = _curve_daemon(
+        make_daemon, tmp_path, engine={"name": "tests.engines.faulty:load"},
+        authorize=(tmp_path / "alice" / "alice.key", tmp_path / "bob" / "bob.key"))
+    first = _curve_dealer(daemon.endpoint, server_public, alice, b"app-1")
+    try:
+        first.send_json({"v": 1, "op": "synthesize", "id": "alice", "stream": True,
+                         "text": "One SLOW@1. Two SLOW@1. Three SLOW@1. Four."})
+        assert first.poll(30_000)
+        assert json.loads(first.recv_multipart()[0])["event"] == "start"
+        second = _curve_dealer(daemon.endpoint, server_public, bob, b"app-1")
+        second.send_json({"v": 1, "op": "ping", "id": "bob"})
+        assert not second.poll(2_000), "the second key was answered on the first's route"
+        second.close(linger=0)
+        assert _stream_events(first)[-1] == "end"
+    finally:
+        first.close(linger=0)

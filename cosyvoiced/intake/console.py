@@ -23,11 +23,15 @@ from cosyvoiced import board, logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import HttpConfig
 from cosyvoiced.logring import RING
+from cosyvoiced.untrusted import NotJSON, json_value
 
 T = TypeVar("T")
 PAGE = "index.html"
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
                 ".svg": "image/svg+xml"}
+# An action's body is {"slot": N} or {"job": ID}: a few bytes, read within
+# http.body_timeout_s like every body on this listener.
+MAX_ACTION_BYTES = 4096
 KEEPALIVE_S = 15.0  # a comment line, so proxies do not close a quiet stream
 REFRESH_S = 1.0  # the board is looked at this often at least (progress moves)
 SETTLE_S = 0.15  # after a wake, so a burst of log lines is one update
@@ -45,6 +49,10 @@ class Host(Protocol):
     """The HTTP intake, as the console uses it."""
 
     async def ask(self, question: Callable[[Any], T], timeout_s: float = ...) -> T: ...
+
+    async def expect_continue(self, request: web.Request) -> web.StreamResponse | None: ...
+
+    async def read_body(self, request: web.Request, limit: int, setting: str) -> bytes: ...
 
 
 def _refused(status: int, code: str, message: str) -> web.Response:
@@ -67,9 +75,13 @@ class Console:
             web.get("/console/static/{name}", self._static),
             web.get("/console/session", self._session),
             web.get("/console/events", self._events),
-            web.post("/console/recycle", self._recycle),
-            web.post("/console/reload", self._reload),
-            web.post("/console/cancel", self._cancel),
+            # 100 Continue only for a good key, as the API's routes.
+            web.post("/console/recycle", self._recycle,
+                     expect_handler=self._host.expect_continue),
+            web.post("/console/reload", self._reload,
+                     expect_handler=self._host.expect_continue),
+            web.post("/console/cancel", self._cancel,
+                     expect_handler=self._host.expect_continue),
         ])
 
     # -- who is asking ----------------------------------------------------------------------
@@ -162,9 +174,13 @@ class Console:
             log.info("console_action_refused", path=request.path, key=identity.name)
             return _refused(403, "forbidden", "this key may not act on the daemon: it needs "
                             "[http.keys.NAME] admin = true")
+        # The intake's reader: a slow or endless body is cut off (408), a large one 413.
+        data = await self._host.read_body(request, MAX_ACTION_BYTES,
+                                          "a console action's body") \
+            if request.can_read_body else b"{}"
         try:
-            body = await request.json() if request.can_read_body else {}
-        except (ValueError, UnicodeDecodeError):
+            body = json_value(data)
+        except NotJSON:
             body = None
         if not isinstance(body, dict):
             return _refused(400, "bad_json", "body: expected a JSON object")

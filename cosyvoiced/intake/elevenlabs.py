@@ -101,14 +101,20 @@ def output_format(value: str | None) -> OutputFormat:
     """ElevenLabs' `output_format` name as our codec and rate."""
     name = value or DEFAULT_OUTPUT_FORMAT
     parts = name.split("_")
-    rate = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    rate = int(parts[1]) if len(parts) > 1 and _ascii_digits(parts[1]) else 0
     if parts[0] == "pcm" and len(parts) == 2 and rate in PCM_RATES:
         return OutputFormat(name, "pcm", rate)
-    if parts[0] == "mp3" and len(parts) == 3 and parts[2].isdigit() and rate in MP3_RATES:
+    if parts[0] == "mp3" and len(parts) == 3 and _ascii_digits(parts[2]) and \
+            rate in MP3_RATES:
         return OutputFormat(name, "mp3", rate)
     supported = [f"pcm_{r}" for r in PCM_RATES] + [f"mp3_{r}_KBPS" for r in MP3_RATES]
     raise ProtocolError("unsupported_format", f"output_format: {name[:40]!r} is not "
                         f"supported; choose one of: {', '.join(supported)}")
+
+
+def _ascii_digits(text: str) -> bool:
+    """Only 0-9: str.isdigit() also takes "²", which int() then refuses (a 500)."""
+    return text.isascii() and text.isdigit()
 
 
 def inactivity_timeout(value: str | None) -> float:
@@ -116,7 +122,8 @@ def inactivity_timeout(value: str | None) -> float:
     if value is None:
         return DEFAULT_INACTIVITY_S
     try:
-        seconds = float(value)
+        # float() reads other scripts' digits too: only ASCII is a number here.
+        seconds = float(value) if value.isascii() else -1.0
     except ValueError:
         seconds = -1.0
     if not 0 < seconds <= MAX_INACTIVITY_S:

@@ -59,6 +59,7 @@ SHUTDOWN_TIMEOUT_S = 2.0  # for the last bytes of responses in flight when the d
 HEALTH_TIMEOUT_S = 2.0
 RETRY_AFTER_S = 2  # told to a client that is refused for being busy (429)
 REQUEST_TIMEOUT = "request_timeout"
+WHOLE_PIECE_BYTES = 64 << 10  # a reply sent whole is written this much at a time
 
 RATE_LIMITED = "rate_limit_exceeded"  # OpenAI's code for it
 _STATUS = {
@@ -282,7 +283,7 @@ class HttpIntake(ReplyIntake):
         app = web.Application(client_max_size=settings.max_body_bytes,
                               middlewares=[self._errors])
         app.add_routes([
-            web.post("/v1/audio/speech", self._speech, expect_handler=self._expect),
+            web.post("/v1/audio/speech", self._speech, expect_handler=self.expect_continue),
             web.get("/v1/models", self._models),
             web.get("/healthz", self._healthz),
             web.get("/readyz", self._readyz),
@@ -384,9 +385,10 @@ class HttpIntake(ReplyIntake):
                              f"{limit.chars_per_minute:g} characters per minute; 0 is no "
                              f"limit): retry in {retry} s", {"Retry-After": str(retry)})
 
-    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+    async def expect_continue(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue` is answered only for a good key: a client that would be
-        refused hears so before it sends its body, and we read none of it."""
+        refused hears so before it sends its body, and we read none of it. Every POST
+        route on this listener takes it as its expect_handler."""
         try:
             self._authorize(request)
         except _HttpError as error:
@@ -423,9 +425,15 @@ class HttpIntake(ReplyIntake):
 
     def key_name(self, token: str) -> str | None:
         """The name of the API key `token`, or None if it is none of http.api_keys_file."""
+        try:
+            # aiohttp decodes header bytes with surrogateescape, and JSON may hold a lone
+            # surrogate: a token UTF-8 cannot encode is none of the file's keys.
+            given = token.encode()
+        except UnicodeEncodeError:
+            return None
         # Every key is compared, in constant time, so timing tells nothing about a match.
         matches = [name for key, name in self._keys.current(self._settings().api_keys_file)
-                   .items() if hmac.compare_digest(token.encode(), key.encode())]
+                   .items() if hmac.compare_digest(given, key.encode())]
         return matches[0] if matches else None
 
     def rate_refusal(self, identity: Identity, chars: int) -> str | None:
@@ -449,7 +457,8 @@ class HttpIntake(ReplyIntake):
         speech = await self._speech_request(request, settings)
         text = speech.fields.get("text")
         self._check_rate(identity, len(text) if isinstance(text, str) else 0)
-        exchange = Exchange(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        exchange = _Held(loop) if "timestamps" in speech.fields else Exchange(loop)
         job_id = self.submit(exchange, speech.fields, identity,
                              voice_optional=speech.voice_optional, prompt=speech.prompt)
         speech = replace(speech, prompt=None)  # the supervisor keeps it now, not this reply
@@ -490,16 +499,23 @@ class HttpIntake(ReplyIntake):
             if held[0]:
                 self._uploads.give()
 
+    async def read_body(self, request: web.Request, limit: int, setting: str) -> bytes:
+        """The whole body, within http.body_timeout_s (408) and `limit` bytes (413, naming
+        `setting`, the limit's name): for the other routes on this listener (console.py)."""
+        return await self._body(request, limit, setting=setting)
+
     async def _body(self, request: web.Request, limit: int | None = None,
-                    past: tuple[int, Callable[[], None]] | None = None) -> bytes:
+                    past: tuple[int, Callable[[], None]] | None = None,
+                    setting: str = "http.max_upload_bytes") -> bytes:
         """The whole body, within http.body_timeout_s (a short or endless body: 408), and
-        within `limit` bytes (None: http.max_body_bytes, aiohttp's client_max_size); `past`:
-        (a size, what to call once the body is over it)."""
+        within `limit` bytes (None: http.max_body_bytes, aiohttp's client_max_size; over
+        `limit`, 413 names `setting`); `past`: (a size, what to call once the body is over
+        it)."""
         timeout_s = self._settings().body_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 return await (request.read() if limit is None else
-                              _read_within(request, limit, past))
+                              _read_within(request, limit, past, setting))
         except TimeoutError:
             raise _HttpError(REQUEST_TIMEOUT, f"body: not received in {timeout_s:g} s "
                              "(http.body_timeout_s)", close=True) from None
@@ -508,7 +524,7 @@ class HttpIntake(ReplyIntake):
                        speech: SpeechRequest) -> web.StreamResponse:
         body = _Body(request, job_id, speech, self._settings().send_timeout_s)
         stream: EncoderStream | None = None
-        captioned: list[bytes] | None = [] if "timestamps" in speech.fields else None
+        captioned = exchange if isinstance(exchange, _Held) else None  # sent whole, at the end
         try:
             while True:
                 event = await exchange.next()
@@ -521,15 +537,16 @@ class HttpIntake(ReplyIntake):
                     for start in range(0, len(event.samples), piece or len(event.samples)):
                         data = await stream.encode(event.samples[start:start + piece]
                                                    if piece else event.samples)
-                        if data and captioned is not None:  # sent whole, in the JSON
-                            captioned.append(data)
+                        if data and captioned is not None:
+                            captioned.hold(data)
                         elif data:  # an encoder that buffers sends nothing yet: nor do we
                             await body.send(data)
                 elif isinstance(event, Done):
                     assert stream is not None, "a job starts before it ends well"
                     if captioned is not None:
-                        return _captioned(b"".join(captioned) + await stream.finish(),
-                                          speech.format, event.result)
+                        captioned.hold(await stream.finish())
+                        return await body.whole(_captioned(captioned.held_audio(),
+                                                           speech.format, event.result))
                     return await body.finish(await stream.finish())
                 else:
                     failure = event if isinstance(event, Failed) else \
@@ -569,11 +586,12 @@ class HttpIntake(ReplyIntake):
 
 
 async def _read_within(request: web.Request, limit: int,
-                       past: tuple[int, Callable[[], None]] | None) -> bytes:
-    """The body, refused (413, the rest unread) as soon as it is over `limit` bytes; once
-    it is over `past[0]`, `past[1]()` is called (it may refuse it too)."""
+                       past: tuple[int, Callable[[], None]] | None, setting: str) -> bytes:
+    """The body, refused (413 naming `setting`, the rest unread) as soon as it is over
+    `limit` bytes; once it is over `past[0]`, `past[1]()` is called (it may refuse it
+    too)."""
     too_large = _HttpError("request_too_large", f"body: over the limit of {limit} bytes "
-                           "(http.max_upload_bytes)", close=True)
+                           f"({setting})", close=True)
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     data = bytearray()
@@ -651,6 +669,21 @@ class _Body:
         await self._sent(response, response.write_eof())
         return response
 
+    async def whole(self, data: bytes) -> web.StreamResponse:
+        """A JSON reply sent at once (`timestamps`), with its length: written a piece at a
+        time, each piece taken within the send timeout as a streamed reply's chunks are."""
+        self._response = web.StreamResponse(headers={
+            "Content-Type": "application/json", "Cache-Control": "no-cache",
+            "X-Cosyvoiced-Job": self._job_id})
+        self._response.content_length = len(data)
+        await self._sent(self._response, self._response.prepare(self._request))
+        view = memoryview(data)
+        for start in range(0, len(data), WHOLE_PIECE_BYTES):
+            await self._sent(self._response,
+                             self._response.write(view[start:start + WHOLE_PIECE_BYTES]))
+        await self._sent(self._response, self._response.write_eof())
+        return self._response
+
     async def fail(self, failure: Failed) -> web.StreamResponse:
         if self._response is None:
             return error_response(failure.code, failure.message, failure.field)
@@ -666,14 +699,40 @@ class _Body:
         return self._response
 
 
-def _captioned(data: bytes, fmt: str, result: JobResult) -> web.Response:
-    """A `timestamps` reply: the audio in base64 with its captions (README: Captions)."""
+def _captioned(data: bytes, fmt: str, result: JobResult) -> bytes:
+    """A `timestamps` reply's JSON: the audio in base64 with its captions (README:
+    Captions)."""
     timed = result.captions.to_dict() if result.captions is not None else \
         {"sentences": [], "words": None}
-    return web.json_response({
+    return json.dumps({
         "audio": base64.b64encode(data).decode(), "audio_format": fmt,
         "sample_rate": result.sample_rate, "duration": round(result.audio_s, 4),
-        "timestamps": timed["words"] or [], **timed})
+        "timestamps": timed["words"] or [], **timed}).encode()
+
+
+class _Held(Exchange):
+    """The exchange of a `timestamps` reply, which is sent whole once the job is done: the
+    audio taken from it is held here until then, and still counts as this client's unread
+    audio (`pending_bytes`, against reply.MAX_BUFFERED_BYTES) until the reply is written
+    and the job released."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._audio: list[bytes] = []
+        self._held_bytes = 0  # read by the supervisor's thread: one int, swapped whole
+
+    @property
+    def pending_bytes(self) -> int:
+        return super().pending_bytes + self._held_bytes
+
+    def hold(self, data: bytes) -> None:
+        self._audio.append(data)
+        self._held_bytes += len(data)
+
+    def held_audio(self) -> bytes:
+        """All the audio held, once: the pieces are let go (the total stays counted)."""
+        audio, self._audio = b"".join(self._audio), []
+        return audio
 
 
 def _readiness(service: Service) -> str:

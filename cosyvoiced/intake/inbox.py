@@ -44,7 +44,9 @@ from cosyvoiced.untrusted import NotJSON, json_value
 SOURCE = "inbox"
 JOB_SUFFIXES = ("txt", "json")
 # A file found by a scan (not an event) is taken only once it has been still this long,
-# so a writer still filling it in place is left alone until its close event.
+# so a writer still filling it in place is left alone until its close event: QUIET_S for
+# the scans that look for what the watch could not see (the first, and after an overflow),
+# the rescan interval for the periodic ones (a writer may pause longer than a second).
 QUIET_S = 1.0
 
 log = logs.get_logger("cosyvoiced.intake.inbox")
@@ -115,6 +117,7 @@ class InboxIntake:
         self._lock = threading.Lock()
         self.rescan_requested = threading.Event()
         self.next_scan = 0.0  # monotonic
+        self._soon = True  # the next scan takes files still for QUIET_S (see there)
 
     def start(self) -> None:
         # watchdog's low-level inotify reader, not its Observer: the Observer holds every
@@ -156,8 +159,15 @@ class InboxIntake:
         with self._lock:
             if not self._accepting:
                 return
-            claimed = self._spool.claim(name, new_job_id())
+            try:
+                claimed = self._spool.claim(name, new_job_id())
+            except OSError as error:  # left in inbox/; the next scan tries again
+                log.error("claim_failed", input=ascii(name), error=str(error))
+                return
         if claimed is not None:
+            if claimed.original_name != name:
+                log.warning("input_name_shortened", input=ascii(name),
+                            shortened=claimed.original_name, job=claimed.job_id)
             self._claims.put(claimed)
             self._wake()
 
@@ -166,10 +176,13 @@ class InboxIntake:
         fresh to take): files renamed in while the watch was not looking are taken too."""
         if now < self.next_scan and not self.rescan_requested.is_set():
             return
-        self.next_scan = now + (QUIET_S if self.scan() else interval_s)
+        soon = self._soon or self.rescan_requested.is_set()
+        self._soon = self.scan(QUIET_S if soon else interval_s) and soon
+        self.next_scan = now + (QUIET_S if self._soon else interval_s)
 
-    def scan(self) -> bool:
-        """Claim files that arrived without an event; True if some were too fresh to take."""
+    def scan(self, quiet_s: float = QUIET_S) -> bool:
+        """Claim files that arrived without an event and have been still for `quiet_s`;
+        True if some were too fresh to take."""
         self.rescan_requested.clear()
         deferred = False
         now = time.time()
@@ -178,7 +191,7 @@ class InboxIntake:
                 changed = os.lstat(self._spool.inbox / name).st_mtime
             except FileNotFoundError:
                 continue
-            if now - changed < QUIET_S:
+            if now - changed < quiet_s:
                 deferred = True
             else:
                 self.take(name)

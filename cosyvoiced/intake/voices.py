@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from cosyvoiced import logs
 from cosyvoiced.clients import Identity
@@ -65,6 +66,8 @@ class Host(Protocol):
     """What the routes need of the HTTP intake."""
 
     async def ask(self, question: Callable[[Service], T], timeout_s: float = ...) -> T: ...
+
+    async def expect_continue(self, request: web.Request) -> web.StreamResponse | None: ...
 
 
 class UploadSlots:
@@ -174,7 +177,9 @@ class VoiceRoutes:
     def add_routes(self, app: web.Application) -> None:
         app.add_routes([
             web.get("/v1/audio/voices", self._list),
-            web.post("/v1/audio/voices", self._register),
+            # 100 Continue only for a good key, as speech: a refused upload is never sent.
+            web.post("/v1/audio/voices", self._register,
+                     expect_handler=self._host.expect_continue),
             web.get("/v1/audio/voices/{name}", self._one),
             web.delete("/v1/audio/voices/{name}", self._remove),
         ])
@@ -249,8 +254,11 @@ class VoiceRoutes:
             raise _Refused("request_timeout", f"body: not received in "
                            f"{settings.body_timeout_s:g} s (http.body_timeout_s)",
                            close=True) from None
-        except ValueError as error:  # aiohttp's multipart parser: a malformed body
-            raise _Refused("invalid_field", f"body: not a valid multipart body ({error})"[:200],
+        except (ValueError, HttpProcessingError) as error:
+            # aiohttp's multipart parser: a malformed body is a ValueError, a malformed or
+            # overlong part header an HttpProcessingError (BadHttpMessage, LineTooLong).
+            reason = error.message if isinstance(error, HttpProcessingError) else str(error)
+            raise _Refused("invalid_field", f"body: not a valid multipart body ({reason})"[:200],
                            close=True) from None
 
 

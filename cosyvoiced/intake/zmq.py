@@ -64,6 +64,7 @@ from cosyvoiced.protocol import (
     encode_reply,
     error_reply,
     parse,
+    quoted,
     split_envelope,
 )
 
@@ -356,7 +357,8 @@ class _SocketThread(threading.Thread):
     def _send(self, frames: list[bytes]) -> None:
         """A reply, if it fits the peer's zmq.max_buffered_bytes; else it is dropped for a
         `client_too_slow` error, and so are the rest of its request's replies. Errors always
-        go: they are small, and SNDHWM bounds how many wait."""
+        go, and count against the buffered bytes: each is under 1 KiB (protocol.py bounds
+        the request id and what a message quotes), and SNDHWM bounds how many wait."""
         client = frames[0]
         route, body = split_envelope(frames)
         header = _reply_header(body)
@@ -381,8 +383,9 @@ class _SocketThread(threading.Thread):
                               f"client are not read yet (zmq.max_buffered_bytes = "
                               f"{_mib(limit)}): this reply was dropped"
                               + (" and its job cancelled" if job else ""), header.get("id"))
-        self._hand_over(encode_reply(route, error.request_id, "error",
-                                     **({"job": job} if job else {}), **error.fields()), 0)
+        reply = encode_reply(route, error.request_id, "error",
+                             **({"job": job} if job else {}), **error.fields())
+        self._hand_over(reply, len(reply[-1]))  # its one body frame: the header
         if isinstance(job, str):
             self._inbound.put(ClientTooSlow(route[0], job))
             self._wake()
@@ -442,9 +445,15 @@ class _SocketThread(threading.Thread):
 def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) -> zmq.Socket[bytes]:
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    # A client that reconnects under its own (random, never shown) routing id takes its
-    # route over at once: its jobs stay its own across a reconnect.
-    router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    # Without CURVE, a client that reconnects under its own (random, never shown) routing id
+    # takes its route over at once: its jobs stay its own across a reconnect (anyone may
+    # connect then, so an id taken over costs nothing that was protected).
+    # With CURVE, no: routes are keyed by routing id, not by key, and a client may choose
+    # its id (many set a fixed one), so another authorised key would take over its replies,
+    # and cancel its jobs by leaving. libzmq then ignores a connection whose id is in use
+    # until it connects again: at once after a clean close, or once the heartbeat has
+    # dropped a vanished one (cosyvoiced.client connects anew after each timeout).
+    router.setsockopt(zmq.ROUTER_HANDOVER, 0 if settings.curve else 1)
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.SNDHWM, SNDHWM)
     # Bigger than the app-level limits (the header's too: it may be the larger) so oversized
@@ -655,13 +664,13 @@ class ZmqIntake:
                 job_id = _job_field(request)
                 status = service.job_status(job_id, self._identity(request, service))
                 if status is None:
-                    raise ProtocolError(WireCode.NOT_FOUND, f"job: no job {job_id!r} is known",
-                                        request.id, "job")
+                    raise ProtocolError(WireCode.NOT_FOUND, f"job: no job {quoted(job_id)} is "
+                                        "known", request.id, "job")
                 self._reply(request, "status", job=job_id, **status)
             case Op.CANCEL:
                 job_id = _job_field(request)
                 if not service.cancel(job_id, self._identity(request, service)):
-                    raise ProtocolError(WireCode.NOT_FOUND, f"job: {job_id!r} is not queued "
+                    raise ProtocolError(WireCode.NOT_FOUND, f"job: {quoted(job_id)} is not queued "
                                         "or running", request.id, "job")
                 self._reply(request, "cancelled", job=job_id)
             case Op.STATS:
@@ -672,7 +681,7 @@ class ZmqIntake:
         if request.op == Op.REMOVE_VOICE:
             if not service.remove_voice(str(fields.get("name"))):
                 raise ProtocolError(WireCode.NOT_FOUND, f"name: no registered voice "
-                                    f"{fields.get('name')!r}", request.id, "name")
+                                    f"{quoted(fields.get('name'))}", request.id, "name")
             self._reply(request, "voice_removed", name=fields.get("name"))
             return
         if not request.attachments:

@@ -1,0 +1,267 @@
+"""The HTTP listener's other routes against hostile input: keys UTF-8 cannot encode, digits
+of other scripts, malformed multipart part headers, a console action whose body stalls,
+`Expect: 100-continue` before the key, and a `timestamps` reply nobody reads.
+
+Each test talks to one real daemon (the tone engine, keys on, the console on). Real clients
+(aiohttp, `openai`) where they can send what is tested; raw sockets where a real client
+refuses to: bytes that are not UTF-8 in a header, a malformed part header, a body that stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import soundfile
+
+from tests.daemon import Daemon, free_port, wait_until
+from tests.test_http_limits import _closed_by_peer, _read_response, connected
+
+KEY = "sk-hostile-http-0123456789"
+TONE = "tone"  # the tone engine's one voice
+BODY_TIMEOUT_S = 1.5
+SEND_TIMEOUT_S = 5.0  # long enough to ask again while an unread reply waits
+SLACK_S = 3.0  # a loaded test machine's scheduling, on top of a limit
+TIMEOUT_S = 30.0
+# A WebSocket handshake a plain HTTP client can send: the refusal's body is then readable.
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+@dataclass
+class Served:
+    daemon: Daemon
+    address: tuple[str, int]
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.address[0]}:{self.address[1]}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("hostile-http")
+    keys = root / "api_keys"
+    keys.write_text(f"{KEY}\n")
+    port = free_port()
+    daemon = Daemon(root, engine={"name": "tests.engines.faulty:load"},
+                    http={"listen": f"127.0.0.1:{port}", "api_keys_file": str(keys),
+                          "console": True, "body_timeout_s": BODY_TIMEOUT_S,
+                          "send_timeout_s": SEND_TIMEOUT_S, "max_pending_per_client": 1})
+    daemon.start()
+    yield Served(daemon, ("127.0.0.1", port))
+    daemon.stop()
+
+
+def _answer(served: Served, request: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """(status, headers, JSON body) of the answer to one raw request."""
+    with connected(served.address) as sock:
+        sock.sendall(request)
+        sock.settimeout(TIMEOUT_S)
+        status, headers, body = _read_response(sock)
+    return status, headers, json.loads(body)
+
+
+def _code(body: dict[str, Any]) -> str:
+    """The error's code, in the API's shape or ElevenLabs' (a refused handshake)."""
+    return str(body["error"]["code"] if "error" in body else body["detail"]["status"])
+
+
+# -- 1. a key UTF-8 cannot encode is no key ---------------------------------------------------
+@pytest.mark.parametrize("request_head", [
+    b"POST /v1/audio/speech HTTP/1.1\r\nAuthorization: Bearer \xff\xfe\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 0\r\n",
+    b"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer \xff\xfe\r\n",
+    b"GET /v1/audio/voices HTTP/1.1\r\nAuthorization: Bearer \xff\xfe\r\n",
+    b"GET /console/session HTTP/1.1\r\nAuthorization: Bearer \xed\xa0\x80\r\n",
+    b"GET /v1/text-to-speech/tone/multi-stream-input HTTP/1.1\r\nxi-api-key: \xff\r\n"
+    + "".join(f"{name}: {value}\r\n" for name, value in UPGRADE.items()).encode(),
+], ids=["speech", "models", "voices", "console-surrogate", "websocket"])
+def test_a_key_that_is_not_utf8_is_refused_401(served: Served, request_head: bytes) -> None:
+    status, _headers, body = _answer(served, request_head + b"Host: test\r\n\r\n")
+    assert (status, _code(body)) == (401, "invalid_api_key"), body
+
+
+def test_a_lone_surrogate_key_in_the_first_message_is_refused(served: Served) -> None:
+    async def first_message() -> tuple[list[dict[str, Any]], int | None]:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(
+                f"{served.base}/v1/text-to-speech/{TONE}/stream-input?output_format=pcm_16000")
+            await ws.send_str('{"text": " ", "xi_api_key": "\\ud800"}')  # JSON's escape
+            async with asyncio.timeout(TIMEOUT_S):
+                replies = [json.loads(frame.data) async for frame in ws
+                           if frame.type == aiohttp.WSMsgType.TEXT]
+            return replies, ws.close_code
+
+    replies, close_code = asyncio.run(first_message())
+    assert [reply["error"] for reply in replies] == ["invalid_api_key"]
+    assert close_code == 1008
+
+
+# -- 2. digits are ASCII digits ---------------------------------------------------------------
+@pytest.mark.parametrize(("query", "code"), [
+    ({"output_format": "pcm_\u00b2"}, "unsupported_format"),  # superscript two
+    ({"output_format": "pcm_\u0661\u0666\u0660\u0660\u0660"}, "unsupported_format"),  # Arabic
+    ({"output_format": "mp3_44100_\u00b9\u00b2\u2078"}, "unsupported_format"),
+    ({"inactivity_timeout": "\uff11\uff10"}, "invalid_inactivity_timeout"),  # fullwidth 10
+])
+def test_digits_of_other_scripts_are_refused_with_their_reason(
+        served: Served, query: dict[str, str], code: str) -> None:
+    async def handshake() -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession() as session, session.get(
+                f"{served.base}/v1/text-to-speech/{TONE}/stream-input", params=query,
+                headers={"xi-api-key": KEY, **UPGRADE}) as reply:
+            return reply.status, await reply.json()
+
+    status, body = asyncio.run(handshake())
+    assert (status, _code(body)) == (400, code), body
+
+
+# -- 3. a malformed multipart part header ------------------------------------------------------
+@pytest.mark.parametrize("part_header", [b"GARBAGE", b"X-Long: " + b"a" * 9000],
+                         ids=["no-colon", "over-8190-bytes"])
+def test_a_malformed_part_header_is_invalid_field(served: Served, part_header: bytes) -> None:
+    body = (b'--B\r\nContent-Disposition: form-data; name="name"\r\n' + part_header
+            + b"\r\n\r\nalice\r\n--B--\r\n")
+    with connected(served.address) as sock:
+        sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: test\r\n"
+                     + f"Authorization: Bearer {KEY}\r\n".encode()
+                     + b"Content-Type: multipart/form-data; boundary=B\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.settimeout(TIMEOUT_S)
+        status, headers, reply = _read_response(sock)
+        assert (status, _code(json.loads(reply))) == (400, "invalid_field"), reply[:300]
+        assert headers["connection"].lower() == "close"
+        assert _closed_by_peer(sock, SLACK_S)
+
+
+# -- 4. a console action's body is read within the limits --------------------------------------
+def _console_head(path: str, length: int, key: str = KEY, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n{extra}\r\n"
+            ).encode()
+
+
+def test_a_console_action_whose_body_stalls_gets_408(served: Served) -> None:
+    with connected(served.address) as sock:
+        sock.sendall(_console_head("/console/cancel", 100) + b"{")
+        started = time.monotonic()
+        sock.settimeout(BODY_TIMEOUT_S + SLACK_S)
+        status, _headers, reply = _read_response(sock)
+        elapsed = time.monotonic() - started
+        assert (status, _code(json.loads(reply))) == (408, "request_timeout")
+        assert _closed_by_peer(sock, SLACK_S)
+    assert elapsed > BODY_TIMEOUT_S - 0.5
+
+
+def test_a_large_console_action_body_gets_413_unread(served: Served) -> None:
+    status, _headers, body = _answer(served, _console_head("/console/cancel", 1 << 20))
+    assert (status, _code(body)) == (413, "request_too_large")
+
+
+# -- 5. Expect: 100-continue is answered after the key -----------------------------------------
+@pytest.mark.parametrize("path", ["/v1/audio/voices", "/console/cancel", "/console/recycle",
+                                  "/console/reload"])
+def test_expect_100_continue_checks_the_key_first_on_every_post_route(
+        served: Served, path: str) -> None:
+    status, headers, body = _answer(served, _console_head(path, 10_000_000, key="wrong",
+                                                          extra="Expect: 100-continue\r\n"))
+    assert (status, _code(body)) == (401, "invalid_api_key")  # not "100 Continue"
+    assert headers["connection"].lower() == "close"
+
+
+def test_a_console_action_with_the_key_is_continued_and_answered(served: Served) -> None:
+    action = b'{"job": "no-such-job"}'
+    with connected(served.address) as sock:
+        sock.sendall(_console_head("/console/cancel", len(action),
+                                   extra="Expect: 100-continue\r\n"))
+        sock.settimeout(TIMEOUT_S)
+        continued = b"HTTP/1.1 100 Continue\r\n\r\n"
+        interim = b""
+        while len(interim) < len(continued):
+            interim += sock.recv(len(continued) - len(interim))
+        assert interim == continued
+        sock.sendall(action)
+        status, _headers, reply = _read_response(sock)
+    assert (status, _code(json.loads(reply))) == (404, "not_found")
+
+
+# -- 6. a timestamps reply nobody reads ---------------------------------------------------------
+def test_a_timestamps_reply_read_by_openai_is_whole(served: Served) -> None:
+    text = "The first sentence is here. And then the second one."
+    with openai.OpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0,
+                       timeout=TIMEOUT_S) as client:
+        reply = client.audio.speech.create(model="tts-1", voice=TONE, input=text,
+                                           response_format="wav",
+                                           extra_body={"timestamps": "sentence"})
+    assert reply.response.headers["content-length"] == str(len(reply.content))
+    body = json.loads(reply.content)
+    samples, rate = soundfile.read(io.BytesIO(base64.b64decode(body["audio"])))
+    assert (body["audio_format"], body["sample_rate"]) == ("wav", rate)
+    assert len(body["sentences"]) == 2
+    assert abs(body["sentences"][-1]["end_time"] - len(samples) / rate) <= 0.05
+
+
+def _job_id(sock: socket.socket) -> str:
+    """The job of a response whose head alone is read (a byte at a time: no more)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        more = sock.recv(1)
+        assert more, f"closed before a whole response head: {head!r}"
+        head += more
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    return next(line.split(":", 1)[1].strip() for line in head.decode().split("\r\n")
+                if line.lower().startswith("x-cosyvoiced-job:"))
+
+
+def test_an_unread_timestamps_reply_stays_in_flight_until_cut_off(served: Served) -> None:
+    # Minutes of tone: a JSON reply of about 18 MB, far more than the buffers on the way.
+    text = " ".join(["The quick brown fox jumps over the lazy dog again and again."] * 100)
+    body = json.dumps({"model": "tts-1", "voice": TONE, "input": text,
+                       "response_format": "wav", "timestamps": "sentence"}).encode()
+    with connected(served.address, receive_buffer=4096) as sock:
+        sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: test\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        job_id = _job_id(sock)
+        ended = wait_until(lambda: [e for e in served.daemon.log_events("job")
+                                    if e["job"] == job_id], TIMEOUT_S, "the job to end")
+        assert ended[0]["outcome"] == "done"
+        # ... its reply is not read: it is still this client's one request in flight
+        # (max_pending_per_client = 1), so the next is busy.
+        with openai.OpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0,
+                           timeout=TIMEOUT_S) as client, \
+                pytest.raises(openai.RateLimitError) as caught:
+            client.audio.speech.create(model="tts-1", voice=TONE, input="Hello.")
+        assert caught.value.code == "busy"
+        # ... and the connection is cut off after send_timeout_s, as a streamed reply's.
+        wait_until(lambda: [e for e in served.daemon.log_events("send_timeout")
+                            if e["job"] == job_id], SEND_TIMEOUT_S + SLACK_S + 5,
+                   "the unread reply to be cut off")
+        assert _ended_by_peer(sock, SLACK_S)
+
+
+def _ended_by_peer(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the connection is over (reset, or ended) within `timeout_s`; what the server
+    had sent before is drained on the way."""
+    deadline = time.monotonic() + timeout_s
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(1 << 20):
+                return True
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            return True
+    return False

@@ -1,0 +1,157 @@
+"""The drop folder against files a careless or hostile local user drops: names too long
+for the names the daemon makes from them, names that are not UTF-8, names that pose as
+another job's files, texts whose pauses add up to hours, a floods of files, and a writer
+that pauses mid-file. Each ends as exactly one result or error record, and the daemon
+serves on."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+import soundfile
+
+from cosyvoiced.client import Client
+from cosyvoiced.spool import MAX_INPUT_NAME_BYTES
+from tests.daemon import Daemon, bounded, wait_until
+
+TONE = {"name": "tests.engines.faulty:load"}
+RESCAN_INTERVAL_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    running = Daemon(tmp_path_factory.mktemp("hostile-spool"), engine=TONE,
+                     spool={"rescan_interval_s": RESCAN_INTERVAL_S})
+    running.start()
+    yield running
+    running.stop()
+
+
+def _serves_on(daemon: Daemon, name: str) -> None:
+    assert daemon.process is not None
+    assert daemon.process.poll() is None, "the daemon must outlive a dropped file"
+    daemon.drop(f"{name}.txt", "Still here.")
+    daemon.wait_done(f"{name}.txt")
+
+
+@pytest.mark.parametrize("name", ["a" * 236 + ".txt", "é" * 120 + ".txt", "b" * 229 + ".txt"],
+                         ids=["240-bytes", "multibyte", "231-bytes"])
+def test_a_name_too_long_for_the_spool_is_shortened_and_served(daemon: Daemon,
+                                                               name: str) -> None:
+    daemon.drop(name, "A long name.")
+    shortened = wait_until(lambda: [e for e in daemon.log_events("input_name_shortened")
+                                    if e["input"] == ascii(name)], 30, "the shortened name")
+    kept = shortened[0]["shortened"]
+    assert len(kept.encode()) <= MAX_INPUT_NAME_BYTES
+    assert kept.endswith(".txt")
+    assert daemon.wait_done(kept)["input"] == kept
+    _serves_on(daemon, "after-long-name")
+
+
+def test_a_name_that_is_not_utf8_fails_with_its_record_and_the_daemon_serves_on(
+        daemon: Daemon) -> None:
+    inbox = os.fsencode(daemon.inbox)
+    for raw, content in ((b"bad\xff.txt", "Hello there."),
+                         (b"named\xfe.json", json.dumps({"text": "Hi.", "output": "fine"}))):
+        with open(inbox + b"/." + raw + b".tmp", "wb") as stream:
+            stream.write(content.encode())
+        os.rename(inbox + b"/." + raw + b".tmp", inbox + b"/" + raw)
+    record = daemon.wait_failed(os.fsdecode(b"bad\xff.txt"))
+    assert record["code"] == "invalid_output_name"
+    assert "UTF-8" in record["message"]
+    assert daemon.wait_done(os.fsdecode(b"named\xfe.json"))["file"] == "fine.wav"
+    raw_record = (daemon.outbox / "fine.json").read_bytes()
+    assert b"\\udcfe" in raw_record  # JSON's escape, the file itself UTF-8
+    _serves_on(daemon, "after-bad-name")
+
+
+def test_an_output_named_as_another_jobs_captions_is_refused(daemon: Daemon) -> None:
+    daemon.drop_job("plain", text="Mine.", output="x")
+    daemon.wait_done("plain.json")
+    daemon.drop_job("poser", text="Not yours.", output="x.captions")
+    assert daemon.wait_failed("poser.json")["code"] == "invalid_output_name"
+    daemon.drop_job("captioned", text="Captioned.", output="x", captions="json")
+    record = daemon.wait_done("captioned.json")
+    assert (daemon.outbox / f"{record['file'].rsplit('.', 1)[0]}.captions.json").exists()
+
+
+def test_an_input_named_as_an_error_record_never_takes_its_place(daemon: Daemon) -> None:
+    forged = {"job": "0", "input": "victim.json", "code": "engine_error", "message": "forged"}
+    daemon.drop("victim.json.error.json", json.dumps(forged))
+    (record_path,) = wait_until(lambda: [
+        path for path in daemon.failed.glob("*.error.json")
+        if json.loads(path.read_text()).get("input") == "victim.json.error.json"], 30,
+        "the posing input's record")
+    assert json.loads(record_path.read_text())["code"] == "unknown_field"
+    kept = daemon.failed / record_path.name.removesuffix(".error.json")
+    assert json.loads(kept.read_text()) == forged  # the input, beside its record
+    assert not kept.name.endswith(".error.json")
+    daemon.drop_job("victim", text="The real one.")
+    assert daemon.wait_outcome("victim.json")[0] == "done"
+
+
+def test_pauses_adding_up_to_hours_are_refused(daemon: Daemon) -> None:
+    daemon.drop_job("pauses", text="[pause:10]" * 200, sample_rate=48000)
+    record = daemon.wait_failed("pauses.json")
+    assert record["code"] == "invalid_field"
+    assert "300 s" in record["message"]
+    daemon.drop_job("some-pauses", text="A pause [pause:10] or two [pause:10] is fine.")
+    daemon.wait_done("some-pauses.json")
+
+
+def test_a_result_with_no_samples_is_still_a_flac_file(daemon: Daemon) -> None:
+    daemon.drop_job("no-samples", text="[pause:0]", format="flac")
+    record = daemon.wait_done("no-samples.json")
+    info = soundfile.info(io.BytesIO((daemon.outbox / record["file"]).read_bytes()))
+    assert info.format == "FLAC"
+    assert info.frames <= 1
+
+
+def test_a_writer_that_pauses_mid_file_is_not_taken_by_a_periodic_scan(
+        daemon: Daemon) -> None:
+    text = "Written slowly, a sentence at a time, and spoken whole."
+    slow = daemon.inbox / "slow.txt"
+    # A file only a scan can find (a hard link: created, never closed here), long still:
+    # the next periodic scan takes it, and looks at slow.txt too.
+    marker = daemon.root / "marker.txt"
+    marker.write_text("Seen by the scan.")
+    long_ago = time.time() - 10 * RESCAN_INTERVAL_S
+    os.utime(marker, (long_ago, long_ago))
+
+    def paused_writer_seen_by_a_scan() -> object:
+        # The writer's last write was longer ago than QUIET_S (1 s), as its mtime says.
+        paused = time.time() - 1.5
+        os.utime(slow, (paused, paused))
+        return daemon.outcome("marker.txt")
+
+    with slow.open("w") as writer:
+        writer.write(text[:8])
+        writer.flush()
+        os.link(marker, daemon.inbox / "marker.txt")
+        wait_until(paused_writer_seen_by_a_scan, 3 * RESCAN_INTERVAL_S, "a periodic scan")
+        writer.write(text[8:])
+    assert daemon.wait_done("slow.txt")["chars"] == len(text)
+
+
+def test_a_flood_of_files_leaves_the_supervisor_answering(daemon: Daemon) -> None:
+    text = "A long text of many words, long enough to take the supervisor a while. " * 250
+    staging = daemon.root / "flood"
+    staging.mkdir()
+    for n in range(300):
+        (staging / f"flood-{n:03}.txt").write_text(text)
+    with Client(daemon.endpoint, timeout_s=60) as client:
+        client.ping()
+        before = len(daemon.log_events("job_queued"))
+        for path in sorted(staging.iterdir()):
+            os.rename(path, daemon.inbox / path.name)
+        wait_until(lambda: len(daemon.log_events("job_queued")) > before, 30,
+                   "the flood to be admitted")
+        answered_in = bounded(client.ping, 60)
+        admitted = len(daemon.log_events("job_queued")) - before
+    assert admitted < 300, "the ping came after the whole flood was admitted"
+    assert answered_in < 5, f"a ping waited {answered_in:.1f} s behind the flood"
