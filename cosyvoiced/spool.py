@@ -356,6 +356,9 @@ class Spool:
     # prompt audio
     def claim_prompt(self, job_id: str, name: str) -> Path:
         """Take `inbox/name` as this job's prompt (or find it, claimed before a restart)."""
+        if not name.lower().endswith(AUDIO_SUFFIXES):  # else another job's file, or a part
+            raise JobFailure(ErrorCode.INVALID_FIELD, f"prompt_audio: {name!r} is not named "
+                             f"as audio ({', '.join(AUDIO_SUFFIXES)})", "prompt_audio")
         claimed = _Prompt(self.prompts, Claimed.named(job_id, name))
         if not claimed.path.exists():
             try:

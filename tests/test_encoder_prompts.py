@@ -51,6 +51,7 @@ def test_a_prompt_comes_back_as_mono_flac_at_the_stored_rate(encoder: Encoder) -
     (audio_file(0.5, 16000), ErrorCode.PROMPT_AUDIO_TOO_SHORT),
     (audio_file(31.0, 8000), ErrorCode.PROMPT_AUDIO_TOO_LONG),
     (b"\x00garbage" * 1000, ErrorCode.PROMPT_AUDIO_UNREADABLE),
+    (audio_file(1.5, 384000, channels=8), ErrorCode.PROMPT_AUDIO_UNREADABLE),  # 219 MiB
     (b"", ErrorCode.PROMPT_AUDIO_UNREADABLE),
 ])
 def test_bad_audio_gets_the_drop_folders_codes(encoder: Encoder, data: bytes,

@@ -95,6 +95,16 @@ def test_an_input_named_as_an_error_record_never_takes_its_place(daemon: Daemon)
     assert daemon.wait_outcome("victim.json")[0] == "done"
 
 
+def test_prompt_audio_naming_a_file_that_is_not_audio_is_refused(daemon: Daemon) -> None:
+    # Another user's file being written (a .part, to be renamed to a job): never taken.
+    (daemon.inbox / "notes.part").write_text("Half of someone else's job.")
+    daemon.drop_job("takes-notes", text="Hi.", prompt_audio="notes.part")
+    record = daemon.wait_failed("takes-notes.json")
+    assert (record["code"], record["field"]) == ("invalid_field", "prompt_audio")
+    assert (daemon.inbox / "notes.part").read_text() == "Half of someone else's job."
+    (daemon.inbox / "notes.part").unlink()
+
+
 def test_pauses_adding_up_to_hours_are_refused(daemon: Daemon) -> None:
     daemon.drop_job("pauses", text="[pause:10]" * 200, sample_rate=48000)
     record = daemon.wait_failed("pauses.json")

@@ -111,7 +111,7 @@ def test_sysusers_and_tmpfiles_build_the_spool(tmp_path: Path) -> None:
     subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create",
                     str(UNITS / "cosyvoiced.tmpfiles.conf")], check=True)
     spool = root / "var/lib/cosyvoiced/spool"
-    expected = {"inbox": (0o2770, "cosyvoiced-submit"), "outbox": (0o2750, "cosyvoiced-submit"),
+    expected = {"inbox": (0o3770, "cosyvoiced-submit"), "outbox": (0o2750, "cosyvoiced-submit"),
                 "failed": (0o2750, "cosyvoiced-submit"), "work": (0o700, "cosyvoiced")}
     for name, (mode, group) in expected.items():
         info = (spool / name).stat()
