@@ -21,6 +21,7 @@ ends in a digit or a lowercase word when the next one starts with one.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 
 from cosyvoiced import pauses
@@ -189,6 +190,7 @@ class SentenceSplitter:
         self.max_chars = max_chars
         self._text = ""
         self._line_start = True  # what is pending starts a line
+        self._restart()
 
     @property
     def pending(self) -> str:
@@ -208,6 +210,7 @@ class SentenceSplitter:
         rest, self._text = self._text, ""
         rules = CutRules(rest, line_start=self._line_start)
         self._line_start = True
+        self._restart()
         return [rest[start:end] for start, end in sentence_spans(rest, rules=rules)] \
             if rest else []
 
@@ -219,28 +222,72 @@ class SentenceSplitter:
             at = cut
             self._line_start = text[:cut].rstrip(" \t").endswith("\n")
         self._text = text[at:]
+        if cuts:
+            self._restart()
         return ready
+
+    def _restart(self) -> None:
+        """What is pending is new text (not what was pending with more after it): what
+        earlier feeds found out about it no longer holds."""
+        self._rules = _GrowingRules(self._line_start)
+        self._open = _OpenCount()
+        self._scan_from = 0  # sentence ends before this are known not to be ends
 
     def _cuts(self, reach: int | None = None) -> list[int]:
         """The sentence ends in what is pending (its first `reach` characters) that are
         known to be ends, in order. Past `reach` is as if it had not come yet: cut after
-        cut through a long text, each look stays short."""
-        text = self._text if reach is None else self._text[:reach]
-        rules: CutRules | None = None  # made once a sentence end is in sight
+        cut through a long text, each look stays short. Without `reach`, the look starts
+        where the last one left off (`_scan_from`): a stream fed a character at a time is
+        looked at a character at a time, not all over again each time."""
+        if reach is not None:
+            text = self._text[:reach]
+            rules = CutRules(text, line_start=self._line_start)
+            cuts, _, whole = self._ends_in(text, 0, rules)
+            if whole and len(text) == len(self._text) \
+                    and _ends_now(text, cuts[-1] if cuts else 0):
+                cuts.append(len(text))
+            return cuts
+        text = self._text
+        self._rules.grow(text)
+        cuts, settled, whole = self._ends_in(text, self._scan_from, self._rules)
+        if whole and (_ends_now(text, cuts[-1]) if cuts else self._ends_now(text)):
+            cuts.append(len(text))
+        self._scan_from = max(self._scan_from, settled)
+        return cuts
+
+    @staticmethod
+    def _ends_in(text: str, scan_from: int, rules: CutRules) -> tuple[list[int], int, bool]:
+        """The sentence ends known to be ends, from `scan_from` on; where a later look (at
+        this text with more after it) may start: after the last of the ends found not to
+        be ones that no text to come can change; and whether no tag that may have begun
+        after an end is still coming (then the text's own end may be one too)."""
         cuts: list[int] = []
-        for match in SENTENCE_END.finditer(text):
+        settled, held, unmatched = scan_from, False, len(text)
+        for match in SENTENCE_END.finditer(text, scan_from):
             end = match.end()
             if end >= len(text):
+                unmatched = match.start()
                 break  # what follows decides; it has not come yet
             if _tag_incomplete(text, end):
-                return cuts  # the tag decides; it has not come whole
-            rules = rules or CutRules(text, line_start=self._line_start)
+                return cuts, settled, False  # the tag decides; it has not come whole
             start = cuts[-1] if cuts else 0
-            if end > start and not text[start:end].isspace() and rules.ends_sentence(match):
+            if end > start and not _blank(text, start, end) and rules.ends_sentence(match):
                 cuts.append(end)  # (whitespace left by a sentence handed out at once waits)
-        if len(text) == len(self._text) and _ends_now(text, cuts[-1] if cuts else 0):
-            cuts.append(len(text))
-        return cuts
+            elif not held and (end <= len(text) - _DECIDED or rules.may_cut(end)):
+                settled = end  # but for a tag's marks, `ends_sentence` reads text up to `end`
+            else:
+                held = True  # a tag still coming may unmark this one
+        if not held:  # and no match between `settled` and `unmatched`
+            settled = _quiet_restart(text, settled, unmatched)
+        return cuts, settled, True
+
+    def _ends_now(self, text: str) -> bool:
+        """`_ends_now(text, 0)`, with what earlier feeds found out about `text`."""
+        body_end = _stripped_length(text)
+        return body_end > 0 and certain_stop(text, body_end - 1) \
+            and not (_left_open(text[:body_end]) if body_end < _SHORT
+                     else self._open.left_open(text, body_end)) \
+            and self._rules.may_cut(len(text))
 
     def _forced_cut(self) -> int:
         """After the last space in the first `max_chars` where a tag allows it, else at the
@@ -286,3 +333,140 @@ def _tag_incomplete(text: str, position: int) -> bool:
         return False
     closing = ">" if opening == "<" else "]"
     return text.find(closing, position, position + 80) < 0 and len(text) - position < 80
+
+
+# -- What a stream's later feeds need not look at again -------------------------------------
+# A sentence end this far before the end of what has come is decided for good, whatever comes
+# after it: one try of TAG or PAUSE looks at under 80 characters. (A `_tag_incomplete` that
+# is False stays so, and the rest of `ends_sentence` reads no further than the end.)
+_DECIDED = 128
+_SHORT = 200  # a sentence shorter than this is quicker counted whole than kept track of
+_NON_SPACE = re.compile(r"\S")
+_TRY_START = re.compile(r"[<\[]")  # what every match of TAG or PAUSE starts with
+# Characters that a SENTENCE_END match may hold, or look behind at: none runs across others.
+_MAY_END = frozenset(_CLOSERS + ".!?\u2026" + _CJK_STOPS + _CJK_CLOSERS)
+
+
+def _blank(text: str, start: int, end: int) -> bool:
+    """`text[start:end].isspace()` (for start < end), without copying a long pending text:
+    regex's \\s is exactly str.isspace."""
+    return _NON_SPACE.search(text, start, end) is None
+
+
+def _stripped_length(text: str) -> int:
+    """len(text.rstrip()), looking only at the end of `text` unless it is all whitespace."""
+    tail = max(0, len(text) - 64)
+    kept = text[tail:].rstrip()
+    return tail + len(kept) if kept or not tail else len(text.rstrip())
+
+
+def _quiet_restart(text: str, low: int, high: int) -> int:
+    """The last place up to `high` (no further back than `low`, nor far) after a character
+    that no SENTENCE_END match holds or runs across (a letter, say): a look that starts there
+    finds what one from the start would, where none was found between `low` and `high`."""
+    for place in range(high, max(low, high - 16), -1):
+        if not text[place - 1].isspace() and text[place - 1] not in _MAY_END:
+            return place
+    return low
+
+
+class _Found:
+    """What `pattern.finditer` finds in a text that only grows, looking only at the new text
+    and the `reach` characters before it (the most that one try of `pattern` looks at): a
+    try that ended more than `reach` before the end of the text is the same with more."""
+
+    def __init__(self, pattern: re.Pattern[str], reach: int) -> None:
+        self.pattern = pattern
+        self.reach = reach
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.closing: list[bool] = []
+        self._from = 0  # where a full finditer tries next, all its tries before it final
+
+    def grow(self, text: str) -> None:
+        keep = bisect_left(self.starts, self._from)
+        del self.starts[keep:], self.ends[keep:], self.closing[keep:]
+        for match in self.pattern.finditer(text, self._from):
+            self.starts.append(match.start())
+            self.ends.append(match.end())
+            self.closing.append(bool(match.groupdict().get("closing")))
+        limit = len(text) - self.reach
+        if limit > self._from:
+            last = bisect_left(self.starts, limit) - 1  # a match across `limit` is tried again
+            if last >= 0 and self.ends[last] > limit:
+                self._from = self.starts[last]
+                return
+        # A try that starts with another character than these fails at once, for good.
+        opening = _TRY_START.search(text, max(self._from, limit))
+        self._from = opening.start() if opening else len(text)
+
+    def inside(self, position: int) -> bool:
+        """Whether a match holds `position` and the character before it."""
+        last = bisect_left(self.starts, position) - 1
+        return last >= 0 and self.ends[last] > position
+
+
+class _GrowingRules(CutRules):
+    """`CutRules` of a stream's pending text, which only grows between cuts: the tags and
+    pauses found so far are kept, and a place is looked up when asked about, not marked
+    ahead for the whole text on every feed."""
+
+    def __init__(self, line_start: bool) -> None:  # no CutRules.__init__: no marks ahead
+        self.text = ""
+        self.line_start = line_start
+        self._tags = _Found(TAG, 32)
+        self._pauses = _Found(pauses.PAUSE, 80)
+
+    def grow(self, text: str) -> None:
+        self.text = text
+        self._tags.grow(text)
+        self._pauses.grow(text)
+
+    def may_cut(self, position: int) -> bool:
+        return self.may_force(position) and not self._parts_tag(position)
+
+    def may_force(self, position: int) -> bool:
+        return not (self._tags.inside(position) or self._pauses.inside(position))
+
+    def _parts_tag(self, position: int) -> bool:
+        """CutRules.parts_tag[position]: only the nearest tag on either side can mark it
+        (a tag's mark runs across whitespace only, and a tag is not whitespace)."""
+        tags, text = self._tags, self.text
+        after = bisect_left(tags.starts, position)
+        if after < len(tags.starts) and tags.closing[after] and (
+                position == tags.starts[after] or _blank(text, position, tags.starts[after])):
+            return True
+        before = bisect_right(tags.ends, position) - 1
+        return before >= 0 and not tags.closing[before] \
+            and start_of_word_after(text, tags.ends[before]) >= position
+
+
+_OPEN_CHARS = '"' + "".join(_PAIRS)
+_OPEN_PATTERNS = (_SINGLE_OPENING, _SINGLE_CLOSING, _OPENING_TAG, _CLOSING_TAG)
+_OPEN_REACH = 24  # the most characters one try of those patterns looks at
+
+
+class _OpenCount:
+    """`_left_open` of the start of a text that only grows, counting what is new only."""
+
+    def __init__(self) -> None:
+        self._upto = 0  # counted before this, for good
+        self._chars = dict.fromkeys(_OPEN_CHARS, 0)
+        self._found = [0] * len(_OPEN_PATTERNS)
+
+    def left_open(self, text: str, end: int) -> bool:
+        """`_left_open(text[:end])`; `end` never less than the last time."""
+        upto, final = self._upto, max(self._upto, end - _OPEN_REACH)
+        chars = {char: count + text.count(char, upto, end)
+                 for char, count in self._chars.items()}
+        found = []
+        for index, pattern in enumerate(_OPEN_PATTERNS):
+            starts = [match.start() for match in pattern.finditer(text, upto, end)]
+            found.append(self._found[index] + len(starts))
+            self._found[index] += sum(1 for start in starts if start < final)
+        for char in self._chars:
+            self._chars[char] += text.count(char, upto, final)
+        self._upto = final
+        return chars['"'] % 2 == 1 \
+            or any(chars[pair[0]] > chars[pair[1]] for pair in _PAIRS) \
+            or found[0] > found[1] or found[2] > found[3]

@@ -5,8 +5,10 @@ however it was cut into pieces. Pure functions."""
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import assume, given, settings
@@ -17,7 +19,8 @@ from wyoming.error import Error
 from wyoming.event import Event
 from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
-from cosyvoiced import config, segments
+from cosyvoiced import config, pauses, segments
+from cosyvoiced import sentences as splitting
 from cosyvoiced.sentences import SentenceSplitter, sentences
 from tests.conftest import DaemonFactory
 from tests.daemon import free_port
@@ -198,6 +201,55 @@ def test_feeding_a_long_text_at_once_or_a_character_at_a_time_takes_linear_time(
     assert len(streamed(text, [])) == 400
     assert len(trimmed(streamed(text, [1] * len(text)))) == 400
     assert time.monotonic() - started < 5.0
+
+
+class CountedPattern:
+    """A regex that counts the characters its `finditer` calls are given to look at."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self.looked_at = 0
+
+    def finditer(self, text: str, pos: int = 0, endpos: int = sys.maxsize
+                 ) -> Iterator[re.Match[str]]:
+        self.looked_at += max(0, min(endpos, len(text)) - pos)
+        return self.pattern.finditer(text, pos, endpos)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.pattern, name)
+
+
+@pytest.mark.parametrize(("text", "scans"), [
+    ("Dr. " * 5000, 8), ("(" + "x. " * 6666, 8), ("word " * 4000, 8), ("a" * 20_000, 8),
+    ("[laughter] " * 1800, 150)])  # tags: the last 80 characters are scanned again, for pauses
+def test_a_stream_of_single_characters_costs_in_proportion_to_its_length(
+        monkeypatch: pytest.MonkeyPatch, text: str, scans: int) -> None:
+    """An ElevenLabs client sent "Dr. " a character a message, as fast as it could: each feed
+    looked again at all that was pending (up to max_chars, no sentence end in it), and the
+    daemon's intake stopped answering. Counted as work done (sentence ends weighed, text
+    scanned for ends, tags and pauses), not as time: a feed looks at what is new."""
+    weighed = 0
+    ends_sentence = splitting.CutRules.ends_sentence
+
+    def counted(rules: splitting.CutRules, match: re.Match[str]) -> bool:
+        nonlocal weighed
+        weighed += 1
+        return ends_sentence(rules, match)
+
+    monkeypatch.setattr(splitting.CutRules, "ends_sentence", counted)
+    patterns = [CountedPattern(splitting.SENTENCE_END), CountedPattern(splitting.TAG),
+                CountedPattern(pauses.PAUSE)]
+    for module, name, pattern in zip((splitting, splitting, pauses),
+                                     ("SENTENCE_END", "TAG", "PAUSE"), patterns, strict=True):
+        monkeypatch.setattr(module, name, pattern)
+    splitter = SentenceSplitter()
+    said = [piece for character in text for piece in splitter.feed(character)]
+    assert "".join(said + splitter.flush()) == text
+    # Every max_chars a forced cut looks at 2 * max_chars again; else each character is
+    # scanned once or a few times. Before, some 500 times (all that was pending), and each
+    # "Dr. " weighed some 500 ends; now, each one end.
+    assert weighed <= len(text) // 2
+    assert sum(pattern.looked_at for pattern in patterns) <= scans * len(text)
 
 
 def test_segments_use_the_same_sentences() -> None:
