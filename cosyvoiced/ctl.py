@@ -7,6 +7,7 @@ Exit codes scripts can rely on: 0 done; 1 the daemon answered with an error (pri
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import struct
 import sys
@@ -22,7 +23,7 @@ from cosyvoiced import config
 from cosyvoiced.client import DEFAULT_ENDPOINT, Client, DaemonError, NoReply, load_keypair
 from cosyvoiced.daemon import DEFAULT_CONFIG
 from cosyvoiced.job import new_job_id
-from cosyvoiced.spool import RECORD_SUFFIX, Spool, atomic_write
+from cosyvoiced.spool import ERROR_SUFFIX, RECORD_SUFFIX, Spool, atomic_write
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -102,24 +103,53 @@ def _drop(args: argparse.Namespace) -> int:
         prompt = Path(args.prompt_audio)
         job["prompt_audio"] = f"{name}{prompt.suffix.lower() or '.wav'}"
         atomic_write(spool.inbox, job["prompt_audio"], prompt.read_bytes())
+    outcomes = _Outcomes(spool, f"{name}.json", str(job.get("output", name)))
     atomic_write(spool.inbox, f"{name}.json", json.dumps(job).encode())
     if not args.wait:
         print(spool.inbox / f"{name}.json")
         return 0
-    return _await(spool, name, str(job.get("output", name)), args.wait)
+    return _await(outcomes, args.wait)
 
 
-def _await(spool: Spool, name: str, output: str, timeout_s: float) -> int:
+class _Outcomes:
+    """The records that may end one dropped input: its output's (OUT.json, or OUT-JOBID.json
+    when another job has OUT) and its error records (NAME.error.json, or JOBID~NAME...). Those
+    already there when it is dropped are an earlier input's of the same name."""
+
+    def __init__(self, spool: Spool, input_name: str, output: str) -> None:
+        self._input = input_name
+        self.outbox = spool.outbox
+        self._patterns = (
+            str(spool.outbox / f"{glob.escape(output)}*{RECORD_SUFFIX}"),
+            str(spool.failed / f"*{glob.escape(input_name)}*{ERROR_SUFFIX}"))
+        self._earlier = set(self._records())
+
+    def _records(self) -> list[str]:
+        return [path for pattern in self._patterns for path in glob.glob(pattern)]
+
+    def new(self) -> dict[str, Any] | None:
+        """This input's record once it is written: the result's or the error's."""
+        for path in self._records():
+            if path in self._earlier:
+                continue
+            try:
+                record = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("input") == self._input:
+                return record
+        return None
+
+
+def _await(outcomes: _Outcomes, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
-    record = spool.outbox / (output + RECORD_SUFFIX)
-    error = spool.failed / f"{name}.json.error.json"
     while time.monotonic() < deadline:
-        if record.exists():
-            print(spool.outbox / json.loads(record.read_text())["file"])
+        record = outcomes.new()
+        if record is not None and "file" in record:
+            print(outcomes.outbox / record["file"])
             return 0
-        if error.exists():
-            detail = json.loads(error.read_text())
-            print(f"cosyvoicectl: job failed: {detail['code']}: {detail['message']}",
+        if record is not None:
+            print(f"cosyvoicectl: job failed: {record['code']}: {record['message']}",
                   file=sys.stderr)
             return EXIT_ERROR
         time.sleep(0.05)

@@ -52,6 +52,10 @@ CLAIM_RETRIES = 60  # ...this many times before it fails as unreadable
 # Drop-folder files read, parsed and queued in one tick, at most: a folder of 1,500 long
 # texts, admitted at once, held the tick for 83 s (past WatchdogSec, every client waiting).
 CLAIMS_PER_TICK = 16
+# Drop-folder jobs queued (read, parsed, waiting to start) at most: each holds its text and
+# segments (about 45 KB for 20,000 characters). More claimed files wait in work/, unread,
+# and are admitted in order as these start: a folder of 100,000 files costs no memory.
+MAX_QUEUED_DROPS = 256
 # Errors of this process's state (descriptors, memory), not of the file: they pass.
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
                               errno.EINTR, errno.ENOBUFS})
@@ -119,6 +123,7 @@ class Service:
         self.report: Callable[[Identity], dict[str, Any]] = lambda _identity: {}
         self.claims = claims  # the drop folder's, posted by its inotify thread
         self.claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
+        self._drops_held_back = False  # claims wait for room in the queue (logged once)
 
     def idle(self) -> int:
         """Segments the workers could start now (a batched worker has several places)."""
@@ -278,18 +283,28 @@ class Service:
                 self.claim_retries.append((due, tries, claimed))
             else:
                 self.claim(claimed, now, tries)
-        for _ in range(CLAIMS_PER_TICK):
+        room = MAX_QUEUED_DROPS - self._queued_drops()
+        for _ in range(min(CLAIMS_PER_TICK, room)):
             try:
                 claimed = self.claims.get_nowait()
             except queue.Empty:
                 return
             self.claim(claimed, now)
+        held_back = room <= 0 and not self.claims.empty()
+        if held_back and not self._drops_held_back:
+            log.info("drops_held_back", queued=MAX_QUEUED_DROPS, message="more drops are "
+                     "claimed (in work/) than are queued; each is read as one starts")
+        self._drops_held_back = held_back
+
+    def _queued_drops(self) -> int:
+        return sum(1 for running in self.ledger.jobs.values()
+                   if not running.started and running.job.source == INBOX_SOURCE)
 
     def deadlines(self) -> list[float]:
         """When claims that failed for want of descriptors are due again; at once, while
-        claims are left for the next tick."""
-        return [due for due, _tries, _claimed in self.claim_retries] + \
-            ([0.0] if not self.claims.empty() else [])
+        claims are left for the next tick and there is room to queue them."""
+        more = not self.claims.empty() and self._queued_drops() < MAX_QUEUED_DROPS
+        return [due for due, _tries, _claimed in self.claim_retries] + ([0.0] if more else [])
 
     def claim(self, claimed: Claimed, now: float, tries: int = 0) -> None:
         if self.stopping:
@@ -358,8 +373,8 @@ class Service:
             log.info("temp_files_removed", files=temp_files,
                      message="left by writes that a crash cut short; never results")
         self.spool.discard_orphan_attempts()
-        for claimed in left:
-            self.claim(claimed, time.monotonic())
+        for claimed in left:  # admitted by the ticks, as new drops are (admit_claims)
+            self.claims.put(claimed)
 
     def release(self, running: Running) -> None:
         """The daemon stops before this job ran here: the cluster takes it, a client is

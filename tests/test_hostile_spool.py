@@ -1,6 +1,6 @@
 """The drop folder against files a careless or hostile local user drops: names too long
 for the names the daemon makes from them, names that are not UTF-8, names that pose as
-another job's files, texts whose pauses add up to hours, a floods of files, and a writer
+another job's files, texts whose pauses add up to hours, floods of files, and a writer
 that pauses mid-file. Each ends as exactly one result or error record, and the daemon
 serves on."""
 
@@ -16,6 +16,7 @@ import pytest
 import soundfile
 
 from cosyvoiced.client import Client
+from cosyvoiced.service import CLAIMS_PER_TICK, MAX_QUEUED_DROPS
 from cosyvoiced.spool import MAX_INPUT_NAME_BYTES
 from tests.daemon import Daemon, bounded, wait_until
 
@@ -157,6 +158,7 @@ def test_a_flood_of_files_leaves_the_supervisor_answering(daemon: Daemon) -> Non
     with Client(daemon.endpoint, timeout_s=60) as client:
         client.ping()
         before = len(daemon.log_events("job_queued"))
+        ended_before = len(daemon.log_events("job"))
         for path in sorted(staging.iterdir()):
             os.rename(path, daemon.inbox / path.name)
         wait_until(lambda: len(daemon.log_events("job_queued")) > before, 30,
@@ -165,3 +167,9 @@ def test_a_flood_of_files_leaves_the_supervisor_answering(daemon: Daemon) -> Non
         admitted = len(daemon.log_events("job_queued")) - before
     assert admitted < 300, "the ping came after the whole flood was admitted"
     assert answered_in < 5, f"a ping waited {answered_in:.1f} s behind the flood"
+    # Past MAX_QUEUED_DROPS the rest wait in work/, claimed but not read.
+    wait_until(lambda: daemon.log_events("drops_held_back"), 120, "drops held back")
+    queued = len(daemon.log_events("job_queued")) - before
+    ended = len(daemon.log_events("job")) - ended_before  # read after: never too few
+    # Queued, and those in hand (a worker may take a few ahead), but not the whole flood.
+    assert queued - ended <= MAX_QUEUED_DROPS + CLAIMS_PER_TICK, (queued, ended)

@@ -132,6 +132,14 @@ def test_cosyvoicectl_drop_and_wait(shared_daemon: Daemon) -> None:
     result = Path(run.stdout.strip())
     assert result == shared_daemon.outbox / "ctl-ok.flac"
     assert_speech(result, 22050, SENTENCE)
+    # The same name again: its own result (ctl-ok-JOBID.flac), not the first one's.
+    again = subprocess.run([*ctl, SENTENCE, "--format", "flac", "--name", "ctl-ok", "--wait",
+                            "60"], capture_output=True, text=True, timeout=90, check=False)
+    assert again.returncode == 0, again.stderr
+    second = Path(again.stdout.strip())
+    assert second != result
+    assert second.name.startswith("ctl-ok-")
+    assert_speech(second, 22050, SENTENCE)
     run = subprocess.run([*ctl, "x" * 500, "--name", "ctl-long", "--wait", "60"],
                          capture_output=True, text=True, timeout=90, check=False)
     assert run.returncode == 1
