@@ -96,14 +96,6 @@ def check_text(text: str, limits: Limits, normalize: bool = True) -> str:
     return text
 
 
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def check_output_name(name: str, field: str = "output") -> str:
     """A bare base name that stays inside its directory: no separators, no dotfiles."""
     problem = None
@@ -113,7 +105,7 @@ def check_output_name(name: str, field: str = "output") -> str:
         problem = "must be a bare file name, without directories"
     elif name.startswith("."):
         problem = "must not start with a dot"
-    elif not _is_utf8(name):  # a file name of bytes that are not UTF-8 (surrogateescape)
+    elif _SURROGATE.search(name):  # a file name of bytes not UTF-8 (surrogateescape)
         problem = "must be UTF-8 text"
     elif len(name.encode()) > MAX_OUTPUT_NAME:
         problem = f"must be at most {MAX_OUTPUT_NAME} bytes (in UTF-8)"

@@ -297,8 +297,8 @@ class Service:
         self._drops_held_back = held_back
 
     def _queued_drops(self) -> int:
-        return sum(1 for running in self.ledger.jobs.values()
-                   if not running.started and running.job.source == INBOX_SOURCE)
+        """Claimed jobs waiting to start: all of the drop folder's share (_admit)."""
+        return self.ledger.unstarted_of(clients.INBOX)
 
     def deadlines(self) -> list[float]:
         """When claims that failed for want of descriptors are due again; at once, while
