@@ -10,6 +10,10 @@ keep clients apart. Pure: no sockets, no processes, the clock passed in.
   one share, `anonymous`, whose queued jobs are bounded as a class (`anonymous_room`): a
   flood of unauthenticated connections cannot fill the queue for those with keys.
 - `name`: how it is named in logs and metrics (a key's name; never a secret).
+- `voice_owner`: whom a voice it registers belongs to. Every client may speak with every
+  voice, but only its owner or an admin may replace or remove it. A key's voices are its
+  own; anonymous clients share theirs (a connection does not outlive its voice); an admin's
+  belong to the operator (`OPERATOR`), as do voices stored before voices had owners.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 ANONYMOUS = "anonymous"
 INBOX = "inbox"  # the drop folder: whoever can write to it is trusted like a local admin
 ANONYMOUS_QUEUE_PART = 2  # anonymous clients may fill 1/2 of the queue's places
+OPERATOR = "operator"  # the owner of voices registered by an admin
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,14 @@ class Identity:
     def may_see(self, owner: str) -> bool:
         """May this client see or cancel a job of `owner`?"""
         return self.admin or (bool(owner) and owner == self.owner)
+
+    @property
+    def voice_owner(self) -> str:
+        return OPERATOR if self.admin else self.share
+
+    def may_manage(self, voice_owner: str) -> bool:
+        """May this client replace or remove a voice of `voice_owner` ("": the operator's)?"""
+        return self.admin or voice_owner == self.voice_owner
 
 
 def keyed(kind: str, name: str, *, admin: bool = False) -> Identity:

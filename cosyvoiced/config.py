@@ -125,6 +125,10 @@ class CosyVoiceConfig:
     repo: str = _setting("", path=True)
     # Registered voices: in the state directory, never in the (read-only) model directory.
     speakers_file: str = _setting("/var/lib/cosyvoiced/speakers.json", path=True)
+    # Every worker holds every registered voice's prompt features: so there are at most
+    # max_voices, and one client (key) may own at most max_voices_per_client (admins: any).
+    max_voices: int = _setting(32, _at_least(0))
+    max_voices_per_client: int = _setting(8, _at_least(0))
     fp16: bool = False
     load_jit: bool = False
     load_trt: bool = False

@@ -60,6 +60,9 @@ class ErrorCode(StrEnum):
     PROMPT_AUDIO_UNREADABLE = "prompt_audio_unreadable"
     PROMPT_AUDIO_TOO_SHORT = "prompt_audio_too_short"
     PROMPT_AUDIO_TOO_LONG = "prompt_audio_too_long"
+    # A voice registration or removal: another client's voice, or no room for one more
+    NOT_OWNER = "not_owner"
+    TOO_MANY_VOICES = "too_many_voices"
     # Refused before it was queued: the queue, or this client's share of it, is full
     BUSY = "busy"
     # Serving it

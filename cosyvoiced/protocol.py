@@ -36,6 +36,7 @@ class WireCode(StrEnum):
     TOO_LONG = "too_long"
     BUSY = "busy"
     NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
     UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
     # A reply was dropped: the client left zmq.max_buffered_bytes of replies unread.
@@ -58,6 +59,8 @@ _WIRE_CODES = {
     ErrorCode.PROMPT_AUDIO_UNREADABLE: WireCode.BAD_REQUEST,
     ErrorCode.PROMPT_AUDIO_TOO_SHORT: WireCode.BAD_REQUEST,
     ErrorCode.PROMPT_AUDIO_TOO_LONG: WireCode.BAD_REQUEST,
+    ErrorCode.NOT_OWNER: WireCode.FORBIDDEN,
+    ErrorCode.TOO_MANY_VOICES: WireCode.FORBIDDEN,
 }
 
 # Arrays and objects in a header nest at most this deep (no op needs more than 2).

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from cosyvoiced import admission, clients, logs, roster
+from cosyvoiced import admission, clients, logs, roster, voicerules
 from cosyvoiced import segments as text_segments
 from cosyvoiced.admission import InFlight, PerClient
 from cosyvoiced.cache import Entry
@@ -417,10 +417,10 @@ class Service:
             self.metrics.ready.set(1)
         return first
 
-    def registration_refusal(self, name: Any, prompt_text: Any,
+    def registration_refusal(self, identity: Identity, name: Any, prompt_text: Any,
                              language: Any = "") -> JobError | None:
-        """Why a voice cannot be registered so (None: it can), before its audio is decoded
-        (in the encoder process: `Encoder.read_prompt`)."""
+        """Why `identity` cannot register a voice so (None: it can), before its audio is
+        decoded (in the encoder process: `Encoder.read_prompt`)."""
         try:
             if "prompt_audio" not in self.engine_features:
                 raise JobFailure(ErrorCode.NOT_SUPPORTED, f"the {self.engine_name} engine "
@@ -434,33 +434,39 @@ class Service:
                                  "of the model; choose another name", "name")
         except JobFailure as failure:
             return failure.error
-        return None
+        bounds = self.config.engine.cosyvoice
+        return voicerules.registration_refusal(identity, name, self.speakers.owners(),
+                                               bounds.max_voices, bounds.max_voices_per_client)
 
-    def store_voice(self, name: Any, prompt_text: Any, audio_flac: bytes,
+    def store_voice(self, identity: Identity, name: Any, prompt_text: Any, audio_flac: bytes,
                     language: Any = "") -> VoiceInfo | JobError:
-        """Register (or replace) a voice whose audio was `speakers.prepare`d; every intake
-        and every worker sees it from the one speakers file."""
-        refusal = self.registration_refusal(name, prompt_text, language)
+        """Register (or replace, keeping its owner) a voice whose audio was `prepare`d:
+        every intake and every worker sees it from the one speakers file."""
+        refusal = self.registration_refusal(identity, name, prompt_text, language)
         if refusal is not None:
             return refusal
+        owner = self.speakers.owners().get(name, identity.voice_owner)
         try:
-            self.speakers.store(name, prompt_text, audio_flac, language)
+            self.speakers.store(name, prompt_text, audio_flac, language, owner)
         except OSError as error:
             log.error("voice_store_failed", voice=name, error=str(error))
             return JobError(ErrorCode.INTERNAL, f"the voice could not be stored: {error}")
         self.cache.voices_changed()  # a replaced voice's entries go
         voice = VoiceInfo(name, language, self.native_rate, self.engine_name, kind="registered")
         self.voices = [v for v in self.voices if v.name != name] + [voice]
-        log.info("voice_registered", voice=name)
+        log.info("voice_registered", voice=name, client=identity.name)
         return voice
 
-    def remove_voice(self, name: str) -> bool:
-        if not self.speakers.remove(name):
-            return False
+    def remove_voice(self, identity: Identity, name: Any) -> JobError | None:
+        """Remove a registered voice `identity` may remove (`voicerules`)."""
+        refusal = voicerules.removal_refusal(identity, name, self.speakers.owners())
+        if refusal is not None:
+            return refusal
+        self.speakers.remove(name)
         self.cache.voices_changed()  # its entries go
         self.voices = [v for v in self.voices if not (v.name == name and v.kind == "registered")]
-        log.info("voice_removed", voice=name)
-        return True
+        log.info("voice_removed", voice=name, client=identity.name)
+        return None
 
     # -- what a client may see and do -------------------------------------------------------
     def is_admin_token(self, token: Any) -> bool:
@@ -495,3 +501,4 @@ class Service:
 def _prompt_name(job_id: str) -> str:
     """What a ZeroMQ job's prompt audio is called, as if it had been dropped in the inbox."""
     return f"{job_id}.prompt"
+

@@ -27,6 +27,8 @@ from cosyvoiced.spool import atomic_write, remove_temp_files
 
 # Kept at 24 kHz, the highest rate any CosyVoice model reads a prompt at.
 STORED_RATE = 24000
+# What 30 s of prompt audio says, with room to spare; every use of the voice reads it.
+MAX_PROMPT_TEXT_CHARS = 1000
 _NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 _LANGUAGE = re.compile(r"^([A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8})*)?$")
 
@@ -50,6 +52,10 @@ def check_prompt_text(prompt_text: Any) -> str:
     if not isinstance(prompt_text, str) or not prompt_text.strip():
         raise JobFailure(ErrorCode.MISSING_FIELD, "prompt_text: the words spoken in the "
                          "prompt audio are required to register a voice", "prompt_text")
+    if len(prompt_text.strip()) > MAX_PROMPT_TEXT_CHARS:
+        raise JobFailure(ErrorCode.INVALID_FIELD, "prompt_text: the words of at most 30 s of "
+                         f"audio, at most {MAX_PROMPT_TEXT_CHARS} characters; got "
+                         f"{len(prompt_text.strip())}", "prompt_text")
     return prompt_text.strip()
 
 
@@ -100,6 +106,11 @@ class SpeakerStore:
                         entry.get("language", ""))
                 for name, entry in sorted(self._entries().items())]
 
+    def owners(self) -> dict[str, str]:
+        """Who owns each registered voice (`clients.Identity.voice_owner`); "" for one
+        stored before voices had owners."""
+        return {name: entry.get("owner", "") for name, entry in self._entries().items()}
+
     def languages(self) -> dict[str, str]:
         """Each registered voice's language ("" when none was given), without its audio."""
         return {name: entry.get("language", "") for name, entry in self._entries().items()}
@@ -121,13 +132,15 @@ class SpeakerStore:
         check_prompt_text(prompt_text)
         self.store(name, prompt_text, prepare(audio))
 
-    def store(self, name: str, prompt_text: str, audio_flac: bytes, language: str = "") -> None:
+    def store(self, name: str, prompt_text: str, audio_flac: bytes, language: str = "",
+              owner: str = "") -> None:
         """Register (or replace) `name` from audio already `prepare`d; raises `JobFailure`
         for a bad name, text or language."""
         check_name(name)
         entry = {"prompt_text": check_prompt_text(prompt_text),
                  "audio_flac": base64.b64encode(audio_flac).decode("ascii"),
-                 "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                 "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "owner": owner}
         if check_language(language):
             entry["language"] = language
         entries = self._entries()

@@ -56,7 +56,8 @@ CLONE_FIELDS = ("audio", "text")
 # The store's field names -> this API's, in errors.
 _UPLOAD_NAMES = {"prompt_text": "text", "prompt_audio": "audio"}
 _STATUS = {"not_found": 404, "request_timeout": 408, "request_too_large": 413,
-           "unsupported_media_type": 415, "busy": 429, str(ErrorCode.SHUTTING_DOWN): 503,
+           "unsupported_media_type": 415, "busy": 429, str(ErrorCode.NOT_OWNER): 403,
+           str(ErrorCode.TOO_MANY_VOICES): 403, str(ErrorCode.SHUTTING_DOWN): 503,
            str(ErrorCode.INTERNAL): 500}
 
 log = logs.get_logger("cosyvoiced.intake.voices")
@@ -204,9 +205,11 @@ class VoiceRoutes:
         identity = self._identify(request)
         self._check_rate(identity, 0)
         name = request.match_info["name"]
-        if not await self._host.ask(lambda service: service.remove_voice(name)):
-            return _Refused("not_found", f"name: no registered voice {name!r} (built-in "
-                            "voices cannot be removed)", "name").response()
+        refusal = await self._host.ask(lambda service: service.remove_voice(identity, name))
+        if refusal is not None and refusal.code == ErrorCode.UNKNOWN_VOICE:
+            return _Refused("not_found", refusal.message, "name").response()
+        if refusal is not None:
+            return _Refused.of(refusal).response()
         log.info("voice_removed_over_http", voice=name, client=identity.name)
         return web.json_response({"id": name, "object": "audio.voice.deleted",
                                   "deleted": True})
@@ -225,12 +228,12 @@ class VoiceRoutes:
         try:
             upload = await self._read_upload(request)
             refusal = await self._host.ask(lambda service: service.registration_refusal(
-                upload.name, upload.text, upload.language))
+                identity, upload.name, upload.text, upload.language))
             if refusal is not None:
                 raise _Refused.of(refusal)
             prepared = await asyncio.wrap_future(self._encoder.read_prompt(upload.audio))
             stored = await self._host.ask(lambda service: service.store_voice(
-                upload.name, upload.text, prepared, upload.language))
+                identity, upload.name, upload.text, prepared, upload.language))
             if isinstance(stored, JobError):
                 raise _Refused.of(stored)
         except JobFailure as failure:  # the audio, as the encoder process found it

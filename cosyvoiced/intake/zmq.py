@@ -48,6 +48,7 @@ from cosyvoiced.job import (
     REPLY_FORMATS,
     SINK_REPLY,
     Deferred,
+    ErrorCode,
     Job,
     JobError,
     JobFailure,
@@ -678,17 +679,21 @@ class ZmqIntake:
 
     def _voice_op(self, request: Request, service: Service) -> None:
         fields = request.fields()
+        identity = self._identity(request, service)
         if request.op == Op.REMOVE_VOICE:
-            if not service.remove_voice(str(fields.get("name"))):
-                raise ProtocolError(WireCode.NOT_FOUND, f"name: no registered voice "
-                                    f"{quoted(fields.get('name'))}", request.id, "name")
+            refusal = service.remove_voice(identity, fields.get("name"))
+            if refusal is not None and refusal.code == ErrorCode.UNKNOWN_VOICE:
+                raise ProtocolError(WireCode.NOT_FOUND, refusal.message, request.id, "name")
+            if refusal is not None:
+                raise ProtocolError.from_job_error(refusal, request.id)
             self._reply(request, "voice_removed", name=fields.get("name"))
             return
         if not request.attachments:
             raise ProtocolError(WireCode.BAD_REQUEST, "frame 1: register_voice needs the "
                                 "prompt audio as an attachment frame", request.id,
                                 "prompt_audio")
-        refusal = service.registration_refusal(fields.get("name"), fields.get("prompt_text"),
+        refusal = service.registration_refusal(identity, fields.get("name"),
+                                               fields.get("prompt_text"),
                                                fields.get("language", ""))
         if refusal is not None:
             raise ProtocolError.from_job_error(refusal, request.id)
@@ -705,8 +710,9 @@ class ZmqIntake:
 
     def _store_voice(self, request: Request, service: Service, prepared: Future[bytes]) -> None:
         fields = request.fields()
-        stored = service.store_voice(fields.get("name"), fields.get("prompt_text"),
-                                     prepared.result(), fields.get("language", ""))
+        stored = service.store_voice(self._identity(request, service), fields.get("name"),
+                                     fields.get("prompt_text"), prepared.result(),
+                                     fields.get("language", ""))
         if isinstance(stored, JobError):
             raise ProtocolError.from_job_error(stored, request.id)
         self._reply(request, "voice_registered", voice=_voice(stored))
