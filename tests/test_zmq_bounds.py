@@ -169,6 +169,53 @@ def test_a_stream_cut_for_an_unread_client_ends_in_one_error(
         dealer.close(linger=0)
 
 
+def _stream(request_id: str, text: str) -> bytes:
+    return json.dumps({"v": 1, "op": "synthesize", "id": request_id, "stream": True,
+                       "text": text}).encode()
+
+
+def test_a_cut_stream_does_not_swallow_another_with_the_same_request_id(
+        make_daemon: DaemonFactory) -> None:
+    """Request ids are the client's to choose, and may repeat. Stream A is cut for an unread
+    client; while its job is still being cancelled (its worker is in a slow sentence),
+    stream B, with A's id, is answered from the cache. B's replies used to be dropped as
+    A's were, its `end` too: the client never heard of B. Now a cut is the job's."""
+    daemon = make_daemon(engine=TONE, cache={"max_bytes": "64MiB"},
+                         zmq={"max_buffered_bytes": 1 << 20})
+    daemon.start()
+    cached = "These words come from the cache."
+    with Client(daemon.endpoint, timeout_s=60, retries=0) as client:
+        primed = client.stream(cached)
+        assert b"".join(primed) and primed.end is not None
+    # Each segment (spool.max_segment_chars = 300) is a long sentence, 12 s of tone
+    # (530 kB), then a short one that takes 4 s: a long one's chunk is the one cut, while
+    # the worker is in the slow one, and the cancel lands when it is done with it.
+    slow = " ".join(f"Sentence {n} is {'la ' * 78}done. SLOW@4 Wait." for n in range(8))
+    dealer = _never_reading_dealer(daemon.endpoint)
+    try:
+        dealer.send(_stream("same", slow))
+        cut = wait_until(lambda: daemon.log_events("client_too_slow"), 60, "stream A cut")
+        cut_job = cut[0]["job"]
+        seen: list[dict[str, Any]] = []
+        while not any(reply.get("code") == "client_too_slow" for reply in seen):
+            assert dealer.poll(10_000), "no client_too_slow error"
+            seen.append(json.loads(dealer.recv_multipart()[0]))
+        dealer.send(_stream("same", cached))
+        after: list[dict[str, Any]] = []
+        while dealer.poll(10_000):
+            after.append(json.loads(dealer.recv_multipart()[0]))
+            if after[-1].get("job") != cut_job and after[-1]["event"] == "end":
+                break
+        wait_until(lambda: any(e.get("job") == cut_job for e in daemon.log_events("job")), 30,
+                   "A's job to be over")
+    finally:
+        dealer.close(linger=0)
+    events = [(reply["event"], reply.get("job") == cut_job) for reply in after]
+    assert events and events[0] == ("start", False), events
+    assert events[-1] == ("end", False), events
+    assert all(not of_a for _event, of_a in events), "a reply of the cut stream after its error"
+
+
 def test_the_limit_is_a_pure_rule() -> None:
     limit = 8 << 20
     assert reply_fits(0, 70 << 20, limit)  # one reply bigger than the limit, alone

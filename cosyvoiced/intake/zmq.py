@@ -357,15 +357,17 @@ class _SocketThread(threading.Thread):
 
     def _send(self, frames: list[bytes]) -> None:
         """A reply, if it fits the peer's zmq.max_buffered_bytes; else it is dropped for a
-        `client_too_slow` error, and so are the rest of its request's replies. Errors always
+        `client_too_slow` error, and so are the rest of its job's replies. Errors always
         go, and count against the buffered bytes: each is under 1 KiB (protocol.py bounds
         the request id and what a message quotes), and SNDHWM bounds how many wait."""
         client = frames[0]
         route, body = split_envelope(frames)
         header = _reply_header(body)
-        request_id, event = header.get("id"), header.get("event")
-        final = event not in NON_FINAL_EVENTS
-        if self._outbox.swallowed(client, request_id, final):
+        event, final = header.get("event"), header.get("event") not in NON_FINAL_EVENTS
+        # A cut is its job's, not every request of that id: ids are the client's to choose,
+        # and may repeat. (A reply about a job, `status` or `cancel`, has an id of its own.)
+        cut = (header.get("job"), header.get("id"))
+        if self._outbox.swallowed(client, cut, final):
             return
         size = sum(len(frame) for frame in body)
         buffered = self._outbox.buffered(client)
@@ -373,7 +375,7 @@ class _SocketThread(threading.Thread):
             self._hand_over(frames, size)
             return
         if not final:
-            self._outbox.fail(client, request_id)
+            self._outbox.fail(client, cut)
         self._too_slow(route, header, buffered)
 
     def _too_slow(self, route: tuple[bytes, ...], header: dict[str, Any],

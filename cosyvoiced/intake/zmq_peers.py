@@ -26,6 +26,8 @@ import zmq
 # A request's replies before its last one: a stream's `start` and `chunk`s, and the `timing`
 # event before the audio. Every other event ends its request.
 NON_FINAL_EVENTS = frozenset({"start", "chunk", "timing"})
+# What a reply's drop cuts short: its (job, request id); a reply of no job, its request's.
+Cut = tuple[object, object]
 
 
 def reply_fits(buffered: int, size: int, limit: int) -> bool:
@@ -41,13 +43,13 @@ def is_idle(active: float, now: float, timeout_s: float) -> bool:
 
 
 class Outbox:
-    """Per peer (routing id): the reply bytes libzmq holds, and the requests whose replies
-    were dropped (their later replies are dropped too, up to the last)."""
+    """Per peer (routing id): the reply bytes libzmq holds, and the jobs (or requests) whose
+    replies were dropped (their later replies are dropped too, up to the last)."""
 
     def __init__(self) -> None:
         self._held: dict[bytes, deque[tuple[zmq.MessageTracker, int]]] = {}
         self._bytes: dict[bytes, int] = {}
-        self._failed: dict[bytes, set[str | None]] = {}
+        self._failed: dict[bytes, set[Cut]] = {}
 
     def buffered(self, client: bytes) -> int:
         """Bytes of replies to `client` that libzmq has not let go of yet. A connection
@@ -66,18 +68,18 @@ class Outbox:
         self._held.setdefault(client, deque()).append((tracker, size))
         self._bytes[client] = self._bytes.get(client, 0) + size
 
-    def fail(self, client: bytes, request_id: str | None) -> None:
-        """A reply to `request_id` was dropped: so are the rest of its replies."""
-        self._failed.setdefault(client, set()).add(request_id)
+    def fail(self, client: bytes, cut: Cut) -> None:
+        """A reply of `cut` was dropped: so are the rest of its replies."""
+        self._failed.setdefault(client, set()).add(cut)
 
-    def swallowed(self, client: bytes, request_id: str | None, final: bool) -> bool:
-        """Whether this reply belongs to a failed request (and is dropped); its last reply
-        ends the request's entry."""
+    def swallowed(self, client: bytes, cut: Cut, final: bool) -> bool:
+        """Whether this reply belongs to a cut job or request (and is dropped); its last
+        reply ends the entry."""
         failed = self._failed.get(client)
-        if failed is None or request_id not in failed:
+        if failed is None or cut not in failed:
             return False
         if final:
-            failed.discard(request_id)
+            failed.discard(cut)
             if not failed:
                 del self._failed[client]
         return True
