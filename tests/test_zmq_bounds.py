@@ -186,7 +186,8 @@ def test_a_cut_stream_does_not_swallow_another_with_the_same_request_id(
     cached = "These words come from the cache."
     with Client(daemon.endpoint, timeout_s=60, retries=0) as client:
         primed = client.stream(cached)
-        assert b"".join(primed) and primed.end is not None
+        assert b"".join(primed)
+        assert primed.end is not None
     # Each segment (spool.max_segment_chars = 300) is a long sentence, 12 s of tone
     # (530 kB), then a short one that takes 4 s: a long one's chunk is the one cut, while
     # the worker is in the slow one, and the cancel lands when it is done with it.
@@ -211,7 +212,7 @@ def test_a_cut_stream_does_not_swallow_another_with_the_same_request_id(
     finally:
         dealer.close(linger=0)
     events = [(reply["event"], reply.get("job") == cut_job) for reply in after]
-    assert events and events[0] == ("start", False), events
+    assert events[:1] == [("start", False)], events
     assert events[-1] == ("end", False), events
     assert all(not of_a for _event, of_a in events), "a reply of the cut stream after its error"
 
