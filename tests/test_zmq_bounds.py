@@ -17,7 +17,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from cosyvoiced.client import Client
-from cosyvoiced.intake.zmq_peers import is_idle, reply_fits
+from cosyvoiced.intake.zmq_peers import Departures, is_idle, reply_fits
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 
@@ -217,12 +217,90 @@ def test_a_cut_stream_does_not_swallow_another_with_the_same_request_id(
     assert all(not of_a for _event, of_a in events), "a reply of the cut stream after its error"
 
 
+# 12 sentences of a second each: a job that outlives the grace a client has to come back.
+LONG_JOB = " ".join(f"Sentence {n} SLOW@1 here." for n in range(12))
+
+
+def _job_ended(daemon: Daemon, job_id: str) -> dict[str, Any]:
+    ended: dict[str, Any] = wait_until(lambda: next(
+        (e for e in daemon.log_events("job") if e["job"] == job_id), None), 60,
+        f"job {job_id} to end")
+    return ended
+
+
+def _dealer(daemon: Daemon, routing_id: bytes) -> zmq.Socket[bytes]:
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.ROUTING_ID, routing_id)
+    dealer.connect(daemon.endpoint)
+    return dealer
+
+
+def _running_job(daemon: Daemon) -> str:
+    """The one job running (a local cosyvoicectl's admin token sees every client's)."""
+    with Client(daemon.endpoint, timeout_s=30, admin_token=daemon.admin_token()) as operator:
+        running = wait_until(lambda: operator.stats()["running"], 30, "a job to run")
+    assert len(running) == 1, running
+    return str(running[0])
+
+
+def test_a_client_that_left_has_its_waiting_job_cancelled(make_daemon: DaemonFactory) -> None:
+    """A non-streamed job's one reply comes at its end: nothing noticed that its client had
+    closed its socket, and the job ran to the end for no one. Now a client that does not
+    come back within GONE_GRACE_S has its jobs cancelled."""
+    daemon = make_daemon(engine=TONE)
+    daemon.start()
+    dealer = _dealer(daemon, b"leaver")
+    dealer.send(_synthesize("long", LONG_JOB))
+    job = _running_job(daemon)
+    dealer.close(linger=0)
+    ended = _job_ended(daemon, job)
+    assert ended["outcome"] == "cancelled", ended
+    assert any(e["job"] == job for e in daemon.log_events("client_gone"))
+
+
+def test_a_client_back_within_the_grace_keeps_its_job(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(engine=TONE)
+    daemon.start()
+    dealer = _dealer(daemon, b"returner")
+    dealer.send(_synthesize("long", LONG_JOB))
+    job = _running_job(daemon)
+    dealer.close(linger=0)
+    # Away for 2 s of the 5 s grace (the scenario, not a wait): the daemon looks for
+    # departed clients every second, so it has seen this one leave.
+    time.sleep(2.0)
+    back = _dealer(daemon, b"returner")  # as cosyvoiced.client.Client reconnects
+    try:
+        back.send(json.dumps({"v": 1, "op": "ping", "id": "back"}).encode())
+        replies = _read_all(back, 2)
+    finally:
+        back.close(linger=0)
+    assert [(header["event"], header["id"]) for header, _size in replies] == \
+        [("pong", "back"), ("result", "long")]
+    assert replies[1][0]["job"] == job
+    assert replies[1][1] > 12 * TONE_RATE  # 12 sentences of pcm_s16le
+
+
 def test_the_limit_is_a_pure_rule() -> None:
     limit = 8 << 20
     assert reply_fits(0, 70 << 20, limit)  # one reply bigger than the limit, alone
     assert reply_fits(1 << 20, 7 << 20, limit)
     assert not reply_fits(1 << 20, 7 << 20 + 1, limit)
     assert not reply_fits(1, 70 << 20, limit)
+
+
+def test_departures_are_a_pure_rule() -> None:
+    departures = Departures(grace_s=5.0, most=2)
+    assert departures.left(b"a", 0.0) == []
+    assert departures.left(b"b", 1.0) == []
+    departures.back(b"b")  # it came back: never gone
+    assert departures.left(b"c", 2.0) == []
+    assert departures.left(b"a", 3.0) == []  # left again: its grace starts over
+    assert departures.gone(7.9) == [b"c"]
+    assert departures.gone(7.9) == []  # each once
+    assert departures.left(b"d", 8.0) == []
+    assert departures.left(b"e", 8.0) == [b"a"]  # over `most`: the longest away goes now
+    assert departures.gone(13.0) == [b"d", b"e"]
 
 
 def test_idleness_is_a_pure_rule() -> None:

@@ -42,7 +42,14 @@ from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.service import IntakeService
-from cosyvoiced.intake.zmq_peers import NON_FINAL_EVENTS, Outbox, Peers, reply_fits, shut_down
+from cosyvoiced.intake.zmq_peers import (
+    NON_FINAL_EVENTS,
+    Departures,
+    Outbox,
+    Peers,
+    reply_fits,
+    shut_down,
+)
 from cosyvoiced.job import (
     PCM_FORMAT,
     REPLY_FORMATS,
@@ -93,13 +100,18 @@ SNDHWM = 10_000
 HEARTBEAT_IVL_S = 5.0
 HEARTBEAT_TIMEOUT_S = 15.0
 _IDLE_CHECK_S = 1.0  # how often peers are checked for zmq.idle_timeout_s
+# A client whose connection ended has this long to reconnect with its routing id and keep
+# its jobs (libzmq reconnects after 100 ms); then they are cancelled.
+GONE_GRACE_S = 5.0
+_MOST_DEPARTED = 4096  # routing ids waiting out the grace; past it, the oldest is gone
 
 log = logs.get_logger("cosyvoiced.intake.zmq")
 
 
 @dataclass(frozen=True)
 class ClientGone:
-    """A reply to this client could not be routed: it disconnected (or stopped reading)."""
+    """A reply to this client could not be routed (it disconnected, or stopped reading), or
+    its connection ended and it did not come back within GONE_GRACE_S."""
 
     client: bytes
 
@@ -259,6 +271,7 @@ class _SocketThread(threading.Thread):
         self._curve = curve
         self._settings = settings  # read live: max_buffered_bytes, idle_timeout_s
         self._outbox = Outbox()
+        self._departures = Departures(GONE_GRACE_S, _MOST_DEPARTED)
         self._next_idle_check = 0.0
         self._connections = connections
         connections.watch(router)
@@ -291,6 +304,7 @@ class _SocketThread(threading.Thread):
             self._connections.drain()
             for client in self._connections.take_left():
                 self._outbox.forget(client)
+                self._give_up(self._departures.left(client, time.monotonic()))
             self._check_idle()
             if self._replies in ready and not self._send_replies():
                 return
@@ -307,6 +321,7 @@ class _SocketThread(threading.Thread):
             try:
                 with self._connections.peers() as peers:
                     peers.heard(_source_fd(message[0]), frames[0], time.monotonic())
+                self._departures.back(frames[0])
                 # A user id is a CURVE key only with CURVE on (ZAP names NULL peers too).
                 self._take(frames, _user_id(message[-1]) if self._curve else None)
             except Exception:  # one message must not end the thread
@@ -418,6 +433,7 @@ class _SocketThread(threading.Thread):
             return
         self._next_idle_check = now + _IDLE_CHECK_S
         self._outbox.sweep()
+        self._give_up(self._departures.gone(now))
         timeout_s = self._settings().idle_timeout_s
         dropped = 0
         with self._connections.peers() as peers:
@@ -431,6 +447,13 @@ class _SocketThread(threading.Thread):
         if dropped:
             log.info("zmq_idle_peers_dropped", count=dropped, idle_timeout_s=timeout_s)
         if not self._inbound.empty():
+            self._wake()
+
+    def _give_up(self, clients: list[bytes]) -> None:
+        """These clients left and did not come back: their jobs are cancelled."""
+        for client in clients:
+            self._inbound.put(ClientGone(client))
+        if clients:
             self._wake()
 
     def _drop_idle(self, client: bytes) -> None:

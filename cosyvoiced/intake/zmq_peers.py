@@ -16,6 +16,7 @@ cannot close one peer. So:
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 from collections import deque
@@ -94,6 +95,40 @@ class Outbox:
         self._held.pop(client, None)
         self._bytes.pop(client, None)
         self._failed.pop(client, None)
+
+
+class Departures:
+    """Routing ids whose connection ended, and since when. A libzmq client reconnects by
+    itself, with the same id if it set one (`cosyvoiced.client.Client` does), and keeps its
+    jobs; one that stays away for `grace_s` is gone, and its jobs are cancelled. At most
+    `most` are kept: past that the longest away is given up at once."""
+
+    def __init__(self, grace_s: float, most: int) -> None:
+        self._grace_s = grace_s
+        self._most = most
+        self._since: dict[bytes, float] = {}  # in the order they left
+
+    def left(self, client: bytes, now: float) -> list[bytes]:
+        """`client`'s connection ended; the clients given up now to make room."""
+        self._since.pop(client, None)
+        self._since[client] = now
+        over = len(self._since) - self._most
+        given_up = list(itertools.islice(self._since, max(0, over)))
+        for gone in given_up:
+            del self._since[gone]
+        return given_up
+
+    def back(self, client: bytes) -> None:
+        """A message from `client`: it came back (or never left)."""
+        self._since.pop(client, None)
+
+    def gone(self, now: float) -> list[bytes]:
+        """The clients away for `grace_s` by `now`, each once."""
+        gone = list(itertools.takewhile(lambda client: now - self._since[client] >=
+                                        self._grace_s, self._since))
+        for client in gone:
+            del self._since[client]
+        return gone
 
 
 @dataclass
