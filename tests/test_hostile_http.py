@@ -108,12 +108,62 @@ def test_a_lone_surrogate_key_in_the_first_message_is_refused(served: Served) ->
     assert close_code == 1008
 
 
+def _stream_input(served: Served, messages: list[dict[str, Any]], query: str = ""
+                  ) -> tuple[list[dict[str, Any]], list[aiohttp.WSMessage]]:
+    """The JSON replies of a stream-input socket to `messages`, and its other frames."""
+    async def talk() -> tuple[list[dict[str, Any]], list[aiohttp.WSMessage]]:
+        replies: list[dict[str, Any]] = []
+        others: list[aiohttp.WSMessage] = []
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(f"{served.base}/v1/text-to-speech/{TONE}/"
+                                          f"stream-input?output_format=pcm_16000{query}")
+            for message in messages:
+                await ws.send_json(message)
+            async with asyncio.timeout(TIMEOUT_S):
+                async for frame in ws:
+                    if frame.type == aiohttp.WSMsgType.TEXT:
+                        replies.append(json.loads(frame.data))
+                    else:
+                        others.append(frame)
+            others.append(aiohttp.WSMessage(aiohttp.WSMsgType.CLOSE, ws.close_code, None))
+        return replies, others
+
+    return asyncio.run(talk())
+
+
+def test_a_close_reason_is_whole_utf8(served: Served) -> None:
+    """A refusal that quotes the text is the close frame's reason, cut to 123 bytes: it was
+    cut mid-character, and the client's WebSocket library failed on the frame."""
+    tag = "[pause:" + "\U00020000" * 30 + "]"  # no length: its error quotes it
+    replies, others = _stream_input(served, [{"text": " ", "xi_api_key": KEY},
+                                             {"text": f"Hi {tag} there. ", "flush": True},
+                                             {"text": ""}])
+    assert [reply.get("error") for reply in replies if "error" in reply] == ["invalid_field"]
+    assert [frame.type for frame in others] == [aiohttp.WSMsgType.CLOSE], others
+    assert others[-1].data == 1008
+
+
+def test_a_context_id_with_a_newline_is_refused(served: Served) -> None:
+    async def multi() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(
+                f"{served.base}/v1/text-to-speech/{TONE}/multi-stream-input"
+                "?output_format=pcm_16000", headers={"xi-api-key": KEY})
+            await ws.send_json({"text": "Hi. ", "context_id": "ctx\n"})
+            async with asyncio.timeout(TIMEOUT_S):
+                return [json.loads(frame.data) async for frame in ws
+                        if frame.type == aiohttp.WSMsgType.TEXT]
+
+    assert [reply.get("error") for reply in asyncio.run(multi())] == ["invalid_message"]
+
+
 # -- 2. digits are ASCII digits ---------------------------------------------------------------
 @pytest.mark.parametrize(("query", "code"), [
     ({"output_format": "pcm_\u00b2"}, "unsupported_format"),  # superscript two
     ({"output_format": "pcm_\u0661\u0666\u0660\u0660\u0660"}, "unsupported_format"),  # Arabic
     ({"output_format": "mp3_44100_\u00b9\u00b2\u2078"}, "unsupported_format"),
     ({"inactivity_timeout": "\uff11\uff10"}, "invalid_inactivity_timeout"),  # fullwidth 10
+    ({"inactivity_timeout": "0.001"}, "invalid_inactivity_timeout"),  # under a second
 ])
 def test_digits_of_other_scripts_are_refused_with_their_reason(
         served: Served, query: dict[str, str], code: str) -> None:

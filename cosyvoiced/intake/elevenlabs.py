@@ -65,6 +65,7 @@ MULTI_PATH = "/v1/text-to-speech/{voice_id}/multi-stream-input"
 DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"  # as ElevenLabs'
 PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 MP3_RATES = (22050, 24000, 44100)
+MAX_CLOSE_REASON_BYTES = 123  # RFC 6455: a control frame's 125 bytes, less the code
 DEFAULT_INACTIVITY_S = 20.0  # ElevenLabs' default and ceiling for `inactivity_timeout`
 MAX_INACTIVITY_S = 180.0
 MAX_MESSAGE_BYTES = 64 << 10
@@ -74,7 +75,7 @@ LOOKAHEAD_JOBS = 2  # sentences of one stream in flight: one is sent while the n
 SEND_PIECE_S = 0.25  # audio per message: a long chunk goes out in pieces
 POLICY = int(WSCloseCode.POLICY_VIOLATION)  # 1008, ElevenLabs' code for a refusal
 DEFAULT_CONTEXT = ""  # the stream-input socket's one stream, and a message with no id
-_CONTEXT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_CONTEXT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" takes a last "\n"
 T = TypeVar("T")
 
 log = logs.get_logger("cosyvoiced.intake.elevenlabs")
@@ -126,10 +127,16 @@ def inactivity_timeout(value: str | None) -> float:
         seconds = float(value) if value.isascii() else -1.0
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds <= MAX_INACTIVITY_S:
+    if not 1 <= seconds <= MAX_INACTIVITY_S:
         raise ProtocolError("invalid_inactivity_timeout", f"inactivity_timeout: {value[:20]!r}"
                             f" is not a number of seconds in 1..{MAX_INACTIVITY_S:g}")
     return seconds
+
+
+def close_reason(message: str) -> bytes:
+    """A close frame's reason: at most 123 bytes of UTF-8, cut between characters (a client
+    fails on a frame whose reason is not UTF-8)."""
+    return message.encode()[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore").encode()
 
 
 def query_flag(name: str, value: str | None) -> bool:
@@ -181,7 +188,7 @@ def parse_message(data: str, multi: bool) -> Message:
     if not isinstance(text, str):
         raise ProtocolError("invalid_message", "text: expected a string")
     context = body.get("context_id", DEFAULT_CONTEXT) if multi else DEFAULT_CONTEXT
-    if not isinstance(context, str) or (context and not _CONTEXT_ID.match(context)):
+    if not isinstance(context, str) or (context and not _CONTEXT_ID.fullmatch(context)):
         raise ProtocolError("invalid_message", "context_id: expected 1 to 128 letters, "
                             "digits or _.:-")
     token = body.get("xi_api_key") or body.get("authorization")
@@ -495,8 +502,7 @@ class _Socket:
 
     async def _close(self, code: int, message: str) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
-            # A close frame's reason is at most 123 bytes.
-            await self._ws.close(code=code, message=message.encode()[:123])
+            await self._ws.close(code=code, message=close_reason(message))
 
     def _forget(self, stream: _Stream) -> None:
         """The stream is done with: its jobs not yet sent whole are cancelled."""
