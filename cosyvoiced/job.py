@@ -40,6 +40,7 @@ class ErrorCode(StrEnum):
     # The input file itself
     NOT_REGULAR_FILE = "not_regular_file"
     SYMLINK = "symlink"
+    HARD_LINK = "hard_link"
     FILE_TOO_LARGE = "file_too_large"
     UNSUPPORTED_FILE_TYPE = "unsupported_file_type"
     UNREADABLE = "unreadable"

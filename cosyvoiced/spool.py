@@ -241,6 +241,7 @@ class Spool:
                 raise JobFailure(ErrorCode.SYMLINK, "the job file is a symbolic link") from None
             raise
         with os.fdopen(fd, "rb") as stream:
+            _check_one_name(os.fstat(fd), "the job file")
             data = stream.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise JobFailure(ErrorCode.FILE_TOO_LARGE,
@@ -370,6 +371,7 @@ class Spool:
         if not stat.S_ISREG(os.lstat(claimed.path).st_mode):
             raise JobFailure(ErrorCode.PROMPT_AUDIO_UNREADABLE, f"prompt_audio: {name!r} is "
                              "not a regular file (links are never followed)", "prompt_audio")
+        _check_one_name(os.lstat(claimed.path), f"prompt_audio: {name!r}", "prompt_audio")
         return claimed.path
 
     def write_prompt(self, job_id: str, name: str, data: bytes) -> Path:
@@ -426,3 +428,11 @@ class _Prompt:
     @property
     def path(self) -> Path:
         return self.directory / self.claimed.work_name
+
+
+def _check_one_name(info: os.stat_result, what: str, field: str | None = None) -> None:
+    """A file with another name (a hard link) may be anyone's that the daemon can read,
+    linked into the inbox by one who cannot (as postfix's safe_open, one link only)."""
+    if info.st_nlink > 1:
+        raise JobFailure(ErrorCode.HARD_LINK, f"{what} has {info.st_nlink - 1} other name(s) "
+                         "(hard links); drop a copy of the file itself", field)

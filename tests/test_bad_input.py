@@ -39,6 +39,15 @@ def _symlink(daemon: Daemon, name: str) -> str:
     return f"{name}.txt"
 
 
+def _hard_link(daemon: Daemon, name: str) -> str:
+    """A file linked into the inbox: it may be one the submitter cannot read itself."""
+    target = daemon.root / "linked-secret.txt"
+    target.write_text("This file is outside the spool and must never be read.")
+    os.link(target, daemon.inbox / f".{name}")  # renamed in, to be taken at once
+    os.rename(daemon.inbox / f".{name}", daemon.inbox / f"{name}.txt")
+    return f"{name}.txt"
+
+
 def _directory(daemon: Daemon, name: str) -> str:
     staging = daemon.inbox / f".{name}"
     staging.mkdir()
@@ -70,6 +79,7 @@ CASES: dict[str, tuple[Drop, str, str | None]] = {
     "output_dotfile": (_json({"text": "Hi.", "output": ".hidden"}), "invalid_output_name",
                        "output"),
     "symlink": (_symlink, "symlink", None),
+    "hard_link": (_hard_link, "hard_link", None),
     "directory": (_directory, "not_regular_file", None),
     "file_too_large": (_raw(".txt", b"a" * 9000), "file_too_large", None),
     "unsupported_file_type": (_raw(".pdf", b"%PDF-1.4"), "unsupported_file_type", None),
@@ -117,6 +127,17 @@ def test_piper_refuses_voice_cloning_and_returns_the_prompt(shared_daemon: Daemo
                "the prompt beside its job")
     assert not (shared_daemon.inbox / "clone-me.wav").exists()
     assert not list((shared_daemon.spool / "prompts").iterdir())
+
+
+def test_prompt_audio_with_another_name_is_refused(shared_daemon: Daemon) -> None:
+    """A hard link to audio the daemon can read and the submitter may not: never cloned."""
+    target = shared_daemon.root / "someone-else.wav"
+    soundfile.write(target, np.zeros(16000, dtype=np.float32), 16000)
+    os.link(target, shared_daemon.inbox / "linked.wav")
+    shared_daemon.drop_job("linked-clone", text="Hi.", prompt_audio="linked.wav",
+                           prompt_text="Hello.")
+    record = shared_daemon.wait_failed("linked-clone.json")
+    assert (record["code"], record["field"]) == ("hard_link", "prompt_audio"), record
 
 
 @pytest.mark.parametrize(("fields", "field"), [
