@@ -144,6 +144,7 @@ def test_a_writer_that_pauses_mid_file_is_not_taken_by_a_periodic_scan(
         writer.write(text[:8])
         writer.flush()
         os.link(marker, daemon.inbox / "marker.txt")
+        marker.unlink()  # one name again: a file with two is refused (hard_link)
         wait_until(paused_writer_seen_by_a_scan, 3 * RESCAN_INTERVAL_S, "a periodic scan")
         writer.write(text[8:])
     assert daemon.wait_done("slow.txt")["chars"] == len(text)
