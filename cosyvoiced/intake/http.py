@@ -454,7 +454,7 @@ class HttpIntake(ReplyIntake):
     async def _speech(self, request: web.Request) -> web.StreamResponse:
         identity = self._identity(request)
         settings = self._settings()
-        speech = await self._speech_request(request, settings)
+        speech = await self._speech_request(request, settings, identity.client)
         text = speech.fields.get("text")
         self._check_rate(identity, len(text) if isinstance(text, str) else 0)
         loop = asyncio.get_running_loop()
@@ -474,15 +474,15 @@ class HttpIntake(ReplyIntake):
         finally:  # whatever happened, the request stops counting as in flight
             (self.gone if gone else self.finished)(job_id)
 
-    async def _speech_request(self, request: web.Request,
-                              settings: HttpConfig) -> SpeechRequest:
+    async def _speech_request(self, request: web.Request, settings: HttpConfig,
+                              client: str) -> SpeechRequest:
         """The request; its body may be over http.max_body_bytes only with a `clone`, and
         only while an upload slot is free."""
         large = max(settings.max_body_bytes, settings.max_upload_bytes)
         held = [False]
 
         def take_slot() -> None:
-            if not self._uploads.take():
+            if not self._uploads.take(client):
                 raise _HttpError(BUSY, voices.BUSY_UPLOADING, close=True)
             held[0] = True
 
@@ -497,7 +497,7 @@ class HttpIntake(ReplyIntake):
             return parse_speech(data, settings.voices)
         finally:
             if held[0]:
-                self._uploads.give()
+                self._uploads.give(client)
 
     async def read_body(self, request: web.Request, limit: int, setting: str) -> bytes:
         """The whole body, within http.body_timeout_s (408) and `limit` bytes (413, naming

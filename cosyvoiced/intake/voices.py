@@ -14,7 +14,8 @@
 
 The upload is read here within http.max_upload_bytes and http.body_timeout_s, and at most
 MAX_UPLOADS_AT_ONCE bodies over http.max_body_bytes are read at once (`UploadSlots`: the
-supervisor's memory stays bounded however many clients upload), but it is never decoded
+supervisor's memory stays bounded however many clients upload; at most
+MAX_UPLOADS_PER_CLIENT of them one client's), but it is never decoded
 here: the audio is decoded and checked in the encoder process
 (`Encoder.read_prompt`), and bad audio gets the drop folder's prompt_audio codes, with the
 field named as this API names it (`audio`). Keys and rate limits are those of speech.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ TEXT_PARTS = ("name", "text", "language", "type", "consent")  # type, consent: O
 UPLOAD_TYPE = "audio_sample"  # OpenAI's other type, "prompt", designs a voice from words
 MAX_TEXT_PART_BYTES = 16 << 10  # a name, a transcript or a language tag
 MAX_UPLOADS_AT_ONCE = 4  # so at most 4 x http.max_upload_bytes of uploads in memory
+MAX_UPLOADS_PER_CLIENT = 2  # and one client (a key, or an address without keys) 2 of them
 BUSY_RETRY_S = 2
 CLONE_FIELDS = ("audio", "text")
 # The store's field names -> this API's, in errors.
@@ -72,24 +75,35 @@ class Host(Protocol):
 
 
 class UploadSlots:
-    """Bodies over http.max_body_bytes being read at once (on the loop thread only)."""
+    """Bodies over http.max_body_bytes being read at once (on the loop thread only): at
+    most `size` in all, and `per_client` of one client's, so one that stalls its uploads
+    does not hold every slot."""
 
-    def __init__(self, size: int = MAX_UPLOADS_AT_ONCE) -> None:
+    def __init__(self, size: int = MAX_UPLOADS_AT_ONCE,
+                 per_client: int = MAX_UPLOADS_PER_CLIENT) -> None:
         self._free = size
+        self._per_client = per_client
+        self._held: collections.Counter[str] = collections.Counter()
 
-    def take(self) -> bool:
-        """A slot, if one is free (then `give` it back when the body is dealt with)."""
-        if self._free <= 0:
+    def take(self, client: str) -> bool:
+        """A slot, if one is free to `client` (then `give` it back when the body is dealt
+        with)."""
+        if self._free <= 0 or self._held[client] >= self._per_client:
             return False
         self._free -= 1
+        self._held[client] += 1
         return True
 
-    def give(self) -> None:
+    def give(self, client: str) -> None:
         self._free += 1
+        self._held[client] -= 1
+        if self._held[client] <= 0:
+            del self._held[client]
 
 
-BUSY_UPLOADING = (f"{MAX_UPLOADS_AT_ONCE} uploads over http.max_body_bytes are being read "
-                  "now; retry in a moment")
+BUSY_UPLOADING = (f"{MAX_UPLOADS_AT_ONCE} uploads over http.max_body_bytes (at most "
+                  f"{MAX_UPLOADS_PER_CLIENT} of one client's) are being read now; retry in a "
+                  "moment")
 
 
 @dataclass(frozen=True)
@@ -217,12 +231,12 @@ class VoiceRoutes:
     async def _register(self, request: web.Request) -> web.StreamResponse:
         identity = self._identify(request)
         self._check_rate(identity, 0)
-        if not self._uploads.take():
+        if not self._uploads.take(identity.client):
             return _Refused("busy", BUSY_UPLOADING, close=True).response()
         try:
             return await self._registered(request, identity)
         finally:
-            self._uploads.give()
+            self._uploads.give(identity.client)
 
     async def _registered(self, request: web.Request, identity: Identity) -> web.Response:
         try:
