@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cosyvoiced.config import HttpConfig, MetricsConfig, WyomingConfig, ZmqConfig
+from tests.daemon import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
@@ -93,6 +94,36 @@ def test_file_limit_has_room_above_the_connection_caps() -> None:
     caps = HttpConfig().max_connections + MetricsConfig().max_connections + \
         WyomingConfig().max_connections + ZmqConfig().max_connections
     assert int(found.group(1)) >= 8 * caps
+
+
+def test_results_and_failed_inputs_age_out_and_jobs_never(tmp_path: Path) -> None:
+    """Submitters cannot delete from outbox/ and failed/, so tmpfiles ages them (30 days);
+    inbox/ and work/ hold jobs not served yet, never aged. tmpfiles counts age from ctime
+    too, which no test can set back: the entries' ages are read as written, and a copy with
+    1 s for 30 days is cleaned for real by `systemd-tmpfiles --clean`."""
+    conf = (UNITS / "cosyvoiced.tmpfiles.conf").read_text()
+    entries = [line.split() for line in conf.splitlines() if line.startswith("d ")]
+    ages = {Path(path).name: age for _type, path, _mode, _user, _group, age in entries}
+    assert ages == {"cosyvoiced": "-", "spool": "-", "inbox": "-", "outbox": "30d",
+                    "failed": "30d", "work": "-"}
+    quick = tmp_path / "quick.conf"  # owned by whoever runs it: no users needed
+    quick.write_text("".join(f"d {path} {mode} - - {'1s' if age == '30d' else age}\n"
+                             for _type, path, mode, _user, _group, age in entries))
+    root = tmp_path / "root"
+    subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(quick)], check=True)
+    spool = root / "var/lib/cosyvoiced/spool"
+    for folder in ("inbox", "outbox", "failed", "work"):
+        (spool / folder / "a-file.txt").write_text("kept or not")
+
+    def cleaned() -> bool:
+        subprocess.run(["systemd-tmpfiles", f"--root={root}", "--clean", str(quick)],
+                       check=True)
+        return not any((spool / folder / "a-file.txt").exists()
+                       for folder in ("outbox", "failed"))
+
+    wait_until(cleaned, 10, "outbox/ and failed/ to be cleaned")
+    assert (spool / "inbox/a-file.txt").exists()
+    assert (spool / "work/a-file.txt").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
