@@ -13,10 +13,12 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,10 +26,17 @@ import openai
 import pytest
 import soundfile
 
+from cosyvoiced import config
+from cosyvoiced.client import Client
+from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, wait_until
 from tests.test_http_limits import _closed_by_peer, _read_response, connected
 
 KEY = "sk-hostile-http-0123456789"
+STREAMS, CPU_WINDOW_S = 400, 5.0
+# The daemon's CPU in the window: 2.2-2.6 s with a board per stream, 0.2 s with one per
+# client (the 2-core machine).
+MAX_CPU_S = 1.0
 TONE = "tone"  # the tone engine's one voice
 BODY_TIMEOUT_S = 1.5
 SEND_TIMEOUT_S = 5.0  # long enough to ask again while an unread reply waits
@@ -315,3 +324,55 @@ def _ended_by_peer(sock: socket.socket, timeout_s: float) -> bool:
         except ConnectionError:
             return True
     return False
+
+
+def _cpu_s(pid: int) -> float:
+    """The process's CPU time so far (user and system, all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_many_console_streams_of_one_key_cost_what_one_does(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """Each /console/events stream asked the supervisor's tick for its own board every
+    second: 400 streams of one viewer key over 200 queued jobs took half a core of the
+    daemon (2.2-2.6 CPU-s in 5 s) and delayed its pings to 230 ms. A client's streams now
+    share one board: 0.2 CPU-s."""
+    (tmp_path / "api_keys").write_text(f"viewer {KEY}\n")
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
+                         http={"listen": f"127.0.0.1:{free_port()}", "console": True,
+                               "api_keys_file": str(tmp_path / "api_keys")},
+                         zmq={"max_pending": 512})  # anonymous clients: half of it
+    daemon.start()
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+        for n in range(200):  # the first holds the one worker; the rest wait in the ledger
+            client.submit(f"Job {n} SLOW@60 waits.")
+    listen = config.load(daemon.config_path).http.listen
+    descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+
+    async def watch() -> float:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def stream() -> None:
+                async with session.get(f"http://{listen}/console/events",
+                                       headers={"Authorization": f"Bearer {KEY}"}) as reply:
+                    assert reply.status == 200
+                    async for _chunk in reply.content.iter_any():
+                        pass
+
+            streams = [asyncio.create_task(stream()) for _ in range(STREAMS)]
+            async with asyncio.timeout(TIMEOUT_S):
+                while len(os.listdir(f"/proc/{pid}/fd")) < descriptors + STREAMS:
+                    await asyncio.sleep(0.1)  # until every stream is connected
+            await asyncio.sleep(1.0)  # ... and has had its first board
+            before = _cpu_s(pid)
+            await asyncio.sleep(CPU_WINDOW_S)  # a window to measure over, not a wait
+            used = _cpu_s(pid) - before
+            for task in streams:
+                task.cancel()
+            return used
+
+    used = asyncio.run(watch())
+    print(f"the daemon used {used:.2f} CPU-s in {CPU_WINDOW_S:g} s for {STREAMS} streams")
+    assert used < MAX_CPU_S, used

@@ -68,6 +68,7 @@ class Console:
         self._host = host
         self._identify = identify  # raises the API's 401 for a missing or wrong key
         self._settings = settings
+        self._boards = _Boards(host)
 
     def add_routes(self, app: web.Application) -> None:
         app.add_routes([
@@ -146,11 +147,7 @@ class Console:
                 lines, seen_line = RING.since(seen_line)
                 if lines:
                     await send.event("log", {"lines": lines})
-            try:
-                state = await self._host.ask(lambda daemon: board.snapshot(daemon, identity))
-            except TimeoutError:
-                state = None  # the tick is busy or stuck: the next round tells
-            text = json.dumps(state) if state is not None else shown
+            text = await self._boards.text(identity) or shown  # None: the tick is busy
             if text != shown:
                 shown = text
                 await send.event("board", text)
@@ -219,6 +216,35 @@ class Console:
             return _refused(404, "not_found", f"job: no job {job_id!r} in progress that this "
                             "key may cancel")
         return web.json_response({"cancelled": job_id})
+
+
+class _Boards:
+    """The board as each client sees it, taken once for all of its event streams within
+    SETTLE_S: a client that opens hundreds of streams costs the supervisor's tick (and this
+    loop's JSON) what one stream does."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        # (owner, admin), all a snapshot depends on -> (when taken, its JSON)
+        self._taken: dict[tuple[str, bool], tuple[float, asyncio.Task[str | None]]] = {}
+
+    async def text(self, identity: Identity) -> str | None:
+        """The board's JSON; None when the tick did not answer in time (busy or stuck)."""
+        now = asyncio.get_running_loop().time()
+        key = (identity.owner, identity.admin)
+        taken = self._taken.get(key)
+        if taken is None or now - taken[0] >= SETTLE_S:
+            self._taken = {k: v for k, v in self._taken.items() if now - v[0] < REFRESH_S}
+            taken = self._taken[key] = (now, asyncio.create_task(self._take(identity)))
+        # Shielded: a stream that ends meanwhile does not cancel the others' snapshot.
+        return await asyncio.shield(taken[1])
+
+    async def _take(self, identity: Identity) -> str | None:
+        try:
+            return json.dumps(await self._host.ask(
+                lambda daemon: board.snapshot(daemon, identity)))
+        except TimeoutError:
+            return None
 
 
 class _Sender:
