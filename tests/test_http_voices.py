@@ -181,12 +181,12 @@ def test_bad_names_bodies_and_sizes_are_refused(daemon: Daemon,
     assert {"bad", "huge", "intruder", "json"}.isdisjoint(voices(client))
 
 
-def _stalled_upload(daemon: Daemon) -> socket.socket:
+def stalled_upload(daemon: Daemon, key: str = KEY) -> socket.socket:
     """A registration whose body never comes: it holds an upload slot."""
     host, port = config.load(daemon.config_path).http.listen.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=10)
     sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                 + KEY.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 + key.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                  b"Content-Length: 100000\r\n\r\n--b\r\n")
     return sock
 
@@ -201,7 +201,7 @@ def test_uploads_read_at_once_are_bounded(daemon: Daemon, client: openai.OpenAI)
         assert status == 415 or caught.value.response.headers["retry-after"]
         return status == 429
 
-    stalled = [_stalled_upload(daemon) for _ in range(MAX_UPLOADS_AT_ONCE)]
+    stalled = [stalled_upload(daemon) for _ in range(MAX_UPLOADS_AT_ONCE)]
     try:
         wait_until(refused_busy, 10, "the fifth upload refused")
     finally:

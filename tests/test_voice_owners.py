@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,15 @@ from cosyvoiced.client import Client, DaemonError
 from cosyvoiced.job import ErrorCode
 from cosyvoiced.voicerules import registration_refusal, removal_refusal
 from tests.daemon import Daemon, free_port, wait_until
-from tests.test_http_voices import TEXT, assert_spoken, recording, refusal, register, speak
+from tests.test_http_voices import (
+    TEXT,
+    assert_spoken,
+    recording,
+    refusal,
+    register,
+    speak,
+    stalled_upload,
+)
 
 ALICE, BOB, ROOT = "sk-alice-0123456789", "sk-bob-0123456789", "sk-root-0123456789"
 MAX_VOICES, PER_CLIENT = 4, 2
@@ -175,16 +182,6 @@ def test_a_prompt_text_longer_than_thirty_seconds_of_speech_is_refused(
         "speakers"]
 
 
-def _stalled_upload(daemon: Daemon, key: str) -> socket.socket:
-    """A registration whose body never comes: it holds an upload slot."""
-    host, port = config.load(daemon.config_path).http.listen.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                 + key.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                 b"Content-Length: 100000\r\n\r\n--b\r\n")
-    return sock
-
-
 def _refused_busy(client: openai.OpenAI) -> bool:
     """A cheap request that takes a slot first: 429 when none is free to it, else 415."""
     with pytest.raises(openai.APIStatusError) as caught:
@@ -197,11 +194,11 @@ def test_one_client_stalling_uploads_leaves_slots_to_the_others(daemon: Daemon) 
     """At most 4 uploads are read at once; one client stalling its own held all 4, and
     every other client's registration got 429. Now a client holds at most 2."""
     alice, bob, root = (_openai(daemon, key) for key in (ALICE, BOB, ROOT))
-    stalled = [_stalled_upload(daemon, ALICE) for _ in range(4)]
+    stalled = [stalled_upload(daemon, ALICE) for _ in range(4)]
     try:
         wait_until(lambda: _refused_busy(alice), 10, "Alice's next upload refused")
         register(bob, "bob", recording(1.0), "Bob gets a slot.")
-        stalled += [_stalled_upload(daemon, BOB) for _ in range(2)]
+        stalled += [stalled_upload(daemon, BOB) for _ in range(2)]
         wait_until(lambda: _refused_busy(root), 10, "every slot held")
     finally:
         for sock in stalled:

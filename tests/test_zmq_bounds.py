@@ -236,36 +236,32 @@ def _dealer(daemon: Daemon, routing_id: bytes) -> zmq.Socket[bytes]:
     return dealer
 
 
-def _running_job(daemon: Daemon) -> str:
-    """The one job running (a local cosyvoicectl's admin token sees every client's)."""
+def _left_mid_job(make_daemon: DaemonFactory, routing_id: bytes) -> tuple[Daemon, str]:
+    """A daemon whose one job (LONG_JOB, running) has a client that closed its socket."""
+    daemon = make_daemon(engine=TONE)
+    daemon.start()
+    dealer = _dealer(daemon, routing_id)
+    dealer.send(_synthesize("long", LONG_JOB))
+    # The job running: a local cosyvoicectl's admin token sees every client's.
     with Client(daemon.endpoint, timeout_s=30, admin_token=daemon.admin_token()) as operator:
         running = wait_until(lambda: operator.stats()["running"], 30, "a job to run")
     assert len(running) == 1, running
-    return str(running[0])
+    dealer.close(linger=0)
+    return daemon, str(running[0])
 
 
 def test_a_client_that_left_has_its_waiting_job_cancelled(make_daemon: DaemonFactory) -> None:
     """A non-streamed job's one reply comes at its end: nothing noticed that its client had
     closed its socket, and the job ran to the end for no one. Now a client that does not
     come back within GONE_GRACE_S has its jobs cancelled."""
-    daemon = make_daemon(engine=TONE)
-    daemon.start()
-    dealer = _dealer(daemon, b"leaver")
-    dealer.send(_synthesize("long", LONG_JOB))
-    job = _running_job(daemon)
-    dealer.close(linger=0)
+    daemon, job = _left_mid_job(make_daemon, b"leaver")
     ended = _job_ended(daemon, job)
     assert ended["outcome"] == "cancelled", ended
     assert any(e["job"] == job for e in daemon.log_events("client_gone"))
 
 
 def test_a_client_back_within_the_grace_keeps_its_job(make_daemon: DaemonFactory) -> None:
-    daemon = make_daemon(engine=TONE)
-    daemon.start()
-    dealer = _dealer(daemon, b"returner")
-    dealer.send(_synthesize("long", LONG_JOB))
-    job = _running_job(daemon)
-    dealer.close(linger=0)
+    daemon, job = _left_mid_job(make_daemon, b"returner")
     # Away for 2 s of the 5 s grace (the scenario, not a wait): the daemon looks for
     # departed clients every second, so it has seen this one leave.
     time.sleep(2.0)
