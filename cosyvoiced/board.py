@@ -91,12 +91,13 @@ class Rights:
     act: bool  # recycle a worker, reload the config
 
 
-def rights(identity: Identity | None, keys_on: bool) -> Rights:
-    """Without API keys the console is the loopback operator's (the listener refuses a
-    public address without keys): everything. With keys, a key sees its own jobs; the log
-    tail and the daemon's buttons need an admin key ([http.keys.NAME] admin = true)."""
+def rights(identity: Identity | None, keys_on: bool, loopback: bool = True) -> Rights:
+    """Without API keys the console is the operator's on loopback: everything. From another
+    address (a listener opened by http.allow_insecure) it is a client's board of its own
+    jobs: a trusted network is still no operator. With keys, a key sees its own jobs; the
+    log tail and the daemon's buttons need an admin key ([http.keys.NAME] admin = true)."""
     if not keys_on:
-        return Rights(view=True, logs=True, act=True)
+        return Rights(view=True, logs=loopback, act=loopback)
     if identity is None:
         return Rights(view=False, logs=False, act=False)
     return Rights(view=True, logs=identity.admin, act=identity.admin)

@@ -6,10 +6,12 @@ it), else to the test's temp directory."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -398,3 +400,41 @@ def test_the_console_serves_only_its_own_files_and_can_be_turned_off(
     assert _get(off, "") == 404
     assert _get(off, "console/events") == 404
     assert _get(off, "healthz") == 200
+
+
+def _lan_address() -> str:
+    """This host's address on its network (no packet is sent: a UDP socket's route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+        except OSError:
+            pytest.skip("this host has no IPv4 route off loopback")
+        address = str(probe.getsockname()[0])
+    if ipaddress.ip_address(address).is_loopback:
+        pytest.skip("this host has no IPv4 address off loopback")
+    return address
+
+
+def _ask(url: str, data: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return int(error.code), json.loads(error.read())
+
+
+def test_without_keys_only_loopback_is_the_operator(make_daemon: DaemonFactory) -> None:
+    """http.allow_insecure opens a listener without keys to the network; its console gave
+    every host there the operator's rights: the log tail, recycling workers, reloading."""
+    address = _lan_address()
+    port = free_port()
+    _daemon(make_daemon, http={"listen": f"0.0.0.0:{port}", "allow_insecure": True})
+    for host, operator in (("127.0.0.1", True), (address, False)):
+        status, session = _ask(f"http://{host}:{port}/console/session")
+        assert status == 200
+        assert (session["view"], session["logs"], session["act"]) == \
+            (True, operator, operator), host
+    status, refused = _ask(f"http://{address}:{port}/console/reload", b"{}")
+    assert (status, refused["error"]["code"]) == (403, "forbidden")

@@ -12,6 +12,7 @@ Keys are the API's: with http.api_keys_file set, the stream and the actions need
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from collections.abc import Callable
 from importlib import resources
@@ -55,6 +56,13 @@ class Host(Protocol):
     async def read_body(self, request: web.Request, limit: int, setting: str) -> bytes: ...
 
 
+def _from_loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
 def _refused(status: int, code: str, message: str) -> web.Response:
     """An OpenAI-shaped error, as the API's."""
     return web.json_response({"error": {"message": message, "type": "invalid_request_error"
@@ -92,7 +100,9 @@ class Console:
     def _who(self, request: web.Request) -> tuple[Identity, board.Rights]:
         """The asker and its rights; a missing or wrong key is the API's 401."""
         if not self._keys_on():
-            return board.OPERATOR, board.rights(None, keys_on=False)
+            if _from_loopback(request):
+                return board.OPERATOR, board.rights(None, keys_on=False)
+            return self._identify(request), board.rights(None, keys_on=False, loopback=False)
         identity = self._identify(request)
         return identity, board.rights(identity, keys_on=True)
 
