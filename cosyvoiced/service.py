@@ -445,9 +445,8 @@ class Service:
         refusal = self.registration_refusal(identity, name, prompt_text, language)
         if refusal is not None:
             return refusal
-        owner = self.speakers.owners().get(name, identity.voice_owner)
         try:
-            self.speakers.store(name, prompt_text, audio_flac, language, owner)
+            self.speakers.store(name, prompt_text, audio_flac, language, identity.voice_owner)
         except OSError as error:
             log.error("voice_store_failed", voice=name, error=str(error))
             return JobError(ErrorCode.INTERNAL, f"the voice could not be stored: {error}")
@@ -501,4 +500,3 @@ class Service:
 def _prompt_name(job_id: str) -> str:
     """What a ZeroMQ job's prompt audio is called, as if it had been dropped in the inbox."""
     return f"{job_id}.prompt"
-

@@ -134,16 +134,16 @@ class SpeakerStore:
 
     def store(self, name: str, prompt_text: str, audio_flac: bytes, language: str = "",
               owner: str = "") -> None:
-        """Register (or replace) `name` from audio already `prepare`d; raises `JobFailure`
-        for a bad name, text or language."""
+        """Register `name`, owned by `owner`, or replace it (keeping its owner) from audio
+        already `prepare`d; raises `JobFailure` for a bad name, text or language."""
         check_name(name)
+        entries = self._entries()
         entry = {"prompt_text": check_prompt_text(prompt_text),
                  "audio_flac": base64.b64encode(audio_flac).decode("ascii"),
                  "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "owner": owner}
+                 "owner": entries[name].get("owner", "") if name in entries else owner}
         if check_language(language):
             entry["language"] = language
-        entries = self._entries()
         entries[name] = entry
         self._write(entries)
 

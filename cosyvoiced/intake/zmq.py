@@ -378,7 +378,8 @@ class _SocketThread(threading.Thread):
         client = frames[0]
         route, body = split_envelope(frames)
         header = _reply_header(body)
-        event, final = header.get("event"), header.get("event") not in NON_FINAL_EVENTS
+        event = header.get("event")
+        final = event not in NON_FINAL_EVENTS
         # A cut is its job's, not every request of that id: ids are the client's to choose,
         # and may repeat. (A reply about a job, `status` or `cancel`, has an id of its own.)
         cut = (header.get("job"), header.get("id"))
