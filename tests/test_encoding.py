@@ -267,7 +267,9 @@ def test_a_codec_that_refuses_fails_the_stream_not_the_child(encoder: Encoder) -
 
 
 def test_a_hung_child_is_killed_and_its_file_retried(tmp_path: Path, woken: Woken) -> None:
-    encoder = Encoder(woken.wake, step_timeout_s=1.0)
+    # The retry's clock runs from its send, through the new child's start (0.5 s idle on
+    # 2 cores; 1 s was seen to run out under the whole suite's load).
+    encoder = Encoder(woken.wake, step_timeout_s=4.0)
     encoder.start()
     try:
         encoder.submit("stuck", tone(150), RATE, "ogg")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import soundfile
@@ -174,3 +176,37 @@ def test_a_flood_of_files_leaves_the_supervisor_answering(daemon: Daemon) -> Non
     ended = len(daemon.log_events("job")) - ended_before  # read after: never too few
     # Queued, and those in hand (a worker may take a few ahead), but not the whole flood.
     assert queued - ended <= MAX_QUEUED_DROPS + CLAIMS_PER_TICK, (queued, ended)
+
+
+def _inotify_queue_limit() -> int:
+    with open("/proc/sys/fs/inotify/max_queued_events") as limit:
+        return int(limit.read())
+
+
+def test_an_overflowed_inotify_queue_is_rescanned_and_the_watch_lives_on(
+        tmp_path: Path) -> None:
+    """More events than the kernel queues while the daemon is stopped: the job whose event
+    was lost is found by the rescan the overflow asks for (the periodic one is an hour
+    away), and the inotify thread lives on to see the next drop."""
+    events = _inotify_queue_limit() + 2000  # a file made and closed: 2 events
+    if events > 300_000:
+        pytest.skip(f"an inotify queue of {events} events takes too long to fill")
+    daemon = Daemon(tmp_path, engine=TONE, spool={"rescan_interval_s": 3600})
+    daemon.start()
+    try:
+        assert daemon.process is not None
+        os.kill(daemon.process.pid, signal.SIGSTOP)
+        try:
+            for n in range(events // 2):
+                (daemon.inbox / f".junk-{n}").touch()
+            daemon.drop("lost-event.txt", "Found by the rescan.")
+        finally:
+            os.kill(daemon.process.pid, signal.SIGCONT)
+        wait_until(lambda: daemon.log_events("inbox_events_overflow"), 60, "the overflow")
+        assert daemon.wait_done("lost-event.txt")["chars"] == len("Found by the rescan.")
+        daemon.drop("seen-by-the-watch.txt", "Still watched.")
+        daemon.wait_done("seen-by-the-watch.txt", timeout_s=30)
+        assert not daemon.log_events("intake_died")
+        assert daemon.process.poll() is None
+    finally:
+        daemon.stop()

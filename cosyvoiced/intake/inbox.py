@@ -95,6 +95,11 @@ class _InboxWatch:
 
     def on_queue_overflow(self) -> None:
         log.warning("inbox_events_overflow", message="inotify queue overflowed; rescanning")
+        self._inbox.request_rescan()  # watchdog before 7.1.1 calls only this one
+
+    def on_events_lost(self) -> None:
+        """watchdog 7.1.1 and later: every watch has recovered, so a rescan sees them all.
+        A callback without it kills the inotify thread on the first overflow."""
         self._inbox.request_rescan()
 
 
