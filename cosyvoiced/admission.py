@@ -14,6 +14,9 @@ from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.job import ErrorCode, JobError
 
+MAX_UPLOADS_AT_ONCE = 4  # so at most 4 uploads (http.max_upload_bytes each) in memory
+MAX_UPLOADS_PER_CLIENT = 2  # and one client (a key, or an address without keys) 2 of them
+
 
 class Queue(Protocol):
     """What admission reads of the ledger."""
@@ -88,3 +91,31 @@ def unknown_voice(voice: Any, voices: list[VoiceInfo]) -> JobError | None:
         return None
     return JobError(ErrorCode.UNKNOWN_VOICE, f"voice: {voice!r} is not available; choose "
                     f"one of: {', '.join(names)}", "voice")
+
+
+class UploadSlots:
+    """Voice uploads in hand at once (one thread's): at most `size` in all, and `per_client`
+    of one client's (`Identity.client`), so one that stalls or floods its uploads does not
+    hold every slot. HTTP holds one while it reads a body over http.max_body_bytes, ZeroMQ
+    while the encoder process decodes a `register_voice`'s audio."""
+
+    def __init__(self, size: int = MAX_UPLOADS_AT_ONCE,
+                 per_client: int = MAX_UPLOADS_PER_CLIENT) -> None:
+        self._free = size
+        self._per_client = per_client
+        self._held: Counter[str] = Counter()
+
+    def take(self, client: str) -> bool:
+        """A slot, if one is free to `client` (then `give` it back when the body is dealt
+        with)."""
+        if self._free <= 0 or self._held[client] >= self._per_client:
+            return False
+        self._free -= 1
+        self._held[client] += 1
+        return True
+
+    def give(self, client: str) -> None:
+        self._free += 1
+        self._held[client] -= 1
+        if self._held[client] <= 0:
+            del self._held[client]

@@ -4,17 +4,22 @@ never finish their handshake."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import shutil
 import signal
 import socket
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import soundfile
 import structlog
 import zmq
 
@@ -28,6 +33,7 @@ from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, bounded, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
+CLONING = {"name": "tests.engines.faulty:cloning"}
 DEEP_HEADER = b"[" * 30000 + b"]" * 30000
 # Python refuses to turn more than 4300 digits into an int: a ValueError, not a JSON error.
 HUGE_NUMBER = b'{"v": 1, "op": "ping", "id": "n", "n": ' + b"7" * 5000 + b"}"
@@ -319,3 +325,178 @@ def test_connections_over_max_connections_are_refused_until_some_leave(
     finally:
         for sock in sockets:
             sock.close(linger=0)
+
+
+# -- one client's flood of requests ---------------------------------------------------------
+FLOOD = 20_000  # `stats` requests: 0.25 ms or more of the supervisor's time each; 0.01 ms
+# to send
+
+
+def _flood(endpoint: str, requests: int) -> zmq.Socket[bytes]:
+    """A DEALER that pipelines `requests` requests without waiting for any reply (libzmq
+    holds what the daemon has not read yet; the caller closes it)."""
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.SNDHWM, 0)
+    dealer.connect(endpoint)
+    for n in range(requests):
+        dealer.send(json.dumps({"v": 1, "op": "stats", "id": f"f{n}"}).encode())
+    return dealer
+
+
+def _longest_gap(times: list[float], since: float) -> float:
+    after = [at for at in times if at >= since]
+    return max((later - earlier for earlier, later in itertools.pairwise(after)), default=0.0)
+
+
+def test_a_client_pipelining_thousands_of_requests_holds_neither_the_tick_nor_others(
+        make_daemon: DaemonFactory) -> None:
+    """The socket thread reads requests only while few wait, and the tick answers a bounded
+    number, so WATCHDOG=1 keeps its beat and another client's ping is read in its turn,
+    not behind the flood. (The old code passed this too, the GIL sharing its two threads
+    fairly enough; the bounds themselves are the next tests'.)"""
+    daemon = make_daemon(engine=TONE)
+    daemon.start(extra_env={"WATCHDOG_USEC": "1000000"})
+    assert daemon.notify is not None
+    flooded_at = time.monotonic()
+    flooder = _flood(daemon.endpoint, FLOOD)
+    try:
+        assert flooder.poll(30_000), "the flood gets no answer"
+        with Client(daemon.endpoint, timeout_s=30, retries=0) as other:
+            answered_in = bounded(other.ping, 30)
+        # Half the flood answered at least, while the watchdog's beat is watched.
+        answered = 0
+        while answered < FLOOD // 2 and flooder.poll(30_000):
+            flooder.recv_multipart()
+            answered += 1
+        gap = _longest_gap(daemon.notify.times("WATCHDOG=1"), flooded_at)
+    finally:
+        flooder.close(linger=0)
+    assert answered >= FLOOD // 2
+    assert answered_in < 2.0, f"a ping waited {answered_in:.1f} s behind another's flood"
+    assert gap < 2.0, f"WATCHDOG=1 paused {gap:.1f} s (WatchdogSec=30 in the unit)"
+    assert daemon.process is not None
+    assert daemon.process.poll() is None
+
+
+BIG = 4 << 20  # bytes: a ping with an attachment it may not have (the supervisor refuses it)
+BIG_REQUESTS = 150  # 600 MiB pipelined behind the flood
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_the_socket_thread_hands_over_inbound_room_and_a_tick_answers_a_bounded_number(
+        endpoint: str) -> None:
+    intake = zmq_intake.ZmqIntake(ZmqConfig(bind=[endpoint]), lambda: Limits(100, "wav"),
+                                  lambda: None)
+    intake.start()
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(endpoint)
+        sent = 3 * zmq_intake.INBOUND_ROOM
+        for n in range(sent):
+            dealer.send(json.dumps({"v": 1, "op": "ping", "id": f"p{n}"}).encode())
+        wait_until(lambda: len(intake._inbound) == zmq_intake.INBOUND_ROOM, 10,
+                   "the socket thread to hand over as many as there is room for")
+        answered = 0
+        while answered < sent:
+            intake.handle_inbound(_Service())  # type: ignore[arg-type]
+            for _ in range(zmq_intake.REQUESTS_PER_TICK):
+                assert dealer.poll(10_000), "a tick answered fewer than it had"
+                assert json.loads(dealer.recv_multipart()[0])["event"] == "pong"
+                answered += 1
+            assert not dealer.poll(300), "a tick answered more than REQUESTS_PER_TICK"
+            if answered < sent:
+                wait_until(lambda: intake._inbound, 10, "the socket thread to read on")
+    finally:
+        dealer.close(linger=0)
+        bounded(intake.stop, STOP_BOUND_S)
+
+
+def test_big_requests_pipelined_behind_a_flood_wait_in_the_senders_memory(
+        make_daemon: DaemonFactory) -> None:
+    """While the supervisor works through one client's flood, another pipelines 600 MiB:
+    the daemon holds RCVHWM of them in libzmq and INBOUND_BYTES for the supervisor, and
+    the rest wait in the sender (the old code read them as they came: its peak grew
+    121 MiB)."""
+    daemon = make_daemon(engine=TONE)
+    daemon.start()
+    assert daemon.process is not None
+    with Client(daemon.endpoint, timeout_s=30, retries=0) as client:
+        client.ping()
+    before = _peak_rss_bytes(daemon.process.pid)
+    flooder = _flood(daemon.endpoint, FLOOD)
+    heavy: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    heavy.setsockopt(zmq.LINGER, 0)
+    heavy.setsockopt(zmq.SNDHWM, 0)
+    try:
+        heavy.connect(daemon.endpoint)
+        attachment = zmq.Frame(b"\0" * BIG)
+        for n in range(BIG_REQUESTS):
+            heavy.send_multipart([json.dumps({"v": 1, "op": "ping", "id": f"b{n}"}).encode(),
+                                  attachment], copy=False)
+        refused = 0
+        while refused < BIG_REQUESTS and heavy.poll(60_000):
+            reply = json.loads(heavy.recv_multipart()[0])
+            assert (reply["event"], reply["code"]) == ("error", "bad_request")
+            refused += 1
+    finally:
+        flooder.close(linger=0)
+        heavy.close(linger=0)
+    assert refused == BIG_REQUESTS
+    grown = _peak_rss_bytes(daemon.process.pid) - before
+    assert grown < 64 << 20, f"the daemon's peak grew {grown >> 20} MiB"  # 20-24 MiB now
+
+
+# -- one client's flood of voice uploads ----------------------------------------------------
+UPLOADS = 48  # register_voice requests pipelined, 8.5 MB of audio each: 400 MB in all
+
+
+def _long_recording() -> bytes:
+    """25 s of stereo float WAV at 44.1 kHz: within the 1-30 s a prompt may be, and heavy."""
+    seconds, rate = 25.0, 44100
+    times = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * times)).astype(np.float32)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.stack([tone, tone], axis=1), rate, format="WAV",
+                    subtype="FLOAT")
+    return buffer.getvalue()
+
+
+def test_voice_uploads_pipelined_wait_for_a_decode_slot(make_daemon: DaemonFactory) -> None:
+    """A client that pipelines dozens of register_voice gets 2 of the 4 decode slots and
+    `busy` for the rest: the encoder's queue held every upload (on the old code the
+    daemon's peak grew by 300-400 MB)."""
+    daemon = make_daemon(engine=CLONING)
+    daemon.start()
+    assert daemon.process is not None
+    before = _peak_rss_bytes(daemon.process.pid)
+    uploader: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    uploader.setsockopt(zmq.LINGER, 0)
+    uploader.setsockopt(zmq.SNDHWM, 0)
+    try:
+        uploader.connect(daemon.endpoint)
+        audio = zmq.Frame(_long_recording())
+        for n in range(UPLOADS):
+            uploader.send_multipart([json.dumps({
+                "v": 1, "op": "register_voice", "id": f"u{n}", "name": f"v{n % 4}",
+                "prompt_text": "A heavy voice."}).encode(), audio], copy=False)
+        replies: Counter[str] = Counter()
+        while sum(replies.values()) < UPLOADS and uploader.poll(60_000):
+            reply = json.loads(uploader.recv_multipart()[0])
+            replies[reply.get("code", reply["event"])] += 1
+    finally:
+        uploader.close(linger=0)
+    assert replies["busy"] + replies["voice_registered"] == UPLOADS, replies
+    assert replies["voice_registered"] >= 2
+    grown = _peak_rss_bytes(daemon.process.pid) - before
+    assert grown < 200 << 20, f"the daemon's peak grew {grown >> 20} MiB"  # 100 MiB now
+    with Client(daemon.endpoint, timeout_s=30, retries=0) as client:
+        assert client.register_voice("after", _long_recording(), "Room again.")["name"] == \
+            "after"

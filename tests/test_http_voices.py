@@ -30,8 +30,8 @@ from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeVoice
 
 from cosyvoiced import config
+from cosyvoiced.admission import MAX_UPLOADS_AT_ONCE
 from cosyvoiced.client import Client
-from cosyvoiced.intake.voices import MAX_UPLOADS_AT_ONCE
 from tests.daemon import Daemon, free_port, wait_until
 from tests.engines.faulty import SAMPLE_RATE, SECONDS_PER_CHAR
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 
-from cosyvoiced import clients, logs
+from cosyvoiced import admission, clients, logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import HttpConfig, read_api_keys
 from cosyvoiced.encoding import EncodeFailed, Encoder, EncoderStream
@@ -256,7 +256,7 @@ class HttpIntake(ReplyIntake):
         self._keys = _Keys()
         self._encoder = encoder
         self._limiter = clients.RateLimiter()  # on the loop thread only
-        self._uploads = voices.UploadSlots()  # bodies over max_body_bytes (loop thread only)
+        self._uploads = admission.UploadSlots()  # bodies over max_body_bytes (loop thread only)
         self._next_forget = 0.0
         self._runner: web.AppRunner | None = None
         self._listening: asyncio.AbstractServer | None = None

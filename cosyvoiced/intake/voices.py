@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from cosyvoiced import logs
+from cosyvoiced.admission import MAX_UPLOADS_AT_ONCE, MAX_UPLOADS_PER_CLIENT, UploadSlots
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import HttpConfig
 from cosyvoiced.encoding import Encoder
@@ -52,8 +52,6 @@ AUDIO_PARTS = ("audio", "audio_sample")  # ours, and OpenAI's name for it
 TEXT_PARTS = ("name", "text", "language", "type", "consent")  # type, consent: OpenAI's
 UPLOAD_TYPE = "audio_sample"  # OpenAI's other type, "prompt", designs a voice from words
 MAX_TEXT_PART_BYTES = 16 << 10  # a name, a transcript or a language tag
-MAX_UPLOADS_AT_ONCE = 4  # so at most 4 x http.max_upload_bytes of uploads in memory
-MAX_UPLOADS_PER_CLIENT = 2  # and one client (a key, or an address without keys) 2 of them
 BUSY_RETRY_S = 2
 CLONE_FIELDS = ("audio", "text")
 # The store's field names -> this API's, in errors.
@@ -72,33 +70,6 @@ class Host(Protocol):
     async def ask(self, question: Callable[[Service], T], timeout_s: float = ...) -> T: ...
 
     async def expect_continue(self, request: web.Request) -> web.StreamResponse | None: ...
-
-
-class UploadSlots:
-    """Bodies over http.max_body_bytes being read at once (on the loop thread only): at
-    most `size` in all, and `per_client` of one client's, so one that stalls its uploads
-    does not hold every slot."""
-
-    def __init__(self, size: int = MAX_UPLOADS_AT_ONCE,
-                 per_client: int = MAX_UPLOADS_PER_CLIENT) -> None:
-        self._free = size
-        self._per_client = per_client
-        self._held: collections.Counter[str] = collections.Counter()
-
-    def take(self, client: str) -> bool:
-        """A slot, if one is free to `client` (then `give` it back when the body is dealt
-        with)."""
-        if self._free <= 0 or self._held[client] >= self._per_client:
-            return False
-        self._free -= 1
-        self._held[client] += 1
-        return True
-
-    def give(self, client: str) -> None:
-        self._free += 1
-        self._held[client] -= 1
-        if self._held[client] <= 0:
-            del self._held[client]
 
 
 BUSY_UPLOADING = (f"{MAX_UPLOADS_AT_ONCE} uploads over http.max_body_bytes (at most "

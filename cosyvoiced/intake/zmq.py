@@ -7,8 +7,9 @@ Two threads share the work and never wait on each other or on synthesis:
 - the supervisor's thread answers ops and routes each job's events to its requester.
 A reply that cannot be routed (the client went away) is reported back, and that client's
 jobs are cancelled. What one peer can make the supervisor hold is bounded (zmq_peers.py):
-the reply bytes it has not taken (zmq.max_buffered_bytes), and its connection once it is
-idle (zmq.idle_timeout_s).
+the reply bytes it has not taken (zmq.max_buffered_bytes), its connection once it is idle
+(zmq.idle_timeout_s), and the requests it sent that are not answered yet: INBOUND_ROOM wait
+for the supervisor, which answers REQUESTS_PER_TICK a tick, and RCVHWM in libzmq.
 
 The socket thread reads bytes from anyone who can connect: whatever one message does to it,
 that message gets an error reply and the thread goes on. Should the thread die anyway,
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +37,13 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from cosyvoiced import __version__, audio, clients, logs
-from cosyvoiced.admission import InFlight, PerClient
+from cosyvoiced.admission import (
+    MAX_UPLOADS_AT_ONCE,
+    MAX_UPLOADS_PER_CLIENT,
+    InFlight,
+    PerClient,
+    UploadSlots,
+)
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
 from cosyvoiced.engines import VoiceInfo
@@ -45,6 +51,7 @@ from cosyvoiced.intake.service import IntakeService
 from cosyvoiced.intake.zmq_peers import (
     NON_FINAL_EVENTS,
     Departures,
+    Handoff,
     Outbox,
     Peers,
     reply_fits,
@@ -90,6 +97,15 @@ _DROP = b"drop"
 REFUSED_LOG_INTERVAL_S = 10.0
 ZAP_DOMAIN = "cosyvoiced"  # every connection is authenticated (ZAP) in this domain
 _BATCH = 256  # messages handled per socket per poll round, so neither side starves
+# Requests waiting for the supervisor, at most (and their bytes, but one always fits). Past
+# this the socket thread reads no more: the rest wait in libzmq's queue of each peer (RCVHWM
+# messages), then in the peer's own, and libzmq reads those queues round-robin, so a client
+# that pipelines thousands of requests waits behind itself, not ahead of the others.
+INBOUND_ROOM = 64
+INBOUND_BYTES = 32 << 20
+RCVHWM = 4
+REQUESTS_PER_TICK = 64  # then the tick goes on to workers and the watchdog, and comes back
+_FULL_POLL_MS = 10  # how soon a socket thread that stopped reading looks for room again
 _MONITOR_DRAIN_MS = 1000  # the socket thread reads connection events at least this often
 STOP_TIMEOUT_S = 5.0  # for the socket thread to flush the last replies and end
 _ROUTER_FLUSH_MS = 1000  # how long closing the ROUTER may spend sending the last replies
@@ -104,6 +120,9 @@ _IDLE_CHECK_S = 1.0  # how often peers are checked for zmq.idle_timeout_s
 # its jobs (libzmq reconnects after 100 ms); then they are cancelled.
 GONE_GRACE_S = 5.0
 _MOST_DEPARTED = 4096  # routing ids waiting out the grace; past it, the oldest is gone
+
+BUSY_DECODING = (f"{MAX_UPLOADS_AT_ONCE} voices' audio (at most {MAX_UPLOADS_PER_CLIENT} "
+                 "of one client's) are being decoded now; retry once one is answered")
 
 log = logs.get_logger("cosyvoiced.intake.zmq")
 
@@ -264,7 +283,7 @@ class _Route:
 
 class _SocketThread(threading.Thread):
     def __init__(self, router: zmq.Socket[bytes], replies: zmq.Socket[bytes],  # noqa: PLR0917
-                 limits: Callable[[], WireLimits], inbound: queue.SimpleQueue[Inbound],
+                 limits: Callable[[], WireLimits], inbound: Handoff[Inbound],
                  wake: Callable[[], None], connections: _Connections,
                  curve: bool, *, settings: Callable[[], ZmqConfig]) -> None:
         super().__init__(name="zmq-socket", daemon=True)
@@ -300,7 +319,9 @@ class _SocketThread(threading.Thread):
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
         while True:
-            ready = dict(poller.poll(_MONITOR_DRAIN_MS))
+            room = self._inbound.has_room()
+            poller.modify(self._router, zmq.POLLIN if room else 0)
+            ready = dict(poller.poll(_MONITOR_DRAIN_MS if room else _FULL_POLL_MS))
             self._connections.drain()
             for client in self._connections.take_left():
                 self._outbox.forget(client)
@@ -313,6 +334,8 @@ class _SocketThread(threading.Thread):
 
     def _take_requests(self) -> None:
         for _ in range(_BATCH):
+            if not self._inbound.has_room():
+                return
             try:
                 message = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -323,14 +346,15 @@ class _SocketThread(threading.Thread):
                     peers.heard(_source_fd(message[0]), frames[0], time.monotonic())
                 self._departures.back(frames[0])
                 # A user id is a CURVE key only with CURVE on (ZAP names NULL peers too).
-                self._take(frames, _user_id(message[-1]) if self._curve else None)
+                self._take(frames, _user_id(message[-1]) if self._curve else None,
+                           sum(len(frame) for frame in frames))
             except Exception:  # one message must not end the thread
                 log.error("zmq_message_failed", frames=len(frames), exc_info=True)
                 self._send(error_reply(split_envelope(frames)[0], ProtocolError(
                     WireCode.INTERNAL, "the request could not be handled (an internal error; "
                     "it is logged)")))
 
-    def _take(self, frames: list[bytes], user: str | None) -> None:
+    def _take(self, frames: list[bytes], user: str | None, size: int) -> None:
         route, body = split_envelope(frames)
         try:
             request = parse(route, body, self._limits())
@@ -339,7 +363,7 @@ class _SocketThread(threading.Thread):
             return
         if self._refused_unread(request):
             return
-        self._inbound.put(replace(request, user=user))
+        self._inbound.put(replace(request, user=user), size)
         self._wake()
 
     def _refused_unread(self, request: Request) -> bool:
@@ -447,7 +471,7 @@ class _SocketThread(threading.Thread):
                     peer.asked = now  # its DISCONNECTED removes it; until then, once
         if dropped:
             log.info("zmq_idle_peers_dropped", count=dropped, idle_timeout_s=timeout_s)
-        if not self._inbound.empty():
+        if self._inbound:
             self._wake()
 
     def _give_up(self, clients: list[bytes]) -> None:
@@ -483,6 +507,7 @@ def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) ->
     router.setsockopt(zmq.ROUTER_HANDOVER, 0 if settings.curve else 1)
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.SNDHWM, SNDHWM)
+    router.setsockopt(zmq.RCVHWM, RCVHWM)
     # Bigger than the app-level limits (the header's too: it may be the larger) so oversized
     # frames get an error reply; far bigger ones cost the sender its connection rather than
     # our memory.
@@ -516,7 +541,8 @@ class ZmqIntake:
         self._limits = limits
         self._wake = wake
         self._read_prompt = read_prompt
-        self._inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self._decoding = UploadSlots()  # register_voice audio in the encoder (this thread)
+        self._inbound: Handoff[Inbound] = Handoff(INBOUND_ROOM, INBOUND_BYTES)
         self._routes: dict[str, _Route] = {}  # job id -> requester, for reply jobs
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._auth: _Gate | None = None
@@ -595,31 +621,36 @@ class ZmqIntake:
                                        location=self.settings.authorized_keys_dir)
 
     def inbound(self) -> Iterator[Inbound]:
-        while True:
-            try:
-                yield self._inbound.get_nowait()
-            except queue.Empty:
-                return
+        while (message := self._inbound.take()) is not None:
+            yield message
 
     def handle_inbound(self, service: Service) -> None:
         """The requests the socket thread took, and the clients it found gone (their jobs
-        are cancelled), on the supervisor's thread, as every intake does."""
-        for message in self.inbound():
-            if isinstance(message, Request):
-                self.handle(message, service)
-            elif isinstance(message, PromptRead):
-                self.handle(message.request, service, message.prepared)
-            elif isinstance(message, ClientTooSlow):
-                log.warning("client_too_slow", job=message.job, source=SOURCE,
-                            max_buffered_bytes=self.settings.max_buffered_bytes)
-                if message.job in self.jobs_of(message.client):
-                    service.cancel(message.job)
-            elif isinstance(message, IdlePeer):
-                self._drop_if_idle(message.client)
-            else:
-                for job_id in self.jobs_of(message.client):
-                    log.info("client_gone", job=job_id)
-                    service.cancel(job_id)
+        are cancelled), on the supervisor's thread, as every intake does: REQUESTS_PER_TICK
+        at most, so that a flood never holds the tick (and WATCHDOG=1) for long."""
+        for handled, message in enumerate(self.inbound(), start=1):
+            self._handle_message(message, service)
+            if handled == REQUESTS_PER_TICK:
+                if self._inbound:
+                    self._wake()  # the next tick takes the rest
+                return
+
+    def _handle_message(self, message: Inbound, service: Service) -> None:
+        if isinstance(message, Request):
+            self.handle(message, service)
+        elif isinstance(message, PromptRead):
+            self.handle(message.request, service, message.prepared)
+        elif isinstance(message, ClientTooSlow):
+            log.warning("client_too_slow", job=message.job, source=SOURCE,
+                        max_buffered_bytes=self.settings.max_buffered_bytes)
+            if message.job in self.jobs_of(message.client):
+                service.cancel(message.job)
+        elif isinstance(message, IdlePeer):
+            self._drop_if_idle(message.client)
+        else:
+            for job_id in self.jobs_of(message.client):
+                log.info("client_gone", job=job_id)
+                service.cancel(job_id)
 
     def _drop_if_idle(self, client: bytes) -> None:
         """An idle peer with no job in flight is dropped (by the socket thread)."""
@@ -656,6 +687,7 @@ class ZmqIntake:
         `prepared`: a voice to register, back from the encoder process."""
         try:
             if prepared is not None:
+                self._decoding.give(self._identity(request, service).client)
                 self._store_voice(request, service, prepared)
                 return
             _check_attachments(request)
@@ -726,6 +758,8 @@ class ZmqIntake:
         if self._read_prompt is None:
             raise ProtocolError(WireCode.INTERNAL, "voices cannot be registered here (no "
                                 "encoder process)", request.id)
+        if not self._decoding.take(identity.client):
+            raise ProtocolError(WireCode.BUSY, BUSY_DECODING, request.id)
         # Decoded in the encoder process, never here; answered when it is done.
         prepared = self._read_prompt(request.attachments[0])
         prepared.add_done_callback(lambda done: self._put_back(PromptRead(request, done)))

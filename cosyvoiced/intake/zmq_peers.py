@@ -1,5 +1,6 @@
 """What the ZeroMQ socket thread knows of each peer: the reply bytes libzmq still holds for it
-(`Outbox`), and its connection, when it was last heard from and how to drop it (`Peers`).
+(`Outbox`), and its connection, when it was last heard from and how to drop it (`Peers`);
+and what it has handed the supervisor's thread and how much that weighs (`Handoff`).
 
 libzmq says neither when a peer took a message nor which connection is whose, and a ROUTER
 cannot close one peer. So:
@@ -19,8 +20,10 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import zmq
 
@@ -29,6 +32,7 @@ import zmq
 NON_FINAL_EVENTS = frozenset({"start", "chunk", "timing"})
 # What a reply's drop cuts short: its (job, request id); a reply of no job, its request's.
 Cut = tuple[object, object]
+Message = TypeVar("Message")
 
 
 def reply_fits(buffered: int, size: int, limit: int) -> bool:
@@ -95,6 +99,39 @@ class Outbox:
         self._held.pop(client, None)
         self._bytes.pop(client, None)
         self._failed.pop(client, None)
+
+
+class Handoff(Generic[Message]):
+    """Messages from the socket thread to the supervisor's thread, in order (thread-safe).
+    The socket thread reads requests only while there is room: what waits past that stays
+    in libzmq's queue of its peer (ZMQ_RCVHWM messages), then in the peer's own."""
+
+    def __init__(self, most: int, most_bytes: int) -> None:
+        self._most, self._most_bytes = most, most_bytes
+        self._waiting: deque[tuple[Message, int]] = deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, message: Message, size: int = 0) -> None:
+        with self._lock:
+            self._waiting.append((message, size))
+            self._bytes += size
+
+    def take(self) -> Message | None:
+        with self._lock:
+            if not self._waiting:
+                return None
+            message, size = self._waiting.popleft()
+            self._bytes -= size
+            return message
+
+    def has_room(self) -> bool:
+        """Room for one more request; one alone always fits, whatever it weighs."""
+        with self._lock:
+            return len(self._waiting) < self._most and self._bytes < self._most_bytes
+
+    def __len__(self) -> int:
+        return len(self._waiting)
 
 
 class Departures:
