@@ -761,7 +761,11 @@ class ZmqIntake:
         if not self._decoding.take(identity.client):
             raise ProtocolError(WireCode.BUSY, BUSY_DECODING, request.id)
         # Decoded in the encoder process, never here; answered when it is done.
-        prepared = self._read_prompt(request.attachments[0])
+        try:
+            prepared = self._read_prompt(request.attachments[0])
+        except BaseException:
+            self._decoding.give(identity.client)  # no answer comes back to give it
+            raise
         prepared.add_done_callback(lambda done: self._put_back(PromptRead(request, done)))
 
     def _put_back(self, message: PromptRead) -> None:
