@@ -29,7 +29,7 @@ import soundfile
 from cosyvoiced import config
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, free_port, wait_until
+from tests.daemon import REPO, Daemon, free_port, wait_until
 from tests.test_http_limits import _closed_by_peer, _read_response, connected
 
 KEY = "sk-hostile-http-0123456789"
@@ -376,3 +376,35 @@ def test_many_console_streams_of_one_key_cost_what_one_does(
     used = asyncio.run(watch())
     print(f"the daemon used {used:.2f} CPU-s in {CPU_WINDOW_S:g} s for {STREAMS} streams")
     assert used < MAX_CPU_S, used
+
+
+# -- a supervisor that does not answer --------------------------------------------------------
+def test_a_question_the_stalled_supervisor_does_not_answer_gets_503_unresponsive(
+        make_daemon: DaemonFactory) -> None:
+    """A tick stuck in a slow call (a test double stalls it): a route that asks the
+    supervisor answers 503 `unresponsive` with Retry-After, in its API's shape, where
+    aiohttp answered a bare 500; and all is well once the tick moves again."""
+    port = free_port()
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
+                         http={"listen": f"127.0.0.1:{port}"})
+    stall = daemon.root / "stall-the-tick"
+    daemon.start(extra_env={
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
+        "COSYVOICED_TEST_THREAD_FAULT": "stall", "COSYVOICED_TEST_TICK_STALL": str(stall)})
+    served = Served(daemon, ("127.0.0.1", port))
+    voices = b"GET /v1/audio/voices HTTP/1.1\r\nHost: x\r\n\r\n"
+    socket_head = (b"GET /v1/text-to-speech/tone/multi-stream-input HTTP/1.1\r\nHost: x\r\n"
+                   + "".join(f"{name}: {value}\r\n"
+                             for name, value in UPGRADE.items()).encode() + b"\r\n")
+    stall.touch()
+    try:
+        status, headers, body = _answer(served, voices)
+        assert (status, _code(body)) == (503, "unresponsive"), body
+        assert "did not answer in 5 s" in body["error"]["message"]
+        assert headers["retry-after"] == "5"
+        status, _headers, body = _answer(served, socket_head)
+        assert (status, _code(body)) == (503, "unresponsive"), body
+    finally:
+        stall.unlink()
+    status, _headers, body = _answer(served, voices)
+    assert status == 200, body

@@ -55,7 +55,15 @@ from cosyvoiced import cleanup, logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.encoding import EncodeFailed, Encoder, EncoderStream
 from cosyvoiced.engines import VoiceInfo
-from cosyvoiced.intake.reply import Chunk, Done, Exchange, Failed, Service, Started
+from cosyvoiced.intake.reply import (
+    Chunk,
+    Done,
+    Exchange,
+    Failed,
+    Service,
+    Started,
+    Unresponsive,
+)
 from cosyvoiced.job import ErrorCode
 from cosyvoiced.sentences import SentenceSplitter
 from cosyvoiced.untrusted import NotJSON, json_value
@@ -562,6 +570,8 @@ class ElevenLabsSockets:
             status = 401 if refused.code == "invalid_api_key" else \
                 429 if refused.code == "rate_limit_exceeded" else 400
             return error_reply(status, refused.code, refused.message)
+        except Unresponsive as late:
+            return error_reply(503, "unresponsive", f"{late}; retry in a moment")
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, autoping=True)
         await ws.prepare(request)
         self._open.add(ws)

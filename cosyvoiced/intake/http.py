@@ -39,6 +39,7 @@ from cosyvoiced.intake.reply import (
     ReplyIntake,
     Service,
     Started,
+    Unresponsive,
 )
 from cosyvoiced.job import ErrorCode, JobFailure, JobResult
 from cosyvoiced.untrusted import NotJSON, json_value
@@ -62,6 +63,8 @@ REQUEST_TIMEOUT = "request_timeout"
 WHOLE_PIECE_BYTES = 64 << 10  # a reply sent whole is written this much at a time
 
 RATE_LIMITED = "rate_limit_exceeded"  # OpenAI's code for it
+UNRESPONSIVE = "unresponsive"  # the supervisor did not answer (as /healthz says it)
+UNRESPONSIVE_RETRY_S = 5
 _STATUS = {
     "invalid_api_key": 401,
     "not_found": 404,
@@ -72,6 +75,7 @@ _STATUS = {
     BUSY: 429,
     RATE_LIMITED: 429,
     REFUSAL_CODE: 503,
+    UNRESPONSIVE: 503,
     str(ErrorCode.SHUTTING_DOWN): 503,
     str(ErrorCode.CANCELLED): 503,
     str(ErrorCode.ENGINE_ERROR): 500,
@@ -335,6 +339,9 @@ class HttpIntake(ReplyIntake):
         except JobFailure as failure:
             return error_response(str(failure.error.code), failure.error.message,
                                   failure.error.field)
+        except Unresponsive as late:  # not aiohttp's bare 500: what happened, and when to retry
+            return error_response(UNRESPONSIVE, f"{late}; retry in a moment",
+                                  headers={"Retry-After": str(UNRESPONSIVE_RETRY_S)})
         except web.HTTPRequestEntityTooLarge:
             return error_response("request_too_large", f"body: over the limit of "
                                   f"{self._settings().max_body_bytes} bytes "

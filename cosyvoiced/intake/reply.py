@@ -51,6 +51,10 @@ MAX_BUFFERED_BYTES = 64 << 20  # per client: about 12 minutes of 22 kHz float32 
 log = logs.get_logger("cosyvoiced.intake.reply")
 
 
+class Unresponsive(TimeoutError):
+    """The supervisor did not answer a question in time: its tick is stuck, or far behind."""
+
+
 class Service(IntakeService, Protocol):
     """What a reply intake needs from the supervisor (read on the supervisor's thread)."""
 
@@ -300,7 +304,10 @@ class ReplyIntake:
         loop = asyncio.get_running_loop()
         query = Query(question, loop, loop.create_future())
         self._put(query)
-        answer: T = await asyncio.wait_for(query.future, timeout_s)
+        try:
+            answer: T = await asyncio.wait_for(query.future, timeout_s)
+        except TimeoutError:
+            raise Unresponsive(f"the daemon did not answer in {timeout_s:g} s") from None
         return answer
 
     def _put(self, message: Inbound) -> None:

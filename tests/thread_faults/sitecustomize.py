@@ -23,6 +23,23 @@ if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "zmq":
 
     _zmq_intake._SocketThread._take = _take_or_die  # type: ignore[method-assign]
 
+if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "stall":
+    # The supervisor's tick stands still while the file $COSYVOICED_TEST_TICK_STALL exists
+    # (a tick stuck in a slow call): what the intakes' own threads answer meanwhile.
+    import time
+
+    from cosyvoiced import supervisor as _stalled
+
+    _tick_on = _stalled.Supervisor.tick
+    _stall = os.environ["COSYVOICED_TEST_TICK_STALL"]
+
+    def _tick_or_stall(self, now):  # type: ignore[no-untyped-def]
+        while os.path.exists(_stall):
+            time.sleep(0.05)
+        return _tick_on(self, now)
+
+    _stalled.Supervisor.tick = _tick_or_stall  # type: ignore[method-assign]
+
 if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "tick":
     # The supervisor's tick raises once the file $COSYVOICED_TEST_TICK_CRASH exists (a bug
     # in the tick): the daemon must exit at once, never hang half alive ignoring SIGTERM.
