@@ -281,11 +281,11 @@ class _RecordingSink:
         return output
 
     def fail_job(self, job: Job, error: JobError) -> str:
-        self._cache.end_recording(job)
+        self._cache.drop_recording(job)
         return self._sink.fail_job(job, error)
 
     def cancelled(self, job: Job) -> None:
-        self._cache.end_recording(job)
+        self._cache.drop_recording(job)
         self._sink.cancelled(job)
 
 
@@ -415,6 +415,11 @@ class ResultCache:
 
     def end_recording(self, job: Job) -> _Recording:
         return self._recordings.pop(job.id)
+
+    def drop_recording(self, job: Job) -> None:
+        """A job that failed or was cancelled, before its delivery or after it (its file's
+        encoding or writing failed: `deliver` ended the recording already)."""
+        self._recordings.pop(job.id, None)
 
     def store(self, recording: _Recording, pcm: Pcm, voice: str) -> None:
         """Keep a finished miss's audio (the engine's, at its own rate)."""

@@ -52,9 +52,14 @@ def test_a_long_ogg_result_is_written_and_the_daemon_lives(
     assert daemon.process.pid == pid
 
 
+@pytest.mark.parametrize("cache", [0, "64MiB"], ids=["no-cache", "cache"])
 def test_an_encoder_that_dies_twice_on_a_file_fails_its_job_and_nothing_else(
-        make_daemon: DaemonFactory) -> None:
-    daemon = _tone_daemon(make_daemon)
+        make_daemon: DaemonFactory, cache: int | str) -> None:
+    """With the result cache on (the default), the job's recording ended at its delivery:
+    failing it after that raised KeyError in the tick, and the daemon exited (code 5)."""
+    daemon = make_daemon(engine={"name": FAULTY}, spool={"max_text_chars": 20_000},
+                         cache={"max_bytes": cache})
+    daemon.start()
     killed: set[int] = set()
 
     def kill_each_new_encoder() -> bool:

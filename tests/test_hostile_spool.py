@@ -6,6 +6,7 @@ serves on."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -183,25 +184,36 @@ def _inotify_queue_limit() -> int:
         return int(limit.read())
 
 
+def _stopped(pid: int) -> bool:
+    """Whether every thread of `pid` has stopped (SIGSTOP takes effect as each is run)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
 def test_an_overflowed_inotify_queue_is_rescanned_and_the_watch_lives_on(
         tmp_path: Path) -> None:
-    """More events than the kernel queues while the daemon is stopped: the job whose event
-    was lost is found by the rescan the overflow asks for (the periodic one is an hour
-    away), and the inotify thread lives on to see the next drop."""
-    events = _inotify_queue_limit() + 2000  # a file made and closed: 2 events
+    """Half as many events again as the kernel queues, while the daemon is stopped: the job
+    whose event was lost is found by the rescan the overflow asks for (the periodic one is
+    an hour away), and the inotify thread lives on to see the next drop."""
+    events = _inotify_queue_limit() * 3 // 2  # a file made and closed: 2 events
     if events > 300_000:
         pytest.skip(f"an inotify queue of {events} events takes too long to fill")
     daemon = Daemon(tmp_path, engine=TONE, spool={"rescan_interval_s": 3600})
     daemon.start()
     try:
         assert daemon.process is not None
-        os.kill(daemon.process.pid, signal.SIGSTOP)
+        pid = daemon.process.pid
+        os.kill(pid, signal.SIGSTOP)
         try:
+            wait_until(lambda: _stopped(pid), 10, "the daemon to stop")
             for n in range(events // 2):
                 (daemon.inbox / f".junk-{n}").touch()
             daemon.drop("lost-event.txt", "Found by the rescan.")
         finally:
-            os.kill(daemon.process.pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGCONT)
         wait_until(lambda: daemon.log_events("inbox_events_overflow"), 60, "the overflow")
         assert daemon.wait_done("lost-event.txt")["chars"] == len("Found by the rescan.")
         daemon.drop("seen-by-the-watch.txt", "Still watched.")
