@@ -152,6 +152,15 @@ def test_a_close_reason_is_whole_utf8(served: Served) -> None:
     assert others[-1].data == 1008
 
 
+def test_a_speed_no_float_can_hold_is_refused_with_its_reason(served: Served) -> None:
+    """A 400-digit speed: float() overflowed, and the socket was dropped without a reason."""
+    replies, others = _stream_input(served, [
+        {"text": " ", "xi_api_key": KEY, "voice_settings": {"speed": int("9" * 400)}}])
+    assert [reply.get("error") for reply in replies] == ["invalid_message"]
+    assert "voice_settings.speed: out of range" in replies[0]["message"]
+    assert others[-1].data == 1008
+
+
 def test_a_context_id_with_a_newline_is_refused(served: Served) -> None:
     async def multi() -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as session:
@@ -173,6 +182,8 @@ def test_a_context_id_with_a_newline_is_refused(served: Served) -> None:
     ({"output_format": "mp3_44100_\u00b9\u00b2\u2078"}, "unsupported_format"),
     ({"inactivity_timeout": "\uff11\uff10"}, "invalid_inactivity_timeout"),  # fullwidth 10
     ({"inactivity_timeout": "0.001"}, "invalid_inactivity_timeout"),  # under a second
+    ({"output_format": "pcm_" + "1" * 4400}, "unsupported_format"),  # int() refuses it
+    ({"output_format": "mp3_44100_" + "1" * 4400}, "unsupported_format"),
 ])
 def test_digits_of_other_scripts_are_refused_with_their_reason(
         served: Served, query: dict[str, str], code: str) -> None:

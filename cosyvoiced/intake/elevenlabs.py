@@ -64,7 +64,7 @@ from cosyvoiced.intake.reply import (
     Started,
     Unresponsive,
 )
-from cosyvoiced.job import ErrorCode
+from cosyvoiced.job import MAX_SPEED, MIN_SPEED, ErrorCode
 from cosyvoiced.sentences import SentenceSplitter
 from cosyvoiced.untrusted import NotJSON, json_value
 
@@ -83,6 +83,7 @@ LOOKAHEAD_JOBS = 2  # sentences of one stream in flight: one is sent while the n
 SEND_PIECE_S = 0.25  # audio per message: a long chunk goes out in pieces
 POLICY = int(WSCloseCode.POLICY_VIOLATION)  # 1008, ElevenLabs' code for a refusal
 DEFAULT_CONTEXT = ""  # the stream-input socket's one stream, and a message with no id
+_MOST_DIGITS = 6  # in an output_format's rate or bit rate
 _CONTEXT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" takes a last "\n"
 T = TypeVar("T")
 
@@ -122,8 +123,9 @@ def output_format(value: str | None) -> OutputFormat:
 
 
 def _ascii_digits(text: str) -> bool:
-    """Only 0-9: str.isdigit() also takes "²", which int() then refuses (a 500)."""
-    return text.isascii() and text.isdigit()
+    """A rate or a bit rate: a few of 0-9 (str.isdigit() also takes "²", and int() refuses
+    more than 4,300 digits: each was a 500)."""
+    return text.isascii() and text.isdigit() and len(text) <= _MOST_DIGITS
 
 
 def inactivity_timeout(value: str | None) -> float:
@@ -224,7 +226,11 @@ def _speed(settings: Any) -> float | None:
         return None
     if isinstance(speed, bool) or not isinstance(speed, int | float):
         raise ProtocolError("invalid_message", "voice_settings.speed: expected a number")
-    return float(speed)
+    try:
+        return float(speed)
+    except OverflowError:  # an integer of hundreds of digits (the socket was dropped)
+        raise ProtocolError("invalid_message", "voice_settings.speed: out of range; "
+                            f"{MIN_SPEED}..{MAX_SPEED}") from None
 
 
 def resolve_voice(voice_id: str, aliases: Mapping[str, str],
