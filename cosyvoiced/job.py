@@ -31,6 +31,9 @@ SINK_REPLY = "reply"  # back to the ZeroMQ client that asked (`synthesize`)
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
 MIN_SPEED = 0.25
+# An error's message, at most: one that quotes a client's value in full (a voice name of a
+# megabyte) was kept so in the job history, the records and the log.
+MAX_ERROR_MESSAGE_CHARS = 1000
 MAX_SPEED = 4.0
 
 
@@ -85,6 +88,11 @@ class JobError:
     code: ErrorCode
     message: str
     field: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.message) > MAX_ERROR_MESSAGE_CHARS:
+            object.__setattr__(self, "message",
+                               self.message[:MAX_ERROR_MESSAGE_CHARS - 3] + "...")
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"code": str(self.code), "message": self.message}

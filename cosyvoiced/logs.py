@@ -26,6 +26,9 @@ RENDERED_ATTR = "cosyvoiced_rendered"
 # (4.3 on) logs every block rule it tries, about 120 lines for one sentence, which at
 # `level = "debug"` buried the log and slowed each intake that cleans text.
 _INTERNALS_AT_DEBUG = ("markdown_it",)
+# A string value in a log line, at most: a line that quoted a client's text in full was
+# megabytes (in the file, journald and the console's ring of the last lines alike).
+MAX_VALUE_CHARS = 2048
 
 
 def _stamp_process(role: str) -> Processor:
@@ -39,6 +42,13 @@ def _stamp_process(role: str) -> Processor:
     return stamp
 
 
+def _clip_long_strings(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    for key, value in event_dict.items():
+        if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+            event_dict[key] = f"{value[:MAX_VALUE_CHARS]}... ({len(value)} characters)"
+    return event_dict
+
+
 def _shared_chain(role: str) -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -46,6 +56,7 @@ def _shared_chain(role: str) -> list[Processor]:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _stamp_process(role),
+        _clip_long_strings,
     ]
 
 

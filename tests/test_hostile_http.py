@@ -28,6 +28,7 @@ import soundfile
 
 from cosyvoiced import config
 from cosyvoiced.client import Client
+from cosyvoiced.job import MAX_ERROR_MESSAGE_CHARS
 from tests.conftest import DaemonFactory
 from tests.daemon import REPO, Daemon, free_port, wait_until
 from tests.test_http_limits import _closed_by_peer, _read_response, connected
@@ -387,6 +388,24 @@ def test_many_console_streams_of_one_key_cost_what_one_does(
     used = asyncio.run(watch())
     print(f"the daemon used {used:.2f} CPU-s in {CPU_WINDOW_S:g} s for {STREAMS} streams")
     assert used < MAX_CPU_S, used
+
+
+# -- a client's value quoted in an error -------------------------------------------------------
+def test_a_megabyte_voice_name_is_quoted_in_a_clipped_error_and_log_line(served: Served) -> None:
+    """A voice of 300,000 characters (600 kB of JSON, within http.max_body_bytes): its
+    error quoted it whole, in the reply, the job history's record and a log line of
+    megabytes that the console's ring of 200 lines kept too."""
+    voice = "\u00e9" * 300_000
+    with openai.OpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0,
+                       timeout=TIMEOUT_S) as client, \
+            pytest.raises(openai.BadRequestError) as refused:
+        client.audio.speech.create(model="tts-1", voice=voice, input="Hello.")
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "unknown_voice"
+    assert len(error["message"]) <= MAX_ERROR_MESSAGE_CHARS
+    lines = served.daemon.log_file.read_text().splitlines()
+    assert max(len(line) for line in lines) < 16_000
 
 
 # -- a supervisor that does not answer --------------------------------------------------------
