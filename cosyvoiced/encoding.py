@@ -574,6 +574,11 @@ class Encoder:
             self._lock.notify_all()
         _settle(settle)
 
+    def backlog_bytes(self) -> int:
+        """The audio this holds for the files waiting to be encoded, or being encoded."""
+        with self._lock:
+            return sum(file.samples.nbytes for file in self._book.files)
+
     def completed(self) -> list[Encoded]:
         """The files whose outcome came in since the last call."""
         with self._lock:

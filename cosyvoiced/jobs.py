@@ -368,6 +368,10 @@ class JobBook:
         self.close(job, "done", result=result, status=status | {"output": output},
                    **(summary | {"output": output}))
 
+    def encoding_bytes(self) -> int:
+        """The audio of finished jobs whose files the encoder has yet to make."""
+        return self._encoder.backlog_bytes()
+
     def drain_encoded(self, now: float) -> None:
         """Publish the files the encoder finished; a file it could not make fails its job
         (encode_failed), and the daemon goes on."""

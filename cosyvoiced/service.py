@@ -56,6 +56,10 @@ CLAIMS_PER_TICK = 16
 # segments (about 45 KB for 20,000 characters). More claimed files wait in work/, unread,
 # and are admitted in order as these start: a folder of 100,000 files costs no memory.
 MAX_QUEUED_DROPS = 256
+# Audio waiting for the encoder process (and repeats about to be played to it), at most,
+# before more drops are read: results from the cache come out as fast as files are read
+# (16 copies of one long cached text as 48 kHz files held 1.2 GB in the supervisor at once).
+MAX_ENCODING_BYTES = 256 << 20
 # Errors of this process's state (descriptors, memory), not of the file: they pass.
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
                               errno.EINTR, errno.ENOBUFS})
@@ -285,16 +289,29 @@ class Service:
                 self.claim(claimed, now, tries)
         room = MAX_QUEUED_DROPS - self._queued_drops()
         for _ in range(min(CLAIMS_PER_TICK, room)):
+            if self._encoder_full():
+                break
             try:
                 claimed = self.claims.get_nowait()
             except queue.Empty:
                 return
             self.claim(claimed, now)
-        held_back = room <= 0 and not self.claims.empty()
+        held_back = (room <= 0 or self._encoder_full()) and not self.claims.empty()
         if held_back and not self._drops_held_back:
-            log.info("drops_held_back", queued=MAX_QUEUED_DROPS, message="more drops are "
-                     "claimed (in work/) than are queued; each is read as one starts")
+            log.info("drops_held_back", queued=self._queued_drops(),
+                     encoding_bytes=self._encoding_bytes(), message="more drops are claimed "
+                     f"(in work/) than are queued ({MAX_QUEUED_DROPS} at most) or than the "
+                     f"encoder has room for ({MAX_ENCODING_BYTES >> 20} MiB of audio); "
+                     "each is read as room comes")
         self._drops_held_back = held_back
+
+    def _encoding_bytes(self) -> int:
+        """The encoder's backlog, and the repeats this tick will play into it."""
+        return self.book.encoding_bytes() + sum(
+            _played_bytes(job, entry) for job, entry, _found in self._hits)
+
+    def _encoder_full(self) -> bool:
+        return self._encoding_bytes() >= MAX_ENCODING_BYTES
 
     def _queued_drops(self) -> int:
         """Claimed jobs waiting to start: all of the drop folder's share (_admit)."""
@@ -303,7 +320,8 @@ class Service:
     def deadlines(self) -> list[float]:
         """When claims that failed for want of descriptors are due again; at once, while
         claims are left for the next tick and there is room to queue them."""
-        more = not self.claims.empty() and self._queued_drops() < MAX_QUEUED_DROPS
+        more = not self.claims.empty() and self._queued_drops() < MAX_QUEUED_DROPS \
+            and not self._encoder_full()
         return [due for due, _tries, _claimed in self.claim_retries] + ([0.0] if more else [])
 
     def claim(self, claimed: Claimed, now: float, tries: int = 0) -> None:
@@ -500,3 +518,8 @@ class Service:
 def _prompt_name(job_id: str) -> str:
     """What a ZeroMQ job's prompt audio is called, as if it had been dropped in the inbox."""
     return f"{job_id}.prompt"
+
+
+def _played_bytes(job: Job, entry: Entry) -> int:
+    """The float32 audio a repeat is played as, at the rate the job asks for."""
+    return len(entry.pcm) * 4 * (job.sample_rate or entry.sample_rate) // entry.sample_rate

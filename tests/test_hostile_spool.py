@@ -222,3 +222,43 @@ def test_an_overflowed_inotify_queue_is_rescanned_and_the_watch_lives_on(
         assert daemon.process.poll() is None
     finally:
         daemon.stop()
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+COPIES = 24  # of one cached 250 s text (11 MB kept), as 48 kHz WAV: 48 MB of float each
+
+
+def test_copies_of_a_cached_long_text_wait_for_the_encoder_in_the_drop_folder(
+        tmp_path: Path) -> None:
+    """Repeats come out of the result cache as fast as files are read: a tick read 16 and
+    handed the encoder 770 MB of audio at once. Drops now wait in work/ while the
+    encoder holds MAX_ENCODING_BYTES, and every copy is still served."""
+    text = ("A long text that the cache keeps. " * 160)[:5000].strip()
+    daemon = Daemon(tmp_path, engine=TONE, spool={"max_text_chars": 20_000},
+                    cache={"max_bytes": "1GiB"})
+    daemon.start()
+    try:
+        assert daemon.process is not None
+        daemon.drop_job("first", text=text, format="wav")
+        daemon.wait_done("first.json", timeout_s=120)
+        before = _peak_rss_bytes(daemon.process.pid)
+        staging = tmp_path / "copies"
+        staging.mkdir()
+        for n in range(COPIES):
+            (staging / f"copy-{n:02}.json").write_text(json.dumps(
+                {"text": text, "format": "wav", "sample_rate": 48000}))
+        for path in sorted(staging.iterdir()):
+            os.rename(path, daemon.inbox / path.name)
+        for n in range(COPIES):
+            assert daemon.wait_done(f"copy-{n:02}.json", timeout_s=180)["cached"] is True
+        grown = _peak_rss_bytes(daemon.process.pid) - before
+        # 432 MiB now (the budget, one more copy, its resampling), 1,195 on the old code
+        assert grown < 700 << 20, f"the daemon's peak grew {grown >> 20} MiB"
+    finally:
+        daemon.stop()
