@@ -26,6 +26,7 @@ import zmq
 from cosyvoiced import protocol
 from cosyvoiced.client import Client, DaemonError
 from cosyvoiced.config import ZmqConfig
+from cosyvoiced.intake import tickbudget
 from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.jobspec import Limits
 from cosyvoiced.protocol import Op, Request
@@ -407,11 +408,11 @@ def test_the_socket_thread_hands_over_inbound_room_and_a_tick_answers_a_bounded_
         answered = 0
         while answered < sent:
             intake.handle_inbound(_Service())  # type: ignore[arg-type]
-            for _ in range(zmq_intake.REQUESTS_PER_TICK):
+            for _ in range(tickbudget.MESSAGES_PER_TICK):
                 assert dealer.poll(10_000), "a tick answered fewer than it had"
                 assert json.loads(dealer.recv_multipart()[0])["event"] == "pong"
                 answered += 1
-            assert not dealer.poll(300), "a tick answered more than REQUESTS_PER_TICK"
+            assert not dealer.poll(300), "a tick answered more than MESSAGES_PER_TICK"
             if answered < sent:
                 wait_until(lambda: intake._inbound, 10, "the socket thread to read on")
     finally:

@@ -26,6 +26,7 @@ from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.limits import Throttled
 from cosyvoiced.intake.service import IntakeService
+from cosyvoiced.intake.tickbudget import TickBudget
 from cosyvoiced.job import (
     REPLY_FORMATS,
     SINK_REPLY,
@@ -339,6 +340,9 @@ class ReplyIntake:
                 return
 
     def handle_inbound(self, service: Service) -> None:
+        """The messages the loop thread passed on, within one tick's budget (the rest at
+        the next tick, which comes at once)."""
+        budget = TickBudget()
         for message in self.inbound():
             try:
                 self._handle(message, service)
@@ -349,6 +353,11 @@ class ReplyIntake:
                     message.exchange.post(Failed(str(ErrorCode.INTERNAL), "the request could "
                                                  "not be handled (an internal error; it is "
                                                  "logged)"))
+            text = message.fields.get("text") if isinstance(message, Submission) else None
+            if not budget.spend(text):
+                if not self._inbound.empty():
+                    self._wake()
+                break
         for job_id in self._overflowed:
             log.warning("client_too_slow", job=job_id, source=self.source,
                         max_buffered_bytes=self.max_buffered_bytes())

@@ -9,7 +9,8 @@ A reply that cannot be routed (the client went away) is reported back, and that 
 jobs are cancelled. What one peer can make the supervisor hold is bounded (zmq_peers.py):
 the reply bytes it has not taken (zmq.max_buffered_bytes), its connection once it is idle
 (zmq.idle_timeout_s), and the requests it sent that are not answered yet: INBOUND_ROOM wait
-for the supervisor, which answers REQUESTS_PER_TICK a tick, and RCVHWM in libzmq.
+for the supervisor, which answers a tick's budget of them (tickbudget.py), and RCVHWM in
+libzmq.
 
 The socket thread reads bytes from anyone who can connect: whatever one message does to it,
 that message gets an error reply and the thread goes on. Should the thread die anyway,
@@ -48,6 +49,7 @@ from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.service import IntakeService
+from cosyvoiced.intake.tickbudget import TickBudget
 from cosyvoiced.intake.zmq_peers import (
     NON_FINAL_EVENTS,
     Departures,
@@ -104,7 +106,6 @@ _BATCH = 256  # messages handled per socket per poll round, so neither side star
 INBOUND_ROOM = 64
 INBOUND_BYTES = 32 << 20
 RCVHWM = 4
-REQUESTS_PER_TICK = 64  # then the tick goes on to workers and the watchdog, and comes back
 _FULL_POLL_MS = 10  # how soon a socket thread that stopped reading looks for room again
 _MONITOR_DRAIN_MS = 1000  # the socket thread reads connection events at least this often
 STOP_TIMEOUT_S = 5.0  # for the socket thread to flush the last replies and end
@@ -626,11 +627,13 @@ class ZmqIntake:
 
     def handle_inbound(self, service: Service) -> None:
         """The requests the socket thread took, and the clients it found gone (their jobs
-        are cancelled), on the supervisor's thread, as every intake does: REQUESTS_PER_TICK
-        at most, so that a flood never holds the tick (and WATCHDOG=1) for long."""
-        for handled, message in enumerate(self.inbound(), start=1):
+        are cancelled), on the supervisor's thread, as every intake does: within one tick's
+        budget, so that a flood never holds the tick (and WATCHDOG=1) for long."""
+        budget = TickBudget()
+        for message in self.inbound():
             self._handle_message(message, service)
-            if handled == REQUESTS_PER_TICK:
+            text = message.header.get("text") if isinstance(message, Request) else None
+            if not budget.spend(text):
                 if self._inbound:
                     self._wake()  # the next tick takes the rest
                 return
