@@ -44,7 +44,7 @@ from cosyvoiced.pool import WorkerPool
 from cosyvoiced.resultcache import ResultCache
 from cosyvoiced.roster import Roster
 from cosyvoiced.sharing import Sharing
-from cosyvoiced.speakers import SpeakerStore, check_language, check_name, check_prompt_text
+from cosyvoiced.speakers import SpeakerStore
 from cosyvoiced.spool import Claimed, Spool
 
 CLAIM_RETRY_S = 1.0  # a claim that failed for want of descriptors or memory is retried
@@ -60,6 +60,9 @@ MAX_QUEUED_DROPS = 256
 # before more drops are read: results from the cache come out as fast as files are read
 # (16 copies of one long cached text as 48 kHz files held 1.2 GB in the supervisor at once).
 MAX_ENCODING_BYTES = 256 << 20
+HELD_BACK = (f"more drops are claimed (in work/) than are queued ({MAX_QUEUED_DROPS} at most) "
+             f"or than the encoder has room for ({MAX_ENCODING_BYTES >> 20} MiB of audio); "
+             "each is read as room comes")
 # Errors of this process's state (descriptors, memory), not of the file: they pass.
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
                               errno.EINTR, errno.ENOBUFS})
@@ -298,20 +301,13 @@ class Service:
             self.claim(claimed, now)
         held_back = (room <= 0 or self._encoder_full()) and not self.claims.empty()
         if held_back and not self._drops_held_back:
-            log.info("drops_held_back", queued=self._queued_drops(),
-                     encoding_bytes=self._encoding_bytes(), message="more drops are claimed "
-                     f"(in work/) than are queued ({MAX_QUEUED_DROPS} at most) or than the "
-                     f"encoder has room for ({MAX_ENCODING_BYTES >> 20} MiB of audio); "
-                     "each is read as room comes")
+            log.info("drops_held_back", queued=self._queued_drops(), message=HELD_BACK)
         self._drops_held_back = held_back
 
-    def _encoding_bytes(self) -> int:
-        """The encoder's backlog, and the repeats this tick will play into it."""
-        return self.book.encoding_bytes() + sum(
-            _played_bytes(job, entry) for job, entry, _found in self._hits)
-
     def _encoder_full(self) -> bool:
-        return self._encoding_bytes() >= MAX_ENCODING_BYTES
+        """The encoder's backlog, with the repeats this tick will play into it, is full."""
+        return self.book.encoding_bytes() + sum(_played_bytes(job, entry) for job, entry, _
+                                                in self._hits) >= MAX_ENCODING_BYTES
 
     def _queued_drops(self) -> int:
         """Claimed jobs waiting to start: all of the drop folder's share (_admit)."""
@@ -439,19 +435,12 @@ class Service:
                              language: Any = "") -> JobError | None:
         """Why `identity` cannot register a voice so (None: it can), before its audio is
         decoded (in the encoder process: `Encoder.read_prompt`)."""
-        try:
-            if "prompt_audio" not in self.engine_features:
-                raise JobFailure(ErrorCode.NOT_SUPPORTED, f"the {self.engine_name} engine "
-                                 "cannot clone voices (or has not started yet); registering "
-                                 "one needs engine.name = \"cosyvoice\"")
-            check_name(name)
-            check_prompt_text(prompt_text)
-            check_language(language)
-            if any(v.name == name and v.kind == "builtin" for v in self.voices):
-                raise JobFailure(ErrorCode.INVALID_FIELD, f"name: {name!r} is a built-in voice "
-                                 "of the model; choose another name", "name")
-        except JobFailure as failure:
-            return failure.error
+        refusal = voicerules.fields_refusal(name, prompt_text, language,
+                                            engine_name=self.engine_name,
+                                            engine_features=self.engine_features,
+                                            voices=self.voices)
+        if refusal is not None:
+            return refusal
         bounds = self.config.engine.cosyvoice
         return voicerules.registration_refusal(identity, name, self.speakers.owners(),
                                                bounds.max_voices, bounds.max_voices_per_client)

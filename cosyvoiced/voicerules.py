@@ -12,8 +12,29 @@ from __future__ import annotations
 from typing import Any
 
 from cosyvoiced.clients import Identity
-from cosyvoiced.job import ErrorCode, JobError
+from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.job import ErrorCode, JobError, JobFailure
 from cosyvoiced.protocol import quoted
+from cosyvoiced.speakers import check_language, check_name, check_prompt_text
+
+
+def fields_refusal(name: Any, prompt_text: Any, language: Any, *, engine_name: str,
+                   engine_features: frozenset[str], voices: list[VoiceInfo]) -> JobError | None:
+    """What is wrong with a registration's fields, on this engine (None: nothing)."""
+    try:
+        if "prompt_audio" not in engine_features:
+            raise JobFailure(ErrorCode.NOT_SUPPORTED, f"the {engine_name} engine cannot clone "
+                             "voices (or has not started yet); registering one needs "
+                             "engine.name = \"cosyvoice\"")
+        check_name(name)
+        check_prompt_text(prompt_text)
+        check_language(language)
+        if any(v.name == name and v.kind == "builtin" for v in voices):
+            raise JobFailure(ErrorCode.INVALID_FIELD, f"name: {name!r} is a built-in voice "
+                             "of the model; choose another name", "name")
+    except JobFailure as failure:
+        return failure.error
+    return None
 
 
 def registration_refusal(identity: Identity, name: str, owners: dict[str, str],
