@@ -342,6 +342,10 @@ class CacheConfig:
     dir: str = _setting("/var/cache/cosyvoiced", path=True)
     # Least recently used entries go first beyond this; 0 turns the cache off.
     max_bytes: int = _setting(512 << 20, _at_least(0), size=True)
+    # false: a client's repeat is served from its own entries only (an API key's, a CURVE
+    # key's, the anonymous clients', the drop folder's), so that no client learns from a hit,
+    # or from its speed, what another asked for. true: one entry serves every client.
+    across_clients: bool = False
 
 
 _HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

