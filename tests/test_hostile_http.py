@@ -283,6 +283,38 @@ def test_a_timestamps_reply_read_by_openai_is_whole(served: Served) -> None:
     assert abs(body["sentences"][-1]["end_time"] - len(samples) / rate) <= 0.05
 
 
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_long_timestamps_reply_is_made_as_it_is_written(make_daemon: DaemonFactory) -> None:
+    """12 minutes of audio with its captions, 31 MB as WAV: the reply's JSON was made whole,
+    the audio in it five times over (the supervisor's peak grew 149 MiB); it is now
+    base64-encoded a piece at a time as it is written."""
+    port = free_port()
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
+                         spool={"max_text_chars": 20_000},
+                         http={"listen": f"127.0.0.1:{port}"})
+    daemon.start()
+    assert daemon.process is not None
+    text = ("A long sentence for the captions to time, one of many. " * 260)[:14_000]
+    before = _peak_rss_bytes(daemon.process.pid)
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                       max_retries=0, timeout=120) as client:
+        reply = client.audio.speech.create(model="tts-1", voice=TONE, input=text,
+                                           response_format="wav",
+                                           extra_body={"timestamps": "sentence"})
+    grown = _peak_rss_bytes(daemon.process.pid) - before
+    body = json.loads(reply.content)
+    samples, rate = soundfile.read(io.BytesIO(base64.b64decode(body["audio"])))
+    assert len(samples) / rate > 600
+    assert abs(body["sentences"][-1]["end_time"] - len(samples) / rate) <= 0.05
+    assert grown < 100 << 20, f"the daemon's peak grew {grown >> 20} MiB"  # 60 MiB now
+
+
 def _job_id(sock: socket.socket) -> str:
     """The job of a response whose head alone is read (a byte at a time: no more)."""
     head = b""

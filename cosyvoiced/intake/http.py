@@ -17,7 +17,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -552,8 +552,8 @@ class HttpIntake(ReplyIntake):
                     assert stream is not None, "a job starts before it ends well"
                     if captioned is not None:
                         captioned.hold(await stream.finish())
-                        return await body.whole(_captioned(captioned.held_audio(),
-                                                           speech.format, event.result))
+                        return await body.whole(CaptionedReply.of(
+                            captioned.held_audio(), speech.format, event.result))
                     return await body.finish(await stream.finish())
                 else:
                     failure = event if isinstance(event, Failed) else \
@@ -676,18 +676,16 @@ class _Body:
         await self._sent(response, response.write_eof())
         return response
 
-    async def whole(self, data: bytes) -> web.StreamResponse:
+    async def whole(self, reply: CaptionedReply) -> web.StreamResponse:
         """A JSON reply sent at once (`timestamps`), with its length: written a piece at a
         time, each piece taken within the send timeout as a streamed reply's chunks are."""
         self._response = web.StreamResponse(headers={
             "Content-Type": "application/json", "Cache-Control": "no-cache",
             "X-Cosyvoiced-Job": self._job_id})
-        self._response.content_length = len(data)
+        self._response.content_length = reply.length
         await self._sent(self._response, self._response.prepare(self._request))
-        view = memoryview(data)
-        for start in range(0, len(data), WHOLE_PIECE_BYTES):
-            await self._sent(self._response,
-                             self._response.write(view[start:start + WHOLE_PIECE_BYTES]))
+        for piece in reply.pieces():
+            await self._sent(self._response, self._response.write(piece))
         await self._sent(self._response, self._response.write_eof())
         return self._response
 
@@ -706,15 +704,37 @@ class _Body:
         return self._response
 
 
-def _captioned(data: bytes, fmt: str, result: JobResult) -> bytes:
+@dataclass(frozen=True)
+class CaptionedReply:
     """A `timestamps` reply's JSON: the audio in base64 with its captions (README:
-    Captions)."""
-    timed = result.captions.to_dict() if result.captions is not None else \
-        {"sentences": [], "words": None}
-    return json.dumps({
-        "audio": base64.b64encode(data).decode(), "audio_format": fmt,
-        "sample_rate": result.sample_rate, "duration": round(result.audio_s, 4),
-        "timestamps": timed["words"] or [], **timed}).encode()
+    Captions), made a piece at a time as it is written. Made whole, its audio was there
+    five times over (the bytes, base64 as bytes and as text, the JSON as text and bytes)."""
+
+    audio: bytes
+    rest: bytes  # the other members, as the JSON object `{...}` they make alone
+
+    @classmethod
+    def of(cls, audio: bytes, fmt: str, result: JobResult) -> CaptionedReply:
+        timed = result.captions.to_dict() if result.captions is not None else \
+            {"sentences": [], "words": None}
+        rest = json.dumps({"audio_format": fmt, "sample_rate": result.sample_rate,
+                           "duration": round(result.audio_s, 4),
+                           "timestamps": timed["words"] or [], **timed})
+        return cls(audio, rest.encode())
+
+    @property
+    def length(self) -> int:
+        return len(_AUDIO_OPEN) + 4 * -(-len(self.audio) // 3) + len(self.rest) + 2
+
+    def pieces(self) -> Iterator[bytes]:
+        yield _AUDIO_OPEN
+        for start in range(0, len(self.audio), _BASE64_PIECE):
+            yield base64.b64encode(self.audio[start:start + _BASE64_PIECE])
+        yield b'", ' + self.rest[1:]  # the other members, after the audio's
+
+
+_AUDIO_OPEN = b'{"audio": "'
+_BASE64_PIECE = WHOLE_PIECE_BYTES // 4 * 3  # whole groups of 3: the pieces join as one
 
 
 class _Held(Exchange):
