@@ -85,6 +85,10 @@ class SpeakerStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._seen: tuple[int, int] | None = None
+        # The owners as of the file's (inode, mtime, size): every registration and removal
+        # is checked against them, and parsing the file (32 voices: tens of MB of base64)
+        # for each request of a flood held the tick for seconds.
+        self._owners: tuple[tuple[int, int, int] | None, dict[str, str]] | None = None
 
     def _entries(self) -> dict[str, dict[str, Any]]:
         try:
@@ -108,8 +112,20 @@ class SpeakerStore:
 
     def owners(self) -> dict[str, str]:
         """Who owns each registered voice (`clients.Identity.voice_owner`); "" for one
-        stored before voices had owners."""
-        return {name: entry.get("owner", "") for name, entry in self._entries().items()}
+        stored before voices had owners. Read again only when the file changed (every
+        write replaces it: a new inode)."""
+        version = self._version()
+        if self._owners is None or version is None or self._owners[0] != version:
+            owners = {name: entry.get("owner", "") for name, entry in self._entries().items()}
+            self._owners = (version, owners)
+        return dict(self._owners[1])
+
+    def _version(self) -> tuple[int, int, int] | None:
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_size
 
     def languages(self) -> dict[str, str]:
         """Each registered voice's language ("" when none was given), without its audio."""

@@ -205,3 +205,26 @@ def test_one_client_stalling_uploads_leaves_slots_to_the_others(daemon: Daemon) 
             sock.close()
     wait_until(lambda: not _refused_busy(alice), 10, "the slots given back")
 
+
+
+def test_the_owners_are_read_again_only_when_the_file_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every registration and removal is checked against the owners; the file holds every
+    voice's audio (tens of MB with 32), and was parsed again for each request of a flood."""
+    store = speakers.SpeakerStore(tmp_path / "speakers.json")
+    store.store("one", "The first.", speakers.prepare(recording(1.0)), owner="key:alice")
+    parses: list[int] = []
+    real_loads = json.loads
+
+    def counted(text: str | bytes) -> object:
+        parses.append(1)
+        return real_loads(text)
+
+    monkeypatch.setattr(json, "loads", counted)  # the module speakers.py reads it from
+    for _ in range(100):
+        assert store.owners() == {"one": "key:alice"}
+    assert len(parses) == 1
+    store.store("two", "The second.", speakers.prepare(recording(1.0)), owner="key:bob")
+    assert store.owners() == {"one": "key:alice", "two": "key:bob"}
+    store.remove("one")
+    assert store.owners() == {"two": "key:bob"}
