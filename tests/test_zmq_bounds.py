@@ -285,6 +285,55 @@ def test_the_limit_is_a_pure_rule() -> None:
     assert not reply_fits(1, 70 << 20, limit)
 
 
+def test_all_peers_together_are_bounded_too_and_a_reader_never_cut() -> None:
+    limit, total = 8 << 20, 64 << 20
+    assert reply_fits(1 << 20, 1 << 20, limit, 62 << 20, total)
+    assert not reply_fits(1 << 20, 1 << 20, limit, 63 << 20 + 1, total)
+    assert reply_fits(0, 1 << 20, limit, 100 << 20, total)  # it holds nothing: it reads
+    assert not reply_fits(0, 1 << 20, limit, 128 << 20, total)  # ...up to twice the total
+    assert reply_fits(0, 300 << 20, limit, 0, total)  # the one reply anywhere
+
+
+MEDIUM_TEXT = LONG_TEXT[:600].strip()  # a 1.3 MB reply: 6 fit under 8 MiB
+PILERS, PILED = 12, 6
+
+
+def test_many_clients_that_never_read_hold_a_bounded_amount_together(
+        make_daemon: DaemonFactory) -> None:
+    """Each within its own zmq.max_buffered_bytes, 12 clients that never read held 12
+    times it (1,024 connections could hold 64 GiB). Together they may hold 8 times it:
+    past that their replies are dropped for `client_too_slow`, and a client that reads
+    is served all the while."""
+    daemon = make_daemon(engine=TONE, cache={"max_bytes": "256MiB"},
+                         zmq={"max_buffered_bytes": BUFFERED_LIMIT})
+    daemon.start()
+    with Client(daemon.endpoint, timeout_s=60, retries=0) as reader:
+        reader.synthesize(MEDIUM_TEXT, format="pcm_s16le")  # now in the cache
+    dealers = [_never_reading_dealer(daemon.endpoint) for _ in range(PILERS)]
+    try:
+        for n, dealer in enumerate(dealers):
+            for m in range(PILED):
+                dealer.send(_synthesize(f"d{n}-{m}", MEDIUM_TEXT))
+        wait_until(partial(_answered, daemon, 1 + PILERS * PILED), 60, "every request")
+        with Client(daemon.endpoint, timeout_s=30, retries=0) as reader:
+            for _ in range(3):
+                assert reader.synthesize(MEDIUM_TEXT, format="pcm_s16le").header["cached"]
+        events: Counter[str] = Counter()
+        held = 0  # the result bytes the daemon held for them at once: none was read before
+        for dealer in dealers:
+            replies = _read_all(dealer, PILED)
+            assert len(replies) == PILED
+            events.update(header.get("code", header["event"]) for header, _size in replies)
+            held += sum(size for header, size in replies if header["event"] == "result")
+    finally:
+        for dealer in dealers:
+            dealer.close(linger=0)
+    assert events["client_too_slow"] > 0, events
+    reply = held // max(1, events["result"])  # every result is the one cached reply
+    # Each may also take one reply into its own libzmq, and have one alone held here.
+    assert held <= 8 * BUFFERED_LIMIT + 2 * PILERS * reply, f"{held >> 20} MiB held"
+
+
 def test_departures_are_a_pure_rule() -> None:
     departures = Departures(grace_s=5.0, most=2)
     assert departures.left(b"a", 0.0) == []

@@ -113,6 +113,10 @@ _ROUTER_FLUSH_MS = 1000  # how long closing the ROUTER may spend sending the las
 # Messages queued per peer. Streams are bursty (a cached 20-minute text is 2,400 chunks);
 # their bytes are bounded by zmq.max_buffered_bytes, and a full HWM cancels the job.
 SNDHWM = 10_000
+# All peers' untaken reply bytes together, at most this many times zmq.max_buffered_bytes
+# (512 MiB by default): a thousand connections that never read held 64 MiB each. Past it, a
+# reply to a peer that holds some already is dropped; one that reads is never cut.
+TOTAL_BUFFERED_FACTOR = 8
 # libzmq PINGs every peer this often, and drops one that sends nothing back for this long.
 HEARTBEAT_IVL_S = 5.0
 HEARTBEAT_TIMEOUT_S = 15.0
@@ -369,15 +373,20 @@ class _SocketThread(threading.Thread):
 
     def _refused_unread(self, request: Request) -> bool:
         """A `synthesize` from a peer that has not taken its replies gets `busy`, as over
-        HTTP: its audio would only pile up here."""
+        HTTP: its audio would only pile up here (so does one that holds any while all
+        peers together hold TOTAL_BUFFERED_FACTOR times the limit)."""
         buffered = self._outbox.buffered(request.client)
         limit = self._settings().max_buffered_bytes
-        if request.op != Op.SYNTHESIZE or buffered < limit:
+        over = buffered >= limit or \
+            (buffered > 0 and self._outbox.total >= TOTAL_BUFFERED_FACTOR * limit)
+        if request.op != Op.SYNTHESIZE or not over:
             return False
         log.debug("request_refused", source=SOURCE, code="busy", buffered_bytes=buffered)
         self._send(error_reply(request.route, ProtocolError(
             WireCode.BUSY, f"{_mib(buffered)} of replies to this client are not read yet "
-            f"(zmq.max_buffered_bytes = {_mib(limit)}); read them, then retry", request.id)))
+            f"(zmq.max_buffered_bytes = {_mib(limit)}; all clients' together, "
+            f"{_mib(self._outbox.total)} of {_mib(TOTAL_BUFFERED_FACTOR * limit)}); read "
+            "them, then retry", request.id)))
         return True
 
     def _send_replies(self) -> bool:
@@ -412,7 +421,9 @@ class _SocketThread(threading.Thread):
             return
         size = sum(len(frame) for frame in body)
         buffered = self._outbox.buffered(client)
-        if event == "error" or reply_fits(buffered, size, self._settings().max_buffered_bytes):
+        limit = self._settings().max_buffered_bytes
+        if event == "error" or reply_fits(buffered, size, limit, self._outbox.total,
+                                          TOTAL_BUFFERED_FACTOR * limit):
             self._hand_over(frames, size)
             return
         if not final:
@@ -425,7 +436,9 @@ class _SocketThread(threading.Thread):
         limit = self._settings().max_buffered_bytes
         error = ProtocolError(WireCode.CLIENT_TOO_SLOW, f"{_mib(buffered)} of replies to this "
                               f"client are not read yet (zmq.max_buffered_bytes = "
-                              f"{_mib(limit)}): this reply was dropped"
+                              f"{_mib(limit)}; all clients' together, {_mib(self._outbox.total)}"
+                              f" of {_mib(TOTAL_BUFFERED_FACTOR * limit)}): this reply was "
+                              "dropped"
                               + (" and its job cancelled" if job else ""), header.get("id"))
         reply = encode_reply(route, error.request_id, "error",
                              **({"job": job} if job else {}), **error.fields())

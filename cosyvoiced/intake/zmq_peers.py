@@ -35,10 +35,16 @@ Cut = tuple[object, object]
 Message = TypeVar("Message")
 
 
-def reply_fits(buffered: int, size: int, limit: int) -> bool:
+def reply_fits(buffered: int, size: int, limit: int, total: int = 0,
+               total_limit: int | None = None) -> bool:
     """Whether a reply of `size` bytes may join the `buffered` bytes a peer has not taken:
-    within `limit`, or alone (one reply bigger than the limit goes when nothing waits)."""
-    return buffered == 0 or buffered + size <= limit
+    within `limit`, and the `total` of every peer's within `total_limit`. Or alone: one
+    reply, however big, goes to a peer that holds nothing, within twice `total_limit` (so a
+    client that reads is not cut for what others leave unread, while a thousand that each
+    take one reply and stop reading still cannot hold more), or when nothing is held."""
+    if buffered == 0:
+        return total_limit is None or total == 0 or total + size <= 2 * total_limit
+    return buffered + size <= limit and (total_limit is None or total + size <= total_limit)
 
 
 def is_idle(active: float, now: float, timeout_s: float) -> bool:
@@ -55,6 +61,7 @@ class Outbox:
         self._held: dict[bytes, deque[tuple[zmq.MessageTracker, int]]] = {}
         self._bytes: dict[bytes, int] = {}
         self._failed: dict[bytes, set[Cut]] = {}
+        self.total = 0  # every peer's bytes (as of each one's last look: `sweep` each second)
 
     def buffered(self, client: bytes) -> int:
         """Bytes of replies to `client` that libzmq has not let go of yet. A connection
@@ -63,7 +70,9 @@ class Outbox:
         if held is None:
             return 0
         while held and held[0][0].done:
-            self._bytes[client] -= held.popleft()[1]
+            size = held.popleft()[1]
+            self._bytes[client] -= size
+            self.total -= size
         if not held:
             del self._held[client], self._bytes[client]
             return 0
@@ -72,6 +81,7 @@ class Outbox:
     def hold(self, client: bytes, tracker: zmq.MessageTracker, size: int) -> None:
         self._held.setdefault(client, deque()).append((tracker, size))
         self._bytes[client] = self._bytes.get(client, 0) + size
+        self.total += size
 
     def fail(self, client: bytes, cut: Cut) -> None:
         """A reply of `cut` was dropped: so are the rest of its replies."""
@@ -97,7 +107,7 @@ class Outbox:
     def forget(self, client: bytes) -> None:
         """The peer's connection ended: libzmq dropped what it held for it."""
         self._held.pop(client, None)
-        self._bytes.pop(client, None)
+        self.total -= self._bytes.pop(client, 0)
         self._failed.pop(client, None)
 
 
