@@ -1,6 +1,7 @@
 """Admission: the one rule every intake applies before it queues a job, the one count of
-each client's requests in flight it reads, and the one unknown-voice check. Pure: the
-service (service.py) passes in what it knows; nothing here holds a socket or a clock.
+each client's requests in flight it reads, and the one unknown-voice check; the bounds on
+voice uploads in hand and on replies left unread (`reply_fits`). Pure: the service
+(service.py) and the intakes pass in what they know; nothing here holds a socket or a clock.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from cosyvoiced.job import ErrorCode, JobError
 
 MAX_UPLOADS_AT_ONCE = 4  # so at most 4 uploads (http.max_upload_bytes each) in memory
 MAX_UPLOADS_PER_CLIENT = 2  # and one client (a key, or an address without keys) 2 of them
+# All clients' unread replies together (an intake's), at most this many times what one
+# client may leave unread: a thousand connections that never read held that much each.
+TOTAL_BUFFERED_FACTOR = 8
 
 
 class Queue(Protocol):
@@ -119,3 +123,15 @@ class UploadSlots:
         self._held[client] -= 1
         if self._held[client] <= 0:
             del self._held[client]
+
+
+def reply_fits(buffered: int, size: int, limit: int, total: int = 0,
+               total_limit: int | None = None) -> bool:
+    """Whether a reply of `size` bytes may join the `buffered` bytes a peer has not taken:
+    within `limit`, and the `total` of every peer's within `total_limit`. Or alone: one
+    reply, however big, goes to a peer that holds nothing, within twice `total_limit` (so a
+    client that reads is not cut for what others leave unread, while a thousand that each
+    take one reply and stop reading still cannot hold more), or when nothing is held."""
+    if buffered == 0:
+        return total_limit is None or total == 0 or total + size <= 2 * total_limit
+    return buffered + size <= limit and (total_limit is None or total + size <= total_limit)

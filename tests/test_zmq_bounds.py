@@ -16,8 +16,9 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from cosyvoiced.admission import reply_fits
 from cosyvoiced.client import Client
-from cosyvoiced.intake.zmq_peers import Departures, is_idle, reply_fits
+from cosyvoiced.intake.zmq_peers import Departures, is_idle
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced import logs
-from cosyvoiced.admission import PerClient
+from cosyvoiced.admission import TOTAL_BUFFERED_FACTOR, PerClient, reply_fits
 from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.limits import Throttled
@@ -423,7 +423,9 @@ class ReplyIntake:
         buffered = self._buffered(client)
         if not buffered:
             self._slow.discard(client)
-        if buffered >= self.max_buffered_bytes() or client in self._slow:
+        limit = self.max_buffered_bytes()
+        if buffered >= limit or client in self._slow or \
+                (buffered and self._total_buffered() >= TOTAL_BUFFERED_FACTOR * limit):
             return Failed(BUSY, f"{buffered >> 20} MiB of audio made for this client is not "
                           "read yet; read it, then retry")
         return None
@@ -432,9 +434,15 @@ class ReplyIntake:
         return sum(route.exchange.pending_bytes for route in self._routes.values()
                    if route.identity.client == client)
 
+    def _total_buffered(self) -> int:
+        return sum(route.exchange.pending_bytes for route in self._routes.values())
+
     def _overflows(self, route: _Route, nbytes: int) -> bool:
-        """Whether a chunk would take its client's unread audio past the bound."""
-        return self._buffered(route.identity.client) + nbytes > self.max_buffered_bytes()
+        """Whether a chunk would take its client's unread audio past the bound, or every
+        client's together past theirs (`admission.reply_fits`)."""
+        limit = self.max_buffered_bytes()
+        return not reply_fits(self._buffered(route.identity.client), nbytes, limit,
+                              self._total_buffered(), TOTAL_BUFFERED_FACTOR * limit)
 
     def _post(self, job: Job, event: Event, last: bool = False) -> None:
         route = self._routes.get(job.id)

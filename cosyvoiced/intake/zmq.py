@@ -41,9 +41,11 @@ from cosyvoiced import __version__, audio, clients, logs
 from cosyvoiced.admission import (
     MAX_UPLOADS_AT_ONCE,
     MAX_UPLOADS_PER_CLIENT,
+    TOTAL_BUFFERED_FACTOR,
     InFlight,
     PerClient,
     UploadSlots,
+    reply_fits,
 )
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
@@ -56,7 +58,6 @@ from cosyvoiced.intake.zmq_peers import (
     Handoff,
     Outbox,
     Peers,
-    reply_fits,
     shut_down,
 )
 from cosyvoiced.job import (
@@ -113,10 +114,6 @@ _ROUTER_FLUSH_MS = 1000  # how long closing the ROUTER may spend sending the las
 # Messages queued per peer. Streams are bursty (a cached 20-minute text is 2,400 chunks);
 # their bytes are bounded by zmq.max_buffered_bytes, and a full HWM cancels the job.
 SNDHWM = 10_000
-# All peers' untaken reply bytes together, at most this many times zmq.max_buffered_bytes
-# (512 MiB by default): a thousand connections that never read held 64 MiB each. Past it, a
-# reply to a peer that holds some already is dropped; one that reads is never cut.
-TOTAL_BUFFERED_FACTOR = 8
 # libzmq PINGs every peer this often, and drops one that sends nothing back for this long.
 HEARTBEAT_IVL_S = 5.0
 HEARTBEAT_TIMEOUT_S = 15.0

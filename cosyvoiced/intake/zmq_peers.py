@@ -35,18 +35,6 @@ Cut = tuple[object, object]
 Message = TypeVar("Message")
 
 
-def reply_fits(buffered: int, size: int, limit: int, total: int = 0,
-               total_limit: int | None = None) -> bool:
-    """Whether a reply of `size` bytes may join the `buffered` bytes a peer has not taken:
-    within `limit`, and the `total` of every peer's within `total_limit`. Or alone: one
-    reply, however big, goes to a peer that holds nothing, within twice `total_limit` (so a
-    client that reads is not cut for what others leave unread, while a thousand that each
-    take one reply and stop reading still cannot hold more), or when nothing is held."""
-    if buffered == 0:
-        return total_limit is None or total == 0 or total + size <= 2 * total_limit
-    return buffered + size <= limit and (total_limit is None or total + size <= total_limit)
-
-
 def is_idle(active: float, now: float, timeout_s: float) -> bool:
     """Whether a peer last heard from (or replied to) at `active` is idle at `now`; a
     timeout of 0 turns idleness off."""
