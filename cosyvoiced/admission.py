@@ -14,12 +14,17 @@ from cosyvoiced import clients
 from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.job import ErrorCode, JobError
+from cosyvoiced.protocol import quoted
 
 MAX_UPLOADS_AT_ONCE = 4  # so at most 4 uploads (http.max_upload_bytes each) in memory
 MAX_UPLOADS_PER_CLIENT = 2  # and one client (a key, or an address without keys) 2 of them
 # All clients' unread replies together (an intake's), at most this many times what one
 # client may leave unread: a thousand connections that never read held that much each.
 TOTAL_BUFFERED_FACTOR = 8
+# A client that holds at most this part of its bound unread reads as it goes (a stream's
+# last chunk or two): it is served up to twice the total, so that those who stopped reading
+# cannot cut off those who read.
+READER_PART = 64
 
 
 class Queue(Protocol):
@@ -93,8 +98,8 @@ def unknown_voice(voice: Any, voices: list[VoiceInfo]) -> JobError | None:
     names = sorted(v.name for v in voices)
     if not isinstance(voice, str) or not names or voice in names:
         return None
-    return JobError(ErrorCode.UNKNOWN_VOICE, f"voice: {voice!r} is not available; choose "
-                    f"one of: {', '.join(names)}", "voice")
+    return JobError(ErrorCode.UNKNOWN_VOICE, f"voice: {quoted(voice)} is not available; "
+                    f"choose one of: {', '.join(names)}", "voice")
 
 
 class UploadSlots:
@@ -127,11 +132,21 @@ class UploadSlots:
 
 def reply_fits(buffered: int, size: int, limit: int, total: int = 0,
                total_limit: int | None = None) -> bool:
-    """Whether a reply of `size` bytes may join the `buffered` bytes a peer has not taken:
-    within `limit`, and the `total` of every peer's within `total_limit`. Or alone: one
-    reply, however big, goes to a peer that holds nothing, within twice `total_limit` (so a
-    client that reads is not cut for what others leave unread, while a thousand that each
-    take one reply and stop reading still cannot hold more), or when nothing is held."""
-    if buffered == 0:
-        return total_limit is None or total == 0 or total + size <= 2 * total_limit
-    return buffered + size <= limit and (total_limit is None or total + size <= total_limit)
+    """Whether a reply of `size` bytes may join the `buffered` bytes a client has not taken:
+    within `limit` (one reply, however big, goes to a client that holds nothing), and the
+    `total` of every client's within `total_limit`, or within twice that for a client that
+    holds little (it reads: READER_PART), so that a thousand that stopped reading cut off
+    neither those who read nor more memory than that. Nothing held anywhere: it goes."""
+    if buffered and buffered + size > limit:
+        return False
+    if total_limit is None or (buffered == 0 and total == 0):
+        return True
+    reads = buffered <= limit // READER_PART
+    return total + size <= (2 * total_limit if reads else total_limit)
+
+
+def holds_too_much(buffered: int, limit: int, total: int) -> bool:
+    """Whether a client's new request is refused (busy) for what it has not read: its own
+    bound, or its part of every client's together while it does not read."""
+    return buffered >= limit or (buffered > limit // READER_PART
+                                 and total >= TOTAL_BUFFERED_FACTOR * limit)

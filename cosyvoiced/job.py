@@ -33,7 +33,7 @@ MAX_SAMPLE_RATE = 48000
 MIN_SPEED = 0.25
 # An error's message, at most: one that quotes a client's value in full (a voice name of a
 # megabyte) was kept so in the job history, the records and the log.
-MAX_ERROR_MESSAGE_CHARS = 1000
+MAX_ERROR_MESSAGE_CHARS = 4000  # 32 voices' names of 64 characters fit, in unknown_voice
 MAX_SPEED = 4.0
 
 

@@ -379,8 +379,8 @@ class ResultCache:
             "identity": self._identity, "voice": voice, "voice_prompt": voice_digest,
             "prompt_audio": prompt, "prompt_text": job.prompt_text,
             "text": normalise_text(job.text), "speed": job.speed, "instruct": job.instruct,
-            "language": job.language, "share": "" if self._across_clients else job.share},
-            sort_keys=True)
+            "language": job.language,
+            **({} if self._across_clients else {"share": job.share})}, sort_keys=True)
         return f"{self._identity[:16]}_{owner}_{_digest(material)}"
 
     def find(self, job: Job, *, record: bool = True) -> Entry | None:

@@ -374,8 +374,9 @@ def test_a_client_pipelining_thousands_of_requests_holds_neither_the_tick_nor_ot
     finally:
         flooder.close(linger=0)
     assert answered >= FLOOD // 2
-    assert answered_in < 2.0, f"a ping waited {answered_in:.1f} s behind another's flood"
-    assert gap < 2.0, f"WATCHDOG=1 paused {gap:.1f} s (WatchdogSec=30 in the unit)"
+    # 0.02-0.09 s and 0.5 s measured; the bounds leave room for a loaded machine.
+    assert answered_in < 5.0, f"a ping waited {answered_in:.1f} s behind another's flood"
+    assert gap < 5.0, f"WATCHDOG=1 paused {gap:.1f} s (WatchdogSec=30 in the unit)"
     assert daemon.process is not None
     assert daemon.process.poll() is None
 
@@ -414,7 +415,9 @@ def test_the_socket_thread_hands_over_inbound_room_and_a_tick_answers_a_bounded_
                 answered += 1
             assert not dealer.poll(300), "a tick answered more than MESSAGES_PER_TICK"
             if answered < sent:
-                wait_until(lambda: intake._inbound, 10, "the socket thread to read on")
+                waiting = min(zmq_intake.INBOUND_ROOM, sent - answered)
+                wait_until(lambda: len(intake._inbound) == waiting, 10,  # noqa: B023
+                           "the socket thread to read on")
     finally:
         dealer.close(linger=0)
         bounded(intake.stop, STOP_BOUND_S)

@@ -289,19 +289,23 @@ def test_the_limit_is_a_pure_rule() -> None:
 def test_all_peers_together_are_bounded_too_and_a_reader_never_cut() -> None:
     limit, total = 8 << 20, 64 << 20
     assert reply_fits(1 << 20, 1 << 20, limit, 62 << 20, total)
-    assert not reply_fits(1 << 20, 1 << 20, limit, 63 << 20 + 1, total)
-    assert reply_fits(0, 1 << 20, limit, 100 << 20, total)  # it holds nothing: it reads
-    assert not reply_fits(0, 1 << 20, limit, 128 << 20, total)  # ...up to twice the total
+    assert not reply_fits(1 << 20, 1 << 20, limit, (63 << 20) + 1, total)
+    # One that holds little (a stream's last chunk) reads: it goes on up to twice the total.
+    assert reply_fits(limit // 64, 1 << 20, limit, 100 << 20, total)
+    assert not reply_fits((limit // 64) + 1, 1 << 20, limit, 100 << 20, total)
+    assert reply_fits(0, 1 << 20, limit, 100 << 20, total)
+    assert not reply_fits(0, 1 << 20, limit, 128 << 20, total)
     assert reply_fits(0, 300 << 20, limit, 0, total)  # the one reply anywhere
+    assert not reply_fits(1, 300 << 20, limit, 1, total)
 
 
 MEDIUM_TEXT = LONG_TEXT[:600].strip()  # a 1.3 MB reply: 6 fit under 8 MiB
-PILERS, PILED = 12, 6
+PILERS, PILED = 20, 6
 
 
 def test_many_clients_that_never_read_hold_a_bounded_amount_together(
         make_daemon: DaemonFactory) -> None:
-    """Each within its own zmq.max_buffered_bytes, 12 clients that never read held 12
+    """Each within its own zmq.max_buffered_bytes, 20 clients that never read held 15
     times it (1,024 connections could hold 64 GiB). Together they may hold 8 times it:
     past that their replies are dropped for `client_too_slow`, and a client that reads
     is served all the while."""

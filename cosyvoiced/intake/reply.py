@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced import logs
-from cosyvoiced.admission import TOTAL_BUFFERED_FACTOR, PerClient, reply_fits
+from cosyvoiced.admission import TOTAL_BUFFERED_FACTOR, PerClient, holds_too_much, reply_fits
 from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.limits import Throttled
@@ -423,9 +423,8 @@ class ReplyIntake:
         buffered = self._buffered(client)
         if not buffered:
             self._slow.discard(client)
-        limit = self.max_buffered_bytes()
-        if buffered >= limit or client in self._slow or \
-                (buffered and self._total_buffered() >= TOTAL_BUFFERED_FACTOR * limit):
+        if client in self._slow or \
+                holds_too_much(buffered, self.max_buffered_bytes(), self._total_buffered()):
             return Failed(BUSY, f"{buffered >> 20} MiB of audio made for this client is not "
                           "read yet; read it, then retry")
         return None

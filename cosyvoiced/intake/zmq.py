@@ -45,6 +45,7 @@ from cosyvoiced.admission import (
     InFlight,
     PerClient,
     UploadSlots,
+    holds_too_much,
     reply_fits,
 )
 from cosyvoiced.clients import Identity
@@ -371,12 +372,11 @@ class _SocketThread(threading.Thread):
     def _refused_unread(self, request: Request) -> bool:
         """A `synthesize` from a peer that has not taken its replies gets `busy`, as over
         HTTP: its audio would only pile up here (so does one that holds any while all
-        peers together hold TOTAL_BUFFERED_FACTOR times the limit)."""
+        peers together hold TOTAL_BUFFERED_FACTOR times the limit: `holds_too_much`)."""
         buffered = self._outbox.buffered(request.client)
         limit = self._settings().max_buffered_bytes
-        over = buffered >= limit or \
-            (buffered > 0 and self._outbox.total >= TOTAL_BUFFERED_FACTOR * limit)
-        if request.op != Op.SYNTHESIZE or not over:
+        if request.op != Op.SYNTHESIZE or \
+                not holds_too_much(buffered, limit, self._outbox.total):
             return False
         log.debug("request_refused", source=SOURCE, code="busy", buffered_bytes=buffered)
         self._send(error_reply(request.route, ProtocolError(
