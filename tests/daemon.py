@@ -75,6 +75,14 @@ def out_of_descriptors(daemon: Daemon, port: int, spare: int = 8,
             sock.close()
 
 
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM): what a burst made it hold."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
     """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s

@@ -30,7 +30,7 @@ from cosyvoiced import config
 from cosyvoiced.client import Client
 from cosyvoiced.job import MAX_ERROR_MESSAGE_CHARS
 from tests.conftest import DaemonFactory
-from tests.daemon import REPO, Daemon, free_port, wait_until
+from tests.daemon import REPO, Daemon, free_port, peak_rss_bytes, wait_until
 from tests.test_http_limits import _closed_by_peer, _read_response, connected
 
 KEY = "sk-hostile-http-0123456789"
@@ -283,12 +283,6 @@ def test_a_timestamps_reply_read_by_openai_is_whole(served: Served) -> None:
     assert abs(body["sentences"][-1]["end_time"] - len(samples) / rate) <= 0.05
 
 
-def _peak_rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
 
 def test_a_long_timestamps_reply_is_made_as_it_is_written(make_daemon: DaemonFactory) -> None:
     """12 minutes of audio with its captions, 31 MB as WAV: the reply's JSON was made whole,
@@ -301,13 +295,13 @@ def test_a_long_timestamps_reply_is_made_as_it_is_written(make_daemon: DaemonFac
     daemon.start()
     assert daemon.process is not None
     text = ("A long sentence for the captions to time, one of many. " * 260)[:14_000]
-    before = _peak_rss_bytes(daemon.process.pid)
+    before = peak_rss_bytes(daemon.process.pid)
     with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
                        max_retries=0, timeout=120) as client:
         reply = client.audio.speech.create(model="tts-1", voice=TONE, input=text,
                                            response_format="wav",
                                            extra_body={"timestamps": "sentence"})
-    grown = _peak_rss_bytes(daemon.process.pid) - before
+    grown = peak_rss_bytes(daemon.process.pid) - before
     body = json.loads(reply.content)
     samples, rate = soundfile.read(io.BytesIO(base64.b64decode(body["audio"])))
     assert len(samples) / rate > 600

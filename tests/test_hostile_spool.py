@@ -21,7 +21,7 @@ import soundfile
 from cosyvoiced.client import Client
 from cosyvoiced.service import CLAIMS_PER_TICK, MAX_QUEUED_DROPS
 from cosyvoiced.spool import MAX_INPUT_NAME_BYTES
-from tests.daemon import Daemon, bounded, wait_until
+from tests.daemon import Daemon, bounded, peak_rss_bytes, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
 RESCAN_INTERVAL_S = 5.0
@@ -224,12 +224,6 @@ def test_an_overflowed_inotify_queue_is_rescanned_and_the_watch_lives_on(
         daemon.stop()
 
 
-def _peak_rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
 
 COPIES = 24  # of one cached 250 s text (11 MB kept), as 48 kHz WAV: 48 MB of float each
 
@@ -247,7 +241,7 @@ def test_copies_of_a_cached_long_text_wait_for_the_encoder_in_the_drop_folder(
         assert daemon.process is not None
         daemon.drop_job("first", text=text, format="wav")
         daemon.wait_done("first.json", timeout_s=120)
-        before = _peak_rss_bytes(daemon.process.pid)
+        before = peak_rss_bytes(daemon.process.pid)
         staging = tmp_path / "copies"
         staging.mkdir()
         for n in range(COPIES):
@@ -257,7 +251,7 @@ def test_copies_of_a_cached_long_text_wait_for_the_encoder_in_the_drop_folder(
             os.rename(path, daemon.inbox / path.name)
         for n in range(COPIES):
             assert daemon.wait_done(f"copy-{n:02}.json", timeout_s=180)["cached"] is True
-        grown = _peak_rss_bytes(daemon.process.pid) - before
+        grown = peak_rss_bytes(daemon.process.pid) - before
         # 432 MiB now (the budget, one more copy, its resampling), 1,195 on the old code
         assert grown < 700 << 20, f"the daemon's peak grew {grown >> 20} MiB"
     finally:

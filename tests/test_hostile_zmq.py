@@ -31,7 +31,7 @@ from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.jobspec import Limits
 from cosyvoiced.protocol import Op, Request
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, bounded, wait_until
+from tests.daemon import Daemon, bounded, peak_rss_bytes, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
 CLONING = {"name": "tests.engines.faulty:cloning"}
@@ -385,12 +385,6 @@ BIG = 4 << 20  # bytes: a ping with an attachment it may not have (the superviso
 BIG_REQUESTS = 150  # 600 MiB pipelined behind the flood
 
 
-def _peak_rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
 
 def test_the_socket_thread_hands_over_inbound_room_and_a_tick_answers_a_bounded_number(
         endpoint: str) -> None:
@@ -434,7 +428,7 @@ def test_big_requests_pipelined_behind_a_flood_wait_in_the_senders_memory(
     assert daemon.process is not None
     with Client(daemon.endpoint, timeout_s=30, retries=0) as client:
         client.ping()
-    before = _peak_rss_bytes(daemon.process.pid)
+    before = peak_rss_bytes(daemon.process.pid)
     flooder = _flood(daemon.endpoint, FLOOD)
     heavy: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     heavy.setsockopt(zmq.LINGER, 0)
@@ -454,7 +448,7 @@ def test_big_requests_pipelined_behind_a_flood_wait_in_the_senders_memory(
         flooder.close(linger=0)
         heavy.close(linger=0)
     assert refused == BIG_REQUESTS
-    grown = _peak_rss_bytes(daemon.process.pid) - before
+    grown = peak_rss_bytes(daemon.process.pid) - before
     assert grown < 64 << 20, f"the daemon's peak grew {grown >> 20} MiB"  # 20-24 MiB now
 
 
@@ -480,7 +474,7 @@ def test_voice_uploads_pipelined_wait_for_a_decode_slot(make_daemon: DaemonFacto
     daemon = make_daemon(engine=CLONING)
     daemon.start()
     assert daemon.process is not None
-    before = _peak_rss_bytes(daemon.process.pid)
+    before = peak_rss_bytes(daemon.process.pid)
     uploader: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     uploader.setsockopt(zmq.LINGER, 0)
     uploader.setsockopt(zmq.SNDHWM, 0)
@@ -499,7 +493,7 @@ def test_voice_uploads_pipelined_wait_for_a_decode_slot(make_daemon: DaemonFacto
         uploader.close(linger=0)
     assert replies["busy"] + replies["voice_registered"] == UPLOADS, replies
     assert replies["voice_registered"] >= 2
-    grown = _peak_rss_bytes(daemon.process.pid) - before
+    grown = peak_rss_bytes(daemon.process.pid) - before
     assert grown < 200 << 20, f"the daemon's peak grew {grown >> 20} MiB"  # 100 MiB now
     with Client(daemon.endpoint, timeout_s=30, retries=0) as client:
         assert client.register_voice("after", _long_recording(), "Room again.")["name"] == \
