@@ -401,8 +401,10 @@ def test_many_console_streams_of_one_key_cost_what_one_does(
 
             streams = [asyncio.create_task(stream()) for _ in range(STREAMS)]
             async with asyncio.timeout(TIMEOUT_S):
-                while len(os.listdir(f"/proc/{pid}/fd")) < descriptors + STREAMS:
-                    await asyncio.sleep(0.1)  # until every stream is connected
+                # Until every stream is connected: less a few descriptors that may close
+                # meanwhile (the ZeroMQ client's connection ends after it was counted).
+                while len(os.listdir(f"/proc/{pid}/fd")) < descriptors + STREAMS - 8:
+                    await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)  # ... and has had its first board
             before = _cpu_s(pid)
             await asyncio.sleep(CPU_WINDOW_S)  # a window to measure over, not a wait
