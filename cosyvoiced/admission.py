@@ -130,17 +130,18 @@ class UploadSlots:
             del self._held[client]
 
 
-def reply_fits(buffered: int, size: int, limit: int, total: int = 0,
-               total_limit: int | None = None) -> bool:
+def reply_fits(buffered: int, size: int, limit: int, total: int = 0) -> bool:
     """Whether a reply of `size` bytes may join the `buffered` bytes a client has not taken:
     within `limit` (one reply, however big, goes to a client that holds nothing), and the
-    `total` of every client's within `total_limit`, or within twice that for a client that
-    holds little (it reads: READER_PART), so that a thousand that stopped reading cut off
-    neither those who read nor more memory than that. Nothing held anywhere: it goes."""
+    `total` of every client's within TOTAL_BUFFERED_FACTOR times it, or within twice that
+    for a client that holds little (it reads: READER_PART), so that a thousand that stopped
+    reading cut off neither those who read nor more memory than that. Nothing held anywhere:
+    it goes."""
     if buffered and buffered + size > limit:
         return False
-    if total_limit is None or (buffered == 0 and total == 0):
+    if buffered == 0 and total == 0:
         return True
+    total_limit = TOTAL_BUFFERED_FACTOR * limit
     reads = buffered <= limit // READER_PART
     return total + size <= (2 * total_limit if reads else total_limit)
 

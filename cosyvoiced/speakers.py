@@ -84,7 +84,7 @@ def _decode(text: str) -> Samples:
 class SpeakerStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int] | None = None
         # The owners as of the file's (inode, mtime, size): every registration and removal
         # is checked against them, and parsing the file (32 voices: tens of MB of base64)
         # for each request of a flood held the tick for seconds.
@@ -133,11 +133,7 @@ class SpeakerStore:
 
     def changed(self) -> bool:
         """Whether the file changed since the last call (True the first time)."""
-        try:
-            info = os.stat(self.path)
-            seen: tuple[int, int] | None = (info.st_mtime_ns, info.st_size)
-        except FileNotFoundError:
-            seen = None
+        seen = self._version()
         changed, self._seen = seen != self._seen, seen
         return changed
 

@@ -16,7 +16,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from cosyvoiced.admission import reply_fits
+from cosyvoiced.admission import TOTAL_BUFFERED_FACTOR, reply_fits
 from cosyvoiced.client import Client
 from cosyvoiced.intake.zmq_peers import Departures, is_idle
 from tests.conftest import DaemonFactory
@@ -287,16 +287,17 @@ def test_the_limit_is_a_pure_rule() -> None:
 
 
 def test_all_peers_together_are_bounded_too_and_a_reader_never_cut() -> None:
-    limit, total = 8 << 20, 64 << 20
-    assert reply_fits(1 << 20, 1 << 20, limit, 62 << 20, total)
-    assert not reply_fits(1 << 20, 1 << 20, limit, (63 << 20) + 1, total)
+    limit = 8 << 20
+    assert TOTAL_BUFFERED_FACTOR * limit == 64 << 20  # the total the lines below meet
+    assert reply_fits(1 << 20, 1 << 20, limit, 62 << 20)
+    assert not reply_fits(1 << 20, 1 << 20, limit, (63 << 20) + 1)
     # One that holds little (a stream's last chunk) reads: it goes on up to twice the total.
-    assert reply_fits(limit // 64, 1 << 20, limit, 100 << 20, total)
-    assert not reply_fits((limit // 64) + 1, 1 << 20, limit, 100 << 20, total)
-    assert reply_fits(0, 1 << 20, limit, 100 << 20, total)
-    assert not reply_fits(0, 1 << 20, limit, 128 << 20, total)
-    assert reply_fits(0, 300 << 20, limit, 0, total)  # the one reply anywhere
-    assert not reply_fits(1, 300 << 20, limit, 1, total)
+    assert reply_fits(limit // 64, 1 << 20, limit, 100 << 20)
+    assert not reply_fits((limit // 64) + 1, 1 << 20, limit, 100 << 20)
+    assert reply_fits(0, 1 << 20, limit, 100 << 20)
+    assert not reply_fits(0, 1 << 20, limit, 128 << 20)
+    assert reply_fits(0, 300 << 20, limit, 0)  # the one reply anywhere
+    assert not reply_fits(1, 300 << 20, limit, 1)
 
 
 MEDIUM_TEXT = LONG_TEXT[:600].strip()  # a 1.3 MB reply: 6 fit under 8 MiB

@@ -56,6 +56,7 @@ from cosyvoiced.clients import Identity
 from cosyvoiced.encoding import EncodeFailed, Encoder, EncoderStream
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.reply import (
+    UNRESPONSIVE,
     Chunk,
     Done,
     Exchange,
@@ -577,7 +578,7 @@ class ElevenLabsSockets:
                 429 if refused.code == "rate_limit_exceeded" else 400
             return error_reply(status, refused.code, refused.message)
         except Unresponsive as late:
-            return error_reply(503, "unresponsive", f"{late}; retry in a moment")
+            return error_reply(503, UNRESPONSIVE, str(late))
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, autoping=True)
         await ws.prepare(request)
         self._open.add(ws)

@@ -32,6 +32,7 @@ from cosyvoiced.intake.limits import REFUSAL_CODE, ConnectionLimits, listen
 from cosyvoiced.intake.reply import (
     BUSY,
     START_TIMEOUT_S,
+    UNRESPONSIVE,
     Chunk,
     Done,
     Exchange,
@@ -63,7 +64,6 @@ REQUEST_TIMEOUT = "request_timeout"
 WHOLE_PIECE_BYTES = 64 << 10  # a reply sent whole is written this much at a time
 
 RATE_LIMITED = "rate_limit_exceeded"  # OpenAI's code for it
-UNRESPONSIVE = "unresponsive"  # the supervisor did not answer (as /healthz says it)
 UNRESPONSIVE_RETRY_S = 5
 _STATUS = {
     "invalid_api_key": 401,
@@ -340,7 +340,7 @@ class HttpIntake(ReplyIntake):
             return error_response(str(failure.error.code), failure.error.message,
                                   failure.error.field)
         except Unresponsive as late:  # not aiohttp's bare 500: what happened, and when to retry
-            return error_response(UNRESPONSIVE, f"{late}; retry in a moment",
+            return error_response(UNRESPONSIVE, str(late),
                                   headers={"Retry-After": str(UNRESPONSIVE_RETRY_S)})
         except web.HTTPRequestEntityTooLarge:
             return error_response("request_too_large", f"body: over the limit of "

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cosyvoiced import logs
-from cosyvoiced.admission import TOTAL_BUFFERED_FACTOR, PerClient, holds_too_much, reply_fits
+from cosyvoiced.admission import PerClient, holds_too_much, reply_fits
 from cosyvoiced.clients import Identity
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.limits import Throttled
@@ -52,8 +52,12 @@ MAX_BUFFERED_BYTES = 64 << 20  # per client: about 12 minutes of 22 kHz float32 
 log = logs.get_logger("cosyvoiced.intake.reply")
 
 
+UNRESPONSIVE = "unresponsive"  # the error code of `Unresponsive`, as /healthz says it
+
+
 class Unresponsive(TimeoutError):
-    """The supervisor did not answer a question in time: its tick is stuck, or far behind."""
+    """The supervisor did not answer a question in time: its tick is stuck, or far behind.
+    Its text is the client's error message."""
 
 
 class Service(IntakeService, Protocol):
@@ -308,7 +312,8 @@ class ReplyIntake:
         try:
             answer: T = await asyncio.wait_for(query.future, timeout_s)
         except TimeoutError:
-            raise Unresponsive(f"the daemon did not answer in {timeout_s:g} s") from None
+            raise Unresponsive(f"the daemon did not answer in {timeout_s:g} s; retry in a "
+                               "moment") from None
         return answer
 
     def _put(self, message: Inbound) -> None:
@@ -420,28 +425,33 @@ class ReplyIntake:
         if error is not None:  # shutting_down, or busy
             return Failed.of(error)
         client = submission.identity.client
-        buffered = self._buffered(client)
+        buffered, total = self._unread(client)
         if not buffered:
             self._slow.discard(client)
-        if client in self._slow or \
-                holds_too_much(buffered, self.max_buffered_bytes(), self._total_buffered()):
+        if client in self._slow or holds_too_much(buffered, self.max_buffered_bytes(), total):
             return Failed(BUSY, f"{buffered >> 20} MiB of audio made for this client is not "
                           "read yet; read it, then retry")
         return None
 
-    def _buffered(self, client: str) -> int:
-        return sum(route.exchange.pending_bytes for route in self._routes.values()
-                   if route.identity.client == client)
+    def _unread(self, client: str) -> tuple[int, int]:
+        """The audio made for `client` and not yet sent to it, and every client's together
+        (one pass over the routes: this runs for every chunk)."""
+        own = total = 0
+        for route in self._routes.values():
+            pending = route.exchange.pending_bytes
+            total += pending
+            if route.identity.client == client:
+                own += pending
+        return own, total
 
-    def _total_buffered(self) -> int:
-        return sum(route.exchange.pending_bytes for route in self._routes.values())
+    def _buffered(self, client: str) -> int:
+        return self._unread(client)[0]
 
     def _overflows(self, route: _Route, nbytes: int) -> bool:
         """Whether a chunk would take its client's unread audio past the bound, or every
         client's together past theirs (`admission.reply_fits`)."""
-        limit = self.max_buffered_bytes()
-        return not reply_fits(self._buffered(route.identity.client), nbytes, limit,
-                              self._total_buffered(), TOTAL_BUFFERED_FACTOR * limit)
+        buffered, total = self._unread(route.identity.client)
+        return not reply_fits(buffered, nbytes, self.max_buffered_bytes(), total)
 
     def _post(self, job: Job, event: Event, last: bool = False) -> None:
         route = self._routes.get(job.id)

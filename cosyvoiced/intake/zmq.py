@@ -381,9 +381,7 @@ class _SocketThread(threading.Thread):
         log.debug("request_refused", source=SOURCE, code="busy", buffered_bytes=buffered)
         self._send(error_reply(request.route, ProtocolError(
             WireCode.BUSY, f"{_mib(buffered)} of replies to this client are not read yet "
-            f"(zmq.max_buffered_bytes = {_mib(limit)}; all clients' together, "
-            f"{_mib(self._outbox.total)} of {_mib(TOTAL_BUFFERED_FACTOR * limit)}); read "
-            "them, then retry", request.id)))
+            f"({self._bounds(limit)}); read them, then retry", request.id)))
         return True
 
     def _send_replies(self) -> bool:
@@ -419,8 +417,7 @@ class _SocketThread(threading.Thread):
         size = sum(len(frame) for frame in body)
         buffered = self._outbox.buffered(client)
         limit = self._settings().max_buffered_bytes
-        if event == "error" or reply_fits(buffered, size, limit, self._outbox.total,
-                                          TOTAL_BUFFERED_FACTOR * limit):
+        if event == "error" or reply_fits(buffered, size, limit, self._outbox.total):
             self._hand_over(frames, size)
             return
         if not final:
@@ -432,10 +429,8 @@ class _SocketThread(threading.Thread):
         job = header.get("job")
         limit = self._settings().max_buffered_bytes
         error = ProtocolError(WireCode.CLIENT_TOO_SLOW, f"{_mib(buffered)} of replies to this "
-                              f"client are not read yet (zmq.max_buffered_bytes = "
-                              f"{_mib(limit)}; all clients' together, {_mib(self._outbox.total)}"
-                              f" of {_mib(TOTAL_BUFFERED_FACTOR * limit)}): this reply was "
-                              "dropped"
+                              f"client are not read yet ({self._bounds(limit)}): this reply "
+                              "was dropped"
                               + (" and its job cancelled" if job else ""), header.get("id"))
         reply = encode_reply(route, error.request_id, "error",
                              **({"job": job} if job else {}), **error.fields())
@@ -443,6 +438,11 @@ class _SocketThread(threading.Thread):
         if isinstance(job, str):
             self._inbound.put(ClientTooSlow(route[0], job))
             self._wake()
+
+    def _bounds(self, limit: int) -> str:
+        """The bounds on unread replies, as an error names them."""
+        return (f"zmq.max_buffered_bytes = {_mib(limit)}; all clients' together, "
+                f"{_mib(self._outbox.total)} of {_mib(TOTAL_BUFFERED_FACTOR * limit)}")
 
     def _hand_over(self, frames: list[bytes], size: int) -> None:
         """Queue it on the ROUTER; its last frame zero-copy with a tracker, so the outbox
