@@ -13,10 +13,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from wyoming.audio import AudioChunk
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.event import Event, async_read_event
+from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.ping import Ping
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
 
@@ -24,6 +26,7 @@ from cosyvoiced import config
 from cosyvoiced.config import WyomingConfig
 from cosyvoiced.intake import wyoming as wyoming_intake
 from cosyvoiced.intake.reply import Released, Submission
+from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, bounded, free_port, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
@@ -185,6 +188,59 @@ def test_connections_over_max_connections_are_refused_at_once(daemon: Daemon) ->
             await client.disconnect()
 
     asyncio.run(crowd())
+
+
+HOG = "127.0.0.2"  # another host, as loopback sees it (all of 127/8 is this machine)
+
+
+def test_a_host_holding_every_connection_gives_an_idle_one_up_to_another_host(
+        make_daemon: DaemonFactory) -> None:
+    """One host's idle connections locked Home Assistant out until they timed out. Now the
+    host holding more gives up an idle one (not one with a stream open) for a host holding
+    fewer; a newcomer from the host that holds more is still refused."""
+    daemon = make_daemon(engine=TONE, wyoming={
+        "listen": f"tcp://127.0.0.1:{free_port()}", "idle_timeout_s": 60,
+        "max_connections": MAX_CONNECTIONS})
+    daemon.start()
+    host, port = _address(daemon)
+
+    async def crowd() -> None:
+        hogged = [await asyncio.open_connection(host, port, local_addr=(HOG, 0))
+                  for _ in range(MAX_CONNECTIONS)]
+        streaming_reader, streaming = hogged[0]  # the oldest: it would go first if it could
+        await async_write_event(SynthesizeStart().event(), streaming)
+        for reader, writer in hogged:  # each one served: each one counted
+            await async_write_event(Ping().event(), writer)
+            assert await asyncio.wait_for(async_read_event(reader), WAIT_S) is not None
+        async with AsyncTcpClient(host, port) as newcomer:
+            await newcomer.write_event(Synthesize(text="Let me in.").event())
+            events = []
+            while (event := await _read(newcomer)) is not None and event.type != "audio-stop":
+                events.append(event)
+            assert event is not None, f"closed before its audio ended: {events}"
+            chunks = [AudioChunk.from_event(e) for e in events if AudioChunk.is_type(e.type)]
+            samples = np.frombuffer(b"".join(c.audio for c in chunks), np.int16)
+            assert len(samples) > chunks[0].rate // 10, "under 0.1 s of audio"
+            assert np.abs(samples).max() > 300, "silence"
+            assert await asyncio.wait_for(hogged[1][0].read(1), WAIT_S) == b"", \
+                "the host's oldest idle connection was not closed"
+            await async_write_event(Ping().event(), hogged[2][1])
+            assert await asyncio.wait_for(async_read_event(hogged[2][0]), WAIT_S) is not None
+            await async_write_event(SynthesizeStop().event(), streaming)  # still served
+            ended = await asyncio.wait_for(async_read_event(streaming_reader), WAIT_S)
+            assert ended is not None
+            assert ended.type == "synthesize-stopped", ended
+            extra = await asyncio.open_connection(host, port, local_addr=(HOG, 0))
+            refusal = await asyncio.wait_for(async_read_event(extra[0]), WAIT_S)
+            assert refusal is not None
+            assert Error.from_event(refusal).code == "busy"
+        for _, writer in [*hogged, extra]:
+            writer.close()
+            await writer.wait_closed()
+
+    asyncio.run(crowd())
+    given_up = daemon.log_events("wyoming_connection_given_up")
+    assert [(e["address"], e["newcomer"]) for e in given_up] == [(HOG, "127.0.0.1")]
 
 
 def test_a_stream_keeps_max_pending_per_client_jobs_in_hand_and_speaks_them_all(

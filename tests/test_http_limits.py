@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
 
+from tests.audiofile import read_audio
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, out_of_descriptors, wait_until
 
@@ -63,8 +65,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listeners]:
 
 
 @contextlib.contextmanager
-def connected(address: tuple[str, int], receive_buffer: int = 0) -> Iterator[socket.socket]:
+def connected(address: tuple[str, int], receive_buffer: int = 0,
+              source: str = "") -> Iterator[socket.socket]:
     sock = socket.socket()
+    if source:
+        sock.bind((source, 0))
     if receive_buffer:  # before connect, so the window offered is small from the start
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.settimeout(30)
@@ -239,6 +244,36 @@ def test_connections_over_the_cap_get_503_and_are_closed(served: Listeners) -> N
                          "the refusals to be counted in the log")
     assert refused[0]["count"] >= 1
     assert refused[0]["listener"] == "http"
+
+
+HOG = "127.0.0.2"  # another host, as loopback sees it (all of 127/8 is this machine)
+
+
+def test_one_host_holding_every_slot_gives_one_up_to_another_host(served: Listeners) -> None:
+    """One host that opened every connection and sends nothing locked the others out until
+    its connections timed out, and then took the slots again. A host holding more gives an
+    idle one up to a host holding fewer; its own extra connection is still refused."""
+    with contextlib.ExitStack() as stack:
+        hogged = [stack.enter_context(connected(served.http, source=HOG))
+                  for _ in range(MAX_CONNECTIONS)]
+        with openai.OpenAI(base_url=f"http://{served.http[0]}:{served.http[1]}/v1",
+                           api_key=KEY, max_retries=0, timeout=30) as client:
+            reply = client.audio.speech.create(model="tts-1", voice=TONE, input="Let me in.",
+                                               response_format="wav")
+            samples, rate = read_audio(reply.content)
+            assert rate > 0
+            assert len(samples) > rate // 10, "under 0.1 s of audio"
+            assert float(np.abs(samples).max()) > 0.01
+            closed = [sock for sock in hogged if _closed_by_peer(sock, 0.5)]
+            assert len(closed) == 1, f"{len(closed)} of the host's connections were closed"
+            # The client's connection is kept alive: the slots are full again.
+            extra = stack.enter_context(connected(served.http, source=HOG))
+            extra.settimeout(SLACK_S)
+            status, _headers, body = _read_response(extra)
+            assert (status, _error_code(body)) == (503, "too_many_connections")
+    given_up = wait_until(lambda: served.daemon.log_events("connections_given_up"), 15,
+                          "the connection given up to be logged")
+    assert (given_up[0]["address"], given_up[0]["newcomer"]) == (HOG, "127.0.0.1")
 
 
 def _healthy(connection: http.client.HTTPConnection) -> bool:

@@ -6,7 +6,8 @@ aiohttp bounds a request's size and closes a connection that idles between reque
 sends). It does not bound how long a request's line and headers may take to arrive, nor how
 many connections are open. These live here, in the protocol each connection gets
 (`_GuardedHandler`, aiohttp's `RequestHandler` with three checks added); `listen` accepts
-connections with it, in place of aiohttp's own `TCPSite`.
+connections with it, in place of aiohttp's own `TCPSite`. When the cap is reached, the slots
+are shared between peer addresses (`crowding`): one host cannot hold them all.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from cosyvoiced import logs
+from cosyvoiced.intake.crowding import AddressBook, peer_address
 
 THROTTLE_INTERVAL_S = 10.0  # a repeated warning is logged at most this often, with a count
 # aiohttp reads a body nobody asked for this long after the response, so the client sees
@@ -80,24 +82,26 @@ def _refusal(name: str, limit: int) -> bytes:
 
 
 class _Listener:
-    """What the connections of one listening socket share: how many are open, and the
-    counted log lines of those refused or cut off."""
+    """What the connections of one listening socket share: those open, by address, and the
+    counted log lines of those refused, closed for another host's, or cut off."""
 
     def __init__(self, name: str, limits: ConnectionLimits,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.limits = limits
-        self.open = 0
+        self.book: AddressBook[_GuardedHandler] = AddressBook()
         self.refusal = _refusal(name, limits.max_connections)
         self.refused = Throttled(loop, "connections_refused", listener=name,
+                                 max_connections=limits.max_connections)
+        self.evicted = Throttled(loop, "connections_given_up", listener=name,
                                  max_connections=limits.max_connections)
         self.too_slow = Throttled(loop, "header_timeout", listener=name,
                                   header_timeout_s=limits.header_timeout_s)
 
 
 class _GuardedHandler(web.RequestHandler):
-    """aiohttp's connection protocol, with a cap on open connections, a deadline for the
-    first byte of a fresh connection, and one for each request's line and headers
-    (slowloris), counted from its first byte.
+    """aiohttp's connection protocol, with a cap on open connections (shared between
+    addresses), a deadline for the first byte of a fresh connection, and one for each
+    request's line and headers (slowloris), counted from its first byte.
 
     It reads one piece of aiohttp's state: `_waiter` is pending while the connection waits
     for a request to be parsed (aiohttp's own keep-alive check reads it the same way)."""
@@ -106,19 +110,21 @@ class _GuardedHandler(web.RequestHandler):
         super().__init__(manager, **kwargs)
         self._listener = listener
         self._refused = False
+        self._address = ""
         self._first_byte_deadline: asyncio.TimerHandle | None = None
         self._header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listener = self._listener
-        if listener.open >= listener.limits.max_connections:
+        self._address = peer_address(transport.get_extra_info("peername"))
+        if listener.book.open >= listener.limits.max_connections and not self._room_made():
             self._refused = True
-            listener.refused.count()
+            listener.refused.count(address=self._address)
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(listener.refusal)
             transport.close()  # after the refusal is written
             return
-        listener.open += 1
+        listener.book.add(self._address, self)
         super().connection_made(transport)
         self._first_byte_deadline = self._loop.call_later(listener.limits.idle_timeout_s,
                                                           self._silent_too_long)
@@ -126,7 +132,7 @@ class _GuardedHandler(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:
             return
-        self._listener.open -= 1
+        self._listener.book.remove(self._address, self)
         self._stop_first_byte_clock()
         self._stop_header_clock()
         super().connection_lost(exc)
@@ -141,6 +147,21 @@ class _GuardedHandler(web.RequestHandler):
         elif data and self._header_deadline is None:
             self._header_deadline = self._loop.call_later(
                 self._listener.limits.header_timeout_s, self._headers_too_slow)
+
+    def _room_made(self) -> bool:
+        """Close a connection of an address that holds more than ours, if one can go."""
+        listener = self._listener
+        other = listener.book.make_room(self._address, _GuardedHandler._can_give_way)
+        if other is None:
+            return False
+        listener.evicted.count(address=other._address, newcomer=self._address)
+        listener.book.remove(other._address, other)  # its slot is ours now, not once it closed
+        other.force_close()
+        return True
+
+    def _can_give_way(self) -> bool:
+        """No request in hand: idle, or its line and headers not yet all in."""
+        return self.transport is not None and self._awaiting_request()
 
     def _awaiting_request(self) -> bool:
         return self._waiter is not None and not self._waiter.done()

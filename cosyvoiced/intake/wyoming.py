@@ -14,8 +14,9 @@ an `error` event too, and the connection is closed: it never just looks closed.
 Limits, as nginx's for HTTP (each read from `wyoming.*` when it applies, so a reload counts):
 `idle_timeout_s` closes a connection that sends no event, or takes none of our bytes, for
 that long; `read_timeout_s` bounds one event once its first byte is in; `max_connections`
-refuses one more connection with an `error` (busy); `max_pending_per_client` bounds the
-requests one connection has in flight.
+refuses one more connection with an `error` (busy), unless another address holds more and
+one of its connections waits with nothing in hand: that one is closed instead (`crowding`);
+`max_pending_per_client` bounds the requests one connection has in flight.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from wyoming.tts import (
 from cosyvoiced import __version__, audio, cleanup, clients, logs
 from cosyvoiced.config import WyomingConfig
 from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake.crowding import AddressBook, peer_address
 from cosyvoiced.intake.reply import (
     START_TIMEOUT_S,
     Chunk,
@@ -224,11 +226,13 @@ class _Connection(AsyncEventHandler):
         self._room: asyncio.Semaphore | None = None  # the open stream's lookahead
         self._speaker: asyncio.Task[None] | None = None
         self._task: asyncio.Task[Any] | None = None  # the one running `run`
+        self.address = peer_address(writer.get_extra_info("peername"))
+        self._waiting = False  # for the next event, with no job or stream in hand
 
     async def run(self) -> None:
         """Read events until the client leaves; our bounded reader, not the library's."""
         self._task = asyncio.current_task()
-        if not self._intake.connection_opened():
+        if not self._intake.connection_opened(self):
             await self._refuse()
             return
         try:
@@ -244,6 +248,7 @@ class _Connection(AsyncEventHandler):
     async def _serve(self) -> None:
         while True:
             settings = self._intake.settings()
+            self._waiting = not self._jobs and self._stream is None
             try:
                 event = await read_event(self.reader, settings.idle_timeout_s,
                                          settings.read_timeout_s)
@@ -253,8 +258,20 @@ class _Connection(AsyncEventHandler):
             except BadEvent as bad:
                 await self._error("bad_request", str(bad))
                 return
+            finally:
+                self._waiting = False
             if event is None or not await self._handled(event):
                 return
+
+    def can_give_way(self) -> bool:
+        """Nothing in hand, and our last reply all sent: it may be closed for a newcomer from
+        a less crowded address."""
+        return self._waiting and not self.writer.transport.get_write_buffer_size()
+
+    def give_way(self) -> None:
+        """Close for a newcomer (`can_give_way`): the read in `_serve` ends the connection."""
+        self._waiting = False
+        self.writer.transport.abort()
 
     async def _handled(self, event: Event) -> bool:
         """`handle_event`, whose failures end the connection with an `error` event."""
@@ -296,7 +313,7 @@ class _Connection(AsyncEventHandler):
         for job_id in self._jobs:
             self._intake.gone(job_id)
         self._jobs.clear()
-        self._intake.connection_closed()
+        self._intake.connection_closed(self)
         error = self.reader.exception()
         if error is not None:
             error.__traceback__ = None
@@ -436,21 +453,29 @@ class WyomingIntake(ReplyIntake):
         super().__init__(wake, "wyoming-loop", lambda: settings().max_pending_per_client)
         self._settings = settings
         self._server: AsyncServer | None = None
-        self._connections = 0  # open now; read and changed on the loop thread only
+        # Open now; read and changed on the loop thread only.
+        self._connections: AddressBook[_Connection] = AddressBook()
 
     def settings(self) -> WyomingConfig:
         """The running `[wyoming]` settings (a reload replaces them)."""
         return self._settings()
 
-    def connection_opened(self) -> bool:
-        """Count a new connection in; False (not counted) when max_connections are open."""
-        if self._connections >= self._settings().max_connections:
-            return False
-        self._connections += 1
+    def connection_opened(self, connection: _Connection) -> bool:
+        """Count a new connection in; False (not counted) when max_connections are open
+        and no other address gives one up for it."""
+        if self._connections.open >= self._settings().max_connections:
+            other = self._connections.make_room(connection.address, _Connection.can_give_way)
+            if other is None:
+                return False
+            log.info("wyoming_connection_given_up", address=other.address,
+                     newcomer=connection.address)
+            self._connections.remove(other.address, other)
+            other.give_way()
+        self._connections.add(connection.address, connection)
         return True
 
-    def connection_closed(self) -> None:
-        self._connections -= 1
+    def connection_closed(self, connection: _Connection) -> None:
+        self._connections.remove(connection.address, connection)
 
     def start(self) -> None:
         """Listen on wyoming.listen; an OSError (address taken, ...) names the key."""

@@ -1,0 +1,68 @@
+"""Who gives up a connection when a listener is full: the connection slots shared fairly
+between the addresses they come from.
+
+A listener's `max_connections` is one pool for every peer. Without this, one host that opens
+that many connections and leaves them idle (or trickles their headers) locks every other
+host out until its connections time out, and then takes the slots again. So when the pool is
+full and a connection comes from an address that holds fewer than another, that other
+address closes one of its connections that has no request in hand (idle, or still sending
+its first headers: nothing of it was accepted yet), and the newcomer takes its slot. Slots
+tend to equal shares; connections from one address (a reverse proxy, loopback clients) see
+the cap exactly as before: the newcomer is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from typing import Generic, TypeVar
+
+Connection = TypeVar("Connection")
+
+
+def evictee(held: Mapping[str, int], evictable: Collection[str], newcomer: str) -> str | None:
+    """The address that gives a connection up for one from `newcomer`: of those that can
+    (`evictable`), the one holding the most, if it holds at least two more than `newcomer`
+    does (so that it still holds as many after); None: refuse the newcomer."""
+    fewest_to_give = held.get(newcomer, 0) + 2
+    candidates = [address for address in evictable
+                  if address != newcomer and held.get(address, 0) >= fewest_to_give]
+    return max(candidates, key=lambda address: held[address], default=None)
+
+
+class AddressBook(Generic[Connection]):
+    """One listener's open connections by peer address, oldest first. Used on the listener's
+    loop thread only."""
+
+    def __init__(self) -> None:
+        self._by_address: dict[str, list[Connection]] = {}
+        self.open = 0
+
+    def add(self, address: str, connection: Connection) -> None:
+        self._by_address.setdefault(address, []).append(connection)
+        self.open += 1
+
+    def remove(self, address: str, connection: Connection) -> None:
+        held = self._by_address.get(address, [])
+        if connection in held:
+            held.remove(connection)
+            self.open -= 1
+        if not held:
+            self._by_address.pop(address, None)
+
+    def make_room(self, newcomer: str,
+                  can_go: Callable[[Connection], bool]) -> Connection | None:
+        """The connection to close so that one from `newcomer` may open (the oldest that
+        `can_go` of the address `evictee` picks), or None: refuse the newcomer."""
+        idle = {address: next((c for c in held if can_go(c)), None)
+                for address, held in self._by_address.items()}
+        held_counts = {address: len(held) for address, held in self._by_address.items()}
+        address = evictee(held_counts, [a for a, c in idle.items() if c is not None], newcomer)
+        return None if address is None else idle[address]
+
+
+def peer_address(peername: object) -> str:
+    """The host part of a transport's `peername` (the port differs per connection); a Unix
+    socket's peers are all one address."""
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return ""
