@@ -32,7 +32,7 @@ class Queue(Protocol):
 
     def unstarted(self) -> int: ...
 
-    def unstarted_of(self, share: str) -> int: ...
+    def unstarted_of(self, share: str, party: str | None = None) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def refusal(identity: Identity, queue: Queue, *, stopping: bool, max_pending: in
     """Why a job of `identity` is not queued now (None: it is), in this order, for every
     intake alike: not while stopping; not when zmq.max_pending jobs wait to start;
     anonymous clients all together in at most their part of that (so that clients with
-    keys always find room); and no client over its intake's bound of requests in flight."""
+    keys always find room), and one host's in at most its part of theirs; and no client
+    over its intake's bound of requests in flight."""
     if stopping:
         return JobError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping; send the "
                         "request again")
@@ -85,6 +86,12 @@ def refusal(identity: Identity, queue: Queue, *, stopping: bool, max_pending: in
         return JobError(ErrorCode.BUSY, f"the {room} places of anonymous clients in the "
                         "queue are taken (half of zmq.max_pending); retry later, or use "
                         "an API key or a CURVE key")
+    host_room = clients.host_room(max_pending)
+    if identity.anonymous and identity.host and \
+            queue.unstarted_of(clients.ANONYMOUS, identity.party) >= host_room:
+        return JobError(ErrorCode.BUSY, f"the {host_room} places of one host's anonymous "
+                        "clients in the queue are taken (a quarter of zmq.max_pending); "
+                        "retry later, or use an API key or a CURVE key")
     held = in_flight.count(identity.client)
     if per_client is not None and held >= per_client.limit:
         return JobError(ErrorCode.BUSY, f"{held} requests of this client are in flight "

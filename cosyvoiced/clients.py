@@ -9,6 +9,11 @@ keep clients apart. Pure: no sockets, no processes, the clock passed in.
 - `share`: whose turn it is in the scheduler (scheduler.py). Every anonymous client is in
   one share, `anonymous`, whose queued jobs are bounded as a class (`anonymous_room`): a
   flood of unauthenticated connections cannot fill the queue for those with keys.
+- `party`: who takes turns within a share: for anonymous clients, the `host` they connect
+  from (by HTTP, Wyoming or ZeroMQ over TCP alike), which may also hold only a part of the
+  anonymous places (`host_room`). So one host's flood neither takes every anonymous place
+  nor goes ahead of another host's request (Home Assistant's, say). A client whose host is
+  not known (a Unix socket's) is a party of its own. A key's share is one party.
 - `name`: how it is named in logs and metrics (a key's name; never a secret).
 - `voice_owner`: whom a voice it registers belongs to. Every client may speak with every
   voice, but only its owner or an admin may replace or remove it. A key's voices are its
@@ -19,11 +24,14 @@ keep clients apart. Pure: no sockets, no processes, the clock passed in.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from cosyvoiced.job import Job
 
 ANONYMOUS = "anonymous"
 INBOX = "inbox"  # the drop folder: whoever can write to it is trusted like a local admin
 ANONYMOUS_QUEUE_PART = 2  # anonymous clients may fill 1/2 of the queue's places
+ANONYMOUS_HOST_PART = 2  # and one host's anonymous clients 1/2 of those
 OPERATOR = "operator"  # the owner of voices registered by an admin
 
 
@@ -34,10 +42,21 @@ class Identity:
     share: str = ANONYMOUS
     admin: bool = False
     name: str = ANONYMOUS
+    host: str = ""  # an anonymous client's address ("": not known)
 
     @property
     def anonymous(self) -> bool:
         return self.share == ANONYMOUS
+
+    @property
+    def party(self) -> str:
+        if not self.anonymous:
+            return self.share
+        return f"host:{self.host}" if self.host else self.client
+
+    def stamp(self, job: Job) -> Job:
+        """The job as this client's: its owner, and its place in the turns."""
+        return replace(job, owner=self.owner, share=self.share, party=self.party)
 
     def may_see(self, owner: str) -> bool:
         """May this client see or cancel a job of `owner`?"""
@@ -59,10 +78,11 @@ def keyed(kind: str, name: str, *, admin: bool = False) -> Identity:
     return Identity(owner=who, client=who, share=who, admin=admin, name=name)
 
 
-def anonymous(connection: str, client: str | None = None) -> Identity:
-    """A client that did not say who it is: it owns what it asked on `connection`, and its
-    in-flight requests count under `client` (e.g. its address) when given."""
-    return Identity(owner=connection, client=client or connection)
+def anonymous(connection: str, client: str | None = None, host: str | None = None) -> Identity:
+    """A client that did not say who it is: it owns what it asked on `connection`, its
+    in-flight requests count under `client` (e.g. its address) when given, and its turns
+    and places are its `host`'s (None or "": not known, its client's)."""
+    return Identity(owner=connection, client=client or connection, host=host or "")
 
 
 def drop_folder() -> Identity:
@@ -75,6 +95,11 @@ LOCAL_ADMIN = Identity(owner="admin", client="admin", share="admin", admin=True,
 def anonymous_room(max_pending: int) -> int:
     """How many unstarted jobs anonymous clients may hold together."""
     return max(1, max_pending // ANONYMOUS_QUEUE_PART)
+
+
+def host_room(max_pending: int) -> int:
+    """How many unstarted jobs the anonymous clients of one host may hold together."""
+    return max(1, anonymous_room(max_pending) // ANONYMOUS_HOST_PART)
 
 
 @dataclass(frozen=True)

@@ -152,9 +152,11 @@ class Job:
     # False: never served from the result cache, and its audio is not stored there.
     cache: bool = True
     # Who asked (service.Identity.owner): only they, or an admin, may see or cancel it.
-    # Fair turns are taken between `share`s (one per key; anonymous clients share one).
+    # Fair turns are taken between `share`s (one per key; anonymous clients share one),
+    # and within a share between `party`s (an anonymous client's host).
     owner: str = ""
     share: str = ""
+    party: str = ""
     # Captions (captions.py): "sentence" or "word" timings with the reply (HTTP, ZeroMQ);
     # a drop-folder job's caption file beside its audio, "vtt", "srt" or "json".
     timestamps: str | None = None

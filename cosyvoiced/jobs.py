@@ -146,7 +146,7 @@ class JobBook:
                                       len(running.segments), running.segments[index])):
             return  # the worker is gone; handled next tick, the job waits
         running.holder, running.last_slot, running.retry = worker, worker.slot, False
-        self._ledger.turn_taken(running.job.share, now)
+        self._ledger.turn_taken(running.job, now)
         running.dispatched = True
         running.last_progress = now
         running.segment_chunks = 0

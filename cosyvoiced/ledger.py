@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from cosyvoiced.workerhandle import WorkerHandle
 
 HISTORY = 10_000  # finished jobs remembered for `status`
-TURNS_KEPT = 10_000  # shares whose last turn is remembered (fair turns between clients)
+TURNS_KEPT = 10_000  # shares and parties whose last turn is remembered (fair turns)
 Samples = npt.NDArray[np.float32]
 
 
@@ -102,7 +102,7 @@ class LedgerView(Protocol):
 
     def unstarted(self) -> int: ...
 
-    def unstarted_of(self, share: str) -> int: ...
+    def unstarted_of(self, share: str, party: str | None = None) -> int: ...
 
     def in_hand(self) -> list[Running]: ...
 
@@ -118,7 +118,8 @@ class Ledger:
         self.jobs: OrderedDict[str, Running] = OrderedDict()  # in arrival order
         self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.finished_owners: dict[str, str] = {}  # job id -> owner, as long as remembered
-        self.last_turn: OrderedDict[str, float] = OrderedDict()  # share -> its last turn
+        # share (or party) -> its last turn
+        self.last_turn: OrderedDict[str, float] = OrderedDict()
         self.written: dict[str, Job] = {}  # done, its file being encoded and written
         self.crashes: dict[str, int] = {}
         self.counts = {"done": 0, "failed": 0, "cancelled": 0}
@@ -154,10 +155,12 @@ class Ledger:
     def in_progress(self) -> Counter[Priority]:
         return Counter(r.priority for r in self.jobs.values() if r.started and not r.remote)
 
-    def turn_taken(self, share: str, now: float) -> None:
-        """A segment of `share`'s went to a worker: the other shares go first next."""
-        self.last_turn.pop(share, None)
-        self.last_turn[share] = now
+    def turn_taken(self, job: Job, now: float) -> None:
+        """A segment of `job`'s went to a worker: the other shares go first next, and
+        within its share the other parties."""
+        for who in {job.share, job.party} - {""}:
+            self.last_turn.pop(who, None)
+            self.last_turn[who] = now
         while len(self.last_turn) > TURNS_KEPT:
             self.last_turn.popitem(last=False)
 
@@ -167,7 +170,7 @@ class Ledger:
 
     def waiting(self) -> list[Waiting]:
         return [Waiting(r.job.id, r.priority, r.ready_since, r.started, r.retry, r.last_slot,
-                        r.job.share)
+                        r.job.share, r.job.party)
                 for r in self.jobs.values()
                 if r.holder is None and not r.cancel_requested and r.done < len(r.segments)
                 and not r.remote]
@@ -203,8 +206,10 @@ class Ledger:
             return self.written[job_id].owner
         return self.finished_owners.get(job_id)
 
-    def unstarted_of(self, share: str) -> int:
-        return sum(1 for r in self.jobs.values() if not r.started and r.job.share == share)
+    def unstarted_of(self, share: str, party: str | None = None) -> int:
+        """Jobs of `share` not started, of its `party` alone if given."""
+        return sum(1 for r in self.jobs.values() if not r.started and r.job.share == share
+                   and party in (None, r.job.party))
 
     def count_crash(self, job: Job) -> int:
         self.crashes[job.id] = self.crashes.get(job.id, 0) + 1

@@ -121,6 +121,7 @@ class Request:
     header: dict[str, Any]
     attachments: tuple[bytes, ...] = field(default=())
     user: str | None = None  # the CURVE public key ZAP authenticated it with (Z85)
+    host: str | None = None  # the address its connection comes from (libzmq's Peer-Address)
 
     @property
     def client(self) -> bytes:

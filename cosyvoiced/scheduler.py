@@ -15,7 +15,10 @@ Above the jobs, clients take turns too: every job carries a `share` (an API key,
 key, the drop folder; anonymous clients all share one), and within a class a share's n-th
 waiting job goes after every other share's (n-1)-th; among shares with jobs of the same
 rank, the one whose turn was longest ago goes first (`last_turn`). So a client with 200
-queued jobs holds up a newcomer's first job by one turn, not 200. While several shares
+queued jobs holds up a newcomer's first job by one turn, not 200. Within a share, its
+`party`s (the hosts of anonymous clients) rank their jobs the same way, their turns kept in
+`last_turn` too, so one host's flood does not go ahead of another host's request within
+the anonymous share either. While several shares
 want to start jobs, a share may hold at most its fair part of the class's `max_active`
 places (Postfix's per-destination concurrency), so one client cannot take every place with
 long jobs.
@@ -52,6 +55,7 @@ class Waiting:
     retry: bool = False  # its last segment's worker died before finishing it
     last_worker: int | None = None  # the slot that served its last segment
     share: str = ""  # whose turn it is: the client's fair-share identity
+    party: str = ""  # who takes turns within the share (an anonymous client's host)
 
 
 @dataclass(frozen=True)
@@ -67,15 +71,34 @@ def order(waiting: Sequence[Waiting],
     handed out, `last_turn`) was longest ago, then by age."""
     turns = last_turn or {}
     oldest_first = sorted(waiting, key=lambda w: (w.priority, not w.retry, w.ready_since))
-    seen: Counter[tuple[Priority, str]] = Counter()
+    ranks = _ranks_in_share(oldest_first, turns)
     ranked = []
     for job in oldest_first:
-        rank = seen[job.priority, job.share]
-        seen[job.priority, job.share] += 1
-        key = (job.priority, not job.retry, rank, turns.get(job.share, -math.inf),
+        key = (job.priority, not job.retry, ranks[job.job_id], turns.get(job.share, -math.inf),
                job.ready_since)
         ranked.append((key, job))
     return [job for _key, job in sorted(ranked, key=lambda pair: pair[0])]
+
+
+def _ranks_in_share(oldest_first: Sequence[Waiting],
+                    turns: Mapping[str, float]) -> dict[str, int]:
+    """Each job's rank among its share's waiting jobs of its class: the parties of a share
+    take turns, so a party's n-th job ranks after every other party's (n-1)-th; among equals,
+    the party whose turn was longest ago, then retries and older jobs (`oldest_first`'s
+    order, kept by the stable sort)."""
+    seen: Counter[tuple[Priority, str, str]] = Counter()
+    in_party = []
+    for job in oldest_first:
+        rank = seen[job.priority, job.share, job.party]
+        seen[job.priority, job.share, job.party] += 1
+        in_party.append(((job.priority, job.share, rank, turns.get(job.party, -math.inf)),
+                         job))
+    ranks: dict[str, int] = {}
+    counted: Counter[tuple[Priority, str]] = Counter()
+    for _key, job in sorted(in_party, key=lambda pair: pair[0]):
+        ranks[job.job_id] = counted[job.priority, job.share]
+        counted[job.priority, job.share] += 1
+    return ranks
 
 
 def fair_places(waiting: Sequence[Waiting], shares_active: Mapping[tuple[Priority, str], int],

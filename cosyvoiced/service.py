@@ -275,7 +275,7 @@ class Service:
             fields = fields | {"prompt_audio": _prompt_name(job_id)}
             job = replace(job, prompt_audio=self.keep_prompt(job_id, prompt))
         self.spool.write_claimed(job_id, name, json.dumps(fields).encode())
-        job = replace(job, owner=identity.owner, share=identity.share)
+        job = identity.stamp(job)
         self.enqueue(job)
         return job
 
@@ -355,7 +355,7 @@ class Service:
                 "was in hand; it is not run again (send it again to retry)"))
             return
         if not job.owner:  # a dropped file (or a `submit` recovered from work/)
-            job = replace(job, owner=clients.INBOX, share=clients.INBOX)
+            job = clients.drop_folder().stamp(job)
         self.enqueue(job)
 
     def _reject(self, claimed: Claimed, error: JobError) -> None:

@@ -15,15 +15,16 @@ PER_CLIENT = PerClient("zmq.max_pending_per_client", 2)
 
 @dataclass
 class _Queue:
-    """Jobs waiting to start, by share."""
+    """Jobs waiting to start, by share, and by party (of the anonymous share)."""
 
     waiting: dict[str, int] = field(default_factory=dict)
+    by_party: dict[str, int] = field(default_factory=dict)
 
     def unstarted(self) -> int:
         return sum(self.waiting.values())
 
-    def unstarted_of(self, share: str) -> int:
-        return self.waiting.get(share, 0)
+    def unstarted_of(self, share: str, party: str | None = None) -> int:
+        return self.waiting.get(share, 0) if party is None else self.by_party.get(party, 0)
 
 
 def _refusal(identity: Identity, queue: _Queue | None = None, *, stopping: bool = False,
@@ -65,6 +66,22 @@ def test_a_full_queue_then_the_anonymous_part_then_the_client_own_limit() -> Non
         "(zmq.max_pending_per_client = 2); retry later")
     assert _refusal(client, in_flight=_holding(client, 1)) is None
     assert _refusal(client, in_flight=_holding(client, 2), per_client=None) is None
+
+
+def test_one_host_holds_at_most_half_of_the_anonymous_places() -> None:
+    # max_pending 4: anonymous clients hold 2 places, one host 1 of them.
+    flood, home = anonymous("wyoming:1", host="192.0.2.9"), anonymous("wyoming:2", host="::1")
+    queue = _Queue({ANONYMOUS: 1}, {flood.party: 1})
+    refused = _refusal(anonymous("wyoming:3", host="192.0.2.9"), queue)  # same host
+    assert refused is not None
+    assert refused[0] == ErrorCode.BUSY
+    assert "places of one host's anonymous clients" in refused[1]
+    assert _refusal(home, queue) is None
+    # A host not known (a Unix socket's peer) is no host: its client is a party of its own,
+    # held only to the anonymous places of all.
+    local = anonymous("zmq:ab")
+    assert local.party == "zmq:ab"
+    assert _refusal(local, _Queue({ANONYMOUS: 1}, {local.party: 1})) is None
 
 
 def test_requests_in_flight_are_counted_per_client_whichever_intake_and_connection() -> None:

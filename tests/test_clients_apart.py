@@ -12,10 +12,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
+from wyoming.audio import AudioChunk
 from wyoming.client import AsyncTcpClient
-from wyoming.tts import SynthesizeChunk, SynthesizeStart
+from wyoming.event import async_write_event
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart
 
 from cosyvoiced import config
 from cosyvoiced.client import Client, DaemonError
@@ -165,6 +168,89 @@ def test_a_key_is_served_promptly_while_anonymous_clients_flood_the_queue(
         for client in clients:
             loop.run_until_complete(client.disconnect())
         loop.close()
+
+
+async def _flood_from(host: str, port: int, source: str, connections: int,
+                      jobs_each: int) -> list[asyncio.StreamWriter]:
+    """As `_flood`, from the address `source` (another host, as loopback sees it)."""
+    writers = []
+    for _ in range(connections):
+        _reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+        await async_write_event(SynthesizeStart().event(), writer)
+        for n in range(jobs_each):
+            await async_write_event(SynthesizeChunk(text=f"SLOW@0.2 flood {n}. ").event(),
+                                    writer)
+        writers.append(writer)
+    return writers
+
+
+def test_one_hosts_anonymous_flood_leaves_another_host_room_and_its_turn(
+        make_daemon: DaemonFactory) -> None:
+    """Home Assistant (no key: Wyoming has none) was refused `busy` while another host's
+    anonymous flood held every anonymous place, and would then have waited behind all of
+    it. One host now holds at most half of those places, and hosts take turns."""
+    daemon = make_daemon(engine={"name": FAULTY},
+                         wyoming={"listen": f"tcp://127.0.0.1:{free_port()}"},
+                         zmq={"max_pending": 16})  # 8 anonymous places, 4 per host
+    daemon.start()
+    host, port = config.load(daemon.config_path).wyoming.listen.rsplit("/", 1)[1].split(":")
+
+    async def run() -> None:
+        flood = await _flood_from(host, int(port), "127.0.0.2", connections=6, jobs_each=8)
+        refused = wait_until(lambda: daemon.log_events("request_refused"), 30,
+                             "the flooding host's requests refused")
+        assert "one host's anonymous clients" in refused[0]["message"], refused[0]
+        before = len(daemon.log_events("job"))
+        async with AsyncTcpClient(host, int(port)) as home:
+            await home.write_event(Synthesize(text="Turn on the kitchen lights.").event())
+            events = []
+            while (event := await asyncio.wait_for(home.read_event(), 30)) is not None:
+                assert event.type != "error", event
+                events.append(event)
+                if event.type == "audio-stop":
+                    break
+        flood_first = len(daemon.log_events("job")) - before
+        chunks = [AudioChunk.from_event(e) for e in events if AudioChunk.is_type(e.type)]
+        samples = np.frombuffer(b"".join(c.audio for c in chunks), np.int16)
+        seconds = len(samples) / chunks[0].rate
+        assert seconds == pytest.approx(0.05 * 27, rel=0.01)  # the tone engine: 50 ms a char
+        assert np.abs(samples).max() > 300, "silence"
+        # After at most the flood's job in hand and the one next in turn, not after its
+        # places' worth (and the places freed as its streams went on).
+        assert flood_first <= 3, f"{flood_first} of the flood's jobs went first"
+        for writer in flood:
+            writer.transport.abort()
+
+    asyncio.run(run())
+
+
+def _submit_until_refused(clients: list[Client], most: int) -> tuple[int, DaemonError]:
+    """Submit slow jobs from `clients` in turn until one is refused: how many were
+    accepted before it, and the refusal."""
+    for n in range(most):
+        try:
+            clients[n % len(clients)].submit(f"SLOW@1 queued {n}.")
+        except DaemonError as error:
+            return n, error
+    raise AssertionError(f"none of {most} submissions was refused")
+
+
+def test_zeromq_connections_of_one_host_share_its_part_of_the_anonymous_places(
+        make_daemon: DaemonFactory) -> None:
+    """Each anonymous ZeroMQ connection was a client of its own: one host with two
+    connections held every anonymous place. Its connections now share its part (4 here)."""
+    port = free_port()
+    daemon = make_daemon(engine={"name": FAULTY},
+                         zmq={"bind": [f"tcp://127.0.0.1:{port}"], "max_pending": 16})
+    daemon.start()
+    from_other_host = f"tcp://127.0.0.2:0;127.0.0.1:{port}"  # libzmq's source address
+    with Client(from_other_host) as first, Client(from_other_host) as second:
+        accepted, refused = _submit_until_refused([first, second], 12)  # 8: all hosts'
+    assert refused.code == "busy"
+    assert "one host's anonymous clients" in refused.message, refused
+    assert 4 <= accepted <= 5, accepted  # 4 waiting to start, and maybe 1 started
+    with Client(f"tcp://127.0.0.1:{port}") as local:  # another host finds room
+        assert local.submit("SLOW@1 from here.")
 
 
 def _request_and_never_read(listen: str, key: str, text: str) -> socket.socket:

@@ -62,3 +62,18 @@ def test_a_share_served_last_waits_for_the_others_turn() -> None:
     # And the share that has waited longest since its turn goes first among equals.
     two = [*_flood("a", 2), *_flood("b", 2)]
     assert [w.job_id for w in order(two, {"a": 2.0, "b": 1.0})] == ["b-0", "a-0", "b-1", "a-1"]
+
+
+def test_hosts_take_turns_within_the_anonymous_share_and_it_keeps_its_one_turn() -> None:
+    """One host's 50 anonymous jobs went ahead of another host's (Home Assistant's) one:
+    the share was served oldest first. Its hosts take turns now; keys still see the
+    anonymous share as one client."""
+    flood = [Waiting(f"flood-{n}", INTERACTIVE, float(n), share="anonymous", party="host:a")
+             for n in range(50)]
+    home = Waiting("home", INTERACTIVE, 100.0, share="anonymous", party="host:b")
+    key = Waiting("key", INTERACTIVE, 200.0, share="key:k", party="key:k")
+    served = [w.job_id for w in order([*flood, home, key])]
+    assert served[:4] == ["flood-0", "key", "home", "flood-1"]
+    # The flood's last job just went: whatever its age, the other host's goes next.
+    after_a_turn = order([*flood[1:], home, key], {"host:a": 60.0, "anonymous": 60.0})
+    assert [w.job_id for w in after_a_turn][:3] == ["key", "home", "flood-1"]

@@ -363,7 +363,7 @@ class HttpIntake(ReplyIntake):
             settings = self._settings().keys.get(name)
             return clients.keyed("key", name, admin=settings is not None and settings.admin)
         return clients.anonymous(f"http:{id(request.transport):x}",
-                                 client=f"peer:{request.remote}")
+                                 client=f"peer:{request.remote}", host=request.remote or "")
 
     def _rate_limit(self, identity: Identity) -> clients.RateLimit:
         settings = self._settings()

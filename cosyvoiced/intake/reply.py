@@ -416,7 +416,7 @@ class ReplyIntake:
         identity = submission.identity
         self._routes[job.id] = _Route(submission.exchange, identity)
         service.in_flight.add(job.id, identity)
-        service.enqueue(replace(job, owner=identity.owner, share=identity.share))
+        service.enqueue(identity.stamp(job))
 
     def _refusal(self, submission: Submission, service: Service) -> Failed | None:
         per_client = PerClient(f"{self.source}.max_pending_per_client",

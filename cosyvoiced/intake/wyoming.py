@@ -218,15 +218,16 @@ class _Connection(AsyncEventHandler):
                  writer: asyncio.StreamWriter) -> None:
         super().__init__(reader, writer)
         self._intake = intake
-        # Wyoming has no authentication: each connection is an anonymous client of its own.
-        self._client = clients.anonymous(f"wyoming:{id(self):x}")
+        self.address = peer_address(writer.get_extra_info("peername"))
+        # Wyoming has no authentication: each connection is an anonymous client of its own
+        # (Home Assistant's satellites come from one host), taking turns as its host.
+        self._client = clients.anonymous(f"wyoming:{id(self):x}", host=self.address)
         self._jobs: set[str] = set()  # in flight: cancelled if the connection drops
         self._stream: TextStream | None = None
         self._parts: asyncio.Queue[tuple[str, Exchange] | None] = asyncio.Queue()
         self._room: asyncio.Semaphore | None = None  # the open stream's lookahead
         self._speaker: asyncio.Task[None] | None = None
         self._task: asyncio.Task[Any] | None = None  # the one running `run`
-        self.address = peer_address(writer.get_extra_info("peername"))
         self._waiting = False  # for the next event, with no job or stream in hand
 
     async def run(self) -> None:

@@ -21,6 +21,7 @@ and the stop are sent without blocking, and each wait has a timeout.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import threading
@@ -350,14 +351,15 @@ class _SocketThread(threading.Thread):
                 self._departures.back(frames[0])
                 # A user id is a CURVE key only with CURVE on (ZAP names NULL peers too).
                 self._take(frames, _user_id(message[-1]) if self._curve else None,
-                           sum(len(frame) for frame in frames))
+                           _peer_host(message[-1]), sum(len(frame) for frame in frames))
             except Exception:  # one message must not end the thread
                 log.error("zmq_message_failed", frames=len(frames), exc_info=True)
                 self._send(error_reply(split_envelope(frames)[0], ProtocolError(
                     WireCode.INTERNAL, "the request could not be handled (an internal error; "
                     "it is logged)")))
 
-    def _take(self, frames: list[bytes], user: str | None, size: int) -> None:
+    def _take(self, frames: list[bytes], user: str | None, host: str | None,
+              size: int) -> None:
         route, body = split_envelope(frames)
         try:
             request = parse(route, body, self._limits())
@@ -366,7 +368,7 @@ class _SocketThread(threading.Thread):
             return
         if self._refused_unread(request):
             return
-        self._inbound.put(replace(request, user=user), size)
+        self._inbound.put(replace(request, user=user, host=host), size)
         self._wake()
 
     def _refused_unread(self, request: Request) -> bool:
@@ -800,7 +802,7 @@ class ZmqIntake:
         if request.user:
             identity = clients.keyed("curve", request.user)
         else:
-            identity = clients.anonymous(f"zmq:{request.client.hex()}")
+            identity = clients.anonymous(f"zmq:{request.client.hex()}", host=request.host)
         if service.is_admin_token(request.header.get("admin")):
             identity = replace(identity, admin=True)
         return identity
@@ -837,7 +839,7 @@ class ZmqIntake:
                         default_output=job_id, limits=self._limits(),
                         known=SYNTHESIZE_FIELDS,
                         formats=REPLY_FORMATS, sink=SINK_REPLY, stream=stream)
-        job = replace(job, owner=identity.owner, share=identity.share)
+        job = identity.stamp(job)
         if request.attachments:
             job = replace(job, prompt_audio=service.keep_prompt(job_id, request.attachments[0]))
         self._routes[job.id] = _Route(request.route, request.id)
@@ -941,6 +943,16 @@ def _user_id(frame: zmq.Frame) -> str | None:
     except zmq.ZMQError:  # no metadata: not a CURVE connection
         return None
     return user if isinstance(user, str) and user else None
+
+
+def _peer_host(frame: zmq.Frame) -> str | None:
+    """The IP address the message's connection comes from (libzmq's Peer-Address), if it
+    has one: an IPC peer's names its process (``localhost:UID:GID:PID``), not a host."""
+    try:
+        host = frame.get("Peer-Address")
+        return str(ipaddress.ip_address(host))
+    except (zmq.ZMQError, ValueError, TypeError):  # no metadata, or not an IP address
+        return None
 
 
 def _voice(voice: VoiceInfo) -> dict[str, Any]:

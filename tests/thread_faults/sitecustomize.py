@@ -16,10 +16,10 @@ if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "zmq":
 
     _take = _zmq_intake._SocketThread._take
 
-    def _take_or_die(self, frames, user, size):  # type: ignore[no-untyped-def]
+    def _take_or_die(self, frames, *rest):  # type: ignore[no-untyped-def]
         if frames and b"KILL_THIS_THREAD" in frames[-1]:
             raise ThreadKilled("a test double killed the zmq socket thread")
-        return _take(self, frames, user, size)
+        return _take(self, frames, *rest)
 
     _zmq_intake._SocketThread._take = _take_or_die  # type: ignore[method-assign]
 
