@@ -158,8 +158,9 @@ class Metrics:
     def serve(self, settings: MetricsConfig) -> None:
         """Serve /metrics on metrics.listen; an OSError (address taken, ...) is raised."""
         host, _, port = settings.listen.rpartition(":")
+        # No send timeout of its own: a scraper that takes none of a page is idle.
         limits = ConnectionLimits(settings.header_timeout_s, settings.idle_timeout_s,
-                                  settings.max_connections)
+                                  settings.max_connections, settings.idle_timeout_s)
         loop_thread = LoopThread("metrics-loop")
         loop_thread.start()
         try:

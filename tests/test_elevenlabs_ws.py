@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import time
@@ -362,6 +363,53 @@ def test_a_socket_that_says_nothing_is_closed(daemon: Daemon) -> None:
     assert [e["error"] for e in errors] == ["input_timeout_exceeded"]
     assert close_code == 1008
     assert time.monotonic() - began < 10
+
+
+def test_a_socket_that_only_pings_is_closed_after_its_inactivity_timeout(
+        daemon: Daemon) -> None:
+    """aiohttp starts its receive timeout afresh with every ping it answers: a client that
+    pinged every 0.3 s and never sent a message held its socket, and its slot, for good."""
+    async def ping_only() -> tuple[list[str], float]:
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session, "multi-stream-input", "inactivity_timeout=1")
+            await ws.send_json({"text": " ", "context_id": "a"})
+            began = time.monotonic()
+
+            async def keep_pinging() -> None:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    while not ws.closed:
+                        await ws.ping()
+                        await asyncio.sleep(0.3)
+
+            pinging = asyncio.create_task(keep_pinging())
+            try:
+                async with asyncio.timeout(20):
+                    errors = [r["error"] async for r in _replies(ws) if "error" in r]
+            finally:
+                pinging.cancel()
+            return errors, time.monotonic() - began
+
+    errors, elapsed = asyncio.run(ping_only())
+    assert errors == ["input_timeout_exceeded"]
+    assert elapsed < 10
+
+
+def test_a_socket_whose_key_is_to_come_first_must_send_it_soon(daemon: Daemon) -> None:
+    """Keys on and none in the handshake: the key may come in the first message, and a
+    socket that sent none waited its whole inactivity_timeout (up to 180 s) unauthenticated."""
+    async def silent() -> tuple[list[dict[str, Any]], float]:
+        async with aiohttp.ClientSession() as session:
+            began = time.monotonic()
+            ws = await _socket(daemon, session, key=None,
+                               query="output_format=pcm_16000&inactivity_timeout=180")
+            async with asyncio.timeout(elevenlabs.FIRST_MESSAGE_S + 20):
+                errors = [r async for r in _replies(ws) if "error" in r]
+            return errors, time.monotonic() - began
+
+    errors, elapsed = asyncio.run(silent())
+    assert [e["error"] for e in errors] == ["input_timeout_exceeded"]
+    assert "xi_api_key" in errors[0]["message"], errors[0]
+    assert elapsed < elevenlabs.FIRST_MESSAGE_S + 10
 
 
 def test_a_long_answer_outlasts_the_inactivity_timeout(daemon: Daemon, tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -437,6 +439,46 @@ def test_a_megabyte_voice_name_is_quoted_in_a_clipped_error_and_log_line(served:
 
 
 # -- a supervisor that does not answer --------------------------------------------------------
+def test_clone_prompts_waiting_for_a_stalled_supervisor_are_bounded(
+        make_daemon: DaemonFactory) -> None:
+    """A clone's audio waits in memory until the supervisor writes it to the spool, on its
+    own thread; uploads that came faster than that (or while a tick was slow) piled up
+    without bound. At most 4 uploads' worth (4 x http.max_upload_bytes) wait now; more
+    are 429 busy at once, whatever their order."""
+    port = free_port()
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
+                         http={"listen": f"127.0.0.1:{port}", "max_upload_bytes": "256KiB"})
+    stall = daemon.root / "stall-the-tick"
+    daemon.start(extra_env={
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
+        "COSYVOICED_TEST_THREAD_FAULT": "stall", "COSYVOICED_TEST_TICK_STALL": str(stall)})
+    audio = base64.b64encode(os.urandom(180_000)).decode()  # 5 fit in 1 MiB, 6 do not
+    body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "Hello.",
+                       "clone": {"audio": audio}}).encode()
+    request = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: "
+               b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+    stall.touch()
+    try:
+        with contextlib.ExitStack() as stack:
+            socks = [stack.enter_context(connected(("127.0.0.1", port))) for _ in range(8)]
+            for sock in socks:
+                sock.sendall(request)
+            answered = wait_until(lambda: _answered(socks, 3), TIMEOUT_S, "3 answered")
+            assert len(_answered(socks, 3)) == 3, "more than 3 answered while stalled"
+            for sock in answered:
+                status, _headers, answer = _read_response(sock)
+                assert (status, _code(json.loads(answer))) == (429, "busy"), answer
+                assert b"voice prompts wait to be kept" in answer
+    finally:
+        stall.unlink()
+
+
+def _answered(socks: list[socket.socket], expected: int) -> list[socket.socket]:
+    """Those of `socks` with an answer to read, once `expected` have one (else [])."""
+    readable, _, _ = select.select(socks, [], [], 0)
+    return readable if len(readable) >= expected else []
+
+
 def test_a_question_the_stalled_supervisor_does_not_answer_gets_503_unresponsive(
         make_daemon: DaemonFactory) -> None:
     """A tick stuck in a slow call (a test double stalls it): a route that asks the

@@ -15,12 +15,14 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openai
 import pytest
 
+import cosyvoiced
 from tests.audiofile import read_audio
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, out_of_descriptors, wait_until
@@ -224,6 +226,37 @@ def test_a_client_that_stops_reading_has_its_job_cancelled(served: Listeners) ->
         elapsed = time.monotonic() - started
     assert ended[0]["outcome"] == "cancelled"
     assert elapsed < SEND_TIMEOUT_S + 20
+
+
+def test_responses_nobody_reads_do_not_hold_the_connection(served: Listeners) -> None:
+    """A client that pipelined requests for a static file and read none of the responses
+    held its connection, and its slot, for good: aiohttp waits for a client to drain with no
+    timeout, and the connection has a request in hand, so no other timeout applied. Writing
+    that stays paused for twice send_timeout_s now resets the connection."""
+    request = b"GET /console/static/board.js HTTP/1.1\r\nHost: test\r\n\r\n"
+    # 9 MB: more than the kernel's send buffer takes (it grows to 4 MiB) and asyncio's.
+    whole = 1000 * (Path(cosyvoiced.__file__).parent / "console" / "board.js").stat().st_size
+    with connected(served.http, receive_buffer=4096) as sock:
+        sock.sendall(request * 1000)
+        cut = wait_until(lambda: served.daemon.log_events("send_timeout_cut"),
+                         SEND_TIMEOUT_S + 20, "the connection cut for reading nothing")
+        assert cut[0]["listener"] == "http"
+        received, reset = _read_until_closed(sock, SLACK_S)
+    assert received < whole / 2, f"{received} of {whole} bytes: the responses were all sent"
+    assert reset, "closed, not reset: the kernel kept what was unsent for a client that reads"
+
+
+def _read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[int, bool]:
+    """How many bytes came before the server closed the connection, and whether it reset
+    it (dropping what was unsent) rather than closing it after the rest."""
+    sock.settimeout(timeout_s)
+    received = 0
+    try:
+        while data := sock.recv(65536):
+            received += len(data)
+    except ConnectionResetError:
+        return received, True
+    return received, False
 
 
 # -- connection caps -------------------------------------------------------------------------

@@ -77,6 +77,9 @@ MP3_RATES = (22050, 24000, 44100)
 MAX_CLOSE_REASON_BYTES = 123  # RFC 6455: a control frame's 125 bytes, less the code
 DEFAULT_INACTIVITY_S = 20.0  # ElevenLabs' default and ceiling for `inactivity_timeout`
 MAX_INACTIVITY_S = 180.0
+# A stream-input socket whose key is to come in its first message (keys on, none in the
+# handshake) sends that message this soon, whatever its inactivity_timeout.
+FIRST_MESSAGE_S = 10.0
 MAX_MESSAGE_BYTES = 64 << 10
 MAX_BUFFERED_CHARS = 20_000  # received, not yet spoken, per socket
 MAX_CONTEXTS = 5  # ElevenLabs' limit for one multi-context socket
@@ -324,9 +327,17 @@ class _Socket:
 
     async def _read(self, idle_s: float) -> None:
         while not self._closing:
+            wait_s = idle_s if self._identity is not None else min(idle_s, FIRST_MESSAGE_S)
             try:
-                frame = await self._ws.receive(timeout=idle_s)
+                # Our own deadline, over aiohttp's: it starts afresh with every ping or pong
+                # it answers, and a client that only pinged was never idle.
+                async with asyncio.timeout(wait_s):
+                    frame = await self._ws.receive()
             except TimeoutError:
+                if self._identity is None:
+                    raise ProtocolError("input_timeout_exceeded", "no first message for "
+                                        f"{wait_s:g} s: it carries the key (xi_api_key)"
+                                        ) from None
                 if any(stream.jobs or stream.waiting for stream in self._streams.values()):
                     continue  # still speaking what it was sent: its client listens
                 raise ProtocolError("input_timeout_exceeded", f"no message for {idle_s:g} s "

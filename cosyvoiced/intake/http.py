@@ -305,7 +305,7 @@ class HttpIntake(ReplyIntake):
                                handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         limits = ConnectionLimits(settings.header_timeout_s, settings.idle_timeout_s,
-                                  settings.max_connections)
+                                  settings.max_connections, settings.send_timeout_s)
         try:
             self._listening = await listen(runner, host, port, limits, "http")
         except BaseException:
@@ -457,6 +457,10 @@ class HttpIntake(ReplyIntake):
 
     def send_timeout_s(self) -> float:
         return self._settings().send_timeout_s
+
+    def max_prompt_bytes(self) -> int:
+        """As many as the uploads read at once: each waits for its turn on disk."""
+        return admission.MAX_UPLOADS_AT_ONCE * self._settings().max_upload_bytes
 
     async def _speech(self, request: web.Request) -> web.StreamResponse:
         identity = self._identity(request)

@@ -1,19 +1,25 @@
 """Connection limits for the aiohttp listeners (the HTTP intake, the metrics endpoint):
-nginx's `client_header_timeout`, `keepalive_timeout` and `limit_conn`.
+nginx's `client_header_timeout`, `keepalive_timeout`, `send_timeout` and `limit_conn`.
 
 aiohttp bounds a request's size and closes a connection that idles between requests (its
 `keepalive_timeout`; only its newest releases also close a fresh connection that never
-sends). It does not bound how long a request's line and headers may take to arrive, nor how
-many connections are open. These live here, in the protocol each connection gets
-(`_GuardedHandler`, aiohttp's `RequestHandler` with three checks added); `listen` accepts
-connections with it, in place of aiohttp's own `TCPSite`. When the cap is reached, the slots
-are shared between peer addresses (`crowding`): one host cannot hold them all.
+sends). It does not bound how long a request's line and headers may take to arrive, how
+long a response may wait for a client that reads none of it (its writer waits for the
+client to drain, with no timeout: a client that pipelines requests and never reads held its
+connection for good), nor how many connections are open. These live here, in the protocol
+each connection gets (`_GuardedHandler`, aiohttp's `RequestHandler` with four checks
+added); `listen` accepts connections with it, in place of aiohttp's own `TCPSite`. When the
+cap is reached, the slots are shared between peer addresses (`crowding`): one host cannot
+hold them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +33,7 @@ THROTTLE_INTERVAL_S = 10.0  # a repeated warning is logged at most this often, w
 # the response before its unread bytes make our close a reset; then the connection closes.
 LINGER_S = 2.0
 REFUSAL_CODE = "too_many_connections"
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, dropping what is unsent
 RETRY_AFTER_S = 1
 
 log = logs.get_logger("cosyvoiced.intake.limits")
@@ -37,6 +44,10 @@ class ConnectionLimits:
     header_timeout_s: float  # from a request's first byte to its last header
     idle_timeout_s: float  # with no request in hand: fresh, or kept alive after a response
     max_connections: int  # open at once; one more is answered 503 and closed
+    # Writing stays paused (the client takes too little) twice this long: reset. Twice, so
+    # that the routes that time their own writes (a speech reply, an event stream) answer
+    # first, naming their job; this bounds the writes no route times (aiohttp's own).
+    send_timeout_s: float
 
 
 class Throttled:
@@ -96,12 +107,15 @@ class _Listener:
                                  max_connections=limits.max_connections)
         self.too_slow = Throttled(loop, "header_timeout", listener=name,
                                   header_timeout_s=limits.header_timeout_s)
+        self.not_reading = Throttled(loop, "send_timeout_cut", listener=name,
+                                     send_timeout_s=limits.send_timeout_s)
 
 
 class _GuardedHandler(web.RequestHandler):
     """aiohttp's connection protocol, with a cap on open connections (shared between
-    addresses), a deadline for the first byte of a fresh connection, and one for each
-    request's line and headers (slowloris), counted from its first byte.
+    addresses), a deadline for the first byte of a fresh connection, one for each request's
+    line and headers (slowloris), counted from its first byte, and one for a client that
+    takes too little of what we send (asyncio pauses our writing until it does).
 
     It reads one piece of aiohttp's state: `_waiter` is pending while the connection waits
     for a request to be parsed (aiohttp's own keep-alive check reads it the same way)."""
@@ -113,6 +127,7 @@ class _GuardedHandler(web.RequestHandler):
         self._address = ""
         self._first_byte_deadline: asyncio.TimerHandle | None = None
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listener = self._listener
@@ -135,7 +150,18 @@ class _GuardedHandler(web.RequestHandler):
         self._listener.book.remove(self._address, self)
         self._stop_first_byte_clock()
         self._stop_header_clock()
+        self._stop_send_clock()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._send_deadline = self._loop.call_later(
+                2 * self._listener.limits.send_timeout_s, self._took_too_little)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_send_clock()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -180,6 +206,24 @@ class _GuardedHandler(web.RequestHandler):
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
+
+    def _stop_send_clock(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _took_too_little(self) -> None:
+        """Our writing stayed paused for 2 x send_timeout_s: the client is not reading. Reset,
+        not closed: a close would wait to send what it never takes, and the kernel would
+        keep its megabytes of send buffer until it gave up."""
+        self._send_deadline = None
+        if self.transport is not None:
+            self._listener.not_reading.count()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            self.transport.abort()
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None

@@ -263,6 +263,26 @@ class _Route:
     ended: bool = False  # its last event is posted; the handler may still be sending it
 
 
+class _Tally:
+    """Bytes one thread adds and another takes away, within a limit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = 0
+
+    def take(self, size: int, limit: int) -> bool:
+        """Count `size` in, unless that passes `limit` (one always fits)."""
+        with self._lock:
+            if self.held and self.held + size > limit:
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+
 class ReplyIntake:
     """The supervisor's side of an asyncio intake: admits jobs and routes their events."""
 
@@ -278,18 +298,28 @@ class ReplyIntake:
         self._routes: dict[str, _Route] = {}  # job id -> its handler (supervisor thread)
         self._overflowed: list[str] = []  # jobs whose client left too much audio unread
         self._slow: set[str] = set()  # clients cut for that, until they read what is left
+        self._prompts = _Tally()  # prompt audio submitted, not yet kept in the spool
         self.loop_thread: LoopThread | None = None
 
     def max_buffered_bytes(self) -> int:
         """Audio made for one client and not yet sent to it, at most."""
         return MAX_BUFFERED_BYTES
 
+    def max_prompt_bytes(self) -> int:
+        """Prompt audio handed to the supervisor and not yet kept in the spool, at most."""
+        return 0  # one prompt at a time, for an intake that takes none of its own
+
     # -- the loop's side --------------------------------------------------------------------
     def submit(self, exchange: Exchange, fields: dict[str, Any], identity: Identity,
                voice_language: str | None = None, *, voice_optional: bool = False,
                prompt: bytes | None = None) -> str:
         """Hand a job to the supervisor; returns its id. Events come on `exchange`; the
-        handler calls `finished` or `gone` when it is done with them, whatever happens."""
+        handler calls `finished` or `gone` when it is done with them, whatever happens.
+        Busy (`JobFailure`) while max_prompt_bytes of prompts wait for the supervisor: each
+        is written to the spool on its thread, and uploads came faster than that."""
+        if prompt is not None and not self._prompts.take(len(prompt), self.max_prompt_bytes()):
+            raise JobFailure(ErrorCode.BUSY, f"{self._prompts.held} bytes of voice prompts "
+                             "wait to be kept; retry later")
         job_id = new_job_id()
         self._put(Submission(job_id, fields, identity, exchange, voice_language,
                              voice_optional, prompt))
@@ -371,7 +401,11 @@ class ReplyIntake:
 
     def _handle(self, message: Inbound, service: Service) -> None:
         if isinstance(message, Submission):
-            self._admit(message, service)
+            try:
+                self._admit(message, service)
+            finally:
+                if message.prompt is not None:
+                    self._prompts.give(len(message.prompt))
         elif isinstance(message, Released):
             route = self._routes.pop(message.job_id, None)
             service.in_flight.done(message.job_id)
