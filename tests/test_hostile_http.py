@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import openai
 import pytest
 import soundfile
@@ -471,6 +472,38 @@ def test_clone_prompts_waiting_for_a_stalled_supervisor_are_bounded(
                 assert b"voice prompts wait to be kept" in answer
     finally:
         stall.unlink()
+
+
+def test_a_removal_answered_503_while_stalled_does_not_happen_later(
+        make_daemon: DaemonFactory) -> None:
+    """A question the stalled supervisor did not answer in 5 s was answered 503, and still
+    ran once the tick moved: a voice removal the client was told to retry happened anyway.
+    A question is now either taken by the tick or abandoned by its asker, never both."""
+    port = free_port()
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:cloning"},
+                         engine__cosyvoice={"speakers_file": "state/speakers.json"},
+                         http={"listen": f"127.0.0.1:{port}"})
+    stall = daemon.root / "stall-the-tick"
+    daemon.start(extra_env={
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
+        "COSYVOICED_TEST_THREAD_FAULT": "stall", "COSYVOICED_TEST_TICK_STALL": str(stall)})
+    recording = io.BytesIO()
+    soundfile.write(recording, 0.3 * np.sin(np.arange(32000) / 16000 * 2 * np.pi * 180),
+                    16000, format="WAV")
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                       max_retries=0, timeout=TIMEOUT_S) as client:
+        client.audio.voices.create(audio_sample=("kept.wav", recording.getvalue(), "audio/wav"),
+                                   consent="cons_not_checked", name="kept",
+                                   extra_body={"text": "Words."})
+        stall.touch()
+        try:
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.delete("/audio/voices/kept", cast_to=object)
+            assert caught.value.status_code == 503
+        finally:
+            stall.unlink()
+        voices = client.get("/audio/voices", cast_to=object)
+    assert "kept" in {v["name"] for v in voices["voices"]}  # type: ignore[index]
 
 
 def _answered(socks: list[socket.socket], expected: int) -> list[socket.socket]:

@@ -162,11 +162,30 @@ class Released:
 
 @dataclass
 class Query:
-    """Read something from the supervisor on its thread; the answer resolves `future`."""
+    """Ask something of the supervisor, on its thread; the answer resolves `future`. Either
+    the tick takes it or its asker, tired of waiting, abandons it, never both: a question
+    that changes something (remove a voice) and was answered 503 never runs later."""
 
     ask: Callable[[Service], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any] = field(repr=False)
+    _claim: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _claimed_by: str = ""  # "tick" or "asker"
+
+    def take(self) -> bool:
+        """The tick's: may it run the question (its asker still waits)?"""
+        return self._claimed("tick")
+
+    def abandon(self) -> bool:
+        """The asker's, at its timeout: True if the question will never run; False if the
+        tick took it (its answer is on its way)."""
+        return self._claimed("asker")
+
+    def _claimed(self, by: str) -> bool:
+        with self._claim:
+            if not self._claimed_by:
+                self._claimed_by = by
+            return self._claimed_by == by
 
     def answer(self, value: Any) -> None:
         def resolve() -> None:
@@ -339,12 +358,14 @@ class ReplyIntake:
         loop = asyncio.get_running_loop()
         query = Query(question, loop, loop.create_future())
         self._put(query)
-        try:
-            answer: T = await asyncio.wait_for(query.future, timeout_s)
-        except TimeoutError:
-            raise Unresponsive(f"the daemon did not answer in {timeout_s:g} s; retry in a "
-                               "moment") from None
-        return answer
+        with contextlib.suppress(TimeoutError):
+            answer: T = await asyncio.wait_for(asyncio.shield(query.future), timeout_s)
+            return answer
+        if not query.abandon():  # the tick took it meanwhile: its answer is on its way
+            with contextlib.suppress(TimeoutError):
+                answer = await asyncio.wait_for(query.future, timeout_s)
+                return answer
+        raise Unresponsive(f"the daemon did not answer in {timeout_s:g} s; retry in a moment")
 
     def _put(self, message: Inbound) -> None:
         self._inbound.put(message)
@@ -414,7 +435,7 @@ class ReplyIntake:
             if message.gone and route is not None and not route.ended:
                 log.info("client_gone", job=message.job_id, source=self.source)
                 service.cancel(message.job_id)
-        else:
+        elif message.take():  # else its asker gave up: it was told to ask again
             message.answer(message.ask(service))
 
     def _admit(self, submission: Submission, service: Service) -> None:
