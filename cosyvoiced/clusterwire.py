@@ -5,18 +5,28 @@ host that takes it sends events back on the receiving host's own event stream: `
 `chunk` (streamed audio), and one outcome (`done`, `failed`, `cancelled`). A `cancel` goes
 the other way, to the host serving a job. Pure encoding, no I/O: redis-py hands fields over
 as bytes.
+
+An entry is as untrusted as a request from the LAN (another version's, a bug's, or written
+by whoever can write to Redis): every field is checked for its type and bounds before any
+of it is used, and one that fails is a `WireError` (the entry is dropped, with a log line).
+A host's name and a job's id become file and key names, so they must be plain.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from cosyvoiced.job import Job
+from cosyvoiced.config import HOST_NAME
+from cosyvoiced.job import Job, JobError
 from cosyvoiced.scheduler import Priority
 from cosyvoiced.untrusted import json_value
 
@@ -33,7 +43,15 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 CANCEL = "cancel"  # to the serving host: stop this job
 OUTCOMES = frozenset({DONE, FAILED, CANCELLED})
+KINDS = frozenset({STARTED, CHUNK, CANCEL}) | OUTCOMES
 _JOB_FIELDS = frozenset(spec.name for spec in fields(Job))
+_JOB_TYPES = typing.get_type_hints(Job)
+_JOB_ID = re.compile(r"[0-9a-f]{1,32}")  # job.new_job_id's
+# Bounds of an entry, whatever the hosts' own limits (the serving host applies its own):
+MAX_TEXT_CHARS = 1_000_000
+MAX_FIELD_CHARS = 4096  # any other string of a job
+MAX_PROMPT_BYTES = 64 << 20
+MAX_SAMPLE_RATE = 384_000
 
 
 class WireError(ValueError):
@@ -87,14 +105,57 @@ def job_fields(job: Job, host: str, prompt: bytes | None) -> dict[str, bytes]:
 
 def read_job(stream: str, entry: str, data: Fields, deliveries: int = 1) -> SharedJob:
     try:
-        job_data = json_value(data[b"job"])
-        unknown = set(job_data) - _JOB_FIELDS
-        if unknown:
-            raise WireError(f"unknown job fields {sorted(unknown)} (a newer daemon's?)")
-        return SharedJob(Job(**job_data), data[b"host"].decode(), data.get(b"prompt"),
-                         stream, entry, deliveries)
+        job = _checked_job(json_value(data[b"job"]))
+        host = _plain_name(data[b"host"].decode(), "host")
+        prompt = data.get(b"prompt")
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as error:
-        raise WireError(f"not a job entry: {error}") from error
+        raise WireError(f"not a job entry: {error}"[:500]) from error
+    if prompt is not None and len(prompt) > MAX_PROMPT_BYTES:
+        raise WireError(f"prompt: {len(prompt)} bytes is over {MAX_PROMPT_BYTES}")
+    return SharedJob(job, host, prompt, stream, entry, deliveries)
+
+
+def _checked_job(data: Any) -> Job:
+    if not isinstance(data, dict):
+        raise WireError("job: expected a JSON object")
+    unknown = set(data) - _JOB_FIELDS
+    if unknown:
+        raise WireError(f"unknown job fields {sorted(unknown)[:8]} (a newer daemon's?)")
+    for name, value in data.items():
+        if not _fits(value, _JOB_TYPES[name]):
+            raise WireError(f"job.{name}: expected {_JOB_TYPES[name]}, got "
+                            f"{type(value).__name__}")
+        if isinstance(value, str) and len(value) > (
+                MAX_TEXT_CHARS if name == "text" else MAX_FIELD_CHARS):
+            raise WireError(f"job.{name}: {len(value)} characters is too long")
+    job = Job(**data)  # a missing field: TypeError
+    if not _JOB_ID.fullmatch(job.id):
+        raise WireError("job.id: expected a job id (hexadecimal)")
+    return job
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Is the JSON `value` one of the plain types of `hint` (str, int, float, bool, None,
+    or a union of them)? A float is finite; an int is not a bool."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if value is None and option is type(None):
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if option is float and isinstance(value, int | float):
+            return math.isfinite(value)
+        if option in (int, str) and isinstance(value, option):
+            return True
+    return False
+
+
+def _plain_name(name: str, what: str) -> str:
+    if not HOST_NAME.fullmatch(name):
+        raise WireError(f"{what}: expected a host name (letters, digits, '.', '-', '_')")
+    return name
 
 
 @dataclass(frozen=True)
@@ -125,10 +186,55 @@ def event_fields(event: Event) -> dict[str, bytes]:
 
 def read_event(entry: str, data: Fields) -> Event:
     try:
-        return Event(data[b"kind"].decode(), data[b"job"].decode(), data[b"from"].decode(),
-                     json_value(data[b"detail"]), data.get(b"audio", b""), entry)
+        event = Event(data[b"kind"].decode(), data[b"job"].decode(),
+                      _plain_name(data[b"from"].decode(), "from"),
+                      json_value(data[b"detail"]), data.get(b"audio", b""), entry)
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as error:
-        raise WireError(f"not an event entry: {error}") from error
+        raise WireError(f"not an event entry: {error}"[:500]) from error
+    if event.kind not in KINDS:
+        raise WireError(f"kind: {event.kind[:64]!r} is not an event's")
+    if not _JOB_ID.fullmatch(event.job_id):
+        raise WireError("job: expected a job id (hexadecimal)")
+    if not isinstance(event.detail, dict) or len(event.audio) % 4:
+        raise WireError("detail: expected a JSON object; audio: whole float32 samples")
+    problem = _detail_problem(event.kind, event.detail)
+    if problem:
+        raise WireError(f"{event.kind}: {problem}")
+    return event
+
+
+def _detail_problem(kind: str, detail: dict[str, Any]) -> str | None:
+    """What is wrong with an event's `detail` for its kind, if anything."""
+    if kind == STARTED:
+        return _count_problem(detail, "sample_rate", 1, MAX_SAMPLE_RATE)
+    if kind == CHUNK:
+        return _count_problem(detail, "seq", 0, 1 << 40)
+    if kind == DONE:
+        if not isinstance(detail.get("voice"), str) or not isinstance(detail.get("timings"),
+                                                                      dict):
+            return "voice: expected a string; timings: an object"
+        if any(not _fits(detail.get(name), float) or detail[name] < 0
+               for name in ("synth_s", "first_chunk_s")):
+            return "synth_s, first_chunk_s: expected numbers, not negative"
+        return _count_problem(detail, "sample_rate", 1, MAX_SAMPLE_RATE) or \
+            _count_problem(detail, "samples", 0, 1 << 40)
+    error = detail.get("error")
+    if kind in (FAILED, CANCELLED) and error is not None:
+        if not isinstance(error, dict) or not isinstance(error.get("code"), str) or \
+                not isinstance(error.get("message"), str):
+            return "error: expected {code, message}"
+        try:
+            JobError.from_dict(error)
+        except ValueError:
+            return f"error: {str(error['code'])[:64]!r} is not an error code"
+    return None
+
+
+def _count_problem(detail: dict[str, Any], name: str, least: int, most: int) -> str | None:
+    value = detail.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and least <= value <= most:
+        return None
+    return f"{name}: expected a whole number from {least} to {most}"
 
 
 def served_job(shared: SharedJob, local_id: str, prompt_path: str | None) -> Job:

@@ -348,11 +348,11 @@ class CacheConfig:
     across_clients: bool = False
 
 
-_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a cluster host's name, whole
 
 
 def _host_name(value: Any) -> str | None:
-    if _HOST_NAME.match(value):
+    if HOST_NAME.fullmatch(value):
         return None
     return f"expected letters, digits, '.', '-' or '_' (at most 64); got {value!r}"
 

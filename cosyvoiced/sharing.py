@@ -25,7 +25,8 @@ from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs, policy
 from cosyvoiced.clusterwire import SharedLost, ShareFailed
 from cosyvoiced.config import ClusterConfig
-from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobResult
+from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, JobResult
+from cosyvoiced.jobspec import Limits, check_text
 from cosyvoiced.ledger import Running, Samples
 from cosyvoiced.metrics import Metrics
 
@@ -81,6 +82,9 @@ class Host(Protocol):
 
     @property
     def stopping(self) -> bool: ...
+
+    @property
+    def limits(self) -> Limits: ...
 
     def wake(self) -> None: ...
 
@@ -323,9 +327,10 @@ class Sharing:
             self.link.settle(shared)  # a second entry of a job here already
             return
         sink = RemoteSink(self.link, shared)
-        if policy.poisoned(shared.deliveries):  # never queued here: no prompt kept
-            sink.fail_job(wire.served_job(shared, local_id, None),
-                          _poison_error(shared.deliveries))
+        refusal = _poison_error(shared.deliveries) if policy.poisoned(shared.deliveries) \
+            else _refusal(shared.job, self.host.limits)
+        if refusal is not None:  # never queued here: no prompt kept
+            sink.fail_job(wire.served_job(shared, local_id, None), refusal)
             return
         prompt = None
         if shared.prompt is not None:
@@ -400,6 +405,16 @@ class Sharing:
             return f"; cluster: Redis unreachable, serving here ({self.link.error})"
         return (f"; cluster {self.name}: {self._shared_count()} shared, "
                 f"{len(self.sinks)} for others")
+
+
+def _refusal(job: Job, limits: Limits) -> JobError | None:
+    """Why this host does not serve a job another host received: its text is over this
+    host's limits (the wire's bounds are wider), or not one an engine can speak."""
+    try:
+        check_text(job.text, limits, normalize=False)
+    except JobFailure as failure:
+        return failure.error
+    return None
 
 
 def _poison_error(deliveries: int) -> JobError:

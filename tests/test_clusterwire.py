@@ -3,6 +3,11 @@ Redis URL is logged without its password."""
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import asdict
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -11,21 +16,25 @@ from cosyvoiced.cluster import safe_url
 from cosyvoiced.job import SINK_REPLY, Job
 from cosyvoiced.scheduler import Priority
 
+JOB_ID = "1a0000000000000b2"
+
 
 def _as_read(fields: dict[str, bytes]) -> wire.Fields:
     return {key.encode(): value for key, value in fields.items()}  # as redis-py returns them
 
 
 def test_a_job_and_its_prompt_make_the_trip_unchanged() -> None:
-    job = Job("id1", "zmq", "r1", "Hello there.", voice="v", format="ogg", sample_rate=16000,
-              speed=1.25, sink=SINK_REPLY, stream=True, prompt_audio="/spool/prompts/p",
-              prompt_text="Prompt.", instruct="Calmly.", language="en", cache=False)
+    job = Job("1a0000000000000a1", "zmq", "r1", "Hello there.", voice="v", format="ogg",
+              sample_rate=16000, speed=1.25, sink=SINK_REPLY, stream=True,
+              prompt_audio="/spool/prompts/p", prompt_text="Prompt.", instruct="Calmly.",
+              language="en", cache=False)
     shared = wire.read_job("k:jobs:interactive", "1-0",
                            _as_read(wire.job_fields(job, "host-a", b"RIFF...")), 2)
     assert shared.job == Job(**{**job.__dict__, "prompt_audio": None})  # never a path
     assert (shared.host, shared.prompt, shared.deliveries) == ("host-a", b"RIFF...", 2)
-    served = wire.served_job(shared, "host-a-id1", "/here/prompts/x")
-    assert (served.id, served.prompt_audio, served.text) == ("host-a-id1", "/here/prompts/x",
+    served = wire.served_job(shared, "host-a-1a0000000000000a1", "/here/prompts/x")
+    assert (served.id, served.prompt_audio, served.text) == ("host-a-1a0000000000000a1",
+                                                              "/here/prompts/x",
                                                               job.text)
 
 
@@ -44,11 +53,77 @@ def test_an_entry_that_is_not_a_job_is_refused_with_the_reason() -> None:
 
 def test_an_event_carries_float32_audio_exactly() -> None:
     samples = np.linspace(-1, 1, 1001, dtype=np.float32)
-    event = wire.Event(wire.CHUNK, "job", "host-b", {"seq": 3}, wire.audio_bytes(samples))
+    event = wire.Event(wire.CHUNK, JOB_ID, "host-b", {"seq": 3}, wire.audio_bytes(samples))
     read = wire.read_event("5-1", _as_read(wire.event_fields(event)))
     assert (read.kind, read.job_id, read.sender, read.detail, read.entry) == (
-        wire.CHUNK, "job", "host-b", {"seq": 3}, "5-1")
+        wire.CHUNK, JOB_ID, "host-b", {"seq": 3}, "5-1")
     assert np.array_equal(read.samples, samples)
+
+
+def _job_entry(host: str = "host-a", prompt: bytes | None = None, **change: Any) -> wire.Fields:
+    job = Job(JOB_ID, "zmq", "r1", "Hello there.", voice="v", sample_rate=16000)
+    fields = wire.job_fields(job, host, prompt)
+    fields["job"] = json.dumps(asdict(job) | change).encode()
+    return _as_read(fields)
+
+
+# An entry is as untrusted as a LAN request: each of these reached the tick, which died
+# (exit 5, on every host in turn as they took the entry over), or wrote outside the spool.
+@pytest.mark.parametrize(("entry", "reason"), [
+    (_job_entry(text=1), "job.text: expected"),
+    (_job_entry(voice=["v"]), "job.voice: expected"),
+    (_job_entry(sample_rate=True), "job.sample_rate: expected"),
+    (_job_entry(speed="fast"), "job.speed: expected"),
+    (_job_entry(id="../../../etc/x"), "job.id: expected a job id"),
+    (_job_entry(text="x" * (wire.MAX_TEXT_CHARS + 1)), "job.text: 1000001 characters"),
+    (_job_entry(output="o" * 5000), "job.output: 5000 characters"),
+    (_job_entry(host="/../../../tmp/"), "host: expected a host name"),
+    (_job_entry(prompt=b"\0" * (wire.MAX_PROMPT_BYTES + 1)), "prompt: 67108865 bytes"),
+    ({b"job": b"[1, 2]", b"host": b"h"}, "job: expected a JSON object"),
+])
+def test_a_job_entry_of_the_wrong_types_or_names_is_refused(entry: wire.Fields,
+                                                            reason: str) -> None:
+    with pytest.raises(wire.WireError, match=re.escape(reason)):
+        wire.read_job("s", "1-0", entry)
+
+
+def _event(kind: str, detail: Any, audio: bytes = b"", job: str = JOB_ID,
+           sender: str = "host-b") -> wire.Fields:
+    return {b"kind": kind.encode(), b"job": job.encode(), b"from": sender.encode(),
+            b"detail": json.dumps(detail).encode(), b"audio": audio}
+
+
+DONE = {"voice": "v", "sample_rate": 16000, "samples": 1, "synth_s": 0.1,
+        "first_chunk_s": 0.1, "timings": {}}
+
+
+@pytest.mark.parametrize(("entry", "reason"), [
+    (_event(wire.STARTED, {}), "sample_rate: expected a whole number"),
+    (_event(wire.STARTED, {"sample_rate": 0}), "sample_rate: expected a whole number"),
+    (_event(wire.CHUNK, [], b"\0" * 4), "detail: expected a JSON object"),
+    (_event(wire.CHUNK, {"seq": 0}, b"\0" * 3), "whole float32 samples"),
+    (_event(wire.CHUNK, {"seq": "0"}), "seq: expected a whole number"),
+    (_event(wire.DONE, DONE | {"sample_rate": 0}), "sample_rate: expected"),
+    (_event(wire.DONE, DONE | {"timings": None}), "timings: an object"),
+    (_event(wire.DONE, DONE | {"synth_s": -1}), "synth_s, first_chunk_s"),
+    (_event(wire.FAILED, {"error": {"code": "no_such_code", "message": "m"}}),
+     "is not an error code"),
+    (_event(wire.FAILED, {"error": "bad"}), "error: expected {code, message}"),
+    (_event("explode", {}), "is not an event's"),
+    (_event(wire.CANCEL, {}, job="../x"), "job: expected a job id"),
+    (_event(wire.CANCEL, {}, sender="a/../b"), "from: expected a host name"),
+])
+def test_an_event_of_the_wrong_shape_is_refused(entry: wire.Fields, reason: str) -> None:
+    with pytest.raises(wire.WireError, match=re.escape(reason)):
+        wire.read_event("1-0", entry)
+
+
+def test_well_formed_events_of_every_kind_are_read() -> None:
+    error = {"code": "worker_crashed", "message": "m", "field": None}
+    for kind, detail in ((wire.STARTED, {"sample_rate": 16000}), (wire.DONE, DONE),
+                         (wire.FAILED, {"error": error}), (wire.CANCELLED, {}),
+                         (wire.CANCEL, {})):
+        assert wire.read_event("1-0", _event(kind, detail)).detail == detail
 
 
 def test_keys_share_one_prefix_for_an_acl_and_interactive_comes_first() -> None:

@@ -18,6 +18,7 @@ from cosyvoiced.config import ClusterConfig, Config
 from cosyvoiced.encoding import Encoder
 from cosyvoiced.job import SINK_REPLY, Job, Sink
 from cosyvoiced.jobs import JobBook
+from cosyvoiced.jobspec import Limits
 from cosyvoiced.ledger import Running
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.sharing import RemoteSink, Sharing
@@ -49,6 +50,7 @@ class Host:
     def __init__(self, tmp_path: Path) -> None:
         config = Config()
         self.ready, self.stopping = True, False
+        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format)
         self.metrics = Metrics()
         self.spool = Spool(tmp_path)
         self.spool.ensure()

@@ -18,7 +18,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from cosyvoiced.admission import TOTAL_BUFFERED_FACTOR, reply_fits
 from cosyvoiced.client import Client
-from cosyvoiced.intake.zmq_peers import Departures, is_idle
+from cosyvoiced.intake.zmq_peers import ERROR_ROOM, Departures, is_idle
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 
@@ -470,3 +470,25 @@ def test_the_example_config_documents_the_bounds() -> None:
     zmq_section = example.split("[zmq]", 1)[1].split("\n[", 1)[0]
     assert 'max_buffered_bytes = "64MiB"' in zmq_section
     assert "idle_timeout_s = 300.0" in zmq_section
+
+
+def test_error_replies_a_peer_leaves_unread_are_bounded(make_daemon: DaemonFactory) -> None:
+    """Errors always went out: a peer that sent bad requests with long ids and read nothing
+    held up to SNDHWM (10,000) of them, about 5 MB, and they counted against every client's
+    unread total (300 such peers cut every other client's audio off). Past ERROR_ROOM of
+    them unread, a peer's errors of no job are dropped, with a log line."""
+    daemon = make_daemon(engine=TONE)
+    daemon.start()
+    dealer = _never_reading_dealer(daemon.endpoint)
+    try:
+        bad = json.dumps({"v": 1, "op": "no_such_op", "id": "x" * 200}).encode()
+        for _ in range(5000):  # 2.5 MB of errors: more than every buffer on the way holds
+            dealer.send(bad)
+        dropped = wait_until(lambda: daemon.log_events("zmq_error_replies_dropped"), 30,
+                             "errors dropped for a peer that reads none")
+        assert dropped[0]["count"] >= 1
+        assert dropped[0]["error_room_bytes"] == ERROR_ROOM
+    finally:
+        dealer.close(linger=0)
+    with Client(daemon.endpoint, timeout_s=30) as client:  # the others are served
+        assert client.synthesize("Still here.", format="pcm_s16le").audio

@@ -108,7 +108,7 @@ class _Listener:
         self.too_slow = Throttled(loop, "header_timeout", listener=name,
                                   header_timeout_s=limits.header_timeout_s)
         self.not_reading = Throttled(loop, "send_timeout_cut", listener=name,
-                                     send_timeout_s=limits.send_timeout_s)
+                                     paused_s=2 * limits.send_timeout_s)
 
 
 class _GuardedHandler(web.RequestHandler):

@@ -55,6 +55,7 @@ from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.service import IntakeService
 from cosyvoiced.intake.tickbudget import TickBudget
 from cosyvoiced.intake.zmq_peers import (
+    ERROR_ROOM,
     NON_FINAL_EVENTS,
     Departures,
     Handoff,
@@ -294,6 +295,8 @@ class _SocketThread(threading.Thread):
         self._curve = curve
         self._settings = settings  # read live: max_buffered_bytes, idle_timeout_s
         self._outbox = Outbox()
+        self._errors_dropped = 0  # since the last log line
+        self._next_drop_log = 0.0
         self._departures = Departures(GONE_GRACE_S, _MOST_DEPARTED)
         self._next_idle_check = 0.0
         self._connections = connections
@@ -403,9 +406,11 @@ class _SocketThread(threading.Thread):
 
     def _send(self, frames: list[bytes]) -> None:
         """A reply, if it fits the peer's zmq.max_buffered_bytes; else it is dropped for a
-        `client_too_slow` error, and so are the rest of its job's replies. Errors always
-        go, and count against the buffered bytes: each is under 1 KiB (protocol.py bounds
-        the request id and what a message quotes), and SNDHWM bounds how many wait."""
+        `client_too_slow` error, and so are the rest of its job's replies. A job's errors
+        always go (one ends each job), and count against the buffered bytes: each is under
+        1 KiB (protocol.py bounds the request id and what a message quotes). Errors of no
+        job (a bad request's) go while the peer leaves fewer than ERROR_ROOM bytes of them
+        unread; past that they are dropped, with a log line."""
         client = frames[0]
         route, body = split_envelope(frames)
         header = _reply_header(body)
@@ -419,12 +424,27 @@ class _SocketThread(threading.Thread):
         size = sum(len(frame) for frame in body)
         buffered = self._outbox.buffered(client)
         limit = self._settings().max_buffered_bytes
-        if event == "error" or reply_fits(buffered, size, limit, self._outbox.total):
+        if event == "error":
+            self._send_error(frames, size, job_less=header.get("job") is None)
+            return
+        if reply_fits(buffered, size, limit, self._outbox.total):
             self._hand_over(frames, size)
             return
         if not final:
             self._outbox.fail(client, cut)
         self._too_slow(route, header, buffered)
+
+    def _send_error(self, frames: list[bytes], size: int, job_less: bool) -> None:
+        if job_less and not self._outbox.error_fits(frames[0], size):
+            self._errors_dropped += 1
+            now = time.monotonic()
+            if now >= self._next_drop_log:
+                log.warning("zmq_error_replies_dropped", count=self._errors_dropped,
+                            error_room_bytes=ERROR_ROOM,
+                            message="a peer left that many error replies unread")
+                self._errors_dropped, self._next_drop_log = 0, now + REFUSED_LOG_INTERVAL_S
+            return
+        self._hand_over(frames, size, error=job_less)
 
     def _too_slow(self, route: tuple[bytes, ...], header: dict[str, Any],
                   buffered: int) -> None:
@@ -446,7 +466,7 @@ class _SocketThread(threading.Thread):
         return (f"zmq.max_buffered_bytes = {_mib(limit)}; all clients' together, "
                 f"{_mib(self._outbox.total)} of {_mib(TOTAL_BUFFERED_FACTOR * limit)}")
 
-    def _hand_over(self, frames: list[bytes], size: int) -> None:
+    def _hand_over(self, frames: list[bytes], size: int, error: bool = False) -> None:
         """Queue it on the ROUTER; its last frame zero-copy with a tracker, so the outbox
         counts its bytes until libzmq lets go of them."""
         *head, last = frames
@@ -459,7 +479,7 @@ class _SocketThread(threading.Thread):
             self._wake()
             return
         if tracker is not None:
-            self._outbox.hold(frames[0], tracker, size)
+            self._outbox.hold(frames[0], tracker, size, error)
         with self._connections.peers() as peers:
             peers.replied(frames[0], time.monotonic())
 

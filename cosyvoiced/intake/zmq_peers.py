@@ -41,13 +41,21 @@ def is_idle(active: float, now: float, timeout_s: float) -> bool:
     return timeout_s > 0 and now - active >= timeout_s
 
 
+# Error replies of no job (a bad request's, a refusal's) that one peer may leave unread;
+# past it they are dropped: a peer that sends bad requests and reads nothing held up to
+# SNDHWM of them (about 5 MB each), and they counted against every client's total.
+ERROR_ROOM = 64 << 10
+
+
 class Outbox:
-    """Per peer (routing id): the reply bytes libzmq holds, and the jobs (or requests) whose
-    replies were dropped (their later replies are dropped too, up to the last)."""
+    """Per peer (routing id): the reply bytes libzmq holds (and how many of them are errors
+    of no job), and the jobs (or requests) whose replies were dropped (their later replies
+    are dropped too, up to the last)."""
 
     def __init__(self) -> None:
-        self._held: dict[bytes, deque[tuple[zmq.MessageTracker, int]]] = {}
+        self._held: dict[bytes, deque[tuple[zmq.MessageTracker, int, bool]]] = {}
         self._bytes: dict[bytes, int] = {}
+        self._errors: dict[bytes, int] = {}
         self._failed: dict[bytes, set[Cut]] = {}
         self.total = 0  # every peer's bytes (as of each one's last look: `sweep` each second)
 
@@ -58,18 +66,30 @@ class Outbox:
         if held is None:
             return 0
         while held and held[0][0].done:
-            size = held.popleft()[1]
+            _tracker, size, error = held.popleft()
             self._bytes[client] -= size
             self.total -= size
+            if error:
+                self._errors[client] -= size
         if not held:
             del self._held[client], self._bytes[client]
+            self._errors.pop(client, None)
             return 0
         return self._bytes[client]
 
-    def hold(self, client: bytes, tracker: zmq.MessageTracker, size: int) -> None:
-        self._held.setdefault(client, deque()).append((tracker, size))
+    def error_fits(self, client: bytes, size: int) -> bool:
+        """May one more error reply of no job, of `size` bytes, wait for `client`?"""
+        self.buffered(client)
+        return self._errors.get(client, 0) + size <= ERROR_ROOM
+
+    def hold(self, client: bytes, tracker: zmq.MessageTracker, size: int,
+             error: bool = False) -> None:
+        """`error`: an error reply of no job (`error_fits`)."""
+        self._held.setdefault(client, deque()).append((tracker, size, error))
         self._bytes[client] = self._bytes.get(client, 0) + size
         self.total += size
+        if error:
+            self._errors[client] = self._errors.get(client, 0) + size
 
     def fail(self, client: bytes, cut: Cut) -> None:
         """A reply of `cut` was dropped: so are the rest of its replies."""

@@ -1,0 +1,65 @@
+"""Entries in Redis as untrusted as a LAN request (another version's, a bug's, or written by
+whoever can write to Redis): a real daemon on a real Redis takes them off the shared stream
+and must neither die nor write outside its spool."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from cosyvoiced.job import SINK_REPLY, Job
+from tests.conftest import DaemonFactory
+from tests.daemon import wait_until
+from tests.redisserver import RedisServer, redis_server_fixture  # noqa: F401
+
+INTERACTIVE = "cosyvoiced:jobs:interactive"
+
+
+def _entry(host: str, **change: object) -> dict[str, bytes]:
+    job = Job("1a0000000000000c3", "zmq", "r1", "A shared job.", sink=SINK_REPLY)
+    return {"job": json.dumps(asdict(job) | change).encode(), "host": host.encode()}
+
+
+def test_job_entries_of_the_wrong_types_or_names_are_dropped_and_the_daemon_serves_on(
+        make_daemon: DaemonFactory, redis_server: RedisServer, tmp_path: Path) -> None:
+    """A job whose text was a number killed the tick that took it (exit 5), and the host
+    that took it over next, and the next. A receiving host named like a path put the
+    entry's prompt bytes where it pointed, outside the spool."""
+    daemon = make_daemon("a", engine={"name": "tests.engines.faulty:load"},
+                         cluster={"redis": redis_server.url, "name": "a"})
+    daemon.start()
+    wait_until(lambda: daemon.log_events("cluster_joined"), 30, "the host to join")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    redis = redis_server.client()
+    redis.xadd(INTERACTIVE, _entry("b", text=1))  # type: ignore[arg-type]
+    redis.xadd(INTERACTIVE, _entry(f"/../../../../../../..{outside}/")  # type: ignore[arg-type]
+               | {"prompt": b"RIFF written where the entry said"})
+    dropped = wait_until(lambda: len(daemon.log_events("shared_job_unreadable")) == 2 and
+                         daemon.log_events("shared_job_unreadable"), 30, "both dropped")
+    assert {e["error"].split(":")[1].strip() for e in dropped} == {"job.text", "host"}
+    assert not list(outside.iterdir()), "a file was written outside the spool"
+    daemon.drop("after.txt", "Still serving.")
+    assert daemon.wait_done("after.txt")["served_by"] == "a"
+    assert daemon.process is not None
+    assert daemon.process.poll() is None
+
+
+def test_a_shared_job_over_this_hosts_limits_fails_back_to_its_host(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """The wire's bounds are wider than a host's: a serving host checks a received job's
+    text against its own limits, and an over-long one ends, with the reason, at the host
+    that received it (exactly one outcome), instead of running."""
+    daemon = make_daemon("a", engine={"name": "tests.engines.faulty:load"},
+                         cluster={"redis": redis_server.url, "name": "a"},
+                         spool={"max_text_chars": 1000})
+    daemon.start()
+    wait_until(lambda: daemon.log_events("cluster_joined"), 30, "the host to join")
+    redis = redis_server.client()
+    redis.xadd(INTERACTIVE, _entry("b", text="Words. " * 300))  # type: ignore[arg-type]
+    events = wait_until(lambda: redis.xrange("cosyvoiced:events:b"), 30, "b's outcome")
+    (_entry_id, fields), = events
+    assert fields["kind"] == "failed"
+    error = json.loads(fields["detail"])["error"]
+    assert error["code"] == "text_too_long", error
