@@ -378,7 +378,7 @@ class _SocketThread(threading.Thread):
         """A `synthesize` from a peer that has not taken its replies gets `busy`, as over
         HTTP: its audio would only pile up here (so does one that holds any while all
         peers together hold TOTAL_BUFFERED_FACTOR times the limit: `holds_too_much`)."""
-        buffered = self._outbox.buffered(request.client)
+        buffered = self._outbox.unread(request.client, time.monotonic())
         limit = self._settings().max_buffered_bytes
         if request.op != Op.SYNTHESIZE or \
                 not holds_too_much(buffered, limit, self._outbox.total):
@@ -479,7 +479,7 @@ class _SocketThread(threading.Thread):
             self._wake()
             return
         if tracker is not None:
-            self._outbox.hold(frames[0], tracker, size, error)
+            self._outbox.hold(frames[0], tracker, size, error, time.monotonic())
         with self._connections.peers() as peers:
             peers.replied(frames[0], time.monotonic())
 

@@ -45,6 +45,10 @@ def is_idle(active: float, now: float, timeout_s: float) -> bool:
 # past it they are dropped: a peer that sends bad requests and reads nothing held up to
 # SNDHWM of them (about 5 MB each), and they counted against every client's total.
 ERROR_ROOM = 64 << 10
+# libzmq lets go of a reply a moment after it is written to the connection, and pyzmq learns
+# of it on a thread of its own: a reply handed over this recently is not judged unread yet,
+# so a client that asks again as soon as it has read its reply is not refused for it.
+SETTLE_S = 0.5
 
 
 class Outbox:
@@ -53,7 +57,8 @@ class Outbox:
     are dropped too, up to the last)."""
 
     def __init__(self) -> None:
-        self._held: dict[bytes, deque[tuple[zmq.MessageTracker, int, bool]]] = {}
+        # per peer, oldest first: (tracker, size, an error of no job, when handed over)
+        self._held: dict[bytes, deque[tuple[zmq.MessageTracker, int, bool, float]]] = {}
         self._bytes: dict[bytes, int] = {}
         self._errors: dict[bytes, int] = {}
         self._failed: dict[bytes, set[Cut]] = {}
@@ -66,7 +71,7 @@ class Outbox:
         if held is None:
             return 0
         while held and held[0][0].done:
-            _tracker, size, error = held.popleft()
+            _tracker, size, error, _at = held.popleft()
             self._bytes[client] -= size
             self.total -= size
             if error:
@@ -77,15 +82,25 @@ class Outbox:
             return 0
         return self._bytes[client]
 
+    def unread(self, client: bytes, now: float) -> int:
+        """`buffered`, less the replies handed over in the last SETTLE_S (the newest: a
+        few at most, looked at from the back)."""
+        buffered = self.buffered(client)
+        for _tracker, size, _error, at in reversed(self._held.get(client, ())):
+            if now - at >= SETTLE_S:
+                break
+            buffered -= size
+        return buffered
+
     def error_fits(self, client: bytes, size: int) -> bool:
         """May one more error reply of no job, of `size` bytes, wait for `client`?"""
         self.buffered(client)
         return self._errors.get(client, 0) + size <= ERROR_ROOM
 
     def hold(self, client: bytes, tracker: zmq.MessageTracker, size: int,
-             error: bool = False) -> None:
-        """`error`: an error reply of no job (`error_fits`)."""
-        self._held.setdefault(client, deque()).append((tracker, size, error))
+             error: bool = False, now: float = 0.0) -> None:
+        """`error`: an error reply of no job (`error_fits`); `now`: when it is handed over."""
+        self._held.setdefault(client, deque()).append((tracker, size, error, now))
         self._bytes[client] = self._bytes.get(client, 0) + size
         self.total += size
         if error:
