@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -156,6 +157,31 @@ def test_a_client_that_stops_reading_is_closed_after_the_idle_timeout(daemon: Da
     assert "audio-stop" not in types, "the server waited for the client to read again"
     assert IDLE_TIMEOUT_S - 0.5 < stalled_s < IDLE_TIMEOUT_S + 10, \
         "cancelled by the idle timeout, while the job still had sentences to make"
+
+
+def test_a_client_that_leaves_before_its_audio_begins_has_its_job_cancelled(
+        daemon: Daemon) -> None:
+    """Nothing read a connection while its `synthesize` waited to start: a client that hung
+    up meanwhile left its job queued, to be run for nobody once the worker was free. The
+    hang-up is seen now, and the job cancelled before it starts."""
+    queued = len(_wyoming_jobs(daemon))
+
+    async def leave_early() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with AsyncTcpClient(*_address(daemon)) as holder:  # holds the one worker
+            await holder.write_event(Synthesize(text="SLOW@4 Holding the worker.").event())
+            wait_until(lambda: _wyoming_jobs(daemon)[queued:], WAIT_S, "the first job")
+            async with AsyncTcpClient(*_address(daemon)) as leaver:
+                await leaver.write_event(Synthesize(text="Nobody will hear this.").event())
+                (first, second) = wait_until(
+                    lambda: len(_wyoming_jobs(daemon)[queued:]) == 2 and
+                    _wyoming_jobs(daemon)[queued:], WAIT_S, "the second job")
+            ended = wait_until(lambda: [e for e in daemon.log_events("job")
+                                        if e["job"] in (first, second)], WAIT_S, "a job end")
+            return ended[0], {"first": first, "second": second}
+
+    ended, ids = asyncio.run(leave_early())
+    assert ended["job"] == ids["second"], "the first job ended before the second was let go"
+    assert ended["outcome"] == "cancelled", ended
 
 
 def _wyoming_jobs(daemon: Daemon) -> list[str]:

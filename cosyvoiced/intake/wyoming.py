@@ -89,15 +89,16 @@ class IdleTimeout(Exception):
 
 
 async def read_event(reader: asyncio.StreamReader, idle_timeout_s: float | None = None,
-                     read_timeout_s: float | None = None) -> Event | None:
+                     read_timeout_s: float | None = None, first: bytes = b"") -> Event | None:
     """The next event, or None at the end of the stream. Unlike the library's
     `async_read_event`, a malformed or oversized event raises `BadEvent`, as does one that
     is not whole within `read_timeout_s` of its first byte; `IdleTimeout` if no event
-    begins within `idle_timeout_s`."""
-    try:
-        first = await asyncio.wait_for(reader.read(1), idle_timeout_s)
-    except TimeoutError:
-        raise IdleTimeout(f"no event for {idle_timeout_s:g} s") from None
+    begins within `idle_timeout_s`. `first`: its first byte, if read already."""
+    if not first:
+        try:
+            first = await asyncio.wait_for(reader.read(1), idle_timeout_s)
+        except TimeoutError:
+            raise IdleTimeout(f"no event for {idle_timeout_s:g} s") from None
     if not first:
         return None
     try:
@@ -229,6 +230,7 @@ class _Connection(AsyncEventHandler):
         self._speaker: asyncio.Task[None] | None = None
         self._task: asyncio.Task[Any] | None = None  # the one running `run`
         self._waiting = False  # for the next event, with no job or stream in hand
+        self._early = b""  # the next event's first byte, read while a reply was spoken
 
     async def run(self) -> None:
         """Read events until the client leaves; our bounded reader, not the library's."""
@@ -250,9 +252,10 @@ class _Connection(AsyncEventHandler):
         while True:
             settings = self._intake.settings()
             self._waiting = not self._jobs and self._stream is None
+            first, self._early = self._early, b""
             try:
                 event = await read_event(self.reader, settings.idle_timeout_s,
-                                         settings.read_timeout_s)
+                                         settings.read_timeout_s, first)
             except IdleTimeout as idle:
                 log.info("wyoming_idle_closed", reason=str(idle))
                 return
@@ -348,7 +351,7 @@ class _Connection(AsyncEventHandler):
         elif Synthesize.is_type(event.type):
             if self._stream is None:  # inside a stream it only repeats the streamed text
                 synthesize = decoded(Synthesize.from_event, event)
-                await self._speak(self._submit(synthesize.text, synthesize.voice))
+                await self._speak_watching(self._submit(synthesize.text, synthesize.voice))
         elif SynthesizeStart.is_type(event.type):
             if self._stream is not None:
                 raise BadEvent("synthesize-start: a stream is open already; end it with "
@@ -413,6 +416,24 @@ class _Connection(AsyncEventHandler):
         while (part := await self._parts.get()) is not None:
             await self._speak(part)
             room.release()
+
+    async def _speak_watching(self, part: tuple[str, Exchange]) -> None:
+        """`_speak`, watching for the client to leave meanwhile: nothing else reads it, and
+        one that hung up before its audio began had its job queued and run for nobody. A
+        byte that comes instead (its next event's) is kept for `_serve`."""
+        speaking = asyncio.ensure_future(self._speak(part))
+        watching = asyncio.ensure_future(self.reader.read(1))
+        try:
+            await asyncio.wait({speaking, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if watching.done():
+                self._early = watching.result()  # a reset raises: gone as well
+                if not self._early:
+                    raise ConnectionResetError("the client left before its reply was sent")
+            await speaking
+        finally:
+            for task in (speaking, watching):
+                task.cancel()
+            await asyncio.gather(speaking, watching, return_exceptions=True)
 
     async def _speak(self, part: tuple[str, Exchange]) -> None:
         """One job's events as Wyoming events. If writing fails (the client left), the job
