@@ -31,11 +31,16 @@ from cosyvoiced.clusterwire import Inbound, SharedLost, ShareFailed
 from cosyvoiced.config import ClusterConfig, read_password
 from cosyvoiced.job import Job
 from cosyvoiced.scheduler import priority_of
+from cosyvoiced.tally import Tally
 
 RETRY_S = 0.5  # between tries while Redis is down
 BLOCK_MS = 500  # a blocking read's longest wait: how soon a stop is noticed
 SOCKET_TIMEOUT_S = 5.0  # > BLOCK_MS: a Redis that stops answering is noticed
-EVENT_BATCH = 512
+# Events read at once, and the audio of those the tick has not taken yet, at most, past
+# which the reader waits: a `done` event carries a drop-folder job's whole audio (a 20,000
+# character text is about 100 MB of float32), and a restarted host may find hundreds.
+EVENT_BATCH = 16
+EVENT_BYTES_WAITING = 256 << 20
 # A host with no idle worker but room for one more job in its turns takes a job that no
 # idle host took within this long (idle hosts wait in a blocking read: they take a new job
 # at once), checking this often.
@@ -213,6 +218,7 @@ class ClusterLink(_Commands):
         self.keys = wire.Keys(settings.key_prefix)
         self.url = safe_url(settings.redis)
         self.inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self.event_bytes = Tally()  # the audio of events in `inbound` (`taken` takes it off)
         self._wake = wake
         self._commands: queue.Queue[tuple[Command, str | None]] = queue.Queue()
         self._password = read_password(settings.password_file) if settings.password_file \
@@ -461,6 +467,9 @@ class ClusterLink(_Commands):
         stream = self.keys.events(self.host)
         last = "0-0"  # what is left of the stream was not acted on: read it all
         while not self._stop.is_set():
+            if self.event_bytes.held >= EVENT_BYTES_WAITING:
+                self._stop.wait(BUSY_POLL_S)  # the tick takes them first
+                continue
             try:
                 answer: Any = client.xread({stream: last}, count=EVENT_BATCH, block=BLOCK_MS)
             except redis.RedisError as error:
@@ -481,7 +490,12 @@ class ClusterLink(_Commands):
             self.forget([entry], [])
             return
         self.events_read += 1
+        self.event_bytes.add(len(event.audio))
         self._post(event)
+
+    def taken(self, event: wire.Event) -> None:
+        """The tick took `event` off `inbound`: its audio is the tick's now."""
+        self.event_bytes.give(len(event.audio))
 
     # -- state -----------------------------------------------------------------------------
     def _prepare(self, client: redis.Redis) -> None:

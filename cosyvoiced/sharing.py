@@ -254,6 +254,7 @@ class Sharing:
             elif isinstance(item, SharedLost):
                 self._take_back(item.job_id, "lost_by_redis")
             else:
+                self.link.taken(item)
                 forgotten.append(item.entry)
                 if self._apply(item):
                     finished.append(item.job_id)

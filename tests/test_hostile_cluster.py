@@ -8,6 +8,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
+from cosyvoiced import cluster
+from cosyvoiced import clusterwire as wire
+from cosyvoiced.config import ClusterConfig
 from cosyvoiced.job import SINK_REPLY, Job
 from tests.conftest import DaemonFactory
 from tests.daemon import wait_until
@@ -63,3 +68,34 @@ def test_a_shared_job_over_this_hosts_limits_fails_back_to_its_host(
     assert fields["kind"] == "failed"
     error = json.loads(fields["detail"])["error"]
     assert error["code"] == "text_too_long", error
+
+
+def test_the_event_reader_waits_while_the_tick_holds_its_bound_of_audio(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One read took up to 512 events, and the reader never waited for the tick: a `done`
+    event carries a drop-folder job's whole audio (about 100 MB for 20,000 characters), so
+    a restarted host that found hundreds held gigabytes at once. It reads 16 at a time now,
+    and waits while the tick has not taken EVENT_BYTES_WAITING of them (1 MiB here)."""
+    monkeypatch.setattr(cluster, "EVENT_BYTES_WAITING", 1 << 20)
+    redis = redis_server.client(decode_responses=False)
+    for n in range(40):  # 100 kB of audio each
+        redis.xadd("cosyvoiced:events:a", {
+            "kind": "chunk", "job": "1a0000000000000d4", "from": "b",
+            "detail": json.dumps({"seq": n}), "audio": bytes(100_000)})
+    link = cluster.ClusterLink(ClusterConfig(redis=redis_server.url, name="a"), "a",
+                               lambda: None)
+    link.start()
+    try:
+        wait_until(lambda: link.events_read >= cluster.EVENT_BATCH, 30, "the first read")
+        assert link.events_read == cluster.EVENT_BATCH, "read on past the bound"
+        taken = 0
+        while taken < 40:  # the tick's part: take them, and more are read
+            wait_until(lambda: not link.inbound.empty(), 30, "more events")
+            while not link.inbound.empty():
+                event = link.inbound.get_nowait()
+                assert isinstance(event, wire.Event)
+                link.taken(event)
+                taken += 1
+        assert link.event_bytes.held == 0
+    finally:
+        link.stop()

@@ -38,6 +38,7 @@ from cosyvoiced.job import (
     new_job_id,
 )
 from cosyvoiced.jobspec import Limits, build_job
+from cosyvoiced.tally import Tally
 
 T = TypeVar("T")
 # The job fields a reply intake may set (the format is the intake's own business: it
@@ -282,26 +283,6 @@ class _Route:
     ended: bool = False  # its last event is posted; the handler may still be sending it
 
 
-class _Tally:
-    """Bytes one thread adds and another takes away, within a limit."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.held = 0
-
-    def take(self, size: int, limit: int) -> bool:
-        """Count `size` in, unless that passes `limit` (one always fits)."""
-        with self._lock:
-            if self.held and self.held + size > limit:
-                return False
-            self.held += size
-            return True
-
-    def give(self, size: int) -> None:
-        with self._lock:
-            self.held -= size
-
-
 class ReplyIntake:
     """The supervisor's side of an asyncio intake: admits jobs and routes their events."""
 
@@ -317,7 +298,7 @@ class ReplyIntake:
         self._routes: dict[str, _Route] = {}  # job id -> its handler (supervisor thread)
         self._overflowed: list[str] = []  # jobs whose client left too much audio unread
         self._slow: set[str] = set()  # clients cut for that, until they read what is left
-        self._prompts = _Tally()  # prompt audio submitted, not yet kept in the spool
+        self._prompts = Tally()  # prompt audio submitted, not yet kept in the spool
         self.loop_thread: LoopThread | None = None
 
     def max_buffered_bytes(self) -> int:
