@@ -458,7 +458,7 @@ def test_clone_prompts_waiting_for_a_stalled_supervisor_are_bounded(
                        "clone": {"audio": audio}}).encode()
     request = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: "
                b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
-    stall.touch()
+    _stand_still(stall)
     try:
         with contextlib.ExitStack() as stack:
             socks = [stack.enter_context(connected(("127.0.0.1", port))) for _ in range(8)]
@@ -495,7 +495,7 @@ def test_a_removal_answered_503_while_stalled_does_not_happen_later(
         client.audio.voices.create(audio_sample=("kept.wav", recording.getvalue(), "audio/wav"),
                                    consent="cons_not_checked", name="kept",
                                    extra_body={"text": "Words."})
-        stall.touch()
+        _stand_still(stall)
         try:
             with pytest.raises(openai.InternalServerError) as caught:
                 client.delete("/audio/voices/kept", cast_to=object)
@@ -504,6 +504,13 @@ def test_a_removal_answered_503_while_stalled_does_not_happen_later(
             stall.unlink()
         voices = client.get("/audio/voices", cast_to=object)
     assert "kept" in {v["name"] for v in voices["voices"]}  # type: ignore[index]
+
+
+def _stand_still(stall: Path) -> None:
+    """Stall the tick (the test double's file), and wait until one stands still: a tick
+    already past its check when the file appears still runs, and answers what came."""
+    stall.touch()
+    wait_until(Path(f"{stall}.standing").exists, 10, "a tick to stand still")
 
 
 def _answered(socks: list[socket.socket], expected: int) -> list[socket.socket]:
@@ -529,7 +536,7 @@ def test_a_question_the_stalled_supervisor_does_not_answer_gets_503_unresponsive
     socket_head = (b"GET /v1/text-to-speech/tone/multi-stream-input HTTP/1.1\r\nHost: x\r\n"
                    + "".join(f"{name}: {value}\r\n"
                              for name, value in UPGRADE.items()).encode() + b"\r\n")
-    stall.touch()
+    _stand_still(stall)
     try:
         status, headers, body = _answer(served, voices)
         assert (status, _code(body)) == (503, "unresponsive"), body

@@ -33,9 +33,14 @@ if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "stall":
     _tick_on = _stalled.Supervisor.tick
     _stall = os.environ["COSYVOICED_TEST_TICK_STALL"]
 
+    _standing = _stall + ".standing"  # exists while a tick stands still: tests wait for it
+
     def _tick_or_stall(self, now):  # type: ignore[no-untyped-def]
-        while os.path.exists(_stall):
-            time.sleep(0.05)
+        if os.path.exists(_stall):
+            open(_standing, "w").close()
+            while os.path.exists(_stall):
+                time.sleep(0.05)
+            os.unlink(_standing)
         return _tick_on(self, now)
 
     _stalled.Supervisor.tick = _tick_or_stall  # type: ignore[method-assign]
