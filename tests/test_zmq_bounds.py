@@ -514,3 +514,15 @@ def test_a_reply_handed_over_just_now_is_not_judged_unread_yet() -> None:
     assert outbox.unread(b"peer", 10.4 + SETTLE_S) == 6000
     older.done = True  # type: ignore[misc]
     assert outbox.unread(b"peer", 10.4 + SETTLE_S) == 5000
+
+
+def test_a_peer_that_left_and_came_back_starts_with_no_errors_held() -> None:
+    """`forget` (the connection ended: libzmq dropped what it held) left the peer's count of
+    unread errors behind, so a client that came back with its routing id found its error
+    replies dropped for bytes libzmq no longer held."""
+    outbox = Outbox()
+    outbox.hold(b"peer", cast(zmq.MessageTracker, _Tracker()), ERROR_ROOM, error=True)
+    assert not outbox.error_fits(b"peer", 1)
+    outbox.forget(b"peer")
+    assert outbox.error_fits(b"peer", ERROR_ROOM)
+    assert outbox.total == 0

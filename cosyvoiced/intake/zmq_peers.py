@@ -131,6 +131,7 @@ class Outbox:
         """The peer's connection ended: libzmq dropped what it held for it."""
         self._held.pop(client, None)
         self.total -= self._bytes.pop(client, 0)
+        self._errors.pop(client, None)
         self._failed.pop(client, None)
 
 
