@@ -26,6 +26,7 @@ def test_the_book_offers_the_oldest_connection_that_can_go() -> None:
         book.add(name[0], name)
     assert book.open == 4
     assert book.make_room("c", lambda c: not c.endswith("busy")) == "a2"
+    assert book.open == 3  # its slot is the newcomer's at once
     assert book.make_room("a", lambda c: True) is None
     book.remove("a", "a2")
     book.remove("a", "a2")  # a second time (closed, then gone): counted once

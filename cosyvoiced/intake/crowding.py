@@ -52,12 +52,18 @@ class AddressBook(Generic[Connection]):
     def make_room(self, newcomer: str,
                   can_go: Callable[[Connection], bool]) -> Connection | None:
         """The connection to close so that one from `newcomer` may open (the oldest that
-        `can_go` of the address `evictee` picks), or None: refuse the newcomer."""
+        `can_go` of the address `evictee` picks), taken out of the book now (its slot is the
+        newcomer's, not once it has closed); or None: refuse the newcomer."""
         idle = {address: next((c for c in held if can_go(c)), None)
                 for address, held in self._by_address.items()}
         held_counts = {address: len(held) for address, held in self._by_address.items()}
         address = evictee(held_counts, [a for a, c in idle.items() if c is not None], newcomer)
-        return None if address is None else idle[address]
+        if address is None:
+            return None
+        chosen = idle[address]
+        assert chosen is not None
+        self.remove(address, chosen)
+        return chosen
 
 
 def peer_address(peername: object) -> str:

@@ -181,7 +181,6 @@ class _GuardedHandler(web.RequestHandler):
         if other is None:
             return False
         listener.evicted.count(address=other._address, newcomer=self._address)
-        listener.book.remove(other._address, other)  # its slot is ours now, not once it closed
         other.force_close()
         return True
 

@@ -491,7 +491,6 @@ class WyomingIntake(ReplyIntake):
                 return False
             log.info("wyoming_connection_given_up", address=other.address,
                      newcomer=connection.address)
-            self._connections.remove(other.address, other)
             other.give_way()
         self._connections.add(connection.address, connection)
         return True

@@ -202,6 +202,24 @@ class _Gate(ThreadAuthenticator):
         await super().handle_zap_message(msg)
 
 
+class _CountedWarning:
+    """A warning a flood may repeat very often, from a thread with no event loop (the
+    loops' threads have `limits.Throttled`): logged at most once per interval, with how
+    many times it happened since the last line. One thread uses each."""
+
+    def __init__(self, event: str, **fields: Any) -> None:
+        self._event, self._fields = event, fields
+        self._count = 0  # since the last line
+        self._next_at = 0.0
+
+    def count(self, **latest: Any) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now >= self._next_at:
+            log.warning(self._event, count=self._count, **self._fields, **latest)
+            self._count, self._next_at = 0, now + REFUSED_LOG_INTERVAL_S
+
+
 class _Connections:
     """How many peers are connected to the ROUTER, from its monitor's events.
 
@@ -219,8 +237,7 @@ class _Connections:
         self._peers = Peers()
         self._left: list[bytes] = []  # routing ids whose connection ended, not yet taken
         self._monitor: zmq.Socket[bytes] | None = None
-        self._refused = 0  # since the last log line (the ZAP thread's)
-        self._next_log = 0.0
+        self._refused = _CountedWarning("zmq_connections_refused")  # the ZAP thread's
 
     def watch(self, router: zmq.Socket[bytes]) -> None:
         self._monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -261,12 +278,7 @@ class _Connections:
 
     def refused_one(self) -> None:
         """Logged at most once per interval, with a count: a flood must not flood the log."""
-        self._refused += 1
-        now = time.monotonic()
-        if now >= self._next_log:
-            log.warning("zmq_connections_refused", count=self._refused,
-                        max_connections=self._limit(), connected=self.count)
-            self._refused, self._next_log = 0, now + REFUSED_LOG_INTERVAL_S
+        self._refused.count(max_connections=self._limit(), connected=self.count)
 
     def _seen(self, event: int, fd: int) -> None:
         """`fd`: the connection's descriptor (the value of both events)."""
@@ -295,8 +307,9 @@ class _SocketThread(threading.Thread):
         self._curve = curve
         self._settings = settings  # read live: max_buffered_bytes, idle_timeout_s
         self._outbox = Outbox()
-        self._errors_dropped = 0  # since the last log line
-        self._next_drop_log = 0.0
+        self._errors_dropped = _CountedWarning(
+            "zmq_error_replies_dropped", error_room_bytes=ERROR_ROOM,
+            message="a peer left that many error replies unread")
         self._departures = Departures(GONE_GRACE_S, _MOST_DEPARTED)
         self._next_idle_check = 0.0
         self._connections = connections
@@ -436,13 +449,7 @@ class _SocketThread(threading.Thread):
 
     def _send_error(self, frames: list[bytes], size: int, job_less: bool) -> None:
         if job_less and not self._outbox.error_fits(frames[0], size):
-            self._errors_dropped += 1
-            now = time.monotonic()
-            if now >= self._next_drop_log:
-                log.warning("zmq_error_replies_dropped", count=self._errors_dropped,
-                            error_room_bytes=ERROR_ROOM,
-                            message="a peer left that many error replies unread")
-                self._errors_dropped, self._next_drop_log = 0, now + REFUSED_LOG_INTERVAL_S
+            self._errors_dropped.count()
             return
         self._hand_over(frames, size, error=job_less)
 
