@@ -33,6 +33,7 @@ INBOX = "inbox"  # the drop folder: whoever can write to it is trusted like a lo
 ANONYMOUS_QUEUE_PART = 2  # anonymous clients may fill 1/2 of the queue's places
 ANONYMOUS_HOST_PART = 2  # and one host's anonymous clients 1/2 of those
 OPERATOR = "operator"  # the owner of voices registered by an admin
+HOST_PARTY = "host:"  # an anonymous party named by its host's address
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Identity:
     def party(self) -> str:
         if not self.anonymous:
             return self.share
-        return f"host:{self.host}" if self.host else self.client
+        return f"{HOST_PARTY}{self.host}" if self.host else self.client
 
     def stamp(self, job: Job) -> Job:
         """The job as this client's: its owner, and its place in the turns."""
@@ -90,6 +91,17 @@ def drop_folder() -> Identity:
 
 
 LOCAL_ADMIN = Identity(owner="admin", client="admin", share="admin", admin=True, name="admin")
+
+
+def cache_share(job: Job) -> str:
+    """Whose result-cache entries `job`'s audio joins: its share's, but an anonymous
+    client's are its host's, so that no host learns from a hit (or from how fast it came)
+    what another host asked for. Anonymous clients of no known host (a local socket's,
+    whose file's permissions decide who may connect) keep theirs together: a connection of
+    its own would miss on every reconnect."""
+    if job.share == ANONYMOUS and job.party.startswith(HOST_PARTY):
+        return job.party
+    return job.share
 
 
 def anonymous_room(max_pending: int) -> int:

@@ -36,6 +36,7 @@ import soxr
 
 from cosyvoiced import __version__, audio, logs
 from cosyvoiced.cache import Entry, Pcm, Store
+from cosyvoiced.clients import cache_share
 from cosyvoiced.config import Config, EngineConfig
 from cosyvoiced.job import Deferred, Job, JobError, JobResult, Sink
 
@@ -380,7 +381,7 @@ class ResultCache:
             "prompt_audio": prompt, "prompt_text": job.prompt_text,
             "text": normalise_text(job.text), "speed": job.speed, "instruct": job.instruct,
             "language": job.language,
-            **({} if self._across_clients else {"share": job.share})}, sort_keys=True)
+            **({} if self._across_clients else {"share": cache_share(job)})}, sort_keys=True)
         return f"{self._identity[:16]}_{owner}_{_digest(material)}"
 
     def find(self, job: Job, *, record: bool = True) -> Entry | None:

@@ -367,3 +367,23 @@ def test_one_clients_entries_are_not_anothers(make_daemon: DaemonFactory, tmp_pa
     assert _cached_for(daemon, ALICE) is True
     with Client(daemon.endpoint, timeout_s=60) as anonymous:
         assert anonymous.synthesize(SECRET, voice="tone").header["cached"] is across_clients
+
+
+def test_anonymous_clients_of_one_host_share_entries_and_not_another_hosts(
+        make_daemon: DaemonFactory) -> None:
+    """Every anonymous client's entries were one pool: a client on one host asking for the
+    text a client on another host had asked for was a hit, and learned what was said. Now
+    each host's anonymous clients have their own (a reconnect from the same host hits)."""
+    port = free_port()
+    daemon = make_daemon(engine={"name": FAULTY}, cache=CACHE,
+                         zmq={"bind": [f"tcp://127.0.0.1:{port}"]})
+    daemon.start()
+
+    def cached(endpoint: str) -> bool:
+        with Client(endpoint, timeout_s=60) as connected:
+            return bool(connected.synthesize(SECRET, voice="tone").header["cached"])
+    here, other_host = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.2:0;127.0.0.1:{port}"
+    assert cached(other_host) is False
+    assert cached(here) is False
+    assert cached(other_host) is True
+    assert cached(here) is True

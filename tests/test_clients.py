@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from cosyvoiced.clients import (
+    Identity,
     RateLimit,
     RateLimiter,
     anonymous,
     anonymous_room,
+    cache_share,
     keyed,
     retry_after_s,
 )
+from cosyvoiced.job import Job
 
 
 def test_a_key_owns_its_jobs_on_every_connection_and_no_one_else_does() -> None:
@@ -18,6 +21,17 @@ def test_a_key_owns_its_jobs_on_every_connection_and_no_one_else_does() -> None:
     assert not bob.may_see(alice.owner)
     assert keyed("key", "root", admin=True).may_see(alice.owner)
     assert not alice.anonymous
+
+
+def test_cache_entries_are_a_keys_or_an_anonymous_hosts() -> None:
+    """One host's anonymous clients share entries, another host's do not; so do the
+    anonymous clients of no known host (a local socket's), and a key's are its own."""
+    def share(identity: Identity) -> str:
+        return cache_share(identity.stamp(Job(id="j", source="zmq", origin="o", text="t")))
+    here, again = anonymous("zmq:1", host="10.0.0.5"), anonymous("http:2", host="10.0.0.5")
+    assert share(here) == share(again) != share(anonymous("zmq:3", host="10.0.0.6"))
+    assert share(anonymous("zmq:4")) == share(anonymous("zmq:5")) == "anonymous"
+    assert share(keyed("key", "alice")) == "key:alice" != share(keyed("key", "bob"))
 
 
 def test_anonymous_clients_own_their_connection_and_share_one_class() -> None:
