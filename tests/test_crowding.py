@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from cosyvoiced.intake.crowding import AddressBook, evictee, peer_address
+from cosyvoiced.intake.crowding import AddressBook, evictee, ip_host, peer_address
+from cosyvoiced.intake.zmq_peers import Peer, Peers
 
 
 def test_the_host_holding_the_most_gives_one_up_to_a_host_holding_fewer() -> None:
@@ -43,3 +44,31 @@ def test_a_peer_is_known_by_its_host_alone() -> None:
     assert peer_address(("::1", 40000, 0, 0)) == "::1"
     assert peer_address("") == ""  # a Unix socket's peer
     assert peer_address(None) == ""
+
+
+def test_zap_and_the_socket_name_a_host_alike() -> None:
+    """ZAP's address and getpeername's must meet in one spelling, and every local socket's
+    peer is one address: libzmq names an IPC peer's process, which would make each one a
+    newcomer that always finds room."""
+    assert ip_host("127.0.0.2") == ip_host(peer_address(("127.0.0.2", 5555))) == "127.0.0.2"
+    assert ip_host("[::1]") == ip_host("0:0::1") == "::1"
+    assert ip_host("localhost:0:0:12401") == ip_host("") == ip_host(None) == ""
+
+
+def test_zeromq_gives_up_the_least_active_peer_that_can_go_of_the_host_holding_most() -> None:
+    peers = Peers()
+    for fd, (address, active) in enumerate([("a", 3.0), ("a", 1.0), ("a", 2.0), ("b", 0.0),
+                                            ("c", 5.0)]):
+        peers.by_fd[fd] = Peer(inode=fd, active=active, address=address)
+    peers.by_fd[1].client = b"busy"
+    chosen = peers.make_room("c", lambda peer: peer.client != b"busy")  # c's is asking
+    assert chosen is not None
+    assert chosen[0] == 2  # a holds 3, c 0 besides the one asking; a's 1 cannot go
+    chosen[1].given_up = True
+    assert peers.leaving == 1
+    def can_go(peer: Peer) -> bool:
+        return peer.client != b"busy"
+    assert peers.make_room("a", can_go) is None  # a asks: it holds 1 besides, b and c 1
+    chosen = peers.make_room("b", can_go)  # b's one is the one asking: a holds 2 to its 0
+    assert chosen is not None
+    assert chosen[0] == 0

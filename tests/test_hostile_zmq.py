@@ -31,7 +31,7 @@ from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.jobspec import Limits
 from cosyvoiced.protocol import Op, Request
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, bounded, peak_rss_bytes, wait_until
+from tests.daemon import Daemon, bounded, free_port, peak_rss_bytes, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
 CLONING = {"name": "tests.engines.faulty:cloning"}
@@ -331,6 +331,67 @@ def test_connections_over_max_connections_are_refused_until_some_leave(
 # -- one client's flood of requests ---------------------------------------------------------
 FLOOD = 20_000  # `stats` requests: 0.25 ms or more of the supervisor's time each; 0.01 ms
 # to send
+
+
+HOG = "127.0.0.2"  # another host, as loopback sees it (all of 127/8 is this machine)
+
+
+def _answers_ping(sock: zmq.Socket[bytes], request_id: str, timeout_s: float = 2) -> bool:
+    """Ping on `sock`; whether the pong came (a refused handshake never answers)."""
+    sock.send_json({"v": 1, "op": "ping", "id": request_id})
+    if not sock.poll(int(timeout_s * 1000)):
+        return False
+    assert json.loads(sock.recv())["event"] == "pong"
+    return True
+
+
+def test_a_host_holding_every_connection_gives_up_idle_ones_for_another_host(
+        make_daemon: DaemonFactory) -> None:
+    """One host that opened every zmq.max_connections slot locked every other host out for as
+    long as it kept them (a ping each idle_timeout_s was enough). Now a host holding at least
+    two more connections than a newcomer's gives up one with nothing in hand: one that never
+    spoke at once, one that spoke once it has been quiet for QUIET_S; never one whose job is
+    in flight. Slots tend to equal shares: then the newcomer is refused as before."""
+    port = free_port()
+    daemon = make_daemon(engine=TONE, zmq={"bind": [f"tcp://127.0.0.1:{port}"],
+                                           "max_connections": 5})
+    daemon.start()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sockets: list[zmq.Socket[bytes]] = []
+
+    def connect(source: str) -> zmq.Socket[bytes]:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)  # one given up stays gone
+        sock.connect(f"tcp://{source}:0;127.0.0.1:{port}")  # libzmq's source address
+        sockets.append(sock)
+        return sock
+
+    try:
+        busy, *pinged = (connect(HOG) for _ in range(4))
+        busy.send_json({"v": 1, "op": "synthesize", "id": "b", "format": "pcm_s16le",
+                        "text": "SLOW@20 runs while other hosts come."})
+        for number, sock in enumerate(pinged):
+            assert _answers_ping(sock, f"hog-{number}", 10)
+        silent = connect(HOG)  # the fifth: it never says a word
+        silent_monitor = silent.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            assert silent_monitor.poll(10_000), "the silent peer was not let in"
+        finally:
+            silent.disable_monitor()
+            silent_monitor.close(linger=0)
+        assert _answers_ping(connect("127.0.0.1"), "first", 10), "the silent one was kept"
+        wait_until(lambda: _answers_ping(connect("127.0.0.1"), "second"), 30,
+                   "a quiet connection of the host with 4 to be given up for one with 1")
+        assert not _answers_ping(connect("127.0.0.1"), "third"), "3 gave one up for 2"
+        given_up = daemon.log_events("zmq_connections_given_up")
+        assert given_up
+        assert (given_up[0]["address"], given_up[0]["newcomer"]) == (HOG, "127.0.0.1")
+        assert busy.poll(30_000), "the job in flight lost its connection"
+        assert json.loads(busy.recv_multipart()[0])["event"] == "result"
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
 
 
 def _flood(endpoint: str, requests: int) -> zmq.Socket[bytes]:

@@ -13,6 +13,7 @@ the cap exactly as before: the newcomer is refused.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Collection, Mapping
 from typing import Generic, TypeVar
 
@@ -72,3 +73,14 @@ def peer_address(peername: object) -> str:
     if isinstance(peername, tuple) and peername:
         return str(peername[0])
     return ""
+
+
+def ip_host(text: object) -> str:
+    """The IP address `text` names, spelt one way; "" when it names none (a local socket's
+    peer: libzmq names an IPC peer's process, ``localhost:UID:GID:PID``)."""
+    if not isinstance(text, str):
+        return ""
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        return ""

@@ -21,11 +21,11 @@ and the stop are sent without blocking, and each wait has a timeout.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -52,6 +52,7 @@ from cosyvoiced.admission import (
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
 from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake.crowding import ip_host
 from cosyvoiced.intake.service import IntakeService
 from cosyvoiced.intake.tickbudget import TickBudget
 from cosyvoiced.intake.zmq_peers import (
@@ -60,6 +61,7 @@ from cosyvoiced.intake.zmq_peers import (
     Departures,
     Handoff,
     Outbox,
+    Peer,
     Peers,
     shut_down,
 )
@@ -121,6 +123,10 @@ SNDHWM = 10_000
 HEARTBEAT_IVL_S = 5.0
 HEARTBEAT_TIMEOUT_S = 15.0
 _IDLE_CHECK_S = 1.0  # how often peers are checked for zmq.idle_timeout_s
+# A connection that neither asked nor was answered for this long, with no job in flight, may
+# be given up for another host's (`_Connections.admits`): long enough for a request to be
+# taken up by the supervisor (and so be a job), much shorter than zmq.idle_timeout_s.
+QUIET_S = 5.0
 # A client whose connection ended has this long to reconnect with its routing id and keep
 # its jobs (libzmq reconnects after 100 ms); then they are cancelled.
 GONE_GRACE_S = 5.0
@@ -186,16 +192,19 @@ class Service(IntakeService, Protocol):
 
 class _Gate(ThreadAuthenticator):
     """ZAP for every connection (NULL and CURVE alike): over zmq.max_connections, a new
-    connection's handshake is refused and libzmq closes it, which frees its descriptor.
+    connection's handshake is refused and libzmq closes it, which frees its descriptor,
+    unless a host holding more connections gives one up for it (`_Connections.admits`).
     Under it, pyzmq's own rules apply (CURVE keys, or NULL allowed)."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], over_cap: Callable[[], bool],
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], admits: Callable[[str], bool],
                  on_refused: Callable[[], None]) -> None:
         super().__init__(context)
-        self._over_cap, self._on_refused = over_cap, on_refused
+        self._admits, self._on_refused = admits, on_refused
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
-        if len(msg) >= 2 and self._over_cap():
+        # ZAP's frames: version, request id, domain, address (the peer's host), ...
+        address = ip_host(msg[3].decode(errors="replace")) if len(msg) >= 4 else ""
+        if len(msg) >= 2 and not self._admits(address):
             self._on_refused()
             self._send_zap_reply(msg[1], b"400", b"too many connections")
             return
@@ -238,6 +247,10 @@ class _Connections:
         self._left: list[bytes] = []  # routing ids whose connection ended, not yet taken
         self._monitor: zmq.Socket[bytes] | None = None
         self._refused = _CountedWarning("zmq_connections_refused")  # the ZAP thread's
+        self._given_up = _CountedWarning(
+            "zmq_connections_given_up", message="a host holding more connections gave one "
+            "with nothing in hand up for another host's")  # the ZAP thread's
+        self._working: Counter[bytes] = Counter()  # jobs in flight per routing id
 
     def watch(self, router: zmq.Socket[bytes]) -> None:
         self._monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -271,10 +284,51 @@ class _Connections:
             left, self._left = self._left, []
         return left
 
-    def over_cap(self) -> bool:
+    def admits(self, address: str) -> bool:
+        """May a connection from `address` (at its handshake) stay? Yes under the cap; over
+        it, if a host holding at least two more connections gives up one that has nothing
+        in hand (crowding.py's rule, as for HTTP and Wyoming)."""
         self.drain()
-        # The connection asking is counted already (it was accepted before its handshake).
-        return self.count > self._limit()
+        with self._lock:
+            # The connection asking is counted already (it was accepted before its
+            # handshake); those given up are not, though libzmq has not seen them go yet.
+            if self.count - self._peers.leaving <= self._limit():
+                return True
+            now = time.monotonic()
+            chosen = self._peers.make_room(address, lambda peer: self._can_go(peer, now))
+            if chosen is None or not shut_down(chosen[0], chosen[1].inode):
+                return False
+            chosen[1].given_up = True
+        self._given_up.count(address=chosen[1].address, newcomer=address)
+        return True
+
+    def _can_go(self, peer: Peer, now: float) -> bool:
+        """Whether a connection has nothing in hand: it sent nothing yet, or it has no job in
+        flight, took all its replies, and neither asked nor was answered for QUIET_S (a
+        request may wait for the supervisor that long with no job yet). Without ZMQ_SRCFD
+        a silent connection may be a known client's: none can go."""
+        if not self._peers.placed:
+            return False
+        if peer.client is None:
+            return True
+        return (not self._working[peer.client] and not peer.holding
+                and now - peer.active >= QUIET_S)
+
+    def job_began(self, client: bytes) -> None:
+        """(Supervisor thread) a job of `client`'s is in flight: its connection stays."""
+        with self._lock:
+            self._working[client] += 1
+
+    def job_ended(self, client: bytes) -> None:
+        with self._lock:
+            self._working[client] -= 1
+            if self._working[client] <= 0:
+                del self._working[client]
+
+    def holders(self, clients: frozenset[bytes]) -> None:
+        """(Socket thread) the peers with replies not yet taken."""
+        with self._lock:
+            self._peers.holders(clients)
 
     def refused_one(self) -> None:
         """Logged at most once per interval, with a count: a flood must not flood the log."""
@@ -497,7 +551,7 @@ class _SocketThread(threading.Thread):
         if now < self._next_idle_check:
             return
         self._next_idle_check = now + _IDLE_CHECK_S
-        self._outbox.sweep()
+        self._connections.holders(self._outbox.sweep())
         self._give_up(self._departures.gone(now))
         timeout_s = self._settings().idle_timeout_s
         dropped = 0
@@ -609,7 +663,7 @@ class ZmqIntake:
             return
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._context = context
-        self._auth = _Gate(context, self.connections.over_cap, self.connections.refused_one)
+        self._auth = _Gate(context, self.connections.admits, self.connections.refused_one)
         self._auth.start()
         if self.settings.curve:
             self._auth.configure_curve(domain=ZAP_DOMAIN,
@@ -870,6 +924,7 @@ class ZmqIntake:
         if request.attachments:
             job = replace(job, prompt_audio=service.keep_prompt(job_id, request.attachments[0]))
         self._routes[job.id] = _Route(request.route, request.id)
+        self.connections.job_began(request.route[0])
         self._in_flight.add(job.id, identity)
         service.enqueue(job)
 
@@ -880,7 +935,9 @@ class ZmqIntake:
 
     def _end_route(self, job_id: str) -> None:
         """The request's last reply is sent: it is no longer in flight."""
-        self._routes.pop(job_id, None)
+        route = self._routes.pop(job_id, None)
+        if route is not None:
+            self.connections.job_ended(route.envelope[0])
         self._in_flight.done(job_id)
 
     def _job_event(self, job: Job, event: str, payload: bytes | None = None,
@@ -976,9 +1033,8 @@ def _peer_host(frame: zmq.Frame) -> str | None:
     """The IP address the message's connection comes from (libzmq's Peer-Address), if it
     has one: an IPC peer's names its process (``localhost:UID:GID:PID``), not a host."""
     try:
-        host = frame.get("Peer-Address")
-        return str(ipaddress.ip_address(host))
-    except (zmq.ZMQError, ValueError, TypeError):  # no metadata, or not an IP address
+        return ip_host(frame.get("Peer-Address")) or None
+    except zmq.ZMQError:  # no metadata
         return None
 
 

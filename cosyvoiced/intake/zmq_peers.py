@@ -22,10 +22,13 @@ import os
 import socket
 import threading
 from collections import deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import zmq
+
+from cosyvoiced.intake.crowding import evictee, ip_host, peer_address
 
 # A request's replies before its last one: a stream's `start` and `chunk`s, and the `timing`
 # event before the audio. Every other event ends its request.
@@ -122,10 +125,12 @@ class Outbox:
                 del self._failed[client]
         return True
 
-    def sweep(self) -> None:
-        """Forget the trackers libzmq is done with, for peers no longer replied to."""
+    def sweep(self) -> frozenset[bytes]:
+        """Forget the trackers libzmq is done with, for peers no longer replied to; the
+        peers that still have replies to take."""
         for client in list(self._held):
             self.buffered(client)
+        return frozenset(self._held)
 
     def forget(self, client: bytes) -> None:
         """The peer's connection ended: libzmq dropped what it held for it."""
@@ -208,8 +213,11 @@ class Peer:
 
     inode: int  # its socket's: a descriptor number is reused, an open socket's inode is not
     active: float  # monotonic time of its last request or reply
+    address: str = ""  # the host it connects from ("": a local socket's)
     client: bytes | None = None  # its routing id, once it sent a message
     asked: float | None = None  # when the supervisor was asked whether it has jobs
+    holding: bool = False  # replies to it were not all taken, at the last look
+    given_up: bool = False  # shut down for another host's connection; not yet gone
 
 
 class Peers:
@@ -221,7 +229,36 @@ class Peers:
         self.placed = True  # every message so far named its descriptor (ZMQ_SRCFD)
 
     def accepted(self, fd: int, now: float) -> None:
-        self.by_fd[fd] = Peer(_inode(fd), now)
+        self.by_fd[fd] = Peer(_inode(fd), now, _address(fd))
+
+    @property
+    def leaving(self) -> int:
+        """Connections given up (shut down) whose end libzmq has not reported yet."""
+        return sum(peer.given_up for peer in self.by_fd.values())
+
+    def make_room(self, newcomer: str,
+                  can_go: Callable[[Peer], bool]) -> tuple[int, Peer] | None:
+        """The connection (descriptor, peer) to give up for one from `newcomer` that is
+        being let in (and is counted here already): the least recently active that `can_go`
+        of the address `crowding.evictee` picks; None: refuse the newcomer."""
+        held: dict[str, int] = {}
+        least_active: dict[str, tuple[int, Peer]] = {}
+        for fd, peer in self.by_fd.items():
+            if peer.given_up:
+                continue
+            held[peer.address] = held.get(peer.address, 0) + 1
+            chosen = least_active.get(peer.address)
+            if can_go(peer) and (chosen is None or peer.active < chosen[1].active):
+                least_active[peer.address] = (fd, peer)
+        if newcomer in held:
+            held[newcomer] -= 1  # the connection asking
+        address = evictee(held, least_active, newcomer)
+        return None if address is None else least_active[address]
+
+    def holders(self, clients: Collection[bytes]) -> None:
+        """`clients` are those whose replies are not all taken; every other peer's are."""
+        for peer in self.by_fd.values():
+            peer.holding = peer.client is not None and peer.client in clients
 
     def disconnected(self, fd: int) -> bytes | None:
         """The routing id that was on `fd`, if any (and no newer connection took it)."""
@@ -281,6 +318,25 @@ def shut_down(fd: int, inode: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _address(fd: int) -> str:
+    """The host a connection on libzmq's descriptor `fd` comes from (read through a
+    duplicate, closing only the duplicate); "" when not known."""
+    try:
+        duplicate = os.dup(fd)
+    except OSError:
+        return ""
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)
+        return ""
+    with sock:
+        try:
+            return ip_host(peer_address(sock.getpeername()))
+        except OSError:
+            return ""
 
 
 def _inode(fd: int) -> int:
