@@ -98,6 +98,9 @@ class Metrics:
                             ["source", "outcome"], registry=r)
         self.queue_depth = Gauge("cosyvoiced_queue_depth", "Jobs waiting to start",
                                  registry=r)
+        self.tick_seconds = Histogram("cosyvoiced_tick_seconds", "How long one supervisor "
+                                      "tick took (tickclock.py)", buckets=_STAGE_SECONDS,
+                                      registry=r)
         self.synthesis_seconds = Histogram("cosyvoiced_synthesis_seconds",
                                            "Time the worker spent on a job", buckets=_SECONDS,
                                            registry=r)

@@ -9,15 +9,13 @@ Signal handlers only record the signal. One tick acts, always in this order:
 3. the cluster's jobs and events (sharing.poll);
 4. encoded results published (the encoder process's);
 5. the workers' messages, to the catalog or the job book;
-6. the workers checked (dead, hung, silent) and managed (the job book's freed workers
-   recycled if due, spare, spawn);
+6. the workers checked (dead, hung, silent) and managed (recycle, spare, spawn);
 7. dispatch: the next segments to the idle workers;
-8. what the job book recorded, drained: closed jobs to the metrics, spool and cluster,
-   started ones to the cluster;
+8. what the job book recorded, drained (closed jobs to the metrics, spool and cluster);
 9. jobs wanted from the cluster (sharing.offer);
 10. inbox rescan, stop progress, STATUS=, WATCHDOG=1, the cluster's roster (roster.py).
 Because the watchdog ping comes from the tick, a supervisor that stops ticking stops
-pinging, and systemd restarts it.
+pinging, and systemd restarts it. Each step is timed (tickclock.py).
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ from cosyvoiced.service import Intakes, Service
 from cosyvoiced.sharing import Sharing
 from cosyvoiced.speakers import SpeakerStore
 from cosyvoiced.spool import Claimed, Spool
+from cosyvoiced.tickclock import TickClock
 from cosyvoiced.wakeup import Wakeup
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
@@ -89,6 +88,7 @@ class Supervisor:
         self.service.sharing = self.sharing
         self.book.host = self.sharing.name
         self.stop_deadline = self.next_extend = 0.0
+        self.tick_clock = TickClock(self.metrics.tick_seconds.observe)
         self.started_at = time.monotonic()
         self.exit_code: int | None = None
         self._signals: list[int] = []
@@ -148,18 +148,19 @@ class Supervisor:
 
     # -- the tick (its order is the module docstring's) -----------------------------------
     def tick(self, now: float) -> None:
-        self._handle_signals(now)
-        self._handle_intakes(now)
-        self.sharing.poll(now)
-        self.book.drain_encoded(now)
-        self._handle_workers(now)
-        self.book.dispatch(self.pool.idle(), now, self.service.stopping, self.pool.stream_places())
-        self.service.settle()
-        self.sharing.offer()
-        if not self.service.stopping:
-            self.inbox.rescan_if_due(now, self.config.spool.rescan_interval_s)
-        self._progress_stop(now)
-        self._report(now)
+        with self.tick_clock.timing() as timed:  # a slow tick names the step that took long
+            timed.run("signals", self._handle_signals, now)
+            timed.run("intakes", self._handle_intakes, now)
+            timed.run("cluster_events", self.sharing.poll, now)
+            timed.run("encoded", self.book.drain_encoded, now)
+            timed.run("workers", self._handle_workers, now)
+            timed.run("dispatch", self.book.dispatch, self.pool.idle(), now,
+                      self.service.stopping, self.pool.stream_places())
+            timed.run("settle", self.service.settle)
+            timed.run("offer", self.sharing.offer)
+            timed.run("rescan", self.inbox.rescan_if_due, now, self.config.spool.rescan_interval_s)
+            timed.run("stop", self._progress_stop, now)
+            timed.run("report", self._report, now)
 
     def _handle_signals(self, now: float) -> None:
         while self._signals:
@@ -250,9 +251,8 @@ class Supervisor:
             return
         failures = self.pool.start_failures
         log.critical("worker_start_failed", failures=failures, reason=self.pool.last_load_error,
-                     exit_code=EXIT_WORKER_START,
-                     message=f"the engine failed to start {failures} times in a row; giving up "
-                             "so that systemd's restart limits apply")
+                     exit_code=EXIT_WORKER_START, message=f"the engine failed to start "
+                     f"{failures} times in a row; giving up so that systemd's limits apply")
         self._begin_stop(now, "worker start failures")
         self.exit_code = EXIT_WORKER_START
 

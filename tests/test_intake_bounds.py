@@ -13,15 +13,22 @@ import numpy as np
 from cosyvoiced import clients
 from cosyvoiced.admission import TOTAL_BUFFERED_FACTOR
 from cosyvoiced.intake.reply import Exchange, ReplyIntake, Submission, _Route
-from cosyvoiced.intake.tickbudget import CHARS_PER_TICK, MESSAGES_PER_TICK, TickBudget
+from cosyvoiced.intake.tickbudget import (
+    CHARS_PER_TICK,
+    MESSAGES_PER_TICK,
+    SECONDS_PER_TICK,
+    TickBudget,
+)
 from cosyvoiced.job import ErrorCode, Job, JobError
 
 LONG = "x" * 50_000  # a quarter of CHARS_PER_TICK
 
 
-def _spent_after(texts: list[Any]) -> int:
-    budget = TickBudget()
+def _spent_after(texts: list[Any], seconds_each: float = 0.0) -> int:
+    now = [0.0]
+    budget = TickBudget(clock=lambda: now[0])
     for handled, text in enumerate(texts, start=1):
+        now[0] += seconds_each  # the message was handled
         if not budget.spend(text):
             return handled
     return len(texts)
@@ -32,6 +39,13 @@ def test_the_budget_is_messages_or_characters_whichever_ends_first() -> None:
     assert _spent_after([LONG] * 100) == CHARS_PER_TICK // len(LONG)
     assert _spent_after([None] * 1000) == MESSAGES_PER_TICK  # a ping, a cancel
     assert _spent_after(["x" * (2 * CHARS_PER_TICK)]) == 1  # one always goes
+
+
+def test_the_budget_ends_with_the_time_the_messages_took_whatever_they_counted() -> None:
+    """A text of one-character sentences takes three times as long to split as its count
+    says: 20,000 of them took 0.15 s each, 1.5 s a tick within the other bounds."""
+    assert _spent_after(["a。" * 10_000] * 10, seconds_each=0.15) == 1
+    assert _spent_after(["hi"] * 1000, seconds_each=SECONDS_PER_TICK / 4) == 4
 
 
 class _Refusing:

@@ -178,8 +178,9 @@ class InboxIntake:
 
     def rescan_if_due(self, now: float, interval_s: float) -> None:
         """A scan every `interval_s` (or sooner when asked, or when a scan found files too
-        fresh to take): files renamed in while the watch was not looking are taken too."""
-        if now < self.next_scan and not self.rescan_requested.is_set():
+        fresh to take): files renamed in while the watch was not looking are taken too.
+        Nothing once stopped (`stop`): no file is taken then."""
+        if not self._accepting or (now < self.next_scan and not self.rescan_requested.is_set()):
             return
         soon = self._soon or self.rescan_requested.is_set()
         self._soon = self.scan(QUIET_S if soon else interval_s) and soon

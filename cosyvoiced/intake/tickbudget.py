@@ -1,24 +1,37 @@
 """How much of one supervisor tick a network intake's messages may take.
 
 Each message is handled on the supervisor's thread, and a job's text is cleaned up and
-split there (about 2.5 microseconds a character: 50 ms for 20,000). A burst of long texts
-handled in one tick held everything else (workers, the other intakes, WATCHDOG=1) for
-seconds; past the budget, the rest wait for the next tick, which comes at once.
+split there (about 2.5 microseconds a character: 50 ms for 20,000; three times that for a
+text of one-character sentences, "a。。。"). A burst of long texts handled in one tick held
+everything else (workers, the other intakes, WATCHDOG=1) for seconds. So an intake stops
+taking messages once it has handled MESSAGES_PER_TICK, or CHARS_PER_TICK of text, or spent
+SECONDS_PER_TICK on them, whichever comes first: the clock counts what the other two
+under-count (slow texts, prompts written to the spool, repeats found in the result cache).
+The rest wait for the next tick, which comes at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 MESSAGES_PER_TICK = 64
 CHARS_PER_TICK = 200_000  # of text: about half a second of clean-up and splitting
+SECONDS_PER_TICK = 0.1
 
 
 @dataclass
 class TickBudget:
     messages: int = MESSAGES_PER_TICK
     chars: int = CHARS_PER_TICK
+    seconds: float = SECONDS_PER_TICK
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.started = self.clock()
 
     def spend(self, text: Any) -> bool:
         """Count one message with this text (anything but a string: none); False once the
@@ -26,4 +39,5 @@ class TickBudget:
         self.messages -= 1
         if isinstance(text, str):
             self.chars -= len(text)
-        return self.messages > 0 and self.chars > 0
+        return (self.messages > 0 and self.chars > 0
+                and self.clock() - self.started < self.seconds)
