@@ -505,8 +505,11 @@ class Service:
 
 
 def _prompt_name(job_id: str) -> str:
-    """What a ZeroMQ job's prompt audio is called, as if it had been dropped in the inbox."""
-    return f"{job_id}.prompt"
+    """What a ZeroMQ job's prompt audio is called, as if it had been dropped in the inbox:
+    named as audio, so that a restart claims it again, and a stop that hands the job back to
+    the inbox does not make it a job of its own (soundfile reads it by its content, not by
+    its name, whatever format it is)."""
+    return f"{job_id}.prompt.wav"
 
 
 def _played_bytes(job: Job, entry: Entry) -> int:

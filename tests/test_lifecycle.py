@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, assert_speech, wait_until
 
@@ -149,6 +150,42 @@ def test_sigkill_mid_job_then_restart_ends_every_input_once(
     for name in names:
         record = daemon.wait_done(name)
         assert_speech(daemon.outbox / record["file"], 22050, MEDIUM_TEXT)
+
+
+def _tone_wav(seconds: float, rate: int = 16000) -> bytes:
+    buffer = io.BytesIO()
+    times = np.arange(int(seconds * rate)) / rate
+    soundfile.write(buffer, 0.2 * np.sin(2 * np.pi * 220 * times), rate, format="WAV")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
+def test_a_submitted_job_with_prompt_audio_survives_a_restart(make_daemon: DaemonFactory,
+                                                               stop: str) -> None:
+    """A ZeroMQ `submit` keeps its prompt audio in the spool as if dropped in the inbox. It
+    was named `ID.prompt`, not named as audio: after a crash its job failed (invalid_field),
+    and a stop handed the prompt back to the inbox beside its job, where it was taken as a job
+    of its own (unsupported_file_type): two records for one request. Each ends once now."""
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:cloning"},
+                         worker={"drain_timeout_s": 0.5})
+    daemon.start()
+    with Client(daemon.endpoint, timeout_s=30) as client:
+        blocker = client.submit("SLOW@3 holds the worker.", output="blocker")
+        cloned = client.submit("Say it in my voice.", prompt_audio=_tone_wav(1.5),
+                               output="cloned")
+    wait_until(lambda: _busy(daemon), 30, "the worker to be busy")
+    if stop == "sigkill":
+        daemon.kill_hard()
+    else:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+    daemon.start()
+    inputs = [f"{blocker}.json", f"{cloned}.json"]
+    for name in inputs:
+        daemon.wait_done(name)
+    wait_until(lambda: not list(daemon.work.iterdir()), 30, "work/ to empty")
+    assert daemon.outcome_counts() == dict.fromkeys(inputs, 1)
+    assert not list(daemon.inbox.iterdir())
 
 
 def test_sigterm_while_busy_finishes_or_hands_back(make_daemon: DaemonFactory) -> None:
