@@ -232,6 +232,7 @@ class ClusterLink(_Commands):
         self._capacity = threading.Condition(self._lock)
         self._held: dict[str, set[str]] = {}  # stream -> entries taken here, not settled
         self._shared: dict[str, tuple[str, str]] = {}  # writer only: job id -> stream, entry
+        self._replay = threading.Event()  # the event reader starts again from the first
         self.up = False
         self.error = ""  # why Redis is down (no credentials in it)
         self.events_read = 0
@@ -470,6 +471,9 @@ class ClusterLink(_Commands):
             if self.event_bytes.held >= EVENT_BYTES_WAITING:
                 self._stop.wait(BUSY_POLL_S)  # the tick takes them first
                 continue
+            if self._replay.is_set():
+                self._replay.clear()
+                last = "0-0"
             try:
                 answer: Any = client.xread({stream: last}, count=EVENT_BATCH, block=BLOCK_MS)
             except redis.RedisError as error:
@@ -492,6 +496,12 @@ class ClusterLink(_Commands):
         self.events_read += 1
         self.event_bytes.add(len(event.audio))
         self._post(event)
+
+    def replay_events(self) -> None:
+        """Read this host's events again from the first: those the tick left unread (their
+        jobs were not in the book yet) are still in the stream; the rest were acted on and
+        deleted (or are about to be: acting on one again finds its job ended)."""
+        self._replay.set()
 
     def taken(self, event: wire.Event) -> None:
         """The tick took `event` off `inbound`: its audio is the tick's now."""

@@ -17,6 +17,7 @@ import json
 import queue
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any
 
@@ -130,6 +131,7 @@ class Service:
         self.report: Callable[[Identity], dict[str, Any]] = lambda _identity: {}
         self.claims = claims  # the drop folder's, posted by its inotify thread
         self.claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
+        self._recovering: set[str] = set()  # see `recovering`
         self._drops_held_back = False  # claims wait for room in the queue (logged once)
 
     def idle(self) -> int:
@@ -321,6 +323,8 @@ class Service:
         return [due for due, _tries, _claimed in self.claim_retries] + ([0.0] if more else [])
 
     def claim(self, claimed: Claimed, now: float, tries: int = 0) -> None:
+        recovering = claimed.job_id in self._recovering
+        self._recovering.discard(claimed.job_id)  # admitted, failed or handed back: settled
         if self.stopping:
             self.hand_back(claimed)
             return
@@ -331,6 +335,8 @@ class Service:
                 log.warning("claim_retry", work_name=claimed.work_name, error=str(error),
                             tries=tries + 1)
                 self.claim_retries.append((now + CLAIM_RETRY_S, tries + 1, claimed))
+                if recovering:
+                    self._recovering.add(claimed.job_id)
             else:
                 log.error("claim_unreadable", work_name=claimed.work_name, error=str(error))
                 self._reject(claimed, JobError(ErrorCode.UNREADABLE,
@@ -389,6 +395,13 @@ class Service:
         self.spool.discard_orphan_attempts()
         for claimed in left:  # admitted by the ticks, as new drops are (admit_claims)
             self.claims.put(claimed)
+        self._recovering = {claimed.job_id for claimed in left}
+
+    @property
+    def recovering(self) -> AbstractSet[str]:
+        """The jobs a crash left in work/ that are not admitted (or failed) yet: the
+        cluster's events about them wait for them (sharing.py)."""
+        return self._recovering
 
     def release(self, running: Running) -> None:
         """The daemon stops before this job ran here: the cluster takes it, a client is

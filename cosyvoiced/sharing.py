@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -92,6 +93,9 @@ class Host(Protocol):
 
     def enqueue_here(self, job: Job) -> None: ...
 
+    @property
+    def recovering(self) -> AbstractSet[str]: ...
+
 
 class Book(Protocol):
     """What sharing reads and changes of the job book (jobs.JobBook): the jobs' records
@@ -150,6 +154,9 @@ class Sharing:
         self.sinks: dict[str, RemoteSink] = {}  # local id -> where its outcome goes
         self.taken_over = 0
         self.next_audit = 0.0
+        # Events of jobs left in work/ by a crash that are not in the book yet (they are
+        # admitted a tick's claims at a time) are left in Redis and read again after.
+        self.replay_events = False
 
     @property
     def up(self) -> bool:
@@ -255,11 +262,17 @@ class Sharing:
                 self._take_back(item.job_id, "lost_by_redis")
             else:
                 self.link.taken(item)
+                if item.kind != wire.CANCEL and item.job_id in self.host.recovering:
+                    self.replay_events = True  # read again once the job is in the book
+                    continue
                 forgotten.append(item.entry)
                 if self._apply(item):
                     finished.append(item.job_id)
         if forgotten:
             self.link.forget(forgotten, finished)
+        if self.replay_events and not self.host.recovering:
+            self.replay_events = False
+            self.link.replay_events()
         if self.link.up and now >= self.next_audit:
             self.next_audit = now + self.claim_idle_s
             waiting = [job_id for job_id, running in self.own.items() if running.remote]

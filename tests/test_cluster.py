@@ -22,7 +22,7 @@ import openai
 import pytest
 import soundfile
 
-from cosyvoiced import config
+from cosyvoiced import config, service
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, wait_until
@@ -187,6 +187,30 @@ def test_jobs_of_a_receiving_host_killed_wait_in_redis_until_it_is_back(
     assert len(server.log_events("job")) == len(texts)
     # The record is the commit point; the work file goes just after it.
     wait_until(lambda: not list(receiver.work.iterdir()), 10, "work/ to empty")
+
+
+def test_more_jobs_than_a_tick_admits_find_their_outcomes_after_a_restart(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """A restarted host admits the jobs left in work/ CLAIMS_PER_TICK (16) a tick, and its
+    event reader read every outcome at once: those of jobs not in the book yet were deleted
+    as stale, and their jobs waited for good (their markers said they were shared). Those
+    events are now left in Redis and read again once every job is in the book."""
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    names = [f"r{n}" for n in range(3 * service.CLAIMS_PER_TICK)]
+    for name in names:
+        receiver.drop_job(name, text=f"Received by the front host, number {name}.")
+    redis = redis_server.client()
+    wait_until(lambda: len(redis.keys("cosyvoiced:job:front:*")) == len(names), 60,
+               "the front host to share its jobs")
+    receiver.kill_hard()
+    server = start(host(make_daemon, redis_server, "back"))  # no outcome seen before
+    wait_until(lambda: len(server.log_events("job")) == len(names), 60,
+               "the back host to serve them all with the front host down")
+    start(receiver, serves=False)  # same spool: its jobs are still in work/
+    for name in names:
+        assert receiver.wait_done(f"{name}.json", timeout_s=60)["served_by"] == "back"
+    assert receiver.outcome_counts() == {f"{name}.json": 1 for name in names}
+    assert len(server.log_events("job")) == len(names)  # none served twice
 
 
 def test_a_job_that_kills_every_worker_ends_as_worker_crashed(

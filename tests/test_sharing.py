@@ -59,6 +59,7 @@ class Host:
         self.sinks: dict[str, Sink] = {}
         self.wakes = 0
         self.sharing: Sharing | None = None
+        self.recovering: set[str] = set()  # jobs left in work/, not admitted yet
 
     def settle(self) -> None:
         """What the tick does with the jobs the book closed (service.settle)."""
