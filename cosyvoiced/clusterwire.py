@@ -103,6 +103,18 @@ def job_fields(job: Job, host: str, prompt: bytes | None) -> dict[str, bytes]:
     return entry
 
 
+def unshareable(job: Job, prompt_bytes: int) -> str | None:
+    """Why `job` (with a prompt of that many bytes) would not pass `read_job` on any host,
+    so must be served where it was received; None: it may be shared."""
+    if prompt_bytes > MAX_PROMPT_BYTES:
+        return f"prompt: {prompt_bytes} bytes is over {MAX_PROMPT_BYTES}"
+    for name, value in asdict(job).items():
+        if isinstance(value, str) and len(value) > (
+                MAX_TEXT_CHARS if name == "text" else MAX_FIELD_CHARS):
+            return f"job.{name}: {len(value)} characters is too long"
+    return None
+
+
 def read_job(stream: str, entry: str, data: Fields, deliveries: int = 1) -> SharedJob:
     try:
         job = _checked_job(json_value(data[b"job"]))

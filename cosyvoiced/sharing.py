@@ -189,7 +189,12 @@ class Sharing:
         if self.link is None or not self.link.up or self._free_here():
             return False
         job = running.job
-        prompt = Path(job.prompt_audio).read_bytes() if job.prompt_audio else None
+        prompt_path = Path(job.prompt_audio) if job.prompt_audio else None
+        why_not = wire.unshareable(job, prompt_path.stat().st_size if prompt_path else 0)
+        if why_not is not None:  # every host would drop it unread: its own limits apply here
+            log.info("job_not_shared", job=job.id, reason=why_not)
+            return False
+        prompt = prompt_path.read_bytes() if prompt_path else None
         self.book.mark_remote(running)
         self.own[job.id] = running
         self.link.want(0)  # first: a read still out for jobs must not take this one back

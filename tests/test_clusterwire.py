@@ -141,3 +141,15 @@ def test_keys_share_one_prefix_for_an_acl_and_interactive_comes_first() -> None:
 ])
 def test_a_redis_url_is_shown_without_its_password(url: str, shown: str) -> None:
     assert safe_url(url) == shown
+
+
+def test_a_job_that_no_host_could_read_is_named_unshareable() -> None:
+    job = Job(id="ab12", source="zmq", origin="o", text="x")
+    assert wire.unshareable(job, wire.MAX_PROMPT_BYTES) is None
+    assert "prompt" in str(wire.unshareable(job, wire.MAX_PROMPT_BYTES + 1))
+    long_text = Job(id="ab12", source="zmq", origin="o", text="x" * (wire.MAX_TEXT_CHARS + 1))
+    assert "job.text" in str(wire.unshareable(long_text, 0))
+    assert wire.unshareable(Job(id="ab12", source="zmq", origin="o",
+                                text="x" * wire.MAX_FIELD_CHARS * 2), 0) is None
+    long_voice = Job(id="ab12", source="zmq", origin="o", text="x", voice="v" * 5000)
+    assert "job.voice" in str(wire.unshareable(long_voice, 0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -113,6 +114,19 @@ def _shared_own(host: Host, sharing: Sharing, job_id: str, stream: bool = False)
     running = host.book.admit(job, host.sink_of(job), ["x"], persisted=False)
     assert sharing.share(running)
     return running
+
+
+def test_a_job_no_host_could_read_from_the_stream_is_served_here(
+        host: Host, sharing: Sharing, link: FakeLink) -> None:
+    """A voice name over the wire's bound (or a drop-folder prompt over 64 MiB) was shared
+    anyway; every host, this one too, dropped the entry unread, and the job waited for an
+    outcome that never came. It is served here now, under this host's own limits."""
+    job = replace(_job("long"), voice="v" * (wire.MAX_FIELD_CHARS + 1))
+    running = host.book.admit(job, host.sink_of(job), ["x"], persisted=False)
+    assert not sharing.share(running)
+    assert not link.named("share")
+    assert not running.remote
+    assert _shared_own(host, sharing, "plain").remote  # a job within the bounds is shared
 
 
 def test_a_job_delivered_too_often_ends_as_poison_on_its_receiving_host(
