@@ -17,14 +17,12 @@ import json
 import queue
 import time
 from collections.abc import Callable
-from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any
 
 from cosyvoiced import admission, clients, logs, roster, voicerules
 from cosyvoiced import segments as text_segments
 from cosyvoiced.admission import InFlight, PerClient
-from cosyvoiced.cache import Entry
 from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
@@ -42,6 +40,7 @@ from cosyvoiced.messages import EngineReady
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.policy import MAX_ATTEMPTS
 from cosyvoiced.pool import WorkerPool
+from cosyvoiced.repeats import Repeats
 from cosyvoiced.resultcache import ResultCache
 from cosyvoiced.roster import Roster
 from cosyvoiced.sharing import Sharing
@@ -113,7 +112,7 @@ class Service:
         self.spool, self.book, self.cache, self.speakers = spool, book, cache, speakers
         self.metrics, self.intakes, self.wake = metrics, intakes, wake
         self.in_flight = intakes.in_flight  # each client's requests, counted for admission
-        self._hits: list[tuple[Job, Entry, float]] = []  # repeats to play at `settle`
+        self.repeats = Repeats()  # found in the result cache, played at `settle`
         config = settings()
         self.limits = Limits(config.spool.max_text_chars, config.spool.default_format,
                              config.spool.normalize)
@@ -131,7 +130,9 @@ class Service:
         self.report: Callable[[Identity], dict[str, Any]] = lambda _identity: {}
         self.claims = claims  # the drop folder's, posted by its inotify thread
         self.claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
-        self._recovering: set[str] = set()  # see `recovering`
+        # Jobs a crash left in work/, not admitted (or failed) yet: the cluster's events
+        # about them wait for them (sharing.py).
+        self.recovering: set[str] = set()
         self._drops_held_back = False  # claims wait for room in the queue (logged once)
 
     def idle(self) -> int:
@@ -234,8 +235,7 @@ class Service:
         the intake that is queueing it), on the cluster's shared stream if there is one and
         no worker here is free, else here."""
         entry = self.cache.find(job, record=self.record_misses())
-        if entry is not None:
-            self._hits.append((job, entry, time.monotonic()))
+        if entry is not None and self.repeats.keep(job, entry):
             return
         settings = self.config.scheduling
         segments = text_segments.split(job.text, settings.max_segment_chars,
@@ -248,12 +248,13 @@ class Service:
                   depth=len(self.ledger), shared=shared)
 
     def _play_hits(self) -> None:
-        """The repeats queued since the last tick, served from the result cache, no worker."""
-        hits, self._hits = self._hits, []
-        for job, entry, found in hits:
-            sink = self.sink_of(job)
+        """The repeats queued since the last tick, served from the result cache, no worker,
+        within the tick's time and the encoder's room for them (repeats.py)."""
+        for repeat in self.repeats.due(self.book.encoding_bytes, MAX_ENCODING_BYTES,
+                                       everything=self.stopping):
+            job, sink = repeat.job, self.sink_of(repeat.job)
             try:
-                served = self.cache.play(job, sink, entry, found)
+                served = self.cache.play(job, sink, repeat.entry, repeat.found)
             except OSError as error:  # the sink could not write the result
                 self.book.end(Running(job, [], time.monotonic(), sink=sink), JobError(
                     ErrorCode.INTERNAL, f"could not write the result: {error}"))
@@ -308,8 +309,7 @@ class Service:
 
     def _encoder_full(self) -> bool:
         """The encoder's backlog, with the repeats this tick will play into it, is full."""
-        return self.book.encoding_bytes() + sum(_played_bytes(job, entry) for job, entry, _
-                                                in self._hits) >= MAX_ENCODING_BYTES
+        return self.book.encoding_bytes() + self.repeats.played_bytes() >= MAX_ENCODING_BYTES
 
     def _queued_drops(self) -> int:
         """Claimed jobs waiting to start: all of the drop folder's share (_admit)."""
@@ -320,11 +320,12 @@ class Service:
         claims are left for the next tick and there is room to queue them."""
         more = not self.claims.empty() and self._queued_drops() < MAX_QUEUED_DROPS \
             and not self._encoder_full()
-        return [due for due, _tries, _claimed in self.claim_retries] + ([0.0] if more else [])
+        return [due for due, _tries, _claimed in self.claim_retries] + (
+            [0.0] if more or self.repeats.more_now() else [])
 
     def claim(self, claimed: Claimed, now: float, tries: int = 0) -> None:
-        recovering = claimed.job_id in self._recovering
-        self._recovering.discard(claimed.job_id)  # admitted, failed or handed back: settled
+        recovering = claimed.job_id in self.recovering
+        self.recovering.discard(claimed.job_id)  # admitted, failed or handed back: settled
         if self.stopping:
             self.hand_back(claimed)
             return
@@ -336,7 +337,7 @@ class Service:
                             tries=tries + 1)
                 self.claim_retries.append((now + CLAIM_RETRY_S, tries + 1, claimed))
                 if recovering:
-                    self._recovering.add(claimed.job_id)
+                    self.recovering.add(claimed.job_id)
             else:
                 log.error("claim_unreadable", work_name=claimed.work_name, error=str(error))
                 self._reject(claimed, JobError(ErrorCode.UNREADABLE,
@@ -381,27 +382,14 @@ class Service:
 
     def recover(self) -> None:
         """At start: the jobs a crash left in work/ are claimed again, and what the crash
-        left half done (prompts, temp files, attempt counts of ended jobs) is cleaned up."""
+        left half done is cleaned up."""
         left = self.spool.claimed()
         if left:
             log.info("recovering", jobs=len(left))
-        orphans = self.spool.discard_orphan_prompts()
-        if orphans:
-            log.info("orphan_prompts_removed", prompts=orphans)
-        temp_files = self.spool.remove_temp_files() + self.speakers.remove_temp_files()
-        if temp_files:
-            log.info("temp_files_removed", files=temp_files,
-                     message="left by writes that a crash cut short; never results")
-        self.spool.discard_orphan_attempts()
+        _clean_up_after_crash(self.spool, self.speakers)
         for claimed in left:  # admitted by the ticks, as new drops are (admit_claims)
             self.claims.put(claimed)
-        self._recovering = {claimed.job_id for claimed in left}
-
-    @property
-    def recovering(self) -> AbstractSet[str]:
-        """The jobs a crash left in work/ that are not admitted (or failed) yet: the
-        cluster's events about them wait for them (sharing.py)."""
-        return self._recovering
+        self.recovering.update(claimed.job_id for claimed in left)
 
     def release(self, running: Running) -> None:
         """The daemon stops before this job ran here: the cluster takes it, a client is
@@ -424,7 +412,7 @@ class Service:
             if not running.started or running.remote:
                 self.release(running)
         left = list(self.ledger.jobs.values())
-        if (left or self.book.writing) and not deadline_passed:
+        if (left or self.book.writing or self.repeats) and not deadline_passed:
             return None
         abandoned = set()
         for running in left:
@@ -517,14 +505,22 @@ class Service:
         self.enqueue(job, share=False)
 
 
+def _clean_up_after_crash(spool: Spool, speakers: SpeakerStore) -> None:
+    """What a crash left half done: prompts of no job, temp files, attempt counts of jobs
+    that ended."""
+    orphans = spool.discard_orphan_prompts()
+    if orphans:
+        log.info("orphan_prompts_removed", prompts=orphans)
+    temp_files = spool.remove_temp_files() + speakers.remove_temp_files()
+    if temp_files:
+        log.info("temp_files_removed", files=temp_files,
+                 message="left by writes that a crash cut short; never results")
+    spool.discard_orphan_attempts()
+
+
 def _prompt_name(job_id: str) -> str:
     """What a ZeroMQ job's prompt audio is called, as if it had been dropped in the inbox:
     named as audio, so that a restart claims it again, and a stop that hands the job back to
     the inbox does not make it a job of its own (soundfile reads it by its content, not by
     its name, whatever format it is)."""
     return f"{job_id}.prompt.wav"
-
-
-def _played_bytes(job: Job, entry: Entry) -> int:
-    """The float32 audio a repeat is played as, at the rate the job asks for."""
-    return len(entry.pcm) * 4 * (job.sample_rate or entry.sample_rate) // entry.sample_rate
