@@ -19,7 +19,7 @@ from cosyvoiced import audio, captions, clusterwire, logs, policy, scheduler, st
 from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
-from cosyvoiced.job import Deferred, ErrorCode, Job, JobError, JobResult, Sink
+from cosyvoiced.job import SINK_REPLY, Deferred, ErrorCode, Job, JobError, JobResult, Sink
 from cosyvoiced.ledger import Ledger, LedgerView, Running, Samples
 from cosyvoiced.messages import (
     AudioChunkReady,
@@ -394,6 +394,17 @@ class JobBook:
             summary = pending.summary | {"encode_s": round(now - pending.since, 4)}
             self.delivered(job, pending.sink, output, pending.result, status=pending.status,
                            summary=summary)
+
+    def abandon_encoding(self) -> None:
+        """The daemon stops with results still being encoded (its drain deadline passed):
+        a reply's client is told to ask again; a drop-folder job stays in work/ and is made
+        again at the next start."""
+        for pending in list(self._encoding.values()):
+            if pending.job.sink == SINK_REPLY:
+                self.end(Running(pending.job, [], time.monotonic(), sink=pending.sink),
+                         JobError(ErrorCode.SHUTTING_DOWN, "the daemon stopped before this "
+                                  "result was encoded; send the request again"))
+        self._encoding.clear()
 
     def end(self, running: Running, error: JobError | None) -> None:
         """Record a job that ends without audio: failed with `error`, or cancelled (None)."""

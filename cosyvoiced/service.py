@@ -414,6 +414,7 @@ class Service:
         left = list(self.ledger.jobs.values())
         if (left or self.book.writing or self.repeats) and not deadline_passed:
             return None
+        self.book.abandon_encoding()
         abandoned = set()
         for running in left:
             log.warning("drain_timeout", job=running.job.id, **running.progress())

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
+import zmq
 
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
@@ -51,6 +52,11 @@ def _outcomes(daemon: Daemon, name: str) -> list[str]:
         if json.loads(path.read_text()).get("input") == name:
             found.append(f"failed/{path.name}")
     return found
+
+
+def _idle_after_busy(daemon: Daemon) -> bool:
+    states = [e["state"] for e in daemon.log_events() if e["event"] == "worker_state"]
+    return "busy" in states and states[-1] == "idle"
 
 
 def _alive(pid: int) -> bool:
@@ -186,6 +192,53 @@ def test_a_submitted_job_with_prompt_audio_survives_a_restart(make_daemon: Daemo
     wait_until(lambda: not list(daemon.work.iterdir()), 30, "work/ to empty")
     assert daemon.outcome_counts() == dict.fromkeys(inputs, 1)
     assert not list(daemon.inbox.iterdir())
+
+
+def test_a_reply_still_being_encoded_at_the_drain_deadline_is_told_to_ask_again(
+        make_daemon: DaemonFactory) -> None:
+    """SIGTERM while a ZeroMQ reply's long Ogg file was in the encoder, past
+    worker.drain_timeout_s: the daemon exited and the request was never answered (its
+    client waited for its own timeout). It is told to ask again now (`shutting_down`); a
+    drop-folder job in the encoder stays in work/ and is made again at the next start."""
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
+                         spool={"max_text_chars": 20_000}, worker={"drain_timeout_s": 0.5})
+    daemon.start()
+    text = " ".join(["A very long text for a very long file, made of tone."] * 370)  # 975 s
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(daemon.endpoint)
+        dealer.send_json({"v": 1, "op": "synthesize", "id": "long", "format": "ogg",
+                          "text": text})
+        wait_until(lambda: _idle_after_busy(daemon), 120,
+                   "the worker to finish the job (its file is in the encoder)")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0
+        assert dealer.poll(5_000), "the request was never answered"
+        reply = json.loads(dealer.recv_multipart()[0])
+        # ZeroMQ's wire says `busy` for shutting_down (protocol.py): ask again, elsewhere
+        assert (reply["event"], reply["code"]) == ("error", "busy"), reply
+        assert "stopped before this result was encoded" in reply["message"]
+    finally:
+        dealer.close(linger=0)
+
+
+def test_a_drop_still_being_encoded_at_the_drain_deadline_is_made_at_the_next_start(
+        make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
+                         spool={"max_text_chars": 20_000}, worker={"drain_timeout_s": 0.5})
+    daemon.start()
+    text = " ".join(["A very long text for a very long file, made of tone."] * 370)  # 975 s
+    daemon.drop_job("long-drop", text=text, format="ogg")
+    wait_until(lambda: _idle_after_busy(daemon), 120,
+               "the worker to finish the job (its file is in the encoder)")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert daemon.outcome("long-drop.json") is None
+    assert list(daemon.work.iterdir()), "the job is left in work/"
+    daemon.start()
+    daemon.wait_done("long-drop.json", timeout_s=180)
+    assert daemon.outcome_counts() == {"long-drop.json": 1}
 
 
 def test_sigterm_while_busy_finishes_or_hands_back(make_daemon: DaemonFactory) -> None:
