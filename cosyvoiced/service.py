@@ -130,9 +130,7 @@ class Service:
         self.report: Callable[[Identity], dict[str, Any]] = lambda _identity: {}
         self.claims = claims  # the drop folder's, posted by its inotify thread
         self.claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
-        # Jobs a crash left in work/, not admitted (or failed) yet: the cluster's events
-        # about them wait for them (sharing.py).
-        self.recovering: set[str] = set()
+        self.recovering: set[str] = set()  # jobs left in work/, not admitted: see sharing.py
         self._drops_held_back = False  # claims wait for room in the queue (logged once)
 
     def idle(self) -> int:
