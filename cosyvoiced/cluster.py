@@ -36,6 +36,12 @@ from cosyvoiced.tally import Tally
 RETRY_S = 0.5  # between tries while Redis is down
 BLOCK_MS = 500  # a blocking read's longest wait: how soon a stop is noticed
 SOCKET_TIMEOUT_S = 5.0  # > BLOCK_MS: a Redis that stops answering is noticed
+# A command that sends more than this (an outcome with a long job's audio: 100 MB for 20,000
+# characters) may take a second more for each MIN_LINK_BYTES_PER_S it sends: with the usual
+# timeout it failed every try on a link slower than 20 MB/s, and every later command of the
+# host waited behind it for good.
+QUICK_COMMAND_BYTES = 1 << 20
+MIN_LINK_BYTES_PER_S = 1 << 20
 # Events read at once, and the audio of those the tick has not taken yet, at most, past
 # which the reader waits: a `done` event carries a drop-folder job's whole audio (a 20,000
 # character text is about 100 MB of float32), and a restarted host may find hundreds.
@@ -74,6 +80,9 @@ class _Commands:
     _shared: dict[str, tuple[str, str]]  # writer only: job id -> stream, entry
 
     def _release(self, shared: wire.SharedJob) -> None:
+        raise NotImplementedError
+
+    def client(self, timeout_s: float = SOCKET_TIMEOUT_S) -> redis.Redis:
         raise NotImplementedError
 
     def _post(self, item: Inbound) -> None:
@@ -115,7 +124,8 @@ class _Commands:
         self._queue(command)
 
     def send(self, host: str, event: wire.Event) -> None:
-        self._queue(lambda client: self._add_event(client.pipeline(), host, event).execute())
+        self._queue(self._sized(len(event.audio), lambda client: self._add_event(
+            client.pipeline(), host, event).execute()))
 
     def complete(self, host: str, event: wire.Event, shared: wire.SharedJob) -> None:
         """The outcome of another host's job, and the job settled, in one transaction: it
@@ -128,7 +138,7 @@ class _Commands:
             pipe.xdel(shared.stream, shared.entry)
             pipe.execute()
 
-        self._queue(command)
+        self._queue(self._sized(len(event.audio), command))
 
     def settle(self, shared: wire.SharedJob) -> None:
         """A job of this host's own, served here, has its outcome written."""
@@ -200,6 +210,19 @@ class _Commands:
 
         self._queue(command)
 
+    def _sized(self, nbytes: int, command: Command) -> Command:
+        """`command`, which sends `nbytes`: a big one runs on a client of its own, whose
+        timeout allows for its size over a slow link (QUICK_COMMAND_BYTES)."""
+        if nbytes <= QUICK_COMMAND_BYTES:
+            return command
+        timeout_s = SOCKET_TIMEOUT_S + nbytes / MIN_LINK_BYTES_PER_S
+
+        def sized(_client: redis.Redis) -> None:
+            with self.client(timeout_s) as client:
+                command(client)
+
+        return sized
+
     def _queue(self, command: Command, on_down: str | None = None) -> None:
         self._commands.put((command, on_down))
 
@@ -238,9 +261,9 @@ class ClusterLink(_Commands):
         self.events_read = 0
 
     # -- lifetime ----------------------------------------------------------------------
-    def client(self) -> redis.Redis:
+    def client(self, timeout_s: float = SOCKET_TIMEOUT_S) -> redis.Redis:
         return redis.Redis.from_url(self.settings.redis, password=self._password,
-                                    socket_timeout=SOCKET_TIMEOUT_S,
+                                    socket_timeout=timeout_s,
                                     socket_connect_timeout=SOCKET_TIMEOUT_S,
                                     client_name=f"cosyvoiced:{self.host}")
 

@@ -28,6 +28,7 @@ from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, wait_until
 from tests.engines.faulty import SAMPLE_RATE, SECONDS_PER_CHAR
 from tests.redisserver import RedisServer, redis_server_fixture  # noqa: F401
+from tests.slowlink import SlowLink
 
 TONE = "tests.engines.faulty:load"
 NEVER_READY = "tests.engines.faulty:never_ready"
@@ -211,6 +212,22 @@ def test_more_jobs_than_a_tick_admits_find_their_outcomes_after_a_restart(
         assert receiver.wait_done(f"{name}.json", timeout_s=60)["served_by"] == "back"
     assert receiver.outcome_counts() == {f"{name}.json": 1 for name in names}
     assert len(server.log_events("job")) == len(names)  # none served twice
+
+
+def test_an_outcome_too_big_for_the_usual_timeout_arrives_over_a_slow_link(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """A job's outcome carries its whole audio. Sent in 5 s at most (the writer's timeout,
+    which tells a Redis gone), 15 MB of it over a 2 MB/s link failed every try, and every
+    later command of the serving host waited behind it for good. A big command's timeout
+    now allows for its size."""
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    text = "A long job, its outcome sent over a slow link. " * 72  # 170 s of tone: 15 MB
+    with SlowLink(redis_server.port, bytes_per_s=2 << 20) as link:
+        start(host(make_daemon, redis_server, "back", redis=f"redis://127.0.0.1:{link.port}/0"))
+        receiver.drop_job("long", text=text)
+        record = receiver.wait_done("long.json", timeout_s=90)
+    assert record["served_by"] == "back"
+    assert_exact_audio(receiver.outbox / "long.wav", text)
 
 
 def test_a_job_that_kills_every_worker_ends_as_worker_crashed(
