@@ -38,6 +38,10 @@ PROMPT_NAME = "shared.prompt"
 
 log = logs.get_logger("cosyvoiced.sharing")
 
+# A tick spends this long at most on what came from Redis (jobs taken, events): the event
+# reader keeps adding while the tick works, and could hold it for good.
+POLL_S = 0.1
+
 
 class RemoteSink:
     """The outcome of another host's job goes back to that host, as events."""
@@ -157,6 +161,7 @@ class Sharing:
         # Events of jobs left in work/ by a crash that are not in the book yet (they are
         # admitted a tick's claims at a time) are left in Redis and read again after.
         self.replay_events = False
+        self.clock = time.monotonic
 
     @property
     def up(self) -> bool:
@@ -255,26 +260,7 @@ class Sharing:
         if self.link is None:
             return
         self._watch_link(now)
-        forgotten: list[str] = []
-        finished: list[str] = []
-        while not self.link.inbound.empty():
-            item = self.link.inbound.get_nowait()
-            if isinstance(item, wire.SharedJob):
-                self._take(item)
-            elif isinstance(item, ShareFailed):
-                self._take_back(item.job_id, "redis_unreachable")
-            elif isinstance(item, SharedLost):
-                self._take_back(item.job_id, "lost_by_redis")
-            else:
-                self.link.taken(item)
-                if item.kind != wire.CANCEL and item.job_id in self.host.recovering:
-                    self.replay_events = True  # read again once the job is in the book
-                    continue
-                forgotten.append(item.entry)
-                if self._apply(item):
-                    finished.append(item.job_id)
-        if forgotten:
-            self.link.forget(forgotten, finished)
+        self._take_inbound(self.link)
         if self.replay_events and not self.host.recovering:
             self.replay_events = False
             self.link.replay_events()
@@ -283,6 +269,33 @@ class Sharing:
             waiting = [job_id for job_id, running in self.own.items() if running.remote]
             if waiting:
                 self.link.audit(waiting)
+
+    def _take_inbound(self, link: ClusterLink) -> None:
+        """What the link's threads read (jobs taken, events), for POLL_S at most."""
+        forgotten: list[str] = []
+        finished: list[str] = []
+        began = self.clock()
+        while not link.inbound.empty():
+            if self.clock() - began >= POLL_S:  # the rest at the next tick, which comes at once
+                self.host.wake()
+                break
+            item = link.inbound.get_nowait()
+            if isinstance(item, wire.SharedJob):
+                self._take(item)
+            elif isinstance(item, ShareFailed):
+                self._take_back(item.job_id, "redis_unreachable")
+            elif isinstance(item, SharedLost):
+                self._take_back(item.job_id, "lost_by_redis")
+            else:
+                link.taken(item)
+                if item.kind != wire.CANCEL and item.job_id in self.host.recovering:
+                    self.replay_events = True  # read again once the job is in the book
+                    continue
+                forgotten.append(item.entry)
+                if self._apply(item):
+                    finished.append(item.job_id)
+        if forgotten:
+            link.forget(forgotten, finished)
 
     def offer(self) -> None:
         """Take as many jobs from the stream as this host can start now."""

@@ -22,7 +22,7 @@ from cosyvoiced.jobs import JobBook
 from cosyvoiced.jobspec import Limits
 from cosyvoiced.ledger import Running
 from cosyvoiced.metrics import Metrics
-from cosyvoiced.sharing import RemoteSink, Sharing
+from cosyvoiced.sharing import POLL_S, RemoteSink, Sharing
 from cosyvoiced.spool import Spool
 from tests.test_jobbook import FakeEncoder, FakeSink
 
@@ -250,3 +250,24 @@ def test_a_host_alone_never_imports_redis() -> None:
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=60, check=True)
     assert run.stdout.strip() == "[]", run.stdout
+
+
+def test_a_tick_spends_a_bounded_time_on_what_came_from_redis(
+        host: Host, sharing: Sharing, link: FakeLink) -> None:
+    """The event reader keeps adding while the tick works: a tick that took events until
+    none were left could be held for good. It stops after POLL_S and asks for the next."""
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += POLL_S / 10  # each look at the clock: an event's worth of work
+        return now[0]
+
+    sharing.clock = clock
+    for n in range(100):
+        link.inbound.put(wire.Event(wire.CHUNK, f"{n:x}", "b", {"seq": 0}, b""))
+    wakes = host.wakes
+    sharing.poll(0.0)
+    assert 5 <= 100 - link.inbound.qsize() <= 10
+    assert host.wakes > wakes  # the next tick comes at once
+    while not link.inbound.empty():
+        sharing.poll(0.0)
