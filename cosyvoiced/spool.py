@@ -26,6 +26,7 @@ import re
 import secrets
 import stat
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,8 +196,13 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
 
     # intake
-    def inbox_names(self) -> list[str]:
-        return sorted(name for name in os.listdir(self.inbox) if is_job_candidate(name))
+    def inbox_names(self) -> Generator[str, None, None]:
+        """The job candidates in `inbox/`, in the directory's order, read as they are asked
+        for (a folder of a million files is never listed at once)."""
+        with os.scandir(self.inbox) as entries:
+            for entry in entries:
+                if is_job_candidate(entry.name):
+                    yield entry.name
 
     def claim(self, name: str, job_id: str) -> Claimed | None:
         """Take `inbox/name` for ourselves (under `short_name`); None if it is gone

@@ -8,13 +8,14 @@ them and owns every outcome.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -48,8 +49,19 @@ JOB_SUFFIXES = ("txt", "json")
 # the scans that look for what the watch could not see (the first, and after an overflow),
 # the rescan interval for the periodic ones (a writer may pause longer than a second).
 QUIET_S = 1.0
+# Names a scan looks at (and claims) in one tick: a scan of 100,000 files dropped while the
+# daemon was down held its first tick for seconds.
+SCAN_STEP = 500
 
 log = logs.get_logger("cosyvoiced.intake.inbox")
+
+
+@dataclass
+class _Scan:
+    names: Generator[str, None, None]  # left to look at, read as they are taken
+    quiet_s: float  # a file changed more recently than this is left for the next scan
+    soon: bool  # a scan asked for (or one after files too fresh to take)
+    deferred: bool = False  # files too fresh to take were seen
 
 
 def parse(claimed: Claimed, data: bytes, limits: Limits) -> Job:
@@ -123,6 +135,7 @@ class InboxIntake:
         self.rescan_requested = threading.Event()
         self.next_scan = 0.0  # monotonic
         self._soon = True  # the next scan takes files still for QUIET_S (see there)
+        self._scan: _Scan | None = None  # the scan under way, a step a tick
 
     def start(self) -> None:
         # watchdog's low-level inotify reader, not its Observer: the Observer holds every
@@ -178,30 +191,45 @@ class InboxIntake:
 
     def rescan_if_due(self, now: float, interval_s: float) -> None:
         """A scan every `interval_s` (or sooner when asked, or when a scan found files too
-        fresh to take): files renamed in while the watch was not looking are taken too.
+        fresh to take): files renamed in while the watch was not looking are taken too,
+        SCAN_STEP names a tick (the next tick comes at once while names are left).
         Nothing once stopped (`stop`): no file is taken then."""
-        if not self._accepting or (now < self.next_scan and not self.rescan_requested.is_set()):
+        if not self._accepting:
             return
-        soon = self._soon or self.rescan_requested.is_set()
-        self._soon = self.scan(QUIET_S if soon else interval_s) and soon
+        if self._scan is None:
+            if now < self.next_scan and not self.rescan_requested.is_set():
+                return
+            soon = self._soon or self.rescan_requested.is_set()
+            self.rescan_requested.clear()
+            self._scan = _Scan(self._spool.inbox_names(), QUIET_S if soon else interval_s,
+                               soon)
+        scan = self._scan
+        if self._scan_step(scan):
+            self.next_scan = now  # the rest at the next tick
+            return
+        self._scan = None
+        self._soon = scan.deferred and scan.soon
         self.next_scan = now + (QUIET_S if self._soon else interval_s)
 
-    def scan(self, quiet_s: float = QUIET_S) -> bool:
-        """Claim files that arrived without an event and have been still for `quiet_s`;
-        True if some were too fresh to take."""
-        self.rescan_requested.clear()
-        deferred = False
+    def _scan_step(self, scan: _Scan) -> bool:
+        """Claim the next SCAN_STEP names of `scan` that have been still for its quiet_s
+        (noting those too fresh to take); False once none are left."""
         now = time.time()
-        for name in self._spool.inbox_names():
+        looked = 0
+        for name in itertools.islice(scan.names, SCAN_STEP):
+            looked += 1
             try:
                 changed = os.lstat(self._spool.inbox / name).st_mtime
             except FileNotFoundError:
                 continue
-            if now - changed < quiet_s:
-                deferred = True
+            if now - changed < scan.quiet_s:
+                scan.deferred = True
             else:
                 self.take(name)
-        return deferred
+        if looked < SCAN_STEP:
+            scan.names.close()  # its directory's descriptor
+            return False
+        return True
 
     # The methods below run on the supervisor's thread, which owns every outcome.
 
