@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zmq
 
 from tests.audiofile import read_audio
 
@@ -81,6 +82,22 @@ def peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
+
+
+def pipelined(endpoint: str, connections: int, requests_each: int,
+              request: dict[str, Any]) -> list[zmq.Socket[bytes]]:
+    """`connections` ZeroMQ DEALERs, each sending `requests_each` copies of `request` at
+    once (ids "<connection>-<n>"; JSON as UTF-8, so a "。" is 3 bytes, not 6). The caller
+    reads the replies and closes them (linger 0)."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    dealers = [context.socket(zmq.DEALER) for _ in range(connections)]
+    for number, dealer in enumerate(dealers):
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoint)
+        for n in range(requests_each):
+            dealer.send(json.dumps(request | {"id": f"{number}-{n}"},
+                                   ensure_ascii=False).encode())
+    return dealers
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:

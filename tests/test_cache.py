@@ -21,11 +21,17 @@ import numpy as np
 import openai
 import pytest
 import soundfile
-import zmq
 
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, assert_speech, free_port, peak_rss_bytes, wait_until
+from tests.daemon import (
+    Daemon,
+    assert_speech,
+    free_port,
+    peak_rss_bytes,
+    pipelined,
+    wait_until,
+)
 
 FAULTY = "tests.engines.faulty:load"
 CACHE = {"max_bytes": "64MiB"}
@@ -411,18 +417,12 @@ def test_repeats_of_a_long_cached_text_wait_for_the_ticks_time_and_the_encoders_
     frames = soundfile.info(io.BytesIO(first.audio)).frames
     assert frames > 25 * 48000
     before = peak_rss_bytes(daemon.process.pid)
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    dealers = [context.socket(zmq.DEALER) for _ in range(12)]
+    dealers = pipelined(daemon.endpoint, 12, REPEATS // 12, {
+        "v": 1, "op": "synthesize", "format": "ogg", "sample_rate": 48000,
+        "text": LONG_CACHED})
     try:
-        for number, dealer in enumerate(dealers):
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.connect(daemon.endpoint)
-            for request in range(REPEATS // len(dealers)):
-                dealer.send_json({"v": 1, "op": "synthesize", "id": f"{number}-{request}",
-                                  "format": "ogg", "sample_rate": 48000,
-                                  "text": LONG_CACHED})
         for dealer in dealers:
-            for _ in range(REPEATS // len(dealers)):
+            for _ in range(REPEATS // 12):
                 assert dealer.poll(120_000), "a repeat got no answer"
                 header, audio = dealer.recv_multipart()
                 assert json.loads(header)["event"] == "result", header

@@ -31,7 +31,7 @@ from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.jobspec import Limits
 from cosyvoiced.protocol import Op, Request
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, bounded, free_port, peak_rss_bytes, wait_until
+from tests.daemon import Daemon, bounded, free_port, peak_rss_bytes, pipelined, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
 CLONING = {"name": "tests.engines.faulty:cloning"}
@@ -453,16 +453,9 @@ def test_texts_slow_to_split_are_spread_over_ticks_by_the_time_they_take(
     and no tick is slow in the intakes' step (tickclock.py logs the slow ones)."""
     daemon = make_daemon(engine=TONE)
     daemon.start()
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    dealers = [context.socket(zmq.DEALER) for _ in range(4)]
+    dealers = pipelined(daemon.endpoint, 4, 4, {"v": 1, "op": "synthesize",
+                                                "format": "pcm_s16le", "text": SLOW_TO_SPLIT})
     try:
-        for number, dealer in enumerate(dealers):
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.connect(daemon.endpoint)
-            for request in range(4):
-                dealer.send(json.dumps({  # the text as UTF-8: 3 bytes a "。", not 6
-                    "v": 1, "op": "synthesize", "id": f"{number}-{request}",
-                    "format": "pcm_s16le", "text": SLOW_TO_SPLIT}, ensure_ascii=False).encode())
         for dealer in dealers:
             for _ in range(4):
                 assert dealer.poll(120_000), "a request got no answer"
