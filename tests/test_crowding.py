@@ -1,7 +1,8 @@
-"""Who gives up a connection when a listener is full (pure: no sockets)."""
+"""Who gives up a connection when a listener is full (no sockets: the rules alone)."""
 
 from __future__ import annotations
 
+from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.crowding import AddressBook, evictee, ip_host, peer_address
 from cosyvoiced.intake.zmq_peers import Peer, Peers
 
@@ -72,3 +73,23 @@ def test_zeromq_gives_up_the_least_active_peer_that_can_go_of_the_host_holding_m
     chosen = peers.make_room("b", can_go)  # b's one is the one asking: a holds 2 to its 0
     assert chosen is not None
     assert chosen[0] == 0
+
+
+def test_a_zeromq_connection_with_anything_in_hand_is_never_given_up() -> None:
+    """A job or a voice upload in flight, replies not taken, a request in the last QUIET_S,
+    or requests the socket thread is not reading (the handoff full): each keeps it."""
+    reading = [True]
+    connections = zmq_intake._Connections(lambda: 1, lambda: reading[0])
+    quiet = zmq_intake.QUIET_S
+    peer = Peer(inode=1, active=0.0, address="a", client=b"c")
+    assert connections._can_go(peer, now=quiet)
+    assert not connections._can_go(peer, now=quiet / 2)  # it asked just now
+    connections.job_began(b"c")  # a job, or a voice being decoded
+    assert not connections._can_go(peer, now=quiet)
+    connections.job_ended(b"c")
+    assert connections._can_go(peer, now=quiet)
+    peer.holding = True
+    assert not connections._can_go(peer, now=quiet)
+    peer.holding, reading[0] = False, False
+    assert not connections._can_go(peer, now=quiet)  # its request may wait in libzmq
+    assert connections._can_go(Peer(inode=2, active=0.0), now=0.0)  # it never spoke

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 import zmq
 import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 from cosyvoiced.client import Client, DaemonError, NoReply, load_keypair
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, wait_until, write_config
+from tests.daemon import Daemon, free_port, wait_until, write_config
 
 LONG_TEXT = " ".join(f"Sentence {n} keeps the worker busy for a while." for n in range(30))
 
@@ -208,3 +209,54 @@ def test_another_curve_key_cannot_take_over_a_clients_routing_id(
         assert _stream_events(first)[-1] == "end"
     finally:
         first.close(linger=0)
+
+
+def _handshake(dealer: zmq.Socket[bytes], timeout_s: float = 10) -> int | None:
+    """The first handshake event of `dealer`'s connection: succeeded or failed (None: none
+    came in time)."""
+    monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    try:
+        if not monitor.poll(int(timeout_s * 1000)):
+            return None
+        return int(recv_monitor_message(monitor)["event"])
+    finally:
+        dealer.disable_monitor()
+        monitor.close(linger=0)
+
+
+def test_a_peer_without_an_authorized_key_makes_no_room_at_max_connections(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """At zmq.max_connections a host holding more connections gives one up for another
+    host's newcomer; the room was made before the newcomer's CURVE key was checked, so a peer
+    with no authorized key closed other hosts' connections, and was refused all the same.
+    Room is made for an authorized peer only."""
+    known = _client_keys(tmp_path, "known")
+    stranger = _client_keys(tmp_path, "stranger")
+    port = free_port()
+    daemon, server_public, _ = _curve_daemon(
+        make_daemon, tmp_path, authorize=(tmp_path / "known" / "known.key",),
+        zmq={"bind": [f"tcp://127.0.0.1:{port}"], "max_connections": 3})
+    dealers: list[zmq.Socket[bytes]] = []
+
+    def connect(source: str, keys: tuple[bytes, bytes]) -> zmq.Socket[bytes]:
+        dealer = _curve_dealer(f"tcp://{source}:0;127.0.0.1:{port}", server_public, keys,
+                               f"peer-{len(dealers)}".encode())
+        dealer.setsockopt(zmq.RECONNECT_IVL, -1)
+        dealers.append(dealer)
+        return dealer
+
+    try:
+        for _ in range(3):  # another host's, silent: they may be given up
+            assert _handshake(connect("127.0.0.2", known)) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert _handshake(connect("127.0.0.1", stranger)) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        assert not daemon.log_events("zmq_connections_given_up"), "room made for a stranger"
+        newcomer = connect("127.0.0.1", known)
+        newcomer.send_json({"v": 1, "op": "ping", "id": "in"})
+        assert newcomer.poll(10_000), "no room was made for an authorized peer"
+        assert json.loads(newcomer.recv())["event"] == "pong"
+        assert daemon.log_events("zmq_connections_given_up")
+    finally:
+        for dealer in dealers:
+            dealer.close(linger=0)

@@ -200,15 +200,22 @@ class _Gate(ThreadAuthenticator):
                  on_refused: Callable[[], None]) -> None:
         super().__init__(context)
         self._admits, self._on_refused = admits, on_refused
+        self._address = ""  # the host of the handshake being answered (one at a time)
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         # ZAP's frames: version, request id, domain, address (the peer's host), ...
-        address = ip_host(msg[3].decode(errors="replace")) if len(msg) >= 4 else ""
-        if len(msg) >= 2 and not self._admits(address):
-            self._on_refused()
-            self._send_zap_reply(msg[1], b"400", b"too many connections")
-            return
+        self._address = ip_host(msg[3].decode(errors="replace")) if len(msg) >= 4 else ""
         await super().handle_zap_message(msg)
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
+                        user_id: str = "anonymous") -> None:
+        """A peer pyzmq lets in (its CURVE key checked) is let in only if there is room
+        for it: room is never made (another host's connection given up) for a peer that
+        would be refused anyway."""
+        if status_code == b"200" and not self._admits(self._address):
+            self._on_refused()
+            status_code, status_text = b"400", b"too many connections"
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
 
 class _CountedWarning:
@@ -239,9 +246,10 @@ class _Connections:
     monitor socket (libzmq allows a socket to move between threads behind a barrier), and
     their use of the peers (each connection by descriptor, for zmq.idle_timeout_s)."""
 
-    def __init__(self, limit: Callable[[], int]) -> None:
+    def __init__(self, limit: Callable[[], int], reading: Callable[[], bool]) -> None:
         self.count = 0
         self._limit = limit
+        self._reading = reading  # the socket thread takes requests (the handoff has room)
         self._lock = threading.Lock()
         self._peers = Peers()
         self._left: list[bytes] = []  # routing ids whose connection ended, not yet taken
@@ -303,16 +311,17 @@ class _Connections:
         return True
 
     def _can_go(self, peer: Peer, now: float) -> bool:
-        """Whether a connection has nothing in hand: it sent nothing yet, or it has no job in
-        flight, took all its replies, and neither asked nor was answered for QUIET_S (a
-        request may wait for the supervisor that long with no job yet). Without ZMQ_SRCFD
-        a silent connection may be a known client's: none can go."""
+        """Whether a connection has nothing in hand: it sent nothing yet, or it has no job
+        (or voice upload) in flight, took all its replies, and neither asked nor was answered
+        for QUIET_S (a request may wait for the supervisor that long with no job yet), while
+        the socket thread reads requests (else one may wait unread in libzmq). Without
+        ZMQ_SRCFD a silent connection may be a known client's: none can go."""
         if not self._peers.placed:
             return False
         if peer.client is None:
             return True
         return (not self._working[peer.client] and not peer.holding
-                and now - peer.active >= QUIET_S)
+                and now - peer.active >= QUIET_S and self._reading())
 
     def job_began(self, client: bytes) -> None:
         """(Supervisor thread) a job of `client`'s is in flight: its connection stays."""
@@ -640,7 +649,8 @@ class ZmqIntake:
         self._routes: dict[str, _Route] = {}  # job id -> requester, for reply jobs
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._auth: _Gate | None = None
-        self.connections = _Connections(lambda: self.settings.max_connections)
+        self.connections = _Connections(lambda: self.settings.max_connections,
+                                        self._inbound.has_room)
         self._push: zmq.Socket[bytes] | None = None
         self._thread: _SocketThread | None = None
 
@@ -784,6 +794,7 @@ class ZmqIntake:
         try:
             if prepared is not None:
                 self._decoding.give(self._identity(request, service).client)
+                self.connections.job_ended(request.route[0])
                 self._store_voice(request, service, prepared)
                 return
             _check_attachments(request)
@@ -856,12 +867,14 @@ class ZmqIntake:
                                 "encoder process)", request.id)
         if not self._decoding.take(identity.client):
             raise ProtocolError(WireCode.BUSY, BUSY_DECODING, request.id)
-        # Decoded in the encoder process, never here; answered when it is done.
+        # Decoded in the encoder process, never here; answered when it is done (its
+        # connection is kept till then, as a job's is).
         try:
             prepared = self._read_prompt(request.attachments[0])
         except BaseException:
             self._decoding.give(identity.client)  # no answer comes back to give it
             raise
+        self.connections.job_began(request.route[0])
         prepared.add_done_callback(lambda done: self._put_back(PromptRead(request, done)))
 
     def _put_back(self, message: PromptRead) -> None:
@@ -923,10 +936,10 @@ class ZmqIntake:
         job = identity.stamp(job)
         if request.attachments:
             job = replace(job, prompt_audio=service.keep_prompt(job_id, request.attachments[0]))
+        service.enqueue(job)  # raises before anything is recorded, or the job is queued
         self._routes[job.id] = _Route(request.route, request.id)
         self.connections.job_began(request.route[0])
         self._in_flight.add(job.id, identity)
-        service.enqueue(job)
 
     # -- a reply job's events (supervisor thread) -------------------------------------------
     def jobs_of(self, client: bytes) -> list[str]:
