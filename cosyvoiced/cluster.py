@@ -37,9 +37,9 @@ RETRY_S = 0.5  # between tries while Redis is down
 BLOCK_MS = 500  # a blocking read's longest wait: how soon a stop is noticed
 SOCKET_TIMEOUT_S = 5.0  # > BLOCK_MS: a Redis that stops answering is noticed
 # A command that sends more than this (an outcome with a long job's audio: 100 MB for 20,000
-# characters) may take a second more for each MIN_LINK_BYTES_PER_S it sends: with the usual
-# timeout it failed every try on a link slower than 20 MB/s, and every later command of the
-# host waited behind it for good.
+# characters; a shared job's prompt, up to 64 MiB) may take a second more for each
+# MIN_LINK_BYTES_PER_S it sends: with the usual timeout it failed every try on a link slower
+# than 20 MB/s, and every later command of the host waited behind it for good.
 QUICK_COMMAND_BYTES = 1 << 20
 MIN_LINK_BYTES_PER_S = 1 << 20
 # Events read at once, and the audio of those the tick has not taken yet, at most, past
@@ -106,7 +106,7 @@ class _Commands:
             entry: Any = pipe.execute()[1]
             self._shared[job.id] = (stream, entry.decode())
 
-        self._queue(command, on_down=job.id)
+        self._queue(self._sized(len(prompt or b""), command), on_down=job.id)
 
     def withdraw(self, job_id: str) -> None:
         """A received job ended here (cancelled, or served here while Redis was down):
@@ -176,7 +176,7 @@ class _Commands:
             pipe.xdel(shared.stream, shared.entry)
             pipe.execute()
 
-        self._queue(command)
+        self._queue(self._sized(len(shared.prompt or b""), command))
 
     def audit(self, job_ids: list[str]) -> None:
         """Check that the jobs this host waits for are still shared; those that are not come

@@ -395,16 +395,17 @@ class JobBook:
             self.delivered(job, pending.sink, output, pending.result, status=pending.status,
                            summary=summary)
 
-    def abandon_encoding(self) -> None:
-        """The daemon stops with results still being encoded (its drain deadline passed):
-        a reply's client is told to ask again; a drop-folder job stays in work/ and is made
-        again at the next start."""
-        for pending in list(self._encoding.values()):
-            if pending.job.sink == SINK_REPLY:
-                self.end(Running(pending.job, [], time.monotonic(), sink=pending.sink),
-                         JobError(ErrorCode.SHUTTING_DOWN, "the daemon stopped before this "
-                                  "result was encoded; send the request again"))
+    def abandon_unwritten(self, unplayed: list[tuple[Job, Sink]]) -> None:
+        """The daemon stops with results not written yet (its drain deadline passed): those
+        still being encoded, and `unplayed` repeats from the cache. A reply's client is told
+        to ask again; a drop-folder job stays in work/ and is made again at the next start."""
+        unwritten = [*((p.job, p.sink) for p in self._encoding.values()), *unplayed]
         self._encoding.clear()
+        for job, sink in unwritten:
+            if job.sink == SINK_REPLY:
+                self.end(Running(job, [], time.monotonic(), sink=sink), JobError(
+                    ErrorCode.SHUTTING_DOWN, "the daemon stopped before this result was "
+                    "written; send the request again"))
 
     def end(self, running: Running, error: JobError | None) -> None:
         """Record a job that ends without audio: failed with `error`, or cancelled (None)."""

@@ -11,7 +11,9 @@ the tick for seconds and gave the encoder gigabytes to hold. So:
 - a tick plays repeats for PLAY_S at most (one always), the rest at the next tick;
 - one whose whole file goes to the encoder waits while the encoder holds `room_bytes` of
   audio (unless it holds none: one always goes); the encoder wakes the tick when a file is
-  made.
+  made;
+- a stop waits for them as for jobs in progress; past its deadline a reply's client is told
+  to ask again, and a drop-folder job stays in work/ (a repeat again at the next start).
 """
 
 from __future__ import annotations
@@ -70,25 +72,28 @@ class Repeats:
         """The audio the repeats waiting will give the encoder (or a stream) when played."""
         return sum(repeat.played_bytes for repeat in self._waiting)
 
-    def due(self, encoding_bytes: Callable[[], int], room_bytes: int,
-            everything: bool = False) -> Iterator[Repeat]:
+    def due(self, encoding_bytes: Callable[[], int], room_bytes: int) -> Iterator[Repeat]:
         """The repeats to play now, oldest first, each taken off as it is given: for PLAY_S,
         and a whole file only while the encoder holds less than `room_bytes` with it
-        (`encoding_bytes`). `everything`: all of them (the daemon stops)."""
+        (`encoding_bytes`)."""
         began = self._clock()
         self.waiting_for_encoder = False
         while self._waiting:
             repeat = self._waiting[0]
-            if not everything:
-                if self._clock() - began >= PLAY_S:
-                    return
-                held = encoding_bytes()
-                if repeat.whole_file and held and held + repeat.played_bytes > room_bytes:
-                    self.waiting_for_encoder = True
-                    return
+            if self._clock() - began >= PLAY_S:
+                return
+            held = encoding_bytes()
+            if repeat.whole_file and held and held + repeat.played_bytes > room_bytes:
+                self.waiting_for_encoder = True
+                return
             self._waiting.popleft()
             self._entry_bytes -= repeat.entry.pcm.nbytes
             yield repeat
+
+    def take_all(self) -> list[Repeat]:
+        """Every repeat waiting, taken off unplayed (the daemon stops past its deadline)."""
+        waiting, self._waiting, self._entry_bytes = list(self._waiting), deque(), 0
+        return waiting
 
     def more_now(self) -> bool:
         """Repeats are left for the next tick, which may come at once (it need not wait for

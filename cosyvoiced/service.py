@@ -248,8 +248,7 @@ class Service:
     def _play_hits(self) -> None:
         """The repeats queued since the last tick, served from the result cache, no worker,
         within the tick's time and the encoder's room for them (repeats.py)."""
-        for repeat in self.repeats.due(self.book.encoding_bytes, MAX_ENCODING_BYTES,
-                                       everything=self.stopping):
+        for repeat in self.repeats.due(self.book.encoding_bytes, MAX_ENCODING_BYTES):
             job, sink = repeat.job, self.sink_of(repeat.job)
             try:
                 served = self.cache.play(job, sink, repeat.entry, repeat.found)
@@ -412,7 +411,8 @@ class Service:
         left = list(self.ledger.jobs.values())
         if (left or self.book.writing or self.repeats) and not deadline_passed:
             return None
-        self.book.abandon_encoding()
+        self.book.abandon_unwritten([(r.job, self.sink_of(r.job))
+                                     for r in self.repeats.take_all()])
         abandoned = set()
         for running in left:
             log.warning("drain_timeout", job=running.job.id, **running.progress())

@@ -218,7 +218,7 @@ def test_a_reply_still_being_encoded_at_the_drain_deadline_is_told_to_ask_again(
         reply = json.loads(dealer.recv_multipart()[0])
         # ZeroMQ's wire says `busy` for shutting_down (protocol.py): ask again, elsewhere
         assert (reply["event"], reply["code"]) == ("error", "busy"), reply
-        assert "stopped before this result was encoded" in reply["message"]
+        assert "stopped before this result was written" in reply["message"]
     finally:
         dealer.close(linger=0)
 
