@@ -210,8 +210,16 @@ def test_a_reply_still_being_encoded_at_the_drain_deadline_is_told_to_ask_again(
         dealer.connect(daemon.endpoint)
         dealer.send_json({"v": 1, "op": "synthesize", "id": "long", "format": "ogg",
                           "text": text})
-        wait_until(lambda: _idle_after_busy(daemon), 120,
-                   "the worker to finish the job (its file is in the encoder)")
+        job = wait_until(lambda: daemon.log_events("job_queued"), 30, "the job")[0]["job"]
+
+        def in_the_encoder() -> bool:
+            dealer.send_json({"v": 1, "op": "status", "id": "s", "job": job})
+            assert dealer.poll(10_000), "no status"
+            reply = json.loads(dealer.recv_multipart()[0])
+            assert reply["event"] == "status", f"the file was made before the stop: {reply}"
+            return bool(reply.get("writing"))
+
+        wait_until(in_the_encoder, 120, "the job's file to be in the encoder")
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit() == 0
         assert dealer.poll(5_000), "the request was never answered"
