@@ -54,11 +54,6 @@ def _outcomes(daemon: Daemon, name: str) -> list[str]:
     return found
 
 
-def _idle_after_busy(daemon: Daemon) -> bool:
-    states = [e["state"] for e in daemon.log_events() if e["event"] == "worker_state"]
-    return "busy" in states and states[-1] == "idle"
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -238,8 +233,10 @@ def test_a_drop_still_being_encoded_at_the_drain_deadline_is_made_at_the_next_st
     daemon.start()
     text = " ".join(["A very long text for a very long file, made of tone."] * 370)  # 975 s
     daemon.drop_job("long-drop", text=text, format="ogg")
-    wait_until(lambda: _idle_after_busy(daemon), 120,
-               "the worker to finish the job (its file is in the encoder)")
+    job = wait_until(lambda: daemon.log_events("job_queued"), 30, "the job")[0]["job"]
+    with Client(daemon.endpoint, timeout_s=30, admin_token=daemon.admin_token()) as client:
+        wait_until(lambda: client.status(job).get("writing"), 120,
+                   "the job's file to be in the encoder")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
     assert daemon.outcome("long-drop.json") is None
