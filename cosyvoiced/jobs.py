@@ -109,6 +109,10 @@ class JobBook:
         return len(self._encoding)
 
     # -- admitting --------------------------------------------------------------------------
+    def repeat(self, job: Job) -> None:
+        """`job` waits to be played from the result cache (status: queued, cached)."""
+        self._ledger.repeat(job)
+
     def admit(self, job: Job, sink: Sink, segments: list[str], persisted: bool) -> Running:
         """Queue `job`, its outcome bound to `sink` once and for all."""
         running = self._ledger.enqueue(job, segments, time.monotonic())

@@ -121,6 +121,7 @@ class Ledger:
         # share (or party) -> its last turn
         self.last_turn: OrderedDict[str, float] = OrderedDict()
         self.written: dict[str, Job] = {}  # done, its file being encoded and written
+        self.repeating: dict[str, Job] = {}  # found in the result cache, waiting to be played
         self.crashes: dict[str, int] = {}
         self.counts = {"done": 0, "failed": 0, "cancelled": 0}
 
@@ -186,6 +187,7 @@ class Ledger:
         """Remember how a job ended (state: done, failed or cancelled), and whose it was."""
         self.crashes.pop(job_id, None)
         self.written.pop(job_id, None)
+        self.repeating.pop(job_id, None)
         self.counts[state] += 1
         self.finished[job_id] = {"state": state, "source": source} | detail
         self.finished_owners[job_id] = owner
@@ -195,15 +197,21 @@ class Ledger:
 
     def writing(self, job: Job) -> None:
         """The job's audio is complete; its file is being encoded and written."""
+        self.repeating.pop(job.id, None)
         self.written[job.id] = job
+
+    def repeat(self, job: Job) -> None:
+        """The job is a repeat from the result cache, waiting for a tick to play it."""
+        self.repeating[job.id] = job
 
     def owner_of(self, job_id: str) -> str | None:
         """Whose job it is ("" for nobody's: an admin's alone); None for an unknown job."""
         running = self.jobs.get(job_id)
         if running is not None:
             return running.job.owner
-        if job_id in self.written:
-            return self.written[job_id].owner
+        waiting = self.written.get(job_id) or self.repeating.get(job_id)
+        if waiting is not None:
+            return waiting.owner
         return self.finished_owners.get(job_id)
 
     def unstarted_of(self, share: str, party: str | None = None) -> int:
@@ -220,6 +228,8 @@ class Ledger:
         if running is None and job_id in self.written:
             return {"state": "running", "source": self.written[job_id].source,
                     "writing": True}
+        if running is None and job_id in self.repeating:
+            return {"state": "queued", "source": self.repeating[job_id].source, "cached": True}
         if running is None:
             return self.finished.get(job_id)
         if running.remote:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cosyvoiced.cache import Entry
+from cosyvoiced.clients import Identity
 from cosyvoiced.job import Job
 
 MAX_WAITING_BYTES = 256 << 20
@@ -89,6 +90,15 @@ class Repeats:
             self._waiting.popleft()
             self._entry_bytes -= repeat.entry.pcm.nbytes
             yield repeat
+
+    def cancel(self, job_id: str, identity: Identity) -> Job | None:
+        """Take off the waiting repeat `job_id` if `identity` may see it: its job, or None."""
+        found = next((r for r in self._waiting if r.job.id == job_id), None)
+        if found is None or not identity.may_see(found.job.owner):
+            return None
+        self._waiting = deque(r for r in self._waiting if r is not found)
+        self._entry_bytes -= found.entry.pcm.nbytes
+        return found.job
 
     def take_all(self) -> list[Repeat]:
         """Every repeat waiting, taken off unplayed (the daemon stops past its deadline)."""

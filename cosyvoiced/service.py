@@ -192,7 +192,7 @@ class Service:
         """What the job book recorded, to the parts that act on it: a closed job's prompts,
         its cluster entries and its metrics; a started one's delivery count. The cache's hits
         are played first: their jobs close here too."""
-        self._play_hits()
+        _play_hits(self.repeats, self.cache, self.book, self.sink_of)
         closed, self.book.closed = self.book.closed, []
         for job in closed:
             self.spool.discard_prompts(job.job_id)  # a reply job's; a spool job's settled
@@ -234,6 +234,7 @@ class Service:
         no worker here is free, else here."""
         entry = self.cache.find(job, record=self.record_misses())
         if entry is not None and self.repeats.keep(job, entry):
+            self.book.repeat(job)
             return
         settings = self.config.scheduling
         segments = text_segments.split(job.text, settings.max_segment_chars,
@@ -244,21 +245,6 @@ class Service:
         shared = share and self.cluster.share(running)
         log.debug("job_queued", job=job.id, source=job.source, segments=len(segments),
                   depth=len(self.ledger), shared=shared)
-
-    def _play_hits(self) -> None:
-        """The repeats queued since the last tick, served from the result cache, no worker,
-        within the tick's time and the encoder's room for them (repeats.py)."""
-        for repeat in self.repeats.due(self.book.encoding_bytes, MAX_ENCODING_BYTES):
-            job, sink = repeat.job, self.sink_of(repeat.job)
-            try:
-                served = self.cache.play(job, sink, repeat.entry, repeat.found)
-            except OSError as error:  # the sink could not write the result
-                self.book.end(Running(job, [], time.monotonic(), sink=sink), JobError(
-                    ErrorCode.INTERNAL, f"could not write the result: {error}"))
-                continue
-            summary = {k: v for k, v in served.summary.items() if k != "output"}
-            self.book.delivered(job, sink, served.output, served.result,
-                                status={"cached": True}, summary=summary)
 
     def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None,
                identity: Identity = LOCAL_ADMIN) -> Job:
@@ -490,7 +476,10 @@ class Service:
         return self.ledger.status(job_id) if self.visible(job_id, identity) else None
 
     def cancel(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
-        return self.book.cancel(job_id, identity)
+        repeat = self.repeats.cancel(job_id, identity)
+        if repeat is not None:  # not played yet: it ends here, as a queued job would
+            self.book.end(Running(repeat, [], time.monotonic(), sink=self.sink_of(repeat)), None)
+        return repeat is not None or self.book.cancel(job_id, identity)
 
     def stats(self, identity: Identity = LOCAL_ADMIN) -> dict[str, Any]:
         return self.report(identity)
@@ -502,6 +491,23 @@ class Service:
     def enqueue_here(self, job: Job) -> None:
         """Another host's job, taken from the shared stream."""
         self.enqueue(job, share=False)
+
+
+def _play_hits(repeats: Repeats, cache: ResultCache, book: JobBook,
+               sink_of: Callable[[Job], Sink]) -> None:
+    """The repeats queued since the last tick, served from the result cache, no worker,
+    within the tick's time and the encoder's room for them (repeats.py)."""
+    for repeat in repeats.due(book.encoding_bytes, MAX_ENCODING_BYTES):
+        job, sink = repeat.job, sink_of(repeat.job)
+        try:
+            served = cache.play(job, sink, repeat.entry, repeat.found)
+        except OSError as error:  # the sink could not write the result
+            book.end(Running(job, [], time.monotonic(), sink=sink), JobError(
+                ErrorCode.INTERNAL, f"could not write the result: {error}"))
+            continue
+        summary = {k: v for k, v in served.summary.items() if k != "output"}
+        book.delivered(job, sink, served.output, served.result, status={"cached": True},
+                       summary=summary)
 
 
 def _clean_up_after_crash(spool: Spool, speakers: SpeakerStore) -> None:

@@ -435,3 +435,41 @@ def test_repeats_of_a_long_cached_text_wait_for_the_ticks_time_and_the_encoders_
     held = [line for line in daemon.log_events("tick_slow") if "settle" in line["steps"]]
     assert not held, held
     assert grown < 576 << 20, f"the supervisor's peak grew {grown >> 20} MiB"
+
+
+def test_a_repeat_waiting_to_be_played_is_queued_for_status_and_can_be_cancelled(
+        make_daemon: DaemonFactory) -> None:
+    """A repeat waiting for a tick to play it (here: for the encoder's room) was in no
+    record: `status` said not_found and `cancel` did nothing, for a job whose id its client
+    had been given. It is queued (cached) now, and a cancel ends it like a queued job."""
+    repeats = 64  # files of 5.5 MiB: about 46 fill the encoder's room, the last ones wait
+    daemon = make_daemon(engine={"name": FAULTY}, cache={"max_bytes": "512MiB"},
+                         zmq={"max_pending_per_client": repeats})
+    daemon.start()
+    options: dict[str, Any] = {"format": "ogg", "sample_rate": 48000}
+    with Client(daemon.endpoint, timeout_s=120) as client:
+        assert client.synthesize(LONG_CACHED, **options).header["cached"] is False
+    # Sent at once: one at a time, the encoder keeps up with them.
+    [dealer] = pipelined(daemon.endpoint, 1, repeats,
+                         {"v": 1, "op": "submit", "text": LONG_CACHED} | options)
+    try:
+        jobs = [_reply(dealer)["job"] for _ in range(repeats)]
+        last = jobs[-1]
+        dealer.send(json.dumps({"v": 1, "op": "status", "id": "s", "job": last}).encode())
+        assert _reply(dealer) == {"event": "status", "job": last, "id": "s",
+                                  "state": "queued", "source": "zmq", "cached": True}
+        dealer.send(json.dumps({"v": 1, "op": "cancel", "id": "c", "job": last}).encode())
+        assert _reply(dealer)["event"] == "cancelled"
+    finally:
+        dealer.close(linger=0)
+    wait_until(lambda: sum(daemon.outcome_counts().values()) == repeats, 120, "every outcome")
+    assert daemon.outcome_counts() == {f"{job}.json": 1 for job in jobs}
+    assert json.loads((daemon.failed / f"{last}.json.error.json").read_text())[
+        "code"] == "cancelled"
+    assert len(list(daemon.outbox.glob("*.ogg"))) == repeats - 1
+
+
+def _reply(dealer: Any) -> dict[str, Any]:
+    assert dealer.poll(60_000), "no reply"
+    header: dict[str, Any] = json.loads(dealer.recv_multipart()[0])
+    return header

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from cosyvoiced.cache import Entry
+from cosyvoiced.clients import LOCAL_ADMIN, anonymous
 from cosyvoiced.job import Job
 from cosyvoiced.repeats import MAX_WAITING_BYTES, PLAY_S, Repeats
 
@@ -71,3 +74,17 @@ def test_a_whole_file_waits_while_the_encoder_is_full_and_a_stream_does_not() ->
     assert [r.job.id for r in repeats.due(lambda: held, room + 1)] == ["1", "2"]
     repeats.keep(_job(3, sample_rate=2 * RATE), _entry(seconds))
     assert [r.job.id for r in repeats.due(lambda: 0, 1)] == ["3"]  # an idle encoder takes it
+
+
+def test_a_cancelled_repeat_leaves_and_frees_its_place_for_its_owner_only() -> None:
+    repeats = Repeats()
+    big = Entry(RATE, "tone", np.zeros(MAX_WAITING_BYTES // 4 + 1, dtype=np.int16))  # > half
+    mine, theirs = replace(_job(0), owner="me"), replace(_job(1), owner="them")
+    assert repeats.keep(mine, big)
+    assert repeats.keep(theirs, _entry(1.0))
+    assert repeats.cancel(mine.id, anonymous("them")) is None  # another's: as if unknown
+    assert repeats.cancel("unknown", LOCAL_ADMIN) is None
+    assert not repeats.keep(_job(2), big)  # no room for another big one with it
+    assert repeats.cancel(mine.id, anonymous("me")) == mine
+    assert repeats.keep(_job(2), big)  # its bytes were freed
+    assert [r.job.id for r in repeats.take_all()] == [theirs.id, _job(2).id]
