@@ -291,6 +291,9 @@ class HttpConfig:
     # loopback, unless allow_insecure.
     api_keys_file: str = _setting("", path=True)
     allow_insecure: bool = False
+    # Host names (besides IP addresses and localhost) a request may be sent to while there
+    # are no keys: other names are refused as a DNS rebinding might be (intake/origins.py).
+    allowed_hosts: list[str] = _setting([])  # noqa: RUF009 - returns a field()
     max_body_bytes: int = _setting(1 << 20, _at_least(1024), size=True)
     # A body that carries voice audio (a voice to register, a speech request's one-off
     # clone): 30 s of 48 kHz stereo WAV is 11 MiB.

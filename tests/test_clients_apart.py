@@ -260,7 +260,7 @@ def _request_and_never_read(listen: str, key: str, text: str) -> socket.socket:
     sock.connect((host, int(port)))
     body = json.dumps({"model": "tts-1", "voice": "tone", "input": text,
                        "response_format": "pcm"}).encode()
-    sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                  b"application/json\r\nAuthorization: Bearer " + key.encode() +
                  b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     return sock

@@ -6,12 +6,14 @@ it), else to the test's temp directory."""
 
 from __future__ import annotations
 
+import http.server
 import ipaddress
 import json
 import os
 import shutil
 import signal
 import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -438,3 +440,101 @@ def test_without_keys_only_loopback_is_the_operator(make_daemon: DaemonFactory) 
             (True, operator, operator), host
     status, refused = _ask(f"http://{address}:{port}/console/reload", b"{}")
     assert (status, refused["error"]["code"]) == (403, "forbidden")
+
+
+# A page of another site, on the operator's machine: what any page may send without a key.
+ATTACKER_PAGE = """<!doctype html><script>
+async function attack(daemon) {
+  for (const [path, body] of [["console/recycle", '{"slot": 0}'], ["console/reload", "{}"],
+      ["v1/audio/speech", '{"model": "tts-1", "voice": "tone", "input": "Hello there."}']]) {
+    try { await fetch(`http://${daemon}/${path}`, {method: "POST", mode: "no-cors", body}); }
+    catch (error) {}
+  }
+  return await new Promise(resolve => {
+    const socket = new WebSocket(`ws://${daemon}/v1/text-to-speech/tone/multi-stream-input`);
+    socket.onopen = () => socket.send('{"text": "Hello there. ", "flush": true}');
+    socket.onmessage = event => resolve("heard " + event.data.slice(0, 40));
+    socket.onerror = () => resolve("refused");
+  });
+}
+</script>"""
+
+
+@pytest.fixture
+def attacker_site() -> Iterator[str]:
+    """Another origin on loopback (another port), serving ATTACKER_PAGE."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = ATTACKER_PAGE.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_without_keys_a_page_of_another_site_cannot_act(
+        make_daemon: DaemonFactory, browser: Browser, attacker_site: str) -> None:
+    """Without keys, a loopback peer is the operator, and a browser on the operator's
+    machine is one: any page could recycle workers, reload, queue speech and hear a voice
+    (a text/plain fetch needs no preflight; a WebSocket ignores the same-origin rule)."""
+    daemon = _daemon(make_daemon)
+    page = browser.new_page()
+    page.goto(attacker_site)
+    assert page.evaluate("attack", _listen(daemon)) == "refused"
+    refused = wait_until(lambda: daemon.log_events("http_requests_refused"), 10,
+                         "the refusals' log line")
+    assert refused[0]["code"] == "cross_origin", refused
+    assert not daemon.log_events("console_action")
+    assert not daemon.log_events("job")
+    # The console's own page, same origin, still acts.
+    own = _open(browser, daemon)
+    _live(own)
+    assert own.evaluate("""fetch("console/reload", {method: "POST", body: "{}"})
+                           .then(response => response.status)""") == 200
+
+
+def _status_of(url: str, headers: dict[str, str]) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), ""
+    except urllib.error.HTTPError as error:
+        return int(error.code), json.loads(error.read())["error"]["code"]
+
+
+def test_without_keys_a_rebound_name_or_a_proxy_is_refused(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """A DNS rebinding makes a foreign site's page same-origin with the daemon (its name now
+    points at 127.0.0.1), and a proxy on the host makes every client a loopback peer."""
+    daemon = _daemon(make_daemon, http={"allowed_hosts": ["tts.lan"]})
+    listen = _listen(daemon)
+    port = listen.rsplit(":", 1)[1]
+    session = f"http://{listen}/console/session"
+    assert _status_of(session, {"Host": f"rebind.evil.example:{port}"}) == \
+        (403, "host_not_allowed")
+    assert _status_of(session, {"Host": f"tts.lan:{port}"}) == (200, "")
+    assert _status_of(session, {"Host": f"localhost:{port}"}) == (200, "")
+    assert _status_of(session, {"X-Forwarded-For": "203.0.113.5"}) == \
+        (403, "proxied_without_keys")
+    assert _status_of(session, {"Origin": "http://evil.example"}) == (403, "cross_origin")
+    # With keys nothing is taken for where it comes from: a web app of another site that
+    # holds a key may call the API.
+    keys = tmp_path / "api_keys"
+    keys.write_text(f"app {APP_KEY}\n")
+    keyed = _daemon(make_daemon, "keyed", http={"api_keys_file": str(keys)})
+    models = f"http://{_listen(keyed)}/v1/models"
+    foreign = {"Origin": "http://app.example", "Host": "tts.example",
+               "X-Forwarded-For": "203.0.113.5"}
+    assert _status_of(models, foreign | {"Authorization": f"Bearer {APP_KEY}"}) == (200, "")
+    assert _status_of(models, foreign) == (401, "invalid_api_key")

@@ -129,7 +129,7 @@ def _raw(listen: str, data: bytes) -> socket.socket:
 
 
 def _speech_head(length: int) -> bytes:
-    return (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: "
             + str(length).encode() + b"\r\n\r\n")
 
@@ -289,7 +289,7 @@ def test_one_daemon_survives_every_hostile_input(daemon: Daemon) -> None:
         client.audio.speech.create(model="tts-1", voice="en_US-joe-medium", input=TAGGED,
                                    response_format="pcm")
         held = [_raw(listen, _speech_request(CACHED)) for _ in range(20)]
-        held += [_raw(listen, b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\n")
+        held += [_raw(listen, b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\n")
                  for _ in range(SLOWLORIS)]
         held += [_raw(listen, b"") for _ in range(50)]
         # -- Wyoming: non-readers, a flood, idle connections, a bad event

@@ -101,7 +101,7 @@ def _code(body: dict[str, Any]) -> str:
     + "".join(f"{name}: {value}\r\n" for name, value in UPGRADE.items()).encode(),
 ], ids=["speech", "models", "voices", "console-surrogate", "websocket"])
 def test_a_key_that_is_not_utf8_is_refused_401(served: Served, request_head: bytes) -> None:
-    status, _headers, body = _answer(served, request_head + b"Host: test\r\n\r\n")
+    status, _headers, body = _answer(served, request_head + b"Host: localhost\r\n\r\n")
     assert (status, _code(body)) == (401, "invalid_api_key"), body
 
 
@@ -208,7 +208,7 @@ def test_a_malformed_part_header_is_invalid_field(served: Served, part_header: b
     body = (b'--B\r\nContent-Disposition: form-data; name="name"\r\n' + part_header
             + b"\r\n\r\nalice\r\n--B--\r\n")
     with connected(served.address) as sock:
-        sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: test\r\n"
+        sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: localhost\r\n"
                      + f"Authorization: Bearer {KEY}\r\n".encode()
                      + b"Content-Type: multipart/form-data; boundary=B\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -221,7 +221,7 @@ def test_a_malformed_part_header_is_invalid_field(served: Served, part_header: b
 
 # -- 4. a console action's body is read within the limits --------------------------------------
 def _console_head(path: str, length: int, key: str = KEY, extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {length}\r\n{extra}\r\n"
             ).encode()
 
@@ -330,7 +330,7 @@ def test_an_unread_timestamps_reply_stays_in_flight_until_cut_off(served: Served
     body = json.dumps({"model": "tts-1", "voice": TONE, "input": text,
                        "response_format": "wav", "timestamps": "sentence"}).encode()
     with connected(served.address, receive_buffer=4096) as sock:
-        sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: test\r\n"
+        sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\n"
                      + f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         job_id = _job_id(sock)
@@ -456,7 +456,7 @@ def test_clone_prompts_waiting_for_a_stalled_supervisor_are_bounded(
     audio = base64.b64encode(os.urandom(180_000)).decode()  # 5 fit in 1 MiB, 6 do not
     body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "Hello.",
                        "clone": {"audio": audio}}).encode()
-    request = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    request = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
     _stand_still(stall)
     try:
@@ -532,8 +532,8 @@ def test_a_question_the_stalled_supervisor_does_not_answer_gets_503_unresponsive
         "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
         "COSYVOICED_TEST_THREAD_FAULT": "stall", "COSYVOICED_TEST_TICK_STALL": str(stall)})
     served = Served(daemon, ("127.0.0.1", port))
-    voices = b"GET /v1/audio/voices HTTP/1.1\r\nHost: x\r\n\r\n"
-    socket_head = (b"GET /v1/text-to-speech/tone/multi-stream-input HTTP/1.1\r\nHost: x\r\n"
+    voices = b"GET /v1/audio/voices HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    socket_head = (b"GET /v1/text-to-speech/tone/multi-stream-input HTTP/1.1\r\nHost: localhost\r\n"
                    + "".join(f"{name}: {value}\r\n"
                              for name, value in UPGRADE.items()).encode() + b"\r\n")
     _stand_still(stall)

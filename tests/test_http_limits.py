@@ -125,7 +125,7 @@ def _error_code(body: bytes) -> str:
 
 def _speech_head(length: int, extra: str = "", key: str | None = KEY) -> bytes:
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    return (f"POST /v1/audio/speech HTTP/1.1\r\nHost: test\r\n{auth}"
+    return (f"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\n{auth}"
             f"Content-Type: application/json\r\nContent-Length: {length}\r\n{extra}\r\n"
             ).encode()
 
@@ -151,7 +151,7 @@ def _speech(text: str, **fields: Any) -> bytes:
 def test_headers_dribbled_a_byte_at_a_time_are_cut_off_after_header_timeout(
         served: Listeners) -> None:
     with connected(served.http) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Slow: ")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
         started = time.monotonic()
         closed = False
         while not closed and time.monotonic() - started < IDLE_TIMEOUT_S + SLACK_S:
@@ -172,7 +172,7 @@ def test_a_connection_that_never_sends_is_closed_after_idle_timeout(served: List
 
 def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(served: Listeners) -> None:
     with connected(served.http) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         status, headers, _body = _read_response(sock)
         assert status == 200
         assert headers.get("connection", "").lower() != "close"
@@ -233,7 +233,7 @@ def test_responses_nobody_reads_do_not_hold_the_connection(served: Listeners) ->
     held its connection, and its slot, for good: aiohttp waits for a client to drain with no
     timeout, and the connection has a request in hand, so no other timeout applied. Writing
     that stays paused for twice send_timeout_s now resets the connection."""
-    request = b"GET /console/static/board.js HTTP/1.1\r\nHost: test\r\n\r\n"
+    request = b"GET /console/static/board.js HTTP/1.1\r\nHost: localhost\r\n\r\n"
     # 9 MB: more than the kernel's send buffer takes (it grows to 4 MiB) and asyncio's.
     whole = 1000 * (Path(cosyvoiced.__file__).parent / "console" / "board.js").stat().st_size
     with connected(served.http, receive_buffer=4096) as sock:
@@ -440,7 +440,7 @@ def test_metrics_close_slow_and_idle_connections(served: Listeners) -> None:
         elapsed = _seconds_until_closed(sock, IDLE_TIMEOUT_S + SLACK_S)
     assert elapsed > IDLE_TIMEOUT_S - 0.5
     with connected(served.metrics) as sock:
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n")
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n")
         elapsed = _seconds_until_closed(sock, IDLE_TIMEOUT_S + SLACK_S)
     assert elapsed < HEADER_TIMEOUT_S + 1.5
 

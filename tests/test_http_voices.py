@@ -185,7 +185,7 @@ def stalled_upload(daemon: Daemon, key: str = KEY) -> socket.socket:
     """A registration whose body never comes: it holds an upload slot."""
     host, port = config.load(daemon.config_path).http.listen.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+    sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
                  + key.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                  b"Content-Length: 100000\r\n\r\n--b\r\n")
     return sock

@@ -100,7 +100,7 @@ def _never_read(daemon: Daemon, key: str, text: str) -> socket.socket:
     sock.connect(_http(daemon))
     body = json.dumps({"model": "tts-1", "voice": TONE, "input": text,
                        "response_format": "pcm"}).encode()
-    sock.sendall(f"POST /v1/audio/speech HTTP/1.1\r\nHost: test\r\n"
+    sock.sendall(f"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\n"
                  f"Authorization: Bearer {KEYS[key]}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     return sock

@@ -27,8 +27,8 @@ from cosyvoiced import admission, clients, logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import HttpConfig, read_api_keys
 from cosyvoiced.encoding import EncodeFailed, Encoder, EncoderStream
-from cosyvoiced.intake import codecs, console, elevenlabs, voices
-from cosyvoiced.intake.limits import REFUSAL_CODE, ConnectionLimits, listen
+from cosyvoiced.intake import codecs, console, elevenlabs, origins, voices
+from cosyvoiced.intake.limits import REFUSAL_CODE, ConnectionLimits, Throttled, listen
 from cosyvoiced.intake.reply import (
     BUSY,
     START_TIMEOUT_S,
@@ -67,6 +67,9 @@ RATE_LIMITED = "rate_limit_exceeded"  # OpenAI's code for it
 UNRESPONSIVE_RETRY_S = 5
 _STATUS = {
     "invalid_api_key": 401,
+    origins.CROSS_ORIGIN: 403,
+    origins.HOST_NOT_ALLOWED: 403,
+    origins.PROXIED_WITHOUT_KEYS: 403,
     "not_found": 404,
     "method_not_allowed": 405,
     REQUEST_TIMEOUT: 408,
@@ -264,6 +267,7 @@ class HttpIntake(ReplyIntake):
         self._next_forget = 0.0
         self._runner: web.AppRunner | None = None
         self._listening: asyncio.AbstractServer | None = None
+        self._refused_requests: Throttled | None = None  # origins.py's refusals, counted
 
     # -- lifecycle (supervisor thread) ------------------------------------------------------
     def start(self) -> None:
@@ -284,8 +288,9 @@ class HttpIntake(ReplyIntake):
                  auth=bool(settings.api_keys_file))
 
     async def _serve(self, host: str, port: int, settings: HttpConfig) -> web.AppRunner:
+        self._refused_requests = Throttled(asyncio.get_running_loop(), "http_requests_refused")
         app = web.Application(client_max_size=settings.max_body_bytes,
-                              middlewares=[self._errors])
+                              middlewares=[self._errors, self._unkeyed_origins])
         app.add_routes([
             web.post("/v1/audio/speech", self._speech, expect_handler=self.expect_continue),
             web.get("/v1/models", self._models),
@@ -351,6 +356,21 @@ class HttpIntake(ReplyIntake):
         except web.HTTPMethodNotAllowed as error:
             return error_response("method_not_allowed", f"{request.method} {request.path}: "
                                   f"allowed: {', '.join(sorted(error.allowed_methods))}")
+
+    @web.middleware
+    async def _unkeyed_origins(self, request: web.Request,
+                               handler: Handler) -> web.StreamResponse:
+        """Without keys, no web page of another site and no proxy acts here (origins.py)."""
+        settings = self._settings()
+        refused = origins.refusal(request.headers, keys_on=bool(settings.api_keys_file),
+                                  allow_insecure=settings.allow_insecure,
+                                  allowed_hosts=tuple(settings.allowed_hosts))
+        if refused is None:
+            return await handler(request)
+        if self._refused_requests is not None:  # set when the loop serves
+            self._refused_requests.count(code=refused.code, peer=request.remote,
+                                         path=request.path[:80])
+        return error_response(refused.code, refused.message)
 
     def _identity(self, request: web.Request) -> Identity:
         """Who is asking: their key's name when keys are on (one key, one client, on every
