@@ -129,8 +129,9 @@ def _raw(listen: str, data: bytes) -> socket.socket:
 
 
 def _speech_head(length: int) -> bytes:
-    return (b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: "
+    return (b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer " + KEY.encode()
+            + b"\r\nContent-Length: "
             + str(length).encode() + b"\r\n\r\n")
 
 
