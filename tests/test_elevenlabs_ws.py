@@ -447,6 +447,38 @@ def test_text_sent_far_faster_than_it_is_spoken_is_bounded(daemon: Daemon) -> No
     assert close_code == 1008
 
 
+def test_text_that_says_nothing_is_read_at_a_pace_and_others_are_served(
+        daemon: Daemon) -> None:
+    """Text with nothing to say is dropped, so it never waited to be spoken: a socket that
+    sent 60 KB of "。" per message (19,990 one-character sentences, each split and checked
+    on the HTTP loop) was read as fast as it could send, for as long as it liked."""
+    unsaid = json.dumps({"text": "。" * 19_990, "context_id": "a"}, ensure_ascii=False)
+
+    async def flood_while_another_speaks() -> int:
+        async with aiohttp.ClientSession() as session:
+            flooding = await _socket(daemon, session, "multi-stream-input")
+            for _ in range(8):
+                await flooding.send_str(unsaid)
+            await asyncio.to_thread(wait_until, lambda: daemon.log_events("unsaid_text_paced"),
+                                    TIMEOUT_S, "the flood to be paced")
+            other = await _socket(daemon, session)
+            await other.send_str(json.dumps({"text": "Hello there. ", "xi_api_key": KEY}))
+            await other.send_str(json.dumps({"text": ""}))
+            audio = 0
+            async for reply in _replies(other):
+                audio += len(base64.b64decode(reply.get("audio") or ""))
+                if reply.get("isFinal"):
+                    break
+            assert not flooding.closed  # slowed down, not refused
+            await flooding.close()
+            return audio
+
+    assert asyncio.run(flood_while_another_speaks()) > 16_000  # over half a second at 16 kHz
+    paced = daemon.log_events("unsaid_text_paced")[0]
+    assert paced["source"] == "elevenlabs"
+    assert paced["wait_s"] > 0
+
+
 # -- the pure parts ---------------------------------------------------------------------------
 def test_output_formats_name_a_codec_and_a_rate() -> None:
     assert elevenlabs.output_format("pcm_16000") == elevenlabs.OutputFormat(

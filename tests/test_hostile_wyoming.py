@@ -306,6 +306,29 @@ def test_a_stream_keeps_max_pending_per_client_jobs_in_hand_and_speaks_them_all(
     assert most == MAX_PENDING_PER_CLIENT
 
 
+def test_streamed_text_that_says_nothing_is_read_at_a_pace(daemon: Daemon) -> None:
+    """A stream's text that says nothing is dropped, so it never waited for the lookahead:
+    chunks of 10,000 "。" (one-character sentences, split and checked on the intake's loop)
+    were read as fast as the client could send them."""
+    unsaid = SynthesizeChunk("。" * 10_000).event()
+
+    async def flood_while_another_speaks() -> Event | None:
+        async with AsyncTcpClient(*_address(daemon)) as flooding:
+            await flooding.write_event(SynthesizeStart().event())
+            for _ in range(4):
+                await flooding.write_event(unsaid)
+            await asyncio.to_thread(wait_until, lambda: daemon.log_events("unsaid_text_paced"),
+                                    WAIT_S, "the stream to be paced")
+            async with AsyncTcpClient(*_address(daemon)) as other:
+                await other.write_event(Synthesize("Hello there.").event())
+                return await _read(other)
+
+    first = asyncio.run(flood_while_another_speaks())
+    assert first is not None
+    assert first.type == "audio-start", first
+    assert daemon.log_events("unsaid_text_paced")[0]["source"] == "wyoming"
+
+
 def test_a_stream_its_client_never_reads_is_closed_and_its_text_left_unread(
         daemon: Daemon) -> None:
     # Each sentence is 10 s of tone: a few fill the socket buffers between us.

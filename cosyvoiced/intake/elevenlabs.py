@@ -65,6 +65,7 @@ from cosyvoiced.intake.reply import (
     Started,
     Unresponsive,
 )
+from cosyvoiced.intake.unsaid import Unsaid
 from cosyvoiced.job import MAX_SPEED, MIN_SPEED, ErrorCode
 from cosyvoiced.sentences import SentenceSplitter
 from cosyvoiced.untrusted import NotJSON, json_value
@@ -312,6 +313,7 @@ class _Socket:
         self._streams: dict[str, _Stream] = {}
         self._send_lock = asyncio.Lock()
         self._closing = False
+        self._unsaid = Unsaid()  # text dropped as saying nothing: read at a pace
 
     async def run(self, identity: Identity | None, idle_s: float) -> None:
         self._identity = identity
@@ -327,6 +329,7 @@ class _Socket:
 
     async def _read(self, idle_s: float) -> None:
         while not self._closing:
+            await self._unsaid.pace(source="elevenlabs", peer=self._request.remote)
             wait_s = idle_s if self._identity is not None else min(idle_s, FIRST_MESSAGE_S)
             try:
                 # Our own deadline, over aiohttp's: it starts afresh with every ping or pong
@@ -420,7 +423,8 @@ class _Socket:
         while stream.waiting and len(stream.jobs) < LOOKAHEAD_JOBS:
             text = stream.waiting.popleft()
             if not cleanup.says_something(text):
-                continue  # an emoji, a code fence: nothing to say, and no error either
+                self._unsaid.add(len(text))  # an emoji, a code fence: no error either
+                continue
             stream.jobs.append(self._submit(stream, text))
         stream.wake.set()
 

@@ -54,6 +54,7 @@ from cosyvoiced.intake.reply import (
     ReplyIntake,
     Started,
 )
+from cosyvoiced.intake.unsaid import Unsaid
 from cosyvoiced.job import ErrorCode
 from cosyvoiced.sentences import SentenceSplitter
 from cosyvoiced.untrusted import NotJSON, json_value
@@ -173,26 +174,28 @@ class TextStream:
     (one job each). A piece with nothing to say once cleaned up (an emoji, a code fence's
     line) is left out rather than failed: the client sent its stream in good faith."""
 
-    def __init__(self, voice: SynthesizeVoice | None) -> None:
+    def __init__(self, voice: SynthesizeVoice | None, unsaid: Unsaid | None = None) -> None:
         self.voice = voice
         self._splitter = SentenceSplitter(MAX_SEGMENT_CHARS)
+        self._unsaid = unsaid if unsaid is not None else Unsaid()  # its connection's
 
     def add(self, text: str) -> list[str]:
-        return _speakable(self._splitter.feed(text))
+        return self._speakable(self._splitter.feed(text))
 
     def finish(self) -> list[str]:
-        return _speakable(self._splitter.flush())
+        return self._speakable(self._splitter.flush())
 
-
-def _speakable(sentences: list[str]) -> list[str]:
-    """`sentences` (each at most MAX_SEGMENT_CHARS) joined into as few texts as keep to
-    that bound, those that say something."""
-    texts = [""]
-    for sentence in sentences:
-        if texts[-1] and len(texts[-1]) + len(sentence) > MAX_SEGMENT_CHARS:
-            texts.append("")
-        texts[-1] += sentence
-    return [text for text in texts if cleanup.says_something(text)]
+    def _speakable(self, sentences: list[str]) -> list[str]:
+        """`sentences` (each at most MAX_SEGMENT_CHARS) joined into as few texts as keep to
+        that bound, those that say something (the others counted as unsaid)."""
+        texts = [""]
+        for sentence in sentences:
+            if texts[-1] and len(texts[-1]) + len(sentence) > MAX_SEGMENT_CHARS:
+                texts.append("")
+            texts[-1] += sentence
+        said = [text for text in texts if cleanup.says_something(text)]
+        self._unsaid.add(sum(map(len, texts)) - sum(map(len, said)))
+        return said
 
 
 def language_tag(language: str) -> str:
@@ -225,6 +228,7 @@ class _Connection(AsyncEventHandler):
         self._client = clients.anonymous(f"wyoming:{id(self):x}", host=self.address)
         self._jobs: set[str] = set()  # in flight: cancelled if the connection drops
         self._stream: TextStream | None = None
+        self._unsaid = Unsaid()  # streamed text dropped as saying nothing: read at a pace
         self._parts: asyncio.Queue[tuple[str, Exchange] | None] = asyncio.Queue()
         self._room: asyncio.Semaphore | None = None  # the open stream's lookahead
         self._speaker: asyncio.Task[None] | None = None
@@ -356,7 +360,8 @@ class _Connection(AsyncEventHandler):
             if self._stream is not None:
                 raise BadEvent("synthesize-start: a stream is open already; end it with "
                                "synthesize-stop first")
-            self._stream = TextStream(decoded(SynthesizeStart.from_event, event).voice)
+            self._stream = TextStream(decoded(SynthesizeStart.from_event, event).voice,
+                                      self._unsaid)
             self._room = asyncio.Semaphore(min(STREAM_LOOKAHEAD,
                                                self._intake.settings().max_pending_per_client))
             self._speaker = asyncio.create_task(self._speak_in_order())
@@ -374,6 +379,7 @@ class _Connection(AsyncEventHandler):
         if SynthesizeChunk.is_type(event.type):
             for text in stream.add(decoded(SynthesizeChunk.from_event, event).text):
                 await self._queue(text, stream.voice)
+            await self._unsaid.pace(source=SOURCE, peer=self.address)
             return True
         for text in stream.finish():
             await self._queue(text, stream.voice)
