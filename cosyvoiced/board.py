@@ -26,6 +26,7 @@ from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.ledger import LedgerView, Running
 from cosyvoiced.pool import WorkerPool
+from cosyvoiced.report import ANOTHER_CLIENTS
 from cosyvoiced.workerhandle import WorkerHandle
 
 ENDED_SHOWN = 50
@@ -118,7 +119,8 @@ def snapshot(daemon: Daemon, identity: Identity) -> dict[str, Any]:
         "engine": daemon.engine_name, "ready": daemon.ready, "stopping": daemon.stopping,
         "voices": [v.name for v in daemon.voices],
         "jobs": jobs, "ended": ended, "counts": dict(ledger.counts),
-        "workers": [] if pool is None else workers(pool, daemon.config),
+        "workers": [] if pool is None else workers(
+            pool, daemon.config, lambda job_id: daemon.visible(job_id, identity)),
         "cache": daemon.cache.figures(),
         "cluster": None if daemon.sharing is None else daemon.sharing.figures(),
         "hosts": None if daemon.roster is None else daemon.roster.hosts(time.monotonic()),
@@ -163,20 +165,24 @@ def _outcome(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def workers(pool: WorkerPool, config: Config) -> list[dict[str, Any]]:
-    """Each serving worker (and a spare), with its memory against the limits and its slot's
-    last recycle."""
+def workers(pool: WorkerPool, config: Config,
+            visible: Callable[[str], bool]) -> list[dict[str, Any]]:
+    """Each serving worker (and a spare), with its memory against the limits, its slot's
+    last recycle, and the ids of the jobs in its hands that are `visible` (another
+    client's job is there, unnamed, as in `stats`)."""
     limits = {"rss_limit": config.worker.rss_limit,
               "gpu_memory_limit": config.worker.gpu_memory_limit}
     spare = [] if pool.spare is None else [pool.spare]
-    return [worker_row(worker, pool, limits, role="spare" if worker in spare else "active")
+    return [worker_row(worker, pool, limits, role="spare" if worker in spare else "active",
+                       visible=visible)
             for worker in pool.workers() + spare]
 
 
 def worker_row(worker: WorkerHandle, pool: WorkerPool, limits: dict[str, int],
-               role: str) -> dict[str, Any]:
+               role: str, visible: Callable[[str], bool]) -> dict[str, Any]:
     recycled = pool.last_recycle.get(worker.slot)
-    return worker.describe() | limits | {
+    jobs = [job if visible(job) else ANOTHER_CLIENTS for job in worker.jobs]
+    return worker.describe() | limits | {"jobs": jobs,
         "role": role, "gpu_peak_bytes": worker.memory.gpu_peak_bytes,
         "last_recycle": None if recycled is None else
         {"at": recycled[0], "reason": recycled[1]}}

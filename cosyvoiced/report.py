@@ -18,6 +18,8 @@ from cosyvoiced.metrics import Metrics
 from cosyvoiced.pool import WorkerPool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
+ANOTHER_CLIENTS = "(another client's)"  # a job id the asker may not see, in a worker's hands
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -43,7 +45,7 @@ def stats(supervisor: Snapshot, uptime_s: float,
     """The daemon's figures; job ids only where `visible(job_id)` (the asker's own jobs,
     or every job for an admin)."""
     ledger, pool = supervisor.ledger, supervisor.pool
-    workers = [worker.describe() | {"jobs": [job if visible(job) else "(another client's)"
+    workers = [worker.describe() | {"jobs": [job if visible(job) else ANOTHER_CLIENTS
                                              for job in worker.jobs]}
                for worker in pool.workers()]
     return {

@@ -538,3 +538,48 @@ def test_without_keys_a_rebound_name_or_a_proxy_is_refused(
                "X-Forwarded-For": "203.0.113.5"}
     assert _status_of(models, foreign | {"Authorization": f"Bearer {APP_KEY}"}) == (200, "")
     assert _status_of(models, foreign) == (401, "invalid_api_key")
+
+
+def _first_board(daemon: Daemon, key: str, condition: Any) -> dict[str, Any]:
+    """The first board this key's event stream sends for which `condition` holds."""
+    request = urllib.request.Request(f"http://{_listen(daemon)}/console/events",
+                                     headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=30) as stream:
+        event = ""
+        for line in stream:
+            text = line.decode().rstrip("\n")
+            if text.startswith("event: "):
+                event = text.removeprefix("event: ")
+            elif text.startswith("data: ") and event == "board":
+                board: dict[str, Any] = json.loads(text.removeprefix("data: "))
+                if condition(board):
+                    return board
+    raise AssertionError("the event stream ended")
+
+
+def test_a_key_sees_only_its_own_job_ids_on_the_workers_too(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """The jobs table showed a key its own jobs only, but each worker's card named every
+    job in its hands: any key (and any anonymous viewer) saw the others' job ids."""
+    keys = tmp_path / "api_keys"
+    keys.write_text(f"app {APP_KEY}\nother sk-console-other-03\n")
+    daemon = _daemon(make_daemon, http={"api_keys_file": str(keys)})
+    body = json.dumps({"model": "tts-1", "voice": "tone", "input": "Slow to say SLOW@8 here."})
+    request = urllib.request.Request(
+        f"http://{_listen(daemon)}/v1/audio/speech", data=body.encode(), method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {APP_KEY}"})
+    speaking = threading.Thread(target=lambda: urllib.request.urlopen(request, timeout=60).read(),
+                                daemon=True)
+    speaking.start()
+
+    def held(board: dict[str, Any]) -> bool:
+        return any(worker.get("jobs") for worker in board["workers"])
+
+    mine = _first_board(daemon, APP_KEY, held)
+    [job] = [row["id"] for row in mine["jobs"]]
+    assert [w["jobs"] for w in mine["workers"] if w["jobs"]] == [[job]]
+    theirs = _first_board(daemon, "sk-console-other-03", held)
+    assert not theirs["jobs"]
+    assert [w["jobs"] for w in theirs["workers"] if w["jobs"]] == [["(another client's)"]]
+    assert job not in json.dumps(theirs)
+    speaking.join(60)
