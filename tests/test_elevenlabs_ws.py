@@ -10,6 +10,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -477,6 +478,38 @@ def test_text_that_says_nothing_is_read_at_a_pace_and_others_are_served(
     paced = daemon.log_events("unsaid_text_paced")[0]
     assert paced["source"] == "elevenlabs"
     assert paced["wait_s"] > 0
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_contexts_that_end_with_no_audio_cost_the_encoder_nothing(daemon: Daemon) -> None:
+    """Each context opened an MP3 stream in the encoder process and finished it, audio or
+    not: a client cycling empty contexts (`close_context` with text " ") kept the encoder's
+    stream calls, served before any file, busy at no cost of its own (1.1 ms each)."""
+    encoder = daemon.log_events("encoder_started")[-1]["pid"]
+    before = _cpu_s(encoder)
+
+    async def cycle(contexts: int) -> int:
+        finals = 0
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session, "multi-stream-input", "output_format=mp3_22050_32")
+            for batch in range(contexts // elevenlabs.MAX_CONTEXTS):
+                for n in range(elevenlabs.MAX_CONTEXTS):
+                    await ws.send_str(json.dumps({"text": " ", "context_id": f"{batch}-{n}",
+                                                  "close_context": True}))
+                async for reply in _replies(ws):
+                    assert "error" not in reply, reply
+                    finals += bool(reply.get("isFinal"))
+                    if finals == (batch + 1) * elevenlabs.MAX_CONTEXTS:
+                        break
+            await ws.close()
+        return finals
+
+    assert asyncio.run(cycle(500)) == 500  # each context still ends with its final
+    assert _cpu_s(encoder) - before < 0.1, "the encoder worked for contexts with no audio"
 
 
 # -- the pure parts ---------------------------------------------------------------------------

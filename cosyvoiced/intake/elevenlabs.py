@@ -289,8 +289,10 @@ class _Stream:
     """One context: its text, its sentences waiting for a job, its jobs in order."""
 
     context: str
-    encoder: EncoderStream
     speed: float | None = None
+    # Opened with its first audio: a context that ends with none (a keep-alive, text that
+    # says nothing) costs the encoder process nothing, as its bytes would be none.
+    encoder: EncoderStream | None = None
     sentences: SentenceSplitter = field(default_factory=SentenceSplitter)
     waiting: deque[str] = field(default_factory=deque)
     jobs: deque[tuple[str, Exchange]] = field(default_factory=deque)
@@ -400,8 +402,7 @@ class _Socket:
         if len(self._streams) >= MAX_CONTEXTS:
             raise ProtocolError("max_active_conversations", f"{MAX_CONTEXTS} contexts are "
                                 "open on this socket; close one (close_context) first")
-        encoder = self._encoder.open_stream(self._fmt.codec, self._fmt.sample_rate)
-        stream = _Stream(message.context, encoder, speed=message.speed)
+        stream = _Stream(message.context, speed=message.speed)
         stream.task = asyncio.create_task(self._speak(stream))
         self._streams[message.context] = stream
         return stream
@@ -486,6 +487,10 @@ class _Socket:
     async def _encoded(self, stream: _Stream,
                        samples: npt.NDArray[np.float32] | None) -> bytes:
         """The bytes for `samples`; None: the last bytes of the stream."""
+        if stream.encoder is None:
+            if samples is None:
+                return b""  # no audio at all: PCM and MP3 of nothing are no bytes
+            stream.encoder = self._encoder.open_stream(self._fmt.codec, self._fmt.sample_rate)
         try:
             if samples is None:
                 return await stream.encoder.finish()
@@ -540,7 +545,8 @@ class _Socket:
             self._host.gone(job_id)
         stream.jobs.clear()
         stream.waiting.clear()
-        stream.encoder.close()
+        if stream.encoder is not None:
+            stream.encoder.close()
         if self._streams.get(stream.context) is stream:
             del self._streams[stream.context]
 
