@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cosyvoiced.intake import zmq as zmq_intake
-from cosyvoiced.intake.crowding import AddressBook, evictee, ip_host, peer_address
+from cosyvoiced.intake.crowding import QUIET_S, AddressBook, evictee, ip_host, peer_address
 from cosyvoiced.intake.zmq_peers import Peer, Peers
 
 
@@ -80,7 +80,7 @@ def test_a_zeromq_connection_with_anything_in_hand_is_never_given_up() -> None:
     or requests the socket thread is not reading (the handoff full): each keeps it."""
     reading = [True]
     connections = zmq_intake._Connections(lambda: 1, lambda: reading[0])
-    quiet = zmq_intake.QUIET_S
+    quiet = QUIET_S
     peer = Peer(inode=1, active=0.0, address="a", client=b"c")
     assert connections._can_go(peer, now=quiet)
     assert not connections._can_go(peer, now=quiet / 2)  # it asked just now

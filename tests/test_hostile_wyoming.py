@@ -20,6 +20,7 @@ from wyoming.audio import AudioChunk
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.event import Event, async_read_event, async_write_event
+from wyoming.info import Describe
 from wyoming.ping import Ping
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
 
@@ -222,8 +223,9 @@ HOG = "127.0.0.2"  # another host, as loopback sees it (all of 127/8 is this mac
 def test_a_host_holding_every_connection_gives_an_idle_one_up_to_another_host(
         make_daemon: DaemonFactory) -> None:
     """One host's idle connections locked Home Assistant out until they timed out. Now the
-    host holding more gives up an idle one (not one with a stream open) for a host holding
-    fewer; a newcomer from the host that holds more is still refused."""
+    host holding more gives up an idle one (not one whose stream spoke in the last
+    crowding.QUIET_S) for a host holding fewer; a newcomer from the host that holds more is
+    still refused."""
     daemon = make_daemon(engine=TONE, wyoming={
         "listen": f"tcp://127.0.0.1:{free_port()}", "idle_timeout_s": 60,
         "max_connections": MAX_CONNECTIONS})
@@ -263,6 +265,43 @@ def test_a_host_holding_every_connection_gives_an_idle_one_up_to_another_host(
         for _, writer in [*hogged, extra]:
             writer.close()
             await writer.wait_closed()
+
+    asyncio.run(crowd())
+    given_up = daemon.log_events("wyoming_connection_given_up")
+    assert [(e["address"], e["newcomer"]) for e in given_up] == [(HOG, "127.0.0.1")]
+
+
+def test_a_host_holding_every_connection_with_quiet_streams_gives_one_up(
+        make_daemon: DaemonFactory) -> None:
+    """A connection with a stream open never counted as idle: one host's connections, each
+    with a stream open and saying nothing (an empty chunk now and then keeps one open),
+    held every slot for good. One with nothing in hand, quiet for crowding.QUIET_S, is
+    given up for another host's newcomer."""
+    daemon = make_daemon(engine=TONE, wyoming={
+        "listen": f"tcp://127.0.0.1:{free_port()}", "idle_timeout_s": 60,
+        "max_connections": MAX_CONNECTIONS})
+    daemon.start()
+    host, port = _address(daemon)
+
+    async def let_in() -> bool:
+        async with AsyncTcpClient(host, port) as newcomer:
+            await newcomer.write_event(Describe().event())
+            answer = await _read(newcomer)
+            return answer is not None and answer.type == "info"
+
+    async def crowd() -> None:
+        hogged = [await asyncio.open_connection(host, port, local_addr=(HOG, 0))
+                  for _ in range(MAX_CONNECTIONS)]
+        for reader, writer in hogged:  # each stream open (answered after its start)
+            await async_write_event(SynthesizeStart().event(), writer)
+            await async_write_event(Ping().event(), writer)
+            assert await asyncio.wait_for(async_read_event(reader), WAIT_S) is not None
+        deadline = time.monotonic() + 15  # QUIET_S, and a loaded machine's
+        while not await let_in():
+            assert time.monotonic() < deadline, "the newcomer never got a slot"
+            await asyncio.sleep(0.2)
+        for _reader, writer in hogged:
+            writer.close()
 
     asyncio.run(crowd())
     given_up = daemon.log_events("wyoming_connection_given_up")

@@ -7,6 +7,7 @@ them raw, because a well-behaved client library cannot misbehave on purpose.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import openai
 import pytest
@@ -307,6 +309,49 @@ def test_one_host_holding_every_slot_gives_one_up_to_another_host(served: Listen
     given_up = wait_until(lambda: served.daemon.log_events("connections_given_up"), 15,
                           "the connection given up to be logged")
     assert (given_up[0]["address"], given_up[0]["newcomer"]) == (HOG, "127.0.0.1")
+
+
+def test_a_host_holding_every_slot_with_quiet_websockets_gives_one_up(
+        served: Listeners) -> None:
+    """A WebSocket holds its connection in a handler, so it never counted as idle: one
+    host's multi-stream-input sockets, each saying nothing (a keep-alive every few minutes
+    keeps one open), held every slot for good. One with nothing being made or sent, whose
+    client said nothing for crowding.QUIET_S, is given up for another host's newcomer."""
+    url = f"ws://{served.http[0]}:{served.http[1]}/v1/text-to-speech/{TONE}/multi-stream-input"
+
+    async def hog_then_come_in() -> list[bool]:
+        hog = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(HOG, 0)))
+        async with hog, aiohttp.ClientSession() as newcomer:
+            sockets = [await hog.ws_connect(url, headers={"xi-api-key": KEY})
+                       for _ in range(MAX_CONNECTIONS)]
+
+            async def let_in() -> bool:
+                async with newcomer.get(f"http://{served.http[0]}:{served.http[1]}/healthz",
+                                        headers={"Connection": "close"}) as reply:
+                    return reply.status == 200
+
+            deadline = time.monotonic() + 15 + SLACK_S  # QUIET_S, and a loaded machine's
+            while not await let_in():
+                assert time.monotonic() < deadline, "the newcomer never got a slot"
+                await asyncio.sleep(0.2)
+            closed = [ws.closed or (await _next_frame(ws)).type == aiohttp.WSMsgType.CLOSED
+                      for ws in sockets]
+            for ws in sockets:
+                await ws.close()
+            return closed
+
+    closed = asyncio.run(hog_then_come_in())
+    assert closed.count(True) == 1, closed
+    given_up = wait_until(lambda: served.daemon.log_events("connections_given_up"), 15,
+                          "the connection given up to be logged")
+    assert given_up[-1]["address"] == HOG
+
+
+async def _next_frame(ws: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage:
+    try:
+        return await ws.receive(timeout=0.5)
+    except TimeoutError:
+        return aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, "", None)
 
 
 def _healthy(connection: http.client.HTTPConnection) -> bool:

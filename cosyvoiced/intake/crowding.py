@@ -18,6 +18,10 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Generic, TypeVar
 
 Connection = TypeVar("Connection")
+# A connection whose session stays open between requests (a WebSocket, a Wyoming stream,
+# ZeroMQ) has nothing in hand once nothing of it is being made or sent and its client has
+# said nothing for this long (a reply may take that long to begin).
+QUIET_S = 5.0
 
 
 def evictee(held: Mapping[str, int], evictable: Collection[str], newcomer: str) -> str | None:

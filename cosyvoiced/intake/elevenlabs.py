@@ -42,6 +42,7 @@ import base64
 import contextlib
 import json
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ from cosyvoiced import cleanup, logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.encoding import EncodeFailed, Encoder, EncoderStream
 from cosyvoiced.engines import VoiceInfo
+from cosyvoiced.intake import limits
+from cosyvoiced.intake.crowding import QUIET_S
 from cosyvoiced.intake.reply import (
     UNRESPONSIVE,
     Chunk,
@@ -316,6 +319,8 @@ class _Socket:
         self._send_lock = asyncio.Lock()
         self._closing = False
         self._unsaid = Unsaid()  # text dropped as saying nothing: read at a pace
+        self._heard_at = time.monotonic()  # its client's last message
+        limits.session_may_give_way(request, self._idle)
 
     async def run(self, identity: Identity | None, idle_s: float) -> None:
         self._identity = identity
@@ -347,6 +352,7 @@ class _Socket:
                     continue  # still speaking what it was sent: its client listens
                 raise ProtocolError("input_timeout_exceeded", f"no message for {idle_s:g} s "
                                     "(inactivity_timeout)") from None
+            self._heard_at = time.monotonic()
             if frame.type == WSMsgType.TEXT:
                 self._take(parse_message(frame.data, self._multi))
             elif frame.type == WSMsgType.BINARY:
@@ -359,6 +365,12 @@ class _Socket:
                 raise SocketClosed()
             else:  # CLOSE, CLOSING, CLOSED: the client hung up
                 raise SocketClosed()
+
+    def _idle(self) -> bool:
+        """Nothing being made or sent, nothing said for QUIET_S: its connection may be
+        closed for another host's at the cap (crowding.py), as an idle HTTP one may."""
+        return time.monotonic() - self._heard_at >= QUIET_S and not any(
+            stream.jobs or stream.buffered() for stream in self._streams.values())
 
     def _take(self, message: Message) -> None:
         if self._identity is None:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,7 @@ class _GuardedHandler(web.RequestHandler):
         self._first_byte_deadline: asyncio.TimerHandle | None = None
         self._header_deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
+        self.session_idle: Callable[[], bool] | None = None  # see session_may_give_way
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listener = self._listener
@@ -185,8 +187,10 @@ class _GuardedHandler(web.RequestHandler):
         return True
 
     def _can_give_way(self) -> bool:
-        """No request in hand: idle, or its line and headers not yet all in."""
-        return self.transport is not None and self._awaiting_request()
+        """No request in hand: idle, or its line and headers not yet all in; or its open
+        session (a WebSocket) says it has nothing in hand (`session_may_give_way`)."""
+        return self.transport is not None and (
+            self._awaiting_request() or (self.session_idle is not None and self.session_idle()))
 
     def _awaiting_request(self) -> bool:
         return self._waiter is not None and not self._waiter.done()
@@ -229,6 +233,14 @@ class _GuardedHandler(web.RequestHandler):
         if self._awaiting_request() and self.transport is not None:
             self._listener.too_slow.count()
             self.force_close()
+
+
+def session_may_give_way(request: web.Request, idle: Callable[[], bool]) -> None:
+    """`request` opened a session that holds its connection (a WebSocket): while `idle()`,
+    the connection may be closed for a newcomer of a less crowded address (crowding.py),
+    as an idle keep-alive connection may."""
+    if isinstance(request.protocol, _GuardedHandler):
+        request.protocol.session_idle = idle
 
 
 async def listen(runner: web.AppRunner, host: str, port: int, limits: ConnectionLimits,

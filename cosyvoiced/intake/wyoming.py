@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -44,7 +45,7 @@ from wyoming.tts import (
 from cosyvoiced import __version__, audio, cleanup, clients, logs
 from cosyvoiced.config import WyomingConfig
 from cosyvoiced.engines import VoiceInfo
-from cosyvoiced.intake.crowding import AddressBook, peer_address
+from cosyvoiced.intake.crowding import QUIET_S, AddressBook, peer_address
 from cosyvoiced.intake.reply import (
     START_TIMEOUT_S,
     Chunk,
@@ -233,7 +234,8 @@ class _Connection(AsyncEventHandler):
         self._room: asyncio.Semaphore | None = None  # the open stream's lookahead
         self._speaker: asyncio.Task[None] | None = None
         self._task: asyncio.Task[Any] | None = None  # the one running `run`
-        self._waiting = False  # for the next event, with no job or stream in hand
+        self._waiting = False  # for the next event, with no job in hand
+        self._heard_at = time.monotonic()  # when it began to wait for it
         self._early = b""  # the next event's first byte, read while a reply was spoken
 
     async def run(self) -> None:
@@ -255,7 +257,8 @@ class _Connection(AsyncEventHandler):
     async def _serve(self) -> None:
         while True:
             settings = self._intake.settings()
-            self._waiting = not self._jobs and self._stream is None
+            self._waiting = not self._jobs
+            self._heard_at = time.monotonic()
             first, self._early = self._early, b""
             try:
                 event = await read_event(self.reader, settings.idle_timeout_s,
@@ -272,9 +275,10 @@ class _Connection(AsyncEventHandler):
                 return
 
     def can_give_way(self) -> bool:
-        """Nothing in hand, and our last reply all sent: it may be closed for a newcomer from
-        a less crowded address."""
-        return self._waiting and not self.writer.transport.get_write_buffer_size()
+        """Nothing in hand, and our last reply all sent (and, in an open stream, nothing
+        said for QUIET_S): it may be closed for a newcomer from a less crowded address."""
+        quiet = self._stream is None or time.monotonic() - self._heard_at >= QUIET_S
+        return self._waiting and quiet and not self.writer.transport.get_write_buffer_size()
 
     def give_way(self) -> None:
         """Close for a newcomer (`can_give_way`): the read in `_serve` ends the connection."""

@@ -52,7 +52,11 @@ from cosyvoiced.admission import (
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
 from cosyvoiced.engines import VoiceInfo
-from cosyvoiced.intake.crowding import ip_host
+
+# A connection that neither asked nor was answered for QUIET_S, with no job in flight, may
+# be given up for another host's (`_Connections.admits`): long enough for a request to be
+# taken up by the supervisor (and so be a job), much shorter than zmq.idle_timeout_s.
+from cosyvoiced.intake.crowding import QUIET_S, ip_host
 from cosyvoiced.intake.service import IntakeService
 from cosyvoiced.intake.tickbudget import TickBudget
 from cosyvoiced.intake.zmq_peers import (
@@ -123,10 +127,6 @@ SNDHWM = 10_000
 HEARTBEAT_IVL_S = 5.0
 HEARTBEAT_TIMEOUT_S = 15.0
 _IDLE_CHECK_S = 1.0  # how often peers are checked for zmq.idle_timeout_s
-# A connection that neither asked nor was answered for this long, with no job in flight, may
-# be given up for another host's (`_Connections.admits`): long enough for a request to be
-# taken up by the supervisor (and so be a job), much shorter than zmq.idle_timeout_s.
-QUIET_S = 5.0
 # A client whose connection ended has this long to reconnect with its routing id and keep
 # its jobs (libzmq reconnects after 100 ms); then they are cancelled.
 GONE_GRACE_S = 5.0
