@@ -258,6 +258,10 @@ class Daemon:
             # Off unless a test turns it on: most tests need real synthesis of texts they
             # repeat. Under the test's root either way, never the system's /var/cache.
             "cache": {"dir": str(self.cache_dir), "max_bytes": 0},
+            # Registered voices under the test's root too: the default is the system's
+            # /var/lib/cosyvoiced, which every test daemon shared (a test that registered
+            # 8 anonymous voices there made the next one's `forbidden`, run after run).
+            "engine.cosyvoice": {"speakers_file": str(self.root / "state" / "speakers.json")},
             # One worker unless a test asks for more (the default, "auto", is one per core
             # for Piper): most tests follow the worker, its generations and its memory.
             "worker": {"per_device": 1},

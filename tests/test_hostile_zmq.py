@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import shutil
 import signal
 import socket
@@ -551,6 +552,55 @@ def _long_recording() -> bytes:
     soundfile.write(buffer, np.stack([tone, tone], axis=1), rate, format="WAV",
                     subtype="FLOAT")
     return buffer.getvalue()
+
+
+def test_one_hosts_connections_share_its_decode_slots(make_daemon: DaemonFactory) -> None:
+    """Decode slots were counted per connection (an anonymous client's routing id): one host
+    with two connections, each keeping 2 register_voice decodes in flight, held all 4 slots
+    and every other host got `busy`. They are counted per host now, as HTTP's are."""
+    port = free_port()
+    daemon = make_daemon(engine=CLONING, zmq={"bind": [f"tcp://127.0.0.1:{port}"]})
+    daemon.start()
+    encoder = daemon.log_events("encoder_started")[-1]["pid"]
+    audio = _long_recording()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sockets: list[zmq.Socket[bytes]] = []
+
+    def upload(source: str, names: list[str]) -> zmq.Socket[bytes]:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{source}:0;127.0.0.1:{port}")  # libzmq's source address
+        sockets.append(sock)
+        for name in names:
+            sock.send_multipart([json.dumps({"v": 1, "op": "register_voice", "id": name,
+                                             "name": name, "prompt_text": "Held."}).encode(),
+                                 audio])
+        return sock
+
+    def answers(sock: zmq.Socket[bytes], count: int) -> dict[str, str]:
+        got = {}
+        for _ in range(count):
+            assert sock.poll(30_000), "an upload got no answer"
+            reply = json.loads(sock.recv_multipart()[0])
+            got[reply["id"]] = reply.get("code", reply["event"])
+        return got
+
+    os.kill(encoder, signal.SIGSTOP)  # every decode stays in hand till SIGCONT
+    try:
+        first = upload("127.0.0.1", ["a1", "a2", "a3"])
+        assert answers(first, 1) == {"a3": "busy"}  # 2 of one client's at most, as before
+        second = upload("127.0.0.1", ["b1", "b2"])
+        assert answers(second, 2) == {"b1": "busy", "b2": "busy"}  # the host holds 2
+        other = upload(HOG, ["c1"])
+        assert not other.poll(1_000), "another host's upload was refused, not taken"
+    finally:
+        os.kill(encoder, signal.SIGCONT)
+    try:
+        assert answers(other, 1) == {"c1": "voice_registered"}
+        assert answers(first, 2) == {"a1": "voice_registered", "a2": "voice_registered"}
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
 
 
 def test_voice_uploads_pipelined_wait_for_a_decode_slot(make_daemon: DaemonFactory) -> None:

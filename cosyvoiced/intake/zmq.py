@@ -793,7 +793,7 @@ class ZmqIntake:
         `prepared`: a voice to register, back from the encoder process."""
         try:
             if prepared is not None:
-                self._decoding.give(self._identity(request, service).client)
+                self._decoding.give(self._identity(request, service).party)
                 self.connections.job_ended(request.route[0])
                 self._store_voice(request, service, prepared)
                 return
@@ -865,14 +865,14 @@ class ZmqIntake:
         if self._read_prompt is None:
             raise ProtocolError(WireCode.INTERNAL, "voices cannot be registered here (no "
                                 "encoder process)", request.id)
-        if not self._decoding.take(identity.client):
+        if not self._decoding.take(identity.party):  # a host's, as HTTP's
             raise ProtocolError(WireCode.BUSY, BUSY_DECODING, request.id)
         # Decoded in the encoder process, never here; answered when it is done (its
         # connection is kept till then, as a job's is).
         try:
             prepared = self._read_prompt(request.attachments[0])
         except BaseException:
-            self._decoding.give(identity.client)  # no answer comes back to give it
+            self._decoding.give(identity.party)  # no answer comes back to give it
             raise
         self.connections.job_began(request.route[0])
         prepared.add_done_callback(lambda done: self._put_back(PromptRead(request, done)))
