@@ -138,6 +138,9 @@ class Ledger:
         return self.jobs.get(job_id)
 
     def pop(self, job_id: str) -> Running | None:
+        """The job leaves (a repeat too: one whose outcome could not be written ends here,
+        unrecorded, as any job does)."""
+        self.repeating.pop(job_id, None)
         return self.jobs.pop(job_id, None)
 
     def queued(self) -> list[Running]:

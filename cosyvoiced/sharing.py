@@ -97,6 +97,8 @@ class Host(Protocol):
 
     def enqueue_here(self, job: Job) -> None: ...
 
+    def cancel(self, job_id: str) -> bool: ...
+
     @property
     def recovering(self) -> AbstractSet[str]: ...
 
@@ -122,8 +124,6 @@ class Book(Protocol):
     def serve_here(self, running: Running) -> None: ...
 
     def end(self, running: Running, error: JobError | None) -> None: ...
-
-    def cancel(self, job_id: str) -> bool: ...
 
     def release(self, running: Running) -> None: ...
 
@@ -389,7 +389,7 @@ class Sharing:
     def _apply(self, event: wire.Event) -> bool:
         """Act on one event; True if it ended a job received here."""
         if event.kind == wire.CANCEL:
-            self.book.cancel(f"{event.sender}-{event.job_id}")
+            self.host.cancel(f"{event.sender}-{event.job_id}")  # a repeat here, too
             return False
         running = self.book.get(event.job_id)
         if running is None or not running.remote:

@@ -361,14 +361,15 @@ class Spool:
                                 self.inbox / claimed.original_name)
 
     # prompt audio
-    def claim_prompt(self, job_id: str, name: str) -> Path:
+    def claim_prompt(self, job: Claimed, name: str) -> Path:
         """Take `inbox/name` as this job's prompt (or find it, claimed before a restart)."""
         if not name.lower().endswith(AUDIO_SUFFIXES):  # else another job's file, or a part
             raise JobFailure(ErrorCode.INVALID_FIELD, f"prompt_audio: {name!r} is not named "
                              f"as audio ({', '.join(AUDIO_SUFFIXES)})", "prompt_audio")
-        claimed = _Prompt(self.prompts, Claimed.named(job_id, name))
+        claimed = _Prompt(self.prompts, Claimed.named(job.job_id, name))
         if not claimed.path.exists():
             try:
+                self._check_prompt_owner(job, name)
                 os.rename(self.inbox / name, claimed.path)
             except FileNotFoundError:
                 raise JobFailure(ErrorCode.PROMPT_AUDIO_NOT_FOUND, f"prompt_audio: no file "
@@ -379,6 +380,17 @@ class Spool:
                              "not a regular file (links are never followed)", "prompt_audio")
         _check_one_name(os.lstat(claimed.path), f"prompt_audio: {name!r}", "prompt_audio")
         return claimed.path
+
+    def _check_prompt_owner(self, job: Claimed, name: str) -> None:
+        """The sticky inbox keeps a submitter from taking another's drop: so does a job that
+        names it (its audio was cloned, then deleted, and its owner's job failed). A job
+        file of root's or the daemon's own (a ZeroMQ `submit`) may name any."""
+        prompt_uid = os.lstat(self.inbox / name).st_uid  # FileNotFoundError: not dropped
+        job_uid = os.lstat(self.work / job.work_name).st_uid
+        if prompt_uid != job_uid and job_uid not in (0, os.getuid()):
+            raise JobFailure(ErrorCode.NOT_OWNER, f"prompt_audio: {name!r} was dropped by "
+                             "another user than this job file's; a job may name its own "
+                             "user's audio only", "prompt_audio")
 
     def write_prompt(self, job_id: str, name: str, data: bytes) -> Path:
         """Keep prompt audio that came with a request, as if claimed from the inbox."""

@@ -140,6 +140,32 @@ def test_prompt_audio_with_another_name_is_refused(shared_daemon: Daemon) -> Non
     assert (record["code"], record["field"]) == ("hard_link", "prompt_audio"), record
 
 
+def _drop_as(daemon: Daemon, name: str, data: bytes, uid: int) -> None:
+    temp = daemon.root / f".{name}.tmp"
+    temp.write_bytes(data)
+    os.chown(temp, uid, uid)
+    os.rename(temp, daemon.inbox / name)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of two other users: needs root")
+def test_a_job_may_not_take_another_users_prompt_audio(shared_daemon: Daemon) -> None:
+    """The sticky inbox keeps one submitter from renaming or deleting another's drop, but a
+    job of one user's that named another's audio took it: cloned it, then deleted it (and
+    its owner's own job failed, prompt_audio_not_found)."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(16000, dtype=np.float32), 16000, format="WAV")
+    _drop_as(shared_daemon, "bobs.wav", buffer.getvalue(), 61002)
+    job = json.dumps({"text": "Hi.", "prompt_audio": "bobs.wav", "prompt_text": "Hello."})
+    _drop_as(shared_daemon, "alices.json", job.encode(), 61001)
+    record = shared_daemon.wait_failed("alices.json")
+    assert (record["code"], record["field"]) == ("not_owner", "prompt_audio"), record
+    assert (shared_daemon.inbox / "bobs.wav").exists()  # Bob's, where he left it
+    # Bob's own job takes it (Piper cannot clone: not_supported, past the owner check).
+    _drop_as(shared_daemon, "bobs.json", job.encode(), 61002)
+    record = shared_daemon.wait_failed("bobs.json")
+    assert record["code"] == "not_supported", record
+
+
 @pytest.mark.parametrize(("fields", "field"), [
     ({"text": "Hi.", "prompt_audio": "../escape.wav"}, "prompt_audio"),
     ({"text": "Hi.", "language": "klingon"}, "language"),

@@ -470,9 +470,8 @@ def test_text_that_says_nothing_is_read_at_a_pace_and_others_are_served(
                 audio += len(base64.b64decode(reply.get("audio") or ""))
                 if reply.get("isFinal"):
                     break
-            assert not flooding.closed  # slowed down, not refused
-            await flooding.close()
-            return audio
+            assert not flooding.closed  # slowed down, not refused (and left to the session's
+            return audio  # close: a close handshake would wait for the paced reader)
 
     assert asyncio.run(flood_while_another_speaks()) > 16_000  # over half a second at 16 kHz
     paced = daemon.log_events("unsaid_text_paced")[0]

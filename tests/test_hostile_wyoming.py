@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +271,14 @@ def test_a_host_holding_every_connection_gives_an_idle_one_up_to_another_host(
     assert [(e["address"], e["newcomer"]) for e in given_up] == [(HOG, "127.0.0.1")]
 
 
+async def _until_stopped(reader: asyncio.StreamReader) -> AsyncIterator[Event]:
+    while (event := await asyncio.wait_for(async_read_event(reader), WAIT_S)) is not None:
+        yield event
+        if event.type == "synthesize-stopped":
+            return
+    raise AssertionError("closed before its stream ended")
+
+
 def test_a_host_holding_every_connection_with_quiet_streams_gives_one_up(
         make_daemon: DaemonFactory) -> None:
     """A connection with a stream open never counted as idle: one host's connections, each
@@ -284,24 +292,41 @@ def test_a_host_holding_every_connection_with_quiet_streams_gives_one_up(
     host, port = _address(daemon)
 
     async def let_in() -> bool:
-        async with AsyncTcpClient(host, port) as newcomer:
-            await newcomer.write_event(Describe().event())
-            answer = await _read(newcomer)
-            return answer is not None and answer.type == "info"
+        try:
+            async with AsyncTcpClient(host, port) as newcomer:
+                await newcomer.write_event(Describe().event())
+                answer = await _read(newcomer)
+                return answer is not None and answer.type == "info"
+        except ConnectionError:  # refused: its `busy`, then a reset
+            return False
 
     async def crowd() -> None:
         hogged = [await asyncio.open_connection(host, port, local_addr=(HOG, 0))
                   for _ in range(MAX_CONNECTIONS)]
+        try:
+            await hog_then_come_in(hogged)
+        finally:
+            for _reader, writer in hogged:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+
+    async def hog_then_come_in(
+            hogged: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
         for reader, writer in hogged:  # each stream open (answered after its start)
             await async_write_event(SynthesizeStart().event(), writer)
             await async_write_event(Ping().event(), writer)
             assert await asyncio.wait_for(async_read_event(reader), WAIT_S) is not None
+        # The oldest, which would go first, has half a sentence in hand: it stays.
+        await async_write_event(SynthesizeChunk("Half a sent").event(), hogged[0][1])
         deadline = time.monotonic() + 15  # QUIET_S, and a loaded machine's
         while not await let_in():
             assert time.monotonic() < deadline, "the newcomer never got a slot"
             await asyncio.sleep(0.2)
-        for _reader, writer in hogged:
-            writer.close()
+        await async_write_event(SynthesizeChunk("ence. ").event(), hogged[0][1])
+        await async_write_event(SynthesizeStop().event(), hogged[0][1])
+        spoken = [event.type async for event in _until_stopped(hogged[0][0])]
+        assert spoken.count("audio-stop") == 1, spoken
 
     asyncio.run(crowd())
     given_up = daemon.log_events("wyoming_connection_given_up")

@@ -306,3 +306,34 @@ def test_batched_streams_raise_the_bound_on_jobs_in_progress(book: JobBook) -> N
     worker = cast(WorkerHandle, FakeWorker(0, streams=16))
     book.dispatch({0: worker}, 0.0, stopping=False, streams=16)
     assert len(worker.jobs) == 12
+
+
+class _UnwritableSink(FakeSink):
+    def cancelled(self, job: Job) -> None:
+        raise OSError("disk full")
+
+    def fail_job(self, job: Job, error: JobError) -> str:
+        raise OSError("disk full")
+
+
+def test_a_repeat_is_queued_until_it_ends_however_it_ends(book: JobBook) -> None:
+    """A repeat from the result cache waits outside the queue: it is `queued` (cached) for
+    status until it is played, cancelled, or ends with an outcome that could not be
+    written (then it is left to the next start, as any job is, not queued for good)."""
+    for ending in ("played", "cancelled", "unwritable"):
+        job = _job(f"r-{ending}")
+        book.repeat(job)
+        assert book.records.status(job.id) == {"state": "queued", "source": "zmq",
+                                               "cached": True}
+        running = Running(job, [], 0.0, sink=_UnwritableSink() if ending == "unwritable"
+                          else FakeSink())
+        if ending == "played":
+            result = JobResult(job.id, "tone", RATE, 10, 0.1, 0.1)
+            book.delivered(job, running.bound_sink, "out", result, status={"cached": True},
+                           summary={})
+            assert (book.records.status(job.id) or {}).get("state") == "done"
+        else:
+            book.end(running, None)
+            expected = None if ending == "unwritable" else {"state": "cancelled",
+                                                            "source": "zmq"}
+            assert book.records.status(job.id) == expected

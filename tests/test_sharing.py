@@ -78,6 +78,9 @@ class Host:
     def enqueue_here(self, job: Job) -> None:
         self.book.admit(job, self.sink_of(job), ["x"], persisted=False)
 
+    def cancel(self, job_id: str) -> bool:
+        return self.book.cancel(job_id)
+
     def sink_of(self, job: Job) -> Sink:
         """As service.sink_of: another host's job's outcome goes back to it."""
         remote = self.sharing.sinks.get(job.id) if self.sharing is not None else None

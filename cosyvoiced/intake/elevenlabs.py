@@ -367,10 +367,12 @@ class _Socket:
                 raise SocketClosed()
 
     def _idle(self) -> bool:
-        """Nothing being made or sent, nothing said for QUIET_S: its connection may be
-        closed for another host's at the cap (crowding.py), as an idle HTTP one may."""
+        """Nothing being made or sent (a context that ended is still sending its last bytes
+        and its final), nothing said for QUIET_S: its connection may be closed for another
+        host's at the cap (crowding.py), as an idle HTTP one may."""
         return time.monotonic() - self._heard_at >= QUIET_S and not any(
-            stream.jobs or stream.buffered() for stream in self._streams.values())
+            stream.jobs or stream.buffered() or stream.ended
+            for stream in self._streams.values())
 
     def _take(self, message: Message) -> None:
         if self._identity is None:

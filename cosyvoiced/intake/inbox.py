@@ -247,7 +247,7 @@ class InboxIntake:
             return None
         if job.prompt_audio is not None:
             job = replace(job, prompt_audio=str(
-                self._spool.claim_prompt(claimed.job_id, job.prompt_audio)))
+                self._spool.claim_prompt(claimed, job.prompt_audio)))
         return job
 
     def fail(self, claimed: Claimed, error: JobError) -> str:

@@ -57,7 +57,8 @@ def refusal(headers: Mapping[str, str], *, keys_on: bool, allow_insecure: bool,
     if proxied and not allow_insecure:
         return Refusal(PROXIED_WITHOUT_KEYS, f"{proxied[0]}: this request came through a "
                        "proxy, which makes every client look local, and there are no API "
-                       "keys: set http.api_keys_file (or http.allow_insecure = true)")
+                       "keys: set http.api_keys_file (or, on a trusted network, "
+                       "http.allow_insecure = true)")
     return None
 
 

@@ -7,8 +7,10 @@ waits, and nothing paced it: a socket that sent 60 KB of "。" per message kept 
 loop splitting it (7 us a character, 19,990 sentences a message) for every client of the
 loop, as fast as it could send. So a connection's dropped characters are counted, forgiven
 at CHARS_PER_S, and past FREE_CHARS its next message is read only once they are forgiven:
-the client is slowed (TCP holds what it sends), not refused. An LLM's reply that is one
-long code block streams far slower than CHARS_PER_S, and fits in FREE_CHARS anyway.
+the client is slowed (TCP holds what it sends), not refused. An LLM's reply streams at tens
+to hundreds of tokens a second, and a code block of a few thousand characters fits in
+FREE_CHARS: a client that sends more than that at once waits a few seconds before its next
+message is read, while what it sent before is spoken.
 """
 
 from __future__ import annotations

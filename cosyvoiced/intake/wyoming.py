@@ -180,6 +180,11 @@ class TextStream:
         self._splitter = SentenceSplitter(MAX_SEGMENT_CHARS)
         self._unsaid = unsaid if unsaid is not None else Unsaid()  # its connection's
 
+    @property
+    def pending(self) -> bool:
+        """Text came that is not a whole sentence yet: it is spoken at the next chunks."""
+        return bool(self._splitter.pending)
+
     def add(self, text: str) -> list[str]:
         return self._speakable(self._splitter.feed(text))
 
@@ -275,9 +280,12 @@ class _Connection(AsyncEventHandler):
                 return
 
     def can_give_way(self) -> bool:
-        """Nothing in hand, and our last reply all sent (and, in an open stream, nothing
-        said for QUIET_S): it may be closed for a newcomer from a less crowded address."""
-        quiet = self._stream is None or time.monotonic() - self._heard_at >= QUIET_S
+        """Nothing in hand, and our last reply all sent (and, in an open stream, no text
+        waiting for the rest of its sentence, nothing said for QUIET_S): it may be closed
+        for a newcomer from a less crowded address."""
+        stream = self._stream
+        quiet = stream is None or (
+            not stream.pending and time.monotonic() - self._heard_at >= QUIET_S)
         return self._waiting and quiet and not self.writer.transport.get_write_buffer_size()
 
     def give_way(self) -> None:
