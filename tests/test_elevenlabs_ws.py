@@ -14,7 +14,8 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import numpy as np
@@ -27,6 +28,7 @@ from livekit.plugins import elevenlabs as livekit_elevenlabs
 from cosyvoiced import config
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake import elevenlabs
+from cosyvoiced.intake.crowding import QUIET_S
 from cosyvoiced.intake.elevenlabs import Message, ProtocolError
 from tests.daemon import Daemon, assert_speech, free_port, wait_until
 
@@ -512,6 +514,32 @@ def test_contexts_that_end_with_no_audio_cost_the_encoder_nothing(daemon: Daemon
 
 
 # -- the pure parts ---------------------------------------------------------------------------
+def test_a_socket_is_idle_only_with_nothing_in_hand_and_quiet() -> None:
+    """What may be given up at the connection cap (crowding.py): not a socket with text
+    waiting, a job in flight, or a context that ended and still sends its last bytes and
+    its final; not one whose client spoke in the last QUIET_S."""
+    request = cast(Any, SimpleNamespace(protocol=None))
+    socket = elevenlabs._Socket(cast(Any, None), cast(Any, None), cast(Any, None), request,
+                                fmt=elevenlabs.output_format("pcm_16000"), voice=JOE,
+                                multi=True, auto_mode=False)
+    socket._heard_at -= QUIET_S + 1
+    assert socket._idle()
+    stream = elevenlabs._Stream("a")
+    socket._streams["a"] = stream
+    assert socket._idle()  # open, nothing in it
+    for busy in ("pending", "ended"):
+        if busy == "pending":
+            stream.sentences.feed("Half a sent")
+        else:
+            stream.sentences.flush()
+            stream.ended = True
+        assert not socket._idle(), busy
+    del socket._streams["a"]  # forgotten once its final is sent
+    assert socket._idle()
+    socket._heard_at = time.monotonic()
+    assert not socket._idle()
+
+
 def test_output_formats_name_a_codec_and_a_rate() -> None:
     assert elevenlabs.output_format("pcm_16000") == elevenlabs.OutputFormat(
         "pcm_16000", "pcm", 16000)

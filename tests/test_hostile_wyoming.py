@@ -220,16 +220,22 @@ def test_connections_over_max_connections_are_refused_at_once(daemon: Daemon) ->
 HOG = "127.0.0.2"  # another host, as loopback sees it (all of 127/8 is this machine)
 
 
+def _crowdable(make_daemon: DaemonFactory) -> Daemon:
+    """A daemon of MAX_CONNECTIONS Wyoming connections that do not time out in a test."""
+    daemon = make_daemon(engine=TONE, wyoming={
+        "listen": f"tcp://127.0.0.1:{free_port()}", "idle_timeout_s": 60,
+        "max_connections": MAX_CONNECTIONS})
+    daemon.start()
+    return daemon
+
+
 def test_a_host_holding_every_connection_gives_an_idle_one_up_to_another_host(
         make_daemon: DaemonFactory) -> None:
     """One host's idle connections locked Home Assistant out until they timed out. Now the
     host holding more gives up an idle one (not one whose stream spoke in the last
     crowding.QUIET_S) for a host holding fewer; a newcomer from the host that holds more is
     still refused."""
-    daemon = make_daemon(engine=TONE, wyoming={
-        "listen": f"tcp://127.0.0.1:{free_port()}", "idle_timeout_s": 60,
-        "max_connections": MAX_CONNECTIONS})
-    daemon.start()
+    daemon = _crowdable(make_daemon)
     host, port = _address(daemon)
 
     async def crowd() -> None:
@@ -285,10 +291,7 @@ def test_a_host_holding_every_connection_with_quiet_streams_gives_one_up(
     with a stream open and saying nothing (an empty chunk now and then keeps one open),
     held every slot for good. One with nothing in hand, quiet for crowding.QUIET_S, is
     given up for another host's newcomer."""
-    daemon = make_daemon(engine=TONE, wyoming={
-        "listen": f"tcp://127.0.0.1:{free_port()}", "idle_timeout_s": 60,
-        "max_connections": MAX_CONNECTIONS})
-    daemon.start()
+    daemon = _crowdable(make_daemon)
     host, port = _address(daemon)
 
     async def let_in() -> bool:
