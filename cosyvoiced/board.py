@@ -26,7 +26,7 @@ from cosyvoiced.config import Config
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.ledger import LedgerView, Running
 from cosyvoiced.pool import WorkerPool
-from cosyvoiced.report import ANOTHER_CLIENTS
+from cosyvoiced.report import worker_jobs
 from cosyvoiced.workerhandle import WorkerHandle
 
 ENDED_SHOWN = 50
@@ -181,8 +181,7 @@ def workers(pool: WorkerPool, config: Config,
 def worker_row(worker: WorkerHandle, pool: WorkerPool, limits: dict[str, int],
                role: str, visible: Callable[[str], bool]) -> dict[str, Any]:
     recycled = pool.last_recycle.get(worker.slot)
-    jobs = [job if visible(job) else ANOTHER_CLIENTS for job in worker.jobs]
-    return worker.describe() | limits | {"jobs": jobs,
+    return worker.describe() | limits | {"jobs": worker_jobs(worker, visible),
         "role": role, "gpu_peak_bytes": worker.memory.gpu_peak_bytes,
         "last_recycle": None if recycled is None else
         {"at": recycled[0], "reason": recycled[1]}}

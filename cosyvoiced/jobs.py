@@ -384,16 +384,15 @@ class JobBook:
             if pending is None:
                 continue
             job = pending.job
-            ended = Running(job, [], now, sink=pending.sink)
             if encoded.error is not None or encoded.data is None:
-                self.end(ended, encoded.error or JobError(
+                self.end_unqueued(job, pending.sink, encoded.error or JobError(
                     ErrorCode.ENCODE_FAILED, "the encoder returned nothing"))
                 continue
             try:
                 output = pending.deferred.publish(encoded.data)
             except OSError as error:
-                self.end(ended, JobError(ErrorCode.INTERNAL,
-                                         f"could not write the result: {error}"))
+                self.end_unqueued(job, pending.sink, JobError(
+                    ErrorCode.INTERNAL, f"could not write the result: {error}"))
                 continue
             summary = pending.summary | {"encode_s": round(now - pending.since, 4)}
             self.delivered(job, pending.sink, output, pending.result, status=pending.status,
@@ -407,9 +406,14 @@ class JobBook:
         self._encoding.clear()
         for job, sink in unwritten:
             if job.sink == SINK_REPLY:
-                self.end(Running(job, [], time.monotonic(), sink=sink), JobError(
+                self.end_unqueued(job, sink, JobError(
                     ErrorCode.SHUTTING_DOWN, "the daemon stopped before this result was "
                     "written; send the request again"))
+
+    def end_unqueued(self, job: Job, sink: Sink, error: JobError | None) -> None:
+        """`end` for a job with no place in the queue: its file being encoded, or a repeat
+        from the result cache."""
+        self.end(Running(job, [], time.monotonic(), sink=sink), error)
 
     def end(self, running: Running, error: JobError | None) -> None:
         """Record a job that ends without audio: failed with `error`, or cancelled (None)."""

@@ -21,6 +21,11 @@ from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 ANOTHER_CLIENTS = "(another client's)"  # a job id the asker may not see, in a worker's hands
 
 
+def worker_jobs(worker: WorkerHandle, visible: Callable[[str], bool]) -> list[str]:
+    """The ids of the jobs in `worker`'s hands, another client's unnamed (stats, console)."""
+    return [job if visible(job) else ANOTHER_CLIENTS for job in worker.jobs]
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What the daemon says about itself is read from this, not from the supervisor."""
@@ -45,8 +50,7 @@ def stats(supervisor: Snapshot, uptime_s: float,
     """The daemon's figures; job ids only where `visible(job_id)` (the asker's own jobs,
     or every job for an admin)."""
     ledger, pool = supervisor.ledger, supervisor.pool
-    workers = [worker.describe() | {"jobs": [job if visible(job) else ANOTHER_CLIENTS
-                                             for job in worker.jobs]}
+    workers = [worker.describe() | {"jobs": worker_jobs(worker, visible)}
                for worker in pool.workers()]
     return {
         "version": __version__, "pid": os.getpid(), "engine": supervisor.engine_name,

@@ -15,7 +15,6 @@ import errno
 import hmac
 import json
 import queue
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -478,7 +477,7 @@ class Service:
     def cancel(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
         repeat = self.repeats.cancel(job_id, identity)
         if repeat is not None:  # not played yet: it ends here, as a queued job would
-            self.book.end(Running(repeat, [], time.monotonic(), sink=self.sink_of(repeat)), None)
+            self.book.end_unqueued(repeat, self.sink_of(repeat), None)
         return repeat is not None or self.book.cancel(job_id, identity)
 
     def stats(self, identity: Identity = LOCAL_ADMIN) -> dict[str, Any]:
@@ -502,8 +501,8 @@ def _play_hits(repeats: Repeats, cache: ResultCache, book: JobBook,
         try:
             served = cache.play(job, sink, repeat.entry, repeat.found)
         except OSError as error:  # the sink could not write the result
-            book.end(Running(job, [], time.monotonic(), sink=sink), JobError(
-                ErrorCode.INTERNAL, f"could not write the result: {error}"))
+            book.end_unqueued(job, sink, JobError(ErrorCode.INTERNAL,
+                                                  f"could not write the result: {error}"))
             continue
         summary = {k: v for k, v in served.summary.items() if k != "output"}
         book.delivered(job, sink, served.output, served.result, status={"cached": True},

@@ -20,7 +20,8 @@ from typing import Generic, TypeVar
 Connection = TypeVar("Connection")
 # A connection whose session stays open between requests (a WebSocket, a Wyoming stream,
 # ZeroMQ) has nothing in hand once nothing of it is being made or sent and its client has
-# said nothing for this long (a reply may take that long to begin).
+# said nothing for this long (a request may wait that long for the supervisor before it is
+# a job, and a reply to begin); much shorter than any idle timeout.
 QUIET_S = 5.0
 
 

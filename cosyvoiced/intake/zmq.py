@@ -52,10 +52,6 @@ from cosyvoiced.admission import (
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import ZmqConfig
 from cosyvoiced.engines import VoiceInfo
-
-# A connection that neither asked nor was answered for QUIET_S, with no job in flight, may
-# be given up for another host's (`_Connections.admits`): long enough for a request to be
-# taken up by the supervisor (and so be a job), much shorter than zmq.idle_timeout_s.
 from cosyvoiced.intake.crowding import QUIET_S, ip_host
 from cosyvoiced.intake.service import IntakeService
 from cosyvoiced.intake.tickbudget import TickBudget
