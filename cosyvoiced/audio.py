@@ -7,8 +7,9 @@ import io
 import numpy as np
 import numpy.typing as npt
 import soundfile
+import soxr
 
-from cosyvoiced.job import PCM_FORMAT
+from cosyvoiced.job import PCM_FORMAT, ResultAudio
 
 # Frames per libsndfile write call: 256 KiB of float32, far below any thread's stack.
 BLOCK_FRAMES = 1 << 16
@@ -22,6 +23,34 @@ _CONTAINERS = {
 
 def join(chunks: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+
+def whole(made: ResultAudio) -> npt.NDArray[np.float32]:
+    """A result's audio at its rate, in one array: for a sink that must send it at once."""
+    return resample(join(list(made.chunks)), made.made_rate, made.rate)
+
+
+def resample(samples: npt.NDArray[np.float32], rate_in: int,
+             rate_out: int) -> npt.NDArray[np.float32]:
+    if rate_in == rate_out or not len(samples):
+        return samples
+    resampled: npt.NDArray[np.float32] = soxr.resample(samples, rate_in, rate_out).astype(
+        np.float32)
+    return resampled
+
+
+def frames_from(chunks: tuple[npt.NDArray[np.float32], ...], start: int,
+                count: int) -> npt.NDArray[np.float32]:
+    """Frames [start, start + count) of the audio `chunks` make one after another."""
+    pieces, offset = [], 0
+    for chunk in chunks:
+        end = offset + len(chunk)
+        if end > start and offset < start + count:
+            pieces.append(chunk[max(0, start - offset):start + count - offset])
+        offset = end
+        if offset >= start + count:
+            break
+    return pieces[0] if len(pieces) == 1 else join(pieces)
 
 
 def to_pcm16(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.int16]:

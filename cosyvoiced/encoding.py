@@ -3,13 +3,15 @@
 libsndfile, LAME, libopus and libvorbis are C code fed with whatever a job produced; one of
 them crashing (libsndfile 1.2.2's Vorbis encoder did, on long files) must not take the
 supervisor down with it (STYLE.md: privilege separation). `Encoder` keeps ONE child process,
-started with `spawn` (the supervisor never forks; the child imports numpy, soundfile and the
-codecs, nothing else), and hands it work one step at a time:
+started with `spawn` (the supervisor never forks; the child imports numpy, soundfile, soxr
+and the codecs, nothing else), and hands it work one step at a time:
 
 - whole files (drop folder, ZeroMQ): `submit()`, then `completed()` once `wake()` was called.
-  A file goes in blocks of FILE_STEP_FRAMES, so a stream's call waits for one block, not for
-  a whole long file. If the child dies with a file in hand, a new child starts and the file
-  is tried once more from its start; a second death ends it with ENCODE_FAILED.
+  A file goes in blocks of FILE_STEP_FRAMES, joined from the result's chunks on the sending
+  thread and resampled in the child when the file's rate is not the engine's (neither on the
+  tick), so a stream's call waits for one block, not for a whole long file. If the child
+  dies with a file in hand, a new child starts and the file is tried once more from its
+  start; a second death ends it with ENCODE_FAILED.
 - streams (HTTP): `open_stream()`; their encoder state lives in the child, so a child that
   dies breaks every open stream (EncodeFailed): the bytes already sent cannot be re-made.
   PCM and WAV streams are numpy only and are encoded in the calling thread.
@@ -17,7 +19,7 @@ codecs, nothing else), and hands it work one step at a time:
   the one untrusted file the daemon itself decodes. A child that dies on it fails that
   upload (prompt_audio_unreadable), and only it.
 
-Memory: the parent holds each queued file's samples until its last block is answered (a
+Memory: the parent holds each queued file's chunks until its last block is answered (a
 retry needs them): 4 bytes a sample, 141 MB for 1,600 s at 22050 Hz. One message crosses a
 pipe at a time: a block of at most FILE_STEP_FRAMES (4 MiB) or one stream call's samples
 down; one file's bytes (at most the size of its WAV) or one call's bytes up.
@@ -43,10 +45,11 @@ from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
+import soxr
 
 from cosyvoiced import audio, logs, speakers
 from cosyvoiced.intake import codecs
-from cosyvoiced.job import REPLY_FORMATS, ErrorCode, JobError, JobFailure
+from cosyvoiced.job import REPLY_FORMATS, ErrorCode, JobError, JobFailure, ResultAudio
 
 log = logs.get_logger("cosyvoiced.encoding")
 
@@ -67,7 +70,8 @@ class _FileBlock:
     step: int
     file: int
     fmt: str
-    sample_rate: int
+    sample_rate: int  # the file's
+    made_rate: int  # the samples': the child resamples when the two differ
     samples: npt.NDArray[np.float32]
     first: bool
     last: bool
@@ -118,7 +122,7 @@ def _child_main(requests: Connection, replies: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     # If the supervisor is SIGKILLed, go with it instead of lingering as an orphan.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    files: dict[int, audio.FileWriter] = {}
+    files: dict[int, _FileInHand] = {}
     streams: dict[int, codecs.StreamEncoder] = {}
     try:
         while True:
@@ -136,16 +140,32 @@ def _child_main(requests: Connection, replies: Connection) -> None:
         return  # the parent closed the pipe, or is gone
 
 
-def _serve(request: _Request, files: dict[int, audio.FileWriter],
+class _FileInHand:
+    """A file the child is making: its writer, and its resampler when the audio was made at
+    another rate than the file's."""
+
+    def __init__(self, block: _FileBlock) -> None:
+        self.writer = audio.FileWriter(block.sample_rate, block.fmt)
+        self.resampler = None if block.made_rate == block.sample_rate else \
+            soxr.ResampleStream(block.made_rate, block.sample_rate, 1, dtype="float32")
+
+    def write(self, block: _FileBlock) -> None:
+        samples = block.samples
+        if self.resampler is not None:
+            samples = self.resampler.resample_chunk(samples, last=block.last)
+        self.writer.write(samples)
+
+
+def _serve(request: _Request, files: dict[int, _FileInHand],
            streams: dict[int, codecs.StreamEncoder]) -> bytes:
     if isinstance(request, _PromptRead):
         return speakers.prepare(request.audio)
     if isinstance(request, _FileBlock):
         if request.first:
             files.clear()  # one file at a time: one begun earlier was abandoned
-            files[request.file] = audio.FileWriter(request.sample_rate, request.fmt)
-        files[request.file].write(request.samples)
-        return files.pop(request.file).finish() if request.last else b""
+            files[request.file] = _FileInHand(request)
+        files[request.file].write(request)
+        return files.pop(request.file).writer.finish() if request.last else b""
     if isinstance(request, _StreamBlock):
         encoder = streams.get(request.stream)
         if encoder is None:
@@ -158,7 +178,7 @@ def _serve(request: _Request, files: dict[int, audio.FileWriter],
     return b""
 
 
-def _forget(request: _Request, files: dict[int, audio.FileWriter],
+def _forget(request: _Request, files: dict[int, _FileInHand],
             streams: dict[int, codecs.StreamEncoder]) -> None:
     if isinstance(request, _FileBlock):
         files.pop(request.file, None)
@@ -187,15 +207,20 @@ class EncodeFailed(Exception):
 @dataclass(eq=False)
 class _File:
     key: str
-    samples: npt.NDArray[np.float32]
-    sample_rate: int
+    made: ResultAudio
     fmt: str
     id: int
-    sent: int = 0  # frames handed to the current child
+    frames: int  # as made
+    save: Callable[[bytes], None] | None  # writes the file where it goes (saving thread)
+    sent: int = 0  # frames (as made) handed to the current child
     attempts: int = 0  # children that died with it in hand
 
+    @property
+    def audio_s(self) -> float:
+        return self.frames / self.made.made_rate
+
     def describe(self) -> str:
-        return f"{self.fmt} ({len(self.samples) / self.sample_rate:.1f} s at {self.sample_rate} Hz)"
+        return f"{self.fmt} ({self.audio_s:.1f} s at {self.made.rate} Hz)"
 
 
 @dataclass(eq=False)
@@ -272,6 +297,7 @@ class _Book:
         self.streams: dict[int, _Stream] = {}  # those whose state the child holds
         self.in_flight: _InFlight | None = None
         self.completed: list[Encoded] = []
+        self.saving: deque[tuple[_File, bytes]] = deque()  # encoded, for the saving thread
 
     def has_work(self) -> bool:
         return bool(self.files or self.calls or self.reads)
@@ -296,13 +322,15 @@ class _Book:
         if not self.files:
             return None
         file = self.files[0]
-        block = file.samples[file.sent:file.sent + FILE_STEP_FRAMES]
+        # Joined here, on the sending thread, one block at a time: never on the tick.
+        block = audio.frames_from(file.made.chunks, file.sent, FILE_STEP_FRAMES)
         first = file.sent == 0
         file.sent += len(block)
-        last = file.sent >= len(file.samples)
+        last = file.sent >= file.frames
         step = next(self.ids)
         self.in_flight = _InFlight(step, file, None, time.monotonic(), last=last)
-        return _FileBlock(step, file.id, file.fmt, file.sample_rate, block, first, last)
+        return _FileBlock(step, file.id, file.fmt, file.made.rate, file.made.made_rate, block,
+                          first, last)
 
     def _stream_request(self, call: _Call, generation: int,
                         settle: list[Callable[[], None]]) -> _Request | None:
@@ -376,6 +404,9 @@ class _Book:
         if error is not None:
             log.warning("encode_failed", key=file.key, format=file.fmt, code=str(error.code),
                         message=error.message)
+        elif file.save is not None and data is not None:
+            self.saving.append((file, data))  # the saving thread completes it
+            return
         self.completed.append(Encoded(file.key, data, error))
         settle.append(self._wake)
 
@@ -418,8 +449,9 @@ class _Book:
 
     def fail_everything(self, error: JobError, settle: list[Callable[[], None]]) -> None:
         """On stop: every file and stream call still waiting ends with `error`."""
-        for file in list(self.files):
+        for file in [*self.files, *(file for file, _data in self.saving)]:
             self.finish_file(file, None, error, settle)
+        self.saving.clear()
         for stream in [*self.streams.values(), *(call.stream for call in self.calls)]:
             stream.failure = error
         flight, self.in_flight = self.in_flight, None
@@ -458,7 +490,7 @@ def _describe(owner: _File | _Stream | _Read | None) -> dict[str, object]:
     """What the child had in hand, as log fields."""
     if isinstance(owner, _File):
         return {"encoding": "file", "key": owner.key, "format": owner.fmt,
-                "audio_s": round(len(owner.samples) / owner.sample_rate, 1),
+                "audio_s": round(owner.audio_s, 1),
                 "attempt": owner.attempts + 1}
     if isinstance(owner, _Stream):
         return {"encoding": "stream", "stream": owner.id, "format": owner.fmt}
@@ -503,7 +535,9 @@ class Encoder:
             threading.Thread(target=self._guarded, args=(self._send_loop,),
                              name="cosyvoiced-encoder-send", daemon=True),
             threading.Thread(target=self._guarded, args=(self._receive_loop,),
-                             name="cosyvoiced-encoder-receive", daemon=True)]
+                             name="cosyvoiced-encoder-receive", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._save_loop,),
+                             name="cosyvoiced-encoder-save", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -557,14 +591,17 @@ class Encoder:
             return self._book.busy_key()
 
     # -- whole files -------------------------------------------------------------------------
-    def submit(self, key: str, samples: npt.NDArray[np.float32], sample_rate: int,
-               fmt: str) -> None:
-        """Encode `samples` as a file of `fmt` (REPLY_FORMATS); the outcome comes back from
-        `completed()` under `key`. Never blocks."""
+    def submit(self, key: str, made: ResultAudio, fmt: str,
+               save: Callable[[bytes], None] | None = None) -> None:
+        """Encode `made` as a file of `fmt` (REPLY_FORMATS) at its rate; the outcome comes
+        back from `completed()` under `key`. Never blocks, never copies the audio.
+
+        With `save`, the encoder's saving thread calls it with the file's bytes (to write
+        and fsync them: tens of MB for a long result, a second on a slow disk, never on the
+        tick) and the outcome's data is empty; an OSError from it fails the file."""
         if fmt not in REPLY_FORMATS:
             raise ValueError(f"no file format {fmt!r}")
-        file = _File(key, np.ascontiguousarray(samples, dtype=np.float32), sample_rate, fmt,
-                     next(self._book.ids))
+        file = _File(key, made, fmt, next(self._book.ids), made.made_frames, save)
         settle: list[Callable[[], None]] = []
         with self._lock:
             self._book.files.append(file)
@@ -577,7 +614,7 @@ class Encoder:
     def backlog_bytes(self) -> int:
         """The audio this holds for the files waiting to be encoded, or being encoded."""
         with self._lock:
-            return sum(file.samples.nbytes for file in self._book.files)
+            return sum(file.made.nbytes for file in self._book.files)
 
     def completed(self) -> list[Encoded]:
         """The files whose outcome came in since the last call."""
@@ -657,6 +694,27 @@ class Encoder:
             with self._lock:
                 self._sending = False
                 self._lock.notify_all()
+
+    # -- the saving thread -------------------------------------------------------------------
+    def _save_loop(self) -> None:
+        """Files whose bytes go to disk (`submit`'s save), one at a time: a slow disk holds
+        up neither the tick nor the streams' replies."""
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._stopping or bool(self._book.saving))
+                if self._stopping:
+                    return  # a drop-folder job not saved is made again at the next start
+                file, data = self._book.saving.popleft()
+            assert file.save is not None, "only files with a save are queued"
+            error: JobError | None = None
+            try:
+                file.save(data)
+            except OSError as failure:
+                error = JobError(ErrorCode.INTERNAL, f"could not write the result: {failure}")
+            with self._lock:
+                self._book.completed.append(Encoded(file.key, b"" if error is None else None,
+                                                    error))
+            self._call_wake()
 
     # -- the receiving thread ----------------------------------------------------------------
     def _receive_loop(self) -> None:

@@ -191,15 +191,48 @@ class JobResult:
 
 
 @dataclass(frozen=True)
-class Deferred:
-    """A sink's answer to `deliver` when the result must be encoded first: the samples go
-    to the encoder process (encoding.py: native codecs never run in the supervisor), and
-    `publish` writes the encoded bytes where they belong, returning the output's name."""
+class ResultAudio:
+    """A whole result's audio as it was made: the engine's chunks at `made_rate`, owed to
+    the client at `rate`. Never joined or resampled on the supervisor's tick, where a long
+    result (minutes of audio, hundreds of MB) would hold every client's audio back for
+    seconds: the encoder process does both block by block (encoding.py), and only a sink
+    that must send it at once joins it (`audio.whole`)."""
 
-    samples: Samples
-    sample_rate: int
+    chunks: tuple[Samples, ...]
+    made_rate: int
+    rate: int
+
+    @classmethod
+    def of(cls, samples: Samples, rate: int) -> ResultAudio:
+        return cls((samples,), rate, rate)
+
+    @property
+    def made_frames(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
+    @property
+    def frames(self) -> int:
+        """Frames at `rate` (soxr's count, whole or streamed: checked in the tests)."""
+        made = self.made_frames
+        return made if self.rate == self.made_rate else round(made * self.rate / self.made_rate)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(chunk.nbytes for chunk in self.chunks)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A sink's answer to `deliver` when the result must be encoded first: the audio goes
+    to the encoder process (encoding.py: native codecs never run in the supervisor), and
+    `publish` sends or puts the encoded bytes where they belong, returning the output's
+    name. With `save`, the encoder's saving thread hands the bytes to it first (to write
+    them to disk off the tick) and `publish` gets none."""
+
+    audio: ResultAudio
     format: str
     publish: Callable[[bytes], str]
+    save: Callable[[bytes], None] | None = None
 
 
 class Sink(Protocol):
@@ -211,7 +244,7 @@ class Sink(Protocol):
 
     def chunk(self, job: Job, seq: int, samples: Samples) -> None: ...
 
-    def deliver(self, job: Job, result: JobResult, samples: Samples,
+    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
                 timings: dict[str, float]) -> str | Deferred: ...
 
     def fail_job(self, job: Job, error: JobError) -> str: ...

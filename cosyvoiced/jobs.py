@@ -15,11 +15,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cosyvoiced import audio, captions, clusterwire, logs, policy, scheduler, stages
+from cosyvoiced import captions, clusterwire, logs, policy, scheduler, stages
 from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
-from cosyvoiced.job import SINK_REPLY, Deferred, ErrorCode, Job, JobError, JobResult, Sink
+from cosyvoiced.job import (
+    SINK_REPLY,
+    Deferred,
+    ErrorCode,
+    Job,
+    JobError,
+    JobResult,
+    ResultAudio,
+    Sink,
+)
 from cosyvoiced.ledger import Ledger, LedgerView, Running, Samples
 from cosyvoiced.messages import (
     AudioChunkReady,
@@ -347,7 +356,8 @@ class JobBook:
         written = time.monotonic()
         sink = running.bound_sink
         try:
-            output = sink.deliver(job, result, audio.join(running.chunks), timings)
+            output = sink.deliver(job, result, ResultAudio(
+                tuple(running.chunks), result.sample_rate, result.sample_rate), timings)
         except OSError as error:
             self.end(running, JobError(ErrorCode.INTERNAL,
                                        f"could not write the result: {error}"))
@@ -364,7 +374,7 @@ class JobBook:
         """A job's audio went to its sink: it is done, or its file is being encoded (in
         the encoder process; `drain_encoded` finishes it)."""
         if isinstance(output, Deferred):
-            self._encoder.submit(job.id, output.samples, output.sample_rate, output.format)
+            self._encoder.submit(job.id, output.audio, output.format, output.save)
             self._encoding[job.id] = _Encoding(job, sink, output, result, status, summary,
                                                time.monotonic())
             self._ledger.writing(job)

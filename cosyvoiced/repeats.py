@@ -39,9 +39,10 @@ class Repeat:
 
     @property
     def played_bytes(self) -> int:
-        """The float32 audio it is played as, at the rate the job asks for."""
+        """The float32 audio it is played as: a stream at the rate the job asks for, a whole
+        file at the entry's (the encoder process resamples it)."""
         entry = self.entry
-        rate = self.job.sample_rate or entry.sample_rate
+        rate = (self.job.stream and self.job.sample_rate) or entry.sample_rate
         return len(entry.pcm) * 4 * rate // entry.sample_rate
 
     @property

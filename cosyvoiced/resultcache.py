@@ -38,7 +38,7 @@ from cosyvoiced import __version__, audio, logs
 from cosyvoiced.cache import Entry, Pcm, Store
 from cosyvoiced.clients import cache_share
 from cosyvoiced.config import Config, EngineConfig
-from cosyvoiced.job import Deferred, Job, JobError, JobResult, Sink
+from cosyvoiced.job import Deferred, Job, JobError, JobResult, ResultAudio, Sink
 
 if TYPE_CHECKING:
     from cosyvoiced.metrics import Metrics
@@ -221,6 +221,13 @@ class _Recording:
     seq: int = 0  # chunks passed on to the client
     sent: int = 0  # samples passed on to the client
 
+    def keep_whole(self, made: ResultAudio) -> None:
+        """A whole reply's audio, as made: sized before it is converted (a long one never is)."""
+        if self.pcm is not None and self.kept_bytes + 2 * made.made_frames > self.max_bytes:
+            self.pcm = None
+        for chunk in made.chunks:
+            self.keep(chunk)
+
     def keep(self, samples: Samples) -> None:
         if self.pcm is None:
             return
@@ -261,22 +268,22 @@ class _RecordingSink:
             self._recording.seq += 1
             self._recording.sent += len(samples)
 
-    def deliver(self, job: Job, result: JobResult, samples: Samples,
+    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
                 timings: dict[str, float]) -> str | Deferred:
         recording = self._cache.end_recording(job)
-        native = samples
+        native = made
+        made = replace(made, rate=recording.rate)  # resampled where it is encoded
         if job.stream:
             if recording.resampler is not None:
                 self._pass_on(job, recording.resampler.resample_chunk(
                     np.zeros(0, dtype=np.float32), last=True))
             result = replace(result, sample_rate=recording.rate, samples=recording.sent)
-        elif recording.rate != recording.native_rate:
-            samples = _resample(samples, recording.native_rate, recording.rate)
-            result = replace(result, sample_rate=recording.rate, samples=len(samples))
-        output = self._sink.deliver(job, result, samples, timings)
+        else:
+            result = replace(result, sample_rate=recording.rate, samples=made.frames)
+        output = self._sink.deliver(job, result, made, timings)
         # Converted after delivery: the client does not wait for the cache.
         if not job.stream:
-            recording.keep(native)
+            recording.keep_whole(native)
         if recording.pcm:
             self._cache.store(recording, np.concatenate(recording.pcm), result.voice)
         return output
@@ -288,13 +295,6 @@ class _RecordingSink:
     def cancelled(self, job: Job) -> None:
         self._cache.drop_recording(job)
         self._sink.cancelled(job)
-
-
-def _resample(samples: Samples, rate_in: int, rate_out: int) -> Samples:
-    if rate_in == rate_out or not len(samples):
-        return samples
-    resampled: Samples = soxr.resample(samples, rate_in, rate_out).astype(np.float32)
-    return resampled
 
 
 # -- the cache --------------------------------------------------------------------------
@@ -445,10 +445,11 @@ def _play(job: Job, sink: Sink, entry: Entry, started: float) -> Served:
     """Send a cached result through the sink as the workers' audio would go."""
     began = time.time()
     rate = job.sample_rate or entry.sample_rate
-    samples = _resample(entry.samples(), entry.sample_rate, rate)
+    made = ResultAudio((entry.samples(),), entry.sample_rate, rate)
     sink.started(job, rate)
     first_chunk_s = 0.0
     if job.stream:
+        samples = audio.whole(made)  # at most an entry's length (cache.ENTRY_CAP)
         step = max(1, int(CHUNK_S * rate))
         for seq, start in enumerate(range(0, len(samples), step)):
             sink.chunk(job, seq, samples[start:start + step])
@@ -456,12 +457,12 @@ def _play(job: Job, sink: Sink, entry: Entry, started: float) -> Served:
                 first_chunk_s = time.monotonic() - started
     else:
         first_chunk_s = time.monotonic() - started
-    result = JobResult(job.id, entry.voice, rate, len(samples), 0.0, first_chunk_s, cached=True)
+    result = JobResult(job.id, entry.voice, rate, made.frames, 0.0, first_chunk_s, cached=True)
     timings = {"received_at": round(job.received_at, 6), "started_at": round(began, 6),
                "queue_wait_s": round(max(0.0, began - job.received_at), 4),
                "first_chunk_s": round(first_chunk_s, 4), "synth_s": 0.0}
     written = time.monotonic()
-    output = sink.deliver(job, result, samples, timings)
+    output = sink.deliver(job, result, made, timings)
     summary = {"voice": result.voice, "chars": job.chars, "segments": 0,
                "audio_s": round(result.audio_s, 3), "synth_s": 0.0,
                "queue_wait_s": timings["queue_wait_s"], "first_chunk_s": timings["first_chunk_s"],

@@ -24,9 +24,18 @@ import numpy.typing as npt
 
 from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs, policy
+from cosyvoiced.audio import whole
 from cosyvoiced.clusterwire import SharedLost, ShareFailed
 from cosyvoiced.config import ClusterConfig
-from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, JobResult
+from cosyvoiced.job import (
+    SINK_REPLY,
+    ErrorCode,
+    Job,
+    JobError,
+    JobFailure,
+    JobResult,
+    ResultAudio,
+)
 from cosyvoiced.jobspec import Limits, check_text
 from cosyvoiced.ledger import Running, Samples
 from cosyvoiced.metrics import Metrics
@@ -59,9 +68,9 @@ class RemoteSink:
         self.link.send(self.shared.host,
                        self._event(wire.CHUNK, wire.audio_bytes(samples), seq=seq))
 
-    def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
+    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
                 timings: dict[str, float]) -> str:
-        audio = b"" if job.stream else wire.audio_bytes(samples)
+        audio = b"" if job.stream else wire.audio_bytes(whole(made))
         detail = {"voice": result.voice, "sample_rate": result.sample_rate,
                   "samples": result.samples, "synth_s": result.synth_s,
                   "first_chunk_s": result.first_chunk_s, "cached": result.cached,

@@ -3,7 +3,8 @@
     inbox/   clients drop job files here (write to a dotfile or *.tmp/*.part, then rename)
     work/    a job is claimed by renaming it here as ``<job id>~<original name>``
     outbox/  results: ``OUT.<ext>`` and its ``OUT.json`` record, each written to a temp
-             name, fsynced and renamed; the record goes last and marks the job done
+             name, fsynced and renamed (the audio written on the encoder's saving thread,
+             off the tick); the record goes last and marks the job done
     failed/  inputs that could not be served, each with ``NAME.error.json``
     prompts/ prompt audio a job claimed (``<job id>~<name>``): deleted when the job is
              done, moved to failed/ beside its job when it fails, handed back with it
@@ -88,6 +89,12 @@ def _temp_pattern(name: str = ".+") -> re.Pattern[str]:
 
 def atomic_write(directory: Path, name: str, data: bytes, mode: int = 0o644) -> None:
     """Write `directory/name` so that a reader sees either nothing or all of it."""
+    commit(stage(directory, name, data, mode), directory / name)
+
+
+def stage(directory: Path, name: str, data: bytes, mode: int = 0o644) -> Path:
+    """`atomic_write`'s first half: `data` in a temp file beside `name`, fsynced. Any thread
+    may do it (the temp name is unique); a temp never committed goes at the next start."""
     temp = directory / f".{name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
@@ -95,11 +102,20 @@ def atomic_write(directory: Path, name: str, data: bytes, mode: int = 0o644) -> 
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.rename(temp, directory / name)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    return temp
+
+
+def commit(temp: Path, path: Path) -> None:
+    """`atomic_write`'s second half: the staged temp file becomes `path`."""
+    try:
+        os.rename(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def remove_temp_files(directory: Path, name: str | None = None) -> list[str]:
@@ -265,15 +281,20 @@ class Spool:
                 return base
         return None
 
-    def publish_result(self, claimed: Claimed, output: str, extension: str, audio: bytes,
+    def stage_result(self, claimed: Claimed, extension: str, audio: bytes) -> Path:
+        """A result's audio written (fsynced) under a temp name in the outbox: the slow part
+        of publishing a long one, done off the tick (the encoder's saving thread)."""
+        return stage(self.outbox, f"{claimed.job_id}.{extension}", audio)
+
+    def publish_result(self, claimed: Claimed, output: str, extension: str, staged: Path,
                        record: dict[str, Any], *, beside: dict[str, bytes] | None = None
                        ) -> str:
-        """Write audio and the files `beside` it (extension -> bytes: captions), then its
-        record (the commit point), then release the work file."""
+        """Put the `staged` audio and the files `beside` it (extension -> bytes: captions) in
+        place, then its record (the commit point), then release the work file."""
         base, unique = self._result_names(output, claimed.job_id)
         if _record_job_id(self.outbox / (base + RECORD_SUFFIX)) not in (None, claimed.job_id):
             base = unique  # another job's result has that name: never overwrite it
-        atomic_write(self.outbox, f"{base}.{extension}", audio)
+        commit(staged, self.outbox / f"{base}.{extension}")
         for kind, data in (beside or {}).items():
             atomic_write(self.outbox, f"{base}.{kind}", data)
         atomic_write(self.outbox, base + RECORD_SUFFIX,

@@ -18,7 +18,7 @@ import soundfile
 from cosyvoiced import audio
 from cosyvoiced.cache import ENTRY_CAP, SUFFIX, CorruptEntry, Entry, Store, decode, encode
 from cosyvoiced.config import CacheConfig, Config, EngineConfig, PiperConfig
-from cosyvoiced.job import ErrorCode, Job, JobError, JobResult, Sink
+from cosyvoiced.job import ErrorCode, Job, JobError, JobResult, ResultAudio, Sink
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.resultcache import ResultCache, Served, engine_identity, normalise_text
 from cosyvoiced.speakers import SpeakerStore
@@ -202,9 +202,9 @@ class KeptSink:
         assert seq == len(self.chunks)
         self.chunks.append(samples)
 
-    def deliver(self, job: Job, result: JobResult, samples: Samples,
+    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
                 timings: dict[str, float]) -> str:
-        self.delivered.append((result, samples))
+        self.delivered.append((result, audio.whole(made)))
         return f"out:{job.id}"
 
     def fail_job(self, job: Job, error: JobError) -> str:
@@ -243,7 +243,7 @@ def synthesize(cache: ResultCache, made: Job, samples: Samples, rate: int = RATE
     else:
         whole = samples
     result = JobResult(made.id, "v", rate, len(samples), 1.0, 0.1)
-    recorded.deliver(made, result, whole, {})
+    recorded.deliver(made, result, ResultAudio.of(whole, rate), {})
     assert cache.sink(made, sink) is sink  # the recording has ended
     return sink
 

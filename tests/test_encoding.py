@@ -9,6 +9,7 @@ test failure naming the format and length, not a pytest crash.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
@@ -24,8 +25,9 @@ import pytest
 import soundfile
 import structlog.testing
 
-from cosyvoiced.encoding import Encoded, EncodeFailed, Encoder
-from cosyvoiced.job import REPLY_FORMATS, ErrorCode
+from cosyvoiced import audio
+from cosyvoiced.encoding import FILE_STEP_FRAMES, Encoded, EncodeFailed, Encoder
+from cosyvoiced.job import REPLY_FORMATS, ErrorCode, ResultAudio
 from tests.audiofile import decode_with_ffmpeg
 from tests.daemon import REPO, wait_until
 
@@ -178,11 +180,71 @@ def kill_when_busy(encoder: Encoder, key: str, not_pid: int | None = None) -> in
 def test_encoder_encodes_files_in_its_child(
         tmp_path: Path, encoder: Encoder, woken: Woken, fmt: str) -> None:
     # 100 s: more than one block (FILE_STEP_FRAMES), and past the length that crashed Vorbis
-    encoder.submit("short", tone(2), RATE, fmt)
-    encoder.submit("long", tone(100), RATE, fmt)
+    encoder.submit("short", ResultAudio.of(tone(2), RATE), fmt)
+    encoder.submit("long", ResultAudio.of(tone(100), RATE), fmt)
     outcomes = woken.wait_for(encoder, "short", "long")
     assert_encoded(tmp_path, outcomes["short"], fmt, RATE, 2)
     assert_encoded(tmp_path, outcomes["long"], fmt, RATE, 100)
+
+
+def _cut(samples: npt.NDArray[np.float32], *sizes: int) -> tuple[npt.NDArray[np.float32], ...]:
+    """`samples` as the chunks a job's segments would make, of `sizes` frames then the rest."""
+    bounds = np.cumsum(sizes)
+    return tuple(np.split(samples, bounds))
+
+
+def test_a_file_of_many_chunks_is_the_audio_they_make_one_after_another(
+        encoder: Encoder, woken: Woken) -> None:
+    """Blocks are joined from the chunks on the sending thread, across their edges: 100 s
+    (two blocks and more) in chunks of odd sizes, one of them spanning a block's edge."""
+    samples = tone(100)
+    chunks = _cut(samples, 7, 333_333, FILE_STEP_FRAMES, 1, 900_001)
+    encoder.submit("chunks", ResultAudio(chunks, RATE, RATE), "pcm_s16le")
+    data = woken.wait_for(encoder, "chunks")["chunks"].data
+    assert data is not None
+    assert np.array_equal(np.frombuffer(data, dtype="<i2"), audio.to_pcm16(samples))
+
+
+@pytest.mark.parametrize("fmt", ["wav", "pcm_s16le"])
+def test_a_file_at_another_rate_is_resampled_in_the_child(
+        encoder: Encoder, woken: Woken, fmt: str) -> None:
+    """The supervisor hands the engine's audio over as it was made; the file is at the rate
+    the job asked for, as long as ResultAudio.frames says, and is soxr's resampling of it."""
+    samples = tone(60)
+    made = ResultAudio(_cut(samples, 100_000, FILE_STEP_FRAMES - 5), RATE, 48000)
+    encoder.submit("resampled", made, fmt)
+    data = woken.wait_for(encoder, "resampled")["resampled"].data
+    assert data is not None
+    got = np.frombuffer(data, dtype="<i2") if fmt == "pcm_s16le" else \
+        soundfile.read(io.BytesIO(data), dtype="int16")[0]
+    if fmt == "wav":
+        assert soundfile.info(io.BytesIO(data)).samplerate == 48000
+    assert len(got) == made.frames == len(audio.whole(made))
+    expected = audio.to_pcm16(audio.whole(made)).astype(np.int32)
+    assert np.abs(got.astype(np.int32) - expected).max() <= 2  # streamed vs at once
+
+
+def test_a_file_with_a_save_is_saved_off_the_tick_and_a_failed_save_fails_it(
+        encoder: Encoder, woken: Woken) -> None:
+    """A drop-folder result goes to disk on the encoder's saving thread (a long one is tens
+    of MB to write and fsync); a disk that refuses it fails that file, and the next is made."""
+    saved: list[tuple[str, bytes]] = []
+
+    def refuse(data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    encoder.submit("refused", ResultAudio.of(tone(2), RATE), "wav", save=refuse)
+    encoder.submit("saved", ResultAudio.of(tone(2), RATE), "wav",
+                   save=lambda data: saved.append((threading.current_thread().name, data)))
+    outcomes = woken.wait_for(encoder, "refused", "saved")
+    error = outcomes["refused"].error
+    assert error is not None
+    assert error.code == ErrorCode.INTERNAL
+    assert "No space left on device" in error.message
+    assert (outcomes["saved"].error, outcomes["saved"].data) == (None, b"")
+    [(thread, data)] = saved
+    assert thread == "cosyvoiced-encoder-save"
+    assert soundfile.info(io.BytesIO(data)).duration == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize(("fmt", "rate"), [("mp3", RATE), ("opus", 24000), ("aac", RATE),
@@ -202,8 +264,8 @@ def test_encoder_streams_each_format(
 @pytest.mark.slow
 def test_a_child_killed_while_encoding_is_replaced_and_the_file_retried(
         tmp_path: Path, encoder: Encoder, woken: Woken) -> None:
-    encoder.submit("long", tone(LONGEST_S), RATE, "ogg")
-    encoder.submit("behind", tone(2), RATE, "flac")
+    encoder.submit("long", ResultAudio.of(tone(LONGEST_S), RATE), "ogg")
+    encoder.submit("behind", ResultAudio.of(tone(2), RATE), "flac")
     with structlog.testing.capture_logs() as logged:
         killed = kill_when_busy(encoder, "long")
         outcomes = woken.wait_for(encoder, "long", "behind")
@@ -218,8 +280,8 @@ def test_a_child_killed_while_encoding_is_replaced_and_the_file_retried(
 @pytest.mark.slow
 def test_a_file_whose_child_dies_twice_fails_and_the_rest_go_on(
         tmp_path: Path, encoder: Encoder, woken: Woken) -> None:
-    encoder.submit("doomed", tone(LONGEST_S), RATE, "ogg")
-    encoder.submit("behind", tone(2), RATE, "wav")
+    encoder.submit("doomed", ResultAudio.of(tone(LONGEST_S), RATE), "ogg")
+    encoder.submit("behind", ResultAudio.of(tone(2), RATE), "wav")
     first = kill_when_busy(encoder, "doomed")
     kill_when_busy(encoder, "doomed", not_pid=first)
     outcomes = woken.wait_for(encoder, "doomed", "behind")
@@ -231,7 +293,7 @@ def test_a_file_whose_child_dies_twice_fails_and_the_rest_go_on(
     assert "ogg" in error.message
     assert "SIGKILL" in error.message
     assert_encoded(tmp_path, outcomes["behind"], "wav", RATE, 2)
-    encoder.submit("next", tone(2), RATE, "ogg")  # and it keeps serving
+    encoder.submit("next", ResultAudio.of(tone(2), RATE), "ogg")  # and it keeps serving
     assert_encoded(tmp_path, woken.wait_for(encoder, "next")["next"], "ogg", RATE, 2)
 
 
@@ -272,7 +334,7 @@ def test_a_hung_child_is_killed_and_its_file_retried(tmp_path: Path, woken: Woke
     encoder = Encoder(woken.wake, step_timeout_s=4.0)
     encoder.start()
     try:
-        encoder.submit("stuck", tone(150), RATE, "ogg")
+        encoder.submit("stuck", ResultAudio.of(tone(150), RATE), "ogg")
         pid = wait_until(lambda: encoder.busy_key() == "stuck" and encoder.pid,
                          ENCODE_TIMEOUT_S, "the encoder busy")
         os.kill(pid, signal.SIGSTOP)
@@ -286,7 +348,7 @@ def test_a_hung_child_is_killed_and_its_file_retried(tmp_path: Path, woken: Woke
 def test_stop_returns_in_time_even_when_the_child_is_hung(woken: Woken) -> None:
     encoder = Encoder(woken.wake)
     encoder.start()
-    encoder.submit("left", tone(LONGEST_S), RATE, "ogg")
+    encoder.submit("left", ResultAudio.of(tone(LONGEST_S), RATE), "ogg")
     pid = wait_until(lambda: encoder.busy_key() == "left" and encoder.pid, ENCODE_TIMEOUT_S,
                      "the encoder busy")
     os.kill(pid, signal.SIGSTOP)

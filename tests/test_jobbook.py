@@ -3,6 +3,7 @@ segments, chunks, crashes and cancels come to, and that each job ends exactly on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -11,7 +12,15 @@ import pytest
 
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoded, Encoder
-from cosyvoiced.job import SINK_REPLY, Deferred, ErrorCode, Job, JobError, JobResult
+from cosyvoiced.job import (
+    SINK_REPLY,
+    Deferred,
+    ErrorCode,
+    Job,
+    JobError,
+    JobResult,
+    ResultAudio,
+)
 from cosyvoiced.jobs import JobBook
 from cosyvoiced.ledger import Running
 from cosyvoiced.messages import (
@@ -60,13 +69,13 @@ class FakeSink:
     def chunk(self, job: Job, seq: int, samples: Any) -> None:
         self.events.append(("chunk", (seq, len(samples))))
 
-    def deliver(self, job: Job, result: JobResult, samples: Any,
+    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
                 timings: dict[str, float]) -> str | Deferred:
         if self.fail_write:
             raise OSError("disk full")
         if self.deferred:
-            return Deferred(samples, result.sample_rate, "ogg", self._publish)
-        self.events.append(("deliver", len(samples)))
+            return Deferred(made, "ogg", self._publish)
+        self.events.append(("deliver", made.frames))
         return "out"
 
     def _publish(self, data: bytes) -> str:
@@ -86,7 +95,8 @@ class FakeEncoder:
         self.submitted: list[str] = []
         self.done: list[Encoded] = []
 
-    def submit(self, key: str, samples: Any, sample_rate: int, fmt: str) -> None:
+    def submit(self, key: str, made: ResultAudio, fmt: str,
+               save: Callable[[bytes], None] | None = None) -> None:
         self.submitted.append(key)
 
     def completed(self) -> list[Encoded]:

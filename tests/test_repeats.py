@@ -62,10 +62,12 @@ def test_a_whole_file_waits_while_the_encoder_is_full_and_a_stream_does_not() ->
     repeats = Repeats()
     seconds = 10.0
     repeats.keep(_job(0, stream=True), _entry(seconds))
-    repeats.keep(_job(1, sample_rate=2 * RATE), _entry(seconds))  # played at twice the rate
-    repeats.keep(_job(2, stream=True), _entry(seconds))
-    file_bytes = int(seconds * 2 * RATE) * 4
-    assert repeats.played_bytes() == 2 * file_bytes  # two streams of half as much
+    # A file at twice the rate goes to the encoder as it is, resampled there; a stream at
+    # twice the rate is played at it.
+    repeats.keep(_job(1, sample_rate=2 * RATE), _entry(seconds))
+    repeats.keep(_job(2, stream=True, sample_rate=2 * RATE), _entry(seconds))
+    file_bytes = int(seconds * RATE) * 4
+    assert repeats.played_bytes() == 4 * file_bytes
     held = 100
     room = held + file_bytes - 1
     assert [r.job.id for r in repeats.due(lambda: held, room)] == ["0"]

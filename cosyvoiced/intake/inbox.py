@@ -36,6 +36,7 @@ from cosyvoiced.job import (
     JobError,
     JobFailure,
     JobResult,
+    ResultAudio,
     new_job_id,
 )
 from cosyvoiced.jobspec import Limits, build_job, check_output_name, check_text
@@ -257,7 +258,7 @@ class InboxIntake:
                     failed=name)
         return name
 
-    def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
+    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
                 timings: dict[str, float]) -> Deferred:
         """The result, to be encoded (never here: native codecs run in the encoder process),
         then published in the outbox under the base name `publish` returns."""
@@ -280,11 +281,16 @@ class InboxIntake:
                   captions.render(result.captions, job.captions)} \
             if job.captions is not None and result.captions is not None else {}
 
-        def publish(data: bytes) -> str:
-            return self._spool.publish_result(Claimed(job.origin), job.output, job.format,
-                                              data, record, beside=beside)
+        claimed, staged = Claimed(job.origin), []
 
-        return Deferred(samples, result.sample_rate, job.format, publish)
+        def save(data: bytes) -> None:  # the encoder's saving thread
+            staged.append(self._spool.stage_result(claimed, job.format, data))
+
+        def publish(_saved: bytes) -> str:
+            return self._spool.publish_result(claimed, job.output, job.format, staged[0],
+                                              record, beside=beside)
+
+        return Deferred(made, job.format, publish, save)
 
     def fail_job(self, job: Job, error: JobError) -> str:
         return self.fail(Claimed(job.origin), error)

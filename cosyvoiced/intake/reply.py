@@ -35,6 +35,7 @@ from cosyvoiced.job import (
     JobError,
     JobFailure,
     JobResult,
+    ResultAudio,
     new_job_id,
 )
 from cosyvoiced.jobspec import Limits, build_job
@@ -511,7 +512,7 @@ class ReplyIntake:
     def chunk(self, job: Job, seq: int, samples: npt.NDArray[np.float32]) -> None:
         self._post(job, Chunk(samples))
 
-    def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
+    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
                 timings: dict[str, float]) -> str:
         self._post(job, Done(result), last=True)
         return f"reply:{job.id}"

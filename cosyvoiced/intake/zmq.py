@@ -75,6 +75,7 @@ from cosyvoiced.job import (
     JobError,
     JobFailure,
     JobResult,
+    ResultAudio,
     new_job_id,
 )
 from cosyvoiced.jobspec import FIELDS, REPLY_ONLY, Limits, build_job
@@ -963,8 +964,8 @@ class ZmqIntake:
     def chunk(self, job: Job, seq: int, samples: npt.NDArray[np.float32]) -> None:
         self._job_event(job, "chunk", audio.to_pcm16(samples).tobytes(), seq=seq)
 
-    def deliver(self, job: Job, result: JobResult, samples: npt.NDArray[np.float32],
-                timings: dict[str, float]) -> str | Deferred:
+    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
+                timings: dict[str, float]) -> Deferred | str:
         served: dict[str, Any] = {"served_by": result.served_by} if result.served_by else {}
         if job.timestamps is not None:  # before the audio's last event, which ends the route
             self._job_event(job, "timing", **_timing(result))
@@ -984,9 +985,8 @@ class ZmqIntake:
             self._end_route(job.id)
             return f"reply:{job.id}"
 
-        if job.format == PCM_FORMAT:  # numpy only: nothing native to keep apart
-            return publish(audio.to_pcm16(samples).tobytes())
-        return Deferred(samples, result.sample_rate, job.format, publish)
+        # Raw PCM too: a long result is minutes of audio to convert, never on the tick.
+        return Deferred(made, job.format, publish)
 
     def fail_job(self, job: Job, error: JobError) -> str:
         failure = ProtocolError.from_job_error(error, None)
