@@ -39,6 +39,7 @@ from cosyvoiced.cache import Entry, Pcm, Store
 from cosyvoiced.clients import cache_share
 from cosyvoiced.config import Config, EngineConfig
 from cosyvoiced.job import Deferred, Job, JobError, JobResult, ResultAudio, Sink
+from cosyvoiced.speakers import audio_identity
 
 if TYPE_CHECKING:
     from cosyvoiced.metrics import Metrics
@@ -193,7 +194,7 @@ class _RegisteredVoices:
 
     def _read(self) -> dict[str, str]:
         speakers = json.loads(self._path.read_text(encoding="utf-8"))["speakers"]
-        return {str(name): _digest(entry["prompt_text"], entry["audio_flac"])
+        return {str(name): _digest(entry["prompt_text"], audio_identity(entry))
                 for name, entry in speakers.items()}
 
 

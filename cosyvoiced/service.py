@@ -363,12 +363,13 @@ class Service:
                                 "work/ and runs at the next start")
 
     def recover(self) -> None:
-        """At start: the jobs a crash left in work/ are claimed again, and what the crash
-        left half done is cleaned up."""
+        """At start: the jobs a crash left in work/ are claimed again, what the crash left
+        half done is cleaned up, and voices stored the old way are upgraded."""
         left = self.spool.claimed()
         if left:
             log.info("recovering", jobs=len(left))
         _clean_up_after_crash(self.spool, self.speakers)
+        _upgrade_speakers(self.speakers)
         for claimed in left:  # admitted by the ticks, as new drops are (admit_claims)
             self.claims.put(claimed)
         self.recovering.update(claimed.job_id for claimed in left)
@@ -520,6 +521,19 @@ def _clean_up_after_crash(spool: Spool, speakers: SpeakerStore) -> None:
         log.info("temp_files_removed", files=temp_files,
                  message="left by writes that a crash cut short; never results")
     spool.discard_orphan_attempts()
+
+
+def _upgrade_speakers(speakers: SpeakerStore) -> None:
+    """Voices stored with their audio in the JSON file get files of their own, so that a
+    registration never rewrites all of their audio on the tick."""
+    try:
+        moved = speakers.upgrade()
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.error("speakers_upgrade_failed", file=str(speakers.path), error=str(error),
+                  message="the voices are served as they are stored")
+        return
+    if moved:
+        log.info("speakers_upgraded", voices=moved, audio_dir=str(speakers.audio_dir))
 
 
 def _prompt_name(job_id: str) -> str:

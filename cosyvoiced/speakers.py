@@ -1,14 +1,22 @@
 """Registered voices: zero-shot speakers kept as their source material (prompt text and
 audio), not as one model's features, so they survive a model upgrade.
 
-One JSON file (`engine.cosyvoice.speakers_file`, in the state directory): the supervisor
-writes it when a client registers or removes a voice; each worker reads it when it starts
-and again whenever it changes.
+One JSON file (`engine.cosyvoice.speakers_file`, in the state directory) names them, with
+each voice's audio (FLAC) in a file of its own beside it, `<file's stem>.audio/<SHA-256>.flac`:
+the supervisor writes them when a client registers or removes a voice; each worker reads
+them when it starts and again whenever the JSON file changes.
+
+The audio once lived in the JSON file itself, base64 (`audio_flac`): 32 voices of 30 s made
+it 56 MB, and each registration parsed, rewrote and fsynced all of it on the supervisor's
+tick (1.2 s on a test VM, for every client). Such a file is still read, and `upgrade` moves
+its audio out at the daemon's start.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import io
 import json
 import os
@@ -21,6 +29,7 @@ from typing import Any
 import numpy as np
 import soundfile
 
+from cosyvoiced import logs
 from cosyvoiced.job import ErrorCode, JobFailure
 from cosyvoiced.prompt import Samples, read_prompt
 from cosyvoiced.spool import atomic_write, remove_temp_files
@@ -31,6 +40,12 @@ STORED_RATE = 24000
 MAX_PROMPT_TEXT_CHARS = 1000
 _NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 _LANGUAGE = re.compile(r"^([A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8})*)?$")
+_AUDIO_FILE = re.compile(r"^[0-9a-f]{64}\.flac$")
+INLINE_AUDIO = "audio_flac"  # the audio in the JSON file (base64), as once written
+FORMAT_VERSION = 2  # 1: the audio inline
+_LOAD_TRIES = 3
+
+log = logs.get_logger("cosyvoiced.speakers")
 
 
 @dataclass(frozen=True)
@@ -76,14 +91,21 @@ def prepare(audio: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def _decode(text: str) -> Samples:
-    samples, _rate = soundfile.read(io.BytesIO(base64.b64decode(text)), dtype="float32")
+def _decode_flac(data: bytes) -> Samples:
+    samples, _rate = soundfile.read(io.BytesIO(data), dtype="float32")
     return np.asarray(samples, dtype=np.float32)
+
+
+def audio_identity(entry: dict[str, Any]) -> str:
+    """What names a stored voice's audio: its file's name (a digest of the audio) or, for
+    audio stored in the JSON file, that base64 text."""
+    return str(entry.get("audio") or entry[INLINE_AUDIO])
 
 
 class SpeakerStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.audio_dir = self.path.with_name(self.path.stem + ".audio")
         self._seen: tuple[int, int, int] | None = None
         # The owners as of the file's (inode, mtime, size): every registration and removal
         # is checked against them, and parsing the file (32 voices: tens of MB of base64)
@@ -102,13 +124,42 @@ class SpeakerStore:
         return sorted(self._entries())
 
     def remove_temp_files(self) -> list[str]:
-        """Temp copies of the file that a write cut short left beside it."""
-        return remove_temp_files(self.path.parent, self.path.name)
+        """Temp copies of the file, and of voices' audio, that a write cut short left."""
+        return remove_temp_files(self.path.parent, self.path.name) + \
+            [f"{self.audio_dir.name}/{name}" for name in remove_temp_files(self.audio_dir)]
 
     def load(self) -> list[Speaker]:
-        return [Speaker(name, entry["prompt_text"], _decode(entry["audio_flac"]),
+        """Every voice, with its audio. A voice replaced meanwhile deletes the audio file the
+        JSON file just read named: read again then."""
+        for _ in range(_LOAD_TRIES - 1):
+            with contextlib.suppress(FileNotFoundError):
+                return self._load()
+        return self._load()
+
+    def _load(self) -> list[Speaker]:
+        return [Speaker(name, entry["prompt_text"], _decode_flac(self._audio(entry)),
                         entry.get("language", ""))
                 for name, entry in sorted(self._entries().items())]
+
+    def _audio(self, entry: dict[str, Any]) -> bytes:
+        if INLINE_AUDIO in entry:
+            return base64.b64decode(entry[INLINE_AUDIO])
+        name = str(entry["audio"])
+        if not _AUDIO_FILE.match(name):  # never a path out of the directory
+            raise ValueError(f"a voice's audio is not named by its digest: {name!r}")
+        return (self.audio_dir / name).read_bytes()
+
+    def upgrade(self) -> int:
+        """Move audio stored in the JSON file into files of its own (once, at the daemon's
+        start); returns how many voices moved."""
+        entries = self._entries()
+        inline = [name for name, entry in entries.items() if INLINE_AUDIO in entry]
+        for name in inline:
+            entry = entries[name]
+            entry["audio"] = self._write_audio(base64.b64decode(entry.pop(INLINE_AUDIO)))
+        if inline:
+            self._write(entries)
+        return len(inline)
 
     def owners(self) -> dict[str, str]:
         """Who owns each registered voice (`clients.Identity.voice_owner`); "" for one
@@ -151,7 +202,7 @@ class SpeakerStore:
         check_name(name)
         entries = self._entries()
         entry = {"prompt_text": check_prompt_text(prompt_text),
-                 "audio_flac": base64.b64encode(audio_flac).decode("ascii"),
+                 "audio": self._write_audio(audio_flac),
                  "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "owner": entries[name].get("owner", "") if name in entries else owner}
         if check_language(language):
@@ -166,7 +217,28 @@ class SpeakerStore:
         self._write(entries)
         return True
 
+    def _write_audio(self, audio_flac: bytes) -> str:
+        """Keep a voice's audio in its own file (before the JSON file names it); its name."""
+        name = hashlib.sha256(audio_flac).hexdigest() + ".flac"
+        if not (self.audio_dir / name).is_file():
+            self.audio_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.audio_dir, name, audio_flac)
+        return name
+
     def _write(self, entries: dict[str, dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path.parent, self.path.name,
-                     json.dumps({"version": 1, "speakers": entries}, indent=1).encode())
+                     json.dumps({"version": FORMAT_VERSION, "speakers": entries},
+                                indent=1).encode())
+        self._forget_unnamed_audio(entries)
+
+    def _forget_unnamed_audio(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Delete the audio files no voice names any more (replaced or removed)."""
+        named = {entry.get("audio") for entry in entries.values()}
+        try:
+            files = [f for f in os.scandir(self.audio_dir) if _AUDIO_FILE.match(f.name)]
+        except FileNotFoundError:
+            return
+        for file in files:
+            if file.name not in named:
+                Path(file.path).unlink(missing_ok=True)

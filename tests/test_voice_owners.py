@@ -32,10 +32,12 @@ from tests.test_http_voices import (
     speak,
     stalled_upload,
 )
+from tests.test_speakers_store import noise_recording
 
 ALICE, BOB, ROOT = "sk-alice-0123456789", "sk-bob-0123456789", "sk-root-0123456789"
 MAX_VOICES, PER_CLIENT = 4, 2
 TIMEOUT_S = 60.0
+LONG_VOICES = 32  # engine.cosyvoice.max_voices' default
 
 
 KEYED = clients.keyed("key", "alice")
@@ -228,3 +230,36 @@ def test_the_owners_are_read_again_only_when_the_file_changed(
     assert store.owners() == {"one": "key:alice", "two": "key:bob"}
     store.remove("one")
     assert store.owners() == {"two": "key:bob"}
+
+
+def test_registering_beside_many_long_voices_holds_no_tick(tmp_path: Path) -> None:
+    """32 voices of 30 s of noise (FLAC that does not compress) made the speakers file 56 MB
+    of base64, and each registration parsed, rewrote and fsynced all of it on the tick (1.2 s
+    on a test VM), for every client. Such a file is upgraded at the start (each voice's audio
+    a file of its own), and a registration writes its own audio and a small file."""
+    state = tmp_path / "state"
+    state.mkdir()
+    entries = {f"v{n}": {"prompt_text": "Noise.", "registered_at": "2026-01-01T00:00:00Z",
+                         "audio_flac": base64.b64encode(speakers.prepare(
+                             noise_recording(30.0, n))).decode()}
+               for n in range(LONG_VOICES - 1)}
+    (state / "speakers.json").write_text(json.dumps({"version": 1, "speakers": entries}))
+    daemon = Daemon(tmp_path, engine={"name": "tests.engines.faulty:cloning"},
+                    engine__cosyvoice={"speakers_file": str(state / "speakers.json")},
+                    http={"listen": f"127.0.0.1:{free_port()}"})
+    daemon.start()
+    try:
+        [upgraded] = daemon.log_events("speakers_upgraded")
+        assert upgraded["voices"] == LONG_VOICES - 1
+        slow_before = len(daemon.log_events("tick_slow"))
+        client = _openai(daemon, "none")
+        for seed in range(3):  # registered, then replaced twice
+            register(client, "mine", noise_recording(30.0, 100 + seed), "Mine.")
+        slow = daemon.log_events("tick_slow")[slow_before:]
+        assert not slow, slow
+        assert (state / "speakers.json").stat().st_size < 20_000
+        assert len(list((state / "speakers.audio").iterdir())) == LONG_VOICES
+        assert_spoken(speak(client, "mine"), TEXT, 30.0)
+        assert_spoken(speak(client, "v3"), TEXT, 30.0)
+    finally:
+        daemon.stop()
