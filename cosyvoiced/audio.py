@@ -30,6 +30,26 @@ def whole(made: ResultAudio) -> npt.NDArray[np.float32]:
     return resample(join(list(made.chunks)), made.made_rate, made.rate)
 
 
+def float32_bytes(made: ResultAudio) -> bytearray:
+    """A result's samples at its rate as float32 little-endian bytes, made a chunk at a
+    time into one buffer: no whole-length temporaries, and the thread that makes them never
+    holds the GIL for more than one chunk's copy."""
+    out = bytearray(4 * made.frames)
+    target = np.frombuffer(out, dtype="<f4")
+    resampler = None if made.rate == made.made_rate else \
+        soxr.ResampleStream(made.made_rate, made.rate, 1, dtype="float32")
+    at = 0
+    for index, chunk in enumerate(made.chunks):
+        piece = chunk if resampler is None else \
+            resampler.resample_chunk(chunk, last=index == len(made.chunks) - 1)
+        target[at:at + len(piece)] = piece
+        at += len(piece)
+    if at != len(target):  # soxr's count, which `frames` follows, changed
+        del target
+        del out[4 * at:]
+    return out
+
+
 def resample(samples: npt.NDArray[np.float32], rate_in: int,
              rate_out: int) -> npt.NDArray[np.float32]:
     if rate_in == rate_out or not len(samples):

@@ -20,16 +20,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from cosyvoiced import audio, logs
 from cosyvoiced import clusterwire as wire
-from cosyvoiced import logs
 from cosyvoiced.clusterwire import Inbound, SharedLost, ShareFailed
 from cosyvoiced.config import ClusterConfig, read_password
-from cosyvoiced.job import Job
+from cosyvoiced.job import Job, ResultAudio
 from cosyvoiced.scheduler import priority_of
 from cosyvoiced.tally import Tally
 
@@ -127,18 +128,22 @@ class _Commands:
         self._queue(self._sized(len(event.audio), lambda client: self._add_event(
             client.pipeline(), host, event).execute()))
 
-    def complete(self, host: str, event: wire.Event, shared: wire.SharedJob) -> None:
+    def complete(self, host: str, event: wire.Event, shared: wire.SharedJob,
+                 made: ResultAudio | None = None) -> None:
         """The outcome of another host's job, and the job settled, in one transaction: it
-        is never both done and still waiting to be taken over."""
+        is never both done and still waiting to be taken over. The audio of a whole reply
+        (`made`) becomes the event's bytes on the writer thread, never on the tick."""
         self._release(shared)
 
         def command(client: redis.Redis) -> None:
-            pipe = self._add_event(client.pipeline(), host, event)
+            done = event if made is None else replace(event, audio=audio.float32_bytes(made))
+            pipe = self._add_event(client.pipeline(), host, done)
             pipe.xack(shared.stream, wire.GROUP, shared.entry)
             pipe.xdel(shared.stream, shared.entry)
             pipe.execute()
 
-        self._queue(self._sized(len(event.audio), command))
+        nbytes = len(event.audio) if made is None else 4 * made.frames
+        self._queue(self._sized(nbytes, command))
 
     def settle(self, shared: wire.SharedJob) -> None:
         """A job of this host's own, served here, has its outcome written."""

@@ -24,7 +24,6 @@ import numpy.typing as npt
 
 from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs, policy
-from cosyvoiced.audio import whole
 from cosyvoiced.clusterwire import SharedLost, ShareFailed
 from cosyvoiced.config import ClusterConfig
 from cosyvoiced.job import (
@@ -70,13 +69,12 @@ class RemoteSink:
 
     def deliver(self, job: Job, result: JobResult, made: ResultAudio,
                 timings: dict[str, float]) -> str:
-        audio = b"" if job.stream else wire.audio_bytes(whole(made))
         detail = {"voice": result.voice, "sample_rate": result.sample_rate,
                   "samples": result.samples, "synth_s": result.synth_s,
                   "first_chunk_s": result.first_chunk_s, "cached": result.cached,
                   "timings": timings}
-        self.link.complete(self.shared.host, self._event(wire.DONE, audio, **detail),
-                           self.shared)
+        self.link.complete(self.shared.host, self._event(wire.DONE, b"", **detail), self.shared,
+                           None if job.stream else made)
         return f"to {self.shared.host}"
 
     def fail_job(self, job: Job, error: JobError) -> str:

@@ -44,10 +44,10 @@ def expected_samples(text: str) -> int:
 
 
 def host(make_daemon: DaemonFactory, server: RedisServer, name: str, *,
-         serves: bool = True, **cluster: Any) -> Daemon:
+         serves: bool = True, spool: dict[str, Any] | None = None, **cluster: Any) -> Daemon:
     engine = TONE if serves else NEVER_READY
     worker = QUICK if serves else QUICK | {"start_timeout_s": 3600.0}
-    return make_daemon(name, engine={"name": engine}, worker=worker,
+    return make_daemon(name, engine={"name": engine}, worker=worker, spool=spool or {},
                        cluster={"redis": server.url, "name": name,
                                 "claim_idle_s": CLAIM_IDLE_S} | cluster)
 
@@ -143,6 +143,27 @@ def test_a_voice_cloning_job_travels_with_its_prompt_audio(
         return not [*(receiver.spool / "prompts").iterdir(), *(back.spool / "prompts").iterdir()]
 
     wait_until(no_prompts_left, 10, "both hosts to remove the prompt")
+
+
+def test_a_long_drop_served_by_another_host_holds_neither_tick(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """16 minutes of audio made on another host: its `done` event carries all of it (85 MB),
+    which the serving host's tick joined and copied into bytes (0.77 s held, on this VM) and
+    the receiving host's copied again. The bytes are made on the link's writer thread now,
+    a chunk at a time, and read without a copy."""
+    long_text = " ".join(["A very long text for a very long file, made of tone."] * 370)
+    spool = {"max_text_chars": 20_000}
+    receiver = start(host(make_daemon, redis_server, "front", serves=False, spool=spool),
+                     serves=False)
+    server = start(host(make_daemon, redis_server, "back", spool=spool))
+    receiver.drop_job("long", text=long_text)
+    receiver.wait_done("long.json", timeout_s=120)
+    assert_exact_audio(receiver.outbox / "long.wav", long_text)
+    [served] = server.log_events("job")
+    assert served["served_by"] == "back"
+    for daemon in (receiver, server):
+        held = daemon.log_events("tick_slow")
+        assert not held, (daemon.root.name, held)
 
 
 def test_a_serving_host_killed_mid_job_is_taken_over(

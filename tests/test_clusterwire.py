@@ -11,16 +11,18 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cosyvoiced import audio
 from cosyvoiced import clusterwire as wire
 from cosyvoiced.cluster import safe_url
-from cosyvoiced.job import SINK_REPLY, Job
+from cosyvoiced.job import SINK_REPLY, Job, ResultAudio
 from cosyvoiced.scheduler import Priority
 
 JOB_ID = "1a0000000000000b2"
 
 
-def _as_read(fields: dict[str, bytes]) -> wire.Fields:
-    return {key.encode(): value for key, value in fields.items()}  # as redis-py returns them
+def _as_read(fields: dict[str, bytes | bytearray] | dict[str, bytes]) -> wire.Fields:
+    # As redis-py returns them: bytes, whatever went in.
+    return {key.encode(): bytes(value) for key, value in fields.items()}
 
 
 def test_a_job_and_its_prompt_make_the_trip_unchanged() -> None:
@@ -49,6 +51,21 @@ def test_an_entry_that_is_not_a_job_is_refused_with_the_reason() -> None:
     with pytest.raises(wire.WireError, match="not an event entry: nested too deep"):
         wire.read_event("1-0", {b"kind": b"chunk", b"job": b"j", b"from": b"h",
                                 b"detail": deep})
+
+
+@pytest.mark.parametrize("rate", [22050, 48000])
+def test_a_whole_reply_is_made_into_bytes_a_chunk_at_a_time(rate: int) -> None:
+    """`done`'s audio, made on the link's writer thread from the workers' chunks (resampled
+    when the reply asks another rate): the same samples as joining them whole."""
+    rng = np.random.default_rng(7)
+    chunks = tuple(rng.uniform(-0.5, 0.5, size).astype(np.float32) for size in (5, 22050, 1, 7))
+    made = ResultAudio(chunks, 22050, rate)
+    data = audio.float32_bytes(made)
+    event = wire.read_event("1-0", _as_read(wire.event_fields(
+        wire.Event(wire.CHUNK, JOB_ID, "host-b", {"seq": 0}, data))))
+    whole = audio.whole(made)
+    assert len(event.samples) == made.frames == len(whole)
+    assert np.abs(event.samples - whole).max() < 1e-3  # streamed vs at once
 
 
 def test_an_event_carries_float32_audio_exactly() -> None:
