@@ -280,7 +280,9 @@ def test_asr_hears_no_asterisk_and_no_url_once_cleaned_up(make_daemon: DaemonFac
     cleaned_words = heard(cleaned.audio, cleaned.sample_rate)
     # Read as written, the marks are heard: the check can hear them.
     assert "asterisk" in raw_words, raw_words
-    assert {"slash", "colon"} & set(raw_words), raw_words
+    # The URL read as written: pocketsphinx heard neither "slash" nor "colon" in one take of
+    # a full run (Piper's noise), so any of its spelled-out words will do.
+    assert (URL_WORDS - {"asterisk", "asterisks"}) & set(raw_words), raw_words
     assert not URL_WORDS & set(cleaned_words), cleaned_words
     # Piper's noise makes each take differ, and pocketsphinx misses a word now and then
     # ("eggs" once in a fresh-clone run): the words are heard, at most one missed.
