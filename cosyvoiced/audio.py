@@ -30,11 +30,12 @@ def whole(made: ResultAudio) -> npt.NDArray[np.float32]:
     return resample(join(list(made.chunks)), made.made_rate, made.rate)
 
 
-def float32_bytes(made: ResultAudio) -> bytearray:
+def float32_bytes(made: ResultAudio) -> memoryview:
     """A result's samples at its rate as float32 little-endian bytes, made a chunk at a
     time into one buffer: no whole-length temporaries, and the thread that makes them never
-    holds the GIL for more than one chunk's copy."""
-    out = bytearray(4 * made.frames)
+    holds the GIL for more than one chunk's copy. (A memoryview: what redis-py takes from
+    5.0 on, as it does bytes.)"""
+    out = bytearray(4 * (made.frames + 1))  # soxr may make one frame more (ResultAudio)
     target = np.frombuffer(out, dtype="<f4")
     resampler = None if made.rate == made.made_rate else \
         soxr.ResampleStream(made.made_rate, made.rate, 1, dtype="float32")
@@ -44,10 +45,9 @@ def float32_bytes(made: ResultAudio) -> bytearray:
             resampler.resample_chunk(chunk, last=index == len(made.chunks) - 1)
         target[at:at + len(piece)] = piece
         at += len(piece)
-    if at != len(target):  # soxr's count, which `frames` follows, changed
-        del target
-        del out[4 * at:]
-    return out
+    del target  # no view may hold the buffer while it shrinks
+    del out[4 * at:]
+    return memoryview(out)
 
 
 def resample(samples: npt.NDArray[np.float32], rate_in: int,

@@ -178,7 +178,7 @@ class Event:
     job_id: str
     sender: str  # the host that sends it: for a job's events, the host serving it
     detail: dict[str, Any] = field(default_factory=dict)
-    audio: bytes | bytearray = b""  # float32 little-endian samples
+    audio: bytes | memoryview = b""  # float32 little-endian samples
     entry: str = ""  # its id on the event stream, once read
 
     @property
@@ -192,7 +192,7 @@ def audio_bytes(samples: Samples) -> bytes:
     return np.asarray(samples, dtype="<f4").tobytes()
 
 
-def event_fields(event: Event) -> dict[str, bytes | bytearray]:
+def event_fields(event: Event) -> dict[str, bytes | memoryview]:
     return {"kind": event.kind.encode(), "job": event.job_id.encode(),
             "from": event.sender.encode(), "detail": json.dumps(event.detail).encode(),
             "audio": event.audio}

@@ -210,14 +210,14 @@ class _File:
     made: ResultAudio
     fmt: str
     id: int
-    frames: int  # as made
+    made_frames: int
     save: Callable[[bytes], None] | None  # writes the file where it goes (saving thread)
     sent: int = 0  # frames (as made) handed to the current child
     attempts: int = 0  # children that died with it in hand
 
     @property
     def audio_s(self) -> float:
-        return self.frames / self.made.made_rate
+        return self.made_frames / self.made.made_rate
 
     def describe(self) -> str:
         return f"{self.fmt} ({self.audio_s:.1f} s at {self.made.rate} Hz)"
@@ -326,7 +326,7 @@ class _Book:
         block = audio.frames_from(file.made.chunks, file.sent, FILE_STEP_FRAMES)
         first = file.sent == 0
         file.sent += len(block)
-        last = file.sent >= file.frames
+        last = file.sent >= file.made_frames
         step = next(self.ids)
         self.in_flight = _InFlight(step, file, None, time.monotonic(), last=last)
         return _FileBlock(step, file.id, file.fmt, file.made.rate, file.made.made_rate, block,
@@ -612,9 +612,11 @@ class Encoder:
         _settle(settle)
 
     def backlog_bytes(self) -> int:
-        """The audio this holds for the files waiting to be encoded, or being encoded."""
+        """The audio this holds for the files waiting to be encoded, being encoded, or
+        encoded and waiting to be saved (with their bytes)."""
         with self._lock:
-            return sum(file.made.nbytes for file in self._book.files)
+            return sum(file.made.nbytes for file in self._book.files) + \
+                sum(file.made.nbytes + len(data) for file, data in self._book.saving)
 
     def completed(self) -> list[Encoded]:
         """The files whose outcome came in since the last call."""

@@ -190,7 +190,7 @@ class JobResult:
         return asdict(replace(self, captions=None)) | {"audio_s": round(self.audio_s, 4)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: == would compare them element by element
 class ResultAudio:
     """A whole result's audio as it was made: the engine's chunks at `made_rate`, owed to
     the client at `rate`. Never joined or resampled on the supervisor's tick, where a long
@@ -212,7 +212,9 @@ class ResultAudio:
 
     @property
     def frames(self) -> int:
-        """Frames at `rate` (soxr's count, whole or streamed: checked in the tests)."""
+        """Frames at `rate`: soxr's count, or one off where the exact count ends in half a
+        frame (soxr rounds those either way: 24000 -> 22050 Hz, 400 frames make 367, 560
+        make 515). Files and events hold soxr's own frames."""
         made = self.made_frames
         return made if self.rate == self.made_rate else round(made * self.rate / self.made_rate)
 
@@ -221,7 +223,7 @@ class ResultAudio:
         return sum(chunk.nbytes for chunk in self.chunks)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Deferred:
     """A sink's answer to `deliver` when the result must be encoded first: the audio goes
     to the encoder process (encoding.py: native codecs never run in the supervisor), and

@@ -15,7 +15,6 @@ its audio out at the daemon's start.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
 import json
@@ -40,7 +39,7 @@ STORED_RATE = 24000
 MAX_PROMPT_TEXT_CHARS = 1000
 _NAME = re.compile(r"^[\w][\w .-]{0,63}$")
 _LANGUAGE = re.compile(r"^([A-Za-z]{2,8}([-_][A-Za-z0-9]{1,8})*)?$")
-_AUDIO_FILE = re.compile(r"^[0-9a-f]{64}\.flac$")
+_AUDIO_FILE = re.compile(r"[0-9a-f]{64}\.flac")  # fullmatch
 INLINE_AUDIO = "audio_flac"  # the audio in the JSON file (base64), as once written
 FORMAT_VERSION = 2  # 1: the audio inline
 _LOAD_TRIES = 3
@@ -130,22 +129,35 @@ class SpeakerStore:
 
     def load(self) -> list[Speaker]:
         """Every voice, with its audio. A voice replaced meanwhile deletes the audio file the
-        JSON file just read named: read again then."""
+        JSON file just read named: read again then. A voice whose audio is still missing (a
+        file restored without its audio directory) is left out and logged; the others load."""
         for _ in range(_LOAD_TRIES - 1):
-            with contextlib.suppress(FileNotFoundError):
-                return self._load()
-        return self._load()
+            speakers, missing = self._load()
+            if not missing:
+                return speakers
+        speakers, missing = self._load()
+        if missing:
+            log.warning("voice_audio_missing", voices=missing, audio_dir=str(self.audio_dir),
+                        message="these voices are unknown until they are registered again")
+        return speakers
 
-    def _load(self) -> list[Speaker]:
-        return [Speaker(name, entry["prompt_text"], _decode_flac(self._audio(entry)),
-                        entry.get("language", ""))
-                for name, entry in sorted(self._entries().items())]
+    def _load(self) -> tuple[list[Speaker], list[str]]:
+        speakers, missing = [], []
+        for name, entry in sorted(self._entries().items()):
+            try:
+                audio = self._audio(entry)
+            except FileNotFoundError:
+                missing.append(name)
+                continue
+            speakers.append(Speaker(name, entry["prompt_text"], _decode_flac(audio),
+                                    entry.get("language", "")))
+        return speakers, missing
 
     def _audio(self, entry: dict[str, Any]) -> bytes:
         if INLINE_AUDIO in entry:
             return base64.b64decode(entry[INLINE_AUDIO])
         name = str(entry["audio"])
-        if not _AUDIO_FILE.match(name):  # never a path out of the directory
+        if not _AUDIO_FILE.fullmatch(name):  # never a path out of the directory
             raise ValueError(f"a voice's audio is not named by its digest: {name!r}")
         return (self.audio_dir / name).read_bytes()
 
@@ -236,7 +248,7 @@ class SpeakerStore:
         """Delete the audio files no voice names any more (replaced or removed)."""
         named = {entry.get("audio") for entry in entries.values()}
         try:
-            files = [f for f in os.scandir(self.audio_dir) if _AUDIO_FILE.match(f.name)]
+            files = [f for f in os.scandir(self.audio_dir) if _AUDIO_FILE.fullmatch(f.name)]
         except FileNotFoundError:
             return
         for file in files:

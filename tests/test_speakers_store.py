@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import structlog.testing
 
 from cosyvoiced import speakers
 from cosyvoiced.speakers import SpeakerStore
@@ -75,3 +76,17 @@ def test_an_audio_name_that_is_not_a_digest_is_never_read(tmp_path: Path) -> Non
     path.write_text(json.dumps({"version": 2, "speakers": {"evil": entry}}))
     with pytest.raises(ValueError, match="not named by its digest"):
         SpeakerStore(path).load()
+
+
+def test_a_voice_whose_audio_is_missing_is_left_out_and_the_others_load(
+        tmp_path: Path) -> None:
+    """A file restored without its audio directory, or an audio file deleted by hand: that
+    voice is unknown (and logged), and every other voice still loads."""
+    store = SpeakerStore(tmp_path / "speakers.json")
+    store.add("kept", "Kept.", noise_recording(1.0, 5))
+    store.add("lost", "Lost.", noise_recording(1.0, 6))
+    lost = json.loads(store.path.read_text())["speakers"]["lost"]["audio"]
+    (store.audio_dir / lost).unlink()
+    with structlog.testing.capture_logs() as logged:
+        assert [speaker.name for speaker in store.load()] == ["kept"]
+    assert [(e["event"], e["voices"]) for e in logged] == [("voice_audio_missing", ["lost"])]

@@ -281,14 +281,20 @@ class InboxIntake:
                   captions.render(result.captions, job.captions)} \
             if job.captions is not None and result.captions is not None else {}
 
+        # The saving thread stages the file; the tick publishes it once the encoder's
+        # completion (taken under its lock) says so: `staged` is filled before it is read.
         claimed, staged = Claimed(job.origin), []
 
         def save(data: bytes) -> None:  # the encoder's saving thread
             staged.append(self._spool.stage_result(claimed, job.format, data))
 
         def publish(_saved: bytes) -> str:
-            return self._spool.publish_result(claimed, job.output, job.format, staged[0],
-                                              record, beside=beside)
+            try:
+                return self._spool.publish_result(claimed, job.output, job.format,
+                                                  staged[0], record, beside=beside)
+            except BaseException:
+                staged[0].unlink(missing_ok=True)  # not left in outbox/ until a restart
+                raise
 
         return Deferred(made, job.format, publish, save)
 
