@@ -37,8 +37,7 @@ def float32_bytes(made: ResultAudio) -> memoryview:
     5.0 on, as it does bytes.)"""
     out = bytearray(4 * (made.frames + 1))  # soxr may make one frame more (ResultAudio)
     target = np.frombuffer(out, dtype="<f4")
-    resampler = None if made.rate == made.made_rate else \
-        soxr.ResampleStream(made.made_rate, made.rate, 1, dtype="float32")
+    resampler = stream_resampler(made.made_rate, made.rate)
     at = 0
     for index, chunk in enumerate(made.chunks):
         piece = chunk if resampler is None else \
@@ -48,6 +47,12 @@ def float32_bytes(made: ResultAudio) -> memoryview:
     del target  # no view may hold the buffer while it shrinks
     del out[4 * at:]
     return memoryview(out)
+
+
+def stream_resampler(rate_in: int, rate_out: int) -> soxr.ResampleStream | None:
+    """soxr's resampler for audio that comes in pieces; None when the rates are the same."""
+    return None if rate_in == rate_out else soxr.ResampleStream(rate_in, rate_out, 1,
+                                                                dtype="float32")
 
 
 def resample(samples: npt.NDArray[np.float32], rate_in: int,

@@ -45,7 +45,6 @@ from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
-import soxr
 
 from cosyvoiced import audio, logs, speakers
 from cosyvoiced.intake import codecs
@@ -146,8 +145,7 @@ class _FileInHand:
 
     def __init__(self, block: _FileBlock) -> None:
         self.writer = audio.FileWriter(block.sample_rate, block.fmt)
-        self.resampler = None if block.made_rate == block.sample_rate else \
-            soxr.ResampleStream(block.made_rate, block.sample_rate, 1, dtype="float32")
+        self.resampler = audio.stream_resampler(block.made_rate, block.sample_rate)
 
     def write(self, block: _FileBlock) -> None:
         samples = block.samples
@@ -210,14 +208,13 @@ class _File:
     made: ResultAudio
     fmt: str
     id: int
-    made_frames: int
     save: Callable[[bytes], None] | None  # writes the file where it goes (saving thread)
     sent: int = 0  # frames (as made) handed to the current child
     attempts: int = 0  # children that died with it in hand
 
     @property
     def audio_s(self) -> float:
-        return self.made_frames / self.made.made_rate
+        return self.made.made_frames / self.made.made_rate
 
     def describe(self) -> str:
         return f"{self.fmt} ({self.audio_s:.1f} s at {self.made.rate} Hz)"
@@ -326,7 +323,7 @@ class _Book:
         block = audio.frames_from(file.made.chunks, file.sent, FILE_STEP_FRAMES)
         first = file.sent == 0
         file.sent += len(block)
-        last = file.sent >= file.made_frames
+        last = file.sent >= file.made.made_frames
         step = next(self.ids)
         self.in_flight = _InFlight(step, file, None, time.monotonic(), last=last)
         return _FileBlock(step, file.id, file.fmt, file.made.rate, file.made.made_rate, block,
@@ -601,7 +598,7 @@ class Encoder:
         tick) and the outcome's data is empty; an OSError from it fails the file."""
         if fmt not in REPLY_FORMATS:
             raise ValueError(f"no file format {fmt!r}")
-        file = _File(key, made, fmt, next(self._book.ids), made.made_frames, save)
+        file = _File(key, made, fmt, next(self._book.ids), save)
         settle: list[Callable[[], None]] = []
         with self._lock:
             self._book.files.append(file)

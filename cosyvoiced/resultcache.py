@@ -251,9 +251,8 @@ class _RecordingSink:
         recording = self._recording
         recording.native_rate = sample_rate
         recording.rate = job.sample_rate or sample_rate
-        if job.stream and recording.rate != sample_rate:
-            recording.resampler = soxr.ResampleStream(sample_rate, recording.rate, 1,
-                                                      dtype="float32")
+        if job.stream:
+            recording.resampler = audio.stream_resampler(sample_rate, recording.rate)
         self._sink.started(job, recording.rate)
 
     def chunk(self, job: Job, seq: int, samples: Samples) -> None:

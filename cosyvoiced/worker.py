@@ -21,9 +21,8 @@ from multiprocessing.connection import Connection
 from typing import cast
 
 import numpy as np
-import soxr
 
-from cosyvoiced import logs, pauses, workerstreams
+from cosyvoiced import audio, logs, pauses, workerstreams
 from cosyvoiced.config import EngineConfig
 from cosyvoiced.engines import (
     AlignedEngine,
@@ -138,10 +137,10 @@ def _heartbeat(channel: Channel, interval_s: float) -> None:
 
 def _resampled(chunks: Iterator[AudioChunk], rate_in: int,
                rate_out: int) -> Generator[AudioChunk, None, None]:
-    if rate_in == rate_out:
+    stream = audio.stream_resampler(rate_in, rate_out)
+    if stream is None:
         yield from chunks
         return
-    stream = soxr.ResampleStream(rate_in, rate_out, 1, dtype="float32")
     for chunk in chunks:
         out = stream.resample_chunk(chunk)
         if len(out):

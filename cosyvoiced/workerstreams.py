@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import soxr
 
-from cosyvoiced import logs, pauses
+from cosyvoiced import audio, logs, pauses
 from cosyvoiced.engines import AudioChunk, Engine, MultiStreamEngine, StreamOutput
 from cosyvoiced.memory import Memory
 from cosyvoiced.messages import (
@@ -121,8 +121,7 @@ class StreamLoop:
         except Exception as error:  # noqa: BLE001 - any fault ends this segment only
             self._end(job.id, failed(job.id, error, segment.index))
             return
-        resampler = None if rate == native_rate else \
-            soxr.ResampleStream(native_rate, rate, 1, dtype="float32")
+        resampler = audio.stream_resampler(native_rate, rate)
         self._open[stream_id] = _Open(segment, native_rate, rate, time.monotonic(), resampler)
 
     def _pause(self, segment: RunSegment, seconds: float, rate: int) -> None:
