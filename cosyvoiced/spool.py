@@ -290,11 +290,17 @@ class Spool:
                        record: dict[str, Any], *, beside: dict[str, bytes] | None = None
                        ) -> str:
         """Put the `staged` audio and the files `beside` it (extension -> bytes: captions) in
-        place, then its record (the commit point), then release the work file."""
+        place, then its record (the commit point), then release the work file. A staged file
+        that cannot be put in place is deleted, not left in outbox/ until a restart."""
         base, unique = self._result_names(output, claimed.job_id)
-        if _record_job_id(self.outbox / (base + RECORD_SUFFIX)) not in (None, claimed.job_id):
+        try:
+            taken = _record_job_id(self.outbox / (base + RECORD_SUFFIX))
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        if taken not in (None, claimed.job_id):
             base = unique  # another job's result has that name: never overwrite it
-        commit(staged, self.outbox / f"{base}.{extension}")
+        commit(staged, self.outbox / f"{base}.{extension}")  # deletes it if it cannot
         for kind, data in (beside or {}).items():
             atomic_write(self.outbox, f"{base}.{kind}", data)
         atomic_write(self.outbox, base + RECORD_SUFFIX,

@@ -289,12 +289,8 @@ class InboxIntake:
             staged.append(self._spool.stage_result(claimed, job.format, data))
 
         def publish(_saved: bytes) -> str:
-            try:
-                return self._spool.publish_result(claimed, job.output, job.format,
-                                                  staged[0], record, beside=beside)
-            except BaseException:
-                staged[0].unlink(missing_ok=True)  # not left in outbox/ until a restart
-                raise
+            return self._spool.publish_result(claimed, job.output, job.format, staged[0],
+                                              record, beside=beside)
 
         return Deferred(made, job.format, publish, save)
 
