@@ -11,8 +11,10 @@ UNITDIR ?= /lib/systemd/system
 
 LANE := .venv-cosyvoice
 LANE_BIN := $(LANE)/bin
+PIPECAT := .venv-pipecat
+PIPECAT_BIN := $(PIPECAT)/bin
 
-.PHONY: venv run test test-cosyvoice test-cosyvoice-checkout lint redis browser bench dist deb install clean
+.PHONY: venv run test test-cosyvoice test-cosyvoice-checkout test-pipecat lint redis browser bench dist deb install clean
 
 venv: $(VENV)/.installed
 
@@ -50,10 +52,23 @@ TEST_ENV = COSYVOICED_SCREENSHOTS=$(abspath $(SCREENSHOTS))
 # on the development machines) every daemon the suite starts compiled it again, 0.2 s of CPU each.
 test: lint redis browser
 	$(BIN)/python -m compileall -q cosyvoiced
-	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_TIMES) -m 'not serial' \
-		--ignore=tests/cosyvoice
+	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_TIMES) \
+		-m 'not serial and not pipecat' --ignore=tests/cosyvoice
 	$(TEST_ENV) $(BIN)/python -m pytest -m serial --ignore=tests/cosyvoice
+	$(MAKE) test-pipecat
 	$(MAKE) test-cosyvoice
+
+# Pipecat's ElevenLabs service against the daemon, in a virtualenv of its own: pipecat-ai
+# pins soundfile and soxr older than the daemon's, and the main suite runs on what an install
+# of the daemon gets. Here the daemon runs on pipecat's pins, which its own ranges allow.
+$(PIPECAT)/.installed: setup.cfg pyproject.toml
+	@test -x $(PIPECAT_BIN)/python || $(PYTHON) -m venv $(PIPECAT)
+	$(PIPECAT_BIN)/python -m pip install --quiet --upgrade pip
+	$(PIPECAT_BIN)/python -m pip install --quiet -e '.[test,test-pipecat]'
+	@touch $@
+
+test-pipecat: $(PIPECAT)/.installed
+	$(PIPECAT_BIN)/python -m pytest -m pipecat --ignore=tests/cosyvoice
 
 # The CosyVoice lane: a virtualenv of its own with torch and the real upstream inference
 # code from PyPI (cosyvoice-package 0.0.3 = upstream v1 at f65eca6, matcha-tts-package), run
@@ -191,4 +206,4 @@ install:
 	packaging/install.sh "$(DESTDIR)" "$(PREFIX)" "$(SYSCONFDIR)" "$(UNITDIR)"
 
 clean:
-	rm -rf $(VENV) $(LANE) $(GPU_VENV) build dist *.egg-info var $(SCREENSHOTS)
+	rm -rf $(VENV) $(LANE) $(PIPECAT) $(GPU_VENV) build dist *.egg-info var $(SCREENSHOTS)
