@@ -31,6 +31,7 @@ from cosyvoiced.intake import wyoming as wyoming_intake
 from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.inbox import SOURCE as INBOX_SOURCE
 from cosyvoiced.intake.inbox import InboxIntake
+from cosyvoiced.intake.tickbudget import TickBudget
 from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, Sink
 from cosyvoiced.jobs import JobBook
 from cosyvoiced.jobspec import Limits, build_job
@@ -50,6 +51,8 @@ CLAIM_RETRY_S = 1.0  # a claim that failed for want of descriptors or memory is 
 CLAIM_RETRIES = 60  # ...this many times before it fails as unreadable
 # Drop-folder files read, parsed and queued in one tick, at most: a folder of 1,500 long
 # texts, admitted at once, held the tick for 83 s (past WatchdogSec, every client waiting).
+# Within the network intakes' time budget too (tickbudget.py): 16 texts slow to split (20,000
+# characters of one-character sentences) held one tick 1.1 s.
 CLAIMS_PER_TICK = 16
 # Drop-folder jobs queued (read, parsed, waiting to start) at most: each holds its text and
 # segments (about 45 KB for 20,000 characters). More claimed files wait in work/, unread,
@@ -276,14 +279,15 @@ class Service:
             else:
                 self.claim(claimed, now, tries)
         room = MAX_QUEUED_DROPS - self._queued_drops()
-        for _ in range(min(CLAIMS_PER_TICK, room)):
-            if self._encoder_full():
-                break
+        budget = TickBudget(messages=min(CLAIMS_PER_TICK, room))
+        while budget.messages > 0 and not self._encoder_full():
             try:
                 claimed = self.claims.get_nowait()
             except queue.Empty:
                 return
             self.claim(claimed, now)
+            if not budget.spend(None):  # its text is counted by the clock (split on the tick)
+                break
         held_back = (room <= 0 or self._encoder_full()) and not self.claims.empty()
         if held_back and not self._drops_held_back:
             log.info("drops_held_back", queued=self._queued_drops(), message=HELD_BACK)

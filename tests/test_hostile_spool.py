@@ -259,6 +259,33 @@ def test_copies_of_a_cached_long_text_wait_for_the_encoder_in_the_drop_folder(
         daemon.stop()
 
 
+SLOW_TO_SPLIT = "a。" * 10_000  # the longest text, a sentence every 2 characters
+
+
+def test_a_burst_of_texts_slow_to_split_is_claimed_a_tick_budget_at_a_time(
+        tmp_path: Path) -> None:
+    """A drop-folder file is read, parsed, cleaned up and split on the tick as it is claimed:
+    16 of the slowest texts to split (the longest, in one-character sentences) held one
+    tick 1.1 s, every client and the watchdog with it. Claims stop once a tick has spent
+    the network intakes' budget (tickbudget.py) on them, and every file is still served."""
+    daemon = Daemon(tmp_path, engine=TONE, spool={"max_text_chars": len(SLOW_TO_SPLIT)})
+    daemon.start()
+    try:
+        staging = tmp_path / "burst"
+        staging.mkdir()
+        for n in range(CLAIMS_PER_TICK):
+            (staging / f"slow-{n:02}.txt").write_text(SLOW_TO_SPLIT)
+        for path in sorted(staging.iterdir()):
+            os.rename(path, daemon.inbox / path.name)
+        wait_until(lambda: len(daemon.log_events("job_queued")) >= CLAIMS_PER_TICK, 120,
+                   "every file to be claimed and queued")
+        held = [line for line in daemon.log_events("tick_slow") if "intakes" in line["steps"]]
+        assert not held, held
+        _serves_on(daemon, "after-a-burst-slow-to-split")
+    finally:
+        daemon.stop()
+
+
 DROPPED_WHILE_DOWN = 40_000
 
 

@@ -1,4 +1,5 @@
-"""How much of one supervisor tick a network intake's messages may take.
+"""How much of one supervisor tick a network intake's messages (and the drop folder's
+claims, service.py) may take.
 
 Each message is handled on the supervisor's thread, and a job's text is cleaned up and
 split there (about 2.5 microseconds a character: 50 ms for 20,000; three times that for a
