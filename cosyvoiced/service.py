@@ -17,6 +17,7 @@ import json
 import queue
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from cosyvoiced import admission, clients, logs, roster, voicerules
@@ -31,7 +32,7 @@ from cosyvoiced.intake import wyoming as wyoming_intake
 from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.inbox import SOURCE as INBOX_SOURCE
 from cosyvoiced.intake.inbox import InboxIntake
-from cosyvoiced.intake.tickbudget import TickBudget
+from cosyvoiced.intake.tickbudget import TickBudget, in_turn
 from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, Sink
 from cosyvoiced.jobs import JobBook
 from cosyvoiced.jobspec import Limits, build_job
@@ -73,13 +74,14 @@ log = logs.get_logger("cosyvoiced.supervisor")
 
 
 class Intakes:
-    """The four intakes, for the sinks of their jobs."""
+    """The four intakes: what they took in, and the sinks of their jobs."""
 
     def __init__(self, inbox: InboxIntake, zmq: zmq_intake.ZmqIntake,
                  http: http_intake.HttpIntake, wyoming: wyoming_intake.WyomingIntake,
                  in_flight: InFlight) -> None:
         self.inbox, self.zmq, self.http, self.wyoming = inbox, zmq, http, wyoming
         self.in_flight = in_flight  # each client's requests in flight, whichever intake's
+        self._turn = 0  # which intake takes first from this tick's budget
 
     @classmethod
     def build(cls, settings: Callable[[], Config], spool: Spool,  # noqa: PLR0917
@@ -93,6 +95,17 @@ class Intakes:
                                         in_flight),
                    http_intake.HttpIntake(lambda: settings().http, wake, encoder),
                    wyoming_intake.WyomingIntake(lambda: settings().wyoming, wake), in_flight)
+
+    def take_inbound(self, service: Service, now: float) -> None:
+        """The drop folder's claims and the network intakes' messages into `service`, each
+        in its turn at the tick's one budget (tickbudget.py)."""
+        takers = [partial(service.admit_claims, now), *(partial(intake.handle_inbound, service)
+                                                        for intake in (self.http, self.wyoming,
+                                                                       self.zmq))]
+        budget = TickBudget()
+        for take in in_turn(takers, self._turn):
+            take(budget)
+        self._turn += 1
 
     def all(self) -> tuple[InboxIntake, zmq_intake.ZmqIntake, http_intake.HttpIntake,
                            wyoming_intake.WyomingIntake]:
@@ -271,7 +284,9 @@ class Service:
         return str(self.spool.write_prompt(job_id, _prompt_name(job_id), prompt))
 
     # -- the drop folder's claims -----------------------------------------------------------
-    def admit_claims(self, now: float) -> None:
+    def admit_claims(self, now: float, budget: TickBudget) -> None:
+        """Claimed drop-folder files, read and queued within the tick's budget (and at most
+        CLAIMS_PER_TICK of them); claims that failed for want of descriptors, when due."""
         retries, self.claim_retries = self.claim_retries, []
         for due, tries, claimed in retries:
             if due > now:
@@ -279,15 +294,15 @@ class Service:
             else:
                 self.claim(claimed, now, tries)
         room = MAX_QUEUED_DROPS - self._queued_drops()
-        budget = TickBudget(messages=min(CLAIMS_PER_TICK, room))
-        while budget.messages > 0 and not self._encoder_full():
+        for _ in range(min(CLAIMS_PER_TICK, room)):
+            if budget.spent or self._encoder_full():
+                break
             try:
                 claimed = self.claims.get_nowait()
             except queue.Empty:
                 return
             self.claim(claimed, now)
-            if not budget.spend(None):  # its text is counted by the clock (split on the tick)
-                break
+            budget.spend(None)  # its text is counted by the clock (split on the tick)
         held_back = (room <= 0 or self._encoder_full()) and not self.claims.empty()
         if held_back and not self._drops_held_back:
             log.info("drops_held_back", queued=self._queued_drops(), message=HELD_BACK)

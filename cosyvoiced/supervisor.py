@@ -4,8 +4,8 @@ runs the workers and the tick, and stays out of the data path: jobs live in the 
 
 Signal handlers only record the signal. One tick acts, always in this order:
 1. signals (stop, reload);
-2. the intakes' queues into the service (drop-folder claims, ZeroMQ, HTTP, Wyoming), and a
-   dead intake thread is noticed;
+2. the intakes' queues into the service (drop-folder claims, ZeroMQ, HTTP, Wyoming: in
+   turns, within one budget), and a dead intake thread is noticed;
 3. the cluster's jobs and events (sharing.poll);
 4. encoded results published (the encoder process's);
 5. the workers' messages, to the catalog or the job book;
@@ -75,6 +75,7 @@ class Supervisor:
         claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
         intakes = Intakes.build(lambda: self.config, self.spool, claims, self.wake,
                                 self.encoder, lambda: self.service.limits)
+        self.intakes = intakes
         self.inbox, self.zmq, self.http, self.wyoming = intakes.all()
         self.service = Service(lambda: self.config, spool=self.spool, book=self.book,
                                cache=self.cache, speakers=speakers, metrics=self.metrics,
@@ -189,9 +190,7 @@ class Supervisor:
         self.notifier.ready()
 
     def _handle_intakes(self, now: float) -> None:
-        self.service.admit_claims(now)
-        for intake in (self.http, self.wyoming, self.zmq):
-            intake.handle_inbound(self.service)
+        self.intakes.take_inbound(self.service, now)
         self._watch_intakes(now)
 
     def _watch_intakes(self, now: float) -> None:

@@ -262,6 +262,8 @@ def test_copies_of_a_cached_long_text_wait_for_the_encoder_in_the_drop_folder(
 SLOW_TO_SPLIT = "a。" * 10_000  # the longest text, a sentence every 2 characters
 
 
+# No tick of 0.5 s is a bound on wall time: run alone.
+@pytest.mark.serial
 def test_a_burst_of_texts_slow_to_split_is_claimed_a_tick_budget_at_a_time(
         tmp_path: Path) -> None:
     """A drop-folder file is read, parsed, cleaned up and split on the tick as it is claimed:

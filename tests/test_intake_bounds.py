@@ -18,6 +18,7 @@ from cosyvoiced.intake.tickbudget import (
     MESSAGES_PER_TICK,
     SECONDS_PER_TICK,
     TickBudget,
+    in_turn,
 )
 from cosyvoiced.job import ErrorCode, Job, JobError
 
@@ -69,15 +70,42 @@ def test_a_reply_intake_handles_one_budget_a_tick_and_asks_for_the_next() -> Non
                                    Exchange(loop)))
         wakes.clear()
         service = _Refusing()
-        intake.handle_inbound(service)  # type: ignore[arg-type]
+        intake.handle_inbound(service, TickBudget())  # type: ignore[arg-type]
         assert service.asked == CHARS_PER_TICK // len(LONG)
         assert wakes, "the tick that left messages asked for the next"
         while service.asked < 10:
-            intake.handle_inbound(service)  # type: ignore[arg-type]
+            intake.handle_inbound(service, TickBudget())  # type: ignore[arg-type]
         assert not list(intake.inbound())
     finally:
         loop.close()
 
+
+def test_an_intake_takes_nothing_from_a_spent_budget_and_asks_for_the_next_tick() -> None:
+    """The tick's one budget, spent by the intakes before it: the messages wait, and the
+    next tick comes at once for them."""
+    wakes: list[int] = []
+    intake = ReplyIntake(lambda: wakes.append(1), "test-loop", lambda: 16)
+    loop = asyncio.new_event_loop()
+    try:
+        intake._put(Submission("job-0", {"text": "hi"}, clients.anonymous("c0"), Exchange(loop)))
+        wakes.clear()
+        service = _Refusing()
+        spent = TickBudget(messages=1)
+        spent.spend("another intake's message")
+        intake.handle_inbound(service, spent)  # type: ignore[arg-type]
+        assert (service.asked, len(wakes)) == (0, 1)
+        intake.handle_inbound(service, TickBudget())  # type: ignore[arg-type]
+        assert service.asked == 1
+    finally:
+        loop.close()
+
+
+def test_each_intake_takes_first_from_the_ticks_budget_in_its_turn() -> None:
+    takers = ["claims", "http", "wyoming", "zmq"]
+    firsts = [in_turn(takers, tick)[0] for tick in range(8)]
+    assert firsts == takers + takers
+    assert sorted(in_turn(takers, 3)) == sorted(takers)
+    assert in_turn([], 5) == []
 
 # -- every client's unread audio together ---------------------------------------------------
 def _job(job_id: str) -> Job:

@@ -377,10 +377,13 @@ class ReplyIntake:
             except queue.Empty:
                 return
 
-    def handle_inbound(self, service: Service) -> None:
-        """The messages the loop thread passed on, within one tick's budget (the rest at
-        the next tick, which comes at once)."""
-        budget = TickBudget()
+    def handle_inbound(self, service: Service, budget: TickBudget) -> None:
+        """The messages the loop thread passed on, within what is left of the tick's budget
+        (the rest at the next tick, which comes at once)."""
+        if budget.spent:
+            if not self._inbound.empty():
+                self._wake()
+            return
         for message in self.inbound():
             try:
                 self._handle(message, service)

@@ -1,5 +1,5 @@
-"""How much of one supervisor tick a network intake's messages (and the drop folder's
-claims, service.py) may take.
+"""How much of one supervisor tick the intakes' messages (and the drop folder's claims,
+service.py) may take, all of them together.
 
 Each message is handled on the supervisor's thread, and a job's text is cleaned up and
 split there (about 2.5 microseconds a character: 50 ms for 20,000; three times that for a
@@ -9,14 +9,21 @@ taking messages once it has handled MESSAGES_PER_TICK, or CHARS_PER_TICK of text
 SECONDS_PER_TICK on them, whichever comes first: the clock counts what the other two
 under-count (slow texts, prompts written to the spool, repeats found in the result cache).
 The rest wait for the next tick, which comes at once.
+
+One budget serves every intake in a tick: each with a budget of its own let a tick take
+each one's 0.1 s and more (the drop folder, ZeroMQ, HTTP and Wyoming each with a burst of
+texts slow to split held one tick 0.62 s). They take it in turns (`in_turn`): the first
+always handles one message, so none waits behind the others' floods for long.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 MESSAGES_PER_TICK = 64
 CHARS_PER_TICK = 200_000  # of text: about half a second of clean-up and splitting
@@ -40,5 +47,16 @@ class TickBudget:
         self.messages -= 1
         if isinstance(text, str):
             self.chars -= len(text)
-        return (self.messages > 0 and self.chars > 0
-                and self.clock() - self.started < self.seconds)
+        return not self.spent
+
+    @property
+    def spent(self) -> bool:
+        return (self.messages <= 0 or self.chars <= 0
+                or self.clock() - self.started >= self.seconds)
+
+
+def in_turn(takers: Sequence[T], tick: int) -> list[T]:
+    """`takers` in the order they take from tick number `tick`'s budget: each goes first in
+    its turn."""
+    first = tick % len(takers) if takers else 0
+    return [*takers[first:], *takers[:first]]

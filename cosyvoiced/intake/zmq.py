@@ -725,11 +725,15 @@ class ZmqIntake:
         while (message := self._inbound.take()) is not None:
             yield message
 
-    def handle_inbound(self, service: Service) -> None:
+    def handle_inbound(self, service: Service, budget: TickBudget) -> None:
         """The requests the socket thread took, and the clients it found gone (their jobs
-        are cancelled), on the supervisor's thread, as every intake does: within one tick's
-        budget, so that a flood never holds the tick (and WATCHDOG=1) for long."""
-        budget = TickBudget()
+        are cancelled), on the supervisor's thread, as every intake does: within what is
+        left of the tick's budget, so that a flood never holds the tick (and WATCHDOG=1)
+        for long."""
+        if budget.spent:
+            if self._inbound:
+                self._wake()
+            return
         for message in self.inbound():
             self._handle_message(message, service)
             text = message.header.get("text") if isinstance(message, Request) else None
