@@ -213,12 +213,12 @@ class Spool:
 
     # intake
     def inbox_names(self) -> Generator[str, None, None]:
-        """The job candidates in `inbox/`, in the directory's order, read as they are asked
-        for (a folder of a million files is never listed at once)."""
+        """Every name in `inbox/`, job candidate or not (a scan's step counts each name it
+        looks at), in the directory's order, read as they are asked for (a folder of a
+        million files is never listed at once)."""
         with os.scandir(self.inbox) as entries:
             for entry in entries:
-                if is_job_candidate(entry.name):
-                    yield entry.name
+                yield entry.name
 
     def claim(self, name: str, job_id: str) -> Claimed | None:
         """Take `inbox/name` for ourselves (under `short_name`); None if it is gone

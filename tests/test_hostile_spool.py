@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import queue
 import signal
 import time
 from collections.abc import Iterator
@@ -19,8 +20,9 @@ import pytest
 import soundfile
 
 from cosyvoiced.client import Client
+from cosyvoiced.intake.inbox import SCAN_STEP, InboxIntake
 from cosyvoiced.service import CLAIMS_PER_TICK, MAX_QUEUED_DROPS
-from cosyvoiced.spool import MAX_INPUT_NAME_BYTES
+from cosyvoiced.spool import MAX_INPUT_NAME_BYTES, Claimed, Spool
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, bounded, peak_rss_bytes, wait_until
 
@@ -286,6 +288,33 @@ def test_a_burst_of_texts_slow_to_split_is_claimed_a_tick_budget_at_a_time(
         _serves_on(daemon, "after-a-burst-slow-to-split")
     finally:
         daemon.stop()
+
+
+def test_a_scan_step_counts_every_name_it_looks_at_not_only_job_files(tmp_path: Path) -> None:
+    """Names that are not jobs (a writer's `.part`, dotfiles, audio) were skipped without
+    being counted against the step: a million writers' temp files were all looked at in one
+    tick (1.0 s; 0.69 s for 400,000). Here, 3 steps' worth of them and one job file take at
+    least 3 ticks, and the job is claimed."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    for n in range(3 * SCAN_STEP):
+        (spool.inbox / f".part-{n}.tmp").touch()
+    (spool.inbox / "the-job.txt").write_text("Found among the temp files.")
+    old = time.time() - 60  # still for longer than any scan's quiet time
+    os.utime(spool.inbox / "the-job.txt", (old, old))
+    claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
+    intake = InboxIntake(spool, claims, lambda: None)
+    intake.start()
+    try:
+        now, ticks = 1000.0, 0
+        while ticks == 0 or intake.next_scan == now:  # the rest at the next tick
+            now += 0.01
+            intake.rescan_if_due(now, RESCAN_INTERVAL_S)
+            ticks += 1
+    finally:
+        intake.stop()
+    assert ticks >= 3, f"{3 * SCAN_STEP} names looked at in {ticks} ticks"
+    assert claims.get_nowait().original_name == "the-job.txt"
 
 
 DROPPED_WHILE_DOWN = 40_000

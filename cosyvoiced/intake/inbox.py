@@ -50,8 +50,8 @@ JOB_SUFFIXES = ("txt", "json")
 # the scans that look for what the watch could not see (the first, and after an overflow),
 # the rescan interval for the periodic ones (a writer may pause longer than a second).
 QUIET_S = 1.0
-# Names a scan looks at (and claims) in one tick: a scan of 100,000 files dropped while the
-# daemon was down held its first tick for seconds.
+# Names a scan looks at (and claims) in one tick, job files or not: a scan of 100,000 files
+# dropped while the daemon was down held its first tick for seconds.
 SCAN_STEP = 500
 
 log = logs.get_logger("cosyvoiced.intake.inbox")
@@ -213,12 +213,16 @@ class InboxIntake:
         self.next_scan = now + (QUIET_S if self._soon else interval_s)
 
     def _scan_step(self, scan: _Scan) -> bool:
-        """Claim the next SCAN_STEP names of `scan` that have been still for its quiet_s
-        (noting those too fresh to take); False once none are left."""
+        """Look at the next SCAN_STEP names of `scan`, and claim the job files among them
+        that have been still for its quiet_s (noting those too fresh to take); False once
+        none are left. Every name counts: a million writers' temp files, skipped uncounted,
+        were all looked at in one tick (1 s)."""
         now = time.time()
         looked = 0
         for name in itertools.islice(scan.names, SCAN_STEP):
             looked += 1
+            if not is_job_candidate(name):
+                continue
             try:
                 changed = os.lstat(self._spool.inbox / name).st_mtime
             except FileNotFoundError:
