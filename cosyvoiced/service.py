@@ -52,8 +52,8 @@ CLAIM_RETRY_S = 1.0  # a claim that failed for want of descriptors or memory is 
 CLAIM_RETRIES = 60  # ...this many times before it fails as unreadable
 # Drop-folder files read, parsed and queued in one tick, at most: a folder of 1,500 long
 # texts, admitted at once, held the tick for 83 s (past WatchdogSec, every client waiting).
-# Within the network intakes' time budget too (tickbudget.py): 16 texts slow to split (20,000
-# characters of one-character sentences) held one tick 1.1 s.
+# Within the tick's one budget for every intake too (tickbudget.py): 16 texts slow to split
+# (20,000 characters of one-character sentences) held one tick 1.1 s.
 CLAIMS_PER_TICK = 16
 # Drop-folder jobs queued (read, parsed, waiting to start) at most: each holds its text and
 # segments (about 45 KB for 20,000 characters). More claimed files wait in work/, unread,

@@ -12,7 +12,7 @@ The rest wait for the next tick, which comes at once.
 
 One budget serves every intake in a tick: each with a budget of its own let a tick take
 each one's 0.1 s and more (the drop folder, ZeroMQ, HTTP and Wyoming each with a burst of
-texts slow to split held one tick 0.62 s). They take it in turns (`in_turn`): the first
+texts slow to split held one tick 0.57-0.73 s). They take it in turns (`in_turn`): the first
 always handles one message, so none waits behind the others' floods for long.
 """
 
