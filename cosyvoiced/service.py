@@ -328,7 +328,11 @@ class Service:
         recovering = claimed.job_id in self.recovering
         self.recovering.discard(claimed.job_id)  # admitted, failed or handed back: settled
         if self.stopping:
-            self.hand_back(claimed)
+            # One a crash left in work/ stays there, unread: the next start checks whether
+            # it ended before the crash (its record written, its file not yet released);
+            # handed back to the inbox, it would run again (and its crashes be forgotten).
+            if not recovering:
+                self.hand_back(claimed)
             return
         try:
             self._admit(claimed)

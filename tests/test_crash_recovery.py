@@ -3,10 +3,14 @@ the daemon itself), and the jobs around it are neither lost nor failed."""
 
 from __future__ import annotations
 
+import os
 import signal
 
+from cosyvoiced.client import Client
+from cosyvoiced.job import new_job_id
+from cosyvoiced.spool import Claimed
 from tests.conftest import DaemonFactory
-from tests.daemon import wait_until
+from tests.daemon import REPO, wait_until
 
 FAULTY = "tests.engines.faulty:load"
 
@@ -51,3 +55,40 @@ def test_a_job_queued_behind_during_the_crashes_still_runs(make_daemon: DaemonFa
     daemon.start()
     assert daemon.wait_failed("deadly.txt")["code"] == "daemon_crashed"
     daemon.wait_done("waiting.txt")
+
+
+BACKLOG = 300  # jobs ahead of it in work/: more than are queued at once (256)
+
+
+def test_a_job_that_ended_just_before_a_crash_is_not_run_again_by_a_stop_during_recovery(
+        make_daemon: DaemonFactory) -> None:
+    """A crash between a job's record (the commit point) and the release of its file leaves
+    the file in work/; the next start finds the record and only cleans up. But a stop that
+    came while the jobs a crash left were still being admitted handed this one back to the
+    inbox unchecked, and the start after ran it again: two results for one input. The
+    jobs a crash left stay in work/ now, for the next start to check."""
+    daemon = make_daemon(engine={"name": FAULTY})
+    fault = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
+             "COSYVOICED_TEST_THREAD_FAULT": "commit",
+             "COSYVOICED_TEST_COMMIT_CRASH": "ended-at-the-crash.json"}
+    daemon.start(extra_env=fault)
+    # Jobs the same crash leaves in work/ (a daemon reads work/ only at its start), older
+    # than the one that ends: they are admitted again before it, and fill the queue.
+    for n in range(BACKLOG):
+        left = Claimed.named(new_job_id(), f"backlog-{n:03}.txt")
+        (daemon.work / left.work_name).write_text("A job SLOW@0.05 left by the crash.")
+    with Client(daemon.endpoint) as client:
+        client.submit("It ends just before the crash.", output="ended-at-the-crash")
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    assert (daemon.outbox / "ended-at-the-crash.json").exists()
+    assert len(list(daemon.work.iterdir())) == BACKLOG + 1
+
+    daemon.start()  # recovering, and a stop at once, while the jobs left are admitted
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(60) == 0
+    daemon.start()
+    wait_until(lambda: not any(daemon.work.iterdir()) and not any(daemon.inbox.iterdir()),
+               120, "every job to end")
+    records = [p.name for p in daemon.outbox.glob("ended-at-the-crash*.json")]
+    assert records == ["ended-at-the-crash.json"], records
+    assert set(daemon.outcome_counts().values()) == {1}

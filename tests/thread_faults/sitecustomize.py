@@ -1,5 +1,6 @@
-"""Test double: a ZeroMQ socket thread that dies, for every Python process started with this
-directory first on PYTHONPATH and $COSYVOICED_TEST_THREAD_FAULT=zmq.
+"""Test doubles: a ZeroMQ socket thread that dies, for every Python process started with this
+directory first on PYTHONPATH and $COSYVOICED_TEST_THREAD_FAULT=zmq (the other values below
+are other faults of the supervisor's).
 
 A request whose header holds KILL_THIS_THREAD raises, in the socket thread, an exception that
 no handler of one message catches (as a bug in a library's thread would), so the thread
@@ -59,3 +60,22 @@ if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "tick":
         return _tick(self, now)
 
     _supervisor.Supervisor.tick = _tick_or_crash  # type: ignore[method-assign]
+
+if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "commit":
+    # The daemon dies (SIGKILL, as a native crash) just after it writes the result record
+    # named $COSYVOICED_TEST_COMMIT_CRASH, before it releases the job's file in work/: the
+    # window in which a job has ended but is still found in work/ at the next start.
+    import signal
+
+    from cosyvoiced import spool as _spool
+
+    _atomic_write = _spool.atomic_write
+    _record = os.environ["COSYVOICED_TEST_COMMIT_CRASH"]
+
+    def _write_and_crash(directory, name, *rest, **options):  # type: ignore[no-untyped-def]
+        written = _atomic_write(directory, name, *rest, **options)
+        if name == _record:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return written
+
+    _spool.atomic_write = _write_and_crash
