@@ -100,6 +100,34 @@ def test_an_intake_takes_nothing_from_a_spent_budget_and_asks_for_the_next_tick(
         loop.close()
 
 
+class _Cancelling:
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    def cancel(self, job_id: str) -> bool:
+        self.cancelled.append(job_id)
+        return True
+
+
+def test_a_client_too_slow_has_its_job_cancelled_whatever_is_left_of_the_budget() -> None:
+    """Its audio piles up in the daemon until the job is cancelled: that waits for no
+    budget (other intakes may have spent this tick's)."""
+    intake = _SmallBound(lambda: None, "test-loop", lambda: 16)
+    loop = asyncio.new_event_loop()  # never run: what is posted stays unread
+    try:
+        intake._routes["job-0"] = _Route(Exchange(loop), clients.anonymous("wyoming:0"))
+        chunk = np.zeros((300 << 10) // 4, dtype=np.float32)
+        for _ in range(4):  # 1.2 MiB unread, over its 1 MiB
+            intake.chunk(_job("job-0"), 0, chunk)
+        service = _Cancelling()
+        spent = TickBudget(messages=1)
+        spent.spend(None)
+        intake.handle_inbound(service, spent)  # type: ignore[arg-type]
+        assert service.cancelled == ["job-0"]
+    finally:
+        loop.close()
+
+
 def test_each_intake_takes_first_from_the_ticks_budget_in_its_turn() -> None:
     takers = ["claims", "http", "wyoming", "zmq"]
     firsts = [in_turn(takers, tick)[0] for tick in range(8)]

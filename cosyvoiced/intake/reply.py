@@ -378,8 +378,10 @@ class ReplyIntake:
                 return
 
     def handle_inbound(self, service: Service, budget: TickBudget) -> None:
-        """The messages the loop thread passed on, within what is left of the tick's budget
-        (the rest at the next tick, which comes at once)."""
+        """The jobs of clients too slow to read them, cancelled (whatever the budget: their
+        audio piles up here); then the messages the loop thread passed on, within what is
+        left of the tick's budget (the rest at the next tick, which comes at once)."""
+        self._cancel_overflowed(service)
         if budget.spent:
             if not self._inbound.empty():
                 self._wake()
@@ -399,6 +401,8 @@ class ReplyIntake:
                 if not self._inbound.empty():
                     self._wake()
                 break
+
+    def _cancel_overflowed(self, service: Service) -> None:
         for job_id in self._overflowed:
             log.warning("client_too_slow", job=job_id, source=self.source,
                         max_buffered_bytes=self.max_buffered_bytes())
