@@ -28,7 +28,6 @@ down; one file's bytes (at most the size of its WAV) or one call's bytes up.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import itertools
 import multiprocessing
@@ -46,7 +45,7 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from cosyvoiced import audio, logs, speakers
+from cosyvoiced import audio, lifeline, logs, speakers
 from cosyvoiced.intake import codecs
 from cosyvoiced.job import REPLY_FORMATS, ErrorCode, JobError, JobFailure, ResultAudio
 
@@ -60,7 +59,6 @@ _POLL_S = 0.25  # how often the reader looks at the clock for a hung step
 _REAP_S = 5.0  # how long a child whose pipe closed may take to be reaped, before SIGKILL
 _QUICK_DEATH_S = 2.0  # a child that dies younger than this delays its successor
 _MAX_RESTART_DELAY_S = 5.0
-_PR_SET_PDEATHSIG = 1
 
 
 # -- what crosses the pipes --------------------------------------------------------------------
@@ -119,8 +117,7 @@ class _Reply:
 def _child_main(requests: Connection, replies: Connection) -> None:
     """Entry point of the encoder process: serve steps until the request pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    # If the supervisor is SIGKILLed, go with it instead of lingering as an orphan.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    lifeline.die_with_parent()  # a SIGKILLed supervisor takes the encoder too
     files: dict[int, _FileInHand] = {}
     streams: dict[int, codecs.StreamEncoder] = {}
     try:

@@ -8,7 +8,6 @@ heartbeat thread reports liveness and memory independently of the job in hand.
 
 from __future__ import annotations
 
-import ctypes
 import io
 import os
 import signal
@@ -22,7 +21,7 @@ from typing import cast
 
 import numpy as np
 
-from cosyvoiced import audio, logs, pauses, workerstreams
+from cosyvoiced import audio, lifeline, logs, pauses, workerstreams
 from cosyvoiced.config import EngineConfig
 from cosyvoiced.engines import (
     AlignedEngine,
@@ -61,7 +60,6 @@ from cosyvoiced.segmentprep import (
 from cosyvoiced.stages import SegmentStages
 
 WARMUP_TEXT = "Ready."
-_PR_SET_PDEATHSIG = 1
 
 log = logs.get_logger("cosyvoiced.worker")
 
@@ -95,12 +93,6 @@ class Channel:
 
 class _Cancelled(Exception):
     pass
-
-
-def _die_with_parent() -> None:
-    # If the supervisor is SIGKILLed, take the worker down too instead of orphaning the model.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class _ProbeFailures:
@@ -320,7 +312,7 @@ def main(conn: Connection, config: EngineConfig, log_level: str,
     """Entry point of the worker process (started with the `spawn` method)."""
     place(placement)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    _die_with_parent()
+    lifeline.die_with_parent()  # a SIGKILLed supervisor takes the worker (and model) too
     channel = Channel(conn)
     logs.configure_worker(log_level, lambda level, line: channel.send(LogLine(level, line)))
     sys.stdout, sys.stderr = _OutputToLog("stdout"), _OutputToLog("stderr")

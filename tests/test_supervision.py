@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import pytest
 
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, assert_speech, wait_until
+from tests.daemon import REPO, Daemon, assert_speech, wait_until
 
 FAULTY = "tests.engines.faulty:load"
 QUICK = {"job_timeout_s": 2.0, "kill_grace_s": 1.0, "heartbeat_interval_s": 0.5,
@@ -343,3 +344,56 @@ def test_a_gpu_host_with_only_cpu_workers_is_told_so(make_daemon: DaemonFactory)
     (warning,) = daemon.log_events("gpus_unused")
     assert warning["gpus"] >= 1
     assert "worker.devices" in warning["message"]
+
+
+SPAWN_DELAY_S = 3.0
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` now."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_child_still_starting_when_the_supervisor_is_killed_goes_with_it(
+        make_daemon: DaemonFactory) -> None:
+    """A child asks the kernel to kill it with its parent (PR_SET_PDEATHSIG) once it runs,
+    a second or more after it is spawned; a supervisor SIGKILLed before that left a worker
+    loading its model for good (one such was found 40 minutes after its test). The child
+    now sees, once it has asked, whether its parent is already gone, and goes."""
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:never_ready"},
+                         worker={"start_timeout_s": 3600.0})
+    slow = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
+            "COSYVOICED_TEST_THREAD_FAULT": "slow_spawn",
+            "COSYVOICED_TEST_SPAWN_DELAY_S": str(SPAWN_DELAY_S)}
+    daemon.start(extra_env=slow, wait_ready=False)
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    spawned = wait_until(lambda: [child for child in _children(pid)
+                                  if b"--multiprocessing-fork" in
+                                  Path(f"/proc/{child}/cmdline").read_bytes()], 30,
+                         "the worker and the encoder to be spawned")
+    daemon.kill_hard()  # before they are past their slow start
+    try:
+        wait_until(lambda: not any(_running(child) for child in spawned),
+                   SPAWN_DELAY_S + 20, "the children to go with their supervisor")
+    finally:
+        for child in spawned:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)

@@ -79,3 +79,12 @@ if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "commit":
         return written
 
     _spool.atomic_write = _write_and_crash
+
+if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "slow_spawn":
+    # Every process the daemon spawns (workers, the encoder) takes this long to start: a
+    # supervisor killed meanwhile dies before its child could ask to die with it.
+    import time
+
+    with open("/proc/self/cmdline", "rb") as _cmdline:
+        if b"--multiprocessing-fork" in _cmdline.read():
+            time.sleep(float(os.environ["COSYVOICED_TEST_SPAWN_DELAY_S"]))
