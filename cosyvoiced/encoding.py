@@ -55,7 +55,7 @@ FILE_STEP_FRAMES = 1 << 20  # 47 s at 22050 Hz: a Vorbis block takes well under 
 STEP_TIMEOUT_S = 120.0  # one step of a child that answers nothing for this long: it is hung
 MAX_ATTEMPTS = 2  # children that may die with one file in hand
 IN_PROCESS_STREAMS = ("pcm", "wav")  # numpy only: no native code, no pipe round trip
-_POLL_S = 0.25  # how often the reader looks at the clock for a hung step
+_POLL_S = 0.25  # how often the reader (and the idle sender) look at the clock for a hung step
 _REAP_S = 5.0  # how long a child whose pipe closed may take to be reaped, before SIGKILL
 _QUICK_DEATH_S = 2.0  # a child that dies younger than this delays its successor
 _MAX_RESTART_DELAY_S = 5.0
@@ -669,14 +669,21 @@ class Encoder:
         while True:
             settle: list[Callable[[], None]] = []
             with self._lock:
-                self._lock.wait_for(lambda: self._stopping or (
+                due = self._lock.wait_for(lambda: self._stopping or (
                     self._book.in_flight is None and self._requests is not None and
-                    self._book.has_work()))
+                    self._book.has_work()), _POLL_S)
                 if self._stopping:
                     return
-                request = self._book.next_request(self._generation, settle)
-                pipe = self._requests
-                self._sending = request is not None
+                if due:
+                    request = self._book.next_request(self._generation, settle)
+                    pipe = self._requests
+                    self._sending = request is not None
+            if not due:
+                # The receiving thread looks at the clock only between two reads: a child
+                # that stops partway through a reply holds it in that read. This thread is
+                # idle whenever a step is in flight, so it looks too.
+                self._kill_if_hung()
+                continue
             _settle(settle)
             if request is not None and pipe is not None:
                 self._send(pipe, request)

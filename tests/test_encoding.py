@@ -345,6 +345,28 @@ def test_a_hung_child_is_killed_and_its_file_retried(tmp_path: Path, woken: Woke
         encoder.stop(STOP_TIMEOUT_S)
 
 
+def test_a_child_that_stops_partway_through_a_reply_is_killed_and_its_file_retried(
+        tmp_path: Path, woken: Woken, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the receiving thread watched for hung steps, between two reads: a child that
+    stopped after the first bytes of a file's reply left it waiting in that read for good,
+    and every file and stream behind it. The sending thread, idle while a step is in
+    flight, watches too."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests" / "thread_faults"),
+                                                      str(REPO)]))
+    monkeypatch.setenv("COSYVOICED_TEST_THREAD_FAULT", "stop_mid_reply")
+    monkeypatch.setenv("COSYVOICED_TEST_STOP_ONCE", str(tmp_path / "stopped-once"))
+    encoder = Encoder(woken.wake, step_timeout_s=4.0)
+    encoder.start()  # the child it spawns runs tests/thread_faults/sitecustomize.py
+    try:
+        encoder.submit("cut-short", ResultAudio.of(tone(150), RATE), "wav")  # a 6.6 MB reply
+        wait_until((tmp_path / "stopped-once").exists, ENCODE_TIMEOUT_S,
+                   "the child to stop partway through its reply")
+        outcome = woken.wait_for(encoder, "cut-short")["cut-short"]
+        assert_encoded(tmp_path, outcome, "wav", RATE, 150)
+    finally:
+        encoder.stop(STOP_TIMEOUT_S)
+
+
 def test_stop_returns_in_time_even_when_the_child_is_hung(woken: Woken) -> None:
     encoder = Encoder(woken.wake)
     encoder.start()

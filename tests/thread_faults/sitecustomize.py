@@ -88,3 +88,23 @@ if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "slow_spawn":
     with open("/proc/self/cmdline", "rb") as _cmdline:
         if b"--multiprocessing-fork" in _cmdline.read():
             time.sleep(float(os.environ["COSYVOICED_TEST_SPAWN_DELAY_S"]))
+
+if os.environ.get("COSYVOICED_TEST_THREAD_FAULT") == "stop_mid_reply":
+    # The encoder's child stops (SIGSTOP) partway through sending a reply of over 1 MiB, once
+    # (the file $COSYVOICED_TEST_STOP_ONCE is made then): its parent is left mid-read.
+    import signal
+    import struct
+    from multiprocessing import connection
+
+    _send_bytes = connection.Connection._send_bytes  # type: ignore[attr-defined]
+    _once = os.environ["COSYVOICED_TEST_STOP_ONCE"]
+
+    def _stop_mid_reply(self, buf):  # type: ignore[no-untyped-def]
+        if len(buf) > 1 << 20 and not os.path.exists(_once):
+            open(_once, "w").close()
+            self._send(struct.pack("!i", len(buf)))
+            self._send(bytes(memoryview(buf)[:1 << 16]))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return _send_bytes(self, buf)
+
+    connection.Connection._send_bytes = _stop_mid_reply  # type: ignore[attr-defined]
