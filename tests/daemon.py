@@ -76,6 +76,22 @@ def out_of_descriptors(daemon: Daemon, port: int, spare: int = 8,
             sock.close()
 
 
+def thread_fault(fault: str, **settings: str) -> dict[str, str]:
+    """The environment that turns on `fault` of tests/thread_faults/sitecustomize.py (with
+    its COSYVOICED_TEST_* `settings`) in every Python process started with it."""
+    return {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
+            "COSYVOICED_TEST_THREAD_FAULT": fault, **settings}
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def peak_rss_bytes(pid: int) -> int:
     """The process's peak resident memory so far (VmHWM): what a burst made it hold."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

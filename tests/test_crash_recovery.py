@@ -3,14 +3,13 @@ the daemon itself), and the jobs around it are neither lost nor failed."""
 
 from __future__ import annotations
 
-import os
 import signal
 
 from cosyvoiced.client import Client
 from cosyvoiced.job import new_job_id
 from cosyvoiced.spool import Claimed
 from tests.conftest import DaemonFactory
-from tests.daemon import REPO, wait_until
+from tests.daemon import thread_fault, wait_until
 
 FAULTY = "tests.engines.faulty:load"
 
@@ -68,9 +67,7 @@ def test_a_job_that_ended_just_before_a_crash_is_not_run_again_by_a_stop_during_
     inbox unchecked, and the start after ran it again: two results for one input. The
     jobs a crash left stay in work/ now, for the next start to check."""
     daemon = make_daemon(engine={"name": FAULTY})
-    fault = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
-             "COSYVOICED_TEST_THREAD_FAULT": "commit",
-             "COSYVOICED_TEST_COMMIT_CRASH": "ended-at-the-crash.json"}
+    fault = thread_fault("commit", COSYVOICED_TEST_COMMIT_CRASH="ended-at-the-crash.json")
     daemon.start(extra_env=fault)
     # Jobs the same crash leaves in work/ (a daemon reads work/ only at its start), older
     # than the one that ends: they are admitted again before it, and fill the queue.

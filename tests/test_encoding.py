@@ -29,7 +29,7 @@ from cosyvoiced import audio
 from cosyvoiced.encoding import FILE_STEP_FRAMES, Encoded, EncodeFailed, Encoder
 from cosyvoiced.job import REPLY_FORMATS, ErrorCode, ResultAudio
 from tests.audiofile import decode_with_ffmpeg
-from tests.daemon import REPO, wait_until
+from tests.daemon import REPO, thread_fault, wait_until
 
 RATE = 22050
 # spool.max_text_chars = 20,000 characters at up to 0.08 s each: 1,600 s is the longest job.
@@ -351,10 +351,9 @@ def test_a_child_that_stops_partway_through_a_reply_is_killed_and_its_file_retri
     stopped after the first bytes of a file's reply left it waiting in that read for good,
     and every file and stream behind it. The sending thread, idle while a step is in
     flight, watches too."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests" / "thread_faults"),
-                                                      str(REPO)]))
-    monkeypatch.setenv("COSYVOICED_TEST_THREAD_FAULT", "stop_mid_reply")
-    monkeypatch.setenv("COSYVOICED_TEST_STOP_ONCE", str(tmp_path / "stopped-once"))
+    fault = thread_fault("stop_mid_reply", COSYVOICED_TEST_STOP_ONCE=str(tmp_path / "stopped-once"))
+    for name, value in fault.items():
+        monkeypatch.setenv(name, value)
     encoder = Encoder(woken.wake, step_timeout_s=4.0)
     encoder.start()  # the child it spawns runs tests/thread_faults/sitecustomize.py
     try:

@@ -33,7 +33,7 @@ from cosyvoiced import config
 from cosyvoiced.client import Client
 from cosyvoiced.job import MAX_ERROR_MESSAGE_CHARS
 from tests.conftest import DaemonFactory
-from tests.daemon import REPO, Daemon, free_port, peak_rss_bytes, wait_until
+from tests.daemon import Daemon, free_port, peak_rss_bytes, thread_fault, wait_until
 from tests.test_http_limits import _closed_by_peer, _read_response, connected
 
 KEY = "sk-hostile-http-0123456789"
@@ -450,9 +450,7 @@ def test_clone_prompts_waiting_for_a_stalled_supervisor_are_bounded(
     daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
                          http={"listen": f"127.0.0.1:{port}", "max_upload_bytes": "256KiB"})
     stall = daemon.root / "stall-the-tick"
-    daemon.start(extra_env={
-        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
-        "COSYVOICED_TEST_THREAD_FAULT": "stall", "COSYVOICED_TEST_TICK_STALL": str(stall)})
+    daemon.start(extra_env=thread_fault("stall", COSYVOICED_TEST_TICK_STALL=str(stall)))
     audio = base64.b64encode(os.urandom(180_000)).decode()  # 5 fit in 1 MiB, 6 do not
     body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "Hello.",
                        "clone": {"audio": audio}}).encode()
@@ -484,9 +482,7 @@ def test_a_removal_answered_503_while_stalled_does_not_happen_later(
                          engine__cosyvoice={"speakers_file": "state/speakers.json"},
                          http={"listen": f"127.0.0.1:{port}"})
     stall = daemon.root / "stall-the-tick"
-    daemon.start(extra_env={
-        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
-        "COSYVOICED_TEST_THREAD_FAULT": "stall", "COSYVOICED_TEST_TICK_STALL": str(stall)})
+    daemon.start(extra_env=thread_fault("stall", COSYVOICED_TEST_TICK_STALL=str(stall)))
     recording = io.BytesIO()
     soundfile.write(recording, 0.3 * np.sin(np.arange(32000) / 16000 * 2 * np.pi * 180),
                     16000, format="WAV")
@@ -528,9 +524,7 @@ def test_a_question_the_stalled_supervisor_does_not_answer_gets_503_unresponsive
     daemon = make_daemon(engine={"name": "tests.engines.faulty:load"},
                          http={"listen": f"127.0.0.1:{port}"})
     stall = daemon.root / "stall-the-tick"
-    daemon.start(extra_env={
-        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
-        "COSYVOICED_TEST_THREAD_FAULT": "stall", "COSYVOICED_TEST_TICK_STALL": str(stall)})
+    daemon.start(extra_env=thread_fault("stall", COSYVOICED_TEST_TICK_STALL=str(stall)))
     served = Served(daemon, ("127.0.0.1", port))
     voices = b"GET /v1/audio/voices HTTP/1.1\r\nHost: localhost\r\n\r\n"
     socket_head = (b"GET /v1/text-to-speech/tone/multi-stream-input HTTP/1.1\r\nHost: localhost\r\n"

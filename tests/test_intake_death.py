@@ -5,7 +5,6 @@ so that systemd restarts it."""
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 
@@ -13,7 +12,7 @@ import zmq
 
 from cosyvoiced import config
 from tests.conftest import DaemonFactory
-from tests.daemon import REPO, free_port, wait_until
+from tests.daemon import free_port, thread_fault, wait_until
 
 EXIT_INTAKE_DIED = 4
 
@@ -31,8 +30,7 @@ def test_a_dead_zmq_thread_stops_the_daemon_with_exit_code_4(make_daemon: Daemon
                          http={"listen": f"127.0.0.1:{free_port()}"},
                          metrics={"listen": f"127.0.0.1:{free_port()}"},
                          worker={"drain_timeout_s": 30.0})
-    fault = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
-             "COSYVOICED_TEST_THREAD_FAULT": "zmq"}
+    fault = thread_fault("zmq")
     daemon.start(extra_env=fault)
     settings = config.load(daemon.config_path)
     assert _get(f"http://{settings.http.listen}/readyz")[0] == 200

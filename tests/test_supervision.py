@@ -15,7 +15,7 @@ import pytest
 
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
-from tests.daemon import REPO, Daemon, assert_speech, wait_until
+from tests.daemon import Daemon, assert_speech, process_alive, thread_fault, wait_until
 
 FAULTY = "tests.engines.faulty:load"
 QUICK = {"job_timeout_s": 2.0, "kill_grace_s": 1.0, "heartbeat_interval_s": 0.5,
@@ -363,14 +363,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_a_child_still_starting_when_the_supervisor_is_killed_goes_with_it(
         make_daemon: DaemonFactory) -> None:
     """A child asks the kernel to kill it with its parent (PR_SET_PDEATHSIG) once it runs,
@@ -379,9 +371,7 @@ def test_a_child_still_starting_when_the_supervisor_is_killed_goes_with_it(
     now sees, once it has asked, whether its parent is already gone, and goes."""
     daemon = make_daemon(engine={"name": "tests.engines.faulty:never_ready"},
                          worker={"start_timeout_s": 3600.0})
-    slow = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
-            "COSYVOICED_TEST_THREAD_FAULT": "slow_spawn",
-            "COSYVOICED_TEST_SPAWN_DELAY_S": str(SPAWN_DELAY_S)}
+    slow = thread_fault("slow_spawn", COSYVOICED_TEST_SPAWN_DELAY_S=str(SPAWN_DELAY_S))
     daemon.start(extra_env=slow, wait_ready=False)
     assert daemon.process is not None
     pid = daemon.process.pid
@@ -391,7 +381,7 @@ def test_a_child_still_starting_when_the_supervisor_is_killed_goes_with_it(
                          "the worker and the encoder to be spawned")
     daemon.kill_hard()  # before they are past their slow start
     try:
-        wait_until(lambda: not any(_running(child) for child in spawned),
+        wait_until(lambda: not any(process_alive(child) for child in spawned),
                    SPAWN_DELAY_S + 20, "the children to go with their supervisor")
     finally:
         for child in spawned:

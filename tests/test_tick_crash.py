@@ -5,11 +5,8 @@ recovered at the next start, as after any crash."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from tests.conftest import DaemonFactory
-from tests.daemon import REPO, wait_until
+from tests.daemon import process_alive, thread_fault, wait_until
 
 EXIT_CRASHED = 5
 
@@ -18,8 +15,7 @@ def test_a_tick_that_raises_ends_the_daemon_and_its_workers_at_once(
         make_daemon: DaemonFactory) -> None:
     daemon = make_daemon(engine={"name": "tests.engines.faulty:load"})
     marker = daemon.root / "crash-the-tick"
-    fault = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "thread_faults"), str(REPO)]),
-             "COSYVOICED_TEST_THREAD_FAULT": "tick", "COSYVOICED_TEST_TICK_CRASH": str(marker)}
+    fault = thread_fault("tick", COSYVOICED_TEST_TICK_CRASH=str(marker))
     daemon.start(extra_env=fault)
     text = "A job in hand when the tick breaks SLOW@3 here."
     daemon.drop("in-hand.txt", text)
@@ -31,15 +27,6 @@ def test_a_tick_that_raises_ends_the_daemon_and_its_workers_at_once(
     (crashed,) = daemon.log_events("supervisor_crashed")
     assert crashed["level"] == "critical"
     assert "a test double crashed the tick" in str(crashed)
-    wait_until(lambda: not _alive(worker), 10, "the worker to die with it")
+    wait_until(lambda: not process_alive(worker), 10, "the worker to die with it")
     daemon.start()  # the service manager's restart, without the fault
     daemon.wait_done("in-hand.txt")
-
-
-def _alive(pid: int) -> bool:
-    """A process that runs (a zombie waiting to be reaped does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
