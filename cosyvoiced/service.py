@@ -408,7 +408,10 @@ class Service:
                                             "the daemon is stopping; send the request again"))
         else:
             self.book.release(running)
-            self.hand_back(Claimed(job.origin))
+            # One that took the daemon down before stays in work/ with its count: handed
+            # back, it would be a new job to the poison rule (claimed under a new id).
+            if not self.spool.attempts_of(job.id):
+                self.hand_back(Claimed(job.origin))
 
     def drain(self, deadline_passed: bool) -> set[int] | None:
         """Stopping: jobs not started here are released at once; None while the jobs in

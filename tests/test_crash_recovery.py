@@ -52,7 +52,7 @@ def test_a_job_queued_behind_during_the_crashes_still_runs(make_daemon: DaemonFa
     daemon.start(wait_ready=False)
     assert daemon.wait_exit(60) == -signal.SIGKILL
     daemon.start()
-    assert daemon.wait_failed("deadly.txt")["code"] == "daemon_crashed"
+    assert daemon.wait_failed("deadly.txt", 60)["code"] == "daemon_crashed"
     daemon.wait_done("waiting.txt")
 
 
@@ -89,3 +89,34 @@ def test_a_job_that_ended_just_before_a_crash_is_not_run_again_by_a_stop_during_
     records = [p.name for p in daemon.outbox.glob("ended-at-the-crash*.json")]
     assert records == ["ended-at-the-crash.json"], records
     assert set(daemon.outcome_counts().values()) == {1}
+
+
+AHEAD = 40  # jobs left in work/ before the deadly one: it waits its turn behind them
+
+
+def test_a_job_that_crashed_the_daemon_keeps_its_count_through_a_stop_before_it_ran_again(
+        make_daemon: DaemonFactory) -> None:
+    """A job recovered after it took the daemon down, queued, then released by a stop
+    before its turn came, went back to the inbox with its count of crashes cleared: it was
+    a new job at the next start, and took the daemon down twice more. It stays in work/,
+    its count with it."""
+    daemon = make_daemon(engine={"name": FAULTY}, worker={"heartbeat_interval_s": 0.5})
+    daemon.start()
+    for n in range(AHEAD):  # older than the deadly job: recovered and queued before it
+        ahead = Claimed.named(new_job_id(), f"ahead-{n:02}.txt")
+        (daemon.work / ahead.work_name).write_text("A job SLOW@0.5 left by the crash.")
+    daemon.drop("deadly.txt", "This text KILL_DAEMON takes the service down.")
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    deadly = next(Claimed(p.name) for p in daemon.work.glob("*deadly.txt")).job_id
+
+    daemon.start()  # recovered and queued behind the others; a stop before its turn
+    wait_until(lambda: any(e["job"] == deadly for e in daemon.log_events("job_queued")),
+               60, "the deadly job to be queued again")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(60) == 0
+    assert "deadly.txt" not in daemon.outcome_counts(), "it never ran in that life"
+
+    daemon.start(wait_ready=False)  # its second crash
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    daemon.start()
+    assert daemon.wait_failed("deadly.txt", 60)["code"] == "daemon_crashed"
