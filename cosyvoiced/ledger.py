@@ -123,7 +123,9 @@ class Ledger:
         self.written: dict[str, Job] = {}  # done, its file being encoded and written
         self.repeating: dict[str, Job] = {}  # found in the result cache, waiting to be played
         self.crashes: dict[str, int] = {}
-        self.counts = {"done": 0, "failed": 0, "cancelled": 0}
+        # undelivered: done, but the client did not get the whole reply (not an outcome:
+        # the job was made; what the client got is told apart here, as an operator asks)
+        self.counts = {"done": 0, "failed": 0, "cancelled": 0, "undelivered": 0}
 
     def __len__(self) -> int:
         """Jobs not ended: queued or in progress."""
@@ -197,6 +199,12 @@ class Ledger:
         while len(self.finished) > HISTORY:
             forgotten, _ = self.finished.popitem(last=False)
             self.finished_owners.pop(forgotten, None)
+
+    def undelivered(self, job_id: str) -> None:
+        """A job ended done, and its client did not get the whole reply."""
+        self.counts["undelivered"] += 1
+        if job_id in self.finished:
+            self.finished[job_id]["delivered"] = False
 
     def writing(self, job: Job) -> None:
         """The job's audio is complete; its file is being encoded and written."""

@@ -150,6 +150,10 @@ class Metrics:
         self.cluster_connected = Gauge("cosyvoiced_cluster_connected",
                                        "1 while the cluster's Redis answers (cluster.redis)",
                                        registry=r)
+        self.replies_undelivered = Counter(
+            "cosyvoiced_replies_undelivered", "Jobs done whose client did not get the whole "
+            "reply (it left or stopped reading, or the rest could not be encoded), by intake",
+            ["source"], registry=r)
         self.jobs_taken_over = Counter("cosyvoiced_jobs_taken_over",
                                        "Shared jobs taken from a host that stopped answering",
                                        registry=r)

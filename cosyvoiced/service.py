@@ -129,8 +129,7 @@ class Service:
         self.in_flight = intakes.in_flight  # each client's requests, counted for admission
         self.repeats = Repeats()  # found in the result cache, played at `settle`
         config = settings()
-        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format,
-                             config.spool.normalize)
+        self.limits = _limits(config)
         self.sharing: Sharing | None = None  # set once built: it is given this service
         self.roster: Roster | None = None  # the cluster's hosts (start_cluster)
         self.pool: WorkerPool | None = None  # the workers (set by the supervisor), read here
@@ -172,8 +171,7 @@ class Service:
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config (SIGHUP): every intake's limits, the cache, ZeroMQ's keys."""
-        self.limits = Limits(config.spool.max_text_chars, config.spool.default_format,
-                             config.spool.normalize)
+        self.limits = _limits(config)
         self.cache.configure(config)  # a changed engine or model invalidates entries
         self.intakes.zmq.settings = config.zmq
         self.intakes.zmq.reload_keys()  # authorized client keys may have changed on disk
@@ -408,8 +406,8 @@ class Service:
                                             "the daemon is stopping; send the request again"))
         else:
             self.book.release(running)
-            # One that took the daemon down before stays in work/ with its count: handed
-            # back, it would be a new job to the poison rule (claimed under a new id).
+            # One that took the daemon down stays in work/, its count with it (handed
+            # back, it is claimed under a new id: a new job to the poison rule).
             if not self.spool.attempts_of(job.id):
                 self.hand_back(Claimed(job.origin))
 
@@ -497,8 +495,7 @@ class Service:
         owner = self.ledger.owner_of(job_id)
         return owner is not None and identity.may_see(owner)
 
-    def job_status(self, job_id: str,
-                   identity: Identity = LOCAL_ADMIN) -> dict[str, Any] | None:
+    def job_status(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> dict[str, Any] | None:
         return self.ledger.status(job_id) if self.visible(job_id, identity) else None
 
     def cancel(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
@@ -506,6 +503,10 @@ class Service:
         if repeat is not None:  # not played yet: it ends here, as a queued job would
             self.book.end_unqueued(repeat, self.sink_of(repeat), None)
         return repeat is not None or self.book.cancel(job_id, identity)
+
+    def undelivered(self, job_id: str, source: str) -> None:
+        self.book.undelivered(job_id, source)
+        self.metrics.replies_undelivered.labels(source).inc()
 
     def stats(self, identity: Identity = LOCAL_ADMIN) -> dict[str, Any]:
         return self.report(identity)
@@ -517,6 +518,12 @@ class Service:
     def enqueue_here(self, job: Job) -> None:
         """Another host's job, taken from the shared stream."""
         self.enqueue(job, share=False)
+
+
+def _limits(config: Config) -> Limits:
+    """What every intake checks a job's text against."""
+    return Limits(config.spool.max_text_chars, config.spool.default_format,
+                  config.spool.normalize)
 
 
 def _play_hits(repeats: Repeats, cache: ResultCache, book: JobBook,

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import re
 import select
 import socket
 import time
@@ -228,6 +229,34 @@ def test_a_client_that_stops_reading_has_its_job_cancelled(served: Listeners) ->
         elapsed = time.monotonic() - started
     assert ended[0]["outcome"] == "cancelled"
     assert elapsed < SEND_TIMEOUT_S + 20
+
+
+def test_a_reply_whose_client_stops_reading_after_its_job_ended_is_counted_undelivered(
+        served: Listeners) -> None:
+    """The job's audio was all made (its `job` line says done), then its client stopped
+    reading and was cut off: nothing more was said, in the log, `stats` or the metrics, as
+    if the reply had been heard."""
+    text = " ".join(["The quick brown fox jumps over the lazy dog again and again."] * 100)
+    with connected(served.http, receive_buffer=4096) as sock:
+        body = _speech(text, response_format="pcm")
+        sock.sendall(_speech_head(len(body)) + body)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        job_id = next(line.split(":", 1)[1].strip() for line in head.decode().split("\r\n")
+                      if line.lower().startswith("x-cosyvoiced-job:"))
+        ended = wait_until(lambda: [e for e in served.daemon.log_events("job")
+                                    if e["job"] == job_id], 30, "the job to end")
+        assert ended[0]["outcome"] == "done"
+        undelivered = wait_until(lambda: [e for e in served.daemon.log_events(
+            "reply_undelivered") if e["job"] == job_id], SEND_TIMEOUT_S + 20,
+            "the reply to be counted undelivered")
+    assert undelivered[0]["source"] == "http"
+    assert len(undelivered) == 1
+    counted = re.search(r'^cosyvoiced_replies_undelivered_total\{source="http"\} (\S+)$',
+                        _metrics_get(served, "/metrics")[1], re.MULTILINE)
+    assert counted is not None
+    assert float(counted.group(1)) >= 1
 
 
 def test_responses_nobody_reads_do_not_hold_the_connection(served: Listeners) -> None:

@@ -151,6 +151,20 @@ def test_segments_go_in_order_and_a_whole_reply_is_delivered_once(book: JobBook)
     assert book.get("a") is None
 
 
+def test_a_done_job_whose_reply_was_not_all_received_is_told_apart(book: JobBook) -> None:
+    """Its outcome stays done (the audio was made), its status and the counts say that its
+    client did not get it all."""
+    book.admit(_job("a"), FakeSink(), ["one."], persisted=False)
+    workers = _workers(1)
+    book.dispatch(workers, 0.0, stopping=False)
+    _run_segment(book, workers[0], "a", 0)
+    book.undelivered("a", "http")
+    status = book.records.status("a")
+    assert status is not None
+    assert (status["state"], status["delivered"]) == ("done", False)
+    assert (book.records.counts["done"], book.records.counts["undelivered"]) == (1, 1)
+
+
 def test_a_stream_sends_every_chunk_as_it_comes(book: JobBook) -> None:
     sink = FakeSink()
     book.admit(_job("s", stream=True), sink, ["one. ", "two."], persisted=False)

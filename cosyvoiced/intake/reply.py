@@ -282,6 +282,7 @@ class _Route:
     exchange: Exchange
     identity: Identity
     ended: bool = False  # its last event is posted; the handler may still be sending it
+    done: bool = False  # that last event was Done: the job's audio was all made
 
 
 class ReplyIntake:
@@ -424,6 +425,8 @@ class ReplyIntake:
             if message.gone and route is not None and not route.ended:
                 log.info("client_gone", job=message.job_id, source=self.source)
                 service.cancel(message.job_id)
+            elif message.gone and route is not None and route.done:
+                service.undelivered(message.job_id, self.source)
         elif message.take():  # else its asker gave up: it was told to ask again
             message.answer(message.ask(service))
 
@@ -510,6 +513,7 @@ class ReplyIntake:
                                        "enough; the job was cancelled"))
             return
         route.ended = last
+        route.done = last and isinstance(event, Done)
         route.exchange.post(event)
 
     # -- Sink: a reply job's events (supervisor thread) --------------------------------------

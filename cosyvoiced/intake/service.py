@@ -29,6 +29,9 @@ class IntakeService(Protocol):
 
     def cancel(self, job_id: str, identity: Identity = ...) -> bool: ...
 
+    def undelivered(self, job_id: str, source: str) -> None:
+        """A reply's job ended done, but its client did not get the whole reply."""
+
     def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
 
     def registration_refusal(self, identity: Identity, name: Any, prompt_text: Any,
