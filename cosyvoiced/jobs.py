@@ -453,12 +453,14 @@ class JobBook:
         log.info("job", job=job_id, source=source, outcome="failed", code=str(error.code),
                  message=error.message, failed=where)
 
-    def undelivered(self, job_id: str, source: str) -> None:
+    def undelivered(self, job_id: str, source: str) -> bool:
         """The job ended done, but its client did not get the whole reply: it left, it
         stopped reading, or the rest could not be encoded (the intake logged which)."""
-        self._ledger.undelivered(job_id)
-        log.warning("reply_undelivered", job=job_id, source=source,
-                    message="the audio was made, but the client did not get all of it")
+        counted = self._ledger.undelivered(job_id)
+        if counted:
+            log.warning("reply_undelivered", job=job_id, source=source,
+                        message="the audio was made, but the client did not get all of it")
+        return counted
 
     def close(self, job: Job, outcome: str, *, status: dict[str, Any] | None = None,
               result: JobResult | None = None, **summary: Any) -> None:

@@ -200,11 +200,15 @@ class Ledger:
             forgotten, _ = self.finished.popitem(last=False)
             self.finished_owners.pop(forgotten, None)
 
-    def undelivered(self, job_id: str) -> None:
-        """A job ended done, and its client did not get the whole reply."""
+    def undelivered(self, job_id: str) -> bool:
+        """A job ended done, and its client did not get the whole reply: False if it is
+        not a job remembered as done, or was counted so already."""
+        record = self.finished.get(job_id)
+        if record is None or record["state"] != "done" or record.get("delivered") is False:
+            return False
+        record["delivered"] = False
         self.counts["undelivered"] += 1
-        if job_id in self.finished:
-            self.finished[job_id]["delivered"] = False
+        return True
 
     def writing(self, job: Job) -> None:
         """The job's audio is complete; its file is being encoded and written."""

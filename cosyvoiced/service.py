@@ -505,8 +505,8 @@ class Service:
         return repeat is not None or self.book.cancel(job_id, identity)
 
     def undelivered(self, job_id: str, source: str) -> None:
-        self.book.undelivered(job_id, source)
-        self.metrics.replies_undelivered.labels(source).inc()
+        if self.book.undelivered(job_id, source):
+            self.metrics.replies_undelivered.labels(source).inc()
 
     def stats(self, identity: Identity = LOCAL_ADMIN) -> dict[str, Any]:
         return self.report(identity)

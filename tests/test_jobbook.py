@@ -163,6 +163,11 @@ def test_a_done_job_whose_reply_was_not_all_received_is_told_apart(book: JobBook
     assert status is not None
     assert (status["state"], status["delivered"]) == ("done", False)
     assert (book.records.counts["done"], book.records.counts["undelivered"]) == (1, 1)
+    book.undelivered("a", "http")  # told twice (a cut stream, then its hang-up): once
+    book.admit(_job("b"), FakeSink(), ["one."], persisted=False)
+    book.cancel("b")
+    book.undelivered("b", "http")  # not done: nothing was made to deliver
+    assert book.records.counts["undelivered"] == 1
 
 
 def test_a_stream_sends_every_chunk_as_it_comes(book: JobBook) -> None:

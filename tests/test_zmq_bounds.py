@@ -130,6 +130,12 @@ def test_a_client_that_never_reads_cached_long_results_holds_a_bounded_amount(
                     "client_too_slow")
         assert "zmq.max_buffered_bytes" in slow["message"]
         assert slow["job"]
+        # Their jobs were done (cache hits): the log says that their results were not heard.
+        dropped = {header["job"] for header, _size in replies
+                   if header.get("code") == "client_too_slow"}
+        wait_until(lambda: dropped <= {e["job"] for e in daemon.log_events("reply_undelivered")
+                                       if e["source"] == "zmq"}, 10, "the dropped results "
+                   "to be counted undelivered")
     finally:
         dealer.close(linger=0)
 

@@ -30,7 +30,8 @@ class IntakeService(Protocol):
     def cancel(self, job_id: str, identity: Identity = ...) -> bool: ...
 
     def undelivered(self, job_id: str, source: str) -> None:
-        """A reply's job ended done, but its client did not get the whole reply."""
+        """A reply's job ended done, but its client did not get the whole reply (counted
+        once, and only for a job that ended done)."""
 
     def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
 

@@ -752,6 +752,8 @@ class ZmqIntake:
                         max_buffered_bytes=self.settings.max_buffered_bytes)
             if message.job in self.jobs_of(message.client):
                 service.cancel(message.job)
+            else:  # its last reply was dropped, or a chunk after it ended: made, not heard
+                service.undelivered(message.job, SOURCE)
         elif isinstance(message, IdlePeer):
             self._drop_if_idle(message.client)
         else:
