@@ -33,10 +33,14 @@ from cosyvoiced.intake.reply import MAX_BUFFERED_BYTES
 from tests.daemon import Daemon, free_port, wait_until
 from tests.engines.faulty import SAMPLE_RATE, SECONDS_PER_CHAR
 
-KEYS = {"greedy": "sk-greedy-0123456789", "polite": "sk-polite-0123456789"}
+KEYS = {"greedy": "sk-greedy-0123456789", "polite": "sk-polite-0123456789",
+        "hoarder": "sk-hoarder-0123456789"}
 TONE = "tone"
 LONG = " ".join(["The tone goes on and on, sentence after sentence, for a good while yet."]
                 * 146)
+# 256 s: a cache entry (under its cap of 12 MiB, 16-bit), 25 MB unread as float32 at 24 kHz
+CACHED = " ".join(["The tone goes on and on, sentence after sentence, for a good while yet."]
+                  * 70)
 OVER_THE_BOUND = " ".join([LONG] * 3)  # one Wyoming result of 1,560 s: 138 MB at 22,050 Hz
 # What the kernel's socket buffers (4 MiB each way on loopback here, 16-bit audio) and
 # asyncio's may take from a client that does not read: not unread for the daemon.
@@ -141,6 +145,32 @@ def test_an_http_client_that_reads_nothing_is_cut_at_the_bound(daemon: Daemon) -
     assert set(outcomes[outcomes.index("cut short") + 1:]) <= {"busy", "cut short"}, outcomes
     # Nothing of it is held any more: the greedy client is served again.
     assert len(_speak(daemon, "greedy", LONG)) == len(whole)
+
+
+def test_cache_hits_cut_at_the_bound_are_counted_undelivered(daemon: Daemon) -> None:
+    """A cache hit is played whole in one tick: the one that passed the bound ended done in
+    the tick that cut its client off, and the cancel found no job. The log, `stats` and the
+    metrics said done, as if the reply had been heard."""
+    whole = _speak(daemon, "hoarder", CACHED)  # recorded: the same text is a hit from now
+    jobs: list[str] = []
+    with contextlib.ExitStack() as held:
+        # Hits of 25 MB a time, until one passes the bound: it is cut, the next refused.
+        while (reply := _unread_reply(held, daemon, "hoarder", CACHED)).status == 200:
+            assert len(jobs) < 2 * MAX_NON_READERS, "never cut"
+            jobs.append(reply.headers["x-cosyvoiced-job"])
+            wait_until(lambda: _events_of(daemon, "job", jobs[-1:]), WAIT_S, "the hit")
+        assert reply.status == 429
+    cut = wait_until(lambda: _events_of(daemon, "client_too_slow", jobs), 10, "the cut")
+    ended = _events_of(daemon, "job", jobs)
+    assert [(e["outcome"], e["cached"]) for e in ended] == [("done", True)] * len(jobs)
+    counted = wait_until(lambda: _events_of(daemon, "reply_undelivered", jobs), 10,
+                         "the cut hit to be counted undelivered")
+    assert {e["job"] for e in counted} == {e["job"] for e in cut}
+    assert len(_speak(daemon, "hoarder", CACHED)) == len(whole)  # it reads again: served
+
+
+def _events_of(daemon: Daemon, name: str, jobs: list[str]) -> list[dict[str, Any]]:
+    return [e for e in daemon.log_events(name) if e.get("job") in jobs]
 
 
 def _made_or_cut(daemon: Daemon, job: str) -> None:

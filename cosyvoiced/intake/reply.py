@@ -407,7 +407,8 @@ class ReplyIntake:
         for job_id in self._overflowed:
             log.warning("client_too_slow", job=job_id, source=self.source,
                         max_buffered_bytes=self.max_buffered_bytes())
-            service.cancel(job_id)
+            if not service.cancel(job_id):  # it ended in that tick (a cache hit, played
+                service.undelivered(job_id, self.source)  # whole): made, not heard
         self._overflowed.clear()
 
     def _handle(self, message: Inbound, service: Service) -> None:

@@ -750,9 +750,9 @@ class ZmqIntake:
         elif isinstance(message, ClientTooSlow):
             log.warning("client_too_slow", job=message.job, source=SOURCE,
                         max_buffered_bytes=self.settings.max_buffered_bytes)
-            if message.job in self.jobs_of(message.client):
-                service.cancel(message.job)
-            else:  # its last reply was dropped, or a chunk after it ended: made, not heard
+            # Else its last reply was dropped, or a chunk after it ended: made, not heard.
+            if not (message.job in self.jobs_of(message.client)
+                    and service.cancel(message.job)):
                 service.undelivered(message.job, SOURCE)
         elif isinstance(message, IdlePeer):
             self._drop_if_idle(message.client)
