@@ -5,6 +5,7 @@ client does not read (zmq.max_buffered_bytes), and connections that say nothing
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections import Counter
 from functools import partial
@@ -18,7 +19,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from cosyvoiced.admission import TOTAL_BUFFERED_FACTOR, reply_fits
 from cosyvoiced.client import Client
-from cosyvoiced.intake.zmq_peers import ERROR_ROOM, SETTLE_S, Departures, Outbox, is_idle
+from cosyvoiced.intake.zmq_peers import (
+    ERROR_ROOM,
+    SETTLE_S,
+    Departures,
+    Outbox,
+    Peers,
+    is_idle,
+)
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 
@@ -532,3 +540,26 @@ def test_a_peer_that_left_and_came_back_starts_with_no_errors_held() -> None:
     outbox.forget(b"peer")
     assert outbox.error_fits(b"peer", ERROR_ROOM)
     assert outbox.total == 0
+
+
+def test_a_routing_id_heard_after_its_descriptor_was_reused_is_not_kept_for_good() -> None:
+    """A client that sends and hangs up at once: its end can be seen before its message is
+    read, and a new connection can take the descriptor's number meanwhile. Its routing id
+    was then kept for good (about 1.5% of such clients measured, every one of them while a
+    tick was slow): anonymous ids are new each time, so the table grew without end."""
+    peers = Peers()
+    first, second = socket.socketpair()
+    with first, second:
+        fd = first.fileno()
+        peers.accepted(fd, 0.0)
+        assert peers.disconnected(fd) is None  # A's end, before its message was read
+        peers.accepted(fd, 1.0)  # B, on the same number
+        peers.heard(fd, b"A", 1.0)  # A's message, read late
+        peers.heard(fd, b"B", 2.0)
+        assert peers.disconnected(fd) == b"B"
+        assert peers.fd_of(b"A") is None
+        # B silent until it hangs up: A's id goes with it, as before.
+        peers.accepted(fd, 3.0)
+        peers.heard(fd, b"A", 3.0)
+        assert peers.disconnected(fd) == b"A"
+        assert peers.fd_of(b"A") is None

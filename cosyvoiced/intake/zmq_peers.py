@@ -274,9 +274,15 @@ class Peers:
             self.placed = False  # then a silent connection may be this client's: keep it
             return
         peer = self.by_fd.get(fd)
-        if peer is not None:
-            peer.client, peer.active, peer.asked = client, now, None
-            self._fd_of[client] = fd
+        if peer is None:
+            return
+        if peer.client not in (None, client) and self._fd_of.get(peer.client) == fd:
+            # A late message of a connection that ended before it was read, on a number
+            # reused since: its routing id will not come back here (disconnected never
+            # sees it again), and anonymous ids are new each time. Forget it now.
+            del self._fd_of[peer.client]
+        peer.client, peer.active, peer.asked = client, now, None
+        self._fd_of[client] = fd
 
     def replied(self, client: bytes, now: float) -> None:
         peer = self.peer_of(client)
