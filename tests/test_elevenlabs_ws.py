@@ -345,6 +345,33 @@ def test_contexts_are_separate_and_each_ends_with_its_final(daemon: Daemon,
         assert len(samples) / 16000 > 1.0, f"context {context}: {len(samples)} samples"
 
 
+def test_text_for_a_context_being_closed_is_not_spoken_and_is_logged(daemon: Daemon) -> None:
+    """Text sent under a context id after its close_context, before its final, was dropped
+    without a word: no job, no error, no log line."""
+    async def closing() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session, "multi-stream-input")
+            await ws.send_json({"text": "It speaks once and closes.", "context_id": "late",
+                                "flush": True})
+            await ws.send_json({"context_id": "late", "close_context": True})
+            for _ in range(2):
+                await ws.send_json({"text": "A second life it never gets.",
+                                    "context_id": "late", "flush": True})
+            await ws.send_json({"context_id": "late", "close_context": True})
+            heard = []
+            async for reply in _replies(ws):
+                heard.append(reply)
+                if reply.get("isFinal"):
+                    await ws.send_json({"close_socket": True})
+            return heard
+
+    heard = asyncio.run(closing())
+    assert [r for r in heard if r.get("isFinal")] == [{"isFinal": True, "contextId": "late"}]
+    logged = [e for e in daemon.log_events("elevenlabs_text_after_close")
+              if e["context"] == "late"]
+    assert [e["chars"] for e in logged] == [len("A second life it never gets.")]
+
+
 async def _refusal(daemon: Daemon, messages: Sequence[dict[str, Any] | str],
                    query: str = "output_format=pcm_16000",
                    path: str = "multi-stream-input") -> tuple[list[dict[str, Any]], int | None]:

@@ -300,6 +300,7 @@ class _Stream:
     waiting: deque[str] = field(default_factory=deque)
     jobs: deque[tuple[str, Exchange]] = field(default_factory=deque)
     ended: bool = False  # no more text will come (closing text, close_context)
+    ignored: bool = False  # text came after that, and was logged (once a context)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -383,8 +384,9 @@ class _Socket:
                 self._end(stream)
             return
         found = self._streams.get(message.context)
-        if found is not None and found.ended:
-            return  # its input is closed: it is finishing what it was sent
+        if found is not None and found.ended:  # it is finishing what it was sent
+            self._ignore_after_close(found, message)
+            return
         if found is None and not message.text and (message.close_context or self._multi):
             return  # a keep-alive or close for a context that is not open (any more)
         stream = found if found is not None else self._open(message)
@@ -432,6 +434,17 @@ class _Socket:
         stream.waiting.extend(stream.sentences.flush())
         stream.ended = True
         self._top_up(stream)
+
+    @staticmethod
+    def _ignore_after_close(stream: _Stream, message: Message) -> None:
+        """Text for a context whose input is closed is not spoken (an error would close the
+        socket, and end its other contexts too), but it is said in the log, once a
+        context."""
+        if message.text.strip() and not stream.ignored:
+            stream.ignored = True
+            log.info("elevenlabs_text_after_close", context=stream.context,
+                     chars=len(message.text), message="text for a context whose input was "
+                     "closed is not spoken; send it under a new context_id")
 
     def _top_up(self, stream: _Stream) -> None:
         """Submit waiting sentences, up to LOOKAHEAD_JOBS in flight for this stream."""
