@@ -211,6 +211,28 @@ def test_jobs_of_a_receiving_host_killed_wait_in_redis_until_it_is_back(
     wait_until(lambda: not list(receiver.work.iterdir()), 10, "work/ to empty")
 
 
+def test_an_outcome_that_comes_while_its_receiving_host_stops_waits_for_its_return(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """A host stopping (SIGTERM) leaves the jobs it shared to Redis, and drains its own
+    meanwhile. An outcome that came during that drain matched no job in its book: it was
+    deleted as stale. Restarted, the host found the job in work/, its marker in Redis (it
+    was not shared again) and no outcome: the job waited for the marker's 7 days."""
+    receiver = start(host(make_daemon, redis_server, "front"))
+    server = start(host(make_daemon, redis_server, "back"))
+    receiver.drop("local.txt", "SLOW@4 keeps the front host busy.")
+    wait_until(lambda: receiver.log_events("worker_state") and any(
+        e["state"] == "busy" for e in receiver.log_events("worker_state")), 30, "front busy")
+    receiver.drop("shared.txt", "SLOW@1.5 served by the back host.")
+    wait_until(lambda: any(e["state"] == "busy" for e in server.log_events("worker_state")),
+               30, "the back host to serve it")
+    receiver.signal(signal.SIGTERM)  # it drains local.txt while the back host ends shared
+    assert receiver.wait_exit(60) == 0
+    assert [e["outcome"] for e in server.log_events("job")] == ["done"]
+    start(receiver)
+    assert receiver.wait_done("shared.txt", timeout_s=30)["served_by"] == "back"
+    assert receiver.outcome_counts()["shared.txt"] == 1
+
+
 def test_more_jobs_than_a_tick_admits_find_their_outcomes_after_a_restart(
         make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
     """A restarted host admits the jobs left in work/ CLAIMS_PER_TICK (16) a tick, and its
