@@ -314,10 +314,19 @@ class JobBook:
         running.chunks_sent += 1
         running.last_progress = time.monotonic()
 
-    def release(self, running: Running) -> None:
+    def release(self, running: Running) -> bool:
         """The daemon stops: the job leaves this host's book with no outcome here (the
-        cluster, or the inbox, has it now)."""
-        self._ledger.pop(running.job.id)
+        cluster, or the inbox, has it now). True if a persisted job may go back to the
+        inbox: one that took the daemon down stays in work/ with its count (handed back,
+        it is claimed under a new id: a new job to the poison rule). A stop is no crash:
+        this life's start of the job is not counted."""
+        job_id = running.job.id
+        self._ledger.pop(job_id)
+        if not running.persisted:
+            return True
+        if running.dispatched:
+            return self._spool.uncount_attempt(job_id) == 0
+        return self._spool.attempts_of(job_id) == 0
 
     def serve_here(self, running: Running) -> None:
         """A job of this host's that was on the cluster's stream is served here after all."""

@@ -396,20 +396,17 @@ class Service:
         self.recovering.update(claimed.job_id for claimed in left)
 
     def release(self, running: Running) -> None:
-        """The daemon stops before this job ran here: the cluster takes it, a client is
-        told to ask again, a spool job goes back to the inbox."""
+        """The daemon stops before this job ran here (or ended, at the drain's deadline):
+        the cluster takes it, a client is told to ask again, a spool job goes back to the
+        inbox (one that took the daemon down stays in work/: `JobBook.release`)."""
         job = running.job
         if self.cluster.release(running):
             return
         if job.sink == SINK_REPLY:
             self.book.end(running, JobError(ErrorCode.SHUTTING_DOWN,
                                             "the daemon is stopping; send the request again"))
-        else:
-            self.book.release(running)
-            # One that took the daemon down stays in work/, its count with it (handed
-            # back, it is claimed under a new id: a new job to the poison rule).
-            if not self.spool.attempts_of(job.id):
-                self.hand_back(Claimed(job.origin))
+        elif self.book.release(running):
+            self.hand_back(Claimed(job.origin))
 
     def drain(self, deadline_passed: bool) -> set[int] | None:
         """Stopping: jobs not started here are released at once; None while the jobs in

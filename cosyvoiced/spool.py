@@ -375,6 +375,16 @@ class Spool:
         atomic_write(self.attempts, job_id, str(attempts).encode())
         return attempts
 
+    def uncount_attempt(self, job_id: str) -> int:
+        """This life's start of the job is not counted after all (a stop, not a crash,
+        ended it); the lives left that were."""
+        attempts = max(0, self.attempts_of(job_id) - 1)
+        if attempts:
+            atomic_write(self.attempts, job_id, str(attempts).encode())
+        else:
+            self.clear_attempts(job_id)
+        return attempts
+
     def clear_attempts(self, job_id: str) -> None:
         (self.attempts / job_id).unlink(missing_ok=True)
 

@@ -4,6 +4,7 @@ the daemon itself), and the jobs around it are neither lost nor failed."""
 from __future__ import annotations
 
 import signal
+from functools import partial
 
 from cosyvoiced.client import Client
 from cosyvoiced.job import new_job_id
@@ -120,3 +121,24 @@ def test_a_job_that_crashed_the_daemon_keeps_its_count_through_a_stop_before_it_
     assert daemon.wait_exit(60) == -signal.SIGKILL
     daemon.start()
     assert daemon.wait_failed("deadly.txt", 60)["code"] == "daemon_crashed"
+
+
+def test_stops_that_abandon_a_job_in_progress_do_not_count_as_crashes(
+        make_daemon: DaemonFactory) -> None:
+    """A stop abandons the job in progress at worker.drain_timeout_s: that start of it was
+    no crash. Counted as one, two restarts during a long job failed it as daemon_crashed."""
+    daemon = make_daemon(engine={"name": FAULTY},
+                         worker={"drain_timeout_s": 0.5, "heartbeat_interval_s": 0.5})
+    daemon.start()
+    daemon.drop("long.txt", "SLOW@3 first. SLOW@3 second.")
+    def started(times: int) -> bool:
+        return len([e for e in daemon.log_events("worker_state")
+                    if e["state"] == "busy"]) >= times
+
+    for life in range(1, 3):
+        wait_until(partial(started, life), 30, "the job to start")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(60) == 0
+        daemon.start()
+    assert daemon.wait_done("long.txt", 60)
+    assert not daemon.log_events("daemon_crashed_on_job")
