@@ -347,9 +347,7 @@ class _Connections:
             self._peers.accepted(fd, time.monotonic())
         elif event == zmq.EVENT_DISCONNECTED:
             self.count = max(0, self.count - 1)
-            client = self._peers.disconnected(fd)
-            if client is not None:
-                self._left.append(client)
+            self._left.extend(self._peers.disconnected(fd))
 
 
 @dataclass(frozen=True)

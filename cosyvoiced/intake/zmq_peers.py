@@ -226,6 +226,10 @@ class Peers:
     def __init__(self) -> None:
         self.by_fd: dict[int, Peer] = {}
         self._fd_of: dict[bytes, int] = {}
+        # Every routing id heard on a descriptor since it was accepted: a message read late,
+        # after its own connection ended and a new one took the number, names an id that
+        # will never be heard again (anonymous ids are new each time). All go with the fd.
+        self._heard_on: dict[int, set[bytes]] = {}
         self.placed = True  # every message so far named its descriptor (ZMQ_SRCFD)
 
     def accepted(self, fd: int, now: float) -> None:
@@ -260,13 +264,14 @@ class Peers:
         for peer in self.by_fd.values():
             peer.holding = peer.client is not None and peer.client in clients
 
-    def disconnected(self, fd: int) -> bytes | None:
-        """The routing id that was on `fd`, if any (and no newer connection took it)."""
-        peer = self.by_fd.pop(fd, None)
-        if peer is None or peer.client is None or self._fd_of.get(peer.client) != fd:
-            return None
-        del self._fd_of[peer.client]
-        return peer.client
+    def disconnected(self, fd: int) -> list[bytes]:
+        """The routing ids that were on `fd` (those no newer connection took)."""
+        self.by_fd.pop(fd, None)
+        gone = [client for client in self._heard_on.pop(fd, ())
+                if self._fd_of.get(client) == fd]
+        for client in gone:
+            del self._fd_of[client]
+        return gone
 
     def heard(self, fd: int | None, client: bytes, now: float) -> None:
         """A message from `client` came in on `fd`."""
@@ -274,15 +279,10 @@ class Peers:
             self.placed = False  # then a silent connection may be this client's: keep it
             return
         peer = self.by_fd.get(fd)
-        if peer is None:
-            return
-        if peer.client not in (None, client) and self._fd_of.get(peer.client) == fd:
-            # A late message of a connection that ended before it was read, on a number
-            # reused since: its routing id will not come back here (disconnected never
-            # sees it again), and anonymous ids are new each time. Forget it now.
-            del self._fd_of[peer.client]
-        peer.client, peer.active, peer.asked = client, now, None
-        self._fd_of[client] = fd
+        if peer is not None:
+            peer.client, peer.active, peer.asked = client, now, None
+            self._fd_of[client] = fd
+            self._heard_on.setdefault(fd, set()).add(client)
 
     def replied(self, client: bytes, now: float) -> None:
         peer = self.peer_of(client)
