@@ -151,7 +151,7 @@ def test_cache_hits_cut_at_the_bound_are_counted_undelivered(daemon: Daemon) -> 
     """A cache hit is played whole in one tick: the one that passed the bound ended done in
     the tick that cut its client off, and the cancel found no job. The log, `stats` and the
     metrics said done, as if the reply had been heard."""
-    whole = _speak(daemon, "hoarder", CACHED)  # recorded: the same text is a hit from now
+    _speak(daemon, "hoarder", CACHED)  # recorded: the same text is a hit from now
     jobs: list[str] = []
     with contextlib.ExitStack() as held:
         # Hits of 25 MB a time, until one passes the bound: it is cut, the next refused.
@@ -163,10 +163,10 @@ def test_cache_hits_cut_at_the_bound_are_counted_undelivered(daemon: Daemon) -> 
     cut = wait_until(lambda: _events_of(daemon, "client_too_slow", jobs), 10, "the cut")
     ended = _events_of(daemon, "job", jobs)
     assert [(e["outcome"], e["cached"]) for e in ended] == [("done", True)] * len(jobs)
-    counted = wait_until(lambda: _events_of(daemon, "reply_undelivered", jobs), 10,
-                         "the cut hit to be counted undelivered")
-    assert {e["job"] for e in counted} == {e["job"] for e in cut}
-    assert len(_speak(daemon, "hoarder", CACHED)) == len(whole)  # it reads again: served
+    # (The hits under the bound count too, once their connections are closed unread.)
+    wait_until(lambda: {e["job"] for e in cut} <= {
+        e["job"] for e in _events_of(daemon, "reply_undelivered", jobs)}, 10,
+        "the cut hit to be counted undelivered")
 
 
 def _events_of(daemon: Daemon, name: str, jobs: list[str]) -> list[dict[str, Any]]:
