@@ -19,6 +19,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from cosyvoiced.admission import TOTAL_BUFFERED_FACTOR, reply_fits
 from cosyvoiced.client import Client
+from cosyvoiced.config import ZmqConfig
+from cosyvoiced.intake import tickbudget
+from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.zmq_peers import (
     ERROR_ROOM,
     SETTLE_S,
@@ -27,6 +30,7 @@ from cosyvoiced.intake.zmq_peers import (
     Peers,
     is_idle,
 )
+from cosyvoiced.jobspec import Limits
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 
@@ -571,3 +575,28 @@ def test_a_routing_id_heard_after_its_descriptor_was_reused_is_not_kept_for_good
         peers.heard(second.fileno(), b"C", 1.0)
         assert peers.disconnected(fd) == []
         assert peers.fd_of(b"C") == second.fileno()
+
+
+class _Undelivered:
+    """A service that counts the jobs it is told were not all delivered."""
+
+    def __init__(self) -> None:
+        self.jobs: list[str] = []
+
+    def cancel(self, _job_id: str, _identity: Any = None) -> bool:
+        return False  # ended
+
+    def undelivered(self, job_id: str, _source: str) -> None:
+        self.jobs.append(job_id)
+
+
+def test_only_a_dropped_reply_of_the_jobs_output_counts_it_undelivered() -> None:
+    """A `status`, `accepted` or `cancelled` reply about a job, dropped for a client too
+    slow, says nothing of what the client got of its audio: counted undelivered, it marked
+    a job whose result had gone out whole."""
+    intake = zmq_intake.ZmqIntake(ZmqConfig(), lambda: Limits(100, "wav"), lambda: None)
+    service = _Undelivered()
+    for event in ("status", "accepted", "cancelled", "chunk", "end", "result"):
+        intake._inbound.put(zmq_intake.ClientTooSlow(b"peer", f"job-{event}", event))
+    intake.handle_inbound(service, tickbudget.TickBudget())  # type: ignore[arg-type]
+    assert service.jobs == ["job-chunk", "job-end", "job-result"]

@@ -143,12 +143,17 @@ class ClientGone:
     client: bytes
 
 
+# The replies that carry a job's output: one of them dropped, the client did not get it all.
+JOB_OUTPUT = frozenset({"start", "chunk", "timing", "end", "result"})
+
+
 @dataclass(frozen=True)
 class ClientTooSlow:
     """A reply of this client's job was dropped: it left zmq.max_buffered_bytes unread."""
 
     client: bytes
     job: str
+    event: str  # the reply's: the job's own audio or its end (JOB_OUTPUT), or `status`...
 
 
 @dataclass(frozen=True)
@@ -523,7 +528,7 @@ class _SocketThread(threading.Thread):
                              **({"job": job} if job else {}), **error.fields())
         self._hand_over(reply, len(reply[-1]))  # its one body frame: the header
         if isinstance(job, str):
-            self._inbound.put(ClientTooSlow(route[0], job))
+            self._inbound.put(ClientTooSlow(route[0], job, str(header.get("event"))))
             self._wake()
 
     def _bounds(self, limit: int) -> str:
@@ -748,9 +753,9 @@ class ZmqIntake:
         elif isinstance(message, ClientTooSlow):
             log.warning("client_too_slow", job=message.job, source=SOURCE,
                         max_buffered_bytes=self.settings.max_buffered_bytes)
-            # Else its last reply was dropped, or a chunk after it ended: made, not heard.
-            if not (message.job in self.jobs_of(message.client)
-                    and service.cancel(message.job)):
+            cancelled = message.job in self.jobs_of(message.client) and \
+                service.cancel(message.job)
+            if message.event in JOB_OUTPUT and not cancelled:  # it had ended: not all heard
                 service.undelivered(message.job, SOURCE)
         elif isinstance(message, IdlePeer):
             self._drop_if_idle(message.client)
