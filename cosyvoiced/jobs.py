@@ -155,6 +155,7 @@ class JobBook:
         index = running.done
         if not running.dispatched and running.persisted:
             self._spool.count_attempt(running.job.id)  # durable before the job is in hand
+            running.counted = True
         if not worker.send(RunSegment(self._prepare(running.job), index,
                                       len(running.segments), running.segments[index])):
             return  # the worker is gone; handled next tick, the job waits
@@ -324,7 +325,7 @@ class JobBook:
         self._ledger.pop(job_id)
         if not running.persisted:
             return True
-        if running.dispatched:
+        if running.counted:  # (not one served by another host: started, never counted)
             return self._spool.uncount_attempt(job_id) == 0
         return self._spool.attempts_of(job_id) == 0
 

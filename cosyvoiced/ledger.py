@@ -55,6 +55,7 @@ class Running:
     made: list[SegmentAudio] = field(default_factory=list)  # of the complete segments
     cancel_requested: bool = False
     dispatched: bool = False  # a segment of it has gone to a worker: it is in progress
+    counted: bool = False  # this life's start of it here is counted in spool/attempts/
     remote: bool = False  # on the cluster's shared stream: its events come from elsewhere
     served_by: str = ""  # in a cluster, the host that serves it
     chunks: list[Samples] = field(default_factory=list)  # a whole reply's complete segments

@@ -8,9 +8,10 @@
     failed/  inputs that could not be served, each with ``NAME.error.json``
     prompts/ prompt audio a job claimed (``<job id>~<name>``): deleted when the job is
              done, moved to failed/ beside its job when it fails, handed back with it
-    attempts/ ``<job id>``: in how many lives of the daemon the job was started, written
-             before its first segment is handed out; a job left in work/ by two crashes
-             in a row is not run a third time (the worker's poison rule, for the daemon)
+    attempts/ ``<job id>``: in how many lives of the daemon the job was started and not
+             let go by a clean stop (crashes), written before its first segment is handed
+             out; a job left in work/ by two crashes in a row is not run a third time (the
+             worker's poison rule, for the daemon)
 
 A job in `work/` is finished when its record (which carries the job id) exists in `outbox/`
 or `failed/`; only then is the `work/` entry removed. After a crash, the same check tells a
@@ -363,7 +364,8 @@ class Spool:
 
     # crash-safe recovery
     def attempts_of(self, job_id: str) -> int:
-        """In how many lives of the daemon this job was started (0: never, or unreadable)."""
+        """In how many lives of the daemon this job was started, less those a clean stop
+        ended (`uncount_attempt`): the crashes it was in hand for (0: none, or unreadable)."""
         try:
             return int((self.attempts / job_id).read_text() or 0)
         except (OSError, ValueError):

@@ -281,6 +281,26 @@ def test_a_persisted_job_counts_its_attempt_before_it_is_handed_out(book: JobBoo
     assert Spool(tmp_path).attempts_of("d") == 1
 
 
+def test_a_stop_takes_back_only_the_start_it_counted(book: JobBook, tmp_path: Path) -> None:
+    """A stop is no crash: the start it abandons is not counted. But a start it never
+    counted (another host serves the job) must not take back an earlier life's crash."""
+    spool = Spool(tmp_path)
+    spool.count_attempt("here")  # each took the daemon down once before
+    spool.count_attempt("elsewhere")
+    for job_id in ("here", "elsewhere"):
+        book.admit(_job(job_id), FakeSink(), ["one."], persisted=True)
+    book.dispatch(_workers(1), 0.0, stopping=False)  # "here" starts: counted, 2
+    elsewhere = book.get("elsewhere")
+    assert elsewhere is not None
+    book.remote_started(elsewhere, "other-host", RATE)
+    assert [spool.attempts_of(job_id) for job_id in ("here", "elsewhere")] == [2, 1]
+    for job_id in ("here", "elsewhere"):
+        running = book.get(job_id)
+        assert running is not None
+        assert not book.release(running)  # each stays in work/ with its crash
+    assert [spool.attempts_of(job_id) for job_id in ("here", "elsewhere")] == [1, 1]
+
+
 def test_while_stopping_only_jobs_in_progress_get_segments(book: JobBook) -> None:
     book.admit(_job("new"), FakeSink(), ["one."], persisted=False)
     workers = _workers(1)
