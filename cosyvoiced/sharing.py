@@ -163,7 +163,7 @@ class Sharing:
         self.own: dict[str, Running] = {}  # received here and shared, not ended
         # Released at a stop: their outcomes wait in Redis for the next start (bounded by
         # the jobs in the book at that stop).
-        self.left: set[str] = set()
+        self.left_to_redis: set[str] = set()
         self.served: dict[str, wire.SharedJob] = {}  # local id -> its stream entry
         self.sinks: dict[str, RemoteSink] = {}  # local id -> where its outcome goes
         self.taken_over = 0
@@ -260,7 +260,7 @@ class Sharing:
         if own:
             # Its outcome waits in Redis until this host is back and finds it in work/.
             self.own.pop(job_id, None)
-            self.left.add(job_id)
+            self.left_to_redis.add(job_id)
         else:
             self.prompts.discard_prompts(job_id)
         self.book.release(running)
@@ -299,7 +299,7 @@ class Sharing:
                 self._take_back(item.job_id, "lost_by_redis")
             else:
                 link.taken(item)
-                if item.kind != wire.CANCEL and item.job_id in self.left:
+                if item.kind != wire.CANCEL and item.job_id in self.left_to_redis:
                     continue  # it came while this host drains its own jobs to stop
                 if item.kind != wire.CANCEL and item.job_id in self.host.recovering:
                     self.replay_events = True  # read again once the job is in the book

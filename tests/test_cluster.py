@@ -219,13 +219,16 @@ def test_an_outcome_that_comes_while_its_receiving_host_stops_waits_for_its_retu
     was not shared again) and no outcome: the job waited for the marker's 7 days."""
     receiver = start(host(make_daemon, redis_server, "front"))
     server = start(host(make_daemon, redis_server, "back"))
-    receiver.drop("local.txt", "SLOW@4 keeps the front host busy.")
+    receiver.drop("local.txt", "SLOW@8 keeps the front host busy.")
     wait_until(lambda: receiver.log_events("worker_state") and any(
         e["state"] == "busy" for e in receiver.log_events("worker_state")), 30, "front busy")
     receiver.drop("shared.txt", "SLOW@1.5 served by the back host.")
     wait_until(lambda: any(e["state"] == "busy" for e in server.log_events("worker_state")),
                30, "the back host to serve it")
     receiver.signal(signal.SIGTERM)  # it drains local.txt while the back host ends shared
+    wait_until(lambda: server.log_events("job"), 30, "the back host to end it")
+    assert receiver.process is not None
+    assert receiver.process.poll() is None, "the outcome came after the drain, not in it"
     assert receiver.wait_exit(60) == 0
     assert [e["outcome"] for e in server.log_events("job")] == ["done"]
     start(receiver)

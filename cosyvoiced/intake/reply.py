@@ -407,8 +407,9 @@ class ReplyIntake:
         for job_id in self._overflowed:
             log.warning("client_too_slow", job=job_id, source=self.source,
                         max_buffered_bytes=self.max_buffered_bytes())
-            if not service.cancel(job_id):  # it ended in that tick (a cache hit, played
-                service.undelivered(job_id, self.source)  # whole): made, not heard
+            # One that ended in that tick (a cache hit, played whole) was made, not heard.
+            if not service.cancel(job_id):
+                service.undelivered(job_id, self.source)
         self._overflowed.clear()
 
     def _handle(self, message: Inbound, service: Service) -> None:
