@@ -353,6 +353,11 @@ class Sharing:
             return
         log.warning("job_taken_back", job=job_id, reason=reason, served_by=running.served_by)
         self._serve_here(running)
+        # Off the stream and its marker gone once Redis answers: a crash before it ends here
+        # then shares it afresh at the restart (its marker left, it was taken as shared
+        # still, and waited for an outcome no host would send).
+        assert self.link is not None
+        self.link.withdraw(job_id)
 
     def _serve_here(self, running: Running) -> None:
         self.book.serve_here(running)

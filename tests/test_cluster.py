@@ -236,6 +236,32 @@ def test_an_outcome_that_comes_while_its_receiving_host_stops_waits_for_its_retu
     assert receiver.outcome_counts()["shared.txt"] == 1
 
 
+def test_a_job_taken_back_while_redis_was_down_is_shared_again_after_a_crash(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """Redis down, a host takes back the jobs it shared, to serve them itself; one that
+    another host had started, after claim_idle_s. Killed before it served it, the host
+    found the job's marker in Redis at its restart: taken as shared still, the job waited
+    for an outcome no host would send (the marker lives 7 days)."""
+    receiver = start(host(make_daemon, redis_server, "front"))
+    server = start(host(make_daemon, redis_server, "back"))
+    receiver.drop("local.txt", "SLOW@12 keeps the front host busy.")
+    wait_until(lambda: any(e["state"] == "busy" for e in receiver.log_events("worker_state")),
+               30, "front busy")
+    receiver.drop("shared.txt", "SLOW@4 started by the back host.")
+    wait_until(lambda: any(e["state"] == "busy" for e in server.log_events("worker_state")),
+               30, "the back host to start it")
+    redis_server.kill()
+    wait_until(lambda: receiver.log_events("job_taken_back"), 30, "the front host to take it")
+    redis_server.restart()
+    wait_until(lambda: len(receiver.log_events("cluster_up")) >= 1, 30, "front to rejoin")
+    wait_until(lambda: not redis_server.client().keys("cosyvoiced:job:front:*"), 10,
+               "the taken job's marker to go")
+    receiver.kill_hard()  # before its turn came (local.txt holds its worker)
+    start(receiver)
+    assert receiver.wait_done("shared.txt", timeout_s=60)["served_by"] == "back"
+    assert receiver.outcome_counts()["shared.txt"] == 1
+
+
 def test_more_jobs_than_a_tick_admits_find_their_outcomes_after_a_restart(
         make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
     """A restarted host admits the jobs left in work/ CLAIMS_PER_TICK (16) a tick, and its
