@@ -214,13 +214,7 @@ def test_a_client_that_stops_reading_has_its_job_cancelled(served: Listeners) ->
     text = " ".join(["The quick brown fox jumps over the lazy dog again and again."] * 100
                     + ["SLOW@1."] * 60)
     with connected(served.http, receive_buffer=4096) as sock:
-        body = _speech(text, response_format="pcm")
-        sock.sendall(_speech_head(len(body)) + body)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)
-        job_id = next(line.split(":", 1)[1].strip() for line in head.decode().split("\r\n")
-                      if line.lower().startswith("x-cosyvoiced-job:"))
+        job_id = _job_asked(sock, _speech(text, response_format="pcm"))
         # ... and never reads again.
         started = time.monotonic()
         ended = wait_until(lambda: [e for e in served.daemon.log_events("job")
@@ -239,13 +233,7 @@ def test_a_reply_whose_client_stops_reading_after_its_job_ended_is_counted_undel
     text = " ".join(["The quick brown fox jumps over the lazy dog again and again."] * 100)
     with connected(served.http, receive_buffer=4096) as sock:
         # A captioned reply is sent whole once its job has ended: 19 MB, never read.
-        body = _speech(text, response_format="pcm", timestamps="sentence")
-        sock.sendall(_speech_head(len(body)) + body)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(1)
-        job_id = next(line.split(":", 1)[1].strip() for line in head.decode().split("\r\n")
-                      if line.lower().startswith("x-cosyvoiced-job:"))
+        job_id = _job_asked(sock, _speech(text, response_format="pcm", timestamps="sentence"))
         ended = wait_until(lambda: [e for e in served.daemon.log_events("job")
                                     if e["job"] == job_id], 10, "the job's line")
         assert ended[0]["outcome"] == "done"
@@ -258,6 +246,16 @@ def test_a_reply_whose_client_stops_reading_after_its_job_ended_is_counted_undel
                         _metrics_get(served, "/metrics")[1], re.MULTILINE)
     assert counted is not None
     assert float(counted.group(1)) >= 1
+
+
+def _job_asked(sock: socket.socket, body: bytes) -> str:
+    """Ask for speech; its job id, from the response's head (the body is left unread)."""
+    sock.sendall(_speech_head(len(body)) + body)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    return next(line.split(":", 1)[1].strip() for line in head.decode().split("\r\n")
+                if line.lower().startswith("x-cosyvoiced-job:"))
 
 
 def test_responses_nobody_reads_do_not_hold_the_connection(served: Listeners) -> None:
