@@ -160,7 +160,8 @@ def test_missing_and_corrupt_prompts_fail_with_their_own_codes(daemon: Daemon) -
     daemon.drop_job("corrupt", text=SHORT, prompt_audio="broken.wav", prompt_text="Hi.")
     error = daemon.wait_failed("corrupt.json", TIMEOUT_S)
     assert (error["code"], error["field"]) == ("prompt_audio_unreadable", "prompt_audio")
-    assert (daemon.failed / "broken.wav").exists(), "the prompt goes back with its job"
+    # The record commits the failure; its prompt is moved beside it just after.
+    wait_until((daemon.failed / "broken.wav").exists, 10, "the prompt to go with its job")
 
 
 def test_zero_shot_with_a_zmq_attachment(client: Client, model_version: int) -> None:
