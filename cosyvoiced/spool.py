@@ -373,14 +373,14 @@ class Spool:
 
     def count_attempt(self, job_id: str) -> int:
         """One more life in which the job starts; durable before it is handed out."""
-        attempts = self.attempts_of(job_id) + 1
-        atomic_write(self.attempts, job_id, str(attempts).encode())
-        return attempts
+        return self._set_attempts(job_id, self.attempts_of(job_id) + 1)
 
     def uncount_attempt(self, job_id: str) -> int:
         """This life's start of the job is not counted after all (a stop, not a crash,
         ended it); the lives left that were."""
-        attempts = max(0, self.attempts_of(job_id) - 1)
+        return self._set_attempts(job_id, max(0, self.attempts_of(job_id) - 1))
+
+    def _set_attempts(self, job_id: str, attempts: int) -> int:
         if attempts:
             atomic_write(self.attempts, job_id, str(attempts).encode())
         else:
