@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import random
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +40,14 @@ import soxr
 
 from cosyvoiced import logs
 from cosyvoiced.config import CosyVoiceConfig, EngineConfig
-from cosyvoiced.engines import FEATURES, AudioChunk, StreamOutput, SynthesisRequest, VoiceInfo
+from cosyvoiced.engines import (
+    FEATURES,
+    AudioChunk,
+    StreamOutput,
+    SynthesisRequest,
+    VoiceInfo,
+    promptfiles,
+)
 from cosyvoiced.engines.exports import worker_load_dir
 from cosyvoiced.engines.stageclock import StageClock
 from cosyvoiced.engines.upstream import import_upstream, missing_module
@@ -160,7 +166,6 @@ class CosyVoiceEngine:
         self._token_hop_len = getattr(self._model.model, "token_hop_len", None)
         self._guard = _LlmThreadGuard(self._model.model)
         self.clock = StageClock(self._model.model)
-        self._scratch = tempfile.TemporaryDirectory(prefix="cosyvoiced-prompts-")
         decoder = batched_decoder(self._model.model, self.version, settings)
         self.max_streams = 1 if decoder is None else decoder.max_streams
         self._bf16 = decoder is not None and decoder.bf16
@@ -177,6 +182,9 @@ class CosyVoiceEngine:
         if self._default is not None and self._default not in self._voice_names():
             raise ValueError(f"engine.voice: {self._default!r} is not a voice of this model "
                              f"({', '.join(self._voice_names())})")
+        removed = promptfiles.remove_orphans()
+        if removed:  # a worker was killed during a prompted request
+            log.info("orphan_prompts_removed", count=len(removed), names=removed[:8])
         log.info("cosyvoice_loaded", version=self.version, model_class=class_name,
                  sample_rate=self._rate, prompt_api="path" if self._path_api else "tensor",
                  builtin_voices=len(self._builtin), registered_voices=len(self._registered),
@@ -241,9 +249,9 @@ class CosyVoiceEngine:
             return
         if rate != self._rate:
             samples = soxr.resample(samples, rate, self._rate)
-        with tempfile.NamedTemporaryFile(suffix=".wav", dir=self._scratch.name) as wav:
-            soundfile.write(wav.name, samples, self._rate, subtype="FLOAT")
-            yield wav.name
+        with promptfiles.prompt_file() as wav:
+            soundfile.write(wav, samples, self._rate, subtype="FLOAT")
+            yield wav
 
     def _prompt_text(self, text: str) -> str:
         if self.version == 3 and END_OF_PROMPT[3] not in text:

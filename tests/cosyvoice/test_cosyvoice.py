@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -440,5 +442,37 @@ def test_two_workers_stream_two_jobs_at_once(tmp_path: Path, model_dir: Path,
         assert len({job for worker in both for job in worker["jobs"]}) == 2
         assert sorted(streamed) == ["English Female", "English Male"]
         assert all(samples / NATIVE_RATE[model_version] > 1.0 for samples in streamed.values())
+    finally:
+        daemon.stop()
+
+
+def test_a_killed_worker_leaves_no_prompt_scratch_in_the_temp_directory(
+        tmp_path: Path, model_dir: Path, model_version: int) -> None:
+    """Every worker kept a scratch directory for prompts from its start, and one that did
+    not exit through Python's shutdown (SIGTERM, SIGKILL, a crash) left it behind: 415 in
+    one machine's temp directory after the test suites. A prompt file of a worker that is
+    gone is deleted when the next worker starts."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (scratch / f"cosyvoiced-prompt-{int(gone.stdout)}-left.wav").write_bytes(b"RIFF")
+    daemon = cosyvoice_daemon(tmp_path / "d", model_dir)
+    daemon.start(extra_env={"TMPDIR": str(scratch)})
+
+    def loaded() -> list[dict[str, Any]]:
+        return [e for e in daemon.log_events("worker_state") if e["state"] == "idle"]
+
+    try:
+        wait_until(loaded, TIMEOUT_S, "the worker to load")
+        os.kill(loaded()[0]["worker_pid"], signal.SIGKILL)
+        wait_until(lambda: len({e["worker_pid"] for e in loaded()}) == 2, TIMEOUT_S,
+                   "a new worker to load")
+        with Client(daemon.endpoint, timeout_s=TIMEOUT_S) as client:
+            result = client.synthesize(SHORT, prompt_audio=prompt_audio(),
+                                       prompt_text="A prompt for the test.")
+        assert_audio(*decoded(result.audio), NATIVE_RATE[model_version])
+        left = [p.name for p in scratch.iterdir() if p.name.startswith("cosyvoiced-prompt")]
+        assert not left, left
     finally:
         daemon.stop()

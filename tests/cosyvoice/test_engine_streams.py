@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,15 +61,14 @@ def greedy_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def engine(greedy_model_dir: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosyVoiceEngine]:
+           tmp_path_factory: pytest.TempPathFactory) -> CosyVoiceEngine:
     state = tmp_path_factory.mktemp("state")
     settings = CosyVoiceConfig(model_dir=str(greedy_model_dir), repo=REPO,
                                speakers_file=str(state / "speakers.json"), max_streams=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # upstream's dependencies' deprecations
         loaded = load(EngineConfig(name="cosyvoice", cosyvoice=settings))
-    yield loaded
-    loaded._scratch.cleanup()  # a worker's engine lives until its process ends
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -266,10 +265,7 @@ def test_a_segment_the_kv_budget_cannot_hold_fails_alone(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # upstream's dependencies' deprecations
         small = load(EngineConfig(name="cosyvoice", cosyvoice=settings))
-    try:
-        (outcome,) = _serve(small, [SynthesisRequest(LONG, SPEAKER, stream=True)], [0])
-    finally:
-        small._scratch.cleanup()
+    (outcome,) = _serve(small, [SynthesisRequest(LONG, SPEAKER, stream=True)], [0])
     (error,) = outcome.errors
     assert isinstance(error, JobFailure)
     assert error.error.code == ErrorCode.TEXT_TOO_LONG
