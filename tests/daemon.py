@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -31,6 +33,26 @@ POLL_S = 0.02
 # wait_until polls at POLL_S at first, then less often, up to this: a condition that reads a
 # spool or a log is work stolen from the daemons on the same 2 cores.
 LONGEST_POLL_S = 0.1
+
+
+@functools.cache
+def _short_root() -> str:
+    """This test process's directory for socket paths, removed when the process exits."""
+    root, owner = tempfile.mkdtemp(prefix="cvd-"), os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:  # not in a forked child that exits through Python
+            shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(remove)
+    return root
+
+
+def short_dir() -> str:
+    """A new directory for a socket: AF_UNIX and ipc:// paths are limited to 108 bytes, so
+    it is short, outside pytest's tmp tree. Every test process's are removed when it exits
+    (a directory each, kept, left 14,000 in the machine's temp directory)."""
+    return tempfile.mkdtemp(dir=_short_root())
 
 
 def free_port() -> int:
@@ -138,8 +160,7 @@ class NotifySocket:
     """
 
     def __init__(self) -> None:
-        # AF_UNIX paths are limited to 108 bytes: keep it short, outside pytest's tmp tree.
-        self._dir = tempfile.mkdtemp(prefix="cvd-")
+        self._dir = short_dir()
         self.path = os.path.join(self._dir, "notify")
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.bind(self.path)
@@ -257,8 +278,7 @@ class Daemon:
         self._record_inputs: dict[Path, str] = {}
         self.config_path = root / "cosyvoiced.toml"
         self.cache_dir = root / "cache"
-        # ipc:// paths share AF_UNIX's 108-byte limit: a short directory, outside tmp_path.
-        self.endpoint = f"ipc://{tempfile.mkdtemp(prefix='cvd-')}/zmq"
+        self.endpoint = f"ipc://{short_dir()}/zmq"
         self.configure(**sections)
         self.process: subprocess.Popen[bytes] | None = None
         self.notify: NotifySocket | None = None
