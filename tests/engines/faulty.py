@@ -206,11 +206,15 @@ cuda = _Cuda()
 def slow_torch(config: EngineConfig) -> ToneEngine:
     """The tone engine, loaded the way a torch engine is: importing a slow `torch` first
     (the heartbeat thread runs meanwhile and sees it half-imported in sys.modules)."""
-    directory = Path(tempfile.mkdtemp(prefix="slow-torch-"))
-    (directory / "torch").mkdir()
-    (directory / "torch" / "__init__.py").write_text(_SLOW_TORCH)
-    sys.path.insert(0, str(directory))
-    importlib.import_module("torch")
+    with tempfile.TemporaryDirectory(prefix="slow-torch-") as name:
+        directory = Path(name)
+        (directory / "torch").mkdir()
+        (directory / "torch" / "__init__.py").write_text(_SLOW_TORCH)
+        sys.path.insert(0, name)
+        try:
+            importlib.import_module("torch")
+        finally:  # imported: the module stays, its directory goes
+            sys.path.remove(name)
     return ToneEngine()
 
 
