@@ -13,7 +13,7 @@ Signal handlers only record the signal. One tick acts, always in this order:
 7. dispatch: the next segments to the idle workers;
 8. what the job book recorded, drained (closed jobs to the metrics, spool and cluster);
 9. jobs wanted from the cluster (sharing.offer);
-10. inbox rescan, stop progress, STATUS=, WATCHDOG=1, the cluster's roster (roster.py).
+10. inbox rescan, stop progress, STATUS=, WATCHDOG=1, the cluster's roster, the heap (heap.py).
 Because the watchdog ping comes from the tick, a supervisor that stops ticking stops
 pinging, and systemd restarts it. Each step is timed (tickclock.py).
 """
@@ -27,7 +27,7 @@ from types import FrameType
 
 from zmq import ZMQError
 
-from cosyvoiced import __version__, config, logs, reload, report
+from cosyvoiced import __version__, config, heap, logs, reload, report
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
 from cosyvoiced.jobs import JobBook
@@ -73,9 +73,8 @@ class Supervisor:
         self.cache = ResultCache(config, speakers, self.metrics)
         self.book = JobBook(self.spool, self.encoder, self.cache.worker_job, lambda: self.config)
         claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
-        intakes = Intakes.build(lambda: self.config, self.spool, claims, self.wake,
-                                self.encoder, lambda: self.service.limits)
-        self.intakes = intakes
+        self.intakes = intakes = Intakes.build(lambda: self.config, self.spool, claims,
+                                               self.wake, self.encoder, lambda: self.service.limits)
         self.inbox, self.zmq, self.http, self.wyoming = intakes.all()
         self.service = Service(lambda: self.config, spool=self.spool, book=self.book,
                                cache=self.cache, speakers=speakers, metrics=self.metrics,
@@ -91,6 +90,7 @@ class Supervisor:
         self.stop_deadline = self.next_extend = 0.0
         self.tick_clock = TickClock(self.metrics.tick_seconds.observe)
         self.started_at = time.monotonic()
+        self.heap = heap.HeapTrim(self.started_at)
         self.exit_code: int | None = None
         self._signals: list[int] = []
 
@@ -287,6 +287,7 @@ class Supervisor:
             self.metrics.watchdog_pings.inc()
         report.publish(self.metrics, self.book.records, self.pool)
         self.service.roster_note(now)
+        self.heap.trim_if_due(now)  # after a burst, its free pages back to the system
 
     def _snapshot(self) -> report.Snapshot:
         return report.Snapshot(
