@@ -1,7 +1,8 @@
 """The one service every intake sees: the same admission, limits, answers and catalog,
 whether a job came by drop folder, ZeroMQ, HTTP, Wyoming or another host.
 
-It holds the engine's catalog (voices, features, native rate), decides admission
+It holds the engine's catalog (catalog.py: voices, features, native rate, and the voices
+clients register), decides admission
 (admission.py: stopping, a full queue, the anonymous clients' part of it, each client's
 requests in flight, an unknown voice), puts each job in front of the result
 cache and into the job book with its sink bound, shares it with the cluster, and answers
@@ -20,9 +21,10 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from cosyvoiced import admission, clients, logs, roster, voicerules
+from cosyvoiced import admission, clients, logs, roster
 from cosyvoiced import segments as text_segments
 from cosyvoiced.admission import InFlight, PerClient
+from cosyvoiced.catalog import Catalog
 from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
@@ -135,10 +137,8 @@ class Service:
         self.pool: WorkerPool | None = None  # the workers (set by the supervisor), read here
         self.ready = False
         self.stopping = False
-        self.voices: list[VoiceInfo] = []
-        self.engine_name = config.engine.name
-        self.engine_features: frozenset[str] = frozenset()
-        self.native_rate = 0
+        self.catalog = Catalog(config.engine.name, speakers,
+                               lambda: self.config.engine.cosyvoice, cache.voices_changed)
         self.admin_token = ""
         # The daemon's figures, with the job ids `identity` may see (set by the supervisor).
         self.report: Callable[[Identity], dict[str, Any]] = lambda _identity: {}
@@ -163,6 +163,22 @@ class Service:
     def ledger(self) -> LedgerView:
         """The job book's records, to read (only the book writes them)."""
         return self.book.records
+
+    @property
+    def voices(self) -> list[VoiceInfo]:
+        return self.catalog.voices
+
+    @property
+    def engine_name(self) -> str:
+        return self.catalog.engine_name
+
+    @property
+    def engine_features(self) -> frozenset[str]:
+        return self.catalog.features
+
+    @property
+    def native_rate(self) -> int:
+        return self.catalog.native_rate
 
     @property
     def cluster(self) -> Sharing:
@@ -431,55 +447,11 @@ class Service:
     # -- the catalog ------------------------------------------------------------------------
     def engine_ready(self, message: EngineReady) -> bool:
         """A worker has loaded the engine: its catalog is ours. True for the first one."""
-        self.voices, self.engine_name = message.voices, message.engine
-        self.engine_features, self.native_rate = message.features, message.native_rate
+        self.catalog.take(message)
         first, self.ready = not self.ready, True
         if first:
             self.metrics.ready.set(1)
         return first
-
-    def registration_refusal(self, identity: Identity, name: Any, prompt_text: Any,
-                             language: Any = "") -> JobError | None:
-        """Why `identity` cannot register a voice so (None: it can), before its audio is
-        decoded (in the encoder process: `Encoder.read_prompt`)."""
-        refusal = voicerules.fields_refusal(name, prompt_text, language,
-                                            engine_name=self.engine_name,
-                                            engine_features=self.engine_features,
-                                            voices=self.voices)
-        if refusal is not None:
-            return refusal
-        bounds = self.config.engine.cosyvoice
-        return voicerules.registration_refusal(identity, name, self.speakers.owners(),
-                                               bounds.max_voices, bounds.max_voices_per_client)
-
-    def store_voice(self, identity: Identity, name: Any, prompt_text: Any, audio_flac: bytes,
-                    language: Any = "") -> VoiceInfo | JobError:
-        """Register (or replace, keeping its owner) a voice whose audio was `prepare`d:
-        every intake and every worker sees it from the one speakers file."""
-        refusal = self.registration_refusal(identity, name, prompt_text, language)
-        if refusal is not None:
-            return refusal
-        try:
-            self.speakers.store(name, prompt_text, audio_flac, language, identity.voice_owner)
-        except OSError as error:
-            log.error("voice_store_failed", voice=name, error=str(error))
-            return JobError(ErrorCode.INTERNAL, f"the voice could not be stored: {error}")
-        self.cache.voices_changed()  # a replaced voice's entries go
-        voice = VoiceInfo(name, language, self.native_rate, self.engine_name, kind="registered")
-        self.voices = [v for v in self.voices if v.name != name] + [voice]
-        log.info("voice_registered", voice=name, client=identity.name)
-        return voice
-
-    def remove_voice(self, identity: Identity, name: Any) -> JobError | None:
-        """Remove a registered voice `identity` may remove (`voicerules`)."""
-        refusal = voicerules.removal_refusal(identity, name, self.speakers.owners())
-        if refusal is not None:
-            return refusal
-        self.speakers.remove(name)
-        self.cache.voices_changed()  # its entries go
-        self.voices = [v for v in self.voices if not (v.name == name and v.kind == "registered")]
-        log.info("voice_removed", voice=name, client=identity.name)
-        return None
 
     # -- what a client may see and do -------------------------------------------------------
     def is_admin_token(self, token: Any) -> bool:

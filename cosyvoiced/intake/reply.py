@@ -66,8 +66,10 @@ class Service(IntakeService, Protocol):
     """What a reply intake needs from the supervisor (read on the supervisor's thread)."""
 
     stopping: bool
-    engine_features: frozenset[str]
     limits: Limits
+
+    @property
+    def engine_features(self) -> frozenset[str]: ...
 
     def queue_full(self) -> bool: ...
 

@@ -1,7 +1,7 @@
 """The part of the daemon's one service that every network intake calls: admission (with
 the one count of each client's requests in flight, and the unknown-voice check), the queue,
-cancelling, and the voice store. Each intake's own `Service` protocol adds what it alone
-needs; `cosyvoiced.service.Service` implements them all."""
+cancelling, and the voices clients register (`catalog`). Each intake's own `Service`
+protocol adds what it alone needs; `cosyvoiced.service.Service` implements them all."""
 
 from __future__ import annotations
 
@@ -13,10 +13,20 @@ from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.job import Job, JobError
 
 
+class VoiceCatalog(Protocol):
+    """The voices clients register and remove (catalog.py)."""
+
+    def registration_refusal(self, identity: Identity, name: Any, prompt_text: Any,
+                             language: Any = ...) -> JobError | None: ...
+
+    def store_voice(self, identity: Identity, name: Any, prompt_text: Any, audio_flac: bytes,
+                    language: Any = ...) -> VoiceInfo | JobError: ...
+
+    def remove_voice(self, identity: Identity, name: Any) -> JobError | None: ...
+
+
 class IntakeService(Protocol):
     ready: bool
-    voices: list[VoiceInfo]
-    engine_name: str
     # An intake adds a request as it queues it, and says when it is done with it.
     in_flight: InFlight
 
@@ -35,10 +45,11 @@ class IntakeService(Protocol):
 
     def keep_prompt(self, job_id: str, prompt: bytes) -> str: ...
 
-    def registration_refusal(self, identity: Identity, name: Any, prompt_text: Any,
-                             language: Any = ...) -> JobError | None: ...
+    @property
+    def voices(self) -> list[VoiceInfo]: ...
 
-    def store_voice(self, identity: Identity, name: Any, prompt_text: Any, audio_flac: bytes,
-                    language: Any = ...) -> VoiceInfo | JobError: ...
+    @property
+    def engine_name(self) -> str: ...
 
-    def remove_voice(self, identity: Identity, name: Any) -> JobError | None: ...
+    @property
+    def catalog(self) -> VoiceCatalog: ...

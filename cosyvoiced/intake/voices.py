@@ -190,7 +190,7 @@ class VoiceRoutes:
         identity = self._identify(request)
         self._check_rate(identity, 0)
         name = request.match_info["name"]
-        refusal = await self._host.ask(lambda service: service.remove_voice(identity, name))
+        refusal = await self._host.ask(lambda service: service.catalog.remove_voice(identity, name))
         if refusal is not None and refusal.code == ErrorCode.UNKNOWN_VOICE:
             return _Refused("not_found", refusal.message, "name").response()
         if refusal is not None:
@@ -212,12 +212,12 @@ class VoiceRoutes:
     async def _registered(self, request: web.Request, identity: Identity) -> web.Response:
         try:
             upload = await self._read_upload(request)
-            refusal = await self._host.ask(lambda service: service.registration_refusal(
+            refusal = await self._host.ask(lambda service: service.catalog.registration_refusal(
                 identity, upload.name, upload.text, upload.language))
             if refusal is not None:
                 raise _Refused.of(refusal)
             prepared = await asyncio.wrap_future(self._encoder.read_prompt(upload.audio))
-            stored = await self._host.ask(lambda service: service.store_voice(
+            stored = await self._host.ask(lambda service: service.catalog.store_voice(
                 identity, upload.name, upload.text, prepared, upload.language))
             if isinstance(stored, JobError):
                 raise _Refused.of(stored)

@@ -852,7 +852,7 @@ class ZmqIntake:
         fields = request.fields()
         identity = self._identity(request, service)
         if request.op == Op.REMOVE_VOICE:
-            refusal = service.remove_voice(identity, fields.get("name"))
+            refusal = service.catalog.remove_voice(identity, fields.get("name"))
             if refusal is not None and refusal.code == ErrorCode.UNKNOWN_VOICE:
                 raise ProtocolError(WireCode.NOT_FOUND, refusal.message, request.id, "name")
             if refusal is not None:
@@ -863,7 +863,7 @@ class ZmqIntake:
             raise ProtocolError(WireCode.BAD_REQUEST, "frame 1: register_voice needs the "
                                 "prompt audio as an attachment frame", request.id,
                                 "prompt_audio")
-        refusal = service.registration_refusal(identity, fields.get("name"),
+        refusal = service.catalog.registration_refusal(identity, fields.get("name"),
                                                fields.get("prompt_text"),
                                                fields.get("language", ""))
         if refusal is not None:
@@ -889,7 +889,7 @@ class ZmqIntake:
 
     def _store_voice(self, request: Request, service: Service, prepared: Future[bytes]) -> None:
         fields = request.fields()
-        stored = service.store_voice(self._identity(request, service), fields.get("name"),
+        stored = service.catalog.store_voice(self._identity(request, service), fields.get("name"),
                                      fields.get("prompt_text"), prepared.result(),
                                      fields.get("language", ""))
         if isinstance(stored, JobError):
