@@ -13,7 +13,7 @@ Signal handlers only record the signal. One tick acts, always in this order:
 7. dispatch: the next segments to the idle workers;
 8. what the job book recorded, drained (closed jobs to the metrics, spool and cluster);
 9. jobs wanted from the cluster (sharing.offer);
-10. inbox rescan, stop progress, STATUS=, WATCHDOG=1, the cluster's roster, the heap (heap.py).
+10. inbox rescan, stop progress, STATUS=, WATCHDOG=1, the roster; 11. the heap (heap.py).
 Because the watchdog ping comes from the tick, a supervisor that stops ticking stops
 pinging, and systemd restarts it. Each step is timed (tickclock.py).
 """
@@ -162,6 +162,7 @@ class Supervisor:
             timed.run("rescan", self.inbox.rescan_if_due, now, self.config.spool.rescan_interval_s)
             timed.run("stop", self._progress_stop, now)
             timed.run("report", self._report, now)
+            timed.run("heap", self.heap.trim_if_due, now)
 
     def _handle_signals(self, now: float) -> None:
         while self._signals:
@@ -287,7 +288,6 @@ class Supervisor:
             self.metrics.watchdog_pings.inc()
         report.publish(self.metrics, self.book.records, self.pool)
         self.service.roster_note(now)
-        self.heap.trim_if_due(now)  # after a burst, its free pages back to the system
 
     def _snapshot(self) -> report.Snapshot:
         return report.Snapshot(
