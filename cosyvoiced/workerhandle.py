@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from cosyvoiced import logs, worker
 from cosyvoiced.config import Config, EngineConfig
+from cosyvoiced.engines import promptfiles
 from cosyvoiced.memory import Memory
 from cosyvoiced.messages import FromWorker, Shutdown, ToWorker
 from cosyvoiced.placement import Placement
@@ -161,6 +162,17 @@ class WorkerHandle:
         code = self.process.exitcode
         signalled = signal.Signals(-code).name if code is not None and code < 0 else None
         self.set_state(WorkerState.DEAD, exitcode=code, signal=signalled)
+        if code != 0 and self.pid is not None:  # killed, or crashed, while it may have read
+            self._remove_prompt_files(self.pid)
+
+    def _remove_prompt_files(self, pid: int) -> None:
+        try:
+            removed = promptfiles.remove_files_of(pid)
+        except OSError as error:  # the temp directory itself: nothing of ours to do
+            log.warning("prompt_files_not_removed", worker_pid=pid, error=str(error))
+            return
+        if removed:
+            log.info("prompt_files_removed", worker_pid=pid, files=removed)
 
     def kill_now(self) -> None:
         """At shutdown only: SIGKILL and wait (a short, bounded wait)."""

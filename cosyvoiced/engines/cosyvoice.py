@@ -182,9 +182,6 @@ class CosyVoiceEngine:
         if self._default is not None and self._default not in self._voice_names():
             raise ValueError(f"engine.voice: {self._default!r} is not a voice of this model "
                              f"({', '.join(self._voice_names())})")
-        removed = promptfiles.remove_orphans()
-        if removed:  # a worker was killed during a prompted request
-            log.info("orphan_prompts_removed", count=len(removed), names=removed[:8])
         log.info("cosyvoice_loaded", version=self.version, model_class=class_name,
                  sample_rate=self._rate, prompt_api="path" if self._path_api else "tensor",
                  builtin_voices=len(self._builtin), registered_voices=len(self._registered),

@@ -450,13 +450,10 @@ def test_a_killed_worker_leaves_no_prompt_scratch_in_the_temp_directory(
         tmp_path: Path, model_dir: Path, model_version: int) -> None:
     """Every worker kept a scratch directory for prompts from its start, and one that did
     not exit through Python's shutdown (SIGTERM, SIGKILL, a crash) left it behind: 415 in
-    one machine's temp directory after the test suites. A prompt file of a worker that is
-    gone is deleted when the next worker starts."""
+    one machine's temp directory after the test suites. Prompts are files of their own
+    now, deleted once read (and the supervisor deletes a killed worker's: test_prompt_files)."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    (scratch / f"cosyvoiced-prompt-{int(gone.stdout)}-left.wav").write_bytes(b"RIFF")
     daemon = cosyvoice_daemon(tmp_path / "d", model_dir)
     daemon.start(extra_env={"TMPDIR": str(scratch)})
 
