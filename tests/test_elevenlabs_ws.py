@@ -372,6 +372,40 @@ def test_text_for_a_context_being_closed_is_not_spoken_and_is_logged(daemon: Dae
     assert [e["chars"] for e in logged] == [len("A second life it never gets.")]
 
 
+def test_an_mp3_reply_whose_last_frames_never_went_out_is_counted_undelivered(
+        daemon: Daemon) -> None:
+    """The MP3 encoder keeps a sentence's last frames (some 0.15 s of it) until audio after
+    it comes, or the stream's end. Its job was counted sent when its audio was made, so a
+    socket that ended before those frames went out (a hang-up, an inactivity close) was not
+    counted as missing any of it."""
+    async def speak(end: bool) -> tuple[str, list[dict[str, Any]]]:
+        before = len(_http_jobs(daemon))
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session,
+                               query="output_format=mp3_22050_32&inactivity_timeout=1")
+            await ws.send_json({"text": " "})
+            await ws.send_json({"text": "The kettle is on."})  # its end is certain: spoken
+            if end:
+                await ws.send_json({"text": ""})
+            # Without the text "", the last frames are never asked for: once the sentence
+            # is sent as far as the encoder lets it, the socket idles and is closed.
+            replies = [r async for r in _replies(ws)]
+        (job_id,) = _http_jobs(daemon)[before:]
+        return job_id, replies
+
+    heard, whole = asyncio.run(speak(end=True))
+    cut, short = asyncio.run(speak(end=False))
+    assert whole[-1] == {"isFinal": True}
+    assert [r.get("error") for r in short if not r.get("audio")] == ["input_timeout_exceeded"]
+    ended = {e["job"]: e["outcome"] for e in daemon.log_events("job")}
+    assert (ended.get(heard), ended.get(cut)) == ("done", "done")
+    undelivered = wait_until(lambda: [e for e in daemon.log_events("reply_undelivered")
+                                      if e["job"] in (heard, cut)], 30,
+                             "the reply cut short to be counted undelivered")
+    # The one heard whole was released before the other was given up: none for it.
+    assert [(e["job"], e["source"]) for e in undelivered] == [(cut, "http")]
+
+
 async def _refusal(daemon: Daemon, messages: Sequence[dict[str, Any] | str],
                    query: str = "output_format=pcm_16000",
                    path: str = "multi-stream-input") -> tuple[list[dict[str, Any]], int | None]:

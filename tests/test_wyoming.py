@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -27,6 +30,9 @@ from wyoming.tts import (
 
 from cosyvoiced import config
 from cosyvoiced.client import Client
+from cosyvoiced.config import WyomingConfig
+from cosyvoiced.intake import wyoming
+from cosyvoiced.intake.reply import Chunk, Done, Exchange, Started
 from tests.daemon import Daemon, assert_speech, free_port, wait_until
 
 SENTENCE = "The old lighthouse was painted bright yellow after the storm last winter."
@@ -221,3 +227,68 @@ def test_a_network_address_needs_allow_remote(tmp_path: Path) -> None:
     assert "wyoming.listen: 'tcp://0.0.0.0:10200' is not loopback" in run.stderr
     path.write_text('[wyoming]\nlisten = "tcp://0.0.0.0:10200"\nallow_remote = true\n')
     assert config.load(path).wyoming.allow_remote
+
+
+# -- one connection handler in this process: the moment between a reply's last chunk and its
+# audio-stop is one step of the daemon's loop, which no client of the real daemon can aim at.
+class _Intake:
+    """The supervisor's side of the intake, as the connection sees it: what it was told."""
+
+    def __init__(self) -> None:
+        self.sent_whole: list[str] = []
+        self.given_up: list[str] = []
+
+    def finished(self, job_id: str) -> None:
+        self.sent_whole.append(job_id)
+
+    def gone(self, job_id: str) -> None:
+        self.given_up.append(job_id)
+
+    def settings(self) -> WyomingConfig:
+        return WyomingConfig()
+
+    def connection_closed(self, _connection: object) -> None:
+        pass
+
+
+def test_a_reply_is_sent_whole_only_once_its_audio_stop_is_written() -> None:
+    """Home Assistant keeps a reply's audio only once its audio-stop comes (a connection
+    that ends first: no audio at all). The job was released as sent before its audio-stop
+    was written, so a client gone at that moment was not counted undelivered."""
+    async def reset_before_audio_stop() -> _Intake:
+        intake = _Intake()
+        accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = \
+            asyncio.Queue()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await accepted.put((reader, writer))
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, AsyncTcpClient("127.0.0.1", port) as client:
+            reader, writer = await asyncio.wait_for(accepted.get(), 10)
+            connection = wyoming._Connection(cast(Any, intake), reader, writer)
+            exchange = Exchange(asyncio.get_running_loop())
+            connection._jobs.add("job")
+            speaking = asyncio.create_task(connection._speak(("job", exchange)))
+            exchange.post(Started(22050))
+            exchange.post(Chunk(np.full(512, 0.1, dtype=np.float32)))
+            assert [(await _read(client)).type for _ in range(2)] == ["audio-start",
+                                                                       "audio-chunk"]
+            # The client goes (a reset) once it has the audio, before the audio-stop.
+            assert client._writer is not None
+            sock = client._writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client._writer.transport.abort()
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(1), 10)
+            exchange.post(Done(cast(Any, None)))  # the job ends: made whole
+            with pytest.raises(ConnectionError):
+                await asyncio.wait_for(speaking, 10)
+            await connection._release()
+        return intake
+
+    intake = asyncio.run(reset_before_audio_stop())
+    # Not released as sent: given up with the connection (the supervisor counts it
+    # undelivered, as it ended done).
+    assert (intake.sent_whole, intake.given_up) == ([], ["job"])

@@ -299,6 +299,10 @@ class _Stream:
     sentences: SentenceSplitter = field(default_factory=SentenceSplitter)
     waiting: deque[str] = field(default_factory=deque)
     jobs: deque[tuple[str, Exchange]] = field(default_factory=deque)
+    # Jobs that ended done whose last bytes the encoder still holds (MP3 keeps a frame or
+    # two until more audio comes): sent whole only once audio after them is sent, or the
+    # stream's last bytes; a hang-up before that leaves their replies undelivered.
+    unsent: list[str] = field(default_factory=list)
     ended: bool = False  # no more text will come (closing text, close_context)
     ignored: bool = False  # text came after that, and was logged (once a context)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -478,6 +482,7 @@ class _Socket:
                     self._top_up(stream)
                 elif stream.ended:
                     await self._send_audio(stream, await self._encoded(stream, None))
+                    self._sent_whole(stream)
                     await self._send(stream, {"isFinal": True})
                     break
                 else:
@@ -503,7 +508,10 @@ class _Socket:
                     data = await self._encoded(stream, event.samples[start:start + piece])
                     await self._send_audio(stream, data)
             elif isinstance(event, Done):
-                self._host.finished(job_id)
+                if self._fmt.codec == "pcm":  # no byte of it is held back: all sent
+                    self._host.finished(job_id)
+                else:
+                    stream.unsent.append(job_id)
                 return
             elif not isinstance(event, Started):
                 self._host.finished(job_id)
@@ -530,6 +538,15 @@ class _Socket:
             await self._send(stream, {"audio": base64.b64encode(data).decode(),
                                       "isFinal": False, "normalizedAlignment": None,
                                       "alignment": None})
+            # Bytes of later audio (a piece, over the encoder's delay): the frames it
+            # held of the jobs before went out first.
+            self._sent_whole(stream)
+
+    def _sent_whole(self, stream: _Stream) -> None:
+        """The jobs whose last bytes waited in the encoder are sent whole now."""
+        for job_id in stream.unsent:
+            self._host.finished(job_id)
+        stream.unsent.clear()
 
     async def _send(self, stream: _Stream | None, reply: dict[str, Any]) -> None:
         if self._multi and stream is not None:
@@ -567,9 +584,11 @@ class _Socket:
             await self._ws.close(code=code, message=close_reason(message))
 
     def _forget(self, stream: _Stream) -> None:
-        """The stream is done with: its jobs not yet sent whole are cancelled."""
-        for job_id, _exchange in stream.jobs:
+        """The stream is done with: its jobs not yet sent whole are cancelled (those that
+        ended done are counted undelivered)."""
+        for job_id in [*stream.unsent, *(job_id for job_id, _exchange in stream.jobs)]:
             self._host.gone(job_id)
+        stream.unsent.clear()
         stream.jobs.clear()
         stream.waiting.clear()
         if stream.encoder is not None:

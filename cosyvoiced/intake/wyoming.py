@@ -455,7 +455,7 @@ class _Connection(AsyncEventHandler):
 
     async def _speak(self, part: tuple[str, Exchange]) -> None:
         """One job's events as Wyoming events. If writing fails (the client left), the job
-        stays in `_jobs`, to be cancelled."""
+        stays in `_jobs`, to be cancelled (or, made whole, counted undelivered)."""
         job_id, exchange = part
         rate = 0
         while True:
@@ -470,11 +470,13 @@ class _Connection(AsyncEventHandler):
                     await self.write_event(AudioChunk(rate=rate, width=2, channels=1,
                                                       audio=pcm[offset:offset + step]).event())
             else:
+                if isinstance(event, Done):
+                    # Sent whole only with its audio-stop: a client that gets none (Home
+                    # Assistant's) throws the audio it got away.
+                    await self.write_event(AudioStop().event())
                 self._jobs.discard(job_id)  # ended: nothing left to cancel
                 self._intake.finished(job_id)  # no longer in flight for this client
-                if isinstance(event, Done):
-                    await self.write_event(AudioStop().event())
-                else:
+                if not isinstance(event, Done):
                     failure = event if isinstance(event, Failed) else Failed(
                         str(ErrorCode.CANCELLED), "the job was cancelled")
                     await self._error(failure.code, failure.message)
