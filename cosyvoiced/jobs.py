@@ -45,14 +45,6 @@ from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
 log = logs.get_logger("cosyvoiced.supervisor")
 
-# Audio waiting for the encoder process (and repeats about to be played to it), at most,
-# before more drops are read (service.py), and before a new drop-folder job starts
-# (`dispatch`): results come out of the result cache as fast as files are read (16 copies
-# of one long cached text as 48 kHz files held 1.2 GB in the supervisor at once), and out
-# of fast workers faster than the one encoder makes their files (each admitted drop's
-# result waited in the supervisor: 10 long texts as 48 kHz Ogg files grew it 1.2 GB).
-MAX_ENCODING_BYTES = 256 << 20
-
 
 @dataclass(frozen=True)
 class Closed:
@@ -143,8 +135,9 @@ class JobBook:
         `streams`: the segments all ready workers make at once."""
         if not idle:
             return
-        waiting = scheduler.startable(self._ledger.waiting(), stopping=stopping,
-                                      files_full=self.encoding_bytes() >= MAX_ENCODING_BYTES)
+        waiting = self._ledger.waiting()
+        if stopping:  # finish what is in progress; start nothing new
+            waiting = [w for w in waiting if w.started]
         places = scheduler.places({slot: w.free_streams for slot, w in idle.items()},
                                   {slot: len(w.jobs) for slot, w in idle.items()})
         for choice in scheduler.assign(waiting, places, self._ledger.in_progress(),

@@ -177,8 +177,7 @@ class Ledger:
 
     def waiting(self) -> list[Waiting]:
         return [Waiting(r.job.id, r.priority, r.ready_since, r.started, r.retry, r.last_slot,
-                        # this host's drop-folder jobs are written as one file each
-                        r.job.share, r.job.party, whole_file=r.persisted)
+                        r.job.share, r.job.party)
                 for r in self.jobs.values()
                 if r.holder is None and not r.cancel_requested and r.done < len(r.segments)
                 and not r.remote]

@@ -9,11 +9,7 @@ segment. A job whose worker died goes first of all, and a job never has two segm
 hand at once (its audio is made in order).
 
 Only `max_active` jobs of a class are in progress at once; the others wait unstarted. A
-job in progress holds its audio so far in the supervisor's memory, so this bounds it. A
-finished job whose result is one file (the drop folder's, `submit`'s) holds its audio until
-the one encoder process has made the file, and workers can make audio faster than it
-encodes: so no such job starts while the audio waiting for the encoder is at its bound
-(`startable`); those in progress go on, and reply jobs start as ever.
+job in progress holds its audio so far in the supervisor's memory, so this bounds it.
 
 Above the jobs, clients take turns too: every job carries a `share` (an API key, a CURVE
 key, the drop folder; anonymous clients all share one), and within a class a share's n-th
@@ -60,7 +56,6 @@ class Waiting:
     last_worker: int | None = None  # the slot that served its last segment
     share: str = ""  # whose turn it is: the client's fair-share identity
     party: str = ""  # who takes turns within the share (an anonymous client's host)
-    whole_file: bool = False  # its result goes to the encoder as one file (a drop's)
 
 
 @dataclass(frozen=True)
@@ -104,17 +99,6 @@ def _ranks_in_share(oldest_first: Sequence[Waiting],
         ranks[job.job_id] = counted[job.priority, job.share]
         counted[job.priority, job.share] += 1
     return ranks
-
-
-def startable(waiting: Sequence[Waiting], *, stopping: bool,
-              files_full: bool) -> list[Waiting]:
-    """The waiting jobs that may have a segment now. Stopping, only those in progress
-    (they finish; nothing new starts). While the audio waiting for the encoder is at its
-    bound (`files_full`), no new whole-file job: the encoder makes room, and wakes the tick.
-    Jobs in progress always go on (one bigger than the bound still ends), and reply jobs
-    start as ever: a backlog of drop-folder files never holds up a client who is waiting."""
-    return [job for job in waiting
-            if job.started or not (stopping or (files_full and job.whole_file))]
 
 
 def fair_places(waiting: Sequence[Waiting], shares_active: Mapping[tuple[Priority, str], int],

@@ -36,7 +36,7 @@ from cosyvoiced.intake.inbox import SOURCE as INBOX_SOURCE
 from cosyvoiced.intake.inbox import InboxIntake
 from cosyvoiced.intake.tickbudget import TickBudget, in_turn
 from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, Sink
-from cosyvoiced.jobs import MAX_ENCODING_BYTES, JobBook
+from cosyvoiced.jobs import JobBook
 from cosyvoiced.jobspec import Limits, build_job
 from cosyvoiced.ledger import LedgerView, Running
 from cosyvoiced.messages import EngineReady
@@ -61,7 +61,10 @@ CLAIMS_PER_TICK = 16
 # segments (about 45 KB for 20,000 characters). More claimed files wait in work/, unread,
 # and are admitted in order as these start: a folder of 100,000 files costs no memory.
 MAX_QUEUED_DROPS = 256
-# The audio waiting for the encoder (jobs.MAX_ENCODING_BYTES) bounds the drops read, too.
+# Audio waiting for the encoder process (and repeats about to be played to it), at most,
+# before more drops are read: results from the cache come out as fast as files are read
+# (16 copies of one long cached text as 48 kHz files held 1.2 GB in the supervisor at once).
+MAX_ENCODING_BYTES = 256 << 20
 HELD_BACK = (f"more drops are claimed (in work/) than are queued ({MAX_QUEUED_DROPS} at most) "
              f"or than the encoder has room for ({MAX_ENCODING_BYTES >> 20} MiB of audio); "
              "each is read as room comes")

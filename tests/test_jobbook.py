@@ -21,7 +21,7 @@ from cosyvoiced.job import (
     JobResult,
     ResultAudio,
 )
-from cosyvoiced.jobs import MAX_ENCODING_BYTES, JobBook
+from cosyvoiced.jobs import JobBook
 from cosyvoiced.ledger import Running
 from cosyvoiced.messages import (
     AudioChunkReady,
@@ -94,10 +94,6 @@ class FakeEncoder:
     def __init__(self) -> None:
         self.submitted: list[str] = []
         self.done: list[Encoded] = []
-        self.backlog = 0  # bytes of audio it holds for files not made yet
-
-    def backlog_bytes(self) -> int:
-        return self.backlog
 
     def submit(self, key: str, made: ResultAudio, fmt: str,
                save: Callable[[bytes], None] | None = None) -> None:
@@ -313,37 +309,6 @@ def test_while_stopping_only_jobs_in_progress_get_segments(book: JobBook) -> Non
     running = book.get("new")
     assert isinstance(running, Running)
     assert not running.started
-
-
-def _drop(job_id: str) -> Job:
-    return Job(id=job_id, source="inbox", origin=job_id, text="x", owner="", share="inbox")
-
-
-def test_no_new_drop_starts_while_the_audio_held_for_files_is_at_its_bound(
-        book: JobBook, encoder: FakeEncoder) -> None:
-    """Workers faster than the one encoder piled up finished drop-folder results in the
-    supervisor (24 of 86 MB: 1.9 GB). While the encoder holds MAX_ENCODING_BYTES, a drop
-    in progress goes on, a reply job starts, and a new drop waits until the encoder has
-    made room."""
-    book.admit(_drop("going"), FakeSink(), ["one. ", "two."], persisted=True)
-    workers = _workers(1)
-    book.dispatch(workers, 0.0, stopping=False)
-    _run_segment(book, workers[0], "going", 0)
-    book.admit(_drop("new"), FakeSink(), ["one."], persisted=True)
-    book.admit(_job("reply"), FakeSink(), ["one."], persisted=False)
-    encoder.backlog = MAX_ENCODING_BYTES
-    sent = cast(FakeWorker, workers[0]).sent
-    for now in (1.0, 2.0, 3.0):
-        book.dispatch(workers, now, stopping=False)
-        if book.get(sent[-1].job.id) is not None:
-            _run_segment(book, workers[0], sent[-1].job.id, sent[-1].index)
-    assert [message.job.id for message in sent] == ["going", "reply", "going"]
-    new = book.get("new")
-    assert new is not None
-    assert not new.started  # the worker idles: the encoder is behind
-    encoder.backlog = MAX_ENCODING_BYTES - 1  # it made a file (and woke the tick)
-    book.dispatch(workers, 4.0, stopping=False)
-    assert sent[-1].job.id == "new"
 
 
 def test_a_batched_worker_holds_several_segments_and_is_idle_after_the_last(

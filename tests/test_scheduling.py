@@ -6,7 +6,7 @@ import pytest
 
 from cosyvoiced import segments
 from cosyvoiced.placement import plan
-from cosyvoiced.scheduler import Assignment, Priority, Waiting, assign, places, startable
+from cosyvoiced.scheduler import Assignment, Priority, Waiting, assign, places
 
 BULK, INTERACTIVE = Priority.BULK, Priority.INTERACTIVE
 TEXT = ("Hello there, my friend, how are you today? \"I am fine.\" Mr. Smith said so. "
@@ -59,23 +59,6 @@ def test_cjk_text_is_cut_without_spaces_and_markup_carries_its_language_tag() ->
 
 def _wait(job: str, priority: Priority, since: float, **state: object) -> Waiting:
     return Waiting(job, priority, since, **state)  # type: ignore[arg-type]
-
-
-def test_no_new_whole_file_job_starts_while_the_files_held_are_at_their_bound() -> None:
-    """Drop-folder results wait for the one encoder process: while the audio it holds is
-    at its bound, no new drop starts. A drop in progress goes on (one bigger than the
-    bound still ends), and a reply job, streamed or not, starts as ever."""
-    going = _wait("going", BULK, 1.0, started=True, whole_file=True)
-    new = _wait("new", BULK, 2.0, whole_file=True)
-    other_host = _wait("for-another-host", BULK, 3.0)  # its audio goes back over the wire
-    reply = _wait("reply", INTERACTIVE, 4.0)
-    waiting = [going, new, other_host, reply]
-    assert startable(waiting, stopping=False, files_full=True) == [going, other_host, reply]
-    assert startable(waiting, stopping=False, files_full=False) == waiting
-    assert startable(waiting, stopping=True, files_full=False) == [going]
-    assert [a.job_id for a in assign(startable(waiting, stopping=False, files_full=True),
-                                     [0, 1, 2, 3], {}, 8)] == ["reply", "going",
-                                                              "for-another-host"]
 
 
 def test_interactive_goes_before_bulk_whatever_waited_longer() -> None:
