@@ -12,7 +12,10 @@ The tick looks at the RSS at most every LOOK_INTERVAL_S and trims when it is GRE
 over the floor: the RSS at the start, or after the last trim that gave nothing back (the
 growth was live, and trimming it again would give nothing either). A trim that gave pages
 back leaves the floor where it was, so that a trim in the middle of a burst is followed by
-another once the burst has ended.
+another once the burst has ended. A trim that leaves the process still GREW_BYTES over its
+floor (memory that stays live, with a little freed beside it: a daemon that serves for
+weeks holds more than at its start) doubles the wait for the next look, up to
+LONGEST_LOOK_S, so that it is not trimmed, and logged, every 30 s for good.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from cosyvoiced import logs, memory
 
 LOOK_INTERVAL_S = 30.0
+LONGEST_LOOK_S = 600.0
 GREW_BYTES = 16 << 20  # over the floor: worth a trim
 GAVE_NOTHING_BYTES = 1 << 20  # a trim that gave back less found only live memory
 
@@ -40,26 +44,39 @@ def next_floor(floor_bytes: int, before_bytes: int, after_bytes: int) -> int:
     return after_bytes if before_bytes - after_bytes < GAVE_NOTHING_BYTES else floor_bytes
 
 
+def next_look_s(last_look_s: float, after_bytes: int, floor_bytes: int) -> float:
+    """The wait for the next look after a trim that left `after_bytes`: LOOK_INTERVAL_S
+    once the process is back within GREW_BYTES of its floor, else twice the last wait."""
+    if after_bytes - floor_bytes < GREW_BYTES:
+        return LOOK_INTERVAL_S
+    return min(2 * last_look_s, LONGEST_LOOK_S)
+
+
 class HeapTrim:
-    """The supervisor's trims: looked for on the tick, at most every LOOK_INTERVAL_S."""
+    """The supervisor's trims: looked for on the tick, at most every LOOK_INTERVAL_S (or
+    longer, while trims find memory that stays live)."""
 
     def __init__(self, now: float, rss: Callable[[], int] = memory.rss_bytes,
                  trim: Callable[[], bool] = memory.give_free_heap_back) -> None:
         self._rss, self._trim = rss, trim
-        self._next_look = now + LOOK_INTERVAL_S
+        self._look_s = LOOK_INTERVAL_S
+        self._next_look = now + self._look_s
         self.floor = rss()
 
     def trim_if_due(self, now: float) -> None:
         if now < self._next_look:
             return
-        self._next_look = now + LOOK_INTERVAL_S
         before = self._rss()
         self.floor = min(self.floor, before)
         if not trim_due(before, self.floor):
+            self._look_s = LOOK_INTERVAL_S
+            self._next_look = now + self._look_s
             return
         started = time.perf_counter()
         released = self._trim()
         after = self._rss()
         self.floor = next_floor(self.floor, before, after)
+        self._look_s = next_look_s(self._look_s, after, self.floor)
+        self._next_look = now + self._look_s
         log.info("heap_trimmed", rss_before=before, rss_after=after, released=released,
                  ms=round((time.perf_counter() - started) * 1000, 1))

@@ -162,7 +162,7 @@ class WorkerHandle:
         code = self.process.exitcode
         signalled = signal.Signals(-code).name if code is not None and code < 0 else None
         self.set_state(WorkerState.DEAD, exitcode=code, signal=signalled)
-        if code != 0 and self.pid is not None:  # killed, or crashed, while it may have read
+        if code not in (0, None) and self.pid is not None:  # killed or crashed: reaped
             self._remove_prompt_files(self.pid)
 
     def _remove_prompt_files(self, pid: int) -> None:

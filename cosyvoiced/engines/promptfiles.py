@@ -8,9 +8,10 @@ by every worker that did not exit through Python's own shutdown: a SIGTERM or SI
 recycle or stop, or a crash. That was one directory per worker ever killed, for as long as
 the temp directory lives (the whole uptime, for a unit with `PrivateTmp=`): the test suites
 alone left 415. A file is left only when its worker dies while upstream reads it, and the
-supervisor deletes those of a worker that did not exit cleanly when it reaps it
-(`remove_files_of`): its own child, whose pid no other process can have until then. Nothing
-here imports torch: the supervisor uses it.
+supervisor deletes those of a worker that did not exit cleanly once it has reaped it
+(`remove_files_of`): its own child, whose pid is reused only by a process started since.
+Nothing here imports torch: the supervisor uses it. A supervisor that is itself SIGKILLed
+leaves its workers' files to the unit's `PrivateTmp=`, which goes when the service stops.
 """
 
 from __future__ import annotations

@@ -864,8 +864,8 @@ class ZmqIntake:
                                 "prompt audio as an attachment frame", request.id,
                                 "prompt_audio")
         refusal = service.catalog.registration_refusal(identity, fields.get("name"),
-                                               fields.get("prompt_text"),
-                                               fields.get("language", ""))
+                                                       fields.get("prompt_text"),
+                                                       fields.get("language", ""))
         if refusal is not None:
             raise ProtocolError.from_job_error(refusal, request.id)
         if self._read_prompt is None:
@@ -889,9 +889,9 @@ class ZmqIntake:
 
     def _store_voice(self, request: Request, service: Service, prepared: Future[bytes]) -> None:
         fields = request.fields()
-        stored = service.catalog.store_voice(self._identity(request, service), fields.get("name"),
-                                     fields.get("prompt_text"), prepared.result(),
-                                     fields.get("language", ""))
+        stored = service.catalog.store_voice(self._identity(request, service),
+                                             fields.get("name"), fields.get("prompt_text"),
+                                             prepared.result(), fields.get("language", ""))
         if isinstance(stored, JobError):
             raise ProtocolError.from_job_error(stored, request.id)
         self._reply(request, "voice_registered", voice=_voice(stored))
