@@ -48,14 +48,19 @@ TOKENS_PER_S = 20.0  # an LLM's pace
 TIMEOUT_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    root = tmp_path_factory.mktemp("elevenlabs")
+def _elevenlabs_daemon(root: Path, **http: Any) -> Daemon:
+    """A daemon whose HTTP listener takes KEY, with `rachel` as our JOE (not started)."""
     keys = root / "api_keys"
     keys.write_text(f"{KEY}\n")
-    running = Daemon(root, spool={"max_text_chars": 4000},
-                     http={"listen": f"127.0.0.1:{free_port()}", "api_keys_file": str(keys)},
-                     http__voices={"rachel": JOE})
+    return Daemon(root, spool={"max_text_chars": 4000},
+                  http={"listen": f"127.0.0.1:{free_port()}", "api_keys_file": str(keys),
+                        **http},
+                  http__voices={"rachel": JOE})
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    running = _elevenlabs_daemon(tmp_path_factory.mktemp("elevenlabs"))
     running.start()
     yield running
     running.stop()
@@ -123,6 +128,30 @@ def test_livekit_hears_the_first_sentence_while_the_text_is_still_written(
     assert 0 < first_at < sent_at, (f"the first audio came {first_at:.2f} s after the text "
                                     f"began; the text was all sent at {sent_at:.2f} s")
     assert_speech(_wav(pcm, rate, tmp_path / "livekit.wav"), rate, STREAMED)
+
+
+def test_mp3_sentences_held_for_their_last_frames_keep_to_the_clients_pending_bound(
+        tmp_path: Path) -> None:
+    """A sentence is sent whole once the MP3 frames its encoder holds went out with the
+    next one's audio; it stayed in flight meanwhile, beside the two of the lookahead, and
+    with `max_pending_per_client = 2` every MP3 stream of three sentences sent at once got
+    `busy`."""
+    async def speak(daemon: Daemon) -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session, query="output_format=mp3_22050_32")
+            for text in (" ", STREAMED, ""):  # every sentence waits to be spoken at once
+                await ws.send_json({"text": text})
+            return [r async for r in _replies(ws)]
+
+    daemon = _elevenlabs_daemon(tmp_path, max_pending_per_client=2)
+    daemon.start()
+    try:
+        replies = asyncio.run(speak(daemon))
+        outcomes = [e["outcome"] for e in daemon.log_events("job")]
+    finally:
+        daemon.stop()
+    assert [r for r in replies if not r.get("audio")] == [{"isFinal": True}]
+    assert outcomes == ["done"] * (STREAMED.count(". ") + 1)
 
 
 def test_livekit_with_a_wrong_key_is_refused(daemon: Daemon) -> None:

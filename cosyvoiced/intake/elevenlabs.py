@@ -451,8 +451,11 @@ class _Socket:
                      "closed is not spoken; send it under a new context_id")
 
     def _top_up(self, stream: _Stream) -> None:
-        """Submit waiting sentences, up to LOOKAHEAD_JOBS in flight for this stream."""
-        while stream.waiting and len(stream.jobs) < LOOKAHEAD_JOBS:
+        """Submit waiting sentences, up to LOOKAHEAD_JOBS in flight for this stream. Jobs
+        made but not yet sent whole (`unsent`) are still in flight for their client, and
+        take the place of one: at most LOOKAHEAD_JOBS are counted against its
+        max_pending_per_client (and a job that made no audio never holds the next back)."""
+        while stream.waiting and len(stream.jobs) + min(len(stream.unsent), 1) < LOOKAHEAD_JOBS:
             text = stream.waiting.popleft()
             if not cleanup.says_something(text):
                 self._unsaid.add(len(text))  # an emoji, a code fence: no error either
@@ -543,10 +546,14 @@ class _Socket:
             self._sent_whole(stream)
 
     def _sent_whole(self, stream: _Stream) -> None:
-        """The jobs whose last bytes waited in the encoder are sent whole now."""
+        """The jobs whose last bytes waited in the encoder are sent whole now: the next
+        sentence may go in."""
+        if not stream.unsent:
+            return
         for job_id in stream.unsent:
             self._host.finished(job_id)
         stream.unsent.clear()
+        self._top_up(stream)
 
     async def _send(self, stream: _Stream | None, reply: dict[str, Any]) -> None:
         if self._multi and stream is not None:
