@@ -474,12 +474,12 @@ class _Connection(AsyncEventHandler):
                     # Sent whole only with its audio-stop: a client that gets none (Home
                     # Assistant's) throws the audio it got away.
                     await self.write_event(AudioStop().event())
-                self._jobs.discard(job_id)  # ended: nothing left to cancel
-                self._intake.finished(job_id)  # no longer in flight for this client
-                if not isinstance(event, Done):
+                else:
                     failure = event if isinstance(event, Failed) else Failed(
                         str(ErrorCode.CANCELLED), "the job was cancelled")
                     await self._error(failure.code, failure.message)
+                self._jobs.discard(job_id)  # ended: nothing left to cancel
+                self._intake.finished(job_id)  # no longer in flight for this client
                 return
 
     async def _error(self, code: str, message: str) -> None:
