@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +31,15 @@ from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.jobspec import Limits
 from cosyvoiced.protocol import Op, Request
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, bounded, free_port, peak_rss_bytes, pipelined, wait_until
+from tests.daemon import (
+    Daemon,
+    bounded,
+    free_port,
+    peak_rss_bytes,
+    pipelined,
+    short_dir,
+    wait_until,
+)
 
 TONE = {"name": "tests.engines.faulty:load"}
 CLONING = {"name": "tests.engines.faulty:cloning"}
@@ -143,7 +150,7 @@ def test_an_admin_token_utf8_cannot_encode_is_just_not_the_token(daemon: Daemon)
 # -- in-process: the intake object, its thread and its stop ---------------------------------
 @pytest.fixture
 def endpoint() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="cvd-")  # ipc:// paths are limited to 108 bytes
+    directory = short_dir()
     yield f"ipc://{directory}/zmq"
     shutil.rmtree(directory, ignore_errors=True)
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import zmq
 
 from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, assert_speech, wait_until
+from tests.daemon import Daemon, assert_speech, short_dir, wait_until
 
 LONG_TEXT = " ".join(
     f"Sentence number {n} of a long job keeps the engine busy for a little while."
@@ -339,7 +338,7 @@ def test_log_file_rotates_and_stays_json(make_daemon: DaemonFactory) -> None:
 def test_a_notify_socket_nobody_reads_never_stalls_the_daemon(
         make_daemon: DaemonFactory, tmp_path: Path) -> None:
     """A busy or stuck manager: its datagram queue fills (10 messages), sends must not block."""
-    directory = Path(tempfile.mkdtemp(prefix="cvd-"))
+    directory = Path(short_dir())
     undrained = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         undrained.bind(str(directory / "notify"))
