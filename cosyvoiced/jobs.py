@@ -40,6 +40,7 @@ from cosyvoiced.messages import (
     SegmentFinished,
     SegmentStarted,
 )
+from cosyvoiced.replyaudio import ReplyAudio
 from cosyvoiced.spool import Spool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
@@ -77,6 +78,26 @@ def _stage_summary(result: JobResult) -> dict[str, Any]:
         return {}
     return stages.job_timings(result.stages) | {
         "stages": [segment.summary() for segment in result.stages]}
+
+
+def _result_of(running: Running, host: str) -> JobResult:
+    job = running.job
+    return JobResult(job.id, running.voice, running.sample_rate, running.samples,
+                     running.synth_s, running.first_chunk_s,
+                     served_by=running.served_by or host, stages=tuple(running.stages),
+                     captions=_captions(running))
+
+
+def _timings_of(running: Running, result: JobResult) -> dict[str, float]:
+    """The job's `timings`: when it came and started, and what its segments took."""
+    job = running.job
+    return {
+        "received_at": round(job.received_at, 6),
+        "started_at": round(running.started_at, 6),
+        "queue_wait_s": round(max(0.0, running.started_at - job.received_at), 4),
+        "first_chunk_s": round(result.first_chunk_s, 4),
+        "synth_s": round(result.synth_s, 4),
+    } | stages.job_timings(result.stages)
 
 
 def _captions(running: Running) -> captions.Captions | None:
@@ -126,6 +147,7 @@ class JobBook:
         """Queue `job`, its outcome bound to `sink` once and for all."""
         running = self._ledger.enqueue(job, segments, time.monotonic())
         running.sink, running.persisted = sink, persisted
+        running.audio = ReplyAudio(self._spool.root)
         return running
 
     # -- dispatching ------------------------------------------------------------------------
@@ -219,13 +241,25 @@ class JobBook:
             running.stages.append(message.stages)
         running.made.append(captions.SegmentAudio(running.segments[message.index],
                                                   message.samples, message.words))
-        running.chunks.extend(running.segment_audio)
-        running.segment_audio = []
         self._free_worker(worker, running, now)
+        chunks, running.segment_audio = running.segment_audio, []
+        if not self._keep(running, chunks):
+            return
         if running.cancel_requested:  # asked after its last chunk: still cancelled
             self.end(running, None)
         elif running.done == len(running.segments):
             self.finish(running)
+
+    def _keep(self, running: Running, chunks: list[Samples]) -> bool:
+        """A whole reply's finished audio, kept until the job ends (on disk where it is
+        long); False if the disk refused it, and the job ended with the error."""
+        try:
+            running.reply_audio.add(chunks)
+        except OSError as error:
+            self.end(running, JobError(ErrorCode.INTERNAL, "could not keep the audio made so "
+                                       f"far on the spool's disk: {error}"))
+            return False
+        return True
 
     def _free_worker(self, worker: WorkerHandle, running: Running, now: float) -> None:
         """The worker no longer has the job's segment in hand (done, failed or lost)."""
@@ -322,7 +356,7 @@ class JobBook:
         it is claimed under a new id: a new job to the poison rule). A stop is no crash:
         this life's start of the job is not counted."""
         job_id = running.job.id
-        self._ledger.pop(job_id)
+        self._leave(running)
         if not running.persisted:
             return True
         if running.counted:  # (not one served by another host: started, never counted)
@@ -343,31 +377,22 @@ class JobBook:
         running.first_chunk_s = detail["first_chunk_s"]
         running.started_at = detail["timings"].get("started_at", running.started_at)
         running.served_by = event.sender
-        running.chunks = [] if running.job.stream else [event.samples]
         running.done = len(running.segments)
-        self.finish(running)
+        if running.job.stream or self._keep(running, [event.samples]):
+            self.finish(running)
 
     # -- ending -----------------------------------------------------------------------------
     def finish(self, running: Running) -> None:
         """The job's audio is complete: deliver it through its sink."""
         self._ledger.pop(running.job.id)
-        job = running.job
-        result = JobResult(job.id, running.voice, running.sample_rate, running.samples,
-                           running.synth_s, running.first_chunk_s,
-                           served_by=running.served_by or self.host,
-                           stages=tuple(running.stages), captions=_captions(running))
-        timings = {
-            "received_at": round(job.received_at, 6),
-            "started_at": round(running.started_at, 6),
-            "queue_wait_s": round(max(0.0, running.started_at - job.received_at), 4),
-            "first_chunk_s": round(result.first_chunk_s, 4),
-            "synth_s": round(result.synth_s, 4),
-        } | stages.job_timings(result.stages)
+        job, result = running.job, _result_of(running, self.host)
+        timings = _timings_of(running, result)
         written = time.monotonic()
         sink = running.bound_sink
-        try:
-            output = sink.deliver(job, result, ResultAudio(
-                tuple(running.chunks), result.sample_rate, result.sample_rate), timings)
+        try:  # (the audio kept on disk is read back, then written)
+            made = ResultAudio(running.reply_audio.take(), result.sample_rate,
+                               result.sample_rate)
+            output = sink.deliver(job, result, made, timings)
         except OSError as error:
             self.end(running, JobError(ErrorCode.INTERNAL,
                                        f"could not write the result: {error}"))
@@ -438,7 +463,7 @@ class JobBook:
     def end(self, running: Running, error: JobError | None) -> None:
         """Record a job that ends without audio: failed with `error`, or cancelled (None)."""
         job = running.job
-        self._ledger.pop(job.id)
+        self._leave(running)
         sink = running.bound_sink
         try:
             if error is None:
@@ -454,6 +479,12 @@ class JobBook:
             return
         self.close(job, "failed", status={"error": error.to_dict()}, chars=job.chars,
                    code=str(error.code), message=error.message, failed=where)
+
+    def _leave(self, running: Running) -> None:
+        """The job leaves the book without its audio: any it made goes now."""
+        self._ledger.pop(running.job.id)
+        if running.audio is not None:
+            running.audio.discard()
 
     def rejected(self, job_id: str, source: str, owner: str, error: JobError,
                  where: str) -> None:

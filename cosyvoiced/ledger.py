@@ -19,6 +19,7 @@ import numpy.typing as npt
 from cosyvoiced import scheduler
 from cosyvoiced.captions import SegmentAudio
 from cosyvoiced.job import Job, Sink
+from cosyvoiced.replyaudio import ReplyAudio
 from cosyvoiced.scheduler import Priority, Waiting
 from cosyvoiced.stages import SegmentStages
 
@@ -58,7 +59,7 @@ class Running:
     counted: bool = False  # this life's start of it here is counted in spool/attempts/
     remote: bool = False  # on the cluster's shared stream: its events come from elsewhere
     served_by: str = ""  # in a cluster, the host that serves it
-    chunks: list[Samples] = field(default_factory=list)  # a whole reply's complete segments
+    audio: ReplyAudio | None = None  # a whole reply's complete segments: given when admitted
     segment_audio: list[Samples] = field(default_factory=list)  # the segment in hand's
     sink: Sink | None = None  # where its outcome goes: bound once, when it is admitted
     persisted: bool = False  # in this host's work/: run again after a crash
@@ -67,6 +68,11 @@ class Running:
     def bound_sink(self) -> Sink:
         assert self.sink is not None, "a job is admitted with its sink"
         return self.sink
+
+    @property
+    def reply_audio(self) -> ReplyAudio:
+        assert self.audio is not None, "a job is admitted with a place for its audio"
+        return self.audio
 
     @property
     def started(self) -> bool:

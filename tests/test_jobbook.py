@@ -31,6 +31,7 @@ from cosyvoiced.messages import (
     SegmentFinished,
     SegmentStarted,
 )
+from cosyvoiced.replyaudio import IN_MEMORY_BYTES
 from cosyvoiced.spool import Spool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
@@ -386,3 +387,27 @@ def test_a_repeat_is_queued_until_it_ends_however_it_ends(book: JobBook) -> None
             expected = None if ending == "unwritable" else {"state": "cancelled",
                                                             "source": "zmq"}
             assert book.records.status(job.id) == expected
+
+
+def test_a_long_reply_whose_audio_the_disk_refuses_ends_once_with_that_error(
+        book: JobBook, tmp_path: Path) -> None:
+    """A whole reply past replyaudio.IN_MEMORY_BYTES goes to a file in the spool's
+    directory; where that fails (the disk full, the directory gone) the job fails with why,
+    its worker is free, and the next segment is not made for nothing."""
+    sink = FakeSink()
+    book.admit(_job("long"), sink, ["one. ", "two."], persisted=False)
+    workers = _workers(1)
+    book.dispatch(workers, 0.0, stopping=False)
+    tmp_path.rename(tmp_path.with_name(tmp_path.name + "-moved"))  # the spool's directory
+    long_chunk = np.zeros(IN_MEMORY_BYTES // 4 + 1, np.float32)
+    book.on_worker_message(workers[0], SegmentStarted("long", 0, "v", RATE, 1.0), 0.0)
+    book.on_worker_message(workers[0], AudioChunkReady("long", 0, long_chunk), 0.0)
+    book.on_worker_message(workers[0], SegmentFinished("long", 0, len(long_chunk), 0.1, 0.05),
+                           0.0)
+    assert sink.events == [("started", RATE), ("failed", "internal")]
+    status = book.records.status("long")
+    assert status is not None
+    assert "could not keep the audio made so far on the spool's disk" in \
+        status["error"]["message"]
+    assert workers[0].state == WorkerState.IDLE
+    assert book.get("long") is None
