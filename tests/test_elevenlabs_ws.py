@@ -33,6 +33,7 @@ from cosyvoiced.intake import elevenlabs
 from cosyvoiced.intake.crowding import QUIET_S
 from cosyvoiced.intake.elevenlabs import Message, ProtocolError
 from tests.daemon import Daemon, assert_speech, free_port, wait_until
+from tests.engines.faulty import SAMPLE_RATE, SECONDS_PER_CHAR
 
 KEY = "sk-test-0123456789abcdef"
 JOE = "en_US-joe-medium"
@@ -401,37 +402,50 @@ def test_text_for_a_context_being_closed_is_not_spoken_and_is_logged(daemon: Dae
     assert [e["chars"] for e in logged] == [len("A second life it never gets.")]
 
 
-def test_an_mp3_reply_whose_last_frames_never_went_out_is_counted_undelivered(
+def _mp3_frames(replies: list[dict[str, Any]]) -> int:
+    data = b"".join(base64.b64decode(r["audio"]) for r in replies if r.get("audio"))
+    frames: int = soundfile.info(io.BytesIO(data)).frames
+    return frames
+
+
+def test_an_mp3_reply_is_heard_whole_before_an_inactivity_close_and_a_hang_up_is_not(
         daemon: Daemon) -> None:
     """The MP3 encoder keeps a sentence's last frames (some 0.15 s of it) until audio after
-    it comes, or the stream's end. Its job was counted sent when its audio was made, so a
-    socket that ended before those frames went out (a hang-up, an inactivity close) was not
-    counted as missing any of it."""
-    async def speak(end: bool) -> tuple[str, list[dict[str, Any]]]:
+    it comes, or the stream's end. A client that sent a sentence and then waited for more
+    lost those frames to the inactivity close (they were never asked for); they go out
+    before it now. A client that hangs up before them is counted as not getting its reply
+    whole (it was counted sent when its audio was made)."""
+    async def speak(ending: str) -> tuple[str, list[dict[str, Any]]]:
         before = len(_http_jobs(daemon))
         async with aiohttp.ClientSession() as session:
             ws = await _socket(daemon, session,
-                               query="output_format=mp3_22050_32&inactivity_timeout=1")
+                               query="output_format=mp3_22050_32&inactivity_timeout=2")
             await ws.send_json({"text": " "})
             await ws.send_json({"text": "The kettle is on."})  # its end is certain: spoken
-            if end:
+            if ending == "end":
                 await ws.send_json({"text": ""})
-            # Without the text "", the last frames are never asked for: once the sentence
-            # is sent as far as the encoder lets it, the socket idles and is closed.
+            if ending == "hang-up":  # once it is made, before the frames held are asked for
+                (job_id,) = wait_until(lambda: _http_jobs(daemon)[before:], 30, "the job")
+                wait_until(lambda: [e for e in daemon.log_events("job") if e["job"] == job_id],
+                           30, "the job to be made")
+                await ws.close()
+                return job_id, []
             replies = [r async for r in _replies(ws)]
         (job_id,) = _http_jobs(daemon)[before:]
         return job_id, replies
 
-    heard, whole = asyncio.run(speak(end=True))
-    cut, short = asyncio.run(speak(end=False))
+    heard, whole = asyncio.run(speak("end"))
+    waited, closed = asyncio.run(speak("idle"))
+    cut, _ = asyncio.run(speak("hang-up"))
     assert whole[-1] == {"isFinal": True}
-    assert [r.get("error") for r in short if not r.get("audio")] == ["input_timeout_exceeded"]
+    assert [r.get("error") for r in closed if not r.get("audio")] == ["input_timeout_exceeded"]
+    assert _mp3_frames(closed) == _mp3_frames(whole) > 0.8 * 22050
     ended = {e["job"]: e["outcome"] for e in daemon.log_events("job")}
-    assert (ended.get(heard), ended.get(cut)) == ("done", "done")
+    assert [ended.get(job) for job in (heard, waited, cut)] == ["done"] * 3
     undelivered = wait_until(lambda: [e for e in daemon.log_events("reply_undelivered")
-                                      if e["job"] in (heard, cut)], 30,
+                                      if e["job"] in (heard, waited, cut)], 30,
                              "the reply cut short to be counted undelivered")
-    # The one heard whole was released before the other was given up: none for it.
+    # The two heard whole were released before the third was given up: none for them.
     assert [(e["job"], e["source"]) for e in undelivered] == [(cut, "http")]
 
 
@@ -691,3 +705,29 @@ def test_voice_ids_map_through_http_voices() -> None:
     assert elevenlabs.resolve_voice(JOE, {}, voices) == JOE
     with pytest.raises(ProtocolError, match=r"\[http\.voices\]"):
         elevenlabs.resolve_voice("21m00Tcm4TlvDq8ikWT", {}, voices)
+
+
+def test_the_frames_held_of_a_sentence_made_go_out_before_a_later_one_fails(
+        tmp_path: Path) -> None:
+    """A sentence's job that fails ends its context with the error: the MP3 frames the
+    encoder still held of the sentence before it (made whole) were lost with it."""
+    keys = tmp_path / "api_keys"
+    keys.write_text(f"{KEY}\n")
+    daemon = Daemon(tmp_path / "d", engine={"name": "tests.engines.faulty:load"},
+                    http={"listen": f"127.0.0.1:{free_port()}", "api_keys_file": str(keys)})
+    first = "The kettle is on."
+
+    async def speak() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            ws = await _socket(daemon, session, voice="tone", query="output_format=mp3_22050_32")
+            await ws.send_json({"text": " "})
+            await ws.send_json({"text": f"{first} Then it FAIL_STREAM fails.", "flush": True})
+            return [r async for r in _replies(ws)]
+
+    daemon.start()
+    try:
+        replies = asyncio.run(speak())
+    finally:
+        daemon.stop()
+    assert [r["error"] for r in replies if not r.get("audio")] == ["engine_error"]
+    assert _mp3_frames(replies) >= len(first) * SECONDS_PER_CHAR * SAMPLE_RATE

@@ -355,6 +355,7 @@ class _Socket:
                                         ) from None
                 if any(stream.jobs or stream.waiting for stream in self._streams.values()):
                     continue  # still speaking what it was sent: its client listens
+                await self._send_held()
                 raise ProtocolError("input_timeout_exceeded", f"no message for {idle_s:g} s "
                                     "(inactivity_timeout)") from None
             self._heard_at = time.monotonic()
@@ -484,14 +485,16 @@ class _Socket:
                     stream.jobs.popleft()
                     self._top_up(stream)
                 elif stream.ended:
-                    await self._send_audio(stream, await self._encoded(stream, None))
-                    self._sent_whole(stream)
+                    await self._send_last_bytes(stream)
                     await self._send(stream, {"isFinal": True})
                     break
                 else:
                     stream.wake.clear()
                     await stream.wake.wait()
         except ProtocolError as refused:  # this stream's job failed: the others go on
+            if stream.unsent:  # the sentences before it were made: all of their audio first
+                with contextlib.suppress(ProtocolError):
+                    await self._send_last_bytes(stream)
             await self._send(stream, {"message": refused.message, "error": refused.code,
                                       "code": POLICY})
             if not self._multi:
@@ -544,6 +547,20 @@ class _Socket:
             # Bytes of later audio (a piece, over the encoder's delay): the frames it
             # held of the jobs before went out first.
             self._sent_whole(stream)
+
+    async def _send_last_bytes(self, stream: _Stream) -> None:
+        """The stream's last bytes (the frames MP3 holds back): its jobs are sent whole."""
+        await self._send_audio(stream, await self._encoded(stream, None))
+        self._sent_whole(stream)
+
+    async def _send_held(self) -> None:
+        """The socket is closed for want of input: the frames the encoder holds of the
+        sentences made go out first (a client that waits for more hears all it was sent).
+        A stream that ended sends its own, on its task."""
+        for stream in list(self._streams.values()):
+            if stream.unsent and not stream.ended:
+                with contextlib.suppress(ProtocolError, ConnectionError):
+                    await self._send_last_bytes(stream)
 
     def _sent_whole(self, stream: _Stream) -> None:
         """The jobs whose last bytes waited in the encoder are sent whole now: the next
