@@ -8,9 +8,11 @@ a long request and hung up left the supervisor 30 MiB over its start for good (1
 after 5,000). To an operator that is memory that crept up and never came down. glibc's
 malloc_trim hands back the free pages between live objects too.
 
-The tick looks at the RSS at most every LOOK_INTERVAL_S and trims when it is GREW_BYTES
-over the floor: the RSS at the start, or after the last trim that gave nothing back (the
-growth was live, and trimming it again would give nothing either). A trim that gave pages
+The tick looks at the heap's resident size (`memory.heap_bytes`: the RSS less the pages
+of files it maps, such as a long result's audio read from the spool's disk, which no trim
+gives back) at most every LOOK_INTERVAL_S and trims when it is GREW_BYTES over the floor:
+the size at the start, or after the last trim that gave nothing back (the growth was
+live, and trimming it again would give nothing either). A trim that gave pages
 back leaves the floor where it was, so that a trim in the middle of a burst is followed by
 another once the burst has ended. A trim that leaves the process still GREW_BYTES over its
 floor (memory that stays live, with a little freed beside it: a daemon that serves for
@@ -56,7 +58,7 @@ class HeapTrim:
     """The supervisor's trims: looked for on the tick, at most every LOOK_INTERVAL_S (or
     longer, while trims find memory that stays live)."""
 
-    def __init__(self, now: float, rss: Callable[[], int] = memory.rss_bytes,
+    def __init__(self, now: float, rss: Callable[[], int] = memory.heap_bytes,
                  trim: Callable[[], bool] = memory.give_free_heap_back) -> None:
         self._rss, self._trim = rss, trim
         self._look_s = LOOK_INTERVAL_S

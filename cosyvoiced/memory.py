@@ -36,13 +36,27 @@ class Memory:
                 "torch_reserved_bytes": self.torch_reserved_bytes}
 
 
-def rss_bytes(pid: int | None = None) -> int:
-    """Resident set size of `pid` (default: this process); 0 if it is gone."""
+def _resident_pages(pid: int | None) -> tuple[int, int]:
+    """(resident, of them shared with files or other processes) pages; (0, 0) if gone."""
     try:
         with open(f"/proc/{pid or 'self'}/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
+            fields = statm.read().split()
+        return int(fields[1]), int(fields[2])
     except (OSError, IndexError, ValueError):
-        return 0
+        return 0, 0
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident set size of `pid` (default: this process); 0 if it is gone."""
+    return _resident_pages(pid)[0] * _PAGE_SIZE
+
+
+def heap_bytes(pid: int | None = None) -> int:
+    """Resident memory of `pid` (default: this process) less the pages it shares with
+    files and other processes: its heap, not a file it maps and reads (the page cache's to
+    keep or drop); 0 if it is gone."""
+    resident, shared = _resident_pages(pid)
+    return (resident - shared) * _PAGE_SIZE
 
 
 def _nvml_module() -> Any:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import platform
+import time
+from pathlib import Path
 
 import pytest
 import zmq
 
-from cosyvoiced import heap
+from cosyvoiced import heap, memory
 from cosyvoiced.memory import rss_bytes
 from tests.conftest import DaemonFactory
 from tests.daemon import peak_rss_bytes, wait_until
@@ -20,6 +23,7 @@ TEXT = "A client that sends this and hangs up at once. " * 40
 # Measured on the 2-core machine: 70 MiB at the start, 127-165 MiB during the burst, and
 # 100-102 MiB for good after it without the trim (187 MiB after 5,000 clients); 80 with it.
 GROWN_BYTES, SETTLED_BYTES = 40 << 20, 20 << 20
+MAPPED_BYTES = 64 << 20
 
 
 def test_a_trim_is_due_only_when_the_heap_grew_over_its_floor() -> None:
@@ -135,3 +139,25 @@ def test_a_burst_of_clients_that_hang_up_leaves_no_resident_heap_behind(
     trims = daemon.log_events("heap_trimmed")  # the operator sees what was handed back
     assert trims, "no heap_trimmed line"
     assert trims[0]["rss_after"] < trims[0]["rss_before"]
+
+
+def test_a_file_the_supervisor_maps_and_reads_is_not_heap_to_trim(tmp_path: Path) -> None:
+    """A long result's audio is read from the spool's disk through a map (replyaudio.py):
+    its pages count in the RSS while it is encoded, but no trim gives them back. Counted,
+    they made a trim due that gave nothing, and raised the floor for good to where the
+    growth of the heap itself went unseen."""
+    trims: list[float] = []
+
+    def trim() -> bool:
+        trims.append(time.monotonic())
+        return True
+
+    looks = heap.HeapTrim(0.0, trim=trim)
+    path = tmp_path / "audio.f32"
+    path.write_bytes(b"\x01" * MAPPED_BYTES)
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        before = memory.rss_bytes()
+        assert sum(mapped[at] for at in range(0, MAPPED_BYTES, 4096)) == MAPPED_BYTES // 4096
+        assert memory.rss_bytes() - before > MAPPED_BYTES // 2, "the pages were not read in"
+        looks.trim_if_due(heap.LOOK_INTERVAL_S)
+    assert trims == []
