@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import numpy.typing as npt
@@ -84,6 +85,11 @@ def to_pcm16(samples: npt.NDArray[np.float32]) -> npt.NDArray[np.int16]:
     return pcm
 
 
+def _open_to_write(path: str) -> int:
+    """A file its caller made, from its start: never a link, never created here."""
+    return os.open(path, os.O_RDWR | os.O_TRUNC | os.O_NOFOLLOW)
+
+
 class FileWriter:
     """One file of format `fmt` (a FILE_FORMATS name or PCM_FORMAT), written block by block.
 
@@ -92,20 +98,23 @@ class FileWriter:
     write is cut into blocks of BLOCK_FRAMES, whatever the caller hands in.
     """
 
-    def __init__(self, sample_rate: int, fmt: str) -> None:
+    def __init__(self, sample_rate: int, fmt: str, into: str | None = None) -> None:
+        """`into`: an existing file to write (from its start), rather than bytes in memory."""
         self._pcm: list[bytes] | None = None
         self._buffer = io.BytesIO()
         self._file: soundfile.SoundFile | None = None
         self._pcm16 = True
         self._frames = 0
         self._flac = fmt == "flac"
+        self._into = into
         if fmt == PCM_FORMAT:
             self._pcm = []
             return
         container, subtype = _CONTAINERS[fmt]
         self._pcm16 = subtype == "PCM_16"
-        self._file = soundfile.SoundFile(self._buffer, "w", samplerate=sample_rate, channels=1,
-                                         subtype=subtype, format=container)
+        target = self._buffer if into is None else _open_to_write(into)
+        self._file = soundfile.SoundFile(target, "w", samplerate=sample_rate, channels=1,
+                                         subtype=subtype, format=container, closefd=True)
 
     def write(self, samples: npt.NDArray[np.float32]) -> None:
         self._frames += len(samples)
@@ -117,16 +126,20 @@ class FileWriter:
                 self._file.write(to_pcm16(block) if self._pcm16 else np.clip(block, -1.0, 1.0))
 
     def finish(self) -> bytes:
-        """The complete file; the writer is spent."""
+        """The complete file (none where it was written `into` a file); the writer is spent."""
         if self._pcm is not None:
-            return b"".join(self._pcm)
+            if self._into is None:
+                return b"".join(self._pcm)
+            with os.fdopen(_open_to_write(self._into), "wb") as file:
+                file.writelines(self._pcm)
+            return b""
         assert self._file is not None, "a container format opens its file"
         if self._flac and not self._frames:
             # libsndfile writes no FLAC at all for no frames (0 bytes, "not a FLAC file"):
             # one silent frame (45 us at 22.05 kHz) makes it a file every player opens.
             self.write(np.zeros(1, dtype=np.float32))
         self._file.close()  # writes the headers that need the length (WAV sizes, STREAMINFO)
-        return self._buffer.getvalue()
+        return self._buffer.getvalue()  # empty where it was written `into` a file
 
 
 def encode(samples: npt.NDArray[np.float32], sample_rate: int, fmt: str) -> bytes:

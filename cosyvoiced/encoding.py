@@ -20,9 +20,11 @@ and the codecs, nothing else), and hands it work one step at a time:
   upload (prompt_audio_unreadable), and only it.
 
 Memory: the parent holds each queued file's chunks until its last block is answered (a
-retry needs them): 4 bytes a sample, 141 MB for 1,600 s at 22050 Hz. One message crosses a
-pipe at a time: a block of at most FILE_STEP_FRAMES (4 MiB) or one stream call's samples
-down; one file's bytes (at most the size of its WAV) or one call's bytes up.
+retry needs them): 4 bytes a sample, 141 MB for 1,600 s at 22050 Hz (a long one mapped from
+the spool's disk: replyaudio.py). One message crosses a pipe at a time: a block of at most
+FILE_STEP_FRAMES (4 MiB) or one stream call's samples down; one call's bytes, or one reply
+file's bytes (at most the size of its WAV), up. A drop-folder file (`submit`'s staging) is
+written by the child where it goes, block by block: its bytes never come up.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import numpy.typing as npt
 
 from cosyvoiced import audio, lifeline, logs, speakers
 from cosyvoiced.intake import codecs
-from cosyvoiced.job import REPLY_FORMATS, ErrorCode, JobError, JobFailure, ResultAudio
+from cosyvoiced.job import REPLY_FORMATS, ErrorCode, JobError, JobFailure, ResultAudio, Staging
 
 log = logs.get_logger("cosyvoiced.encoding")
 
@@ -72,6 +74,7 @@ class _FileBlock:
     samples: npt.NDArray[np.float32]
     first: bool
     last: bool
+    into: str | None = None  # with the first block: the file to write (else its bytes come back)
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class _FileInHand:
     another rate than the file's."""
 
     def __init__(self, block: _FileBlock) -> None:
-        self.writer = audio.FileWriter(block.sample_rate, block.fmt)
+        self.writer = audio.FileWriter(block.sample_rate, block.fmt, block.into)
         self.resampler = audio.stream_resampler(block.made_rate, block.sample_rate)
 
     def write(self, block: _FileBlock) -> None:
@@ -205,7 +208,8 @@ class _File:
     made: ResultAudio
     fmt: str
     id: int
-    save: Callable[[bytes], None] | None  # writes the file where it goes (saving thread)
+    staging: Staging | None  # the file the child writes itself, if any
+    into: str | None = None  # its path, once created
     sent: int = 0  # frames (as made) handed to the current child
     attempts: int = 0  # children that died with it in hand
 
@@ -291,7 +295,7 @@ class _Book:
         self.streams: dict[int, _Stream] = {}  # those whose state the child holds
         self.in_flight: _InFlight | None = None
         self.completed: list[Encoded] = []
-        self.saving: deque[tuple[_File, bytes]] = deque()  # encoded, for the saving thread
+        self.saving: deque[_File] = deque()  # written by the child, for the saving thread
 
     def has_work(self) -> bool:
         return bool(self.files or self.calls or self.reads)
@@ -316,6 +320,13 @@ class _Book:
         if not self.files:
             return None
         file = self.files[0]
+        if file.staging is not None and file.into is None:
+            try:
+                file.into = file.staging.create()
+            except OSError as error:
+                self.finish_file(file, None, JobError(
+                    ErrorCode.INTERNAL, f"could not write the result: {error}"), settle)
+                return None
         # Joined here, on the sending thread, one block at a time: never on the tick.
         block = audio.frames_from(file.made.chunks, file.sent, FILE_STEP_FRAMES)
         first = file.sent == 0
@@ -324,7 +335,7 @@ class _Book:
         step = next(self.ids)
         self.in_flight = _InFlight(step, file, None, time.monotonic(), last=last)
         return _FileBlock(step, file.id, file.fmt, file.made.rate, file.made.made_rate, block,
-                          first, last)
+                          first, last, file.into if first else None)
 
     def _stream_request(self, call: _Call, generation: int,
                         settle: list[Callable[[], None]]) -> _Request | None:
@@ -398,8 +409,10 @@ class _Book:
         if error is not None:
             log.warning("encode_failed", key=file.key, format=file.fmt, code=str(error.code),
                         message=error.message)
-        elif file.save is not None and data is not None:
-            self.saving.append((file, data))  # the saving thread completes it
+            if file.staging is not None:
+                settle.append(file.staging.discard)
+        elif file.staging is not None and data is not None:
+            self.saving.append(file)  # the saving thread completes it
             return
         self.completed.append(Encoded(file.key, data, error))
         settle.append(self._wake)
@@ -443,7 +456,7 @@ class _Book:
 
     def fail_everything(self, error: JobError, settle: list[Callable[[], None]]) -> None:
         """On stop: every file and stream call still waiting ends with `error`."""
-        for file in [*self.files, *(file for file, _data in self.saving)]:
+        for file in [*self.files, *self.saving]:
             self.finish_file(file, None, error, settle)
         self.saving.clear()
         for stream in [*self.streams.values(), *(call.stream for call in self.calls)]:
@@ -586,16 +599,17 @@ class Encoder:
 
     # -- whole files -------------------------------------------------------------------------
     def submit(self, key: str, made: ResultAudio, fmt: str,
-               save: Callable[[bytes], None] | None = None) -> None:
+               staging: Staging | None = None) -> None:
         """Encode `made` as a file of `fmt` (REPLY_FORMATS) at its rate; the outcome comes
         back from `completed()` under `key`. Never blocks, never copies the audio.
 
-        With `save`, the encoder's saving thread calls it with the file's bytes (to write
-        and fsync them: tens of MB for a long result, a second on a slow disk, never on the
-        tick) and the outcome's data is empty; an OSError from it fails the file."""
+        With `staging`, the child writes the file where it goes, block by block (its bytes
+        never come back), the saving thread fsyncs it (a second on a slow disk for a long
+        result, never on the tick) and the outcome's data is empty; an OSError fails the
+        file, and what there is of it is discarded."""
         if fmt not in REPLY_FORMATS:
             raise ValueError(f"no file format {fmt!r}")
-        file = _File(key, made, fmt, next(self._book.ids), save)
+        file = _File(key, made, fmt, next(self._book.ids), staging)
         settle: list[Callable[[], None]] = []
         with self._lock:
             self._book.files.append(file)
@@ -607,10 +621,9 @@ class Encoder:
 
     def backlog_bytes(self) -> int:
         """The audio this holds for the files waiting to be encoded, being encoded, or
-        encoded and waiting to be saved (with their bytes)."""
+        written and waiting to be fsynced."""
         with self._lock:
-            return sum(file.made.nbytes for file in self._book.files) + \
-                sum(file.made.nbytes + len(data) for file, data in self._book.saving)
+            return sum(file.made.nbytes for file in [*self._book.files, *self._book.saving])
 
     def completed(self) -> list[Encoded]:
         """The files whose outcome came in since the last call."""
@@ -700,20 +713,21 @@ class Encoder:
 
     # -- the saving thread -------------------------------------------------------------------
     def _save_loop(self) -> None:
-        """Files whose bytes go to disk (`submit`'s save), one at a time: a slow disk holds
-        up neither the tick nor the streams' replies."""
+        """Files the child wrote (`submit`'s staging), fsynced one at a time: a slow disk
+        holds up neither the tick nor the streams' replies."""
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: self._stopping or bool(self._book.saving))
                 if self._stopping:
                     return  # a drop-folder job not saved is made again at the next start
-                file, data = self._book.saving.popleft()
-            assert file.save is not None, "only files with a save are queued"
+                file = self._book.saving.popleft()
+            assert file.staging is not None, "only files with a staging are queued"
             error: JobError | None = None
             try:
-                file.save(data)
+                file.staging.settle()
             except OSError as failure:
                 error = JobError(ErrorCode.INTERNAL, f"could not write the result: {failure}")
+                file.staging.discard()
             with self._lock:
                 self._book.completed.append(Encoded(file.key, b"" if error is None else None,
                                                     error))

@@ -223,18 +223,37 @@ class ResultAudio:
         return sum(chunk.nbytes for chunk in self.chunks)
 
 
+class Staging(Protocol):
+    """A file the encoder process writes itself (a drop-folder result, under a temp name in
+    the outbox): its bytes never pass through the supervisor, where a long result's file
+    (100 MB of WAV for 20 minutes at 48 kHz) was held whole, and twice while it arrived."""
+
+    def create(self) -> str:
+        """The path of a new, empty temp file to write (the encoder's sending thread, once
+        for the file: a child that dies partway is followed by one that starts it afresh)."""
+        ...
+
+    def settle(self) -> None:
+        """The file is whole: fsync it (the encoder's saving thread; slow on a slow disk)."""
+        ...
+
+    def discard(self) -> None:
+        """The file could not be made: delete what there is of it."""
+        ...
+
+
 @dataclass(frozen=True, eq=False)
 class Deferred:
     """A sink's answer to `deliver` when the result must be encoded first: the audio goes
     to the encoder process (encoding.py: native codecs never run in the supervisor), and
     `publish` sends or puts the encoded bytes where they belong, returning the output's
-    name. With `save`, the encoder's saving thread hands the bytes to it first (to write
-    them to disk off the tick) and `publish` gets none."""
+    name. With `staging`, the encoder process writes the file where it goes (and its saving
+    thread fsyncs it, off the tick) and `publish` gets no bytes."""
 
     audio: ResultAudio
     format: str
     publish: Callable[[bytes], str]
-    save: Callable[[bytes], None] | None = None
+    staging: Staging | None = None
 
 
 class Sink(Protocol):

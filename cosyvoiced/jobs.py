@@ -409,7 +409,7 @@ class JobBook:
         """A job's audio went to its sink: it is done, or its file is being encoded (in
         the encoder process; `drain_encoded` finishes it)."""
         if isinstance(output, Deferred):
-            self._encoder.submit(job.id, output.audio, output.format, output.save)
+            self._encoder.submit(job.id, output.audio, output.format, output.staging)
             self._encoding[job.id] = _Encoding(job, sink, output, result, status, summary,
                                                time.monotonic())
             self._ledger.writing(job)

@@ -109,6 +109,35 @@ def stage(directory: Path, name: str, data: bytes, mode: int = 0o644) -> Path:
     return temp
 
 
+@dataclass
+class StagedFile:
+    """`stage` for a file another process writes (encoding.py's `Staging`): created empty
+    under a temp name, written by the encoder process, fsynced here, then `commit`ted."""
+
+    directory: Path
+    name: str
+    path: Path | None = None
+
+    def create(self) -> str:
+        if self.path is None:
+            temp = self.directory / f".{self.name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+            self.path = temp
+        return str(self.path)
+
+    def settle(self) -> None:
+        assert self.path is not None, "settled once written"
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def commit(temp: Path, path: Path) -> None:
     """`atomic_write`'s second half: the staged temp file becomes `path`."""
     try:
@@ -282,10 +311,10 @@ class Spool:
                 return base
         return None
 
-    def stage_result(self, claimed: Claimed, extension: str, audio: bytes) -> Path:
-        """A result's audio written (fsynced) under a temp name in the outbox: the slow part
-        of publishing a long one, done off the tick (the encoder's saving thread)."""
-        return stage(self.outbox, f"{claimed.job_id}.{extension}", audio)
+    def staged_result(self, claimed: Claimed, extension: str) -> StagedFile:
+        """Where a result's audio is written under a temp name in the outbox, by the encoder
+        process (the slow part of publishing a long one, done off the tick)."""
+        return StagedFile(self.outbox, f"{claimed.job_id}.{extension}")
 
     def publish_result(self, claimed: Claimed, output: str, extension: str, staged: Path,
                        record: dict[str, Any], *, beside: dict[str, bytes] | None = None

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,7 @@ import structlog.testing
 from cosyvoiced import audio
 from cosyvoiced.encoding import FILE_STEP_FRAMES, Encoded, EncodeFailed, Encoder
 from cosyvoiced.job import REPLY_FORMATS, ErrorCode, ResultAudio
+from cosyvoiced.spool import StagedFile
 from tests.audiofile import decode_with_ffmpeg
 from tests.daemon import REPO, thread_fault, wait_until
 
@@ -224,27 +226,43 @@ def test_a_file_at_another_rate_is_resampled_in_the_child(
     assert np.abs(got.astype(np.int32) - expected).max() <= 2  # streamed vs at once
 
 
-def test_a_file_with_a_save_is_saved_off_the_tick_and_a_failed_save_fails_it(
-        encoder: Encoder, woken: Woken) -> None:
-    """A drop-folder result goes to disk on the encoder's saving thread (a long one is tens
-    of MB to write and fsync); a disk that refuses it fails that file, and the next is made."""
-    saved: list[tuple[str, bytes]] = []
+class _SettledOn(StagedFile):
+    """A staged file that says which thread fsyncs it."""
 
-    def refuse(data: bytes) -> None:
+    threads: ClassVar[list[str]] = []
+
+    def settle(self) -> None:
+        self.threads.append(threading.current_thread().name)
+        super().settle()
+
+
+class _Unsyncable(StagedFile):
+    def settle(self) -> None:
         raise OSError(28, "No space left on device")
 
-    encoder.submit("refused", ResultAudio.of(tone(2), RATE), "wav", save=refuse)
-    encoder.submit("saved", ResultAudio.of(tone(2), RATE), "wav",
-                   save=lambda data: saved.append((threading.current_thread().name, data)))
-    outcomes = woken.wait_for(encoder, "refused", "saved")
-    error = outcomes["refused"].error
-    assert error is not None
-    assert error.code == ErrorCode.INTERNAL
-    assert "No space left on device" in error.message
-    assert (outcomes["saved"].error, outcomes["saved"].data) == (None, b"")
-    [(thread, data)] = saved
-    assert thread == "cosyvoiced-encoder-save"
-    assert soundfile.info(io.BytesIO(data)).duration == pytest.approx(2.0)
+
+def test_a_staged_file_is_written_by_the_child_and_fsynced_off_the_tick(
+        encoder: Encoder, woken: Woken, tmp_path: Path) -> None:
+    """A drop-folder result is written by the encoder process into its staged file, block
+    by block (its bytes, 100 MB for a long one, never come back), and fsynced on the saving
+    thread; a staged file that cannot be made or fsynced fails its result and goes, and the
+    next is made."""
+    written, unsynced = _SettledOn(tmp_path, "written.wav"), _Unsyncable(tmp_path, "no.wav")
+    encoder.submit("uncreatable", ResultAudio.of(tone(2), RATE), "wav",
+                   staging=StagedFile(tmp_path / "gone", "x.wav"))
+    encoder.submit("unsynced", ResultAudio.of(tone(2), RATE), "wav", staging=unsynced)
+    encoder.submit("written", ResultAudio.of(tone(100), RATE), "wav", staging=written)
+    outcomes = woken.wait_for(encoder, "uncreatable", "unsynced", "written")
+    for key, why in (("uncreatable", "No such file"), ("unsynced", "No space left")):
+        error = outcomes[key].error
+        assert error is not None
+        assert error.code == ErrorCode.INTERNAL
+        assert why in error.message
+    assert (outcomes["written"].error, outcomes["written"].data) == (None, b"")
+    assert _SettledOn.threads == ["cosyvoiced-encoder-save"]
+    assert written.path is not None
+    assert_audio(written.path, "wav", RATE, 100)
+    assert os.listdir(tmp_path) == [written.path.name], "the unsynced one is gone"
 
 
 @pytest.mark.parametrize(("fmt", "rate"), [("mp3", RATE), ("opus", 24000), ("aac", RATE),
@@ -264,13 +282,17 @@ def test_encoder_streams_each_format(
 @pytest.mark.slow
 def test_a_child_killed_while_encoding_is_replaced_and_the_file_retried(
         tmp_path: Path, encoder: Encoder, woken: Woken) -> None:
-    encoder.submit("long", ResultAudio.of(tone(LONGEST_S), RATE), "ogg")
+    """The staged file the killed child was writing is written again from its start."""
+    staged = StagedFile(tmp_path, "long.ogg")
+    encoder.submit("long", ResultAudio.of(tone(LONGEST_S), RATE), "ogg", staging=staged)
     encoder.submit("behind", ResultAudio.of(tone(2), RATE), "flac")
     with structlog.testing.capture_logs() as logged:
         killed = kill_when_busy(encoder, "long")
         outcomes = woken.wait_for(encoder, "long", "behind")
     assert encoder.pid != killed
-    assert_encoded(tmp_path, outcomes["long"], "ogg", RATE, LONGEST_S)
+    assert (outcomes["long"].error, outcomes["long"].data) == (None, b"")
+    assert staged.path is not None
+    assert_audio(staged.path, "ogg", RATE, LONGEST_S)
     assert_encoded(tmp_path, outcomes["behind"], "flac", RATE, 2)
     lost = [entry for entry in logged if entry["event"] == "encoder_lost"]
     assert [(entry["key"], entry["attempt"], entry["how"]) for entry in lost] == \
@@ -280,7 +302,9 @@ def test_a_child_killed_while_encoding_is_replaced_and_the_file_retried(
 @pytest.mark.slow
 def test_a_file_whose_child_dies_twice_fails_and_the_rest_go_on(
         tmp_path: Path, encoder: Encoder, woken: Woken) -> None:
-    encoder.submit("doomed", ResultAudio.of(tone(LONGEST_S), RATE), "ogg")
+    doomed_file = StagedFile(tmp_path, "doomed.ogg")
+    encoder.submit("doomed", ResultAudio.of(tone(LONGEST_S), RATE), "ogg",
+                   staging=doomed_file)
     encoder.submit("behind", ResultAudio.of(tone(2), RATE), "wav")
     first = kill_when_busy(encoder, "doomed")
     kill_when_busy(encoder, "doomed", not_pid=first)
@@ -292,6 +316,9 @@ def test_a_file_whose_child_dies_twice_fails_and_the_rest_go_on(
     assert "died 2 times" in error.message
     assert "ogg" in error.message
     assert "SIGKILL" in error.message
+    begun = doomed_file.path
+    assert begun is not None
+    wait_until(lambda: not begun.exists(), 5, "what there was of it to go")
     assert_encoded(tmp_path, outcomes["behind"], "wav", RATE, 2)
     encoder.submit("next", ResultAudio.of(tone(2), RATE), "ogg")  # and it keeps serving
     assert_encoded(tmp_path, woken.wait_for(encoder, "next")["next"], "ogg", RATE, 2)

@@ -285,18 +285,17 @@ class InboxIntake:
                   captions.render(result.captions, job.captions)} \
             if job.captions is not None and result.captions is not None else {}
 
-        # The saving thread stages the file; the tick publishes it once the encoder's
-        # completion (taken under its lock) says so: `staged` is filled before it is read.
-        claimed, staged = Claimed(job.origin), []
+        # The encoder process writes the staged file (its saving thread fsyncs it); the tick
+        # publishes it once the encoder's completion (taken under its lock) says so.
+        claimed = Claimed(job.origin)
+        staged = self._spool.staged_result(claimed, job.format)
 
-        def save(data: bytes) -> None:  # the encoder's saving thread
-            staged.append(self._spool.stage_result(claimed, job.format, data))
-
-        def publish(_saved: bytes) -> str:
-            return self._spool.publish_result(claimed, job.output, job.format, staged[0],
+        def publish(_written: bytes) -> str:
+            assert staged.path is not None, "published once written"
+            return self._spool.publish_result(claimed, job.output, job.format, staged.path,
                                               record, beside=beside)
 
-        return Deferred(made, job.format, publish, save)
+        return Deferred(made, job.format, publish, staged)
 
     def fail_job(self, job: Job, error: JobError) -> str:
         return self.fail(Claimed(job.origin), error)
