@@ -115,6 +115,8 @@ class LedgerView(Protocol):
 
     def in_progress(self) -> Counter[Priority]: ...
 
+    def reply_audio_bytes(self) -> dict[str, int]: ...
+
     def owner_of(self, job_id: str) -> str | None: ...
 
     def status(self, job_id: str) -> dict[str, Any] | None: ...
@@ -167,6 +169,13 @@ class Ledger:
 
     def in_progress(self) -> Counter[Priority]:
         return Counter(r.priority for r in self.jobs.values() if r.started and not r.remote)
+
+    def reply_audio_bytes(self) -> dict[str, int]:
+        """The whole replies' audio so far, held in memory and written to disk
+        (replyaudio.py)."""
+        held = [r.audio for r in self.jobs.values() if r.audio is not None]
+        return {"memory": sum(audio.memory_bytes for audio in held),
+                "disk": sum(audio.disk_bytes for audio in held)}
 
     def turn_taken(self, job: Job, now: float) -> None:
         """A segment of `job`'s went to a worker: the other shares go first next, and

@@ -138,6 +138,10 @@ class Metrics:
                                     "one job each", registry=r)
         self.jobs_in_progress = Gauge("cosyvoiced_jobs_in_progress",
                                       "Jobs started and not yet ended", registry=r)
+        self.reply_audio = Gauge("cosyvoiced_reply_audio_bytes", "The audio so far of the whole "
+                                 "replies in progress: in the supervisor's memory, or on the "
+                                 "spool's disk (unnamed files: df counts them, du does not)",
+                                 ["where"], registry=r)
         self.watchdog_pings = Counter("cosyvoiced_watchdog_pings", "WATCHDOG=1 sent to systemd",
                                       registry=r)
         self.ready = Gauge("cosyvoiced_ready", "1 once the engine is loaded", registry=r)

@@ -40,6 +40,14 @@ class ReplyAudio:
     def on_disk(self) -> bool:
         return self._file is not None
 
+    @property
+    def memory_bytes(self) -> int:
+        return self._held_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        return 4 * sum(self._written)
+
     def add(self, chunks: list[Samples]) -> None:
         """A finished segment's chunks. Raises OSError where the disk refuses them."""
         self._held.extend(chunks)

@@ -61,6 +61,7 @@ def stats(supervisor: Snapshot, uptime_s: float,
         "progress": {r.job.id: r.progress() for r in ledger.jobs.values()
                      if r.started and visible(r.job.id)},
         "jobs": dict(ledger.counts),
+        "reply_audio_bytes": ledger.reply_audio_bytes(),
         "workers": workers,
         "spare": None if pool.spare is None else pool.spare.describe(),
         "recycles": dict(pool.recycles),
@@ -132,6 +133,8 @@ def publish(metrics: Metrics, ledger: LedgerView, pool: WorkerPool) -> None:
     """The gauges of the queue and the workers, as of this tick."""
     metrics.queue_depth.set(len(ledger.queued()))
     metrics.jobs_in_progress.set(sum(ledger.in_progress().values()))
+    for where, size in ledger.reply_audio_bytes().items():
+        metrics.reply_audio.labels(where).set(size)
     metrics.workers.set(len(pool.slots))
     metrics.worker_generation.set(pool.generation)
     for worker in pool.workers():

@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 
-from cosyvoiced.replyaudio import ReplyAudio
+from cosyvoiced.client import Client
+from cosyvoiced.replyaudio import IN_MEMORY_BYTES, ReplyAudio
 from tests.conftest import DaemonFactory
-from tests.daemon import wait_until
+from tests.daemon import free_port, wait_until
 from tests.engines.faulty import SECONDS_PER_CHAR
 
 MiB = 1 << 20
@@ -87,20 +89,24 @@ def _anonymous_bytes(pid: int) -> int:
 
 def test_long_drops_made_at_once_keep_their_audio_out_of_the_supervisor(
         make_daemon: DaemonFactory) -> None:
-    daemon = make_daemon(engine=TONE)
+    metrics = f"127.0.0.1:{free_port()}"
+    daemon = make_daemon(engine=TONE, metrics={"listen": metrics})
     daemon.start()
     assert daemon.process is not None
     pid = daemon.process.pid
-    started_with, peak = _anonymous_bytes(pid), 0
-
-    def all_done() -> bool:
-        nonlocal peak
-        peak = max(peak, _anonymous_bytes(pid))
-        return sum(daemon.outcome_counts().values()) == JOBS
-
+    started_with, peak, on_disk = _anonymous_bytes(pid), 0, 0
     for n in range(JOBS):
         daemon.drop_job(f"long{n}", text=TEXT, sample_rate=FILE_RATE)
-    wait_until(all_done, 120, "the long drops' outcomes")
+    with Client(daemon.endpoint) as client:
+
+        def all_done() -> bool:
+            nonlocal peak, on_disk
+            peak = max(peak, _anonymous_bytes(pid))
+            on_disk = max(on_disk, client.stats()["reply_audio_bytes"]["disk"])
+            return sum(daemon.outcome_counts().values()) == JOBS
+
+        wait_until(all_done, 120, "the long drops' outcomes")
+        assert client.stats()["reply_audio_bytes"] == {"memory": 0, "disk": 0}
     for n in range(JOBS):
         record = daemon.wait_done(f"long{n}.json")
         info = soundfile.info(daemon.outbox / record["file"])
@@ -108,4 +114,8 @@ def test_long_drops_made_at_once_keep_their_audio_out_of_the_supervisor(
         assert info.frames == pytest.approx(SPOKEN_S * FILE_RATE, rel=1e-3)
     grew = peak - started_with
     assert grew < GREW_AT_MOST, f"the supervisor grew {grew / MiB:.0f} MiB"
+    assert on_disk > IN_MEMORY_BYTES, "stats tells the operator where the audio is"
     assert not [name for name in os.listdir(daemon.spool) if name.startswith("tmp")]
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as scraped:
+        text = scraped.read().decode()
+    assert 'cosyvoiced_reply_audio_bytes{where="disk"} 0.0' in text
