@@ -93,11 +93,16 @@ def atomic_write(directory: Path, name: str, data: bytes, mode: int = 0o644) -> 
     commit(stage(directory, name, data, mode), directory / name)
 
 
+def _new_temp(directory: Path, name: str, mode: int = 0o644) -> tuple[Path, int]:
+    """A new temp file beside `name` (a unique name, never a link), open to write."""
+    temp = directory / f".{name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
+    return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+
+
 def stage(directory: Path, name: str, data: bytes, mode: int = 0o644) -> Path:
     """`atomic_write`'s first half: `data` in a temp file beside `name`, fsynced. Any thread
     may do it (the temp name is unique); a temp never committed goes at the next start."""
-    temp = directory / f".{name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    temp, fd = _new_temp(directory, name, mode)
     try:
         with os.fdopen(fd, "wb") as stream:
             stream.write(data)
@@ -120,9 +125,8 @@ class StagedFile:
 
     def create(self) -> str:
         if self.path is None:
-            temp = self.directory / f".{self.name}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
-            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
-            self.path = temp
+            self.path, fd = _new_temp(self.directory, self.name)
+            os.close(fd)
         return str(self.path)
 
     def settle(self) -> None:
