@@ -21,10 +21,11 @@ and the codecs, nothing else), and hands it work one step at a time:
 
 Memory: the parent holds each queued file's chunks until its last block is answered (a
 retry needs them): 4 bytes a sample, 141 MB for 1,600 s at 22050 Hz (a long one mapped from
-the spool's disk: replyaudio.py). One message crosses a pipe at a time: a block of at most
-FILE_STEP_FRAMES (4 MiB) or one stream call's samples down; one call's bytes, or one reply
-file's bytes (at most the size of its WAV), up. A drop-folder file (`submit`'s staging) is
-written by the child where it goes, block by block: its bytes never come up.
+the spool's disk, replyaudio.py: the pages of the blocks sent leave its memory). One
+message crosses a pipe at a time: a block of at most FILE_STEP_FRAMES (4 MiB) or one stream
+call's samples down; one call's bytes, or one reply file's bytes (at most the size of its
+WAV), up. A drop-folder file (`submit`'s staging) is written by the child where it goes,
+block by block: its bytes never come up.
 """
 
 from __future__ import annotations
@@ -328,6 +329,7 @@ class _Book:
                     ErrorCode.INTERNAL, f"could not write the result: {error}"), settle)
                 return None
         # Joined here, on the sending thread, one block at a time: never on the tick.
+        file.made.let_read_pages_go(file.sent)  # the blocks before: sent
         block = audio.frames_from(file.made.chunks, file.sent, FILE_STEP_FRAMES)
         first = file.sent == 0
         file.sent += len(block)

@@ -6,6 +6,7 @@ written to disk as JSON, so they are plain frozen dataclasses with `to_dict`/`fr
 
 from __future__ import annotations
 
+import mmap
 import secrets
 import time
 from collections.abc import Callable
@@ -201,10 +202,21 @@ class ResultAudio:
     chunks: tuple[Samples, ...]
     made_rate: int
     rate: int
+    # The map of the spool's file that the chunks are views of, where a long reply's audio
+    # was kept on disk (replyaudio.py); None where they are in memory.
+    mapped: mmap.mmap | None = None
 
     @classmethod
     def of(cls, samples: Samples, rate: int) -> ResultAudio:
         return cls((samples,), rate, rate)
+
+    def let_read_pages_go(self, frames: int) -> None:
+        """The first `frames` frames were read (sent to the encoder process): where they
+        are mapped, their pages leave this process's resident memory. They stay in the page
+        cache, and a read brings them back."""
+        length = 4 * frames // mmap.PAGESIZE * mmap.PAGESIZE
+        if self.mapped is not None and length:
+            self.mapped.madvise(mmap.MADV_DONTNEED, 0, length)
 
     @property
     def made_frames(self) -> int:

@@ -26,7 +26,6 @@ from cosyvoiced.job import (
     Job,
     JobError,
     JobResult,
-    ResultAudio,
     Sink,
 )
 from cosyvoiced.ledger import Ledger, LedgerView, Running, Samples
@@ -390,8 +389,7 @@ class JobBook:
         written = time.monotonic()
         sink = running.bound_sink
         try:  # (the audio kept on disk is read back, then written)
-            made = ResultAudio(running.reply_audio.take(), result.sample_rate,
-                               result.sample_rate)
+            made = running.reply_audio.take(result.sample_rate)
             output = sink.deliver(job, result, made, timings)
         except OSError as error:
             self.end(running, JobError(ErrorCode.INTERNAL,

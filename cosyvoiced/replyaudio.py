@@ -20,6 +20,8 @@ from typing import IO
 import numpy as np
 import numpy.typing as npt
 
+from cosyvoiced.job import ResultAudio
+
 Samples = npt.NDArray[np.float32]
 # About 47 s of audio at 22,050 Hz: a usual reply (a paragraph) never touches the disk.
 IN_MEMORY_BYTES = 4 << 20
@@ -64,22 +66,22 @@ class ReplyAudio:
             self._written.append(len(chunk))
         self._held, self._held_bytes = [], 0
 
-    def take(self) -> tuple[Samples, ...]:
-        """All of it, chunk by chunk (read-only views of the file's map, where it went to
-        disk). The last call: the file is closed; the map keeps its data while it is read.
-        Raises OSError where the disk fails."""
+    def take(self, rate: int) -> ResultAudio:
+        """All of it, made and owed at `rate`, chunk by chunk (read-only views of the file's
+        map, where it went to disk). The last call: the file is closed; the map keeps its
+        data while it is read. Raises OSError where the disk fails."""
         if self._file is None:
             held, self._held = self._held, []
-            return tuple(held)
+            return ResultAudio(tuple(held), rate, rate)
         try:
             self._file.flush()
             frames = sum(self._written)
             if not frames:
-                return ()
-            with_map = np.frombuffer(mmap.mmap(self._file.fileno(), 4 * frames,
-                                               access=mmap.ACCESS_READ), dtype="<f4")
+                return ResultAudio((), rate, rate)
+            mapped = mmap.mmap(self._file.fileno(), 4 * frames, access=mmap.ACCESS_READ)
             ends = np.cumsum(self._written)[:-1]
-            return tuple(np.split(with_map, ends))
+            chunks = np.split(np.frombuffer(mapped, dtype="<f4"), ends)
+            return ResultAudio(tuple(chunks), rate, rate, mapped)
         finally:
             self.discard()
 

@@ -3,8 +3,9 @@
     inbox/   clients drop job files here (write to a dotfile or *.tmp/*.part, then rename)
     work/    a job is claimed by renaming it here as ``<job id>~<original name>``
     outbox/  results: ``OUT.<ext>`` and its ``OUT.json`` record, each written to a temp
-             name, fsynced and renamed (the audio written on the encoder's saving thread,
-             off the tick); the record goes last and marks the job done
+             name, fsynced and renamed (the audio written by the encoder process and
+             fsynced on its saving thread, off the tick); the record goes last and marks
+             the job done
     failed/  inputs that could not be served, each with ``NAME.error.json``
     prompts/ prompt audio a job claimed (``<job id>~<name>``): deleted when the job is
              done, moved to failed/ beside its job when it fails, handed back with it
@@ -12,6 +13,9 @@
              let go by a clean stop (crashes), written before its first segment is handed
              out; a job left in work/ by two crashes in a row is not run a third time (the
              worker's poison rule, for the daemon)
+
+The spool's own directory also holds, unnamed (O_TMPFILE), the audio so far of long whole
+replies in progress (replyaudio.py).
 
 A job in `work/` is finished when its record (which carries the job id) exists in `outbox/`
 or `failed/`; only then is the `work/` entry removed. After a crash, the same check tells a

@@ -12,12 +12,15 @@ import pytest
 import soundfile
 
 from cosyvoiced.client import Client
+from cosyvoiced.memory import rss_bytes
 from cosyvoiced.replyaudio import IN_MEMORY_BYTES, ReplyAudio
 from tests.conftest import DaemonFactory
-from tests.daemon import free_port, wait_until
+from tests.daemon import free_port, peak_rss_bytes, wait_until
 from tests.engines.faulty import SECONDS_PER_CHAR
 
 MiB = 1 << 20
+RATE = 22050
+MAPPED_FRAMES = 16 << 20  # 64 MiB of float32
 
 
 def _chunks(count: int, frames: int, start: int = 0) -> list[np.ndarray]:
@@ -31,8 +34,9 @@ def test_a_short_reply_stays_in_memory_as_its_chunks(tmp_path: Path) -> None:
     audio.add(chunks[:2])
     audio.add(chunks[2:])
     assert not audio.on_disk
-    taken = audio.take()
-    assert all(a is b for a, b in zip(taken, chunks, strict=True))
+    taken = audio.take(RATE)
+    assert (taken.made_rate, taken.rate, taken.mapped) == (RATE, RATE, None)
+    assert all(a is b for a, b in zip(taken.chunks, chunks, strict=True))
 
 
 def test_a_long_reply_goes_to_an_unnamed_file_and_comes_back_chunk_for_chunk(
@@ -44,10 +48,26 @@ def test_a_long_reply_goes_to_an_unnamed_file_and_comes_back_chunk_for_chunk(
     audio.add(second)  # over the bound: all of it goes to disk
     assert audio.on_disk
     assert os.listdir(tmp_path) == [], "the file has no name: a crash leaves nothing"
-    taken = audio.take()
+    taken = audio.take(RATE).chunks
     assert [len(chunk) for chunk in taken] == [100, 100, 70, 70, 70]
     assert np.array_equal(np.concatenate(taken), np.concatenate(first + second))
     assert all(chunk.dtype == np.float32 and not chunk.flags.writeable for chunk in taken)
+
+
+def test_pages_of_audio_read_from_disk_leave_the_process_once_sent(tmp_path: Path) -> None:
+    """The encoder reads a long reply a block at a time through the map: the blocks sent
+    stayed resident in the supervisor until the whole result was let go (its RSS grew by
+    each file being encoded: 358 MiB over its heap for 8 long drops)."""
+    audio = ReplyAudio(tmp_path, in_memory_bytes=0)
+    audio.add([np.full(MAPPED_FRAMES, 0.5, dtype=np.float32)])
+    made = audio.take(RATE)
+    (chunk,) = made.chunks
+    before = rss_bytes()
+    assert float(chunk[::1024].sum()) == MAPPED_FRAMES // 1024 * 0.5  # read, page by page
+    assert rss_bytes() - before > 4 * MAPPED_FRAMES // 2, "the pages were not read in"
+    made.let_read_pages_go(MAPPED_FRAMES)
+    assert rss_bytes() - before < 4 * MAPPED_FRAMES // 8
+    assert float(chunk[-1]) == 0.5, "read again, from the page cache"
 
 
 def test_audio_let_go_on_disk_closes_its_file(tmp_path: Path) -> None:
@@ -56,7 +76,7 @@ def test_audio_let_go_on_disk_closes_its_file(tmp_path: Path) -> None:
     opened = len(os.listdir("/proc/self/fd"))
     audio.discard()
     assert len(os.listdir("/proc/self/fd")) == opened - 1
-    assert audio.take() == ()
+    assert audio.take(RATE).chunks == ()
 
 
 def test_a_disk_that_refuses_the_audio_is_an_os_error(tmp_path: Path) -> None:
@@ -77,6 +97,10 @@ FILE_RATE = 48000  # a 37 MB WAV file each
 # each file's bytes came up the encoder's pipe; 63-70 MiB with the audio on disk and the
 # bytes still coming up; 13-14 MiB with the encoder process writing the files itself.
 GREW_AT_MOST = 40 * MiB
+# Its RSS, the pages of the audio it read through the map included: 159-163 MiB over its
+# start while those of the blocks sent stayed resident until the result was let go, 19 MiB
+# with them let go as they are sent.
+RESIDENT_AT_MOST = 64 * MiB
 
 
 def _anonymous_bytes(pid: int) -> int:
@@ -95,6 +119,7 @@ def test_long_drops_made_at_once_keep_their_audio_out_of_the_supervisor(
     assert daemon.process is not None
     pid = daemon.process.pid
     started_with, peak, on_disk = _anonymous_bytes(pid), 0, 0
+    resident_at_start = rss_bytes(pid)
     for n in range(JOBS):
         daemon.drop_job(f"long{n}", text=TEXT, sample_rate=FILE_RATE)
     with Client(daemon.endpoint) as client:
@@ -114,6 +139,8 @@ def test_long_drops_made_at_once_keep_their_audio_out_of_the_supervisor(
         assert info.frames == pytest.approx(SPOKEN_S * FILE_RATE, rel=1e-3)
     grew = peak - started_with
     assert grew < GREW_AT_MOST, f"the supervisor grew {grew / MiB:.0f} MiB"
+    resident = peak_rss_bytes(pid) - resident_at_start  # its heap and the pages it read
+    assert resident < RESIDENT_AT_MOST, f"its RSS grew {resident / MiB:.0f} MiB"
     assert on_disk > IN_MEMORY_BYTES, "stats tells the operator where the audio is"
     assert not [name for name in os.listdir(daemon.spool) if name.startswith("tmp")]
     with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as scraped:
