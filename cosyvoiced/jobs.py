@@ -377,8 +377,9 @@ class JobBook:
         running.started_at = detail["timings"].get("started_at", running.started_at)
         running.served_by = event.sender
         running.done = len(running.segments)
-        if running.job.stream or self._keep(running, [event.samples]):
-            self.finish(running)
+        if not running.job.stream:
+            running.reply_audio.made_elsewhere(event.samples)
+        self.finish(running)
 
     # -- ending -----------------------------------------------------------------------------
     def finish(self, running: Running) -> None:
