@@ -106,8 +106,9 @@ class FileWriter:
         self._pcm16 = True
         self._frames = 0
         self._flac = fmt == "flac"
-        self._into = into
         if fmt == PCM_FORMAT:
+            if into is not None:  # (a drop-folder file is one of FILE_FORMATS)
+                raise ValueError("raw PCM is a reply's bytes, never written into a file")
             self._pcm = []
             return
         container, subtype = _CONTAINERS[fmt]
@@ -128,11 +129,7 @@ class FileWriter:
     def finish(self) -> bytes:
         """The complete file (none where it was written `into` a file); the writer is spent."""
         if self._pcm is not None:
-            if self._into is None:
-                return b"".join(self._pcm)
-            with os.fdopen(_open_to_write(self._into), "wb") as file:
-                file.writelines(self._pcm)
-            return b""
+            return b"".join(self._pcm)
         assert self._file is not None, "a container format opens its file"
         if self._flac and not self._frames:
             # libsndfile writes no FLAC at all for no frames (0 bytes, "not a FLAC file"):

@@ -39,10 +39,6 @@ class ReplyAudio:
         self._written: list[int] = []  # frames of each chunk in the file, in order
 
     @property
-    def on_disk(self) -> bool:
-        return self._file is not None
-
-    @property
     def memory_bytes(self) -> int:
         return self._held_bytes
 

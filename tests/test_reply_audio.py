@@ -12,7 +12,7 @@ import pytest
 import soundfile
 
 from cosyvoiced.client import Client
-from cosyvoiced.memory import rss_bytes
+from cosyvoiced.memory import heap_bytes, rss_bytes
 from cosyvoiced.replyaudio import IN_MEMORY_BYTES, ReplyAudio
 from tests.conftest import DaemonFactory
 from tests.daemon import free_port, peak_rss_bytes, wait_until
@@ -33,7 +33,7 @@ def test_a_short_reply_stays_in_memory_as_its_chunks(tmp_path: Path) -> None:
     chunks = _chunks(3, 50)  # 600 bytes
     audio.add(chunks[:2])
     audio.add(chunks[2:])
-    assert not audio.on_disk
+    assert not audio.disk_bytes
     taken = audio.take(RATE)
     assert (taken.made_rate, taken.rate, taken.mapped) == (RATE, RATE, None)
     assert all(a is b for a, b in zip(taken.chunks, chunks, strict=True))
@@ -44,9 +44,9 @@ def test_a_long_reply_goes_to_an_unnamed_file_and_comes_back_chunk_for_chunk(
     audio = ReplyAudio(tmp_path, in_memory_bytes=1000)
     first, second = _chunks(2, 100), _chunks(3, 70, start=200)
     audio.add(first)  # 800 bytes: held
-    assert not audio.on_disk
+    assert not audio.disk_bytes
     audio.add(second)  # over the bound: all of it goes to disk
-    assert audio.on_disk
+    assert audio.disk_bytes == 4 * (200 + 210)
     assert os.listdir(tmp_path) == [], "the file has no name: a crash leaves nothing"
     taken = audio.take(RATE).chunks
     assert [len(chunk) for chunk in taken] == [100, 100, 70, 70, 70]
@@ -92,23 +92,16 @@ SENTENCE = "A long text dropped into the folder, one of several made at once. "
 TEXT = SENTENCE * (8000 // len(SENTENCE))  # 390 s of tone each: 35 MB of float32
 SPOKEN_S = TEXT.count(SENTENCE) * len(SENTENCE.strip()) * SECONDS_PER_CHAR
 FILE_RATE = 48000  # a 37 MB WAV file each
-# Measured on the 2-core machine, the supervisor's anonymous memory over its start while the
-# four were made and encoded: 335-337 MiB when it held each one's audio until it ended and
-# each file's bytes came up the encoder's pipe; 63-70 MiB with the audio on disk and the
-# bytes still coming up; 13-14 MiB with the encoder process writing the files itself.
+# Measured on the 2-core machine, the supervisor's anonymous memory (memory.heap_bytes) over
+# its start while the four were made and encoded: 335-337 MiB when it held each one's audio
+# until it ended and each file's bytes came up the encoder's pipe; 63-70 MiB with the audio
+# on disk and the bytes still coming up; 13-14 MiB with the encoder process writing the
+# files itself.
 GREW_AT_MOST = 40 * MiB
 # Its RSS, the pages of the audio it read through the map included: 159-163 MiB over its
 # start while those of the blocks sent stayed resident until the result was let go, 19 MiB
 # with them let go as they are sent.
 RESIDENT_AT_MOST = 64 * MiB
-
-
-def _anonymous_bytes(pid: int) -> int:
-    """The process's resident anonymous memory (its heap: not the page cache it maps)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon")
 
 
 def test_long_drops_made_at_once_keep_their_audio_out_of_the_supervisor(
@@ -118,7 +111,7 @@ def test_long_drops_made_at_once_keep_their_audio_out_of_the_supervisor(
     daemon.start()
     assert daemon.process is not None
     pid = daemon.process.pid
-    started_with, peak, on_disk = _anonymous_bytes(pid), 0, 0
+    started_with, peak, on_disk = heap_bytes(pid), 0, 0
     resident_at_start = rss_bytes(pid)
     for n in range(JOBS):
         daemon.drop_job(f"long{n}", text=TEXT, sample_rate=FILE_RATE)
@@ -126,7 +119,7 @@ def test_long_drops_made_at_once_keep_their_audio_out_of_the_supervisor(
 
         def all_done() -> bool:
             nonlocal peak, on_disk
-            peak = max(peak, _anonymous_bytes(pid))
+            peak = max(peak, heap_bytes(pid))
             on_disk = max(on_disk, client.stats()["reply_audio_bytes"]["disk"])
             return sum(daemon.outcome_counts().values()) == JOBS
 
