@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -31,23 +32,26 @@ def whole(made: ResultAudio) -> npt.NDArray[np.float32]:
     return resample(join(list(made.chunks)), made.made_rate, made.rate)
 
 
-def float32_bytes(made: ResultAudio) -> memoryview:
-    """A result's samples at its rate as float32 little-endian bytes, made a chunk at a
-    time into one buffer: no whole-length temporaries, and the thread that makes them never
-    holds the GIL for more than one chunk's copy. (A memoryview: what redis-py takes from
-    5.0 on, as it does bytes.)"""
-    out = bytearray(4 * (made.frames + 1))  # soxr may make one frame more (ResultAudio)
-    target = np.frombuffer(out, dtype="<f4")
+def float32_parts(made: ResultAudio, part_bytes: int) -> Iterator[bytes]:
+    """A result's samples at its rate as float32 little-endian bytes, in parts of
+    `part_bytes` (a whole number of samples; the last part is shorter): made a chunk at a
+    time, so that no more than one part and one chunk are ever copied at once, and the
+    thread that makes them never holds the GIL for more than one chunk's copy."""
     resampler = stream_resampler(made.made_rate, made.rate)
-    at = 0
+    part = bytearray()
     for index, chunk in enumerate(made.chunks):
         piece = chunk if resampler is None else \
             resampler.resample_chunk(chunk, last=index == len(made.chunks) - 1)
-        target[at:at + len(piece)] = piece
-        at += len(piece)
-    del target  # no view may hold the buffer while it shrinks
-    del out[4 * at:]
-    return memoryview(out)
+        data = np.ascontiguousarray(piece, dtype="<f4").data.cast("B")
+        while len(data):
+            room = part_bytes - len(part)
+            part += data[:room]
+            data = data[room:]
+            if len(part) == part_bytes:
+                yield bytes(part)
+                part.clear()
+    if part:
+        yield bytes(part)
 
 
 def stream_resampler(rate_in: int, rate_out: int) -> soxr.ResampleStream | None:

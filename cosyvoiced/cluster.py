@@ -37,17 +37,17 @@ from cosyvoiced.tally import Tally
 RETRY_S = 0.5  # between tries while Redis is down
 BLOCK_MS = 500  # a blocking read's longest wait: how soon a stop is noticed
 SOCKET_TIMEOUT_S = 5.0  # > BLOCK_MS: a Redis that stops answering is noticed
-# A command that sends more than this (an outcome with a long job's audio: 100 MB for 20,000
-# characters; a shared job's prompt, up to 64 MiB) may take a second more for each
-# MIN_LINK_BYTES_PER_S it sends: with the usual timeout it failed every try on a link slower
-# than 20 MB/s, and every later command of the host waited behind it for good.
+# A command that sends more than this (a shared job's prompt, up to 64 MiB) may take a
+# second more for each MIN_LINK_BYTES_PER_S it sends: with the usual timeout it failed every
+# try on a link slower than 20 MB/s, and every later command of the host waited behind it
+# for good.
 QUICK_COMMAND_BYTES = 1 << 20
 MIN_LINK_BYTES_PER_S = 1 << 20
 # Events read at once, and the audio of those the tick has not taken yet, at most, past
-# which the reader waits: a `done` event carries a drop-folder job's whole audio (a 20,000
-# character text is about 100 MB of float32), and a restarted host may find hundreds.
+# which the reader waits: a restarted host may find thousands of parts (a 20,000 character
+# text is about 100 MB of float32, in 100 `part` events).
 EVENT_BATCH = 16
-EVENT_BYTES_WAITING = 256 << 20
+EVENT_BYTES_WAITING = 32 << 20
 # A host with no idle worker but room for one more job in its turns takes a job that no
 # idle host took within this long (idle hosts wait in a blocking read: they take a new job
 # at once), checking this often.
@@ -132,18 +132,21 @@ class _Commands:
                  made: ResultAudio | None = None) -> None:
         """The outcome of another host's job, and the job settled, in one transaction: it
         is never both done and still waiting to be taken over. The audio of a whole reply
-        (`made`) becomes the event's bytes on the writer thread, never on the tick."""
+        (`made`) goes first, as `part` events made on the writer thread, never on the tick,
+        one at a time: a long reply's (100 MB) is never all in memory (remoteaudio.py)."""
         self._release(shared)
 
         def command(client: redis.Redis) -> None:
-            done = event if made is None else replace(event, audio=audio.float32_bytes(made))
-            pipe = self._add_event(client.pipeline(), host, done)
+            if made is not None:
+                for seq, part in enumerate(audio.float32_parts(made, wire.PART_BYTES)):
+                    self._add_event(client.pipeline(), host, replace(
+                        event, kind=wire.PART, detail={"seq": seq}, audio=part)).execute()
+            pipe = self._add_event(client.pipeline(), host, event)
             pipe.xack(shared.stream, wire.GROUP, shared.entry)
             pipe.xdel(shared.stream, shared.entry)
             pipe.execute()
 
-        nbytes = len(event.audio) if made is None else 4 * made.frames
-        self._queue(self._sized(nbytes, command))
+        self._queue(command)
 
     def settle(self, shared: wire.SharedJob) -> None:
         """A job of this host's own, served here, has its outcome written."""

@@ -2,7 +2,8 @@
 
 A job goes onto one of two shared streams (interactive, bulk) with its prompt audio; the
 host that takes it sends events back on the receiving host's own event stream: `started`,
-`chunk` (streamed audio), and one outcome (`done`, `failed`, `cancelled`). A `cancel` goes
+`chunk` (streamed audio), `part` (a whole reply's audio, PART_BYTES at a time: see
+remoteaudio.py) and one outcome (`done`, `failed`, `cancelled`). A `cancel` goes
 the other way, to the host serving a job. Pure encoding, no I/O: redis-py hands fields over
 as bytes.
 
@@ -38,12 +39,13 @@ Samples = npt.NDArray[np.float32]
 # Event kinds
 STARTED = "started"
 CHUNK = "chunk"
+PART = "part"
 DONE = "done"
 FAILED = "failed"
 CANCELLED = "cancelled"
 CANCEL = "cancel"  # to the serving host: stop this job
 OUTCOMES = frozenset({DONE, FAILED, CANCELLED})
-KINDS = frozenset({STARTED, CHUNK, CANCEL}) | OUTCOMES
+KINDS = frozenset({STARTED, CHUNK, PART, CANCEL}) | OUTCOMES
 _JOB_FIELDS = frozenset(spec.name for spec in fields(Job))
 _JOB_TYPES = typing.get_type_hints(Job)
 _JOB_ID = re.compile(r"[0-9a-f]{1,32}")  # job.new_job_id's
@@ -52,6 +54,7 @@ MAX_TEXT_CHARS = 1_000_000
 MAX_FIELD_CHARS = 4096  # any other string of a job
 MAX_PROMPT_BYTES = 64 << 20
 MAX_SAMPLE_RATE = 384_000
+PART_BYTES = 1 << 20  # of a whole reply's audio, in one `part` event at most
 
 
 class WireError(ValueError):
@@ -221,7 +224,7 @@ def _detail_problem(kind: str, detail: dict[str, Any]) -> str | None:
     """What is wrong with an event's `detail` for its kind, if anything."""
     if kind == STARTED:
         return _count_problem(detail, "sample_rate", 1, MAX_SAMPLE_RATE)
-    if kind == CHUNK:
+    if kind in (CHUNK, PART):
         return _count_problem(detail, "seq", 0, 1 << 40)
     if kind == DONE:
         if not isinstance(detail.get("voice"), str) or not isinstance(detail.get("timings"),

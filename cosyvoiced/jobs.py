@@ -242,14 +242,14 @@ class JobBook:
                                                   message.samples, message.words))
         self._free_worker(worker, running, now)
         chunks, running.segment_audio = running.segment_audio, []
-        if not self._keep(running, chunks):
+        if not self.keep(running, chunks):
             return
         if running.cancel_requested:  # asked after its last chunk: still cancelled
             self.end(running, None)
         elif running.done == len(running.segments):
             self.finish(running)
 
-    def _keep(self, running: Running, chunks: list[Samples]) -> bool:
+    def keep(self, running: Running, chunks: list[Samples]) -> bool:
         """A whole reply's finished audio, kept until the job ends (on disk where it is
         long); False if the disk refused it, and the job ended with the error."""
         try:
@@ -365,11 +365,13 @@ class JobBook:
     def serve_here(self, running: Running) -> None:
         """A job of this host's that was on the cluster's stream is served here after all."""
         running.remote = False
+        running.reply_audio.discard()  # parts of another host's audio, if any came
         if running.served_by:  # started elsewhere, taken back: it starts again here
             running.served_by, running.dispatched, running.sample_rate = "", False, 0
 
     def finish_remote(self, running: Running, event: clusterwire.Event) -> None:
-        """The audio of a job received here, made by another host."""
+        """A job received here made by another host, its audio (a whole reply's) kept as
+        its parts came (`keep`)."""
         detail = event.detail
         running.voice, running.sample_rate = detail["voice"], detail["sample_rate"]
         running.samples, running.synth_s = detail["samples"], detail["synth_s"]
@@ -377,8 +379,6 @@ class JobBook:
         running.started_at = detail["timings"].get("started_at", running.started_at)
         running.served_by = event.sender
         running.done = len(running.segments)
-        if not running.job.stream:
-            running.reply_audio.made_elsewhere(event.samples)
         self.finish(running)
 
     # -- ending -----------------------------------------------------------------------------

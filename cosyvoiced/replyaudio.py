@@ -62,13 +62,6 @@ class ReplyAudio:
             self._written.append(len(chunk))
         self._held, self._held_bytes = [], 0
 
-    def made_elsewhere(self, samples: Samples) -> None:
-        """All of it, made by another host and read whole from Redis: held as it came
-        (written out on the tick, 100 MB for a long job, it would cost the disk and the tick
-        and give back no memory)."""
-        self.discard()
-        self._held, self._held_bytes = [samples], samples.nbytes
-
     def take(self, rate: int) -> ResultAudio:
         """All of it, made and owed at `rate`, chunk by chunk (read-only views of the file's
         map, where it went to disk). The last call: the file is closed; the map keeps its

@@ -38,6 +38,7 @@ from cosyvoiced.job import (
 from cosyvoiced.jobspec import Limits, check_text
 from cosyvoiced.ledger import Running, Samples
 from cosyvoiced.metrics import Metrics
+from cosyvoiced.remoteaudio import Arriving, PartAction, part_action
 
 if TYPE_CHECKING:  # redis, which the link imports, costs every start 0.17 s
     from cosyvoiced.cluster import ClusterLink
@@ -126,6 +127,8 @@ class Book(Protocol):
 
     def remote_chunk(self, running: Running, samples: Samples) -> None: ...
 
+    def keep(self, running: Running, chunks: list[Samples]) -> bool: ...
+
     def finish_remote(self, running: Running, event: wire.Event) -> None: ...
 
     def serve_here(self, running: Running) -> None: ...
@@ -166,6 +169,7 @@ class Sharing:
         self.left_to_redis: set[str] = set()
         self.served: dict[str, wire.SharedJob] = {}  # local id -> its stream entry
         self.sinks: dict[str, RemoteSink] = {}  # local id -> where its outcome goes
+        self.arriving: dict[str, Arriving] = {}  # own id -> the parts of its audio so far
         self.taken_over = 0
         self.next_audit = 0.0
         # Events of jobs left in work/ by a crash that are not in the book yet (they are
@@ -235,6 +239,7 @@ class Sharing:
         shared = self.served.pop(job_id, None)
         self.sinks.pop(job_id, None)
         running = self.own.pop(job_id, None)
+        self._let_parts_go(job_id)
         if shared is not None:
             if shared.host == self.name:
                 self.link.settle(shared)  # (another host's: its RemoteSink settled it)
@@ -304,8 +309,11 @@ class Sharing:
                 if item.kind != wire.CANCEL and item.job_id in self.host.recovering:
                     self.replay_events = True  # read again once the job is in the book
                     continue
+                if item.kind == wire.PART:
+                    forgotten.extend(self._part(item))
+                    continue
                 forgotten.append(item.entry)
-                if self._apply(item):
+                if self._apply(item, forgotten):
                     finished.append(item.job_id)
         if forgotten:
             link.forget(forgotten, finished)
@@ -360,6 +368,7 @@ class Sharing:
         self.link.withdraw(job_id)
 
     def _serve_here(self, running: Running) -> None:
+        self._let_parts_go(running.job.id)
         self.book.serve_here(running)
         self.host.wake()  # the tick dispatches it
 
@@ -404,8 +413,9 @@ class Sharing:
             self._serve_here(running)
 
     # -- events --------------------------------------------------------------------------
-    def _apply(self, event: wire.Event) -> bool:
-        """Act on one event; True if it ended a job received here."""
+    def _apply(self, event: wire.Event, forgotten: list[str]) -> bool:
+        """Act on one event; True if it ended a job received here. The entries that may
+        leave Redis now go in `forgotten`."""
         if event.kind == wire.CANCEL:
             self.host.cancel(f"{event.sender}-{event.job_id}")  # a repeat here, too
             return False
@@ -420,12 +430,53 @@ class Sharing:
         elif event.kind in wire.OUTCOMES:
             self.own.pop(running.job.id, None)  # settled by forget(): nothing to withdraw
             if event.kind == wire.DONE:
-                self.book.finish_remote(running, event)
+                return self._done(running, event, forgotten)
             else:
                 error = event.detail.get("error")
                 self.book.end(running, JobError.from_dict(error) if error else None)
             return True
         return False
+
+    def _part(self, event: wire.Event) -> list[str]:
+        """A part of a whole reply's audio (remoteaudio.py); the entries that may leave
+        Redis now (the rest go with the outcome)."""
+        running = self.book.get(event.job_id)
+        if running is None or not running.remote or running.job.stream:
+            return [event.entry]
+        arriving = self.arriving.setdefault(event.job_id, Arriving())
+        action = part_action(arriving, event.sender, event.entry, event.detail["seq"])
+        if action is PartAction.SKIP:
+            return []
+        if action is PartAction.BREAK:
+            arriving.noted(event.entry)
+            return []
+        gone: list[str] = []
+        if action is PartAction.RESTART:  # another try: the audio of the one before goes
+            gone = arriving.begin_again()
+            running.reply_audio.discard()
+        if not self.book.keep(running, [event.samples]):  # ended, its parts let go
+            return [*gone, event.entry]
+        arriving.kept(event.sender, event.entry, len(event.samples))
+        return gone
+
+    def _done(self, running: Running, event: wire.Event, forgotten: list[str]) -> bool:
+        """A job received here is done elsewhere: delivered here if its audio came whole,
+        served here again if not (parts that Redis let go, `max_outcomes`)."""
+        arriving = self.arriving.pop(running.job.id, None) or Arriving()
+        forgotten.extend(arriving.entries)
+        samples = event.detail["samples"]
+        if not running.job.stream and not arriving.whole(event.sender, samples):
+            log.warning("outcome_incomplete", job=running.job.id, served_by=event.sender,
+                        samples=samples, came=arriving.frames)
+            self._take_back(running.job.id, "outcome_incomplete")
+            return False
+        self.book.finish_remote(running, event)
+        return True
+
+    def _let_parts_go(self, job_id: str) -> None:
+        arriving = self.arriving.pop(job_id, None)
+        if arriving is not None and arriving.entries and self.link is not None:
+            self.link.forget(arriving.entries, [])
 
     def started_here(self, job_id: str) -> None:
         """A job taken from the stream has started here: from now on, this host's death

@@ -1,6 +1,6 @@
 """A TCP forwarder on loopback whose one direction is slow: a test double for a slow network
 between a daemon and its Redis (a 100 Mbit/s link, or worse). Everything a client sends is
-passed on at `bytes_per_s` at most; what comes back passes at once.
+passed on at `bytes_per_s` at most; what comes back passes at once, or at `back_bytes_per_s`.
 
     with SlowLink(target_port, bytes_per_s=2 << 20) as link:
         url = f"redis://127.0.0.1:{link.port}/0"
@@ -19,10 +19,10 @@ _PIECE = 16 << 10
 
 
 class SlowLink:
-    def __init__(self, target_port: int, bytes_per_s: int) -> None:
+    def __init__(self, target_port: int, bytes_per_s: int, back_bytes_per_s: int = 0) -> None:
         self.port = free_port()
         self._target = ("127.0.0.1", target_port)
-        self._rate = bytes_per_s
+        self._rate, self._back_rate = bytes_per_s, back_bytes_per_s
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._stopped = threading.Event()
         self._sockets: list[socket.socket] = []
@@ -46,7 +46,8 @@ class SlowLink:
                 return
             server = socket.create_connection(self._target)
             self._sockets += [client, server]
-            for source, sink, rate in ((client, server, self._rate), (server, client, 0)):
+            pumps = ((client, server, self._rate), (server, client, self._back_rate))
+            for source, sink, rate in pumps:
                 threading.Thread(target=self._pump, args=(source, sink, rate),
                                  daemon=True, name="slowlink-pump").start()
 

@@ -24,6 +24,7 @@ import soundfile
 
 from cosyvoiced import config, service
 from cosyvoiced.client import Client
+from cosyvoiced.memory import heap_bytes
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, wait_until
 from tests.engines.faulty import SAMPLE_RATE, SECONDS_PER_CHAR
@@ -145,25 +146,61 @@ def test_a_voice_cloning_job_travels_with_its_prompt_audio(
     wait_until(no_prompts_left, 10, "both hosts to remove the prompt")
 
 
-def test_a_long_drop_served_by_another_host_holds_neither_tick(
+def test_a_long_drop_served_by_another_host_holds_neither_tick_nor_its_memory(
         make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
-    """16 minutes of audio made on another host: its `done` event carries all of it (85 MB),
-    which the serving host's tick joined and copied into bytes (0.77 s held, on this VM) and
-    the receiving host's copied again. The bytes are made on the link's writer thread now,
-    a chunk at a time, and read without a copy."""
+    """16 minutes of audio made on another host (85 MB of float32). Its `done` event carried
+    all of it: the serving host's tick joined and copied it into bytes (0.77 s held, on this
+    VM), and the receiving host read it whole and held it until the file was written (its
+    heap grew 217 MiB). It comes in `part` events of 1 MiB now, made on the link's writer
+    thread, and kept on the receiving host's disk as they come (10 MiB)."""
     long_text = " ".join(["A very long text for a very long file, made of tone."] * 370)
     spool = {"max_text_chars": 20_000}
     receiver = start(host(make_daemon, redis_server, "front", serves=False, spool=spool),
                      serves=False)
     server = start(host(make_daemon, redis_server, "back", spool=spool))
+    assert receiver.process is not None
+    pid = receiver.process.pid
+    started_with = peak = heap_bytes(pid)
     receiver.drop_job("long", text=long_text)
-    receiver.wait_done("long.json", timeout_s=120)
+
+    def written() -> bool:
+        nonlocal peak
+        peak = max(peak, heap_bytes(pid))
+        return (receiver.outbox / "long.json").exists()
+
+    wait_until(written, 120, "the long drop's outcome")
+    assert receiver.wait_done("long.json")["served_by"] == "back"
     assert_exact_audio(receiver.outbox / "long.wav", long_text)
+    grew = peak - started_with
+    assert grew < 32 << 20, f"the receiving host grew {grew >> 20} MiB"
     [served] = server.log_events("job")
     assert served["served_by"] == "back"
     for daemon in (receiver, server):
         held = daemon.log_events("tick_slow")
         assert not held, (daemon.root.name, held)
+
+
+def test_a_receiving_host_killed_while_the_parts_of_a_reply_come_gets_it_whole(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """The parts acted on stay in Redis until the outcome is: killed half way through them,
+    the receiving host reads them all again at its restart."""
+    text = "A long job whose audio comes back in parts over a slow link. " * 100  # 26 MB
+    with SlowLink(redis_server.port, bytes_per_s=64 << 20, back_bytes_per_s=4 << 20) as link:
+        receiver = start(host(make_daemon, redis_server, "front", serves=False,
+                              redis=f"redis://127.0.0.1:{link.port}/0"), serves=False)
+        server = start(host(make_daemon, redis_server, "back"))
+        receiver.drop_job("long", text=text)
+        with Client(receiver.endpoint) as client:
+            wait_until(lambda: client.stats()["reply_audio_bytes"]["disk"], 60,
+                       "some parts kept on the receiving host's disk")
+        receiver.kill_hard()
+        assert not records(receiver)
+        start(receiver, serves=False)
+        record = receiver.wait_done("long.json", timeout_s=60)
+    assert record["served_by"] == "back"
+    assert_exact_audio(receiver.outbox / "long.wav", text)
+    assert len(server.log_events("job")) == 1, "served once"
+    assert not receiver.log_events("outcome_incomplete")
 
 
 def test_a_serving_host_killed_mid_job_is_taken_over(

@@ -58,20 +58,25 @@ def test_an_entry_that_is_not_a_job_is_refused_with_the_reason() -> None:
     # Where the exact count ends in half a frame soxr rounds either way: 367.5 -> 367 and
     # 514.5 -> 515 (`frames` said 368 and 514; the buffer was sized to it and overflowed).
     (24000, 22050, (100, 300)), (24000, 22050, (60, 500))])
-def test_a_whole_reply_is_made_into_bytes_a_chunk_at_a_time(
+def test_a_whole_reply_is_made_into_parts_a_chunk_at_a_time(
         made_rate: int, rate: int, sizes: tuple[int, ...]) -> None:
-    """`done`'s audio, made on the link's writer thread from the workers' chunks (resampled
-    when the reply asks another rate): the same samples as joining them whole."""
+    """A whole reply's audio, made into `part` events on the link's writer thread from the
+    workers' chunks (resampled when the reply asks another rate): the same samples as
+    joining them whole, in parts of the size asked but the last."""
     rng = np.random.default_rng(7)
     chunks = tuple(rng.uniform(-0.5, 0.5, size).astype(np.float32) for size in sizes)
     made = ResultAudio(chunks, made_rate, rate)
-    data = audio.float32_bytes(made)
-    event = wire.read_event("1-0", _as_read(wire.event_fields(
-        wire.Event(wire.CHUNK, JOB_ID, "host-b", {"seq": 0}, data))))
+    part_bytes = 4 * 1000
+    read = [wire.read_event(f"1-{seq}", _as_read(wire.event_fields(
+        wire.Event(wire.PART, JOB_ID, "host-b", {"seq": seq}, data))))
+        for seq, data in enumerate(audio.float32_parts(made, part_bytes))]
+    assert {len(event.audio) for event in read[:-1]} <= {part_bytes}
+    assert 0 < len(read[-1].audio) <= part_bytes
+    joined = np.concatenate([event.samples for event in read])
     whole = audio.whole(made)
-    assert len(event.samples) == len(whole)
+    assert len(joined) == len(whole)
     assert abs(made.frames - len(whole)) <= 1
-    assert np.abs(event.samples - whole).max() < 1e-3  # streamed vs at once
+    assert np.abs(joined - whole).max() < 1e-3  # streamed vs at once
 
 
 def test_an_event_carries_float32_audio_exactly() -> None:

@@ -10,7 +10,6 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from cosyvoiced import clusterwire
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoded, Encoder
 from cosyvoiced.job import (
@@ -412,31 +411,3 @@ def test_a_long_reply_whose_audio_the_disk_refuses_ends_once_with_that_error(
         status["error"]["message"]
     assert workers[0].state == WorkerState.IDLE
     assert book.get("long") is None
-
-
-class _KeepingSink(FakeSink):
-    def __init__(self) -> None:
-        super().__init__()
-        self.made: list[ResultAudio] = []
-
-    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
-                timings: dict[str, float]) -> str | Deferred:
-        self.made.append(made)
-        return super().deliver(job, result, made, timings)
-
-
-def test_a_long_reply_made_by_another_host_is_delivered_as_it_came(book: JobBook) -> None:
-    """Its audio came whole from Redis, already in memory: written out to the spool's disk
-    on the tick (as a long reply made here is, segment by segment) it cost a 100 MB write
-    there for a long job, and gave no memory back."""
-    sink = _KeepingSink()
-    running = book.admit(_job("remote"), sink, ["one. ", "two."], persisted=False)
-    samples = np.ones(IN_MEMORY_BYTES // 4 + 1, np.float32)
-    event = clusterwire.Event("done", "remote", "b", {
-        "voice": "v", "sample_rate": RATE, "samples": len(samples), "synth_s": 1.0,
-        "first_chunk_s": 0.1, "timings": {}}, clusterwire.audio_bytes(samples))
-    book.finish_remote(running, event)
-    (made,) = sink.made
-    assert made.mapped is None
-    assert [len(chunk) for chunk in made.chunks] == [len(samples)]
-    assert [c.outcome for c in book.closed] == ["done"]
