@@ -54,6 +54,7 @@ MAX_TEXT_CHARS = 1_000_000
 MAX_FIELD_CHARS = 4096  # any other string of a job
 MAX_PROMPT_BYTES = 64 << 20
 MAX_SAMPLE_RATE = 384_000
+MAX_WHOLE = 1 << 53  # a JSON number's whole values, as a float holds them exactly
 PART_BYTES = 1 << 20  # of a whole reply's audio, in one `part` event at most
 
 
@@ -161,10 +162,17 @@ def _fits(value: Any, hint: Any) -> bool:
         if isinstance(value, bool):
             continue
         if option is float and isinstance(value, int | float):
-            return math.isfinite(value)
+            return _finite(value)
         if option in (int, str) and isinstance(value, option):
             return True
     return False
+
+
+def _finite(value: int | float) -> bool:
+    """A number any arithmetic takes: a float of 400 digits' int raised OverflowError."""
+    if isinstance(value, int):
+        return abs(value) <= MAX_WHOLE
+    return math.isfinite(value)
 
 
 def _plain_name(name: str, what: str) -> str:
@@ -227,9 +235,10 @@ def _detail_problem(kind: str, detail: dict[str, Any]) -> str | None:
     if kind in (CHUNK, PART):
         return _count_problem(detail, "seq", 0, 1 << 40)
     if kind == DONE:
-        if not isinstance(detail.get("voice"), str) or not isinstance(detail.get("timings"),
-                                                                      dict):
-            return "voice: expected a string; timings: an object"
+        timings = detail.get("timings")
+        if not isinstance(detail.get("voice"), str) or not isinstance(timings, dict) or \
+                not all(_fits(value, float) and value >= 0 for value in timings.values()):
+            return "voice: expected a string; timings: an object of numbers, not negative"
         if any(not _fits(detail.get(name), float) or detail[name] < 0
                for name in ("synth_s", "first_chunk_s")):
             return "synth_s, first_chunk_s: expected numbers, not negative"

@@ -102,6 +102,7 @@ def _job_entry(host: str = "host-a", prompt: bytes | None = None, **change: Any)
     (_job_entry(voice=["v"]), "job.voice: expected"),
     (_job_entry(sample_rate=True), "job.sample_rate: expected"),
     (_job_entry(speed="fast"), "job.speed: expected"),
+    (_job_entry(speed=10**400), "job.speed: expected"),  # OverflowError, not a WireError
     (_job_entry(id="../../../etc/x"), "job.id: expected a job id"),
     (_job_entry(text="x" * (wire.MAX_TEXT_CHARS + 1)), "job.text: 1000001 characters"),
     (_job_entry(output="o" * 5000), "job.output: 5000 characters"),
@@ -134,6 +135,13 @@ DONE = {"voice": "v", "sample_rate": 16000, "samples": 1, "synth_s": 0.1,
     (_event(wire.DONE, DONE | {"sample_rate": 0}), "sample_rate: expected"),
     (_event(wire.DONE, DONE | {"timings": None}), "timings: an object"),
     (_event(wire.DONE, DONE | {"synth_s": -1}), "synth_s, first_chunk_s"),
+    # A `started_at` of another type killed the tick on every restart (exit 5): the event
+    # stayed in Redis. A whole number of 400 digits killed the event reader's every try
+    # (OverflowError, not a WireError), which read it again from the first.
+    (_event(wire.DONE, DONE | {"timings": {"started_at": "x"}}), "timings: an object of"),
+    (_event(wire.DONE, DONE | {"timings": {"started_at": 10**400}}), "timings: an object"),
+    (_event(wire.DONE, DONE | {"timings": {"started_at": -1.0}}), "timings: an object"),
+    (_event(wire.DONE, DONE | {"synth_s": 10**400}), "synth_s, first_chunk_s"),
     (_event(wire.FAILED, {"error": {"code": "no_such_code", "message": "m"}}),
      "is not an error code"),
     (_event(wire.FAILED, {"error": "bad"}), "error: expected {code, message}"),

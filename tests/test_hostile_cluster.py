@@ -99,3 +99,33 @@ def test_the_event_reader_waits_while_the_tick_holds_its_bound_of_audio(
         assert link.event_bytes.held == 0
     finally:
         link.stop()
+
+
+def test_an_outcome_with_numbers_no_arithmetic_takes_is_dropped_and_its_host_lives_on(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """A `done` whose `timings.started_at` was a string killed the receiving host's tick
+    (exit 5), and again at every restart: the event stayed in Redis, and the job in work/.
+    One of 400 digits killed the event reader at every try (OverflowError): it read the
+    stream again from its first entry, for good."""
+    daemon = make_daemon("a", engine={"name": "tests.engines.faulty:never_ready"},
+                         worker={"start_timeout_s": 3600.0},
+                         cluster={"redis": redis_server.url, "name": "a"})
+    daemon.start(wait_ready=False)
+    wait_until(lambda: daemon.log_events("cluster_joined"), 30, "the host to join")
+    daemon.drop_job("shared", text="Waits for another host to serve it.")
+    redis = redis_server.client()
+    [marker] = wait_until(lambda: redis.keys("cosyvoiced:job:a:*"), 30, "the job shared")
+    job_id = marker.rsplit(":", 1)[1]
+    done = {"voice": "v", "sample_rate": 22050, "samples": 0, "synth_s": 0.1,
+            "first_chunk_s": 0.1}
+    for started_at in ("x", 10**400):
+        redis.xadd("cosyvoiced:events:a", {
+            "kind": "done", "job": job_id, "from": "b",
+            "detail": json.dumps(done | {"timings": {"started_at": started_at}})})
+    dropped = wait_until(lambda: len(daemon.log_events("event_unreadable")) == 2 and
+                         daemon.log_events("event_unreadable"), 30, "both dropped")
+    assert all("timings: an object of numbers" in event["error"] for event in dropped)
+    assert not daemon.log_events("cluster_thread_failed")
+    assert daemon.process is not None
+    assert daemon.process.poll() is None
+    assert not list(daemon.outbox.glob("*.json")), "the job still waits for its outcome"
