@@ -16,6 +16,8 @@ import base64
 import hmac
 import json
 import os
+import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -507,46 +509,48 @@ class HttpIntake(ReplyIntake):
 
     async def _speech_request(self, request: web.Request, settings: HttpConfig,
                               client: str) -> SpeechRequest:
-        """The request; its body may be over http.max_body_bytes only with a `clone`, and
-        only while an upload slot is free."""
-        large = max(settings.max_body_bytes, settings.max_upload_bytes)
-        held = [False]
+        """The request. Its body may be over http.max_body_bytes only by a `clone`'s audio
+        (`_SpeechBounds`), and only while an upload slot is free: a plain body is refused
+        as soon as it is over, unparsed, and takes no slot."""
+        bounds = _SpeechBounds(settings.max_body_bytes, settings.max_upload_bytes)
+        if request.content_length is not None and \
+                request.content_length > bounds.upload_bytes:
+            raise bounds.too_large(close=True)  # unread: too large even for a clone
+        audio_start = [-1]  # where the clone's audio opens, in a body over max_body_bytes
 
-        def take_slot() -> None:
+        def past_plain(read: bytearray) -> None:
+            start = bounds.audio_start(read)  # a plain body is refused here, slot-less
             if not self._uploads.take(client):
                 raise _HttpError(BUSY, voices.BUSY_UPLOADING, close=True)
-            held[0] = True
+            audio_start[0] = start
 
         try:
-            body = await self._body(request, large, (settings.max_body_bytes, take_slot))
-            data = _json(body)
-            if len(body) > settings.max_body_bytes and \
-                    not (isinstance(data, dict) and data.get("clone") is not None):
-                raise _HttpError("request_too_large", f"body: over the limit of "
-                                 f"{settings.max_body_bytes} bytes (http.max_body_bytes; with "
-                                 "a clone, http.max_upload_bytes)")
+            body = await self._body(request, bounds.upload_bytes, bounds.clone_too_large(),
+                                    (bounds.body_bytes, past_plain)
+                                    if bounds.uploads else None)
+            data = _json(body) if audio_start[0] < 0 else \
+                bounds.clone_body(body, audio_start[0])
             return parse_speech(data, settings.voices)
         finally:
-            if held[0]:
+            if audio_start[0] >= 0:  # a slot was taken
                 self._uploads.give(client)
 
     async def read_body(self, request: web.Request, limit: int, setting: str) -> bytes:
         """The whole body, within http.body_timeout_s (408) and `limit` bytes (413, naming
         `setting`, the limit's name): for the other routes on this listener (console.py)."""
-        return await self._body(request, limit, setting=setting)
+        return await self._body(request, limit, _HttpError(
+            "request_too_large", f"body: over the limit of {limit} bytes ({setting})",
+            close=True))
 
-    async def _body(self, request: web.Request, limit: int | None = None,
-                    past: tuple[int, Callable[[], None]] | None = None,
-                    setting: str = "http.max_upload_bytes") -> bytes:
+    async def _body(self, request: web.Request, limit: int, too_large: _HttpError,
+                    past: tuple[int, Callable[[bytearray], None]] | None = None) -> bytes:
         """The whole body, within http.body_timeout_s (a short or endless body: 408), and
-        within `limit` bytes (None: http.max_body_bytes, aiohttp's client_max_size; over
-        `limit`, 413 names `setting`); `past`: (a size, what to call once the body is over
-        it)."""
+        within `limit` bytes (over it: `too_large`); `past`: (a size, what to call with
+        what was read once the body is over it)."""
         timeout_s = self._settings().body_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                return await (request.read() if limit is None else
-                              _read_within(request, limit, past, setting))
+                return await _read_within(request, limit, too_large, past)
         except TimeoutError:
             raise _HttpError(REQUEST_TIMEOUT, f"body: not received in {timeout_s:g} s "
                              "(http.body_timeout_s)", close=True) from None
@@ -616,23 +620,89 @@ class HttpIntake(ReplyIntake):
         return web.json_response({"status": status}, status=200 if status == "ready" else 503)
 
 
-async def _read_within(request: web.Request, limit: int,
-                       past: tuple[int, Callable[[], None]] | None, setting: str) -> bytes:
-    """The body, refused (413 naming `setting`, the rest unread) as soon as it is over
-    `limit` bytes; once it is over `past[0]`, `past[1]()` is called (it may refuse it
-    too)."""
-    too_large = _HttpError("request_too_large", f"body: over the limit of {limit} bytes "
-                           f"({setting})", close=True)
+async def _read_within(request: web.Request, limit: int, too_large: _HttpError,
+                       past: tuple[int, Callable[[bytearray], None]] | None) -> bytes:
+    """The body, refused (`too_large`, the rest unread) as soon as it is over `limit`
+    bytes; once it is over `past[0]`, `past[1]` is called with what was read (it may
+    refuse it too)."""
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     data = bytearray()
     async for chunk in request.content.iter_chunked(64 << 10):
-        if past is not None and len(data) <= past[0] < len(data) + len(chunk):
-            past[1]()
+        crossed = past is not None and len(data) <= past[0] < len(data) + len(chunk)
         data += chunk
         if len(data) > limit:
             raise too_large
+        if crossed:
+            assert past is not None
+            past[1](data)
     return bytes(data)
+
+
+@dataclass(frozen=True)
+class _SpeechBounds:
+    """A speech body is JSON of at most http.max_body_bytes, and only a `clone`'s audio
+    (one string) may take it past that, up to http.max_upload_bytes. Whether it is one is
+    told by what was read when the body went over max_body_bytes: the byte past the limit
+    must be in a string opened by `"audio":`; else it is refused there, unparsed. What
+    comes in full is parsed with that string cut out, so no more than max_body_bytes of
+    JSON is ever parsed (16 MiB of `[{},{},...]` were 410 MiB of objects)."""
+
+    body_bytes: int
+    upload_bytes: int
+
+    @property
+    def uploads(self) -> bool:
+        return self.upload_bytes > self.body_bytes
+
+    def too_large(self, close: bool = False) -> _HttpError:
+        """A body over max_body_bytes that is not a clone's."""
+        clone = (f"; only a `clone`'s audio may take a body past it, up to "
+                 f"{self.upload_bytes} bytes (http.max_upload_bytes)") if self.uploads else ""
+        return _HttpError("request_too_large", f"body: over the limit of {self.body_bytes} "
+                          f"bytes (http.max_body_bytes){clone}", close=close)
+
+    def clone_too_large(self) -> _HttpError:
+        if not self.uploads:
+            return self.too_large(close=True)
+        return _HttpError("request_too_large", f"body: over the limit of {self.upload_bytes} "
+                          "bytes (http.max_upload_bytes, for a body with a `clone`)",
+                          close=True)
+
+    def audio_start(self, read: bytearray) -> int:
+        """Where the audio's string opens (its quote) in `read`, a body read past
+        max_body_bytes; refused (413, the rest unread) unless the byte past the limit is
+        in that string. (A base64 string holds no quote; what follows is checked whole.)"""
+        quote = read.rfind(b'"', 0, self.body_bytes + 1)
+        if quote < 0 or not _AUDIO_OPENS.search(read, max(0, quote - _AUDIO_KEY_WINDOW),
+                                                quote):
+            raise self.too_large(close=True)
+        return quote
+
+    def clone_body(self, body: bytes, audio_start: int) -> Any:
+        """The JSON value of `body`, over max_body_bytes, whose audio's string opens at
+        `audio_start`: the rest, with a placeholder for that string, must be within
+        max_body_bytes and have it as its `clone`'s `audio`."""
+        audio = _JSON_STRING.match(body, audio_start)
+        if audio is None:
+            raise JobFailure(ErrorCode.BAD_JSON, "body: not a JSON object: clone: its audio "
+                             "is not one whole JSON string")
+        placeholder = secrets.token_hex(16)  # no client can put it anywhere else
+        rest = b"".join((body[:audio_start], b'"%s"' % placeholder.encode(),
+                         body[audio.end():]))
+        if len(rest) > self.body_bytes:
+            raise self.too_large()
+        data = _json(rest)
+        clone = data.get("clone") if isinstance(data, dict) else None
+        if not isinstance(clone, dict) or clone.get("audio") != placeholder:
+            raise self.too_large()
+        clone["audio"] = _json(audio.group())  # one string: as many bytes as it has
+        return data
+
+
+_AUDIO_OPENS = re.compile(rb'"audio"\s*:\s*\Z')
+_AUDIO_KEY_WINDOW = 64  # bytes before the audio's quote in which `"audio":` must be
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
 
 
 def _json(body: bytes) -> Any:
