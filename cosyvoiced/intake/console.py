@@ -7,6 +7,11 @@ against the service. The page itself (cosyvoiced/console/) is plain HTML, CSS an
 modules, with relative URLs, so it works offline and behind a reverse proxy's sub-path.
 Keys are the API's: with http.api_keys_file set, the stream and the actions need one
 (`board.rights` says which).
+
+An event stream holds its connection for as long as the page is open, so a client (a key;
+without keys, a host) may hold at most MAX_STREAMS_PER_CLIENT of them, and at the
+listener's cap each may be given up like an idle connection (limits.py, crowding.py): it
+holds nothing its client would lose, as the page opens another and is sent the whole board.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+from collections import Counter
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, Protocol, TypeVar
@@ -23,6 +29,7 @@ from aiohttp import web
 from cosyvoiced import board, logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import HttpConfig
+from cosyvoiced.intake import limits
 from cosyvoiced.logring import RING
 from cosyvoiced.untrusted import NotJSON, json_value
 
@@ -36,6 +43,14 @@ MAX_ACTION_BYTES = 4096
 KEEPALIVE_S = 15.0  # a comment line, so proxies do not close a quiet stream
 REFRESH_S = 1.0  # the board is looked at this often at least (progress moves)
 SETTLE_S = 0.15  # after a wake, so a burst of log lines is one update
+# A page follows the board on one stream. A few let one person keep the console open in a
+# few tabs, or reload a page before its old stream is seen closed (within REFRESH_S); more
+# only hold connections: one host's at the cap are given up to other hosts, but a client
+# behind a proxy (one address for all) or one key used from many hosts is not a host
+# holding more, and would keep every slot of http.max_connections.
+MAX_STREAMS_PER_CLIENT = 4
+TOO_MANY_STREAMS = "too_many_streams"
+STREAMS_RETRY_AFTER_S = 2  # a stream closed by its page is seen gone within REFRESH_S
 # The page loads nothing from elsewhere; audio is played from blobs it makes.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; "
@@ -63,6 +78,17 @@ def _from_loopback(request: web.Request) -> bool:
         return False
 
 
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
+
+
+def _nothing_in_hand() -> bool:
+    """An event stream, whenever asked: closing it loses its client nothing (the page
+    opens another, whose first event is the whole board)."""
+    return True
+
+
 def _refused(status: int, code: str, message: str) -> web.Response:
     """An OpenAI-shaped error, as the API's."""
     return web.json_response({"error": {"message": message, "type": "invalid_request_error"
@@ -77,6 +103,8 @@ class Console:
         self._identify = identify  # raises the API's 401 for a missing or wrong key
         self._settings = settings
         self._boards = _Boards(host)
+        self._streams: Counter[str] = Counter()  # open event streams by client (loop thread)
+        self._streams_refused: limits.Throttled | None = None  # made on the loop's thread
 
     def add_routes(self, app: web.Application) -> None:
         app.add_routes([
@@ -125,8 +153,41 @@ class Console:
                                   "act": rights.act})
 
     # -- the stream -------------------------------------------------------------------------
+    def _stream_client(self, request: web.Request, identity: Identity) -> str:
+        """Whose streams count together: a key's, from wherever it is used; without keys,
+        a host's (the operator's identity is every loopback peer's)."""
+        return identity.client if self._keys_on() else f"peer:{request.remote or ''}"
+
     async def _events(self, request: web.Request) -> web.StreamResponse:
         identity, rights = self._who(request)
+        client = self._stream_client(request, identity)
+        if self._streams[client] >= MAX_STREAMS_PER_CLIENT:
+            return self._too_many_streams(client, identity)
+        self._streams[client] += 1
+        try:
+            # It gives way whenever the listener's cap picks its host's connection.
+            with limits.giving_way(request, _nothing_in_hand):
+                return await self._follow(request, identity, rights)
+        finally:
+            self._streams[client] -= 1
+            if not self._streams[client]:
+                del self._streams[client]
+
+    def _too_many_streams(self, client: str, identity: Identity) -> web.Response:
+        if self._streams_refused is None:
+            self._streams_refused = limits.Throttled(
+                asyncio.get_running_loop(), "console_streams_refused",
+                max_streams_per_client=MAX_STREAMS_PER_CLIENT)
+        self._streams_refused.count(client=client if client.startswith("peer:")
+                                    else identity.name)  # a key's name, never the key
+        refusal = _refused(429, TOO_MANY_STREAMS, f"this client has {MAX_STREAMS_PER_CLIENT} "
+                           "console event streams open, the most one client may hold at "
+                           "once; close a console page, or retry later")
+        refusal.headers["Retry-After"] = str(STREAMS_RETRY_AFTER_S)
+        return refusal
+
+    async def _follow(self, request: web.Request, identity: Identity,
+                      rights: board.Rights) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no"})  # nginx: pass each event on at once
@@ -140,18 +201,21 @@ class Console:
         if rights.logs:
             RING.listen(wake)
         try:
-            await self._stream(response, identity, rights, woken)
+            await self._stream(request, response, identity, rights, woken)
         except (ConnectionResetError, TimeoutError):
             pass  # the page went away, or stopped reading: its stream ends here
         finally:
             RING.unlisten(wake)
         return response
 
-    async def _stream(self, response: web.StreamResponse, identity: Identity,
-                      rights: board.Rights, woken: asyncio.Event) -> None:
+    async def _stream(self, request: web.Request, response: web.StreamResponse,
+                      identity: Identity, rights: board.Rights, woken: asyncio.Event) -> None:
         send = _Sender(response, self._settings().send_timeout_s)
         seen_line, shown = 0, ""
-        while True:
+        # Until its connection is gone (the page left, or it gave way): aiohttp does not end
+        # the handler, and a quiet stream's next write (a keepalive) may be 15 s away, all
+        # that time counted against its client's streams.
+        while _connected(request):
             woken.clear()
             if rights.logs:
                 lines, seen_line = RING.since(seen_line)

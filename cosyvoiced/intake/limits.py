@@ -20,7 +20,7 @@ import contextlib
 import json
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,7 +188,8 @@ class _GuardedHandler(web.RequestHandler):
 
     def _can_give_way(self) -> bool:
         """No request in hand: idle, or its line and headers not yet all in; or its open
-        session (a WebSocket) says it has nothing in hand (`session_may_give_way`)."""
+        session (a WebSocket, a console event stream) says it has nothing in hand
+        (`session_may_give_way`, `giving_way`)."""
         return self.transport is not None and (
             self._awaiting_request() or (self.session_idle is not None and self.session_idle()))
 
@@ -241,6 +242,19 @@ def session_may_give_way(request: web.Request, idle: Callable[[], bool]) -> None
     as an idle keep-alive connection may."""
     if isinstance(request.protocol, _GuardedHandler):
         request.protocol.session_idle = idle
+
+
+@contextlib.contextmanager
+def giving_way(request: web.Request, idle: Callable[[], bool]) -> Iterator[None]:
+    """`session_may_give_way` for the span of the `with` only: a session that ends with its
+    connection still open (kept alive after a streamed response) leaves the next request
+    on it in hand, never given up."""
+    session_may_give_way(request, idle)
+    try:
+        yield
+    finally:
+        if isinstance(request.protocol, _GuardedHandler):
+            request.protocol.session_idle = None
 
 
 async def listen(runner: web.AppRunner, host: str, port: int, limits: ConnectionLimits,
