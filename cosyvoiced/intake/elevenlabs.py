@@ -27,6 +27,15 @@ in order through one encoder stream: the worker resamples to the format's rate (
 `sample_rate`), and MP3 is encoded in the encoder process, never here. A hang-up cancels
 every job in flight.
 
+The socket is read until it closes, after the input's end too (closing text,
+`close_socket`): aiohttp answers a client's ping, and sees its close, only while it is read,
+and a client's library drops a socket whose pings go unanswered, and its last audio with it
+(`websockets`, under the ElevenLabs SDK and Pipecat, after 20 s). A hang-up then cancels
+the jobs left. A message after the end is not acted on: an error would close the socket and
+cut the audio still to come. Text in one is logged, once a socket
+(`elevenlabs_text_after_end`), and what it sends is read at the pace of text that says
+nothing (`Unsaid`).
+
 Bounds (a hostile client gets an error message, `{"message", "error", "code": 1008}` as
 ElevenLabs sends them, then a close): a message is at most MAX_MESSAGE_BYTES; a socket
 that sends nothing for `inactivity_timeout` (query; ElevenLabs' default 20 s, at most
@@ -323,6 +332,7 @@ class _Socket:
         self._streams: dict[str, _Stream] = {}
         self._send_lock = asyncio.Lock()
         self._closing = False
+        self._told_after_end = False  # text came after the input's end: logged once
         self._unsaid = Unsaid()  # text dropped as saying nothing: read at a pace
         self._heard_at = time.monotonic()  # its client's last message
         limits.session_may_give_way(request, self._idle)
@@ -589,12 +599,49 @@ class _Socket:
 
     # -- the end ------------------------------------------------------------------------------
     async def _finish_streams(self) -> None:
-        """The input ended well (closing text, close_socket): let the streams send all."""
-        tasks = [s.task for s in self._streams.values() if s.task is not None]
-        if tasks:
-            await asyncio.wait(tasks)
+        """The input ended well (closing text, close_socket): the streams send all, while
+        the socket is read (its pings answered): a hang-up cancels what is left."""
+        streams = asyncio.gather(*(s.task for s in self._streams.values()
+                                   if s.task is not None), return_exceptions=True)
+        reading = asyncio.create_task(self._read_after_end())
+        either: list[asyncio.Future[Any]] = [streams, reading]
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reading.cancel()
+            await asyncio.wait([reading])
+        if not streams.done() and not reading.cancelled() and reading.result():
+            raise SocketClosed()  # the client hung up: run() releases the jobs left
+        await streams  # done, or ending: a stream's own refusal closes the socket
         if not self._ws.closed:
             await self._ws.close()
+
+    async def _read_after_end(self) -> bool:
+        """Reads the socket until nothing more can be read: True when its client hung up (a
+        close frame, the connection lost, a message over MAX_MESSAGE_BYTES), False when our
+        own close, on a stream's task, reads the rest."""
+        with contextlib.suppress(ConnectionError):  # a pong to a connection lost
+            while True:
+                await self._unsaid.pace(source="elevenlabs", peer=self._request.remote)
+                frame = await self._ws.receive()
+                if frame.type == WSMsgType.CLOSING:
+                    return False
+                if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    return True
+                self._after_end(frame.data)
+        return True
+
+    def _after_end(self, data: str | bytes) -> None:
+        """A message after the input's end is not acted on (a keep-alive, a late text, a
+        bad frame): its characters are read at the pace of text that says nothing, and the
+        first with text is logged."""
+        self._unsaid.add(len(data))
+        if self._told_after_end or not _has_text(data, self._multi):
+            return
+        self._told_after_end = True
+        log.info("elevenlabs_text_after_end", chars=len(data), message="a message sent "
+                 "after the input's end (text \"\" on stream-input, close_socket) is not "
+                 "acted on; send more text on a new socket")
 
     async def _refuse(self, refused: ProtocolError) -> None:
         log.info("elevenlabs_refused", code=refused.code, message=refused.message)
@@ -630,6 +677,17 @@ class _Socket:
                              return_exceptions=True)
         for stream in streams:
             self._forget(stream)
+
+
+def _has_text(data: str | bytes, multi: bool) -> bool:
+    """Whether a message says anything: not a keep-alive or a repeated close (a frame that
+    is no message at all is counted as one that does)."""
+    if isinstance(data, bytes):
+        return True
+    try:
+        return bool(parse_message(data, multi).text.strip())
+    except ProtocolError:
+        return True
 
 
 class ElevenLabsSockets:
