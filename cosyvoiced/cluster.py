@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 
@@ -61,13 +61,19 @@ Command = Callable[[redis.Redis], None]
 
 
 def safe_url(url: str) -> str:
-    """The Redis URL without its password, for logs and status."""
-    parts = urlsplit(url)
+    """The Redis URL without its password, for logs and status: redis-py takes one in the
+    user part and as a `password` query parameter."""
+    base, asks, query = url.partition("?")
+    if asks:
+        url = base + asks + "&".join(
+            "password=***" if unquote(piece.partition("=")[0]) == "password" else piece
+            for piece in query.split("&"))
+    parts = urlsplit(base)
     if parts.password is None:
         return url
     user = f"{parts.username}:***@" if parts.username else ":***@"
     host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=user + host))
+    return urlunsplit(parts._replace(netloc=user + host)) + url[len(base):]
 
 
 class _Commands:
@@ -239,6 +245,9 @@ class _Commands:
         oldest_ms = int((time.time() - self.settings.outcome_ttl_s) * 1000)
         pipe.xadd(stream, wire.event_fields(event), minid=oldest_ms, approximate=True)
         pipe.xtrim(stream, maxlen=self.settings.max_outcomes, approximate=True)
+        # Trimmed only as events are added: the stream of a host that is gone for good
+        # (or of a name nobody runs) kept every outcome in it, with its audio, for ever.
+        pipe.expire(stream, int(self.settings.outcome_ttl_s))
         return pipe
 
 

@@ -174,6 +174,10 @@ def test_keys_share_one_prefix_for_an_acl_and_interactive_comes_first() -> None:
     ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
     ("rediss://user:pw@host:6380/1", "rediss://user:***@host:6380/1"),
     ("redis://host:6379/0", "redis://host:6379/0"),
+    # redis-py takes it as a query parameter too: shown as it was in stats and logs
+    ("redis://host:6379/0?password=pw&db=2", "redis://host:6379/0?password=***&db=2"),
+    ("unix:///run/redis.sock?pass%77ord=pw", "unix:///run/redis.sock?password=***"),
+    ("rediss://u:pw@h/0?password=pw2", "rediss://u:***@h/0?password=***"),
 ])
 def test_a_redis_url_is_shown_without_its_password(url: str, shown: str) -> None:
     assert safe_url(url) == shown

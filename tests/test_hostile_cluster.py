@@ -129,3 +129,20 @@ def test_an_outcome_with_numbers_no_arithmetic_takes_is_dropped_and_its_host_liv
     assert daemon.process is not None
     assert daemon.process.poll() is None
     assert not list(daemon.outbox.glob("*.json")), "the job still waits for its outcome"
+
+
+def test_the_events_of_a_host_gone_for_good_leave_redis_after_outcome_ttl_s(
+        redis_server: RedisServer) -> None:
+    """A host's event stream was trimmed only as events were added to it: that of a host
+    gone for good (or of any name a writer made up) kept every outcome, with its audio."""
+    settings = ClusterConfig(redis=redis_server.url, name="a", outcome_ttl_s=600.0)
+    link = cluster.ClusterLink(settings, "a", lambda: None)
+    link.start()
+    try:
+        link.send("gone", wire.Event(wire.STARTED, "1a0000000000000e5", "a",
+                                     {"sample_rate": 16000}))
+        redis = redis_server.client()
+        wait_until(lambda: redis.exists("cosyvoiced:events:gone"), 30, "the event written")
+        assert 0 < redis.ttl("cosyvoiced:events:gone") <= 600
+    finally:
+        link.stop()
