@@ -19,6 +19,7 @@ import queue
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from cosyvoiced import admission, clients, logs, roster
@@ -35,7 +36,18 @@ from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.intake.inbox import SOURCE as INBOX_SOURCE
 from cosyvoiced.intake.inbox import InboxIntake
 from cosyvoiced.intake.tickbudget import TickBudget, in_turn
-from cosyvoiced.job import SINK_REPLY, ErrorCode, Job, JobError, JobFailure, Sink
+from cosyvoiced.job import (
+    SINK_REPLY,
+    Deferred,
+    ErrorCode,
+    Job,
+    JobError,
+    JobFailure,
+    JobResult,
+    ResultAudio,
+    Samples,
+    Sink,
+)
 from cosyvoiced.jobs import JobBook
 from cosyvoiced.jobspec import Limits, build_job
 from cosyvoiced.ledger import LedgerView, Running
@@ -255,7 +267,10 @@ class Service:
         """The job's intake (or the host that sent it); for a cache miss, with the cache's
         recorder in front."""
         remote = self.cluster.sinks.get(job.id)
-        return self.cache.sink(job, remote if remote is not None else self.intakes.sink_of(job))
+        sink = remote if remote is not None else self.intakes.sink_of(job)
+        if remote is None and _has_sent_prompt(job):
+            sink = _SentPromptSink(sink, self.spool)
+        return self.cache.sink(job, sink)
 
     def enqueue(self, job: Job, share: bool = True) -> None:
         """Queue a job: from the cache if it is a repeat (played at `settle`, never back into
@@ -286,6 +301,7 @@ class Service:
         job = build_job(fields, job_id=job_id, source=zmq_intake.SOURCE,
                         origin=Claimed.named(job_id, name).work_name, default_output=job_id,
                         limits=self.limits, known=zmq_intake.SUBMIT_FIELDS)
+        self.check_prompt(prompt)
         if prompt is not None:
             fields = fields | {"prompt_audio": _prompt_name(job_id)}
             job = replace(job, prompt_audio=self.keep_prompt(job_id, prompt))
@@ -293,6 +309,14 @@ class Service:
         job = identity.stamp(job)
         self.enqueue(job)
         return job
+
+    def check_prompt(self, prompt: bytes | None) -> None:
+        """Prompt audio for an engine that cannot clone is refused up front, as HTTP refuses
+        it, before a byte of it is written. Before the engine is ready its features are not
+        known: the worker decides, as it does for a voice (admission.unknown_voice)."""
+        if prompt is not None and self.ready and "prompt_audio" not in self.engine_features:
+            raise JobFailure(ErrorCode.NOT_SUPPORTED, f"prompt_audio: the {self.engine_name} "
+                             "engine cannot clone voices", "prompt_audio")
 
     def keep_prompt(self, job_id: str, prompt: bytes) -> str:
         return str(self.spool.write_prompt(job_id, _prompt_name(job_id), prompt))
@@ -387,6 +411,7 @@ class Service:
     def _reject(self, claimed: Claimed, error: JobError) -> None:
         """A drop-folder file that is not a valid job: failed/ and counted, never dropped."""
         try:
+            _discard_sent_prompt(self.spool, claimed.job_id)  # a recovered `submit`'s
             where = self.intakes.inbox.fail(claimed, error)
         except OSError as failure:
             log.critical("outcome_unwritable", job=claimed.job_id, error=str(failure))
@@ -536,6 +561,58 @@ def _upgrade_speakers(speakers: SpeakerStore) -> None:
         return
     if moved:
         log.info("speakers_upgraded", voices=moved, audio_dir=str(speakers.audio_dir))
+
+
+class _SentPromptSink:
+    """The sink of a ZeroMQ `submit` that came with prompt audio, in front of the drop
+    folder's: that audio is deleted when the job fails or is cancelled, as when it is done,
+    rather than kept in failed/ as a dropped file is. It is the daemon's copy of bytes the
+    client still has (as a reply job's prompt, deleted at `settle`), not a submitter's file:
+    kept, it was up to zmq.max_attachment_bytes (16 MiB) in failed/ for each failed request
+    of an anonymous client, for 30 days (the tmpfiles.d rule) or for good. The job's file and
+    its error record go to failed/ as before."""
+
+    def __init__(self, sink: Sink, spool: Spool) -> None:
+        self._sink, self._spool = sink, spool
+
+    def started(self, job: Job, sample_rate: int) -> None:
+        self._sink.started(job, sample_rate)
+
+    def chunk(self, job: Job, seq: int, samples: Samples) -> None:
+        self._sink.chunk(job, seq, samples)
+
+    def deliver(self, job: Job, result: JobResult, made: ResultAudio,
+                timings: dict[str, float]) -> str | Deferred:
+        return self._sink.deliver(job, result, made, timings)  # done: released with it
+
+    # Deleted before the failure is published, which would move it: a crash in between
+    # (or a record that cannot be written) leaves the job in work/ to fail again, now as
+    # prompt_audio_not_found; it was failing anyway.
+    def fail_job(self, job: Job, error: JobError) -> str:
+        _discard_sent_prompt(self._spool, job.id)
+        return self._sink.fail_job(job, error)
+
+    def cancelled(self, job: Job) -> None:
+        _discard_sent_prompt(self._spool, job.id)
+        self._sink.cancelled(job)
+
+
+def _has_sent_prompt(job: Job) -> bool:
+    """A spool job whose prompt audio came with a ZeroMQ `submit` (then or before a crash:
+    a job recovered from work/ keeps its id, so its prompt keeps its name; one handed back
+    to the inbox at a stop is a dropped file from then on, with a new id)."""
+    return job.sink != SINK_REPLY and job.prompt_audio is not None and \
+        Path(job.prompt_audio).name == _sent_prompt_work_name(job.id)
+
+
+def _discard_sent_prompt(spool: Spool, job_id: str) -> None:
+    """Delete the prompt audio a `submit` sent for `job_id`, if there is one; a dropped
+    file's is named by its submitter, never after the id the daemon gives its job."""
+    (spool.prompts / _sent_prompt_work_name(job_id)).unlink(missing_ok=True)
+
+
+def _sent_prompt_work_name(job_id: str) -> str:
+    return Claimed.named(job_id, _prompt_name(job_id)).work_name
 
 
 def _prompt_name(job_id: str) -> str:

@@ -26,7 +26,7 @@ import zmq
 from cosyvoiced import protocol
 from cosyvoiced.client import Client, DaemonError
 from cosyvoiced.config import ZmqConfig
-from cosyvoiced.intake import tickbudget
+from cosyvoiced.intake import tickbudget, zmq_peers
 from cosyvoiced.intake import zmq as zmq_intake
 from cosyvoiced.jobspec import Limits
 from cosyvoiced.protocol import Op, Request
@@ -644,3 +644,52 @@ def test_voice_uploads_pipelined_wait_for_a_decode_slot(make_daemon: DaemonFacto
     with Client(daemon.endpoint, timeout_s=30, retries=0) as client:
         assert client.register_voice("after", _long_recording(), "Room again.")["name"] == \
             "after"
+
+
+
+UNREAD_LIMIT = 1 << 20  # zmq.max_buffered_bytes, its least
+LONG_TONE = ("Replies pile up for a peer that reads none. " * 50)[:2000].strip()  # 4.4 MB
+PINGS = 1000
+
+
+def _zmq_jobs_ended(daemon: Daemon) -> int:
+    return sum(1 for line in daemon.log_events("job") if line.get("source") == "zmq")
+
+
+def test_replies_of_no_job_a_peer_leaves_unread_are_replaced_by_bounded_errors(
+        make_daemon: DaemonFactory) -> None:
+    """A peer holding more than zmq.max_buffered_bytes unread that pipelines pings: each
+    `pong` that did not fit became a `client_too_slow` error handed over whatever the peer
+    held, bounded only by SNDHWM (10,000 a peer: 2.2 MB, 4.7 MB with 256-byte ids; 1,000
+    pings left 216,000 bytes). They are errors of no job, held to ERROR_ROOM as a bad
+    request's are (303 of them now); past it they are dropped, with a log line."""
+    daemon = make_daemon(engine=TONE, zmq={"max_buffered_bytes": UNREAD_LIMIT})
+    daemon.start()
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVHWM, 1)  # takes one message off the connection, then no more
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(daemon.endpoint)
+        for n in range(3):  # one reply held in the peer, one stuck on the way, one dropped
+            dealer.send_json({"v": 1, "op": "synthesize", "id": f"r{n}", "text": LONG_TONE,
+                              "format": "pcm_s16le"})
+        wait_until(lambda: _zmq_jobs_ended(daemon) >= 3, 30, "the long replies")
+        for _ in range(PINGS):
+            dealer.send_json({"v": 1, "op": "ping", "id": "p"})
+        # Answered after every ping (one client's requests are answered in order).
+        dealer.send_json({"v": 1, "op": "submit", "id": "last", "text": "Last."})
+        wait_until(lambda: _zmq_jobs_ended(daemon) >= 4, 30, "the pings to be answered")
+        errors: list[int] = []  # the size of each `client_too_slow` of no job
+        while dealer.poll(2000):
+            frames = dealer.recv_multipart()
+            header = json.loads(frames[0])
+            if header.get("code") == "client_too_slow" and "job" not in header:
+                errors.append(len(frames[0]))
+    finally:
+        dealer.close(linger=0)
+    print(f"{len(errors)} errors of no job, {sum(errors)} bytes, for {PINGS} unread pongs")
+    assert errors, "a pong that does not fit is replaced by an error"
+    assert sum(errors) <= zmq_peers.ERROR_ROOM
+    dropped = wait_until(lambda: daemon.log_events("zmq_error_replies_dropped"), 10,
+                         "the errors dropped past their room to be logged")
+    assert dropped[0]["error_room_bytes"] == zmq_peers.ERROR_ROOM

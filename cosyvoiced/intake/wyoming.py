@@ -46,6 +46,7 @@ from cosyvoiced import __version__, audio, cleanup, clients, logs
 from cosyvoiced.config import WyomingConfig
 from cosyvoiced.engines import VoiceInfo
 from cosyvoiced.intake.crowding import QUIET_S, AddressBook, peer_address
+from cosyvoiced.intake.limits import Throttled
 from cosyvoiced.intake.reply import (
     START_TIMEOUT_S,
     Chunk,
@@ -309,7 +310,7 @@ class _Connection(AsyncEventHandler):
 
     async def _refuse(self) -> None:
         limit = self._intake.settings().max_connections
-        log.warning("wyoming_connection_refused", max_connections=limit)
+        self._intake.refused(self.address, limit)
         await self._error("busy", f"{limit} connections are open (wyoming.max_connections); "
                           "retry later")
         self.writer.close()
@@ -497,6 +498,14 @@ class WyomingIntake(ReplyIntake):
         self._server: AsyncServer | None = None
         # Open now; read and changed on the loop thread only.
         self._connections: AddressBook[_Connection] = AddressBook()
+        self._refused: Throttled | None = None  # its loop's, from `start`
+
+    def refused(self, address: str, max_connections: int) -> None:
+        """One connection refused at max_connections (on the loop's thread): counted, and
+        logged at most once per THROTTLE_INTERVAL_S with the count, as HTTP's and ZeroMQ's
+        are (a line each was a line for every connect-and-close of a flood: 300 in 2 s)."""
+        assert self._refused is not None, "connections come once `start` listens"
+        self._refused.count(address=address, max_connections=max_connections)
 
     def settings(self) -> WyomingConfig:
         """The running `[wyoming]` settings (a reload replaces them)."""
@@ -524,6 +533,7 @@ class WyomingIntake(ReplyIntake):
         if not listen:
             return
         loop_thread = self.start_loop()
+        self._refused = Throttled(loop_thread.loop, "wyoming_connection_refused")
         server = AsyncServer.from_uri(listen)
         try:
             loop_thread.call(server.start(self._connection), START_TIMEOUT_S)

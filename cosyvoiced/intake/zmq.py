@@ -145,6 +145,10 @@ class ClientGone:
 
 # The replies that carry a job's output: one of them dropped, the client did not get it all.
 JOB_OUTPUT = frozenset({"start", "chunk", "timing", "end", "result"})
+# A job's own replies: its output, and its end when it is cancelled (the same event answers
+# a `cancel`, once for each job in flight). A `status` or `accepted` reply names a job too,
+# but answers one request of as many as a client sends.
+JOB_REPLIES = JOB_OUTPUT | {"cancelled"}
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ class ClientTooSlow:
 
     client: bytes
     job: str
-    event: str  # the reply's: the job's own audio or its end (JOB_OUTPUT), or `status`...
+    event: str  # the reply's: the job's own audio or its end (JOB_OUTPUT), or `cancelled`
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,8 @@ class Service(IntakeService, Protocol):
 
     def submit(self, fields: dict[str, Any], job_id: str, prompt: bytes | None,
                identity: Identity = ...) -> Job: ...
+
+    def check_prompt(self, prompt: bytes | None) -> None: ...
 
     def job_status(self, job_id: str, identity: Identity = ...) -> dict[str, Any] | None: ...
 
@@ -518,7 +524,13 @@ class _SocketThread(threading.Thread):
 
     def _too_slow(self, route: tuple[bytes, ...], header: dict[str, Any],
                   buffered: int) -> None:
-        job = header.get("job")
+        """The error in place of a reply that does not fit. One of a job's own replies (its
+        output, or its `cancelled` end) ends that job: its error always goes, as a job's
+        errors do, and there is one per job. Any other (a `pong`, `voices`, `stats`, a job's
+        `status` or `accepted`: one per request, as many as a peer pipelines) is an error of
+        no job, held to ERROR_ROOM: it went out unbounded, up to SNDHWM (10,000 a peer)."""
+        event = header.get("event")
+        job = header.get("job") if event in JOB_REPLIES else None
         limit = self._settings().max_buffered_bytes
         error = ProtocolError(WireCode.CLIENT_TOO_SLOW, f"{_mib(buffered)} of replies to this "
                               f"client are not read yet ({self._bounds(limit)}): this reply "
@@ -526,10 +538,13 @@ class _SocketThread(threading.Thread):
                               + (" and its job cancelled" if job else ""), header.get("id"))
         reply = encode_reply(route, error.request_id, "error",
                              **({"job": job} if job else {}), **error.fields())
-        self._hand_over(reply, len(reply[-1]))  # its one body frame: the header
-        if isinstance(job, str):
-            self._inbound.put(ClientTooSlow(route[0], job, str(header.get("event"))))
-            self._wake()
+        size = len(reply[-1])  # its one body frame: the header
+        if not isinstance(job, str):
+            self._send_error(reply, size, job_less=True)
+            return
+        self._hand_over(reply, size)
+        self._inbound.put(ClientTooSlow(route[0], job, str(event)))
+        self._wake()
 
     def _bounds(self, limit: int) -> str:
         """The bounds on unread replies, as an error names them."""
@@ -934,14 +949,16 @@ class ZmqIntake:
         # As HTTP and Wyoming answer a reply's unknown voice: up front. (A `submit` is a
         # spool job: like a dropped file, it ends in failed/ with the same code.)
         service.check_voice(fields.get("voice"))
+        prompt = request.attachments[0] if request.attachments else None
+        service.check_prompt(prompt)  # as HTTP: nothing is written for an engine that can't
         job_id = new_job_id()
         job = build_job(fields, job_id=job_id, source=SOURCE, origin=job_id,
                         default_output=job_id, limits=self._limits(),
                         known=SYNTHESIZE_FIELDS,
                         formats=REPLY_FORMATS, sink=SINK_REPLY, stream=stream)
         job = identity.stamp(job)
-        if request.attachments:
-            job = replace(job, prompt_audio=service.keep_prompt(job_id, request.attachments[0]))
+        if prompt is not None:
+            job = replace(job, prompt_audio=service.keep_prompt(job_id, prompt))
         service.enqueue(job)  # raises before anything is recorded, or the job is queued
         self._routes[job.id] = _Route(request.route, request.id)
         self.connections.job_began(request.route[0])
