@@ -35,6 +35,9 @@ from cosyvoiced.scheduler import priority_of
 from cosyvoiced.tally import Tally
 
 RETRY_S = 0.5  # between tries while Redis is down
+# A command Redis refuses (out of memory: maxmemory with noeviction frees some as entries
+# are deleted) is tried this many times, RETRY_S apart, then dropped with a log line.
+REFUSED_TRIES = 3
 BLOCK_MS = 500  # a blocking read's longest wait: how soon a stop is noticed
 SOCKET_TIMEOUT_S = 5.0  # > BLOCK_MS: a Redis that stops answering is noticed
 # A command that sends more than this (a shared job's prompt, up to 64 MiB) may take a
@@ -333,6 +336,7 @@ class ClusterLink(_Commands):
     def _write(self) -> None:
         client = self.client()
         pending: tuple[Command, str | None] | None = None
+        refusals = 0  # of the pending command
         while not self._stop.is_set():
             if pending is None:
                 try:
@@ -347,14 +351,28 @@ class ClusterLink(_Commands):
             try:
                 command(client)
             except redis.RedisError as error:
-                self._down(error)
-                if share_of is not None:
-                    self._hand_back(share_of)
-                    pending = None
-                self._stop.wait(RETRY_S)
-                continue
-            pending = None
+                if _refused(error) and refusals + 1 < REFUSED_TRIES:
+                    refusals += 1
+                    self._stop.wait(RETRY_S)
+                    continue
+                if not _refused(error):
+                    self._down(error)
+                    if share_of is not None:
+                        self._hand_back(share_of)
+                        pending = None
+                    self._stop.wait(RETRY_S)
+                    continue
+                self._drop_refused(share_of, error)
+            pending, refusals = None, 0
             self._mark_up()
+
+    def _drop_refused(self, share_of: str | None, error: redis.RedisError) -> None:
+        """Redis answers, and refuses the command each time: it goes (tried for good, it
+        held every later command of this host back, and the link went down and up)."""
+        log.error("cluster_command_refused", error=f"{type(error).__name__}: {error}"[:300],
+                  job=share_of, message="dropped; a share is served here")
+        if share_of is not None:
+            self._hand_back(share_of)
 
     def _hand_back(self, job_id: str) -> None:
         self._post(ShareFailed(job_id))
@@ -596,6 +614,12 @@ def _drop(client: redis.Redis, stream: str, entry: str) -> None:
     pipe.xack(stream, wire.GROUP, entry)
     pipe.xdel(stream, entry)
     pipe.execute()
+
+
+def _refused(error: redis.RedisError) -> bool:
+    """Redis answered, and said no (out of memory, no permission, a key of the wrong
+    type); not a Redis gone, nor a replica in a failover (READONLY), which come back."""
+    return isinstance(error, redis.ResponseError) and not isinstance(error, redis.ReadOnlyError)
 
 
 def _text(value: str | bytes) -> str:

@@ -393,7 +393,14 @@ class Sharing:
             return
         prompt = None
         if shared.prompt is not None:
-            prompt = str(self.prompts.write_prompt(local_id, PROMPT_NAME, shared.prompt))
+            try:
+                prompt = str(self.prompts.write_prompt(local_id, PROMPT_NAME, shared.prompt))
+            except OSError as error:  # a full disk here: the job ends, with why, at its host
+                sink.fail_job(wire.served_job(shared, local_id, None), JobError(
+                    ErrorCode.INTERNAL,
+                    f"{self.name} could not store the job's prompt audio: "
+                    f"{error.strerror or error}"))  # (its spool's path is not the client's)
+                return
         self.served[local_id] = shared
         self.sinks[local_id] = sink
         self.host.enqueue_here(wire.served_job(shared, local_id, prompt))

@@ -23,7 +23,7 @@ import pytest
 import soundfile
 
 from cosyvoiced import config, service
-from cosyvoiced.client import Client
+from cosyvoiced.client import Client, DaemonError
 from cosyvoiced.memory import heap_bytes
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, wait_until
@@ -144,6 +144,36 @@ def test_a_voice_cloning_job_travels_with_its_prompt_audio(
         return not [*(receiver.spool / "prompts").iterdir(), *(back.spool / "prompts").iterdir()]
 
     wait_until(no_prompts_left, 10, "both hosts to remove the prompt")
+
+
+def test_a_host_that_cannot_store_a_taken_job_s_prompt_fails_it_back_and_serves_on(
+        make_daemon: DaemonFactory, redis_server: RedisServer, tmp_path: Path) -> None:
+    """Writing the prompt audio of a job taken from the stream failed (a full disk) on the
+    tick: the serving host died (exit 5), the entry pending under its name, and took it
+    again after each restart, for good (its deliveries were reset as never started)."""
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    back = host(make_daemon, redis_server, "back")
+    back.configure(engine={"name": "tests.engines.faulty:cloning"}, worker=QUICK,
+                   cluster={"redis": redis_server.url, "name": "back",
+                            "claim_idle_s": CLAIM_IDLE_S})
+    start(back)
+    prompts = back.spool / "prompts"
+    prompts.rmdir()
+    prompts.write_text("not a directory: every write in it fails, as on a full disk")
+    soundfile.write(tmp_path / "prompt.wav", 0.2 * np.ones(16000), 16000)
+    with Client(receiver.endpoint, timeout_s=30) as client:
+        with pytest.raises(DaemonError) as failed:
+            client.synthesize("Say this in the prompt's voice.",
+                              (tmp_path / "prompt.wav").read_bytes())
+        assert failed.value.code == "internal"
+        assert failed.value.message == \
+            "back could not store the job's prompt audio: Not a directory"
+        prompts.unlink()  # the disk has room again
+        prompts.mkdir()
+        result = client.synthesize("Served all the same.")
+    assert result.header["served_by"] == "back"
+    assert back.process is not None
+    assert back.process.poll() is None
 
 
 def test_a_long_drop_served_by_another_host_holds_neither_tick_nor_its_memory(

@@ -146,3 +146,32 @@ def test_the_events_of_a_host_gone_for_good_leave_redis_after_outcome_ttl_s(
         assert 0 < redis.ttl("cosyvoiced:events:gone") <= 600
     finally:
         link.stop()
+
+
+def test_a_command_redis_refuses_is_dropped_and_the_writer_goes_on(
+        redis_server: RedisServer) -> None:
+    """Redis out of memory (maxmemory, noeviction) refused an event too big for it: the
+    writer tried it again every 0.5 s for good, every later command of the host (outcomes,
+    the deletes that would free memory) waited behind it, and the link went down and up
+    over and over (the job reader's reads still worked)."""
+    admin = redis_server.client()
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "3mb")
+    went: list[bool] = []
+    link = cluster.ClusterLink(ClusterConfig(redis=redis_server.url, name="a"), "a",
+                               lambda: went.append(link.up))
+    assert link.connect()
+    link.start()
+    try:
+        link.send("b", wire.Event(wire.CHUNK, "1a0000000000000f1", "a", {"seq": 0},
+                                  bytes(4 << 20)))
+        link.send("c", wire.Event(wire.STARTED, "1a0000000000000f2", "a",
+                                  {"sample_rate": 22050}))
+        wait_until(lambda: admin.exists("cosyvoiced:events:c"), 30,
+                   "the command behind the refused one to run")
+        assert not admin.exists("cosyvoiced:events:b")
+        assert link.up
+        assert False not in went, "the link went down: Redis answered all along"
+    finally:
+        link.stop()
+        admin.config_set("maxmemory", "0")
