@@ -143,7 +143,6 @@ class _Commands:
         is never both done and still waiting to be taken over. The audio of a whole reply
         (`made`) goes first, as `part` events made on the writer thread, never on the tick,
         one at a time: a long reply's (100 MB) is never all in memory (remoteaudio.py)."""
-        self._release(shared)
 
         def command(client: redis.Redis) -> None:
             if made is not None:
@@ -155,11 +154,10 @@ class _Commands:
             pipe.xdel(shared.stream, shared.entry)
             pipe.execute()
 
-        self._queue(command)
+        self._queue(self._settling(shared, command))
 
     def settle(self, shared: wire.SharedJob) -> None:
         """A job of this host's own, served here, has its outcome written."""
-        self._release(shared)
         marker = self.keys.marker(self.host, shared.job.id)
 
         def command(client: redis.Redis) -> None:
@@ -170,7 +168,7 @@ class _Commands:
             pipe.execute()
             self._shared.pop(shared.job.id, None)
 
-        self._queue(command)
+        self._queue(self._settling(shared, command))
 
     def count_start(self, shared: wire.SharedJob) -> None:
         """A job taken here has started: its delivery now counts (see `_uncounted`)."""
@@ -183,7 +181,6 @@ class _Commands:
     def requeue(self, shared: wire.SharedJob) -> None:
         """Give back a job taken here but not started (this host stops): the others can
         take it at once instead of after claim_idle_s."""
-        self._release(shared)
         fields = wire.job_fields(shared.job, shared.host, shared.prompt)
 
         def command(client: redis.Redis) -> None:
@@ -193,7 +190,23 @@ class _Commands:
             pipe.xdel(shared.stream, shared.entry)
             pipe.execute()
 
-        self._queue(self._sized(len(shared.prompt or b""), command))
+        self._queue(self._sized(len(shared.prompt or b""), self._settling(shared, command)))
+
+    def _settling(self, shared: wire.SharedJob, command: Command) -> Command:
+        """`command`, which settles a job taken here: its heartbeat goes on until the
+        command has run (stopped when it was queued, a job whose outcome took longer than
+        claim_idle_s to send, a long reply's parts over a slow link, was taken over by
+        another host and made again), or Redis refused it for good (see _write)."""
+        def settling(client: redis.Redis) -> None:
+            try:
+                command(client)
+            except redis.RedisError as error:
+                if _refused(error):
+                    self._release(shared)
+                raise
+            self._release(shared)
+
+        return settling
 
     def audit(self, job_ids: list[str]) -> None:
         """Check that the jobs this host waits for are still shared; those that are not come

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from cosyvoiced import clusterwire as wire
 from cosyvoiced import logs
+from cosyvoiced.config import HOST_NAME
 from cosyvoiced.ledger import LedgerView
 from cosyvoiced.sharing import Sharing
 from cosyvoiced.untrusted import json_value
@@ -41,6 +42,11 @@ FORGET_S = 600.0  # not seen for longer: no longer listed, and its entries are t
 READ_BATCH = 500
 STOP_S = 2.0  # the longest a stopping daemon waits to say so
 STOPPED = "stopped"
+# Hosts known at once, and an entry's figures at most: whoever can write to Redis could
+# add entries of made-up names, or of figures of any size, and each was kept until the
+# daemon stopped. Past MAX_HOSTS, the host seen longest ago goes.
+MAX_HOSTS = 256
+MAX_FIGURES_BYTES = 16 << 10
 
 Figures = dict[str, Any]
 
@@ -82,16 +88,21 @@ def fold(known: dict[str, Seen], entries: Iterable[tuple[str, wire.Fields]]) -> 
         dict[str, Seen]:
     """Every host's latest figures, after `entries` (oldest first). An entry that is not a
     daemon's (another version, or not ours) is skipped."""
-    latest = dict(known)
+    latest = dict(known)  # in the order they were last seen: the oldest first
     for entry_id, fields in entries:
         try:
-            name = fields[b"host"].decode()
-            figures = json_value(fields[b"figures"])
+            name, data = fields[b"host"].decode(), fields[b"figures"]
+            if not HOST_NAME.fullmatch(name) or len(data) > MAX_FIGURES_BYTES:
+                continue
+            figures = json_value(data)
             at_ms = entry_ms(entry_id)
         except (KeyError, ValueError):  # UnicodeDecodeError and NotJSON included
             continue
         if isinstance(figures, dict):
+            latest.pop(name, None)
             latest[name] = Seen(at_ms, figures)
+            if len(latest) > MAX_HOSTS:
+                del latest[next(iter(latest))]
     return latest
 
 

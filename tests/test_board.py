@@ -85,6 +85,22 @@ def test_the_roster_keeps_each_host_s_latest_figures_and_skips_what_is_not_ours(
                      "c": roster.Seen(1500, {"state": "ready", "idle": 2})}
 
 
+def test_the_roster_keeps_a_bounded_number_of_plain_named_hosts() -> None:
+    """Whoever can write to Redis could add entries of made-up names (each kept until the
+    daemon stopped), of names no host has, or of figures of any size."""
+    made_up = [_entry(1000 + n, f"h{n}", state="ready") for n in range(5 * roster.MAX_HOSTS)]
+    known = roster.fold({}, [_entry(500, "real", state="ready"), *made_up])
+    known = roster.fold(known, [
+        _entry(9000, "real", state="ready"),
+        ("9001-0", {b"host": b"<img src=x onerror=alert(1)>", b"figures": b"{}"}),
+        ("9002-0", {b"host": b"big", b"figures": b'{"x": "' + b"y" * (1 << 20) + b'"}'})])
+    assert len(known) == roster.MAX_HOSTS
+    assert known["real"] == roster.Seen(9000, {"state": "ready"}), "seen last: kept"
+    assert f"h{5 * roster.MAX_HOSTS - 1}" in known
+    assert "h0" not in known, "the host seen longest ago went"
+    assert "big" not in known
+
+
 def test_the_hosts_are_this_one_first_then_the_others_alive_lost_or_stopped() -> None:
     now_ms = 1_000_000.0
     lost_ms = now_ms - (roster.LOST_AFTER_S + 1) * 1000

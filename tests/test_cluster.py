@@ -358,15 +358,21 @@ def test_an_outcome_too_big_for_the_usual_timeout_arrives_over_a_slow_link(
     """A job's outcome carries its whole audio. Sent in 5 s at most (the writer's timeout,
     which tells a Redis gone), 15 MB of it over a 2 MB/s link failed every try, and every
     later command of the serving host waited behind it for good. A big command's timeout
-    now allows for its size."""
+    now allows for its size. The job's heartbeat stopped as its outcome was queued, not
+    sent: an idle host took it over claim_idle_s later and made it again."""
     receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
     text = "A long job, its outcome sent over a slow link. " * 72  # 170 s of tone: 15 MB
     with SlowLink(redis_server.port, bytes_per_s=2 << 20) as link:
-        start(host(make_daemon, redis_server, "back", redis=f"redis://127.0.0.1:{link.port}/0"))
+        server = start(host(make_daemon, redis_server, "back",
+                            redis=f"redis://127.0.0.1:{link.port}/0"))
         receiver.drop_job("long", text=text)
+        wait_until(lambda: server.log_events("job"), 30, "the back host to make it")
+        idle = start(host(make_daemon, redis_server, "idle"))  # while its outcome is sent
         record = receiver.wait_done("long.json", timeout_s=90)
     assert record["served_by"] == "back"
     assert_exact_audio(receiver.outbox / "long.wav", text)
+    assert not idle.log_events("job_taken_over")
+    assert not idle.log_events("job")
 
 
 def test_a_job_that_kills_every_worker_ends_as_worker_crashed(
