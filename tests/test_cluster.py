@@ -33,6 +33,7 @@ from tests.slowlink import SlowLink
 
 TONE = "tests.engines.faulty:load"
 NEVER_READY = "tests.engines.faulty:never_ready"
+CLONING = "tests.engines.faulty:cloning"
 JOB_STREAMS = ("cosyvoiced:jobs:interactive", "cosyvoiced:jobs:bulk")
 CLAIM_IDLE_S = 3.0
 QUICK = {"job_timeout_s": 10.0, "kill_grace_s": 1.0, "heartbeat_interval_s": 0.5,
@@ -45,8 +46,9 @@ def expected_samples(text: str) -> int:
 
 
 def host(make_daemon: DaemonFactory, server: RedisServer, name: str, *,
-         serves: bool = True, spool: dict[str, Any] | None = None, **cluster: Any) -> Daemon:
-    engine = TONE if serves else NEVER_READY
+         serves: bool = True, spool: dict[str, Any] | None = None, engine: str = TONE,
+         **cluster: Any) -> Daemon:
+    engine = engine if serves else NEVER_READY
     worker = QUICK if serves else QUICK | {"start_timeout_s": 3600.0}
     return make_daemon(name, engine={"name": engine}, worker=worker, spool=spool or {},
                        cluster={"redis": server.url, "name": name,
@@ -123,11 +125,7 @@ def test_a_stream_is_served_by_another_host_chunk_by_chunk(
 def test_a_voice_cloning_job_travels_with_its_prompt_audio(
         make_daemon: DaemonFactory, redis_server: RedisServer, tmp_path: Path) -> None:
     receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
-    back = host(make_daemon, redis_server, "back")
-    back.configure(engine={"name": "tests.engines.faulty:cloning"}, worker=QUICK,
-                   cluster={"redis": redis_server.url, "name": "back",
-                            "claim_idle_s": CLAIM_IDLE_S})
-    start(back)
+    back = start(host(make_daemon, redis_server, "back", engine=CLONING))
     prompt_rate, prompt_s = 16000, 1.5
     soundfile.write(tmp_path / "prompt.wav", 0.2 * np.ones(int(prompt_rate * prompt_s)),
                     prompt_rate)
@@ -152,11 +150,7 @@ def test_a_host_that_cannot_store_a_taken_job_s_prompt_fails_it_back_and_serves_
     tick: the serving host died (exit 5), the entry pending under its name, and took it
     again after each restart, for good (its deliveries were reset as never started)."""
     receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
-    back = host(make_daemon, redis_server, "back")
-    back.configure(engine={"name": "tests.engines.faulty:cloning"}, worker=QUICK,
-                   cluster={"redis": redis_server.url, "name": "back",
-                            "claim_idle_s": CLAIM_IDLE_S})
-    start(back)
+    back = start(host(make_daemon, redis_server, "back", engine=CLONING))
     prompts = back.spool / "prompts"
     prompts.rmdir()
     prompts.write_text("not a directory: every write in it fails, as on a full disk")
