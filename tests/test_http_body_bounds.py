@@ -22,12 +22,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import numpy as np
 import openai
 import pytest
+import soundfile
 
 from cosyvoiced import memory
 from cosyvoiced.admission import MAX_UPLOADS_AT_ONCE, MAX_UPLOADS_PER_CLIENT
+from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, wait_until
+from tests.engines.faulty import SECONDS_PER_CHAR
 from tests.test_http_limits import _read_response
 from tests.test_http_voices import TEXT, assert_spoken, recording
 
@@ -38,6 +42,12 @@ PLAIN_LIMIT = f"over the limit of {MAX_BODY} bytes (http.max_body_bytes)"
 PARSE_HEAP_BYTES = 32 << 20  # what a refused body may add to the supervisor's heap
 CLONE_S = 25.0  # a clone whose audio takes its body past max_body_bytes
 SAMPLE_EVERY_S = 0.002
+# A clone whose base64 audio ends 516 bytes under max_body_bytes (16.375 s of 24 kHz WAV:
+# 786,044 bytes), and whose text takes the body over it.
+NEAR_LIMIT_S = 16.375
+NEAR_LIMIT_TEXT = "These are the words that the recording says. " * 20
+# A config with http.max_upload_bytes under max_body_bytes (each need only be 1 KiB).
+SMALL_UPLOAD = {"max_body_bytes": 256 << 10, "max_upload_bytes": 1024}
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +181,87 @@ def test_a_plain_body_over_max_upload_bytes_is_told_its_own_limit(
     status, code, message = _refusal(caught)
     assert (status, code) == (413, "request_too_large"), message
     assert PLAIN_LIMIT in message
+
+
+def test_an_over_large_clone_is_told_the_same_chunked_or_by_its_content_length(
+        served: tuple[Daemon, int]) -> None:
+    """Refused by its Content-Length it was told of max_body_bytes; chunked, read until
+    over max_upload_bytes, of max_upload_bytes alone. Both name both limits now."""
+    opening = b'{"model": "tts-1", "voice": "alloy", "input": "Hi.", "clone": {"audio": "'
+    body = opening + b"A" * (MAX_UPLOAD - len(opening) + 1) + b'"}}'
+    answers = [_post(served[1], body), _post_chunked(served[1], body)]
+    for status, answer in answers:
+        assert (status, answer["error"]["code"]) == (413, "request_too_large"), answer
+    assert answers[0][1]["error"]["message"] == answers[1][1]["error"]["message"] == (
+        f"body: {PLAIN_LIMIT}; only a `clone`'s audio may take a body past it, up to "
+        f"{MAX_UPLOAD} bytes (http.max_upload_bytes)")
+
+
+def _post_chunked(port: int, body: bytes) -> tuple[int, dict[str, Any]]:
+    """As `_post`, sent in chunks of 1 MiB with no Content-Length."""
+    head = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+            b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    pieces = (body[at:at + MAX_BODY] for at in range(0, len(body), MAX_BODY))
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
+        sender = threading.Thread(target=_send, args=(sock, head + chunked + b"0\r\n\r\n"))
+        sender.start()
+        status, _headers, answer = _read_response(sock)
+        sock.shutdown(socket.SHUT_RDWR)
+        sender.join(TIMEOUT_S)
+    return status, json.loads(answer)
+
+
+def test_a_clone_whose_audio_ends_just_under_max_body_bytes_is_spoken(
+        served: tuple[Daemon, int]) -> None:
+    """The clone's text (after its audio; the openai SDK puts extra_body last) took the body
+    over max_body_bytes, and the byte there was not in the audio: 413, although all but the
+    audio was about 1 KB."""
+    audio = base64.b64encode(recording(NEAR_LIMIT_S, 24000)).decode()
+    sent: list[bytes] = []
+    hooks = {"request": [lambda request: sent.append(request.read())]}
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{served[1]}/v1", api_key="none",
+                       max_retries=0, timeout=TIMEOUT_S,
+                       http_client=openai.DefaultHttpxClient(event_hooks=hooks)) as client:
+        wav = client.audio.speech.create(
+            model="tts-1", voice="alloy", input=TEXT, response_format="wav",
+            extra_body={"clone": {"audio": audio, "text": NEAR_LIMIT_TEXT}}).content
+    audio_ends = sent[0].index(audio.encode()) + len(audio) + 1  # and its closing quote
+    print(f"the audio ended at byte {audio_ends:,} of {len(sent[0]):,}")
+    assert audio_ends < MAX_BODY < len(sent[0]), (audio_ends, len(sent[0]))
+    assert sent[0].index(NEAR_LIMIT_TEXT.encode()) > audio_ends
+    assert_spoken(wav, TEXT, NEAR_LIMIT_S)
+
+
+def test_a_body_under_max_body_bytes_is_read_where_max_upload_bytes_is_smaller(
+        make_daemon: DaemonFactory) -> None:
+    """With http.max_upload_bytes under max_body_bytes, a body over the upload limit, plain
+    or a clone's, was refused 413 naming max_body_bytes, which it was under. Bodies may
+    have the larger of the two again; only the clone's audio goes past max_body_bytes."""
+    port = free_port()
+    limit = SMALL_UPLOAD["max_body_bytes"]
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:cloning"},
+                         http={"listen": f"127.0.0.1:{port}", **SMALL_UPLOAD})
+    daemon.start()
+    text = " ".join([TEXT] * 100)  # a 1.3 KB body
+    clone = {"audio": base64.b64encode(recording(2.0)).decode()}  # 85 KB
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                       max_retries=0, timeout=TIMEOUT_S) as client:
+        plain = client.audio.speech.create(model="tts-1", voice="tone", input=text,
+                                           response_format="wav").content
+        cloned = client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT,
+                                            response_format="wav",
+                                            extra_body={"clone": clone}).content
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT,
+                                       extra_body={"clone": {"audio": "A" * limit}})
+    samples, rate = soundfile.read(io.BytesIO(plain), dtype="float32")
+    assert len(samples) / rate > 0.9 * len(text) * SECONDS_PER_CHAR
+    assert float(np.sqrt(np.mean(np.square(samples)))) > 0.1
+    assert_spoken(cloned, TEXT, 2.0)
+    status, code, message = _refusal(caught)
+    assert (status, code) == (413, "request_too_large"), message
+    assert message == f"body: over the limit of {limit} bytes (http.max_body_bytes)"
 
 
 def _spoken_unless_busy(client: openai.OpenAI, clone: dict[str, str]) -> bytes | None:

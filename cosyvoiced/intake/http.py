@@ -514,26 +514,18 @@ class HttpIntake(ReplyIntake):
         as soon as it is over, unparsed, and takes no slot."""
         bounds = _SpeechBounds(settings.max_body_bytes, settings.max_upload_bytes)
         if request.content_length is not None and \
-                request.content_length > bounds.upload_bytes:
+                request.content_length > bounds.read_bytes:
             raise bounds.too_large(close=True)  # unread: too large even for a clone
-        audio_start = [-1]  # where the clone's audio opens, in a body over max_body_bytes
-
-        def past_plain(read: bytearray) -> None:
-            start = bounds.audio_start(read)  # a plain body is refused here, slot-less
-            if not self._uploads.take(client):
-                raise _HttpError(BUSY, voices.BUSY_UPLOADING, close=True)
-            audio_start[0] = start
-
+        upload = _CloneUpload(bounds, self._uploads, client)
         try:
-            body = await self._body(request, bounds.upload_bytes, bounds.clone_too_large(),
-                                    (bounds.body_bytes, past_plain)
+            body = await self._body(request, bounds.read_bytes, bounds.too_large(close=True),
+                                    (bounds.body_bytes, upload.let_past)
                                     if bounds.uploads else None)
-            data = _json(body) if audio_start[0] < 0 else \
-                bounds.clone_body(body, audio_start[0])
+            data = _json(body) if upload.audio_start is None else \
+                bounds.clone_body(body, upload.audio_start)
             return parse_speech(data, settings.voices)
         finally:
-            if audio_start[0] >= 0:  # a slot was taken
-                self._uploads.give(client)
+            upload.release()
 
     async def read_body(self, request: web.Request, limit: int, setting: str) -> bytes:
         """The whole body, within http.body_timeout_s (408) and `limit` bytes (413, naming
@@ -642,42 +634,55 @@ async def _read_within(request: web.Request, limit: int, too_large: _HttpError,
 @dataclass(frozen=True)
 class _SpeechBounds:
     """A speech body is JSON of at most http.max_body_bytes, and only a `clone`'s audio
-    (one string) may take it past that, up to http.max_upload_bytes. Whether it is one is
-    told by what was read when the body went over max_body_bytes: the byte past the limit
-    must be in a string opened by `"audio":`; else it is refused there, unparsed. What
-    comes in full is parsed with that string cut out, so no more than max_body_bytes of
-    JSON is ever parsed (16 MiB of `[{},{},...]` were 410 MiB of objects)."""
+    (one string) may take it past that, up to http.max_upload_bytes. Whether it is a
+    clone's is told by what was read when the body went over max_body_bytes: a string
+    under an `"audio"` key must open within it; else the body is refused there, unparsed.
+    What comes in full is parsed with that string cut out, and the rest must be within
+    max_body_bytes, so no more than that is ever parsed (16 MiB of `[{},{},...]` were
+    410 MiB of objects)."""
 
     body_bytes: int
     upload_bytes: int
 
     @property
     def uploads(self) -> bool:
+        """Whether a clone's audio may take a body past max_body_bytes at all."""
         return self.upload_bytes > self.body_bytes
 
+    @property
+    def read_bytes(self) -> int:
+        """The most of a body that is read: a config may set max_upload_bytes below
+        max_body_bytes, and a plain body may still have max_body_bytes then."""
+        return max(self.body_bytes, self.upload_bytes)
+
     def too_large(self, close: bool = False) -> _HttpError:
-        """A body over max_body_bytes that is not a clone's."""
+        """A body over what it may have: the same words whether it was told by its
+        Content-Length, or read, chunked or not, with a clone or without."""
         clone = (f"; only a `clone`'s audio may take a body past it, up to "
                  f"{self.upload_bytes} bytes (http.max_upload_bytes)") if self.uploads else ""
         return _HttpError("request_too_large", f"body: over the limit of {self.body_bytes} "
                           f"bytes (http.max_body_bytes){clone}", close=close)
 
-    def clone_too_large(self) -> _HttpError:
-        if not self.uploads:
-            return self.too_large(close=True)
-        return _HttpError("request_too_large", f"body: over the limit of {self.upload_bytes} "
-                          "bytes (http.max_upload_bytes, for a body with a `clone`)",
-                          close=True)
-
     def audio_start(self, read: bytearray) -> int:
-        """Where the audio's string opens (its quote) in `read`, a body read past
-        max_body_bytes; refused (413, the rest unread) unless the byte past the limit is
-        in that string. (A base64 string holds no quote; what follows is checked whole.)"""
-        quote = read.rfind(b'"', 0, self.body_bytes + 1)
-        if quote < 0 or not _AUDIO_OPENS.search(read, max(0, quote - _AUDIO_KEY_WINDOW),
-                                                quote):
+        """Where the clone's audio string opens (its quote) in `read`, a body read past
+        max_body_bytes: the longest string under an `"audio"` key that opens within
+        max_body_bytes (one still open is the longest); refused (413, the rest unread)
+        if there is none. It may have ended under the limit, a later field taking the
+        body over (the clone's `text`; the openai SDK puts extra_body last): `clone_body`
+        checks that all but the audio is within max_body_bytes. In valid JSON the key's
+        quotes cannot be inside a string (a string's quotes are escaped), and the
+        strings scanned do not overlap: this is one pass over `read`."""
+        chosen, longest = -1, -1
+        for key in _AUDIO_KEY.finditer(read, 0, self.body_bytes):
+            quote = key.end() - 1
+            string = _JSON_STRING.match(read, quote)
+            if string is None:  # still open: the one that took the body past the limit
+                return quote
+            if string.end() - quote > longest:
+                chosen, longest = quote, string.end() - quote
+        if chosen < 0:
             raise self.too_large(close=True)
-        return quote
+        return chosen
 
     def clone_body(self, body: bytes, audio_start: int) -> Any:
         """The JSON value of `body`, over max_body_bytes, whose audio's string opens at
@@ -700,8 +705,33 @@ class _SpeechBounds:
         return data
 
 
-_AUDIO_OPENS = re.compile(rb'"audio"\s*:\s*\Z')
-_AUDIO_KEY_WINDOW = 64  # bytes before the audio's quote in which `"audio":` must be
+class _CloneUpload:
+    """A speech body going past http.max_body_bytes: let past only if it is a clone's
+    (`_SpeechBounds.audio_start`), holding an upload slot until `release`."""
+
+    def __init__(self, bounds: _SpeechBounds, slots: admission.UploadSlots,
+                 client: str) -> None:
+        self._bounds = bounds
+        self._slots = slots
+        self._client = client
+        self.audio_start: int | None = None  # set while a slot is held
+
+    def let_past(self, read: bytearray) -> None:
+        """Called with what was read once the body is over max_body_bytes: a plain body
+        is refused here (413) and takes no slot; a clone's with none free is 429 busy."""
+        start = self._bounds.audio_start(read)
+        if not self._slots.take(self._client):
+            raise _HttpError(BUSY, voices.BUSY_UPLOADING, close=True)
+        self.audio_start = start
+
+    def release(self) -> None:
+        """The slot back, if one was taken."""
+        if self.audio_start is not None:
+            self._slots.give(self._client)
+            self.audio_start = None
+
+
+_AUDIO_KEY = re.compile(rb'"audio"\s*:\s*"')  # up to the audio string's opening quote
 _JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
 
 
