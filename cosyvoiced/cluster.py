@@ -498,6 +498,7 @@ class ClusterLink(_Commands):
                 deliveries = _deliveries(client, stream, entry)
                 shared = self._decode(stream, entry.decode(), data, deliveries)
                 if shared is not None:
+                    shared = replace(shared, taken_over=True)
                     log.warning("job_taken_over", job=shared.job.id, received_by=shared.host,
                                 deliveries=deliveries,
                                 message=f"its host left it for {self.settings.claim_idle_s:g} s")

@@ -96,7 +96,8 @@ class SharedJob:
     prompt: bytes | None
     stream: str
     entry: str
-    deliveries: int = 1  # more than 1: a host that had it stopped answering
+    deliveries: int = 1  # the tries that started it (a poison job's count), this one's too
+    taken_over: bool = False  # from a host that stopped answering (started there or not)
 
 
 def job_fields(job: Job, host: str, prompt: bytes | None) -> dict[str, bytes]:

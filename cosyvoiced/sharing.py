@@ -374,7 +374,7 @@ class Sharing:
 
     # -- serving -------------------------------------------------------------------------
     def _take(self, shared: wire.SharedJob) -> None:
-        if shared.deliveries > 1:
+        if shared.taken_over:  # (its deliveries count only the tries that started it)
             self.taken_over += 1
             self.metrics.jobs_taken_over.inc()
         if shared.host == self.name:

@@ -245,6 +245,30 @@ def test_a_serving_host_killed_mid_job_is_taken_over(
     assert servers[survivor].log_events("job_taken_over")
 
 
+def test_a_job_waiting_in_a_killed_host_s_turns_counts_as_taken_over(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """A job that a killed host had taken into its turns, not started, was taken over
+    (`job_taken_over` in the log) but not counted in stats or the metrics: its delivery
+    count, reset as never started, read as a first delivery."""
+    receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
+    first = start(host(make_daemon, redis_server, "b"))
+    receiver.drop_job("holds", text="SLOW@4 holds the only worker.")
+    wait_until(lambda: any(e["state"] == "busy" for e in first.log_events("worker_state")),
+               30, "b to start it")
+    receiver.drop_job("waits", text="Waits in the turns of b.")
+    redis = redis_server.client()
+    wait_until(lambda: redis.xpending("cosyvoiced:jobs:bulk", "hosts")["pending"] == 2, 30,
+               "b to take the second into its turns")
+    first.kill_hard()
+    second = start(host(make_daemon, redis_server, "c"))
+    for name in ("holds", "waits"):
+        assert receiver.wait_done(f"{name}.json", timeout_s=CLAIM_IDLE_S + 30)[
+            "served_by"] == "c"
+    assert len(second.log_events("job_taken_over")) == 2
+    with Client(second.endpoint) as client:
+        assert client.stats()["cluster"]["taken_over"] == 2
+
+
 def test_jobs_of_a_receiving_host_killed_wait_in_redis_until_it_is_back(
         make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
     receiver = start(host(make_daemon, redis_server, "front", serves=False), serves=False)
