@@ -9,33 +9,24 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import MutableMapping
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import pytest
+import structlog
 from websockets.asyncio.client import ClientConnection, connect
 
 from cosyvoiced import config
-from tests.daemon import Daemon, free_port, wait_until
+from cosyvoiced.intake import elevenlabs
+from tests.daemon import Daemon, wait_until
+from tests.test_elevenlabs_ws import KEY, tone_daemon_fixture  # noqa: F401
 
-KEY = "sk-test-0123456789abcdef"
 PING_S = 0.5  # the client's ping interval, and its timeout: the SDK's 20 s, scaled down
 SLOW_S = 3.0  # the last sentence takes this long to make: over PING_S * 2
 RATE = 16000
 TIMEOUT_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    root = tmp_path_factory.mktemp("elevenlabs-keepalive")
-    keys = root / "api_keys"
-    keys.write_text(f"{KEY}\n")
-    running = Daemon(root / "d", engine={"name": "tests.engines.faulty:load"},
-                     http={"listen": f"127.0.0.1:{free_port()}", "api_keys_file": str(keys)})
-    running.start()
-    yield running
-    running.stop()
 
 
 def _url(daemon: Daemon, path: str) -> str:
@@ -60,12 +51,13 @@ async def _heard(ws: ClientConnection) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(("path", "end"), [("stream-input", {"text": ""}),
                                            ("multi-stream-input", {"close_socket": True})])
-def test_pings_are_answered_while_the_last_audio_is_made(daemon: Daemon, path: str,
+def test_pings_are_answered_while_the_last_audio_is_made(tone_daemon: Daemon, path: str,
                                                          end: dict[str, Any]) -> None:
     """The socket went unread from the input's end: a client whose library pings (the
     SDK's, every 20 s) dropped it, and its last audio, when that took over its ping timeout
     to make (0 audio, close 1006 at 3.0 s with aiohttp's heartbeat=2 and a 6 s sentence).
     Text sent after the end is not spoken, and is logged once."""
+    daemon = tone_daemon
     sentence = f"The kettle takes SLOW@{SLOW_S:g} its time."
     late = {"text": "Words sent too late.", "context_id": "late"}
 
@@ -91,9 +83,10 @@ def test_pings_are_answered_while_the_last_audio_is_made(daemon: Daemon, path: s
     assert [e["chars"] for e in after_end] == [len(json.dumps(late))]
 
 
-def test_a_flood_after_the_end_is_read_at_a_pace(daemon: Daemon) -> None:
+def test_a_flood_after_the_end_is_read_at_a_pace(tone_daemon: Daemon) -> None:
     """Read after its end, a socket could send as fast as it liked: what it sends then is
     read at the pace of text that says nothing, and its audio still comes."""
+    daemon = tone_daemon
     flood = json.dumps({"text": "word " * 12_000})
 
     async def flooding() -> list[dict[str, Any]]:
@@ -116,11 +109,12 @@ def test_a_flood_after_the_end_is_read_at_a_pace(daemon: Daemon) -> None:
     assert event["source"] == "elevenlabs"
 
 
-def test_a_hang_up_after_the_end_cancels_the_jobs_left(daemon: Daemon) -> None:
+def test_a_hang_up_after_the_end_cancels_the_jobs_left(tone_daemon: Daemon) -> None:
     """Unread after its end, a socket's close frame went unseen (a lost connection cancels
     the handler, http.py): the sentence being made was made whole, and the next one, for a
     client that had left, whose close waited for them. (Last here: the worker goes on with
     the sentence let go.)"""
+    daemon = tone_daemon
     text = f"The first one takes long SLOW@{SLOW_S:g} to make. The second is quick."
 
     async def hang_up() -> tuple[list[str], float, ClientConnection]:
@@ -143,3 +137,51 @@ def test_a_hang_up_after_the_end_cancels_the_jobs_left(daemon: Daemon) -> None:
     assert ws.protocol.close_rcvd is not None  # the daemon answered the close
     ended = {e["job"]: e["outcome"] for e in daemon.log_events("job")}
     assert ended.get(jobs[1]) == "cancelled"  # the first ends so once the worker is done
+
+
+class _Unreadable:
+    """A socket whose reading fails. No client's frame does that (aiohttp returns what it
+    finds wrong as an ERROR frame): a fault of ours or aiohttp's is what this stands for."""
+
+    closed = False
+
+    async def receive(self) -> Any:
+        raise RuntimeError("a fault in reading")
+
+    async def close(self, **_how: Any) -> bool:
+        self.closed = True
+        return True
+
+
+@pytest.mark.parametrize("speaking", [True, False], ids=["while-speaking", "once-spoken"])
+def test_a_fault_in_reading_after_the_end_is_logged_and_ends_the_socket(
+        speaking: bool) -> None:
+    """The reading after the end suppressed only ConnectionError: any other error escaped
+    run() to aiohttp's log of handler errors while the streams still spoke, and once they
+    had ended, it was never seen (cancel() on a task that ended silences it). It is logged
+    now, and ends the socket as a hang-up does: the jobs left are cancelled (run() takes
+    SocketClosed so)."""
+    async def finish() -> tuple[list[MutableMapping[str, Any]], _Unreadable]:
+        ws = _Unreadable()
+        request = cast(Any, SimpleNamespace(protocol=None, remote="127.0.0.1"))
+        socket = elevenlabs._Socket(cast(Any, None), cast(Any, None), cast(Any, ws), request,
+                                    fmt=elevenlabs.output_format(f"pcm_{RATE}"),
+                                    voice="tone", multi=False, auto_mode=False)
+        stream = elevenlabs._Stream(elevenlabs.DEFAULT_CONTEXT)
+        stream.task = asyncio.create_task(asyncio.sleep(TIMEOUT_S if speaking else 0))
+        await asyncio.sleep(0)  # the quick one ends
+        socket._streams[stream.context] = stream
+        with structlog.testing.capture_logs() as logged:
+            if speaking:
+                with pytest.raises(elevenlabs.SocketClosed):
+                    await socket._finish_streams()
+                assert not stream.task.done()  # left for run() to cancel
+                stream.task.cancel()
+            else:
+                await socket._finish_streams()
+        return logged, ws
+
+    logged, ws = asyncio.run(finish())
+    assert [e["event"] for e in logged] == ["elevenlabs_read_after_end_failed"]
+    assert logged[0]["exc_info"] is True
+    assert ws.closed is not speaking  # its last audio sent: closed as after any end

@@ -408,10 +408,12 @@ def _mp3_frames(replies: list[dict[str, Any]]) -> int:
     return frames
 
 
-@pytest.fixture(scope="module")
-def tone_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+# Registered as `tone_daemon` under another name, so that test_elevenlabs_keepalive.py can
+# import it and still take `tone_daemon` as an argument (no F811 redefinition).
+@pytest.fixture(scope="module", name="tone_daemon")
+def tone_daemon_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """A daemon on the tone engine (tests/engines/faulty.py): audio of a known length, and
-    sentences that fail on demand."""
+    sentences that fail on demand (SLOW@ makes one take its time)."""
     root = tmp_path_factory.mktemp("elevenlabs-tone")
     keys = root / "api_keys"
     keys.write_text(f"{KEY}\n")

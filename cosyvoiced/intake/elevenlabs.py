@@ -608,9 +608,10 @@ class _Socket:
         try:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            reading.cancel()
+            reading.cancel()  # no-op once it ended (and it raises nothing but this)
             await asyncio.wait([reading])
-        if not streams.done() and not reading.cancelled() and reading.result():
+        hung_up = not reading.cancelled() and reading.result()  # read whichever came first
+        if hung_up and not streams.done():
             raise SocketClosed()  # the client hung up: run() releases the jobs left
         await streams  # done, or ending: a stream's own refusal closes the socket
         if not self._ws.closed:
@@ -618,18 +619,37 @@ class _Socket:
 
     async def _read_after_end(self) -> bool:
         """Reads the socket until nothing more can be read: True when its client hung up (a
-        close frame, the connection lost, a message over MAX_MESSAGE_BYTES), False when our
-        own close, on a stream's task, reads the rest."""
-        with contextlib.suppress(ConnectionError):  # a pong to a connection lost
-            while True:
-                await self._unsaid.pace(source="elevenlabs", peer=self._request.remote)
-                frame = await self._ws.receive()
-                if frame.type == WSMsgType.CLOSING:
-                    return False
-                if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    return True
-                self._after_end(frame.data)
-        return True
+        close frame, the connection lost, a message over MAX_MESSAGE_BYTES) or the reading
+        failed, False when our own close, on a stream's task, reads the rest."""
+        try:
+            return await self._read_until_closed()
+        except ConnectionError:  # a pong to a connection lost
+            return True
+        except Exception:
+            # Our fault (aiohttp returns what a client sends wrong as a frame): unread, the
+            # socket's pings and close go unseen, so it ends as a hang-up would, and says so
+            # here (raised, it escaped run() to aiohttp's handler log, or, once the streams
+            # had ended, it was never seen: cancel() on a task that ended silences it).
+            log.error("elevenlabs_read_after_end_failed", exc_info=True, message="the "
+                      "socket could not be read after its input's end (an internal error): "
+                      "it is closed and the jobs left are cancelled")
+            return True
+
+    async def _read_until_closed(self) -> bool:
+        while True:
+            # While the pace sleeps (after a flood of the client's own) nothing is read: a
+            # ping behind the flood is answered, and a close seen, only after it. Bounded:
+            # the sleep starts once FREE_CHARS are left and a message adds at most
+            # MAX_MESSAGE_BYTES, so one is at most 66 s (unsaid.CHARS_PER_S); the streams
+            # send meanwhile (to a client that left, until its library drops the
+            # connection). A client that sends nothing after its end never waits.
+            await self._unsaid.pace(source="elevenlabs", peer=self._request.remote)
+            frame = await self._ws.receive()
+            if frame.type == WSMsgType.CLOSING:
+                return False
+            if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                return True
+            self._after_end(frame.data)
 
     def _after_end(self, data: str | bytes) -> None:
         """A message after the input's end is not acted on (a keep-alive, a late text, a
