@@ -417,6 +417,7 @@ class ClusterLink(_Commands):
                 self._stop.wait(RETRY_S)
 
     def _post_taken(self, client: redis.Redis, taken: list[wire.SharedJob]) -> None:
+        taken = self._still_shared(client, taken)
         with self._capacity:
             self._wanted = max(0, self._wanted - len(taken))
         for shared in taken:
@@ -424,6 +425,27 @@ class ClusterLink(_Commands):
             self._post(shared)
         if taken:
             self._uncounted(client, taken)  # (if Redis fails here, the jobs are ours still)
+
+    def _still_shared(self, client: redis.Redis,
+                      taken: list[wire.SharedJob]) -> list[wire.SharedJob]:
+        """Those of `taken` that their receiving host still waits for. One it withdrew (it
+        served the job itself: Redis was down, or it had restarted) has no marker, and its
+        entry goes unserved: the host that withdrew it did not always know the entry (one
+        shared by its life before a crash), which another host then made again for
+        nobody."""
+        if not taken:
+            return taken
+        pipe = client.pipeline(transaction=False)
+        for shared in taken:
+            pipe.exists(self.keys.marker(shared.host, shared.job.id))
+        kept = []
+        for shared, exists in zip(taken, pipe.execute(), strict=True):
+            if exists:
+                kept.append(shared)
+                continue
+            log.info("shared_job_withdrawn", job=shared.job.id, received_by=shared.host)
+            _drop(client, shared.stream, shared.entry)
+        return kept
 
     def _uncounted(self, client: redis.Redis, taken: list[wire.SharedJob]) -> None:
         """Taking a job does not count as a delivery until it starts here (`count_start`):

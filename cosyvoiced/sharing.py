@@ -205,7 +205,11 @@ class Sharing:
     def share(self, running: Running) -> bool:
         """Put a job received here onto the shared stream; False: serve it here, as this
         host has a worker free for it (no Redis round trip) or Redis is down."""
-        if self.link is None or not self.link.up or self._free_here():
+        if self.link is None:
+            return False
+        if not self.link.up or self._free_here():
+            if running.persisted:  # shared before a crash, maybe: another host must not
+                self.link.withdraw(running.job.id)  # make it again once Redis answers
             return False
         job = running.job
         prompt_path = Path(job.prompt_audio) if job.prompt_audio else None

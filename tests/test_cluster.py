@@ -47,11 +47,11 @@ def expected_samples(text: str) -> int:
 
 def host(make_daemon: DaemonFactory, server: RedisServer, name: str, *,
          serves: bool = True, spool: dict[str, Any] | None = None, engine: str = TONE,
-         **cluster: Any) -> Daemon:
+         scheduling: dict[str, Any] | None = None, **cluster: Any) -> Daemon:
     engine = engine if serves else NEVER_READY
     worker = QUICK if serves else QUICK | {"start_timeout_s": 3600.0}
     return make_daemon(name, engine={"name": engine}, worker=worker, spool=spool or {},
-                       cluster={"redis": server.url, "name": name,
+                       scheduling=scheduling or {}, cluster={"redis": server.url, "name": name,
                                 "claim_idle_s": CLAIM_IDLE_S} | cluster)
 
 
@@ -344,6 +344,37 @@ def test_a_job_taken_back_while_redis_was_down_is_shared_again_after_a_crash(
     receiver.kill_hard()  # before its turn came (local.txt holds its worker)
     start(receiver)
     assert receiver.wait_done("shared.txt", timeout_s=60)["served_by"] == "back"
+    assert receiver.outcome_counts()["shared.txt"] == 1
+
+
+def test_a_job_shared_before_a_crash_and_served_here_after_it_is_not_made_again(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """A host killed with a job on the stream, restarted while Redis was down, served the
+    job itself: its entry (shared by the life before, so unknown to this one) and marker
+    stayed in Redis, and the next host to read the stream made the job again, for nobody.
+    The host withdraws it (its marker goes), and a host that takes an entry whose marker is
+    gone drops it. (A host that takes its own entry back finds its job done, and settles
+    it: the stale entry goes either way.)"""
+    receiver = start(host(make_daemon, redis_server, "front",
+                          scheduling={"max_active_jobs": 1}))
+    receiver.drop("local.txt", "SLOW@6 keeps the front host busy.")
+    wait_until(lambda: any(e["state"] == "busy" for e in receiver.log_events("worker_state")),
+               30, "front busy")
+    receiver.drop("shared.txt", "Shared, then served by its own host after all.")
+    redis = redis_server.client()
+    wait_until(lambda: redis.keys("cosyvoiced:job:front:*"), 30, "the job shared")
+    receiver.kill_hard()
+    redis_server.kill()
+    start(receiver)  # Redis down: it serves both itself, local.txt first
+    redis_server.restart()
+    wait_until(lambda: not redis_server.client().keys("cosyvoiced:job:front:*"), 30,
+               "the front host to withdraw it")
+    server = start(host(make_daemon, redis_server, "back"))
+    wait_until(lambda: not redis_server.client().xlen("cosyvoiced:jobs:bulk"), 30,
+               "the stale entry to be dropped (by whichever host read it)")
+    assert receiver.wait_done("shared.txt", timeout_s=60)["served_by"] == "front"
+    assert not server.log_events("job")
+    assert redis_server.client().xlen("cosyvoiced:jobs:bulk") == 0
     assert receiver.outcome_counts()["shared.txt"] == 1
 
 

@@ -19,6 +19,7 @@ from tests.daemon import wait_until
 from tests.redisserver import RedisServer, redis_server_fixture  # noqa: F401
 
 INTERACTIVE = "cosyvoiced:jobs:interactive"
+BULK = "cosyvoiced:jobs:bulk"
 
 
 def _entry(host: str, **change: object) -> dict[str, bytes]:
@@ -62,6 +63,7 @@ def test_a_shared_job_over_this_hosts_limits_fails_back_to_its_host(
     daemon.start()
     wait_until(lambda: daemon.log_events("cluster_joined"), 30, "the host to join")
     redis = redis_server.client()
+    redis.set("cosyvoiced:job:b:1a0000000000000c3", "shared")  # b waits for it
     redis.xadd(INTERACTIVE, _entry("b", text="Words. " * 300))  # type: ignore[arg-type]
     events = wait_until(lambda: redis.xrange("cosyvoiced:events:b"), 30, "b's outcome")
     (_entry_id, fields), = events
@@ -175,3 +177,31 @@ def test_a_command_redis_refuses_is_dropped_and_the_writer_goes_on(
     finally:
         link.stop()
         admin.config_set("maxmemory", "0")
+
+
+def test_a_shared_job_its_host_withdrew_is_dropped_not_served(
+        redis_server: RedisServer) -> None:
+    """A host that served a job itself withdraws it by deleting its marker; its entry may
+    be unknown to it (shared by its life before a crash). A host that took such an entry
+    served it again, for nobody: an entry whose marker is gone is dropped now."""
+    redis = redis_server.client()
+    redis.xgroup_create(BULK, wire.GROUP, id="0", mkstream=True)
+    job = Job("1a0000000000000a1", "inbox", "r1", "Withdrawn.", output="w")
+    waited = Job("1a0000000000000a2", "inbox", "r2", "Still waited for.", output="k")
+    redis.xadd(BULK, wire.job_fields(job, "front", None))  # type: ignore[arg-type]
+    redis.set("cosyvoiced:job:front:1a0000000000000a2", "shared")
+    redis.xadd(BULK, wire.job_fields(waited, "front", None))  # type: ignore[arg-type]
+    link = cluster.ClusterLink(ClusterConfig(redis=redis_server.url, name="back"), "back",
+                               lambda: None)
+    assert link.connect()
+    link.start()
+    try:
+        link.want(2)
+        taken = wait_until(lambda: not link.inbound.empty() and link.inbound.get_nowait(),
+                           30, "a job taken")
+        assert isinstance(taken, wire.SharedJob)
+        assert taken.job.id == waited.id
+        wait_until(lambda: redis.xlen(BULK) == 1, 30, "the withdrawn one dropped")
+        assert link.inbound.empty()
+    finally:
+        link.stop()
