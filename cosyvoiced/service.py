@@ -311,9 +311,10 @@ class Service:
         return job
 
     def check_prompt(self, prompt: bytes | None) -> None:
-        """Prompt audio for an engine that cannot clone is refused up front, as HTTP refuses
-        it, before a byte of it is written. Before the engine is ready its features are not
-        known: the worker decides, as it does for a voice (admission.unknown_voice)."""
+        """Prompt audio for an engine that cannot clone is refused up front, before a byte
+        of it is written: the one rule of every intake (ZeroMQ, HTTP, Wyoming). Before the
+        engine is ready its features are not known (none yet, a CosyVoice daemon's too):
+        the worker decides, as it does for a voice (admission.unknown_voice)."""
         if prompt is not None and self.ready and "prompt_audio" not in self.engine_features:
             raise JobFailure(ErrorCode.NOT_SUPPORTED, f"prompt_audio: the {self.engine_name} "
                              "engine cannot clone voices", "prompt_audio")

@@ -650,10 +650,56 @@ def test_voice_uploads_pipelined_wait_for_a_decode_slot(make_daemon: DaemonFacto
 UNREAD_LIMIT = 1 << 20  # zmq.max_buffered_bytes, its least
 LONG_TONE = ("Replies pile up for a peer that reads none. " * 50)[:2000].strip()  # 4.4 MB
 PINGS = 1000
+UNREAD_WITHIN_S = 10.0  # a reply is stuck, unread, after SETTLE_S (0.5 s): 8 long ones now
 
 
 def _zmq_jobs_ended(daemon: Daemon) -> int:
     return sum(1 for line in daemon.log_events("job") if line.get("source") == "zmq")
+
+
+def _busy_for_unread(daemon: Daemon) -> int:
+    return sum(1 for line in daemon.log_events("request_refused")
+               if line.get("source") == "zmq" and "buffered_bytes" in line)
+
+
+def _reading_nothing(daemon: Daemon) -> zmq.Socket[bytes]:
+    """A peer that holds more than zmq.max_buffered_bytes of replies unread for good: long
+    replies, one at a time, until the daemon refuses the next `synthesize` busy for one not
+    taken. The peer takes one or two off the connection; one stuck on the way drops the
+    next, and is judged unread once it has waited zmq_peers.SETTLE_S: how many that takes
+    depends on how fast jobs are made (3 at once were not always enough: the one on its
+    way was taken, and nothing was left unread)."""
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVHWM, 1)  # takes one message off the connection, then no more
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(daemon.endpoint)
+    deadline, sent = time.monotonic() + UNREAD_WITHIN_S, 0
+    while not _refused_for_unread(daemon, dealer, f"r{sent}"):
+        sent += 1
+        if time.monotonic() > deadline:
+            dealer.close(linger=0)
+            raise AssertionError(f"{sent} long replies in {UNREAD_WITHIN_S:g} s, and none "
+                                 "left unread")
+    return dealer
+
+
+def _refused_for_unread(daemon: Daemon, dealer: zmq.Socket[bytes], request_id: str) -> bool:
+    """Ask for a long reply: True if it is refused busy, False once its job has ended."""
+    ended, refused = _zmq_jobs_ended(daemon), _busy_for_unread(daemon)
+    dealer.send_json({"v": 1, "op": "synthesize", "id": request_id, "text": LONG_TONE,
+                      "format": "pcm_s16le"})
+    wait_until(lambda: _zmq_jobs_ended(daemon) > ended or _busy_for_unread(daemon) > refused,
+               30, "a long reply, or busy")
+    return _busy_for_unread(daemon) > refused
+
+
+def _reply_to(dealer: zmq.Socket[bytes], request_id: str) -> dict[str, Any]:
+    """The header of the reply to `request_id`, past every other reply queued before it."""
+    while dealer.poll(10_000):
+        header: dict[str, Any] = json.loads(dealer.recv_multipart()[0])
+        if header.get("id") == request_id:
+            return header
+    raise AssertionError(f"no reply to {request_id}")
 
 
 def test_replies_of_no_job_a_peer_leaves_unread_are_replaced_by_bounded_errors(
@@ -665,20 +711,14 @@ def test_replies_of_no_job_a_peer_leaves_unread_are_replaced_by_bounded_errors(
     request's are (303 of them now); past it they are dropped, with a log line."""
     daemon = make_daemon(engine=TONE, zmq={"max_buffered_bytes": UNREAD_LIMIT})
     daemon.start()
-    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.RCVHWM, 1)  # takes one message off the connection, then no more
-    dealer.setsockopt(zmq.LINGER, 0)
+    dealer = _reading_nothing(daemon)
+    ended = _zmq_jobs_ended(daemon)
     try:
-        dealer.connect(daemon.endpoint)
-        for n in range(3):  # one reply held in the peer, one stuck on the way, one dropped
-            dealer.send_json({"v": 1, "op": "synthesize", "id": f"r{n}", "text": LONG_TONE,
-                              "format": "pcm_s16le"})
-        wait_until(lambda: _zmq_jobs_ended(daemon) >= 3, 30, "the long replies")
         for _ in range(PINGS):
             dealer.send_json({"v": 1, "op": "ping", "id": "p"})
         # Answered after every ping (one client's requests are answered in order).
         dealer.send_json({"v": 1, "op": "submit", "id": "last", "text": "Last."})
-        wait_until(lambda: _zmq_jobs_ended(daemon) >= 4, 30, "the pings to be answered")
+        wait_until(lambda: _zmq_jobs_ended(daemon) > ended, 30, "the pings to be answered")
         errors: list[int] = []  # the size of each `client_too_slow` of no job
         while dealer.poll(2000):
             frames = dealer.recv_multipart()
@@ -693,3 +733,32 @@ def test_replies_of_no_job_a_peer_leaves_unread_are_replaced_by_bounded_errors(
     dropped = wait_until(lambda: daemon.log_events("zmq_error_replies_dropped"), 10,
                          "the errors dropped past their room to be logged")
     assert dropped[0]["error_room_bytes"] == zmq_peers.ERROR_ROOM
+
+
+def test_a_submit_whose_accepted_does_not_fit_is_named_by_its_error_and_runs_once(
+        make_daemon: DaemonFactory) -> None:
+    """A `submit` from a peer holding more than zmq.max_buffered_bytes unread: its job is in
+    the spool and runs, but the `client_too_slow` in place of its `accepted` named no job
+    (since a410107). The client could not ask for its `status`, as the protocol tells it
+    to, and one that sent it again had it run twice. The error names the job now, says it
+    goes on, and the job is done once: the client reads its status by that id."""
+    daemon = make_daemon(engine=TONE, zmq={"max_buffered_bytes": UNREAD_LIMIT})
+    daemon.start()
+    dealer = _reading_nothing(daemon)
+    ended = _zmq_jobs_ended(daemon)
+    try:
+        dealer.send_json({"v": 1, "op": "submit", "id": "s", "text": "Run me once."})
+        # Read nothing till the job has ended (its `accepted` was handed over long before):
+        # replies read meanwhile would make room for it.
+        wait_until(lambda: _zmq_jobs_ended(daemon) > ended, 30, "the submitted job to end")
+        error = _reply_to(dealer, "s")
+        assert (error["event"], error["code"]) == ("error", "client_too_slow"), error
+        job = error.get("job")
+        assert isinstance(job, str), f"the error names no job: {error}"
+        assert "its job goes on" in error["message"]
+        assert daemon.wait_done(f"{job}.json")["job"] == job
+        dealer.send_json({"v": 1, "op": "status", "id": "st", "job": job})
+        assert _reply_to(dealer, "st")["state"] == "done"
+    finally:
+        dealer.close(linger=0)
+    assert not list(daemon.failed.glob("*.json"))  # not cancelled

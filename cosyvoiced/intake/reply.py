@@ -68,8 +68,7 @@ class Service(IntakeService, Protocol):
     stopping: bool
     limits: Limits
 
-    @property
-    def engine_features(self) -> frozenset[str]: ...
+    def check_prompt(self, prompt: bytes | None) -> None: ...
 
     def queue_full(self) -> bool: ...
 
@@ -444,10 +443,7 @@ class ReplyIntake:
         try:
             fields = _voice_fields(submission, service.voices)
             service.check_voice(fields.get("voice"))
-            if submission.prompt is not None and "prompt_audio" not in service.engine_features:
-                raise JobFailure(ErrorCode.NOT_SUPPORTED, f"prompt_audio: the "
-                                 f"{service.engine_name} engine cannot clone voices",
-                                 "prompt_audio")
+            service.check_prompt(submission.prompt)  # every intake's one rule
             job = build_job(fields, job_id=submission.job_id, source=self.source,
                             origin=submission.job_id, default_output=submission.job_id,
                             limits=service.limits, known=JOB_FIELDS, formats=REPLY_FORMATS,

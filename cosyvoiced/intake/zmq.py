@@ -145,10 +145,15 @@ class ClientGone:
 
 # The replies that carry a job's output: one of them dropped, the client did not get it all.
 JOB_OUTPUT = frozenset({"start", "chunk", "timing", "end", "result"})
-# A job's own replies: its output, and its end when it is cancelled (the same event answers
-# a `cancel`, once for each job in flight). A `status` or `accepted` reply names a job too,
-# but answers one request of as many as a client sends.
-JOB_REPLIES = JOB_OUTPUT | {"cancelled"}
+# A `submit`'s one reply. The job is in the spool already and runs whatever becomes of it:
+# an error in its place must name the job, or the client can neither ask for its `status`
+# nor know not to send it again (and have it run twice).
+ACCEPTED = "accepted"
+# A job's own replies: its output, its end when it is cancelled (the same event answers a
+# `cancel`, once for each job in flight), and `accepted`: one per job, so their errors are
+# bounded as the jobs are (zmq.max_pending, ...). A `status` reply names a job too, but
+# answers one request of as many as a client sends.
+JOB_REPLIES = JOB_OUTPUT | {"cancelled", ACCEPTED}
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ class ClientTooSlow:
 
     client: bytes
     job: str
-    event: str  # the reply's: the job's own audio or its end (JOB_OUTPUT), or `cancelled`
+    event: str  # the reply's: one of JOB_REPLIES
 
 
 @dataclass(frozen=True)
@@ -524,18 +529,19 @@ class _SocketThread(threading.Thread):
 
     def _too_slow(self, route: tuple[bytes, ...], header: dict[str, Any],
                   buffered: int) -> None:
-        """The error in place of a reply that does not fit. One of a job's own replies (its
-        output, or its `cancelled` end) ends that job: its error always goes, as a job's
-        errors do, and there is one per job. Any other (a `pong`, `voices`, `stats`, a job's
-        `status` or `accepted`: one per request, as many as a peer pipelines) is an error of
-        no job, held to ERROR_ROOM: it went out unbounded, up to SNDHWM (10,000 a peer)."""
+        """The error in place of a reply that does not fit. In place of one of a job's own
+        replies (JOB_REPLIES) it names that job and always goes, as a job's errors do: there
+        is one per job. Its output or `cancelled` end: the job is cancelled. Its `accepted`:
+        the job runs on, to outbox/ or failed/ (the client asks for its `status`). Any other
+        (a `pong`, `voices`, `stats`, a job's `status`: one per request, as many as a peer
+        pipelines) is an error of no job, held to ERROR_ROOM: it went out unbounded, up to
+        SNDHWM (10,000 a peer)."""
         event = header.get("event")
         job = header.get("job") if event in JOB_REPLIES else None
         limit = self._settings().max_buffered_bytes
         error = ProtocolError(WireCode.CLIENT_TOO_SLOW, f"{_mib(buffered)} of replies to this "
                               f"client are not read yet ({self._bounds(limit)}): this reply "
-                              "was dropped"
-                              + (" and its job cancelled" if job else ""), header.get("id"))
+                              "was dropped" + _fate(event if job else None), header.get("id"))
         reply = encode_reply(route, error.request_id, "error",
                              **({"job": job} if job else {}), **error.fields())
         size = len(reply[-1])  # its one body frame: the header
@@ -609,6 +615,15 @@ class _SocketThread(threading.Thread):
         if dropped:
             log.info("zmq_idle_peers_dropped", count=1,
                      idle_timeout_s=self._settings().idle_timeout_s)
+
+
+def _fate(event: Any) -> str:
+    """What became of the job whose reply (`event`, None: no job's) was dropped."""
+    if event is None:
+        return ""
+    if event == ACCEPTED:
+        return "; its job goes on: ask for its status (`job`), do not send it again"
+    return " and its job cancelled"
 
 
 def _new_router(context: zmq.Context[zmq.Socket[bytes]], settings: ZmqConfig) -> zmq.Socket[bytes]:
@@ -766,18 +781,25 @@ class ZmqIntake:
         elif isinstance(message, PromptRead):
             self.handle(message.request, service, message.prepared)
         elif isinstance(message, ClientTooSlow):
-            log.warning("client_too_slow", job=message.job, source=SOURCE,
-                        max_buffered_bytes=self.settings.max_buffered_bytes)
-            cancelled = message.job in self.jobs_of(message.client) and \
-                service.cancel(message.job)
-            if message.event in JOB_OUTPUT and not cancelled:  # it had ended: not all heard
-                service.undelivered(message.job, SOURCE)
+            self._client_too_slow(message, service)
         elif isinstance(message, IdlePeer):
             self._drop_if_idle(message.client)
         else:
             for job_id in self.jobs_of(message.client):
                 log.info("client_gone", job=job_id)
                 service.cancel(job_id)
+
+    def _client_too_slow(self, message: ClientTooSlow, service: Service) -> None:
+        """A job's reply was dropped: the job is cancelled, unless the reply was a `submit`'s
+        `accepted` (a spool job: it runs on, and ends in outbox/ or failed/ as if it had
+        been heard; only a reply job is this connection's to cancel)."""
+        log.warning("client_too_slow", job=message.job, source=SOURCE, reply=message.event,
+                    max_buffered_bytes=self.settings.max_buffered_bytes)
+        if message.event == ACCEPTED:
+            return
+        cancelled = message.job in self.jobs_of(message.client) and service.cancel(message.job)
+        if message.event in JOB_OUTPUT and not cancelled:  # it had ended: not all heard
+            service.undelivered(message.job, SOURCE)
 
     def _drop_if_idle(self, client: bytes) -> None:
         """An idle peer with no job in flight is dropped (by the socket thread)."""
@@ -846,7 +868,7 @@ class ZmqIntake:
                 job = service.submit(request.fields(), new_job_id(),
                                      request.attachments[0] if request.attachments else None,
                                      identity)
-                self._reply(request, "accepted", job=job.id)
+                self._reply(request, ACCEPTED, job=job.id)
             case Op.STATUS:
                 job_id = _job_field(request)
                 status = service.job_status(job_id, self._identity(request, service))
