@@ -50,6 +50,9 @@ log = logs.get_logger("cosyvoiced.sharing")
 # A tick spends this long at most on what came from Redis (jobs taken, events): the event
 # reader keeps adding while the tick works, and could hold it for good.
 POLL_S = 0.1
+# A `done` read before all its parts (they were left to be read again) is left in Redis and
+# the stream read again this many times; then the job is served here.
+INCOMPLETE_READS = 2
 
 
 class RemoteSink:
@@ -170,6 +173,7 @@ class Sharing:
         self.served: dict[str, wire.SharedJob] = {}  # local id -> its stream entry
         self.sinks: dict[str, RemoteSink] = {}  # local id -> where its outcome goes
         self.arriving: dict[str, Arriving] = {}  # own id -> the parts of its audio so far
+        self.incomplete_reads: dict[str, int] = {}  # own id -> its `done` read too early
         self.taken_over = 0
         self.next_audit = 0.0
         # Events of jobs left in work/ by a crash that are not in the book yet (they are
@@ -438,13 +442,12 @@ class Sharing:
         elif event.kind == wire.CHUNK:
             if event.sender == running.served_by and event.detail["seq"] == running.chunks_sent:
                 self.book.remote_chunk(running, event.samples)
+        elif event.kind == wire.DONE:
+            return self._done(running, event, forgotten)
         elif event.kind in wire.OUTCOMES:
             self.own.pop(running.job.id, None)  # settled by forget(): nothing to withdraw
-            if event.kind == wire.DONE:
-                return self._done(running, event, forgotten)
-            else:
-                error = event.detail.get("error")
-                self.book.end(running, JobError.from_dict(error) if error else None)
+            error = event.detail.get("error")
+            self.book.end(running, JobError.from_dict(error) if error else None)
             return True
         return False
 
@@ -471,20 +474,32 @@ class Sharing:
         return gone
 
     def _done(self, running: Running, event: wire.Event, forgotten: list[str]) -> bool:
-        """A job received here is done elsewhere: delivered here if its audio came whole,
-        served here again if not (parts that Redis let go, `max_outcomes`)."""
-        arriving = self.arriving.pop(running.job.id, None) or Arriving()
-        forgotten.extend(arriving.entries)
+        """A job received here is done elsewhere: delivered here if its audio came whole.
+        If not, its parts may be in Redis still, left to be read again (they came while
+        the job was not in the book yet, just after a restart): the outcome is left there
+        too, and the stream read again in order, once (INCOMPLETE_READS). Parts that Redis
+        let go (`max_outcomes`): the job is served here again."""
+        job_id, arriving = running.job.id, self.arriving.get(running.job.id) or Arriving()
         samples = event.detail["samples"]
         if not running.job.stream and not arriving.whole(event.sender, samples):
-            log.warning("outcome_incomplete", job=running.job.id, served_by=event.sender,
+            reads = self.incomplete_reads[job_id] = self.incomplete_reads.get(job_id, 0) + 1
+            if reads <= INCOMPLETE_READS:  # all of it again, in order, from Redis
+                forgotten.remove(event.entry)
+                self.arriving.pop(job_id, None)
+                running.reply_audio.discard()
+                self.replay_events = True
+                return False
+            log.warning("outcome_incomplete", job=job_id, served_by=event.sender,
                         samples=samples, came=arriving.frames)
-            self._take_back(running.job.id, "outcome_incomplete")
+            self._take_back(job_id, "outcome_incomplete")
             return False
+        self.own.pop(job_id, None)  # settled by forget(): nothing to withdraw
+        forgotten.extend(self.arriving.pop(job_id, arriving).entries)
         self.book.finish_remote(running, event)
         return True
 
     def _let_parts_go(self, job_id: str) -> None:
+        self.incomplete_reads.pop(job_id, None)
         arriving = self.arriving.pop(job_id, None)
         if arriving is not None and arriving.entries and self.link is not None:
             self.link.forget(arriving.entries, [])

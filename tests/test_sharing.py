@@ -148,7 +148,7 @@ def test_an_own_job_delivered_too_often_ends_as_poison_here(host: Host, sharing:
                                                            link: FakeLink) -> None:
     """This host received it; the hosts that took it from the stream died with it."""
     running = _shared_own(host, sharing, "mine")
-    taken = wire.SharedJob(running.job, "a", None, "s", "1-0", deliveries=3)
+    taken = wire.SharedJob(running.job, "a", None, "s", "1-0", deliveries=3, taken_over=True)
     link.inbound.put(taken)
     sharing.poll(0.0)
     assert cast(FakeSink, host.sinks["mine"]).events == [("failed", "worker_crashed")]
