@@ -364,15 +364,15 @@ class ClusterLink(_Commands):
             try:
                 command(client)
             except redis.RedisError as error:
-                if _refused(error) and refusals + 1 < REFUSED_TRIES:
-                    refusals += 1
-                    self._stop.wait(RETRY_S)
-                    continue
                 if not _refused(error):
                     self._down(error)
                     if share_of is not None:
                         self._hand_back(share_of)
                         pending = None
+                    self._stop.wait(RETRY_S)
+                    continue
+                refusals += 1
+                if refusals < REFUSED_TRIES:
                     self._stop.wait(RETRY_S)
                     continue
                 self._drop_refused(share_of, error)

@@ -46,16 +46,18 @@ class Arriving:
         return gone
 
     def kept(self, sender: str, entry: str, frames: int) -> None:
+        self._acted_on(entry)
         self.sender = sender
-        self.entries.append(entry)
-        self.last_entry = entry_order(entry)
         self.frames += frames
 
     def noted(self, entry: str) -> None:
         """A part that cannot be kept (one before it is missing): deleted with the rest."""
+        self._acted_on(entry)
+        self.broken = True
+
+    def _acted_on(self, entry: str) -> None:
         self.entries.append(entry)
         self.last_entry = entry_order(entry)
-        self.broken = True
 
     def whole(self, sender: str, frames: int) -> bool:
         """The parts that came make the reply `sender`'s outcome says it sent."""

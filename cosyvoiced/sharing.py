@@ -477,8 +477,8 @@ class Sharing:
         """A job received here is done elsewhere: delivered here if its audio came whole.
         If not, its parts may be in Redis still, left to be read again (they came while
         the job was not in the book yet, just after a restart): the outcome is left there
-        too, and the stream read again in order, once (INCOMPLETE_READS). Parts that Redis
-        let go (`max_outcomes`): the job is served here again."""
+        too, and the stream read again in order, up to INCOMPLETE_READS times. Parts that
+        Redis let go (`max_outcomes`): the job is served here again."""
         job_id, arriving = running.job.id, self.arriving.get(running.job.id) or Arriving()
         samples = event.detail["samples"]
         if not running.job.stream and not arriving.whole(event.sender, samples):
