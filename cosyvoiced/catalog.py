@@ -30,6 +30,7 @@ class Catalog:
         self.engine_name = engine_name  # the configured one until a worker loads it
         self.voices: list[VoiceInfo] = []
         self.features: frozenset[str] = frozenset()
+        self.loaded = False  # a worker has loaded the engine: its features are known
         self.native_rate = 0
         self._speakers, self._bounds = speakers, bounds
         self._voices_changed = voices_changed  # the result cache's entries of a voice go
@@ -38,6 +39,7 @@ class Catalog:
         """A worker has loaded the engine: its catalog is ours."""
         self.voices, self.engine_name = message.voices, message.engine
         self.features, self.native_rate = message.features, message.native_rate
+        self.loaded = True
 
     def registration_refusal(self, identity: Identity, name: Any, prompt_text: Any,
                              language: Any = "") -> JobError | None:
@@ -45,7 +47,8 @@ class Catalog:
         decoded (in the encoder process: `Encoder.read_prompt`)."""
         refusal = voicerules.fields_refusal(name, prompt_text, language,
                                             engine_name=self.engine_name,
-                                            engine_features=self.features, voices=self.voices)
+                                            engine_features=self.features if self.loaded
+                                            else None, voices=self.voices)
         if refusal is not None:
             return refusal
         bounds = self._bounds()

@@ -19,13 +19,21 @@ from cosyvoiced.speakers import check_language, check_name, check_prompt_text
 
 
 def fields_refusal(name: Any, prompt_text: Any, language: Any, *, engine_name: str,
-                   engine_features: frozenset[str], voices: list[VoiceInfo]) -> JobError | None:
-    """What is wrong with a registration's fields, on this engine (None: nothing)."""
+                   engine_features: frozenset[str] | None,
+                   voices: list[VoiceInfo]) -> JobError | None:
+    """What is wrong with a registration's fields, on this engine (None: nothing);
+    `engine_features` None: no worker has loaded the engine yet."""
     try:
+        if engine_features is None:
+            # Whether it clones, and its built-in voices' names, are known once it is loaded
+            # (minutes, for CosyVoice): `busy`, which a client retries, not `not_supported`,
+            # which a script setting up its voices at boot took as final.
+            raise JobFailure(ErrorCode.BUSY, f"the {engine_name} engine is still loading: a "
+                             "voice can be registered once it is ready; retry in a few "
+                             "seconds")
         if "prompt_audio" not in engine_features:
             raise JobFailure(ErrorCode.NOT_SUPPORTED, f"the {engine_name} engine cannot clone "
-                             "voices (or has not started yet); registering one needs "
-                             "engine.name = \"cosyvoice\"")
+                             "voices; registering one needs engine.name = \"cosyvoice\"")
         check_name(name)
         check_prompt_text(prompt_text)
         check_language(language)

@@ -3,8 +3,9 @@ A worker's engine says whether it clones only once it is loaded: until then the 
 (Service.check_prompt) leaves the audio to the worker, as an unknown voice is left to it.
 The reply intakes (HTTP's clone) had a rule of their own, and refused every clone in that
 window with "the X engine cannot clone voices", on a CosyVoice daemon still loading too;
-ZeroMQ queued it. A real daemon whose cloning engine loads when the test says so, the
-openai client and ours.
+ZeroMQ queued it. A voice registered in that window is refused as `busy` (retry), not as
+`not_supported`. A real daemon whose cloning engine loads when the test says so, the openai
+client and ours.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 
 from cosyvoiced import config
-from cosyvoiced.client import Client
+from cosyvoiced.client import Client, DaemonError
 from cosyvoiced.config import EngineConfig
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, free_port, wait_until
 from tests.engines import faulty
-from tests.test_http_voices import TEXT, assert_spoken, recording, speak
+from tests.test_http_voices import TEXT, assert_spoken, recording, refusal, register, speak
 
 GATE_ENV = "COSYVOICED_TEST_LOAD_GATE"  # a file: the engine loads once it exists
 GATE_WAIT_S = 60.0  # so that a test that died does not leave its worker waiting for good
@@ -80,3 +82,39 @@ def test_prompt_audio_before_the_engine_is_ready_is_queued_by_http_as_by_zeromq(
             gate.touch()  # else a failure waits out the requests' timeouts
         assert_spoken(over_http.result(), TEXT, PROMPT_S)
         assert_spoken(over_zmq.result().audio, TEXT, PROMPT_S)
+
+
+def test_a_voice_registered_while_the_engine_loads_is_told_to_retry(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """Whether the engine clones is known once it is loaded: a registration before that is
+    `busy` (HTTP 429 with Retry-After; ZeroMQ's busy), which a client retries, and the same
+    registration is stored once the engine is ready. It was `not_supported`, "cannot clone
+    voices (or has not started yet)", on a CosyVoice daemon still loading too: a script that
+    set up its voices at boot took that as final."""
+    gate = tmp_path / "gate"
+    daemon = make_daemon(engine=GATED_CLONING, http={"listen": f"127.0.0.1:{free_port()}"},
+                         engine__cosyvoice={"speakers_file": str(tmp_path / "speakers.json")})
+    daemon.start(extra_env={GATE_ENV: str(gate)}, wait_ready=False)
+    try:
+        wait_until(lambda: _listening(daemon), 30, "HTTP to listen")
+        listen = config.load(daemon.config_path).http.listen
+        with openai.OpenAI(base_url=f"http://{listen}/v1", api_key="unused", max_retries=0,
+                           timeout=TIMEOUT_S) as http, \
+                Client(daemon.endpoint, timeout_s=TIMEOUT_S, retries=0) as ours:
+            with pytest.raises(openai.RateLimitError) as over_http:
+                register(http, "early", recording(PROMPT_S))
+            assert refusal(over_http)[:2] == (429, "busy")
+            assert over_http.value.response.headers["Retry-After"] == "2"
+            assert "still loading" in over_http.value.message
+            with pytest.raises(DaemonError) as over_zmq:
+                ours.register_voice("early-too", recording(PROMPT_S), "Words.")
+            assert over_zmq.value.code == "busy", over_zmq.value.header
+            gate.touch()
+            assert daemon.notify is not None
+            wait_until(lambda: daemon.notify is not None and daemon.notify.seen("READY=1"), 60,
+                       "the engine to load")
+            assert register(http, "early", recording(PROMPT_S)).name == "early"
+            assert ours.register_voice("early-too", recording(PROMPT_S), "Words.")["name"] \
+                == "early-too"
+    finally:
+        gate.touch()
