@@ -10,6 +10,12 @@ ticking stops being seen, as its jobs are taken over; a host that stops cleanly 
 (`stopped`). Entries older than FORGET_S are trimmed, and a host not seen for that long is
 no longer listed.
 
+Each daemon's entries carry a token of its own (`instance`): an entry of this host's name
+with another token, added after this daemon's first, is another live host configured with
+the same `cluster.name`. Both would read the one event stream and the one consumer's
+pending jobs as their own (a restart of either takes the jobs the other is serving), so it
+is said loudly: `cluster_name_taken` in the log, in STATUS= and in `stats`, while it lasts.
+
 Only XADD and XRANGE, on a key under the prefix: the README's ACL for the daemons covers
 them. A thread with a connection of its own: the tick never waits on Redis, and the job
 path's threads (cluster.py) never wait on this.
@@ -18,6 +24,7 @@ path's threads (cluster.py) never wait on this.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +54,8 @@ STOPPED = "stopped"
 # daemon stopped. Past MAX_HOSTS, the host seen longest ago goes.
 MAX_HOSTS = 256
 MAX_FIGURES_BYTES = 16 << 10
+INSTANCE = "instance"  # a figure: the token of the daemon that added the entry
+CLASH_LOG_S = 60.0  # another live host of this name: logged again this often
 
 Figures = dict[str, Any]
 
@@ -106,6 +115,23 @@ def fold(known: dict[str, Seen], entries: Iterable[tuple[str, wire.Fields]]) -> 
     return latest
 
 
+def other_instances(entries: Iterable[tuple[str, wire.Fields]], name: str,
+                    instance: str) -> set[str]:
+    """The tokens of other daemons among `entries` that are named `name`."""
+    tokens = set()
+    for _entry_id, fields in entries:
+        if fields.get(b"host") != name.encode():
+            continue
+        try:
+            figures = json_value(fields[b"figures"])
+        except (KeyError, ValueError):
+            continue
+        token = figures.get(INSTANCE) if isinstance(figures, dict) else None
+        if isinstance(token, str) and token != instance:
+            tokens.add(token[:32])
+    return tokens
+
+
 def rows(known: dict[str, Seen], me: str, mine: Figures, now_ms: float) -> list[Figures]:
     """The hosts as the console lists them: this one first (its figures as the tick has
     them now), then the others by name, each alive or not and seen how long ago. `now_ms`
@@ -140,6 +166,9 @@ class Roster:
         self._state = ""
         self._thread: threading.Thread | None = None
         self.error = ""
+        self.instance = secrets.token_hex(8)
+        self._clash_at: float | None = None  # monotonic: another live host of this name
+        self._clash_logged = -CLASH_LOG_S
 
     # -- the tick's side (never blocks) ---------------------------------------------------
     def note(self, now: float, state: str, figures: Callable[[], Figures]) -> None:
@@ -156,6 +185,14 @@ class Roster:
             known = self._known if self._redis_ms else {}
             mine, now_ms = self._mine, self._redis_ms + (now - self._read_at) * 1000
         return rows(known, self.name, mine, now_ms)
+
+    def name_clash(self, now: float) -> str | None:
+        """What to tell the operator while another live host uses this host's name."""
+        clash_at = self._clash_at
+        if clash_at is None or now - clash_at > LOST_AFTER_S:
+            return None
+        return (f"another live host uses cluster.name {self.name!r} too: each takes the "
+                "other's jobs and events as its own; give each host its own cluster.name")
 
     def _hand(self, figures: Figures, stop: bool = False) -> None:
         with self._lock:
@@ -200,11 +237,13 @@ class Roster:
         trim: dict[str, Any] = {}
         if self._redis_ms:
             trim = {"minid": int(self._redis_ms - FORGET_S * 1000), "approximate": True}
-        entry = _text(client.xadd(self.key, entry_fields(self.name, figures),  # type: ignore[arg-type]
-                                  **trim))
+        fields = entry_fields(self.name, figures | {INSTANCE: self.instance})
+        entry = _text(client.xadd(self.key, fields, **trim))  # type: ignore[arg-type]
         added_at, now_ms = time.monotonic(), entry_ms(entry)
         known = self._known
-        if self._last_entry and entry_ms(self._last_entry) <= now_ms:
+        # Entries before this daemon's first may be its own earlier run's (a restart).
+        since_mine = bool(self._last_entry) and entry_ms(self._last_entry) <= now_ms
+        if since_mine:
             start = f"({self._last_entry}"
         else:  # the first read, or another Redis (with a clock behind): read it all
             start, known = str(int(now_ms - FORGET_S * 1000)), {}
@@ -212,6 +251,8 @@ class Roster:
             batch: Any = client.xrange(self.key, min=start, max=entry, count=READ_BATCH)
             entries = [(_text(entry_id), fields) for entry_id, fields in batch]
             known = fold(known, entries)
+            if since_mine:
+                self._check_name(other_instances(entries, self.name, self.instance))
             if len(entries) < READ_BATCH:
                 break
             start = f"({entries[-1][0]}"
@@ -219,6 +260,17 @@ class Roster:
             self._known, self._redis_ms, self._read_at = known, now_ms, added_at
             self._last_entry = entry
         self.error = ""
+
+
+    def _check_name(self, others: set[str]) -> None:
+        if not others:
+            return
+        now = time.monotonic()
+        self._clash_at = now
+        if now - self._clash_logged >= CLASH_LOG_S:
+            self._clash_logged = now
+            log.error("cluster_name_taken", name=self.name, instance=self.instance,
+                      others=sorted(others), message=self.name_clash(now))
 
 
 def _text(value: str | bytes) -> str:

@@ -224,6 +224,15 @@ class Service:
             state = "stopping" if self.stopping else "ready" if self.ready else "starting"
             self.roster.note(now, state, self._host_figures)
 
+    def cluster_report(self, now: float) -> tuple[dict[str, Any] | None, str]:
+        """The cluster's figures (`stats`) and its part of STATUS=, with what the roster saw
+        wrong: another live host of this host's name."""
+        figures, status = self.cluster.figures(), self.cluster.status()
+        clash = None if self.roster is None else self.roster.name_clash(now)
+        if figures is None or clash is None:
+            return figures, status
+        return figures | {"name_taken": clash}, f"{status}; {clash}"
+
     def _host_figures(self) -> dict[str, Any]:
         workers = 0 if self.pool is None else len(self.pool.workers())
         return roster.host_figures(self.ledger, engine=self.engine_name, workers=workers,

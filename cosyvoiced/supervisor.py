@@ -293,7 +293,7 @@ class Supervisor:
         return report.Snapshot(
             self.book.records, self.pool, self.service.engine_name, self.config.engine.name,
             self.service.ready, self.service.stopping, self.intake_failure, self.reload_error,
-            self.cache.figures(), self.sharing.figures(), self.sharing.status())
+            self.cache.figures(), *self.service.cluster_report(time.monotonic()))
 
     def status_line(self) -> str:
         return report.status_line(self._snapshot())

@@ -143,3 +143,46 @@ def test_rosters_on_one_redis_see_each_other_and_a_stop(tmp_path: Path) -> None:
         wait_until(lambda: seen_by_a() == [("a", True, "ready"), ("b", False, roster.STOPPED)],
                    10, "a to see b stopped")
         rosters["a"].stop({})
+
+
+@needs_redis
+def test_a_roster_tells_another_live_host_of_its_name_from_its_own_earlier_run(
+        tmp_path: Path) -> None:
+    """A host restarted under its name reads its earlier run's entries: its own, not a
+    clash. A second live host of that name is one, seen by both."""
+    with RedisServer(tmp_path / "redis", aof=False) as server:
+        def member(name: str) -> roster.Roster:
+            made = roster.Roster(name, "cosyvoiced:hosts",
+                                 lambda: server.client(decode_responses=False))
+            made.start()
+            return made
+
+        clock = itertools.count(1)
+
+        def noted(*members: roster.Roster, state: str = "ready") -> bool:
+            """One more round of each member's (one every PUBLISH_S)."""
+            now = next(clock) * roster.PUBLISH_S
+            for each in members:
+                each.note(now, state, dict)
+            return True
+
+        def seen(by: roster.Roster, name: str) -> str | None:
+            return next((row["state"] for row in by.hosts(time.monotonic())
+                         if row["name"] == name), None)
+
+        def b_seen_as(state: str) -> bool:
+            return noted(other, again, state=state) and seen(again, "b") == state
+
+        earlier = member("a")
+        earlier.note(0.0, "ready", dict)
+        earlier.stop({})
+        other, again = member("b"), member("a")
+        for state in ("ready", "busy"):  # "busy": read after again's first entry
+            wait_until(functools.partial(b_seen_as, state), 10, f"b {state}")
+        assert again.name_clash(time.monotonic()) is None
+        twin = member("a")
+        wait_until(lambda: noted(other, again, twin) and again.name_clash(time.monotonic())
+                   and twin.name_clash(time.monotonic()),
+                   10, "both to see the other")
+        for each in (other, again, twin):
+            each.stop({})

@@ -4,6 +4,7 @@ and must neither die nor write outside its spool."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -12,10 +13,11 @@ import pytest
 
 from cosyvoiced import cluster
 from cosyvoiced import clusterwire as wire
+from cosyvoiced.client import Client
 from cosyvoiced.config import ClusterConfig
 from cosyvoiced.job import SINK_REPLY, Job
 from tests.conftest import DaemonFactory
-from tests.daemon import wait_until
+from tests.daemon import Daemon, wait_until
 from tests.redisserver import RedisServer, redis_server_fixture  # noqa: F401
 
 INTERACTIVE = "cosyvoiced:jobs:interactive"
@@ -205,3 +207,31 @@ def test_a_shared_job_its_host_withdrew_is_dropped_not_served(
         assert link.inbound.empty()
     finally:
         link.stop()
+
+
+def _status_says(daemon: Daemon, words: str) -> bool:
+    assert daemon.notify is not None
+    return any(words in line for line in daemon.notify.statuses())
+
+
+def test_two_live_hosts_of_one_name_are_told_to_the_operator(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """Two daemons configured with the same cluster.name read one event stream and one
+    consumer's pending jobs as their own (a restart of either takes the jobs the other
+    serves), and nothing said so. Each sees the other's roster entries: an error in the log,
+    in STATUS= and in stats, while both live."""
+    first = make_daemon("first", engine={"name": "tests.engines.faulty:load"},
+                        cluster={"redis": redis_server.url, "name": "same"})
+    first.start()
+    second = make_daemon("second", engine={"name": "tests.engines.faulty:load"},
+                         cluster={"redis": redis_server.url, "name": "same"})
+    second.start()
+    for daemon in (first, second):
+        taken = wait_until(functools.partial(daemon.log_events, "cluster_name_taken"), 30,
+                           f"{daemon.root.name} to see the other")
+        assert "give each host its own cluster.name" in taken[0]["message"]
+        wait_until(functools.partial(_status_says, daemon, "another live host uses "
+                                     "cluster.name 'same'"), 10, "STATUS=")
+        with Client(daemon.endpoint, timeout_s=10) as client:
+            assert "give each host" in client.stats()["cluster"]["name_taken"]
+    assert len(first.log_events("cluster_name_taken")) == 1  # not once a round
