@@ -9,6 +9,7 @@ starts a thread per connection, holds idle ones for ever and answers on every pa
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -89,6 +90,23 @@ class _StageMetrics:
             self.first_chunk.observe(segment.first_chunk_ms / 1000)
 
 
+@dataclass
+class WorkerFigures:
+    """One (slot, device)'s processes together: its worker, and one leaving or loading to
+    take over (worker.spare), hold memory at once."""
+
+    rss_bytes: int = 0
+    gpu_bytes: int = 0
+    streams: int = 0  # segments in hand
+    max_streams: int = 0
+
+    def add(self, memory: Memory, streams: int, max_streams: int) -> None:
+        self.rss_bytes += memory.rss_bytes
+        self.gpu_bytes += memory.gpu_peak_bytes or 0
+        self.streams += streams
+        self.max_streams = max(self.max_streams, max_streams)
+
+
 class Metrics:
     def __init__(self) -> None:
         self._loop_thread: LoopThread | None = None
@@ -129,6 +147,7 @@ class Metrics:
         self.worker_max_streams = Gauge("cosyvoiced_worker_max_streams", "Segments the "
                                         "worker makes at once at most", ["slot", "device"],
                                         registry=r)
+        self._worker_labels: set[tuple[str, str]] = set()  # (slot, device) published
         self.worker_generation = Gauge("cosyvoiced_worker_generation",
                                        "Workers started since the daemon started", registry=r)
         self.workers = Gauge("cosyvoiced_workers", "Worker slots (worker.devices x "
@@ -212,11 +231,18 @@ class Metrics:
                 self.real_time_factor.observe(result.synth_s / result.audio_s)
             self._stages.observe(result.stages)
 
-    def worker(self, slot: int, device: str, memory: Memory,
-               streams: int, max_streams: int) -> None:
-        labels = (str(slot), device)
-        self.worker_rss.labels(*labels).set(memory.rss_bytes)
-        self.worker_gpu.labels(*labels).set(memory.gpu_peak_bytes or 0)
-        self.worker_busy.labels(*labels).set(int(streams > 0))
-        self.worker_streams.labels(*labels).set(streams)
-        self.worker_max_streams.labels(*labels).set(max_streams)
+    def workers_now(self, figures: dict[tuple[str, str], WorkerFigures]) -> None:
+        """Each (slot, device)'s figures as of this tick; the series of one no longer there
+        (a reload to fewer slots, a device changed) go, or sum() over them counted workers
+        long gone."""
+        for labels, now in figures.items():
+            self.worker_rss.labels(*labels).set(now.rss_bytes)
+            self.worker_gpu.labels(*labels).set(now.gpu_bytes)
+            self.worker_busy.labels(*labels).set(int(now.streams > 0))
+            self.worker_streams.labels(*labels).set(now.streams)
+            self.worker_max_streams.labels(*labels).set(now.max_streams)
+        for labels in self._worker_labels - figures.keys():
+            for gauge in (self.worker_rss, self.worker_gpu, self.worker_busy,
+                          self.worker_streams, self.worker_max_streams):
+                gauge.remove(*labels)
+        self._worker_labels = set(figures)

@@ -14,7 +14,7 @@ from typing import Any
 
 from cosyvoiced import __version__
 from cosyvoiced.ledger import LedgerView
-from cosyvoiced.metrics import Metrics
+from cosyvoiced.metrics import Metrics, WorkerFigures
 from cosyvoiced.pool import WorkerPool
 from cosyvoiced.workerhandle import WorkerHandle, WorkerState
 
@@ -137,6 +137,9 @@ def publish(metrics: Metrics, ledger: LedgerView, pool: WorkerPool) -> None:
         metrics.reply_audio.labels(where).set(size)
     metrics.workers.set(len(pool.slots))
     metrics.worker_generation.set(pool.generation)
-    for worker in pool.workers():
-        metrics.worker(worker.slot, worker.placement.device, worker.memory,
-                       len(worker.jobs), worker.streams)
+    figures: dict[tuple[str, str], WorkerFigures] = {}
+    for worker in pool.handles():  # a spare's and a retiring one's memory too
+        labels = (str(worker.slot), worker.placement.device)
+        figures.setdefault(labels, WorkerFigures()).add(worker.memory, len(worker.jobs),
+                                                        worker.streams)
+    metrics.workers_now(figures)
