@@ -297,6 +297,18 @@ class _RecordingSink:
         self._sink.cancelled(job)
 
 
+def _read_prompt(path: Path, max_bytes: int) -> bytes | None:
+    """A job's prompt audio to key it by, read on the tick: None if it cannot be read or is
+    over `max_bytes` (the intakes refuse such prompts; it is then not cached)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as stream:
+            data = stream.read(max_bytes + 1)
+    except OSError:
+        return None
+    return data if len(data) <= max_bytes else None
+
+
 # -- the cache --------------------------------------------------------------------------
 class ResultCache:
     """What the supervisor asks of the cache (on its own thread)."""
@@ -307,6 +319,7 @@ class ResultCache:
         self._identity = ""
         self._default_voice = ""
         self._across_clients = False
+        self._max_prompt_bytes = 0  # a job's prompt is keyed up to this size (configure)
         self._recordings: dict[str, _Recording] = {}
         self.configure(config)
         metrics.watch_cache(self.figures)
@@ -322,6 +335,8 @@ class ResultCache:
         self._default_voice = config.engine.voice
         self._across_clients = settings.across_clients
         self._identity = engine_identity(config.engine)
+        self._max_prompt_bytes = max(config.http.max_upload_bytes,
+                                     config.zmq.max_attachment_bytes)
         store = self._store
         if settings.max_bytes == 0:
             if store is not None:
@@ -372,10 +387,10 @@ class ResultCache:
                 owner = _owner(voice, voice_digest)
         prompt = ""
         if job.prompt_audio is not None:
-            try:
-                prompt = _digest(Path(job.prompt_audio).read_bytes())
-            except OSError:
+            data = _read_prompt(Path(job.prompt_audio), self._max_prompt_bytes)
+            if data is None:
                 return None  # the worker reports the problem with the prompt
+            prompt = _digest(data)
         material = json.dumps({
             "identity": self._identity, "voice": voice, "voice_prompt": voice_digest,
             "prompt_audio": prompt, "prompt_text": job.prompt_text,

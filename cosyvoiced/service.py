@@ -398,6 +398,7 @@ class Service:
 
     def _admit(self, claimed: Claimed) -> None:
         """Parse and queue a claimed job; OSError if it cannot be read now."""
+        self.spool.max_prompt_bytes = self.config.http.max_upload_bytes  # as an upload's
         try:
             job = self.intakes.inbox.admit(claimed, self.limits,
                                            self.config.spool.max_file_bytes)

@@ -51,6 +51,7 @@ POSING_SUFFIX = ".input"  # after an input named as an error record (see _failed
 # (work/'s "JOBID~NAME", failed/'s ".JOBID~NAME.error.json.XXXXXXXX.tmp") stay under
 # NAME_MAX, 255 bytes; a longer one could be neither claimed nor failed.
 MAX_INPUT_NAME_BYTES = 200
+DEFAULT_MAX_PROMPT_BYTES = 16 << 20  # http.max_upload_bytes' default
 _MAX_SUFFIX_CHARS = 16  # a longer "suffix" is part of the name, not its type
 
 
@@ -243,6 +244,9 @@ class Spool:
         self.failed = self.root / "failed"
         self.prompts = self.root / "prompts"
         self.attempts = self.root / "attempts"
+        # Set from http.max_upload_bytes by the service: a dropped prompt's bound is an
+        # uploaded one's.
+        self.max_prompt_bytes = DEFAULT_MAX_PROMPT_BYTES
 
     def ensure(self) -> None:
         for directory in (self.inbox, self.work, self.outbox, self.failed, self.prompts,
@@ -451,11 +455,35 @@ class Spool:
                 raise JobFailure(ErrorCode.PROMPT_AUDIO_NOT_FOUND, f"prompt_audio: no file "
                                  f"{name!r} in the inbox; drop the audio before the job "
                                  "file that names it", "prompt_audio") from None
-        if not stat.S_ISREG(os.lstat(claimed.path).st_mode):
+        info = os.lstat(claimed.path)
+        if not stat.S_ISREG(info.st_mode):
             raise JobFailure(ErrorCode.PROMPT_AUDIO_UNREADABLE, f"prompt_audio: {name!r} is "
                              "not a regular file (links are never followed)", "prompt_audio")
-        _check_one_name(os.lstat(claimed.path), f"prompt_audio: {name!r}", "prompt_audio")
+        _check_one_name(info, f"prompt_audio: {name!r}", "prompt_audio")
+        self._check_prompt_size(name, info.st_size)
+        if info.st_uid != os.getuid():
+            self._own_copy(claimed.path, name)
         return claimed.path
+
+    def _check_prompt_size(self, name: str, size: int) -> None:
+        # The cache's key and the worker read the whole file: a (sparse) file of 64 GiB
+        # was a MemoryError on the tick, at every start.
+        if size > self.max_prompt_bytes:
+            raise JobFailure(ErrorCode.FILE_TOO_LARGE, f"prompt_audio: {name!r} is {size} "
+                             f"bytes; the limit is {self.max_prompt_bytes} "
+                             "(http.max_upload_bytes, as for an uploaded prompt: 30 s of "
+                             "audio is the most an engine takes)", "prompt_audio")
+
+    def _own_copy(self, path: Path, name: str) -> None:
+        """Replace a submitter's claimed prompt with the daemon's own copy of it: its writer
+        may hold it open and change it after the cache keyed the job by its content and
+        before the worker reads it (another client's cached result, in the wrong voice)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as stream:
+            data = stream.read(self.max_prompt_bytes + 1)
+            mode = stat.S_IMODE(os.fstat(fd).st_mode) & 0o666
+        self._check_prompt_size(name, len(data))  # it grew since it was looked at
+        atomic_write(path.parent, path.name, data, mode)
 
     def _check_prompt_owner(self, job: Claimed, name: str) -> None:
         """The sticky inbox keeps a submitter from taking another's drop: so does a job that
