@@ -29,6 +29,7 @@ from watchdog.observers.inotify_c import (
 )
 
 from cosyvoiced import captions, logs
+from cosyvoiced.intake.inboxrules import Stillness
 from cosyvoiced.job import (
     Deferred,
     ErrorCode,
@@ -47,8 +48,9 @@ SOURCE = "inbox"
 JOB_SUFFIXES = ("txt", "json")
 # A file found by a scan (not an event) is taken only once it has been still this long,
 # so a writer still filling it in place is left alone until its close event: QUIET_S for
-# the scans that look for what the watch could not see (the first, and after an overflow),
-# the rescan interval for the periodic ones (a writer may pause longer than a second).
+# the scans that look for what the watch could not see (the first, and after an overflow)
+# and the one retry each of them gets, the rescan interval for the periodic ones (a writer
+# may pause longer than a second). How "still" is judged: inboxrules.Stillness.
 QUIET_S = 1.0
 # Names a scan looks at (and claims) in one tick, job files or not: a scan of 100,000 files
 # dropped while the daemon was down held its first tick for seconds.
@@ -61,8 +63,14 @@ log = logs.get_logger("cosyvoiced.intake.inbox")
 class _Scan:
     names: Generator[str, None, None]  # left to look at, read as they are taken
     quiet_s: float  # a file changed more recently than this is left for the next scan
-    soon: bool  # a scan asked for (or one after files too fresh to take)
-    deferred: bool = False  # files too fresh to take were seen
+    began: float  # monotonic
+    # A scan for what the watch could not see: files too fresh to take bring the next scan
+    # forward (QUIET_S), once. Fresh again then, they were written since the watch began,
+    # so their close event takes them: a file rewritten every second (or dated in the
+    # future) never keeps the folder scanned every second.
+    retried_soon: bool
+    looked: int = 0
+    deferred: int = 0  # files too fresh to take
 
 
 def parse(claimed: Claimed, data: bytes, limits: Limits) -> Job:
@@ -135,8 +143,10 @@ class InboxIntake:
         self._lock = threading.Lock()
         self.rescan_requested = threading.Event()
         self.next_scan = 0.0  # monotonic
-        self._soon = True  # the next scan takes files still for QUIET_S (see there)
+        self._first = True  # the first scan looks for what the watch could not see
+        self._retry_soon = False  # the next scan is the retry of such a scan (QUIET_S)
         self._scan: _Scan | None = None  # the scan under way, a step a tick
+        self._stillness = Stillness()
 
     def start(self) -> None:
         # watchdog's low-level inotify reader, not its Observer: the Observer holds every
@@ -191,46 +201,51 @@ class InboxIntake:
             self._wake()
 
     def rescan_if_due(self, now: float, interval_s: float) -> None:
-        """A scan every `interval_s` (or sooner when asked, or when a scan found files too
-        fresh to take): files renamed in while the watch was not looking are taken too,
-        SCAN_STEP names a tick (the next tick comes at once while names are left).
-        Nothing once stopped (`stop`): no file is taken then."""
+        """A scan every `interval_s` (or sooner when asked, and once more QUIET_S after such
+        a scan found files too fresh to take): files renamed in while the watch was not
+        looking are taken too, SCAN_STEP names a tick (the next tick comes at once while
+        names are left). Nothing once stopped (`stop`): no file is taken then."""
         if not self._accepting:
             return
         if self._scan is None:
             if now < self.next_scan and not self.rescan_requested.is_set():
                 return
-            soon = self._soon or self.rescan_requested.is_set()
+            unseen = self._first or self.rescan_requested.is_set()
+            self._first = False
             self.rescan_requested.clear()
+            soon = unseen or self._retry_soon
             self._scan = _Scan(self._spool.inbox_names(), QUIET_S if soon else interval_s,
-                               soon)
+                               now, retried_soon=unseen)
         scan = self._scan
         if self._scan_step(scan):
             self.next_scan = now  # the rest at the next tick
             return
         self._scan = None
-        self._soon = scan.deferred and scan.soon
-        self.next_scan = now + (QUIET_S if self._soon else interval_s)
+        self._stillness.scan_ended(whole=True)
+        self._retry_soon = scan.retried_soon and scan.deferred > 0
+        self.next_scan = now + (QUIET_S if self._retry_soon else interval_s)
+        log.debug("inbox_scanned", names=scan.looked, too_fresh=scan.deferred,
+                  next_in_s=round(self.next_scan - now, 3))
 
     def _scan_step(self, scan: _Scan) -> bool:
         """Look at the next SCAN_STEP names of `scan`, and claim the job files among them
-        that have been still for its quiet_s (noting those too fresh to take); False once
+        that have been still for its quiet_s (counting those too fresh to take); False once
         none are left. Every name counts: a million writers' temp files, skipped uncounted,
         were all looked at in one tick (1 s)."""
-        now = time.time()
         looked = 0
         for name in itertools.islice(scan.names, SCAN_STEP):
             looked += 1
             if not is_job_candidate(name):
                 continue
             try:
-                changed = os.lstat(self._spool.inbox / name).st_mtime
+                info = os.lstat(self._spool.inbox / name)
             except FileNotFoundError:
                 continue
-            if now - changed < scan.quiet_s:
-                scan.deferred = True
-            else:
+            if self._stillness.is_still(name, info, time.time(), scan.began, scan.quiet_s):
                 self.take(name)
+            else:
+                scan.deferred += 1
+        scan.looked += looked
         if looked < SCAN_STEP:
             scan.names.close()  # its directory's descriptor
             return False
