@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cosyvoiced import captions, clusterwire, logs, policy, scheduler, stages
+from cosyvoiced import captions, clusterwire, diskwait, logs, policy, scheduler, stages
 from cosyvoiced.clients import LOCAL_ADMIN, Identity
 from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
@@ -109,6 +109,12 @@ def _captions(running: Running) -> captions.Captions | None:
     return captions.build(running.made, running.sample_rate)
 
 
+def _max_active(config: Config, streams: int) -> int:
+    """Jobs of a class in progress at once: the configured bound, or more where the workers
+    make more segments at once (batched streams), so that none stays empty."""
+    return max(config.scheduling.max_active_jobs, streams)
+
+
 class JobBook:
     def __init__(self, spool: Spool, encoder: Encoder, prepare: Callable[[Job], Job],
                  settings: Callable[[], Config]) -> None:
@@ -122,6 +128,7 @@ class JobBook:
         self.started_here: list[str] = []
         self.freed: list[WorkerHandle] = []
         self._encoding: dict[str, _Encoding] = {}
+        self._held = diskwait.HeldStarts(spool)  # jobs whose start the disk refused
 
     @property
     def config(self) -> Config:
@@ -156,26 +163,22 @@ class JobBook:
         `streams`: the segments all ready workers make at once."""
         if not idle:
             return
-        waiting = self._ledger.waiting()
+        waiting = [w for w in self._ledger.waiting() if not self._held.waits(w.job_id, now)]
         if stopping:  # finish what is in progress; start nothing new
             waiting = [w for w in waiting if w.started]
         places = scheduler.places({slot: w.free_streams for slot, w in idle.items()},
                                   {slot: len(w.jobs) for slot, w in idle.items()})
         for choice in scheduler.assign(waiting, places, self._ledger.in_progress(),
-                                       self._max_active(streams),
+                                       _max_active(self.config, streams),
                                        self._ledger.shares_in_progress(),
                                        self._ledger.last_turn):
             self._hand_segment(self._ledger.jobs[choice.job_id], idle[choice.slot], now)
 
-    def _max_active(self, streams: int) -> int:
-        """Jobs of a class in progress at once: the configured bound, or more where the
-        workers make more segments at once (batched streams), so that none stays empty."""
-        return max(self.config.scheduling.max_active_jobs, streams)
-
     def _hand_segment(self, running: Running, worker: WorkerHandle, now: float) -> None:
         index = running.done
-        if not running.dispatched and running.persisted:
-            self._spool.count_attempt(running.job.id)  # durable before the job is in hand
+        if not running.dispatched and running.persisted:  # durable before it is in hand
+            if not self._held.count(running.job.id, now):
+                return  # a full disk: it stays queued, tried again after a backoff
             running.counted = True
         if not worker.send(RunSegment(self._prepare(running.job), index,
                                       len(running.segments), running.segments[index])):
@@ -482,6 +485,7 @@ class JobBook:
     def _leave(self, running: Running) -> None:
         """The job leaves the book without its audio: any it made goes now."""
         self._ledger.pop(running.job.id)
+        self._held.forget(running.job.id)
         if running.audio is not None:
             running.audio.discard()
 

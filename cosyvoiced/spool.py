@@ -24,6 +24,7 @@ finished job from one to run again, so no input ever ends twice or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -37,7 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosyvoiced import logs
 from cosyvoiced.job import ErrorCode, JobError, JobFailure
+
+log = logs.get_logger("cosyvoiced.spool")
 
 WORK_SEPARATOR = "~"
 IGNORED_SUFFIXES = (".tmp", ".part")
@@ -398,9 +402,20 @@ class Spool:
         return self.root / ADMIN_TOKEN_NAME
 
     def new_admin_token(self) -> str:
-        """A fresh token for this life of the daemon, readable by its user alone."""
+        """A fresh token for this life of the daemon, readable by its user alone; "" (no
+        local admin this life, said in the log) if the spool's disk would not take it: a
+        full disk stopped the daemon at every start, its network intakes with it."""
         token = secrets.token_urlsafe(32)
-        atomic_write(self.root, ADMIN_TOKEN_NAME, token.encode(), mode=0o600)
+        try:
+            atomic_write(self.root, ADMIN_TOKEN_NAME, token.encode(), mode=0o600)
+        except OSError as error:
+            with contextlib.suppress(OSError):  # an old life's token would only mislead
+                self.admin_token_path.unlink(missing_ok=True)
+            log.error("admin_token_unwritable", path=str(self.admin_token_path),
+                      error=str(error), message="no admin token this life of the daemon: "
+                      "cosyvoicectl is an ordinary client (its own jobs only) until the "
+                      "daemon starts again with room on the spool's disk")
+            return ""
         return token
 
     # crash-safe recovery
