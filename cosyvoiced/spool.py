@@ -447,13 +447,27 @@ class Spool:
         (self.attempts / job_id).unlink(missing_ok=True)
 
     def hand_back(self, claimed: Claimed) -> bool:
-        """Return an unstarted job to the inbox under its own name (unless that is taken),
-        its prompt audio first, so that the job finds it when it is claimed again."""
+        """Return an unstarted job to the inbox under its own name, its prompt audio first,
+        so that the job finds it when it is claimed again. False if any of those names is
+        taken there (a new drop): the job stays in work/ with its prompts, claimed, for the
+        next start. (A prompt left behind was deleted at the next start as an orphan, and
+        the job took the new file of its name: another's voice.)"""
         self.clear_attempts(claimed.job_id)
+        returned: list[_Prompt] = []
         for prompt in self._prompts_of(claimed.job_id):
-            rename_noreplace(prompt.path, self.inbox / prompt.claimed.original_name)
-        return rename_noreplace(self.work / claimed.work_name,
-                                self.inbox / claimed.original_name)
+            if not rename_noreplace(prompt.path, self.inbox / prompt.claimed.original_name):
+                self._reclaim(returned)
+                return False
+            returned.append(prompt)
+        if rename_noreplace(self.work / claimed.work_name, self.inbox / claimed.original_name):
+            return True
+        self._reclaim(returned)
+        return False
+
+    def _reclaim(self, returned: list[_Prompt]) -> None:
+        """Take back the prompts just handed back for a job that stays in work/."""
+        for prompt in returned:
+            os.rename(self.inbox / prompt.claimed.original_name, prompt.path)
 
     # prompt audio
     def claim_prompt(self, job: Claimed, name: str) -> Path:
