@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import struct
 import sys
 import time
@@ -37,18 +38,24 @@ class UsageError(Exception):
 def _spool(args: argparse.Namespace) -> Spool:
     if args.spool:
         return Spool(args.spool)
-    return Spool(config.load(args.config).spool.dir)
+    return Spool(config.load(args.config, validate=False).spool.dir)
 
 
 def _endpoint(args: argparse.Namespace) -> str:
     if args.endpoint:
         return str(args.endpoint)
-    if Path(args.config).is_file():
-        binds = config.load(args.config).zmq.bind
-        if binds:
-            return binds[0].replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:",
-                                                                      "://127.0.0.1:")
-    return DEFAULT_ENDPOINT
+    if not Path(args.config).is_file():
+        return DEFAULT_ENDPOINT
+    settings = config.load(args.config, validate=False).zmq
+    # Said at once: each was 30 s of retries to an address nothing answers on.
+    if not settings.bind:
+        raise UsageError(f"ZeroMQ is off in {args.config} (zmq.bind is empty); give "
+                         "--endpoint")
+    if settings.curve and not args.server_key:
+        raise UsageError(f"the daemon of {args.config} requires CurveZMQ (zmq.curve): give "
+                         "--server-key and --client-key")
+    return settings.bind[0].replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:",
+                                                                     "://127.0.0.1:")
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -62,8 +69,13 @@ def _client(args: argparse.Namespace) -> Client:
         if secret is None:
             raise UsageError(f"{args.client_key} holds no secret key (use NAME.key_secret)")
         keypair = (public, secret)
-    return Client(_endpoint(args), server_key=server_key, client_keypair=keypair,
-                  timeout_s=args.timeout, admin_token=_admin_token(args))
+    endpoint = _endpoint(args)
+    # This host's admin token goes to this host's daemon only: it was sent (in clear
+    # without CURVE) to whatever --endpoint named.
+    local = args.endpoint is None or config.is_loopback_endpoint(endpoint)
+    token = _admin_token(args) if local else None
+    return Client(endpoint, server_key=server_key, client_keypair=keypair,
+                  timeout_s=args.timeout, admin_token=token)
 
 
 def _admin_token(args: argparse.Namespace) -> str | None:
@@ -72,7 +84,7 @@ def _admin_token(args: argparse.Namespace) -> str | None:
     if not Path(args.config).is_file():
         return None
     try:
-        spool = Spool(config.load(args.config).spool.dir)
+        spool = Spool(config.load(args.config, validate=False).spool.dir)
         return spool.admin_token_path.read_text().strip() or None
     except (OSError, config.ConfigError):
         return None
@@ -252,9 +264,17 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    """A CURVE key pair; the secret readable by its owner only (pyzmq writes it with the
+    umask's 0644: any local user could read the server's secret and pass for it). For the
+    daemon: `chown root:cosyvoiced` and `chmod 0640` it."""
     directory = Path(args.dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), args.name)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    umask = os.umask(0o077)  # never readable by others, not even for a moment
+    try:
+        public, secret = zmq.auth.create_certificates(str(directory), args.name)
+    finally:
+        os.umask(umask)
+    Path(public).chmod(0o644)
     print(f"public key (share it): {public}\nsecret key (keep it):  {secret}")
     return 0
 
