@@ -1,9 +1,10 @@
 """The supervisor's handle on one worker process: spawn, talk, watch, retire.
 
 It never imports the engine: the worker module is started by name with `spawn`, so the
-supervisor stays free of torch, onnxruntime and any CUDA state. Nothing here blocks: a
-worker being retired is asked to exit, then sent SIGTERM, then SIGKILL, each at a deadline
-the supervisor's tick checks.
+supervisor stays free of torch, onnxruntime and any CUDA state. Nothing here blocks: the
+pipe is read and written by threads of its own (workerpipe.py), so a worker that freezes
+partway through a message is only silent, and a worker being retired is asked to exit, then
+sent SIGTERM, then SIGKILL, each at a deadline the supervisor's tick checks.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from cosyvoiced.engines import promptfiles
 from cosyvoiced.memory import Memory
 from cosyvoiced.messages import FromWorker, Shutdown, ToWorker
 from cosyvoiced.placement import Placement
+from cosyvoiced.workerpipe import WorkerPipe
 
 log = logs.get_logger("cosyvoiced.supervisor")
+
+FINAL_READ_S = 1.0  # a worker that exited: how long the tick waits for its last messages
 
 
 class WorkerState(StrEnum):
@@ -56,7 +60,6 @@ class WorkerHandle:
         self.jobs: list[str] = []  # the jobs whose segments it has in hand
         self.streams = 1  # segments it makes at once (its engine's, once ready)
         self.warned_over_limit = False
-        self.conn = parent
         self.deadline = float("inf")  # when retiring: when to escalate
         self._kill_grace_s = config.worker.kill_grace_s
         self.process = context.Process(
@@ -65,6 +68,10 @@ class WorkerHandle:
                   config.worker.heartbeat_interval_s, placement))
         self.process.start()
         child.close()
+        # `conn` is what the pool's waitables name: readable while messages wait for the tick.
+        self.conn = WorkerPipe(parent, f"cosyvoiced-worker-{generation}")
+        self._final_read_s = FINAL_READ_S  # once: a worker that closed its pipe ends the read
+        self._pipe_failure_seen = False
         log.info("worker_state", state=str(self.state), generation=generation,
                  worker_pid=self.pid, role=role, slot=placement.slot, device=placement.device)
 
@@ -107,23 +114,35 @@ class WorkerHandle:
         self.state = state
 
     def messages(self, now: float) -> Iterator[FromWorker]:
-        """Whatever the worker has sent so far, without blocking."""
+        """Whatever the worker has sent so far, whole messages only, without blocking; from
+        a worker that exited, up to FINAL_READ_S for the last ones it sent."""
         if self.conn.closed:
+            return iter(())
+        self._kill_if_unreadable()
+        exited = not self.process.is_alive()
+        taken = self.conn.take(self._final_read_s if exited else 0.0)
+        if exited:
+            self._final_read_s = 0.0
+        if taken:
+            self.last_heard = now
+        return iter(taken)
+
+    def _kill_if_unreadable(self) -> None:
+        """A pipe whose thread died (or whose worker sent what cannot be read) is no use: the
+        worker is killed, and the pool finds it exited (its job: the crash rules)."""
+        failure = self.conn.failure()
+        if failure is None or self._pipe_failure_seen:
             return
-        try:
-            while self.conn.poll():
-                message: FromWorker = self.conn.recv()
-                self.last_heard = now
-                yield message
-        except (EOFError, OSError):
-            return
+        self._pipe_failure_seen = True
+        log.error("worker_pipe_failed", generation=self.generation, worker_pid=self.pid,
+                  slot=self.slot, reason=failure, message="killing the worker")
+        if self.process.is_alive():
+            self.process.kill()
 
     def send(self, message: ToWorker) -> bool:
-        try:
-            self.conn.send(message)
-        except (BrokenPipeError, OSError):
-            return False
-        return True
+        """Queued for the pipe's writing thread: False if the worker is gone (or reads
+        nothing for so long that the queue is full)."""
+        return self.conn.send(message)
 
     def alive(self) -> bool:
         return self.process.is_alive()
