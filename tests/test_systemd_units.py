@@ -80,6 +80,9 @@ def test_unit_contract() -> None:
                  "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectHome=yes",
                  "ExecReload=/usr/bin/kill -HUP $MAINPID", "RestartPreventExitStatus=2"):
         assert line in unit, line
+    # In PrivateUsers='s namespace every submitter's file is owned by nobody: the inbox's
+    # owner check passed for any two of them (Bob's job cloned Alice's dropped voice).
+    assert "PrivateUsers=yes" not in unit
     # The stop timeout covers the daemon's own drain: drain_timeout_s + 2 x kill_grace_s.
     stop = int(re.search(r"TimeoutStopSec=(\d+)", unit).group(1))  # type: ignore[union-attr]
     assert stop >= 30 + 2 * 5
