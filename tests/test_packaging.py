@@ -137,3 +137,27 @@ def test_package_installs_into_a_chroot_and_serves_a_job(deb: Path, chroot: Path
     assert daemon.returncode == 0, daemon.stdout.read().decode() if daemon.stdout else ""
     if daemon.stdout is not None:
         daemon.stdout.close()
+    _purge_takes_what_the_daemon_made(chroot, env)
+
+
+def _purge_takes_what_the_daemon_made(chroot: Path, env: dict[str, str]) -> None:
+    """There was no postrm: a purge left the spool (results, voices, the admin token), the
+    logs and the cache behind."""
+    made = [chroot / "var/lib/cosyvoiced", chroot / "var/log/cosyvoiced",
+            chroot / "var/cache/cosyvoiced"]
+    for directory in made[1:]:  # the unit's LogsDirectory= and CacheDirectory=
+        directory.mkdir(exist_ok=True)
+    _run("chroot", str(chroot), "apt-get", "remove", "-y", "-q", "cosyvoiced", env=env)
+    assert all(directory.is_dir() for directory in made)
+    _run("chroot", str(chroot), "apt-get", "purge", "-y", "-q", "cosyvoiced", env=env)
+    assert not [directory for directory in made if directory.exists()]
+
+
+def test_an_upgrade_stops_the_service_before_unpacking(deb: Path, tmp_path: Path) -> None:
+    """--restart-after-upgrade left the old daemon running while dpkg replaced its
+    virtualenv: a worker or encoder it spawned meanwhile ran half-replaced code."""
+    _run("dpkg-deb", "-e", str(deb), str(tmp_path / "control"))
+    preinst = (tmp_path / "control" / "preinst").read_text()  # the new package's, first
+    stop = "deb-systemd-invoke stop 'cosyvoiced.service'"
+    assert stop in preinst, preinst
+    assert '"$1" = upgrade' in preinst[:preinst.index(stop)].rsplit("if ", 1)[-1], preinst
