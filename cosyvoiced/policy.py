@@ -63,6 +63,27 @@ def respawn_delay_s(start_failures: int) -> float:
     return 0.0 if start_failures == 0 else min(2.0 ** (start_failures - 1), 30.0)
 
 
+SETTLED_S = 10.0  # a worker ready this long has started: its slot's failures are forgiven
+
+
+def failed_start(ready_at: float | None, now: float, segment_in_hand: bool) -> bool:
+    """Whether a worker's end counts as a failed start of its slot: it never got ready, or
+    it died idle within SETTLED_S of getting ready (an engine that cannot stay up backs
+    off as one that cannot load). One that dies with a segment in hand is the job's
+    doing: the job is retried, and fails as poison after two."""
+    if ready_at is None:
+        return True
+    return not segment_in_hand and now - ready_at < SETTLED_S
+
+
+def no_slot_can_serve(slots: list[tuple[int, bool]], max_start_failures: int) -> bool:
+    """Give up (exit 3) only when every slot, as (failed starts in a row, has a ready
+    worker), has failed its last `max_start_failures` starts and serves nothing: while
+    one slot serves, the others keep trying, backing off."""
+    return bool(slots) and all(failures >= max_start_failures and not ready
+                               for failures, ready in slots)
+
+
 MAX_ATTEMPTS = 2  # a job that kills two workers (or the daemon, or two hosts) is poison
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cosyvoiced import logs, memory, placement, policy
-from cosyvoiced.config import Config
+from cosyvoiced.config import Config, EngineConfig
 from cosyvoiced.messages import (
     EngineLoadFailed,
     EngineReady,
@@ -33,13 +33,115 @@ Progress = Callable[[WorkerHandle], "tuple[float, int] | None"]
 
 log = logs.get_logger("cosyvoiced.supervisor")
 MEMORY_REASONS = ("rss", "gpu_memory")
+REVERT_ENGINE, GIVE_UP = "revert_engine", "give_up"  # what a failed start asks of the daemon
 
 
 @dataclass
 class Slot:
+    """A place for one worker, and how its starts went: each slot backs off on its own, so
+    one that cannot load (a GPU short of memory) leaves the others serving."""
+
     placement: Placement
     worker: WorkerHandle | None = None
     respawn_at: float = 0.0  # when empty: when to start its next worker
+    ready_at: float | None = None  # when its worker got ready; None until it does
+    start_failures: int = 0  # in a row; forgiven once a worker has settled (policy)
+    load_error: str = ""  # why its last start failed
+    spare_lost: bool = False  # its last spare failed: its next recycle is in place
+
+    def empty(self, now: float) -> None:
+        self.worker, self.ready_at, self.respawn_at = None, None, now
+
+    def failed(self, now: float, reason: str, max_start_failures: int) -> None:
+        """Count a failed start; the next try waits longer (policy.respawn_delay_s)."""
+        self.start_failures += 1
+        self.load_error = reason
+        self.respawn_at = now + policy.respawn_delay_s(self.start_failures)
+        if self.start_failures == max_start_failures:
+            log.error("slot_failing", slot=self.placement.slot, device=self.placement.device,
+                      failures=self.start_failures, reason=reason,
+                      message="this slot's worker failed to start "
+                              f"{self.start_failures} times in a row; it is tried again "
+                              "later, backing off, while the other slots serve")
+
+    def failing(self, max_start_failures: int) -> bool:
+        return self.start_failures >= max_start_failures and \
+            not (self.worker is not None and self.worker.ready)
+
+
+def warn_if_gpus_unused(settings: Config) -> None:
+    """A torch engine on "cpu" workers while the host has GPUs is almost always a config
+    that predates `worker.devices` (workers used to see every GPU)."""
+    gpus = memory.nvml_device_count()
+    if gpus and settings.engine.name != "piper" and \
+            not any(device.startswith("cuda") for device in settings.worker.devices):
+        log.warning("gpus_unused", gpus=gpus, devices=settings.worker.devices,
+                    message=f"this host has {gpus} NVIDIA GPU(s) but worker.devices lists "
+                            "none, so the engine runs on the CPU; list them, e.g. "
+                            "devices = [\"cuda:0\"]")
+
+
+class Starts:
+    """How the slots' starts go: each slot's failures and backoff, and the engine settings
+    that last loaded, which a reload whose engine cannot load goes back to."""
+
+    def __init__(self, config: Callable[[], Config]) -> None:
+        self._config = config
+        self.loaded_engine: EngineConfig | None = None
+        self.engines: dict[int, EngineConfig] = {}  # generation -> the settings it loads
+
+    def loaded(self, slot: Slot | None, worker: WorkerHandle, now: float) -> None:
+        if slot is not None:
+            slot.ready_at = now
+        engine = self.engines.get(worker.generation)
+        if engine == self._config().engine:  # not a worker started before a revert
+            self.loaded_engine = engine
+
+    def forgive_if_settled(self, slot: Slot | None, now: float) -> None:
+        if slot is not None and slot.start_failures and slot.ready_at is not None and \
+                now - slot.ready_at >= policy.SETTLED_S:
+            log.info("slot_recovered", slot=slot.placement.slot, failures=slot.start_failures)
+            slot.start_failures, slot.load_error = 0, ""
+
+    def failed(self, slot: Slot, slots: list[Slot], worker: WorkerHandle, now: float,
+               reason: str) -> str | None:
+        """A slot's worker failed to start (or to stay up just after): REVERT_ENGINE if its
+        engine settings are a reload's that never loaded (the slot is not blamed), GIVE_UP
+        if no slot can serve now, else None (the slot backs off)."""
+        engine = self.engines.get(worker.generation)
+        if self.loaded_engine is not None and engine != self.loaded_engine:
+            return REVERT_ENGINE if self._config().engine == engine else None
+        limit = self._config().worker.max_start_failures
+        slot.failed(now, reason, limit)
+        figures = [(each.start_failures, each.worker is not None and each.worker.ready)
+                   for each in slots]
+        if not policy.no_slot_can_serve(figures, limit):
+            return None
+        log.critical("worker_start_failed", failures=limit, reason=reason, exit_code=3,
+                     message=f"the engine failed to start {limit} times in a row in every "
+                             "slot; giving up so that systemd's limits apply")
+        return GIVE_UP
+
+    def stale(self, slots: list[Slot]) -> set[int]:
+        """The slots whose worker was started with other engine settings than those that
+        last loaded: recycled as a reload's after a revert."""
+        return {index for index, slot in enumerate(slots) if slot.worker is not None and
+                self.engines.get(slot.worker.generation) != self.loaded_engine}
+
+    def revert(self, slots: list[Slot]) -> tuple[EngineConfig, set[int]]:
+        """The engine settings to go back to, and the slots to recycle for them."""
+        assert self.loaded_engine is not None  # asked only once some settings have loaded
+        log.error("reload_engine_failed", engine=self.loaded_engine.name,
+                  message="the reloaded engine settings failed to load; running the last "
+                          "engine settings that loaded")
+        return self.loaded_engine, self.stale(slots)
+
+    def failing_note(self, slots: list[Slot]) -> str:
+        """The slots that keep failing to start, for STATUS=."""
+        limit = self._config().worker.max_start_failures
+        return "".join(f"; slot {slot.placement.slot} {slot.placement.device} failing to "
+                       f"start ({slot.start_failures} tries): {slot.load_error}"
+                       for slot in slots if slot.failing(limit))
 
 
 class WorkerPool:
@@ -55,8 +157,9 @@ class WorkerPool:
         self.reload_pending: set[int] = set()  # slots to recycle for a reload
         self.recycle_requests: dict[int, str] = {}  # slot -> why (an operator asked)
         self.last_recycle: dict[int, tuple[float, str]] = {}  # slot -> (wall clock, why)
-        self.start_failures = 0
         self.last_load_error = ""
+        self.starts = Starts(config)
+        self.spare_reason = ""  # why the spare loads: counted when it takes over
         self.memory_recycles: list[int] = []  # segments served by workers recycled for memory
         self.thrashing = False
 
@@ -121,20 +224,9 @@ class WorkerPool:
         if self.spare is not None and self.spare.slot >= len(plans):
             self._drop_spare(now, "slot removed")
 
-    def warn_if_gpus_unused(self) -> None:
-        """A torch engine on "cpu" workers while the host has GPUs is almost always a config
-        that predates `worker.devices` (workers used to see every GPU)."""
-        settings = self._config()
-        gpus = memory.nvml_device_count()
-        if gpus and settings.engine.name != "piper" and \
-                not any(device.startswith("cuda") for device in settings.worker.devices):
-            log.warning("gpus_unused", gpus=gpus, devices=settings.worker.devices,
-                        message=f"this host has {gpus} NVIDIA GPU(s) but worker.devices lists "
-                                "none, so the engine runs on the CPU; list them, e.g. "
-                                "devices = [\"cuda:0\"]")
-
     def spawn(self, now: float, slot: int, role: str = "active") -> WorkerHandle:
         self.generation += 1
+        self.starts.engines[self.generation] = self._config().engine
         return WorkerHandle(self._config(), self.generation, now, self.slots[slot].placement,
                             role)
 
@@ -168,6 +260,7 @@ class WorkerPool:
                 messages.extend((handle, message) for message in handle.messages(now))
                 handle.reap()
                 self.retiring.remove(handle)
+                self.starts.engines.pop(handle.generation, None)
             elif now >= handle.deadline:
                 handle.escalate(now)
         return messages
@@ -181,6 +274,7 @@ class WorkerPool:
                 logs.forward(levelno, line)
             case Heartbeat(memory_now):
                 worker.memory = memory_now
+                self.starts.forgive_if_settled(self._slot_of(worker), now)
                 if not worker.jobs and not stopping:
                     self.recycle_if_due(worker, now)
             case EngineWarming(load_s):
@@ -188,7 +282,7 @@ class WorkerPool:
             case EngineLoadFailed(reason):
                 self.last_load_error = reason
             case EngineReady():
-                self.start_failures = 0
+                self.starts.loaded(self._slot_of(worker), worker, now)
                 worker.streams = max(1, message.streams)
                 worker.set_state(WorkerState.IDLE, engine=message.engine,
                                  load_s=message.load_s, warmup_s=message.warmup_s,
@@ -197,6 +291,13 @@ class WorkerPool:
             case _:
                 return message
         return None
+
+    def manage(self, freed: list[WorkerHandle], now: float) -> None:
+        """Recycle, hand over, drain and spawn (gunicorn's manage_workers): `freed`, the
+        workers that just gave a segment back, are recycled if due before dispatch."""
+        self.recycle_all_due(freed, now)
+        self.drain_leaving(now)
+        self.spawn_due(now)
 
     def recycle_all_due(self, workers: list[WorkerHandle], now: float) -> None:
         """Workers that just gave a segment back: recycled if a limit is passed, before
@@ -241,41 +342,51 @@ class WorkerPool:
                 return False
         return True
 
-    def lose(self, worker: WorkerHandle, now: float, reason: str, quiet: bool = False) -> None:
+    def lose(self, worker: WorkerHandle, now: float, reason: str,
+             quiet: bool = False) -> str | None:
         """Take a serving worker out of service (it died or must die): SIGTERM it if it
         still runs; its slot gets a new one. Logged as `worker_lost` unless `quiet` (the
-        daemon is stopping)."""
+        daemon is stopping). Returns what a failed start asks of the daemon: REVERT_ENGINE,
+        GIVE_UP, or None."""
         self.last_recycle[worker.slot] = (time.time(), reason)
+        never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
         if not quiet:
-            never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
             log.error("worker_lost", reason=reason, generation=worker.generation,
                       slot=worker.slot, worker_pid=worker.pid, exitcode=worker.exitcode(),
                       during="start" if never_ready else "service")
-        for slot in self.slots:
-            if slot.worker is worker:
-                slot.worker = None
-                slot.respawn_at = now
+        slot, verdict = self._slot_of(worker), None
+        if slot is not None:
+            ready_at = None if never_ready else slot.ready_at
+            slot.empty(now)
+            if not quiet and policy.failed_start(ready_at, now, bool(worker.jobs)):
+                verdict = self.starts.failed(slot, self.slots, worker, now,
+                                             self.last_load_error)
         if worker in self.leaving:
             self.leaving.remove(worker)
         if worker.alive():
             worker.terminate(now, reason=reason)
         self.retiring.append(worker)
         self._metrics.worker_losses.labels(reason).inc()
+        return verdict
 
     # -- the spare -------------------------------------------------------------------------
-    def spare_failed(self, now: float) -> bool:
-        """True if the spare died or did not load in time (it is then retired)."""
+    def check_spare(self, now: float) -> None:
+        """Retire a spare that died or did not load in time. Its slot serves on with its
+        worker, and is recycled in place next (a spare that cannot load, as when only one
+        model fits, is not tried again at once); no failed start is counted."""
         spare = self.spare
         if spare is None:
-            return False
+            return
         timed_out = not spare.ready and \
             now - spare.started_at > self._config().worker.start_timeout_s
         if spare.alive() and not timed_out:
-            return False
+            return
         log.error("spare_lost", generation=spare.generation, exitcode=spare.exitcode(),
-                  reason="start_timeout" if timed_out else "exited")
+                  reason="start_timeout" if timed_out else "exited", slot=spare.slot,
+                  error=self.last_load_error, next_recycle="in place")
+        if spare.slot < len(self.slots):
+            self.slots[spare.slot].spare_lost = True
         self._drop_spare(now, "lost")
-        return True
 
     def _drop_spare(self, now: float, reason: str) -> None:
         spare, self.spare = self.spare, None
@@ -297,9 +408,12 @@ class WorkerPool:
                 return
             old.drain(now, self._config().worker.kill_grace_s)
             self.retiring.append(old)
-        slot.worker, self.spare = spare, None
+        slot.worker, slot.ready_at, self.spare = spare, now, None
         log.info("worker_promoted", generation=spare.generation, worker_pid=spare.pid,
                  slot=spare.slot)
+        self._count_recycle(spare.slot, self.spare_reason)  # done only now it took over
+        if self.starts.engines.get(spare.generation) != self._config().engine:
+            self.reload_pending.add(spare.slot)  # a reload came while it loaded
 
     # -- recycling -------------------------------------------------------------------------
     def recycle_if_due(self, worker: WorkerHandle, now: float) -> None:
@@ -316,26 +430,31 @@ class WorkerPool:
             return
         if not self._may_replace(index):
             return  # another slot is being replaced: one at a time
+        slot = self.slots[index]
+        spare = settings.spare and not slot.spare_lost
+        log.info("worker_recycle", reason=reason, generation=worker.generation, slot=index,
+                 segments_served=worker.segments_served, **worker.memory.to_dict(),
+                 rss_limit=settings.rss_limit, gpu_memory_limit=settings.gpu_memory_limit,
+                 max_jobs=settings.max_jobs, spare=spare)
+        if reason in MEMORY_REASONS:
+            self._watch_thrash(worker, reason)
+        if spare:  # counted, and a reload or request settled, when the spare takes over
+            self.spare, self.spare_reason = self.spawn(now, index, role="spare"), reason
+            return
+        # The old process must be gone before the new one loads: only its exit gives
+        # its GPU memory (the CUDA context) back.
+        slot.empty(now)
+        slot.spare_lost = False  # the next recycle tries a spare again
+        worker.drain(now, settings.kill_grace_s)
+        self.retiring.append(worker)
+        self._count_recycle(index, reason)
+
+    def _count_recycle(self, index: int, reason: str) -> None:
         self.reload_pending.discard(index)
         self.recycle_requests.pop(index, None)
         self.last_recycle[index] = (time.time(), reason)
         self.recycles[reason] += 1
         self._metrics.recycles.labels(reason).inc()
-        log.info("worker_recycle", reason=reason, generation=worker.generation, slot=index,
-                 segments_served=worker.segments_served, **worker.memory.to_dict(),
-                 rss_limit=settings.rss_limit, gpu_memory_limit=settings.gpu_memory_limit,
-                 max_jobs=settings.max_jobs, spare=settings.spare)
-        if reason in MEMORY_REASONS:
-            self._watch_thrash(worker, reason)
-        if settings.spare:
-            self.spare = self.spawn(now, index, role="spare")
-        else:
-            # The old process must be gone before the new one loads: only its exit gives
-            # its GPU memory (the CUDA context) back.
-            self.slots[index].worker = None
-            self.slots[index].respawn_at = now
-            worker.drain(now, settings.kill_grace_s)
-            self.retiring.append(worker)
 
     def _recycle_reason(self, worker: WorkerHandle) -> str | None:
         """Why `worker` is due to be replaced (asked, a reload, a limit), or None."""
@@ -395,16 +514,17 @@ class WorkerPool:
                             "not recycled for it (its replacement would be too): raise the limit")
 
     # -- failures and the end --------------------------------------------------------------
-    def start_failed(self, now: float, worker: WorkerHandle | None) -> bool:
-        """Count a failed start (of a slot's worker, or of the spare: None); True once
-        `worker.max_start_failures` is reached. The slot then waits before its next try."""
-        self.start_failures += 1
-        if self.start_failures >= self._config().worker.max_start_failures:
-            return True
-        if worker is not None and worker.slot < len(self.slots):
-            self.slots[worker.slot].respawn_at = \
-                now + policy.respawn_delay_s(self.start_failures)
-        return False
+    def revert_engine(self) -> EngineConfig:
+        """A reload's engine settings cannot load: the last that did, for the config; the
+        workers started with the others are recycled as a reload's."""
+        engine, self.reload_pending = self.starts.revert(self.slots)
+        return engine
+
+    def _slot_of(self, worker: WorkerHandle) -> Slot | None:
+        """The slot `worker` serves (not a spare's, not one a reload removed)."""
+        index = worker.slot
+        slot = self.slots[index] if index < len(self.slots) else None
+        return slot if slot is not None and slot.worker is worker else None
 
     def retire_all(self, now: float, abandoned: set[int]) -> None:
         """At shutdown: drain every worker; terminate those holding a job left unfinished

@@ -23,6 +23,7 @@ from __future__ import annotations
 import queue
 import signal
 import time
+from dataclasses import replace
 from types import FrameType
 
 from zmq import ZMQError
@@ -34,7 +35,7 @@ from cosyvoiced.jobs import JobBook
 from cosyvoiced.messages import EngineReady, FromWorker
 from cosyvoiced.metrics import Metrics
 from cosyvoiced.notify import Notifier
-from cosyvoiced.pool import WorkerPool
+from cosyvoiced.pool import GIVE_UP, REVERT_ENGINE, WorkerPool, warn_if_gpus_unused
 from cosyvoiced.resultcache import ResultCache
 from cosyvoiced.service import Intakes, Service
 from cosyvoiced.sharing import Sharing
@@ -42,12 +43,12 @@ from cosyvoiced.speakers import SpeakerStore
 from cosyvoiced.spool import Claimed, Spool
 from cosyvoiced.tickclock import TickClock
 from cosyvoiced.wakeup import Wakeup
-from cosyvoiced.workerhandle import WorkerHandle, WorkerState
+from cosyvoiced.workerhandle import WorkerHandle
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_LISTEN = 1  # an address to listen on is taken or not ours
-EXIT_WORKER_START = 3  # the engine failed to load `worker.max_start_failures` times in a row
+EXIT_WORKER_START = 3  # every slot failed to load `worker.max_start_failures` times in a row
 EXIT_INTAKE_DIED = 4  # an intake's thread died: systemd restarts the whole service
 EXTEND_TIMEOUT_S = 15.0  # asked for, again and again, while the engine loads before READY
 MAX_TICK_S = 1.0
@@ -109,7 +110,7 @@ class Supervisor:
         self.sharing.connect()  # first: jobs left in work/ may be on the shared stream
         self.service.recover()
         self.pool.resize(time.monotonic())
-        self.pool.warn_if_gpus_unused()
+        warn_if_gpus_unused(self.config)
         self.pool.spawn_due(time.monotonic())
         try:
             for intake in (self.zmq, self.http, self.wyoming):
@@ -188,7 +189,8 @@ class Supervisor:
                 self.pool.reload_pending = set(range(len(self.pool.slots)))
             self.pool.resize(time.monotonic())  # worker.devices, worker.per_device
             reload.report(plan, len(self.pool.slots))
-        self.notifier.ready()
+        if self.service.ready:  # else READY=1 comes when the engine is (the first start)
+            self.notifier.ready()
 
     def _handle_intakes(self, now: float) -> None:
         self.intakes.take_inbound(self.service, now)
@@ -213,8 +215,7 @@ class Supervisor:
     def _handle_workers(self, now: float) -> None:
         for handle, message in [*self.pool.messages(now), *self.pool.reap(now)]:
             self._on_message(handle, message, now)
-        if self.pool.spare_failed(now):
-            self._count_start_failure(now, None)
+        self.pool.check_spare(now)
         for worker, reason in self.pool.check(now, self.book.progress):
             if reason == "exited":
                 for message in worker.messages(now):  # whatever it sent before it died
@@ -222,18 +223,17 @@ class Supervisor:
             self._lose(worker, now, reason)
         freed, self.book.freed = self.book.freed, []  # recycled if due, before dispatch
         if not self.service.stopping:
-            self.pool.recycle_all_due(freed, now)
-            self.pool.promote_spare(now)
-            self.pool.drain_leaving(now)
-            self.pool.spawn_due(now)
+            self.pool.manage(freed, now)
 
     def _lose(self, worker: WorkerHandle, now: float, reason: str) -> None:
         """A serving worker died or must die: settle its segment, plan a new worker."""
-        never_ready = worker.state in (WorkerState.STARTING, WorkerState.WARMING)
-        self.pool.lose(worker, now, reason, quiet=self.service.stopping)
+        verdict = self.pool.lose(worker, now, reason, quiet=self.service.stopping)
         self.book.lost(worker, reason, now)
-        if never_ready and not self.service.stopping:
-            self._count_start_failure(now, worker)
+        if verdict == REVERT_ENGINE:
+            self._revert_engine()
+        elif verdict == GIVE_UP:  # no slot can serve: logged (worker_start_failed)
+            self._begin_stop(now, "worker start failures")
+            self.exit_code = EXIT_WORKER_START
 
     def _on_message(self, worker: WorkerHandle, message: FromWorker, now: float) -> None:
         """The pool's own (heartbeats, logs, loading), the catalog's, or the job book's."""
@@ -246,15 +246,11 @@ class Supervisor:
         elif routed is not None:
             self.book.on_worker_message(worker, routed, now)
 
-    def _count_start_failure(self, now: float, worker: WorkerHandle | None) -> None:
-        if not self.pool.start_failed(now, worker):
-            return
-        failures = self.pool.start_failures
-        log.critical("worker_start_failed", failures=failures, reason=self.pool.last_load_error,
-                     exit_code=EXIT_WORKER_START, message=f"the engine failed to start "
-                     f"{failures} times in a row; giving up so that systemd's limits apply")
-        self._begin_stop(now, "worker start failures")
-        self.exit_code = EXIT_WORKER_START
+    def _revert_engine(self) -> None:
+        """A reload's engine settings cannot load: serve on with the last that did."""
+        self.reload_error = f"the engine settings failed to load ({self.pool.last_load_error})"
+        self.config = replace(self.config, engine=self.pool.revert_engine())
+        self.service.reconfigure(self.config)
 
     # -- stopping -------------------------------------------------------------------------
     def _begin_stop(self, now: float, reason: str) -> None:
@@ -296,5 +292,6 @@ class Supervisor:
             self.cache.figures(), *self.service.cluster_report(time.monotonic()))
 
     def status_line(self) -> str:
-        return report.status_line(self._snapshot())
+        return report.status_line(self._snapshot()) + self.pool.starts.failing_note(
+            self.pool.slots)
 
