@@ -2,13 +2,18 @@
 backoff: a full disk is the operator's to fix, never a reason for the daemon to exit (it
 would only come back to the same disk, and its network intakes with it).
 
-A job whose start cannot be counted in `attempts/` stays queued: a job is handed out only
-once its start is durable (the poison rule counts crashes by it). It is logged when it
-first waits and when it goes on, not at every try.
+- A job whose start cannot be counted in `attempts/` stays queued: a job is handed out only
+  once its start is durable (the poison rule counts crashes by it).
+- An outcome (a job's failure or cancellation record) that cannot be written waits: its job
+  is not ended (its status says it is being written) until it is written, once.
+
+Both are logged when they first wait and when they go on, not at every try.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cosyvoiced import logs
@@ -89,3 +94,38 @@ class HeldStarts:
     def forget(self, job_id: str) -> None:
         """The job ended (cancelled, or its daemon stops) before it could start."""
         self._backoff.forget(job_id)
+
+
+class UnwrittenOutcomes:
+    """Outcomes the spool's disk would not take, each written again by its `retry`."""
+
+    def __init__(self) -> None:
+        self._retries: dict[str, Callable[[], None]] = {}
+        self._backoff = Backoff()
+
+    def __len__(self) -> int:
+        return len(self._retries)
+
+    def hold(self, job_id: str, retry: Callable[[], None], error: OSError,
+             now: float | None = None) -> None:
+        """`retry` writes the job's outcome (and holds it again if it cannot)."""
+        self._retries[job_id] = retry
+        tries = self._backoff.failed(job_id, time.monotonic() if now is None else now)
+        if tries.count == 1:
+            log.critical("outcome_unwritable", job=job_id, error=str(error),
+                         message="the job's outcome could not be written on the spool's "
+                                 "disk; it is written once the disk has room")
+
+    def written(self, job_id: str) -> None:
+        """The job's outcome is written (if it waited: said so)."""
+        self._retries.pop(job_id, None)
+        tries = self._backoff.forget(job_id)
+        if tries:
+            log.warning("outcome_written", job=job_id, tries=tries + 1,
+                        message="written after the disk had room again")
+
+    def retry_due(self, now: float) -> None:
+        for job_id in self._backoff.due(now):
+            retry = self._retries.get(job_id)
+            if retry is not None:
+                retry()

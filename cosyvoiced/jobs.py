@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from cosyvoiced import captions, clusterwire, diskwait, logs, policy, scheduler, stages
@@ -109,6 +110,15 @@ def _captions(running: Running) -> captions.Captions | None:
     return captions.build(running.made, running.sample_rate)
 
 
+def _on_chunk(running: Running, message: AudioChunkReady) -> None:
+    running.segment_chunks += 1
+    if running.job.stream:
+        running.bound_sink.chunk(running.job, running.chunks_sent, message.audio)
+        running.chunks_sent += 1
+    else:
+        running.segment_audio.append(message.audio)
+
+
 def _max_active(config: Config, streams: int) -> int:
     """Jobs of a class in progress at once: the configured bound, or more where the workers
     make more segments at once (batched streams), so that none stays empty."""
@@ -129,6 +139,7 @@ class JobBook:
         self.freed: list[WorkerHandle] = []
         self._encoding: dict[str, _Encoding] = {}
         self._held = diskwait.HeldStarts(spool)  # jobs whose start the disk refused
+        self.unwritten = diskwait.UnwrittenOutcomes()  # outcomes it refused: retried
 
     @property
     def config(self) -> Config:
@@ -214,7 +225,7 @@ class JobBook:
                 running.voice, running.sample_rate = message.voice, message.sample_rate
                 running.bound_sink.started(running.job, message.sample_rate)
             case AudioChunkReady():
-                self._on_chunk(running, message)
+                _on_chunk(running, message)
             case SegmentFinished():
                 self._on_segment_done(worker, running, message, now)
             case JobFailed(_job_id, error):
@@ -223,14 +234,6 @@ class JobBook:
             case JobCancelled():
                 self._free_worker(worker, running, now)
                 self.end(running, None)
-
-    def _on_chunk(self, running: Running, message: AudioChunkReady) -> None:
-        running.segment_chunks += 1
-        if running.job.stream:
-            running.bound_sink.chunk(running.job, running.chunks_sent, message.audio)
-            running.chunks_sent += 1
-        else:
-            running.segment_audio.append(message.audio)
 
     def _on_segment_done(self, worker: WorkerHandle, running: Running,
                          message: SegmentFinished, now: float) -> None:
@@ -425,7 +428,8 @@ class JobBook:
 
     def drain_encoded(self, now: float) -> None:
         """Publish the files the encoder finished; a file it could not make fails its job
-        (encode_failed), and the daemon goes on."""
+        (encode_failed), and the daemon goes on. Outcomes the disk refused are tried again."""
+        self.unwritten.retry_due(now)
         for encoded in self._encoder.completed():
             pending = self._encoding.pop(encoded.key, None)
             if pending is None:
@@ -463,19 +467,24 @@ class JobBook:
         self.end(Running(job, [], time.monotonic(), sink=sink), error)
 
     def end(self, running: Running, error: JobError | None) -> None:
-        """Record a job that ends without audio: failed with `error`, or cancelled (None)."""
-        job = running.job
+        """Record a job that ends without audio: failed with `error`, or cancelled (None).
+        An outcome the spool's disk refuses waits (its status: being written) and is
+        written once the disk has room (`drain_encoded` tries it again)."""
         self._leave(running)
-        sink = running.bound_sink
+        self._write_outcome(running.job, running.bound_sink, error)
+
+    def _write_outcome(self, job: Job, sink: Sink, error: JobError | None) -> None:
         try:
             if error is None:
                 sink.cancelled(job)
             else:
                 where = sink.fail_job(job, error)
         except OSError as failure:
-            # Left in work/: the next start tries it again rather than lose it.
-            log.critical("outcome_unwritable", job=job.id, error=str(failure))
+            self._ledger.writing(job)
+            self.unwritten.hold(job.id, partial(self._write_outcome, job, sink, error),
+                                failure, time.monotonic())
             return
+        self.unwritten.written(job.id)
         if error is None:
             self.close(job, "cancelled", chars=job.chars)
             return
@@ -493,6 +502,7 @@ class JobBook:
                  where: str) -> None:
         """A job refused before it was queued (a dropped file that is not a valid job)."""
         self._ledger.record(job_id, source, "failed", owner, error=error.to_dict())
+        self.unwritten.written(job_id)
         self.closed.append(Closed(job_id, source, "failed", None, owner, 0))
         log.info("job", job=job_id, source=source, outcome="failed", code=str(error.code),
                  message=error.message, failed=where)

@@ -425,7 +425,8 @@ class Service:
             _discard_sent_prompt(self.spool, claimed.job_id)  # a recovered `submit`'s
             where = self.intakes.inbox.fail(claimed, error)
         except OSError as failure:
-            log.critical("outcome_unwritable", job=claimed.job_id, error=str(failure))
+            self.book.unwritten.hold(claimed.job_id, partial(self._reject, claimed, error),
+                                     failure)  # tried again, not lost (diskwait.py)
             return
         self.book.rejected(claimed.job_id, INBOX_SOURCE, clients.INBOX, error, where)
 

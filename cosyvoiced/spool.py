@@ -382,7 +382,12 @@ class Spool:
         return None
 
     def publish_failure(self, claimed: Claimed, error: JobError) -> str:
-        """Write the error record (the commit point), then move the input beside it."""
+        """Write the error record (the commit point), then move the input beside it; or
+        only move it, if its record was written before and the move refused (a full disk:
+        the job book tries again), so that its record is written once."""
+        resumed = self.resume_failure(claimed)
+        if resumed is not None:
+            return resumed
         name, unique = self._failed_names(claimed)
         if os.path.lexists(self.failed / name) or os.path.lexists(
                 self.failed / (name + ERROR_SUFFIX)):

@@ -369,7 +369,8 @@ class _UnwritableSink(FakeSink):
 def test_a_repeat_is_queued_until_it_ends_however_it_ends(book: JobBook) -> None:
     """A repeat from the result cache waits outside the queue: it is `queued` (cached) for
     status until it is played, cancelled, or ends with an outcome that could not be
-    written (then it is left to the next start, as any job is, not queued for good)."""
+    written (then it is being written, tried again until the disk has room: diskwait.py;
+    not queued for good)."""
     for ending in ("played", "cancelled", "unwritable"):
         job = _job(f"r-{ending}")
         book.repeat(job)
@@ -384,8 +385,8 @@ def test_a_repeat_is_queued_until_it_ends_however_it_ends(book: JobBook) -> None
             assert (book.records.status(job.id) or {}).get("state") == "done"
         else:
             book.end(running, None)
-            expected = None if ending == "unwritable" else {"state": "cancelled",
-                                                            "source": "zmq"}
+            expected = ({"state": "running", "source": "zmq", "writing": True}
+                        if ending == "unwritable" else {"state": "cancelled", "source": "zmq"})
             assert book.records.status(job.id) == expected
 
 

@@ -60,3 +60,32 @@ def test_a_spool_that_cannot_take_the_admin_token_still_starts_and_serves(
     assert "cosyvoicectl" in str(event["message"])
     daemon.drop_job("served", text="Served without an admin token.")
     daemon.wait_done("served.json")
+
+
+def test_an_outcome_the_disk_refuses_waits_and_is_written_once_it_has_room(
+        make_daemon: DaemonFactory) -> None:
+    """A failure record that could not be written (outcome_unwritable) left the job in work/
+    and the book: `status` said not_found, nothing tried it again after the disk had room,
+    and its start stayed counted in attempts/."""
+    daemon = make_daemon(engine={"name": "tests.engines.faulty:load"})
+    daemon.start()
+    failed = daemon.failed
+    shutil.rmtree(failed)
+    failed.write_text("not a directory: every write in it fails, as on a full disk")
+    daemon.drop_job("doomed", text="This sentence FAIL_STREAM fails.")
+    [event] = _events_or_exit(daemon, "outcome_unwritable")
+    job = str(event["job"])
+    with Client(daemon.endpoint, admin_token=daemon.admin_token()) as client:
+        status = client.status(job)
+        assert (status["state"], status.get("writing")) == ("running", True), status
+        failed.unlink()
+        failed.mkdir()
+        kind, record = daemon.wait_outcome("doomed.json", timeout_s=40)
+        assert (kind, record["job"]) == ("failed", job), record
+        assert wait_until(lambda: client.status(job)["state"] == "failed", 10,
+                          "the job's status to say failed")
+    assert daemon.outcome_counts()["doomed.json"] == 1
+    assert len(daemon.log_events("outcome_unwritable")) == 1  # not at every try
+    assert daemon.log_events("outcome_written")
+    assert not list((daemon.spool / "attempts").iterdir())
+    assert not list(daemon.work.iterdir())
