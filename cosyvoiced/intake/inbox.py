@@ -3,7 +3,8 @@
 A file counts as finished when it is renamed into the inbox, or when a writer that created
 it in place closes it. Claiming is a `rename` into `work/`, so a file is taken exactly once
 even if an event and a rescan both see it. Claimed files go to the supervisor, which parses
-them and owns every outcome.
+them and owns every outcome; at most MAX_CLAIMS_WAITING wait for it, and more files wait in
+the inbox, claimed in order as room comes, so that no number of drops grows the daemon.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import queue
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 
@@ -55,6 +57,15 @@ QUIET_S = 1.0
 # Names a scan looks at (and claims) in one tick, job files or not: a scan of 100,000 files
 # dropped while the daemon was down held its first tick for seconds.
 SCAN_STEP = 500
+# Claimed files waiting for the supervisor to read them (posted on `claims`, about 280
+# bytes each), at most: past it, files stay in inbox/. 200,000 drops claimed at once grew
+# the supervisor 54 MiB, bounded only by the disk's inodes. 16 ticks of reading at most
+# (CLAIMS_PER_TICK): the supervisor never waits for claims while files wait in the inbox.
+MAX_CLAIMS_WAITING = 256
+# Names of finished files (their event came) left in the inbox past MAX_CLAIMS_WAITING,
+# remembered in the order they came, to be claimed as room comes. More are forgotten, and
+# a scan finds them once these are claimed.
+MAX_HELD_NAMES = 1024
 
 log = logs.get_logger("cosyvoiced.intake.inbox")
 
@@ -71,6 +82,7 @@ class _Scan:
     retried_soon: bool
     looked: int = 0
     deferred: int = 0  # files too fresh to take
+    cut_short: bool = False  # ended before its last name (too many left in the inbox)
 
 
 def parse(claimed: Claimed, data: bytes, limits: Limits) -> Job:
@@ -142,11 +154,16 @@ class InboxIntake:
         self._inotify: InotifyFD | None = None
         self._lock = threading.Lock()
         self.rescan_requested = threading.Event()
-        self.next_scan = 0.0  # monotonic
+        self._scan_due = 0.0  # monotonic
         self._first = True  # the first scan looks for what the watch could not see
         self._retry_soon = False  # the next scan is the retry of such a scan (QUIET_S)
         self._scan: _Scan | None = None  # the scan under way, a step a tick
         self._stillness = Stillness()
+        # Finished files left in inbox/ while MAX_CLAIMS_WAITING are (under _lock): taken
+        # first as room comes, in the order they came, and new ones wait behind them.
+        self._held: deque[str] = deque()
+        self._held_names: set[str] = set()
+        self._held_over = False  # names were forgotten: a scan finds them
 
     def start(self) -> None:
         # watchdog's low-level inotify reader, not its Observer: the Observer holds every
@@ -181,24 +198,82 @@ class InboxIntake:
         with self._lock:
             self._accepting = False
 
+    @property
+    def next_scan(self) -> float:
+        """When `rescan_if_due` has work (monotonic): the next scan or its next step, or
+        now, while names left in the inbox can be claimed."""
+        if self._held and not self._backlog_full():
+            return 0.0
+        return self._scan_due
+
     def take(self, name: str) -> None:
-        """Claim `inbox/name` if it is a job candidate."""
+        """Claim `inbox/name` if it is a job candidate (or, while MAX_CLAIMS_WAITING claims
+        wait to be read, or names are held before it, hold it: see `_hold`)."""
         if not is_job_candidate(name) or "/" in name:
             return
         with self._lock:
             if not self._accepting:
                 return
-            try:
-                claimed = self._spool.claim(name, new_job_id())
-            except OSError as error:  # left in inbox/; the next scan tries again
-                log.error("claim_failed", input=ascii(name), error=str(error))
+            if self._held or self._backlog_full():
+                self._hold(name)
                 return
+            claimed = self._claim(name)
+        self._posted(name, claimed)
+
+    def _backlog_full(self) -> bool:
+        return self._claims.qsize() >= MAX_CLAIMS_WAITING
+
+    def _hold(self, name: str) -> None:
+        """Leave `name` in the inbox, to be claimed in its turn (under _lock)."""
+        if name in self._held_names:
+            return
+        if len(self._held) >= MAX_HELD_NAMES:
+            self._held_over = True
+            return
+        if not self._held:
+            log.info("drops_left_in_inbox", waiting=self._claims.qsize(),
+                     message=f"{MAX_CLAIMS_WAITING} claimed drops wait to be read; more "
+                     "stay in inbox/ and are claimed in order as room comes")
+        self._held.append(name)
+        self._held_names.add(name)
+
+    def _claim(self, name: str) -> Claimed | None:
+        """Move `inbox/name` into work/ and post it on `claims` (under _lock, so that the
+        backlog is counted right); None if it is gone or cannot be moved."""
+        try:
+            claimed = self._spool.claim(name, new_job_id())
+        except OSError as error:  # left in inbox/; the next scan tries again
+            log.error("claim_failed", input=ascii(name), error=str(error))
+            return None
         if claimed is not None:
-            if claimed.original_name != name:
-                log.warning("input_name_shortened", input=ascii(name),
-                            shortened=claimed.original_name, job=claimed.job_id)
             self._claims.put(claimed)
-            self._wake()
+        return claimed
+
+    def _posted(self, name: str, claimed: Claimed | None) -> None:
+        """Say so, once a claim is posted (outside _lock)."""
+        if claimed is None:
+            return
+        if claimed.original_name != name:
+            log.warning("input_name_shortened", input=ascii(name),
+                        shortened=claimed.original_name, job=claimed.job_id)
+        self._wake()
+
+    def _claim_held(self) -> None:
+        """Claim the names held in the inbox, oldest first, as the backlog has room (at
+        most SCAN_STEP a tick); once none are left, ask for a scan if some were forgotten."""
+        taken: list[tuple[str, Claimed | None]] = []
+        with self._lock:
+            if not self._accepting:
+                return
+            while self._held and not self._backlog_full() and len(taken) < SCAN_STEP:
+                name = self._held.popleft()
+                self._held_names.discard(name)
+                taken.append((name, self._claim(name)))
+            if self._held_over and not self._held and not self._backlog_full():
+                self._held_over = False
+                self.rescan_requested.set()
+        for name, claimed in taken:
+            self._posted(name, claimed)
 
     def rescan_if_due(self, now: float, interval_s: float) -> None:
         """A scan every `interval_s` (or sooner when asked, and once more QUIET_S after such
@@ -207,8 +282,9 @@ class InboxIntake:
         names are left). Nothing once stopped (`stop`): no file is taken then."""
         if not self._accepting:
             return
+        self._claim_held()
         if self._scan is None:
-            if now < self.next_scan and not self.rescan_requested.is_set():
+            if now < self._scan_due and not self.rescan_requested.is_set():
                 return
             unseen = self._first or self.rescan_requested.is_set()
             self._first = False
@@ -218,14 +294,14 @@ class InboxIntake:
                                now, retried_soon=unseen)
         scan = self._scan
         if self._scan_step(scan):
-            self.next_scan = now  # the rest at the next tick
+            self._scan_due = now  # the rest at the next tick
             return
         self._scan = None
-        self._stillness.scan_ended(whole=True)
+        self._stillness.scan_ended(whole=not scan.cut_short)
         self._retry_soon = scan.retried_soon and scan.deferred > 0
-        self.next_scan = now + (QUIET_S if self._retry_soon else interval_s)
+        self._scan_due = now + (QUIET_S if self._retry_soon else interval_s)
         log.debug("inbox_scanned", names=scan.looked, too_fresh=scan.deferred,
-                  next_in_s=round(self.next_scan - now, 3))
+                  cut_short=scan.cut_short, next_in_s=round(self._scan_due - now, 3))
 
     def _scan_step(self, scan: _Scan) -> bool:
         """Look at the next SCAN_STEP names of `scan`, and claim the job files among them
@@ -246,7 +322,10 @@ class InboxIntake:
             else:
                 scan.deferred += 1
         scan.looked += looked
-        if looked < SCAN_STEP:
+        # Names past what the inbox may hold in mind: the rest waits for the scan asked for
+        # once those are claimed (_claim_held).
+        scan.cut_short = self._held_over
+        if looked < SCAN_STEP or scan.cut_short:
             scan.names.close()  # its directory's descriptor
             return False
         return True
