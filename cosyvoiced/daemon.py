@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as error:
         print(f"cosyvoiced: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    unwritable = _unwritable(settings)
+    for problem in unwritable:
+        print(f"cosyvoiced: config error: {problem}", file=sys.stderr)
+    if unwritable:
+        return EXIT_CONFIG
     if args.check_config:
         return _check(args.config, settings)
     logs.configure_supervisor(settings.log)
@@ -45,6 +50,32 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(settings, args.config).run()
     except Exception:  # noqa: BLE001 - a bug of ours: say so, and end the process now
         _crashed()
+
+
+def _unwritable(settings: config.Config) -> list[str]:
+    """The directories the daemon must write that this user cannot: a path outside the
+    unit's own under ProtectSystem=strict, another user's. Said as a config error (exit 2,
+    which the unit does not restart), before anything starts: an unwritable spool.dir was
+    "a bug in the daemon" (exit 5, restarted until the unit's start limit), an unwritable
+    log.file a traceback (exit 1)."""
+    wanted = {"spool.dir": settings.spool.dir}
+    if settings.log.file:
+        wanted["log.file"] = os.path.dirname(os.path.abspath(settings.log.file))
+    problems = []
+    for key, path in wanted.items():
+        existing = _nearest_existing(path)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"{key}: {path!r} cannot be written by this user (uid "
+                            f"{os.getuid()}): {existing!r} is not writable for it")
+    return problems
+
+
+def _nearest_existing(path: str) -> str:
+    """`path`, or the nearest directory above it that exists (the daemon makes the rest)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def _crashed() -> NoReturn:
