@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import os
 import re
@@ -525,7 +526,15 @@ class Spool:
         file of root's or the daemon's own (a ZeroMQ `submit`) may name any."""
         prompt_uid = os.lstat(self.inbox / name).st_uid  # FileNotFoundError: not dropped
         job_uid = os.lstat(self.work / job.work_name).st_uid
-        if prompt_uid != job_uid and job_uid not in (0, os.getuid()):
+        if job_uid in (0, os.getuid()):
+            return
+        hidden = unseen_owner_uid()
+        if hidden in (prompt_uid, job_uid):
+            raise JobFailure(ErrorCode.NOT_OWNER, f"prompt_audio: who dropped {name!r} cannot "
+                             "be told: the daemon runs in a user namespace that shows other "
+                             f"users' files as uid {hidden}'s (systemd's PrivateUsers=); a "
+                             "job may name its own user's audio only", "prompt_audio")
+        if prompt_uid != job_uid:
             raise JobFailure(ErrorCode.NOT_OWNER, f"prompt_audio: {name!r} was dropped by "
                              "another user than this job file's; a job may name its own "
                              "user's audio only", "prompt_audio")
@@ -584,6 +593,20 @@ class _Prompt:
     @property
     def path(self) -> Path:
         return self.directory / self.claimed.work_name
+
+
+@functools.cache
+def unseen_owner_uid() -> int | None:
+    """The uid a file shows when its owner is not mapped into this process's user namespace
+    (the kernel's overflow uid): systemd's PrivateUsers=, a container. Every submitter's
+    file is then one owner's, and the owner check would take any two for the same user.
+    None where every uid is seen as it is (the initial namespace)."""
+    try:
+        if Path("/proc/self/uid_map").read_text().split() == ["0", "0", "4294967295"]:
+            return None
+        return int(Path("/proc/sys/kernel/overflowuid").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _check_one_name(info: os.stat_result, what: str, field: str | None = None) -> None:

@@ -310,9 +310,11 @@ class Daemon:
         write_config(self.config_path, settings)
 
     def start(self, extra_env: dict[str, str] | None = None, wait_ready: bool = True,
-              journal: bool = False, nofile: tuple[int, int] | None = None) -> None:
+              journal: bool = False, nofile: tuple[int, int] | None = None,
+              wrapper: tuple[str, ...] = ()) -> None:
         """Start it; `journal` makes stdout look like journald's stream ($JOURNAL_STREAM);
-        `nofile`: the (soft, hard) file limit it starts with, as a unit's LimitNOFILE=."""
+        `nofile`: the (soft, hard) file limit it starts with, as a unit's LimitNOFILE=;
+        `wrapper`: a command that execs it (unshare, as a unit's PrivateUsers=)."""
         self.notify = NotifySocket()
         self.runs += 1
         stdout = (self.root / f"stdout.{self.runs}.log").open("wb")
@@ -326,7 +328,8 @@ class Daemon:
         # util-linux's prlimit sets the limits, then execs the daemon: the same pid.
         limits = ["prlimit", f"--nofile={nofile[0]}:{nofile[1]}", "--"] if nofile else []
         self.process = subprocess.Popen(
-            [*limits, sys.executable, "-m", "cosyvoiced", "--config", str(self.config_path)],
+            [*wrapper, *limits, sys.executable, "-m", "cosyvoiced", "--config",
+             str(self.config_path)],
             env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
         stdout.close()
         if wait_ready:

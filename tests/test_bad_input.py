@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import soundfile
 
+from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 
 Drop = Callable[[Daemon, str], str]  # drops a bad job named after the test; returns the input
@@ -164,6 +166,26 @@ def test_a_job_may_not_take_another_users_prompt_audio(shared_daemon: Daemon) ->
     _drop_as(shared_daemon, "bobs.json", job.encode(), 61002)
     record = shared_daemon.wait_failed("bobs.json")
     assert record["code"] == "not_supported", record
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="files of two other users, a user namespace: needs root")
+def test_in_a_user_namespace_another_users_prompt_audio_is_still_refused(
+        make_daemon: DaemonFactory) -> None:
+    """Under the unit's PrivateUsers=yes every submitter's file showed as nobody's, so the
+    owner check passed for any two: Alice's job cloned Bob's voice. Owners it cannot tell
+    apart are refused, with the reason."""
+    daemon = make_daemon("namespaced")
+    daemon.start(wrapper=("unshare", "--user", "--map-root-user"))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(16000, dtype=np.float32), 16000, format="WAV")
+    _drop_as(daemon, "bobs.wav", buffer.getvalue(), 61002)
+    job = json.dumps({"text": "Hi.", "prompt_audio": "bobs.wav", "prompt_text": "Hello."})
+    _drop_as(daemon, "alices.json", job.encode(), 61001)
+    record = daemon.wait_failed("alices.json")
+    assert (record["code"], record["field"]) == ("not_owner", "prompt_audio"), record
+    assert "PrivateUsers=" in record["message"]
+    assert (daemon.inbox / "bobs.wav").exists()
 
 
 @pytest.mark.parametrize(("fields", "field"), [
