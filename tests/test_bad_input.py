@@ -149,16 +149,22 @@ def _drop_as(daemon: Daemon, name: str, data: bytes, uid: int) -> None:
     os.rename(temp, daemon.inbox / name)
 
 
+def _alice_names_bobs_audio(daemon: Daemon) -> str:
+    """Bob (uid 61002) drops bobs.wav, then Alice (61001) a job that names it: the job."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(16000, dtype=np.float32), 16000, format="WAV")
+    _drop_as(daemon, "bobs.wav", buffer.getvalue(), 61002)
+    job = json.dumps({"text": "Hi.", "prompt_audio": "bobs.wav", "prompt_text": "Hello."})
+    _drop_as(daemon, "alices.json", job.encode(), 61001)
+    return job
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="files of two other users: needs root")
 def test_a_job_may_not_take_another_users_prompt_audio(shared_daemon: Daemon) -> None:
     """The sticky inbox keeps one submitter from renaming or deleting another's drop, but a
     job of one user's that named another's audio took it: cloned it, then deleted it (and
     its owner's own job failed, prompt_audio_not_found)."""
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.zeros(16000, dtype=np.float32), 16000, format="WAV")
-    _drop_as(shared_daemon, "bobs.wav", buffer.getvalue(), 61002)
-    job = json.dumps({"text": "Hi.", "prompt_audio": "bobs.wav", "prompt_text": "Hello."})
-    _drop_as(shared_daemon, "alices.json", job.encode(), 61001)
+    job = _alice_names_bobs_audio(shared_daemon)
     record = shared_daemon.wait_failed("alices.json")
     assert (record["code"], record["field"]) == ("not_owner", "prompt_audio"), record
     assert (shared_daemon.inbox / "bobs.wav").exists()  # Bob's, where he left it
@@ -177,11 +183,7 @@ def test_in_a_user_namespace_another_users_prompt_audio_is_still_refused(
     apart are refused, with the reason."""
     daemon = make_daemon("namespaced")
     daemon.start(wrapper=("unshare", "--user", "--map-root-user"))
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.zeros(16000, dtype=np.float32), 16000, format="WAV")
-    _drop_as(daemon, "bobs.wav", buffer.getvalue(), 61002)
-    job = json.dumps({"text": "Hi.", "prompt_audio": "bobs.wav", "prompt_text": "Hello."})
-    _drop_as(daemon, "alices.json", job.encode(), 61001)
+    _alice_names_bobs_audio(daemon)
     record = daemon.wait_failed("alices.json")
     assert (record["code"], record["field"]) == ("not_owner", "prompt_audio"), record
     assert "PrivateUsers=" in record["message"]
