@@ -10,6 +10,7 @@ the inbox, claimed in order as room comes, so that no number of drops grows the 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import queue
 import stat
@@ -31,7 +32,7 @@ from watchdog.observers.inotify_c import (
 )
 
 from cosyvoiced import captions, logs
-from cosyvoiced.intake.inboxrules import Stillness
+from cosyvoiced.intake.inboxrules import Stillness, Unclaimable, claim_refusal
 from cosyvoiced.job import (
     Deferred,
     ErrorCode,
@@ -43,7 +44,16 @@ from cosyvoiced.job import (
     new_job_id,
 )
 from cosyvoiced.jobspec import Limits, build_job, check_output_name, check_text
-from cosyvoiced.spool import Claimed, Spool, is_job_candidate
+from cosyvoiced.spool import (
+    ERROR_SUFFIX,
+    POSING_SUFFIX,
+    WORK_SEPARATOR,
+    Claimed,
+    Spool,
+    atomic_write,
+    is_job_candidate,
+    short_name,
+)
 from cosyvoiced.untrusted import NotJSON, json_value
 
 SOURCE = "inbox"
@@ -164,6 +174,10 @@ class InboxIntake:
         self._held: deque[str] = deque()
         self._held_names: set[str] = set()
         self._held_over = False  # names were forgotten: a scan finds them
+        # Entries whose claim failed, said once each (under _lock); those past its bound
+        # are counted, and said in one line at the end of a scan.
+        self._unclaimable = Unclaimable()
+        self._unsaid_failures = 0
 
     def start(self) -> None:
         # watchdog's low-level inotify reader, not its Observer: the Observer holds every
@@ -240,14 +254,86 @@ class InboxIntake:
     def _claim(self, name: str) -> Claimed | None:
         """Move `inbox/name` into work/ and post it on `claims` (under _lock, so that the
         backlog is counted right); None if it is gone or cannot be moved."""
+        if self._refused_in_place(name):
+            return None
         try:
             claimed = self._spool.claim(name, new_job_id())
-        except OSError as error:  # left in inbox/; the next scan tries again
-            log.error("claim_failed", input=ascii(name), error=str(error))
+        except OSError as error:  # left in inbox/
+            self._claim_failed(name, error)
             return None
         if claimed is not None:
             self._claims.put(claimed)
         return claimed
+
+    def _lstat(self, name: str) -> os.stat_result | None:
+        try:
+            return os.lstat(self._spool.inbox / name)
+        except OSError:
+            return None
+
+    def _refused_in_place(self, name: str) -> bool:
+        if name not in self._unclaimable:
+            return False
+        info = self._lstat(name)
+        return info is not None and self._unclaimable.refused(name, info.st_ino)
+
+    def _claim_failed(self, name: str, error: OSError) -> None:
+        """Say once that `name` could not be claimed (under _lock): a scan found it again
+        every interval, and logged it each time (12 lines in 12 s for one directory, N a
+        scan for N). An entry the daemon may not move, whatever it is, is no job: it gets
+        its error record in failed/ where it is (inboxrules.claim_refusal); a file whose
+        failure is the disk's stays to be tried by each scan."""
+        info = self._lstat(name)
+        if info is None or self._unclaimable.known(name, info.st_ino):
+            return  # gone (claimed or removed), or said already
+        if not self._unclaimable.remember(name, info.st_ino, refused=False):
+            self._unsaid_failures += 1
+            return
+        refusal = claim_refusal(info.st_mode, error)
+        if refusal is None:
+            log.error("claim_failed", input=ascii(name), error=str(error),
+                      message="left in inbox/; each scan tries it again, said once")
+            return
+        job_id = new_job_id()
+        try:
+            where = self._record_refusal(name, job_id, refusal)
+        except OSError as failure:
+            log.error("claim_failed", input=ascii(name), error=str(error),
+                      record_error=str(failure), message="left in inbox/ without a record")
+            return
+        self._unclaimable.remember(name, info.st_ino, refused=True)
+        log.warning("job_rejected", job=job_id, source=SOURCE, input=ascii(name),
+                    code=str(refusal.code), message=refusal.message, failed=where)
+
+    def _record_refusal(self, name: str, job_id: str, error: JobError) -> str:
+        """Write failed/NAME.error.json for an entry left in the inbox, named as a moved
+        input's would be (Spool.publish_failure): its JOBID~NAME if that is taken, or if the
+        name would pose as another input's error record."""
+        short = short_name(name)
+        base = short
+        if short.endswith(ERROR_SUFFIX):
+            base = f"{job_id}{WORK_SEPARATOR}{short}{POSING_SUFFIX}"
+        elif os.path.lexists(self._spool.failed / short) or os.path.lexists(
+                self._spool.failed / (short + ERROR_SUFFIX)):
+            base = f"{job_id}{WORK_SEPARATOR}{short}"
+        record = {"job": job_id, "input": short} | error.to_dict()
+        # A name that is not UTF-8 has surrogates: written as JSON's \udcXX escapes.
+        data = (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode(
+            errors="backslashreplace")
+        atomic_write(self._spool.failed, base + ERROR_SUFFIX, data)
+        return base
+
+    def _forget_gone_failures(self) -> None:
+        """After a whole scan: entries that could not be claimed and are gone are forgotten
+        (their names may come again), and those past the bound are said in one line."""
+        with self._lock:
+            self._unclaimable.forget_unless(
+                lambda name, inode: (info := self._lstat(name)) is not None
+                and info.st_ino == inode)
+            unsaid, self._unsaid_failures = self._unsaid_failures, 0
+        if unsaid:
+            log.error("claim_failed", entries=unsaid, message="entries of inbox/ could not "
+                      f"be claimed, past the {len(self._unclaimable)} named already")
 
     def _posted(self, name: str, claimed: Claimed | None) -> None:
         """Say so, once a claim is posted (outside _lock)."""
@@ -298,6 +384,8 @@ class InboxIntake:
             return
         self._scan = None
         self._stillness.scan_ended(whole=not scan.cut_short)
+        if not scan.cut_short:
+            self._forget_gone_failures()
         self._retry_soon = scan.retried_soon and scan.deferred > 0
         self._scan_due = now + (QUIET_S if self._retry_soon else interval_s)
         log.debug("inbox_scanned", names=scan.looked, too_fresh=scan.deferred,

@@ -1,15 +1,28 @@
 """The drop folder's pure decisions, apart from the folder and its threads: when a file a
-scan found has been still long enough to take. Given the file's `stat` and the clocks, so
-that they are tested without files or waits."""
+scan found has been still long enough to take, and what an entry that cannot be claimed
+ends with. Given the file's `stat`, the error and the clocks, so that they are tested
+without files or waits."""
 
 from __future__ import annotations
 
+import errno
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from cosyvoiced.job import ErrorCode, JobError
 
 # Files whose times are both in the future that one scan remembers, to see at the next
 # whether they changed (about 300 bytes each): more wait for a later scan.
 MAX_UNDATED_REMEMBERED = 4096
+# Entries of the inbox that could not be claimed, remembered so that each is logged (and,
+# if refused, recorded) once, not at every scan: more are counted, in one line a scan.
+MAX_UNCLAIMABLE_REMEMBERED = 1024
+# Why moving an entry out of the inbox fails that is the entry's own doing: a directory
+# of another user without write permission for the daemon (moving a directory rewrites
+# its ".."), an immutable or append-only one (EPERM), a mount point (EBUSY).
+_ENTRY_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EBUSY})
 
 _Mark = tuple[int, int, int, int]  # inode, size, mtime and ctime (ns): changed if it differs
 
@@ -85,3 +98,54 @@ class Stillness:
 
     def remembered(self) -> int:
         return len(self._seen) + len(self._seeing)
+
+
+def claim_refusal(mode: int, error: OSError) -> JobError | None:
+    """The error an inbox entry (of `mode`, its lstat) whose claim failed with `error` ends
+    with, where it is (it cannot be moved to failed/ either): a directory, device or other
+    entry the daemon may not move. None when the failure is not the entry's doing (a full
+    or read-only disk, a regular file whose folder the daemon may not write): it stays to
+    be claimed by a later scan."""
+    if stat.S_ISREG(mode) or error.errno not in _ENTRY_ERRNOS:
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    return JobError(ErrorCode.NOT_REGULAR_FILE, f"the job is {kind}, and the daemon may not "
+                    f"move it out of the inbox ({error.strerror}): directories and devices "
+                    "are refused; remove it")
+
+
+@dataclass
+class Unclaimable:
+    """Inbox entries whose claim failed, by name and inode (a new entry of the name is
+    tried afresh), at most `max_remembered`; whether each was refused where it is."""
+
+    max_remembered: int = MAX_UNCLAIMABLE_REMEMBERED
+    _entries: dict[str, tuple[int, bool]] = field(default_factory=dict)
+
+    def known(self, name: str, inode: int) -> bool:
+        """Whether this entry's failure was said already (not to be said again)."""
+        entry = self._entries.get(name)
+        return entry is not None and entry[0] == inode
+
+    def refused(self, name: str, inode: int) -> bool:
+        """Whether this entry has its error record: it is not to be claimed again."""
+        entry = self._entries.get(name)
+        return entry is not None and entry == (inode, True)
+
+    def remember(self, name: str, inode: int, *, refused: bool) -> bool:
+        """Note the entry; False if there is no room (it is not remembered)."""
+        if name not in self._entries and len(self._entries) >= self.max_remembered:
+            return False
+        self._entries[name] = (inode, refused)
+        return True
+
+    def forget_unless(self, present: Callable[[str, int], bool]) -> None:
+        """Forget the entries no longer there (`present(name, inode)` is False)."""
+        self._entries = {name: entry for name, entry in self._entries.items()
+                         if present(name, entry[0])}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
