@@ -76,6 +76,10 @@ MAX_CLAIMS_WAITING = 256
 # remembered in the order they came, to be claimed as room comes. More are forgotten, and
 # a scan finds them once these are claimed.
 MAX_HELD_NAMES = 1024
+# A JSON job of an earlier life that this one's limits refuse is read again to find its
+# `output` (was it done before the crash?), this much of it at most.
+EARLIER_JOB_BYTES = 16 << 20
+_ID_TIME = 11  # a job id's leading hex digits: its creation time in ms (job.new_job_id)
 
 log = logs.get_logger("cosyvoiced.intake.inbox")
 
@@ -178,6 +182,7 @@ class InboxIntake:
         # are counted, and said in one line at the end of a scan.
         self._unclaimable = Unclaimable()
         self._unsaid_failures = 0
+        self._life_began = new_job_id()  # a job id older than this is of an earlier life
 
     def start(self) -> None:
         # watchdog's low-level inotify reader, not its Observer: the Observer holds every
@@ -427,15 +432,51 @@ class InboxIntake:
         """
         if self._spool.resume_failure(claimed) is not None:
             return None
-        job = parse(claimed, self._spool.read(claimed, max_file_bytes), limits)
+        # Done before a crash (its record written, its file not yet released)? Asked before
+        # the file is judged: a restart with a lower max_text_chars or max_file_bytes
+        # failed it too, one input with a result and an error record.
+        if self._released_if_done(claimed, claimed.stem):
+            return None
+        try:
+            job = parse(claimed, self._spool.read(claimed, max_file_bytes), limits)
+        except JobFailure:
+            if self._released_if_done(claimed, self._output_of_earlier_job(claimed)):
+                return None
+            raise
         job = replace(job, received_at=claimed.claimed_at)
-        if self._spool.finished_result(claimed, job.output) is not None:
-            self._spool.release(claimed)  # done before a crash; only the cleanup was left
+        if job.output != claimed.stem and self._released_if_done(claimed, job.output):
             return None
         if job.prompt_audio is not None:
             job = replace(job, prompt_audio=str(
                 self._spool.claim_prompt(claimed, job.prompt_audio)))
         return job
+
+    def _released_if_done(self, claimed: Claimed, output: str | None) -> bool:
+        """Whether the job's result is in the outbox under `output`; its file is released
+        then (done before a crash: only the cleanup was left)."""
+        if output is None or self._spool.finished_result(claimed, output) is None:
+            return False
+        self._spool.release(claimed)
+        return True
+
+    def _output_of_earlier_job(self, claimed: Claimed) -> str | None:
+        """The `output` a JSON job that a crash left in work/ names, read without the limits
+        of this life (that may have refused it); None for any other file. Only a job of an
+        earlier life can have been done (its id is older than this intake), so a file
+        refused now is read again only after a crash, and at most EARLIER_JOB_BYTES."""
+        if claimed.suffix != "json" or claimed.job_id[:_ID_TIME] >= self._life_began[:_ID_TIME]:
+            return None
+        try:  # never through a link, nor waiting on a FIFO (Spool.read refused those)
+            fd = os.open(self._spool.work / claimed.work_name,
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as stream:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None
+                fields = json_value(stream.read(EARLIER_JOB_BYTES + 1).decode())
+        except (OSError, UnicodeDecodeError, NotJSON):
+            return None
+        output = fields.get("output") if isinstance(fields, dict) else None
+        return output if isinstance(output, str) and "/" not in output else None
 
     def fail(self, claimed: Claimed, error: JobError) -> str:
         name = self._spool.publish_failure(claimed, error)
