@@ -220,8 +220,8 @@ class InboxIntake:
     @property
     def next_scan(self) -> float:
         """When `rescan_if_due` has work (monotonic): the next scan or its next step, or
-        now, while names left in the inbox can be claimed."""
-        if self._held and not self._backlog_full():
+        now, while names left in the inbox can be claimed (none once stopped: they stay)."""
+        if self._accepting and self._held and not self._backlog_full():
             return 0.0
         return self._scan_due
 
