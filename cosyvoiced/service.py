@@ -433,8 +433,9 @@ class Service:
     def hand_back(self, claimed: Claimed) -> None:
         if not self.spool.hand_back(claimed):
             log.warning("hand_back_deferred", work_name=claimed.work_name,
-                        message="the inbox has a new file of that name; the job stays in "
-                                "work/ and runs at the next start")
+                        message="the inbox has a new file of its name, or its prompt could "
+                                "not be made its submitter's again (the daemon is not root); "
+                                "the job stays in work/ and runs at the next start")
 
     def recover(self) -> None:
         """At start: the jobs a crash left in work/ are claimed again, what the crash left

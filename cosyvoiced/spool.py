@@ -455,12 +455,17 @@ class Spool:
     def hand_back(self, claimed: Claimed) -> bool:
         """Return an unstarted job to the inbox under its own name, its prompt audio first,
         so that the job finds it when it is claimed again. False if any of those names is
-        taken there (a new drop): the job stays in work/ with its prompts, claimed, for the
-        next start. (A prompt left behind was deleted at the next start as an orphan, and
-        the job took the new file of its name: another's voice.)"""
+        taken there (a new drop), or if a prompt cannot be made its submitter's again (the
+        daemon's own copy, where it may not chown: `_give_back_prompts`): the job stays in
+        work/ with its prompts, claimed, for the next start. (A prompt left behind was
+        deleted at the next start as an orphan, and the job took the new file of its name:
+        another's voice.)"""
         self.clear_attempts(claimed.job_id)
+        prompts = self._prompts_of(claimed.job_id)
+        if not self._give_back_prompts(claimed, prompts):
+            return False  # claimed, its prompt is its own with no owner check again
         returned: list[_Prompt] = []
-        for prompt in self._prompts_of(claimed.job_id):
+        for prompt in prompts:
             if not rename_noreplace(prompt.path, self.inbox / prompt.claimed.original_name):
                 self._reclaim(returned)
                 return False
@@ -518,6 +523,8 @@ class Spool:
             data = stream.read(self.max_prompt_bytes + 1)
             mode = stat.S_IMODE(os.fstat(fd).st_mode) & 0o666
         self._check_prompt_size(name, len(data))  # it grew since it was looked at
+        # The daemon's own: given back to its submitter only at a stop (`hand_back`); a
+        # file of theirs in prompts/ would be theirs to change wherever they can reach it.
         atomic_write(path.parent, path.name, data, mode)
 
     def _check_prompt_owner(self, job: Claimed, name: str) -> None:
@@ -526,18 +533,24 @@ class Spool:
         file of root's or the daemon's own (a ZeroMQ `submit`) may name any."""
         prompt_uid = os.lstat(self.inbox / name).st_uid  # FileNotFoundError: not dropped
         job_uid = os.lstat(self.work / job.work_name).st_uid
-        if job_uid in (0, os.getuid()):
-            return
-        hidden = unseen_owner_uid()
-        if hidden in (prompt_uid, job_uid):
-            raise JobFailure(ErrorCode.NOT_OWNER, f"prompt_audio: who dropped {name!r} cannot "
-                             "be told: the daemon runs in a user namespace that shows other "
-                             f"users' files as uid {hidden}'s (systemd's PrivateUsers=); a "
-                             "job may name its own user's audio only", "prompt_audio")
-        if prompt_uid != job_uid:
-            raise JobFailure(ErrorCode.NOT_OWNER, f"prompt_audio: {name!r} was dropped by "
-                             "another user than this job file's; a job may name its own "
-                             "user's audio only", "prompt_audio")
+        refusal = _owner_refusal(job_uid, prompt_uid, name)
+        if refusal is not None:
+            raise JobFailure(ErrorCode.NOT_OWNER, refusal, "prompt_audio")
+
+    def _give_back_prompts(self, claimed: Claimed, prompts: list[_Prompt]) -> bool:
+        """Make the job's claimed prompts its submitter's again (they are the daemon's own
+        copies, `_own_copy`), so that, handed back, it passes the owner check: a restart
+        failed every queued cloning job of a non-root user (not_owner). False if the
+        daemon may not (it runs as its own user): the job is then kept claimed."""
+        job = os.lstat(self.work / claimed.work_name)
+        for prompt in prompts:
+            if _owner_refusal(job.st_uid, os.lstat(prompt.path).st_uid, "") is None:
+                continue
+            try:
+                os.chown(prompt.path, job.st_uid, job.st_gid, follow_symlinks=False)
+            except OSError:  # EPERM: not root; EINVAL: a uid unmapped in its namespace
+                return False
+        return True
 
     def write_prompt(self, job_id: str, name: str, data: bytes) -> Path:
         """Keep prompt audio that came with a request, as if claimed from the inbox."""
@@ -593,6 +606,23 @@ class _Prompt:
     @property
     def path(self) -> Path:
         return self.directory / self.claimed.work_name
+
+
+def _owner_refusal(job_uid: int, prompt_uid: int, name: str) -> str | None:
+    """Why a job file of `job_uid`'s may not name a prompt of `prompt_uid`'s; None if it
+    may (a job file of root's or the daemon's own, a ZeroMQ `submit`, may name any)."""
+    if job_uid in (0, os.getuid()):
+        return None
+    hidden = unseen_owner_uid()
+    if hidden in (prompt_uid, job_uid):
+        return (f"prompt_audio: who dropped {name!r} cannot be told: the daemon runs in a "
+                "user namespace that shows other users' files as uid "
+                f"{hidden}'s (systemd's PrivateUsers=); a job may name its own user's "
+                "audio only")
+    if prompt_uid != job_uid:
+        return (f"prompt_audio: {name!r} was dropped by another user than this job file's; "
+                "a job may name its own user's audio only")
+    return None
 
 
 @functools.cache
