@@ -84,6 +84,17 @@ def no_slot_can_serve(slots: list[tuple[int, bool]], max_start_failures: int) ->
                                for failures, ready in slots)
 
 
+def may_replace(others: list[tuple[bool, int]]) -> bool:
+    """Whether a slot's worker may be recycled now, given the other slots as (has a ready
+    worker, failed starts in a row). Not while another is loading, so that capacity does
+    not drop to zero with several slots. A slot that has failed to start and has no ready
+    worker does not count as loading: it may never load (a GPU short of memory), and
+    waiting on it left the serving workers unrecycled for good (their memory limits,
+    max_jobs, reloads and asked recycles ignored). Recycling the one serving worker then
+    leaves none for one load, as any recycle does on a one-slot daemon."""
+    return all(ready or failures > 0 for ready, failures in others)
+
+
 MAX_ATTEMPTS = 2  # a job that kills two workers (or the daemon, or two hosts) is poison
 
 

@@ -475,13 +475,11 @@ class WorkerPool:
         return True
 
     def _may_replace(self, index: int) -> bool:
-        """Capacity never drops to zero: with several slots, one is replaced at a time."""
-        if self.spare is not None:
-            return False
-        if len(self.slots) == 1:
-            return True
-        return all(slot.worker is not None and slot.worker.ready
-                   for other, slot in enumerate(self.slots) if other != index)
+        """One slot is replaced at a time (a spare's load is one), and not while another
+        loads; a slot that keeps failing to start does not hold the others back."""
+        return self.spare is None and policy.may_replace(
+            [(slot.worker is not None and slot.worker.ready, slot.start_failures)
+             for other, slot in enumerate(self.slots) if other != index])
 
     def _watch_thrash(self, worker: WorkerHandle, reason: str) -> None:
         self.memory_recycles = [*self.memory_recycles[-policy.THRASH_RECYCLES:],
