@@ -125,6 +125,21 @@ def _max_active(config: Config, streams: int) -> int:
     return max(config.scheduling.max_active_jobs, streams)
 
 
+def _uncounted(spool: Spool, job_id: str) -> bool:
+    """Take back this life's count of a job's start (a stop is no crash); True if no start
+    is left counted. A disk that refuses it (full) leaves the count one too many: the job
+    stays in work/ and the poison rule takes this stop for a crash (exit 5 in the tick
+    was worse: every job stopped, the network intakes with them)."""
+    try:
+        return spool.uncount_attempt(job_id) == 0
+    except OSError as error:
+        log.error("attempt_uncount_unwritable", job=job_id, error=str(error),
+                  message="the spool's disk would not take back the count of the job's "
+                          "start at this stop: it stays in work/ with one start too many "
+                          "counted (one crash fewer before it is not run again)")
+        return False
+
+
 class JobBook:
     def __init__(self, spool: Spool, encoder: Encoder, prepare: Callable[[Job], Job],
                  settings: Callable[[], Config]) -> None:
@@ -187,7 +202,7 @@ class JobBook:
 
     def _hand_segment(self, running: Running, worker: WorkerHandle, now: float) -> None:
         index = running.done
-        if not running.dispatched and running.persisted:  # durable before it is in hand
+        if not running.counted and running.persisted:  # durable before it is in hand
             if not self._held.count(running.job.id, now):
                 return  # a full disk: it stays queued, tried again after a backoff
             running.counted = True
@@ -365,7 +380,7 @@ class JobBook:
         if not running.persisted:
             return True
         if running.counted:  # (not one served by another host: started, never counted)
-            return self._spool.uncount_attempt(job_id) == 0
+            return _uncounted(self._spool, job_id)
         return self._spool.attempts_of(job_id) == 0
 
     def serve_here(self, running: Running) -> None:
