@@ -5,6 +5,8 @@ Kept free of processes and clocks so they are unit-tested directly.
 
 from __future__ import annotations
 
+import signal
+
 from cosyvoiced.config import WorkerConfig
 from cosyvoiced.memory import Memory
 
@@ -74,6 +76,22 @@ def failed_start(ready_at: float | None, now: float, segment_in_hand: bool) -> b
     if ready_at is None:
         return True
     return not segment_in_hand and now - ready_at < SETTLED_S
+
+
+def end_reason(lost_for: str, exitcode: int | None, start_timeout_s: float) -> str:
+    """How a worker that did not say why it cannot load ended, as its failed start's
+    reason: each slot's is its own worker's, never another's or an older one's."""
+    if lost_for == "start_timeout":
+        return f"engine did not load within {start_timeout_s:g} s"
+    if exitcode is None:
+        return f"the worker was given up on ({lost_for})"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"the worker crashed: killed by {name} (exit code {exitcode})"
+    return f"the worker exited with code {exitcode}"
 
 
 def no_slot_can_serve(slots: list[tuple[int, bool]], max_start_failures: int) -> bool:

@@ -89,6 +89,18 @@ class Starts:
         self._config = config
         self.loaded_engine: EngineConfig | None = None
         self.engines: dict[int, EngineConfig] = {}  # generation -> the settings it loads
+        self.load_errors: dict[int, str] = {}  # generation -> why it said it cannot load
+
+    def why_failed(self, worker: WorkerHandle, lost_for: str) -> str:
+        """Why `worker` failed to start, as its slot's reason: what it said of its engine
+        (EngineLoadFailed), else how it ended (a crash: its exit code or signal)."""
+        said = self.load_errors.pop(worker.generation, None)
+        return said or policy.end_reason(lost_for, worker.exitcode(),
+                                         self._config().worker.start_timeout_s)
+
+    def forget(self, generation: int) -> None:
+        self.engines.pop(generation, None)
+        self.load_errors.pop(generation, None)
 
     def loaded(self, slot: Slot | None, worker: WorkerHandle, now: float) -> None:
         if slot is not None:
@@ -157,7 +169,7 @@ class WorkerPool:
         self.reload_pending: set[int] = set()  # slots to recycle for a reload
         self.recycle_requests: dict[int, str] = {}  # slot -> why (an operator asked)
         self.last_recycle: dict[int, tuple[float, str]] = {}  # slot -> (wall clock, why)
-        self.last_load_error = ""
+        self.last_load_error = ""  # why the last worker lost failed to start ("" if it had not)
         self.starts = Starts(config)
         self.spare_reason = ""  # why the spare loads: counted when it takes over
         self.memory_recycles: list[int] = []  # segments served by workers recycled for memory
@@ -260,7 +272,7 @@ class WorkerPool:
                 messages.extend((handle, message) for message in handle.messages(now))
                 handle.reap()
                 self.retiring.remove(handle)
-                self.starts.engines.pop(handle.generation, None)
+                self.starts.forget(handle.generation)
             elif now >= handle.deadline:
                 handle.escalate(now)
         return messages
@@ -280,7 +292,8 @@ class WorkerPool:
             case EngineWarming(load_s):
                 worker.set_state(WorkerState.WARMING, load_s=load_s)
             case EngineLoadFailed(reason):
-                self.last_load_error = reason
+                if worker in self.handles():  # not one reaped: its record would stay
+                    self.starts.load_errors[worker.generation] = reason
             case EngineReady():
                 self.starts.loaded(self._slot_of(worker), worker, now)
                 worker.streams = max(1, message.streams)
@@ -318,8 +331,6 @@ class WorkerPool:
             if not worker.alive():
                 lost.append((worker, "exited"))
             elif not worker.ready and now - worker.started_at > settings.start_timeout_s:
-                self.last_load_error = (f"engine did not load within "
-                                        f"{settings.start_timeout_s:g} s")
                 lost.append((worker, "start_timeout"))
             elif held is not None and policy.hung(held[0], now, held[1], settings):
                 lost.append((worker, "job_timeout"))
@@ -358,7 +369,9 @@ class WorkerPool:
         if slot is not None:
             ready_at = None if never_ready else slot.ready_at
             slot.empty(now)
-            if not quiet and policy.failed_start(ready_at, now, bool(worker.jobs)):
+            failed = not quiet and policy.failed_start(ready_at, now, bool(worker.jobs))
+            self.last_load_error = self.starts.why_failed(worker, reason) if failed else ""
+            if failed:
                 verdict = self.starts.failed(slot, self.slots, worker, now,
                                              self.last_load_error)
         if worker in self.leaving:
@@ -383,7 +396,8 @@ class WorkerPool:
             return
         log.error("spare_lost", generation=spare.generation, exitcode=spare.exitcode(),
                   reason="start_timeout" if timed_out else "exited", slot=spare.slot,
-                  error=self.last_load_error, next_recycle="in place")
+                  error=self.starts.why_failed(spare, "start_timeout" if timed_out else
+                                               "exited"), next_recycle="in place")
         if spare.slot < len(self.slots):
             self.slots[spare.slot].spare_lost = True
         self._drop_spare(now, "lost")
