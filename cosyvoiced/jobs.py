@@ -22,6 +22,7 @@ from cosyvoiced.config import Config
 from cosyvoiced.encoding import Encoder
 from cosyvoiced.job import (
     SINK_REPLY,
+    SINK_SPOOL,
     Deferred,
     ErrorCode,
     Job,
@@ -70,6 +71,7 @@ class _Encoding:
     status: dict[str, Any]
     summary: dict[str, Any]
     since: float
+    counted: bool  # its start is counted in attempts/ in this life (JobBook.release)
 
 
 def _stage_summary(result: JobResult) -> dict[str, Any]:
@@ -140,6 +142,39 @@ def _uncounted(spool: Spool, job_id: str) -> bool:
         return False
 
 
+def _free_worker(book: JobBook, worker: WorkerHandle, running: Running, now: float) -> None:
+    """The worker no longer has the job's segment in hand (done, failed or lost)."""
+    running.holder = None
+    running.ready_since = now
+    if running.job.id not in worker.jobs:
+        return
+    worker.jobs.remove(running.job.id)
+    worker.segments_served += 1
+    if worker.state == WorkerState.BUSY and not worker.jobs:
+        worker.set_state(WorkerState.IDLE)
+        book.freed.append(worker)  # the tick lets the pool recycle it if due
+
+
+def _after_a_crash(book: JobBook, running: Running, crashes: int, reason: str) -> None:
+    """The segment of a job whose worker died or hung: retried, or the job ends."""
+    job = running.job
+    timeout_s = policy.job_timeout_s(len(running.segments[running.done]), book.config.worker)
+    what = f"hung (no progress for {timeout_s:g} s)" if reason == "job_timeout" else "died"
+    if running.cancel_requested:
+        book.end(running, None)
+    elif crashes >= policy.MAX_ATTEMPTS or (job.stream and running.segment_chunks):
+        # Chunks of the segment already streamed cannot be made again without
+        # duplicating audio; a segment boundary can (the next worker starts there).
+        book.end(running, JobError(ErrorCode.WORKER_CRASHED, f"the worker {what} while "
+                                   f"synthesizing this job ({crashes} time(s)); it is not "
+                                   "retried again"))
+    else:
+        log.warning("job_retry", job=job.id, crashes=crashes, reason=reason,
+                    segment=running.done)
+        running.retry = True
+        running.segment_audio = []
+
+
 class JobBook:
     def __init__(self, spool: Spool, encoder: Encoder, prepare: Callable[[Job], Job],
                  settings: Callable[[], Config]) -> None:
@@ -155,6 +190,8 @@ class JobBook:
         self._encoding: dict[str, _Encoding] = {}
         self._held = diskwait.HeldStarts(spool)  # jobs whose start the disk refused
         self.unwritten = diskwait.UnwrittenOutcomes()  # outcomes it refused: retried
+        # Reads a spool job again from work/ and queues it (the service's; None: none).
+        self.remake: Callable[[Job], None] | None = None
 
     @property
     def config(self) -> Config:
@@ -169,6 +206,10 @@ class JobBook:
     def writing(self) -> int:
         """Results being encoded: the daemon waits for them before it exits."""
         return len(self._encoding)
+
+    def disk_waits(self) -> dict[str, int]:
+        """What waits for room on the spool's disk (STATUS=, stats): outcomes, starts."""
+        return {"outcomes": len(self.unwritten), "starts": len(self._held)}
 
     # -- admitting --------------------------------------------------------------------------
     def repeat(self, job: Job) -> None:
@@ -244,10 +285,10 @@ class JobBook:
             case SegmentFinished():
                 self._on_segment_done(worker, running, message, now)
             case JobFailed(_job_id, error):
-                self._free_worker(worker, running, now)
+                _free_worker(self, worker, running, now)
                 self.end(running, error)
             case JobCancelled():
-                self._free_worker(worker, running, now)
+                _free_worker(self, worker, running, now)
                 self.end(running, None)
 
     def _on_segment_done(self, worker: WorkerHandle, running: Running,
@@ -261,7 +302,7 @@ class JobBook:
             running.stages.append(message.stages)
         running.made.append(captions.SegmentAudio(running.segments[message.index],
                                                   message.samples, message.words))
-        self._free_worker(worker, running, now)
+        _free_worker(self, worker, running, now)
         chunks, running.segment_audio = running.segment_audio, []
         if not self.keep(running, chunks):
             return
@@ -281,44 +322,11 @@ class JobBook:
             return False
         return True
 
-    def _free_worker(self, worker: WorkerHandle, running: Running, now: float) -> None:
-        """The worker no longer has the job's segment in hand (done, failed or lost)."""
-        running.holder = None
-        running.ready_since = now
-        if running.job.id not in worker.jobs:
-            return
-        worker.jobs.remove(running.job.id)
-        worker.segments_served += 1
-        if worker.state == WorkerState.BUSY and not worker.jobs:
-            worker.set_state(WorkerState.IDLE)
-            self.freed.append(worker)  # the tick lets the pool recycle it if due
-
     def lost(self, worker: WorkerHandle, reason: str, now: float) -> None:
         """The worker holding segments died or was killed: retry each, or end its job."""
         for running in self._ledger.held_by(worker):
-            self._lost_segment(worker, running, reason, now)
-
-    def _lost_segment(self, worker: WorkerHandle, running: Running, reason: str,
-                      now: float) -> None:
-        self._free_worker(worker, running, now)
-        job = running.job
-        crashes = self._ledger.count_crash(job)
-        timeout_s = policy.job_timeout_s(len(running.segments[running.done]),
-                                         self.config.worker)
-        what = f"hung (no progress for {timeout_s:g} s)" if reason == "job_timeout" else "died"
-        if running.cancel_requested:
-            self.end(running, None)
-        elif crashes >= policy.MAX_ATTEMPTS or (job.stream and running.segment_chunks):
-            # Chunks of the segment already streamed cannot be made again without
-            # duplicating audio; a segment boundary can (the next worker starts there).
-            self.end(running, JobError(ErrorCode.WORKER_CRASHED, f"the worker {what} while "
-                                       f"synthesizing this job ({crashes} time(s)); it is not "
-                                       "retried again"))
-        else:
-            log.warning("job_retry", job=job.id, crashes=crashes, reason=reason,
-                        segment=running.done)
-            running.retry = True
-            running.segment_audio = []
+            _free_worker(self, worker, running, now)
+            _after_a_crash(self, running, self._ledger.count_crash(running.job), reason)
 
     # -- asking and telling -----------------------------------------------------------------
     def cancel(self, job_id: str, identity: Identity = LOCAL_ADMIN) -> bool:
@@ -414,24 +422,26 @@ class JobBook:
             made = running.reply_audio.take(result.sample_rate)
             output = sink.deliver(job, result, made, timings)
         except OSError as error:
-            self.end(running, JobError(ErrorCode.INTERNAL,
-                                       f"could not write the result: {error}"))
+            self._leave(running)
+            self._result_refused(job, sink, error, running.counted)
             return
         served = {"served_by": result.served_by} if result.served_by else {}
-        self.delivered(job, sink, output, result, status=served, summary=served | {
+        self.delivered(job, sink, output, result, counted=running.counted, status=served,
+                       summary=served | {
             "voice": result.voice, "chars": job.chars, "segments": len(running.segments),
             "audio_s": round(result.audio_s, 3), "synth_s": round(result.synth_s, 3),
             "queue_wait_s": timings["queue_wait_s"], "first_chunk_s": timings["first_chunk_s"],
             "write_s": round(time.monotonic() - written, 4)} | _stage_summary(result))
 
     def delivered(self, job: Job, sink: Sink, output: str | Deferred, result: JobResult, *,
-                  status: dict[str, Any], summary: dict[str, Any]) -> None:
+                  status: dict[str, Any], summary: dict[str, Any],
+                  counted: bool = False) -> None:
         """A job's audio went to its sink: it is done, or its file is being encoded (in
         the encoder process; `drain_encoded` finishes it)."""
         if isinstance(output, Deferred):
             self._encoder.submit(job.id, output.audio, output.format, output.staging)
             self._encoding[job.id] = _Encoding(job, sink, output, result, status, summary,
-                                               time.monotonic())
+                                               time.monotonic(), counted)
             self._ledger.writing(job)
             return
         self.close(job, "done", result=result, status=status | {"output": output},
@@ -450,6 +460,10 @@ class JobBook:
             if pending is None:
                 continue
             job = pending.job
+            if encoded.error is not None and encoded.error.code == ErrorCode.INTERNAL:
+                # (the encoder's one INTERNAL: its staged file refused by the disk)
+                self._result_refused(job, pending.sink, encoded.error.message, pending.counted)
+                continue
             if encoded.error is not None or encoded.data is None:
                 self.end_unqueued(job, pending.sink, encoded.error or JobError(
                     ErrorCode.ENCODE_FAILED, "the encoder returned nothing"))
@@ -457,8 +471,7 @@ class JobBook:
             try:
                 output = pending.deferred.publish(encoded.data)
             except OSError as error:
-                self.end_unqueued(job, pending.sink, JobError(
-                    ErrorCode.INTERNAL, f"could not write the result: {error}"))
+                self._result_refused(job, pending.sink, error, pending.counted)
                 continue
             summary = pending.summary | {"encode_s": round(now - pending.since, 4)}
             self.delivered(job, pending.sink, output, pending.result, status=pending.status,
@@ -475,6 +488,20 @@ class JobBook:
                 self.end_unqueued(job, sink, JobError(
                     ErrorCode.SHUTTING_DOWN, "the daemon stopped before this result was "
                     "written; send the request again"))
+
+    def _result_refused(self, job: Job, sink: Sink, error: OSError | str,
+                        counted: bool) -> None:
+        """A result the spool's disk refused: a spool job waits (running, writing) and is
+        read again from work/ and made again once the disk has room (`remake`; its audio
+        is not held meanwhile: bounded memory); a reply's client is told."""
+        if job.sink != SINK_SPOOL or self.remake is None:
+            why = error if isinstance(error, str) else f"could not write the result: {error}"
+            self.end_unqueued(job, sink, JobError(ErrorCode.INTERNAL, why))
+            return
+        if counted:  # made again in this life: its start is counted again then
+            _uncounted(self._spool, job.id)
+        self._ledger.writing(job)
+        self.unwritten.hold(job.id, partial(self.remake, job), error, time.monotonic())
 
     def end_unqueued(self, job: Job, sink: Sink, error: JobError | None) -> None:
         """`end` for a job with no place in the queue: its file being encoded, or a repeat
@@ -499,7 +526,6 @@ class JobBook:
             self.unwritten.hold(job.id, partial(self._write_outcome, job, sink, error),
                                 failure, time.monotonic())
             return
-        self.unwritten.written(job.id)
         if error is None:
             self.close(job, "cancelled", chars=job.chars)
             return
@@ -512,6 +538,13 @@ class JobBook:
         self._held.forget(running.job.id)
         if running.audio is not None:
             running.audio.discard()
+
+    def waits_for_disk(self, job_id: str, source: str, owner: str,
+                       retry: Callable[[], None], error: OSError) -> None:
+        """A job refused before it was queued whose record the disk refused: being written
+        (status), and `retry` writes it once the disk has room (`rejected` then)."""
+        self._ledger.writing(Job(job_id, source, job_id, "", owner=owner))
+        self.unwritten.hold(job_id, retry, error, time.monotonic())
 
     def rejected(self, job_id: str, source: str, owner: str, error: JobError,
                  where: str) -> None:
@@ -535,6 +568,7 @@ class JobBook:
               result: JobResult | None = None, **summary: Any) -> None:
         """A job has ended: remember it for `status`, and log its one summary line."""
         self._ledger.record(job.id, job.source, outcome, job.owner, **(status or {}))
+        self.unwritten.written(job.id)  # (the disk took it: any outcomes waiting follow)
         self.closed.append(Closed(job.id, job.source, outcome, result, job.share,
                                   int(summary.get("chars", job.chars))))
         log.info("job", job=job.id, source=job.source, outcome=outcome, **summary)

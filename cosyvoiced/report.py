@@ -40,7 +40,7 @@ class Snapshot:
     reload_error: str | None
     cache: dict[str, Any] | None
     cluster: dict[str, Any] | None
-    cluster_status: str  # "; cluster ..." or ""
+    cluster_status: str  # "; cluster ...", then "; N outcomes waiting for the disk" (or "")
 
 SHOWN_JOBS = 3  # jobs in hand named in STATUS= (the line must stay short)
 

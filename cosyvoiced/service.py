@@ -16,13 +16,14 @@ import errno
 import hmac
 import json
 import queue
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cosyvoiced import admission, clients, logs, roster
+from cosyvoiced import admission, clients, diskwait, logs, roster
 from cosyvoiced import segments as text_segments
 from cosyvoiced.admission import InFlight, PerClient
 from cosyvoiced.catalog import Catalog
@@ -158,6 +159,9 @@ class Service:
         self.claim_retries: list[tuple[float, int, Claimed]] = []  # (due, tries, claim)
         self.recovering: set[str] = set()  # jobs left in work/, not admitted: see sharing.py
         self._drops_held_back = False  # claims wait for room in the queue (logged once)
+        # A spool job whose result the disk refused is read again from work/ and queued (as
+        # at the next start): made again, not failed for want of disk.
+        book.remake = lambda job: self.claim(Claimed(job.origin), time.monotonic())
 
     def idle(self) -> int:
         """Segments the workers could start now (a batched worker has several places)."""
@@ -226,8 +230,9 @@ class Service:
 
     def cluster_report(self, now: float) -> tuple[dict[str, Any] | None, str]:
         """The cluster's figures (`stats`) and its part of STATUS=, with what the roster saw
-        wrong: another live host of this host's name."""
-        figures, status = self.cluster.figures(), self.cluster.status()
+        wrong: another live host of this host's name; then what waits for the disk."""
+        figures = self.cluster.figures()
+        status = self.cluster.status() + diskwait.status_note(self.book.disk_waits())
         clash = None if self.roster is None else self.roster.name_clash(now)
         if figures is None or clash is None:
             return figures, status
@@ -361,8 +366,9 @@ class Service:
         return self.book.encoding_bytes() + self.repeats.played_bytes() >= MAX_ENCODING_BYTES
 
     def _queued_drops(self) -> int:
-        """Claimed jobs waiting to start: all of the drop folder's share (_admit)."""
-        return self.ledger.unstarted_of(clients.INBOX)
+        """Claimed jobs waiting to start (_admit), and outcomes waiting for the disk (20,000
+        invalid drops on a full disk were all claimed and held: 70 -> 92 MiB)."""
+        return self.ledger.unstarted_of(clients.INBOX) + len(self.book.unwritten)
 
     def deadlines(self) -> list[float]:
         """When claims that failed for want of descriptors are due again; at once, while
@@ -425,8 +431,8 @@ class Service:
             _discard_sent_prompt(self.spool, claimed.job_id)  # a recovered `submit`'s
             where = self.intakes.inbox.fail(claimed, error)
         except OSError as failure:
-            self.book.unwritten.hold(claimed.job_id, partial(self._reject, claimed, error),
-                                     failure)  # tried again, not lost (diskwait.py)
+            self.book.waits_for_disk(claimed.job_id, INBOX_SOURCE, clients.INBOX,
+                                     partial(self._reject, claimed, error), failure)
             return
         self.book.rejected(claimed.job_id, INBOX_SOURCE, clients.INBOX, error, where)
 
@@ -516,7 +522,7 @@ class Service:
             self.metrics.replies_undelivered.labels(source).inc()
 
     def stats(self, identity: Identity = LOCAL_ADMIN) -> dict[str, Any]:
-        return self.report(identity)
+        return self.report(identity) | {"waiting_for_disk": self.book.disk_waits()}
 
     # -- what the cluster asks of this host (sharing.Host) ---------------------------------
     def idle_workers(self) -> int:
