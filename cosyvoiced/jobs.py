@@ -71,7 +71,7 @@ class _Encoding:
     status: dict[str, Any]
     summary: dict[str, Any]
     since: float
-    counted: bool  # its start is counted in attempts/ in this life (JobBook.release)
+    made: tuple[bool, bool]  # (persisted in work/, its start counted in attempts/ here)
 
 
 def _stage_summary(result: JobResult) -> dict[str, Any]:
@@ -423,11 +423,11 @@ class JobBook:
             output = sink.deliver(job, result, made, timings)
         except OSError as error:
             self._leave(running)
-            self._result_refused(job, sink, error, running.counted)
+            self._result_refused(job, sink, error, (running.persisted, running.counted))
             return
         served = {"served_by": result.served_by} if result.served_by else {}
-        self.delivered(job, sink, output, result, counted=running.counted, status=served,
-                       summary=served | {
+        self.delivered(job, sink, output, result, made=(running.persisted, running.counted),
+                       status=served, summary=served | {
             "voice": result.voice, "chars": job.chars, "segments": len(running.segments),
             "audio_s": round(result.audio_s, 3), "synth_s": round(result.synth_s, 3),
             "queue_wait_s": timings["queue_wait_s"], "first_chunk_s": timings["first_chunk_s"],
@@ -435,13 +435,13 @@ class JobBook:
 
     def delivered(self, job: Job, sink: Sink, output: str | Deferred, result: JobResult, *,
                   status: dict[str, Any], summary: dict[str, Any],
-                  counted: bool = False) -> None:
+                  made: tuple[bool, bool] = (False, False)) -> None:
         """A job's audio went to its sink: it is done, or its file is being encoded (in
         the encoder process; `drain_encoded` finishes it)."""
         if isinstance(output, Deferred):
             self._encoder.submit(job.id, output.audio, output.format, output.staging)
             self._encoding[job.id] = _Encoding(job, sink, output, result, status, summary,
-                                               time.monotonic(), counted)
+                                               time.monotonic(), made)
             self._ledger.writing(job)
             return
         self.close(job, "done", result=result, status=status | {"output": output},
@@ -462,7 +462,7 @@ class JobBook:
             job = pending.job
             if encoded.error is not None and encoded.error.code == ErrorCode.INTERNAL:
                 # (the encoder's one INTERNAL: its staged file refused by the disk)
-                self._result_refused(job, pending.sink, encoded.error.message, pending.counted)
+                self._result_refused(job, pending.sink, encoded.error.message, pending.made)
                 continue
             if encoded.error is not None or encoded.data is None:
                 self.end_unqueued(job, pending.sink, encoded.error or JobError(
@@ -471,7 +471,7 @@ class JobBook:
             try:
                 output = pending.deferred.publish(encoded.data)
             except OSError as error:
-                self._result_refused(job, pending.sink, error, pending.counted)
+                self._result_refused(job, pending.sink, error, pending.made)
                 continue
             summary = pending.summary | {"encode_s": round(now - pending.since, 4)}
             self.delivered(job, pending.sink, output, pending.result, status=pending.status,
@@ -490,11 +490,12 @@ class JobBook:
                     "written; send the request again"))
 
     def _result_refused(self, job: Job, sink: Sink, error: OSError | str,
-                        counted: bool) -> None:
+                        made: tuple[bool, bool]) -> None:
         """A result the spool's disk refused: a spool job waits (running, writing) and is
         read again from work/ and made again once the disk has room (`remake`; its audio
         is not held meanwhile: bounded memory); a reply's client is told."""
-        if job.sink != SINK_SPOOL or self.remake is None:
+        persisted, counted = made  # (another host's spool job is not in work/ here)
+        if not persisted or job.sink != SINK_SPOOL or self.remake is None:
             why = error if isinstance(error, str) else f"could not write the result: {error}"
             self.end_unqueued(job, sink, JobError(ErrorCode.INTERNAL, why))
             return
