@@ -40,7 +40,7 @@ class Snapshot:
     reload_error: str | None
     cache: dict[str, Any] | None
     cluster: dict[str, Any] | None
-    cluster_status: str  # "; cluster ...", then "; N outcomes waiting for the disk" (or "")
+    service_status: str  # "; cluster ...", "; N outcomes waiting for the disk" (or "")
 
 SHOWN_JOBS = 3  # jobs in hand named in STATUS= (the line must stay short)
 
@@ -123,7 +123,7 @@ def status_line(supervisor: Snapshot) -> str:
             f"{reason} {n}" for reason, n in sorted(pool.recycles.items()))
     if pool.thrashing:
         line += "; recycling for memory after every job: raise the limit"
-    line += supervisor.cluster_status
+    line += supervisor.service_status
     if supervisor.reload_error:
         line += f"; config reload failed, running the old one: {supervisor.reload_error}"
     return line

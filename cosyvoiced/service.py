@@ -228,9 +228,10 @@ class Service:
             state = "stopping" if self.stopping else "ready" if self.ready else "starting"
             self.roster.note(now, state, self._host_figures)
 
-    def cluster_report(self, now: float) -> tuple[dict[str, Any] | None, str]:
-        """The cluster's figures (`stats`) and its part of STATUS=, with what the roster saw
-        wrong: another live host of this host's name; then what waits for the disk."""
+    def service_report(self, now: float) -> tuple[dict[str, Any] | None, str]:
+        """What the pool and the ledger do not say: the cluster's figures (`stats`), and the
+        service's part of STATUS= (the cluster's, what waits for the disk, another live host
+        of this host's name)."""
         figures = self.cluster.figures()
         status = self.cluster.status() + diskwait.status_note(self.book.disk_waits())
         clash = None if self.roster is None else self.roster.name_clash(now)

@@ -289,7 +289,7 @@ class Supervisor:
         return report.Snapshot(
             self.book.records, self.pool, self.service.engine_name, self.config.engine.name,
             self.service.ready, self.service.stopping, self.intake_failure, self.reload_error,
-            self.cache.figures(), *self.service.cluster_report(time.monotonic()))
+            self.cache.figures(), *self.service.service_report(time.monotonic()))
 
     def status_line(self) -> str:
         return report.status_line(self._snapshot()) + self.pool.starts.failing_note(
