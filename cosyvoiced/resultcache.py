@@ -40,6 +40,7 @@ from cosyvoiced.clients import cache_share
 from cosyvoiced.config import Config, EngineConfig
 from cosyvoiced.job import Deferred, Job, JobError, JobResult, ResultAudio, Sink
 from cosyvoiced.speakers import audio_identity
+from cosyvoiced.spool import read_at_most
 
 if TYPE_CHECKING:
     from cosyvoiced.metrics import Metrics
@@ -301,9 +302,7 @@ def _read_prompt(path: Path, max_bytes: int) -> bytes | None:
     """A job's prompt audio to key it by, read on the tick: None if it cannot be read or is
     over `max_bytes` (the intakes refuse such prompts; it is then not cached)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as stream:
-            data = stream.read(max_bytes + 1)
+        data = read_at_most(path, max_bytes + 1)[0]
     except OSError:
         return None
     return data if len(data) <= max_bytes else None

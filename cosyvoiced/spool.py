@@ -518,14 +518,11 @@ class Spool:
         """Replace a submitter's claimed prompt with the daemon's own copy of it: its writer
         may hold it open and change it after the cache keyed the job by its content and
         before the worker reads it (another client's cached result, in the wrong voice)."""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as stream:
-            data = stream.read(self.max_prompt_bytes + 1)
-            mode = stat.S_IMODE(os.fstat(fd).st_mode) & 0o666
+        data, mode = read_at_most(path, self.max_prompt_bytes + 1)
         self._check_prompt_size(name, len(data))  # it grew since it was looked at
         # The daemon's own: given back to its submitter only at a stop (`hand_back`); a
         # file of theirs in prompts/ would be theirs to change wherever they can reach it.
-        atomic_write(path.parent, path.name, data, mode)
+        atomic_write(path.parent, path.name, data, stat.S_IMODE(mode) & 0o666)
 
     def _check_prompt_owner(self, job: Claimed, name: str) -> None:
         """The sticky inbox keeps a submitter from taking another's drop: so does a job that
@@ -606,6 +603,14 @@ class _Prompt:
     @property
     def path(self) -> Path:
         return self.directory / self.claimed.work_name
+
+
+def read_at_most(path: Path, max_bytes: int) -> tuple[bytes, int]:
+    """At most `max_bytes` of a regular file, and its mode, never following a link nor
+    waiting on a FIFO: a prompt's, read on the tick (OSError if it cannot be)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as stream:
+        return stream.read(max_bytes), os.fstat(fd).st_mode
 
 
 def _owner_refusal(job_uid: int, prompt_uid: int, name: str) -> str | None:
