@@ -6,14 +6,21 @@ read; the rest are claimed in order as room comes, with no wait for the periodic
 from __future__ import annotations
 
 import os
+import queue
+import time
 from pathlib import Path
 
-from cosyvoiced.intake.inbox import MAX_CLAIMS_WAITING, MAX_HELD_NAMES
+import pytest
+
+from cosyvoiced.intake import inbox
+from cosyvoiced.intake.inbox import MAX_CLAIMS_WAITING, MAX_HELD_NAMES, InboxIntake
 from cosyvoiced.service import CLAIMS_PER_TICK, MAX_QUEUED_DROPS
+from cosyvoiced.spool import Claimed, Spool
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
+HOUR = 3600.0
 QUEUED = MAX_QUEUED_DROPS + 8  # valid jobs: all that may wait queued, and a few more
 # Files that fail at once (bad JSON), behind them: more than may wait claimed and held by
 # name, so that some are found only by the scan asked for once the held ones are claimed.
@@ -61,3 +68,46 @@ def test_drops_past_the_backlog_stay_in_the_inbox_and_are_all_taken_in_turn(
     jobs = [daemon.wait_failed(f"bad-{n:04}.json", 1)["job"][:11] for n in range(REFUSED)]
     assert jobs[:MAX_HELD_NAMES] == sorted(jobs[:MAX_HELD_NAMES]), "claimed out of order"
     assert max(jobs[:MAX_HELD_NAMES]) < min(jobs[MAX_CLAIMS_WAITING + MAX_HELD_NAMES:])
+
+
+def test_drops_forgotten_past_the_held_names_are_taken_while_new_drops_keep_coming(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names past MAX_HELD_NAMES are forgotten, for a scan to find once the held ones are
+    claimed. But new drops were held behind the list as it drained, so under a steady
+    stream of drops (one for each the workers finish) it never emptied: the forgotten
+    waited for as long as the stream lasted. Now no name is held while some are forgotten,
+    and the scan that finds them waits for room where it is rather than starting over."""
+    monkeypatch.setattr(inbox, "MAX_CLAIMS_WAITING", 2)
+    monkeypatch.setattr(inbox, "MAX_HELD_NAMES", 4)
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    still_since = time.time() - 60  # what a scan takes at once
+
+    def drop(name: str) -> str:
+        (spool.inbox / name).write_text("Hi.")
+        os.utime(spool.inbox / name, (still_since, still_since))
+        return name
+
+    early = [drop(f"early-{n:02}.txt") for n in range(10)]  # 2 claimed, 4 held, 4 forgotten
+    claims: queue.SimpleQueue[Claimed] = queue.SimpleQueue()
+    intake = InboxIntake(spool, claims, lambda: None)
+    intake.start()
+    now, taken = 100.0, []
+    try:
+        intake.rescan_if_due(now, HOUR)
+        for n in range(30):  # a drop read, a new one dropped: the backlog stays full
+            taken.append(claims.get_nowait().original_name)
+            intake.take(drop(f"late-{n:02}.txt"))  # as its event would (it comes too)
+            now += 0.1
+            intake.rescan_if_due(now, HOUR)
+        assert set(early) <= set(taken), f"never taken: {sorted(set(early) - set(taken))}"
+        # The stream ends: the drops forgotten meanwhile are found by a scan at once, not
+        # by the periodic one an hour away.
+        for _ in range(len(early) + 30 - len(taken)):
+            taken.append(claims.get_nowait().original_name)
+            now += 0.1
+            intake.rescan_if_due(now, HOUR)
+    finally:
+        intake.stop()
+    assert not os.listdir(spool.inbox)
+    assert sorted(taken) == sorted(early + [f"late-{n:02}.txt" for n in range(30)])

@@ -79,15 +79,15 @@ def test_a_file_whose_times_are_both_ahead_is_still_once_two_scans_see_it_unchan
     ahead = Times(NOW + HOUR, NOW + HOUR)
     assert not still.is_still("ahead.txt", ahead, NOW, BEGAN, 1.0)
     assert not still.is_still("written.txt", ahead, NOW, BEGAN, 1.0)
-    still.scan_ended(whole=True)
+    still.scan_ended()
     assert not still.is_still("ahead.txt", ahead, NOW, BEGAN + 0.5, 1.0), "too soon"
     assert not still.is_still("written.txt", replace(ahead, st_size=20), NOW, BEGAN + 0.5, 1.0)
-    still.scan_ended(whole=True)
+    still.scan_ended()
     assert still.is_still("ahead.txt", ahead, NOW + 1, BEGAN + 1, 1.0)
     # written again between the scans: a quiet_s from the scan that saw it last changed
     assert not still.is_still("written.txt", replace(ahead, st_size=20, st_ino=8), NOW + 1,
                               BEGAN + 1, 1.0)
-    still.scan_ended(whole=True)
+    still.scan_ended()
     assert still.is_still("written.txt", replace(ahead, st_size=20, st_ino=8), NOW + 2,
                           BEGAN + 2, 1.0)
 
@@ -97,13 +97,13 @@ def test_the_files_remembered_between_scans_are_bounded_and_forgotten_once_gone(
     ahead = Times(NOW + HOUR, NOW + HOUR)
     for n in range(10):
         assert not still.is_still(f"f{n}.txt", ahead, NOW, BEGAN, 1.0)
-    still.scan_ended(whole=True)
+    still.scan_ended()
     assert still.remembered() == 3
     assert [n for n in range(10)
             if still.is_still(f"f{n}.txt", ahead, NOW, BEGAN + 1, 1.0)] == [0, 1, 2]
-    still.scan_ended(whole=True)
+    still.scan_ended()
     assert still.remembered() == 3  # the next three; the first three were taken
-    still.scan_ended(whole=True)  # a scan that did not see them: they are gone
+    still.scan_ended()  # a scan that did not see them: they are gone
     assert still.remembered() == 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import queue
 import stat
@@ -72,9 +73,10 @@ SCAN_STEP = 500
 # the supervisor 54 MiB, bounded only by the disk's inodes. 16 ticks of reading at most
 # (CLAIMS_PER_TICK): the supervisor never waits for claims while files wait in the inbox.
 MAX_CLAIMS_WAITING = 256
-# Names of finished files (their event came) left in the inbox past MAX_CLAIMS_WAITING,
-# remembered in the order they came, to be claimed as room comes. More are forgotten, and
-# a scan finds them once these are claimed.
+# Names of finished files left in the inbox past MAX_CLAIMS_WAITING, remembered in the
+# order they came, to be claimed as room comes. Past it, new names are forgotten until
+# these are claimed, and a scan finds them then; a scan that finds more than it may hold
+# waits where it is for room, and goes on from there.
 MAX_HELD_NAMES = 1024
 # A JSON job of an earlier life that this one's limits refuse is read again to find its
 # `output` (was it done before the crash?), this much of it at most.
@@ -96,7 +98,9 @@ class _Scan:
     retried_soon: bool
     looked: int = 0
     deferred: int = 0  # files too fresh to take
-    cut_short: bool = False  # ended before its last name (too many left in the inbox)
+    # Still, but not taken: no room to hold its name. The scan goes on from it, so that
+    # every file is found within one pass of the folder, whatever its order.
+    pending: str | None = None
 
 
 def parse(claimed: Claimed, data: bytes, limits: Limits) -> Job:
@@ -177,7 +181,11 @@ class InboxIntake:
         # first as room comes, in the order they came, and new ones wait behind them.
         self._held: deque[str] = deque()
         self._held_names: set[str] = set()
-        self._held_over = False  # names were forgotten: a scan finds them
+        # No room to hold another name: new ones are forgotten until those held are taken.
+        # Held behind a list that stayed full as it drained, a steady stream of drops kept
+        # the forgotten waiting for as long as it lasted.
+        self._held_over = False
+        self._forgotten = False  # a name came and was forgotten since the scan began
         # Entries whose claim failed, said once each (under _lock); those past its bound
         # are counted, and said in one line at the end of a scan.
         self._unclaimable = Unclaimable()
@@ -220,41 +228,51 @@ class InboxIntake:
     @property
     def next_scan(self) -> float:
         """When `rescan_if_due` has work (monotonic): the next scan or its next step, or
-        now, while names left in the inbox can be claimed (none once stopped: they stay)."""
-        if self._accepting and self._held and not self._backlog_full():
+        now, while names left in the inbox can be claimed (none once stopped: they stay);
+        never while a scan waits for room to hold what it finds."""
+        if self._accepting and (self._held or self._held_over) and not self._backlog_full():
             return 0.0
+        if self._held_over:
+            return math.inf  # the claims read by a tick make room, and that tick goes on
         return self._scan_due
 
     def take(self, name: str) -> None:
         """Claim `inbox/name` if it is a job candidate (or, while MAX_CLAIMS_WAITING claims
-        wait to be read, or names are held before it, hold it: see `_hold`)."""
+        wait to be read, or names are held or forgotten before it, hold it: see `_hold`)."""
         if not is_job_candidate(name) or "/" in name:
             return
+        self._take(name, by_scan=False)
+
+    def _take(self, name: str, *, by_scan: bool) -> bool:
+        """Claim or hold `name`; False if there was no room to hold it."""
         with self._lock:
             if not self._accepting:
-                return
-            if self._held or self._backlog_full():
-                self._hold(name)
-                return
+                return True  # it stays in inbox/ for the next start
+            if self._held or self._held_over or self._backlog_full():
+                return self._hold(name, by_scan=by_scan)
             claimed = self._claim(name)
         self._posted(name, claimed)
+        return True
 
     def _backlog_full(self) -> bool:
         return self._claims.qsize() >= MAX_CLAIMS_WAITING
 
-    def _hold(self, name: str) -> None:
-        """Leave `name` in the inbox, to be claimed in its turn (under _lock)."""
+    def _hold(self, name: str, *, by_scan: bool) -> bool:
+        """Leave `name` in the inbox, to be claimed in its turn (under _lock); False if it
+        is forgotten instead (a scan keeps its own, `_Scan.pending`)."""
         if name in self._held_names:
-            return
-        if len(self._held) >= MAX_HELD_NAMES:
+            return True
+        if self._held_over or len(self._held) >= MAX_HELD_NAMES:
             self._held_over = True
-            return
+            self._forgotten = self._forgotten or not by_scan
+            return False
         if not self._held:
             log.info("drops_left_in_inbox", waiting=self._claims.qsize(),
                      message=f"{MAX_CLAIMS_WAITING} claimed drops wait to be read; more "
                      "stay in inbox/ and are claimed in order as room comes")
         self._held.append(name)
         self._held_names.add(name)
+        return True
 
     def _claim(self, name: str) -> Claimed | None:
         """Move `inbox/name` into work/ and post it on `claims` (under _lock, so that the
@@ -351,7 +369,8 @@ class InboxIntake:
 
     def _claim_held(self) -> None:
         """Claim the names held in the inbox, oldest first, as the backlog has room (at
-        most SCAN_STEP a tick); once none are left, ask for a scan if some were forgotten."""
+        most SCAN_STEP a tick); once none are left, names may be held again, and a scan
+        finds those forgotten (the scan under way goes on, or a new one is asked for)."""
         taken: list[tuple[str, Claimed | None]] = []
         with self._lock:
             if not self._accepting:
@@ -362,7 +381,8 @@ class InboxIntake:
                 taken.append((name, self._claim(name)))
             if self._held_over and not self._held and not self._backlog_full():
                 self._held_over = False
-                self.rescan_requested.set()
+                if self._scan is None and self._forgotten:
+                    self.rescan_requested.set()
         for name, claimed in taken:
             self._posted(name, claimed)
 
@@ -374,12 +394,16 @@ class InboxIntake:
         if not self._accepting:
             return
         self._claim_held()
+        if self._held_over:
+            return  # what a scan finds could not be held: it waits for room
         if self._scan is None:
             if now < self._scan_due and not self.rescan_requested.is_set():
                 return
             unseen = self._first or self.rescan_requested.is_set()
             self._first = False
             self.rescan_requested.clear()
+            with self._lock:
+                self._forgotten = False  # this scan finds them
             soon = unseen or self._retry_soon
             self._scan = _Scan(self._spool.inbox_names(), QUIET_S if soon else interval_s,
                                now, retried_soon=unseen)
@@ -388,19 +412,27 @@ class InboxIntake:
             self._scan_due = now  # the rest at the next tick
             return
         self._scan = None
-        self._stillness.scan_ended(whole=not scan.cut_short)
-        if not scan.cut_short:
-            self._forget_gone_failures()
+        self._stillness.scan_ended()
+        self._forget_gone_failures()
         self._retry_soon = scan.retried_soon and scan.deferred > 0
         self._scan_due = now + (QUIET_S if self._retry_soon else interval_s)
+        with self._lock:
+            if self._forgotten:  # names came while it read past where they may be
+                self.rescan_requested.set()
+                self._scan_due = now
         log.debug("inbox_scanned", names=scan.looked, too_fresh=scan.deferred,
-                  cut_short=scan.cut_short, next_in_s=round(self._scan_due - now, 3))
+                  next_in_s=round(self._scan_due - now, 3))
 
     def _scan_step(self, scan: _Scan) -> bool:
         """Look at the next SCAN_STEP names of `scan`, and claim the job files among them
         that have been still for its quiet_s (counting those too fresh to take); False once
         none are left. Every name counts: a million writers' temp files, skipped uncounted,
         were all looked at in one tick (1 s)."""
+        if scan.pending is not None:
+            name, scan.pending = scan.pending, None
+            if not self._take(name, by_scan=True):
+                scan.pending = name
+                return True
         looked = 0
         for name in itertools.islice(scan.names, SCAN_STEP):
             looked += 1
@@ -410,15 +442,14 @@ class InboxIntake:
                 info = os.lstat(self._spool.inbox / name)
             except FileNotFoundError:
                 continue
-            if self._stillness.is_still(name, info, time.time(), scan.began, scan.quiet_s):
-                self.take(name)
-            else:
+            if not self._stillness.is_still(name, info, time.time(), scan.began,
+                                            scan.quiet_s):
                 scan.deferred += 1
+            elif not self._take(name, by_scan=True):
+                scan.pending = name  # the scan waits here for room (rescan_if_due)
+                break
         scan.looked += looked
-        # Names past what the inbox may hold in mind: the rest waits for the scan asked for
-        # once those are claimed (_claim_held).
-        scan.cut_short = self._held_over
-        if looked < SCAN_STEP or scan.cut_short:
+        if looked < SCAN_STEP and scan.pending is None:
             scan.names.close()  # its directory's descriptor
             return False
         return True

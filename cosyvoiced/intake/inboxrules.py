@@ -85,15 +85,10 @@ class Stillness:
             self._seeing[name] = (mark, first_seen)
         return False
 
-    def scan_ended(self, *, whole: bool) -> None:
-        """A scan is over: what it saw is what the next compares with. One cut short (not
-        `whole`) did not look at every name, so what earlier scans saw is kept too."""
-        if whole:
-            self._seen = self._seeing
-        else:
-            kept = dict(list(self._seen.items())[:max(0, self.max_remembered
-                                                      - len(self._seeing))])
-            self._seen = kept | self._seeing
+    def scan_ended(self) -> None:
+        """A scan is over (it looked at every name): what it saw is what the next compares
+        with."""
+        self._seen = self._seeing
         self._seeing = {}
 
     def remembered(self) -> int:
