@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from cosyvoiced import logs, memory, placement, policy
 from cosyvoiced.config import Config, EngineConfig
@@ -148,12 +149,12 @@ class Starts:
                           "engine settings that loaded")
         return self.loaded_engine, self.stale(slots)
 
-    def failing_note(self, slots: list[Slot]) -> str:
-        """The slots that keep failing to start, for STATUS=."""
+    def failing(self, slots: list[Slot]) -> list[dict[str, Any]]:
+        """The slots that keep failing to start (`stats`, STATUS=)."""
         limit = self._config().worker.max_start_failures
-        return "".join(f"; slot {slot.placement.slot} {slot.placement.device} failing to "
-                       f"start ({slot.start_failures} tries): {slot.load_error}"
-                       for slot in slots if slot.failing(limit))
+        return [{"slot": slot.placement.slot, "device": slot.placement.device,
+                 "tries": slot.start_failures, "error": slot.load_error}
+                for slot in slots if slot.failing(limit)]
 
 
 class WorkerPool:

@@ -66,6 +66,7 @@ def stats(supervisor: Snapshot, uptime_s: float,
         "spare": None if pool.spare is None else pool.spare.describe(),
         "recycles": dict(pool.recycles),
         "recycle_thrash": pool.thrashing,
+        "failing_slots": pool.starts.failing(pool.slots),
         "cache": supervisor.cache,
         "cluster": supervisor.cluster,
     }
@@ -123,6 +124,9 @@ def status_line(supervisor: Snapshot) -> str:
             f"{reason} {n}" for reason, n in sorted(pool.recycles.items()))
     if pool.thrashing:
         line += "; recycling for memory after every job: raise the limit"
+    line += "".join(f"; slot {slot['slot']} {slot['device']} failing to start "
+                    f"({slot['tries']} tries): {slot['error']}"
+                    for slot in pool.starts.failing(pool.slots))
     line += supervisor.service_status
     if supervisor.reload_error:
         line += f"; config reload failed, running the old one: {supervisor.reload_error}"

@@ -292,6 +292,5 @@ class Supervisor:
             self.cache.figures(), *self.service.service_report(time.monotonic()))
 
     def status_line(self) -> str:
-        return report.status_line(self._snapshot()) + self.pool.starts.failing_note(
-            self.pool.slots)
+        return report.status_line(self._snapshot())
 

@@ -4,12 +4,15 @@ that dies just after its READY backs off and counts as a failed start."""
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from tests.conftest import DaemonFactory
-from tests.daemon import wait_until
+from tests.daemon import Daemon, wait_until
 from tests.test_pool_failures_engines import OUT_OF_MEMORY
 
 ENGINES = "tests.test_pool_failures_engines"
@@ -21,10 +24,18 @@ def seconds_between(events: list[dict[str, Any]]) -> list[float]:
     return [later - earlier for earlier, later in itertools.pairwise(at)]
 
 
+def _stats(daemon: Daemon) -> dict[str, Any]:
+    asked = subprocess.run([sys.executable, "-m", "cosyvoiced.ctl", "--config",
+                            str(daemon.config_path), "stats"],
+                           capture_output=True, timeout=60, check=True)
+    return cast("dict[str, Any]", json.loads(asked.stdout))
+
+
 def test_a_slot_that_cannot_load_backs_off_while_the_other_serves(
         make_daemon: DaemonFactory) -> None:
     """cuda:1 cannot load the engine (on CPU: a double that fails where it sees GPU 1).
-    It fails past worker.max_start_failures, backing off, said in the log and STATUS=,
+    It fails past worker.max_start_failures, backing off, said in the log, STATUS= and
+    `stats`,
     while cuda:0 serves; the daemon lives (it exited 3 after 3 failures in all)."""
     daemon = make_daemon(engine={"name": f"{ENGINES}:gpu1_broken"},
                          worker=QUICK | {"devices": ["cuda:0", "cuda:1"],
@@ -44,6 +55,10 @@ def test_a_slot_that_cannot_load_backs_off_while_the_other_serves(
     assert OUT_OF_MEMORY in failing["reason"]
     wait_until(lambda: any("slot 1 cuda:1 failing to start" in s and OUT_OF_MEMORY in s
                            for s in notify.statuses()), 5, "STATUS= naming slot 1")
+    (shown,) = _stats(daemon)["failing_slots"]  # `stats` did not say it
+    assert (shown["slot"], shown["device"]) == (1, "cuda:1")
+    assert shown["tries"] >= 2
+    assert OUT_OF_MEMORY in shown["error"]
     gaps = seconds_between(lost)
     assert gaps[1] > gaps[0]  # backing off
     daemon.drop("served.txt", "Slot zero serves this.")

@@ -70,8 +70,8 @@ def test_a_slot_backs_off_on_its_own_and_the_daemon_gives_up_when_every_slot_fai
     assert retries == [1.0, 2.0, 4.0, 8.0]
     assert failing.failing(2)
     assert not serving.failing(2)
-    assert "slot 1 cuda:1 failing to start (4 tries): out of memory" in \
-        starts.failing_note(slots)
+    assert starts.failing(slots) == [{"slot": 1, "device": "cuda:1", "tries": 4,
+                                      "error": "out of memory"}]
     serving.worker, serving.start_failures = None, 1  # slot 0's worker died too
     starts.engines[6] = running.engine
     assert starts.failed(serving, slots, cast("WorkerHandle", FakeWorker(6)), 100.0,
