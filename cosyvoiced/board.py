@@ -205,6 +205,11 @@ def reload(who: str) -> None:
 
 
 def cancel(daemon: Daemon, job_id: str, identity: Identity) -> bool:
+    """Cancel a job `identity` may cancel; False if there is none such. Only a cancel done
+    is logged here: the console counts those of no job (any id can be sent, as fast as the
+    client's rate lets it) in one throttled line."""
     done = daemon.cancel(job_id, identity)
-    log.info("console_action", action="cancel", job=job_id, key=identity.name, accepted=done)
+    if done:
+        log.info("console_action", action="cancel", job=job_id, key=identity.name,
+                 accepted=True)
     return done

@@ -6,7 +6,10 @@ every action is a question put to the supervisor's tick (`ask`), answered by `bo
 against the service. The page itself (cosyvoiced/console/) is plain HTML, CSS and JS
 modules, with relative URLs, so it works offline and behind a reverse proxy's sub-path.
 Keys are the API's: with http.api_keys_file set, the stream and the actions need one
-(`board.rights` says which).
+(`board.rights` says which). An action is held to its client's rate limit (a key's
+rate_limit, else http.rate_limit; without keys a host's), counted apart from its speech so
+that a client over its speech rate may still cancel; an action refused or not found is
+logged as a count, at most once per limits.THROTTLE_INTERVAL_S.
 
 An event stream holds its connection for as long as the page is open, so a client (a key;
 without keys, a host) may hold at most MAX_STREAMS_PER_CLIENT of them, and at the
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from importlib import resources
@@ -26,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
-from cosyvoiced import board, logs
+from cosyvoiced import board, clients, logs
 from cosyvoiced.clients import Identity
 from cosyvoiced.config import HttpConfig
 from cosyvoiced.intake import limits
@@ -51,6 +55,8 @@ SETTLE_S = 0.15  # after a wake, so a burst of log lines is one update
 MAX_STREAMS_PER_CLIENT = 4
 TOO_MANY_STREAMS = "too_many_streams"
 STREAMS_RETRY_AFTER_S = 2  # a stream closed by its page is seen gone within REFRESH_S
+RATE_LIMITED = "rate_limit_exceeded"  # the API's code for it (http.py)
+FORGET_IDLE_S = 60.0  # a full bucket is forgotten this often: bounded by active clients
 # The page loads nothing from elsewhere; audio is played from blobs it makes.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; "
@@ -105,6 +111,9 @@ class Console:
         self._boards = _Boards(host)
         self._streams: Counter[str] = Counter()  # open event streams by client (loop thread)
         self._streams_refused: limits.Throttled | None = None  # made on the loop's thread
+        self._action_rates = clients.RateLimiter()  # by client (loop thread)
+        self._next_forget = 0.0
+        self._actions_refused: limits.Throttled | None = None  # made on the loop's thread
 
     def add_routes(self, app: web.Application) -> None:
         app.add_routes([
@@ -153,14 +162,19 @@ class Console:
                                   "act": rights.act})
 
     # -- the stream -------------------------------------------------------------------------
-    def _stream_client(self, request: web.Request, identity: Identity) -> str:
-        """Whose streams count together: a key's, from wherever it is used; without keys,
-        a host's (the operator's identity is every loopback peer's)."""
+    def _client(self, request: web.Request, identity: Identity) -> str:
+        """Whose streams and actions count together: a key's, from wherever it is used;
+        without keys, a host's (the operator's identity is every loopback peer's)."""
         return identity.client if self._keys_on() else f"peer:{request.remote or ''}"
+
+    @staticmethod
+    def _shown(client: str, identity: Identity) -> str:
+        """A client as a log line names it: a host, or a key's name (never the key)."""
+        return client if client.startswith("peer:") else identity.name
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         identity, rights = self._who(request)
-        client = self._stream_client(request, identity)
+        client = self._client(request, identity)
         if self._streams[client] >= MAX_STREAMS_PER_CLIENT:
             return self._too_many_streams(client, identity)
         self._streams[client] += 1
@@ -178,8 +192,7 @@ class Console:
             self._streams_refused = limits.Throttled(
                 asyncio.get_running_loop(), "console_streams_refused",
                 max_streams_per_client=MAX_STREAMS_PER_CLIENT)
-        self._streams_refused.count(client=client if client.startswith("peer:")
-                                    else identity.name)  # a key's name, never the key
+        self._streams_refused.count(client=self._shown(client, identity))
         refusal = _refused(429, TOO_MANY_STREAMS, f"this client has {MAX_STREAMS_PER_CLIENT} "
                            "console event streams open, the most one client may hold at "
                            "once; close a console page, or retry later")
@@ -239,10 +252,16 @@ class Console:
             tuple[Identity, dict[str, Any]] | web.Response:
         """The asker and the request's JSON body, or the refusal. `on_daemon`: an action on
         the daemon itself (recycle, reload), which needs the right to act; a cancel is
-        checked against the job's owner instead."""
+        checked against the job's owner instead. Every action counts against the client's
+        rate, refused ones too: each costs this loop and, but for a 403, the tick."""
         identity, rights = self._who(request)
+        client = self._client(request, identity)
+        over = self._over_rate(client, identity)
+        if over is not None:
+            self._refuse_action(request, client, identity, RATE_LIMITED)
+            return over
         if on_daemon and not rights.act:
-            log.info("console_action_refused", path=request.path, key=identity.name)
+            self._refuse_action(request, client, identity, "forbidden")
             return _refused(403, "forbidden", "this key may not act on the daemon: it needs "
                             "[http.keys.NAME] admin = true")
         # The intake's reader: a slow or endless body is cut off (408), a large one 413.
@@ -256,6 +275,37 @@ class Console:
         if not isinstance(body, dict):
             return _refused(400, "bad_json", "body: expected a JSON object")
         return identity, body
+
+    def _over_rate(self, client: str, identity: Identity) -> web.Response | None:
+        """429 rate_limit_exceeded, with Retry-After, for a client over its requests per
+        minute (a key's rate_limit, else http.rate_limit); None: the action is counted."""
+        settings = self._settings()
+        key = None if identity.anonymous else settings.keys.get(identity.name)
+        per_minute = key.rate_limit if key is not None and key.rate_limit is not None \
+            else settings.rate_limit
+        if not per_minute:
+            return None
+        now = time.monotonic()
+        if now >= self._next_forget:
+            self._action_rates.forget_idle(now)
+            self._next_forget = now + FORGET_IDLE_S
+        wait_s = self._action_rates.take(client, clients.RateLimit(per_minute), 0, now)
+        if wait_s <= 0:
+            return None
+        retry = clients.retry_after_s(wait_s)
+        refusal = _refused(429, RATE_LIMITED, f"this client is over its rate limit for "
+                           f"console actions ({per_minute:g} per minute): retry in {retry} s")
+        refusal.headers["Retry-After"] = str(retry)
+        return refusal
+
+    def _refuse_action(self, request: web.Request, client: str, identity: Identity,
+                       code: str) -> None:
+        """A refused or missed action, counted: one line per interval however many come."""
+        if self._actions_refused is None:
+            self._actions_refused = limits.Throttled(asyncio.get_running_loop(),
+                                                     "console_actions_refused")
+        self._actions_refused.count(path=request.path, code=code,
+                                    client=self._shown(client, identity))
 
     async def _recycle(self, request: web.Request) -> web.StreamResponse:
         acting = await self._acting(request)
@@ -287,6 +337,8 @@ class Console:
         if not isinstance(job_id, str) or not job_id:
             return _refused(400, "invalid_field", "job: expected a job id")
         if not await self._host.ask(lambda daemon: board.cancel(daemon, job_id, identity)):
+            self._refuse_action(request, self._client(request, identity), identity,
+                                "not_found")
             return _refused(404, "not_found", f"job: no job {job_id!r} in progress that this "
                             "key may cancel")
         return web.json_response({"cancelled": job_id})
