@@ -517,14 +517,19 @@ class _Socket:
     async def _play(self, stream: _Stream, job: tuple[str, Exchange]) -> None:
         job_id, exchange = job
         piece = max(1, int(self._fmt.sample_rate * SEND_PIECE_S))
+        made = 0  # samples: a job that made none has no frame for the encoder to hold
         while True:
             event = await exchange.next()
             if isinstance(event, Chunk):
+                made += len(event.samples)
                 for start in range(0, len(event.samples), piece):
                     data = await self._encoded(stream, event.samples[start:start + piece])
                     await self._send_audio(stream, data)
             elif isinstance(event, Done):
-                if self._fmt.codec == "pcm":  # no byte of it is held back: all sent
+                # PCM holds no byte back, and a job that made nothing (a "[pause:0]") has
+                # none held: sent whole now. Held in `unsent` it stayed in flight for its
+                # client until later audio came, and 16 of them made the client `busy`.
+                if self._fmt.codec == "pcm" or not made:
                     self._host.finished(job_id)
                 else:
                     stream.unsent.append(job_id)

@@ -1,0 +1,90 @@
+"""What one ElevenLabs context costs its client and the other contexts: jobs that made no
+audio, rate limits, a context closed to barge in. With the `websockets` library (under the
+ElevenLabs SDK and the agents' plugins) on the tone engine (tests/engines/faulty.py: 50 ms
+of tone a character, SLOW@ makes a sentence take its time)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from cosyvoiced import config
+from tests.daemon import Daemon, free_port
+
+KEY = "sk-contexts-0123456789"
+MAX_PENDING = 4  # http.max_pending_per_client: a few jobs held in flight show at once
+TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("elevenlabs-contexts")
+    keys = root / "api_keys"
+    keys.write_text(f"plain {KEY}\n")
+    running = Daemon(root / "d", engine={"name": "tests.engines.faulty:load"},
+                     http={"listen": f"127.0.0.1:{free_port()}", "api_keys_file": str(keys),
+                           "max_pending_per_client": MAX_PENDING})
+    running.start()
+    yield running
+    running.stop()
+
+
+def _listen(daemon: Daemon) -> str:
+    return config.load(daemon.config_path).http.listen
+
+
+def _connect(daemon: Daemon, path: str, query: str, key: str = KEY) -> connect:
+    return connect(f"ws://{_listen(daemon)}/v1/text-to-speech/tone/{path}?{query}",
+                   additional_headers={"xi-api-key": key}, proxy=None)
+
+
+async def _send(ws: ClientConnection, *messages: dict[str, Any]) -> None:
+    for message in messages:
+        await ws.send(json.dumps(message))
+
+
+async def _heard(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Every reply until the daemon closes the socket."""
+    async with asyncio.timeout(TIMEOUT_S):
+        return [json.loads(reply) async for reply in ws]
+
+
+def _audio(replies: list[dict[str, Any]]) -> bytes:
+    return b"".join(base64.b64decode(r["audio"]) for r in replies if r.get("audio"))
+
+
+async def _http_speech(daemon: Daemon, key: str = KEY) -> int:
+    async with aiohttp.ClientSession() as session:
+        reply = await session.post(f"http://{_listen(daemon)}/v1/audio/speech",
+                                   headers={"Authorization": f"Bearer {key}"},
+                                   json={"model": "tts-1", "voice": "tone",
+                                         "input": "Hello there.", "response_format": "pcm"})
+        await reply.read()
+        return reply.status
+
+
+def test_mp3_sentences_that_make_no_audio_are_not_held_in_flight(daemon: Daemon) -> None:
+    """An MP3 job is sent whole once the frames its encoder holds go out; one that made no
+    audio ("[pause:0]") has none, yet it waited for later audio in flight for its client:
+    16 of them made the client `busy` everywhere (HTTP 429, "16 requests of this client are
+    in flight"), and its next sentence closed the socket 1008, with nothing being made."""
+    silent = {"text": "[pause:0]", "flush": True}
+
+    async def speak() -> tuple[list[dict[str, Any]], int]:
+        async with _connect(daemon, "stream-input", "output_format=mp3_22050_32") as ws:
+            await _send(ws, {"text": " "}, *[silent] * (MAX_PENDING + 2))
+            status = await _http_speech(daemon)  # while the socket is open
+            await _send(ws, {"text": "The kettle is on.", "flush": True}, {"text": ""})
+            return await _heard(ws), status
+
+    replies, status = asyncio.run(speak())
+    assert status == 200
+    assert [r for r in replies if not r.get("audio")] == [{"isFinal": True}]
+    assert _audio(replies)
