@@ -19,6 +19,8 @@ from cosyvoiced import config
 from tests.daemon import Daemon, free_port
 
 KEY = "sk-contexts-0123456789"
+METERED = "sk-metered-0123456789"  # the key `metered`: CHARS_PER_MINUTE
+CHARS_PER_MINUTE = 40
 MAX_PENDING = 4  # http.max_pending_per_client: a few jobs held in flight show at once
 TIMEOUT_S = 30.0
 
@@ -27,10 +29,11 @@ TIMEOUT_S = 30.0
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     root = tmp_path_factory.mktemp("elevenlabs-contexts")
     keys = root / "api_keys"
-    keys.write_text(f"plain {KEY}\n")
+    keys.write_text(f"plain {KEY}\nmetered {METERED}\n")
     running = Daemon(root / "d", engine={"name": "tests.engines.faulty:load"},
                      http={"listen": f"127.0.0.1:{free_port()}", "api_keys_file": str(keys),
-                           "max_pending_per_client": MAX_PENDING})
+                           "max_pending_per_client": MAX_PENDING},
+                     http__keys__metered={"chars_per_minute": CHARS_PER_MINUTE})
     running.start()
     yield running
     running.stop()
@@ -88,3 +91,29 @@ def test_mp3_sentences_that_make_no_audio_are_not_held_in_flight(daemon: Daemon)
     assert status == 200
     assert [r for r in replies if not r.get("audio")] == [{"isFinal": True}]
     assert _audio(replies)
+
+
+def test_a_sentence_over_the_rate_limit_fails_its_own_context_alone(daemon: Daemon) -> None:
+    """A sentence the key's rate limit refused, submitted as its message was read, closed
+    the whole socket (1008, no contextId) and cancelled the other contexts' sentences in
+    flight; it fails its own context now, after what was sent before it."""
+    alpha = "Alpha is here SLOW@1 now."  # in flight when bravo comes
+    bravo = "Bravo is here, and it is long."  # over what is left of CHARS_PER_MINUTE
+    assert len(alpha) <= CHARS_PER_MINUTE < len(alpha) + len(bravo)
+
+    async def speak() -> list[dict[str, Any]]:
+        async with _connect(daemon, "multi-stream-input", "output_format=pcm_16000",
+                            key=METERED) as ws:
+            await _send(ws, {"context_id": "a", "text": " "},
+                        {"context_id": "a", "text": alpha, "flush": True},
+                        {"context_id": "b", "text": " "},
+                        {"context_id": "b", "text": bravo, "flush": True},
+                        {"close_socket": True})
+            return await _heard(ws)  # raises on a close other than 1000
+
+    replies = asyncio.run(speak())
+    said = [{k: v for k, v in r.items() if k != "message"} for r in replies
+            if not r.get("audio")]
+    assert said == [{"error": "rate_limit_exceeded", "code": 1008, "contextId": "b"},
+                    {"isFinal": True, "contextId": "a"}]
+    assert len(_audio(replies)) // 2 >= int(len("Alpha is here now.") * 0.05 * 16000)

@@ -313,6 +313,9 @@ class _Stream:
     # stream's last bytes; a hang-up before that leaves their replies undelivered.
     unsent: list[str] = field(default_factory=list)
     ended: bool = False  # no more text will come (closing text, close_context)
+    # A sentence of it the rate limit refused: the stream fails with it once the sentences
+    # before it are sent, and only this stream (the socket's others go on).
+    refused: ProtocolError | None = None
     ignored: bool = False  # text came after that, and was logged (once a context)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -466,12 +469,20 @@ class _Socket:
         made but not yet sent whole (`unsent`) are still in flight for their client, and
         take the place of one: at most LOOKAHEAD_JOBS are counted against its
         max_pending_per_client (and a job that made no audio never holds the next back)."""
-        while stream.waiting and len(stream.jobs) + min(len(stream.unsent), 1) < LOOKAHEAD_JOBS:
+        while stream.waiting and stream.refused is None and \
+                len(stream.jobs) + min(len(stream.unsent), 1) < LOOKAHEAD_JOBS:
             text = stream.waiting.popleft()
             if not cleanup.says_something(text):
                 self._unsaid.add(len(text))  # an emoji, a code fence: no error either
                 continue
-            stream.jobs.append(self._submit(stream, text))
+            try:
+                stream.jobs.append(self._submit(stream, text))
+            except ProtocolError as refused:
+                # Raised here, it reached run() whenever the reader submitted, and closed
+                # the socket with every context's jobs; the stream's task fails it alone.
+                stream.refused = refused
+        if stream.refused is not None:
+            stream.waiting.clear()  # never spoken: the stream fails before them
         stream.wake.set()
 
     def _submit(self, stream: _Stream, text: str) -> tuple[str, Exchange]:
@@ -494,6 +505,8 @@ class _Socket:
                     await self._play(stream, stream.jobs[0])
                     stream.jobs.popleft()
                     self._top_up(stream)
+                elif stream.refused is not None:
+                    raise stream.refused
                 elif stream.ended:
                     await self._send_last_bytes(stream)
                     await self._send(stream, {"isFinal": True})
