@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -38,6 +38,16 @@ RETRY_S = 0.5  # between tries while Redis is down
 # A command Redis refuses (out of memory: maxmemory with noeviction frees some as entries
 # are deleted) is tried this many times, RETRY_S apart, then dropped with a log line.
 REFUSED_TRIES = 3
+# ... except one that settles a job taken here (its outcome): dropped, the job was taken
+# over by another host and made again, and each takeover counted as a crash, until the
+# poison rule failed a job no host or worker had dropped. It is kept aside instead, its job
+# still heartbeated, and tried again at growing intervals up to this, without holding the
+# commands behind it; the log says so once a REFUSED_LOG_S.
+KEPT_RETRY_MAX_S = 5.0
+REFUSED_LOG_S = 60.0
+# Settles kept aside at most (each may hold a reply's audio): past it, the oldest goes, and
+# its job is left to be taken over.
+MAX_KEPT = 256
 BLOCK_MS = 500  # a blocking read's longest wait: how soon a stop is noticed
 SOCKET_TIMEOUT_S = 5.0  # > BLOCK_MS: a Redis that stops answering is noticed
 # A command that sends more than this (a shared job's prompt, up to 64 MiB) may take a
@@ -63,6 +73,30 @@ log = logs.get_logger("cosyvoiced.cluster")
 Command = Callable[[redis.Redis], None]
 
 
+@dataclass(frozen=True)
+class _Queued:
+    """A command for the writer. `share_of`: a job whose share goes back to the tick while
+    Redis is down; `settles`: the job taken here that it settles (kept if refused)."""
+
+    command: Command
+    share_of: str | None = None
+    settles: wire.SharedJob | None = None
+
+
+@dataclass
+class _Kept:
+    """A settling command Redis refused, to try again at `next_at` (monotonic)."""
+
+    queued: _Queued
+    since: float
+    tries: int = 1
+    next_at: float = 0.0
+
+    def refused_again(self, now: float) -> None:
+        self.tries += 1
+        self.next_at = now + min(KEPT_RETRY_MAX_S, RETRY_S * 2 ** (self.tries - 1))
+
+
 def safe_url(url: str) -> str:
     """The Redis URL without its password, for logs and status: redis-py takes one in the
     user part and as a `password` query parameter."""
@@ -86,7 +120,7 @@ class _Commands:
     settings: ClusterConfig
     host: str
     keys: wire.Keys
-    _commands: queue.Queue[tuple[Command, str | None]]
+    _commands: queue.Queue[_Queued]
     _shared: dict[str, tuple[str, str]]  # writer only: job id -> stream, entry
 
     def _release(self, shared: wire.SharedJob) -> None:
@@ -116,7 +150,7 @@ class _Commands:
             entry: Any = pipe.execute()[1]
             self._shared[job.id] = (stream, entry.decode())
 
-        self._queue(self._sized(len(prompt or b""), command), on_down=job.id)
+        self._queue(self._sized(len(prompt or b""), command), share_of=job.id)
 
     def withdraw(self, job_id: str) -> None:
         """A received job ended here (cancelled, or served here while Redis was down):
@@ -154,7 +188,7 @@ class _Commands:
             pipe.xdel(shared.stream, shared.entry)
             pipe.execute()
 
-        self._queue(self._settling(shared, command))
+        self._queue(self._settling(shared, command), settles=shared)
 
     def settle(self, shared: wire.SharedJob) -> None:
         """A job of this host's own, served here, has its outcome written."""
@@ -168,7 +202,7 @@ class _Commands:
             pipe.execute()
             self._shared.pop(shared.job.id, None)
 
-        self._queue(self._settling(shared, command))
+        self._queue(self._settling(shared, command), settles=shared)
 
     def count_start(self, shared: wire.SharedJob) -> None:
         """A job taken here has started: its delivery now counts (see `_uncounted`)."""
@@ -190,20 +224,17 @@ class _Commands:
             pipe.xdel(shared.stream, shared.entry)
             pipe.execute()
 
-        self._queue(self._sized(len(shared.prompt or b""), self._settling(shared, command)))
+        self._queue(self._sized(len(shared.prompt or b""), self._settling(shared, command)),
+                    settles=shared)
 
     def _settling(self, shared: wire.SharedJob, command: Command) -> Command:
         """`command`, which settles a job taken here: its heartbeat goes on until the
         command has run (stopped when it was queued, a job whose outcome took longer than
         claim_idle_s to send, a long reply's parts over a slow link, was taken over by
-        another host and made again), or Redis refused it for good (see _write)."""
+        another host and made again; stopped when Redis refused it, the same while Redis
+        was out of memory). A refused one is kept and tried again (see _write)."""
         def settling(client: redis.Redis) -> None:
-            try:
-                command(client)
-            except redis.RedisError as error:
-                if _refused(error):
-                    self._release(shared)
-                raise
+            command(client)
             self._release(shared)
 
         return settling
@@ -253,8 +284,9 @@ class _Commands:
 
         return sized
 
-    def _queue(self, command: Command, on_down: str | None = None) -> None:
-        self._commands.put((command, on_down))
+    def _queue(self, command: Command, share_of: str | None = None,
+               settles: wire.SharedJob | None = None) -> None:
+        self._commands.put(_Queued(command, share_of, settles))
 
     def _add_event(self, pipe: Any, host: str, event: wire.Event) -> Any:
         stream = self.keys.events(host)
@@ -276,7 +308,9 @@ class ClusterLink(_Commands):
         self.inbound: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.event_bytes = Tally()  # the audio of events in `inbound` (`taken` takes it off)
         self._wake = wake
-        self._commands: queue.Queue[tuple[Command, str | None]] = queue.Queue()
+        self._commands: queue.Queue[_Queued] = queue.Queue()
+        self._kept: list[_Kept] = []  # writer only: refused settles, tried again
+        self._kept_logged = -REFUSED_LOG_S
         self._password = read_password(settings.password_file) if settings.password_file \
             else None
         self._stop = threading.Event()
@@ -320,9 +354,10 @@ class ClusterLink(_Commands):
 
     def stop(self, timeout_s: float = 3.0) -> None:
         """Stop after the commands already queued (outcomes) have gone, or the timeout."""
-        self._commands.put((lambda _redis: None, None))
+        self._commands.put(_Queued(lambda _redis: None))
         deadline = time.monotonic() + timeout_s
-        while not self._commands.empty() and self.up and time.monotonic() < deadline:
+        while (not self._commands.empty() or self._kept) and self.up and \
+                time.monotonic() < deadline:
             time.sleep(0.02)
         self._stop.set()
         with self._capacity:
@@ -348,36 +383,90 @@ class ClusterLink(_Commands):
     # -- the writer ------------------------------------------------------------------------
     def _write(self) -> None:
         client = self.client()
-        pending: tuple[Command, str | None] | None = None
+        pending: _Queued | None = None
         refusals = 0  # of the pending command
         while not self._stop.is_set():
+            try:
+                self._retry_kept(client)
+            except redis.RedisError as error:  # (a refusal is handled there): Redis down
+                self._down(error)
+                self._stop.wait(RETRY_S)
+                continue
             if pending is None:
                 try:
-                    pending = self._commands.get(timeout=0.5)
+                    pending = self._commands.get(timeout=self._kept_wait_s())
                 except queue.Empty:
                     continue
-            command, share_of = pending
-            if share_of is not None and not self.up:
-                self._hand_back(share_of)
+            if pending.share_of is not None and not self.up:
+                self._hand_back(pending.share_of)
                 pending = None
                 continue
             try:
-                command(client)
+                pending.command(client)
             except redis.RedisError as error:
                 if not _refused(error):
                     self._down(error)
-                    if share_of is not None:
-                        self._hand_back(share_of)
+                    if pending.share_of is not None:
+                        self._hand_back(pending.share_of)
                         pending = None
                     self._stop.wait(RETRY_S)
+                    continue
+                if pending.settles is not None:
+                    self._keep(pending, error)
+                    pending = None
                     continue
                 refusals += 1
                 if refusals < REFUSED_TRIES:
                     self._stop.wait(RETRY_S)
                     continue
-                self._drop_refused(share_of, error)
+                self._drop_refused(pending.share_of, error)
             pending, refusals = None, 0
             self._mark_up()
+
+    def _keep(self, queued: _Queued, error: redis.RedisError) -> None:
+        """A settling command Redis refused: tried again later, its job heartbeated."""
+        now = time.monotonic()
+        self._kept.append(_Kept(queued, since=now, next_at=now + RETRY_S))
+        if len(self._kept) > MAX_KEPT:
+            oldest = self._kept.pop(0)
+            assert oldest.queued.settles is not None
+            self._release(oldest.queued.settles)
+            log.error("cluster_command_refused", job=oldest.queued.settles.job.id,
+                      message=f"dropped: over {MAX_KEPT} outcomes refused by Redis wait")
+        self._log_kept(error)
+
+    def _retry_kept(self, client: redis.Redis) -> None:
+        """The kept settles whose time has come, oldest first."""
+        now = time.monotonic()
+        for kept in [kept for kept in self._kept if kept.next_at <= now]:
+            try:
+                kept.queued.command(client)
+            except redis.RedisError as error:
+                if not _refused(error):
+                    raise
+                kept.refused_again(time.monotonic())
+                self._log_kept(error)
+                continue
+            self._kept.remove(kept)
+            assert kept.queued.settles is not None
+            log.info("cluster_command_sent", job=kept.queued.settles.job.id, tries=kept.tries,
+                     waited_s=round(time.monotonic() - kept.since, 1))
+            self._mark_up()
+
+    def _kept_wait_s(self) -> float:
+        """How long the writer may wait for a new command: until a kept one is due."""
+        if not self._kept:
+            return 0.5
+        return max(0.01, min(0.5, min(k.next_at for k in self._kept) - time.monotonic()))
+
+    def _log_kept(self, error: redis.RedisError) -> None:
+        now = time.monotonic()
+        if now - self._kept_logged < REFUSED_LOG_S:
+            return
+        self._kept_logged = now
+        log.error("cluster_command_refused", error=f"{type(error).__name__}: {error}"[:300],
+                  kept=len(self._kept), message="outcomes kept here and tried again until "
+                  "Redis takes them; their jobs stay this host's")
 
     def _drop_refused(self, share_of: str | None, error: redis.RedisError) -> None:
         """Redis answers, and refuses the command each time: it goes (tried for good, it
