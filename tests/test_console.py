@@ -457,6 +457,14 @@ async function attack(daemon) {
     socket.onerror = () => resolve("refused");
   });
 }
+// A GET of a frame or an image names no Origin: only Sec-Fetch-Site tells it is this page's.
+function frame(url, count) {
+  for (let n = 0; n < count; n++) {
+    const tag = document.createElement(n % 2 ? "img" : "iframe");
+    tag.src = url;
+    document.body.append(tag);
+  }
+}
 </script>"""
 
 
@@ -502,6 +510,29 @@ def test_without_keys_a_page_of_another_site_cannot_act(
     _live(own)
     assert own.evaluate("""fetch("console/reload", {method: "POST", body: "{}"})
                            .then(response => response.status)""") == 200
+
+
+def test_without_keys_frames_of_another_site_cannot_hold_the_console_s_streams(
+        make_daemon: DaemonFactory, browser: Browser, attacker_site: str) -> None:
+    """A browser sends no Origin on a frame's or an image's GET: four of another site's
+    iframes of console/events took all 4 of the loopback host's streams (200), and the
+    operator's own page was refused 429 too_many_streams for 20 s and more."""
+    daemon = _daemon(make_daemon)
+    attacker = browser.new_page()
+    attacker.goto(attacker_site)
+    attacker.evaluate("url => frame(url, 8)", f"http://{_listen(daemon)}/console/events")
+
+    def seen() -> list[dict[str, Any]]:  # refused as another site's, or (before) 5 to 8 of 8
+        return [e for e in daemon.log_events("http_requests_refused")
+                if e.get("path") == "/console/events"] + \
+            daemon.log_events("console_streams_refused")
+
+    wait_until(seen, 10, "the frames' requests to be answered")
+    own = _open(browser, daemon)
+    _live(own)
+    assert not daemon.log_events("console_streams_refused")
+    assert [e["code"] for e in seen()] == ["cross_origin"]
+    attacker.close()
 
 
 def _status_of(url: str, headers: dict[str, str]) -> tuple[int, str]:

@@ -56,3 +56,27 @@ def test_a_proxied_request_needs_keys_or_allow_insecure() -> None:
         assert _code(headers) == PROXIED_WITHOUT_KEYS
         assert _code(headers, allow_insecure=True) is None
         assert _code(headers, keys_on=True) is None
+
+
+FRAME = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
+IMAGE = {"Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+LINK = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site", "Cross-Site"])
+def test_a_frame_or_image_of_another_site_is_refused_though_it_names_no_origin(
+        site: str) -> None:
+    """A browser names no Origin on a frame's or an image's GET, but always its
+    Sec-Fetch-Site; another port of this host is same-site."""
+    for kind in (FRAME, IMAGE, {}):
+        headers = {"Host": "127.0.0.1:8000", "Sec-Fetch-Site": site} | kind
+        assert _code(headers) == CROSS_ORIGIN, kind
+        assert _code(headers, keys_on=True) is None
+
+
+def test_the_console_s_own_page_the_user_and_a_followed_link_are_taken() -> None:
+    host = {"Host": "127.0.0.1:8000"}
+    assert _code(host | {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}) is None
+    assert _code(host | {"Sec-Fetch-Site": "none"} | LINK) is None  # typed, a bookmark
+    assert _code(host | {"Sec-Fetch-Site": "cross-site"} | LINK) is None  # into its own tab
+    assert _code(host) is None  # curl, the SDKs: no browser

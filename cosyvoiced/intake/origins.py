@@ -8,6 +8,12 @@ WebSocket is not held to the same-origin rule at all. So without keys:
 
 - a request that names an `Origin` other than the address it was sent to (the `Host` it
   names) is a page of another site (cross-site request forgery): refused;
+- a browser sends no `Origin` on a GET that an `<iframe>`, an `<img>` or a no-cors `fetch`
+  makes, but it always sends `Sec-Fetch-Site` (clients other than browsers send none): one
+  that says `cross-site` or `same-site` (another port of this host is same-site) is a page
+  of another origin, which could hold the operator's console streams with a few iframes:
+  refused, but for the user's own top-level navigation to a page (a link followed from
+  another site), which opens a tab the user sees;
 - a `Host` that is a name, not an IP address or `localhost`, may be a DNS rebinding (a
   foreign site's name made to point at 127.0.0.1, so that its page is "same-origin"):
   refused unless listed in `http.allowed_hosts`;
@@ -26,6 +32,9 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+# Sec-Fetch-Site's values for a request a page of another origin made (Fetch Metadata);
+# "same-origin" is the console's own page, "none" the user (typed, a bookmark).
+OTHER_ORIGINS = ("cross-site", "same-site")
 CROSS_ORIGIN = "cross_origin"
 HOST_NOT_ALLOWED = "host_not_allowed"
 PROXIED_WITHOUT_KEYS = "proxied_without_keys"
@@ -53,6 +62,12 @@ def refusal(headers: Mapping[str, str], *, keys_on: bool, allow_insecure: bool,
         return Refusal(CROSS_ORIGIN, f"Origin: {origin[:80]!r} is another site than this "
                        "daemon's, and there are no API keys: a web page may not act here "
                        "(set http.api_keys_file to serve pages of other sites)")
+    site = headers.get("Sec-Fetch-Site", "").lower()
+    if site in OTHER_ORIGINS and not _followed_link(headers):
+        return Refusal(CROSS_ORIGIN, f"Sec-Fetch-Site: {site}: a page of another site or "
+                       "port made this request, and there are no API keys: a web page may "
+                       "not use this daemon (set http.api_keys_file to serve pages of other "
+                       "sites)")
     proxied = [name for name in PROXY_HEADERS if name in headers]
     if proxied and not allow_insecure:
         return Refusal(PROXIED_WITHOUT_KEYS, f"{proxied[0]}: this request came through a "
@@ -60,6 +75,14 @@ def refusal(headers: Mapping[str, str], *, keys_on: bool, allow_insecure: bool,
                        "keys: set http.api_keys_file (or, on a trusted network, "
                        "http.allow_insecure = true)")
     return None
+
+
+def _followed_link(headers: Mapping[str, str]) -> bool:
+    """A top-level navigation (a link the user followed, into a tab of its own), not a
+    frame, an image or a script's request. A page may navigate its own tab too, but what
+    it opens it can neither read nor hide, and a POST of a form names its Origin."""
+    return headers.get("Sec-Fetch-Mode", "").lower() == "navigate" and \
+        headers.get("Sec-Fetch-Dest", "").lower() == "document"
 
 
 def _hostname(host: str) -> str:
