@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -325,6 +326,8 @@ class ClusterLink(_Commands):
         self._replay = threading.Event()  # the event reader starts again from the first
         self.up = False
         self.error = ""  # why Redis is down (no credentials in it)
+        self.refused, self.refused_at = "", 0.0  # what a reader was refused last, and when
+        self._refusal_logged: dict[str, float] = {}  # refusal -> when it was logged
         self.events_read = 0
 
     # -- lifetime ----------------------------------------------------------------------
@@ -490,20 +493,30 @@ class ClusterLink(_Commands):
                     self._mark_up()
                 now = time.monotonic()
                 if now >= next_heartbeat:
-                    self._heartbeat(client)
                     next_heartbeat = now + self.settings.claim_idle_s / 3
+                    self._unless_refused(partial(self._heartbeat, client), None)
                 wanted, room = self._wait_for_capacity()
                 if not wanted:
                     self._post_taken(client, self._take_untaken(client) if room else [])
                     continue
                 taken = []
                 if now >= next_claim:
-                    taken = self._take_over(client, wanted)
                     next_claim = now + self.settings.claim_idle_s / 4
+                    taken = self._unless_refused(partial(self._take_over, client, wanted), [])
                 self._post_taken(client, taken or self._take(client, wanted))
             except redis.RedisError as error:
-                self._down(error)
+                self._failed(error)
                 self._stop.wait(RETRY_S)
+
+    def _unless_refused(self, step: Callable[[], Any], otherwise: Any) -> Any:
+        """`step`, or `otherwise` if Redis refuses it (not in the login's ACL): a step
+        refused each time must not keep the reader from the steps after it."""
+        try:
+            return step()
+        except redis.ResponseError as error:
+            if not self._failed(error):
+                raise
+            return otherwise
 
     def _post_taken(self, client: redis.Redis, taken: list[wire.SharedJob]) -> None:
         taken = self._still_shared(client, taken)
@@ -660,8 +673,8 @@ class ClusterLink(_Commands):
             try:
                 answer: Any = client.xread({stream: last}, count=EVENT_BATCH, block=BLOCK_MS)
             except redis.RedisError as error:
-                self._down(error)
-                last = "0-0"  # a Redis that lost its data numbers entries anew
+                if not self._failed(error):
+                    last = "0-0"  # a Redis that lost its data numbers entries anew
                 self._stop.wait(RETRY_S)
                 continue
             for _stream, entries in answer or []:
@@ -709,6 +722,32 @@ class ClusterLink(_Commands):
         if not self.up:
             self.up, self.error = True, ""
             self._wake()
+
+    def _failed(self, error: redis.RedisError) -> bool:
+        """A reader's command failed: Redis is down, or it answered and refused (True). A
+        refusal (NOPERM: a command taken out of the login's ACL) left the link going down
+        and up twice a second, and STATUS= said Redis was unreachable while it answered."""
+        if not _refused(error):
+            self._down(error)
+            return False
+        now = time.monotonic()
+        text = f"{type(error).__name__}: {error}"[:300]
+        self.refused, self.refused_at = text, now
+        with self._lock:
+            if now - self._refusal_logged.get(text, -REFUSED_LOG_S) < REFUSED_LOG_S:
+                return True
+            if len(self._refusal_logged) >= 64:  # the texts are Redis's: bounded
+                self._refusal_logged.clear()
+            self._refusal_logged[text] = now
+        log.error("cluster_command_refused", error=text, thread=threading.current_thread().name,
+                  message="Redis answers but refuses a command this host needs; check the "
+                  "login's ACL against the README's (logged once a minute)")
+        return True
+
+    def refusal(self, now: float) -> str | None:
+        """What Redis refused in the last REFUSED_LOG_S, if anything (`now`: monotonic)."""
+        return self.refused if self.refused and now - self.refused_at < REFUSED_LOG_S \
+            else None
 
     def _down(self, error: redis.RedisError) -> None:
         self.error = f"{type(error).__name__}: {error}"

@@ -521,8 +521,9 @@ class Sharing:
     def figures(self) -> dict[str, Any] | None:
         if self.link is None:
             return None
+        error = self.link.error if not self.link.up else self.link.refusal(self.clock())
         return {"name": self.name, "redis": self.link.url, "connected": self.link.up,
-                "error": self.link.error or None, "shared": self._shared_count(),
+                "error": error or None, "shared": self._shared_count(),
                 "serving_for_others": len(self.sinks), "taken_over": self.taken_over}
 
     def status(self) -> str:
@@ -530,8 +531,10 @@ class Sharing:
             return ""
         if not self.link.up:
             return f"; cluster: Redis unreachable, serving here ({self.link.error})"
+        refused = self.link.refusal(self.clock())
         return (f"; cluster {self.name}: {self._shared_count()} shared, "
-                f"{len(self.sinks)} for others")
+                f"{len(self.sinks)} for others" + (f"; Redis refuses: {refused}" if refused
+                                                   else ""))
 
 
 def _refusal(job: Job, limits: Limits) -> JobError | None:

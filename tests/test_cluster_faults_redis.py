@@ -8,21 +8,26 @@ Host "a" never finishes loading its engine, so the jobs it receives are served b
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
+from cosyvoiced.client import Client
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
-from tests.redisserver import RedisServer, redis_server_fixture  # noqa: F401
+from tests.redisserver import RedisServer, needs_redis, redis_server_fixture  # noqa: F401
 from tests.test_cluster import assert_exact_audio, host, start
+from tests.test_cluster_acl import readme_acl
 
 BULK = "cosyvoiced:jobs:bulk"
 CLAIM_IDLE_S = 2.0  # the least the config takes: a job left this long is taken over
 
 
-def pair(make_daemon: DaemonFactory, server: RedisServer) -> tuple[Daemon, Daemon]:
+def pair(make_daemon: DaemonFactory, server: RedisServer,
+         **login: Any) -> tuple[Daemon, Daemon]:
     """(a, b): a receives only; b serves."""
-    receiver = start(host(make_daemon, server, "a", serves=False, claim_idle_s=CLAIM_IDLE_S),
-                     serves=False)
-    server_b = start(host(make_daemon, server, "b", claim_idle_s=CLAIM_IDLE_S))
+    receiver = start(host(make_daemon, server, "a", serves=False, claim_idle_s=CLAIM_IDLE_S,
+                          **login), serves=False)
+    server_b = start(host(make_daemon, server, "b", claim_idle_s=CLAIM_IDLE_S, **login))
     return receiver, server_b
 
 
@@ -68,3 +73,37 @@ def test_an_outcome_redis_refuses_while_full_is_kept_and_sent_once_it_has_room(
     assert server_b.log_events("cluster_command_sent")
     assert admin.xlen(BULK) == 0
 
+
+@needs_redis
+def test_a_command_taken_out_of_the_acl_is_said_and_the_link_stays_up(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """`ACL SETUSER cosyvoiced -xautoclaim` on the README's ACL: the job reader took the
+    refusal for Redis down, the writer for Redis up: 40 cluster_down and 39 cluster_up
+    lines in 20 s, and 34 of 71 STATUS= lines said "Redis unreachable, serving here" while
+    it answered. Now the refusal is said (once a minute, in STATUS= and stats too), the
+    link stays up, and jobs are still shared."""
+    user = readme_acl("cosyvoiced", "acl-test-password")
+    password_file = tmp_path / "redis.password"
+    password_file.write_text(user.password + "\n")
+    with RedisServer(tmp_path / "redis", users=[user]) as server:
+        receiver, server_b = pair(make_daemon, server, redis=server.url_for(user),
+                                  password_file=str(password_file))
+        server.client().execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", "cosyvoiced", "-xautoclaim")
+        wait_until(lambda: server_b.log_events("cluster_command_refused") or
+                   server_b.log_events("cluster_down"), 30, "b to try a takeover")
+        text = "Shared with one command refused."
+        receiver.drop("job.txt", text)
+        assert receiver.wait_done("job.txt", 30)["served_by"] == "b"
+        assert_exact_audio(receiver.outbox / "job.wav", text)
+        for daemon in (receiver, server_b):
+            assert not daemon.log_events("cluster_down"), "the link went down"
+        (refused,) = server_b.log_events("cluster_command_refused")  # once: not every try
+        assert "xautoclaim" in refused["error"]
+        assert server_b.notify is not None
+        assert not any("unreachable" in line for line in server_b.notify.statuses())
+        assert "Redis refuses: NoPermissionError" in server_b.notify.statuses()[-1]
+        with Client(server_b.endpoint, timeout_s=10) as client:
+            cluster = client.stats()["cluster"]
+        assert cluster["connected"]
+        assert "xautoclaim" in cluster["error"]
