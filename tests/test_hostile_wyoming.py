@@ -185,6 +185,46 @@ def test_a_client_that_leaves_before_its_audio_begins_has_its_job_cancelled(
     assert ended["outcome"] == "cancelled", ended
 
 
+@pytest.mark.parametrize(("sentences", "stop"), [
+    (2, True),  # all in hand: it waited on its speaker after synthesize-stop
+    (4, False),  # over its lookahead (2): it waited for room for the third
+], ids=["after-stop", "waiting-for-room"])
+def test_a_stream_whose_client_leaves_before_its_audio_begins_has_its_jobs_cancelled(
+        daemon: Daemon, sentences: int, stop: bool) -> None:
+    """Home Assistant hangs up a stream when its pipeline is interrupted. Nothing read the
+    connection while a stream waited on its jobs: they stayed queued until the worker was
+    free (3.71 s later), the first was then run for nobody (done, reply undelivered) and
+    only then were the others cancelled. Now the hang-up is seen while they wait."""
+    queued = len(_wyoming_jobs(daemon))
+
+    async def leave_early() -> tuple[str, list[str]]:
+        async with AsyncTcpClient(*_address(daemon)) as holder:  # holds the one worker
+            await holder.write_event(Synthesize(text="SLOW@4 Holding the worker.").event())
+            (holding,) = wait_until(lambda: _wyoming_jobs(daemon)[queued:], WAIT_S,
+                                    "the holder's job")
+            async with AsyncTcpClient(*_address(daemon)) as leaver:
+                await leaver.write_event(SynthesizeStart().event())
+                for n in range(1, sentences + 1):
+                    await leaver.write_event(SynthesizeChunk(f"Sentence {n} is here. ").event())
+                if stop:
+                    await leaver.write_event(SynthesizeStop().event())
+                leaving = wait_until(lambda: _wyoming_jobs(daemon)[queued + 1:][:2]
+                                     if len(_wyoming_jobs(daemon)) >= queued + 3 else None,
+                                     WAIT_S, "the stream's jobs")
+            mine = set(leaving)
+            wait_until(lambda: len([e for e in daemon.log_events("job")
+                                    if e["job"] in mine | {holding}]) == 3, WAIT_S,
+                       "all three jobs to end")
+            return holding, leaving
+
+    holding, leaving = asyncio.run(leave_early())
+    assert len(_wyoming_jobs(daemon)) == queued + 3, "no job queued after the hang-up"
+    ends = [e for e in daemon.log_events("job") if e["job"] in (holding, *leaving)]
+    assert [e["job"] for e in ends][-1] == holding, \
+        f"the stream's jobs were let go only once the worker was free: {ends}"
+    assert [e["outcome"] for e in ends if e["job"] != holding] == ["cancelled"] * 2, ends
+
+
 def _wyoming_jobs(daemon: Daemon) -> list[str]:
     return [e["job"] for e in daemon.log_events("job_queued") if e["source"] == "wyoming"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 import subprocess
@@ -292,3 +293,45 @@ def test_a_reply_is_sent_whole_only_once_its_audio_stop_is_written() -> None:
     # Not released as sent: given up with the connection (the supervisor counts it
     # undelivered, as it ended done).
     assert (intake.sent_whole, intake.given_up) == ([], ["job"])
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 20, 47, 83, 100])  # of 124
+def test_an_event_read_ahead_in_part_is_read_whole(ahead: int) -> None:
+    """A connection waiting on its jobs reads ahead (to see a hang-up): an event whose bytes
+    were read ahead in part, to any byte, is the same event, and the next follows it."""
+    text = SynthesizeChunk("Sent ahead of its turn.").event()
+    wire = b"".join(_wire(event) for event in (text, Describe().event()))
+
+    async def read_both() -> list[Event | None]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(wire[:ahead])
+        read = wyoming.ReadAhead(reader)
+        while len(read) < ahead:
+            assert await asyncio.wait_for(read.read_more(ahead), 5)
+        reader.feed_data(wire[ahead:])
+        reader.feed_eof()
+        return [await wyoming.read_event(read, 5, 5) for _ in range(3)]
+
+    first, second, end = asyncio.run(read_both())
+    assert first is not None
+    assert second is not None
+    assert (first.type, first.data, second.type, end) == (text.type, text.data, "describe",
+                                                          None)
+
+
+def test_a_header_line_read_ahead_in_part_keeps_its_limit() -> None:
+    async def read_long_line() -> None:
+        reader = asyncio.StreamReader(limit=wyoming.MAX_LINE_BYTES)
+        read = wyoming.ReadAhead(reader)
+        reader.feed_data(b'{"type": "ping", "data": {"text": "' + b"x" * 40_000)
+        assert await read.read_more(wyoming.MAX_READ_AHEAD_BYTES)
+        reader.feed_data(b"y" * 40_000 + b'"}}\n')
+        await wyoming.read_event(read, 5, 5)
+
+    with pytest.raises(wyoming.BadEvent, match="event header: over"):
+        asyncio.run(read_long_line())
+
+
+def _wire(event: Event) -> bytes:
+    data = json.dumps(event.data).encode()
+    return json.dumps({"type": event.type, "data_length": len(data)}).encode() + b"\n" + data

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -66,6 +66,9 @@ SAMPLES_PER_CHUNK = 1024  # as wyoming-piper: small events keep a satellite's bu
 MAX_LINE_BYTES = 64 << 10  # an event's JSON header line
 MAX_DATA_BYTES = 64 << 10  # its data block
 MAX_PAYLOAD_BYTES = 1 << 20  # its binary payload (a TTS request has none)
+# Read ahead while a connection waits on its jobs, to see a hang-up behind the events the
+# client sent before it (an LLM's stream runs ahead of our speech); then no more is read.
+MAX_READ_AHEAD_BYTES = 64 << 10
 # A streamed text with no sentence end for this long is spoken up to its last space.
 MAX_SEGMENT_CHARS = 1000
 VOICE_KEYS = ("name", "language", "speaker")
@@ -91,17 +94,64 @@ class IdleTimeout(Exception):
     """No event began within wyoming.idle_timeout_s."""
 
 
-async def read_event(reader: asyncio.StreamReader, idle_timeout_s: float | None = None,
-                     read_timeout_s: float | None = None, first: bytes = b"") -> Event | None:
+class Readable(Protocol):
+    """What `read_event` reads: an `asyncio.StreamReader`, or a `ReadAhead`."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+    async def readline(self) -> bytes: ...
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class ReadAhead:
+    """A connection's bytes, those read ahead of time (`read_more`) first."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._ahead = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._ahead)
+
+    async def read_more(self, limit: int) -> bool:
+        """Read ahead what has come, up to `limit` bytes held; False at the end of the
+        stream (a reset raises)."""
+        data = await self._reader.read(limit - len(self._ahead))
+        self._ahead += data
+        return bool(data)
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._ahead:
+            return await self._reader.read(n)
+        return self._take(len(self._ahead) if n < 0 else n)
+
+    async def readline(self) -> bytes:
+        end = self._ahead.find(b"\n")
+        if end >= 0:
+            return self._take(end + 1)
+        return self._take(len(self._ahead)) + await self._reader.readline()
+
+    async def readexactly(self, n: int) -> bytes:
+        held = self._take(n)
+        return held + await self._reader.readexactly(n - len(held)) if len(held) < n else held
+
+    def _take(self, n: int) -> bytes:
+        taken = bytes(self._ahead[:n])
+        del self._ahead[:n]
+        return taken
+
+
+async def read_event(reader: Readable, idle_timeout_s: float | None = None,
+                     read_timeout_s: float | None = None) -> Event | None:
     """The next event, or None at the end of the stream. Unlike the library's
     `async_read_event`, a malformed or oversized event raises `BadEvent`, as does one that
     is not whole within `read_timeout_s` of its first byte; `IdleTimeout` if no event
-    begins within `idle_timeout_s`. `first`: its first byte, if read already."""
-    if not first:
-        try:
-            first = await asyncio.wait_for(reader.read(1), idle_timeout_s)
-        except TimeoutError:
-            raise IdleTimeout(f"no event for {idle_timeout_s:g} s") from None
+    begins within `idle_timeout_s`."""
+    try:
+        first = await asyncio.wait_for(reader.read(1), idle_timeout_s)
+    except TimeoutError:
+        raise IdleTimeout(f"no event for {idle_timeout_s:g} s") from None
     if not first:
         return None
     try:
@@ -112,11 +162,13 @@ async def read_event(reader: asyncio.StreamReader, idle_timeout_s: float | None 
                        "s) of its first byte") from None
 
 
-async def _read_rest(reader: asyncio.StreamReader, first: bytes) -> Event | None:
+async def _read_rest(reader: Readable, first: bytes) -> Event | None:
     try:
         line = first + await reader.readline()
     except ValueError as error:  # asyncio's LimitOverrunError comes out as ValueError
         raise BadEvent(f"event header: over {MAX_LINE_BYTES} bytes") from error
+    if len(line) > MAX_LINE_BYTES:  # part of it read ahead, the rest within the limit
+        raise BadEvent(f"event header: over {MAX_LINE_BYTES} bytes")
     try:
         header = json_value(line)
     except NotJSON as error:
@@ -242,7 +294,8 @@ class _Connection(AsyncEventHandler):
         self._task: asyncio.Task[Any] | None = None  # the one running `run`
         self._waiting = False  # for the next event, with no job in hand
         self._heard_at = time.monotonic()  # when it began to wait for it
-        self._early = b""  # the next event's first byte, read while a reply was spoken
+        # What is read (some of it ahead, while the connection waited on its jobs).
+        self._input = ReadAhead(reader)
 
     async def run(self) -> None:
         """Read events until the client leaves; our bounded reader, not the library's."""
@@ -265,10 +318,9 @@ class _Connection(AsyncEventHandler):
             settings = self._intake.settings()
             self._waiting = not self._jobs
             self._heard_at = time.monotonic()
-            first, self._early = self._early, b""
             try:
-                event = await read_event(self.reader, settings.idle_timeout_s,
-                                         settings.read_timeout_s, first)
+                event = await read_event(self._input, settings.idle_timeout_s,
+                                         settings.read_timeout_s)
             except IdleTimeout as idle:
                 log.info("wyoming_idle_closed", reason=str(idle))
                 return
@@ -398,7 +450,8 @@ class _Connection(AsyncEventHandler):
             await self._queue(text, stream.voice)
         self._parts.put_nowait(None)
         if self._speaker is not None:
-            await self._speaker
+            await self._watching(self._speaker)
+            self._speaker.result()  # raises what ended it
         self._stream = self._speaker = self._room = None
         await self.write_event(SynthesizeStopped().event())
         return True
@@ -410,9 +463,11 @@ class _Connection(AsyncEventHandler):
         assert self._room is not None
         assert self._speaker is not None
         room = asyncio.ensure_future(self._room.acquire())
-        await asyncio.wait({room, self._speaker}, return_when=asyncio.FIRST_COMPLETED)
-        if not room.done():
-            room.cancel()
+        try:
+            await self._watching(room, self._speaker)
+        finally:
+            room.cancel()  # a no-op once acquired
+        if not room.done() or room.cancelled():
             self._speaker.result()  # raises what ended it
             raise ConnectionAbortedError("the stream ended before its synthesize-stop")
         self._parts.put_nowait(self._submit(text, voice))
@@ -437,22 +492,38 @@ class _Connection(AsyncEventHandler):
             room.release()
 
     async def _speak_watching(self, part: tuple[str, Exchange]) -> None:
-        """`_speak`, watching for the client to leave meanwhile: nothing else reads it, and
-        one that hung up before its audio began had its job queued and run for nobody. A
-        byte that comes instead (its next event's) is kept for `_serve`."""
+        """`_speak`, watching for the client to leave meanwhile (`_watching`)."""
         speaking = asyncio.ensure_future(self._speak(part))
-        watching = asyncio.ensure_future(self.reader.read(1))
         try:
-            await asyncio.wait({speaking, watching}, return_when=asyncio.FIRST_COMPLETED)
-            if watching.done():
-                self._early = watching.result()  # a reset raises: gone as well
-                if not self._early:
-                    raise ConnectionResetError("the client left before its reply was sent")
+            await self._watching(speaking)
             await speaking
         finally:
-            for task in (speaking, watching):
-                task.cancel()
-            await asyncio.gather(speaking, watching, return_exceptions=True)
+            speaking.cancel()
+            await asyncio.gather(speaking, return_exceptions=True)
+
+    async def _watching(self, *awaited: asyncio.Future[Any]) -> None:
+        """Wait for one of `awaited` to be done, reading the connection meanwhile: nothing
+        else reads it while we wait on a job (to start, or for a stream's lookahead to have
+        room), and a client that hung up then had its jobs queued and run for nobody. A
+        hang-up raises ConnectionResetError. What comes before it (the events a stream sent
+        ahead) is kept for `_serve`, up to MAX_READ_AHEAD_BYTES: past that the rest of the
+        wait goes unwatched, and TCP holds the client back."""
+        watching = asyncio.ensure_future(self._read_ahead())
+        try:
+            await asyncio.wait({*awaited, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if watching.done():
+                watching.result()  # a hang-up raises
+                await asyncio.wait(awaited, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+
+    async def _read_ahead(self) -> None:
+        """Read ahead until MAX_READ_AHEAD_BYTES are held; ConnectionResetError at the end
+        of the stream (a reset raises one of its own)."""
+        while len(self._input) < MAX_READ_AHEAD_BYTES:
+            if not await self._input.read_more(MAX_READ_AHEAD_BYTES):
+                raise ConnectionResetError("the client left before its replies were sent")
 
     async def _speak(self, part: tuple[str, Exchange]) -> None:
         """One job's events as Wyoming events. If writing fails (the client left), the job
