@@ -9,13 +9,15 @@ import asyncio
 import base64
 import json
 from collections.abc import Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from cosyvoiced import config
+from cosyvoiced.intake import elevenlabs
 from tests.daemon import Daemon, free_port
 
 KEY = "sk-contexts-0123456789"
@@ -117,3 +119,19 @@ def test_a_sentence_over_the_rate_limit_fails_its_own_context_alone(daemon: Daem
     assert said == [{"error": "rate_limit_exceeded", "code": 1008, "contextId": "b"},
                     {"isFinal": True, "contextId": "a"}]
     assert len(_audio(replies)) // 2 >= int(len("Alpha is here now.") * 0.05 * 16000)
+
+
+def test_a_context_that_fails_as_the_socket_closes_ends_its_task_quietly() -> None:
+    """A stream's task whose error could not be sent (the socket closing meanwhile) raised
+    SocketClosed out of its `except ProtocolError` handler; the stream was forgotten, so
+    nothing awaited that task ("Task exception was never retrieved")."""
+    request = cast(Any, SimpleNamespace(protocol=None))
+    closed = cast(Any, SimpleNamespace(closed=True))
+    socket = elevenlabs._Socket(cast(Any, None), cast(Any, None), closed, request,
+                                fmt=elevenlabs.output_format("pcm_16000"), voice="tone",
+                                multi=True, auto_mode=False)
+    stream = elevenlabs._Stream("a")
+    stream.refused = elevenlabs.ProtocolError("rate_limit_exceeded", "over the limit")
+    socket._streams["a"] = stream
+    asyncio.run(socket._speak(stream))  # raised SocketClosed
+    assert "a" not in socket._streams

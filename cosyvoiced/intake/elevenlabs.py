@@ -500,32 +500,43 @@ class _Socket:
     # -- sending (one task per stream) --------------------------------------------------------
     async def _speak(self, stream: _Stream) -> None:
         try:
-            while True:
-                if stream.jobs:
-                    await self._play(stream, stream.jobs[0])
-                    stream.jobs.popleft()
-                    self._top_up(stream)
-                elif stream.refused is not None:
-                    raise stream.refused
-                elif stream.ended:
-                    await self._send_last_bytes(stream)
-                    await self._send(stream, {"isFinal": True})
-                    break
-                else:
-                    stream.wake.clear()
-                    await stream.wake.wait()
+            await self._speak_all(stream)
         except ProtocolError as refused:  # this stream's job failed: the others go on
-            if stream.unsent:  # the sentences before it were made: all of their audio first
-                with contextlib.suppress(ProtocolError):
-                    await self._send_last_bytes(stream)
-            await self._send(stream, {"message": refused.message, "error": refused.code,
-                                      "code": POLICY})
-            if not self._multi:
-                await self._close(POLICY, refused.message)
+            # The socket may be closing meanwhile: a SocketClosed raised here escaped the
+            # task, which, forgotten below, nothing awaited ("Task exception was never
+            # retrieved").
+            with contextlib.suppress(SocketClosed, ConnectionError):
+                await self._fail(stream, refused)
         except (SocketClosed, ConnectionError):
             pass
         finally:
             self._forget(stream)
+
+    async def _speak_all(self, stream: _Stream) -> None:
+        """The stream's sentences in order, then its final; ProtocolError: it failed."""
+        while True:
+            if stream.jobs:
+                await self._play(stream, stream.jobs[0])
+                stream.jobs.popleft()
+                self._top_up(stream)
+            elif stream.refused is not None:
+                raise stream.refused
+            elif stream.ended:
+                await self._send_last_bytes(stream)
+                await self._send(stream, {"isFinal": True})
+                return
+            else:
+                stream.wake.clear()
+                await stream.wake.wait()
+
+    async def _fail(self, stream: _Stream, refused: ProtocolError) -> None:
+        if stream.unsent:  # the sentences before it were made: all of their audio first
+            with contextlib.suppress(ProtocolError):
+                await self._send_last_bytes(stream)
+        await self._send(stream, {"message": refused.message, "error": refused.code,
+                                  "code": POLICY})
+        if not self._multi:
+            await self._close(POLICY, refused.message)
 
     async def _play(self, stream: _Stream, job: tuple[str, Exchange]) -> None:
         job_id, exchange = job
