@@ -15,6 +15,9 @@ An event stream holds its connection for as long as the page is open, so a clien
 without keys, a host) may hold at most MAX_STREAMS_PER_CLIENT of them, and at the
 listener's cap each may be given up like an idle connection (limits.py, crowding.py): it
 holds nothing its client would lose, as the page opens another and is sent the whole board.
+When the listener stops, its event streams are ended first, each with a clean end of its
+body (`end_streams`): aiohttp would wait for them for its whole shutdown timeout, then cut
+them.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ MAX_ACTION_BYTES = 4096
 KEEPALIVE_S = 15.0  # a comment line, so proxies do not close a quiet stream
 REFRESH_S = 1.0  # the board is looked at this often at least (progress moves)
 SETTLE_S = 0.15  # after a wake, so a burst of log lines is one update
+END_STREAMS_S = 0.5  # at shutdown, for the streams to write their last bytes
 # A page follows the board on one stream. A few let one person keep the console open in a
 # few tabs, or reload a page before its old stream is seen closed (within REFRESH_S); more
 # only hold connections: one host's at the cap are given up to other hosts, but a client
@@ -114,6 +118,8 @@ class Console:
         self._action_rates = clients.RateLimiter()  # by client (loop thread)
         self._next_forget = 0.0
         self._actions_refused: limits.Throttled | None = None  # made on the loop's thread
+        self._following: set[asyncio.Task[None]] = set()  # each stream's loop (loop thread)
+        self._ending = False  # the listener stops: no stream goes on or begins
 
     def add_routes(self, app: web.Application) -> None:
         app.add_routes([
@@ -129,6 +135,17 @@ class Console:
             web.post("/console/cancel", self._cancel,
                      expect_handler=self._host.expect_continue),
         ])
+        app.on_shutdown.append(self.end_streams)
+
+    async def end_streams(self, _app: web.Application) -> None:
+        """Each event stream ends, its body closed as a finished one (the page reconnects
+        to whatever serves next). A stream may be waiting on the tick, which is stopping
+        this listener and answers nothing more: its loop is cancelled, not its handler."""
+        self._ending = True
+        for following in self._following:
+            following.cancel()
+        if self._following:
+            await asyncio.wait(self._following, timeout=END_STREAMS_S)
 
     # -- who is asking ----------------------------------------------------------------------
     def _keys_on(self) -> bool:
@@ -175,6 +192,8 @@ class Console:
     async def _events(self, request: web.Request) -> web.StreamResponse:
         identity, rights = self._who(request)
         client = self._client(request, identity)
+        if self._ending:  # a keep-alive connection's last request
+            return _refused(503, "stopping", "the daemon is stopping")
         if self._streams[client] >= MAX_STREAMS_PER_CLIENT:
             return self._too_many_streams(client, identity)
         self._streams[client] += 1
@@ -213,11 +232,21 @@ class Console:
 
         if rights.logs:
             RING.listen(wake)
+        following = asyncio.create_task(self._stream(request, response, identity, rights,
+                                                     woken))
+        self._following.add(following)
         try:
-            await self._stream(request, response, identity, rights, woken)
+            await following
         except (ConnectionResetError, TimeoutError):
             pass  # the page went away, or stopped reading: its stream ends here
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the handler's own (its client hung up): the loop goes with it
+            # end_streams': the handler returns, and aiohttp ends the body cleanly
         finally:
+            following.cancel()
+            self._following.discard(following)
             RING.unlisten(wake)
         return response
 
