@@ -159,8 +159,14 @@ class _Commands:
         marker = self.keys.marker(self.host, job_id)
 
         def command(client: redis.Redis) -> None:
-            pipe = client.pipeline()
             where = self._shared.pop(job_id, None)
+            holder = _holder(client, *where) if where is not None else None
+            pipe = client.pipeline()
+            if holder is not None and holder != self.host:
+                # Taken into that host's turns, not started (started, the tick sends its
+                # CANCEL): deleting the entry did not stop it, and it made the whole job
+                # for nobody.
+                self._add_event(pipe, holder, wire.Event(wire.CANCEL, job_id, self.host))
             if where is not None:
                 pipe.xdel(where[0], where[1])
             pipe.delete(marker)
@@ -771,6 +777,12 @@ class ClusterLink(_Commands):
 def _deliveries(client: redis.Redis, stream: str, entry: bytes) -> int:
     pending: Any = client.xpending_range(stream, wire.GROUP, min=entry, max=entry, count=1)
     return int(pending[0]["times_delivered"]) if pending else 1
+
+
+def _holder(client: redis.Redis, stream: str, entry: str) -> str | None:
+    """The host that took `entry` and has not settled it, if any (its consumer name)."""
+    pending: Any = client.xpending_range(stream, wire.GROUP, min=entry, max=entry, count=1)
+    return _text(pending[0]["consumer"]) if pending else None
 
 
 def _drop(client: redis.Redis, stream: str, entry: str) -> None:

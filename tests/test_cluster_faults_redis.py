@@ -107,3 +107,23 @@ def test_a_command_taken_out_of_the_acl_is_said_and_the_link_stays_up(
             cluster = client.stats()["cluster"]
         assert cluster["connected"]
         assert "xautoclaim" in cluster["error"]
+
+
+def test_a_job_cancelled_while_in_another_host_s_turns_is_not_made_there(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """A job b had taken into its turns, not started, was cancelled at a: a only deleted
+    its entry (a CANCEL went only to a host that had said it started), and b made the
+    whole job (2.35 s of audio) for nobody. Now a tells the host holding the entry."""
+    receiver, server_b = pair(make_daemon, redis_server)
+    admin = redis_server.client()
+    receiver.drop("busy.txt", "Keeps b busy SLOW@3 now.")
+    wait_until(lambda: taken_by(redis_server, "b"), 30, "b to take the first job")
+    with Client(receiver.endpoint, timeout_s=10) as client:
+        job = client.submit("Made for nobody SLOW@1 now. And more SLOW@1 now.")
+        wait_until(lambda: admin.xpending(BULK, "hosts")["pending"] == 2, 30,
+                   "b to take the second into its turns")
+        assert client.cancel(job)["event"] == "cancelled"
+    lines = wait_until(lambda: len(server_b.log_events("job")) == 2 and
+                       server_b.log_events("job"), 30, "b to end both jobs")
+    assert {line["job"]: line["outcome"] for line in lines}[f"a-{job}"] == "cancelled"
+    receiver.wait_done("busy.txt", 30)
