@@ -642,9 +642,16 @@ class ClusterLink(_Commands):
         try:
             return wire.read_job(stream, entry, data, deliveries)
         except wire.WireError as error:
+            # Its receiving host (a newer version's, in a rolling upgrade) waited for it
+            # for outcome_ttl_s: its marker goes too, so that host's audit finds the job
+            # lost and serves it itself.
+            owner = wire.owner_of(data)
+            marker = self.keys.marker(*owner) if owner else None
             log.error("shared_job_unreadable", stream=stream, entry=entry, error=str(error),
-                      message="dropped from the stream")
-            self._queue(lambda client: _drop(client, stream, entry))
+                      received_by=owner[0] if owner else None,
+                      message="dropped from the stream" + (
+                          "; its host serves it itself" if owner else ""))
+            self._queue(lambda client: _drop(client, stream, entry, marker))
             return None
 
     def _heartbeat(self, client: redis.Redis) -> None:
@@ -785,10 +792,12 @@ def _holder(client: redis.Redis, stream: str, entry: str) -> str | None:
     return _text(pending[0]["consumer"]) if pending else None
 
 
-def _drop(client: redis.Redis, stream: str, entry: str) -> None:
+def _drop(client: redis.Redis, stream: str, entry: str, marker: str | None = None) -> None:
     pipe = client.pipeline()
     pipe.xack(stream, wire.GROUP, entry)
     pipe.xdel(stream, entry)
+    if marker is not None:
+        pipe.delete(marker)
     pipe.execute()
 
 

@@ -132,6 +132,20 @@ def read_job(stream: str, entry: str, data: Fields, deliveries: int = 1) -> Shar
     return SharedJob(job, host, prompt, stream, entry, deliveries)
 
 
+def owner_of(data: Fields) -> tuple[str, str] | None:
+    """(receiving host, job id) of an entry `read_job` refused, where both are plain: that
+    host waits for the job until its marker goes (outcome_ttl_s, 7 days by default)."""
+    try:
+        host = _plain_name(data[b"host"].decode(), "host")
+        job = json_value(data[b"job"])
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError):
+        return None
+    job_id = job.get("id") if isinstance(job, dict) else None
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        return None
+    return host, job_id
+
+
 def _checked_job(data: Any) -> Job:
     if not isinstance(data, dict):
         raise WireError("job: expected a JSON object")

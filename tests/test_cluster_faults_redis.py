@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cosyvoiced import cluster
+from cosyvoiced import clusterwire as wire
 from cosyvoiced.client import Client
+from cosyvoiced.config import ClusterConfig
+from cosyvoiced.job import Job
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 from tests.redisserver import RedisServer, needs_redis, redis_server_fixture  # noqa: F401
@@ -127,3 +131,31 @@ def test_a_job_cancelled_while_in_another_host_s_turns_is_not_made_there(
                        server_b.log_events("job"), 30, "b to end both jobs")
     assert {line["job"]: line["outcome"] for line in lines}[f"a-{job}"] == "cancelled"
     receiver.wait_done("busy.txt", 30)
+
+
+def test_a_job_entry_no_host_here_can_read_gives_its_job_back_to_its_host(
+        redis_server: RedisServer) -> None:
+    """A job entry with a field this version does not know (a newer host's, in a rolling
+    upgrade) was dropped by the host that took it, and nobody told its receiving host,
+    which waited for it with "1 shared" in STATUS= for the marker's 7 days. Now its marker
+    goes too: the receiving host's audit finds the job lost and serves it itself."""
+    admin = redis_server.client()
+    admin.xgroup_create(BULK, wire.GROUP, id="0", mkstream=True)
+    job = Job("1a0000000000000b1", "inbox", "r1", "From a newer host.", output="n")
+    fields = wire.job_fields(job, "front", None)
+    fields["job"] = fields["job"].replace(b"{", b'{"newer_field": 1, ', 1)
+    marker = "cosyvoiced:job:front:1a0000000000000b1"
+    admin.set(marker, "shared")
+    admin.xadd(BULK, fields)  # type: ignore[arg-type]
+    link = cluster.ClusterLink(ClusterConfig(redis=redis_server.url, name="back"), "back",
+                               lambda: None)
+    assert link.connect()
+    link.start()
+    try:
+        link.want(1)
+        wait_until(lambda: not admin.exists(marker), 10, "the marker to go with the entry")
+        assert admin.xlen(BULK) == 0
+        assert not admin.xpending(BULK, wire.GROUP)["pending"]
+        assert link.inbound.empty()
+    finally:
+        link.stop()
