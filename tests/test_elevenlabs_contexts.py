@@ -23,7 +23,7 @@ from tests.daemon import Daemon, free_port
 KEY = "sk-contexts-0123456789"
 METERED = "sk-metered-0123456789"  # the key `metered`: CHARS_PER_MINUTE
 CHARS_PER_MINUTE = 40
-MAX_PENDING = 4  # http.max_pending_per_client: a few jobs held in flight show at once
+MAX_PENDING = 8  # http.max_pending_per_client: a few jobs held in flight show at once
 TIMEOUT_S = 30.0
 
 
@@ -135,3 +135,52 @@ def test_a_context_that_fails_as_the_socket_closes_ends_its_task_quietly() -> No
     socket._streams["a"] = stream
     asyncio.run(socket._speak(stream))  # raised SocketClosed
     assert "a" not in socket._streams
+
+
+def test_a_closed_context_still_speaking_leaves_its_place_to_a_new_one(daemon: Daemon) -> None:
+    """A barge-in closes the context being spoken (close_context) and opens the next at
+    once. The closed one, still finishing what it was sent, kept one of the 5 places, so
+    quick barge-ins got max_active_conversations and the socket closed 1008; ElevenLabs
+    frees the place at the close."""
+    places = elevenlabs.MAX_CONTEXTS
+
+    async def barge_in() -> list[dict[str, Any]]:
+        async with _connect(daemon, "multi-stream-input", "output_format=pcm_16000") as ws:
+            await _send(ws, {"context_id": "old", "text": "The old reply SLOW@1 goes on.",
+                             "flush": True},
+                        {"context_id": "old", "close_context": True})
+            for n in range(places):  # every place, while "old" still speaks
+                await _send(ws, {"context_id": f"new{n}", "text": f"Reply {n} is here.",
+                                 "flush": True})
+            await _send(ws, {"close_socket": True})
+            return await _heard(ws)  # raises on a close other than 1000
+
+    replies = asyncio.run(barge_in())
+    assert not [r for r in replies if r.get("error")]
+    finals = sorted(r["contextId"] for r in replies if r.get("isFinal"))
+    assert finals == sorted(["old", *(f"new{n}" for n in range(places))])
+
+
+def test_closed_contexts_still_speaking_are_bounded() -> None:
+    """Out of the open contexts' count, those closed and still speaking have a bound of
+    their own: each holds its sentences in flight and an encoder stream."""
+    async def opening(open_streams: int, ending_streams: int) -> str | None:
+        request = cast(Any, SimpleNamespace(protocol=None))
+        socket = elevenlabs._Socket(cast(Any, None), cast(Any, None), cast(Any, None),
+                                    request, fmt=elevenlabs.output_format("pcm_16000"),
+                                    voice="tone", multi=True, auto_mode=False)
+        for n in range(open_streams + ending_streams):
+            socket._streams[f"c{n}"] = elevenlabs._Stream(f"c{n}", ended=n >= open_streams)
+        try:
+            stream = socket._open(elevenlabs.Message(context="new"))
+        except elevenlabs.ProtocolError as refused:
+            return refused.message
+        assert stream.task is not None
+        stream.task.cancel()
+        return None
+
+    most = elevenlabs.MAX_ENDING_CONTEXTS
+    assert asyncio.run(opening(elevenlabs.MAX_CONTEXTS - 1, most - 1)) is None
+    assert "5 contexts are open" in (asyncio.run(opening(elevenlabs.MAX_CONTEXTS, 0)) or "")
+    assert f"{most} closed contexts are still finishing" in \
+        (asyncio.run(opening(0, most)) or "")

@@ -41,7 +41,8 @@ ElevenLabs sends them, then a close): a message is at most MAX_MESSAGE_BYTES; a 
 that sends nothing for `inactivity_timeout` (query; ElevenLabs' default 20 s, at most
 180 s) while it has nothing left to be spoken is closed; text received and not yet
 spoken is at most MAX_BUFFERED_CHARS a socket; at most MAX_CONTEXTS streams are open on one
-socket. Other message fields than those above are let be, as a newer client may send them.
+socket, besides at most MAX_ENDING_CONTEXTS closed ones still finishing what they were
+sent. Other message fields than those above are let be, as a newer client may send them.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ FIRST_MESSAGE_S = 10.0
 MAX_MESSAGE_BYTES = 64 << 10
 MAX_BUFFERED_CHARS = 20_000  # received, not yet spoken, per socket
 MAX_CONTEXTS = 5  # ElevenLabs' limit for one multi-context socket
+# Closed contexts still finishing what they were sent: out of MAX_CONTEXTS, as ElevenLabs
+# frees a context's place at its close_context (a barge-in closes one and opens the next
+# at once), but bounded: each holds its sentences in flight and an encoder stream.
+MAX_ENDING_CONTEXTS = 10
 LOOKAHEAD_JOBS = 2  # sentences of one stream in flight: one is sent while the next is made
 SEND_PIECE_S = 0.25  # audio per message: a long chunk goes out in pieces
 POLICY = int(WSCloseCode.POLICY_VIOLATION)  # 1008, ElevenLabs' code for a refusal
@@ -433,9 +438,14 @@ class _Socket:
         return identity
 
     def _open(self, message: Message) -> _Stream:
-        if len(self._streams) >= MAX_CONTEXTS:
+        ending = sum(stream.ended for stream in self._streams.values())
+        if len(self._streams) - ending >= MAX_CONTEXTS:
             raise ProtocolError("max_active_conversations", f"{MAX_CONTEXTS} contexts are "
                                 "open on this socket; close one (close_context) first")
+        if ending >= MAX_ENDING_CONTEXTS:
+            raise ProtocolError("max_active_conversations", f"{ending} closed contexts are "
+                                "still finishing what they were sent on this socket; wait "
+                                "for an isFinal first")
         stream = _Stream(message.context, speed=message.speed)
         stream.task = asyncio.create_task(self._speak(stream))
         self._streams[message.context] = stream
