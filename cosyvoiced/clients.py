@@ -159,10 +159,12 @@ class RateLimiter:
         bucket.refill(now)
         return bucket
 
-    def take(self, client: str, limit: RateLimit, chars: int, now: float) -> float:
+    def take(self, client: str, limit: RateLimit, chars: int, now: float,
+             requests: int = 1) -> float:
         """0.0 and the request is counted; else the seconds after which it would pass."""
         wanted = [(self._bucket(client, kind, capacity, now), amount)
-                  for kind, capacity, amount in (("requests", limit.requests_per_minute, 1),
+                  for kind, capacity, amount in (("requests", limit.requests_per_minute,
+                                                  requests),
                                                  ("chars", limit.chars_per_minute, chars))
                   if capacity > 0]
         wait = max((bucket.wait_for(amount) for bucket, amount in wanted), default=0.0)

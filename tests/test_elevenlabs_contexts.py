@@ -23,6 +23,8 @@ from tests.daemon import Daemon, free_port
 KEY = "sk-contexts-0123456789"
 METERED = "sk-metered-0123456789"  # the key `metered`: CHARS_PER_MINUTE
 CHARS_PER_MINUTE = 40
+PACED = "sk-paced-0123456789"  # the key `paced`: REQUESTS_PER_MINUTE
+REQUESTS_PER_MINUTE = 3
 MAX_PENDING = 8  # http.max_pending_per_client: a few jobs held in flight show at once
 TIMEOUT_S = 30.0
 
@@ -31,11 +33,12 @@ TIMEOUT_S = 30.0
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     root = tmp_path_factory.mktemp("elevenlabs-contexts")
     keys = root / "api_keys"
-    keys.write_text(f"plain {KEY}\nmetered {METERED}\n")
+    keys.write_text(f"plain {KEY}\nmetered {METERED}\npaced {PACED}\n")
     running = Daemon(root / "d", engine={"name": "tests.engines.faulty:load"},
                      http={"listen": f"127.0.0.1:{free_port()}", "api_keys_file": str(keys),
                            "max_pending_per_client": MAX_PENDING},
-                     http__keys__metered={"chars_per_minute": CHARS_PER_MINUTE})
+                     http__keys__metered={"chars_per_minute": CHARS_PER_MINUTE},
+                     http__keys__paced={"rate_limit": REQUESTS_PER_MINUTE})
     running.start()
     yield running
     running.stop()
@@ -119,6 +122,26 @@ def test_a_sentence_over_the_rate_limit_fails_its_own_context_alone(daemon: Daem
     assert said == [{"error": "rate_limit_exceeded", "code": 1008, "contextId": "b"},
                     {"isFinal": True, "contextId": "a"}]
     assert len(_audio(replies)) // 2 >= int(len("Alpha is here now.") * 0.05 * 16000)
+
+
+def test_an_answer_of_many_sentences_is_one_request_of_its_key(daemon: Daemon) -> None:
+    """Each sentence of a socket counted as one request: an agent's answer of 14 sentences
+    on a key of rate_limit = 10 (README's example) was refused after 10, closed 1008 with
+    no isFinal. The socket is the request; its sentences count their characters."""
+    sentences = [f"Sentence {n} is short." for n in range(REQUESTS_PER_MINUTE + 2)]
+
+    async def speak() -> list[dict[str, Any]]:
+        async with _connect(daemon, "stream-input", "output_format=pcm_16000",
+                            key=PACED) as ws:
+            await _send(ws, {"text": " "},
+                        *[{"text": text + " ", "flush": True} for text in sentences],
+                        {"text": ""})
+            return await _heard(ws)  # raises on a close other than 1000
+
+    replies = asyncio.run(speak())
+    assert [r for r in replies if not r.get("audio")] == [{"isFinal": True}]
+    made_s = len(_audio(replies)) / 2 / 16000
+    assert made_s >= 0.9 * 0.05 * sum(len(text) for text in sentences)
 
 
 def test_a_context_that_fails_as_the_socket_closes_ends_its_task_quietly() -> None:

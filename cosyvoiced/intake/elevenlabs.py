@@ -284,7 +284,8 @@ class Host(Protocol):
 
     def identity_of(self, request: web.Request, key_name: str | None) -> Identity: ...
 
-    def rate_refusal(self, identity: Identity, chars: int) -> str | None: ...
+    def rate_refusal(self, identity: Identity, chars: int,
+                     requests: int = 1) -> str | None: ...
 
     def voice_aliases(self) -> dict[str, str]: ...
 
@@ -501,7 +502,10 @@ class _Socket:
                                   "sample_rate": self._fmt.sample_rate}
         if stream.speed is not None:
             fields["speed"] = stream.speed
-        refusal = self._host.rate_refusal(self._identity, len(text))
+        # The socket was the request (counted at its handshake); a sentence is characters:
+        # each counted as a request, a 14-sentence answer on a key of rate_limit = 10 was
+        # refused partway.
+        refusal = self._host.rate_refusal(self._identity, len(text), requests=0)
         if refusal is not None:
             raise ProtocolError("rate_limit_exceeded", refusal)
         exchange = Exchange(asyncio.get_running_loop())

@@ -396,13 +396,13 @@ class HttpIntake(ReplyIntake):
             else settings.chars_per_minute
         return clients.RateLimit(requests, chars)
 
-    def _check_rate(self, identity: Identity, chars: int) -> None:
+    def _check_rate(self, identity: Identity, chars: int, requests: int = 1) -> None:
         """429 rate_limit_exceeded, with Retry-After, for a client over its limits."""
         limit = self._rate_limit(identity)
         if not limit.limited:
             return
         now = time.monotonic()
-        wait_s = self._limiter.take(identity.client, limit, chars, now)
+        wait_s = self._limiter.take(identity.client, limit, chars, now, requests)
         if now >= self._next_forget:
             self._limiter.forget_idle(now)
             self._next_forget = now + 60.0
@@ -465,11 +465,11 @@ class HttpIntake(ReplyIntake):
                    .items() if hmac.compare_digest(given, key.encode())]
         return matches[0] if matches else None
 
-    def rate_refusal(self, identity: Identity, chars: int) -> str | None:
-        """Why a request of `chars` characters is over the client's rate limit; None if it
-        is not (then it is counted)."""
+    def rate_refusal(self, identity: Identity, chars: int, requests: int = 1) -> str | None:
+        """Why `requests` requests of `chars` characters in all are over the client's rate
+        limit; None if they are not (then they are counted)."""
         try:
-            self._check_rate(identity, chars)
+            self._check_rate(identity, chars, requests)
         except _HttpError as error:
             return error.message
         return None
