@@ -5,7 +5,9 @@
 import { call } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
-const seen = new Map();  // job id -> its last row in hand (voice, segments): for ended rows
+// job id -> its last row in hand (voice, segments): for ended rows. Only the ids on the
+// board now are kept, or a page open for days would keep every job it was ever shown.
+const seen = new Map();
 let handlers = { showLogs: () => {}, report: () => {} };
 
 export function setupBoard(given) {
@@ -222,12 +224,18 @@ function showHosts(hosts) {
   sync($("hosts-table").tBodies[0], (hosts || []).map((host) => ({ ...host, id: host.name })), hostRow);
 }
 
+function forgetAllBut(shown) {
+  const ids = new Set(shown.map((job) => job.id));
+  for (const id of seen.keys()) if (!ids.has(id)) seen.delete(id);
+}
+
 let lastWorkers = "";
 
 export function showBoard(board, canAct) {
   sync($("jobs-table").tBodies[0], board.jobs, jobRow);
   $("jobs-empty").hidden = board.jobs.length > 0;
   sync($("ended-table").tBodies[0], board.ended, endedRow);
+  forgetAllBut([...board.jobs, ...board.ended]);
   const workers = JSON.stringify([board.workers, canAct]);
   if (workers !== lastWorkers) {  // cards are rebuilt only when something in them changed
     const focused = document.activeElement?.dataset?.slot;

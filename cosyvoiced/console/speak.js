@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 
 let audioContext = null;
 let current = null;  // { abort: AbortController, sources: [] }
+let shownUrl = null;  // the last result's blob, as the player and the download link name it
 
 export function setVoices(voices, aliases = {}) {
   const select = $("speak-voice");
@@ -93,19 +94,19 @@ export async function speak(extra = {}) {
   }
   const wallS = (performance.now() - began) / 1000;
   let seconds;
-  let blob;
+  let url;
   if (play) {
     play.flush();
     seconds = play.samples / PCM_RATE;
-    blob = wavBlob(play.pcm(), PCM_RATE);
+    url = showBlob(wavBlob(play.pcm(), PCM_RATE));
     result.dataset.samples = String(play.samples);
     result.dataset.scheduled = String(play.scheduled);
     result.dataset.rms = play.rms().toFixed(4);
     result.dataset.sampleRate = String(PCM_RATE);
   } else {
-    blob = new Blob(parts, { type: response.headers.get("Content-Type") || "audio/*" });
+    url = showBlob(new Blob(parts, { type: response.headers.get("Content-Type") || "audio/*" }));
     const audio = $("speak-audio");
-    audio.src = URL.createObjectURL(blob);
+    audio.src = url;
     audio.hidden = false;
     await audio.play().catch(() => {});
     seconds = await durationOf(audio);
@@ -115,11 +116,19 @@ export async function speak(extra = {}) {
     `${Math.round(firstMs ?? 0)} ms; real-time factor ${(wallS / Math.max(seconds, 1e-6)).toFixed(2)}` +
     " (wall time ÷ audio time).";
   const download = $("speak-download");
-  download.href = URL.createObjectURL(blob);
+  download.href = url;
   download.download = `${job || "speech"}.${format === "pcm" ? "wav" : format}`;
   download.hidden = false;
   $("speak-go").disabled = false;
   $("speak-stop").disabled = true;
+}
+
+/** A URL for the newest result's audio; the one before it is let go (a blob's URL holds
+ * all of its audio for as long as the page is open). */
+function showBlob(blob) {
+  if (shownUrl) URL.revokeObjectURL(shownUrl);
+  shownUrl = URL.createObjectURL(blob);
+  return shownUrl;
 }
 
 function durationOf(audio) {
