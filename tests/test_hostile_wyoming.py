@@ -29,7 +29,7 @@ from cosyvoiced.config import WyomingConfig
 from cosyvoiced.intake import wyoming as wyoming_intake
 from cosyvoiced.intake.reply import Released, Submission
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, bounded, free_port, wait_until
+from tests.daemon import Daemon, bounded, free_port, peak_rss_bytes, wait_until
 
 TONE = {"name": "tests.engines.faulty:load"}
 IDLE_TIMEOUT_S = 4.0
@@ -487,6 +487,83 @@ def test_a_synthesize_the_handler_cannot_use_gets_bad_request(daemon: Daemon,
     assert asyncio.run(send()).code == "bad_request"
     assert daemon.process is not None
     assert daemon.process.poll() is None, "the daemon must outlive a client's event"
+
+
+def test_a_payload_on_an_event_that_takes_none_is_refused(daemon: Daemon) -> None:
+    async def send() -> Error:
+        async with AsyncTcpClient(*_address(daemon)) as client:
+            await _send_raw(client, b'{"type": "synthesize", "data": {"text": "Hi."}, '
+                                    b'"payload_length": 1048576}\n')
+            return await _error_then_closed(client)
+
+    error = asyncio.run(send())
+    assert error.code == "bad_request"
+    assert error.text == ("synthesize: takes no payload (payload_length 1048576); no event "
+                          "a TTS server takes has one")
+
+
+def test_the_payload_of_an_event_we_ignore_is_read_and_thrown_away(daemon: Daemon) -> None:
+    async def send() -> Event | None:
+        async with AsyncTcpClient(*_address(daemon)) as client:
+            sound = AudioChunk(rate=16000, width=2, channels=1, audio=bytes(300_000))
+            await client.write_event(sound.event())  # not ours to handle: ignored
+            await client.write_event(Ping(text="still here").event())
+            return await _read(client)
+
+    pong = asyncio.run(send())
+    assert pong is not None
+    assert (pong.type, pong.data) == ("pong", {"text": "still here"})
+
+
+HELD_PAYLOADS = 100
+
+
+def test_connections_holding_a_payload_back_hold_no_memory(make_daemon: DaemonFactory) -> None:
+    """Each sent a ping announcing a 1 MiB payload and all of it but its last byte: the
+    daemon kept each one's whole (250 of them grew the supervisor by 260 MiB) for up to
+    read_timeout_s. None is kept now: a ping takes no payload, and is refused."""
+    port = free_port()
+    daemon = make_daemon(engine=TONE, wyoming={"listen": f"tcp://127.0.0.1:{port}"})
+    daemon.start()
+    assert daemon.process is not None
+    # A first wave of 256 KiB each warms the allocator up (the reads of up to 256 KiB a
+    # burst of connections has in hand at once grew the peak by 13 MiB the first time).
+    _hold_payloads(port, HELD_PAYLOADS, 256 << 10)
+    before = peak_rss_bytes(daemon.process.pid)
+    _hold_payloads(port, HELD_PAYLOADS, 1 << 20)
+    grown = peak_rss_bytes(daemon.process.pid) - before
+    assert grown < 20 << 20, f"the supervisor's peak grew {grown >> 20} MiB"  # 77 MiB before
+
+
+def _hold_payloads(port: int, connections: int, payload_length: int) -> None:
+    """`connections` pings announcing a payload, each sent but its last byte; back once
+    the server has closed every one of them."""
+    header = json.dumps({"type": "ping", "payload_length": payload_length}).encode() + b"\n"
+    held: list[socket.socket] = []
+    try:
+        for _ in range(connections):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+            held.append(sock)
+            with contextlib.suppress(ConnectionError):  # refused: closed before it all went
+                sock.sendall(header + bytes(payload_length - 1))
+        wait_until(lambda: all(_closed(sock) for sock in held), WAIT_S,
+                   "the server to close every connection")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _closed(sock: socket.socket) -> bool:
+    """The server closed `sock` (what it sent before is skipped); False while it is open."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        pass
+    return True
 
 
 @pytest.fixture

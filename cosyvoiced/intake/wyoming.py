@@ -65,7 +65,13 @@ SOURCE = "wyoming"
 SAMPLES_PER_CHUNK = 1024  # as wyoming-piper: small events keep a satellite's buffer short
 MAX_LINE_BYTES = 64 << 10  # an event's JSON header line
 MAX_DATA_BYTES = 64 << 10  # its data block
-MAX_PAYLOAD_BYTES = 1 << 20  # its binary payload (a TTS request has none)
+MAX_PAYLOAD_BYTES = 1 << 20  # its binary payload, read only to be thrown away
+# None of the events a TTS server handles has a payload (only audio-chunk has one in the
+# `wyoming` library; Home Assistant sends none with its TTS events): one that comes with a
+# payload is refused. Another event's payload is discarded as it comes, this much at a time,
+# never kept: 250 connections each holding 1 MiB of one grew the supervisor by 260 MiB.
+PAYLOAD_FREE = (Describe, Ping, Synthesize, SynthesizeStart, SynthesizeChunk, SynthesizeStop)
+DISCARD_BYTES = 16 << 10
 # Read ahead while a connection waits on its jobs, to see a hang-up behind the events the
 # client sent before it (an LLM's stream runs ahead of our speech); then no more is read.
 MAX_READ_AHEAD_BYTES = 64 << 10
@@ -178,20 +184,29 @@ async def _read_rest(reader: Readable, first: bytes) -> Event | None:
     data = header.get("data") or {}
     data_length = _length(header, "data_length", MAX_DATA_BYTES)
     payload_length = _length(header, "payload_length", MAX_PAYLOAD_BYTES)
+    if payload_length and any(kind.is_type(header["type"]) for kind in PAYLOAD_FREE):
+        raise BadEvent(f"{header['type']}: takes no payload (payload_length {payload_length}); "
+                       "no event a TTS server takes has one")
     try:
         if data_length:
             extra = json_value(await reader.readexactly(data_length))
             if not isinstance(extra, dict) or not isinstance(data, dict):
                 raise BadEvent("event data: expected a JSON object")
             data = data | extra
-        payload = await reader.readexactly(payload_length) if payload_length else None
+        await _discard(reader, payload_length)
     except asyncio.IncompleteReadError:
         return None  # the peer went away mid-event
     except NotJSON as error:
         raise BadEvent(f"event data: not JSON: {error}") from None
     if not isinstance(data, dict):
         raise BadEvent("event data: expected a JSON object")
-    return Event(type=header["type"], data=data, payload=payload)
+    return Event(type=header["type"], data=data)
+
+
+async def _discard(reader: Readable, length: int) -> None:
+    """Read `length` bytes (an event's payload, which we never use) and keep none."""
+    while length:
+        length -= len(await reader.readexactly(min(length, DISCARD_BYTES)))
 
 
 def decoded(kind: Callable[[Event], Message], event: Event) -> Message:
