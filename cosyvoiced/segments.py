@@ -28,6 +28,7 @@ tag carries nothing, and then `"".join(split(text, ...)) == text`.
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 
 from cosyvoiced import pauses
 from cosyvoiced.sentences import (
@@ -70,21 +71,38 @@ def preamble(text: str, max_chars: int) -> str:
 
 def carried(text: str, start: int, max_chars: int) -> str:
     """What the segment of `text` that starts at `start` carries in front of its slice."""
-    if start == 0 or pauses.starts_at(text, start):
-        return ""
-    instruction = preamble(text, max_chars)
-    if start < len(instruction):
-        return ""
-    return instruction + _language_at(text, start, len(instruction))
+    return Carrier(text, max_chars).carried(start)
 
 
-def _language_at(text: str, start: int, after: int) -> str:
-    """The language tag in effect at `start` (the last one before it, after the preamble);
-    "" if the segment starts with a language tag of its own."""
-    if _LANGUAGE_TAG.match(text, start_of_word_after(text, start)):
-        return ""
-    tags = [tag for tag in _LANGUAGE_TAG.finditer(text, after, start) if tag.end() <= start]
-    return tags[-1].group() if tags else ""
+class Carrier:
+    """What the segments of one text carry (`carried`), its preamble and language tags
+    found once and looked up by position. Searched again from the text's start for each
+    segment, they took quadratic time on the supervisor's tick: 196 ms for the 2,500
+    segments of 20,000 characters of "a<|en|>[pause:0]", 2.8 s for 80,000."""
+
+    def __init__(self, text: str, max_chars: int) -> None:
+        self._text = text
+        self._instruction = preamble(text, max_chars)
+        # Tags cannot overlap, so one search finds those each segment's own search would.
+        tags = list(_LANGUAGE_TAG.finditer(text, len(self._instruction)))
+        self._tag_ends = [tag.end() for tag in tags]
+        self._tags = [tag.group() for tag in tags]
+
+    def carried(self, start: int) -> str:
+        """What the segment that starts at `start` carries in front of its slice."""
+        if start == 0 or pauses.starts_at(self._text, start):
+            return ""
+        if start < len(self._instruction):
+            return ""
+        return self._instruction + self._language_at(start)
+
+    def _language_at(self, start: int) -> str:
+        """The language tag in effect at `start` (the last one to end by it, after the
+        preamble); "" if the segment starts with a language tag of its own."""
+        if _LANGUAGE_TAG.match(self._text, start_of_word_after(self._text, start)):
+            return ""
+        before = bisect_right(self._tag_ends, start)
+        return self._tags[before - 1] if before else ""
 
 
 def _packed(pieces: list[Span], max_chars: int) -> list[Span]:
@@ -188,5 +206,6 @@ def split(text: str, max_chars: int, first_words: int = 0, pack_chars: int = 0) 
     Each segment is `carried(text, start, max_chars) + text[start:end]` for its span; see
     the module's docstring for the invariant.
     """
-    return [carried(text, start, max_chars) + text[start:end]
+    carrier = Carrier(text, max_chars)
+    return [carrier.carried(start) + text[start:end]
             for start, end in spans(text, max_chars, first_words, pack_chars)]
