@@ -30,7 +30,13 @@ from cosyvoiced.clients import Identity
 from cosyvoiced.config import HttpConfig, read_api_keys
 from cosyvoiced.encoding import EncodeFailed, Encoder, EncoderStream
 from cosyvoiced.intake import codecs, console, elevenlabs, origins, voices
-from cosyvoiced.intake.limits import REFUSAL_CODE, ConnectionLimits, Throttled, listen
+from cosyvoiced.intake.limits import (
+    REFUSAL_CODE,
+    ConnectionLimits,
+    Throttled,
+    ThrottledByClient,
+    listen,
+)
 from cosyvoiced.intake.reply import (
     BUSY,
     START_TIMEOUT_S,
@@ -270,6 +276,7 @@ class HttpIntake(ReplyIntake):
         self._runner: web.AppRunner | None = None
         self._listening: asyncio.AbstractServer | None = None
         self._refused_requests: Throttled | None = None  # origins.py's refusals, counted
+        self._rate_limited: ThrottledByClient | None = None  # made on the loop's thread
 
     # -- lifecycle (supervisor thread) ------------------------------------------------------
     def start(self) -> None:
@@ -408,7 +415,12 @@ class HttpIntake(ReplyIntake):
             self._next_forget = now + 60.0
         if wait_s > 0:
             retry = clients.retry_after_s(wait_s)
-            log.info("rate_limited", client=identity.name, retry_after_s=retry)
+            # Counted, a line per client at most every few seconds: one line per refusal,
+            # a client over its rate filled the journal and the console's log tail.
+            if self._rate_limited is None:
+                self._rate_limited = ThrottledByClient(asyncio.get_running_loop(),
+                                                       "rate_limited")
+            self._rate_limited.count(identity.name, retry_after_s=retry)
             raise _HttpError(RATE_LIMITED, f"this client is over its rate limit "
                              f"({limit.requests_per_minute:g} requests and "
                              f"{limit.chars_per_minute:g} characters per minute; 0 is no "

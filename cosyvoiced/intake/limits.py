@@ -20,6 +20,7 @@ import contextlib
 import json
 import socket
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from cosyvoiced import logs
 from cosyvoiced.intake.crowding import AddressBook, peer_address
 
 THROTTLE_INTERVAL_S = 10.0  # a repeated warning is logged at most this often, with a count
+MAX_THROTTLED_CLIENTS = 1024  # clients whose repeated warnings are counted apart
 # aiohttp reads a body nobody asked for this long after the response, so the client sees
 # the response before its unread bytes make our close a reset; then the connection closes.
 LINGER_S = 2.0
@@ -80,6 +82,28 @@ class Throttled:
         log.warning(self._event, count=self._count, **self._fields, **self._latest)
         self._count = 0
         self._next_at = self._loop.time() + self._interval_s
+
+
+class ThrottledByClient:
+    """`Throttled`, one per client: each client's line at most once per interval, so one
+    client's flood neither floods the log nor hides another client's line. The most
+    recently counted MAX_THROTTLED_CLIENTS are kept (one forgotten has its line pending
+    still logged, and starts afresh). Used on the loop's thread only."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, event: str, **fields: Any) -> None:
+        self._loop = loop
+        self._event = event
+        self._fields = fields
+        self._clients: OrderedDict[str, Throttled] = OrderedDict()
+
+    def count(self, client: str, **latest: Any) -> None:
+        throttled = self._clients.pop(client, None)
+        if throttled is None:
+            throttled = Throttled(self._loop, self._event, **self._fields)
+            while len(self._clients) >= MAX_THROTTLED_CLIENTS:
+                self._clients.popitem(last=False)
+        self._clients[client] = throttled
+        throttled.count(client=client, **latest)
 
 
 def _refusal(name: str, limit: int) -> bytes:
