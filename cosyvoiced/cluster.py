@@ -676,6 +676,7 @@ class ClusterLink(_Commands):
         client = self.client()
         stream = self.keys.events(self.host)
         last = "0-0"  # what is left of the stream was not acted on: read it all
+        count = wire.ReadCount(EVENT_BATCH, wire.BIG_EVENT_BYTES)
         while not self._stop.is_set():
             if self.event_bytes.held >= EVENT_BYTES_WAITING:
                 self._stop.wait(BUSY_POLL_S)  # the tick takes them first
@@ -684,13 +685,14 @@ class ClusterLink(_Commands):
                 self._replay.clear()
                 last = "0-0"
             try:
-                answer: Any = client.xread({stream: last}, count=EVENT_BATCH, block=BLOCK_MS)
+                answer: Any = client.xread({stream: last}, count=count.count, block=BLOCK_MS)
             except redis.RedisError as error:
                 if not self._failed(error):
                     last = "0-0"  # a Redis that lost its data numbers entries anew
                 self._stop.wait(RETRY_S)
                 continue
             for _stream, entries in answer or []:
+                count.after([data for _entry, data in entries])
                 for entry, data in entries:
                     last = entry.decode()
                     self._post_event(last, data)

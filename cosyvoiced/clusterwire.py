@@ -56,6 +56,13 @@ MAX_PROMPT_BYTES = 64 << 20
 MAX_SAMPLE_RATE = 384_000
 MAX_WHOLE = 1 << 53  # a JSON number's whole values, as a float holds them exactly
 PART_BYTES = 1 << 20  # of a whole reply's audio, in one `part` event at most
+# An event's other fields at most: 16 `part` events of 64 MiB each (whoever has the
+# daemons' login can add them) were each taken whole, and the supervisor grew to 2 GiB.
+MAX_CHUNK_BYTES = 16 << 20  # a streamed segment's audio: 3 minutes at 22,050 Hz
+MAX_DETAIL_BYTES = 64 << 10
+# An entry bigger than this is not an event a daemon sends (a part and its fields): after
+# one, the readers read one entry at a time (ReadCount).
+BIG_EVENT_BYTES = PART_BYTES + MAX_DETAIL_BYTES
 
 
 class WireError(ValueError):
@@ -225,6 +232,9 @@ def event_fields(event: Event) -> dict[str, bytes | memoryview]:
 
 
 def read_event(entry: str, data: Fields) -> Event:
+    problem = _size_problem(data)
+    if problem:
+        raise WireError(problem)
     try:
         event = Event(data[b"kind"].decode(), data[b"job"].decode(),
                       _plain_name(data[b"from"].decode(), "from"),
@@ -241,6 +251,39 @@ def read_event(entry: str, data: Fields) -> Event:
     if problem:
         raise WireError(f"{event.kind}: {problem}")
     return event
+
+
+def _size_problem(data: Fields) -> str | None:
+    """An event's field over its bound, checked before any of it is decoded."""
+    kind, audio = data.get(b"kind", b""), data.get(b"audio", b"")
+    most = {PART.encode(): PART_BYTES, CHUNK.encode(): MAX_CHUNK_BYTES}.get(kind, 0)
+    if len(audio) > most:
+        return f"audio: {len(audio)} bytes is over {most} for a {kind[:16]!r} event"
+    if len(data.get(b"detail", b"")) > MAX_DETAIL_BYTES:
+        return f"detail: {len(data[b'detail'])} bytes is over {MAX_DETAIL_BYTES}"
+    return None
+
+
+def entry_bytes(data: Fields) -> int:
+    return sum(len(name) + len(value) for name, value in data.items())
+
+
+class ReadCount:
+    """How many stream entries a reader asks Redis for at once. An entry's size is known
+    only once read (whoever has the daemons' login can add entries up to Redis's
+    proto-max-bulk-len, 512 MiB unless set lower): after one bigger than `big` bytes, the
+    reader takes one at a time, doubling back to `most` after reads of small ones. It
+    starts at one too: what waits in a stream at a start, or after the reader waited, may
+    be anything."""
+
+    def __init__(self, most: int, big: int) -> None:
+        self.most, self.big, self.count = most, big, 1
+
+    def after(self, entries: list[Fields]) -> None:
+        if any(entry_bytes(data) > self.big for data in entries):
+            self.count = 1
+        elif entries:
+            self.count = min(self.most, self.count * 2)
 
 
 def _detail_problem(kind: str, detail: dict[str, Any]) -> str | None:

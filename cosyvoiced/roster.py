@@ -169,6 +169,11 @@ class Roster:
         self.instance = secrets.token_hex(8)
         self._clash_at: float | None = None  # monotonic: another live host of this name
         self._clash_logged = -CLASH_LOG_S
+        # 500 entries at once, of any size, then the 16 KiB bound: 16 entries of 64 MiB
+        # grew the supervisor from 77 to 2,190 MiB. Now one at a time at first, and after
+        # a big one.
+        self._read_count = wire.ReadCount(READ_BATCH, MAX_FIGURES_BYTES + 1024)
+        self._too_big_logged = -CLASH_LOG_S
 
     # -- the tick's side (never blocks) ---------------------------------------------------
     def note(self, now: float, state: str, figures: Callable[[], Figures]) -> None:
@@ -247,13 +252,18 @@ class Roster:
             start = f"({self._last_entry}"
         else:  # the first read, or another Redis (with a clock behind): read it all
             start, known = str(int(now_ms - FORGET_S * 1000)), {}
+        # Each exchange starts at one entry a read: whatever came since the last may be big.
+        self._read_count.count = 1
         while True:
-            batch: Any = client.xrange(self.key, min=start, max=entry, count=READ_BATCH)
+            count = self._read_count.count
+            batch: Any = client.xrange(self.key, min=start, max=entry, count=count)
             entries = [(_text(entry_id), fields) for entry_id, fields in batch]
+            self._read_count.after([fields for _entry_id, fields in entries])
+            self._say_too_big(entries)
             known = fold(known, entries)
             if since_mine:
                 self._check_name(other_instances(entries, self.name, self.instance))
-            if len(entries) < READ_BATCH:
+            if len(entries) < count:
                 break
             start = f"({entries[-1][0]}"
         with self._lock:
@@ -261,6 +271,17 @@ class Roster:
             self._last_entry = entry
         self.error = ""
 
+
+    def _say_too_big(self, entries: list[tuple[str, wire.Fields]]) -> None:
+        """Entries over the bound are skipped (fold); the operator hears of it once a
+        minute (CLASH_LOG_S): not a daemon's, or another version's."""
+        big = [entry_id for entry_id, fields in entries
+               if wire.entry_bytes(fields) > MAX_FIGURES_BYTES + 1024]
+        now = time.monotonic()
+        if big and now - self._too_big_logged >= CLASH_LOG_S:
+            self._too_big_logged = now
+            log.error("roster_entry_too_big", key=self.key, entries=big[:4],
+                      most_bytes=MAX_FIGURES_BYTES, message="skipped: not a daemon's entry")
 
     def _check_name(self, others: set[str]) -> None:
         if not others:

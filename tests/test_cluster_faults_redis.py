@@ -7,6 +7,7 @@ Host "a" never finishes loading its engine, so the jobs it receives are served b
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from cosyvoiced.client import Client
 from cosyvoiced.config import ClusterConfig
 from cosyvoiced.job import Job
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, peak_rss_bytes, wait_until
 from tests.redisserver import RedisServer, needs_redis, redis_server_fixture  # noqa: F401
 from tests.test_cluster import assert_exact_audio, host, start
 from tests.test_cluster_acl import readme_acl
@@ -159,3 +160,36 @@ def test_a_job_entry_no_host_here_can_read_gives_its_job_back_to_its_host(
         assert link.inbound.empty()
     finally:
         link.stop()
+
+
+HUGE_BYTES = 32 << 20
+HUGE_ENTRIES = 6
+
+
+def test_huge_events_and_roster_entries_are_refused_one_at_a_time(
+        make_daemon: DaemonFactory, redis_server: RedisServer) -> None:
+    """A peer with the daemons' login added 16 `part` events of 64 MiB to a host's event
+    stream (or as many entries to the roster): each read took 16 (the roster's 500) of
+    them whole, and the supervisor grew from 77 to 2,190 MiB. Now an entry over its bound
+    is refused with a log line, and after a big one the readers take one at a time."""
+    daemon = start(host(make_daemon, redis_server, "a"))
+    assert daemon.process is not None
+    admin = redis_server.client(decode_responses=False)
+    before = peak_rss_bytes(daemon.process.pid)
+    huge = bytes(HUGE_BYTES)
+    for seq in range(HUGE_ENTRIES):
+        admin.xadd("cosyvoiced:events:a", {
+            "kind": "part", "job": "1a0000000000000e1", "from": "b",
+            "detail": json.dumps({"seq": seq}), "audio": huge})
+        admin.xadd("cosyvoiced:hosts", {"host": "b", "figures": huge})
+    refused = wait_until(lambda: len(daemon.log_events("event_unreadable")) == HUGE_ENTRIES
+                         and daemon.log_events("event_unreadable"), 30, "the parts refused")
+    assert f"is over {1 << 20}" in refused[0]["error"]
+    wait_until(lambda: daemon.log_events("roster_entry_too_big"), 30, "the roster's refused")
+    grown_mib = (peak_rss_bytes(daemon.process.pid) - before) >> 20
+    # A read of one such entry holds a few copies of it (redis-py's buffers), and the
+    # event reader and the roster may read one each at the same time: 128 MiB measured,
+    # against 449 MiB and more when the reads took them all.
+    assert grown_mib < HUGE_ENTRIES * (HUGE_BYTES >> 20), f"the supervisor grew {grown_mib} MiB"
+    daemon.drop("after.txt", "Still serving.")
+    assert daemon.wait_done("after.txt", 30)["served_by"] == "a"

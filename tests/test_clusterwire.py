@@ -48,9 +48,34 @@ def test_an_entry_that_is_not_a_job_is_refused_with_the_reason() -> None:
     deep = b"[" * 100_000 + b"]" * 100_000  # nested too deep for json: still a WireError
     with pytest.raises(wire.WireError, match="not a job entry: nested too deep"):
         wire.read_job("s", "1-0", {b"job": deep, b"host": b"h"})
+    shallower = b"[" * 30_000 + b"]" * 30_000  # within MAX_DETAIL_BYTES, still too deep
     with pytest.raises(wire.WireError, match="not an event entry: nested too deep"):
         wire.read_event("1-0", {b"kind": b"chunk", b"job": b"j", b"from": b"h",
-                                b"detail": deep})
+                                b"detail": shallower})
+
+
+def test_an_event_field_over_its_bound_is_refused_before_it_is_decoded() -> None:
+    event = {b"kind": b"part", b"job": b"1a0000000000000e1", b"from": b"b",
+             b"detail": b'{"seq": 0}'}
+    assert wire.read_event("1-0", event | {b"audio": bytes(wire.PART_BYTES)}).kind == "part"
+    with pytest.raises(wire.WireError, match=f"audio: {wire.PART_BYTES + 4} bytes is over"):
+        wire.read_event("1-0", event | {b"audio": bytes(wire.PART_BYTES + 4)})
+    with pytest.raises(wire.WireError, match="is over 0 for a b'done' event"):
+        wire.read_event("1-0", event | {b"kind": b"done", b"audio": bytes(4)})
+    with pytest.raises(wire.WireError, match="detail: 65537 bytes is over 65536"):
+        wire.read_event("1-0", event | {b"detail": b" " * 65_537})
+
+
+def test_a_reader_takes_one_entry_at_a_time_at_first_and_after_a_big_one() -> None:
+    count = wire.ReadCount(16, 100)
+    assert count.count == 1
+    for expected in (2, 4, 8, 16, 16):
+        count.after([{b"a": b"small"}])
+        assert count.count == expected
+    count.after([])  # a read that found nothing: no change
+    assert count.count == 16
+    count.after([{b"a": b"small"}, {b"a": bytes(100)}])
+    assert count.count == 1
 
 
 @pytest.mark.parametrize(("made_rate", "rate", "sizes"), [

@@ -90,8 +90,10 @@ def test_the_event_reader_waits_while_the_tick_holds_its_bound_of_audio(
                                lambda: None)
     link.start()
     try:
-        wait_until(lambda: link.events_read >= cluster.EVENT_BATCH, 30, "the first read")
-        assert link.events_read == cluster.EVENT_BATCH, "read on past the bound"
+        # One read at first, then twice as many each time (clusterwire.ReadCount): 1, 2,
+        # 4, 8 events (1.5 MB) and then the reader waits.
+        wait_until(lambda: link.events_read >= 15, 30, "the first reads")
+        assert link.events_read == 15, "read on past the bound"
         taken = 0
         while taken < 40:  # the tick's part: take them, and more are read
             wait_until(lambda: not link.inbound.empty(), 30, "more events")
