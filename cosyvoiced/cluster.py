@@ -306,7 +306,156 @@ class _Commands:
         return pipe
 
 
-class ClusterLink(_Commands):
+class _EventReader(_Commands):
+    """This host's event stream, read into `inbound` by a thread of its own (what other
+    hosts say of the jobs they share with it, or serve for it)."""
+
+    event_bytes: Tally
+    events_read: int
+    _stop: threading.Event
+    _replay: threading.Event
+
+    def _failed(self, error: redis.RedisError) -> bool:
+        raise NotImplementedError
+
+    def _read_events(self) -> None:
+        client = self.client()
+        stream = self.keys.events(self.host)
+        last = "0-0"  # what is left of the stream was not acted on: read it all
+        count = wire.ReadCount(EVENT_BATCH, wire.BIG_EVENT_BYTES)
+        while not self._stop.is_set():
+            if self.event_bytes.held >= EVENT_BYTES_WAITING:
+                self._stop.wait(BUSY_POLL_S)  # the tick takes them first
+                continue
+            if self._replay.is_set():
+                self._replay.clear()
+                last = "0-0"
+            try:
+                answer: Any = client.xread({stream: last}, count=count.count, block=BLOCK_MS)
+            except redis.RedisError as error:
+                if not self._failed(error):
+                    last = "0-0"  # a Redis that lost its data numbers entries anew
+                self._stop.wait(RETRY_S)
+                continue
+            for _stream, entries in answer or []:
+                count.after([data for _entry, data in entries])
+                for entry, data in entries:
+                    last = entry.decode()
+                    self._post_event(last, data)
+
+    def _post_event(self, entry: str, data: wire.Fields) -> None:
+        try:
+            event = wire.read_event(entry, data)
+        except wire.WireError as error:
+            log.error("event_unreadable", entry=entry, error=str(error))
+            self.forget([entry], [])
+            return
+        self.events_read += 1
+        self.event_bytes.add(len(event.audio))
+        self._post(event)
+
+    def replay_events(self) -> None:
+        """Read this host's events again from the first: those the tick left unread (their
+        jobs were not in the book yet) are still in the stream; the rest were acted on and
+        deleted (or are about to be: acting on one again finds its job ended)."""
+        self._replay.set()
+
+    def taken(self, event: wire.Event) -> None:
+        """The tick took `event` off `inbound`: its audio is the tick's now."""
+        self.event_bytes.give(len(event.audio))
+
+
+class _KeptSettles:
+    """The commands settling jobs taken here that Redis refused (out of memory), tried
+    again at growing intervals, oldest first, without holding the commands behind them;
+    their jobs stay held, heartbeated (writer thread only)."""
+
+    def __init__(self, release: Callable[[wire.SharedJob], None]) -> None:
+        self._kept: list[_Kept] = []
+        self._release = release
+        self._logged = -REFUSED_LOG_S
+
+    def __bool__(self) -> bool:
+        return bool(self._kept)
+
+    def keep(self, queued: _Queued, error: redis.RedisError) -> None:
+        assert queued.settles is not None
+        now = time.monotonic()
+        self._kept.append(_Kept(queued, since=now, next_at=now + RETRY_S))
+        if len(self._kept) > MAX_KEPT:
+            oldest = self._kept.pop(0)
+            assert oldest.queued.settles is not None
+            self._release(oldest.queued.settles)
+            log.error("cluster_command_refused", job=oldest.queued.settles.job.id,
+                      message=f"dropped: over {MAX_KEPT} outcomes refused by Redis wait")
+        self._say(error)
+
+    def retry(self, client: redis.Redis) -> bool:
+        """Send those whose time has come; True if one went. What is not a refusal (Redis
+        down) is raised."""
+        now, sent = time.monotonic(), False
+        for kept in [kept for kept in self._kept if kept.next_at <= now]:
+            try:
+                kept.queued.command(client)
+            except redis.RedisError as error:
+                if not _refused(error):
+                    raise
+                kept.refused_again(time.monotonic())
+                self._say(error)
+                continue
+            self._kept.remove(kept)
+            assert kept.queued.settles is not None
+            log.info("cluster_command_sent", job=kept.queued.settles.job.id, tries=kept.tries,
+                     waited_s=round(time.monotonic() - kept.since, 1))
+            sent = True
+        return sent
+
+    def wait_s(self) -> float:
+        """How long the writer may wait for a new command: until a kept one is due."""
+        if not self._kept:
+            return 0.5
+        return max(0.01, min(0.5, min(k.next_at for k in self._kept) - time.monotonic()))
+
+    def _say(self, error: redis.RedisError) -> None:
+        now = time.monotonic()
+        if now - self._logged < REFUSED_LOG_S:
+            return
+        self._logged = now
+        log.error("cluster_command_refused", error=f"{type(error).__name__}: {error}"[:300],
+                  kept=len(self._kept), message="outcomes kept here and tried again until "
+                  "Redis takes them; their jobs stay this host's")
+
+
+class _Refusals:
+    """What Redis refused the readers last (NOPERM: a command out of the login's ACL), and
+    when; each refusal logged at most once a REFUSED_LOG_S (both reader threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last, self._last_at = "", 0.0
+        self._logged: dict[str, float] = {}  # refusal -> when it was logged
+
+    def note(self, error: redis.RedisError) -> None:
+        now = time.monotonic()
+        text = f"{type(error).__name__}: {error}"[:300]
+        with self._lock:
+            self._last, self._last_at = text, now
+            if now - self._logged.get(text, -REFUSED_LOG_S) < REFUSED_LOG_S:
+                return
+            if len(self._logged) >= 64:  # the texts are Redis's: bounded
+                self._logged.clear()
+            self._logged[text] = now
+        log.error("cluster_command_refused", error=text, thread=threading.current_thread().name,
+                  message="Redis answers but refuses a command this host needs; check the "
+                  "login's ACL against the README's (logged once a minute)")
+
+    def recent(self, now: float) -> str | None:
+        """The last refusal, if within REFUSED_LOG_S of `now` (monotonic)."""
+        with self._lock:
+            return self._last if self._last and now - self._last_at < REFUSED_LOG_S else None
+
+
+class ClusterLink(_EventReader):
     def __init__(self, settings: ClusterConfig, host: str, wake: Callable[[], None]) -> None:
         self.settings = settings
         self.host = host
@@ -316,8 +465,7 @@ class ClusterLink(_Commands):
         self.event_bytes = Tally()  # the audio of events in `inbound` (`taken` takes it off)
         self._wake = wake
         self._commands: queue.Queue[_Queued] = queue.Queue()
-        self._kept: list[_Kept] = []  # writer only: refused settles, tried again
-        self._kept_logged = -REFUSED_LOG_S
+        self._kept = _KeptSettles(self._release)  # writer only
         self._password = read_password(settings.password_file) if settings.password_file \
             else None
         self._stop = threading.Event()
@@ -332,8 +480,7 @@ class ClusterLink(_Commands):
         self._replay = threading.Event()  # the event reader starts again from the first
         self.up = False
         self.error = ""  # why Redis is down (no credentials in it)
-        self.refused, self.refused_at = "", 0.0  # what a reader was refused last, and when
-        self._refusal_logged: dict[str, float] = {}  # refusal -> when it was logged
+        self._refusals = _Refusals()
         self.events_read = 0
 
     # -- lifetime ----------------------------------------------------------------------
@@ -396,14 +543,15 @@ class ClusterLink(_Commands):
         refusals = 0  # of the pending command
         while not self._stop.is_set():
             try:
-                self._retry_kept(client)
+                if self._kept.retry(client):
+                    self._mark_up()
             except redis.RedisError as error:  # (a refusal is handled there): Redis down
                 self._down(error)
                 self._stop.wait(RETRY_S)
                 continue
             if pending is None:
                 try:
-                    pending = self._commands.get(timeout=self._kept_wait_s())
+                    pending = self._commands.get(timeout=self._kept.wait_s())
                 except queue.Empty:
                     continue
             if pending.share_of is not None and not self.up:
@@ -421,7 +569,7 @@ class ClusterLink(_Commands):
                     self._stop.wait(RETRY_S)
                     continue
                 if pending.settles is not None:
-                    self._keep(pending, error)
+                    self._kept.keep(pending, error)
                     pending = None
                     continue
                 refusals += 1
@@ -431,51 +579,6 @@ class ClusterLink(_Commands):
                 self._drop_refused(pending.share_of, error)
             pending, refusals = None, 0
             self._mark_up()
-
-    def _keep(self, queued: _Queued, error: redis.RedisError) -> None:
-        """A settling command Redis refused: tried again later, its job heartbeated."""
-        now = time.monotonic()
-        self._kept.append(_Kept(queued, since=now, next_at=now + RETRY_S))
-        if len(self._kept) > MAX_KEPT:
-            oldest = self._kept.pop(0)
-            assert oldest.queued.settles is not None
-            self._release(oldest.queued.settles)
-            log.error("cluster_command_refused", job=oldest.queued.settles.job.id,
-                      message=f"dropped: over {MAX_KEPT} outcomes refused by Redis wait")
-        self._log_kept(error)
-
-    def _retry_kept(self, client: redis.Redis) -> None:
-        """The kept settles whose time has come, oldest first."""
-        now = time.monotonic()
-        for kept in [kept for kept in self._kept if kept.next_at <= now]:
-            try:
-                kept.queued.command(client)
-            except redis.RedisError as error:
-                if not _refused(error):
-                    raise
-                kept.refused_again(time.monotonic())
-                self._log_kept(error)
-                continue
-            self._kept.remove(kept)
-            assert kept.queued.settles is not None
-            log.info("cluster_command_sent", job=kept.queued.settles.job.id, tries=kept.tries,
-                     waited_s=round(time.monotonic() - kept.since, 1))
-            self._mark_up()
-
-    def _kept_wait_s(self) -> float:
-        """How long the writer may wait for a new command: until a kept one is due."""
-        if not self._kept:
-            return 0.5
-        return max(0.01, min(0.5, min(k.next_at for k in self._kept) - time.monotonic()))
-
-    def _log_kept(self, error: redis.RedisError) -> None:
-        now = time.monotonic()
-        if now - self._kept_logged < REFUSED_LOG_S:
-            return
-        self._kept_logged = now
-        log.error("cluster_command_refused", error=f"{type(error).__name__}: {error}"[:300],
-                  kept=len(self._kept), message="outcomes kept here and tried again until "
-                  "Redis takes them; their jobs stay this host's")
 
     def _drop_refused(self, share_of: str | None, error: redis.RedisError) -> None:
         """Redis answers, and refuses the command each time: it goes (tried for good, it
@@ -671,53 +774,6 @@ class ClusterLink(_Commands):
         with self._lock:
             self._held.get(shared.stream, set()).discard(shared.entry)
 
-    # -- the event reader ------------------------------------------------------------------
-    def _read_events(self) -> None:
-        client = self.client()
-        stream = self.keys.events(self.host)
-        last = "0-0"  # what is left of the stream was not acted on: read it all
-        count = wire.ReadCount(EVENT_BATCH, wire.BIG_EVENT_BYTES)
-        while not self._stop.is_set():
-            if self.event_bytes.held >= EVENT_BYTES_WAITING:
-                self._stop.wait(BUSY_POLL_S)  # the tick takes them first
-                continue
-            if self._replay.is_set():
-                self._replay.clear()
-                last = "0-0"
-            try:
-                answer: Any = client.xread({stream: last}, count=count.count, block=BLOCK_MS)
-            except redis.RedisError as error:
-                if not self._failed(error):
-                    last = "0-0"  # a Redis that lost its data numbers entries anew
-                self._stop.wait(RETRY_S)
-                continue
-            for _stream, entries in answer or []:
-                count.after([data for _entry, data in entries])
-                for entry, data in entries:
-                    last = entry.decode()
-                    self._post_event(last, data)
-
-    def _post_event(self, entry: str, data: wire.Fields) -> None:
-        try:
-            event = wire.read_event(entry, data)
-        except wire.WireError as error:
-            log.error("event_unreadable", entry=entry, error=str(error))
-            self.forget([entry], [])
-            return
-        self.events_read += 1
-        self.event_bytes.add(len(event.audio))
-        self._post(event)
-
-    def replay_events(self) -> None:
-        """Read this host's events again from the first: those the tick left unread (their
-        jobs were not in the book yet) are still in the stream; the rest were acted on and
-        deleted (or are about to be: acting on one again finds its job ended)."""
-        self._replay.set()
-
-    def taken(self, event: wire.Event) -> None:
-        """The tick took `event` off `inbound`: its audio is the tick's now."""
-        self.event_bytes.give(len(event.audio))
-
     # -- state -----------------------------------------------------------------------------
     def _prepare(self, client: redis.Redis) -> None:
         """The job streams and their consumer group exist (Redis may have lost them)."""
@@ -745,24 +801,12 @@ class ClusterLink(_Commands):
         if not _refused(error):
             self._down(error)
             return False
-        now = time.monotonic()
-        text = f"{type(error).__name__}: {error}"[:300]
-        self.refused, self.refused_at = text, now
-        with self._lock:
-            if now - self._refusal_logged.get(text, -REFUSED_LOG_S) < REFUSED_LOG_S:
-                return True
-            if len(self._refusal_logged) >= 64:  # the texts are Redis's: bounded
-                self._refusal_logged.clear()
-            self._refusal_logged[text] = now
-        log.error("cluster_command_refused", error=text, thread=threading.current_thread().name,
-                  message="Redis answers but refuses a command this host needs; check the "
-                  "login's ACL against the README's (logged once a minute)")
+        self._refusals.note(error)
         return True
 
     def refusal(self, now: float) -> str | None:
         """What Redis refused in the last REFUSED_LOG_S, if anything (`now`: monotonic)."""
-        return self.refused if self.refused and now - self.refused_at < REFUSED_LOG_S \
-            else None
+        return self._refusals.recent(now)
 
     def _down(self, error: redis.RedisError) -> None:
         self.error = f"{type(error).__name__}: {error}"

@@ -54,7 +54,7 @@ import json
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -330,6 +330,32 @@ class _Stream:
         return len(self.sentences.pending) + sum(len(text) for text in self.waiting)
 
 
+def _check_contexts(streams: Iterable[_Stream]) -> None:
+    """Room for one more context: MAX_CONTEXTS open, and MAX_ENDING_CONTEXTS closed ones
+    still finishing what they were sent (else the `max_active_conversations` error)."""
+    open_, ending = 0, 0
+    for stream in streams:
+        ending += stream.ended
+        open_ += not stream.ended
+    if open_ >= MAX_CONTEXTS:
+        raise ProtocolError("max_active_conversations", f"{MAX_CONTEXTS} contexts are "
+                            "open on this socket; close one (close_context) first")
+    if ending >= MAX_ENDING_CONTEXTS:
+        raise ProtocolError("max_active_conversations", f"{ending} closed contexts are "
+                            "still finishing what they were sent on this socket; wait "
+                            "for an isFinal first")
+
+
+def _ignore_after_close(stream: _Stream, message: Message) -> None:
+    """Text for a context whose input is closed is not spoken (an error would close the
+    socket, and end its other contexts too), but it is said in the log, once a context."""
+    if message.text.strip() and not stream.ignored:
+        stream.ignored = True
+        log.info("elevenlabs_text_after_close", context=stream.context,
+                 chars=len(message.text), message="text for a context whose input was "
+                 "closed is not spoken; send it under a new context_id")
+
+
 class _Socket:
     def __init__(self, host: Host, encoder: Encoder, ws: web.WebSocketResponse,
                  request: web.Request, *, fmt: OutputFormat, voice: str, multi: bool,
@@ -409,7 +435,7 @@ class _Socket:
             return
         found = self._streams.get(message.context)
         if found is not None and found.ended:  # it is finishing what it was sent
-            self._ignore_after_close(found, message)
+            _ignore_after_close(found, message)
             return
         if found is None and not message.text and (message.close_context or self._multi):
             return  # a keep-alive or close for a context that is not open (any more)
@@ -439,14 +465,7 @@ class _Socket:
         return identity
 
     def _open(self, message: Message) -> _Stream:
-        ending = sum(stream.ended for stream in self._streams.values())
-        if len(self._streams) - ending >= MAX_CONTEXTS:
-            raise ProtocolError("max_active_conversations", f"{MAX_CONTEXTS} contexts are "
-                                "open on this socket; close one (close_context) first")
-        if ending >= MAX_ENDING_CONTEXTS:
-            raise ProtocolError("max_active_conversations", f"{ending} closed contexts are "
-                                "still finishing what they were sent on this socket; wait "
-                                "for an isFinal first")
+        _check_contexts(self._streams.values())
         stream = _Stream(message.context, speed=message.speed)
         stream.task = asyncio.create_task(self._speak(stream))
         self._streams[message.context] = stream
@@ -463,17 +482,6 @@ class _Socket:
         stream.waiting.extend(stream.sentences.flush())
         stream.ended = True
         self._top_up(stream)
-
-    @staticmethod
-    def _ignore_after_close(stream: _Stream, message: Message) -> None:
-        """Text for a context whose input is closed is not spoken (an error would close the
-        socket, and end its other contexts too), but it is said in the log, once a
-        context."""
-        if message.text.strip() and not stream.ignored:
-            stream.ignored = True
-            log.info("elevenlabs_text_after_close", context=stream.context,
-                     chars=len(message.text), message="text for a context whose input was "
-                     "closed is not spoken; send it under a new context_id")
 
     def _top_up(self, stream: _Stream) -> None:
         """Submit waiting sentences, up to LOOKAHEAD_JOBS in flight for this stream. Jobs

@@ -129,6 +129,25 @@ def parse(claimed: Claimed, data: bytes, limits: Limits) -> Job:
                      default_output=claimed.stem, limits=limits)
 
 
+def _record_refusal(spool: Spool, name: str, job_id: str, error: JobError) -> str:
+    """Write failed/NAME.error.json for an entry left in the inbox, named as a moved
+    input's would be (Spool.publish_failure): its JOBID~NAME if that is taken, or if the
+    name would pose as another input's error record."""
+    short = short_name(name)
+    base = short
+    if short.endswith(ERROR_SUFFIX):
+        base = f"{job_id}{WORK_SEPARATOR}{short}{POSING_SUFFIX}"
+    elif os.path.lexists(spool.failed / short) or os.path.lexists(
+            spool.failed / (short + ERROR_SUFFIX)):
+        base = f"{job_id}{WORK_SEPARATOR}{short}"
+    record = {"job": job_id, "input": short} | error.to_dict()
+    # A name that is not UTF-8 has surrogates: written as JSON's \udcXX escapes.
+    data = (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode(
+        errors="backslashreplace")
+    atomic_write(spool.failed, base + ERROR_SUFFIX, data)
+    return base
+
+
 class _InboxWatch:
     """inotify callbacks (watchdog's `InotifyFD` thread): only finished files are taken."""
 
@@ -319,7 +338,7 @@ class InboxIntake:
             return
         job_id = new_job_id()
         try:
-            where = self._record_refusal(name, job_id, refusal)
+            where = _record_refusal(self._spool, name, job_id, refusal)
         except OSError as failure:
             log.error("claim_failed", input=ascii(name), error=str(error),
                       record_error=str(failure), message="left in inbox/ without a record")
@@ -327,24 +346,6 @@ class InboxIntake:
         self._unclaimable.remember(name, info.st_ino, refused=True)
         log.warning("job_rejected", job=job_id, source=SOURCE, input=ascii(name),
                     code=str(refusal.code), message=refusal.message, failed=where)
-
-    def _record_refusal(self, name: str, job_id: str, error: JobError) -> str:
-        """Write failed/NAME.error.json for an entry left in the inbox, named as a moved
-        input's would be (Spool.publish_failure): its JOBID~NAME if that is taken, or if the
-        name would pose as another input's error record."""
-        short = short_name(name)
-        base = short
-        if short.endswith(ERROR_SUFFIX):
-            base = f"{job_id}{WORK_SEPARATOR}{short}{POSING_SUFFIX}"
-        elif os.path.lexists(self._spool.failed / short) or os.path.lexists(
-                self._spool.failed / (short + ERROR_SUFFIX)):
-            base = f"{job_id}{WORK_SEPARATOR}{short}"
-        record = {"job": job_id, "input": short} | error.to_dict()
-        # A name that is not UTF-8 has surrogates: written as JSON's \udcXX escapes.
-        data = (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode(
-            errors="backslashreplace")
-        atomic_write(self._spool.failed, base + ERROR_SUFFIX, data)
-        return base
 
     def _forget_gone_failures(self) -> None:
         """After a whole scan: entries that could not be claimed and are gone are forgotten
