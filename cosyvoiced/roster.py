@@ -271,7 +271,6 @@ class Roster:
             self._last_entry = entry
         self.error = ""
 
-
     def _say_too_big(self, entries: list[tuple[str, wire.Fields]]) -> None:
         """Entries over the bound are skipped (fold); the operator hears of it once a
         minute (CLASH_LOG_S): not a daemon's, or another version's."""

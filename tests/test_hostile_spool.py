@@ -339,7 +339,9 @@ def test_a_folder_of_files_dropped_while_the_daemon_was_down_is_scanned_a_step_a
     daemon.start()
     # Claimed as far as the backlog goes (inbox.MAX_CLAIMS_WAITING; the rest wait in the
     # inbox, test_inbox_backlog.py), the first scan stepping through the folder.
+    # It waits there (the rest of the folder is read as room comes).
     wait_until(lambda: daemon.log_events("drops_left_in_inbox")
-               and daemon.log_events("inbox_scanned"), 60, "the first scan to fill the backlog")
+               and daemon.log_events("inbox_scan_waiting"), 60,
+               "the first scan to fill the backlog")
     held = [line for line in daemon.log_events("tick_slow") if "rescan" in line["steps"]]
     assert not held, held

@@ -450,6 +450,9 @@ class InboxIntake:
                 scan.pending = name  # the scan waits here for room (rescan_if_due)
                 break
         scan.looked += looked
+        if scan.pending is not None:
+            log.debug("inbox_scan_waiting", names=scan.looked, held=len(self._held),
+                      message="the scan goes on once the names held are claimed")
         if looked < SCAN_STEP and scan.pending is None:
             scan.names.close()  # its directory's descriptor
             return False
